@@ -1,0 +1,116 @@
+"""The pipeline flow: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register.
+
+The flow composes stage tasks and records each stage as a nested MLflow run under one
+parent run; it computes nothing itself. Config and data are checked before any run is
+opened, so bad input leaves nothing in MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks import tracking
+from tasks.config import DEFAULT_CONFIG, load_config
+from tasks.data import data_task
+from tasks.evaluate import evaluate_task, pipeline_summary
+from tasks.finetune import finetune_task, predict_logits
+from tasks.prune import prune_task
+from tasks.quantize import quantize_task
+from tasks.reconstruct import reconstruct_task
+from tasks.reduce import reduce_task, reduction_record
+from tasks.registry import register_task
+from tasks.teacher import teacher_task
+
+STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    experiment_id: str
+    run_url: str
+    model_name: str | None
+    model_version: str | None
+    metrics: dict[str, float]  # the parent run's metrics
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_url": self.run_url, "model_name": self.model_name,
+                "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}
+
+
+@flow(name="distill", log_prints=False)
+def distill_flow(config_path: str | None = None, overrides: list[str] | None = None) -> RunSummary:
+    path = Path(config_path or DEFAULT_CONFIG)
+    cfg = load_config(path, overrides)
+    settings = tracking.load_settings()
+    data = data_task(cfg.data, cfg.seed)
+    experiment_id = tracking.configure(settings)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "distill.config_hash": cfg.digest(),
+            "distill.dataset_digest": data.digest, "distill.git_commit": tracking.git_commit(),
+            "distill.teacher_source": cfg.teacher.source}
+
+    with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(), tags) as run_id:
+        tracking.log_run_inputs(yaml.safe_dump(cfg.model_dump(), sort_keys=False), path, data.raw_frame(),
+                                data.source, data.name, data.digest)
+        stages: dict[str, dict[str, float]] = {}
+        seed, device, ev = cfg.seed, cfg.device, cfg.evaluate
+
+        teacher = teacher_task(cfg.teacher, data, seed, device)
+        teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
+        stages["teacher"] = evaluate_task("teacher", teacher, data, teacher_pred, ev, run_id,
+                                          params=cfg.teacher.model_dump())
+
+        reduction = reduce_task(teacher, data.X_train, cfg.reduce, seed)
+        params, metrics = reduction_record(reduction)
+        tracking.record_stage(run_id, "reduce", metrics, params)
+
+        student = reconstruct_task(teacher, reduction)
+        stages["reconstructed"] = evaluate_task("reconstructed", student, data, teacher_pred, ev, run_id,
+                                                params=cfg.reconstruct.model_dump())
+
+        student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
+        stages["finetuned"] = evaluate_task("finetuned", student, data, teacher_pred, ev, run_id,
+                                            params=cfg.finetune.model_dump(), curves=history.curves())
+
+        student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
+        stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
+                                         params=cfg.compress.prune.model_dump(), curves=history.curves())
+
+        quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
+        stages["quantized"] = evaluate_task(
+            "quantized", quantized.served, data, teacher_pred, ev, run_id,
+            params=cfg.compress.quantize.model_dump() | {"method": quantized.method},
+            extra={"export_max_abs_diff": quantized.export_max_abs_diff}
+            | ({"int8_max_abs_diff": quantized.int8_max_abs_diff} if quantized.int8_max_abs_diff is not None else {}))
+
+        tracking.log_metrics(run_id, pipeline_summary(stages, "quantized"))
+        registered = None
+        if cfg.registry.enabled:
+            registered = register_task(quantized.served, data, cfg.registry.model_name, tags | {"mlflow.run_id": run_id})
+
+    summary = RunSummary(run_id=run_id, experiment_id=experiment_id,
+                         run_url=tracking.run_url(settings, experiment_id, run_id),
+                         model_name=registered.name if registered else None,
+                         model_version=registered.version if registered else None,
+                         metrics=tracking.run_metrics(run_id), stages=stages)
+    create_markdown_artifact(markdown=stage_table_markdown(summary), key="distill-summary",
+                             description="distill: stages and the MLflow run")
+    return summary
+
+
+def stage_table_markdown(summary: RunSummary) -> str:
+    rows = ["| stage | params | size KB | accuracy | latency b1 ms |", "|---|---:|---:|---:|---:|"]
+    for stage, m in summary.stages.items():
+        rows.append(f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['accuracy']:.4f} | "
+                    f"{m['latency_ms_b1']:.3f} |")
+    registered = (f"Registered **{summary.model_name}** version {summary.model_version} (alias `challenger`).\n\n"
+                  if summary.model_name else "")
+    return f"# distill run\n\n{registered}MLflow run: [{summary.run_id}]({summary.run_url})\n\n" + "\n".join(rows)

@@ -1,0 +1,238 @@
+"""The pipeline's configuration: one pydantic schema, loaded from YAML, overridable by `--set`.
+
+Every model is strict, frozen and forbids unknown keys, so a typo in a YAML file fails
+with the key's dotted name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import UserError
+
+DEFAULT_CONFIG = Path("configs/digits.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: str = "sklearn:digits"
+    label: str = "target"
+    shape: list[int] | None = None
+    test_size: float = Field(0.2, gt=0, lt=1)
+    val_size: float = Field(0.1, gt=0, lt=1)
+
+
+class TeacherConfig(_Strict):
+    source: str = "train"
+    arch: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [512, 512])
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> TeacherConfig:
+        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
+            raise ValueError("hidden sizes and channels must be positive")
+        return self
+
+
+class BudgetConfig(_Strict):
+    """Exactly one target for the reduced student (parameters counted in fp32)."""
+
+    size_kb: float | None = Field(None, gt=0)
+    params: int | None = Field(None, gt=0)
+    ratio: float | None = Field(None, gt=1)
+    variance: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of size_kb, params, ratio, variance"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self.model_dump().items() if v is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+class ReduceConfig(_Strict):
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=250.0))
+    calibration_samples: int = Field(1024, ge=2)
+    batch_size: int = Field(256, ge=1)
+
+
+class ReconstructConfig(_Strict):
+    mode: Literal["low_rank"] = "low_rank"
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    patience: int = Field(5, ge=1)
+
+
+class PruneConfig(_Strict):
+    amount: float = Field(0.3, ge=0, lt=1)
+    recovery_epochs: int = Field(3, ge=0)
+
+
+class QuantizeConfig(_Strict):
+    enabled: bool = True
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    max_abs_diff: float = Field(1e-3, gt=0)
+
+
+class CompressConfig(_Strict):
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+
+
+class EvaluateConfig(_Strict):
+    latency_repeats: int = Field(100, ge=1)
+    large_batch: int = Field(256, ge=2)
+
+
+class RegisterConfig(_Strict):
+    enabled: bool = True
+    model_name: str = Field("distill-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class PipelineConfig(_Strict):
+    model_config = ConfigDict(
+        strict=True, frozen=True, extra="forbid", validate_by_name=True, serialize_by_alias=True
+    )
+
+    name: str = "digits"
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # `register` would shadow BaseModel.register (ABCMeta), hence the alias
+    registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    def flat(self) -> dict[str, Any]:
+        """`{'reduce.budget.size_kb': 250.0, ...}`: the form MLflow params take."""
+        return flatten(self.model_dump())
+
+    def digest(self) -> str:
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`['reduce.budget.ratio=10', 'finetune.epochs=5']` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is both a value and a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge; a budget override replaces the whole budget (it is one-of)."""
+    out = dict(base)
+    for key, value in override.items():
+        if key == "budget" and isinstance(value, dict):
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce_yaml_numbers(tree: Any) -> Any:
+    """YAML 1.1 reads `1e-3` as a string; accept numeric strings only where they are numbers."""
+    if isinstance(tree, dict):
+        return {k: _coerce_yaml_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_coerce_yaml_numbers(v) for v in tree]
+    if isinstance(tree, str):
+        try:
+            return float(tree) if any(c in tree.lower() for c in ".e") else tree
+        except ValueError:
+            return tree
+    return tree
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config key '{where}': {msg}{more}"
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
+    tree = merge(raw, parse_overrides(overrides or []))
+    try:
+        return PipelineConfig.model_validate(_coerce_yaml_numbers(tree))
+    except ValidationError as err:
+        raise UserError(_format_error(err)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    return build_config(read_yaml(Path(path or DEFAULT_CONFIG)), overrides)

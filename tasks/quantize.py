@@ -1,0 +1,113 @@
+"""Stage 6 — quantize: export the float student to ONNX, check it, and make it int8.
+
+The float model goes through PyTorch's dynamo ONNX exporter with a dynamic batch axis and
+is checked against PyTorch on the test rows (max |Δlogit| must stay under
+`compress.quantize.max_abs_diff`). ONNX Runtime then quantizes it: dynamic int8 for
+Linear-only models (the fastest int8 path measured on these CPUs, shared/FACTS.md), static
+int8 with calibration rows for models with convolutions (dynamic ConvInteger is slow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from tasks.config import QuantizeConfig
+from tasks.evaluate import OnnxModel, count_params, torch_predictor
+from tasks.reduce import calibration_rows
+
+INPUT_NAME = "x"
+
+
+@dataclass(frozen=True)
+class Quantized:
+    float_model: OnnxModel
+    int8_model: OnnxModel | None  # None when compress.quantize.enabled is false
+    export_max_abs_diff: float  # float ONNX vs PyTorch, test rows
+    int8_max_abs_diff: float | None  # int8 ONNX vs float ONNX, test rows
+    method: str  # dynamic | static | none
+
+    @property
+    def served(self) -> OnnxModel:
+        """The model the registry gets: int8 when quantization ran, else the float export."""
+        return self.int8_model or self.float_model
+
+
+def export_onnx(model: nn.Module, n_features: int) -> bytes:
+    """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes."""
+    model = model.cpu().eval()
+    example = (torch.zeros(2, n_features),)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, example, input_names=[INPUT_NAME], output_names=["logits"],
+                                    dynamic_shapes=({0: "batch"},), dynamo=True, external_data=False,
+                                    verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in model.modules())
+
+
+class _Rows:
+    """onnxruntime CalibrationDataReader over calibration rows, one small batch at a time."""
+
+    def __init__(self, X: np.ndarray, batch: int = 64) -> None:
+        self._batches = iter([X[i:i + batch] for i in range(0, len(X), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        rows = next(self._batches, None)
+        return None if rows is None else {INPUT_NAME: rows}
+
+
+def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> bytes:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        raw.write_bytes(float_bytes)
+        quant_pre_process(raw, src)  # shape inference + graph optimizations ORT recommends first
+        if static:
+            quantize_static(src, dst, _Rows(X_calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        else:
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        return dst.read_bytes()
+
+
+def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
+                   seed: int) -> Quantized:
+    params, nonzeros = count_params(model)
+    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros)
+    reference = torch_predictor(model)(X_test)
+    float_logits = float_model.predictor()(X_test)
+    export_diff = float(np.abs(float_logits - reference).max())
+    if export_diff > cfg.max_abs_diff:
+        raise RuntimeError(f"ONNX export differs from PyTorch by {export_diff:.2e} "
+                           f"(> compress.quantize.max_abs_diff={cfg.max_abs_diff:g})")
+    if not cfg.enabled:
+        return Quantized(float_model, None, export_diff, None, "none")
+    static = has_conv(model)
+    int8 = OnnxModel(quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 512, seed), static),
+                     params, nonzeros)
+    int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
+    return Quantized(float_model, int8, export_diff, int8_diff, "static" if static else "dynamic")
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize_task(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
+                  seed: int) -> Quantized:
+    return quantize_model(model, X_test, X_train, cfg, seed)

@@ -1,0 +1,238 @@
+"""Stage 2 — reduce: PCA of every Linear/Conv layer's outputs, and a rank per layer.
+
+The PCA is streamed: forward hooks accumulate, per layer, the sample count, the sum and
+the sum of outer products (float64) over calibration batches, so peak memory is set by
+the layer widths and the batch size, never by the number of calibration samples.
+Conv outputs are treated with channels as features and every pixel as a sample.
+
+Ranks are allocated across layers to meet one budget (`size_kb`, `params`, `ratio`, or
+`variance`) by greedy water-filling on explained variance per parameter: each step buys
+the next rank (or the return to the dense layer) of the layer where a parameter buys the
+most explained variance, while the budget holds. A layer whose factorization would not
+save parameters stays dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from tasks.config import BudgetConfig, ReduceConfig
+from tasks.errors import UserError
+
+BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
+REDUCIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """PCA of one layer's outputs: mean μ, components U (columns, by decreasing variance)."""
+
+    mean: np.ndarray  # (m,)
+    components: np.ndarray  # (m, m)
+    explained_variance: np.ndarray  # (m,) eigenvalues, population covariance (1/N)
+
+    def retained(self, k: int) -> float:
+        """Fraction of the output variance kept by the first k components."""
+        total = self.explained_variance.sum()
+        return float(self.explained_variance[:k].sum() / total) if total > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    fan_in: int  # in_features, or in_channels · kernel size
+    out: int
+    rank: int | None  # None: the layer stays dense
+    variance: float  # fraction of output variance kept
+
+    @property
+    def dense_params(self) -> int:
+        return self.out * self.fan_in + self.out
+
+    @property
+    def params(self) -> int:
+        return self.dense_params if self.rank is None else low_rank_params(self.fan_in, self.out, self.rank)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    bases: dict[str, Basis]
+    layers: list[LayerPlan]
+    teacher_params: int
+    other_params: int  # parameters outside reducible layers, kept as they are
+    budget_kind: str
+    budget_value: float
+
+    @property
+    def student_params(self) -> int:
+        return self.other_params + sum(layer.params for layer in self.layers)
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+
+def reduction_record(reduction: Reduction) -> tuple[dict[str, object], dict[str, float]]:
+    """(params, metrics) of the reduce stage's MLflow run: the plan, layer by layer."""
+    params: dict[str, object] = {"budget": f"{reduction.budget_kind}={reduction.budget_value:g}"}
+    metrics = {"teacher_params": float(reduction.teacher_params),
+               "student_params": float(reduction.student_params),
+               "student_size_kb_fp32": reduction.student_params * BYTES_PER_PARAM / 1024,
+               "param_ratio": reduction.teacher_params / reduction.student_params}
+    for layer in reduction.layers:
+        params[f"rank.{layer.name}"] = "dense" if layer.rank is None else layer.rank
+        metrics[f"variance_kept.{layer.name}"] = layer.variance
+    return params, metrics
+
+
+def low_rank_params(fan_in: int, out: int, k: int) -> int:
+    """Parameters of `k×fan_in (+k bias)` followed by `out×k (+out bias)`."""
+    return k * fan_in + k + out * k + out
+
+
+def reducible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, REDUCIBLE) and getattr(m, "groups", 1) == 1}
+
+
+def _fan_in(layer: nn.Module) -> int:
+    return int(layer.weight[0].numel())
+
+
+class _Moments:
+    """Running n, Σx, Σxxᵀ in float64: mean and covariance without keeping samples."""
+
+    def __init__(self, width: int) -> None:
+        self.n = 0
+        self.total = torch.zeros(width, dtype=torch.float64)
+        self.outer = torch.zeros(width, width, dtype=torch.float64)
+
+    def add(self, out: torch.Tensor) -> None:
+        z = out.detach().movedim(1, -1).reshape(-1, out.shape[1]).to("cpu", torch.float64)
+        self.n += z.shape[0]
+        self.total += z.sum(0)
+        self.outer += z.T @ z
+
+    def basis(self) -> Basis:
+        mean = self.total / self.n
+        cov = self.outer / self.n - torch.outer(mean, mean)
+        eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+        order = torch.argsort(eigvals, descending=True)
+        return Basis(mean=mean.numpy(), components=eigvecs[:, order].numpy(),
+                     explained_variance=eigvals[order].clamp_min(0).numpy())
+
+
+@torch.no_grad()
+def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> dict[str, Basis]:
+    """One streamed pass over the calibration rows; a Basis per reducible layer."""
+    if len(X) < 2:
+        raise UserError(f"config key 'reduce.calibration_samples': need at least 2 calibration rows, got {len(X)}")
+    layers = reducible_layers(model)
+    moments = {name: _Moments(_out_width(layer)) for name, layer in layers.items()}
+    hooks = [layer.register_forward_hook(lambda _m, _i, out, name=name: moments[name].add(out))
+             for name, layer in layers.items()]
+    try:
+        model.eval()
+        for start in range(0, len(X), batch_size):
+            model(torch.from_numpy(X[start:start + batch_size]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: m.basis() for name, m in moments.items()}
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _max_saving_rank(fan_in: int, out: int) -> int:
+    """Largest k whose factorization is strictly smaller than the dense layer (0: none)."""
+    k = min(fan_in, out)
+    while k > 0 and low_rank_params(fan_in, out, k) >= out * fan_in + out:
+        k -= 1
+    return k
+
+
+def target_params(budget: BudgetConfig, teacher_params: int) -> int | None:
+    if budget.kind == "size_kb":
+        return int(budget.value * 1024 // BYTES_PER_PARAM)
+    if budget.kind == "params":
+        return int(budget.value)
+    if budget.kind == "ratio":
+        return int(teacher_params / budget.value)
+    return None  # variance: a per-layer target, not a size
+
+
+def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget: BudgetConfig,
+             other_params: int = 0) -> list[LayerPlan]:
+    """Choose a rank per layer (`shapes`: name -> (fan_in, out)) meeting the budget."""
+    caps = {n: _max_saving_rank(*shapes[n]) for n in shapes}
+    teacher_params = other_params + sum(out * fi + out for fi, out in shapes.values())
+
+    def plan(name: str, rank: int | None) -> LayerPlan:
+        fi, out = shapes[name]
+        kept = 1.0 if rank is None else bases[name].retained(rank)
+        return LayerPlan(name=name, fan_in=fi, out=out, rank=rank, variance=kept)
+
+    if budget.kind == "variance":
+        plans = []
+        for name in shapes:
+            cum = np.cumsum(bases[name].explained_variance) / max(bases[name].explained_variance.sum(), 1e-300)
+            k = int(np.searchsorted(cum, budget.value - 1e-12) + 1)
+            plans.append(plan(name, k if k <= caps[name] else None))
+        return plans
+
+    target = target_params(budget, teacher_params)
+    ranks: dict[str, int | None] = {n: (1 if caps[n] > 0 else None) for n in shapes}
+    used = other_params + sum(plan(n, r).params for n, r in ranks.items())
+    if used > target:
+        raise UserError(
+            f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest reachable "
+            f"student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio {teacher_params / used:.1f})")
+    while True:
+        best: tuple[float, str, int | None, int] | None = None
+        for name, rank in ranks.items():
+            if rank is None:
+                continue
+            current = plan(name, rank)
+            step = plan(name, rank + 1 if rank < caps[name] else None)
+            cost = step.params - current.params
+            gain = step.variance - current.variance
+            if used + cost <= target and (best is None or gain / cost > best[0]):
+                best = (gain / cost, name, step.rank, cost)
+        if best is None:
+            break
+        _, name, rank, cost = best
+        ranks[name] = rank
+        used += cost
+    return [plan(n, r) for n, r in ranks.items()]
+
+
+def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Reduction:
+    bases = collect_bases(teacher, X_calib, cfg.batch_size)
+    layers = reducible_layers(teacher)
+    shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
+    plans = allocate(shapes, bases, cfg.budget, other)
+    return Reduction(bases=bases, layers=plans, teacher_params=teacher_params, other_params=other,
+                     budget_kind=cfg.budget.kind, budget_value=cfg.budget.value)
+
+
+def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of the training split (all of it when n exceeds its size)."""
+    if n >= len(X_train):
+        return X_train
+    idx = np.random.default_rng(seed).choice(len(X_train), size=n, replace=False)
+    return X_train[np.sort(idx)]
+
+
+@task(name="reduce", cache_policy=NO_CACHE)
+def reduce_task(teacher: nn.Module, X_train: np.ndarray, cfg: ReduceConfig, seed: int) -> Reduction:
+    return reduce_model(teacher, calibration_rows(X_train, cfg.calibration_samples, seed), cfg)

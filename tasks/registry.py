@@ -1,0 +1,80 @@
+"""Stage 8 — register: the final model into the MLflow model registry, alias `challenger`.
+
+The registered model is a pyfunc (tasks/serving_model.py) that carries the ONNX model and
+the training-time standardization, so `mlflow.pyfunc.load_model("models:/NAME@challenger")`
+predicts from raw feature columns. Lineage goes on the version as tags. If anything fails
+after the version is created, the version is deleted: no half-written registry entry.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.data import Dataset
+from tasks.evaluate import OnnxModel
+
+SERVING_MODEL = Path(__file__).with_name("serving_model.py")
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    model_uri: str  # models:/NAME/VERSION
+
+
+def raw_features(data: Dataset, X: np.ndarray) -> pd.DataFrame:
+    """Standardized rows back to the user's raw feature columns."""
+    return pd.DataFrame(X.astype(np.float64) * data.scale + data.mean, columns=data.feature_names)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"mlflow=={version('mlflow')}", f"onnxruntime=={version('onnxruntime')}",
+            f"numpy=={version('numpy')}", f"pandas=={version('pandas')}"]
+
+
+def register_model(model: OnnxModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
+    """Log the pyfunc on the active (parent) run, register it, alias it `challenger`, tag it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, meta_path = Path(tmp) / "model.onnx", Path(tmp) / "preprocess.json"
+        onnx_path.write_bytes(model.onnx_bytes)
+        meta_path.write_text(json.dumps({"features": data.feature_names, "mean": data.mean.tolist(),
+                                         "scale": data.scale.tolist(), "classes": data.classes}))
+        example = raw_features(data, data.X_test[:5])
+        output = pd.DataFrame({"prediction": np.asarray(data.classes)[:1].repeat(5)}
+                              | {f"proba_{c}": np.zeros(5) for c in data.classes})
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(SERVING_MODEL),
+            artifacts={"onnx": str(onnx_path), "preprocess": str(meta_path)},
+            signature=infer_signature(example, output), input_example=example,
+            pip_requirements=_requirements(), registered_model_name=model_name)
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    try:
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
+    except Exception:
+        client.delete_model_version(model_name, version)
+        raise
+    return Registered(model_name, version, f"models:/{model_name}/{version}")
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(model: OnnxModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
+    return register_model(model, data, model_name, tags)

@@ -1,0 +1,50 @@
+"""The registered model, as MLflow "models from code": MLflow copies this file into the
+model and runs it at load time, so a served model needs numpy, pandas and onnxruntime,
+not this project. Not imported by the project (it calls `set_model` when run).
+
+Input: a DataFrame of raw features (the columns the model was trained on). The
+standardization fitted at training time is applied here, so callers never repeat it.
+Output: `prediction` (the original class label) and one `proba_<label>` column per class.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class OnnxClassifier(PythonModel):
+    def load_context(self, context) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        with open(context.artifacts["preprocess"]) as f:
+            meta = json.load(f)
+        self.features = meta["features"]
+        self.mean = np.asarray(meta["mean"], dtype=np.float64)
+        self.scale = np.asarray(meta["scale"], dtype=np.float64)
+        self.classes = meta["classes"]
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        frame = pd.DataFrame(model_input)
+        X = frame[self.features].to_numpy(np.float64) if set(self.features) <= set(frame.columns) \
+            else frame.to_numpy(np.float64)
+        z = ((X - self.mean) / self.scale).astype(np.float32)
+        logits = self.session.run(None, {self.input_name: z})[0].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        proba = np.exp(logits)
+        proba /= proba.sum(axis=1, keepdims=True)
+        out = pd.DataFrame({"prediction": np.asarray(self.classes)[proba.argmax(axis=1)]})
+        for i, label in enumerate(self.classes):
+            out[f"proba_{label}"] = proba[:, i]
+        return out
+
+
+set_model(OnnxClassifier())
