@@ -59,13 +59,14 @@ class _HideUserErrors(logging.Filter):
         from tasks.errors import UserError
 
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, UserError)
+        # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the name
+        return not isinstance(exc, UserError) and "UserError" not in record.getMessage()
 
 
 def _hide_user_errors_in_prefect_logs() -> None:
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_HideUserErrors())
+    # on the loggers Prefect reports run failures with (their handlers may be replaced later)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_HideUserErrors())
 
 
 def fail(message: str) -> None:

@@ -1,0 +1,66 @@
+"""Shared fixtures: quiet offline settings, one Prefect test server for the session, and a
+fresh MLflow store (SQLite + artifacts under tmp_path) for every test that tracks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect or mlflow.
+_HOME = tempfile.mkdtemp(prefix="distill-tests-")
+os.environ.update({
+    "PREFECT_HOME": os.path.join(_HOME, "prefect"),
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_LOGGING_LEVEL": "ERROR",
+})
+
+from tasks.config import PipelineConfig, build_config  # noqa: E402
+from tasks.data import Dataset, load_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency repeats
+    "teacher.hidden=[64, 64]", "teacher.epochs=8", "reduce.budget.size_kb=12", "reduce.calibration_samples=256",
+    "finetune.epochs=3", "compress.prune.recovery_epochs=1", "evaluate.latency_repeats=3",
+    "evaluate.large_batch=32",
+]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(tmp_path / "absent-mlflow.yaml"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the environment
+    mlflow.set_registry_uri(uri)
+    yield uri
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_dataset(PipelineConfig().data, seed=0)
+
+
+@pytest.fixture
+def tiny_config() -> PipelineConfig:
+    return build_config({}, TINY)

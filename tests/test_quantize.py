@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import QuantizeConfig
+from tasks.evaluate import OnnxModel, saved_size
+from tasks.finetune import FitSettings, fit
+from tasks.quantize import export_onnx, quantize_model
+from tasks.teacher import build_cnn, build_mlp
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(digits):
+    torch.manual_seed(0)
+    model, _ = fit(build_mlp(64, [256, 128], 10), digits, FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10))
+    return model
+
+
+def test_onnx_export_matches_torch_with_dynamic_batch():
+    torch.manual_seed(0)
+    model = build_mlp(8, [16], 3).eval()
+    onnx = OnnxModel(export_onnx(model, 8), 0, 0)
+    predict = onnx.predictor()
+    for batch in (1, 7, 300):
+        X = np.random.default_rng(batch).normal(size=(batch, 8)).astype(np.float32)
+        with torch.no_grad():
+            assert np.abs(predict(X) - model(torch.from_numpy(X)).numpy()).max() < 1e-5
+
+
+def test_int8_is_smaller_and_keeps_accuracy(trained_mlp, digits):
+    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(), seed=0)
+    assert q.method == "dynamic" and q.export_max_abs_diff < 1e-4
+    float_size, _ = saved_size(q.float_model)
+    int8_size, _ = saved_size(q.int8_model)
+    assert int8_size < float_size / 3  # int8 weights: ~4x
+    acc = lambda m: (m.predictor()(digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
+    assert acc(q.int8_model) >= acc(q.float_model) - 0.01
+    assert q.served is q.int8_model
+
+
+def test_conv_models_take_static_quantization(digits):
+    torch.manual_seed(0)
+    model = build_cnn((1, 8, 8), [8], 10).eval()
+    q = quantize_model(model, digits.X_test[:50], digits.X_train, QuantizeConfig(), seed=0)
+    assert q.method == "static" and q.int8_max_abs_diff is not None
+
+
+def test_quantization_can_be_disabled(trained_mlp, digits):
+    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(enabled=False), seed=0)
+    assert q.int8_model is None and q.served is q.float_model and q.method == "none"
