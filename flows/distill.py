@@ -47,7 +47,8 @@ class RunSummary:
 
 
 @flow(name="distill", log_prints=False)
-def distill_flow(config_path: str | None = None, overrides: list[str] | None = None) -> RunSummary:
+def distill_flow(config_path: str | None = None, overrides: list[str] | None = None,
+                 tags: dict[str, str] | None = None) -> RunSummary:
     path = Path(config_path or DEFAULT_CONFIG)
     cfg = load_config(path, overrides)
     settings = tracking.load_settings()
@@ -55,9 +56,11 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
     experiment_id = tracking.configure(settings)
     tags = {"prefect.flow_run_id": str(flow_run.id), "distill.config_hash": cfg.digest(),
             "distill.dataset_digest": data.digest, "distill.git_commit": tracking.git_commit(),
-            "distill.teacher_source": cfg.teacher.source}
+            "distill.teacher_source": cfg.teacher.source} | (tags or {})
+    tracking.close_dead_runs(experiment_id)  # parents left RUNNING by killed processes -> FAILED
 
-    with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(), tags) as run_id:
+    with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(),
+                             tags | tracking.process_tags()) as run_id:
         tracking.log_run_inputs(yaml.safe_dump(cfg.model_dump(), sort_keys=False), path, data.raw_frame(),
                                 data.source, data.name, data.digest)
         stages: dict[str, dict[str, float]] = {}

@@ -131,7 +131,8 @@ def pipeline_summary(stages: dict[str, dict[str, float]], final_stage: str) -> d
     return out
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, retries=1)
+@task(name="evaluate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=tracking.retry_on_tracking_error)
 def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teacher_pred: np.ndarray | None,
                   cfg: EvaluateConfig, parent_run_id: str, params: dict[str, Any] | None = None,
                   curves: dict[str, list[float]] | None = None,

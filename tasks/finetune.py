@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from tasks.caching import STAGE_CACHE
 from tasks.config import FinetuneConfig
 from tasks.data import Dataset
 from tasks.device import resolve_device
@@ -142,7 +142,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: Finetune
     return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")
 
 
-@task(name="finetune", cache_policy=NO_CACHE)
+@task(name="finetune", cache_policy=STAGE_CACHE, persist_result=True)
 def finetune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: FinetuneConfig,
                   seed: int, device: str) -> tuple[nn.Module, History]:
     return distill(teacher, student, data, cfg, seed, device)

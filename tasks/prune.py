@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 from torch.nn.utils import prune
 
+from tasks.caching import STAGE_CACHE
 from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
 from tasks.finetune import FitSettings, History, fit
@@ -51,7 +51,7 @@ def prune_and_recover(teacher: nn.Module, student: nn.Module, data: Dataset, cfg
     return fold_masks(model), history
 
 
-@task(name="prune", cache_policy=NO_CACHE)
+@task(name="prune", cache_policy=STAGE_CACHE, persist_result=True)
 def prune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
                finetune: FinetuneConfig, seed: int, device: str) -> tuple[nn.Module, History]:
     return prune_and_recover(teacher, student, data, cfg, finetune, seed, device)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from tasks.caching import STAGE_CACHE
 from tasks.config import QuantizeConfig
 from tasks.evaluate import OnnxModel, count_params, torch_predictor
 from tasks.reduce import calibration_rows
@@ -107,7 +107,7 @@ def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cf
     return Quantized(float_model, int8, export_diff, int8_diff, "static" if static else "dynamic")
 
 
-@task(name="quantize", cache_policy=NO_CACHE)
+@task(name="quantize", cache_policy=STAGE_CACHE, persist_result=True)
 def quantize_task(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
                   seed: int) -> Quantized:
     return quantize_model(model, X_test, X_train, cfg, seed)

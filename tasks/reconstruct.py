@@ -16,9 +16,9 @@ import copy
 
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from tasks.caching import STAGE_CACHE
 from tasks.reduce import Basis, Reduction
 
 
@@ -78,6 +78,6 @@ def reconstruct_low_rank(teacher: nn.Module, reduction: Reduction) -> nn.Module:
     return student.eval()
 
 
-@task(name="reconstruct", cache_policy=NO_CACHE)
+@task(name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True)
 def reconstruct_task(teacher: nn.Module, reduction: Reduction) -> nn.Module:
     return reconstruct_low_rank(teacher, reduction)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from tasks.caching import STAGE_CACHE
 from tasks.config import BudgetConfig, ReduceConfig
 from tasks.errors import UserError
 
@@ -233,6 +233,6 @@ def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
     return X_train[np.sort(idx)]
 
 
-@task(name="reduce", cache_policy=NO_CACHE)
+@task(name="reduce", cache_policy=STAGE_CACHE, persist_result=True)
 def reduce_task(teacher: nn.Module, X_train: np.ndarray, cfg: ReduceConfig, seed: int) -> Reduction:
     return reduce_model(teacher, calibration_rows(X_train, cfg.calibration_samples, seed), cfg)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from tasks.caching import STAGE_CACHE
 from tasks.config import TeacherConfig
 from tasks.data import Dataset
 from tasks.errors import UserError
@@ -136,6 +136,6 @@ def _check_fits(model: nn.Module, data: Dataset, source: str) -> None:
         raise UserError(f"teacher {source} outputs {list(out.shape[1:])} per row, the data has {data.n_classes} classes")
 
 
-@task(name="teacher", cache_policy=NO_CACHE)
+@task(name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
 def teacher_task(cfg: TeacherConfig, data: Dataset, seed: int, device: str) -> nn.Module:
     return load_teacher(cfg, data, seed, device)

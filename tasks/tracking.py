@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import subprocess
 import time
@@ -162,6 +163,19 @@ def prefixed(stage: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{stage}/{k}": v for k, v in metrics.items()}
 
 
+def delete_stage_runs(parent_run_id: str, stage: str) -> int:
+    """Delete the stage's earlier nested runs under this parent (a retried attempt's record)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    earlier = client.search_runs([experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`distill.stage` = '{stage}'"))
+    for run in earlier:
+        client.delete_run(run.info.run_id)
+    return len(earlier)
+
+
 @contextmanager
 def stage_run(parent_run_id: str, stage: str) -> Iterator[str]:
     """A nested run for one stage, under the pipeline's parent run."""
@@ -203,8 +217,12 @@ def log_model(stage: str, model: Any, example: Any) -> None:
 
 def record_stage(parent_run_id: str, stage: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
                  curves: dict[str, list[float]] | None = None, model: Any = None, example: Any = None) -> str:
-    """One nested run for the stage (params, metrics, curves, model); its metrics also on the parent."""
+    """One nested run for the stage (params, metrics, curves, model); its metrics also on the parent.
+
+    A stage is recorded once per parent: a retry replaces the failed attempt's nested run
+    instead of adding a second one (on the parent, the latest value of a re-logged key wins)."""
     keyed = prefixed(stage, metrics)
+    delete_stage_runs(parent_run_id, stage)
     with stage_run(parent_run_id, stage) as run_id:
         log_stage_params(params or {})
         log_metrics(run_id, keyed)
@@ -247,3 +265,124 @@ def run_metrics(run_id: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
     return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+# Transient tracking failures worth a retry: a locked SQLite file, an unreachable or busy server.
+TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
+                                   "RESOURCE_EXHAUSTED"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_ERROR_CODES
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a task that failed on tracking I/O, not on a bug."""
+    try:
+        state.result()
+    except Exception as exc:  # the task's own exception, re-raised by result()
+        return is_transient(exc)
+    return False
+
+
+# -- runs whose process died -------------------------------------------------------------------
+# A parent run is closed by `parent_run` on success, error or Ctrl-C; a process killed by
+# SIGKILL (or the OOM killer, or a lost machine) closes nothing. Each parent carries the
+# host and process that ran it; the next run in the experiment closes the dead ones.
+
+def _process_started(pid: int) -> str | None:
+    """Start time of a live process (Linux: /proc; elsewhere "" when alive), None when gone."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self/stat").is_file():
+        try:
+            return stat.read_text().rpartition(")")[2].split()[19]  # field 22, starttime
+        except (OSError, IndexError):
+            return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return ""
+
+
+def process_tags() -> dict[str, str]:
+    """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run."""
+    pid = os.getpid()
+    return {"distill.host": socket.gethostname(), "distill.pid": str(pid),
+            "distill.process_start": _process_started(pid) or ""}
+
+
+def _process_gone(tags: dict[str, str]) -> bool | None:
+    """True when the run's process is gone, False when alive, None when it ran elsewhere."""
+    if tags.get("distill.host") != socket.gethostname() or not tags.get("distill.pid", "").isdigit():
+        return None
+    started = _process_started(int(tags["distill.pid"]))
+    return started is None or (bool(started) and started != tags.get("distill.process_start", started))
+
+
+def _flow_run_finished(flow_run_id: str | None) -> bool:
+    """The Prefect flow run is in a final state or unknown to this server."""
+    if not flow_run_id:
+        return False
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except ObjectNotFound:
+        return True
+    except Exception:  # no reachable server: cannot tell
+        return False
+    return state is not None and state.is_final()
+
+
+def _crash_flow_run(flow_run_id: str | None, message: str) -> None:
+    if not flow_run_id:
+        return
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and not state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+    except Exception:
+        pass  # best effort: the MLflow record is what this function owns
+
+
+def close_dead_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the experiment's RUNNING distill parent runs (and their RUNNING stage runs)
+    whose process is gone (same host) or whose Prefect flow run has finished (another host).
+    A run on another host whose flow run Prefect still believes RUNNING is left alone: nothing
+    tells a slow run from a dead one there. Returns the ids of the runs closed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                 max_results=1000)
+    parents = [r for r in running if "distill.pid" in r.data.tags and "mlflow.parentRunId" not in r.data.tags]
+    closed = []
+    for run in parents:
+        tags = run.data.tags
+        gone = _process_gone(tags)
+        if gone is False or (gone is None and not _flow_run_finished(tags.get("prefect.flow_run_id"))):
+            continue
+        reason = (f"process {tags.get('distill.pid')} on {tags.get('distill.host')} ended without closing "
+                  "the run (killed)")
+        for child in running:
+            if child.data.tags.get("mlflow.parentRunId") == run.info.run_id:
+                client.set_terminated(child.info.run_id, "FAILED")
+        client.set_tag(run.info.run_id, "distill.end_reason", reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        if gone:
+            _crash_flow_run(tags.get("prefect.flow_run_id"), reason)
+        closed.append(run.info.run_id)
+    return closed
