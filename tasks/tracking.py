@@ -267,9 +267,10 @@ def run_metrics(run_id: str) -> dict[str, float]:
     return dict(MlflowClient().get_run(run_id).data.metrics)
 
 
-# Transient tracking failures worth a retry: a locked SQLite file, an unreachable or busy server.
-TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
-                                   "RESOURCE_EXHAUSTED"})
+# Transient tracking failures worth a retry: a locked SQLite file, an unreachable or busy server
+# (INTERNAL_ERROR is MlflowException's default code, bugs included: not retried; MLflow's HTTP
+# client already retries a server's 5xx answers itself).
+TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"})
 
 
 def is_transient(exc: BaseException) -> bool:
