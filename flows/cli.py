@@ -79,9 +79,12 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path("configs/digits.yaml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage instead of reusing cached results.")] = False,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
     _quiet()
+    if fresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from tasks.config import load_config
     from tasks.errors import UserError
 
@@ -126,6 +129,86 @@ def _print_summary(summary: Any) -> None:
     console.print(f"MLflow run {summary.run_id}  {summary.run_url}")
     if summary.model_name:
         console.print(f"registered {summary.model_name} version {summary.model_version} (alias challenger)")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML) every variant starts from.")],
+    grid: Annotated[list[str], typer.Option("--grid", help="key=v1,v2,... (repeatable): the cartesian product is swept.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every variant: key=value.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Variants at a time (threads, or local Dask processes).")] = 2,
+    dask: Annotated[bool, typer.Option("--dask", help="Run variants on a local Dask cluster of --workers processes.")] = False,
+    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Run variants on this Dask scheduler (tcp://HOST:PORT).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Run many pipeline variants (one MLflow parent run each) and summarize the Pareto front of accuracy vs size."""
+    _quiet()
+    from tasks.errors import UserError
+
+    overrides = list(set_ or [])
+    try:
+        from flows.sweep import check_variants, parse_grid, task_runner
+
+        grid_values = parse_grid(grid)
+        check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
+        runner = task_runner(dask, dask_address, workers)
+    except UserError as err:
+        fail(str(err))
+
+    from flows.sweep import SweepFailed, sweep_flow
+
+    _hide_user_errors_in_prefect_logs()
+    failed = False
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = sweep_flow.with_options(task_runner=runner)(str(config), grid_values, overrides)
+    except UserError as err:
+        fail(str(err))
+    except SweepFailed as err:
+        summary, failed = err.summary, True
+    if as_json:
+        typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
+    else:
+        from flows.sweep import markdown_table
+
+        typer.echo(markdown_table(summary.table))
+        typer.echo(f"\nsweep {summary.sweep_id}: summary MLflow run {summary.summary_run_id}")
+    if failed:
+        typer.echo(f"error: {len(summary.failed)} variant(s) failed: " + "; ".join(summary.failed), err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    prefect_file: Annotated[Path, typer.Option("--prefect-file", help="Deployments to apply.")] = Path("deployments/prefect.yaml"),
+) -> None:
+    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool if missing)."""
+    _quiet()
+    from flows.deployments import deploy as apply_deployments
+    from tasks.errors import UserError
+
+    try:
+        names = apply_deployments(prefect_file)
+    except UserError as err:
+        fail(str(err))
+    for name in names:
+        typer.echo(f"deployed {name}")
+
+
+@app.command()
+def serve(
+    prefect_file: Annotated[Path, typer.Option("--prefect-file", help="Deployments to serve.")] = Path("deployments/prefect.yaml"),
+) -> None:
+    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""
+    _quiet()
+    from flows.deployments import runner_deployments, serve as serve_deployments
+    from tasks.errors import UserError
+
+    try:
+        runner_deployments(prefect_file)  # fail fast on a bad file
+    except UserError as err:
+        fail(str(err))
+    serve_deployments(prefect_file)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ opened, so bad input leaves nothing in MLflow.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,14 @@ from tasks.registry import register_task
 from tasks.teacher import teacher_task
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
+# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
+# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
+# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
+_ONNX_EXPORT = threading.Lock()
+
+
+def onnx_export_lock() -> threading.Lock:
+    return _ONNX_EXPORT
 
 
 @dataclass
@@ -87,7 +96,8 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
         stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
                                          params=cfg.compress.prune.model_dump(), curves=history.curves())
 
-        quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
+        with onnx_export_lock():
+            quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
         stages["quantized"] = evaluate_task(
             "quantized", quantized.served, data, teacher_pred, ev, run_id,
             params=cfg.compress.quantize.model_dump() | {"method": quantized.method},

@@ -1,0 +1,162 @@
+"""The sweep flow: many pipeline variants, one MLflow parent run each, a Pareto summary.
+
+The grid `{"reduce.budget.size_kb": ["8", "16"], "finetune.temperature": ["2", "4"]}` gives
+the cartesian product of its values (4 variants), each a `--set` override on top of the
+config. Every variant is the distill flow as a subflow inside a mapped task: threads of
+this process by default (`ThreadPoolTaskRunner`), worker processes of a Dask cluster with
+`DaskTaskRunner` (prefect-dask) for sweeps that outgrow one machine. Variant runs carry
+the tag `distill.sweep_id`; the summary run carries it too, with the Pareto front of
+accuracy vs final size as a table and a plot.
+
+Stages are cached on their inputs (tasks/caching.py), so variants that share a teacher
+reuse it once one of them has trained it (variants running at the same moment may both
+train it: the results are identical).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.distill import distill_flow
+from tasks import tracking
+from tasks.config import DEFAULT_CONFIG, load_config
+from tasks.errors import UserError
+from tasks.pareto import markdown_table, summarize_task
+
+DEFAULT_THREADS = 2
+
+
+@dataclass
+class SweepSummary:
+    sweep_id: str
+    summary_run_id: str
+    table: pd.DataFrame  # one row per variant, smallest final model first (tasks/pareto.py)
+    failed: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"sweep_id": self.sweep_id, "summary_run_id": self.summary_run_id, "failed": self.failed,
+                "variants": self.table.to_dict(orient="records")}
+
+
+class SweepFailed(RuntimeError):
+    """Some variants failed; the summary of the others was recorded."""
+
+    def __init__(self, summary: SweepSummary) -> None:
+        super().__init__(f"{len(summary.failed)} of {len(summary.table)} sweep variants failed: "
+                         + "; ".join(summary.failed))
+        self.summary = summary
+
+
+def split_values(raw: str) -> list[str]:
+    """`8,16` -> ['8', '16']; commas inside brackets stay (`[64, 64],[32]` -> two values)."""
+    values, depth, current = [], 0, ""
+    for ch in raw:
+        depth += ch in "[{("
+        depth -= ch in "]})"
+        if ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    values.append(current.strip())
+    return values
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list[str]]:
+    """`['reduce.budget.size_kb=8,16', 'finetune.temperature=2,4']` -> {key: [values]}."""
+    grid: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        values = split_values(raw) if sep else []
+        if not key or not values or any(v == "" for v in values):
+            raise UserError(f"--grid expects key=v1,v2,..., got {pair!r}")
+        if key in grid:
+            raise UserError(f"--grid {key}: given twice")
+        grid[key] = values
+    return grid
+
+
+def variants(grid: dict[str, list[str]]) -> list[list[str]]:
+    """The cartesian product of the grid, as lists of `key=value` overrides."""
+    keys = list(grid)
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def check_variants(config_path: str, overrides: list[str], grid: dict[str, list[str]]) -> list[list[str]]:
+    """Every variant's config must load before anything runs; the error names the variant."""
+    combos = variants(grid)
+    for combo in combos:
+        try:
+            load_config(config_path, overrides + combo)
+        except UserError as err:
+            raise UserError(f"sweep variant {', '.join(combo)}: {err}") from None
+    return combos
+
+
+@task(name="variant", cache_policy=NO_CACHE)
+def variant_task(index: int, config_path: str, overrides: list[str], combo: list[str],
+                 tags: dict[str, str]) -> dict[str, Any]:
+    """One pipeline variant, as a subflow; its parent run is tagged with the sweep id."""
+    variant_tags = tags | {"distill.sweep_variant": ", ".join(combo) or "(base config)"}
+    try:
+        summary = distill_flow(config_path, overrides + combo, variant_tags)
+    except Exception as err:  # one failed variant must not sink the sweep's summary
+        return {"index": index, "overrides": combo, "run_id": None, "metrics": None,
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    return {"index": index, "overrides": combo, "run_id": summary.run_id, "metrics": summary.metrics}
+
+
+@flow(name="distill-sweep", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS), log_prints=False)
+def sweep_flow(config_path: str | None = None, grid: dict[str, list[str]] | None = None,
+               overrides: list[str] | None = None) -> SweepSummary:
+    config = str(Path(config_path or DEFAULT_CONFIG).resolve())  # workers may run elsewhere in the tree
+    overrides = list(overrides or [])
+    grid = dict(grid or {})
+    combos = check_variants(config, overrides, grid)
+    sweep_id = str(flow_run.id)
+    tags = {"distill.sweep_id": sweep_id, "prefect.sweep_flow_run_id": sweep_id}
+    # create the store and experiment here, once, not racing from every worker
+    experiment_id = tracking.configure(tracking.load_settings())
+
+    futures = variant_task.map(range(len(combos)), unmapped(config), unmapped(overrides), combos, unmapped(tags))
+    results = [f.result() for f in futures]
+
+    frame, summary_run_id = summarize_task(results, grid, sweep_id, experiment_id,
+                                           tags | {"distill.sweep_summary": "true"})
+    failed = [f"variant {r['index']} ({', '.join(r['overrides'])}): {r['error']}" for r in results if r["metrics"] is None]
+    summary = SweepSummary(sweep_id=sweep_id, summary_run_id=summary_run_id, table=frame, failed=failed)
+    create_markdown_artifact(markdown=f"# distill sweep\n\nSummary MLflow run: {summary_run_id}\n\n"
+                             + markdown_table(frame), key="distill-sweep", description="sweep: Pareto front")
+    if failed:
+        raise SweepFailed(summary)
+    return summary
+
+
+def task_runner(dask: bool = False, address: str | None = None, workers: int = DEFAULT_THREADS) -> Any:
+    """Threads by default; a local Dask cluster of `workers` processes (`dask`), or the
+    Dask scheduler at `address`. Dask workers report to the Prefect server in PREFECT_API_URL."""
+    if not dask and not address:
+        return ThreadPoolTaskRunner(max_workers=workers)
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise UserError("a Dask sweep needs a Prefect server its workers can reach: set PREFECT_API_URL "
+                        "(e.g. `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1,
+                                          "dashboard_address": None})
