@@ -159,4 +159,4 @@ def task_runner(dask: bool = False, address: str | None = None, workers: int = D
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1,
-                                          "dashboard_address": None})
+                                          "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})
