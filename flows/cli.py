@@ -202,14 +202,13 @@ def serve(
 ) -> None:
     """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""
     _quiet()
-    from flows.deployments import runner_deployments, serve as serve_deployments
+    from flows.deployments import serve as serve_deployments
     from tasks.errors import UserError
 
     try:
-        runner_deployments(prefect_file)  # fail fast on a bad file
+        serve_deployments(prefect_file)
     except UserError as err:
         fail(str(err))
-    serve_deployments(prefect_file)
 
 
 def main() -> None:

@@ -119,10 +119,29 @@ def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
     return deployments
 
 
+def check_not_deployed(deployments: list[Any]) -> None:
+    """Serving a deployment of the same name as one applied to a work pool would turn it into a
+    broken hybrid (the server keeps the pool, the runner has no storage): refuse, naming it."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                raise UserError(f"deployment {d.flow_name}/{d.name} is deployed to work pool "
+                                f"{existing.work_pool_name!r} on this server: serve and deploy are alternatives "
+                                f"(remove it with `prefect deployment delete {d.flow_name}/{d.name}`)")
+
+
 def serve(prefect_file: Path = PREFECT_FILE) -> None:
     """Serve the deployments from this process until interrupted (runs start in the project root)."""
     from prefect import serve as prefect_serve
 
     deployments = runner_deployments(prefect_file)
+    check_not_deployed(deployments)
     os.chdir(project_root(prefect_file))
     prefect_serve(*deployments)
