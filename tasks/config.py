@@ -80,10 +80,13 @@ class ReduceConfig(_Strict):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=250.0))
     calibration_samples: int = Field(1024, ge=2)
     batch_size: int = Field(256, ge=1)
+    method: Literal["pca", "svd"] = "pca"  # svd: data-free bases from the weights (low_rank only)
 
 
 class ReconstructConfig(_Strict):
-    mode: Literal["low_rank"] = "low_rank"
+    mode: Literal["low_rank", "width"] = "low_rank"
+    selection: Literal["pqr", "importance"] = "pqr"  # width mode: which units to keep
+    ridge: float = Field(1e-4, ge=0)  # width mode: relative ridge of the consumer re-fit
 
 
 class FinetuneConfig(_Strict):
@@ -139,6 +142,12 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     # `register` would shadow BaseModel.register (ABCMeta), hence the alias
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    @model_validator(mode="after")
+    def _svd_is_low_rank(self) -> PipelineConfig:
+        if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
+            raise ValueError("reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """`{'reduce.budget.size_kb': 250.0, ...}`: the form MLflow params take."""

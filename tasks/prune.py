@@ -18,7 +18,7 @@ from torch.nn.utils import prune
 from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
 from tasks.finetune import FitSettings, History, fit
-from tasks.reduce import REDUCIBLE
+from tasks.topology import REDUCIBLE
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
