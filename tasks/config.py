@@ -100,8 +100,11 @@ class FinetuneConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    amount: float = Field(0.3, ge=0, lt=1)
-    recovery_epochs: int = Field(3, ge=0)
+    method: Literal["unstructured", "structured"] = "unstructured"
+    amount: float = Field(0.3, ge=0, lt=1)  # of all weights (unstructured) or of each hidden layer's units
+    criterion: Literal["l2", "l1", "activation"] = "l2"  # structured: which units go first
+    rounds: int = Field(1, ge=1)  # structured: prune -> recover steps on a cubic schedule
+    recovery_epochs: int = Field(3, ge=0)  # per round
 
 
 class QuantizeConfig(_Strict):

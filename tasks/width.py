@@ -104,6 +104,25 @@ def _keep_rows(layer: nn.Module, keep: np.ndarray) -> nn.Module:
     return new
 
 
+def _keep_inputs(consumer: nn.Module, keep: np.ndarray, per_unit: int) -> nn.Module:
+    """The consumer without the inputs of dropped units (per_unit > 1: a Flatten in between)."""
+    cols = torch.from_numpy((keep[:, None] * per_unit + np.arange(per_unit)).ravel()).long()
+    new = copy.deepcopy(consumer)
+    new.weight = nn.Parameter(consumer.weight.detach()[:, cols].clone())
+    if isinstance(new, nn.Linear):
+        new.in_features = len(cols)
+    else:
+        new.in_channels = len(cols)
+    return new
+
+
+def remove_units(model: nn.Sequential, h: HiddenLayer, keep: np.ndarray) -> None:
+    """Physically remove the other units of hidden layer h: its rows and the consumer's inputs.
+    Kept units compute exactly what they computed before."""
+    model[h.index] = _keep_rows(model[h.index], keep)
+    model[h.consumer] = _keep_inputs(model[h.consumer], keep, h.per_unit)
+
+
 def reconstruct_width(teacher: nn.Sequential, reduction: Reduction, X: np.ndarray, how: str = "pqr",
                       ridge: float = 1e-4, batch_size: int = 256) -> nn.Sequential:
     """A narrower copy of the teacher: planned hidden layers keep `rank` units, consumers re-fit."""
