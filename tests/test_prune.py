@@ -29,7 +29,7 @@ def test_recovery_keeps_the_sparsity(digits):
     torch.manual_seed(0)
     teacher = build_mlp(64, [32], 10).eval()
     student = build_mlp(64, [32], 10)
-    pruned, history = prune_and_recover(teacher, student, digits, PruneConfig(amount=0.5, recovery_epochs=2),
+    pruned, history = prune_and_recover(teacher, student, digits, PruneConfig(method="unstructured", amount=0.5, recovery_epochs=2),
                                         FinetuneConfig(), seed=0)
     weights = _weights(pruned)
     assert int((weights == 0).sum()) == round(0.5 * weights.numel())
