@@ -41,6 +41,7 @@ class TeacherConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(8, ge=1)
+    trust_pickle: bool = False  # file: teachers only: allow a whole pickled module (runs code on load)
 
     @model_validator(mode="after")
     def _positive_widths(self) -> TeacherConfig:
