@@ -103,11 +103,13 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
         raise UserError(f"data file not found: {path}")
     try:
         arrays = np.load(path, allow_pickle=False)
-        X, y = arrays["X"], arrays["y"]
-    except KeyError as err:
-        raise UserError(f"data file {path}: missing array {err.args[0]!r} (expected X and y)") from None
+        missing = [name for name in ("X", "y") if name not in arrays.files]
+        if not missing:
+            X, y = arrays["X"], arrays["y"]
     except Exception as err:
         raise UserError(f"data file {path} could not be read as npz: {str(err).splitlines()[0]}") from None
+    if missing:
+        raise UserError(f"data file {path}: missing array {missing[0]!r} (expected X and y)")
     X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
     return X, np.asarray(y), [f"x{i}" for i in range(X.shape[1])], path.stem
 
@@ -129,7 +131,9 @@ def _check(X: np.ndarray, y: np.ndarray, cfg: DataConfig, where: str) -> tuple[i
     if len(classes) < 2:
         raise UserError(f"{where}: the label has a single class; need at least 2")
     if counts.min() < 3:
-        raise UserError(f"{where}: class {classes[counts.argmin()]!r} has {counts.min()} rows; need at least 3 per class to split")
+        rare = classes[counts.argmin()]
+        rare = rare.item() if hasattr(rare, "item") else rare
+        raise UserError(f"{where}: class {rare!r} has {counts.min()} rows; need at least 3 per class to split")
     shape = tuple(cfg.shape) if cfg.shape else (X.shape[1],)
     if int(np.prod(shape)) != X.shape[1]:
         raise UserError(f"config key 'data.shape': {list(shape)} holds {int(np.prod(shape))} values but the data has {X.shape[1]} features")

@@ -7,6 +7,7 @@ and MLflow's pickle format all work without custom classes.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -78,7 +79,21 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_pickled_module(path: Path) -> nn.Module | dict:
+    """Only with `teacher.trust_pickle: true`: unpickling runs code stored in the file."""
+    print(f"warning: teacher.trust_pickle is true: loading {path} runs any code stored in it; "
+          "use it only for files you trust", file=sys.stderr)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"teacher file {path} could not be unpickled: {str(err).splitlines()[0]}") from None
+
+
 def load_teacher_file(path: Path, cfg: TeacherConfig, data: Dataset) -> nn.Module:
+    if cfg.trust_pickle and path.is_file():
+        obj = load_pickled_module(path)
+        if isinstance(obj, nn.Module):
+            return obj.eval()
     model = build_teacher(cfg, data)
     state = load_state_dict_file(path)
     expected = model.state_dict()

@@ -98,13 +98,34 @@ def configure(settings: MlflowSettings) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     db = _sqlite_path(settings.tracking_uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the tracking store {settings.tracking_uri}: {err.strerror}") from None
+    check_reachable(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
     experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
     return mlflow.create_experiment(settings.tracking.experiment, artifact_location=settings.artifact_location)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is one clear error, not minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (auth, proxies): reachable
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
+                        "MLFLOW_TRACKING_URI to use the embedded store of mlflow.yaml") from None
 
 
 def git_commit() -> str:

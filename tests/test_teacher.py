@@ -57,3 +57,12 @@ def test_file_without_tensors_is_refused(tmp_path, digits):
     torch.save({"epoch": 3}, tmp_path / "ckpt.pt")
     with pytest.raises(UserError, match="does not hold a state_dict"):
         load_teacher(TeacherConfig(source=f"file:{tmp_path / 'ckpt.pt'}"), digits, seed=0)
+
+
+def test_trusted_pickle_is_loaded_with_a_warning(tmp_path, digits, capsys):
+    torch.manual_seed(0)
+    model = build_mlp(64, [32], 10).eval()
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = load_teacher(TeacherConfig(source=f"file:{tmp_path / 'whole.pt'}", trust_pickle=True), digits, seed=0)
+    assert (predict_logits(loaded, digits.X_test) == predict_logits(model, digits.X_test)).all()
+    assert "trust_pickle is true" in capsys.readouterr().err
