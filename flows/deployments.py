@@ -92,7 +92,17 @@ def deploy(prefect_file: Path = PREFECT_FILE) -> list[str]:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"prefect deploy failed (exit {proc.returncode}):\n{tail}")
-    return [f"{_flow(d['entrypoint']).name}/{d['name']}" for d in spec["deployments"]]
+    return deployed_names([d["name"] for d in spec["deployments"]])
+
+
+def deployed_names(names: list[str]) -> list[str]:
+    """`FLOW/NAME` of the server's deployments with these names (read back, not assumed)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+        return sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in found)
 
 
 def _flow(entrypoint: str) -> Any:
