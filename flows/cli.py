@@ -80,7 +80,8 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path("configs/digits.yaml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage instead of reusing cached results.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Recompute every stage instead of reusing cached results.")] = False,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
     _quiet()
@@ -135,14 +136,19 @@ def _print_summary(summary: Any) -> None:
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML) every variant starts from.")],
-    grid: Annotated[list[str], typer.Option("--grid", help="key=v1,v2,... (repeatable): the cartesian product is swept.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every variant: key=value.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Variants at a time (threads, or local Dask processes).")] = 2,
-    dask: Annotated[bool, typer.Option("--dask", help="Run variants on a local Dask cluster of --workers processes.")] = False,
-    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Run variants on this Dask scheduler (tcp://HOST:PORT).")] = None,
+    grid: Annotated[list[str], typer.Option(
+        "--grid", help="key=v1,v2,... (repeatable): the cartesian product is swept.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key in every variant: key=value.")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, help="Variants at a time (threads, or local Dask processes).")] = 2,
+    dask: Annotated[bool, typer.Option(
+        "--dask", help="Run variants on a local Dask cluster of --workers processes.")] = False,
+    dask_address: Annotated[str | None, typer.Option(
+        "--dask-address", help="Run variants on this Dask scheduler (tcp://HOST:PORT).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Run many pipeline variants (one MLflow parent run each) and summarize the Pareto front of accuracy vs size."""
+    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""
     _quiet()
     from tasks.errors import UserError
 
@@ -181,9 +187,10 @@ def sweep(
 
 @app.command()
 def deploy(
-    prefect_file: Annotated[Path, typer.Option("--prefect-file", help="Deployments to apply.")] = Path("deployments/prefect.yaml"),
+    prefect_file: Annotated[Path, typer.Option(
+        "--prefect-file", help="Deployments to apply.")] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool if missing)."""
+    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""
     _quiet()
     from flows.deployments import deploy as apply_deployments
     from tasks.errors import UserError
@@ -198,7 +205,8 @@ def deploy(
 
 @app.command()
 def serve(
-    prefect_file: Annotated[Path, typer.Option("--prefect-file", help="Deployments to serve.")] = Path("deployments/prefect.yaml"),
+    prefect_file: Annotated[Path, typer.Option(
+        "--prefect-file", help="Deployments to serve.")] = Path("deployments/prefect.yaml"),
 ) -> None:
     """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""
     _quiet()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.deployments import PREFECT_FILE, read_spec, require_server, runner_deployments
+from flows.deployments import PREFECT_FILE, read_spec, runner_deployments
 from flows.sweep import check_variants, parse_grid, split_values, sweep_flow, variants
 from tasks.errors import UserError
 from tasks.pareto import markdown_table, pareto_mask, summary_frame
@@ -105,6 +105,10 @@ def test_deploy_and_dask_need_a_server(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", CONFIG, "--grid", "finetune.temperature=2,4",
                            "--dask"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "a Dask sweep needs a Prefect server" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", CONFIG, "--grid", "finetune.temperature"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --grid expects key=v1,v2,..., got 'finetune.temperature'"
     assert not (tmp_path / "mlruns").exists()
 
 
