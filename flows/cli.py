@@ -70,6 +70,17 @@ def _hide_user_errors_in_prefect_logs() -> None:
         logging.getLogger(name).addFilter(_HideUserErrors())
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
+    parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs)."""
+    import signal
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
@@ -99,6 +110,7 @@ def run(
     from flows.distill import distill_flow
 
     _hide_user_errors_in_prefect_logs()
+    _exit_on_sigterm()
     try:
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
@@ -165,6 +177,7 @@ def sweep(
     from flows.sweep import SweepFailed, sweep_flow
 
     _hide_user_errors_in_prefect_logs()
+    _exit_on_sigterm()
     failed = False
     try:
         with contextlib.redirect_stdout(sys.stderr):

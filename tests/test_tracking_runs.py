@@ -146,3 +146,25 @@ def test_prefect_retries_a_task_on_tracking_errors_only(prefect_server):
     locked, bug = both()
     assert locked.is_completed() and calls["locked"] == 2
     assert bug.is_failed() and calls["bug"] == 1
+
+
+TERMINATED_RUN = """
+import time
+from flows.cli import _exit_on_sigterm
+from tasks import tracking
+_exit_on_sigterm()
+experiment_id = tracking.configure(tracking.load_settings())
+with tracking.parent_run(experiment_id, "terminated", {}, tracking.process_tags()) as run_id:
+    print(run_id, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_terminated_cli_run_closes_its_run_failed(mlflow_store):
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", TERMINATED_RUN], env=env, stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
