@@ -105,10 +105,30 @@ def configure(settings: MlflowSettings) -> str:
     check_reachable(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
-    experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(settings.tracking.experiment, artifact_location=settings.artifact_location)
+    with _store_lock(db):  # the first touch creates tables and the experiment: one process at a time
+        experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        return mlflow.create_experiment(settings.tracking.experiment, artifact_location=settings.artifact_location)
+
+
+@contextmanager
+def _store_lock(db: Path | None) -> Iterator[None]:
+    """Processes starting together on a fresh SQLite store race its schema migrations (`table
+    ... already exists`) and the experiment's creation: an exclusive lock file beside it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.parent / f".{db.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

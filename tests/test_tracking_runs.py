@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -168,3 +169,23 @@ def test_a_terminated_cli_run_closes_its_run_failed(mlflow_store):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+FIRST_TOUCH = """
+import sys, time
+from tasks import tracking
+import mlflow  # imported before the start line, so the processes reach the store together
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+print(tracking.configure(tracking.load_settings()))
+"""
+
+
+def test_processes_starting_together_share_a_fresh_store(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+                        "DISTILL_MLFLOW_CONFIG": str(tmp_path / "absent.yaml")}
+    start = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_TOUCH, start], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1  # one experiment, created once
