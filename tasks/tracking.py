@@ -239,6 +239,14 @@ def _dataset_source(source: str) -> Any:
     return CodeDatasetSource(tags={"source": source})
 
 
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
+    """A matplotlib figure as a PNG artifact of the run; returns its artifact path."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_figure(run_id, figure, artifact_file, save_kwargs={"dpi": 100})
+    return artifact_file
+
+
 def run_url(settings: MlflowSettings, experiment_id: str, run_id: str) -> str:
     return f"{settings.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
 
