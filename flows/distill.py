@@ -112,10 +112,13 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
 
 
 def stage_table_markdown(summary: RunSummary) -> str:
-    rows = ["| stage | params | size KB | accuracy | latency b1 ms |", "|---|---:|---:|---:|---:|"]
+    rows = ["| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap | latency b1 ms p50 / p95 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
     for stage, m in summary.stages.items():
-        rows.append(f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['accuracy']:.4f} | "
-                    f"{m['latency_ms_b1']:.3f} |")
+        rows.append(f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
+                    f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} | "
+                    f"{m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |")
     registered = (f"Registered **{summary.model_name}** version {summary.model_version} (alias `challenger`).\n\n"
                   if summary.model_name else "")
     return f"# distill run\n\n{registered}MLflow run: [{summary.run_id}]({summary.run_url})\n\n" + "\n".join(rows)
