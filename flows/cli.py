@@ -187,9 +187,12 @@ def ui(
     except UserError as err:
         fail(str(err))
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
+    # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
     # its own process group: stopping it stops the workers it spawns too
-    proc = subprocess.Popen(command, stdout=sys.stderr, start_new_session=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server like Ctrl-C does
+    proc = subprocess.Popen(command, stdout=sys.stderr, env=env, start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`, even where SIGINT came in ignored
+        signal.signal(sig, _interrupt)
     try:
         deadline = time.monotonic() + 120
         while True:

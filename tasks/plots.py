@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.manifold import TSNE
@@ -69,11 +69,15 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
                    color="tab:red" if teacher else "tab:blue", zorder=2, label="teacher" if teacher else None)
         ax.annotate(name, (size, acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 20, 30 rather than 2x10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if max(sizes) / min(sizes) < 10 else NullFormatter())
+    ax.margins(x=0.15, y=0.12)  # room for the labels
     ax.set_xlabel("size on disk (KB, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs size across stages")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return fig
 
 
@@ -151,7 +155,7 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
             if c.get(key):
                 loss_ax.plot(range(len(c[key])), c[key], marker=".", label=key)
         loss_ax.set_title(stage)
-        loss_ax.set_ylabel("loss")
+        loss_ax.set_ylabel("loss (train: KD objective, val: CE)")
         loss_ax.legend(fontsize=8)
         if c.get("val_accuracy"):
             acc_ax.plot(range(len(c["val_accuracy"])), [100 * v for v in c["val_accuracy"]], marker=".",
