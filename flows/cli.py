@@ -141,9 +141,11 @@ class CompareFormat(str, Enum):
 
 @app.command()
 def compare(
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: mlflow.yaml tracking.experiment).")] = None,
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment (default: mlflow.yaml tracking.experiment).")] = None,
     last: Annotated[int, typer.Option(min=1, help="Show the newest N pipeline runs.")] = 5,
-    format_: Annotated[CompareFormat, typer.Option("--format", help="table (terminal), csv or json (stdout, parseable).")] = CompareFormat.table,
+    format_: Annotated[CompareFormat, typer.Option(
+        "--format", help="table (terminal), csv or json (stdout, parseable).")] = CompareFormat.table,
 ) -> None:
     """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
     _quiet()

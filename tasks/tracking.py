@@ -123,8 +123,8 @@ def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list
     """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for `distill ui`)."""
     if settings.tracking_uri.startswith(("http://", "https://")):
         raise UserError(f"tracking is already a server ({settings.tracking_uri}): open it in a browser")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", settings.ui.host, "--port", str(port or settings.ui.port),
-           "--workers", "1", "--backend-store-uri", settings.tracking_uri]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", settings.ui.host,
+           "--port", str(port or settings.ui.port), "--workers", "1", "--backend-store-uri", settings.tracking_uri]
     if settings.registry_uri != settings.tracking_uri:
         cmd += ["--registry-store-uri", settings.registry_uri]
     if settings.artifact_location:  # runs keep their own artifact URIs; this serves new uploads
