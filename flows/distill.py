@@ -25,7 +25,7 @@ from tasks.plots import plots_task
 from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
-from tasks.reduce import reduce_task, reduction_record
+from tasks.reduce import calibration_rows, reduce_task, reduction_record
 from tasks.registry import register_task
 from tasks.teacher import teacher_task
 
@@ -69,11 +69,12 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
         stages["teacher"] = evaluate_task("teacher", teacher, data, teacher_pred, ev, run_id,
                                           params=cfg.teacher.model_dump())
 
-        reduction = reduce_task(teacher, data.X_train, cfg.reduce, seed)
+        calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
+        reduction = reduce_task(teacher, calibration, cfg.reduce, cfg.reconstruct.mode)
         params, metrics = reduction_record(reduction)
         tracking.record_stage(run_id, "reduce", metrics, params)
 
-        student = reconstruct_task(teacher, reduction)
+        student = reconstruct_task(teacher, reduction, calibration, cfg.reconstruct)
         stages["reconstructed"] = evaluate_task("reconstructed", student, data, teacher_pred, ev, run_id,
                                                 params=cfg.reconstruct.model_dump())
 

@@ -77,13 +77,16 @@ class BudgetConfig(_Strict):
 
 
 class ReduceConfig(_Strict):
-    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=250.0))
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=120.0))
     calibration_samples: int = Field(1024, ge=2)
     batch_size: int = Field(256, ge=1)
+    method: Literal["pca", "svd"] = "pca"  # svd: data-free bases from the weights (low_rank only)
 
 
 class ReconstructConfig(_Strict):
-    mode: Literal["low_rank"] = "low_rank"
+    mode: Literal["low_rank", "width"] = "width"
+    selection: Literal["pqr", "importance"] = "pqr"  # width mode: which units to keep
+    ridge: float = Field(1e-4, ge=0)  # width mode: relative ridge of the consumer re-fit
 
 
 class FinetuneConfig(_Strict):
@@ -97,8 +100,11 @@ class FinetuneConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    amount: float = Field(0.3, ge=0, lt=1)
-    recovery_epochs: int = Field(3, ge=0)
+    method: Literal["unstructured", "structured"] = "structured"
+    amount: float = Field(0.3, ge=0, lt=1)  # of all weights (unstructured) or of each hidden layer's units
+    criterion: Literal["l2", "l1", "activation"] = "l2"  # structured: which units go first
+    rounds: int = Field(2, ge=1)  # structured: prune -> recover steps on a cubic schedule
+    recovery_epochs: int = Field(3, ge=0)  # per round
 
 
 class QuantizeConfig(_Strict):
@@ -141,6 +147,16 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     # `register` would shadow BaseModel.register (ABCMeta), hence the alias
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    @model_validator(mode="after")
+    def _svd_is_low_rank(self) -> PipelineConfig:
+        if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
+            raise ValueError("reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)")
+        prune = self.compress.prune
+        if prune.method == "structured" and prune.amount > 0 and self.reconstruct.mode == "low_rank":
+            raise ValueError("compress.prune.method=structured needs reconstruct.mode=width (low-rank students "
+                             "have no plain hidden layers to narrow); use compress.prune.method=unstructured")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """`{'reduce.budget.size_kb': 250.0, ...}`: the form MLflow params take."""

@@ -1,15 +1,21 @@
-"""Stage 5 — prune: global magnitude pruning of Linear/Conv weights, then KD recovery.
+"""Stage 5 — prune, then recover by distillation. Two methods (`compress.prune.method`):
 
-The smallest-magnitude weights across all layers are zeroed together (one global
-threshold), the student recovers for a few epochs of distillation with the masks held,
-and the masks are then folded into the weights (`prune.remove`). Zeros do not shrink a
-dense file: the evaluate stage reports nonzeros and the compressed size for that reason.
+- structured: remove whole neurons / channels of every hidden layer (lowest L2 or L1 norm
+  of their weights, or lowest activation × outgoing-weight energy) and rebuild smaller dense
+  layers: the model really gets smaller and faster. Gradual: `rounds` prune → KD-recover
+  steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD target.
+- unstructured: global magnitude pruning of Linear/Conv weights (one threshold across all
+  layers), KD recovery with the masks held, masks folded in (`prune.remove`). Zeros do not
+  shrink a dense file: the evaluate stage reports nonzeros and the compressed size for that.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
@@ -18,7 +24,10 @@ from torch.nn.utils import prune
 from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
 from tasks.finetune import FitSettings, History, fit
-from tasks.reduce import REDUCIBLE
+from tasks.errors import UserError
+from tasks.reduce import collect_bases
+from tasks.topology import REDUCIBLE, HiddenLayer, hidden_chain
+from tasks.width import remove_units
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -38,16 +47,70 @@ def fold_masks(model: nn.Module) -> nn.Module:
     return model
 
 
+def cubic_schedule(amount: float, rounds: int) -> list[float]:
+    """Sparsity after each round: s_t = s·(1 − (1 − t/n)³) — prune fast early, gently late."""
+    return [amount * (1 - (1 - t / rounds) ** 3) for t in range(1, rounds + 1)]
+
+
+def unit_scores(model: nn.Sequential, h: HiddenLayer, criterion: str, X: np.ndarray) -> np.ndarray:
+    """Higher = more important. Norms of each unit's incoming weights, or its activation energy
+    times the energy of its outgoing weights."""
+    W = model[h.index].weight.detach().reshape(h.width, -1)
+    if criterion == "l2":
+        return W.pow(2).sum(1).sqrt().double().numpy()
+    if criterion == "l1":
+        return W.abs().sum(1).double().numpy()
+    basis = collect_bases(model, X, taps={h.name: model[h.after]})[h.name]
+    energy = basis.explained_variance @ (basis.components**2).T + basis.mean**2
+    out = model[h.consumer].weight.detach()
+    return energy * out.reshape(out.shape[0], h.width, -1).pow(2).sum(dim=(0, 2)).double().numpy()
+
+
+def remove_lowest_units(model: nn.Sequential, keep_fraction: float, criterion: str, X: np.ndarray,
+                        original: dict[int, int]) -> None:
+    """Shrink every hidden layer to ceil(keep_fraction × its original width) units, in place."""
+    for h in hidden_chain(model):
+        keep_n = max(1, math.ceil(keep_fraction * original[h.index]))
+        if keep_n < h.width:
+            keep = np.sort(np.argsort(-unit_scores(model, h, criterion, X), kind="stable")[:keep_n])
+            remove_units(model, h, keep)
+
+
+def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:
+    return FitSettings(epochs=cfg.recovery_epochs, lr=finetune.lr / 2, batch_size=finetune.batch_size,
+                       patience=finetune.patience, weight_decay=finetune.weight_decay,
+                       temperature=finetune.temperature, alpha=finetune.alpha, seed=seed, device=device)
+
+
+def structured_prune(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
+                     finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
+    model = copy.deepcopy(student)
+    chain = hidden_chain(model) if isinstance(model, nn.Sequential) else []
+    if not chain:
+        raise UserError("config key 'compress.prune.method': structured pruning found no hidden layer to narrow "
+                        "in this student (it needs plain Linear/Conv layers: use reconstruct.mode=width)")
+    original = {h.index: h.width for h in chain}
+    X = data.X_train[:1024]
+    history = History()
+    for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
+        remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)
+        model, round_history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
+                                   description="recovering from pruning")
+        for name, values in round_history.curves().items():
+            getattr(history, name).extend(values)
+    return model, history
+
+
 def prune_and_recover(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
                       finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
-    model = copy.deepcopy(student)
     if cfg.amount == 0:
-        return model, History()
+        return copy.deepcopy(student), History()
+    if cfg.method == "structured":
+        return structured_prune(teacher, student, data, cfg, finetune, seed, device)
+    model = copy.deepcopy(student)
     magnitude_prune(model, cfg.amount)
-    settings = FitSettings(epochs=cfg.recovery_epochs, lr=finetune.lr / 2, batch_size=finetune.batch_size,
-                           patience=finetune.patience, weight_decay=finetune.weight_decay,
-                           temperature=finetune.temperature, alpha=finetune.alpha, seed=seed, device=device)
-    model, history = fit(model, data, settings, teacher=teacher, description="recovering from pruning")
+    model, history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
+                         description="recovering from pruning")
     return fold_masks(model), history
 
 

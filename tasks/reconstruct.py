@@ -1,5 +1,8 @@
 """Stage 3 — reconstruct: build the student from the teacher's own weights, no random init.
 
+Two modes (`reconstruct.mode`): low_rank (here) and width (tasks/width.py: keep k units of
+each hidden layer and re-fit the next layer by least squares).
+
 Low-rank mode replaces each planned layer `z = W x + b` by the PCA-optimal rank-k map of
 its outputs, z ≈ μ + U_k U_kᵀ (z − μ), written as two layers:
 
@@ -14,12 +17,15 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from tasks.config import ReconstructConfig
 from tasks.reduce import Basis, Reduction
+from tasks.width import reconstruct_width
 
 
 def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
@@ -78,6 +84,25 @@ def reconstruct_low_rank(teacher: nn.Module, reduction: Reduction) -> nn.Module:
     return student.eval()
 
 
-@task(name="reconstruct", cache_policy=NO_CACHE)
-def reconstruct_task(teacher: nn.Module, reduction: Reduction) -> nn.Module:
+def reconstruct(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig) -> nn.Module:
+    if reduction.mode != cfg.mode:
+        raise ValueError(f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}")
+    if cfg.mode == "width":
+        return reconstruct_width(teacher, reduction, X_calib, cfg.selection, cfg.ridge)
     return reconstruct_low_rank(teacher, reduction)
+
+
+def reinitialized(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture with fresh random weights: the from-scratch baselines' student."""
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
+
+
+@task(name="reconstruct", cache_policy=NO_CACHE)
+def reconstruct_task(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
+                     cfg: ReconstructConfig) -> nn.Module:
+    return reconstruct(teacher, reduction, X_calib, cfg)

@@ -1,15 +1,19 @@
-"""Stage 2 — reduce: PCA of every Linear/Conv layer's outputs, and a rank per layer.
+"""Stage 2 — reduce: PCA of the teacher's layer outputs, and a size per layer.
 
 The PCA is streamed: forward hooks accumulate, per layer, the sample count, the sum and
 the sum of outer products (float64) over calibration batches, so peak memory is set by
 the layer widths and the batch size, never by the number of calibration samples.
 Conv outputs are treated with channels as features and every pixel as a sample.
 
-Ranks are allocated across layers to meet one budget (`size_kb`, `params`, `ratio`, or
+Two things can be sized, matching `reconstruct.mode`:
+- low_rank: a rank per Linear/Conv, from the PCA of its (pre-activation) outputs. With
+  `reduce.method: svd` the basis comes from the weights' SVD instead (data-free baseline).
+- width: a number of units per hidden layer, from the PCA of its activations.
+
+Sizes are allocated across layers to meet one budget (`size_kb`, `params`, `ratio`, or
 `variance`) by greedy water-filling on explained variance per parameter: each step buys
-the next rank (or the return to the dense layer) of the layer where a parameter buys the
-most explained variance, while the budget holds. A layer whose factorization would not
-save parameters stays dense.
+one more rank (or unit) where a parameter buys the most explained variance, while the
+budget holds. A layer whose factorization would not save parameters stays dense.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from torch import nn
 
 from tasks.config import BudgetConfig, ReduceConfig
 from tasks.errors import UserError
+from tasks.topology import REDUCIBLE, hidden_chain, width_params
 
 BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
-REDUCIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class LayerPlan:
     name: str
     fan_in: int  # in_features, or in_channels · kernel size
     out: int
-    rank: int | None  # None: the layer stays dense
+    rank: int | None  # low_rank: the rank; width: the units kept. None: the layer stays as it is
     variance: float  # fraction of output variance kept
 
     @property
@@ -57,6 +61,7 @@ class LayerPlan:
 
     @property
     def params(self) -> int:
+        """Low-rank mode's cost of this layer (in width mode, cost depends on the neighbours)."""
         return self.dense_params if self.rank is None else low_rank_params(self.fan_in, self.out, self.rank)
 
 
@@ -65,13 +70,11 @@ class Reduction:
     bases: dict[str, Basis]
     layers: list[LayerPlan]
     teacher_params: int
-    other_params: int  # parameters outside reducible layers, kept as they are
+    student_params: int
     budget_kind: str
     budget_value: float
-
-    @property
-    def student_params(self) -> int:
-        return self.other_params + sum(layer.params for layer in self.layers)
+    mode: str = "low_rank"  # low_rank | width
+    method: str = "pca"  # pca | svd
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -80,13 +83,15 @@ class Reduction:
 
 def reduction_record(reduction: Reduction) -> tuple[dict[str, object], dict[str, float]]:
     """(params, metrics) of the reduce stage's MLflow run: the plan, layer by layer."""
-    params: dict[str, object] = {"budget": f"{reduction.budget_kind}={reduction.budget_value:g}"}
+    params: dict[str, object] = {"budget": f"{reduction.budget_kind}={reduction.budget_value:g}",
+                                 "mode": reduction.mode, "method": reduction.method}
     metrics = {"teacher_params": float(reduction.teacher_params),
                "student_params": float(reduction.student_params),
                "student_size_kb_fp32": reduction.student_params * BYTES_PER_PARAM / 1024,
                "param_ratio": reduction.teacher_params / reduction.student_params}
     for layer in reduction.layers:
-        params[f"rank.{layer.name}"] = "dense" if layer.rank is None else layer.rank
+        kind = "rank" if reduction.mode == "low_rank" else "width"
+        params[f"{kind}.{layer.name}"] = "dense" if layer.rank is None else layer.rank
         metrics[f"variance_kept.{layer.name}"] = layer.variance
     return params, metrics
 
@@ -99,6 +104,20 @@ def low_rank_params(fan_in: int, out: int, k: int) -> int:
 def reducible_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
             if isinstance(m, REDUCIBLE) and getattr(m, "groups", 1) == 1}
+
+
+def svd_bases(model: nn.Module) -> dict[str, Basis]:
+    """Data-free bases from each layer's weights, W = U S Vᵀ: components U, 'variance' s²,
+    mean = the bias, so reconstruction gives the truncated SVD `U_k (S_k V_kᵀ x) + b`."""
+    bases = {}
+    for name, layer in reducible_layers(model).items():
+        W = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
+        U, S, _ = torch.linalg.svd(W, full_matrices=True)
+        s2 = torch.zeros(W.shape[0], dtype=torch.float64)
+        s2[:len(S)] = S**2
+        bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0])
+        bases[name] = Basis(mean=bias.numpy(), components=U.numpy(), explained_variance=s2.numpy())
+    return bases
 
 
 def _fan_in(layer: nn.Module) -> int:
@@ -129,14 +148,21 @@ class _Moments:
 
 
 @torch.no_grad()
-def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> dict[str, Basis]:
-    """One streamed pass over the calibration rows; a Basis per reducible layer."""
+def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256,
+                  taps: dict[str, nn.Module] | None = None) -> dict[str, Basis]:
+    """One streamed pass over the calibration rows; a Basis of the outputs of each tapped
+    module (default: every reducible layer)."""
     if len(X) < 2:
         raise UserError(f"config key 'reduce.calibration_samples': need at least 2 calibration rows, got {len(X)}")
-    layers = reducible_layers(model)
-    moments = {name: _Moments(_out_width(layer)) for name, layer in layers.items()}
-    hooks = [layer.register_forward_hook(lambda _m, _i, out, name=name: moments[name].add(out))
-             for name, layer in layers.items()]
+    taps = taps if taps is not None else reducible_layers(model)
+    moments: dict[str, _Moments] = {}
+
+    def hook(name: str):
+        def add(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            moments.setdefault(name, _Moments(out.shape[1])).add(out)
+        return add
+
+    hooks = [module.register_forward_hook(hook(name)) for name, module in taps.items()]
     try:
         model.eval()
         for start in range(0, len(X), batch_size):
@@ -149,6 +175,17 @@ def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> dic
 
 def _out_width(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _smallest_k(basis: Basis, variance: float) -> int:
+    cum = np.cumsum(basis.explained_variance) / max(basis.explained_variance.sum(), 1e-300)
+    return int(np.searchsorted(cum, variance - 1e-12) + 1)
+
+
+def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> UserError:
+    return UserError(
+        f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest reachable "
+        f"student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio {teacher_params / used:.1f})")
 
 
 def _max_saving_rank(fan_in: int, out: int) -> int:
@@ -183,8 +220,7 @@ def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget
     if budget.kind == "variance":
         plans = []
         for name in shapes:
-            cum = np.cumsum(bases[name].explained_variance) / max(bases[name].explained_variance.sum(), 1e-300)
-            k = int(np.searchsorted(cum, budget.value - 1e-12) + 1)
+            k = _smallest_k(bases[name], budget.value)
             plans.append(plan(name, k if k <= caps[name] else None))
         return plans
 
@@ -192,9 +228,7 @@ def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget
     ranks: dict[str, int | None] = {n: (1 if caps[n] > 0 else None) for n in shapes}
     used = other_params + sum(plan(n, r).params for n, r in ranks.items())
     if used > target:
-        raise UserError(
-            f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest reachable "
-            f"student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio {teacher_params / used:.1f})")
+        raise _too_small(budget, used, teacher_params)
     while True:
         best: tuple[float, str, int | None, int] | None = None
         for name, rank in ranks.items():
@@ -214,15 +248,62 @@ def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget
     return [plan(n, r) for n, r in ranks.items()]
 
 
-def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Reduction:
-    bases = collect_bases(teacher, X_calib, cfg.batch_size)
-    layers = reducible_layers(teacher)
-    shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
+def allocate_widths(model: nn.Sequential, bases: dict[str, Basis], budget: BudgetConfig) -> list[LayerPlan]:
+    """Units per hidden layer: the same water-filling, where one more unit of a layer costs
+    its row plus its column in the consumer (so the cost depends on the neighbours' widths)."""
+    chain = hidden_chain(model)
+    teacher_params = width_params(model, {})
+
+    def plan(h, width: int | None) -> LayerPlan:
+        layer = model[h.index]
+        kept = 1.0 if width is None else bases[h.name].retained(width)
+        return LayerPlan(name=h.name, fan_in=_fan_in(layer), out=h.width, rank=width, variance=kept)
+
+    if budget.kind == "variance":
+        plans = []
+        for h in chain:
+            k = _smallest_k(bases[h.name], budget.value)
+            plans.append(plan(h, k if k < h.width else None))
+        return plans
+
+    target = target_params(budget, teacher_params)
+    widths = {h.index: 1 for h in chain}
+    used = width_params(model, widths)
+    if used > target:
+        raise _too_small(budget, used, teacher_params)
+    while True:
+        best: tuple[float, int, int] | None = None
+        for h in chain:
+            if widths[h.index] >= h.width:
+                continue
+            cost = width_params(model, widths | {h.index: widths[h.index] + 1}) - used
+            gain = bases[h.name].retained(widths[h.index] + 1) - bases[h.name].retained(widths[h.index])
+            if used + cost <= target and (best is None or gain / cost > best[0]):
+                best = (gain / cost, h.index, cost)
+        if best is None:
+            break
+        _, index, cost = best
+        widths[index] += 1
+        used += cost
+    return [plan(h, widths[h.index] if widths[h.index] < h.width else None) for h in chain]
+
+
+def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
-    plans = allocate(shapes, bases, cfg.budget, other)
-    return Reduction(bases=bases, layers=plans, teacher_params=teacher_params, other_params=other,
-                     budget_kind=cfg.budget.kind, budget_value=cfg.budget.value)
+    if mode == "width":
+        chain = hidden_chain(teacher)
+        bases = collect_bases(teacher, X_calib, cfg.batch_size, taps={h.name: teacher[h.after] for h in chain})
+        plans = allocate_widths(teacher, bases, cfg.budget)
+        student = width_params(teacher, {int(p.name): p.rank for p in plans if p.rank is not None})
+    else:
+        layers = reducible_layers(teacher)
+        bases = svd_bases(teacher) if cfg.method == "svd" else collect_bases(teacher, X_calib, cfg.batch_size)
+        shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
+        other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
+        plans = allocate(shapes, bases, cfg.budget, other)
+        student = other + sum(p.params for p in plans)
+    return Reduction(bases=bases, layers=plans, teacher_params=teacher_params, student_params=student,
+                     budget_kind=cfg.budget.kind, budget_value=cfg.budget.value, mode=mode, method=cfg.method)
 
 
 def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -234,5 +315,5 @@ def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 @task(name="reduce", cache_policy=NO_CACHE)
-def reduce_task(teacher: nn.Module, X_train: np.ndarray, cfg: ReduceConfig, seed: int) -> Reduction:
-    return reduce_model(teacher, calibration_rows(X_train, cfg.calibration_samples, seed), cfg)
+def reduce_task(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
+    return reduce_model(teacher, X_calib, cfg, mode)

@@ -46,6 +46,12 @@ def test_bad_config_names_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_low_rank_with_structured_pruning_is_rejected_up_front():
+    with pytest.raises(UserError, match="compress.prune.method=structured needs reconstruct.mode=width"):
+        build_config({}, ["reconstruct.mode=low_rank"])
+    assert build_config({}, ["reconstruct.mode=low_rank", "compress.prune.method=unstructured"])
+
+
 def test_two_budgets_are_rejected():
     with pytest.raises(UserError, match="exactly one"):
         build_config({"reduce": {"budget": {"size_kb": 10, "ratio": 3}}})
@@ -58,6 +64,6 @@ def test_missing_config_file(tmp_path):
 
 def test_flat_params_and_digest_are_stable():
     a, b = PipelineConfig(), build_config({})
-    assert a.flat()["reduce.budget.size_kb"] == 250.0
+    assert a.flat()["reduce.budget.size_kb"] == 120.0
     assert a.digest() == b.digest()
     assert a.digest() != build_config({}, ["seed=1"]).digest()

@@ -11,7 +11,7 @@ from tasks.teacher import build_cnn, build_mlp
 def _full_rank(model, X):
     red = reduce_model(model, X, ReduceConfig(budget=BudgetConfig(variance=1.0)))
     plans = [LayerPlan(p.name, p.fan_in, p.out, rank=p.out, variance=1.0) for p in red.layers]
-    return Reduction(red.bases, plans, red.teacher_params, red.other_params, "variance", 1.0)
+    return Reduction(red.bases, plans, red.teacher_params, red.teacher_params, "variance", 1.0)
 
 
 @pytest.mark.parametrize("model, n_features", [
@@ -53,3 +53,110 @@ def test_conv_factorization_shapes():
     basis = collect_bases(model, X)["1"]
     pair = factor_layer(conv, basis, 2)
     assert pair[0].weight.shape == (2, 3, 3, 3) and pair[1].weight.shape == (8, 2, 1, 1)
+
+
+# --- width mode -------------------------------------------------------------------------
+
+from tasks.reduce import allocate_widths  # noqa: E402
+from tasks.topology import hidden_chain, width_params  # noqa: E402
+from tasks.width import reconstruct_width, refit_consumer, select_units  # noqa: E402
+
+
+def _random(model, std=0.5):
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model, n_features", [
+    (build_mlp(6, [12, 9], 3), 6),  # Linear consumer
+    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # Conv2d consumer, then Linear after Flatten
+    (build_cnn((2, 12), [4, 3], 3), 24),  # Conv1d consumer
+])
+def test_refit_recovers_the_consumer_exactly_when_it_is_identifiable(model, n_features):
+    """With every unit kept and no ridge, the least-squares re-fit must return the teacher's
+    own consumer weights: the targets are an exact linear function of the activations."""
+    model = _random(model)
+    X = np.random.default_rng(0).normal(size=(400, n_features)).astype(np.float32)
+    for h in hidden_chain(model):
+        refit = refit_consumer(model, model, h, X, ridge=0.0)
+        original = model[h.consumer]
+        assert torch.allclose(refit.weight, original.weight, atol=1e-4)
+        assert torch.allclose(refit.bias, original.bias, atol=1e-4)
+
+
+def test_refit_is_the_ridge_least_squares_optimum():
+    teacher = _random(build_mlp(5, [8], 4))
+    X = np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32)
+    h = hidden_chain(teacher)[0]
+    keep = np.array([0, 2, 3, 5, 7])
+    student = reconstruct_width(teacher, Reduction({}, [], 0, 0, "params", 1), X)  # a copy
+    from tasks.width import _keep_rows
+    student[0] = _keep_rows(student[0], keep)
+    ridge = 1e-2
+    refit = refit_consumer(student, teacher, h, X, ridge=ridge)
+    with torch.no_grad():
+        A = student[:2](torch.from_numpy(X)).double().numpy()
+        Z = teacher[:3](torch.from_numpy(X)).double().numpy()
+    A1 = np.hstack([A, np.ones((len(A), 1))])
+    lam = ridge * np.trace(A.T @ A) / A.shape[1]
+    reg = np.diag([lam] * A.shape[1] + [0.0])
+    W = np.linalg.solve(A1.T @ A1 + reg, A1.T @ Z)
+    assert np.allclose(refit.weight.detach().double().numpy(), W[:-1].T, atol=1e-5)
+    assert np.allclose(refit.bias.detach().double().numpy(), W[-1], atol=1e-5)
+    # and no other weights do better on the ridge objective
+    def objective(Wt):
+        return ((A1 @ Wt - Z) ** 2).sum() + lam * (Wt[:-1] ** 2).sum()
+    rng = np.random.default_rng(0)
+    assert all(objective(W) <= objective(W + 1e-3 * rng.normal(size=W.shape)) for _ in range(5))
+
+
+def test_width_student_is_a_plain_narrower_network(digits):
+    teacher = _random(build_mlp(64, [48, 32], 10), std=0.2)
+    red = reduce_model(teacher, digits.X_train[:500], ReduceConfig(budget=BudgetConfig(ratio=4)), mode="width")
+    student = reconstruct_width(teacher, red, digits.X_train[:500])
+    widths = {p.name: p.rank for p in red.layers}
+    assert student[0].out_features == widths["0"] and student[2].in_features == widths["0"]
+    assert sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 4
+    assert not any(hasattr(m, "weight_mask") for m in student.modules())
+    assert student(torch.from_numpy(digits.X_test[:3])).shape == (3, 10)
+
+
+def test_width_allocation_meets_the_budget_with_neighbour_costs():
+    teacher = build_mlp(20, [40, 30], 5)
+    chain = hidden_chain(teacher)
+    bases = {h.name: _basis_flat(h.width) for h in chain}
+    for target in (400, 900, 1600):  # the teacher has 2,225
+        plans = allocate_widths(teacher, bases, BudgetConfig(params=target))
+        widths = {int(p.name): p.rank or p.out for p in plans}
+        assert width_params(teacher, widths) <= target
+        # one more unit in any layer that can still grow would break the budget
+        growable = [q for q in plans if q.rank is not None]
+        assert growable and all(width_params(teacher, widths | {int(q.name): q.rank + 1}) > target for q in growable)
+
+
+def _basis_flat(m):
+    from tasks.reduce import Basis
+    return Basis(mean=np.zeros(m), components=np.eye(m), explained_variance=np.linspace(2, 1, m))
+
+
+def test_pqr_and_importance_pick_k_distinct_units(digits):
+    teacher = _random(build_mlp(64, [24], 10), std=0.2)
+    h = hidden_chain(teacher)[0]
+    for how in ("pqr", "importance"):
+        keep = select_units(teacher, h, 7, digits.X_train[:300], how)
+        assert len(set(keep.tolist())) == 7 and keep.max() < 24
+
+
+def test_width_mode_beats_low_rank_before_finetuning_at_high_compression(digits):
+    """The reason width mode exists: at 30x, the rank-k map of a 512-wide layer starves."""
+    from tasks.finetune import FitSettings, fit, predict_logits
+    torch.manual_seed(0)
+    teacher, _ = fit(build_mlp(64, [256, 256], 10), digits, FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10))
+    X = digits.X_train
+    acc = lambda m: (predict_logits(m, digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
+    budget = ReduceConfig(budget=BudgetConfig(ratio=30))
+    low = reconstruct_low_rank(teacher, reduce_model(teacher, X, budget))
+    wide = reconstruct_width(teacher, reduce_model(teacher, X, budget, mode="width"), X)
+    assert acc(wide) > acc(low) and acc(wide) > acc(teacher) - 0.05

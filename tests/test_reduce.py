@@ -115,3 +115,27 @@ def test_calibration_rows_is_a_seeded_subset():
 def test_empty_calibration_is_a_user_error():
     with pytest.raises(UserError, match="calibration"):
         collect_bases(_mlp(), np.zeros((1, 16), np.float32))
+
+
+def test_svd_bases_give_the_truncated_svd():
+    from tasks.reconstruct import factor_layer
+    from tasks.reduce import svd_bases
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 9)
+    basis = svd_bases(torch.nn.Sequential(layer))["0"]
+    U, S, Vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        for k in (2, 5):
+            truncated = (U[:, :k] * S[:k]) @ Vh[:k]
+            expected = x.double() @ truncated.T + layer.bias.double()
+            assert torch.allclose(factor_layer(layer, basis, k)(x).double(), expected, atol=1e-5)
+    assert np.allclose(basis.explained_variance[:9], (S**2).numpy())
+
+
+def test_svd_needs_low_rank_mode():
+    from tasks.config import build_config
+
+    with pytest.raises(UserError, match="reduce.method=svd needs reconstruct.mode=low_rank"):
+        build_config({}, ["reduce.method=svd", "reconstruct.mode=width"])
