@@ -25,6 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from tasks import tracking
@@ -119,8 +120,10 @@ def penultimate(model: nn.Module, X: np.ndarray) -> np.ndarray | None:
 
 def tsne_2d(embedding: np.ndarray, seed: int) -> np.ndarray:
     perplexity = min(30.0, (len(embedding) - 1) / 3)  # t-SNE needs perplexity < rows
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        embedding.astype(np.float64))
+    # one OpenMP thread: beside torch's thread pool on a busy CPU, more threads made it ~30x slower
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+            embedding.astype(np.float64))
 
 
 def tsne_figure(embeddings: dict[str, np.ndarray], y: np.ndarray, classes: list[Any], seed: int) -> Figure:
