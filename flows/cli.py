@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,6 +127,99 @@ def _print_summary(summary: Any) -> None:
     console.print(f"MLflow run {summary.run_id}  {summary.run_url}")
     if summary.model_name:
         console.print(f"registered {summary.model_name} version {summary.model_version} (alias challenger)")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class CompareFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def compare(
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment (default: mlflow.yaml tracking.experiment).")] = None,
+    last: Annotated[int, typer.Option(min=1, help="Show the newest N pipeline runs.")] = 5,
+    format_: Annotated[CompareFormat, typer.Option(
+        "--format", help="table (terminal), csv or json (stdout, parseable).")] = CompareFormat.table,
+) -> None:
+    """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
+    _quiet()
+    from tasks.compare import load_comparison, rich_table, to_csv, to_json
+    from tasks.errors import UserError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result only
+            frame = load_comparison(experiment, last)
+    except UserError as err:
+        fail(str(err))
+    if format_ is CompareFormat.csv:
+        typer.echo(to_csv(frame), nl=False)
+    elif format_ is CompareFormat.json:
+        typer.echo(to_json(frame))
+    elif frame.empty:
+        typer.echo("no pipeline runs in this experiment yet", err=True)
+    else:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 160).print(rich_table(frame))
+
+
+@app.command()
+def ui(
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")] = None,
+) -> None:
+    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""
+    _quiet()
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from tasks import tracking
+    from tasks.errors import UserError
+
+    try:
+        settings = tracking.load_settings()
+        command = tracking.ui_server_command(settings, port)
+    except UserError as err:
+        fail(str(err))
+    url = f"http://{settings.ui.host}:{port or settings.ui.port}"
+    # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
+    # its own process group: stopping it stops the workers it spawns too
+    proc = subprocess.Popen(command, stdout=sys.stderr, env=env, start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`, even where SIGINT came in ignored
+        signal.signal(sig, _interrupt)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                fail(f"mlflow server exited with code {proc.returncode} (is {url} already in use?)")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                fail(f"mlflow server did not answer at {url} within 120 s")
+            time.sleep(0.5)
+        typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from tasks.config import DEFAULT_CONFIG, load_config
 from tasks.data import data_task
 from tasks.evaluate import evaluate_task, pipeline_summary
 from tasks.finetune import finetune_task, predict_logits
+from tasks.plots import plots_task
 from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
@@ -80,10 +81,12 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
         student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
         stages["finetuned"] = evaluate_task("finetuned", student, data, teacher_pred, ev, run_id,
                                             params=cfg.finetune.model_dump(), curves=history.curves())
+        curves = {"finetuned": history.curves()}
 
         student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
         stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
                                          params=cfg.compress.prune.model_dump(), curves=history.curves())
+        curves["pruned"] = history.curves()
 
         quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
         stages["quantized"] = evaluate_task(
@@ -92,6 +95,8 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
             extra={"export_max_abs_diff": quantized.export_max_abs_diff}
             | ({"int8_max_abs_diff": quantized.int8_max_abs_diff} if quantized.int8_max_abs_diff is not None else {}))
 
+        if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
+            plots_task(run_id, stages, teacher, student, quantized.served, data, curves, ev, seed)
         tracking.log_metrics(run_id, pipeline_summary(stages, "quantized"))
         registered = None
         if cfg.registry.enabled:
@@ -108,10 +113,13 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
 
 
 def stage_table_markdown(summary: RunSummary) -> str:
-    rows = ["| stage | params | size KB | accuracy | latency b1 ms |", "|---|---:|---:|---:|---:|"]
+    rows = ["| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap | latency b1 ms p50 / p95 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
     for stage, m in summary.stages.items():
-        rows.append(f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['accuracy']:.4f} | "
-                    f"{m['latency_ms_b1']:.3f} |")
+        rows.append(f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
+                    f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} | "
+                    f"{m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |")
     registered = (f"Registered **{summary.model_name}** version {summary.model_version} (alias `challenger`).\n\n"
                   if summary.model_name else "")
     return f"# distill run\n\n{registered}MLflow run: [{summary.run_id}]({summary.run_url})\n\n" + "\n".join(rows)

@@ -122,6 +122,8 @@ class CompressConfig(_Strict):
 class EvaluateConfig(_Strict):
     latency_repeats: int = Field(100, ge=1)
     large_batch: int = Field(256, ge=2)
+    plots: bool = True  # pareto, confusion matrix, t-SNE, training curves as MLflow artifacts
+    tsne_rows: int = Field(500, ge=4)  # test rows embedded by t-SNE (its cost grows with rows)
 
 
 class RegisterConfig(_Strict):

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from tasks.config import QuantizeConfig
-from tasks.evaluate import OnnxModel, count_params, torch_predictor
+from tasks.evaluate import OnnxModel, count_params, flops_per_row, torch_predictor
 from tasks.reduce import calibration_rows
 
 INPUT_NAME = "x"
@@ -91,7 +91,8 @@ def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> byte
 def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
                    seed: int) -> Quantized:
     params, nonzeros = count_params(model)
-    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros)
+    flops = flops_per_row(model, X_test.shape[1])  # carried: ONNX graphs are not counted
+    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros, flops)
     reference = torch_predictor(model)(X_test)
     float_logits = float_model.predictor()(X_test)
     export_diff = float(np.abs(float_logits - reference).max())
@@ -102,7 +103,7 @@ def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cf
         return Quantized(float_model, None, export_diff, None, "none")
     static = has_conv(model)
     int8 = OnnxModel(quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 512, seed), static),
-                     params, nonzeros)
+                     params, nonzeros, flops)
     int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
     return Quantized(float_model, int8, export_diff, int8_diff, "static" if static else "dynamic")
 
