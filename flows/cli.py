@@ -111,14 +111,16 @@ def _print_summary(summary: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    first = next(iter(summary.stages.values()))
+    large = next(k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1")  # latency_ms_bN
     table = Table(title="distill: stages", title_justify="left")
-    for col in ("stage", "params", "nonzeros", "size KB", "accuracy", "agreement", "b1 ms", "b256 ms"):
+    for col in ("stage", "params", "nonzeros", "size KB", "accuracy", "agreement", "b1 ms",
+                f"b{large.removeprefix('latency_ms_b')} ms"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, m in summary.stages.items():
-        b256 = next((v for k, v in m.items() if k.startswith("latency_ms_b") and k != "latency_ms_b1"), float("nan"))
         table.add_row(stage, f"{m['params']:,.0f}", f"{m['nonzeros']:,.0f}", f"{m['size_kb']:.1f}",
                       f"{m['accuracy']:.4f}", f"{m.get('agreement', float('nan')):.4f}",
-                      f"{m['latency_ms_b1']:.4f}", f"{b256:.4f}")
+                      f"{m['latency_ms_b1']:.4f}", f"{m[large]:.4f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     m = summary.metrics
