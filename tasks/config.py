@@ -110,7 +110,7 @@ class PruneConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     enabled: bool = True
-    runtime: Literal["onnxruntime"] = "onnxruntime"
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
     max_abs_diff: float = Field(1e-3, gt=0)
 
 

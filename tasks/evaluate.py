@@ -55,6 +55,42 @@ class OnnxModel:
         name = sess.get_inputs()[0].name
         return lambda X: sess.run(None, {name: X})[0]
 
+    @property
+    def file_bytes(self) -> bytes:
+        return self.onnx_bytes
+
+    suffix = ".onnx"
+
+
+@dataclass(frozen=True)
+class TorchScriptModel:
+    """A serialized TorchScript model (e.g. PyTorch's dynamic int8) and the counts of its float source."""
+
+    ts_bytes: bytes
+    params: int
+    nonzeros: int
+    flops: int | None = None
+
+    def predictor(self) -> Predict:
+        import io
+
+        module = torch.jit.load(io.BytesIO(self.ts_bytes), map_location="cpu").eval()
+
+        def predict(X: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(X)).numpy()
+
+        return predict
+
+    @property
+    def file_bytes(self) -> bytes:
+        return self.ts_bytes
+
+    suffix = ".pt"
+
+
+SERIALIZED = (OnnxModel, TorchScriptModel)
+
 
 TOP_K = 3  # top-k accuracy is reported when there are more than TOP_K_MIN_CLASSES classes
 TOP_K_MIN_CLASSES = 5
@@ -141,12 +177,13 @@ def torch_predictor(model: nn.Module) -> Predict:
     return predict
 
 
-def saved_size(model: nn.Module | OnnxModel) -> tuple[int, int]:
-    """Bytes of the real saved file (state_dict via torch.save, or the .onnx) and of it zlib-compressed."""
+def saved_size(model: nn.Module | OnnxModel | TorchScriptModel) -> tuple[int, int]:
+    """Bytes of the real saved file (state_dict via torch.save, the .onnx or the TorchScript file)
+    and of it zlib-compressed."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.bin"
-        if isinstance(model, OnnxModel):
-            path.write_bytes(model.onnx_bytes)
+        if isinstance(model, SERIALIZED):
+            path.write_bytes(model.file_bytes)
         else:
             torch.save(model.state_dict(), path)
         blob = path.read_bytes()
@@ -159,9 +196,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
 
 
-def evaluate_model(model: nn.Module | OnnxModel, data: Dataset, teacher_pred: np.ndarray | None,
-                   cfg: EvaluateConfig) -> dict[str, float]:
-    if isinstance(model, OnnxModel):
+def evaluate_model(model: nn.Module | OnnxModel | TorchScriptModel, data: Dataset,
+                   teacher_pred: np.ndarray | None, cfg: EvaluateConfig) -> dict[str, float]:
+    if isinstance(model, SERIALIZED):
         predict, (params, nonzeros), flops = model.predictor(), (model.params, model.nonzeros), model.flops
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)

@@ -31,7 +31,7 @@ from torch import nn
 from tasks import tracking
 from tasks.config import EvaluateConfig
 from tasks.data import Dataset
-from tasks.evaluate import OnnxModel, torch_predictor
+from tasks.evaluate import SERIALIZED, OnnxModel, torch_predictor
 from tasks.progress import track
 
 PLOTS_DIR = "plots"
@@ -173,7 +173,7 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
 
 
 def _predict(model: nn.Module | OnnxModel, X: np.ndarray) -> np.ndarray:
-    return (model.predictor() if isinstance(model, OnnxModel) else torch_predictor(model))(X)
+    return (model.predictor() if isinstance(model, SERIALIZED) else torch_predictor(model))(X)
 
 
 def pipeline_figures(stages: dict[str, dict[str, float]], teacher: nn.Module, student: nn.Module,

@@ -232,10 +232,10 @@ def log_model(stage: str, model: Any, example: Any) -> None:
     requirements pinned to skip inference), ONNX models as their .onnx file."""
     import mlflow
 
-    if hasattr(model, "onnx_bytes"):
+    if hasattr(model, "file_bytes"):  # a serialized model (ONNX, TorchScript)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{stage}.onnx"
-            path.write_bytes(model.onnx_bytes)
+            path = Path(tmp) / f"{stage}{model.suffix}"
+            path.write_bytes(model.file_bytes)
             mlflow.log_artifact(str(path), artifact_path="model")
         return
     import mlflow.pytorch

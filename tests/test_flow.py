@@ -77,3 +77,13 @@ def test_bad_config_leaves_nothing_in_mlflow(prefect_server, mlflow_store):
     with pytest.raises(UserError, match="config key 'reduce.budget.params'"):
         distill_flow(CONFIG, ["reduce.budget.params=0"])
     assert mlflow.search_experiments(filter_string="name = 'distill'") == []
+
+
+def test_torch_runtime_is_registered_and_served(prefect_server, mlflow_store, digits):
+    run = distill_flow(CONFIG, TINY + ["compress.quantize.runtime=torch", "register.model_name=tiny-torch",
+                                       "evaluate.plots=false"])
+    model = mlflow.pyfunc.load_model("models:/tiny-torch@challenger")
+    out = model.predict(raw_features(digits, digits.X_test))
+    accuracy = (out["prediction"].to_numpy() == np.asarray(digits.classes)[digits.y_test]).mean()
+    assert accuracy == pytest.approx(run.metrics["final/accuracy"])
+    # (TorchScript's code and packing overhead outweighs int8 on a model this tiny: no size claim here)
