@@ -70,7 +70,7 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
     if record is not None:
         from tasks.reproduce import check_record
 
-        for warning in check_record(record, data.digest, tracking.git_commit()):
+        for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
             get_run_logger().warning(warning)
     experiment_id = tracking.configure(settings)
     tags = {"prefect.flow_run_id": str(flow_run.id), "distill.config_hash": cfg.digest(),

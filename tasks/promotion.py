@@ -47,6 +47,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 STATUS, REASON, PROMOTED_AT, PREVIOUS = "promotion.status", "promotion.reason", "promoted_at", "previous_champion"
 DECIDED_AT = "promotion.decided_at"
+EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
 
 
 @dataclass(frozen=True)
@@ -165,14 +166,14 @@ def load_candidate(client: Any, name: str, version: str) -> Candidate:
 def _upper(name: str, what: str, value: float | None, limit: float) -> Gate:
     if value is None:
         return Gate(name, False, float("nan"), limit, f"{what} not logged")
-    ok = value <= limit
+    ok = value <= limit + EPS
     return Gate(name, ok, value, limit, f"{what} {value:.4f} {'<=' if ok else '>'} {limit:.4f}")
 
 
 def _lower(name: str, what: str, value: float | None, limit: float) -> Gate:
     if value is None:
         return Gate(name, False, float("nan"), limit, f"{what} not logged")
-    ok = value >= limit
+    ok = value >= limit - EPS
     return Gate(name, ok, value, limit, f"{what} {value:.4f} {'>=' if ok else '<'} {limit:.4f}")
 
 
@@ -263,7 +264,7 @@ def champion_gate(c: Candidate, champion: Candidate, gates: PromoteConfig,
         except HeldOutUnavailable as err:
             return Gate("vs_champion", False, float("nan"), float("nan"), f"vs champion version {champion.version}: {err}")
         where = f"re-evaluated on {n} rows held out from both runs"
-    ok = mine >= theirs - tol
+    ok = mine >= theirs - tol - EPS
     bound = f"{theirs:.4f}" + (f" - tolerance {tol:.4f}" if tol else "")
     return Gate("vs_champion", ok, mine, theirs - tol,
                 f"accuracy {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} ({where})")

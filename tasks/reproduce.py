@@ -50,12 +50,12 @@ def read_record(run_id: str) -> RunRecord:
     return RunRecord(run_id, config, tags.get("distill.dataset_digest"), tags.get("distill.git_commit"))
 
 
-def check_record(record: RunRecord, dataset_digest: str, git_commit: str) -> list[str]:
-    """Refuse other data; return warnings (other code, or a record that cannot be checked)."""
+def check_record(record: RunRecord, source: str, dataset_digest: str, git_commit: str) -> list[str]:
+    """Refuse other data (`source` read now has `dataset_digest`); return warnings (other code,
+    or a record that cannot be checked)."""
     if record.dataset_digest is None:
         return [f"--from-run {record.run_id}: the run logged no dataset digest; the data cannot be checked"]
     if dataset_digest != record.dataset_digest:
-        source = record.config.get("data", {}).get("source", "?")
         raise UserError(f"--from-run {record.run_id}: data {source} has digest {dataset_digest}, the run saw "
                         f"{record.dataset_digest}: the data changed, the run cannot be reproduced")
     if record.git_commit and record.git_commit != git_commit:
