@@ -100,7 +100,10 @@ class Decision:
         return f"{self.status.replace('_', ' ')}: {self.name} version {self.version}: {self.reason}"
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for gate in out["gates"]:  # NaN (a metric not logged) is not JSON
+            gate.update({k: None for k in ("value", "limit") if gate[k] != gate[k]})
+        return out
 
 
 class HeldOutUnavailable(Exception):

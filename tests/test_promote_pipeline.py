@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prefect.artifacts import Artifact
 
 from flows.distill import distill_flow
 from flows.promote import promote_flow
@@ -143,8 +144,10 @@ def test_other_seed_is_compared_on_rows_held_out_from_both(other_seed):
     assert gate.name == "vs_champion" and "rows held out from both runs" in gate.detail
     assert 0 <= gate.value <= 1 and decision.status == "promoted"
     rolled = promote_flow(NAME, rollback=True)
-    assert rolled.status == "rolled_back" and rolled.champion == "2"
-    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert rolled.status == "rolled_back" and rolled.champion == decision.previous_champion
+    artifact = Artifact.get("promotion-tiny-promoted")  # the latest decision, as a Prefect artifact
+    assert "rolled_back" in artifact.data and f"champion after: {rolled.champion}" in artifact.data
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == rolled.champion
 
 
 def test_from_run_refuses_other_data(store):
@@ -174,6 +177,7 @@ def test_promote_cli_exit_codes(other_seed, store):
 
     env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
     base = [sys.executable, "-m", "flows.cli", "promote", "--model", NAME]
+    champion = str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)
     refused = subprocess.run(base + ["--version", "3", "--max-accuracy-drop", "0.5", "--min-accuracy", "0.999",
                                      "--ignore-champion"], env=env, cwd=store, capture_output=True, text=True,
                              timeout=300)
@@ -181,7 +185,7 @@ def test_promote_cli_exit_codes(other_seed, store):
     accuracy = other_seed.metrics["final/accuracy"]
     assert refused.stderr.strip().splitlines()[-1] == \
         f"refused: {NAME} version 3: gate min_accuracy: accuracy {accuracy:.4f} < 0.9990"
-    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == champion
     bad = subprocess.run(base + ["--rollback", "--version", "1"], env=env, cwd=store, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == \
