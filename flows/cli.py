@@ -103,7 +103,7 @@ def run(
     _hide_user_errors_in_prefect_logs()
     try:
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run)):
             summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     except UserError as err:
         fail(str(err))
@@ -115,6 +115,15 @@ def run(
             typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
     if summary.promotion is not None and not summary.promotion.ok:
         raise typer.Exit(EXIT_REFUSED)
+
+
+def _recompute(refresh: bool) -> Any:
+    """A reproduction recomputes every stage: cached task results are not reused (but refreshed)."""
+    if not refresh:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True})
 
 
 def _print_summary(summary: Any) -> None:

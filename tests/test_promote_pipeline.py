@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from prefect.artifacts import Artifact
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from flows.distill import distill_flow
 from flows.promote import promote_flow
@@ -50,7 +51,8 @@ def first(store):
 
 @pytest.fixture(scope="module")
 def reproduced(first):
-    return distill_flow(from_run=first.run_id)
+    with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):  # as `distill run --from-run`
+        return distill_flow(from_run=first.run_id)
 
 
 @pytest.fixture(scope="module")
