@@ -192,3 +192,21 @@ def test_promote_cli_exit_codes(other_seed, store):
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "error: --rollback moves champion to the previous champion; it takes no --version"
+
+
+def test_predict_cli(first, digits, store, tmp_path):
+    frame = raw_features(digits, digits.X_test).round().astype(int)
+    frame["target"] = np.asarray(digits.classes)[digits.y_test]
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    frame.drop(columns=["pixel_3_4"]).to_csv(tmp_path / "bad.csv", index=False)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "flows.cli", "predict", "--model", f"models:/{NAME}/1", "--output", "out.csv"]
+    ok = subprocess.run(base + ["--input", "rows.csv", "--label", "target"], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip() == f"wrote {len(frame)} predictions to out.csv, accuracy {first.metrics['final/accuracy']:.4f}"
+    bad = subprocess.run(base + ["--input", "bad.csv"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: input bad.csv: missing column(s) 'pixel_3_4'; "
+                                  "the model takes 64 feature columns")

@@ -240,3 +240,24 @@ def test_other_data_cannot_be_compared_with_the_champion(mlflow_store):
     decision = promote_version(NAME, v2, GATES)
     assert decision.status == "refused" and "different data" in decision.reason
     assert aliases()[CHAMPION] == v1
+
+
+def test_teacher_lineage_pins_files_and_aliases(mlflow_store, tmp_path):
+    import hashlib
+
+    from tasks.registry import teacher_lineage
+
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"weights")
+    assert teacher_lineage(f"file:{path}") == {"distill.teacher_source": f"file:{path}",
+                                               "distill.teacher_sha256": hashlib.sha256(b"weights").hexdigest()}
+    v = make_version(0.9, name="teachers")
+    run_id = tags(v, "teachers")["mlflow.run_id"]
+    assert teacher_lineage("models:/teachers@challenger") == {
+        "distill.teacher_source": "models:/teachers@challenger", "distill.teacher_uri": f"models:/teachers/{v}",
+        "distill.teacher_run_id": run_id}
+    assert teacher_lineage("runs:/abc123/teacher") == {"distill.teacher_source": "runs:/abc123/teacher",
+                                                      "distill.teacher_run_id": "abc123"}
+    # unresolvable sources add nothing: the teacher stage reports them with its own error
+    assert teacher_lineage(f"file:{tmp_path}/none.pt") == {"distill.teacher_source": f"file:{tmp_path}/none.pt"}
+    assert teacher_lineage("models:/teachers@nobody") == {"distill.teacher_source": "models:/teachers@nobody"}
