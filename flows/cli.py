@@ -308,6 +308,7 @@ def predict(
         from tasks.predict import predict_file
 
         settings = tracking.load_settings()
+        tracking.check_reachable(settings.tracking_uri)
         mlflow.set_tracking_uri(settings.tracking_uri)
         mlflow.set_registry_uri(settings.registry_uri)
         with contextlib.redirect_stdout(sys.stderr):

@@ -21,6 +21,7 @@ def connect_registry() -> None:
     import mlflow
 
     settings = tracking.load_settings()
+    tracking.check_reachable(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
 
