@@ -36,6 +36,7 @@ def store(tmp_path_factory, prefect_server):
     uri = f"sqlite:///{tmp}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it to os.environ: undo after
         mp.setenv("DISTILL_MLFLOW_CONFIG", str(tmp / "absent-mlflow.yaml"))
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)

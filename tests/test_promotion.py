@@ -35,6 +35,7 @@ def mlflow_store(empty_db, tmp_path, monkeypatch):
     shutil.copy(empty_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it to os.environ: undo after
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
