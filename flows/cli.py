@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress a PyTorch teacher into a small student, tracked in MLflow, orchestrated by Prefect.")
 
 EXIT_USER_ERROR = 2
+EXIT_REFUSED = 1  # a promotion its gates refused
 
 
 @app.callback()
@@ -80,6 +81,8 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path("configs/digits.yaml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    promote_: Annotated[bool, typer.Option("--promote", help="Gate the registered version and make it champion (see `promote`).")] = False,
+    from_run: Annotated[str | None, typer.Option("--from-run", help="Re-run the pipeline recorded in this MLflow run (its logged config and seed).")] = None,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
     _quiet()
@@ -87,8 +90,11 @@ def run(
     from tasks.errors import UserError
 
     overrides = list(set_ or [])
+    if from_run and config != Path("configs/digits.yaml"):
+        fail("give either CONFIG or --from-run, not both")
     try:
-        load_config(config, overrides)  # fail fast, before Prefect or MLflow start
+        if not from_run:
+            load_config(config, overrides)  # fail fast, before Prefect or MLflow start
     except UserError as err:
         fail(str(err))
 
@@ -97,14 +103,27 @@ def run(
     _hide_user_errors_in_prefect_logs()
     try:
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = distill_flow(str(config), overrides)
+        with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run)):
+            summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     except UserError as err:
         fail(str(err))
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
         _print_summary(summary)
+        if summary.promotion is not None:
+            typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
+    if summary.promotion is not None and not summary.promotion.ok:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def _recompute(refresh: bool) -> Any:
+    """A reproduction recomputes every stage: cached task results are not reused (but refreshed)."""
+    if not refresh:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True})
 
 
 def _print_summary(summary: Any) -> None:
@@ -222,6 +241,84 @@ def ui(
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@app.command()
+def promote(
+    model: Annotated[str | None, typer.Option("--model", help="Registered model name (default: register.model_name of --config).")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Version to promote (default: alias challenger).")] = None,
+    config: Annotated[Path, typer.Option("--config", help="Config whose `promote:` section holds the gates.")] = Path("configs/digits.yaml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. promote.max_size_kb=null (repeatable).")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: teacher accuracy - student accuracy at most this.")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help="Gate: test accuracy at least this.")] = None,
+    max_size_kb: Annotated[float | None, typer.Option(help="Gate: model file at most this many KB.")] = None,
+    max_latency_ms_b1: Annotated[float | None, typer.Option(help="Gate: batch-1 latency at most this many ms.")] = None,
+    vs_champion: Annotated[bool | None, typer.Option("--vs-champion/--ignore-champion", help="Gate: no worse than the current champion on the same held-out rows.")] = None,
+    champion_tolerance: Annotated[float | None, typer.Option(help="Accuracy the challenger may lose vs the champion.")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Move champion back to the previous champion.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object.")] = False,
+) -> None:
+    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""
+    _quiet()
+    from tasks.config import DEFAULT_CONFIG, build_config, load_config
+    from tasks.errors import UserError
+
+    flags = {"max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy, "max_size_kb": max_size_kb,
+             "max_latency_ms_b1": max_latency_ms_b1, "vs_champion": vs_champion,
+             "champion_tolerance": champion_tolerance}
+    overrides = list(set_ or []) + [f"promote.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        if rollback and version is not None:
+            raise UserError("--rollback moves champion to the previous champion; it takes no --version")
+        # the default config is optional here: without it the gates are the schema's defaults
+        cfg = build_config({}, overrides) if config == DEFAULT_CONFIG and not config.is_file() \
+            else load_config(config, overrides)
+    except UserError as err:
+        fail(str(err))
+
+    from flows.promote import promote_flow
+
+    _hide_user_errors_in_prefect_logs()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            decision = promote_flow(model or cfg.registry.model_name, version, cfg.promote, rollback)
+    except UserError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
+    else:
+        typer.echo(decision.line(), err=not decision.ok)
+    if not decision.ok:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", help="Model URI, e.g. models:/distill-digits@champion.")],
+    input_: Annotated[Path, typer.Option("--input", help="Rows to predict: .csv / .parquet (feature columns by name) or .npz (array X).")],
+    output: Annotated[Path, typer.Option("--output", help="Where predictions go: .csv or .parquet.")],
+    label: Annotated[str | None, typer.Option("--label", help="A column of true labels in the input: print accuracy.")] = None,
+) -> None:
+    """Batch prediction through mlflow.pyfunc; the model applies its own preprocessing."""
+    _quiet()
+    from tasks.errors import UserError
+
+    try:
+        import mlflow
+
+        from tasks import tracking
+        from tasks.predict import predict_file
+
+        settings = tracking.load_settings()
+        tracking.check_reachable(settings.tracking_uri)
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        mlflow.set_registry_uri(settings.registry_uri)
+        with contextlib.redirect_stdout(sys.stderr):
+            report = predict_file(model, input_, output, label)
+    except UserError as err:
+        fail(str(err))
+    accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+    typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")
 
 
 def main() -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks import tracking
-from tasks.config import DEFAULT_CONFIG, load_config
+from tasks.config import DEFAULT_CONFIG, build_config, load_config
 from tasks.data import data_task
 from tasks.evaluate import evaluate_task, pipeline_summary
 from tasks.finetune import finetune_task, predict_logits
@@ -26,7 +26,7 @@ from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
 from tasks.reduce import calibration_rows, reduce_task, reduction_record
-from tasks.registry import register_task
+from tasks.registry import register_task, teacher_lineage
 from tasks.teacher import teacher_task
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
@@ -41,22 +41,43 @@ class RunSummary:
     model_version: str | None
     metrics: dict[str, float]  # the parent run's metrics
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    promotion: Any = None  # tasks.promotion.Decision, with `distill run --promote`
 
     def as_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_url": self.run_url, "model_name": self.model_name,
-                "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}
+                "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}\
+            | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})
 
 
 @flow(name="distill", log_prints=False)
-def distill_flow(config_path: str | None = None, overrides: list[str] | None = None) -> RunSummary:
-    path = Path(config_path or DEFAULT_CONFIG)
-    cfg = load_config(path, overrides)
+def distill_flow(config_path: str | None = None, overrides: list[str] | None = None, promote: bool = False,
+                 from_run: str | None = None) -> RunSummary:
+    """`promote`: run the promotion gates right after registration. `from_run`: take the config
+    from that MLflow run's record instead of `config_path` (tasks/reproduce.py)."""
+    record = None
+    if from_run:
+        from flows.promote import connect_registry
+        from tasks.reproduce import read_record
+
+        connect_registry()
+        record = read_record(from_run)
+        path, cfg = None, build_config(record.config, overrides)
+    else:
+        path = Path(config_path or DEFAULT_CONFIG)
+        cfg = load_config(path, overrides)
     settings = tracking.load_settings()
     data = data_task(cfg.data, cfg.seed)
+    if record is not None:
+        from tasks.reproduce import check_record
+
+        for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
+            get_run_logger().warning(warning)
     experiment_id = tracking.configure(settings)
     tags = {"prefect.flow_run_id": str(flow_run.id), "distill.config_hash": cfg.digest(),
             "distill.dataset_digest": data.digest, "distill.git_commit": tracking.git_commit(),
-            "distill.teacher_source": cfg.teacher.source}
+            "distill.dataset_source": cfg.data.source} | teacher_lineage(cfg.teacher.source)
+    if record is not None:
+        tags["distill.reproduces"] = record.run_id
 
     with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(), tags) as run_id:
         tracking.log_run_inputs(yaml.safe_dump(cfg.model_dump(), sort_keys=False), path, data.raw_frame(),
@@ -107,6 +128,10 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
                          model_name=registered.name if registered else None,
                          model_version=registered.version if registered else None,
                          metrics=tracking.run_metrics(run_id), stages=stages)
+    if promote and registered is not None:
+        from flows.promote import promote_flow
+
+        summary.promotion = promote_flow(registered.name, registered.version, cfg.promote)
     create_markdown_artifact(markdown=stage_table_markdown(summary), key="distill-summary",
                              description="distill: stages and the MLflow run")
     return summary

@@ -79,3 +79,33 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
     return register_model(model, data, model_name, tags)
+
+
+def teacher_lineage(source: str) -> dict[str, str]:
+    """Pin down where the teacher came from: a file's sha256, an alias resolved to its version.
+
+    Best effort before the teacher loads: a missing file or alias adds nothing here, and the
+    teacher stage reports it with its own one-line error.
+    """
+    import hashlib
+
+    tags = {"distill.teacher_source": source}
+    if source.startswith("file:"):
+        path = Path(source.removeprefix("file:"))
+        if path.is_file():
+            tags["distill.teacher_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    elif source.startswith("models:/") and "@" in source:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        name, _, alias = source.removeprefix("models:/").partition("@")
+        try:
+            version = MlflowClient().get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return tags
+        tags["distill.teacher_uri"] = f"models:/{name}/{version.version}"
+        if version.run_id:
+            tags["distill.teacher_run_id"] = version.run_id
+    elif source.startswith("runs:/"):
+        tags["distill.teacher_run_id"] = source.removeprefix("runs:/").split("/", 1)[0]
+    return tags
