@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress a PyTorch teacher into a small student, tracked in MLflow, orchestrated by Prefect.")
 
 EXIT_USER_ERROR = 2
+EXIT_REFUSED = 1  # a promotion its gates refused
 
 
 @app.callback()
@@ -91,19 +93,22 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path("configs/digits.yaml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    promote_: Annotated[bool, typer.Option("--promote", help="Gate the registered version and make it champion (see `promote`).")] = False,
+    from_run: Annotated[str | None, typer.Option("--from-run", help="Re-run the pipeline recorded in this MLflow run (its logged config and seed).")] = None,
     fresh: Annotated[bool, typer.Option(
         "--fresh", help="Recompute every stage instead of reusing cached results.")] = False,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
     _quiet()
-    if fresh:
-        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from tasks.config import load_config
     from tasks.errors import UserError
 
     overrides = list(set_ or [])
+    if from_run and config != Path("configs/digits.yaml"):
+        fail("give either CONFIG or --from-run, not both")
     try:
-        load_config(config, overrides)  # fail fast, before Prefect or MLflow start
+        if not from_run:
+            load_config(config, overrides)  # fail fast, before Prefect or MLflow start
     except UserError as err:
         fail(str(err))
 
@@ -113,28 +118,43 @@ def run(
     _exit_on_sigterm()
     try:
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = distill_flow(str(config), overrides)
+        with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run) or fresh):
+            summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     except UserError as err:
         fail(str(err))
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
         _print_summary(summary)
+        if summary.promotion is not None:
+            typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
+    if summary.promotion is not None and not summary.promotion.ok:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def _recompute(refresh: bool) -> Any:
+    """A reproduction recomputes every stage: cached task results are not reused (but refreshed)."""
+    if not refresh:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True})
 
 
 def _print_summary(summary: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    first = next(iter(summary.stages.values()))
+    large = next(k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1")  # latency_ms_bN
     table = Table(title="distill: stages", title_justify="left")
-    for col in ("stage", "params", "nonzeros", "size KB", "accuracy", "agreement", "b1 ms", "b256 ms"):
+    for col in ("stage", "params", "nonzeros", "size KB", "accuracy", "agreement", "b1 ms",
+                f"b{large.removeprefix('latency_ms_b')} ms"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, m in summary.stages.items():
-        b256 = next((v for k, v in m.items() if k.startswith("latency_ms_b") and k != "latency_ms_b1"), float("nan"))
         table.add_row(stage, f"{m['params']:,.0f}", f"{m['nonzeros']:,.0f}", f"{m['size_kb']:.1f}",
                       f"{m['accuracy']:.4f}", f"{m.get('agreement', float('nan')):.4f}",
-                      f"{m['latency_ms_b1']:.4f}", f"{b256:.4f}")
+                      f"{m['latency_ms_b1']:.4f}", f"{m[large]:.4f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     m = summary.metrics
@@ -230,6 +250,177 @@ def serve(
         serve_deployments(prefect_file)
     except UserError as err:
         fail(str(err))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class CompareFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def compare(
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment (default: mlflow.yaml tracking.experiment).")] = None,
+    last: Annotated[int, typer.Option(min=1, help="Show the newest N pipeline runs.")] = 5,
+    format_: Annotated[CompareFormat, typer.Option(
+        "--format", help="table (terminal), csv or json (stdout, parseable).")] = CompareFormat.table,
+) -> None:
+    """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
+    _quiet()
+    from tasks.compare import load_comparison, rich_table, to_csv, to_json
+    from tasks.errors import UserError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result only
+            frame = load_comparison(experiment, last)
+    except UserError as err:
+        fail(str(err))
+    if format_ is CompareFormat.csv:
+        typer.echo(to_csv(frame), nl=False)
+    elif format_ is CompareFormat.json:
+        typer.echo(to_json(frame))
+    elif frame.empty:
+        typer.echo("no pipeline runs in this experiment yet", err=True)
+    else:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 160).print(rich_table(frame))
+
+
+@app.command()
+def ui(
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")] = None,
+) -> None:
+    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""
+    _quiet()
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from tasks import tracking
+    from tasks.errors import UserError
+
+    try:
+        settings = tracking.load_settings()
+        command = tracking.ui_server_command(settings, port)
+    except UserError as err:
+        fail(str(err))
+    url = f"http://{settings.ui.host}:{port or settings.ui.port}"
+    # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
+    # its own process group: stopping it stops the workers it spawns too
+    proc = subprocess.Popen(command, stdout=sys.stderr, env=env, start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`, even where SIGINT came in ignored
+        signal.signal(sig, _interrupt)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                fail(f"mlflow server exited with code {proc.returncode} (is {url} already in use?)")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                fail(f"mlflow server did not answer at {url} within 120 s")
+            time.sleep(0.5)
+        typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@app.command()
+def promote(
+    model: Annotated[str | None, typer.Option("--model", help="Registered model name (default: register.model_name of --config).")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Version to promote (default: alias challenger).")] = None,
+    config: Annotated[Path, typer.Option("--config", help="Config whose `promote:` section holds the gates.")] = Path("configs/digits.yaml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. promote.max_size_kb=null (repeatable).")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: teacher accuracy - student accuracy at most this.")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help="Gate: test accuracy at least this.")] = None,
+    max_size_kb: Annotated[float | None, typer.Option(help="Gate: model file at most this many KB.")] = None,
+    max_latency_ms_b1: Annotated[float | None, typer.Option(help="Gate: batch-1 latency at most this many ms.")] = None,
+    vs_champion: Annotated[bool | None, typer.Option("--vs-champion/--ignore-champion", help="Gate: no worse than the current champion on the same held-out rows.")] = None,
+    champion_tolerance: Annotated[float | None, typer.Option(help="Accuracy the challenger may lose vs the champion.")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Move champion back to the previous champion.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object.")] = False,
+) -> None:
+    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""
+    _quiet()
+    from tasks.config import DEFAULT_CONFIG, build_config, load_config
+    from tasks.errors import UserError
+
+    flags = {"max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy, "max_size_kb": max_size_kb,
+             "max_latency_ms_b1": max_latency_ms_b1, "vs_champion": vs_champion,
+             "champion_tolerance": champion_tolerance}
+    overrides = list(set_ or []) + [f"promote.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        if rollback and version is not None:
+            raise UserError("--rollback moves champion to the previous champion; it takes no --version")
+        # the default config is optional here: without it the gates are the schema's defaults
+        cfg = build_config({}, overrides) if config == DEFAULT_CONFIG and not config.is_file() \
+            else load_config(config, overrides)
+    except UserError as err:
+        fail(str(err))
+
+    from flows.promote import promote_flow
+
+    _hide_user_errors_in_prefect_logs()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            decision = promote_flow(model or cfg.registry.model_name, version, cfg.promote, rollback)
+    except UserError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
+    else:
+        typer.echo(decision.line(), err=not decision.ok)
+    if not decision.ok:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", help="Model URI, e.g. models:/distill-digits@champion.")],
+    input_: Annotated[Path, typer.Option("--input", help="Rows to predict: .csv / .parquet (feature columns by name) or .npz (array X).")],
+    output: Annotated[Path, typer.Option("--output", help="Where predictions go: .csv or .parquet.")],
+    label: Annotated[str | None, typer.Option("--label", help="A column of true labels in the input: print accuracy.")] = None,
+) -> None:
+    """Batch prediction through mlflow.pyfunc; the model applies its own preprocessing."""
+    _quiet()
+    from tasks.errors import UserError
+
+    try:
+        import mlflow
+
+        from tasks import tracking
+        from tasks.predict import predict_file
+
+        settings = tracking.load_settings()
+        tracking.check_reachable(settings.tracking_uri)
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        mlflow.set_registry_uri(settings.registry_uri)
+        with contextlib.redirect_stdout(sys.stderr):
+            report = predict_file(model, input_, output, label)
+    except UserError as err:
+        fail(str(err))
+    accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+    typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")
 
 
 def main() -> None:

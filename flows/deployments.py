@@ -113,7 +113,8 @@ def _flow(entrypoint: str) -> Any:
 
 
 def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
-    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (cron schedules)."""
+    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (cron schedules, event triggers)."""
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
     deployments = []
@@ -123,8 +124,10 @@ def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
             if "cron" not in s:
                 raise UserError(f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes cron schedules only")
             schedules.append(Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True)))
+        triggers = [DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
+                    for t in d.get("triggers") or []]
         deployments.append(_flow(d["entrypoint"]).to_deployment(
-            name=d["name"], schedules=schedules, parameters=d.get("parameters") or {},
+            name=d["name"], schedules=schedules, triggers=triggers or None, parameters=d.get("parameters") or {},
             description=d.get("description"), tags=d.get("tags")))
     return deployments
 

@@ -13,20 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks import tracking
-from tasks.config import DEFAULT_CONFIG, load_config
+from tasks.config import DEFAULT_CONFIG, build_config, load_config
 from tasks.data import data_task
 from tasks.evaluate import evaluate_task, pipeline_summary
 from tasks.finetune import finetune_task, predict_logits
+from tasks.plots import plots_task
 from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
 from tasks.reduce import calibration_rows, reduce_task, reduction_record
-from tasks.registry import register_task
+from tasks.registry import register_task, teacher_lineage
 from tasks.teacher import teacher_task
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
@@ -49,23 +50,44 @@ class RunSummary:
     model_version: str | None
     metrics: dict[str, float]  # the parent run's metrics
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    promotion: Any = None  # tasks.promotion.Decision, with `distill run --promote`
 
     def as_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_url": self.run_url, "model_name": self.model_name,
-                "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}
+                "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}\
+            | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})
 
 
 @flow(name="distill", log_prints=False)
-def distill_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                 tags: dict[str, str] | None = None) -> RunSummary:
-    path = Path(config_path or DEFAULT_CONFIG)
-    cfg = load_config(path, overrides)
+def distill_flow(config_path: str | None = None, overrides: list[str] | None = None, promote: bool = False,
+                 from_run: str | None = None, tags: dict[str, str] | None = None) -> RunSummary:
+    """`promote`: run the promotion gates right after registration. `from_run`: take the config
+    from that MLflow run's record instead of `config_path` (tasks/reproduce.py). `tags`: extra
+    tags on the parent run (a sweep's id)."""
+    record = None
+    if from_run:
+        from flows.promote import connect_registry
+        from tasks.reproduce import read_record
+
+        connect_registry()
+        record = read_record(from_run)
+        path, cfg = None, build_config(record.config, overrides)
+    else:
+        path = Path(config_path or DEFAULT_CONFIG)
+        cfg = load_config(path, overrides)
     settings = tracking.load_settings()
     data = data_task(cfg.data, cfg.seed)
+    if record is not None:
+        from tasks.reproduce import check_record
+
+        for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
+            get_run_logger().warning(warning)
     experiment_id = tracking.configure(settings)
     tags = {"prefect.flow_run_id": str(flow_run.id), "distill.config_hash": cfg.digest(),
             "distill.dataset_digest": data.digest, "distill.git_commit": tracking.git_commit(),
-            "distill.teacher_source": cfg.teacher.source} | (tags or {})
+            "distill.dataset_source": cfg.data.source} | teacher_lineage(cfg.teacher.source) | (tags or {})
+    if record is not None:
+        tags["distill.reproduces"] = record.run_id
     tracking.close_dead_runs(experiment_id)  # parents left RUNNING by killed processes -> FAILED
 
     with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(),
@@ -92,10 +114,12 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
         student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
         stages["finetuned"] = evaluate_task("finetuned", student, data, teacher_pred, ev, run_id,
                                             params=cfg.finetune.model_dump(), curves=history.curves())
+        curves = {"finetuned": history.curves()}
 
         student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
         stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
                                          params=cfg.compress.prune.model_dump(), curves=history.curves())
+        curves["pruned"] = history.curves()
 
         with onnx_export_lock():
             quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
@@ -105,6 +129,8 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
             extra={"export_max_abs_diff": quantized.export_max_abs_diff}
             | ({"int8_max_abs_diff": quantized.int8_max_abs_diff} if quantized.int8_max_abs_diff is not None else {}))
 
+        if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
+            plots_task(run_id, stages, teacher, student, quantized.served, data, curves, ev, seed)
         tracking.log_metrics(run_id, pipeline_summary(stages, "quantized"))
         registered = None
         if cfg.registry.enabled:
@@ -115,16 +141,23 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
                          model_name=registered.name if registered else None,
                          model_version=registered.version if registered else None,
                          metrics=tracking.run_metrics(run_id), stages=stages)
+    if promote and registered is not None:
+        from flows.promote import promote_flow
+
+        summary.promotion = promote_flow(registered.name, registered.version, cfg.promote)
     create_markdown_artifact(markdown=stage_table_markdown(summary), key="distill-summary",
                              description="distill: stages and the MLflow run")
     return summary
 
 
 def stage_table_markdown(summary: RunSummary) -> str:
-    rows = ["| stage | params | size KB | accuracy | latency b1 ms |", "|---|---:|---:|---:|---:|"]
+    rows = ["| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap | latency b1 ms p50 / p95 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
     for stage, m in summary.stages.items():
-        rows.append(f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['accuracy']:.4f} | "
-                    f"{m['latency_ms_b1']:.3f} |")
+        rows.append(f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
+                    f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} | "
+                    f"{m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |")
     registered = (f"Registered **{summary.model_name}** version {summary.model_version} (alias `challenger`).\n\n"
                   if summary.model_name else "")
     return f"# distill run\n\n{registered}MLflow run: [{summary.run_id}]({summary.run_url})\n\n" + "\n".join(rows)

@@ -110,7 +110,7 @@ def variant_task(index: int, config_path: str, overrides: list[str], combo: list
     """One pipeline variant, as a subflow; its parent run is tagged with the sweep id."""
     variant_tags = tags | {"distill.sweep_variant": ", ".join(combo) or "(base config)"}
     try:
-        summary = distill_flow(config_path, overrides + combo, variant_tags)
+        summary = distill_flow(config_path, overrides + combo, tags=variant_tags)
     except Exception as err:  # one failed variant must not sink the sweep's summary
         return {"index": index, "overrides": combo, "run_id": None, "metrics": None,
                 "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}

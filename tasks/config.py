@@ -110,7 +110,7 @@ class PruneConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     enabled: bool = True
-    runtime: Literal["onnxruntime"] = "onnxruntime"
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
     max_abs_diff: float = Field(1e-3, gt=0)
 
 
@@ -122,11 +122,24 @@ class CompressConfig(_Strict):
 class EvaluateConfig(_Strict):
     latency_repeats: int = Field(100, ge=1)
     large_batch: int = Field(256, ge=2)
+    plots: bool = True  # pareto, confusion matrix, t-SNE, training curves as MLflow artifacts
+    tsne_rows: int = Field(500, ge=4)  # test rows embedded by t-SNE (its cost grows with rows)
 
 
 class RegisterConfig(_Strict):
     enabled: bool = True
     model_name: str = Field("distill-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class PromoteConfig(_Strict):
+    """Gates `distill promote` checks before moving alias `champion`; None switches a gate off."""
+
+    max_accuracy_drop: float | None = Field(0.01, ge=0)  # teacher accuracy - student accuracy
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    max_size_kb: float | None = Field(None, gt=0)
+    max_latency_ms_b1: float | None = Field(None, gt=0)
+    vs_champion: bool = True  # no worse than the current champion on common held-out rows
+    champion_tolerance: float = Field(0.0, ge=0)  # accuracy the challenger may lose vs the champion
 
 
 class PipelineConfig(_Strict):
@@ -146,6 +159,7 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     # `register` would shadow BaseModel.register (ABCMeta), hence the alias
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     @model_validator(mode="after")
     def _svd_is_low_rank(self) -> PipelineConfig:

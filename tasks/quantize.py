@@ -10,6 +10,7 @@ int8 with calibration rows for models with convolutions (dynamic ConvInteger is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import tempfile
@@ -24,7 +25,7 @@ from torch import nn
 
 from tasks.caching import STAGE_CACHE
 from tasks.config import QuantizeConfig
-from tasks.evaluate import OnnxModel, count_params, torch_predictor
+from tasks.evaluate import OnnxModel, TorchScriptModel, count_params, flops_per_row, torch_predictor
 from tasks.reduce import calibration_rows
 
 INPUT_NAME = "x"
@@ -32,16 +33,31 @@ INPUT_NAME = "x"
 
 @dataclass(frozen=True)
 class Quantized:
-    float_model: OnnxModel
-    int8_model: OnnxModel | None  # None when compress.quantize.enabled is false
-    export_max_abs_diff: float  # float ONNX vs PyTorch, test rows
-    int8_max_abs_diff: float | None  # int8 ONNX vs float ONNX, test rows
-    method: str  # dynamic | static | none
+    float_model: OnnxModel | TorchScriptModel  # in the configured runtime
+    int8_model: OnnxModel | TorchScriptModel | None  # None when compress.quantize.enabled is false
+    export_max_abs_diff: float  # float ONNX vs PyTorch, test rows (always checked)
+    int8_max_abs_diff: float | None  # int8 vs float, test rows
+    method: str  # dynamic | static | torch-dynamic | none
 
     @property
-    def served(self) -> OnnxModel:
-        """The model the registry gets: int8 when quantization ran, else the float export."""
+    def served(self) -> OnnxModel | TorchScriptModel:
+        """The model the registry gets: int8 when quantization ran, else the float model."""
         return self.int8_model or self.float_model
+
+
+def torchscript_bytes(model: nn.Module, n_features: int) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model.eval(), torch.zeros(2, n_features)), buffer)
+    return buffer.getvalue()
+
+
+def quantize_torch(model: nn.Module) -> nn.Module:
+    """PyTorch's dynamic int8 for Linear layers (convolutions stay fp32 on this path)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
 def export_onnx(model: nn.Module, n_features: int) -> bytes:
@@ -91,18 +107,26 @@ def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> byte
 def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
                    seed: int) -> Quantized:
     params, nonzeros = count_params(model)
-    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros)
+    flops = flops_per_row(model, X_test.shape[1])  # carried: ONNX graphs are not counted
+    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros, flops)
     reference = torch_predictor(model)(X_test)
     float_logits = float_model.predictor()(X_test)
     export_diff = float(np.abs(float_logits - reference).max())
     if export_diff > cfg.max_abs_diff:
         raise RuntimeError(f"ONNX export differs from PyTorch by {export_diff:.2e} "
                            f"(> compress.quantize.max_abs_diff={cfg.max_abs_diff:g})")
+    if cfg.runtime == "torch":
+        float_ts = TorchScriptModel(torchscript_bytes(model, X_test.shape[1]), params, nonzeros, flops)
+        if not cfg.enabled:
+            return Quantized(float_ts, None, export_diff, None, "none")
+        int8_ts = TorchScriptModel(torchscript_bytes(quantize_torch(model), X_test.shape[1]), params, nonzeros, flops)
+        int8_diff = float(np.abs(int8_ts.predictor()(X_test) - reference).max())
+        return Quantized(float_ts, int8_ts, export_diff, int8_diff, "torch-dynamic")
     if not cfg.enabled:
         return Quantized(float_model, None, export_diff, None, "none")
     static = has_conv(model)
     int8 = OnnxModel(quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 512, seed), static),
-                     params, nonzeros)
+                     params, nonzeros, flops)
     int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
     return Quantized(float_model, int8, export_diff, int8_diff, "static" if static else "dynamic")
 

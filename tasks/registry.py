@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.data import Dataset
-from tasks.evaluate import OnnxModel
+from tasks.evaluate import OnnxModel, TorchScriptModel
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 CHALLENGER = "challenger"
@@ -37,22 +37,23 @@ def raw_features(data: Dataset, X: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(X.astype(np.float64) * data.scale + data.mean, columns=data.feature_names)
 
 
-def _requirements() -> list[str]:
+def _requirements(runtime: str) -> list[str]:
     from importlib.metadata import version
 
-    return [f"mlflow=={version('mlflow')}", f"onnxruntime=={version('onnxruntime')}",
+    return [f"mlflow=={version('mlflow')}", f"{runtime}=={version(runtime).split('+')[0]}",
             f"numpy=={version('numpy')}", f"pandas=={version('pandas')}"]
 
 
-def register_model(model: OnnxModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
+def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
     """Log the pyfunc on the active (parent) run, register it, alias it `challenger`, tag it."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path, meta_path = Path(tmp) / "model.onnx", Path(tmp) / "preprocess.json"
-        onnx_path.write_bytes(model.onnx_bytes)
+        model_path, meta_path = Path(tmp) / f"model{model.suffix}", Path(tmp) / "preprocess.json"
+        model_path.write_bytes(model.file_bytes)
+        kind, runtime = ("onnx", "onnxruntime") if isinstance(model, OnnxModel) else ("torchscript", "torch")
         meta_path.write_text(json.dumps({"features": data.feature_names, "mean": data.mean.tolist(),
                                          "scale": data.scale.tolist(), "classes": data.classes}))
         example = raw_features(data, data.X_test[:5])
@@ -60,9 +61,9 @@ def register_model(model: OnnxModel, data: Dataset, model_name: str, tags: dict[
                               | {f"proba_{c}": np.zeros(5) for c in data.classes})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVING_MODEL),
-            artifacts={"onnx": str(onnx_path), "preprocess": str(meta_path)},
+            artifacts={kind: str(model_path), "preprocess": str(meta_path)},
             signature=infer_signature(example, output), input_example=example,
-            pip_requirements=_requirements(), registered_model_name=model_name)
+            pip_requirements=_requirements(runtime), registered_model_name=model_name)
     version = str(info.registered_model_version)
     client = MlflowClient()
     try:
@@ -76,5 +77,35 @@ def register_model(model: OnnxModel, data: Dataset, model_name: str, tags: dict[
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(model: OnnxModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
+def register_task(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
     return register_model(model, data, model_name, tags)
+
+
+def teacher_lineage(source: str) -> dict[str, str]:
+    """Pin down where the teacher came from: a file's sha256, an alias resolved to its version.
+
+    Best effort before the teacher loads: a missing file or alias adds nothing here, and the
+    teacher stage reports it with its own one-line error.
+    """
+    import hashlib
+
+    tags = {"distill.teacher_source": source}
+    if source.startswith("file:"):
+        path = Path(source.removeprefix("file:"))
+        if path.is_file():
+            tags["distill.teacher_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    elif source.startswith("models:/") and "@" in source:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        name, _, alias = source.removeprefix("models:/").partition("@")
+        try:
+            version = MlflowClient().get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return tags
+        tags["distill.teacher_uri"] = f"models:/{name}/{version.version}"
+        if version.run_id:
+            tags["distill.teacher_run_id"] = version.run_id
+    elif source.startswith("runs:/"):
+        tags["distill.teacher_run_id"] = source.removeprefix("runs:/").split("/", 1)[0]
+    return tags

@@ -1,6 +1,6 @@
 """The registered model, as MLflow "models from code": MLflow copies this file into the
-model and runs it at load time, so a served model needs numpy, pandas and onnxruntime,
-not this project. Not imported by the project (it calls `set_model` when run).
+model and runs it at load time, so a served model needs numpy, pandas and its runtime
+(onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not imported by the project (it calls `set_model` when run).
 
 Input: a DataFrame of raw features (the columns the model was trained on). The
 standardization fitted at training time is applied here, so callers never repeat it.
@@ -17,14 +17,26 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 
-class OnnxClassifier(PythonModel):
+class Classifier(PythonModel):
     def load_context(self, context) -> None:
-        import onnxruntime as ort
+        if "onnx" in context.artifacts:
+            import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self.logits = lambda z: session.run(None, {name: z})[0]
+        else:
+            import torch
+
+            module = torch.jit.load(context.artifacts["torchscript"], map_location="cpu").eval()
+
+            def logits(z):
+                with torch.inference_mode():
+                    return module(torch.from_numpy(z)).numpy()
+
+            self.logits = logits
         with open(context.artifacts["preprocess"]) as f:
             meta = json.load(f)
         self.features = meta["features"]
@@ -37,7 +49,7 @@ class OnnxClassifier(PythonModel):
         X = frame[self.features].to_numpy(np.float64) if set(self.features) <= set(frame.columns) \
             else frame.to_numpy(np.float64)
         z = ((X - self.mean) / self.scale).astype(np.float32)
-        logits = self.session.run(None, {self.input_name: z})[0].astype(np.float64)
+        logits = self.logits(z).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         proba = np.exp(logits)
         proba /= proba.sum(axis=1, keepdims=True)
@@ -47,4 +59,4 @@ class OnnxClassifier(PythonModel):
         return out
 
 
-set_model(OnnxClassifier())
+set_model(Classifier())

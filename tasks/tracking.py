@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,6 +149,31 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                         "MLFLOW_TRACKING_URI to use the embedded store of mlflow.yaml") from None
 
 
+def connect(settings: MlflowSettings) -> None:
+    """Point MLflow at an existing store, for reading: a missing SQLite file is an error, not created."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    db = _sqlite_path(settings.tracking_uri)
+    if db is not None and not db.is_file():
+        raise UserError(f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); run `distill run` first")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
+
+
+def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list[str]:
+    """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for `distill ui`)."""
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        raise UserError(f"tracking is already a server ({settings.tracking_uri}): open it in a browser")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", settings.ui.host,
+           "--port", str(port or settings.ui.port), "--workers", "1", "--backend-store-uri", settings.tracking_uri]
+    if settings.registry_uri != settings.tracking_uri:
+        cmd += ["--registry-store-uri", settings.registry_uri]
+    if settings.artifact_location:  # runs keep their own artifact URIs; this serves new uploads
+        cmd += ["--artifacts-destination", settings.artifact_location]
+    return cmd
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -240,10 +266,10 @@ def log_model(stage: str, model: Any, example: Any) -> None:
     requirements pinned to skip inference), ONNX models as their .onnx file."""
     import mlflow
 
-    if hasattr(model, "onnx_bytes"):
+    if hasattr(model, "file_bytes"):  # a serialized model (ONNX, TorchScript)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{stage}.onnx"
-            path.write_bytes(model.onnx_bytes)
+            path = Path(tmp) / f"{stage}{model.suffix}"
+            path.write_bytes(model.file_bytes)
             mlflow.log_artifact(str(path), artifact_path="model")
         return
     import mlflow.pytorch
@@ -298,8 +324,22 @@ def _dataset_source(source: str) -> Any:
     return CodeDatasetSource(tags={"source": source})
 
 
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
+    """A matplotlib figure as a PNG artifact of the run; returns its artifact path."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_figure(run_id, figure, artifact_file, save_kwargs={"dpi": 100})
+    return artifact_file
+
+
+def ui_base_url(settings: MlflowSettings) -> str:
+    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml `ui`)."""
+    uri = settings.tracking_uri
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
+
+
 def run_url(settings: MlflowSettings, experiment_id: str, run_id: str) -> str:
-    return f"{settings.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_base_url(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

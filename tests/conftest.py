@@ -45,6 +45,7 @@ def prefect_server():
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it: restore after
     monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(tmp_path / "absent-mlflow.yaml"))
     import mlflow
 

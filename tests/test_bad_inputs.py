@@ -125,17 +125,19 @@ def registry_with_a_version(prefect_server, tmp_path_factory):
     import mlflow
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # mlflow.set_*_uri write these too
+    old = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, uri))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     result = invoke([])
     assert result.exit_code == 0, result.output
     yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_catalog_has_thirty_distinct_cases():

@@ -14,7 +14,9 @@ DISTILL = [sys.executable, "-m", "flows.cli"]
 
 
 def _run(args, tmp_path: Path, timeout=600):
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(ROOT)}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # mlflow.set_*_uri in earlier in-process tests also set these variables: pin both
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PYTHONPATH": str(ROOT)}
     return subprocess.run(DISTILL + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,11 +1,14 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, log_loss, top_k_accuracy_score
 
 from tasks.config import EvaluateConfig
-from tasks.evaluate import (classification_metrics, count_params, evaluate_model, pipeline_summary, saved_size)
-from tasks.teacher import build_mlp
+from tasks.evaluate import (OnnxModel, classification_metrics, count_params, evaluate_model,
+                            expected_calibration_error, flops_per_row, latency_percentiles_ms, log_softmax,
+                            negative_log_likelihood, pipeline_summary, saved_size, top_k_accuracy)
+from tasks.quantize import export_onnx
+from tasks.teacher import build_cnn, build_mlp
 
 
 def test_classification_metrics_match_sklearn():
@@ -19,6 +22,46 @@ def test_classification_metrics_match_sklearn():
     assert m["agreement"] == pytest.approx((pred == teacher_pred).mean())
 
 
+def test_top_k_and_nll_match_sklearn():
+    rng = np.random.default_rng(1)
+    logits, y = rng.normal(scale=2.0, size=(300, 10)), rng.integers(0, 10, 300)
+    proba = np.exp(log_softmax(logits))
+    assert np.allclose(proba.sum(1), 1.0)
+    for k in (1, 3, 5):
+        assert top_k_accuracy(logits, y, k) == pytest.approx(top_k_accuracy_score(y, logits, k=k, labels=range(10)))
+    assert negative_log_likelihood(logits, y) == pytest.approx(log_loss(y, proba, labels=range(10)), rel=1e-9)
+    m = classification_metrics(logits, y, None)
+    assert m["top3_accuracy"] == pytest.approx(top_k_accuracy_score(y, logits, k=3, labels=range(10)))
+    assert m["nll"] == pytest.approx(log_loss(y, proba, labels=range(10)))
+    assert "agreement" not in m
+    assert "top3_accuracy" not in classification_metrics(logits[:, :5], y % 5, None)  # 5 classes: no top-k
+
+
+def test_ece_on_a_hand_made_case():
+    # 4 rows at confidence 0.9 (3 right: accuracy 0.75) and 2 rows at 0.6 (both wrong: accuracy 0)
+    proba = np.array([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 2)
+    y = np.array([0, 0, 0, 1, 1, 1])
+    expected = 4 / 6 * abs(0.75 - 0.9) + 2 / 6 * abs(0.0 - 0.6)
+    assert expected_calibration_error(proba, y) == pytest.approx(expected)
+    # perfectly calibrated: confidence 1.0 and always right; and one bin's edge is (lo, hi]
+    assert expected_calibration_error(np.eye(3), np.arange(3)) == pytest.approx(0.0)
+    # 0.6 = 9/15 is the upper edge of bin (8/15, 9/15], shared with 0.55: one bin, |0.5 - 0.575|
+    edge = np.array([[0.6, 0.4], [0.55, 0.45]])
+    assert expected_calibration_error(edge, np.array([1, 0])) == pytest.approx(0.075)
+
+
+def test_flops_of_an_mlp_are_two_multiply_adds_per_weight():
+    model = build_mlp(64, [32, 16], 10)
+    assert flops_per_row(model, 64) == 2 * (64 * 32 + 32 * 16 + 16 * 10)
+    cnn = build_cnn((1, 8, 8), [4], 10)  # 3x3 'same' conv on 8x8, then Linear(4*64, 10)
+    assert flops_per_row(cnn, 64) == 2 * (1 * 4 * 9 * 64 + 4 * 64 * 10)
+
+
+def test_latency_percentiles_are_ordered():
+    p50, p95 = latency_percentiles_ms(lambda X: X @ X.T, np.ones((64, 32), np.float32), 16, 20)
+    assert 0 < p50 <= p95
+
+
 def test_size_is_the_real_saved_file(tmp_path):
     model = build_mlp(64, [128], 10)
     size, compressed = saved_size(model)
@@ -29,10 +72,31 @@ def test_size_is_the_real_saved_file(tmp_path):
 
 
 def test_evaluate_model_reports_every_metric(digits):
-    m = evaluate_model(build_mlp(64, [16], 10), digits, None, EvaluateConfig(latency_repeats=3, large_batch=64))
-    assert {"accuracy", "f1_macro", "params", "nonzeros", "size_kb", "compressed_kb", "latency_ms_b1",
-            "latency_ms_b64"} <= set(m)
+    torch.manual_seed(0)
+    model = build_mlp(64, [16], 10)
+    cfg = EvaluateConfig(latency_repeats=3, large_batch=64)
+    m = evaluate_model(model, digits, None, cfg)
+    assert {"accuracy", "f1_macro", "top3_accuracy", "ece", "nll", "train_accuracy", "train_test_gap", "params",
+            "nonzeros", "flops", "size_kb", "compressed_kb", "latency_ms_b1", "latency_p95_ms_b1", "latency_ms_b64",
+            "latency_p95_ms_b64", "throughput_rows_s"} <= set(m)
     assert m["latency_ms_b1"] > 0 and m["size_kb"] > 0
+    assert m["latency_ms_b1"] <= m["latency_p95_ms_b1"]
+    assert m["throughput_rows_s"] == pytest.approx(64 / (m["latency_ms_b64"] / 1e3))
+    train_acc = (model(torch.from_numpy(digits.X_train)).argmax(1).numpy() == digits.y_train).mean()
+    assert m["train_test_gap"] == pytest.approx(train_acc - m["accuracy"])
+    assert m["flops"] == 2 * (64 * 16 + 16 * 10)
+
+
+def test_onnx_model_carries_the_float_models_counts(digits):
+    model = build_mlp(64, [16], 10).eval()
+    onnx = OnnxModel(export_onnx(model, 64), *count_params(model), flops_per_row(model, 64))
+    cfg = EvaluateConfig(latency_repeats=3, large_batch=32)
+    m_torch, m_onnx = evaluate_model(model, digits, None, cfg), evaluate_model(onnx, digits, None, cfg)
+    for key in ("params", "nonzeros", "flops"):
+        assert m_onnx[key] == m_torch[key]
+    for key in ("accuracy", "nll", "ece", "train_accuracy"):
+        assert m_onnx[key] == pytest.approx(m_torch[key], abs=1e-5)
+    assert "flops" not in evaluate_model(OnnxModel(onnx.onnx_bytes, 0, 0), digits, None, cfg)
 
 
 def test_pipeline_summary():

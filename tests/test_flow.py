@@ -47,6 +47,9 @@ def test_flow_records_parent_and_stage_runs(run):
     assert [m.step for m in curve] == list(range(len(curve))) and len(curve) >= 1
     artifacts = [a.path for a in client.list_artifacts(run.run_id, "config")]
     assert "config/resolved.yaml" in artifacts and "config/digits.yaml" in artifacts
+    plots = sorted(a.path for a in client.list_artifacts(run.run_id, "plots"))
+    assert plots == ["plots/confusion.png", "plots/curves.png", "plots/pareto.png", "plots/tsne.png"]
+    assert metrics["final/flops"] == metrics["pruned/flops"]  # the ONNX model carries its float model's count
 
 
 def test_registered_challenger_reproduces_the_logged_accuracy(run, digits):
@@ -74,3 +77,13 @@ def test_bad_config_leaves_nothing_in_mlflow(prefect_server, mlflow_store):
     with pytest.raises(UserError, match="config key 'reduce.budget.params'"):
         distill_flow(CONFIG, ["reduce.budget.params=0"])
     assert mlflow.search_experiments(filter_string="name = 'distill'") == []
+
+
+def test_torch_runtime_is_registered_and_served(prefect_server, mlflow_store, digits):
+    run = distill_flow(CONFIG, TINY + ["compress.quantize.runtime=torch", "register.model_name=tiny-torch",
+                                       "evaluate.plots=false"])
+    model = mlflow.pyfunc.load_model("models:/tiny-torch@challenger")
+    out = model.predict(raw_features(digits, digits.X_test))
+    accuracy = (out["prediction"].to_numpy() == np.asarray(digits.classes)[digits.y_test]).mean()
+    assert accuracy == pytest.approx(run.metrics["final/accuracy"])
+    # (TorchScript's code and packing overhead outweighs int8 on a model this tiny: no size claim here)

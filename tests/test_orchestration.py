@@ -118,7 +118,7 @@ def test_deploy_schedules_and_a_worker_runs_the_pipeline(prefect_api, tmp_path):
             deployed = on_server[d["name"]]
             assert f"deployed {client.read_flow(deployed.flow_id).name}/{d['name']}" in proc.stdout
             assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployed.schedules] == \
-                [(s["cron"], s["timezone"], True) for s in d["schedules"]]
+                [(s["cron"], s["timezone"], True) for s in d.get("schedules", [])]
             assert deployed.work_pool_name == d["work_pool"]["name"] and deployed.parameters == d["parameters"]
         assert client.read_work_pool(spec["deployments"][0]["work_pool"]["name"]).type == "process"
         nightly = client.read_deployment_by_name("distill/nightly")
@@ -137,6 +137,18 @@ def test_deploy_schedules_and_a_worker_runs_the_pipeline(prefect_api, tmp_path):
                                 filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
     assert run.info.status == "FINISHED" and run.data.params["teacher.hidden"] == "[64, 64]"
     assert "final/accuracy" in run.data.metrics
+
+    # the completed nightly run triggers the promotion deployment (its run waits for a worker)
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with _client(prefect_api) as client:
+        promote = client.read_deployment_by_name("promote/after-nightly")
+        deadline, triggered = time.monotonic() + 60, []
+        while not triggered and time.monotonic() < deadline:
+            time.sleep(1)
+            triggered = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[promote.id])),
+                                              limit=5)
+        assert len(triggered) == 1 and triggered[0].parameters == {"model_name": "distill-digits"}
 
 
 KILLED_IN_FINETUNE = """

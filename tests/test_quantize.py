@@ -48,3 +48,11 @@ def test_conv_models_take_static_quantization(digits):
 def test_quantization_can_be_disabled(trained_mlp, digits):
     q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(enabled=False), seed=0)
     assert q.int8_model is None and q.served is q.float_model and q.method == "none"
+
+
+def test_torch_runtime_gives_int8_torchscript(trained_mlp, digits):
+    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(runtime="torch"), seed=0)
+    assert q.method == "torch-dynamic" and q.served is q.int8_model
+    assert saved_size(q.int8_model)[0] < saved_size(q.float_model)[0] / 2
+    acc = lambda m: (m.predictor()(digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
+    assert acc(q.int8_model) >= acc(q.float_model) - 0.01

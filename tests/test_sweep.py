@@ -79,7 +79,9 @@ def test_served_deployments_match_the_deployment_file():
     for d in spec["deployments"]:
         runner = served[d["name"]]
         assert [(s.schedule.cron, s.schedule.timezone) for s in runner.schedules] == \
-            [(s["cron"], s["timezone"]) for s in d["schedules"]]
+            [(s["cron"], s["timezone"]) for s in d.get("schedules", [])]
+        assert [(t.expect, t.match_related.root) for t in runner.triggers] == \
+            [(set(t["expect"]), t["match_related"]) for t in d.get("triggers", [])]
         assert runner.parameters == d["parameters"]
         assert runner.entrypoint.endswith(d["entrypoint"].split(":")[1])
     # every deployment's parameters are a valid call of its flow
