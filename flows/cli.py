@@ -14,6 +14,7 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -83,6 +84,17 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminate)
 
 
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A UserError inside becomes one line `error: ...` on stderr and exit 2."""
+    from tasks.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        fail(str(err))
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
@@ -101,27 +113,22 @@ def run(
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
     _quiet()
     from tasks.config import load_config
-    from tasks.errors import UserError
 
     overrides = list(set_ or [])
     if from_run and config != Path("configs/digits.yaml"):
         fail("give either CONFIG or --from-run, not both")
-    try:
+    with user_errors():
         if not from_run:
             load_config(config, overrides)  # fail fast, before Prefect or MLflow start
-    except UserError as err:
-        fail(str(err))
 
     from flows.distill import distill_flow
 
     _hide_user_errors_in_prefect_logs()
     _exit_on_sigterm()
-    try:
+    with user_errors():
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
         with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run) or fresh):
             summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
-    except UserError as err:
-        fail(str(err))
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
@@ -182,30 +189,26 @@ def sweep(
 ) -> None:
     """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""
     _quiet()
-    from tasks.errors import UserError
 
     overrides = list(set_ or [])
-    try:
+    with user_errors():
         from flows.sweep import check_variants, parse_grid, task_runner
 
         grid_values = parse_grid(grid)
         check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
         runner = task_runner(dask, dask_address, workers)
-    except UserError as err:
-        fail(str(err))
 
     from flows.sweep import SweepFailed, sweep_flow
 
     _hide_user_errors_in_prefect_logs()
     _exit_on_sigterm()
     failed = False
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = sweep_flow.with_options(task_runner=runner)(str(config), grid_values, overrides)
-    except UserError as err:
-        fail(str(err))
-    except SweepFailed as err:
-        summary, failed = err.summary, True
+    with user_errors():
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = sweep_flow.with_options(task_runner=runner)(str(config), grid_values, overrides)
+        except SweepFailed as err:
+            summary, failed = err.summary, True
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
@@ -226,12 +229,9 @@ def deploy(
     """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""
     _quiet()
     from flows.deployments import deploy as apply_deployments
-    from tasks.errors import UserError
 
-    try:
+    with user_errors():
         names = apply_deployments(prefect_file)
-    except UserError as err:
-        fail(str(err))
     for name in names:
         typer.echo(f"deployed {name}")
 
@@ -244,12 +244,9 @@ def serve(
     """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""
     _quiet()
     from flows.deployments import serve as serve_deployments
-    from tasks.errors import UserError
 
-    try:
+    with user_errors():
         serve_deployments(prefect_file)
-    except UserError as err:
-        fail(str(err))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -273,13 +270,10 @@ def compare(
     """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
     _quiet()
     from tasks.compare import load_comparison, rich_table, to_csv, to_json
-    from tasks.errors import UserError
 
-    try:
+    with user_errors():
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result only
             frame = load_comparison(experiment, last)
-    except UserError as err:
-        fail(str(err))
     if format_ is CompareFormat.csv:
         typer.echo(to_csv(frame), nl=False)
     elif format_ is CompareFormat.json:
@@ -304,13 +298,10 @@ def ui(
     import urllib.request
 
     from tasks import tracking
-    from tasks.errors import UserError
 
-    try:
+    with user_errors():
         settings = tracking.load_settings()
         command = tracking.ui_server_command(settings, port)
-    except UserError as err:
-        fail(str(err))
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
     # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
@@ -369,23 +360,19 @@ def promote(
              "max_latency_ms_b1": max_latency_ms_b1, "vs_champion": vs_champion,
              "champion_tolerance": champion_tolerance}
     overrides = list(set_ or []) + [f"promote.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    try:
+    with user_errors():
         if rollback and version is not None:
             raise UserError("--rollback moves champion to the previous champion; it takes no --version")
         # the default config is optional here: without it the gates are the schema's defaults
         cfg = build_config({}, overrides) if config == DEFAULT_CONFIG and not config.is_file() \
             else load_config(config, overrides)
-    except UserError as err:
-        fail(str(err))
 
     from flows.promote import promote_flow
 
     _hide_user_errors_in_prefect_logs()
-    try:
+    with user_errors():
         with contextlib.redirect_stdout(sys.stderr):
             decision = promote_flow(model or cfg.registry.model_name, version, cfg.promote, rollback)
-    except UserError as err:
-        fail(str(err))
     if as_json:
         typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
     else:
@@ -403,9 +390,8 @@ def predict(
 ) -> None:
     """Batch prediction through mlflow.pyfunc; the model applies its own preprocessing."""
     _quiet()
-    from tasks.errors import UserError
 
-    try:
+    with user_errors():
         import mlflow
 
         from tasks import tracking
@@ -417,8 +403,6 @@ def predict(
         mlflow.set_registry_uri(settings.registry_uri)
         with contextlib.redirect_stdout(sys.stderr):
             report = predict_file(model, input_, output, label)
-    except UserError as err:
-        fail(str(err))
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
     typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")
 

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from tasks.config import read_yaml
 from tasks.errors import UserError
 
 PREFECT_FILE = Path("deployments/prefect.yaml")
@@ -32,13 +32,8 @@ def project_root(prefect_file: Path) -> Path:
 
 
 def read_spec(prefect_file: Path) -> dict[str, Any]:
-    if not prefect_file.is_file():
-        raise UserError(f"deployment file not found: {prefect_file}")
-    try:
-        spec = yaml.safe_load(prefect_file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{prefect_file} is not valid YAML: {str(err).splitlines()[0]}") from None
-    deployments = spec.get("deployments") if isinstance(spec, dict) else None
+    spec = read_yaml(prefect_file, kind="deployment file")
+    deployments = spec.get("deployments")
     if not isinstance(deployments, list) or not deployments:
         raise UserError(f"{prefect_file}: no 'deployments' list")
     for i, d in enumerate(deployments):

@@ -253,15 +253,16 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Pip
         raise UserError(_format_error(err)) from None
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping, or one UserError naming the file (`kind` says what it is)."""
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"{kind} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+        raise UserError(f"{kind} {path} is not valid YAML: {err}".splitlines()[0]) from None
     if not isinstance(raw, dict):
-        raise UserError(f"config file {path} must hold a mapping at the top level")
+        raise UserError(f"{kind} {path} must hold a mapping at the top level")
     return raw
 
 
