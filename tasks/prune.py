@@ -25,9 +25,8 @@ from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
 from tasks.finetune import FitSettings, History, fit
 from tasks.errors import UserError
-from tasks.reduce import collect_bases
 from tasks.topology import REDUCIBLE, HiddenLayer, hidden_chain
-from tasks.width import remove_units
+from tasks.width import activation_basis, activation_importance, remove_units
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -60,10 +59,7 @@ def unit_scores(model: nn.Sequential, h: HiddenLayer, criterion: str, X: np.ndar
         return W.pow(2).sum(1).sqrt().double().numpy()
     if criterion == "l1":
         return W.abs().sum(1).double().numpy()
-    basis = collect_bases(model, X, taps={h.name: model[h.after]})[h.name]
-    energy = basis.explained_variance @ (basis.components**2).T + basis.mean**2
-    out = model[h.consumer].weight.detach()
-    return energy * out.reshape(out.shape[0], h.width, -1).pow(2).sum(dim=(0, 2)).double().numpy()
+    return activation_importance(model, h, activation_basis(model, h, X))
 
 
 def remove_lowest_units(model: nn.Sequential, keep_fraction: float, criterion: str, X: np.ndarray,

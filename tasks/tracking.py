@@ -205,25 +205,24 @@ def parent_run(experiment_id: str, run_name: str, params: dict[str, Any], tags: 
         mlflow.end_run(status=status)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def _log_points(run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """(key, value, step) points in batches of MLflow's limit (1,000 metrics per call)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for i in range(0, len(batch), 1000):  # MLflow's batch limit
+    batch = [Metric(key, float(value), now, step) for key, value, step in points]
+    for i in range(0, len(batch), 1000):
         MlflowClient().log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    _log_points(run_id, [(k, v, step) for k, v in metrics.items()])
 
 
 def log_curves(run_id: str, stage: str, curves: dict[str, list[float]]) -> None:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(f"{stage}/{name}", float(v), now, step)
-             for name, values in curves.items() for step, v in enumerate(values)]
-    for i in range(0, len(batch), 1000):
-        MlflowClient().log_batch(run_id, metrics=batch[i:i + 1000])
+    _log_points(run_id, [(f"{stage}/{name}", v, step) for name, values in curves.items()
+                         for step, v in enumerate(values)])
 
 
 def prefixed(stage: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.reduce import Reduction, collect_bases
+from tasks.reduce import Basis, Reduction, collect_bases
 from tasks.topology import HiddenLayer, hidden_chain, units
 
 
@@ -32,18 +32,25 @@ def _batches(X: np.ndarray, size: int):
         yield torch.from_numpy(X[start:start + size])
 
 
+def activation_importance(model: nn.Sequential, h: HiddenLayer, basis: Basis) -> np.ndarray:
+    """E[a_j²] · ‖W_consumer[:, j]‖² per unit j: how much each unit feeds into the next layer."""
+    energy = basis.explained_variance @ (basis.components**2).T + basis.mean**2  # diag of E[a aᵀ]
+    W = model[h.consumer].weight.detach()
+    return energy * W.reshape(W.shape[0], h.width, -1).pow(2).sum(dim=(0, 2)).double().numpy()
+
+
+def activation_basis(model: nn.Sequential, h: HiddenLayer, X: np.ndarray, batch_size: int = 256) -> Basis:
+    return collect_bases(model, X, batch_size, taps={h.name: model[h.after]})[h.name]
+
+
 def select_units(student: nn.Sequential, h: HiddenLayer, k: int, X: np.ndarray, how: str,
                  batch_size: int = 256) -> np.ndarray:
     """Indices (sorted) of the k units of hidden layer h to keep."""
-    basis = collect_bases(student, X, batch_size, taps={h.name: student[h.after]})[h.name]
+    basis = activation_basis(student, h, X, batch_size)
     if how == "pqr":
         _, _, pivots = scipy.linalg.qr(basis.components[:, :k].T, pivoting=True, mode="economic")
         return np.sort(pivots[:k])
-    # importance: E[a_j²] · ‖W_consumer[:, j]‖²
-    energy = basis.explained_variance @ (basis.components**2).T + basis.mean**2  # diag of E[a aᵀ]
-    W = student[h.consumer].weight.detach()
-    per_unit = W.reshape(W.shape[0], h.width, -1).pow(2).sum(dim=(0, 2)).double().numpy()
-    return np.sort(np.argsort(-(energy * per_unit))[:k])
+    return np.sort(np.argsort(-activation_importance(student, h, basis))[:k])
 
 
 def _consumer_inputs(consumer: nn.Module, a: torch.Tensor) -> torch.Tensor:
