@@ -108,9 +108,28 @@ def configure(settings: MlflowSettings) -> str:
     mlflow.set_registry_uri(settings.registry_uri)
     with _store_lock(db):  # the first touch creates tables and the experiment: one process at a time
         experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        return mlflow.create_experiment(settings.tracking.experiment, artifact_location=settings.artifact_location)
+        if experiment is None:
+            experiment_id = mlflow.create_experiment(settings.tracking.experiment,
+                                                     artifact_location=settings.artifact_location)
+            experiment = mlflow.get_experiment(experiment_id)
+    check_artifact_root(experiment.artifact_location)
+    return experiment.experiment_id
+
+
+def check_artifact_root(location: str | None) -> None:
+    """A local artifact root must take files before a run starts, not fail at the first model."""
+    if not location or not location.startswith("file:"):
+        return  # a server or object store: its own errors, at upload
+    from urllib.parse import unquote, urlparse
+
+    path = Path(unquote(urlparse(location).path))
+    probe = path / f".distill-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"artifact location {location} is not writable: {err.strerror or err}") from None
 
 
 @contextmanager

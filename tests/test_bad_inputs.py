@@ -164,6 +164,21 @@ def test_unreachable_tracking_server(prefect_server, monkeypatch):
         "error: MLflow tracking server http://127.0.0.1:9 is not reachable")
 
 
+def test_unwritable_artifact_location(prefect_server, tmp_path, monkeypatch):
+    (tmp_path / "artifacts").write_text("a file where the artifact directory should be")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(tmp_path / "absent.yaml"))
+    result = invoke([])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: artifact location file://{tmp_path}/artifacts is not writable")
+    from mlflow import MlflowClient
+
+    assert MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("distill").experiment_id]) == []
+
+
 def test_bad_mlflow_yaml(prefect_server, tmp_path, monkeypatch):
     (tmp_path / "mlflow.yaml").write_text("server:\n  tracking_url: sqlite:///x.db\n")
     monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(tmp_path / "mlflow.yaml"))
