@@ -39,6 +39,10 @@ QUIET_ENV = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "MLFLOW_LOGGING_LEVEL": "ERROR",
     "DASK_LOGGING__DISTRIBUTED": "warning",
+    # a tracking server that goes away mid-run: bounded retries (MLflow's default is 7 with
+    # exponential backoff, minutes), then the run fails with the error
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 NOISY_WARNINGS = (
