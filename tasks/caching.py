@@ -104,6 +104,18 @@ def _array(h: Any, a: np.ndarray) -> None:
     h.update(np.ascontiguousarray(a).tobytes())
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read once per (path, size, mtime): the teacher file is both
+    a lineage tag and part of the teacher stage's cache key."""
+    st = path.stat()
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def teacher_source_fingerprint(source: str) -> str:
     """What a teacher source currently points at: a file's bytes; an immutable URI as is.
 
@@ -111,7 +123,7 @@ def teacher_source_fingerprint(source: str) -> str:
     alias is never cached (the key function returns None for it)."""
     if source.startswith("file:"):
         path = Path(source.removeprefix("file:"))
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        return file_sha256(path) if path.is_file() else "missing"
     if source.startswith("models:/") and "@" in source:
         raise Uncacheable(source)
     return source

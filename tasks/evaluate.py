@@ -60,6 +60,8 @@ class OnnxModel:
         return self.onnx_bytes
 
     suffix = ".onnx"
+    artifact = "onnx"  # the registered pyfunc's artifact key (tasks/serving_model.py)
+    runtime = "onnxruntime"  # the package that serves it
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class TorchScriptModel:
         return self.ts_bytes
 
     suffix = ".pt"
+    artifact = "torchscript"
+    runtime = "torch"
 
 
 SERIALIZED = (OnnxModel, TorchScriptModel)

@@ -18,7 +18,9 @@ budget holds. A layer whose factorization would not save parameters stays dense.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,6 +208,30 @@ def target_params(budget: BudgetConfig, teacher_params: int) -> int | None:
     return None  # variance: a per-layer target, not a size
 
 
+Step = tuple[Any, float, int]  # (the next size, variance it adds, parameters it costs)
+
+
+def water_fill(sizes: dict[Any, Any], next_step: Callable[[Any, dict[Any, Any], int], Step | None],
+               used: int, target: int) -> dict[Any, Any]:
+    """Greedy allocation: repeatedly buy the one step (of any layer) with the most explained
+    variance per parameter that still fits in `target`, until none does."""
+    sizes = dict(sizes)
+    while True:
+        best: tuple[float, Any, Any, int] | None = None
+        for key in sizes:
+            step = next_step(key, sizes, used)
+            if step is None:
+                continue
+            size, gain, cost = step
+            if used + cost <= target and (best is None or gain / cost > best[0]):
+                best = (gain / cost, key, size, cost)
+        if best is None:
+            return sizes
+        _, key, size, cost = best
+        sizes[key] = size
+        used += cost
+
+
 def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget: BudgetConfig,
              other_params: int = 0) -> list[LayerPlan]:
     """Choose a rank per layer (`shapes`: name -> (fan_in, out)) meeting the budget."""
@@ -229,22 +255,15 @@ def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget
     used = other_params + sum(plan(n, r).params for n, r in ranks.items())
     if used > target:
         raise _too_small(budget, used, teacher_params)
-    while True:
-        best: tuple[float, str, int | None, int] | None = None
-        for name, rank in ranks.items():
-            if rank is None:
-                continue
-            current = plan(name, rank)
-            step = plan(name, rank + 1 if rank < caps[name] else None)
-            cost = step.params - current.params
-            gain = step.variance - current.variance
-            if used + cost <= target and (best is None or gain / cost > best[0]):
-                best = (gain / cost, name, step.rank, cost)
-        if best is None:
-            break
-        _, name, rank, cost = best
-        ranks[name] = rank
-        used += cost
+
+    def next_rank(name: str, ranks: dict[str, int | None], used: int) -> Step | None:
+        rank = ranks[name]
+        if rank is None:
+            return None  # dense already
+        current, step = plan(name, rank), plan(name, rank + 1 if rank < caps[name] else None)
+        return step.rank, step.variance - current.variance, step.params - current.params
+
+    ranks = water_fill(ranks, next_rank, used, target)
     return [plan(n, r) for n, r in ranks.items()]
 
 
@@ -271,20 +290,16 @@ def allocate_widths(model: nn.Sequential, bases: dict[str, Basis], budget: Budge
     used = width_params(model, widths)
     if used > target:
         raise _too_small(budget, used, teacher_params)
-    while True:
-        best: tuple[float, int, int] | None = None
-        for h in chain:
-            if widths[h.index] >= h.width:
-                continue
-            cost = width_params(model, widths | {h.index: widths[h.index] + 1}) - used
-            gain = bases[h.name].retained(widths[h.index] + 1) - bases[h.name].retained(widths[h.index])
-            if used + cost <= target and (best is None or gain / cost > best[0]):
-                best = (gain / cost, h.index, cost)
-        if best is None:
-            break
-        _, index, cost = best
-        widths[index] += 1
-        used += cost
+    by_index = {h.index: h for h in chain}
+
+    def next_width(index: int, widths: dict[int, int], used: int) -> Step | None:
+        h, w = by_index[index], widths[index]
+        if w >= h.width:
+            return None  # every unit kept already
+        basis = bases[h.name]
+        return w + 1, basis.retained(w + 1) - basis.retained(w), width_params(model, widths | {index: w + 1}) - used
+
+    widths = water_fill(widths, next_width, used, target)
     return [plan(h, widths[h.index] if widths[h.index] < h.width else None) for h in chain]
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.caching import file_sha256
 from tasks.data import Dataset
 from tasks.evaluate import OnnxModel, TorchScriptModel
 
@@ -53,7 +54,6 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
     with tempfile.TemporaryDirectory() as tmp:
         model_path, meta_path = Path(tmp) / f"model{model.suffix}", Path(tmp) / "preprocess.json"
         model_path.write_bytes(model.file_bytes)
-        kind, runtime = ("onnx", "onnxruntime") if isinstance(model, OnnxModel) else ("torchscript", "torch")
         meta_path.write_text(json.dumps({"features": data.feature_names, "mean": data.mean.tolist(),
                                          "scale": data.scale.tolist(), "classes": data.classes}))
         example = raw_features(data, data.X_test[:5])
@@ -61,9 +61,9 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
                               | {f"proba_{c}": np.zeros(5) for c in data.classes})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVING_MODEL),
-            artifacts={kind: str(model_path), "preprocess": str(meta_path)},
+            artifacts={model.artifact: str(model_path), "preprocess": str(meta_path)},
             signature=infer_signature(example, output), input_example=example,
-            pip_requirements=_requirements(runtime), registered_model_name=model_name)
+            pip_requirements=_requirements(model.runtime), registered_model_name=model_name)
     version = str(info.registered_model_version)
     client = MlflowClient()
     try:
@@ -87,13 +87,11 @@ def teacher_lineage(source: str) -> dict[str, str]:
     Best effort before the teacher loads: a missing file or alias adds nothing here, and the
     teacher stage reports it with its own one-line error.
     """
-    import hashlib
-
     tags = {"distill.teacher_source": source}
     if source.startswith("file:"):
         path = Path(source.removeprefix("file:"))
         if path.is_file():
-            tags["distill.teacher_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            tags["distill.teacher_sha256"] = file_sha256(path)
     elif source.startswith("models:/") and "@" in source:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
