@@ -3,12 +3,15 @@
     .venv/bin/python benchmarks/overhead.py [--repeats 3] [--set key=value ...]
 
 In one process, alternating: (a) the default pipeline's stage functions called bare (no
-Prefect, no MLflow; evaluation included, since the flow evaluates every stage too), and
-(b) the full flow with tracking into a throw-away SQLite store. Medians and their ratio.
-The flow's first run also starts Prefect's temporary server: it is run once before the
-timing (and that start-up is reported on its own, as are a cold `distill run` process and
-`distill --help`). Prefect's result cache is refreshed on every run (PREFECT_TASKS_REFRESH_CACHE),
-so the flow recomputes every stage like the bare calls do.
+Prefect, no MLflow; evaluation included, since the flow evaluates every stage too, and the
+run's figures drawn and written as PNG files, since the flow draws them too), and (b) the
+full flow with tracking into a throw-away SQLite store. Medians and their ratio, with the
+default config and with `evaluate.plots: false` (then neither arm draws). The flow's first
+run also starts Prefect's temporary server: it is run once before the timing (and that
+start-up is reported on its own, as are a cold `distill run` process and `distill --help`).
+Prefect's result cache is refreshed on every run (PREFECT_TASKS_REFRESH_CACHE), so the flow
+recomputes every stage like the bare calls do. The flow runs as `distill run` runs it
+(`flows.distill.local_settings`).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ CONFIG = ROOT / "configs" / "digits.yaml"
 
 
 def bare(overrides: list[str]) -> None:
-    """The flow's work as plain calls: same stages, same evaluation, nothing recorded."""
+    """The flow's work as plain calls: same stages, same evaluation, the same figures written as
+    PNG files (when `evaluate.plots` is on), nothing recorded."""
     from tasks.config import load_config
     from tasks.data import load_dataset
     from tasks.evaluate import evaluate_model
     from tasks.finetune import distill, predict_logits
+    from tasks.plots import pipeline_figures
     from tasks.prune import prune_and_recover
     from tasks.quantize import quantize_model
     from tasks.reconstruct import reconstruct
@@ -43,16 +48,23 @@ def bare(overrides: list[str]) -> None:
     data = load_dataset(cfg.data, cfg.seed)
     teacher = load_teacher(cfg.teacher, data, cfg.seed)
     pred = predict_logits(teacher, data.X_test).argmax(1)
-    evaluate_model(teacher, data, pred, cfg.evaluate)
+    stages = {"teacher": evaluate_model(teacher, data, pred, cfg.evaluate)}
     X = calibration_rows(data.X_train, cfg.reduce.calibration_samples, cfg.seed)
     student = reconstruct(teacher, reduce_model(teacher, X, cfg.reduce, cfg.reconstruct.mode), X, cfg.reconstruct)
-    evaluate_model(student, data, pred, cfg.evaluate)
-    student, _ = distill(teacher, student, data, cfg.finetune, cfg.seed)
-    evaluate_model(student, data, pred, cfg.evaluate)
-    student, _ = prune_and_recover(teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed)
-    evaluate_model(student, data, pred, cfg.evaluate)
+    stages["reconstructed"] = evaluate_model(student, data, pred, cfg.evaluate)
+    student, history = distill(teacher, student, data, cfg.finetune, cfg.seed)
+    stages["finetuned"] = evaluate_model(student, data, pred, cfg.evaluate)
+    curves = {"finetuned": history.curves()}
+    student, history = prune_and_recover(teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed)
+    stages["pruned"] = evaluate_model(student, data, pred, cfg.evaluate)
+    curves["pruned"] = history.curves()
     quantized = quantize_model(student, data.X_test, data.X_train, cfg.compress.quantize, cfg.seed)
-    evaluate_model(quantized.served, data, pred, cfg.evaluate)
+    stages["quantized"] = evaluate_model(quantized.served, data, pred, cfg.evaluate)
+    if cfg.evaluate.plots:
+        figures = pipeline_figures(stages, teacher, student, quantized.served, data, curves, cfg.evaluate, cfg.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, figure in figures.items():
+                figure.savefig(Path(tmp) / name, dpi=100)
 
 
 def timed(fn, *args) -> float:
@@ -68,6 +80,19 @@ def process_seconds(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def compare(overrides: list[str], repeats: int) -> tuple[float, float]:
+    """Median seconds of (bare, flow), alternating."""
+    from flows.distill import distill_flow, local_settings
+
+    bare(overrides)  # warm-up
+    t_bare, t_flow = [], []
+    for _ in range(repeats):
+        t_bare.append(timed(bare, overrides))
+        with local_settings():  # as `distill run` calls the flow
+            t_flow.append(timed(distill_flow, str(CONFIG), overrides))
+    return statistics.median(t_bare), statistics.median(t_flow)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -79,25 +104,24 @@ def main() -> None:
                         "MLFLOW_LOGGING_LEVEL": "ERROR", "DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT),
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_TASKS_REFRESH_CACHE": "true"}
     os.environ.update(env)
-    from flows.distill import distill_flow
+    from flows.distill import distill_flow, local_settings
 
     start = time.perf_counter()
-    distill_flow(str(CONFIG), args.overrides)  # starts the temporary Prefect server, warms every import
+    with local_settings():
+        distill_flow(str(CONFIG), args.overrides)  # starts the temporary Prefect server, warms every import
     first = time.perf_counter() - start
-    bare(args.overrides)
-    t_bare, t_flow = [], []
-    for _ in range(args.repeats):
-        t_bare.append(timed(bare, args.overrides))
-        t_flow.append(timed(distill_flow, str(CONFIG), args.overrides))
-    b, f = statistics.median(t_bare), statistics.median(t_flow)
+    rows = {"default (plots on)": compare(args.overrides, args.repeats),
+            "`evaluate.plots: false`": compare([*args.overrides, "evaluate.plots=false"], args.repeats)}
     cold = process_seconds(["run", str(CONFIG), *[a for s in args.overrides for a in ("--set", s)]], env)
     help_s = statistics.median(process_seconds(["--help"], env) for _ in range(3))
 
-    print(f"| measurement (median of {args.repeats}, alternating) | seconds |")
+    print(f"median of {args.repeats}, alternating; bare = the same stage functions and figures, nothing recorded\n")
+    print("| config | bare s | flow s | overhead s | **flow / bare** |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (b, f) in rows.items():
+        print(f"| {name} | {b:.2f} | {f:.2f} | {f - b:+.2f} | **{f / b:.2f}** |")
+    print("\n| process | seconds |")
     print("|---|---:|")
-    print(f"| stage functions, bare | {b:.2f} |")
-    print(f"| full flow: Prefect tasks + MLflow tracking + registry | {f:.2f} |")
-    print(f"| **ratio flow / bare** | **{f / b:.2f}** |")
     print(f"| first flow run in a process (temporary Prefect server start, imports) | {first:.2f} |")
     print(f"| `distill run` as a cold process | {cold:.2f} |")
     print(f"| `distill --help` | {help_s:.2f} |")

@@ -58,6 +58,9 @@ def _quiet() -> None:
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # Prefect's events worker warns "Still processing items" whenever events are still queued as
+    # the process exits: it then sends them all; nothing is wrong and nothing is lost
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
 
 
 class _HideUserErrors(logging.Filter):
@@ -125,13 +128,13 @@ def run(
         if not from_run:
             load_config(config, overrides)  # fail fast, before Prefect or MLflow start
 
-    from flows.distill import distill_flow
+    from flows.distill import distill_flow, local_settings
 
     _hide_user_errors_in_prefect_logs()
     _exit_on_sigterm()
     with user_errors():
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
-        with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run) or fresh):
+        with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run) or fresh), local_settings():
             summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
@@ -202,6 +205,7 @@ def sweep(
         check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
         runner = task_runner(dask, dask_address, workers)
 
+    from flows.distill import local_settings
     from flows.sweep import SweepFailed, sweep_flow
 
     _hide_user_errors_in_prefect_logs()
@@ -209,7 +213,7 @@ def sweep(
     failed = False
     with user_errors():
         try:
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), local_settings():
                 summary = sweep_flow.with_options(task_runner=runner)(str(config), grid_values, overrides)
         except SweepFailed as err:
             summary, failed = err.summary, True

@@ -7,6 +7,7 @@ opened, so bad input leaves nothing in MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks import tracking
-from tasks.config import DEFAULT_CONFIG, build_config, load_config
-from tasks.data import data_task
+from tasks.config import DEFAULT_CONFIG, PipelineConfig, build_config, load_config
+from tasks.data import Dataset, data_task
 from tasks.evaluate import evaluate_task, pipeline_summary
 from tasks.finetune import finetune_task, predict_logits
 from tasks.plots import plots_task
@@ -27,7 +28,7 @@ from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
 from tasks.reduce import calibration_rows, reduce_task, reduction_record
-from tasks.registry import register_task, teacher_lineage
+from tasks.registry import Registered, register_task, teacher_lineage
 from tasks.teacher import teacher_task
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
@@ -39,6 +40,18 @@ _ONNX_EXPORT = threading.Lock()
 
 def onnx_export_lock() -> threading.Lock:
     return _ONNX_EXPORT
+
+
+def local_settings() -> contextlib.AbstractContextManager[Any]:
+    """Prefect settings for flows this process runs itself (`distill run`, `distill sweep`, the
+    benchmarks). Without a Prefect server (the temporary one lives and dies with this process)
+    nothing reads flow-run heartbeats, and the engine waits up to 1 s for their thread at the end
+    of every flow run: heartbeats are off then. With PREFECT_API_URL they stay on (crash detection)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 @dataclass
@@ -56,6 +69,19 @@ class RunSummary:
         return {"run_id": self.run_id, "run_url": self.run_url, "model_name": self.model_name,
                 "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}\
             | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})
+
+
+@dataclass
+class Progress:
+    """What a pipeline run has produced so far (all of it, or up to the stage that failed)."""
+
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # metrics of each evaluated model
+    recorded: dict[str, float] = field(default_factory=dict)  # STAGE/METRIC of the other stage records
+    summary: dict[str, float] = field(default_factory=dict)  # final/*, compression_ratio, ...
+    registered: Registered | None = None
+
+    def stage_metrics(self) -> dict[str, float]:
+        return self.recorded | {f"{s}/{k}": v for s, m in self.stages.items() for k, v in m.items()}
 
 
 @flow(name="distill", log_prints=False)
@@ -94,47 +120,15 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
                              tags | tracking.process_tags()) as run_id:
         tracking.log_run_inputs(yaml.safe_dump(cfg.model_dump(), sort_keys=False), path, data.raw_frame(),
                                 data.source, data.name, data.digest)
-        stages: dict[str, dict[str, float]] = {}
-        seed, device, ev = cfg.seed, cfg.device, cfg.evaluate
-
-        teacher = teacher_task(cfg.teacher, data, seed, device)
-        teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
-        stages["teacher"] = evaluate_task("teacher", teacher, data, teacher_pred, ev, run_id,
-                                          params=cfg.teacher.model_dump())
-
-        calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
-        reduction = reduce_task(teacher, calibration, cfg.reduce, cfg.reconstruct.mode)
-        params, metrics = reduction_record(reduction)
-        tracking.record_stage(run_id, "reduce", metrics, params)
-
-        student = reconstruct_task(teacher, reduction, calibration, cfg.reconstruct)
-        stages["reconstructed"] = evaluate_task("reconstructed", student, data, teacher_pred, ev, run_id,
-                                                params=cfg.reconstruct.model_dump())
-
-        student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
-        stages["finetuned"] = evaluate_task("finetuned", student, data, teacher_pred, ev, run_id,
-                                            params=cfg.finetune.model_dump(), curves=history.curves())
-        curves = {"finetuned": history.curves()}
-
-        student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
-        stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
-                                         params=cfg.compress.prune.model_dump(), curves=history.curves())
-        curves["pruned"] = history.curves()
-
-        with onnx_export_lock():
-            quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
-        stages["quantized"] = evaluate_task(
-            "quantized", quantized.served, data, teacher_pred, ev, run_id,
-            params=cfg.compress.quantize.model_dump() | {"method": quantized.method},
-            extra={"export_max_abs_diff": quantized.export_max_abs_diff}
-            | ({"int8_max_abs_diff": quantized.int8_max_abs_diff} if quantized.int8_max_abs_diff is not None else {}))
-
-        if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
-            plots_task(run_id, stages, teacher, student, quantized.served, data, curves, ev, seed)
-        tracking.log_metrics(run_id, pipeline_summary(stages, "quantized"))
-        registered = None
-        if cfg.registry.enabled:
-            registered = register_task(quantized.served, data, cfg.registry.model_name, tags | {"mlflow.run_id": run_id})
+        done = Progress()
+        try:
+            run_stages(cfg, data, run_id, tags, done)
+        finally:
+            # on the parent in one batch, after registration (MLflow reads the history of every metric
+            # of a run it logs a model in, one query per key); a failed run keeps what it finished
+            tracking.log_metrics(run_id, done.stage_metrics())
+            tracking.log_metrics(run_id, done.summary, model_id=done.registered.model_id if done.registered else None)
+    registered, stages = done.registered, done.stages
 
     summary = RunSummary(run_id=run_id, experiment_id=experiment_id,
                          run_url=tracking.run_url(settings, experiment_id, run_id),
@@ -148,6 +142,50 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
     create_markdown_artifact(markdown=stage_table_markdown(summary), key="distill-summary",
                              description="distill: stages and the MLflow run")
     return summary
+
+
+def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, str], done: Progress) -> None:
+    """The stage tasks in order, each recorded as a nested run of `run_id`; results go into `done`."""
+    seed, device, ev, stages = cfg.seed, cfg.device, cfg.evaluate, done.stages
+
+    teacher = teacher_task(cfg.teacher, data, seed, device)
+    teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
+    stages["teacher"] = evaluate_task("teacher", teacher, data, teacher_pred, ev, run_id,
+                                      params=cfg.teacher.model_dump())
+
+    calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
+    reduction = reduce_task(teacher, calibration, cfg.reduce, cfg.reconstruct.mode)
+    params, metrics = reduction_record(reduction)
+    done.recorded |= tracking.record_stage(run_id, "reduce", metrics, params)
+
+    student = reconstruct_task(teacher, reduction, calibration, cfg.reconstruct)
+    stages["reconstructed"] = evaluate_task("reconstructed", student, data, teacher_pred, ev, run_id,
+                                            params=cfg.reconstruct.model_dump())
+
+    student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
+    stages["finetuned"] = evaluate_task("finetuned", student, data, teacher_pred, ev, run_id,
+                                        params=cfg.finetune.model_dump(), curves=history.curves())
+    curves = {"finetuned": history.curves()}
+
+    student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
+    stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
+                                     params=cfg.compress.prune.model_dump(), curves=history.curves())
+    curves["pruned"] = history.curves()
+
+    with onnx_export_lock():
+        quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
+    stages["quantized"] = evaluate_task(
+        "quantized", quantized.served, data, teacher_pred, ev, run_id,
+        params=cfg.compress.quantize.model_dump() | {"method": quantized.method},
+        extra={"export_max_abs_diff": quantized.export_max_abs_diff}
+        | ({"int8_max_abs_diff": quantized.int8_max_abs_diff} if quantized.int8_max_abs_diff is not None else {}))
+
+    if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
+        plots_task(run_id, stages, teacher, student, quantized.served, data, curves, ev, seed)
+    done.summary = pipeline_summary(stages, "quantized")
+    if cfg.registry.enabled:
+        done.registered = register_task(quantized.served, data, cfg.registry.model_name,
+                                        tags | {"mlflow.run_id": run_id})
 
 
 def stage_table_markdown(summary: RunSummary) -> str:

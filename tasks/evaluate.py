@@ -243,7 +243,11 @@ def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teach
                   cfg: EvaluateConfig, parent_run_id: str, params: dict[str, Any] | None = None,
                   curves: dict[str, list[float]] | None = None,
                   extra: dict[str, float] | None = None) -> dict[str, float]:
-    """Measure a stage's model and record it as the stage's nested MLflow run."""
+    """Measure a stage's model and record it as the stage's nested MLflow run (a retry replaces
+    the failed attempt's run)."""
+    from prefect.runtime import task_run
+
     metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
-    tracking.record_stage(parent_run_id, stage, metrics, params, curves, model, data.X_test[:5])
+    tracking.record_stage(parent_run_id, stage, metrics, params, curves, model, data.X_test[:5],
+                          replace=task_run.run_count > 1)
     return metrics

@@ -35,6 +35,7 @@ from tasks.evaluate import SERIALIZED, OnnxModel, torch_predictor
 from tasks.progress import track
 
 PLOTS_DIR = "plots"
+TSNE_ITERATIONS = 500
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -120,10 +121,12 @@ def penultimate(model: nn.Module, X: np.ndarray) -> np.ndarray | None:
 
 def tsne_2d(embedding: np.ndarray, seed: int) -> np.ndarray:
     perplexity = min(30.0, (len(embedding) - 1) / 3)  # t-SNE needs perplexity < rows
-    # one OpenMP thread: beside torch's thread pool on a busy CPU, more threads made it ~30x slower
+    # one OpenMP thread: beside torch's thread pool on a busy CPU, more threads made it ~30x slower.
+    # 500 iterations, not scikit-learn's 1,000: on the digits teacher's test rows the final KL
+    # divergence is 0.262 vs 0.259 and trustworthiness (10 neighbours) 0.993 both ways, at half the cost
     with threadpool_limits(limits=1, user_api="openmp"):
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-            embedding.astype(np.float64))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=TSNE_ITERATIONS,
+                    random_state=seed).fit_transform(embedding.astype(np.float64))
 
 
 def tsne_figure(embeddings: dict[str, np.ndarray], y: np.ndarray, classes: list[Any], seed: int) -> Figure:

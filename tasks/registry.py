@@ -31,6 +31,7 @@ class Registered:
     name: str
     version: str
     model_uri: str  # models:/NAME/VERSION
+    model_id: str  # the LoggedModel behind the version (MLflow 3): the parent's final metrics name it
 
 
 def raw_features(data: Dataset, X: np.ndarray) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def _requirements(runtime: str) -> list[str]:
 
 
 def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
-    """Log the pyfunc on the active (parent) run, register it, alias it `challenger`, tag it."""
+    """Log the pyfunc on the active (parent) run, register it with its tags, alias it `challenger`."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
@@ -63,17 +64,16 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
             name="model", python_model=str(SERVING_MODEL),
             artifacts={model.artifact: str(model_path), "preprocess": str(meta_path)},
             signature=infer_signature(example, output), input_example=example,
-            pip_requirements=_requirements(model.runtime), registered_model_name=model_name)
-    version = str(info.registered_model_version)
+            pip_requirements=_requirements(model.runtime))
+    # the version is created with its lineage tags (one write, not one per tag)
+    version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     client = MlflowClient()
     try:
         client.set_registered_model_alias(model_name, CHALLENGER, version)
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, version, key, value)
     except Exception:
         client.delete_model_version(model_name, version)
         raise
-    return Registered(model_name, version, f"models:/{model_name}/{version}")
+    return Registered(model_name, version, f"models:/{model_name}/{version}", info.model_id)
 
 
 @task(name="register", cache_policy=NO_CACHE)

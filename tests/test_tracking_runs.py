@@ -37,9 +37,11 @@ def test_pipelines_in_threads_keep_their_runs_apart(mlflow_store):
             barrier.wait()
             with tracking.parent_run(experiment_id, f"variant-{i}", {"variant": i}, {"distill.sweep_id": "s"}) as run_id:
                 tracking.log_run_inputs(f"variant: {i}\n", None, frame, "sklearn:digits", "toy", f"digest{i}")
+                recorded = {}
                 for stage in ("teacher", "finetuned"):
-                    tracking.record_stage(run_id, stage, {"accuracy": i / 10}, {"variant": i},
-                                          model=build_mlp(4, [3], 2), example=example)
+                    recorded |= tracking.record_stage(run_id, stage, {"accuracy": i / 10}, {"variant": i},
+                                                      model=build_mlp(4, [3], 2), example=example)
+                tracking.log_metrics(run_id, recorded)  # as the flow does, at the end
                 results[i] = run_id
         except Exception as exc:  # surfaced below
             errors.append(exc)
@@ -65,6 +67,8 @@ def test_pipelines_in_threads_keep_their_runs_apart(mlflow_store):
             assert child.data.params == {"variant": str(i)} and child.info.status == "FINISHED"
             models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'")
             assert len(models) == 1
+            assert models[0].params == {"variant": str(i)}  # the stage's params, on its model too
+            assert [m.key for m in models[0].metrics] == [f"{child.info.run_name}/accuracy"]  # linked
 
 
 def test_a_retried_stage_record_replaces_the_failed_attempt(mlflow_store):
@@ -74,7 +78,7 @@ def test_a_retried_stage_record_replaces_the_failed_attempt(mlflow_store):
         with pytest.raises(TypeError):  # the first attempt dies inside its nested run
             tracking.record_stage(run_id, "finetuned", {"accuracy": 0.5}, model=object(), example=None)
         assert [c.info.status for c in _children(client, run_id)] == ["FAILED"]
-        tracking.record_stage(run_id, "finetuned", {"accuracy": 0.5})
+        tracking.record_stage(run_id, "finetuned", {"accuracy": 0.5}, replace=True)
     children = _children(client, run_id)
     assert [(c.info.run_name, c.info.status) for c in children] == [("finetuned", "FINISHED")]
 
