@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress a PyTorch teacher into a small student, tracked in MLflow, orchestrated by Prefect.")
 
 EXIT_USER_ERROR = 2
+EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
 EXIT_REFUSED = 1  # a promotion its gates refused
 
 
@@ -64,14 +65,17 @@ def _quiet() -> None:
 
 
 class _HideUserErrors(logging.Filter):
-    """Prefect logs a flow's exception with its traceback; a user error gets our one line instead."""
+    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.errors import UserError
+        from tasks.errors import UserError, fault_message, mentions_fault
 
         exc = record.exc_info[1] if record.exc_info else None
-        # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the name
-        return not isinstance(exc, UserError) and "UserError" not in record.getMessage()
+        if exc is not None and (isinstance(exc, UserError) or fault_message(exc) is not None):
+            return False
+        # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the text
+        message = record.getMessage()
+        return "UserError" not in message and not mentions_fault(message)
 
 
 def _hide_user_errors_in_prefect_logs() -> None:
@@ -93,18 +97,24 @@ def _exit_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """A UserError inside becomes one line `error: ...` on stderr and exit 2."""
-    from tasks.errors import UserError
+    """A UserError inside becomes one line `error: ...` on stderr and exit 2; a fault of the
+    environment (disk full, no write permission, tracking server gone) one line and exit 3."""
+    from tasks.errors import UserError, fault_message
 
     try:
         yield
     except UserError as err:
         fail(str(err))
+    except Exception as err:
+        message = fault_message(err)
+        if message is None:
+            raise  # a bug: keep the traceback
+        fail(message, EXIT_FAULT)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(EXIT_USER_ERROR)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -1,9 +1,51 @@
-"""The one exception type for mistakes the user can fix (config, files, columns, URIs).
+"""The exception type for mistakes the user can fix (config, files, columns, URIs), and the
+recognizer of faults of the environment around a run (a full disk, a path that may not be
+written, a tracking server that stopped answering), which are not bugs either.
 
-The CLI prints it as a single line and exits non-zero; anything else is a bug and keeps
-its traceback.
+The CLI prints both as a single line and exits non-zero (2: bad input, 3: a fault); anything
+else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+
+# a full disk or quota, a path the process may not write, a read-only filesystem
+WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+LOST_SERVER = "API request to "  # how MLflow's HTTP client starts its message once its retries are spent
+FAULT_MARKERS = (*(os.strerror(code) for code in WRITE_FAULTS), LOST_SERVER)
 
 
 class UserError(Exception):
     """Bad input: the message names what is wrong and where."""
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """The exception, then what caused it (explicitly, or while it was being handled)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def mentions_fault(text: str) -> bool:
+    """A log line that reports one of these faults (Prefect's "Finished in state Failed(...)")."""
+    return any(marker in text for marker in FAULT_MARKERS)
+
+
+def fault_message(exc: BaseException) -> str | None:
+    """One line naming the fault of the environment behind `exc`, None when it is not one."""
+    for err in _causes(exc):
+        if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
+            path = err.filename2 or err.filename  # a copy's failure names its source, then its target
+            return f"cannot write{f' {path}' if path else ''}: {err.strerror}"
+        text = str(err)
+        # "API request to URL failed with exception ..."
+        if type(err).__name__ == "MlflowException" and text.startswith(LOST_SERVER) and " failed with " in text:
+            endpoint = text.removeprefix(LOST_SERVER).split(" failed with ")[0]
+            return (f"the MLflow tracking server stopped answering ({endpoint}); the run is marked FAILED "
+                    "by the next `distill run` once the server is back")
+    return None

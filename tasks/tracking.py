@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import UserError
+from tasks.errors import WRITE_FAULTS, UserError
 
 SETTINGS_FILE = Path("mlflow.yaml")
 
@@ -64,7 +64,9 @@ class MlflowSettings(_Strict):
 
     @property
     def artifact_location(self) -> str | None:
-        if self.server.artifact_location and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # mlflow.yaml's location goes with mlflow.yaml's store (MLflow's set_tracking_uri writes
+        # MLFLOW_TRACKING_URI into the environment: its presence alone says nothing)
+        if self.server.artifact_location and self.tracking_uri == self.server.tracking_uri:
             return Path(self.server.artifact_location).resolve().as_uri()
         db = _sqlite_path(self.tracking_uri)
         return (db.parent / "artifacts").resolve().as_uri() if db else None
@@ -405,7 +407,9 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, MlflowException):
         return exc.error_code in TRANSIENT_ERROR_CODES
-    return isinstance(exc, (OSError, TimeoutError))
+    # a network hiccup may pass; a full disk or a forbidden path does not (tasks/errors.py)
+    return isinstance(exc, (ConnectionError, TimeoutError)) or (
+        isinstance(exc, OSError) and exc.errno not in WRITE_FAULTS)
 
 
 def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
