@@ -1,7 +1,8 @@
 """`distill`: the command line. Heavy imports (torch, prefect, mlflow) happen inside commands,
 so `distill --help` stays fast.
 
-User errors (bad config, files, columns, URIs) print one line `error: ...` and exit 2.
+User errors (bad config, files, columns, URIs) print one line `error: ...` and exit 2; faults
+of the environment (disk full, no write permission, tracking server gone) one line and exit 3.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from enum import Enum
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -84,6 +86,25 @@ def _hide_user_errors_in_prefect_logs() -> None:
         logging.getLogger(name).addFilter(_HideUserErrors())
 
 
+def _start_prefect_server_early() -> Callable[[], None]:
+    """Without PREFECT_API_URL, Prefect starts a temporary server at a flow's first API call and
+    waits for it (5-10 s here). Start it now, in a thread (the server is its own process), while
+    this process imports torch, scikit-learn and MLflow; returns the wait for what is left."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
+
+    def start() -> None:
+        with contextlib.suppress(Exception):  # a failed start is retried, and reported, by the flow's first call
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread.join
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
     parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs)."""
@@ -138,8 +159,10 @@ def run(
         if not from_run:
             load_config(config, overrides)  # fail fast, before Prefect or MLflow start
 
+    server_ready = _start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
 
+    server_ready()
     _hide_user_errors_in_prefect_logs()
     _exit_on_sigterm()
     with user_errors():
@@ -215,8 +238,11 @@ def sweep(
         check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
         runner = task_runner(dask, dask_address, workers)
 
+    server_ready = _start_prefect_server_early()
     from flows.distill import local_settings
     from flows.sweep import SweepFailed, sweep_flow
+
+    server_ready()
 
     _hide_user_errors_in_prefect_logs()
     _exit_on_sigterm()
