@@ -3,9 +3,11 @@
 - `mlflow.yaml` (ours; MLflow reads no such file) says where tracking and the registry
   live; `MLFLOW_TRACKING_URI` in the environment overrides it.
 - One parent run per pipeline run, one nested run per stage. Stage metrics are
-  `STAGE/METRIC` on the stage's run *and* on the parent, so parent runs compare side by
-  side; curves are step metrics `STAGE/CURVE`.
-- Run ids are passed explicitly (MLflow's active run is thread-local).
+  `STAGE/METRIC` on the stage's run *and* on the parent (the flow writes them there in one
+  batch at the end), so parent runs compare side by side; curves are step metrics
+  `STAGE/CURVE`. A stage's model is logged before its metrics, which then name it.
+- Run ids are passed explicitly (MLflow's active run is thread-local); stage runs are made
+  with the client, not the fluent API's active-run stack.
 """
 
 from __future__ import annotations
