@@ -1,6 +1,6 @@
 """Faults of the environment during a run, as a user meets them through `distill run`: one line
 `error: ...`, exit code 3, no traceback, the parent run FAILED (at once, or by the next run
-once the tracking server is back) and nothing registered."""
+once the tracking server is back) and nothing registered. Ctrl-C ends the run KILLED."""
 
 from __future__ import annotations
 
@@ -186,3 +186,28 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         assert client.search_registered_models() == []
     finally:
         _stop(server)
+
+
+def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
+    db = tmp_path / "mlflow.db"
+    env = _env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    run = subprocess.Popen(RUN + ["--set", "register.model_name=never"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(f"sqlite:///{db}")
+    try:
+        deadline, parent = time.monotonic() + 240, None
+        while parent is None and run.poll() is None and time.monotonic() < deadline:
+            parent = _running_parent(client) if db.exists() else None
+            time.sleep(0.2)
+        assert parent is not None, "the run never opened its parent run"
+        run.send_signal(signal.SIGINT)  # Ctrl-C
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, stderr  # 128 + SIGINT
+    assert client.get_run(parent).info.status == "KILLED"
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert client.search_registered_models() == []
