@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 
 # a full disk or quota, a path the process may not write, a read-only filesystem
 WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 LOST_SERVER = "API request to "  # how MLflow's HTTP client starts its message once its retries are spent
-FAULT_MARKERS = (*(os.strerror(code) for code in WRITE_FAULTS), LOST_SERVER)
+WRITE_FAULT_TEXTS = tuple(os.strerror(code) for code in sorted(WRITE_FAULTS))  # "No space left on device", ...
+FAULT_MARKERS = (*WRITE_FAULT_TEXTS, LOST_SERVER)
 
 
 class UserError(Exception):
@@ -42,6 +44,12 @@ def fault_message(exc: BaseException) -> str | None:
         if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
             path = err.filename2 or err.filename  # a copy's failure names its source, then its target
             return f"cannot write{f' {path}' if path else ''}: {err.strerror}"
+        if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list):
+            # copytree gathers its failures as (source, target, reason) and raises them together
+            for _source, target, reason in err.args[0]:
+                fault = next((t for t in WRITE_FAULT_TEXTS if t in str(reason)), None)
+                if fault:
+                    return f"cannot write {target}: {fault}"
         text = str(err)
         # "API request to URL failed with exception ..."
         if type(err).__name__ == "MlflowException" and text.startswith(LOST_SERVER) and " failed with " in text:

@@ -52,6 +52,10 @@ def test_fault_messages_name_the_fault_and_leave_bugs_alone():
                            "exception HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")
     assert fault_message(lost).startswith("the MLflow tracking server stopped answering "
                                           "(http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch)")
+    import shutil
+
+    gathered = shutil.Error([("/tmp/a", "/data/artifacts/a", "[Errno 28] No space left on device")])
+    assert fault_message(gathered) == "cannot write /data/artifacts/a: No space left on device"
     assert fault_message(ValueError("a bug")) is None
     assert fault_message(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
     assert not tracking.is_transient(full)  # a full disk is not retried
