@@ -231,19 +231,21 @@ def parent_run(experiment_id: str, run_name: str, params: dict[str, Any], tags: 
 
 def _log_points(run_id: str, points: list[tuple[str, float, int]], params: dict[str, Any] | None = None,
                 model_id: str | None = None) -> None:
-    """(key, value, step) points and params, in as few calls as MLflow's limit (1,000 entries a
-    call) allows; `model_id` links the metrics to a logged model (its page in MLflow 3 shows them)."""
+    """(key, value, step) points and params, in as few calls as MLflow's limits allow (100 params
+    and 1,000 entries a call); `model_id` links the metrics to a logged model (its page in
+    MLflow 3 shows them)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    entries: list[Any] = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
-    entries += [Metric(key, float(value), now, step, model_id=model_id) for key, value, step in points]
+    param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+    metric_list = [Metric(key, float(value), now, step, model_id=model_id) for key, value, step in points]
     client = MlflowClient()
-    for i in range(0, len(entries), 1000):
-        chunk = entries[i:i + 1000]
-        client.log_batch(run_id, metrics=[e for e in chunk if isinstance(e, Metric)],
-                         params=[e for e in chunk if isinstance(e, Param)])
+    while param_list or metric_list:
+        batch_params, param_list = param_list[:100], param_list[100:]
+        room = 1000 - len(batch_params)
+        batch_metrics, metric_list = metric_list[:room], metric_list[room:]
+        client.log_batch(run_id, metrics=batch_metrics, params=batch_params)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, params: dict[str, Any] | None = None,
@@ -351,12 +353,11 @@ def log_run_inputs(config_yaml: str, config_path: Path | None, frame: Any, sourc
     """On the active parent run: the resolved config, the file it came from, the dataset."""
     import mlflow
     import mlflow.data
+    from mlflow.models import infer_signature
 
     mlflow.log_text(config_yaml, "config/resolved.yaml")
     if config_path is not None and config_path.is_file():
         mlflow.log_artifact(str(config_path), artifact_path="config")
-    from mlflow.models import infer_signature
-
     dataset = mlflow.data.from_pandas(frame, source=_dataset_source(source), targets="label", name=name,
                                       digest=digest)
     # the schema (column types) from a few rows: the same as from all of them for a typed frame,

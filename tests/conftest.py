@@ -4,6 +4,7 @@ fresh MLflow store (SQLite + artifacts under tmp_path) for every test that track
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,13 @@ TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency r
     "finetune.epochs=3", "compress.prune.recovery_epochs=1", "evaluate.latency_repeats=3",
     "evaluate.large_batch=32",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

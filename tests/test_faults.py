@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from mlflow import MlflowClient
 from tasks import tracking
 from tasks.errors import fault_message
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, free_port
 
 RUN = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "digits.yaml"),
        *[a for s in TINY for a in ("--set", s)]]
@@ -113,12 +112,6 @@ def test_disk_full_mid_run_is_one_line_and_registers_nothing(tiny_disk, tmp_path
     assert client.search_registered_models() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
@@ -152,7 +145,7 @@ def _running_parent(client: MlflowClient) -> str | None:
 
 @pytest.mark.slow
 def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port)
     # fewer, shorter HTTP retries than the CLI's default (3, backoff 2): the same path, sooner

@@ -13,7 +13,6 @@ Every process gets its own PREFECT_HOME (result storage) and MLflow store under 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,19 +27,13 @@ from mlflow import MlflowClient
 from flows.deployments import PREFECT_FILE
 from tasks.pareto import pareto_mask
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, free_port
 
 pytestmark = pytest.mark.slow
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 SETS = [a for s in TINY for a in ("--set", s)]
 DISTILL = [sys.executable, "-m", "flows.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -55,7 +48,7 @@ def _healthy(url: str) -> bool:
 def prefect_api(tmp_path_factory):
     """`prefect server start` on a free port with its own PREFECT_HOME; stopped afterwards."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
         "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}

@@ -193,3 +193,14 @@ def test_processes_starting_together_share_a_fresh_store(tmp_path):
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outputs]
     assert len({out.strip() for out, _ in outputs}) == 1  # one experiment, created once
+
+
+def test_metric_and_param_batches_respect_mlflow_limits(mlflow_store):
+    """MLflow takes at most 100 params and 1,000 entries per batch: larger records still land whole."""
+    experiment_id = tracking.configure(tracking.load_settings())
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id).info.run_id
+    tracking.log_metrics(run_id, {f"m{i}": float(i) for i in range(2500)}, params={f"p{i}": i for i in range(250)})
+    data = client.get_run(run_id).data
+    assert len(data.params) == 250 and data.params["p249"] == "249"
+    assert len(data.metrics) == 2500 and data.metrics["m2499"] == 2499.0

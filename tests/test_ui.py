@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -16,13 +15,7 @@ from mlflow import MlflowClient
 from tasks.errors import UserError
 from tasks.tracking import MlflowSettings, ServerSettings, UiSettings, run_url, ui_server_command
 
-from .conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .conftest import ROOT, free_port
 
 
 def test_server_command_uses_the_configured_store_and_ui(monkeypatch):
@@ -51,7 +44,7 @@ def test_ui_serves_the_runs_and_their_artifacts_and_stops_on_ctrl_c(mlflow_store
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_metric("final/accuracy", 0.97)
         mlflow.log_text("a plot", "plots/note.txt")
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
