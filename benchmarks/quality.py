@@ -62,7 +62,8 @@ def run_cell(data, teacher, ratio: float, seed: int, ft: FinetuneConfig) -> dict
         starts["svd+kd"] = reconstruct_low_rank(teacher, reduce_model(teacher, X, svd))
     except UserError:  # below the smallest low-rank student of this teacher
         starts["pca-lr+kd"] = starts["svd+kd"] = None
-    width = reconstruct_width(teacher, reduce_model(teacher, X, budget, mode="width"), X)
+    plan = reduce_model(teacher, X, budget, mode="width")
+    width = reconstruct_width(teacher, {p.name: p.rank for p in plan.layers if p.rank is not None}, X)
     starts["pca-width+kd"] = width
     for name, start in starts.items():
         if start is None:

@@ -27,7 +27,7 @@ def measure(method: str, rows: int) -> tuple[float, float]:
     import numpy as np
     import torch
 
-    from tasks.reduce import collect_bases, reducible_layers
+    from tasks.pca import collect_bases, linear_layers
     from tasks.teacher import build_mlp
 
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def measure(method: str, rows: int) -> tuple[float, float]:
     else:
         outs: dict[str, list[torch.Tensor]] = {}
         hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outs.setdefault(n, []).append(o.detach().double()))
-                 for n, m in reducible_layers(model).items()]
+                 for n, m in linear_layers(model).items()]
         with torch.no_grad():
             for i in range(0, rows, 256):
                 model(torch.from_numpy(X[i:i + 256]))

@@ -165,10 +165,6 @@ class PipelineConfig(_Strict):
     def _svd_is_low_rank(self) -> PipelineConfig:
         if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
             raise ValueError("reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)")
-        prune = self.compress.prune
-        if prune.method == "structured" and prune.amount > 0 and self.reconstruct.mode == "low_rank":
-            raise ValueError("compress.prune.method=structured needs reconstruct.mode=width (low-rank students "
-                             "have no plain hidden layers to narrow); use compress.prune.method=unstructured")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Stage 5 — prune, then recover by distillation. Two methods (`compress.prune.method`):
 
-- structured: remove whole neurons / channels of every hidden layer (lowest L2 or L1 norm
-  of their weights, or lowest activation × outgoing-weight energy) and rebuild smaller dense
-  layers: the model really gets smaller and faster. Gradual: `rounds` prune → KD-recover
+- structured: remove whole units of every coupled group of the model's graph (neurons,
+  channels, a residual stream's channels, attention dimensions head by head; lowest L2 or
+  L1 norm of the weights that write them, or lowest activation × outgoing-weight energy)
+  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds` prune → KD-recover
   steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD target.
 - unstructured: global magnitude pruning of Linear/Conv weights (one threshold across all
   layers), KD recovery with the masks held, masks folded in (`prune.remove`). Zeros do not
@@ -25,12 +26,12 @@ from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
 from tasks.finetune import FitSettings, History, fit
 from tasks.errors import UserError
-from tasks.topology import REDUCIBLE, HiddenLayer, hidden_chain
-from tasks.width import activation_basis, activation_importance, remove_units
+from tasks.graph import REFIT, Group, keep_units, trace
+from tasks.width import activation_importance, choose_units, group_bases
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, REDUCIBLE)]
+    return [(m, "weight") for m in model.modules() if isinstance(m, REFIT)]
 
 
 def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
@@ -51,25 +52,39 @@ def cubic_schedule(amount: float, rounds: int) -> list[float]:
     return [amount * (1 - (1 - t / rounds) ** 3) for t in range(1, rounds + 1)]
 
 
-def unit_scores(model: nn.Sequential, h: HiddenLayer, criterion: str, X: np.ndarray) -> np.ndarray:
-    """Higher = more important. Norms of each unit's incoming weights, or its activation energy
-    times the energy of its outgoing weights."""
-    W = model[h.index].weight.detach().reshape(h.width, -1)
-    if criterion == "l2":
-        return W.pow(2).sum(1).sqrt().double().numpy()
-    if criterion == "l1":
-        return W.abs().sum(1).double().numpy()
-    return activation_importance(model, h, activation_basis(model, h, X))
+def unit_scores(model: nn.Module, group: Group, criterion: str, X: np.ndarray) -> np.ndarray:
+    """Higher = more important. Norms of each unit's weights in the layers that write it
+    (summed over a residual stream's writers), or its activation energy times the energy of
+    the readers' weights on it."""
+    if criterion == "activation":
+        return activation_importance(model, group, group_bases(model, [group], X)[group.name])
+    total = np.zeros(group.width)
+    for name in group.producers:
+        rows = _writer_rows(model.get_submodule(name))
+        total += (rows.pow(2).sum(1) if criterion == "l2" else rows.abs().sum(1)).double().numpy()
+    return np.sqrt(total) if criterion == "l2" else total
 
 
-def remove_lowest_units(model: nn.Sequential, keep_fraction: float, criterion: str, X: np.ndarray,
-                        original: dict[int, int]) -> None:
-    """Shrink every hidden layer to ceil(keep_fraction × its original width) units, in place."""
-    for h in hidden_chain(model):
-        keep_n = max(1, math.ceil(keep_fraction * original[h.index]))
-        if keep_n < h.width:
-            keep = np.sort(np.argsort(-unit_scores(model, h, criterion, X), kind="stable")[:keep_n])
-            remove_units(model, h, keep)
+def _writer_rows(module: nn.Module) -> torch.Tensor:
+    """(units, weights) of a layer that writes a group's units."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.out_proj.weight.detach()
+    if isinstance(module, nn.Embedding):
+        return module.weight.detach().T
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray,
+                        original: dict[str, int]) -> None:
+    """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
+    heads' worth at a time for attention), in place."""
+    graph = trace(model, torch.from_numpy(X[:2]))
+    for group in graph.reducible():
+        full = original.get(group.name, group.width)
+        keep_n = max(1, math.ceil(keep_fraction * full / group.step)) * group.step
+        if keep_n < group.width:
+            keep = choose_units(group, keep_n, scores=unit_scores(model, group, criterion, X))
+            keep_units(graph, group, keep)
 
 
 def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:
@@ -81,12 +96,12 @@ def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str
 def structured_prune(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
                      finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
     model = copy.deepcopy(student)
-    chain = hidden_chain(model) if isinstance(model, nn.Sequential) else []
-    if not chain:
-        raise UserError("config key 'compress.prune.method': structured pruning found no hidden layer to narrow "
-                        "in this student (it needs plain Linear/Conv layers: use reconstruct.mode=width)")
-    original = {h.index: h.width for h in chain}
     X = data.X_train[:1024]
+    groups = trace(model, torch.from_numpy(X[:2])).reducible()
+    if not groups:
+        raise UserError("config key 'compress.prune.method': structured pruning found no group of units to "
+                        "narrow in this student; use compress.prune.method=unstructured")
+    original = {g.name: g.width for g in groups}
     history = History()
     for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
         remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)

@@ -1,7 +1,7 @@
 """Stage 3 — reconstruct: build the student from the teacher's own weights, no random init.
 
 Two modes (`reconstruct.mode`): low_rank (here) and width (tasks/width.py: keep k units of
-each hidden layer and re-fit the next layer by least squares).
+each coupled group of the model's graph and re-fit every layer that reads it by least squares).
 
 Low-rank mode replaces each planned layer `z = W x + b` by the PCA-optimal rank-k map of
 its outputs, z ≈ μ + U_k U_kᵀ (z − μ), written as two layers:
@@ -88,7 +88,8 @@ def reconstruct(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, c
     if reduction.mode != cfg.mode:
         raise ValueError(f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}")
     if cfg.mode == "width":
-        return reconstruct_width(teacher, reduction, X_calib, cfg.selection, cfg.ridge)
+        widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
+        return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge)
     return reconstruct_low_rank(teacher, reduction)
 
 

@@ -1,14 +1,14 @@
 """Stage 2 — reduce: PCA of the teacher's layer outputs, and a size per layer.
 
-The PCA is streamed: forward hooks accumulate, per layer, the sample count, the sum and
-the sum of outer products (float64) over calibration batches, so peak memory is set by
-the layer widths and the batch size, never by the number of calibration samples.
-Conv outputs are treated with channels as features and every pixel as a sample.
+The PCA is streamed (tasks/pca.py): memory is set by the layer widths and the batch size,
+never by the number of calibration rows.
 
 Two things can be sized, matching `reconstruct.mode`:
 - low_rank: a rank per Linear/Conv, from the PCA of its (pre-activation) outputs. With
   `reduce.method: svd` the basis comes from the weights' SVD instead (data-free baseline).
-- width: a number of units per hidden layer, from the PCA of its activations.
+- width: a number of units per coupled group of the model's graph (tasks/graph.py: a
+  hidden layer, a residual stream, a transformer's feed-forward units), from the PCA of
+  what the group's readers read; a unit's cost is measured on the model.
 
 Sizes are allocated across layers to meet one budget (`size_kb`, `params`, `ratio`, or
 `variance`) by greedy water-filling on explained variance per parameter: each step buys
@@ -19,7 +19,7 @@ budget holds. A layer whose factorization would not save parameters stays dense.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,23 +30,11 @@ from torch import nn
 from tasks.caching import STAGE_CACHE
 from tasks.config import BudgetConfig, ReduceConfig
 from tasks.errors import UserError
-from tasks.topology import REDUCIBLE, hidden_chain, width_params
+from tasks.graph import Group, ParamModel, param_model, trace
+from tasks.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
+from tasks.width import group_bases
 
 BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
-
-
-@dataclass(frozen=True)
-class Basis:
-    """PCA of one layer's outputs: mean μ, components U (columns, by decreasing variance)."""
-
-    mean: np.ndarray  # (m,)
-    components: np.ndarray  # (m, m)
-    explained_variance: np.ndarray  # (m,) eigenvalues, population covariance (1/N)
-
-    def retained(self, k: int) -> float:
-        """Fraction of the output variance kept by the first k components."""
-        total = self.explained_variance.sum()
-        return float(self.explained_variance[:k].sum() / total) if total > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -56,10 +44,11 @@ class LayerPlan:
     out: int
     rank: int | None  # low_rank: the rank; width: the units kept. None: the layer stays as it is
     variance: float  # fraction of output variance kept
+    bias: bool = True  # the dense layer has one (both factors always do)
 
     @property
     def dense_params(self) -> int:
-        return self.out * self.fan_in + self.out
+        return self.out * self.fan_in + (self.out if self.bias else 0)
 
     @property
     def params(self) -> int:
@@ -77,6 +66,7 @@ class Reduction:
     budget_value: float
     mode: str = "low_rank"  # low_rank | width
     method: str = "pca"  # pca | svd
+    fixed: dict[str, str] = field(default_factory=dict)  # layer or group kept whole -> why
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -95,6 +85,8 @@ def reduction_record(reduction: Reduction) -> tuple[dict[str, object], dict[str,
         kind = "rank" if reduction.mode == "low_rank" else "width"
         params[f"{kind}.{layer.name}"] = "dense" if layer.rank is None else layer.rank
         metrics[f"variance_kept.{layer.name}"] = layer.variance
+    for name, why in reduction.fixed.items():
+        params[f"kept_whole.{name}"] = why[:250]
     return params, metrics
 
 
@@ -103,16 +95,23 @@ def low_rank_params(fan_in: int, out: int, k: int) -> int:
     return k * fan_in + k + out * k + out
 
 
-def reducible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, REDUCIBLE) and getattr(m, "groups", 1) == 1}
+def fused_layers(model: nn.Module) -> dict[str, str]:
+    """Linear layers that a fused PyTorch transformer layer reads by weight (its inference fast
+    path): replacing them by two layers would break it; low-rank mode leaves them dense."""
+    fused = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+    return {f"{name}.{child}" if name else child: f"read by weight inside {type(m).__name__}"
+            for name, m in model.named_modules() if isinstance(m, fused)
+            for child, sub in m.named_children() if isinstance(sub, nn.Linear)}
 
 
 def svd_bases(model: nn.Module) -> dict[str, Basis]:
     """Data-free bases from each layer's weights, W = U S Vᵀ: components U, 'variance' s²,
     mean = the bias, so reconstruction gives the truncated SVD `U_k (S_k V_kᵀ x) + b`."""
     bases = {}
-    for name, layer in reducible_layers(model).items():
+    fixed = fused_layers(model)
+    for name, layer in linear_layers(model).items():
+        if name in fixed:
+            continue
         W = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
         U, S, _ = torch.linalg.svd(W, full_matrices=True)
         s2 = torch.zeros(W.shape[0], dtype=torch.float64)
@@ -124,55 +123,6 @@ def svd_bases(model: nn.Module) -> dict[str, Basis]:
 
 def _fan_in(layer: nn.Module) -> int:
     return int(layer.weight[0].numel())
-
-
-class _Moments:
-    """Running n, Σx, Σxxᵀ in float64: mean and covariance without keeping samples."""
-
-    def __init__(self, width: int) -> None:
-        self.n = 0
-        self.total = torch.zeros(width, dtype=torch.float64)
-        self.outer = torch.zeros(width, width, dtype=torch.float64)
-
-    def add(self, out: torch.Tensor) -> None:
-        z = out.detach().movedim(1, -1).reshape(-1, out.shape[1]).to("cpu", torch.float64)
-        self.n += z.shape[0]
-        self.total += z.sum(0)
-        self.outer += z.T @ z
-
-    def basis(self) -> Basis:
-        mean = self.total / self.n
-        cov = self.outer / self.n - torch.outer(mean, mean)
-        eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
-        order = torch.argsort(eigvals, descending=True)
-        return Basis(mean=mean.numpy(), components=eigvecs[:, order].numpy(),
-                     explained_variance=eigvals[order].clamp_min(0).numpy())
-
-
-@torch.no_grad()
-def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256,
-                  taps: dict[str, nn.Module] | None = None) -> dict[str, Basis]:
-    """One streamed pass over the calibration rows; a Basis of the outputs of each tapped
-    module (default: every reducible layer)."""
-    if len(X) < 2:
-        raise UserError(f"config key 'reduce.calibration_samples': need at least 2 calibration rows, got {len(X)}")
-    taps = taps if taps is not None else reducible_layers(model)
-    moments: dict[str, _Moments] = {}
-
-    def hook(name: str):
-        def add(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
-            moments.setdefault(name, _Moments(out.shape[1])).add(out)
-        return add
-
-    hooks = [module.register_forward_hook(hook(name)) for name, module in taps.items()]
-    try:
-        model.eval()
-        for start in range(0, len(X), batch_size):
-            model(torch.from_numpy(X[start:start + batch_size]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: m.basis() for name, m in moments.items()}
 
 
 def _out_width(layer: nn.Module) -> int:
@@ -190,10 +140,10 @@ def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> UserErro
         f"student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio {teacher_params / used:.1f})")
 
 
-def _max_saving_rank(fan_in: int, out: int) -> int:
+def _max_saving_rank(dense: LayerPlan) -> int:
     """Largest k whose factorization is strictly smaller than the dense layer (0: none)."""
-    k = min(fan_in, out)
-    while k > 0 and low_rank_params(fan_in, out, k) >= out * fan_in + out:
+    k = min(dense.fan_in, dense.out)
+    while k > 0 and low_rank_params(dense.fan_in, dense.out, k) >= dense.dense_params:
         k -= 1
     return k
 
@@ -233,15 +183,17 @@ def water_fill(sizes: dict[Any, Any], next_step: Callable[[Any, dict[Any, Any], 
 
 
 def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget: BudgetConfig,
-             other_params: int = 0) -> list[LayerPlan]:
+             other_params: int = 0, no_bias: set[str] | None = None) -> list[LayerPlan]:
     """Choose a rank per layer (`shapes`: name -> (fan_in, out)) meeting the budget."""
-    caps = {n: _max_saving_rank(*shapes[n]) for n in shapes}
-    teacher_params = other_params + sum(out * fi + out for fi, out in shapes.values())
+    no_bias = no_bias or set()
 
     def plan(name: str, rank: int | None) -> LayerPlan:
         fi, out = shapes[name]
         kept = 1.0 if rank is None else bases[name].retained(rank)
-        return LayerPlan(name=name, fan_in=fi, out=out, rank=rank, variance=kept)
+        return LayerPlan(name=name, fan_in=fi, out=out, rank=rank, variance=kept, bias=name not in no_bias)
+
+    caps = {n: _max_saving_rank(plan(n, None)) for n in shapes}
+    teacher_params = other_params + sum(plan(n, None).dense_params for n in shapes)
 
     if budget.kind == "variance":
         plans = []
@@ -267,58 +219,72 @@ def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget
     return [plan(n, r) for n, r in ranks.items()]
 
 
-def allocate_widths(model: nn.Sequential, bases: dict[str, Basis], budget: BudgetConfig) -> list[LayerPlan]:
-    """Units per hidden layer: the same water-filling, where one more unit of a layer costs
-    its row plus its column in the consumer (so the cost depends on the neighbours' widths)."""
-    chain = hidden_chain(model)
-    teacher_params = width_params(model, {})
+def allocate_widths(groups: list[Group], bases: dict[str, Basis], cost: ParamModel,
+                    budget: BudgetConfig) -> list[LayerPlan]:
+    """Units per coupled group: the same water-filling, where one more unit (one per head,
+    for attention) costs what it adds to the real model's parameters (`cost`, measured on the
+    model: a channel of a residual stream costs a row or column in every layer it touches)."""
+    steps = {g.name: g.step for g in groups}
 
-    def plan(h, width: int | None) -> LayerPlan:
-        layer = model[h.index]
-        kept = 1.0 if width is None else bases[h.name].retained(width)
-        return LayerPlan(name=h.name, fan_in=_fan_in(layer), out=h.width, rank=width, variance=kept)
+    def plan(g: Group, width: int | None) -> LayerPlan:
+        kept = 1.0 if width is None else bases[g.name].retained(width)
+        return LayerPlan(name=g.name, fan_in=0, out=g.width, rank=width, variance=kept)
 
     if budget.kind == "variance":
         plans = []
-        for h in chain:
-            k = _smallest_k(bases[h.name], budget.value)
-            plans.append(plan(h, k if k < h.width else None))
+        for g in groups:
+            k = -(-_smallest_k(bases[g.name], budget.value) // g.step) * g.step
+            plans.append(plan(g, k if k < g.width else None))
         return plans
 
+    teacher_params = cost.params()
     target = target_params(budget, teacher_params)
-    widths = {h.index: 1 for h in chain}
-    used = width_params(model, widths)
+    widths = dict(steps)  # the smallest model: one unit per head
+    used = cost.params(widths)
     if used > target:
         raise _too_small(budget, used, teacher_params)
-    by_index = {h.index: h for h in chain}
+    by_name = {g.name: g for g in groups}
 
-    def next_width(index: int, widths: dict[int, int], used: int) -> Step | None:
-        h, w = by_index[index], widths[index]
-        if w >= h.width:
+    def next_width(name: str, widths: dict[str, int], used: int) -> Step | None:
+        g, w = by_name[name], widths[name]
+        if w >= g.width:
             return None  # every unit kept already
-        basis = bases[h.name]
-        return w + 1, basis.retained(w + 1) - basis.retained(w), width_params(model, widths | {index: w + 1}) - used
+        basis, wider = bases[name], w + g.step
+        return wider, basis.retained(wider) - basis.retained(w), cost.params(widths | {name: wider}) - used
 
     widths = water_fill(widths, next_width, used, target)
-    return [plan(h, widths[h.index] if widths[h.index] < h.width else None) for h in chain]
+    return [plan(g, widths[g.name] if widths[g.name] < g.width else None) for g in groups]
 
 
 def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
     teacher_params = sum(p.numel() for p in teacher.parameters())
+    fixed: dict[str, str] = {}
     if mode == "width":
-        chain = hidden_chain(teacher)
-        bases = collect_bases(teacher, X_calib, cfg.batch_size, taps={h.name: teacher[h.after] for h in chain})
-        plans = allocate_widths(teacher, bases, cfg.budget)
-        student = width_params(teacher, {int(p.name): p.rank for p in plans if p.rank is not None})
+        example = torch.from_numpy(X_calib[:2])
+        graph = trace(teacher, example)
+        groups = graph.reducible()
+        if not groups:
+            raise UserError("reconstruct.mode=width found no group of units to narrow in this teacher: "
+                            + "; ".join(f"{g.name}: {g.why_not}" for g in graph.groups))
+        fixed = {g.name: g.why_not for g in graph.groups if not g.reducible}
+        bases = group_bases(teacher, groups, X_calib, cfg.batch_size)
+        cost = param_model(teacher, example, groups)
+        plans = allocate_widths(groups, bases, cost, cfg.budget)
+        student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
     else:
-        layers = reducible_layers(teacher)
-        bases = svd_bases(teacher) if cfg.method == "svd" else collect_bases(teacher, X_calib, cfg.batch_size)
+        fixed = fused_layers(teacher)
+        taps = {n: m for n, m in linear_layers(teacher).items() if n not in fixed}
+        bases = svd_bases(teacher) if cfg.method == "svd" else collect_bases(teacher, X_calib, cfg.batch_size, taps)
+        fixed |= {n: "its forward never runs (the weight is used directly)" for n in taps if n not in bases}
+        layers = {n: m for n, m in taps.items() if n in bases}
         shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
         other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
-        plans = allocate(shapes, bases, cfg.budget, other)
+        no_bias = {n for n, m in layers.items() if m.bias is None}
+        plans = allocate(shapes, bases, cfg.budget, other, no_bias)
         student = other + sum(p.params for p in plans)
     return Reduction(bases=bases, layers=plans, teacher_params=teacher_params, student_params=student,
-                     budget_kind=cfg.budget.kind, budget_value=cfg.budget.value, mode=mode, method=cfg.method)
+                     budget_kind=cfg.budget.kind, budget_value=cfg.budget.value, mode=mode, method=cfg.method,
+                     fixed=fixed)
 
 
 def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -50,32 +50,33 @@ from tasks.errors import UserError  # noqa: E402
 from tasks.evaluate import saved_size  # noqa: E402
 from tasks.prune import cubic_schedule, structured_prune, unit_scores  # noqa: E402
 from tasks.teacher import build_cnn  # noqa: E402
-from tasks.topology import hidden_chain  # noqa: E402
-from tasks.width import remove_units  # noqa: E402
+from tasks.graph import keep_units, trace  # noqa: E402
 
 
 @pytest.mark.parametrize("model, n_features", [
     (build_mlp(6, [12, 9], 3), 6),
-    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # the last conv's consumer sits after a Flatten
+    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # the last conv's reader sits after a Flatten
     (build_cnn((2, 12), [4, 3], 3), 24),
 ])
 def test_removal_keeps_kept_units_exact(model, n_features):
     torch.manual_seed(0)
     model.eval()
     X = torch.randn(20, n_features)
-    for h in hidden_chain(model):  # each hidden layer on its own fresh copy
+    for group in trace(model, X[:2]).reducible():  # each group on its own fresh copy
         pruned = copy.deepcopy(model)
-        keep = np.arange(0, h.width, 2)
-        remove_units(pruned, h, keep)
+        keep = np.arange(0, group.width, 2)
+        keep_units(trace(pruned, X[:2]), group, keep)
+        index = int(group.name)
+        reader = int(group.readers[0].name)
         with torch.no_grad():
             # the kept units of the pruned layer compute exactly what they did
-            assert torch.allclose(pruned[:h.index + 1](X), model[:h.index + 1](X)[:, keep], atol=1e-6, rtol=0)
-            # the consumer sees exactly the kept units' activations and drops the others' terms
-            a = model[:h.after + 1](X)
-            mask = torch.zeros(h.width)
+            assert torch.allclose(pruned[:index + 1](X), model[:index + 1](X)[:, keep], atol=1e-6, rtol=0)
+            # the reader sees exactly the kept units' activations and drops the others' terms
+            a = model[:index + 1](X)
+            mask = torch.zeros(group.width)
             mask[keep] = 1.0
-            expected = model[h.after + 1:h.consumer + 1](a * mask.reshape((1, -1) + (1,) * (a.dim() - 2)))
-            assert torch.allclose(pruned[:h.consumer + 1](X), expected, atol=1e-5)
+            expected = model[index + 1:reader + 1](a * mask.reshape((1, -1) + (1,) * (a.dim() - 2)))
+            assert torch.allclose(pruned[:reader + 1](X), expected, atol=1e-5)
 
 
 def test_cubic_schedule():
@@ -88,7 +89,7 @@ def test_scores_rank_units_by_norm():
     model = build_mlp(4, [3], 2)
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [3, 0, 0, 0], [0, 2, 2, 0]]))
-    h = hidden_chain(model)[0]
+    h = trace(model, torch.zeros(2, 4)).group("0")
     assert np.argsort(unit_scores(model, h, "l2", np.zeros((2, 4), np.float32))).tolist() == [0, 2, 1]
     assert np.argsort(unit_scores(model, h, "l1", np.zeros((2, 4), np.float32))).tolist() == [0, 1, 2]
 
@@ -106,7 +107,8 @@ def test_structured_pruning_really_shrinks(digits):
     assert len(history.val_accuracy) == 2  # one recovery epoch per round
 
 
-def test_structured_pruning_needs_plain_layers(digits):
+def test_structured_pruning_narrows_a_low_rank_students_ranks(digits):
+    """A low-rank student's inner dimension is a group of units like any other."""
     from tasks.config import BudgetConfig, ReduceConfig
     from tasks.reconstruct import reconstruct_low_rank
     from tasks.reduce import reduce_model
@@ -114,5 +116,29 @@ def test_structured_pruning_needs_plain_layers(digits):
     teacher = build_mlp(64, [32, 32], 10).eval()
     low_rank = reconstruct_low_rank(teacher, reduce_model(teacher, digits.X_train[:200],
                                                           ReduceConfig(budget=BudgetConfig(ratio=3))))
-    with pytest.raises(UserError, match="structured pruning found no hidden layer"):
-        structured_prune(teacher, low_rank, digits, PruneConfig(method="structured"), FinetuneConfig(), seed=0)
+    cfg = PruneConfig(method="structured", amount=0.5, rounds=1, recovery_epochs=0)
+    pruned, _ = structured_prune(teacher, low_rank, digits, cfg, FinetuneConfig(), seed=0)
+    assert count_params(pruned)[0] < count_params(low_rank)[0]
+
+
+@pytest.mark.parametrize("arch", ["resnet2d", "transformer"])
+def test_structured_pruning_of_any_architecture(arch, digits):
+    from tests.archs import wrapped
+
+    model, X = wrapped(arch)
+    data = _data_like(digits, X)
+    cfg = PruneConfig(method="structured", amount=0.5, rounds=1, recovery_epochs=0)
+    pruned, _ = structured_prune(model, model, data, cfg, FinetuneConfig(), seed=0)
+    before = {g.name: g for g in trace(model, torch.from_numpy(X[:2])).reducible()}
+    for group in trace(pruned, torch.from_numpy(X[:2])).reducible():
+        full = before[group.name]
+        assert group.width == math.ceil(0.5 * full.width / full.step) * full.step
+    assert pruned(torch.from_numpy(X[:3])).shape == (3, 5)
+
+
+def _data_like(digits, X):
+    import dataclasses
+
+    y = np.arange(len(X)) % 5
+    return dataclasses.replace(digits, X_train=X, y_train=y, X_val=X[:32], y_val=y[:32], X_test=X[:32], y_test=y[:32],
+                               classes=list(range(5)))

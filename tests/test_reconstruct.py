@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -57,9 +59,9 @@ def test_conv_factorization_shapes():
 
 # --- width mode -------------------------------------------------------------------------
 
+from tasks.graph import param_model, trace  # noqa: E402
 from tasks.reduce import allocate_widths  # noqa: E402
-from tasks.topology import hidden_chain, width_params  # noqa: E402
-from tasks.width import reconstruct_width, refit_consumer, select_units  # noqa: E402
+from tasks.width import reconstruct_width, refit_reader, select_units  # noqa: E402
 
 
 def _random(model, std=0.5):
@@ -69,53 +71,33 @@ def _random(model, std=0.5):
     return model.eval()
 
 
+def _widths(reduction):
+    return {p.name: p.rank for p in reduction.layers if p.rank is not None}
+
+
 @pytest.mark.parametrize("model, n_features", [
-    (build_mlp(6, [12, 9], 3), 6),  # Linear consumer
-    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # Conv2d consumer, then Linear after Flatten
-    (build_cnn((2, 12), [4, 3], 3), 24),  # Conv1d consumer
+    (build_mlp(6, [12, 9], 3), 6),  # Linear reader
+    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # Conv2d reader, then Linear after Flatten
+    (build_cnn((2, 12), [4, 3], 3), 24),  # Conv1d reader
 ])
-def test_refit_recovers_the_consumer_exactly_when_it_is_identifiable(model, n_features):
+def test_refit_recovers_the_reader_exactly_when_it_is_identifiable(model, n_features):
     """With every unit kept and no ridge, the least-squares re-fit must return the teacher's
-    own consumer weights: the targets are an exact linear function of the activations."""
+    own reader weights: the targets are an exact linear function of the activations."""
     model = _random(model)
     X = np.random.default_rng(0).normal(size=(400, n_features)).astype(np.float32)
-    for h in hidden_chain(model):
-        refit = refit_consumer(model, model, h, X, ridge=0.0)
-        original = model[h.consumer]
-        assert torch.allclose(refit.weight, original.weight, atol=1e-4)
-        assert torch.allclose(refit.bias, original.bias, atol=1e-4)
-
-
-def test_refit_is_the_ridge_least_squares_optimum():
-    teacher = _random(build_mlp(5, [8], 4))
-    X = np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32)
-    h = hidden_chain(teacher)[0]
-    keep = np.array([0, 2, 3, 5, 7])
-    student = reconstruct_width(teacher, Reduction({}, [], 0, 0, "params", 1), X)  # a copy
-    from tasks.width import _keep_rows
-    student[0] = _keep_rows(student[0], keep)
-    ridge = 1e-2
-    refit = refit_consumer(student, teacher, h, X, ridge=ridge)
-    with torch.no_grad():
-        A = student[:2](torch.from_numpy(X)).double().numpy()
-        Z = teacher[:3](torch.from_numpy(X)).double().numpy()
-    A1 = np.hstack([A, np.ones((len(A), 1))])
-    lam = ridge * np.trace(A.T @ A) / A.shape[1]
-    reg = np.diag([lam] * A.shape[1] + [0.0])
-    W = np.linalg.solve(A1.T @ A1 + reg, A1.T @ Z)
-    assert np.allclose(refit.weight.detach().double().numpy(), W[:-1].T, atol=1e-5)
-    assert np.allclose(refit.bias.detach().double().numpy(), W[-1], atol=1e-5)
-    # and no other weights do better on the ridge objective
-    def objective(Wt):
-        return ((A1 @ Wt - Z) ** 2).sum() + lam * (Wt[:-1] ** 2).sum()
-    rng = np.random.default_rng(0)
-    assert all(objective(W) <= objective(W + 1e-3 * rng.normal(size=W.shape)) for _ in range(5))
+    student = copy.deepcopy(model)
+    for group in trace(student, torch.from_numpy(X[:2])).reducible():
+        for reader in group.readers:
+            refit_reader(student, model, reader, X, {}, ridge=0.0)
+            refit, original = student.get_submodule(reader.name), model.get_submodule(reader.name)
+            assert torch.allclose(refit.weight, original.weight, atol=1e-4)
+            assert torch.allclose(refit.bias, original.bias, atol=1e-4)
 
 
 def test_width_student_is_a_plain_narrower_network(digits):
     teacher = _random(build_mlp(64, [48, 32], 10), std=0.2)
     red = reduce_model(teacher, digits.X_train[:500], ReduceConfig(budget=BudgetConfig(ratio=4)), mode="width")
-    student = reconstruct_width(teacher, red, digits.X_train[:500])
+    student = reconstruct_width(teacher, _widths(red), digits.X_train[:500])
     widths = {p.name: p.rank for p in red.layers}
     assert student[0].out_features == widths["0"] and student[2].in_features == widths["0"]
     assert sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 4
@@ -123,17 +105,19 @@ def test_width_student_is_a_plain_narrower_network(digits):
     assert student(torch.from_numpy(digits.X_test[:3])).shape == (3, 10)
 
 
-def test_width_allocation_meets_the_budget_with_neighbour_costs():
+def test_width_allocation_meets_the_budget_and_one_more_unit_breaks_it():
     teacher = build_mlp(20, [40, 30], 5)
-    chain = hidden_chain(teacher)
-    bases = {h.name: _basis_flat(h.width) for h in chain}
+    example = torch.zeros(2, 20)
+    groups = trace(teacher, example).reducible()
+    cost = param_model(teacher, example, groups)
+    bases = {g.name: _basis_flat(g.width) for g in groups}
     for target in (400, 900, 1600):  # the teacher has 2,225
-        plans = allocate_widths(teacher, bases, BudgetConfig(params=target))
-        widths = {int(p.name): p.rank or p.out for p in plans}
-        assert width_params(teacher, widths) <= target
+        plans = allocate_widths(groups, bases, cost, BudgetConfig(params=target))
+        widths = {p.name: p.rank or p.out for p in plans}
+        assert cost.params(widths) <= target
         # one more unit in any layer that can still grow would break the budget
         growable = [q for q in plans if q.rank is not None]
-        assert growable and all(width_params(teacher, widths | {int(q.name): q.rank + 1}) > target for q in growable)
+        assert growable and all(cost.params(widths | {q.name: q.rank + 1}) > target for q in growable)
 
 
 def _basis_flat(m):
@@ -143,9 +127,9 @@ def _basis_flat(m):
 
 def test_pqr_and_importance_pick_k_distinct_units(digits):
     teacher = _random(build_mlp(64, [24], 10), std=0.2)
-    h = hidden_chain(teacher)[0]
+    group = trace(teacher, torch.zeros(2, 64)).group("0")
     for how in ("pqr", "importance"):
-        keep = select_units(teacher, h, 7, digits.X_train[:300], how)
+        keep = select_units(teacher, group, 7, digits.X_train[:300], how)
         assert len(set(keep.tolist())) == 7 and keep.max() < 24
 
 
@@ -158,5 +142,36 @@ def test_width_mode_beats_low_rank_before_finetuning_at_high_compression(digits)
     acc = lambda m: (predict_logits(m, digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
     budget = ReduceConfig(budget=BudgetConfig(ratio=30))
     low = reconstruct_low_rank(teacher, reduce_model(teacher, X, budget))
-    wide = reconstruct_width(teacher, reduce_model(teacher, X, budget, mode="width"), X)
+    wide = reconstruct_width(teacher, _widths(reduce_model(teacher, X, budget, mode="width")), X)
     assert acc(wide) > acc(low) and acc(wide) > acc(teacher) - 0.05
+
+
+# --- low rank on any architecture ---------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet2d", "resnet1d", "mobilenet", "transformer"])
+def test_low_rank_at_full_rank_reproduces_any_architecture(arch):
+    from tests.archs import wrapped
+
+    teacher, X = wrapped(arch)
+    student = reconstruct_low_rank(teacher, _full_rank(teacher, X))
+    with torch.no_grad():
+        assert torch.allclose(student(torch.from_numpy(X)), teacher(torch.from_numpy(X)), atol=1e-5)
+
+
+def test_low_rank_leaves_fused_transformer_layers_dense_and_says_why():
+    from tests.archs import wrapped
+
+    teacher, X = wrapped("transformer")
+    red = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(variance=0.9)))
+    assert "TransformerEncoderLayer" in red.fixed["model.encoder.layers.0.linear1"]
+    assert {p.name for p in red.layers} == {"model.embed", "model.head"}
+
+
+@pytest.mark.parametrize("arch", ["resnet2d", "resnet1d"])
+def test_low_rank_budget_counts_the_real_student(arch):
+    from tests.archs import wrapped
+
+    teacher, X = wrapped(arch)
+    red = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(ratio=2)))
+    student = reconstruct_low_rank(teacher, red)
+    assert sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 2
