@@ -27,8 +27,10 @@ class DataConfig(_Strict):
     source: str = "sklearn:digits"
     label: str = "target"
     shape: list[int] | None = None
-    test_size: float = Field(0.2, gt=0, lt=1)
-    val_size: float = Field(0.1, gt=0, lt=1)
+    test_size: float = Field(0.2, gt=0, lt=1)  # not used when the user gave a split
+    val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
+    standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
+    split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
 
 
 class TeacherConfig(_Strict):
