@@ -158,9 +158,9 @@ def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, 
     params, metrics = reduction_record(reduction)
     done.recorded |= tracking.record_stage(run_id, "reduce", metrics, params)
 
-    student = reconstruct_task(teacher, reduction, calibration, cfg.reconstruct)
+    student, notes = reconstruct_task(teacher, reduction, calibration, cfg.reconstruct)
     stages["reconstructed"] = evaluate_task("reconstructed", student, data, teacher_pred, ev, run_id,
-                                            params=cfg.reconstruct.model_dump())
+                                            params=cfg.reconstruct.model_dump() | notes)
 
     student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
     stages["finetuned"] = evaluate_task("finetuned", student, data, teacher_pred, ev, run_id,

@@ -25,7 +25,7 @@ from torch import nn
 from tasks.caching import STAGE_CACHE
 from tasks.config import ReconstructConfig
 from tasks.reduce import Basis, Reduction
-from tasks.width import reconstruct_width
+from tasks.width import WidthReport, reconstruct_width
 
 
 def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
@@ -84,12 +84,13 @@ def reconstruct_low_rank(teacher: nn.Module, reduction: Reduction) -> nn.Module:
     return student.eval()
 
 
-def reconstruct(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig) -> nn.Module:
+def reconstruct(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig,
+                report: WidthReport | None = None) -> nn.Module:
     if reduction.mode != cfg.mode:
         raise ValueError(f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}")
     if cfg.mode == "width":
         widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
-        return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge)
+        return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge, report=report)
     return reconstruct_low_rank(teacher, reduction)
 
 
@@ -105,5 +106,12 @@ def reinitialized(model: nn.Module, seed: int) -> nn.Module:
 
 @task(name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True)
 def reconstruct_task(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
-                     cfg: ReconstructConfig) -> nn.Module:
-    return reconstruct(teacher, reduction, X_calib, cfg)
+                     cfg: ReconstructConfig) -> tuple[nn.Module, dict[str, object]]:
+    """The student, and what its stage record says about the re-fits (width mode)."""
+    report = WidthReport()
+    student = reconstruct(teacher, reduction, X_calib, cfg, report)
+    notes: dict[str, object] = {}
+    if cfg.mode == "width":
+        notes["refitted_layers"] = len(report.refitted)
+        notes |= {f"not_refitted.{layer}": why for layer, why in report.not_refitted.items()}
+    return student, notes

@@ -21,11 +21,11 @@ def test_resnet_groups_follow_the_residual_stream():
     stream = groups["model.stem.0"]
     # the stem and the first block's last conv write one stream; three convs read it
     assert stream.producers == ("model.stem.0", "model.layer1.conv2")
-    assert [r.name for r in stream.readers] == ["model.layer1.conv1", "model.layer2.conv1", "model.layer2.shortcut.0"]
+    assert [r.name for r in stream.readers] == ["model.layer1.conv1", "model.layer2.conv1", "model.layer2.downsample.0"]
     assert {"model.stem.1", "model.layer1.bn2"} <= set(stream.members)
     # the second stage's stream: written by the main path and the 1x1 shortcut, read by the head
     out = groups["model.layer2.conv2"]
-    assert set(out.producers) == {"model.layer2.conv2", "model.layer2.shortcut.0"}
+    assert set(out.producers) == {"model.layer2.conv2", "model.layer2.downsample.0"}
     assert [r.name for r in out.readers] == ["model.fc"]
     assert not groups["model.fc"].reducible and "model output" in groups["model.fc"].why_not
     assert [g.name for g in graph.reducible()] == ["model.stem.0", "model.layer1.conv1", "model.layer2.conv1",
@@ -47,8 +47,8 @@ def test_transformer_groups_keep_heads_whole():
 def test_depthwise_conv_passes_its_channels_through():
     model, X = wrapped("mobilenet")
     groups = {g.name: g for g in trace(model, torch.from_numpy(X[:2])).groups}
-    hidden = groups["model.expand.0"]
-    assert "model.depthwise.0" in hidden.members and [r.name for r in hidden.readers] == ["model.project.0"]
+    hidden = groups["model.block.expand.0"]
+    assert "model.block.depthwise.0" in hidden.members and [r.name for r in hidden.readers] == ["model.block.project.0"]
     assert hidden.reducible
 
 
@@ -86,15 +86,15 @@ def test_removed_units_leave_the_kept_ones_exact():
     model, X = wrapped("mobilenet")
     student = copy.deepcopy(model)
     graph = trace(student, torch.from_numpy(X[:2]))
-    group = graph.group("model.expand.0")
+    group = graph.group("model.block.expand.0")
     keep = np.arange(0, group.width, 3)
     removed = keep_units(graph, group, keep)
-    assert removed["model.expand.0"] == [j for j in range(group.width) if j not in set(keep)]
+    assert removed["model.block.expand.0"] == [j for j in range(group.width) if j not in set(keep)]
     x = torch.from_numpy(X[:16])
     with torch.no_grad():
-        before = model.model.expand(model.model.stem(model.input(x)))
-        after = student.model.expand(student.model.stem(student.input(x)))
+        before = model.model.block.expand(model.model.stem(model.input(x)))
+        after = student.model.block.expand(student.model.stem(student.input(x)))
         assert torch.equal(after, before[:, keep])
         # the depthwise conv went along, channel for channel
-        assert student.model.depthwise[0].weight.shape[0] == len(keep)
-        assert torch.equal(student.model.depthwise(after), model.model.depthwise(before)[:, keep])
+        assert student.model.block.depthwise[0].weight.shape[0] == len(keep)
+        assert torch.equal(student.model.block.depthwise(after), model.model.block.depthwise(before)[:, keep])
