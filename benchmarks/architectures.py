@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig  # noqa: E402
-from tasks.data import Dataset, load_dataset, prepare  # noqa: E402
+from tasks.data import Dataset, Table, load_dataset, prepare  # noqa: E402
 from tasks.finetune import FitSettings, distill, fit, predict_logits  # noqa: E402
 from tasks.graph import keep_units, pruning_group, trace  # noqa: E402
 from tasks.reconstruct import reinitialized  # noqa: E402
@@ -65,7 +65,9 @@ def signals(seed: int, n: int = 3000, length: int = 64, classes: int = 8) -> tup
 def dataset(task: str, seed: int) -> Dataset:
     if task == "signals":
         X, y = signals(seed)
-        return prepare(X, y, [f"t{i}" for i in range(X.shape[1])], "signals", DataConfig(shape=[1, 64]), seed)
+        table = Table(X=X, y=y, names=[f"t{i}" for i in range(X.shape[1])], name="signals",
+                      where="generated signals", row_shape=(X.shape[1],))
+        return prepare(table, DataConfig(shape=[1, X.shape[1]]), seed)
     shape = {"digits-image": [1, 8, 8], "digits-tokens": [8, 8]}[task]
     return load_dataset(DataConfig(shape=shape), seed)
 
