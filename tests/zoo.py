@@ -1,0 +1,133 @@
+"""Small user architectures for tests: what `teacher.arch=tests.zoo:NAME` imports.
+
+Plain `nn.Module` classes (and one factory function) of standard layers, the kind of model a
+user brings: residual adds, batch norm, depthwise convolutions, attention. Every argument is a
+keyword with a default and every model ends in `n_classes` logits. They hold no randomness of
+their own: seed torch before building one to get the same weights twice.
+
+Inputs: `ResNet2d` and `MobileNetBlockNet` take `[N, C, H, W]`, `ResNet1d` takes `[N, C, L]`,
+`TransformerClassifier` takes `[N, T, n_features]` (`data.shape: [T, n_features]`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU. The shortcut is the identity, or a
+    1x1 conv + BN where the block changes the stride or the channels."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dims: int = 2) -> None:
+        super().__init__()
+        conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = bn(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = conv(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = bn(cout)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), bn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class _ResNet(nn.Module):
+    def __init__(self, in_channels: int, channels: int, n_classes: int, dims: int) -> None:
+        super().__init__()
+        conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        pool = nn.AdaptiveAvgPool1d if dims == 1 else nn.AdaptiveAvgPool2d
+        self.stem = nn.Sequential(conv(in_channels, channels, 3, padding=1, bias=False),
+                                  bn(channels), nn.ReLU())
+        self.layer1 = BasicBlock(channels, channels, stride=1, dims=dims)
+        self.layer2 = BasicBlock(channels, 2 * channels, stride=2, dims=dims)
+        self.pool = pool(1)
+        self.fc = nn.Linear(2 * channels, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ResNet2d(_ResNet):
+    """Stem, two basic blocks (the second: stride 2, doubled channels), global pool, linear."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 8, n_classes: int = 10) -> None:
+        super().__init__(in_channels, channels, n_classes, dims=2)
+
+
+class ResNet1d(_ResNet):
+    """`ResNet2d` in one dimension: input `[N, C, L]`."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 8, n_classes: int = 10) -> None:
+        super().__init__(in_channels, channels, n_classes, dims=1)
+
+
+def make_resnet1d(channels: int = 8, n_classes: int = 10) -> nn.Module:
+    """A factory function (the other form `teacher.arch` accepts): a one-channel `ResNet1d`."""
+    return ResNet1d(in_channels=1, channels=channels, n_classes=n_classes)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand + BN + ReLU6, depthwise 3x3 + BN + ReLU6, 1x1 project +
+    BN, added to the input."""
+
+    def __init__(self, channels: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False),
+                                    nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False),
+                                     nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.depthwise(self.expand(x)))
+
+
+class MobileNetBlockNet(nn.Module):
+    """Stem conv + BN + ReLU6, one inverted-residual block, global pool, linear."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 8, n_classes: int = 10,
+                 expand: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU6())
+        self.block = InvertedResidual(channels, expand)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TransformerClassifier(nn.Module):
+    """Linear token embedding + learned positions, a post-norm encoder (no dropout), the mean
+    over tokens, a linear head. Input `[N, seq_len, n_features]`."""
+
+    def __init__(self, n_features: int = 8, seq_len: int = 8, d_model: int = 32,
+                 n_heads: int = 4, dim_feedforward: int = 64, n_layers: int = 2,
+                 n_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(n_features, d_model)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
+
+
+__all__ = ["BasicBlock", "InvertedResidual", "MobileNetBlockNet", "ResNet1d", "ResNet2d",
+           "TransformerClassifier", "make_resnet1d"]
