@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import UserError
 
@@ -33,17 +34,39 @@ class DataConfig(_Strict):
     split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
 
 
+ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:Name
+
+
 class TeacherConfig(_Strict):
     source: str = "train"
-    arch: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [512, 512])
-    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    # built-in `mlp` / `cnn`, or `module:Name`: an nn.Module class or a function returning one
+    arch: str = "mlp"
+    init_args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of module:Name
+    hidden: list[int] = Field(default_factory=lambda: [512, 512])  # mlp only
+    channels: list[int] = Field(default_factory=lambda: [16, 32])  # cnn only
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(8, ge=1)
     trust_pickle: bool = False  # file: teachers only: allow a whole pickled module (runs code on load)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch in ("mlp", "cnn") or ARCH_IMPORT_PATH.match(arch):
+            return arch
+        raise ValueError(f"expected mlp, cnn or an import path module:Name, got {arch!r}")
+
+    @field_validator("init_args")
+    @classmethod
+    def _json_like(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(init_args, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"must be JSON-like data (numbers, strings, lists, mappings): {err}"
+                             ) from None
+        return init_args
 
     @model_validator(mode="after")
     def _positive_widths(self) -> TeacherConfig:
