@@ -29,7 +29,7 @@ from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
 from tasks.reduce import calibration_rows, reduce_task, reduction_record
 from tasks.registry import Registered, register_task, teacher_lineage
-from tasks.teacher import teacher_task
+from tasks.teacher import check_teacher, teacher_task
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
 # torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
@@ -102,7 +102,9 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
         path = Path(config_path or DEFAULT_CONFIG)
         cfg = load_config(path, overrides)
     settings = tracking.load_settings()
+    config_dir = str(path.resolve().parent) if path is not None else None
     data = data_task(cfg.data, cfg.seed)
+    check_teacher(cfg.teacher, data, Path(config_dir) if config_dir else None)  # before any run exists
     if record is not None:
         from tasks.reproduce import check_record
 
@@ -122,7 +124,7 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
                                 data.source, data.name, data.digest)
         done = Progress()
         try:
-            run_stages(cfg, data, run_id, tags, done)
+            run_stages(cfg, data, run_id, tags, done, config_dir)
         finally:
             # on the parent in one batch, after registration (MLflow reads the history of every metric
             # of a run it logs a model in, one query per key); a failed run keeps what it finished
@@ -144,11 +146,13 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
     return summary
 
 
-def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, str], done: Progress) -> None:
-    """The stage tasks in order, each recorded as a nested run of `run_id`; results go into `done`."""
+def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, str], done: Progress,
+               config_dir: str | None = None) -> None:
+    """The stage tasks in order, each recorded as a nested run of `run_id`; results go into `done`.
+    `config_dir`: the config file's folder, where a `module:Name` teacher's module may live."""
     seed, device, ev, stages = cfg.seed, cfg.device, cfg.evaluate, done.stages
 
-    teacher = teacher_task(cfg.teacher, data, seed, device)
+    teacher = teacher_task(cfg.teacher, data, seed, device, config_dir)
     teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
     stages["teacher"] = evaluate_task("teacher", teacher, data, teacher_pred, ev, run_id,
                                       params=cfg.teacher.model_dump())

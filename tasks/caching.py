@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import sys
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -75,6 +76,7 @@ def _feed(h: Any, obj: Any) -> None:
         _feed(h, obj.model_dump_json())
         if isinstance(obj, TeacherConfig):
             _feed(h, teacher_source_fingerprint(obj.source))
+            _feed(h, arch_fingerprint(obj.arch))
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         _tag(h, "dataclass", type(obj).__module__, type(obj).__qualname__)
         for f in dataclasses.fields(obj):
@@ -127,6 +129,14 @@ def teacher_source_fingerprint(source: str) -> str:
     if source.startswith("models:/") and "@" in source:
         raise Uncacheable(source)
     return source
+
+
+def arch_fingerprint(arch: str) -> str:
+    """A `module:Name` teacher's source file (editing the class invalidates a cached teacher);
+    the flow imports it before any task's key is computed."""
+    module = sys.modules.get(arch.partition(":")[0]) if ":" in arch else None
+    source = getattr(module, "__file__", None)
+    return file_sha256(Path(source)) if source and Path(source).is_file() else arch
 
 
 def code_modules(module_name: str) -> list[str]:

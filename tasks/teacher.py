@@ -460,6 +460,20 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
                         f"the data has {data.n_classes} classes")
 
 
+def check_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None) -> None:
+    """Fail fast, before a run is recorded anywhere: a `module:Name` arch imports and builds
+    with its init_args, a `file:` teacher fits it, and it takes the data's rows. (Training, and
+    MLflow sources, are the stage's work.) The arch's module stays imported, so a cached
+    teacher of that class unpickles."""
+    if cfg.source == "train":
+        _check_fits(build_teacher(cfg, data, config_dir).eval(), data, cfg.arch)
+    elif cfg.source.startswith("file:") and not cfg.trust_pickle:  # no second unpickling
+        load_teacher(cfg, data, seed=0, config_dir=config_dir)
+    elif not cfg.source.startswith(("models:/", "runs:/")):
+        load_teacher(cfg, data, seed=0, config_dir=config_dir)  # says what a source can be
+
+
 @task(name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
-def teacher_task(cfg: TeacherConfig, data: Dataset, seed: int, device: str) -> nn.Module:
-    return load_teacher(cfg, data, seed, device)
+def teacher_task(cfg: TeacherConfig, data: Dataset, seed: int, device: str,
+                 config_dir: str | None = None) -> nn.Module:
+    return load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None)
