@@ -12,6 +12,9 @@ Group by group, in execution order (ThiNet / He et al. 2017 style, on calibratio
    MultiheadAttention is re-fitted twice: its q/k/v projection from its narrower input,
    then its output projection from the attention values it now computes.
    The normal equations are accumulated over calibration batches (memory-bounded).
+4. once every group is cut, re-fit every reader once more, in execution order: each then
+   fits what it finally reads (a residual stream's readers were fitted before the groups
+   downstream of them changed).
 
 The result is the user's own module tree with narrower layers: smaller and faster, not masked.
 """
@@ -304,13 +307,14 @@ def _update_kept(kept_out: dict[str, torch.Tensor], removed: dict[str, list[int]
 
 def reconstruct_width(teacher: nn.Module, widths: dict[str, int], X: np.ndarray, how: str = "pqr",
                       ridge: float = 1e-4, batch_size: int = 256,
-                      report: WidthReport | None = None) -> nn.Module:
+                      report: WidthReport | None = None, refit_again: bool = True) -> nn.Module:
     """A narrower copy of the teacher: group `name` keeps `widths[name]` units, readers re-fit."""
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
     graph = trace(student, torch.from_numpy(X[:2]))
     kept_out: dict[str, torch.Tensor] = {}
     report = report if report is not None else WidthReport()
+    reduced = []
     for group in graph.groups:
         k = widths.get(group.name)
         if k is None or k >= group.width or not group.reducible:
@@ -318,7 +322,15 @@ def reconstruct_width(teacher: nn.Module, widths: dict[str, int], X: np.ndarray,
         keep = select_units(student, group, k, X, how, batch_size)
         report.kept[group.name] = keep.tolist()
         _update_kept(kept_out, keep_units(graph, group, keep), graph)
+        reduced.append(group)
         for reader in group.readers:
+            refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size)
+    if reduced and refit_again:
+        # a reader re-fitted early (a residual stream's, read again far downstream) saw inputs
+        # that later groups changed: one more pass over every reader, in execution order, fits
+        # each to what it finally reads
+        readers = {r.name: r for g in graph.groups if g.reducible for r in g.readers}
+        for reader in sorted(readers.values(), key=lambda r: graph.order.get(r.name, 1 << 30)):
             done = refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size)
             report.refitted += done
             if not done:
