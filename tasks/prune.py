@@ -78,8 +78,10 @@ def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, 
                         original: dict[str, int]) -> None:
     """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
     heads' worth at a time for attention), in place."""
-    graph = trace(model, torch.from_numpy(X[:2]))
-    for group in graph.reducible():
+    example = torch.from_numpy(X[:2])
+    for name in [g.name for g in trace(model, example).reducible()]:
+        graph = trace(model, example)  # cuts move the inputs of readers shared with other groups
+        group = graph.group(name)
         full = original.get(group.name, group.width)
         keep_n = max(1, math.ceil(keep_fraction * full / group.step)) * group.step
         if keep_n < group.width:

@@ -311,12 +311,16 @@ def reconstruct_width(teacher: nn.Module, widths: dict[str, int], X: np.ndarray,
     """A narrower copy of the teacher: group `name` keeps `widths[name]` units, readers re-fit."""
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
-    graph = trace(student, torch.from_numpy(X[:2]))
+    example = torch.from_numpy(X[:2])
+    graph = trace(student, example)
     kept_out: dict[str, torch.Tensor] = {}
     report = report if report is not None else WidthReport()
     reduced = []
-    for group in graph.groups:
-        k = widths.get(group.name)
+    for name in [g.name for g in graph.groups]:
+        k = widths.get(name)
+        if reduced:  # a cut moves the inputs of readers it shares with other groups (concatenations)
+            graph = trace(student, example)
+        group = graph.group(name)
         if k is None or k >= group.width or not group.reducible:
             continue
         keep = select_units(student, group, k, X, how, batch_size)
@@ -329,6 +333,7 @@ def reconstruct_width(teacher: nn.Module, widths: dict[str, int], X: np.ndarray,
         # a reader re-fitted early (a residual stream's, read again far downstream) saw inputs
         # that later groups changed: one more pass over every reader, in execution order, fits
         # each to what it finally reads
+        graph = trace(student, example)
         readers = {r.name: r for g in graph.groups if g.reducible for r in g.readers}
         for reader in sorted(readers.values(), key=lambda r: graph.order.get(r.name, 1 << 30)):
             done = refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size)

@@ -129,5 +129,36 @@ class TransformerClassifier(nn.Module):
         return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
 
 
-__all__ = ["BasicBlock", "InvertedResidual", "MobileNetBlockNet", "ResNet1d", "ResNet2d",
-           "TransformerClassifier", "make_resnet1d"]
+class InceptionNet(nn.Module):
+    """Two conv branches (1x1 and 3x3) concatenated on the channel axis, read by a 1x1 conv:
+    one reader of two groups, at offsets."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 8, n_classes: int = 10) -> None:
+        super().__init__()
+        self.branch1 = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.ReLU())
+        self.branch3 = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(2 * channels, channels, 1), nn.ReLU())
+        self.fc = nn.Linear(channels, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(torch.cat([self.branch1(x), self.branch3(x)], dim=1))
+        return self.fc(x.mean((2, 3)))
+
+
+class TokenClassifier(nn.Module):
+    """Token ids (given as floats, as distill feeds every row) -> `nn.Embedding`, mean over the
+    sequence, an MLP head."""
+
+    def __init__(self, vocab: int = 16, dim: int = 16, hidden: int = 32, n_classes: int = 10) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(x.long()).mean(1)
+        return self.out(torch.relu(self.hidden(e)))
+
+
+__all__ = ["BasicBlock", "InceptionNet", "InvertedResidual", "MobileNetBlockNet", "ResNet1d",
+           "ResNet2d", "TokenClassifier", "TransformerClassifier", "make_resnet1d"]
