@@ -66,8 +66,13 @@ def test_registered_challenger_reproduces_the_logged_accuracy(run, digits):
 
 
 def test_failed_stage_marks_the_run_failed_and_registers_nothing(prefect_server, mlflow_store, tmp_path):
+    # a teacher file that is missing is found before any run opens: nothing is recorded
     with pytest.raises(UserError, match="file not found"):
         distill_flow(CONFIG, TINY + [f"teacher.source=file:{tmp_path}/none.pt", "register.model_name=never"])
+    assert mlflow.search_runs(search_all_experiments=True).empty
+    # an MLflow teacher is loaded by its stage: the run it failed in ends FAILED
+    with pytest.raises(UserError, match="cannot load models:/nothing-here/1"):
+        distill_flow(CONFIG, TINY + ["teacher.source=models:/nothing-here/1", "register.model_name=never"])
     runs = mlflow.search_runs(experiment_names=["distill"], filter_string="tags.mlflow.runName LIKE 'digits%'")
     assert list(runs["status"]) == ["FAILED"]
     assert MlflowClient().search_registered_models(filter_string="name = 'never'") == []

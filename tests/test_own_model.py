@@ -69,7 +69,8 @@ def test_own_architecture_runs_and_is_served_without_its_module(name, tmp_path):
     data = load_dataset(DataConfig(shape=shape), seed=0)
     csv = tmp_path / "rows.csv"
     raw_features(data, data.X_test).to_csv(csv, index=False)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": uri}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": uri,
+                                                                         "MLFLOW_REGISTRY_URI": uri}
     served = subprocess.run([sys.executable, "-c", SERVE, f"models:/own-{name}@challenger", str(csv)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert served.returncode == 0, served.stderr[-3000:]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tasks.config import DataConfig, TeacherConfig, build_config
-from tasks.data import Dataset, prepare
+from tasks.data import Dataset, Table, prepare
 from tasks.errors import UserError
 from tasks.finetune import predict_logits
 from tasks.teacher import (
@@ -100,7 +100,9 @@ def random_data(shape: list[int], n_classes: int = 3, rows: int = 60, seed: int 
     X = rng.normal(size=(rows, n_features))
     y = np.arange(rows) % n_classes
     cfg = DataConfig(source="npz:random.npz", shape=shape)
-    return prepare(X, y, [f"x{i}" for i in range(n_features)], "random", cfg, seed)
+    table = Table(X=X, y=y, names=[f"x{i}" for i in range(n_features)], name="random",
+                  where="random data", row_shape=(n_features,))
+    return prepare(table, cfg, seed)
 
 
 def settled(model: nn.Module, shape: list[int]) -> nn.Module:
