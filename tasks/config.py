@@ -49,7 +49,7 @@ class TeacherConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(8, ge=1)
-    trust_pickle: bool = False  # file: teachers only: allow a whole pickled module (runs code on load)
+    trust_pickle: bool = False  # file: and MLflow teachers: allow a whole pickled module (runs code)
 
     @field_validator("arch")
     @classmethod

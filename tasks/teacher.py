@@ -406,7 +406,14 @@ def load_teacher_mlflow(uri: str, cfg: TeacherConfig, data: Dataset,
         exported = exported_program_file(local, flavor)
         if exported is not None:
             state, constants = load_exported_state(exported, what=f"MLflow model {uri}")
-    if exported is None:  # the pickle format: the module as it was logged, loaded as before
+    if exported is None:  # the pickle format: unpickling the module runs code stored in it
+        if not cfg.trust_pickle:
+            raise UserError(f"config key 'teacher.source': {uri} is a pickled MLflow PyTorch model; "
+                            "loading it runs code stored in it: log the teacher in MLflow's pt2 "
+                            "format, give its state_dict as file: with teacher.arch, or set "
+                            "teacher.trust_pickle: true for a model you trust")
+        print(f"warning: teacher.trust_pickle is true: loading {uri} runs any code stored in it",
+              file=sys.stderr)
         try:
             model = mlflow.pytorch.load_model(uri, map_location="cpu")
         except MlflowException as err:

@@ -401,5 +401,33 @@ def test_mlflow_pickle_model_loads_as_its_class(mlflow_store, digits):
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(model, name="teacher", serialization_format="pickle",
                                         pip_requirements=["torch"])
-    loaded = load_teacher(TeacherConfig(source=info.model_uri), digits, seed=0)  # no arch needed
+    with pytest.raises(UserError, match=r"is a pickled MLflow PyTorch model; loading it runs code"):
+        load_teacher(TeacherConfig(source=info.model_uri), digits, seed=0)
+    loaded = load_teacher(TeacherConfig(source=info.model_uri, trust_pickle=True), digits, seed=0)
     assert (predict_logits(loaded, digits.X_test) == predict_logits(model, digits.X_test)).all()
+
+
+class _Planted(torch.nn.Sequential):
+    """A module whose unpickling runs a command (what a hostile logged teacher can do)."""
+
+    marker = ""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_mlflow_pickle_teacher_runs_no_code_without_trust_pickle(mlflow_store, digits, tmp_path):
+    import mlflow
+    import mlflow.pytorch
+
+    planted = _Planted(torch.nn.Linear(64, 10))
+    planted.marker = str(tmp_path / "ran")
+    with mlflow.start_run() as run:
+        mlflow.pytorch.log_model(planted, name="teacher", serialization_format="pickle",
+                                 pip_requirements=["torch"])
+    for source in (f"runs:/{run.info.run_id}/teacher",):
+        with pytest.raises(UserError, match="pickled MLflow PyTorch model"):
+            load_teacher(TeacherConfig(source=source), digits, seed=0)
+    assert not (tmp_path / "ran").exists()
