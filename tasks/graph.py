@@ -65,10 +65,6 @@ class Group:
     def reducible(self) -> bool:
         return not self.why_not
 
-    def blocks(self) -> int:
-        """Units form `step` equal blocks (one per attention head): each keeps as many."""
-        return self.step
-
 
 @dataclass
 class Graph:
