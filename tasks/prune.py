@@ -79,14 +79,17 @@ def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, 
     """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
     heads' worth at a time for attention), in place."""
     example = torch.from_numpy(X[:2])
-    for name in [g.name for g in trace(model, example).reducible()]:
-        graph = trace(model, example)  # cuts move the inputs of readers shared with other groups
+    graph, cut = trace(model, example), False
+    for name in [g.name for g in graph.reducible()]:
+        if cut:  # a cut moves the inputs of readers shared with other groups (concatenations)
+            graph, cut = trace(model, example), False
         group = graph.group(name)
         full = original.get(group.name, group.width)
         keep_n = max(1, math.ceil(keep_fraction * full / group.step)) * group.step
         if keep_n < group.width:
             keep = choose_units(group, keep_n, scores=unit_scores(model, group, criterion, X))
             keep_units(graph, group, keep)
+            cut = True
 
 
 def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.graph import Graph, Group, Reader, keep_units, no_fastpath, out_units, trace
-from tasks.pca import Basis, Moments
+from tasks.pca import Basis, Moments, feature_rows
 
 
 def batches(X: np.ndarray, size: int) -> Iterator[torch.Tensor]:
@@ -89,7 +89,7 @@ def unit_view(reader: Reader, a: torch.Tensor) -> torch.Tensor:
     """A reader's input as rows of the group's units: (samples, units). Conv channels are on
     axis 1 (every position is a sample), Linear and attention features on the last axis; a
     unit spread over S flattened features gives S samples."""
-    rows = a.movedim(1, -1).reshape(-1, a.shape[1]) if reader.kind == "conv" else a.reshape(-1, a.shape[-1])
+    rows = feature_rows(a, channels_first=reader.kind == "conv")
     per = len(reader.positions[0])
     cols = torch.tensor([p for unit in reader.positions for p in unit])
     picked = rows[:, cols].reshape(rows.shape[0], len(reader.positions), per)
@@ -183,10 +183,6 @@ def _conv_rows(conv: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _channels_last(z: torch.Tensor, kind: str) -> torch.Tensor:
-    return z.movedim(1, -1).reshape(-1, z.shape[1]) if kind == "conv" else z.reshape(-1, z.shape[-1])
-
-
 def attention_values(mha: nn.MultiheadAttention, call: Call) -> torch.Tensor:
     """What the attention layer hands its output projection: its forward with the projection
     replaced by the identity."""
@@ -245,7 +241,7 @@ def refit_reader(student: nn.Module, teacher: nn.Module, reader: Reader, X: np.n
         a = _query(capture(student, reader.name, xb))
         a_t = _query(capture(teacher, reader.name, xb))
         A = _conv_rows(module, a) if reader.kind == "conv" else a.reshape(-1, a.shape[-1])
-        eq.add(A, _channels_last(t_module(a_t), reader.kind)[:, kept])
+        eq.add(A, feature_rows(t_module(a_t), channels_first=reader.kind == "conv")[:, kept])
     weight, bias = eq.solve(ridge)
     module.weight = nn.Parameter(weight.reshape(len(kept), *module.weight.shape[1:]))
     if bias is not None:
