@@ -4,12 +4,16 @@
 
 `fit` is the one training loop of the project: the teacher trains with it too (no teacher,
 α = 0: plain cross-entropy). Adam, cosine learning rate, early stopping on validation
-accuracy (ties broken by validation loss) restoring the best weights, seeded.
+accuracy (ties broken by validation loss) restoring the best weights, seeded. On CUDA the
+rows, the teacher's logits and the student live on the GPU for the whole fit, and the forward
+passes may run under bf16 autocast (`precision`); the model comes back on CPU, in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +52,14 @@ class FitSettings:
     alpha: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16: autocast of the forward passes, on CUDA only
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on a CUDA device that supports it; plain fp32 anywhere else."""
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -75,6 +87,21 @@ def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> n
     return torch.cat(out).numpy()
 
 
+def _teacher_logits(teacher: nn.Module, X: np.ndarray, device: torch.device) -> np.ndarray:
+    """The teacher's logits, computed on `device`, the teacher left where it was. A teacher that
+    cannot move (an exported graph with tensors of its own device baked in) answers at home."""
+    home = next(teacher.parameters()).device
+    if home == device:
+        return predict_logits(teacher, X)
+    try:
+        return predict_logits(teacher.to(device), X)
+    except RuntimeError:
+        teacher.to(home)
+        return predict_logits(teacher, X)
+    finally:
+        teacher.to(home)
+
+
 def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Module | None = None,
         description: str = "training") -> tuple[nn.Module, History]:
     """Train `model` in place on data's train split and return it (on CPU) with its curves."""
@@ -85,8 +112,10 @@ def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Modu
     y = torch.from_numpy(data.y_train).long().to(device)
     X_val = torch.from_numpy(data.X_val).to(device)
     y_val = torch.from_numpy(data.y_val).long().to(device)
-    # the teacher is frozen: its logits are computed once, not every batch
-    t_logits = torch.from_numpy(predict_logits(teacher, data.X_train)).to(device) if teacher is not None else None
+    # the teacher is frozen: its logits are computed once, not every batch, on the fit's device
+    t_logits = torch.from_numpy(_teacher_logits(teacher, data.X_train, device)).to(device) \
+        if teacher is not None else None
+    amp = functools.partial(autocast, device, settings.precision)
 
     history = History()
     if settings.epochs == 0:
@@ -99,25 +128,26 @@ def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Modu
     for epoch in track(range(settings.epochs), description, total=settings.epochs):
         model.train()
         order = torch.randperm(len(X), generator=gen).to(device)
-        total = 0.0
+        total = torch.zeros((), device=device)  # summed on the device: no sync per batch
         for start in range(0, len(X), settings.batch_size):
             idx = order[start:start + settings.batch_size]
-            logits = model(X[idx])
-            loss = kd_loss(logits, t_logits[idx] if t_logits is not None else None, y[idx],
+            with amp():
+                logits = model(X[idx])
+            loss = kd_loss(logits.float(), t_logits[idx] if t_logits is not None else None, y[idx],
                            settings.temperature, settings.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
         history.lr.append(sched.get_last_lr()[0])
         sched.step()
 
         model.eval()
-        with torch.no_grad():
-            val_logits = model(X_val)
+        with torch.no_grad(), amp():
+            val_logits = model(X_val).float()
             val_loss = F.cross_entropy(val_logits, y_val).item()
             val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
-        history.train_loss.append(total / len(X))
+        history.train_loss.append(total.item() / len(X))
         history.val_loss.append(val_loss)
         history.val_accuracy.append(val_acc)
 
