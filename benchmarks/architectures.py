@@ -48,7 +48,8 @@ from tests import zoo  # noqa: E402
 TEACHER_EPOCHS = 40
 
 
-def signals(seed: int, n: int = 3000, length: int = 64, classes: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def signals(seed: int, n: int = 3000, length: int = 64, classes: int = 8,
+            noise: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Class c: two sinusoids at frequencies set by c (one shared by neighbouring classes),
     random phases and amplitudes, plus noise: separable, but not by a single frequency."""
     rng = np.random.default_rng(1000 + seed)
@@ -58,7 +59,7 @@ def signals(seed: int, n: int = 3000, length: int = 64, classes: int = 8) -> tup
     phase = rng.uniform(0, 2 * np.pi, (n, 2))
     amp = rng.uniform(0.5, 1.5, (n, 2))
     X = (amp[:, :1] * np.sin(2 * np.pi * f1[:, None] * t + phase[:, :1])
-         + amp[:, 1:] * np.sin(2 * np.pi * f2[:, None] * t + phase[:, 1:]) + rng.normal(0, 1.0, (n, length)))
+         + amp[:, 1:] * np.sin(2 * np.pi * f2[:, None] * t + phase[:, 1:]) + rng.normal(0, noise, (n, length)))
     return X, y
 
 

@@ -1,132 +1,166 @@
-"""Does building the student from the teacher beat training it from scratch? Side by side.
+"""How much of the teacher–scratch gap does distill's student recover? Side by side, 3 seeds.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--ratios 10 30 90] [--epochs 30]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--ratios 10 30 0] [--epochs 40]
+                                           [--patience 40] [--tasks signals-cnn table-mlp digits-mlp]
 
-For each dataset, seed and budget (teacher params / student params), five students get the
-same fine-tuning (same epochs, lr, early stopping), differing only in where they start:
+Tasks (no network): a 1-D CNN (3 conv layers of 32 channels, the built-in `cnn`) on generated
+signals (`benchmarks/architectures.py`'s two-sinusoid task at noise 0.3), an MLP 256-256 on a
+generated table (scikit-learn's `make_classification`: 40 features, 20 informative, 6 classes,
+3 clusters per class), and the default digits MLP 512-512. Budgets are teacher params / student
+params; `0` is the smallest student the engine can build (one unit per group).
 
-- scratch      the width-mode student's architecture, random init, labels only (CE)
-- kd-random    same architecture, random init, knowledge distillation
-- svd+kd       low-rank factorization from the SVD of the weights (data-free), then KD
-- pca-lr+kd    low-rank from the PCA of layer outputs (this project's low_rank mode), then KD
-- pca-width+kd k units per hidden layer + least-squares re-fit (width mode), then KD
+For each task, seed and budget, students of the same architecture get the same training
+(same epochs, lr, batch, early stopping on validation, best epoch restored), differing only in
+where they start and what they learn from:
 
-"before FT" is the accuracy right after the surgery: how much of the teacher survives it.
-"gap %" is the fraction of the teacher–scratch accuracy gap a method recovers,
-(acc − scratch) / (teacher − scratch), computed on the means (Hinton et al. 2015: 91 % on MNIST).
-Plain stage functions, no Prefect or MLflow: this measures the method, not the plumbing.
+- before FT     distill's width mode right after reconstruction (PCA units + least squares)
+- distill       that student after knowledge distillation (T=4, α=0.9): the pipeline's path
+- scratch CE    random init, labels only
+- scratch KD    random init, the same distillation
+- TP L2 + KD    Torch-Pruning's group L2 magnitude picks units at the same widths, then KD
+
+"gap %" is (distill − scratch CE) / (teacher − scratch CE) on the means: the fraction of the
+teacher–scratch gap the student recovers (Hinton et al. 2015: 91 % on MNIST).
+Plain stage functions, no Prefect or MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import multiprocessing
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig, TeacherConfig  # noqa: E402
-from tasks.data import load_dataset  # noqa: E402
-from tasks.errors import UserError  # noqa: E402
-from tasks.finetune import FitSettings, distill, fit, predict_logits  # noqa: E402
-from tasks.reconstruct import reconstruct_low_rank, reinitialized  # noqa: E402
+from benchmarks.architectures import signals, tp_l2_student  # noqa: E402
+from tasks.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
+from tasks.data import Dataset, Table, load_dataset, prepare  # noqa: E402
+from tasks.finetune import FitSettings, fit, predict_logits  # noqa: E402
+from tasks.graph import param_model  # noqa: E402
+from tasks.reconstruct import reinitialized  # noqa: E402
 from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.teacher import train_teacher  # noqa: E402
+from tasks.teacher import build_cnn, build_mlp  # noqa: E402
 from tasks.width import reconstruct_width  # noqa: E402
 
-DATASETS = {  # dataset -> teacher hidden sizes
-    "digits": [512, 512],
-    "breast_cancer": [256, 256],
-}
-METHODS = ("scratch", "kd-random", "svd+kd", "pca-lr+kd", "pca-width+kd")
+TEACHER_EPOCHS = 60
+COLUMNS = ("before FT", "distill", "scratch CE", "scratch KD", "TP L2 + KD")
 
 
-def accuracy(model: torch.nn.Module, X: np.ndarray, y: np.ndarray) -> float:
-    return float((predict_logits(model, X).argmax(1) == y).mean())
+def _table(X: np.ndarray, y: np.ndarray, name: str, seed: int, shape: list[int] | None = None) -> Dataset:
+    table = Table(X=X, y=y, names=[f"x{i}" for i in range(X.shape[1])], name=name, where="generated",
+                  row_shape=(X.shape[1],))
+    return prepare(table, DataConfig(shape=shape), seed)
 
 
-def run_cell(data, teacher, ratio: float, seed: int, ft: FinetuneConfig) -> dict[str, tuple[float | None, float, int]]:
-    """method -> (accuracy before fine-tuning, after, params)."""
+def signals_cnn(seed: int) -> tuple[Dataset, nn.Module]:
+    X, y = signals(seed, n=3000, length=64, classes=8, noise=0.3)
+    return _table(X, y, "signals", seed, [1, 64]), build_cnn((1, 64), [32, 32, 32], 8)
+
+
+def table_mlp(seed: int) -> tuple[Dataset, nn.Module]:
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=6000, n_features=40, n_informative=20, n_redundant=10, n_classes=6,
+                               n_clusters_per_class=3, class_sep=1.0, random_state=100 + seed)
+    return _table(X, y, "table", seed), build_mlp(40, [256, 256], 6)
+
+
+def digits_mlp(seed: int) -> tuple[Dataset, nn.Module]:
+    return load_dataset(DataConfig(), seed), build_mlp(64, [512, 512], 10)
+
+
+TASKS: dict[str, Callable[[int], tuple[Dataset, nn.Module]]] = {
+    "signals-cnn": signals_cnn, "table-mlp": table_mlp, "digits-mlp": digits_mlp}
+
+
+def accuracy(model: nn.Module, data: Dataset) -> float:
+    return float((predict_logits(model, data.X_test).argmax(1) == data.y_test).mean())
+
+
+def smallest_ratio(teacher: nn.Module, X: np.ndarray) -> float:
+    """Teacher params / params of the smallest student width mode builds (one step per group)."""
+    cost = param_model(teacher, torch.from_numpy(X[:2]))
+    return cost.params() / cost.params({name: 1 for name in cost.widths})
+
+
+def run_cell(teacher: nn.Module, data: Dataset, ratio: float, seed: int, train: FitSettings) -> dict[str, float]:
     X = calibration_rows(data.X_train, 1024, seed)
-    budget = ReduceConfig(budget=BudgetConfig(ratio=ratio))
-    out: dict[str, tuple[float | None, float, int]] = {}
-    starts: dict[str, torch.nn.Module | None] = {}
-    try:
-        starts["pca-lr+kd"] = reconstruct_low_rank(teacher, reduce_model(teacher, X, budget))
-        svd = ReduceConfig(budget=BudgetConfig(ratio=ratio), method="svd")
-        starts["svd+kd"] = reconstruct_low_rank(teacher, reduce_model(teacher, X, svd))
-    except UserError:  # below the smallest low-rank student of this teacher
-        starts["pca-lr+kd"] = starts["svd+kd"] = None
-    plan = reduce_model(teacher, X, budget, mode="width")
-    width = reconstruct_width(teacher, {p.name: p.rank for p in plan.layers if p.rank is not None}, X)
-    starts["pca-width+kd"] = width
-    for name, start in starts.items():
-        if start is None:
-            continue
-        tuned, _ = distill(teacher, start, data, ft, seed)
-        out[name] = (accuracy(start, data.X_test, data.y_test), accuracy(tuned, data.X_test, data.y_test),
-                     sum(p.numel() for p in start.parameters()))
-    fresh = reinitialized(width, seed)
-    params = sum(p.numel() for p in fresh.parameters())
-    scratch, _ = fit(reinitialized(width, seed), data, FitSettings(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
-                                                                   patience=ft.patience, seed=seed))
-    out["scratch"] = (None, accuracy(scratch, data.X_test, data.y_test), params)
-    kd, _ = distill(teacher, fresh, data, ft, seed)
-    out["kd-random"] = (None, accuracy(kd, data.X_test, data.y_test), params)
-    return out
+    ratio = ratio or smallest_ratio(teacher, X) * 0.999
+    plan = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(ratio=ratio)), mode="width")
+    widths = {p.name: p.rank for p in plan.layers if p.rank is not None}
+    student = reconstruct_width(teacher, widths, X)
+    kd = FitSettings(**{**vars(train), "temperature": 4.0, "alpha": 0.9})
+
+    def trained(start: nn.Module, settings: FitSettings, with_teacher: bool) -> float:
+        model, _ = fit(copy.deepcopy(start), data, settings, teacher=teacher if with_teacher else None)
+        return accuracy(model, data)
+
+    fresh = reinitialized(student, seed)
+    return {"params": sum(p.numel() for p in student.parameters()), "ratio": ratio,
+            "before FT": accuracy(student, data), "distill": trained(student, kd, True),
+            "scratch CE": trained(fresh, train, False), "scratch KD": trained(fresh, kd, True),
+            "TP L2 + KD": trained(tp_l2_student(teacher, widths, torch.from_numpy(X[:2])), kd, True)}
+
+
+def task_seed(task: str, seed: int, ratios: list[float], train: FitSettings) -> tuple[float, int, list[dict]]:
+    """One task and seed: (teacher accuracy, teacher params, a cell per budget). A process's work."""
+    torch.set_num_threads(1)
+    data, model = TASKS[task](seed)
+    torch.manual_seed(seed)
+    teacher, _ = fit(model, data, FitSettings(epochs=TEACHER_EPOCHS, lr=1e-3, batch_size=64, patience=15, seed=seed))
+    settings = FitSettings(**{**vars(train), "seed": seed})
+    return (accuracy(teacher, data), sum(p.numel() for p in teacher.parameters()),
+            [run_cell(teacher, data, ratio, seed, settings) for ratio in ratios])
 
 
 def mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
     if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[10, 30, 90])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[10, 30, 0], help="0: the smallest student")
+    parser.add_argument("--epochs", type=int, default=40, help="every student's training epochs")
+    parser.add_argument("--patience", type=int, default=40, help="early stopping on validation accuracy")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--jobs", type=int, default=1, help="processes, one (task, seed) each, 1 thread each")
     args = parser.parse_args()
-    ft = FinetuneConfig(epochs=args.epochs, patience=10)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train = FitSettings(epochs=args.epochs, lr=1e-3, batch_size=64, patience=args.patience)
     start = time.perf_counter()
-
-    print(f"Fine-tuning: {args.epochs} epochs, lr {ft.lr}, T={ft.temperature}, alpha={ft.alpha}, early stopping "
-          f"patience {ft.patience}; seeds {args.seeds}; test accuracy %, mean ± std\n")
-    print("| dataset | budget | method | params | before FT % | after FT % | gap % |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for name in args.datasets:
-        teachers, datas = {}, {}
-        for seed in args.seeds:
-            datas[seed] = load_dataset(DataConfig(source=f"sklearn:{name}"), seed)
-            teachers[seed] = train_teacher(TeacherConfig(hidden=DATASETS[name]), datas[seed], seed)
-        teacher_acc = [accuracy(teachers[s], datas[s].X_test, datas[s].y_test) for s in args.seeds]
-        n_teacher = sum(p.numel() for p in teachers[args.seeds[0]].parameters())
-        print(f"| {name} | teacher | — | {n_teacher:,} | — | {mean_std(teacher_acc)} | — |")
-        for ratio in args.ratios:
-            cells = [run_cell(datas[s], teachers[s], ratio, s, ft) for s in args.seeds]
-            scratch = statistics.mean(c["scratch"][1] for c in cells)
-            gap = statistics.mean(teacher_acc) - scratch
-            for method in METHODS:
-                rows = [c[method] for c in cells if method in c]
-                if not rows:
-                    print(f"| {name} | {ratio:g}x | {method} | — | below the smallest low-rank student | — | — |")
-                    continue
-                before = [r[0] for r in rows if r[0] is not None]
-                after = [r[1] for r in rows]
-                recovered = f"{100 * (statistics.mean(after) - scratch) / gap:.0f}" if abs(gap) > 1e-9 else "n/a"
-                print(f"| {name} | {ratio:g}x | {method} | {rows[0][2]:,} | {mean_std(before)} | "
-                      f"{mean_std(after)} | {recovered} |")
-    print(f"\n({time.perf_counter() - start:.0f} s on {torch.get_num_threads()} threads)")
+    pairs = [(task, seed) for task in args.tasks for seed in args.seeds]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pair: pool.submit(task_seed, *pair, args.ratios, train) for pair in pairs}
+        results = {pair: future.result() for pair, future in futures.items()}
+    print(f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers: {TEACHER_EPOCHS} epochs (CE). "
+          f"Every student: {args.epochs} epochs, patience {args.patience}, lr {train.lr}; KD at T=4, α=0.9.\n")
+    print("| task | size | params | teacher | " + " | ".join(COLUMNS) + " | gap % |")
+    print("|---|---|---:|---:|" + "---:|" * (len(COLUMNS) + 1))
+    for task in args.tasks:
+        t_acc = [results[task, s][0] for s in args.seeds]
+        print(f"| {task} | teacher | {results[task, args.seeds[0]][1]:,} | {mean_std(t_acc)} |"
+              + " |" * (len(COLUMNS) + 1))
+        for i, ratio in enumerate(args.ratios):
+            cells = [results[task, s][2][i] for s in args.seeds]
+            means = {c: statistics.mean(cell[c] for cell in cells) for c in COLUMNS}
+            teacher, scratch = statistics.mean(t_acc), means["scratch CE"]
+            gap = f"{100 * (means['distill'] - scratch) / (teacher - scratch):.0f}" if teacher > scratch else "—"
+            size = f"{ratio:g}x" if ratio else f"smallest ({cells[0]['ratio']:.0f}x)"
+            row = " | ".join(mean_std([cell[c] for cell in cells]) for c in COLUMNS)
+            print(f"| {task} | {size} | {cells[0]['params']:,} | | {row} | {gap} |")
+    print(f"\n({time.perf_counter() - start:.0f} s, {args.jobs} processes)")
 
 
 if __name__ == "__main__":
