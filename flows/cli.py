@@ -462,6 +462,9 @@ def predict(
         with contextlib.redirect_stdout(sys.stderr):
             report = predict_file(model, input_, output, label)
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+    if label is not None and report.unlabelled:
+        accuracy += (f" on {report.rows - report.unlabelled} labelled rows ({report.unlabelled} "
+                     f"without a label)" if report.accuracy is not None else ", no row has a label")
     typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")
 
 

@@ -154,8 +154,9 @@ def first_bad_cell(spec: dict[str, Any], frame: pd.DataFrame) -> str | None:
         values = pd.to_numeric(frame[c["name"]], errors="coerce").to_numpy(np.float64)
         bad = np.isinf(values) | (np.isnan(values) if c["fill"] is None else False)
         if bad.any():
-            row = int(np.argmax(bad))
-            if np.isinf(values[row]):
+            at = int(np.argmax(bad))
+            row = frame.index[at]  # the caller's row number (a chunk of a file keeps the file's)
+            if np.isinf(values[at]):
                 return f"column {c['name']!r} holds inf in row {row}"
             return (f"column {c['name']!r} is empty (NaN) in row {row}: the model has no imputer "
                     f"for it (the column had no empty cells in training)")
