@@ -52,7 +52,8 @@ def time_case(code: Path, args: list[str] | None, tmp: Path) -> tuple[float, str
     command = [sys.executable, "-m", "flows.cli"]
     command += ["--help"] if args is None else ["run", str(code / "configs" / "digits.yaml"), *args]
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600,
+                          check=False)
     wall = time.perf_counter() - start
     line = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1] if args else "usage"
     return wall, line

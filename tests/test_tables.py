@@ -55,7 +55,7 @@ def test_spec_rebuilds_what_sklearn_fits_on_the_training_rows():
     test["age"] += 100  # older than anyone in training: their ages must not move the median
     test.loc[test.index[0], "city"] = "atlantis"  # never seen in training: unknown
     spec = json.loads(json.dumps(tabular.fit_spec(train)))  # as the registered model stores it
-    fill = lambda: SimpleImputer(strategy="constant", fill_value=tabular.MISSING)  # noqa: E731
+    fill = lambda: SimpleImputer(strategy="constant", fill_value=tabular.MISSING)
     reference = ColumnTransformer([
         ("age", SimpleImputer(strategy="median", add_indicator=True), ["age"]),
         ("colour", make_pipeline(fill(), OneHotEncoder(handle_unknown="ignore",
@@ -139,7 +139,8 @@ def registered(prefect_server, tmp_path_factory):
 def _fresh(tmp: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_registered_model_predicts_from_the_raw_csv_in_a_fresh_process(registered):
