@@ -164,6 +164,9 @@ def run(
 
     server_ready()
     _hide_user_errors_in_prefect_logs()
+    from tasks.progress import stage_lines
+
+    stage_lines()
     _exit_on_sigterm()
     with user_errors():
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
