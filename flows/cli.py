@@ -196,6 +196,16 @@ def check_inputs(cfg: Any, config: Path) -> None:
     check_teacher(cfg.teacher, data, config.resolve().parent)
 
 
+def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None:
+    from tasks.config import load_config
+    from tasks.errors import UserError
+
+    try:
+        check_inputs(load_config(config, overrides + combo), config)
+    except UserError as err:
+        raise UserError(f"sweep variant {', '.join(combo) or '(base config)'}: {err}") from None
+
+
 def _recompute(refresh: bool) -> Any:
     """A reproduction recomputes every stage: cached task results are not reused (but refreshed)."""
     if not refresh:
@@ -252,7 +262,9 @@ def sweep(
         from flows.sweep import check_variants, parse_grid, task_runner
 
         grid_values = parse_grid(grid)
-        check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
+        # fail fast, before Prefect or MLflow start: configs, then data and teacher of each variant
+        for combo in check_variants(str(config), overrides, grid_values):
+            _check_variant(config, overrides, combo)
         runner = task_runner(dask, dask_address, workers)
 
     server_ready = _start_prefect_server_early()

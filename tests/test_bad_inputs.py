@@ -212,3 +212,38 @@ def test_bad_config_files(files, config, message):
     result = CliRunner().invoke(app, ["run", fill(config, files)])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith(fill(message, files))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "data.source=csv:absent.csv"], "error: data file not found: absent.csv"),
+    (["--set", "data.shape=[1,7,7]"],
+     "error: config key 'data.shape': [1, 7, 7] holds 49 values but the data has 64 features"),
+    (["--set", "teacher.source=file:wrong.pt"],
+     "error: teacher file wrong.pt does not match teacher.arch=mlp: missing 0.bias"),
+])
+def test_bad_data_and_teacher_stop_before_prefect_or_mlflow_start(tmp_path, args, message):
+    """Checked like config keys, in the CLI's own process: no Prefect server ever started
+    (its database would be in PREFECT_HOME), no MLflow store created."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save({"0.weight": torch.zeros(8, 64)}, tmp_path / "wrong.pt")
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"),
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", CONFIG, *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
+    # importing Prefect may make PREFECT_HOME; a server would put its database there
+    assert not (tmp_path / "prefect" / "prefect.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_checks_every_variants_data_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    result = CliRunner().invoke(app, ["sweep", CONFIG, "--grid", "data.shape=[64],[1,7,7]"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sweep variant data.shape=[1,7,7]: config key 'data.shape': [1, 7, 7] holds 49 "
+        "values but the data has 64 features")
+    assert not (tmp_path / "mlflow.db").exists()
