@@ -77,8 +77,11 @@ def main() -> None:
                 block.to_csv(tmp / f"{label}.csv", index=False, mode="w" if i == 0 else "a",
                              header=i == 0)
             mb = (tmp / f"{label}.csv").stat().st_size / 2**20
-            print(f"wrote {label}: {rows:,} rows, {mb:.0f} MB ({time.perf_counter() - start:.0f} s)")
-        checkouts = {"chunked (this)": ROOT} | ({"baseline": opts.baseline} if opts.baseline else {})
+            took = time.perf_counter() - start
+            print(f"wrote {label}: {rows:,} rows, {mb:.0f} MB ({took:.0f} s)")
+        checkouts = {"chunked (this)": ROOT}
+        if opts.baseline:
+            checkouts["baseline"] = opts.baseline
         print(f"\nload average {os.getloadavg()[0]:.2f}\n")
         print("| code | input | wall s | peak RSS MB |\n|---|---|---:|---:|")
         for code_label, code in checkouts.items():

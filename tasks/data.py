@@ -211,7 +211,7 @@ def header_names(path: Path, kind: str) -> list[str]:
         return [str(n) for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
     import csv
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         return next(csv.reader(f), [])
 
 
@@ -233,8 +233,8 @@ def _check_no_label_copy(features: pd.DataFrame, label: pd.Series, where: str) -
     y = label.to_numpy()
     for column in features.columns:
         values = features[column].to_numpy()
-        comparable = values.dtype.kind == y.dtype.kind or {values.dtype.kind, y.dtype.kind} <= set("iuf")
-        if comparable and np.array_equal(values, y):
+        kinds = {values.dtype.kind, y.dtype.kind}
+        if (len(kinds) == 1 or kinds <= set("iuf")) and np.array_equal(values, y):
             raise UserError(f"{where}: column {column!r} repeats the label column "
                             f"{label.name!r} row for row (a label leak); drop it")
 
@@ -376,7 +376,8 @@ def _encoding(table: Table, train: np.ndarray) -> dict:
     features = table.features
     gaps = set(features.columns[features.isna().any()])
     for name in gaps:
-        if tabular.column_kind(features[name]) == "numeric" and features[name].iloc[train].isna().all():
+        column = features[name]
+        if tabular.column_kind(column) == "numeric" and column.iloc[train].isna().all():
             raise UserError(f"{table.where}: column {name!r} is empty in every training row; "
                             f"drop it")
     return tabular.fit_spec(features.iloc[train], gaps)
@@ -405,7 +406,9 @@ def _check_finite(X: np.ndarray, spec: dict, table: Table) -> None:
 
 
 def _input_shape(table: Table, shape: list[int] | None, n: int) -> tuple[int, ...]:
-    shape = tuple(shape) if shape else (n,) if n != int(np.prod(table.row_shape)) else table.row_shape
+    if not shape:  # the rows' own shape, unless encoding changed the width
+        shape = table.row_shape if n == int(np.prod(table.row_shape)) else [n]
+    shape = tuple(shape)
     if int(np.prod(shape)) != n:
         raw = len(table.names)
         extra = f" ({raw} columns, {n} after encoding text and empty cells)" if raw != n else ""

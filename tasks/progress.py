@@ -38,7 +38,8 @@ class _StageLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.INFO:
             return True
-        message, run_id, now = record.getMessage(), getattr(record, "task_run_id", None), time.monotonic()
+        message, now = record.getMessage(), time.monotonic()
+        run_id = getattr(record, "task_run_id", None)
         if message.startswith("Created task run "):
             self.started[str(run_id)] = now
         elif record.levelno == logging.INFO and message.startswith("Finished in state "):

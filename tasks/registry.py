@@ -80,7 +80,8 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
             name="model", python_model=str(SERVING_MODEL),
             artifacts={model.artifact: str(model_path), "preprocess": str(meta_path)},
             code_paths=[str(TABULAR)],
-            signature=ModelSignature(raw_schema(data.encoding), infer_signature(example, output).outputs),
+            signature=ModelSignature(raw_schema(data.encoding),
+                                     infer_signature(example, output).outputs),
             input_example=example,
             pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)))
     # the version is created with its lineage tags (one write, not one per tag)

@@ -166,7 +166,8 @@ print(json.dumps({{"schema": schema, "prediction": out["prediction"].tolist()}})
     out = pd.read_csv(registered / "out.csv")
     assert out["prediction"].tolist() == answer["prediction"]
     accuracy = (out["prediction"] == truth).mean()
-    assert cli.stdout.strip() == f"wrote {len(truth)} predictions to out.csv, accuracy {accuracy:.4f}"
+    assert cli.stdout.strip() == (f"wrote {len(truth)} predictions to out.csv, "
+                                  f"accuracy {accuracy:.4f}")
 
 
 def _predict(tmp: Path, frame: pd.DataFrame | str, *extra: str) -> subprocess.CompletedProcess:
