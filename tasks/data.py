@@ -375,11 +375,17 @@ def _encoding(table: Table, train: np.ndarray) -> dict:
         return {"columns": [{"name": n, "kind": "numeric", "fill": None} for n in table.names]}
     features = table.features
     gaps = set(features.columns[features.isna().any()])
-    for name in gaps:
+    for name in features.columns:
         column = features[name]
-        if tabular.column_kind(column) == "numeric" and column.iloc[train].isna().all():
+        if tabular.column_kind(column) != "numeric":
+            continue
+        if name in gaps and column.iloc[train].isna().all():
             raise UserError(f"{table.where}: column {name!r} is empty in every training row; "
                             f"drop it")
+        inf = np.isinf(column.to_numpy(np.float64))
+        if inf.any():  # before the imputer's fit, which refuses it with no column named
+            raise UserError(f"{table.where}: column {name!r} holds inf in row "
+                            f"{int(np.argmax(inf))}")
     return tabular.fit_spec(features.iloc[train], gaps)
 
 

@@ -149,10 +149,13 @@ def _typed(path: Path, rows: pd.DataFrame, columns: dict[str, str] | None) -> pd
             out[name] = column.astype(object).where(column.notna(), None)
             continue
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
-            numbers = pd.to_numeric(column, errors="coerce")
-            row = column.index[int(np.argmax(numbers.isna() & column.notna()))]
-            raise UserError(f"input {path}: column {name!r} is not numeric "
-                            f"(row {row}: {column[row]!r})")
+            numbers = pd.to_numeric(column.astype(object), errors="coerce")
+            wrong = (numbers.isna() & column.notna()).to_numpy()
+            if pd.api.types.is_bool_dtype(column) or wrong.any():
+                row = column.index[int(np.argmax(wrong))]
+                raise UserError(f"input {path}: column {name!r} is not numeric "
+                                f"(row {row}: {column[row]!r})")
+            column = numbers
         values = column.to_numpy(np.float64)
         if np.isinf(values).any():
             raise UserError(f"input {path}: column {name!r} holds inf in row "

@@ -234,3 +234,58 @@ def test_predict_streams_in_chunks(registered, tmp_path):
     a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_parquet(tmp_path / "b.parquet")
     assert a["prediction"].tolist() == b["prediction"].tolist()
     assert np.allclose(a.filter(like="proba_"), b.filter(like="proba_"))
+
+
+# --- fuzz: whatever a file holds, the readers answer with data or one line -----------------
+
+def _mutations(frame: pd.DataFrame, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(name, CSV text) of damaged tables, seeded."""
+    text = frame.to_csv(index=False)
+    header, *rows = text.splitlines()
+    cases = [("empty file", ""), ("header only", header + "\n"), ("binary", "\x00\xff\x00,\x01\n"),
+             ("no header", "\n".join(rows) + "\n"), ("ragged row", text + "1,2\n"),
+             ("too many cells", text + ",".join(["1"] * 12) + "\n"),
+             ("quote never closed", text + '"open,1,2,3,4\n')]
+    for i in range(12):
+        damaged = frame.copy().astype(object)
+        for _ in range(int(rng.integers(1, 4))):
+            row, col = int(rng.integers(len(frame))), str(rng.choice(frame.columns))
+            damaged.loc[row, col] = rng.choice([np.nan, "", "x", "1e400", "-inf", "NaN", "🙂",
+                                                " ", "1,5", True, 10**30])
+        if rng.random() < 0.3:
+            damaged = damaged.drop(columns=str(rng.choice(frame.columns)))
+        if rng.random() < 0.15:
+            damaged = damaged.rename(columns={damaged.columns[0]: damaged.columns[1]})
+        cases.append((f"random {i}", damaged.to_csv(index=False)))
+    return cases
+
+
+def test_fuzz_the_data_reader(tmp_path):
+    rng = np.random.default_rng(11)
+    for name, text in _mutations(_table(n=60, seed=3), rng):
+        (tmp_path / "f.csv").write_text(text)
+        try:
+            data = load_dataset(DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="label"), 0)
+        except UserError as err:
+            assert "\n" not in str(err) and str(err), name
+            continue
+        assert np.isfinite(data.X_train).all() and np.isfinite(data.X_test).all(), name
+
+
+def test_fuzz_predict(registered, tmp_path):
+    from tasks.predict import predict_file
+
+    rng = np.random.default_rng(12)
+    for name, text in _mutations(_table(n=30, seed=4), rng):
+        (tmp_path / "in.csv").write_text(text)
+        try:
+            report = predict_file(f"models:/{NAME}@challenger", tmp_path / "in.csv",
+                                  tmp_path / "out.csv", label="label", chunk_rows=8)
+        except UserError as err:
+            assert "\n" not in str(err) and str(err), name
+            assert not (tmp_path / "out.csv").exists(), name
+        else:
+            out = pd.read_csv(tmp_path / "out.csv")
+            assert len(out) == report.rows and out.filter(like="proba_").notna().all().all(), name
+            (tmp_path / "out.csv").unlink()
+        assert not list(tmp_path.glob(".out.csv.*")), name
