@@ -4,8 +4,9 @@ The registered model is a pyfunc (tasks/serving_model.py) that carries the ONNX 
 training-time encoding of text columns and empty cells (as JSON data, rebuilt with
 scikit-learn by tasks/tabular.py, which ships as the model's code) and the standardization,
 so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from the raw table; its
-signature names the raw columns and their types. Lineage goes on the version as tags. If anything fails
-after the version is created, the version is deleted: no half-written registry entry.
+signature names the raw columns and their types. Lineage goes on the version as tags. If
+anything fails after the version is created, the version is deleted: no half-written registry
+entry.
 """
 
 from __future__ import annotations
