@@ -156,14 +156,17 @@ def run(
     if from_run and config != Path("configs/digits.yaml"):
         fail("give either CONFIG or --from-run, not both")
     with user_errors():
-        if not from_run:
-            load_config(config, overrides)  # fail fast, before Prefect or MLflow start
+        if not from_run:  # fail fast, before Prefect or MLflow start
+            check_inputs(load_config(config, overrides), config)
 
     server_ready = _start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
 
     server_ready()
     _hide_user_errors_in_prefect_logs()
+    from tasks.progress import stage_lines
+
+    stage_lines()
     _exit_on_sigterm()
     with user_errors():
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
@@ -177,6 +180,30 @@ def run(
             typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
     if summary.promotion is not None and not summary.promotion.ok:
         raise typer.Exit(EXIT_REFUSED)
+
+
+def check_inputs(cfg: Any, config: Path) -> None:
+    """The data file, its columns and labels, the device and the teacher's fit to the data,
+    checked in this process before any server starts (about 2 s on digits, most of it imports).
+    The flow reuses the dataset read here (tasks/data.py keeps the last one)."""
+    from tasks.data import load_dataset
+
+    data = load_dataset(cfg.data, cfg.seed)
+    from tasks.device import resolve_device  # torch: after the data, whose errors need none
+    from tasks.teacher import check_teacher
+
+    resolve_device(cfg.device)
+    check_teacher(cfg.teacher, data, config.resolve().parent)
+
+
+def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None:
+    from tasks.config import load_config
+    from tasks.errors import UserError
+
+    try:
+        check_inputs(load_config(config, overrides + combo), config)
+    except UserError as err:
+        raise UserError(f"sweep variant {', '.join(combo) or '(base config)'}: {err}") from None
 
 
 def _recompute(refresh: bool) -> Any:
@@ -235,7 +262,9 @@ def sweep(
         from flows.sweep import check_variants, parse_grid, task_runner
 
         grid_values = parse_grid(grid)
-        check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
+        # fail fast, before Prefect or MLflow start: configs, then data and teacher of each variant
+        for combo in check_variants(str(config), overrides, grid_values):
+            _check_variant(config, overrides, combo)
         runner = task_runner(dask, dask_address, workers)
 
     server_ready = _start_prefect_server_early()
@@ -448,6 +477,9 @@ def predict(
         with contextlib.redirect_stdout(sys.stderr):
             report = predict_file(model, input_, output, label)
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+    if label is not None and report.unlabelled:
+        accuracy += (f" on {report.rows - report.unlabelled} labelled rows ({report.unlabelled} "
+                     f"without a label)" if report.accuracy is not None else ", no row has a label")
     typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
@@ -93,6 +94,9 @@ def _feed(h: Any, obj: Any) -> None:
             _feed(h, item)
     elif isinstance(obj, np.generic):
         _feed(h, obj.item())
+    elif isinstance(obj, pd.DataFrame):  # a Dataset's raw columns: names, types, cell hashes
+        _tag(h, "frame", obj.shape, list(obj.columns), [str(t) for t in obj.dtypes])
+        h.update(pd.util.hash_pandas_object(obj, index=False).to_numpy().tobytes())
     else:
         raise TypeError(f"no content hash for {type(obj).__module__}.{type(obj).__qualname__}")
 

@@ -32,6 +32,8 @@ class DataConfig(_Strict):
     val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
     standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
     split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
+    # auto: a label with more than 10 distinct integers stops and asks (classes or a quantity?)
+    task: Literal["auto", "classification"] = "auto"
 
 
 ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:Name

@@ -1,9 +1,12 @@
 """Stage 8 — register: the final model into the MLflow model registry, alias `challenger`.
 
-The registered model is a pyfunc (tasks/serving_model.py) that carries the ONNX model and
-the training-time standardization, so `mlflow.pyfunc.load_model("models:/NAME@challenger")`
-predicts from raw feature columns. Lineage goes on the version as tags. If anything fails
-after the version is created, the version is deleted: no half-written registry entry.
+The registered model is a pyfunc (tasks/serving_model.py) that carries the ONNX model, the
+training-time encoding of text columns and empty cells (as JSON data, rebuilt with
+scikit-learn by tasks/tabular.py, which ships as the model's code) and the standardization,
+so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from the raw table; its
+signature names the raw columns and their types. Lineage goes on the version as tags. If
+anything fails after the version is created, the version is deleted: no half-written registry
+entry.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +27,7 @@ from tasks.data import Dataset
 from tasks.evaluate import OnnxModel, TorchScriptModel
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
+TABULAR = Path(__file__).with_name("tabular.py")  # imported by the served model as `tabular`
 CHALLENGER = "challenger"
 
 
@@ -39,32 +44,47 @@ def raw_features(data: Dataset, X: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(X.astype(np.float64) * data.scale + data.mean, columns=data.feature_names)
 
 
-def _requirements(runtime: str) -> list[str]:
+def _requirements(runtime: str, sklearn: bool) -> list[str]:
     from importlib.metadata import version
 
     return [f"mlflow=={version('mlflow')}", f"{runtime}=={version(runtime).split('+')[0]}",
-            f"numpy=={version('numpy')}", f"pandas=={version('pandas')}"]
+            f"numpy=={version('numpy')}", f"pandas=={version('pandas')}"] \
+        + ([f"scikit-learn=={version('scikit-learn')}"] if sklearn else [])
+
+
+def raw_schema(encoding: dict) -> Any:
+    """The served model's input: every raw column by name, numbers as double, text as string."""
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return Schema([ColSpec(DataType.double if c["kind"] == "numeric" else DataType.string,
+                           c["name"]) for c in encoding["columns"]])
 
 
 def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
     """Log the pyfunc on the active (parent) run, register it with its tags, alias it `challenger`."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+
+    from tasks.tabular import needs_sklearn, typed
 
     with tempfile.TemporaryDirectory() as tmp:
         model_path, meta_path = Path(tmp) / f"model{model.suffix}", Path(tmp) / "preprocess.json"
         model_path.write_bytes(model.file_bytes)
-        meta_path.write_text(json.dumps({"features": data.feature_names, "mean": data.mean.tolist(),
-                                         "scale": data.scale.tolist(), "classes": data.classes}))
-        example = raw_features(data, data.X_test[:5])
+        meta_path.write_text(json.dumps({"features": data.feature_names, "encoding": data.encoding,
+                                         "mean": data.mean.tolist(), "scale": data.scale.tolist(),
+                                         "classes": data.classes}))
+        example = typed(data.encoding, data.raw_rows("test").head(5))
         output = pd.DataFrame({"prediction": np.asarray(data.classes)[:1].repeat(5)}
                               | {f"proba_{c}": np.zeros(5) for c in data.classes})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVING_MODEL),
             artifacts={model.artifact: str(model_path), "preprocess": str(meta_path)},
-            signature=infer_signature(example, output), input_example=example,
-            pip_requirements=_requirements(model.runtime))
+            code_paths=[str(TABULAR)],
+            signature=ModelSignature(raw_schema(data.encoding),
+                                     infer_signature(example, output).outputs),
+            input_example=example,
+            pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)))
     # the version is created with its lineage tags (one write, not one per tag)
     version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     client = MlflowClient()

@@ -2,8 +2,11 @@
 model and runs it at load time, so a served model needs numpy, pandas and its runtime
 (onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not imported by the project (it calls `set_model` when run).
 
-Input: a DataFrame of raw features (the columns the model was trained on). The
-standardization fitted at training time is applied here, so callers never repeat it.
+Input: a DataFrame of the raw columns the model was trained on (text columns as strings).
+The encoding of text columns and empty cells (tasks/tabular.py, rebuilt from the JSON spec
+in `preprocess.json`; shipped as `tabular.py` in the model's code) and the standardization
+fitted at training time are applied here, so callers never repeat them. An empty cell in a
+column the model has no imputer for is refused with one line naming the column and row.
 Output: `prediction` (the original class label) and one `proba_<label>` column per class.
 """
 
@@ -39,15 +42,25 @@ class Classifier(PythonModel):
             self.logits = logits
         with open(context.artifacts["preprocess"]) as f:
             meta = json.load(f)
-        self.features = meta["features"]
+        from tabular import build, needs_sklearn  # this model's code (code_paths)
+
+        self.spec = meta["encoding"]
+        self.transformer = build(self.spec) if needs_sklearn(self.spec) else None
         self.mean = np.asarray(meta["mean"], dtype=np.float64)
         self.scale = np.asarray(meta["scale"], dtype=np.float64)
         self.classes = meta["classes"]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from tabular import encode, first_bad_cell
+
         frame = pd.DataFrame(model_input)
-        X = frame[self.features].to_numpy(np.float64) if set(self.features) <= set(frame.columns) \
-            else frame.to_numpy(np.float64)
+        missing = [c["name"] for c in self.spec["columns"] if c["name"] not in frame.columns]
+        if missing:
+            raise ValueError(f"missing column(s) {', '.join(map(repr, missing))}")
+        bad = first_bad_cell(self.spec, frame)
+        if bad is not None:
+            raise ValueError(bad)
+        X = encode(self.spec, frame, self.transformer)
         z = ((X - self.mean) / self.scale).astype(np.float32)
         logits = self.logits(z).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)

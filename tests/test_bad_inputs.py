@@ -32,9 +32,18 @@ def _files(tmp: Path) -> dict[str, str]:
         files[name] = str(tmp / name)
 
     csv("good.csv", good)
-    csv("nan.csv", good.assign(b=good.b.where(good.index != 7)))
+    csv("nan_label.csv", good.assign(label=good.label.where(good.index != 7)))
     csv("inf.csv", good.assign(c=good.c.where(good.index != 3, np.inf)))
-    csv("text.csv", good.assign(d=["x"] * 60))
+    csv("float_label.csv", good.assign(label=good.a * 10))
+    csv("many_ints.csv", good.assign(label=np.arange(60) % 14 + 1))  # an age, 1 to 14
+    csv("label_copy.csv", good.assign(copy=good.label))
+    csv("huge.csv", good.assign(b=good.b * 1e300))
+    csv("header_only.csv", good.iloc[:0])
+    good.to_csv(tmp / "saved_index.csv")  # index=True: a first column with no name
+    files["saved_index.csv"] = str(tmp / "saved_index.csv")
+    (tmp / "dup_label.csv").write_text("a,b,c,d,label,label\n" + "".join(
+        f"{r.a},{r.b},{r.c},{r.d},{r.label},{r.label}\n" for r in good.itertuples()))
+    files["dup_label.csv"] = str(tmp / "dup_label.csv")
     csv("one_class.csv", good.assign(label=0))
     csv("tiny_class.csv", good.assign(label=[0] * 58 + [1, 1]))
     (tmp / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -80,9 +89,15 @@ CASES = [
     ("corrupt npz", ["--set", "data.source=npz:{garbage.npz}"], "data file {garbage.npz} could not be read as npz"),
     ("npz without y", ["--set", "data.source=npz:{no_y.npz}"], "data file {no_y.npz}: missing array 'y'"),
     ("label column absent", ["--set", "data.source=csv:{good.csv}", "--set", "data.label=target"], "data file {good.csv}: label column 'target' not found"),
-    ("non-numeric feature", ["--set", "data.source=csv:{text.csv}", "--set", "data.label=label"], "data file {text.csv}: column 'd' is not numeric"),
-    ("NaN in features", ["--set", "data.source=csv:{nan.csv}", "--set", "data.label=label"], "data csv:{nan.csv}: feature column 1 holds NaN or inf"),
-    ("inf in features", ["--set", "data.source=csv:{inf.csv}", "--set", "data.label=label"], "data csv:{inf.csv}: feature column 2 holds NaN or inf"),
+    ("empty label", ["--set", "data.source=csv:{nan_label.csv}", "--set", "data.label=label"], "data file {nan_label.csv}: label column 'label' is empty in 1 row(s) (first: row 7); fill or drop those rows"),
+    ("inf in features", ["--set", "data.source=csv:{inf.csv}", "--set", "data.label=label"], "data file {inf.csv}: column 'c' holds inf in row 3"),
+    ("continuous label", ["--set", "data.source=csv:{float_label.csv}", "--set", "data.label=label"], "data file {float_label.csv}: label column 'label' holds non-integer numbers (e.g. 1.2573), a quantity, not classes: distill compresses classifiers; regression is not supported yet"),
+    ("integer label with many values", ["--set", "data.source=csv:{many_ints.csv}", "--set", "data.label=label"], "data file {many_ints.csv}: label column 'label' holds 14 distinct integers (1 to 14): classes or a quantity? set config key 'data.task' to classification"),
+    ("label repeated as a feature", ["--set", "data.source=csv:{label_copy.csv}", "--set", "data.label=label"], "data file {label_copy.csv}: column 'copy' repeats the label column 'label' row for row (a label leak); drop it"),
+    ("duplicated label column", ["--set", "data.source=csv:{dup_label.csv}", "--set", "data.label=label"], "data file {dup_label.csv}: column name 'label' appears more than once in the header"),
+    ("saved index column", ["--set", "data.source=csv:{saved_index.csv}", "--set", "data.label=label"], "data file {saved_index.csv}: column 0 has no name in the header (a saved index?"),
+    ("values overflowing the scale", ["--set", "data.source=csv:{huge.csv}", "--set", "data.label=label"], "data file {huge.csv}: column 'b' has values up to"),
+    ("header-only csv", ["--set", "data.source=csv:{header_only.csv}", "--set", "data.label=label"], "data file {header_only.csv}: no rows (only a header)"),
     ("single class", ["--set", "data.source=csv:{one_class.csv}", "--set", "data.label=label"], "data csv:{one_class.csv}: the label has a single class"),
     ("too few rows in a class", ["--set", "data.source=csv:{tiny_class.csv}", "--set", "data.label=label"], "data csv:{tiny_class.csv}: class 1 has 2 rows"),
     ("shape not matching features", ["--set", "data.shape=[1, 7, 7]"], "config key 'data.shape': [1, 7, 7] holds 49 values but the data has 64 features"),
@@ -197,3 +212,38 @@ def test_bad_config_files(files, config, message):
     result = CliRunner().invoke(app, ["run", fill(config, files)])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith(fill(message, files))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "data.source=csv:absent.csv"], "error: data file not found: absent.csv"),
+    (["--set", "data.shape=[1,7,7]"],
+     "error: config key 'data.shape': [1, 7, 7] holds 49 values but the data has 64 features"),
+    (["--set", "teacher.source=file:wrong.pt"],
+     "error: teacher file wrong.pt does not match teacher.arch=mlp: missing 0.bias"),
+])
+def test_bad_data_and_teacher_stop_before_prefect_or_mlflow_start(tmp_path, args, message):
+    """Checked like config keys, in the CLI's own process: no Prefect server ever started
+    (its database would be in PREFECT_HOME), no MLflow store created."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save({"0.weight": torch.zeros(8, 64)}, tmp_path / "wrong.pt")
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"),
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", CONFIG, *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
+    # importing Prefect may make PREFECT_HOME; a server would put its database there
+    assert not (tmp_path / "prefect" / "prefect.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_checks_every_variants_data_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    result = CliRunner().invoke(app, ["sweep", CONFIG, "--grid", "data.shape=[64],[1,7,7]"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sweep variant data.shape=[1,7,7]: config key 'data.shape': [1, 7, 7] holds 49 "
+        "values but the data has 64 features")
+    assert not (tmp_path / "mlflow.db").exists()

@@ -99,9 +99,12 @@ def test_prediction_through_champion_reproduces_the_logged_accuracy(first, digit
 @pytest.mark.parametrize("mutate, message", [
     (lambda f: f.drop(columns=["pixel_0_3", "pixel_5_2"]),
      "missing column(s) 'pixel_0_3', 'pixel_5_2'; the model takes 64 feature columns"),
-    (lambda f: f.assign(pixel_2_2="dark"), "column 'pixel_2_2' is not numeric"),
+    (lambda f: f.assign(pixel_2_2="dark"), "column 'pixel_2_2' is not numeric (row 0: 'dark')"),
     (lambda f: f.assign(pixel_2_2=np.where(np.arange(len(f)) == 3, np.nan, 1.0)),
-     "column 'pixel_2_2' is empty, NaN or inf in row 3"),
+     ("column 'pixel_2_2' is empty (NaN) in row 3: the model has no imputer for it (the column "
+      "had no empty cells in training)")),
+    (lambda f: f.assign(pixel_2_2=np.where(np.arange(len(f)) == 4, np.inf, 1.0)),
+     "column 'pixel_2_2' holds inf in row 4"),
 ])
 def test_prediction_input_errors_name_the_column(first, digits, tmp_path, mutate, message):
     mutate(raw_features(digits, digits.X_test[:10])).to_csv(tmp_path / "bad.csv", index=False)
