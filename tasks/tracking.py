@@ -24,9 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks import safe_yaml
 from tasks.errors import WRITE_FAULTS, UserError
 
 SETTINGS_FILE = Path("mlflow.yaml")
@@ -84,13 +84,13 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def load_settings(path: Path | None = None) -> MlflowSettings:
     path = path or Path(os.environ.get("DISTILL_MLFLOW_CONFIG", SETTINGS_FILE))
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a YAML file")
     if not path.is_file():
         return MlflowSettings()
+    raw = safe_yaml.load(path.read_text(), str(path)) or {}
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
         return MlflowSettings.model_validate(raw)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
