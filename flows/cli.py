@@ -61,6 +61,9 @@ def _quiet() -> None:
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # it logs each SQLAlchemy error with a traceback, then raises it: the raised error is reported
+    # (one line for a full, read-only or corrupt store; a bug keeps its traceback)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Prefect's events worker warns "Still processing items" whenever events are still queued as
     # the process exits: it then sends them all; nothing is wrong and nothing is lost
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
@@ -96,13 +99,50 @@ def _start_prefect_server_early() -> Callable[[], None]:
         return lambda: None
     from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
 
+    from tasks import reaper
+
+    server = SubprocessASGIServer()
+    launch = server._run_uvicorn_command  # each server process it starts gets a watchdog at once
+
+    def launch_watched() -> Any:
+        process = launch()
+        reaper.watch(process.pid)  # a SIGKILLed distill must not leave the server listening
+        return process
+
+    server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
+
     def start() -> None:
         with contextlib.suppress(Exception):  # a failed start is retried, and reported, by the flow's first call
-            SubprocessASGIServer().start()
+            server.start()
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
     return thread.join
+
+
+PREFECT_HOME_MIN_FREE_MB = 32  # a temporary server's database grows to ~8 MB in a run; results too
+
+
+def _check_prefect_home() -> None:
+    """PREFECT_HOME holds the temporary server's database and the cached stage results: on a full
+    or read-only disk the server never answers (a 90 s wait, then a traceback). Say so first."""
+    import errno
+    import shutil
+
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    probe = home / f".distill-write-probe-{os.getpid()}"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (PREFECT_HOME)", str(home)) from None
+    free_mb = shutil.disk_usage(home).free / 2**20
+    if free_mb < PREFECT_HOME_MIN_FREE_MB:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free_mb:.1f} MB free, Prefect "
+                      f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)", str(home))
 
 
 def _exit_on_sigterm() -> None:
@@ -158,6 +198,7 @@ def run(
     with user_errors():
         if not from_run:
             load_config(config, overrides)  # fail fast, before Prefect or MLflow start
+        _check_prefect_home()
 
     server_ready = _start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
@@ -237,6 +278,7 @@ def sweep(
         grid_values = parse_grid(grid)
         check_variants(str(config), overrides, grid_values)  # fail fast, before Prefect or MLflow start
         runner = task_runner(dask, dask_address, workers)
+        _check_prefect_home()
 
     server_ready = _start_prefect_server_early()
     from flows.distill import local_settings
