@@ -372,6 +372,22 @@ def compare(
         Console(width=None if sys.stdout.isatty() else 160).print(rich_table(frame))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Another server on the port would answer our health check: `distill ui` would print its URL
+    as ours. SO_REUSEADDR as servers set it: a closed connection's TIME_WAIT is no listener."""
+    import socket
+
+    from tasks.errors import UserError
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"{host}:{port} is already in use ({err.strerror}): choose another "
+                            "port with --port") from None
+
+
 @app.command()
 def ui(
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")] = None,
@@ -388,6 +404,7 @@ def ui(
     with user_errors():
         settings = tracking.load_settings()
         command = tracking.ui_server_command(settings, port)
+        _check_port_free(settings.ui.host, port or settings.ui.port)
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
     # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
@@ -449,6 +466,8 @@ def promote(
     with user_errors():
         if rollback and version is not None:
             raise UserError("--rollback moves champion to the previous champion; it takes no --version")
+        if model is not None and not model.strip():
+            raise UserError("option --model: the registered model name is empty")
         # the default config is optional here: without it the gates are the schema's defaults
         cfg = build_config({}, overrides) if config == DEFAULT_CONFIG and not config.is_file() \
             else load_config(config, overrides)
@@ -458,7 +477,8 @@ def promote(
     _hide_user_errors_in_prefect_logs()
     with user_errors():
         with contextlib.redirect_stdout(sys.stderr):
-            decision = promote_flow(model or cfg.registry.model_name, version, cfg.promote, rollback)
+            decision = promote_flow(model if model is not None else cfg.registry.model_name, version,
+                                    cfg.promote, rollback)
     if as_json:
         typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
     else:

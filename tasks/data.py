@@ -139,6 +139,8 @@ def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> 
         raise UserError(f"data file {path} could not be read as {kind}: "
                         f"{str(err).splitlines()[0]}") from None
     where = f"data file {path}"
+    if frame.empty:
+        raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
     for role, column, key in (("label", label, "data.label"),
                               ("split", split_column, "data.split_column")):
         if column is not None and column not in frame.columns:
@@ -276,6 +278,9 @@ def split_rows(table: Table, y: np.ndarray, cfg: DataConfig, seed: int,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices (train, val, test): the user's split, else a stratified seeded one."""
     if table.split is None:
+        if cfg.test_size + cfg.val_size >= 1:
+            raise UserError(f"config keys 'data.test_size' ({cfg.test_size:g}) + 'data.val_size' "
+                            f"({cfg.val_size:g}) leave no training rows: their sum must be below 1")
         try:
             rest, test = train_test_split(np.arange(len(y)), test_size=cfg.test_size, stratify=y,
                                           random_state=seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -73,6 +74,7 @@ def fault_message(exc: BaseException) -> str | None:
         # "API request to URL failed with exception ..."
         if type(err).__name__ == "MlflowException" and text.startswith(LOST_SERVER) and " failed with " in text:
             endpoint = text.removeprefix(LOST_SERVER).split(" failed with ")[0]
+            endpoint = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", endpoint)  # no password
             return (f"the MLflow tracking server stopped answering ({endpoint}); the run is marked FAILED "
                     "by the next `distill run` once the server is back")
     return None

@@ -129,6 +129,8 @@ def predict_file(model_uri: str, input_path: Path, output_path: Path, label: str
     """Predict every row of `input_path` and write `prediction` and `proba_<class>` columns."""
     if output_path.suffix.lower() not in OUTPUT_KINDS:  # before the (slow) model load
         raise UserError(f"output {output_path}: expected a .csv or .parquet file")
+    if output_path.is_dir():
+        raise UserError(f"output {output_path} is a directory, not a file")
     model = load_pyfunc(model_uri)
     rows, truth = read_rows(input_path, model_features(model), label)
     if rows.empty:

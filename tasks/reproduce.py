@@ -33,10 +33,12 @@ def read_record(run_id: str) -> RunRecord:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from tasks.tracking import redact
+
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise UserError(f"--from-run {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+        raise UserError(f"--from-run {run_id}: no such run in {redact(mlflow.get_tracking_uri())}") from None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT, dst_path=tmp)
