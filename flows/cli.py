@@ -61,6 +61,9 @@ def _quiet() -> None:
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # it logs each SQLAlchemy error with a traceback, then raises it: the raised error is reported
+    # (one line for a full, read-only or corrupt store; a bug keeps its traceback)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Prefect's events worker warns "Still processing items" whenever events are still queued as
     # the process exits: it then sends them all; nothing is wrong and nothing is lost
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
@@ -96,13 +99,50 @@ def _start_prefect_server_early() -> Callable[[], None]:
         return lambda: None
     from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
 
+    from tasks import reaper
+
+    server = SubprocessASGIServer()
+    launch = server._run_uvicorn_command  # each server process it starts gets a watchdog at once
+
+    def launch_watched() -> Any:
+        process = launch()
+        reaper.watch(process.pid)  # a SIGKILLed distill must not leave the server listening
+        return process
+
+    server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
+
     def start() -> None:
         with contextlib.suppress(Exception):  # a failed start is retried, and reported, by the flow's first call
-            SubprocessASGIServer().start()
+            server.start()
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
     return thread.join
+
+
+PREFECT_HOME_MIN_FREE_MB = 32  # a temporary server's database grows to ~8 MB in a run; results too
+
+
+def _check_prefect_home() -> None:
+    """PREFECT_HOME holds the temporary server's database and the cached stage results: on a full
+    or read-only disk the server never answers (a 90 s wait, then a traceback). Say so first."""
+    import errno
+    import shutil
+
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    probe = home / f".distill-write-probe-{os.getpid()}"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (PREFECT_HOME)", str(home)) from None
+    free_mb = shutil.disk_usage(home).free / 2**20
+    if free_mb < PREFECT_HOME_MIN_FREE_MB:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free_mb:.1f} MB free, Prefect "
+                      f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)", str(home))
 
 
 def _exit_on_sigterm() -> None:
@@ -158,6 +198,7 @@ def run(
     with user_errors():
         if not from_run:  # fail fast, before Prefect or MLflow start
             check_inputs(load_config(config, overrides), config)
+        _check_prefect_home()
 
     server_ready = _start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
@@ -266,6 +307,7 @@ def sweep(
         for combo in check_variants(str(config), overrides, grid_values):
             _check_variant(config, overrides, combo)
         runner = task_runner(dask, dask_address, workers)
+        _check_prefect_home()
 
     server_ready = _start_prefect_server_early()
     from flows.distill import local_settings
@@ -359,6 +401,22 @@ def compare(
         Console(width=None if sys.stdout.isatty() else 160).print(rich_table(frame))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Another server on the port would answer our health check: `distill ui` would print its URL
+    as ours. SO_REUSEADDR as servers set it: a closed connection's TIME_WAIT is no listener."""
+    import socket
+
+    from tasks.errors import UserError
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"{host}:{port} is already in use ({err.strerror}): choose another "
+                            "port with --port") from None
+
+
 @app.command()
 def ui(
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")] = None,
@@ -375,6 +433,7 @@ def ui(
     with user_errors():
         settings = tracking.load_settings()
         command = tracking.ui_server_command(settings, port)
+        _check_port_free(settings.ui.host, port or settings.ui.port)
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
     # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
@@ -436,6 +495,8 @@ def promote(
     with user_errors():
         if rollback and version is not None:
             raise UserError("--rollback moves champion to the previous champion; it takes no --version")
+        if model is not None and not model.strip():
+            raise UserError("option --model: the registered model name is empty")
         # the default config is optional here: without it the gates are the schema's defaults
         cfg = build_config({}, overrides) if config == DEFAULT_CONFIG and not config.is_file() \
             else load_config(config, overrides)
@@ -445,7 +506,8 @@ def promote(
     _hide_user_errors_in_prefect_logs()
     with user_errors():
         with contextlib.redirect_stdout(sys.stderr):
-            decision = promote_flow(model or cfg.registry.model_name, version, cfg.promote, rollback)
+            decision = promote_flow(model if model is not None else cfg.registry.model_name, version,
+                                    cfg.promote, rollback)
     if as_json:
         typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
     else:

@@ -28,7 +28,8 @@ from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 from tasks.reconstruct import reconstruct_task
 from tasks.reduce import calibration_rows, reduce_task, reduction_record
-from tasks.registry import Registered, register_task, teacher_lineage
+from tasks.registry import (Registered, register_task, remove_incomplete_registrations,
+                            teacher_lineage)
 from tasks.teacher import check_teacher, teacher_task
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
@@ -117,6 +118,7 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
     if record is not None:
         tags["distill.reproduces"] = record.run_id
     tracking.close_dead_runs(experiment_id)  # parents left RUNNING by killed processes -> FAILED
+    remove_incomplete_registrations()  # versions (and empty models) those processes left
 
     with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(),
                              tags | tracking.process_tags()) as run_id:

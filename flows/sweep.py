@@ -84,6 +84,9 @@ def parse_grid(pairs: list[str]) -> dict[str, list[str]]:
         if key in grid:
             raise UserError(f"--grid {key}: given twice")
         grid[key] = values
+    budgets = [k for k in grid if k.startswith("reduce.budget.")]
+    if len(budgets) > 1:  # each variant would keep only the last: duplicates, not a grid
+        raise UserError(f"--grid: {' and '.join(budgets)} are both budgets; a variant has one")
     return grid
 
 

@@ -10,24 +10,25 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks import safe_yaml
 from tasks.errors import UserError
 
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    # allow_inf_nan=False: `.inf` / `.nan` (YAML floats) in any number are refused with the key
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
     source: str = "sklearn:digits"
     label: str = "target"
-    shape: list[int] | None = None
+    shape: list[Annotated[int, Field(gt=0)]] | None = None
     test_size: float = Field(0.2, gt=0, lt=1)  # not used when the user gave a split
     val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
     standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
@@ -171,11 +172,12 @@ class PromoteConfig(_Strict):
 
 class PipelineConfig(_Strict):
     model_config = ConfigDict(
-        strict=True, frozen=True, extra="forbid", validate_by_name=True, serialize_by_alias=True
+        strict=True, frozen=True, extra="forbid", validate_by_name=True, serialize_by_alias=True,
+        allow_inf_nan=False,
     )
 
     name: str = "digits"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # what scikit-learn and numpy take
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -227,7 +229,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {key}: {part} is both a value and a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        if parts[:-1] == ["reduce", "budget"]:
+            node.clear()  # the budget is one-of: a later budget key replaces an earlier one
+        node[parts[-1]] = safe_yaml.load(raw, f"--set {key.strip()}") if raw.strip() else None
     return tree
 
 
@@ -278,12 +282,15 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Pip
 
 def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
     """A YAML file holding a mapping, or one UserError naming the file (`kind` says what it is)."""
+    if path.is_dir():
+        raise UserError(f"{kind} {path} is a directory, not a YAML file")
     if not path.is_file():
         raise UserError(f"{kind} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{kind} {path} is not valid YAML: {err}".splitlines()[0]) from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{kind} {path} could not be read: {err}".splitlines()[0]) from None
+    raw = safe_yaml.load(text, f"{kind} {path}") or {}
     if not isinstance(raw, dict):
         raise UserError(f"{kind} {path} must hold a mapping at the top level")
     return raw

@@ -181,6 +181,8 @@ def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> 
     where = f"data file {path}"
     check_header(header_names(path, kind), where)
     frame.columns = [str(c) for c in frame.columns]
+    if frame.empty:
+        raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
     for role, column, key in (("label", label, "data.label"),
                               ("split", split_column, "data.split_column")):
         if column is not None and column not in frame.columns:
@@ -429,6 +431,9 @@ def split_rows(table: Table, y: np.ndarray, cfg: DataConfig, seed: int,
     from sklearn.model_selection import train_test_split
 
     if table.split is None:
+        if cfg.test_size + cfg.val_size >= 1:
+            raise UserError(f"config keys 'data.test_size' ({cfg.test_size:g}) + 'data.val_size' "
+                            f"({cfg.val_size:g}) leave no training rows: their sum must be below 1")
         try:
             rest, test = train_test_split(np.arange(len(y)), test_size=cfg.test_size, stratify=y,
                                           random_state=seed)

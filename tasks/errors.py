@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import sys
 from collections.abc import Iterator
 
 # a full disk or quota, a path the process may not write, a read-only filesystem
 WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 LOST_SERVER = "API request to "  # how MLflow's HTTP client starts its message once its retries are spent
 WRITE_FAULT_TEXTS = tuple(os.strerror(code) for code in sorted(WRITE_FAULTS))  # "No space left on device", ...
-FAULT_MARKERS = (*WRITE_FAULT_TEXTS, LOST_SERVER)
+# what SQLite says (through SQLAlchemy and MLflow) when the tracking store's file is full, may not
+# be written (read-only filesystem, `chattr +i`), or is not a database at all
+STORE_FAULTS = {"database or disk is full": "cannot write",
+                "attempt to write a readonly database": "cannot write",
+                "unable to open database file": "cannot open",
+                "file is not a database": "cannot read",
+                "database disk image is malformed": "cannot read"}
+FAULT_MARKERS = (*WRITE_FAULT_TEXTS, LOST_SERVER, *STORE_FAULTS)
 
 
 class UserError(Exception):
@@ -31,6 +40,14 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def _store() -> str:
+    """The SQLite file (else the URI) MLflow is pointed at, for a store fault's message."""
+    mlflow = sys.modules.get("mlflow")
+    uri = (mlflow.get_tracking_uri() if mlflow is not None
+           else os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return str(uri).removeprefix("sqlite:///") or "(unknown)"
 
 
 def mentions_fault(text: str) -> bool:
@@ -51,9 +68,13 @@ def fault_message(exc: BaseException) -> str | None:
                 if fault:
                     return f"cannot write {target}: {fault}"
         text = str(err)
+        store_fault = next((f for f in STORE_FAULTS if f in text), None)
+        if store_fault is not None:
+            return f"{STORE_FAULTS[store_fault]} the tracking store {_store()}: {store_fault}"
         # "API request to URL failed with exception ..."
         if type(err).__name__ == "MlflowException" and text.startswith(LOST_SERVER) and " failed with " in text:
             endpoint = text.removeprefix(LOST_SERVER).split(" failed with ")[0]
+            endpoint = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", endpoint)  # no password
             return (f"the MLflow tracking server stopped answering ({endpoint}); the run is marked FAILED "
                     "by the next `distill run` once the server is back")
     return None

@@ -247,6 +247,9 @@ def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teach
     the failed attempt's run)."""
     from prefect.runtime import task_run
 
+    from tasks.finite import check_model
+
+    check_model(stage, model, data.X_test[:256])  # a NaN model stops here, before it is recorded
     metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
     tracking.record_stage(parent_run_id, stage, metrics, params, curves, model, data.X_test[:5],
                           replace=task_run.run_count > 1)

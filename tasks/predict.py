@@ -78,7 +78,7 @@ def check_paths(input_path: Path, output_path: Path) -> None:
     if output_path.suffix.lower() not in OUTPUT_KINDS:
         raise UserError(f"output {output_path}: expected a .csv or .parquet file")
     if output_path.is_dir():
-        raise UserError(f"output {output_path} is a directory; name a .csv or .parquet file")
+        raise UserError(f"output {output_path} is a directory, not a file")
     if output_path.resolve() == input_path.resolve() or (
             output_path.exists() and os.path.samefile(output_path, input_path)):
         raise UserError(f"output {output_path} is the input file; write the predictions to "

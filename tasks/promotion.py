@@ -342,12 +342,15 @@ def promote_version(name: str, version: str | None, gates: PromoteConfig,
     """Gate `version` (default: the challenger) and move `champion` to it only if every gate passes."""
     from mlflow import MlflowClient
 
+    from tasks import registry  # torch and pandas: only when a decision is made
+
     client = MlflowClient()
     with registry_lock(name):
         version = resolve_version(client, name, version)
         previous = alias_version(client, name, CHAMPION)
         if previous == version:
             return Decision(name, version, "unchanged", "already the champion", previous, previous, _now())
+        registry.check_promotable(name, version)  # finished, its run FINISHED, and it loads
         candidate = load_candidate(client, name, version)
         champion = load_candidate(client, name, previous) if previous is not None else None
         results = evaluate_gates(candidate, champion, gates, predict)
@@ -372,6 +375,8 @@ def rollback(name: str) -> Decision:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from tasks import registry
+
     client = MlflowClient()
     with registry_lock(name):
         _check_model(client, name)
@@ -385,6 +390,7 @@ def rollback(name: str) -> Decision:
             client.get_model_version(name, previous)
         except MlflowException:
             raise UserError(f"{name}: previous champion version {previous} no longer exists") from None
+        registry.check_promotable(name, previous)
         at = _now()
         reason = f"champion rolled back from version {current} to version {previous}"
         _move_champion(client, name, previous, current, {

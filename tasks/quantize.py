@@ -25,6 +25,7 @@ from torch import nn
 
 from tasks.caching import STAGE_CACHE
 from tasks.config import QuantizeConfig
+from tasks.errors import UserError
 from tasks.evaluate import OnnxModel, TorchScriptModel, count_params, flops_per_row, torch_predictor
 from tasks.reduce import calibration_rows
 
@@ -113,8 +114,9 @@ def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cf
     float_logits = float_model.predictor()(X_test)
     export_diff = float(np.abs(float_logits - reference).max())
     if export_diff > cfg.max_abs_diff:
-        raise RuntimeError(f"ONNX export differs from PyTorch by {export_diff:.2e} "
-                           f"(> compress.quantize.max_abs_diff={cfg.max_abs_diff:g})")
+        raise UserError(f"stage quantize: the ONNX export differs from PyTorch by "
+                        f"{export_diff:.2e} (> compress.quantize.max_abs_diff="
+                        f"{cfg.max_abs_diff:g}); nothing registered")
     if cfg.runtime == "torch":
         float_ts = TorchScriptModel(torchscript_bytes(model, X_test.shape[1]), params, nonzeros, flops)
         if not cfg.enabled:

@@ -4,9 +4,14 @@ The registered model is a pyfunc (tasks/serving_model.py) that carries the ONNX 
 training-time encoding of text columns and empty cells (as JSON data, rebuilt with
 scikit-learn by tasks/tabular.py, which ships as the model's code) and the standardization,
 so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from the raw table; its
-signature names the raw columns and their types. Lineage goes on the version as tags. If
-anything fails after the version is created, the version is deleted: no half-written registry
-entry.
+signature names the raw columns and their types. Lineage goes on the version as tags.
+
+Registration is all-or-nothing: the version is created with its lineage and
+`distill.complete=false`, gets alias `challenger`, and only then `distill.complete=true`. If
+anything fails in between, the version is deleted; if the process is killed (SIGKILL, OOM),
+the version keeps `false`: `distill promote` refuses it and the next `distill run` deletes it
+(and a registered model the killed run created and left empty), once its run is not RUNNING.
+`promote` also loads a version before an alias moves to it (`check_promotable`).
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import file_sha256
 from tasks.data import Dataset
+from tasks.errors import UserError
 from tasks.evaluate import OnnxModel, TorchScriptModel
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 TABULAR = Path(__file__).with_name("tabular.py")  # imported by the served model as `tabular`
 CHALLENGER = "challenger"
+COMPLETE = "distill.complete"  # version tag: "false" until the registration finished
+CREATED_BY = "distill.created_by_run"  # registered model tag: the run that created it
 
 
 @dataclass(frozen=True)
@@ -85,15 +93,102 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
                                      infer_signature(example, output).outputs),
             input_example=example,
             pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)))
-    # the version is created with its lineage tags (one write, not one per tag)
-    version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     client = MlflowClient()
+    _create_registered_model(client, model_name, tags.get("mlflow.run_id", ""))
+    # the version is created with its lineage tags (one write, not one per tag)
+    version = str(mlflow.register_model(info.model_uri, model_name,
+                                        tags=tags | {COMPLETE: "false"}).version)
     try:
         client.set_registered_model_alias(model_name, CHALLENGER, version)
-    except Exception:
+        client.set_model_version_tag(model_name, version, COMPLETE, "true")  # last
+    except BaseException:  # an error, or Ctrl-C: no half-registered version
         client.delete_model_version(model_name, version)
         raise
     return Registered(model_name, version, f"models:/{model_name}/{version}", info.model_id)
+
+
+def _create_registered_model(client: Any, name: str, run_id: str) -> None:
+    """Create the registered model if it does not exist, tagged with the run creating it (an
+    empty one a killed run left behind is then known as ours)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={CREATED_BY: run_id})
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _run_alive(client: Any, run_id: str | None) -> bool:
+    """The run may still be registering (RUNNING, not deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.status == "RUNNING" and run.info.lifecycle_stage != "deleted"
+
+
+def remove_incomplete_registrations() -> list[str]:
+    """Delete versions whose registration never finished (`distill.complete=false`, their run no
+    longer RUNNING: killed mid-registration), then registered models created by a distill run
+    that is no longer RUNNING and left without versions. Returns what was deleted
+    (`NAME/VERSION`, `NAME`). Call after `tracking.close_dead_runs`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    removed = []
+    for mv in client.search_model_versions(filter_string=f"tags.`{COMPLETE}` = 'false'"):
+        if not _run_alive(client, mv.tags.get("mlflow.run_id") or mv.run_id):
+            client.delete_model_version(mv.name, mv.version)
+            removed.append(f"{mv.name}/{mv.version}")
+    for model in client.search_registered_models(filter_string=f"tags.`{CREATED_BY}` != ''"):
+        if _run_alive(client, model.tags.get(CREATED_BY)):
+            continue
+        if not client.search_model_versions(filter_string=f"name = '{model.name}'", max_results=1):
+            client.delete_registered_model(model.name)
+            removed.append(model.name)
+    return removed
+
+
+def check_promotable(name: str, version: str) -> None:
+    """Before an alias moves to a version: its registration finished, its run exists and
+    FINISHED, and its model loads (artifacts present). One UserError saying which fails."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    label = f"{name} version {version}"
+    mv = client.get_model_version(name, version)
+    run_id = mv.tags.get("mlflow.run_id") or mv.run_id
+    if mv.tags.get(COMPLETE) == "false":
+        raise UserError(f"{label} is an unfinished registration (run {run_id} stopped while "
+                        "registering it): not promoted; the next `distill run` removes it")
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise UserError(f"{label}: its MLflow run {run_id} is gone: not promoted") from None
+        if run.info.lifecycle_stage == "deleted":
+            raise UserError(f"{label}: its MLflow run {run_id} was deleted: not promoted")
+        if run.info.status != "FINISHED":
+            raise UserError(f"{label}: its MLflow run {run_id} ended {run.info.status}, not "
+                            "FINISHED: not promoted")
+    load_version(name, version)
+
+
+def load_version(name: str, version: str) -> Any:
+    """The version's pyfunc, or one UserError saying why it does not load (artifacts gone)."""
+    import mlflow.pyfunc
+
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    except Exception as err:  # noqa: BLE001 -- whatever stops it loading stops the promotion
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"{name} version {version} does not load ({first}): not promoted") from None
 
 
 @task(name="register", cache_policy=NO_CACHE)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tasks import safe_yaml
 from tasks.errors import UserError
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
@@ -34,16 +33,19 @@ def read_record(run_id: str) -> RunRecord:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from tasks.tracking import redact
+
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise UserError(f"--from-run {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+        raise UserError(f"--from-run {run_id}: no such run in {redact(mlflow.get_tracking_uri())}") from None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT, dst_path=tmp)
-            config = yaml.safe_load(Path(local).read_text())
+            text = Path(local).read_text()
     except (MlflowException, OSError):
         raise UserError(f"--from-run {run_id}: the run has no {CONFIG_ARTIFACT} artifact (not a distill run?)") from None
+    config = safe_yaml.load(text, f"--from-run {run_id}: {CONFIG_ARTIFACT}")
     if not isinstance(config, dict):
         raise UserError(f"--from-run {run_id}: {CONFIG_ARTIFACT} does not hold a config mapping")
     tags = run.data.tags

@@ -39,6 +39,7 @@ from tasks.config import TeacherConfig
 from tasks.data import Dataset
 from tasks.errors import UserError
 from tasks.finetune import FitSettings, fit
+from tasks.finite import non_finite_tensor
 
 BUILTIN_ARCHS = ("mlp", "cnn")
 INPUT = "input"  # the wrapper's Unflatten: flat rows -> [N, *data.shape]
@@ -329,7 +330,21 @@ def _fit_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, a
         if state[key].shape != tensor.shape:
             raise UserError(f"{what}: {key} has shape {list(state[key].shape)}, "
                             f"teacher.arch={arch} expects {list(tensor.shape)}" + hint)
+        _check_values(state[key], tensor, f"{what}: {key}")
     model.load_state_dict(state)
+
+
+def _check_values(given: torch.Tensor, expected: torch.Tensor, where: str) -> None:
+    """Weights that load_state_dict would take but no float model can use: no data (meta),
+    integers (a quantized state_dict) where floats belong, NaN or inf."""
+    if given.is_meta:
+        raise UserError(f"{where} is a meta tensor: it holds no data (saved from a model built "
+                        "on the meta device?)")
+    if expected.is_floating_point() and not given.is_floating_point():
+        raise UserError(f"{where} is {str(given.dtype).removeprefix('torch.')}, not a float "
+                        "tensor (a quantized state_dict? give the float weights)")
+    if given.is_floating_point() and not torch.isfinite(given).all():
+        raise UserError(f"{where} holds NaN or inf")
 
 
 def _no_arch_hint(cfg: TeacherConfig) -> str:
@@ -465,6 +480,14 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
     if out.ndim != 2 or out.shape[1] != data.n_classes:
         raise UserError(f"teacher {name} outputs {list(out.shape[1:])} per row, "
                         f"the data has {data.n_classes} classes")
+    weights = non_finite_tensor(model)
+    if weights is not None:
+        raise UserError(f"teacher {name}: its {weights} holds NaN or inf")
+    with torch.no_grad():
+        finite = bool(torch.isfinite(model(torch.from_numpy(data.X_train[:256]))).all())
+    if not finite:
+        raise UserError(f"teacher {name} outputs NaN or inf on the data's rows (weights too "
+                        "large for float32?)")
 
 
 def check_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None) -> None:

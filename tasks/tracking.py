@@ -24,9 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks import safe_yaml
 from tasks.errors import WRITE_FAULTS, UserError
 
 SETTINGS_FILE = Path("mlflow.yaml")
@@ -84,13 +84,13 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def load_settings(path: Path | None = None) -> MlflowSettings:
     path = path or Path(os.environ.get("DISTILL_MLFLOW_CONFIG", SETTINGS_FILE))
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a YAML file")
     if not path.is_file():
         return MlflowSettings()
+    raw = safe_yaml.load(path.read_text(), str(path)) or {}
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
         return MlflowSettings.model_validate(raw)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -156,21 +156,36 @@ def _store_lock(db: Path | None) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def redact(uri: str) -> str:
+    """`uri` without the password of its `user:password@` part (for messages and links)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server that does not answer is one clear error, not minutes of retries."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
 
+    parts = urlsplit(uri)  # urllib takes no user:password@ in a URL; /health needs none
+    plain = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        urllib.request.urlopen(f"{plain.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return  # it answered (auth, proxies): reachable
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise UserError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
-                        "MLFLOW_TRACKING_URI to use the embedded store of mlflow.yaml") from None
+        raise UserError(f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start "
+                        "it, or unset MLFLOW_TRACKING_URI to use the embedded store of mlflow.yaml"
+                        ) from None
 
 
 def connect(settings: MlflowSettings) -> None:
@@ -188,7 +203,8 @@ def connect(settings: MlflowSettings) -> None:
 def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list[str]:
     """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for `distill ui`)."""
     if settings.tracking_uri.startswith(("http://", "https://")):
-        raise UserError(f"tracking is already a server ({settings.tracking_uri}): open it in a browser")
+        raise UserError(f"tracking is already a server ({redact(settings.tracking_uri)}): open it in a "
+                        "browser")
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", settings.ui.host,
            "--port", str(port or settings.ui.port), "--workers", "1", "--backend-store-uri", settings.tracking_uri]
     if settings.registry_uri != settings.tracking_uri:
@@ -386,7 +402,7 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
 def ui_base_url(settings: MlflowSettings) -> str:
     """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml `ui`)."""
     uri = settings.tracking_uri
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
+    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
 
 
 def run_url(settings: MlflowSettings, experiment_id: str, run_id: str) -> str:

@@ -58,6 +58,29 @@ def _files(tmp: Path) -> dict[str, str]:
     files["pickled_module.pt"] = str(tmp / "pickled_module.pt")
     (tmp / "corrupt.pt").write_bytes(pickle.dumps("x")[:3])
     files["corrupt.pt"] = str(tmp / "corrupt.pt")
+    (tmp / "header.csv").write_text("a,b,label\n")
+    files["header.csv"] = str(tmp / "header.csv")
+    np.savez(tmp / "scalar.npz", X=np.array(3.0), y=np.array(1))
+    files["scalar.npz"] = str(tmp / "scalar.npz")
+    np.savez(tmp / "onehot.npz", X=rng.normal(size=(60, 4)), y=np.eye(3)[np.repeat([0, 1, 2], 20)])
+    files["onehot.npz"] = str(tmp / "onehot.npz")
+    state = build_mlp(64, [64, 64], 10).state_dict()  # TINY's teacher.hidden
+    for name, weights in (("nan", {k: v * float("nan") for k, v in state.items()}),
+                          ("huge", {k: torch.full_like(v, 1e38) for k, v in state.items()}),
+                          ("int8", {k: (v * 100).to(torch.int8) for k, v in state.items()}),
+                          ("meta", {k: torch.empty_like(v, device="meta") for k, v in state.items()})):
+        torch.save(weights, tmp / f"{name}_weights.pt")
+        files[f"{name}_weights.pt"] = str(tmp / f"{name}_weights.pt")
+    # billion laughs: 421 bytes, 9 levels of 9 aliases = 387 million strings once expanded
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefghi", "bcdefghij"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    (tmp / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    files["bomb.yaml"] = str(tmp / "bomb.yaml")
+    (tmp / "cycle.yaml").write_text("name: &a [*a]\n")
+    files["cycle.yaml"] = str(tmp / "cycle.yaml")
+    (tmp / "folder.yaml").mkdir()
+    files["folder.yaml"] = str(tmp / "folder.yaml")
     (tmp / "bad.yaml").write_text("teacher: [unclosed\n")
     files["bad.yaml"] = str(tmp / "bad.yaml")
     (tmp / "list.yaml").write_text("- a\n- b\n")
@@ -108,6 +131,25 @@ CASES = [
     ("teacher pickled module", ["--set", "teacher.source=file:{pickled_module.pt}"], "teacher file {pickled_module.pt} is neither a state_dict nor TorchScript"),
     ("teacher unknown scheme", ["--set", "teacher.source=hub:resnet18"], "config key 'teacher.source': expected train, file:PATH"),
     ("MLflow model that does not exist", ["--set", "teacher.source=models:/no-such-model@champion"], "config key 'teacher.source': cannot load models:/no-such-model@champion"),
+    # issue 18: each used to run to a traceback, a NaN model in the registry, or a misleading line
+    ("infinite learning rate", ["--set", "finetune.lr=.inf"], "config key 'finetune.lr': Input should be a finite number"),
+    ("infinite budget", ["--set", "reduce.budget.size_kb=.inf"], "config key 'reduce.budget.size_kb': Input should be a finite number"),
+    ("NaN number", ["--set", "teacher.weight_decay=.nan"], "config key 'teacher.weight_decay': Input should be a finite number"),
+    ("overflowing number", ["--set", "compress.quantize.max_abs_diff=1e999"], "config key 'compress.quantize.max_abs_diff': Input should be a finite number"),
+    ("negative data.shape", ["--set", "data.shape=[-1, -8, 8]"], "config key 'data.shape.0': Input should be greater than 0"),
+    ("negative seed", ["--set", "seed=-1"], "config key 'seed': Input should be greater than or equal to 0"),
+    ("a later budget key replaces the first", ["--set", "reduce.budget.ratio=30", "--set", "reduce.budget.variance=1.5"], "config key 'reduce.budget.variance': Input should be less than or equal to 1"),
+    ("--set value not YAML", ["--set", "name=[unclosed"], "--set name is not valid YAML"),
+    ("test_size leaves no training rows", ["--set", "data.test_size=0.99"], "config keys 'data.test_size' (0.99) + 'data.val_size' (0.1) leave no training rows"),
+    ("header-only csv", ["--set", "data.source=csv:{header.csv}", "--set", "data.label=label"], "data file {header.csv}: no rows (only a header)"),
+    ("scalar npz", ["--set", "data.source=npz:{scalar.npz}"], "data file {scalar.npz}: array 'X' must be numeric with one row per sample"),
+    ("one-hot y", ["--set", "data.source=npz:{onehot.npz}"], "data file {onehot.npz}: array 'y' must hold one label per row, got shape [60, 3]"),
+    ("teacher weights NaN", ["--set", "teacher.source=file:{nan_weights.pt}"], "teacher file {nan_weights.pt}: 0.weight holds NaN or inf"),
+    ("teacher weights overflow float32", ["--set", "teacher.source=file:{huge_weights.pt}"], "teacher mlp outputs NaN or inf on the data's rows"),
+    ("teacher weights int8", ["--set", "teacher.source=file:{int8_weights.pt}"], "teacher file {int8_weights.pt}: 0.weight is int8, not a float tensor"),
+    ("teacher weights on meta", ["--set", "teacher.source=file:{meta_weights.pt}"], "teacher file {meta_weights.pt}: 0.weight is a meta tensor"),
+    ("fine-tuning diverges to NaN", ["--set", "finetune.lr=1e30"], "stage finetuned: the model's 0.weight holds NaN or inf (finetune.lr too high?)"),
+    ("ONNX export beyond tolerance", ["--set", "compress.quantize.max_abs_diff=1e-15"], "stage quantize: the ONNX export differs from PyTorch by"),
 ]
 
 
@@ -124,7 +166,7 @@ def _registry() -> list[tuple[str, str, tuple[str, ...]]]:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    return sorted((v.name, str(v.version), tuple(sorted(v.aliases)))
+    return sorted((v.name, str(v.version), tuple(sorted(v.aliases)), v.tags.get("distill.complete"))
                   for m in client.search_registered_models() for v in client.search_model_versions(f"name='{m.name}'"))
 
 
@@ -179,6 +221,62 @@ def test_unreachable_tracking_server(prefect_server, monkeypatch):
         "error: MLflow tracking server http://127.0.0.1:9 is not reachable")
 
 
+def test_password_in_the_tracking_uri_is_never_echoed(prefect_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:s3cret@127.0.0.1:9")
+    result = invoke([])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: MLflow tracking server http://bob:***@127.0.0.1:9 is not reachable (")
+    assert "s3cret" not in result.output
+
+
+def test_a_server_behind_user_and_password_is_reachable():
+    """urllib takes no user:password@ in a URL: the probe used to call a live server 'not reachable'."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tasks.tracking import check_reachable, redact
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 -- http.server's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://bob:s3cret@127.0.0.1:{server.server_port}")  # no error
+    finally:
+        server.shutdown()
+    assert redact("https://bob:s3cret@mlflow.example/x") == "https://bob:***@mlflow.example/x"
+    assert redact("http://mlflow.example:5000") == "http://mlflow.example:5000"
+
+
+def test_promote_with_an_empty_model_name(registry_with_a_version):
+    before = _registry()
+    result = CliRunner().invoke(app, ["promote", "--model", ""])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: option --model: the registered model name is empty"
+    assert _registry() == before
+
+
+def test_predict_into_a_directory(registry_with_a_version, digits, tmp_path):
+    from tasks.registry import raw_features
+
+    rows = tmp_path / "rows.csv"
+    raw_features(digits, digits.X_test[:5]).to_csv(rows, index=False)
+    (tmp_path / "out.csv").mkdir()
+    before = rows.read_bytes()
+    result = CliRunner().invoke(app, ["predict", "--model", "models:/distill-digits/1", "--input", str(rows),
+                                      "--output", str(tmp_path / "out.csv")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: output {tmp_path / 'out.csv'} is a directory, not a file"
+    assert rows.read_bytes() == before and list((tmp_path / "out.csv").iterdir()) == []
+
+
 def test_unwritable_artifact_location(prefect_server, tmp_path, monkeypatch):
     (tmp_path / "artifacts").write_text("a file where the artifact directory should be")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -207,6 +305,9 @@ def test_bad_mlflow_yaml(prefect_server, tmp_path, monkeypatch):
     ("absent.yaml", "error: config file not found: absent.yaml"),
     ("{bad.yaml}", "error: config file {bad.yaml} is not valid YAML"),
     ("{list.yaml}", "error: config file {list.yaml} must hold a mapping at the top level"),
+    ("{bomb.yaml}", "error: config file {bomb.yaml}: its aliases expand to more than 100,000 values"),
+    ("{cycle.yaml}", "error: config file {cycle.yaml}: an alias refers to a value that contains it"),
+    ("{folder.yaml}", "error: config file {folder.yaml} is a directory, not a YAML file"),
 ])
 def test_bad_config_files(files, config, message):
     result = CliRunner().invoke(app, ["run", fill(config, files)])

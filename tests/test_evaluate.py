@@ -107,3 +107,22 @@ def test_pipeline_summary():
     assert s["accuracy_drop"] == pytest.approx(0.01)
     assert s["speedup_b1"] == pytest.approx(4.0) and s["speedup_b256"] == pytest.approx(8.0)
     assert s["final/size_kb"] == 50.0
+
+
+def test_a_model_with_nan_stops_at_its_stage(digits):
+    """Issue 18: `finetune.lr=.inf` registered a model answering class 0 and NaN probabilities."""
+    from tasks.errors import UserError
+    from tasks.finite import check_model
+
+    torch.manual_seed(0)
+    model = build_mlp(digits.n_features, [8], digits.n_classes)
+    rows = digits.X_test[:32]
+    check_model("pruned", model, rows)  # finite: passes
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"^stage pruned: the model's 0\.weight holds NaN or inf "
+                                        r"\(finetune\.lr too high\?\); the run stops before registration$"):
+        check_model("pruned", model, rows)
+    served = OnnxModel(export_onnx(model, digits.n_features), 0, 0)  # no weights to read: its outputs tell
+    with pytest.raises(UserError, match=r"^stage quantized: the model outputs NaN or inf; "):
+        check_model("quantized", served, rows)

@@ -4,8 +4,10 @@ once the tracking server is back) and nothing registered. Ctrl-C ends the run KI
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +213,165 @@ def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     assert client.search_registered_models() == []
+
+
+# --- issue 18: the store, PREFECT_HOME, and a SIGKILL during registration ----------------------
+
+def _store(tmp_path: Path) -> Path:
+    """A SQLite store with experiment `distill` and one finished run (what a user's store holds)."""
+    db = tmp_path / "store.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment_id = client.create_experiment("distill", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.set_terminated(client.create_run(experiment_id).info.run_id)
+    return db
+
+
+def _run_on(db: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "mlflow.yaml").write_text(f"server:\n  tracking_uri: sqlite:///{db}\n"
+                                          f"  artifact_location: {tmp_path / 'artifacts'}\n")
+    return subprocess.run([*(args or RUN)], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _fill(disk: Path) -> None:
+    with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as handle:
+        while True:
+            handle.write(b"\0" * 4096)
+
+
+def test_full_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
+    disk = tmp_path / "disk"
+    _mount(disk, "size=4m")  # room for the store, then filled
+    try:
+        db = disk / "mlflow.db"
+        shutil.copy(_store(tmp_path), db)
+        _fill(disk)
+        _full_store(db, tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _full_store(db: Path, tmp_path: Path) -> None:
+    before = db.read_bytes()
+    proc = _run_on(db, tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: cannot write the tracking store {db}: database or disk is full"]
+    assert db.read_bytes() == before
+
+
+def test_read_only_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
+    db = _store(tmp_path)
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root, ext4)")
+    try:
+        before = db.read_bytes()
+        proc = _run_on(db, tmp_path)
+        assert proc.returncode == 3, proc.stderr
+        assert _last_line(proc.stderr) == f"error: cannot write the tracking store {db}: attempt to write a readonly database"
+        assert "Traceback" not in proc.stderr
+        assert db.read_bytes() == before
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=False)
+
+
+def test_corrupt_store_is_one_line_for_run_and_compare(tmp_path):
+    db = tmp_path / "store.db"
+    db.write_bytes(b"not a database " * 100)
+    for args in (RUN, [sys.executable, "-m", "flows.cli", "compare"]):
+        proc = _run_on(db, tmp_path, *args)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: cannot read the tracking store {db}: file is not a database"]
+    assert db.read_bytes() == b"not a database " * 100
+
+
+def test_prefect_home_on_a_full_disk_fails_at_once(tiny_disk, tmp_path):
+    _fill(tiny_disk)
+    started = time.monotonic()
+    proc = subprocess.run(RUN, cwd=tmp_path, env=_env(tmp_path, PREFECT_HOME=str(tiny_disk / "prefect"),
+                                                      MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot write {tiny_disk / 'prefect'}: No space left on device (PREFECT_HOME)"]
+    assert time.monotonic() - started < 60  # was: a 90 s wait for a server that cannot start, then a traceback
+    assert not (tmp_path / "m.db").exists()
+
+
+# `distill run`, SIGKILLed at the moment registration would give the new version its alias
+KILLED_AT_ALIAS = """
+import os, signal, sys
+from mlflow import MlflowClient
+MlflowClient.set_registered_model_alias = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+from flows.cli import main
+main()
+"""
+
+
+def _server_children(pid: int) -> set[int]:
+    """Prefect's temporary servers (uvicorn processes) started by process `pid`."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid \
+                    and b"uvicorn" in (stat.parent / "cmdline").read_bytes():
+                found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    return False
+
+
+def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp_path):
+    """Issue 18: the killed run's version kept its lineage and `promote --version` promoted it; the
+    temporary Prefect server kept listening. Now: the version is marked unfinished, promote refuses
+    it, the next run removes it, and the server dies with the process."""
+    db = tmp_path / "mlflow.db"
+    env = _env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    fast = ["--set", "register.model_name=reg", "--set", "evaluate.plots=false"]
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_AT_ALIAS, *RUN[3:], *fast], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    servers: set[int] = set()
+    while killed.poll() is None:
+        servers |= _server_children(killed.pid)
+        time.sleep(0.2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-2000:]
+    assert servers, "no temporary Prefect server was seen"
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in servers), "the temporary Prefect server outlived its process"
+
+    client = MlflowClient(f"sqlite:///{db}")
+    [version] = client.search_model_versions("name = 'reg'")
+    assert version.tags["distill.complete"] == "false"  # the hole, reproduced: a version, no alias
+    assert client.get_registered_model("reg").aliases == {}
+
+    promote = [sys.executable, "-m", "flows.cli", "promote", "--model", "reg"]
+    proc = subprocess.run([*promote, "--version", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert _last_line(proc.stderr).startswith("error: reg version 1 is an unfinished registration (run ")
+    assert client.get_registered_model("reg").aliases == {}
+
+    proc = subprocess.run([*RUN, *fast], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the unfinished version is gone, and so is the empty model its run had created: the new run
+    # made both anew (version numbers restart at 1)
+    [new] = client.search_model_versions("name = 'reg'")
+    assert new.run_id != version.run_id and new.tags["mlflow.run_id"] != version.tags["mlflow.run_id"]
+    assert new.tags["distill.complete"] == "true"
+    assert {k: str(v) for k, v in client.get_registered_model("reg").aliases.items()} == {
+        "challenger": str(new.version)}
+
+    # a version whose files are gone is not promoted either: promote loads it first
+    model = client.get_logged_model(new.source.removeprefix("models:/"))
+    shutil.rmtree(Path(model.artifact_location.removeprefix("file://")))
+    proc = subprocess.run(promote, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert _last_line(proc.stderr).startswith(f"error: reg version {new.version} does not load (")
+    assert {k: str(v) for k, v in client.get_registered_model("reg").aliases.items()} == {
+        "challenger": str(new.version)}

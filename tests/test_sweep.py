@@ -35,6 +35,8 @@ def test_grid_values_split_on_top_level_commas_only():
     (["finetune.temperature"], "--grid expects key=v1,v2,..., got 'finetune.temperature'"),
     (["finetune.temperature=2,"], "--grid expects key=v1,v2,..., got 'finetune.temperature=2,'"),
     (["a=1", "a=2"], "--grid a: given twice"),
+    (["reduce.budget.size_kb=8,16", "reduce.budget.ratio=10,20"],
+     "--grid: reduce.budget.size_kb and reduce.budget.ratio are both budgets; a variant has one"),
 ])
 def test_bad_grids_are_one_line(pairs, message):
     with pytest.raises(UserError) as err:

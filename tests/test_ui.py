@@ -72,3 +72,20 @@ def test_ui_against_a_tracking_server_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "ui"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: tracking is already a server")
+
+
+def test_ui_refuses_a_port_another_server_holds(tmp_path):
+    """It used to print the URL of whatever answered /health there, and exit 0."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: 127.0.0.1:{port} is already in use (Address already in use): choose another port with --port"]
+    assert proc.stdout == ""
