@@ -58,8 +58,6 @@ def _files(tmp: Path) -> dict[str, str]:
     files["pickled_module.pt"] = str(tmp / "pickled_module.pt")
     (tmp / "corrupt.pt").write_bytes(pickle.dumps("x")[:3])
     files["corrupt.pt"] = str(tmp / "corrupt.pt")
-    (tmp / "header.csv").write_text("a,b,label\n")
-    files["header.csv"] = str(tmp / "header.csv")
     np.savez(tmp / "scalar.npz", X=np.array(3.0), y=np.array(1))
     files["scalar.npz"] = str(tmp / "scalar.npz")
     np.savez(tmp / "onehot.npz", X=rng.normal(size=(60, 4)), y=np.eye(3)[np.repeat([0, 1, 2], 20)])
@@ -141,7 +139,6 @@ CASES = [
     ("a later budget key replaces the first", ["--set", "reduce.budget.ratio=30", "--set", "reduce.budget.variance=1.5"], "config key 'reduce.budget.variance': Input should be less than or equal to 1"),
     ("--set value not YAML", ["--set", "name=[unclosed"], "--set name is not valid YAML"),
     ("test_size leaves no training rows", ["--set", "data.test_size=0.99"], "config keys 'data.test_size' (0.99) + 'data.val_size' (0.1) leave no training rows"),
-    ("header-only csv", ["--set", "data.source=csv:{header.csv}", "--set", "data.label=label"], "data file {header.csv}: no rows (only a header)"),
     ("scalar npz", ["--set", "data.source=npz:{scalar.npz}"], "data file {scalar.npz}: array 'X' must be numeric with one row per sample"),
     ("one-hot y", ["--set", "data.source=npz:{onehot.npz}"], "data file {onehot.npz}: array 'y' must hold one label per row, got shape [60, 3]"),
     ("teacher weights NaN", ["--set", "teacher.source=file:{nan_weights.pt}"], "teacher file {nan_weights.pt}: 0.weight holds NaN or inf"),
