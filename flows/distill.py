@@ -18,19 +18,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.stages import (data_task, evaluate_task, finetune_task, plots_task, prune_task, quantize_task,
+                          reconstruct_task, reduce_task, register_task, teacher_task)
 from tasks import tracking
 from tasks.config import DEFAULT_CONFIG, PipelineConfig, build_config, load_config
-from tasks.data import Dataset, data_task
-from tasks.evaluate import evaluate_task, pipeline_summary
-from tasks.finetune import finetune_task, predict_logits
-from tasks.plots import plots_task
-from tasks.prune import prune_task
-from tasks.quantize import quantize_task
-from tasks.reconstruct import reconstruct_task
-from tasks.reduce import calibration_rows, reduce_task, reduction_record
-from tasks.registry import (Registered, register_task, remove_incomplete_registrations,
+from tasks.data import Dataset
+from tasks.evaluate import pipeline_summary
+from tasks.finetune import predict_logits
+from tasks.reduce import calibration_rows, reduction_record
+from tasks.registry import (Registered, remove_incomplete_registrations,
                             teacher_lineage)
-from tasks.teacher import check_teacher, teacher_task
+from tasks.teacher import check_teacher
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
 # torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)

@@ -21,7 +21,7 @@ import hashlib
 import importlib
 import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -143,27 +143,33 @@ def arch_fingerprint(arch: str) -> str:
     return file_sha256(Path(source)) if source and Path(source).is_file() else arch
 
 
-def code_modules(module_name: str) -> list[str]:
-    """A module and every `tasks` module it uses, transitively (sorted names)."""
+def _code_module(value: Any) -> str | None:
+    """The `tasks` module a global names: the module itself, or where a function or class lives."""
+    dep = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+    return dep if isinstance(dep, str) and (dep == CODE_PACKAGE or dep.startswith(CODE_PACKAGE + ".")) else None
+
+
+def code_modules(fn: Callable[..., Any]) -> list[str]:
+    """The `tasks` modules a stage function calls into, transitively (sorted names): the ones
+    its own code names, then every `tasks` module those import. A thin Prefect wrapper in
+    flows/stages.py keys on the stage it wraps, not on every stage its module imports."""
+    names = fn.__code__.co_names
+    todo = [m for m in (_code_module(fn.__globals__[n]) for n in names if n in fn.__globals__) if m]
     seen: set[str] = set()
-    todo = [module_name]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        for value in vars(importlib.import_module(name)).values():
-            dep = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-            if isinstance(dep, str) and (dep == CODE_PACKAGE or dep.startswith(CODE_PACKAGE + ".")):
-                todo.append(dep)
+        todo += [m for m in map(_code_module, vars(importlib.import_module(name)).values()) if m]
     return sorted(seen)
 
 
 @cache
-def code_digest(module_name: str) -> str:
-    """sha256 of the source of `code_modules(module_name)`."""
+def code_digest(fn: Callable[..., Any]) -> str:
+    """sha256 of the source of `code_modules(fn)`."""
     h = hashlib.sha256()
-    for name in code_modules(module_name):
+    for name in code_modules(fn):
         _tag(h, "source", name)
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()
@@ -177,7 +183,7 @@ def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str | No
     except Uncacheable:
         return None
     source_key = TASK_SOURCE.compute_key(task_ctx=context, inputs=inputs, flow_parameters={})
-    return content_hash(task.name, source_key, code_digest(task.fn.__module__),
+    return content_hash(task.name, source_key, code_digest(task.fn),
                         torch.__version__, np.__version__, inputs_key)
 
 

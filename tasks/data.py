@@ -552,16 +552,3 @@ def _file_stamp(source: str) -> tuple | None:
         return None
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns
-
-
-def __getattr__(name: str):
-    """`data_task`, the Prefect task, made on first use: `distill run` checks the data before
-    it imports Prefect (PEP 562), so a bad file is reported in about a second."""
-    if name != "data_task":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    global data_task
-    data_task = task(name="data", cache_policy=NO_CACHE)(load_dataset)
-    return data_task

@@ -22,12 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
-from tasks import tracking
 from tasks.config import EvaluateConfig
 from tasks.data import Dataset
 
@@ -235,22 +232,3 @@ def pipeline_summary(stages: dict[str, dict[str, float]], final_stage: str) -> d
         if key.startswith("latency_ms_b"):
             out[f"speedup_{key.removeprefix('latency_ms_')}"] = teacher[key] / final[key]
     return out
-
-
-@task(name="evaluate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
-      retry_condition_fn=tracking.retry_on_tracking_error)
-def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teacher_pred: np.ndarray | None,
-                  cfg: EvaluateConfig, parent_run_id: str, params: dict[str, Any] | None = None,
-                  curves: dict[str, list[float]] | None = None,
-                  extra: dict[str, float] | None = None) -> dict[str, float]:
-    """Measure a stage's model and record it as the stage's nested MLflow run (a retry replaces
-    the failed attempt's run)."""
-    from prefect.runtime import task_run
-
-    from tasks.finite import check_model
-
-    check_model(stage, model, data.X_test[:256])  # a NaN model stops here, before it is recorded
-    metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
-    tracking.record_stage(parent_run_id, stage, metrics, params, curves, model, data.X_test[:5],
-                          replace=task_run.run_count > 1)
-    return metrics

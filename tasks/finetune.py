@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from prefect import task
 from torch import nn
 
-from tasks.caching import STAGE_CACHE
 from tasks.config import FinetuneConfig
 from tasks.data import Dataset
 from tasks.device import resolve_device
@@ -170,9 +168,3 @@ def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: Finetune
                            weight_decay=cfg.weight_decay, temperature=cfg.temperature, alpha=cfg.alpha,
                            seed=seed, device=device)
     return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")
-
-
-@task(name="finetune", cache_policy=STAGE_CACHE, persist_result=True)
-def finetune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: FinetuneConfig,
-                  seed: int, device: str) -> tuple[nn.Module, History]:
-    return distill(teacher, student, data, cfg, seed, device)

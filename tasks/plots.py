@@ -21,14 +21,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from tasks import tracking
 from tasks.config import EvaluateConfig
 from tasks.data import Dataset
 from tasks.evaluate import SERIALIZED, OnnxModel, torch_predictor
@@ -209,12 +206,3 @@ def pipeline_figures(stages: dict[str, dict[str, float]], teacher: nn.Module, st
         if figure is not None:
             figures[name] = figure
     return figures
-
-
-@task(name="plots", cache_policy=NO_CACHE, retries=1)
-def plots_task(parent_run_id: str, stages: dict[str, dict[str, float]], teacher: nn.Module, student: nn.Module,
-               final: nn.Module | OnnxModel, data: Dataset, curves: dict[str, dict[str, list[float]]],
-               cfg: EvaluateConfig, seed: int) -> list[str]:
-    """Draw the run's figures and log them on the parent run; return their artifact paths."""
-    figures = pipeline_figures(stages, teacher, student, final, data, curves, cfg, seed)
-    return [tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}") for name, fig in figures.items()]

@@ -17,11 +17,9 @@ import math
 
 import numpy as np
 import torch
-from prefect import task
 from torch import nn
 from torch.nn.utils import prune
 
-from tasks.caching import STAGE_CACHE
 from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
 from tasks.finetune import FitSettings, History, fit
@@ -128,9 +126,3 @@ def prune_and_recover(teacher: nn.Module, student: nn.Module, data: Dataset, cfg
     model, history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
                          description="recovering from pruning")
     return fold_masks(model), history
-
-
-@task(name="prune", cache_policy=STAGE_CACHE, persist_result=True)
-def prune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
-               finetune: FinetuneConfig, seed: int, device: str) -> tuple[nn.Module, History]:
-    return prune_and_recover(teacher, student, data, cfg, finetune, seed, device)

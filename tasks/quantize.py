@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
 from torch import nn
 
-from tasks.caching import STAGE_CACHE
 from tasks.config import QuantizeConfig
 from tasks.errors import UserError
 from tasks.evaluate import OnnxModel, TorchScriptModel, count_params, flops_per_row, torch_predictor
@@ -131,9 +129,3 @@ def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cf
                      params, nonzeros, flops)
     int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
     return Quantized(float_model, int8, export_diff, int8_diff, "static" if static else "dynamic")
-
-
-@task(name="quantize", cache_policy=STAGE_CACHE, persist_result=True)
-def quantize_task(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
-                  seed: int) -> Quantized:
-    return quantize_model(model, X_test, X_train, cfg, seed)

@@ -19,10 +19,8 @@ import copy
 
 import numpy as np
 import torch
-from prefect import task
 from torch import nn
 
-from tasks.caching import STAGE_CACHE
 from tasks.config import ReconstructConfig
 from tasks.reduce import Basis, Reduction
 from tasks.width import WidthReport, reconstruct_width
@@ -104,8 +102,7 @@ def reinitialized(model: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-@task(name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True)
-def reconstruct_task(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
+def reconstruct_with_notes(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
                      cfg: ReconstructConfig) -> tuple[nn.Module, dict[str, object]]:
     """The student, and what its stage record says about the re-fits (width mode)."""
     report = WidthReport()

@@ -24,10 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
 from torch import nn
 
-from tasks.caching import STAGE_CACHE
 from tasks.config import BudgetConfig, ReduceConfig
 from tasks.errors import UserError
 from tasks.graph import Group, ParamModel, param_model, trace
@@ -293,8 +291,3 @@ def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
         return X_train
     idx = np.random.default_rng(seed).choice(len(X_train), size=n, replace=False)
     return X_train[np.sort(idx)]
-
-
-@task(name="reduce", cache_policy=STAGE_CACHE, persist_result=True)
-def reduce_task(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
-    return reduce_model(teacher, X_calib, cfg, mode)

@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import file_sha256
 from tasks.data import Dataset
@@ -189,11 +187,6 @@ def load_version(name: str, version: str) -> Any:
     except Exception as err:  # noqa: BLE001 -- whatever stops it loading stops the promotion
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"{name} version {version} does not load ({first}): not promoted") from None
-
-
-@task(name="register", cache_policy=NO_CACHE)
-def register_task(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
-    return register_model(model, data, model_name, tags)
 
 
 def teacher_lineage(source: str) -> dict[str, str]:

@@ -31,10 +31,8 @@ from typing import Any
 
 import torch
 import yaml
-from prefect import task
 from torch import nn
 
-from tasks.caching import STAGE_CACHE
 from tasks.config import TeacherConfig
 from tasks.data import Dataset
 from tasks.errors import UserError
@@ -501,9 +499,3 @@ def check_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = N
         load_teacher(cfg, data, seed=0, config_dir=config_dir)
     elif not cfg.source.startswith(("models:/", "runs:/")):
         load_teacher(cfg, data, seed=0, config_dir=config_dir)  # says what a source can be
-
-
-@task(name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
-def teacher_task(cfg: TeacherConfig, data: Dataset, seed: int, device: str,
-                 config_dir: str | None = None) -> nn.Module:
-    return load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None)

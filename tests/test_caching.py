@@ -12,9 +12,9 @@ from prefect.serializers import PickleSerializer
 from tasks.caching import Uncacheable, code_modules, content_hash, stage_cache_key, teacher_source_fingerprint
 from tasks.config import BudgetConfig, ReduceConfig, TeacherConfig
 from tasks.finetune import History
-from tasks.reconstruct import reconstruct_task
-from tasks.reduce import reduce_model, reduce_task
-from tasks.teacher import build_mlp, teacher_task
+from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
+from tasks.reduce import reduce_model
+from tasks.teacher import build_mlp
 
 
 def _key(task, **inputs):
@@ -55,8 +55,13 @@ def test_keys_differ_by_task_and_follow_the_stage_code(digits):
     assert key == _key(reduce_task, teacher=copy.deepcopy(teacher), X_train=digits.X_train.copy(), cfg=cfg, seed=0)
     assert key != _key(reduce_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=1)
     assert key != _key(reconstruct_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=0)
-    # the teacher's key covers the training loop it calls, not only the thin task wrapper
-    assert {"tasks.teacher", "tasks.finetune", "tasks.data", "tasks.config"} <= set(code_modules("tasks.teacher"))
+    # the teacher's key covers the training loop it calls, not only the thin task wrapper,
+    # and not the stages after it: editing quantization keeps a cached teacher
+    teacher_code = set(code_modules(teacher_task.fn))
+    assert {"tasks.teacher", "tasks.finetune", "tasks.data", "tasks.config"} <= teacher_code
+    assert "tasks.quantize" not in teacher_code and "tasks.prune" not in teacher_code
+    assert "tasks.quantize" in code_modules(quantize_task.fn)
+    assert "tasks.finetune" in code_modules(finetune_task.fn)
 
 
 def test_a_teacher_file_is_keyed_by_its_bytes_and_an_alias_is_not_cached(tmp_path, digits):

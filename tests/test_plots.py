@@ -8,7 +8,8 @@ from mlflow import MlflowClient
 from torch import nn
 
 from tasks.config import EvaluateConfig
-from tasks.plots import pareto_front, penultimate, pipeline_figures, plots_task
+from flows.stages import plots_task
+from tasks.plots import pareto_front, penultimate, pipeline_figures
 from tasks.teacher import build_mlp
 
 STAGES = {"teacher": {"size_kb": 1000.0, "accuracy": 0.97}, "reconstructed": {"size_kb": 250.0, "accuracy": 0.975},
