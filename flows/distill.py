@@ -168,8 +168,8 @@ def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, 
     reduce_cfg = cfg.reduce
     if cfg.target is not None:  # the plan chooses the reduce budget (tasks/target.py)
         with onnx_export_lock():
-            plan, costs, teacher_bytes = plan_task(teacher, data.X_train, cfg.target, cfg.compress.quantize,
-                                                   seed, ev.latency_repeats)
+            plan, costs, teacher_bytes = plan_task(teacher, data, cfg.target, cfg.reduce, cfg.reconstruct,
+                                                   cfg.compress.quantize, seed, ev.latency_repeats)
         reduce_cfg = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=plan.reduce_params)})
 
     calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)

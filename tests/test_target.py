@@ -38,8 +38,10 @@ CONFIG = str(ROOT / "configs" / "digits.yaml")
 FAST = ["teacher.hidden=[64, 64]", "teacher.epochs=8", "reduce.calibration_samples=256", "finetune.epochs=3",
         "compress.prune.recovery_epochs=1", "evaluate.latency_repeats=3", "evaluate.large_batch=32",
         "evaluate.plots=false"]
-# served file = 5,000 B + 1 B/param, at 100 and 10,100 params; latency 0.01 ms + 1e-6 ms/param
-COSTS = Costs((100, 10_100), (5_100, 15_100), (0.0101, 0.0201), "onnxruntime int8")
+# int8: file 5,000 B + 1 B/param, latency 0.01 ms + 1e-6 ms/param (from 100 and 10,100 params);
+# fp32: file 1,000 B + 4 B/param, latency 0.005 ms + 2e-6 ms/param
+COSTS = {"int8": Costs((100, 10_100), (5_100, 15_100), (0.0101, 0.0201), "onnxruntime int8"),
+         "fp32": Costs((100, 10_100), (1_400, 41_400), (0.0052, 0.0252), "onnxruntime fp32")}
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -73,24 +75,30 @@ def test_bad_targets_name_the_key(overrides, message):
 
 # --- the plan -------------------------------------------------------------------------------
 
-def test_plan_meets_a_size_with_the_measured_bytes_per_param():
-    assert (COSTS.fixed_bytes, COSTS.bytes_per_param) == pytest.approx((5_000, 1.0))
+def test_plan_meets_a_size_with_the_format_that_fits_the_most_parameters():
+    assert COSTS["int8"].line("bytes") == pytest.approx((5_000, 1.0))
     plan = plan_target(TargetConfig(size_kb=10), COSTS, teacher_params=50_000, smallest_params=100,
                        teacher_file_bytes=200_000)
-    # 10 KB = 10,240 B, aimed 1 % under: (10,137.6 - 5,000) / 1 B per param
-    assert plan.reachable and plan.final_params == plan.reduce_params == 5_137 and plan.limit == 10_240
+    # 10 KB = 10,240 B, aimed 1 % under: int8 (10,137.6 - 5,000) / 1 beats fp32 (10,137.6 - 1,000) / 4
+    assert (plan.fmt, plan.final_params, plan.reduce_params, plan.limit) == ("int8", 5_137, 5_137, 10_240)
+    assert plan.reachable
+    # 4 KB: int8's fixed 5,000 B do not fit at all, fp32 fits (4,055.04 - 1,000) / 4 params
+    small = plan_target(TargetConfig(size_kb=4), COSTS, 50_000, 100, 200_000)
+    assert (small.fmt, small.final_params) == ("fp32", 763)
     ratio = plan_target(TargetConfig(ratio=20), COSTS, 50_000, 100, teacher_file_bytes=200_000)
     assert ratio.limit == 10_000 and ratio.final_params == int(10_000 * 0.99 - 5_000)
     big = plan_target(TargetConfig(size_kb=1_000), COSTS, 50_000, 100, 200_000)
-    assert big.final_params == 50_000  # never more than the teacher
-    fast = plan_target(TargetConfig(latency_ms_b1=0.015), COSTS, 50_000, 100, 200_000)
-    assert fast.final_params == pytest.approx(5_000, abs=1)
+    assert (big.final_params, big.fmt) == (50_000, "fp32")  # never more than the teacher; fp32 is lossless
+    # 0.02 ms: int8 (0.02 - 0.01) / 1e-6 = 10,000 params beats fp32 (0.02 - 0.005) / 2e-6 = 7,500
+    fast = plan_target(TargetConfig(latency_ms_b1=0.02), COSTS, 50_000, 100, 200_000)
+    assert fast.fmt == "int8" and fast.final_params == pytest.approx(10_000, abs=1)
+    assert plan_target(TargetConfig(params=777), COSTS, 50_000, 100, 200_000).final_params == 777
 
 
 def test_a_target_below_the_smallest_model_is_unreachable():
-    plan = plan_target(TargetConfig(size_kb=4), COSTS, 50_000, smallest_params=100, teacher_file_bytes=200_000)
-    assert not plan.reachable and plan.final_params == 100 and plan.reduce_params == 400
-    assert "below the smallest reachable model (100 params" in plan.why
+    plan = plan_target(TargetConfig(size_kb=1), COSTS, 50_000, smallest_params=100, teacher_file_bytes=200_000)
+    assert not plan.reachable and plan.final_params == 100
+    assert "below the smallest reachable model (100 params)" in plan.why
 
 
 def test_smallest_model_and_prune_fraction_count_real_parameters():
@@ -128,7 +136,8 @@ def test_a_pruning_round_that_breaks_the_guard_is_rolled_back(digits):
     student = build_mlp(64, [40, 40], 10)
     before = copy.deepcopy(student.state_dict())
     n = sum(p.numel() for p in student.parameters())
-    plan = plan_target(TargetConfig(params=n // 8), COSTS, n, smallest_params(student, torch.zeros(2, 64)), 4 * n)
+    plan = plan_target(TargetConfig(params=n // 8), COSTS, n, smallest_params(student, torch.zeros(2, 64)),
+                       4 * n)
     # accuracy never breaks it here; the first round (to about n/2) keeps it, the second (n/4) does not
     guard = RefusesBelow(0.0, 1.0, digits.X_val, digits.y_val, floor=n // 3)
 
@@ -223,7 +232,9 @@ def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refus
     assert "KB (limit 1.0 KB)" in tags["distill.target_achieved"] and "max 0.0100" in tags["distill.target_accuracy_drop"]
     m = client.get_run(tags["mlflow.run_id"]).data.metrics
     assert m["target_met"] == 0.0 and m["target/achieved"] > m["target/limit"] == 1024
+    # the best model found: pruned from the smallest reduction that kept the guard, within it
     assert m["target/final_params"] == m["final/params"] <= m["target/reduce_params"]
+    assert m["target/val_accuracy_drop"] <= 0.01 + 1e-9 and m["target/pruning_rounds"] >= 1
 
     refused = _distill(["promote", "--model", "tiny", "--set", "promote.max_accuracy_drop=null"], tmp_path)
     assert refused.returncode == 1 and "gate allow_target_missed" in refused.stderr, refused.stderr[-2000:]
