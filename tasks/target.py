@@ -163,8 +163,8 @@ def plan_target(target: TargetConfig, costs: dict[str, Costs], teacher_params: i
                "reduced to it in one shot")
     else:
         final = smallest_params
-        why = (f"{kind}={value:g} is below the smallest reachable model ({smallest_params:,} params)"
-               f"{measured}")
+        why = (f"{kind}={value:g} is below the smallest reachable model "
+               f"({smallest_params:,} params){measured}")
     return Plan(kind, value, float(limit), fmt, teacher_params, smallest_params, final, final,
                 reachable, why)
 
@@ -243,7 +243,8 @@ class Fitted:
         return self.served_check.drop if self.served_check else float("nan")
 
 
-def achieved(plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int) -> float:
+def achieved(plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray,
+             repeats: int) -> float:
     if plan.unit == "bytes":
         return float(saved_size(served)[0])  # the file on disk
     if plan.unit == "params":
@@ -277,7 +278,8 @@ def keep_fraction_for(model: nn.Module, example: torch.Tensor, groups: list[Grou
     return lo
 
 
-def guarded_int8(quantized: Quantized, guard: Guard, float_check: Check) -> tuple[Quantized, Check | None]:
+def guarded_int8(quantized: Quantized, guard: Guard,
+                 float_check: Check) -> tuple[Quantized, Check | None]:
     """int8, unless it breaks the guard where its float model keeps it: then the fp32 export."""
     if quantized.int8_model is None:
         return quantized, None
@@ -289,8 +291,9 @@ def guarded_int8(quantized: Quantized, guard: Guard, float_check: Check) -> tupl
 
 
 def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
-                  costs: dict[str, Costs], guard: Guard, prune: PruneConfig, finetune: FinetuneConfig,
-                  quantize: QuantizeConfig, seed: int, device: str = "cpu", latency_repeats: int = 100,
+                  costs: dict[str, Costs], guard: Guard, prune: PruneConfig,
+                  finetune: FinetuneConfig, quantize: QuantizeConfig, seed: int,
+                  device: str = "cpu", latency_repeats: int = 100,
                   export: Callable[[nn.Module], Quantized] | None = None) -> Fitted:
     """Export and measure; while the limit is missed and the guard holds, prune one round toward
     the limit (at most halving the parameters, at most `prune.rounds` rounds) with KD recovery,
@@ -309,7 +312,8 @@ def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: P
         got = achieved(plan, quantized.served, data.X_test, latency_repeats)
         within = got <= plan.limit
         if within or not kept.ok:
-            bound = "" if within else f"accuracy guard: the {kept.step} already lost {kept.drop:.4f}"
+            bound = "" if within else \
+                f"accuracy guard: the {kept.step} already lost {kept.drop:.4f}"
             break
         if rounds >= prune.rounds:
             bound = f"{plan.kind}: {prune.rounds} pruning rounds (compress.prune.rounds) fell short"
@@ -331,8 +335,9 @@ def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: P
         checks.append(check)
         if not check.ok:
             rolled_back.append(check.step)
-            bound = (f"accuracy guard: {check.step} ({check.params:,} params) lost {check.drop:.4f} > "
-                     f"{guard.max_drop:.4f} on validation rows: rolled back, pruning stopped")
+            bound = (f"accuracy guard: {check.step} ({check.params:,} params) lost "
+                     f"{check.drop:.4f} > {guard.max_drop:.4f} on validation rows: rolled back, "
+                     "pruning stopped")
             break
         for name, values in round_history.curves().items():
             getattr(history, name).extend(values)
@@ -343,13 +348,19 @@ def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: P
             bound = (bound + "; " if bound else "") + (
                 f"int8 lost {int8.drop:.4f} > {guard.max_drop:.4f}: served the fp32 export")
     served = int8 if quantized.int8_model is not None and int8 is not None else kept
-    fitted = Fitted(model, quantized, history, checks, rolled_back, served, got, within and served.ok)
+    fitted = Fitted(model, quantized, history, checks, rolled_back, served, got,
+                    within and served.ok)
+    if within and not served.ok:
+        lost = served if kept.ok else kept  # the step that broke the guard first
+        bound = (f"accuracy guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
+                 f"validation rows ({plan.kind} met: {_show(plan, got)})")
     fitted.bound = bound or f"{plan.kind}: met ({_show(plan, got)} <= {_show(plan, plan.limit)})"
     return fitted
 
 
 def _show(plan: Plan, x: float) -> str:
-    return {"bytes": f"{x / 1024:.1f} KB", "params": f"{x:,.0f} params"}.get(plan.unit, f"{x:.4f} ms")
+    shown = {"bytes": f"{x / 1024:.1f} KB", "params": f"{x:,.0f} params"}
+    return shown.get(plan.unit, f"{x:.4f} ms")
 
 
 # --- what is recorded -----------------------------------------------------------------------
@@ -362,11 +373,14 @@ def target_record(plan: Plan, costs: dict[str, Costs], fitted: Fitted, guard: Gu
                                  "bound": fitted.bound[:500],
                                  "rolled_back": ", ".join(fitted.rolled_back) or "none"}
     metrics = {"limit": plan.limit, "achieved": fitted.achieved, "met": float(fitted.met),
-               "planned_params": float(plan.final_params), "reduce_params": float(plan.reduce_params),
+               "int8": float(fitted.quantized.int8_model is not None),
+               "planned_params": float(plan.final_params),
+               "reduce_params": float(plan.reduce_params),
                "smallest_params": float(plan.smallest_params),
                "final_params": float(fitted.quantized.served.params),
                "max_accuracy_drop": guard.max_drop, "val_accuracy_drop": fitted.accuracy_drop(),
-               "teacher_val_accuracy": guard.reference, "teacher_file_kb": teacher_file_bytes / 1024,
+               "teacher_val_accuracy": guard.reference,
+               "teacher_file_kb": teacher_file_bytes / 1024,
                "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks))}
     for fmt, c in costs.items():
         metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = c.line("bytes")
@@ -388,9 +402,10 @@ def target_tags(plan: Plan, fitted: Fitted, guard: Guard) -> dict[str, str]:
     """On the registered version: whether its target was met, with both numbers."""
     return {"distill.target_met": str(fitted.met).lower(),
             "distill.target": f"{plan.kind}={plan.value:g}",
-            "distill.target_achieved": f"{_show(plan, fitted.achieved)} (limit {_show(plan, plan.limit)})",
-            "distill.target_accuracy_drop": f"{fitted.accuracy_drop():.4f} (max {guard.max_drop:.4f}, "
-                                            "validation rows)"}
+            "distill.target_achieved": f"{_show(plan, fitted.achieved)} "
+                                       f"(limit {_show(plan, plan.limit)})",
+            "distill.target_accuracy_drop": f"{fitted.accuracy_drop():.4f} "
+                                            f"(max {guard.max_drop:.4f}, validation rows)"}
 
 
 @task(name="plan-target", cache_policy=STAGE_CACHE, persist_result=True)
@@ -404,7 +419,8 @@ def plan_task(teacher: nn.Module, data: Dataset, target: TargetConfig, reduce: R
     costs = measure_costs(teacher, data.X_train[:512], quantize, seed, latency_repeats, fractions)
     teacher_bytes = saved_size(teacher)[0]
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    plan = plan_target(target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes)
+    plan = plan_target(target, costs, teacher_params, smallest_params(teacher, example),
+                       teacher_bytes)
     if not plan.reachable:
         guard = Guard.of(teacher, data, target.max_accuracy_drop)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
@@ -419,5 +435,5 @@ def plan_task(teacher: nn.Module, data: Dataset, target: TargetConfig, reduce: R
 def fit_task(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
              costs: dict[str, Costs], guard: Guard, prune: PruneConfig, finetune: FinetuneConfig,
              quantize: QuantizeConfig, seed: int, device: str, latency_repeats: int) -> Fitted:
-    return fit_to_target(teacher, student, data, plan, costs, guard, prune, finetune, quantize, seed,
-                         device, latency_repeats)
+    return fit_to_target(teacher, student, data, plan, costs, guard, prune, finetune, quantize,
+                         seed, device, latency_repeats)
