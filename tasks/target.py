@@ -43,6 +43,7 @@ from tasks.config import (
     TargetConfig,
 )
 from tasks.data import Dataset
+from tasks.errors import UserError
 from tasks.evaluate import (
     OnnxModel,
     TorchScriptModel,
@@ -196,6 +197,9 @@ class Guard:
 
     @classmethod
     def of(cls, teacher: nn.Module, data: Dataset, max_drop: float) -> Guard:
+        if len(data.y_val) == 0:
+            raise UserError("config key 'target': the accuracy guard needs validation rows "
+                            "(data.val_size, or val rows in your split)")
         reference = float((torch_predictor(teacher)(data.X_val).argmax(1) == data.y_val).mean())
         return cls(reference, max_drop, data.X_val, data.y_val)
 
