@@ -217,8 +217,11 @@ def run(
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
         _print_summary(summary)
-        if summary.promotion is not None:
-            typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
+    if summary.target is not None and (not as_json or not summary.target["met"]):
+        # a missed target is not an error: the best model found is registered, tagged, exit 0
+        typer.echo(summary.target["line"], err=not summary.target["met"])
+    if not as_json and summary.promotion is not None:
+        typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
     if summary.promotion is not None and not summary.promotion.ok:
         raise typer.Exit(EXIT_REFUSED)
 
@@ -479,6 +482,7 @@ def promote(
     max_size_kb: Annotated[float | None, typer.Option(help="Gate: model file at most this many KB.")] = None,
     max_latency_ms_b1: Annotated[float | None, typer.Option(help="Gate: batch-1 latency at most this many ms.")] = None,
     vs_champion: Annotated[bool | None, typer.Option("--vs-champion/--ignore-champion", help="Gate: no worse than the current champion on the same held-out rows.")] = None,
+    allow_target_missed: Annotated[bool, typer.Option("--allow-target-missed", help="Promote a version whose run missed its target (tag distill.target_met=false).")] = False,
     champion_tolerance: Annotated[float | None, typer.Option(help="Accuracy the challenger may lose vs the champion.")] = None,
     rollback: Annotated[bool, typer.Option("--rollback", help="Move champion back to the previous champion.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object.")] = False,
@@ -490,7 +494,7 @@ def promote(
 
     flags = {"max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy, "max_size_kb": max_size_kb,
              "max_latency_ms_b1": max_latency_ms_b1, "vs_champion": vs_champion,
-             "champion_tolerance": champion_tolerance}
+             "champion_tolerance": champion_tolerance, "allow_target_missed": allow_target_missed or None}
     overrides = list(set_ or []) + [f"promote.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     with user_errors():
         if rollback and version is not None:

@@ -18,16 +18,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.stages import (data_task, evaluate_task, finetune_task, plots_task, prune_task, quantize_task,
-                          reconstruct_task, reduce_task, register_task, teacher_task)
+from flows.stages import (data_task, evaluate_task, finetune_task, fit_task, plan_task, plots_task, prune_task,
+                          quantize_task, reconstruct_task, reduce_task, register_task, teacher_task)
 from tasks import tracking
-from tasks.config import DEFAULT_CONFIG, PipelineConfig, build_config, load_config
+from tasks.config import DEFAULT_CONFIG, BudgetConfig, PipelineConfig, build_config, load_config
 from tasks.data import Dataset
 from tasks.evaluate import pipeline_summary
 from tasks.finetune import predict_logits
 from tasks.reduce import calibration_rows, reduction_record
-from tasks.registry import (Registered, remove_incomplete_registrations,
-                            teacher_lineage)
+from tasks.registry import Registered, remove_incomplete_registrations, teacher_lineage
+from tasks.target import Guard, target_record, target_tags, verdict
 from tasks.teacher import check_teacher
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
@@ -63,11 +63,13 @@ class RunSummary:
     metrics: dict[str, float]  # the parent run's metrics
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     promotion: Any = None  # tasks.promotion.Decision, with `distill run --promote`
+    target: dict[str, Any] | None = None  # {"met": bool, "line": str} when the config has a target
 
     def as_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_url": self.run_url, "model_name": self.model_name,
                 "model_version": self.model_version, "metrics": self.metrics, "stages": self.stages}\
-            | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})
+            | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})\
+            | ({"target": self.target} if self.target is not None else {})
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Progress:
     recorded: dict[str, float] = field(default_factory=dict)  # STAGE/METRIC of the other stage records
     summary: dict[str, float] = field(default_factory=dict)  # final/*, compression_ratio, ...
     registered: Registered | None = None
+    target: dict[str, Any] | None = None  # {"met": bool, "line": str}
 
     def stage_metrics(self) -> dict[str, float]:
         return self.recorded | {f"{s}/{k}": v for s, m in self.stages.items() for k, v in m.items()}
@@ -118,7 +121,8 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
     tracking.close_dead_runs(experiment_id)  # parents left RUNNING by killed processes -> FAILED
     remove_incomplete_registrations()  # versions (and empty models) those processes left
 
-    with tracking.parent_run(experiment_id, f"{cfg.name}-{cfg.reduce.budget.kind}", cfg.flat(),
+    kind = f"target-{cfg.target.kind}" if cfg.target is not None else cfg.reduce.budget.kind
+    with tracking.parent_run(experiment_id, f"{cfg.name}-{kind}", cfg.flat(),
                              tags | tracking.process_tags()) as run_id:
         tracking.log_run_inputs(yaml.safe_dump(cfg.model_dump(), sort_keys=False), path, data.raw_frame(),
                                 data.source, data.name, data.digest)
@@ -136,7 +140,9 @@ def distill_flow(config_path: str | None = None, overrides: list[str] | None = N
                          run_url=tracking.run_url(settings, experiment_id, run_id),
                          model_name=registered.name if registered else None,
                          model_version=registered.version if registered else None,
-                         metrics=tracking.run_metrics(run_id), stages=stages)
+                         metrics=tracking.run_metrics(run_id), stages=stages, target=done.target)
+    if done.target is not None and not done.target["met"]:
+        get_run_logger().warning(done.target["line"])
     if promote and registered is not None:
         from flows.promote import promote_flow
 
@@ -157,8 +163,16 @@ def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, 
     stages["teacher"] = evaluate_task("teacher", teacher, data, teacher_pred, ev, run_id,
                                       params=cfg.teacher.model_dump())
 
+    plan = None
+    reduce_cfg = cfg.reduce
+    if cfg.target is not None:  # the plan chooses the reduce budget (tasks/target.py)
+        with onnx_export_lock():
+            plan, costs, teacher_bytes = plan_task(teacher, data, cfg.target, cfg.reduce, cfg.reconstruct,
+                                                   cfg.compress.quantize, seed, ev.latency_repeats)
+        reduce_cfg = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=plan.reduce_params)})
+
     calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
-    reduction = reduce_task(teacher, calibration, cfg.reduce, cfg.reconstruct.mode)
+    reduction = reduce_task(teacher, calibration, reduce_cfg, cfg.reconstruct.mode)
     params, metrics = reduction_record(reduction)
     done.recorded |= tracking.record_stage(run_id, "reduce", metrics, params)
 
@@ -171,13 +185,27 @@ def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, 
                                         params=cfg.finetune.model_dump(), curves=history.curves())
     curves = {"finetuned": history.curves()}
 
-    student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
+    if plan is None:
+        student, history = prune_task(teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device)
+        prune_params = cfg.compress.prune.model_dump()
+        with onnx_export_lock():
+            quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
+    else:  # prune only while the served model misses the target, each round and int8 guarded
+        guard = Guard.of(teacher, data, cfg.target.max_accuracy_drop)
+        with onnx_export_lock():
+            fitted = fit_task(teacher, student, data, plan, costs, guard, cfg.compress.prune, cfg.finetune,
+                              cfg.compress.quantize, seed, device, ev.latency_repeats)
+        student, history, quantized = fitted.model, fitted.history, fitted.quantized
+        prune_params = cfg.compress.prune.model_dump(exclude={"amount"}) | {
+            "planned_by": "target", "rounds_run": sum(c.step.startswith("prune") for c in fitted.checks),
+            "rolled_back": ", ".join(fitted.rolled_back) or "none"}
+        target_params, target_metrics = target_record(plan, costs, fitted, guard, teacher_bytes)
+        done.recorded |= tracking.record_stage(run_id, "target", target_metrics, target_params)
+        done.target = {"met": fitted.met, "line": verdict(plan, fitted, guard)}
+        tags = tags | target_tags(plan, fitted, guard)
     stages["pruned"] = evaluate_task("pruned", student, data, teacher_pred, ev, run_id,
-                                     params=cfg.compress.prune.model_dump(), curves=history.curves())
+                                     params=prune_params, curves=history.curves())
     curves["pruned"] = history.curves()
-
-    with onnx_export_lock():
-        quantized = quantize_task(student, data.X_test, data.X_train, cfg.compress.quantize, seed)
     stages["quantized"] = evaluate_task(
         "quantized", quantized.served, data, teacher_pred, ev, run_id,
         params=cfg.compress.quantize.model_dump() | {"method": quantized.method},
@@ -187,6 +215,8 @@ def run_stages(cfg: PipelineConfig, data: Dataset, run_id: str, tags: dict[str, 
     if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
         plots_task(run_id, stages, teacher, student, quantized.served, data, curves, ev, seed)
     done.summary = pipeline_summary(stages, "quantized")
+    if done.target is not None:
+        done.summary["target_met"] = float(done.target["met"])
     if cfg.registry.enabled:
         done.registered = register_task(quantized.served, data, cfg.registry.model_name,
                                         tags | {"mlflow.run_id": run_id})

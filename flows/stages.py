@@ -20,7 +20,7 @@ from torch import nn
 from tasks import tracking
 from tasks.caching import STAGE_CACHE
 from tasks.config import (EvaluateConfig, FinetuneConfig, PruneConfig, QuantizeConfig, ReconstructConfig, ReduceConfig,
-                          TeacherConfig)
+                          TargetConfig, TeacherConfig)
 from tasks.data import Dataset, load_dataset
 from tasks.evaluate import OnnxModel, evaluate_model
 from tasks.finetune import History, distill
@@ -31,6 +31,7 @@ from tasks.quantize import Quantized, quantize_model
 from tasks.reconstruct import reconstruct_with_notes
 from tasks.reduce import Reduction, reduce_model
 from tasks.registry import Registered, TorchScriptModel, register_model
+from tasks.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
 from tasks.teacher import load_teacher
 
 data_task = task(name="data", cache_policy=NO_CACHE)(load_dataset)
@@ -69,6 +70,21 @@ def prune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: Prune
 def quantize_task(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
                   seed: int) -> Quantized:
     return quantize_model(model, X_test, X_train, cfg, seed)
+
+
+@task(name="plan-target", cache_policy=STAGE_CACHE, persist_result=True)
+def plan_task(teacher: nn.Module, data: Dataset, target: TargetConfig, reduce: ReduceConfig,
+              recon: ReconstructConfig, quantize: QuantizeConfig, seed: int,
+              latency_repeats: int) -> tuple[Plan, dict[str, Costs], int]:
+    return plan_for_target(teacher, data, target, reduce, recon, quantize, seed, latency_repeats)
+
+
+@task(name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)
+def fit_task(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
+             costs: dict[str, Costs], guard: Guard, prune: PruneConfig, finetune: FinetuneConfig,
+             quantize: QuantizeConfig, seed: int, device: str, latency_repeats: int) -> Fitted:
+    return fit_to_target(teacher, student, data, plan, costs, guard, prune, finetune, quantize,
+                         seed, device, latency_repeats)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,

@@ -105,6 +105,37 @@ class BudgetConfig(_Strict):
         return float(getattr(self, self.kind))
 
 
+TARGET_KINDS = ("size_kb", "ratio", "params", "latency_ms_b1")
+
+
+class TargetConfig(_Strict):
+    """What ships (tasks/target.py): exactly one of the final file's size, its ratio to the
+    teacher's file, its parameters or its batch-1 latency in the runtime that serves it; and
+    the accuracy it may lose vs the teacher, decided on validation rows at every lossy step."""
+
+    size_kb: float | None = Field(None, gt=0)  # the served file on disk
+    ratio: float | None = Field(None, gt=1)  # teacher file size / served file size
+    params: int | None = Field(None, gt=0)
+    latency_ms_b1: float | None = Field(None, gt=0)  # batch 1, in the serving runtime
+    max_accuracy_drop: float = Field(0.01, ge=0, lt=1)  # teacher - model, validation rows
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetConfig:
+        given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of " + ", ".join(TARGET_KINDS)
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in TARGET_KINDS if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
 class ReduceConfig(_Strict):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=120.0))
     calibration_samples: int = Field(1024, ge=2)
@@ -166,6 +197,7 @@ class PromoteConfig(_Strict):
     min_accuracy: float | None = Field(None, ge=0, le=1)
     max_size_kb: float | None = Field(None, gt=0)
     max_latency_ms_b1: float | None = Field(None, gt=0)
+    allow_target_missed: bool = False  # promote a version tagged distill.target_met=false
     vs_champion: bool = True  # no worse than the current champion on common held-out rows
     champion_tolerance: float = Field(0.0, ge=0)  # accuracy the challenger may lose vs the champion
 
@@ -181,6 +213,9 @@ class PipelineConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    # set: distill plans reduce, prune and quantize to meet it (reduce.budget and
+    # compress.prune.amount apply only without a target)
+    target: TargetConfig | None = None
     reduce: ReduceConfig = Field(default_factory=ReduceConfig)
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -194,6 +229,17 @@ class PipelineConfig(_Strict):
     def _svd_is_low_rank(self) -> PipelineConfig:
         if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
             raise ValueError("reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)")
+        return self
+
+    @model_validator(mode="after")
+    def _target_plans_widths(self) -> PipelineConfig:
+        if self.target is None:
+            return self
+        if self.reconstruct.mode != "width":
+            raise ValueError("target plans units per layer: it needs reconstruct.mode=width")
+        if self.compress.prune.method != "structured":
+            raise ValueError("target prunes whole units (zeros do not shrink the file): "
+                             "it needs compress.prune.method=structured")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -236,11 +282,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge; a budget override replaces the whole budget (it is one-of)."""
+    """Deep-merge; a budget override replaces the whole budget (it is one-of), and a target's
+    kind (size_kb, ratio, ...) replaces the other kinds (max_accuracy_drop stays)."""
     out = dict(base)
     for key, value in override.items():
         if key == "budget" and isinstance(value, dict):
             out[key] = value
+        elif key == "target" and isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and set(value) & set(TARGET_KINDS):
+            kept = {k: v for k, v in out[key].items() if k not in TARGET_KINDS}
+            out[key] = kept | value
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:

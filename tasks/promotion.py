@@ -47,6 +47,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 STATUS, REASON, PROMOTED_AT, PREVIOUS = "promotion.status", "promotion.reason", "promoted_at", "previous_champion"
 DECIDED_AT = "promotion.decided_at"
+TARGET_MET = "distill.target_met"  # "false": the run missed its `target:` (tasks/target.py)
 EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
 
 
@@ -60,6 +61,7 @@ class Candidate:
     metrics: dict[str, float]
     tags: dict[str, str]  # the run's tags
     params: dict[str, str]  # the run's params (the flattened config)
+    version_tags: dict[str, str] = field(default_factory=dict)  # the model version's
 
     @property
     def label(self) -> str:
@@ -161,7 +163,8 @@ def load_candidate(client: Any, name: str, version: str) -> Candidate:
         run = client.get_run(run_id)
     except MlflowException:
         raise UserError(f"{name} version {version}: its MLflow run {run_id} is gone") from None
-    return Candidate(name, str(version), run_id, dict(run.data.metrics), dict(run.data.tags), dict(run.data.params))
+    return Candidate(name, str(version), run_id, dict(run.data.metrics), dict(run.data.tags), dict(run.data.params),
+                     dict(mv.tags))
 
 
 # --- gates ----------------------------------------------------------------------------------
@@ -184,6 +187,11 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
     """The gates that need no champion; a gate set to None is off."""
     m = c.metrics
     out = []
+    if c.version_tags.get(TARGET_MET) == "false" and not gates.allow_target_missed:
+        out.append(Gate("allow_target_missed", False, float("nan"), float("nan"),
+                        f"its run missed the target {c.version_tags.get('distill.target', '')}: "
+                        f"{c.version_tags.get('distill.target_achieved', '?')}, accuracy drop "
+                        f"{c.version_tags.get('distill.target_accuracy_drop', '?')} (--allow-target-missed)"))
     if gates.max_accuracy_drop is not None:
         out.append(_upper("max_accuracy_drop", "accuracy drop vs teacher", m.get("accuracy_drop"),
                           gates.max_accuracy_drop))

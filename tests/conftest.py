@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency repeats
     "teacher.hidden=[64, 64]", "teacher.epochs=8", "reduce.budget.size_kb=12", "reduce.calibration_samples=256",
     "finetune.epochs=3", "compress.prune.recovery_epochs=1", "evaluate.latency_repeats=3",
-    "evaluate.large_batch=32",
+    "evaluate.large_batch=32", "target=null",  # hand-sized stages; tests/test_target.py runs targets
 ]
 
 

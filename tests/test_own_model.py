@@ -20,7 +20,7 @@ from .conftest import ROOT
 
 FAST = ["teacher.epochs=10", "teacher.lr=0.01", "reduce.budget.ratio=2", "reduce.calibration_samples=256",
         "finetune.epochs=2", "compress.prune.recovery_epochs=1", "compress.prune.rounds=1",
-        "evaluate.latency_repeats=3", "evaluate.large_batch=32", "evaluate.plots=false"]
+        "evaluate.latency_repeats=3", "evaluate.large_batch=32", "evaluate.plots=false", "target=null"]
 ARCHS = {
     "resnet": ("tests.zoo:ResNet2d", {"channels": 4}, [1, 8, 8]),
     "transformer": ("tests.zoo:TransformerClassifier",
