@@ -121,10 +121,7 @@ def registered(prefect_server, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     args = [a for s in [*TINY, f"data.source=csv:{tmp / 'table.csv'}", "data.label=label",
-                        f"register.model_name={NAME}", "evaluate.plots=false",
-                        # float: int8 dynamic quantization scales activations per batch, so a
-                        # row's answer would depend on its chunk, and chunking is tested here
-                        "compress.quantize.enabled=false"]
+                        f"register.model_name={NAME}", "evaluate.plots=false"]
             for a in ("--set", s)]
     result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "digits.yaml"), *args])
     assert result.exit_code == 0, result.output
