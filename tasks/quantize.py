@@ -144,7 +144,7 @@ def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cf
         return Quantized(float_ts, int8_ts, export_diff, int8_diff, "torch-dynamic")
     if not cfg.enabled:
         return Quantized(float_model, None, export_diff, None, "none")
-    int8 = OnnxModel(quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 512, seed), static=True),
+    int8 = OnnxModel(quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 2048, seed), static=True),
                      params, nonzeros, flops)
     int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
     return Quantized(float_model, int8, export_diff, int8_diff, "static")
