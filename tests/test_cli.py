@@ -62,6 +62,7 @@ def test_help_lists_run():
 
 INTERRUPTED_IN_EXEC = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if this test runs in the background
 {install}
 try:  # the interrupt lands inside code run by exec() of a string, as in sympy's or mpmath's imports
     exec("os.kill(os.getpid(), signal.SIGINT)\\nimport time\\nwhile True: time.sleep(0.01)")

@@ -188,8 +188,10 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
 def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
     db = tmp_path / "mlflow.db"
     env = _env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    # SIGINT as a terminal delivers it: not ignored, even where the suite runs in the background (`&`)
     run = subprocess.Popen(RUN + ["--set", "register.model_name=never"], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client = MlflowClient(f"sqlite:///{db}")
     try:
         deadline, parent = time.monotonic() + 240, None
