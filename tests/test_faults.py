@@ -26,8 +26,10 @@ RUN = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "digits.
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The session's PREFECT_HOME (its temporary server's database is made once, not per run:
+    ~6 s each) with this test's own result storage, so no stage comes from another test's cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
-    return env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"),
+    return env | {"PYTHONPATH": str(ROOT), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
                   "DISTILL_MLFLOW_CONFIG": str(tmp_path / "mlflow.yaml")} | extra
 
 
