@@ -214,8 +214,8 @@ def test_a_dask_sweep_of_four_variants(prefect_api, tmp_path):
     assert {row["run_id"] for row in table} == {r.info.run_id for r in variants}
     # the front of what MLflow recorded for each variant, not of the table's own columns
     recorded = {r.info.run_id: r.data.metrics for r in variants}
-    assert [(row["size_kb"], row["accuracy"]) for row in table] == pytest.approx(
-        [(recorded[row["run_id"]]["final/size_kb"], recorded[row["run_id"]]["final/accuracy"]) for row in table])
+    for key in ("size_kb", "accuracy"):
+        assert [row[key] for row in table] == pytest.approx([recorded[row["run_id"]][f"final/{key}"] for row in table])
     assert [row["pareto"] for row in table] == pareto_mask([recorded[row["run_id"]]["final/size_kb"] for row in table],
                                                            [recorded[row["run_id"]]["final/accuracy"] for row in table])
     assert summary.data.metrics["sweep/pareto"] == sum(row["pareto"] for row in table)
