@@ -127,7 +127,8 @@ def _exit_on_signals() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # SIGINT came in ignored (nohup, &): stays so
+    # where SIGINT came in ignored (nohup, a background job), it stays ignored
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
 
 

@@ -62,7 +62,8 @@ def test_help_lists_run():
 
 INTERRUPTED_IN_EXEC = """
 import os, signal, sys
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if this test runs in the background
+# as in a terminal, even where this test runs in the background (SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 {install}
 try:  # the interrupt lands inside code run by exec() of a string, as in sympy's or mpmath's imports
     exec("os.kill(os.getpid(), signal.SIGINT)\\nimport time\\nwhile True: time.sleep(0.01)")
@@ -77,6 +78,7 @@ def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path):
         env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
         return subprocess.run([sys.executable, "-m", "interrupted"], env=env, timeout=60).returncode
 
-    if run("") != -signal.SIGINT:  # CPython kills itself at exit after a handled plain KeyboardInterrupt
-        pytest.skip("this Python exits 130 after a handled KeyboardInterrupt from exec'd code anyway")
+    # CPython kills itself at exit after a handled plain KeyboardInterrupt that left exec'd code
+    if run("") != -signal.SIGINT:
+        pytest.skip("this Python exits 130 after such an interrupt anyway")
     assert run("from flows.cli import _exit_on_signals; _exit_on_signals()") == 130

@@ -64,8 +64,8 @@ def test_latency_percentiles_time_each_call_after_warm_up(monkeypatch):
     import tasks.evaluate as evaluate
 
     now, calls = [0.0], []
-    durations = iter([1.0] * 3 + [k / 1e3 for k in (7, 3, 20, 1, 15, 9, 2, 18, 11, 5, 14, 6, 19, 4, 13, 8, 17,
-                                                       10, 16, 12)])
+    timed = (7, 3, 20, 1, 15, 9, 2, 18, 11, 5, 14, 6, 19, 4, 13, 8, 17, 10, 16, 12)  # 1..20 ms
+    durations = iter([1.0] * 3 + [k / 1e3 for k in timed])
 
     def predict(rows):
         calls.append(rows)
@@ -76,7 +76,7 @@ def test_latency_percentiles_time_each_call_after_warm_up(monkeypatch):
     p50, p95 = latency_percentiles_ms(predict, X, 16, 20)
     assert p50 == pytest.approx(10.5) and p95 == pytest.approx(19.05)  # np.percentile of 1..20 ms
     assert len(calls) == 23 and all(c.shape == (16, 3) for c in calls)
-    assert np.array_equal(calls[0], X[np.arange(16) % 10])  # a batch of 16 rows cycles through the 10
+    assert np.array_equal(calls[0], X[np.arange(16) % 10])  # 16 rows cycle through the 10
 
 
 def test_size_is_the_real_saved_file(tmp_path):
@@ -113,8 +113,9 @@ def test_latencies_and_throughput_come_from_their_batch(digits, monkeypatch):
         return timed[batch]
 
     monkeypatch.setattr(evaluate, "latency_percentiles_ms", fake_latency)
-    m = evaluate_model(build_mlp(64, [16], 10), digits, None, EvaluateConfig(latency_repeats=100, large_batch=64))
-    assert seen == [(1, 100), (64, 20)]  # the large batch is timed a fifth as often (at least 10 times)
+    cfg = EvaluateConfig(latency_repeats=100, large_batch=64)
+    m = evaluate_model(build_mlp(64, [16], 10), digits, None, cfg)
+    assert seen == [(1, 100), (64, 20)]  # the large batch is timed a fifth as often (10 at least)
     assert (m["latency_ms_b1"], m["latency_p95_ms_b1"]) == (0.5, 0.9)
     assert (m["latency_ms_b64"], m["latency_p95_ms_b64"]) == (4.0, 6.0)
     assert m["throughput_rows_s"] == pytest.approx(16_000)  # 64 rows in 4 ms

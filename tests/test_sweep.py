@@ -131,10 +131,10 @@ def test_sweep_in_threads_records_each_variant_apart(prefect_server, mlflow_stor
     table = summary.table
     assert sorted(table["run_id"]) == sorted(variants_["run_id"])
     # the front of what MLflow recorded for each variant, not of the table's own columns
-    recorded = variants_.set_index("run_id")
-    sizes, accuracies = recorded["metrics.final/size_kb"], recorded["metrics.final/accuracy"]
-    assert np.allclose(table["accuracy"], accuracies[table["run_id"]]) and np.allclose(table["size_kb"],
-                                                                                      sizes[table["run_id"]])
-    assert list(table["pareto"]) == pareto_mask(list(sizes[table["run_id"]]), list(accuracies[table["run_id"]]))
+    recorded = variants_.set_index("run_id").loc[table["run_id"]]
+    sizes = list(recorded["metrics.final/size_kb"])
+    accuracies = list(recorded["metrics.final/accuracy"])
+    assert np.allclose(table["size_kb"], sizes) and np.allclose(table["accuracy"], accuracies)
+    assert list(table["pareto"]) == pareto_mask(sizes, accuracies)
     artifacts = {a.path for a in client.list_artifacts(summary_run, "sweep")}
     assert artifacts == {"sweep/pareto.md", "sweep/variants.csv", "sweep/pareto.png"}
