@@ -145,15 +145,31 @@ def _check_prefect_home() -> None:
                       f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)", str(home))
 
 
-def _exit_on_sigterm() -> None:
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, as the CLI raises it. Not a plain KeyboardInterrupt on purpose: CPython 3.11 notes a
+    plain one that leaves code run by exec() or eval() of a string (sympy, mpmath, dataclasses and
+    namedtuple make functions that way, e.g. while torch imports torch._dynamo on the teacher's
+    first optimizer step) and then, under `python -m`, kills the process with SIGINT at exit
+    although the interrupt was handled: exit -2 instead of 130. It checks the exact type."""
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted
+
+
+def _exit_on_signals() -> None:
     """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
-    parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs)."""
+    parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs);
+    Ctrl-C unwinds as `Interrupted`: runs end KILLED and the exit code is 130."""
     import signal
 
     def terminate(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
+    # where SIGINT came in ignored (nohup, a background job), it stays ignored
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 @contextlib.contextmanager
@@ -208,7 +224,7 @@ def run(
     from tasks.progress import stage_lines
 
     stage_lines()
-    _exit_on_sigterm()
+    _exit_on_signals()
     with user_errors():
         # stdout is the result (table or JSON); libraries' chatter goes to stderr
         with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run) or fresh), local_settings():
@@ -319,7 +335,7 @@ def sweep(
     server_ready()
 
     _hide_user_errors_in_prefect_logs()
-    _exit_on_sigterm()
+    _exit_on_signals()
     failed = False
     with user_errors():
         try:
@@ -365,10 +381,6 @@ def serve(
 
     with user_errors():
         serve_deployments(prefect_file)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 class CompareFormat(str, Enum):

@@ -3,9 +3,11 @@ fresh MLflow store (SQLite + artifacts under tmp_path) for every test that track
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,20 +51,43 @@ def prefect_server():
         yield
 
 
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it: restore after
-    monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(tmp_path / "absent-mlflow.yaml"))
+def point_mlflow_at(directory: Path, mp: pytest.MonkeyPatch) -> str:
+    """MLflow (environment and this process's URIs) on the SQLite store in `directory`, without
+    an mlflow.yaml; `mp` restores the environment. Returns the URI."""
     import mlflow
 
+    uri = f"sqlite:///{directory}/mlflow.db"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it: restore after
+    mp.setenv("DISTILL_MLFLOW_CONFIG", str(directory / "absent-mlflow.yaml"))
     mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the environment
     mlflow.set_registry_uri(uri)
-    yield uri
+    return uri
+
+
+def _end_active_runs() -> None:
+    import mlflow
 
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@contextlib.contextmanager
+def use_store(directory: Path) -> Iterator[str]:
+    """`point_mlflow_at` for a block: in module-scoped fixtures that share one store (and in each
+    test that reads it, since another test may have pointed MLflow elsewhere meanwhile)."""
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            yield point_mlflow_at(directory, mp)
+        finally:
+            _end_active_runs()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh store for this test."""
+    yield point_mlflow_at(tmp_path, monkeypatch)
+    _end_active_runs()
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,27 @@ from flows.distill import STAGES, distill_flow
 from tasks.errors import UserError
 from tasks.registry import raw_features
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 
 
+@pytest.fixture(scope="module")
+def flow_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("flow-store")
+
+
+@pytest.fixture(scope="module")
+def pipeline(prefect_server, flow_store):
+    """One pipeline run for the tests that only read what it recorded."""
+    with use_store(flow_store):
+        return distill_flow(CONFIG, TINY + ["register.model_name=tiny-digits"])
+
+
 @pytest.fixture
-def run(prefect_server, mlflow_store):
-    return distill_flow(CONFIG, TINY + ["register.model_name=tiny-digits"])
+def run(pipeline, flow_store):
+    with use_store(flow_store):  # an earlier test may have pointed MLflow elsewhere
+        yield pipeline
 
 
 def test_flow_records_parent_and_stage_runs(run):

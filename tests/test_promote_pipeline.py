@@ -21,7 +21,7 @@ from tasks.predict import predict_file
 from tasks.registry import raw_features
 from tasks.reproduce import RunRecord, check_record
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 NAME = "tiny-promoted"
@@ -33,16 +33,8 @@ TIMING = ("latency", "speedup", "throughput", "seconds", "time")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prefect_server):
     tmp = tmp_path_factory.mktemp("promote-pipeline")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it to os.environ: undo after
-        mp.setenv("DISTILL_MLFLOW_CONFIG", str(tmp / "absent-mlflow.yaml"))
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+    with use_store(tmp):
         yield tmp
-        while mlflow.active_run():
-            mlflow.end_run()
 
 
 @pytest.fixture(scope="module")
