@@ -4,7 +4,8 @@ The compression math (`tasks.data`, `tasks.teacher`, `tasks.reduce`, `tasks.reco
 `tasks.finetune`, `tasks.prune`, `tasks.evaluate`, `tasks.plots`) imports neither Prefect nor
 MLflow: call those functions from a notebook. Here they become task runs with a name, a cache
 policy (`STAGE_CACHE`: the content of the inputs and the source of the code the stage calls,
-tasks/caching.py) and, where MLflow is written, retries on tracking errors.
+tasks/caching.py) and, where MLflow is written, retries on tracking errors. Task runs are
+named after their stage (`evaluate-finetuned`), in the Prefect UI and in `distill run`'s lines.
 """
 
 from __future__ import annotations
@@ -34,52 +35,52 @@ from tasks.registry import Registered, TorchScriptModel, register_model
 from tasks.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
 from tasks.teacher import load_teacher
 
-data_task = task(name="data", cache_policy=NO_CACHE)(load_dataset)
+data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_dataset)
 
 
-@task(name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="teacher", task_run_name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
 def teacher_task(cfg: TeacherConfig, data: Dataset, seed: int, device: str,
                  config_dir: str | None = None) -> nn.Module:
     return load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None)
 
 
-@task(name="reduce", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="reduce", task_run_name="reduce", cache_policy=STAGE_CACHE, persist_result=True)
 def reduce_task(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
     return reduce_model(teacher, X_calib, cfg, mode)
 
 
-@task(name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="reconstruct", task_run_name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True)
 def reconstruct_task(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
                      cfg: ReconstructConfig) -> tuple[nn.Module, dict[str, object]]:
     return reconstruct_with_notes(teacher, reduction, X_calib, cfg)
 
 
-@task(name="finetune", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="finetune", task_run_name="finetune", cache_policy=STAGE_CACHE, persist_result=True)
 def finetune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: FinetuneConfig,
                   seed: int, device: str) -> tuple[nn.Module, History]:
     return distill(teacher, student, data, cfg, seed, device)
 
 
-@task(name="prune", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="prune", task_run_name="prune", cache_policy=STAGE_CACHE, persist_result=True)
 def prune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
                finetune: FinetuneConfig, seed: int, device: str) -> tuple[nn.Module, History]:
     return prune_and_recover(teacher, student, data, cfg, finetune, seed, device)
 
 
-@task(name="quantize", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="quantize", task_run_name="quantize", cache_policy=STAGE_CACHE, persist_result=True)
 def quantize_task(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
                   seed: int) -> Quantized:
     return quantize_model(model, X_test, X_train, cfg, seed)
 
 
-@task(name="plan-target", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="plan-target", task_run_name="plan-target", cache_policy=STAGE_CACHE, persist_result=True)
 def plan_task(teacher: nn.Module, data: Dataset, target: TargetConfig, reduce: ReduceConfig,
               recon: ReconstructConfig, quantize: QuantizeConfig, seed: int,
               latency_repeats: int) -> tuple[Plan, dict[str, Costs], int]:
     return plan_for_target(teacher, data, target, reduce, recon, quantize, seed, latency_repeats)
 
 
-@task(name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="fit-target", task_run_name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)
 def fit_task(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
              costs: dict[str, Costs], guard: Guard, prune: PruneConfig, finetune: FinetuneConfig,
              quantize: QuantizeConfig, seed: int, device: str, latency_repeats: int) -> Fitted:
@@ -87,7 +88,7 @@ def fit_task(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
                          seed, device, latency_repeats)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+@task(name="evaluate", task_run_name="evaluate-{stage}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=tracking.retry_on_tracking_error)
 def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teacher_pred: np.ndarray | None,
                   cfg: EvaluateConfig, parent_run_id: str, params: dict[str, Any] | None = None,
@@ -104,7 +105,7 @@ def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teach
     return metrics
 
 
-@task(name="plots", cache_policy=NO_CACHE, retries=1)
+@task(name="plots", task_run_name="plots", cache_policy=NO_CACHE, retries=1)
 def plots_task(parent_run_id: str, stages: dict[str, dict[str, float]], teacher: nn.Module, student: nn.Module,
                final: nn.Module | OnnxModel, data: Dataset, curves: dict[str, dict[str, list[float]]],
                cfg: EvaluateConfig, seed: int) -> list[str]:
@@ -113,7 +114,7 @@ def plots_task(parent_run_id: str, stages: dict[str, dict[str, float]], teacher:
     return [tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}") for name, fig in figures.items()]
 
 
-@task(name="register", cache_policy=NO_CACHE)
+@task(name="register", task_run_name="register", cache_policy=NO_CACHE)
 def register_task(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str,
                   tags: dict[str, str]) -> Registered:
     return register_model(model, data, model_name, tags)

@@ -34,9 +34,10 @@ def test_run_json(tmp_path):
         out["metrics"]["teacher/accuracy"] - out["metrics"]["final/accuracy"])
     assert (tmp_path / "mlflow.db").is_file()
     # stderr is not a terminal here: one line per finished stage, with its time, in order
-    stages = re.findall(r"^distill: (\w+) done in \d+\.\d s \(\d+\.\d s in all\)$", proc.stderr, re.MULTILINE)
-    assert [s for s in stages if s != "evaluate"] == ["data", "teacher", "reduce", "reconstruct", "finetune",
-                                                      "prune", "quantize", "plots", "register"], proc.stderr[-3000:]
+    stages = re.findall(r"^distill: ([\w-]+) done in \d+\.\d s \(\d+\.\d s in all\)$", proc.stderr, re.MULTILINE)
+    assert stages == ["data", "teacher", "evaluate-teacher", "reduce", "reconstruct", "evaluate-reconstructed",
+                      "finetune", "evaluate-finetuned", "prune", "quantize", "evaluate-pruned", "evaluate-quantized",
+                      "plots", "register"], proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("args, message", [
