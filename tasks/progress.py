@@ -45,9 +45,13 @@ class _StageLines(logging.Filter):
         elif record.levelno == logging.INFO and message.startswith("Finished in state "):
             state = message.removeprefix("Finished in state ").split("(")[0]
             took = now - self.started.pop(str(run_id), now)
-            print(f"distill: {getattr(record, 'task_name', 'stage')} "
-                  f"{'cached' if state == 'Cached' else 'done'} in {took:.1f} s "
-                  f"({now - self.start:.1f} s in all)", file=sys.stderr, flush=True)
+            print(
+                f"distill: {getattr(record, 'task_name', 'stage')} "
+                f"{'cached' if state == 'Cached' else 'done'} in {took:.1f} s "
+                f"({now - self.start:.1f} s in all)",
+                file=sys.stderr,
+                flush=True,
+            )
         return False
 
 

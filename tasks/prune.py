@@ -34,7 +34,9 @@ def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
     """Zero `amount` of all Linear/Conv weights by global magnitude; masks stay attached."""
-    prune.global_unstructured(prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount)
+    prune.global_unstructured(
+        prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount
+    )
     return model
 
 
@@ -72,8 +74,9 @@ def _writer_rows(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().reshape(module.weight.shape[0], -1)
 
 
-def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray,
-                        original: dict[str, int]) -> None:
+def remove_lowest_units(
+    model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
+) -> None:
     """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
     heads' worth at a time for attention), in place."""
     example = torch.from_numpy(X[:2])
@@ -91,38 +94,72 @@ def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, 
 
 
 def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:
-    return FitSettings(epochs=cfg.recovery_epochs, lr=finetune.lr / 2, batch_size=finetune.batch_size,
-                       patience=finetune.patience, weight_decay=finetune.weight_decay,
-                       temperature=finetune.temperature, alpha=finetune.alpha, seed=seed, device=device)
+    return FitSettings(
+        epochs=cfg.recovery_epochs,
+        lr=finetune.lr / 2,
+        batch_size=finetune.batch_size,
+        patience=finetune.patience,
+        weight_decay=finetune.weight_decay,
+        temperature=finetune.temperature,
+        alpha=finetune.alpha,
+        seed=seed,
+        device=device,
+    )
 
 
-def structured_prune(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
-                     finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
+def structured_prune(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
     model = copy.deepcopy(student)
     X = data.X_train[:1024]
     groups = trace(model, torch.from_numpy(X[:2])).reducible()
     if not groups:
-        raise UserError("config key 'compress.prune.method': structured pruning found no group of units to "
-                        "narrow in this student; use compress.prune.method=unstructured")
+        raise UserError(
+            "config key 'compress.prune.method': structured pruning found no group of units to "
+            "narrow in this student; use compress.prune.method=unstructured"
+        )
     original = {g.name: g.width for g in groups}
     history = History()
     for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
         remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)
-        model, round_history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
-                                   description="recovering from pruning")
+        model, round_history = fit(
+            model,
+            data,
+            _recovery(cfg, finetune, seed, device),
+            teacher=teacher,
+            description="recovering from pruning",
+        )
         for name, values in round_history.curves().items():
             getattr(history, name).extend(values)
     return model, history
 
 
-def prune_and_recover(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
-                      finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
+def prune_and_recover(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
     if cfg.amount == 0:
         return copy.deepcopy(student), History()
     if cfg.method == "structured":
         return structured_prune(teacher, student, data, cfg, finetune, seed, device)
     model = copy.deepcopy(student)
     magnitude_prune(model, cfg.amount)
-    model, history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
-                         description="recovering from pruning")
+    model, history = fit(
+        model,
+        data,
+        _recovery(cfg, finetune, seed, device),
+        teacher=teacher,
+        description="recovering from pruning",
+    )
     return fold_masks(model), history

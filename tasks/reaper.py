@@ -33,10 +33,14 @@ def watch(pid: int) -> subprocess.Popen | None:
     start = started(pid)
     if start is None:
         return None
-    watchdog = subprocess.Popen([sys.executable, "-m", "tasks.reaper", str(pid), start],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True,
-                                cwd=Path(__file__).resolve().parents[1])
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "tasks.reaper", str(pid), start],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     _WATCHDOGS.append(watchdog)
     return watchdog
 

@@ -27,7 +27,9 @@ class Classifier(PythonModel):
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            session = ort.InferenceSession(context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"]
+            )
             name = session.get_inputs()[0].name
             self.logits = lambda z: session.run(None, {name: z})[0]
         else:
