@@ -36,14 +36,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig  # noqa: E402
-from tasks.data import Dataset, Table, load_dataset, prepare  # noqa: E402
-from tasks.finetune import FitSettings, distill, fit, predict_logits  # noqa: E402
-from tasks.graph import keep_units, pruning_group, trace  # noqa: E402
-from tasks.reconstruct import reinitialized  # noqa: E402
-from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.width import choose_units, reconstruct_width  # noqa: E402
-from tests import zoo  # noqa: E402
+from tasks.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig
+from tasks.data import Dataset, Table, load_dataset, prepare
+from tasks.finetune import FitSettings, distill, fit, predict_logits
+from tasks.graph import keep_units, pruning_group, trace
+from tasks.reconstruct import reinitialized
+from tasks.reduce import calibration_rows, reduce_model
+from tasks.width import choose_units, reconstruct_width
+from tests import zoo
 
 TEACHER_EPOCHS = 40
 

@@ -42,15 +42,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.architectures import signals, tp_l2_student  # noqa: E402
-from tasks.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
-from tasks.data import Dataset, Table, load_dataset, prepare  # noqa: E402
-from tasks.finetune import FitSettings, fit, predict_logits  # noqa: E402
-from tasks.graph import param_model  # noqa: E402
-from tasks.reconstruct import reinitialized  # noqa: E402
-from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.teacher import build_cnn, build_mlp  # noqa: E402
-from tasks.width import reconstruct_width  # noqa: E402
+from benchmarks.architectures import signals, tp_l2_student
+from tasks.config import BudgetConfig, DataConfig, ReduceConfig
+from tasks.data import Dataset, Table, load_dataset, prepare
+from tasks.finetune import FitSettings, fit, predict_logits
+from tasks.graph import param_model
+from tasks.reconstruct import reinitialized
+from tasks.reduce import calibration_rows, reduce_model
+from tasks.teacher import build_cnn, build_mlp
+from tasks.width import reconstruct_width
 
 TEACHER_EPOCHS = 60
 COLUMNS = ("before FT", "distill", "scratch CE", "scratch KD", "TP L2 + KD")
@@ -109,7 +109,7 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
 def smallest_ratio(teacher: nn.Module, X: np.ndarray) -> float:
     """Teacher params / params of the smallest student width mode builds (one step per group)."""
     cost = param_model(teacher, torch.from_numpy(X[:2]))
-    return cost.params() / cost.params({name: 1 for name in cost.widths})
+    return cost.params() / cost.params(dict.fromkeys(cost.widths, 1))
 
 
 def run_cell(

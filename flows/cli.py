@@ -14,9 +14,9 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -651,14 +651,13 @@ def promote(
     from flows.promote import promote_flow
 
     _hide_user_errors_in_prefect_logs()
-    with user_errors():
-        with contextlib.redirect_stdout(sys.stderr):
-            decision = promote_flow(
-                model if model is not None else cfg.registry.model_name,
-                version,
-                cfg.promote,
-                rollback,
-            )
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        decision = promote_flow(
+            model if model is not None else cfg.registry.model_name,
+            version,
+            cfg.promote,
+            rollback,
+        )
     if as_json:
         typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
     else:

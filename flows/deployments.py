@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from tasks.config import read_yaml
 from tasks.errors import UserError
 

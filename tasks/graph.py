@@ -145,7 +145,7 @@ def _attention_blocker(mha: nn.MultiheadAttention) -> str:
 def _blocker(module: nn.Module) -> str:
     """Why a module in a group stops it from being reduced ('' when it does not)."""
     if isinstance(module, CONVS):
-        if 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
+        if module.groups > 1 and not (module.groups == module.in_channels == module.out_channels):
             return f"grouped convolution (groups={module.groups})"
         return ""
     if isinstance(module, nn.MultiheadAttention):

@@ -22,8 +22,8 @@ from torch.nn.utils import prune
 
 from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
-from tasks.finetune import FitSettings, History, fit
 from tasks.errors import UserError
+from tasks.finetune import FitSettings, History, fit
 from tasks.graph import REFIT, Group, keep_units, trace
 from tasks.width import activation_importance, choose_units, group_bases
 

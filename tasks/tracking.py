@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
