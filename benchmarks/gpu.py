@@ -110,7 +110,7 @@ def run_workload(
 ) -> list[str]:
     torch.manual_seed(0)
     start = make()
-    base = dict(epochs=epochs, lr=1e-3, batch_size=batch, patience=epochs, seed=0)
+    base = {"epochs": epochs, "lr": 1e-3, "batch_size": batch, "patience": epochs, "seed": 0}
     teachers, rows = {}, []
     for label, device, precision in columns:  # the teacher, trained from the same weights
         teachers[label], per_epoch = timed_fit(
@@ -126,7 +126,7 @@ def run_workload(
     )
     reduce_s = time.perf_counter() - t0
     kd = []
-    for label, device, precision in columns:
+    for _label, device, precision in columns:
         tuned, per_epoch = timed_fit(
             copy.deepcopy(student),
             data,
@@ -136,7 +136,7 @@ def run_workload(
         kd.append((per_epoch, accuracy(tuned, data)))
     cpu_train, cpu_kd = rows[0][1], kd[0][0]
     out = []
-    for (label, train_s, train_acc), (kd_s, kd_acc) in zip(rows, kd):
+    for (label, train_s, train_acc), (kd_s, kd_acc) in zip(rows, kd, strict=True):
         out.append(
             f"| {name} | {label} | {1000 * train_s:,.0f} | {cpu_train / train_s:.1f}x | "
             f"{100 * train_acc:.1f} | {1000 * kd_s:,.0f} | {cpu_kd / kd_s:.1f}x | {100 * kd_acc:.1f} |"
@@ -171,6 +171,7 @@ def pipeline_seconds(device: str) -> float:
             env=env,
             capture_output=True,
             text=True,
+            check=False,
         )
         if proc.returncode != 0:
             raise SystemExit(f"distill run device={device} failed:\n{proc.stderr[-2000:]}")

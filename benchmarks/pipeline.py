@@ -58,20 +58,30 @@ def main() -> None:
         "| stage | params | nonzeros | size KB | accuracy % | agreement % | latency b1 ms | latency b256 ms |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def col(stage: str, key: str) -> list[float]:
+        return [r.stages[stage][key] for r in runs]
+
+    def summary(key: str) -> list[float]:
+        return [r.metrics[key] for r in runs]
+
     for stage in runs[0].stages:
-        col = lambda key: [r.stages[stage][key] for r in runs]  # noqa: E731
-        print(
-            f"| {stage} | {cell(col('params'), ',.0f')} | {cell(col('nonzeros'), ',.0f')} | "
-            f"{cell(col('size_kb'), '.1f')} | {cell([100 * v for v in col('accuracy')], '.2f')} | "
-            f"{cell([100 * v for v in col('agreement')], '.2f')} | {cell(col('latency_ms_b1'), '.4f')} | "
-            f"{cell(col('latency_ms_b256'), '.3f')} |"
-        )
-    summary = lambda key: [r.metrics[key] for r in runs]  # noqa: E731
+        cells = [
+            cell(col(stage, "params"), ",.0f"),
+            cell(col(stage, "nonzeros"), ",.0f"),
+            cell(col(stage, "size_kb"), ".1f"),
+            cell([100 * v for v in col(stage, "accuracy")], ".2f"),
+            cell([100 * v for v in col(stage, "agreement")], ".2f"),
+            cell(col(stage, "latency_ms_b1"), ".4f"),
+            cell(col(stage, "latency_ms_b256"), ".3f"),
+        ]
+        print(f"| {stage} | {' | '.join(cells)} |")
     print(
         f"\nfinal model: {cell(summary('final/size_kb'), '.1f')} KB, "
         f"compression {cell(summary('compression_ratio'), '.1f')}x, "
         f"accuracy drop {cell([100 * v for v in summary('accuracy_drop')], '.2f')} points, "
-        f"speedup b1 {cell(summary('speedup_b1'), '.1f')}x, b256 {cell(summary('speedup_b256'), '.1f')}x"
+        f"speedup b1 {cell(summary('speedup_b1'), '.1f')}x, "
+        f"b256 {cell(summary('speedup_b256'), '.1f')}x"
     )
 
 

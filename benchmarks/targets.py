@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from architectures import signals
+from architectures import signals  # noqa: E402 -- importable only after the sys.path inserts
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 COMMON = [

@@ -153,6 +153,7 @@ def main() -> int:
                 env=env,
                 capture_output=True,
                 text=True,
+                check=False,
             )
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)

@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -239,14 +239,14 @@ def run(
 
     stage_lines()
     _exit_on_sigterm()
-    with user_errors():
-        # stdout is the result (table or JSON); libraries' chatter goes to stderr
-        with (
-            contextlib.redirect_stdout(sys.stderr),
-            _recompute(bool(from_run) or fresh),
-            local_settings(),
-        ):
-            summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
+    # stdout is the result (table or JSON); libraries' chatter goes to stderr
+    with (
+        user_errors(),
+        contextlib.redirect_stdout(sys.stderr),
+        _recompute(bool(from_run) or fresh),
+        local_settings(),
+    ):
+        summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
@@ -450,7 +450,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-class CompareFormat(str, Enum):
+class CompareFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -472,9 +472,9 @@ def compare(
     _quiet()
     from tasks.compare import load_comparison, rich_table, to_csv, to_json
 
-    with user_errors():
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result only
-            frame = load_comparison(experiment, last)
+    # stdout carries the result only
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        frame = load_comparison(experiment, last)
     if format_ is CompareFormat.csv:
         typer.echo(to_csv(frame), nl=False)
     elif format_ is CompareFormat.json:

@@ -99,6 +99,7 @@ def deploy(prefect_file: Path = PREFECT_FILE) -> list[str]:
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])

@@ -100,7 +100,7 @@ def variants(grid: dict[str, list[str]]) -> list[list[str]]:
     """The cartesian product of the grid, as lists of `key=value` overrides."""
     keys = list(grid)
     return [
-        [f"{k}={v}" for k, v in zip(keys, combo)]
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
         for combo in itertools.product(*(grid[k] for k in keys))
     ]
 
@@ -126,7 +126,7 @@ def variant_task(
     variant_tags = tags | {"distill.sweep_variant": ", ".join(combo) or "(base config)"}
     try:
         summary = distill_flow(config_path, overrides + combo, tags=variant_tags)
-    except Exception as err:  # one failed variant must not sink the sweep's summary
+    except Exception as err:  # noqa: BLE001 -- a failed variant must not sink the sweep
         return {
             "index": index,
             "overrides": combo,

@@ -182,7 +182,7 @@ def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> 
         raise UserError(f"data file not found: {path}")
     try:
         frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
-    except Exception as err:  # pandas raises many types for unreadable files
+    except Exception as err:  # noqa: BLE001 -- pandas raises many types
         raise UserError(
             f"data file {path} could not be read as {kind}: {str(err).splitlines()[0]}"
         ) from None
@@ -287,7 +287,7 @@ def _read_npz(path: Path) -> Table:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- numpy raises many types
         raise UserError(
             f"data file {path} could not be read as npz: {str(err).splitlines()[0]}"
         ) from None

@@ -162,7 +162,7 @@ def _positions(idxs: list, roots: list, width: int) -> tuple[tuple[int, ...], ..
     flattens (unit j -> S features) and concatenations (offsets) and keeps, for each mapped
     index, the root unit it came from."""
     units: list[list[int]] = [[] for _ in range(width)]
-    for i, root in zip(idxs, roots):
+    for i, root in zip(idxs, roots, strict=True):
         units[int(root)].append(int(i))
     return tuple(tuple(sorted(u)) for u in units)
 
@@ -176,7 +176,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> Graph:
         warnings.simplefilter("ignore")  # unwrapped parameters (positional embeddings) are expected
         try:
             dg.build_dependency(model, example_inputs=example, verbose=False)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- Torch-Pruning fails in many ways
             raise UserError(
                 f"cannot trace the model's graph: {type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}"
@@ -329,7 +329,7 @@ def param_model(
         shapes_then = {n: tuple(p.shape) for n, p in probe.named_parameters()}
         keep_units(graph, g, keep)
         for n, p in probe.named_parameters():
-            for d, (was, now) in enumerate(zip(shapes_then[n], p.shape)):
+            for d, (was, now) in enumerate(zip(shapes_then[n], p.shape, strict=True)):
                 if was != now:
                     per[n][d][g.name] = (was - now) // g.step
     widths = {g.name: g.width for g in groups}

@@ -35,7 +35,7 @@ COLUMNS = [
 
 def pareto_mask(sizes: list[float], accuracies: list[float]) -> list[bool]:
     """True where no other point is both no larger and no less accurate (and better in one)."""
-    points = list(zip(sizes, accuracies))
+    points = list(zip(sizes, accuracies, strict=True))
     return [
         not any(s2 <= s and a2 >= a and (s2 < s or a2 > a) for s2, a2 in points) for s, a in points
     ]

@@ -44,10 +44,10 @@ def _figure(width: float, height: float) -> Figure:
 def pareto_front(sizes: list[float], accuracies: list[float]) -> list[int]:
     """Indices of the points no other point beats on both (smaller size, higher accuracy), by size."""
     front = []
-    for i, (s, a) in enumerate(zip(sizes, accuracies)):
+    for i, (s, a) in enumerate(zip(sizes, accuracies, strict=True)):
         dominated = any(
             (s2 <= s and a2 >= a) and (s2 < s or a2 > a)
-            for j, (s2, a2) in enumerate(zip(sizes, accuracies))
+            for j, (s2, a2) in enumerate(zip(sizes, accuracies, strict=True))
             if j != i
         )
         if not dominated:
@@ -73,7 +73,7 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
         label="Pareto front",
         zorder=1,
     )
-    for name, size, acc in zip(names, sizes, accs):
+    for name, size, acc in zip(names, sizes, accs, strict=True):
         teacher = name == "teacher"
         ax.scatter(
             size,
@@ -166,7 +166,7 @@ def tsne_figure(
     fig = _figure(5.2 * len(embeddings) + 1.0, 4.8)
     axes = fig.subplots(1, len(embeddings), squeeze=False)[0]
     cmap = "tab10" if len(classes) <= 10 else "tab20"
-    for ax, (name, emb) in zip(axes, embeddings.items()):
+    for ax, (name, emb) in zip(axes, embeddings.items(), strict=True):
         points = tsne_2d(emb, seed)
         scatter = ax.scatter(
             points[:, 0], points[:, 1], c=y, cmap=cmap, s=10, vmin=-0.5, vmax=len(classes) - 0.5

@@ -105,7 +105,7 @@ def read_chunks(
     kind = path.suffix.lower().lstrip(".")
     try:
         names = header_names(path, kind)
-    except Exception as err:  # pyarrow and the csv module raise many types for unreadable files
+    except Exception as err:  # noqa: BLE001 -- pyarrow and csv raise many types
         raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
     check_header(names, f"input {path}")
     if label is not None and label not in names:
@@ -150,7 +150,7 @@ def _frames(
             yield frame
     except UserError:
         raise
-    except Exception as err:  # pandas and pyarrow raise many types for unreadable files
+    except Exception as err:  # noqa: BLE001 -- pandas and pyarrow raise many types
         raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
 
 
@@ -189,7 +189,7 @@ def _read_npz(path: Path, features: list[str] | None) -> tuple[pd.DataFrame, Non
             if "X" in arrays.files
             else (arrays[arrays.files[0]] if len(arrays.files) == 1 else None)
         )
-    except Exception as err:  # numpy raises many types for unreadable files
+    except Exception as err:  # noqa: BLE001 -- numpy raises many types
         raise UserError(
             f"input {path} could not be read as npz: {str(err).splitlines()[0]}"
         ) from None

@@ -10,6 +10,7 @@ in /proc, so a recycled pid is left alone). Linux (where /proc exists) only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,10 +64,8 @@ def main() -> None:
     pid, start = int(sys.argv[1]), sys.argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for distill is not for the watchdog
     sys.stdin.buffer.read()  # returns at EOF: the distill process has ended
-    try:
+    with contextlib.suppress(ProcessLookupError):
         stop(pid, start)
-    except ProcessLookupError:
-        pass
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def check_record(record: RunRecord, source: str, dataset_digest: str, git_commit
             f"{record.dataset_digest}: the data changed, the run cannot be reproduced"
         )
     if record.git_commit and record.git_commit != git_commit:
-        return [
-            f"--from-run {record.run_id}: the run used git commit {record.git_commit[:12]}, this code is "
-            f"{git_commit[:12]}; metrics may differ"
-        ]
+        line = (
+            f"--from-run {record.run_id}: the run used git commit {record.git_commit[:12]}, "
+            f"this code is {git_commit[:12]}; metrics may differ"
+        )
+        return [line]
     return []

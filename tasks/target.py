@@ -118,7 +118,7 @@ def measure_costs(
                 ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
                 points[fmt].append((served.params, len(served.file_bytes), ms))
     return {
-        fmt: Costs(*(tuple(x) for x in zip(*sorted(p))), f"{cfg.runtime} {fmt}")
+        fmt: Costs(*(tuple(x) for x in zip(*sorted(p), strict=True)), f"{cfg.runtime} {fmt}")
         for fmt, p in points.items()
         if p
     }

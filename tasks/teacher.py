@@ -232,11 +232,11 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
         return dict(scripted.state_dict())
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 -- jit.load raises many types
         pass  # not TorchScript: try a plain state_dict below
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- torch.load raises many types for unreadable files
         raise UserError(
             f"teacher file {path} is neither a state_dict nor TorchScript: {_first_line(err)}"
         ) from None
@@ -254,7 +254,7 @@ def load_pickled_module(path: Path) -> nn.Module | dict:
     )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- unpickling runs code: raises anything
         raise UserError(f"teacher file {path} could not be unpickled: {_first_line(err)}") from None
 
 
@@ -309,7 +309,7 @@ def pt2_pickled_record(path: Path) -> str | None:
                 pass
             try:
                 torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- unloadable: not weights
                 return name
     return None
 
@@ -345,7 +345,7 @@ def load_exported_state(
         )
     try:
         program = torch.export.load(str(path))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- torch.export.load raises many types
         raise UserError(
             f"{what} is a PT2 archive but not a torch.export program torch.export"
             f".load reads: {_first_line(err)}"
@@ -569,7 +569,7 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
     try:
         with torch.no_grad():
             out = model(rows)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- a teacher's forward raises anything
         raise UserError(
             f"teacher {name} does not accept inputs of shape {shape} "
             f"(data.shape={list(data.input_shape)}): {_first_line(err)}"

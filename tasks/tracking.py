@@ -249,6 +249,7 @@ def git_commit() -> str:
             text=True,
             timeout=5,
             cwd=Path(__file__).resolve().parent,
+            check=False,  # outside a git checkout: empty stdout, read as "unknown"
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
@@ -512,7 +513,7 @@ def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry a task that failed on tracking I/O, not on a bug."""
     try:
         state.result()
-    except Exception as exc:  # the task's own exception, re-raised by result()
+    except Exception as exc:  # noqa: BLE001 -- the task's own exception, re-raised by result()
         return is_transient(exc)
     return False
 
@@ -575,7 +576,7 @@ def _flow_run_finished(flow_run_id: str | None) -> bool:
             state = client.read_flow_run(flow_run_id).state
     except ObjectNotFound:
         return True
-    except Exception:  # no reachable server: cannot tell
+    except Exception:  # noqa: BLE001 -- no reachable server: cannot tell
         return False
     return state is not None and state.is_final()
 
@@ -591,7 +592,7 @@ def _crash_flow_run(flow_run_id: str | None, message: str) -> None:
             state = client.read_flow_run(flow_run_id).state
             if state is not None and not state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 -- Prefect client errors are many
         pass  # best effort: the MLflow record is what this function owns
 
 
