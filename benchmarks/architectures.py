@@ -170,8 +170,9 @@ def main() -> None:
     ft = FinetuneConfig(epochs=args.epochs, patience=10)
     start = time.perf_counter()
     print(
-        f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers and scratch: {TEACHER_EPOCHS} epochs "
-        f"(CE); fine-tuning: {args.epochs} epochs of KD (T={ft.temperature}, alpha={ft.alpha}).\n"
+        f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers and scratch: "
+        f"{TEACHER_EPOCHS} epochs (CE); fine-tuning: {args.epochs} epochs of KD "
+        f"(T={ft.temperature}, alpha={ft.alpha}).\n"
     )
     columns = ["reconstructed", "fine-tuned", "scratch", "TP L2 + KD"]
     print("| architecture | task | size | params | " + " | ".join(columns) + " |")
@@ -192,7 +193,8 @@ def main() -> None:
             )
         acc = [accuracy(teachers[s], datas[s]) for s in args.seeds]
         print(
-            f"| {arch} | {task} | teacher | {params(teachers[args.seeds[0]]):,} | {pct(acc)} | | | |",
+            f"| {arch} | {task} | teacher | {params(teachers[args.seeds[0]]):,} | "
+            f"{pct(acc)} | | | |",
             flush=True,
         )
         for ratio in args.ratios:

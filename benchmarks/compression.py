@@ -72,7 +72,8 @@ def main() -> None:
     ev = EvaluateConfig(latency_repeats=args.repeats, large_batch=256)
     print(f"digits, seed {args.seed}, {torch.get_num_threads()} threads; latency medians in ms\n")
     print(
-        "| teacher | model | params | size KB | accuracy % | b1 ms | b256 ms | b256 speedup vs teacher |"
+        "| teacher | model | params | size KB | accuracy % | b1 ms | b256 ms | b256 speedup vs "
+        "teacher |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, overrides in (("MLP 64-512-512-10", []), ("CNN 32-64 on 8x8", CNN)):
@@ -81,8 +82,9 @@ def main() -> None:
         base = rows[0][1]["latency_ms_b256"]
         for name, m in rows:
             print(
-                f"| {label} | {name} | {m['params']:,.0f} | {m['size_kb']:.1f} | {100 * m['accuracy']:.2f} | "
-                f"{m['latency_ms_b1']:.4f} | {m['latency_ms_b256']:.3f} | {base / m['latency_ms_b256']:.1f}x |"
+                f"| {label} | {name} | {m['params']:,.0f} | {m['size_kb']:.1f} | "
+                f"{100 * m['accuracy']:.2f} | {m['latency_ms_b1']:.4f} | "
+                f"{m['latency_ms_b256']:.3f} | {base / m['latency_ms_b256']:.1f}x |"
             )
 
 

@@ -139,7 +139,8 @@ def run_workload(
     for (label, train_s, train_acc), (kd_s, kd_acc) in zip(rows, kd, strict=True):
         out.append(
             f"| {name} | {label} | {1000 * train_s:,.0f} | {cpu_train / train_s:.1f}x | "
-            f"{100 * train_acc:.1f} | {1000 * kd_s:,.0f} | {cpu_kd / kd_s:.1f}x | {100 * kd_acc:.1f} |"
+            f"{100 * train_acc:.1f} | {1000 * kd_s:,.0f} | {cpu_kd / kd_s:.1f}x | "
+            f"{100 * kd_acc:.1f} |"
         )
     out.append(f"| {name} | reduce + re-fit (CPU, once) | {1000 * reduce_s:,.0f} | | | | | |")
     return out

@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    # the bare arm calls the hand-sized stages; a target's planning is measured by benchmarks/targets.py
+    # the bare arm calls the hand-sized stages; a target's planning is measured by
+    # benchmarks/targets.py
     args.overrides = ["target=null", *args.overrides]
     tmp = tempfile.mkdtemp(prefix="distill-overhead-")
     env = os.environ | {
@@ -196,7 +197,8 @@ def main() -> None:
     help_s = statistics.median(process_seconds(["--help"], env) for _ in range(3))
 
     print(
-        f"median of {args.repeats}, alternating; bare = the same stage functions and figures, nothing recorded\n"
+        f"median of {args.repeats}, alternating; bare = the same stage functions and figures, "
+        "nothing recorded\n"
     )
     print("| config | bare s | flow s | overhead s | **flow / bare** |")
     print("|---|---:|---:|---:|---:|")
@@ -209,7 +211,8 @@ def main() -> None:
     )
     print(f"| `distill run` as a cold process (temporary Prefect server) | {cold:.2f} |")
     print(
-        f"| `distill run` as a cold process, PREFECT_API_URL set to a running `prefect server` | {cold_served:.2f} |"
+        "| `distill run` as a cold process, PREFECT_API_URL set to a running `prefect server` | "
+        f"{cold_served:.2f} |"
     )
     print(f"| `distill --help` | {help_s:.2f} |")
 

@@ -51,11 +51,13 @@ def main() -> None:
         return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
     print(
-        f"Default pipeline (configs/digits.yaml{', ' + ' '.join(args.overrides) if args.overrides else ''}), "
-        f"seeds {args.seeds}, mean ± std, CPU ({os.cpu_count()} cores)\n"
+        "Default pipeline "
+        f"(configs/digits.yaml{', ' + ' '.join(args.overrides) if args.overrides else ''}), seeds "
+        f"{args.seeds}, mean ± std, CPU ({os.cpu_count()} cores)\n"
     )
     print(
-        "| stage | params | nonzeros | size KB | accuracy % | agreement % | latency b1 ms | latency b256 ms |"
+        "| stage | params | nonzeros | size KB | accuracy % | agreement % | latency b1 ms | "
+        "latency b256 ms |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 

@@ -1,7 +1,8 @@
 """How much of the teacher–scratch gap does distill's student recover? Side by side, 3 seeds.
 
     .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--ratios 10 30 0] [--epochs 40]
-                                           [--patience 40] [--tasks signals-cnn table-mlp digits-mlp]
+                                           [--patience 40]
+                                           [--tasks signals-cnn table-mlp digits-mlp]
 
 Tasks (no network): a 1-D CNN (3 conv layers of 32 channels, the built-in `cnn`) on generated
 signals (`benchmarks/architectures.py`'s two-sinusoid task at noise 0.3), an MLP 256-256 on a
@@ -143,7 +144,8 @@ def run_cell(
 def task_seed(
     task: str, seed: int, ratios: list[float], train: FitSettings
 ) -> tuple[float, int, list[dict]]:
-    """One task and seed: (teacher accuracy, teacher params, a cell per budget). A process's work."""
+    """One task and seed: (teacher accuracy, teacher params, a cell per budget). A process's
+    work."""
     torch.set_num_threads(1)
     data, model = TASKS[task](seed)
     torch.manual_seed(seed)
@@ -190,8 +192,9 @@ def main() -> None:
         futures = {pair: pool.submit(task_seed, *pair, args.ratios, train) for pair in pairs}
         results = {pair: future.result() for pair, future in futures.items()}
     print(
-        f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers: {TEACHER_EPOCHS} epochs (CE). "
-        f"Every student: {args.epochs} epochs, patience {args.patience}, lr {train.lr}; KD at T=4, α=0.9.\n"
+        f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers: {TEACHER_EPOCHS} epochs "
+        f"(CE). Every student: {args.epochs} epochs, patience {args.patience}, lr {train.lr}; KD "
+        "at T=4, α=0.9.\n"
     )
     print("| task | size | params | teacher | " + " | ".join(COLUMNS) + " | gap % |")
     print("|---|---|---:|---:|" + "---:|" * (len(COLUMNS) + 1))

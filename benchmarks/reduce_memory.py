@@ -1,4 +1,5 @@
-"""Peak memory of the reduce stage as calibration grows 10x: streamed moments vs keeping activations.
+"""Peak memory of the reduce stage as calibration grows 10x: streamed moments vs keeping
+activations.
 
     .venv/bin/python benchmarks/reduce_memory.py [--rows 4096] [--factor 10]
 
@@ -81,15 +82,15 @@ def main() -> None:
 
     f = args.factor
     print(
-        f"| PCA of layer outputs | rows 1x -> {f}x | peak RSS 1x (MB) | peak RSS {f}x (MB) | ratio {f}x/1x | "
-        f"growth during PCA 1x / {f}x (MB) |"
+        f"| PCA of layer outputs | rows 1x -> {f}x | peak RSS 1x (MB) | peak RSS {f}x (MB) | ratio "
+        f"{f}x/1x | growth during PCA 1x / {f}x (MB) |"
     )
     print("|---|---|---:|---:|---:|---:|")
     for method in ("streamed", "naive"):
         (peak1, grow1), (peak10, grow10) = child(method, args.rows), child(method, args.rows * f)
         print(
-            f"| {method} | {args.rows:,} -> {args.rows * f:,} | {peak1:.0f} | {peak10:.0f} | {peak10 / peak1:.2f} | "
-            f"{grow1:.1f} / {grow10:.1f} |"
+            f"| {method} | {args.rows:,} -> {args.rows * f:,} | {peak1:.0f} | {peak10:.0f} | "
+            f"{peak10 / peak1:.2f} | {grow1:.1f} / {grow10:.1f} |"
         )
 
 

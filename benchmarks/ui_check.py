@@ -161,7 +161,8 @@ def main() -> int:
             out = json.loads(proc.stdout)
             print(
                 f"  run {out['run_id']}: final/accuracy {out['metrics']['final/accuracy']:.4f}, "
-                f"final/size_kb {out['metrics']['final/size_kb']:.1f} ({time.monotonic() - start:.0f} s)"
+                f"final/size_kb {out['metrics']['final/size_kb']:.1f} "
+                f"({time.monotonic() - start:.0f} s)"
             )
 
     port, base = free_port(), ""

@@ -24,7 +24,10 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Compress a PyTorch teacher into a small student, tracked in MLflow, orchestrated by Prefect.",
+    help=(
+        "Compress a PyTorch teacher into a small student, tracked in MLflow, "
+        "orchestrated by Prefect."
+    ),
 )
 
 EXIT_USER_ERROR = 2
@@ -74,7 +77,8 @@ def _quiet() -> None:
 
 
 class _HideUserErrors(logging.Filter):
-    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one line instead."""
+    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one
+    line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from tasks.errors import UserError, fault_message, mentions_fault
@@ -218,7 +222,7 @@ def run(
         typer.Option("--fresh", help="Recompute every stage instead of reusing cached results."),
     ] = False,
 ) -> None:
-    """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
+    """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501 -- typer help keeps line breaks
     _quiet()
     from tasks.config import load_config
 
@@ -328,8 +332,8 @@ def _print_summary(summary: Any) -> None:
     console.print(table)
     m = summary.metrics
     console.print(
-        f"compression {m['compression_ratio']:.1f}x, accuracy drop {100 * m['accuracy_drop']:+.2f} points, "
-        f"speedup b1 {m.get('speedup_b1', float('nan')):.1f}x"
+        f"compression {m['compression_ratio']:.1f}x, accuracy drop {100 * m['accuracy_drop']:+.2f} "
+        f"points, speedup b1 {m.get('speedup_b1', float('nan')):.1f}x"
     )
     console.print(f"MLflow run {summary.run_id}  {summary.run_url}")
     if summary.model_name:
@@ -370,7 +374,7 @@ def sweep(
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
 ) -> None:
-    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""
+    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""  # noqa: E501 -- typer help keeps line breaks
     _quiet()
 
     overrides = list(set_ or [])
@@ -422,7 +426,7 @@ def deploy(
         Path, typer.Option("--prefect-file", help="Deployments to apply.")
     ] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""
+    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""  # noqa: E501 -- typer help keeps line breaks
     _quiet()
     from flows.deployments import deploy as apply_deployments
 
@@ -438,7 +442,7 @@ def serve(
         Path, typer.Option("--prefect-file", help="Deployments to serve.")
     ] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""
+    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""  # noqa: E501 -- typer help keeps line breaks
     _quiet()
     from flows.deployments import serve as serve_deployments
 
@@ -510,7 +514,7 @@ def ui(
         int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")
     ] = None,
 ) -> None:
-    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""
+    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501 -- typer help keeps line breaks
     _quiet()
     import signal
     import subprocess
@@ -617,7 +621,7 @@ def promote(
         bool, typer.Option("--json", help="Print the decision as one JSON object.")
     ] = False,
 ) -> None:
-    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""
+    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501 -- typer help keeps line breaks
     _quiet()
     from tasks.config import DEFAULT_CONFIG, build_config, load_config
     from tasks.errors import UserError

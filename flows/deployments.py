@@ -127,7 +127,8 @@ def _flow(entrypoint: str) -> Any:
 
 
 def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
-    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (cron schedules, event triggers)."""
+    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (cron schedules, event
+    triggers)."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
@@ -137,7 +138,8 @@ def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
         for s in d.get("schedules") or []:
             if "cron" not in s:
                 raise UserError(
-                    f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes cron schedules only"
+                    f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes cron "
+                    "schedules only"
                 )
             schedules.append(
                 Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
@@ -174,13 +176,15 @@ def check_not_deployed(deployments: list[Any]) -> None:
             if existing.work_pool_name:
                 raise UserError(
                     f"deployment {d.flow_name}/{d.name} is deployed to work pool "
-                    f"{existing.work_pool_name!r} on this server: serve and deploy are alternatives "
-                    f"(remove it with `prefect deployment delete {d.flow_name}/{d.name}`)"
+                    f"{existing.work_pool_name!r} on this server: serve and deploy are "
+                    "alternatives (remove it with `prefect deployment delete "
+                    f"{d.flow_name}/{d.name}`)"
                 )
 
 
 def serve(prefect_file: Path = PREFECT_FILE) -> None:
-    """Serve the deployments from this process until interrupted (runs start in the project root)."""
+    """Serve the deployments from this process until interrupted (runs start in the project
+    root)."""
     from prefect import serve as prefect_serve
 
     deployments = runner_deployments(prefect_file)

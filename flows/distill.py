@@ -1,4 +1,5 @@
-"""The pipeline flow: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register.
+"""The pipeline flow: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize ->
+register.
 
 The flow composes stage tasks and records each stage as a nested MLflow run under one
 parent run; it computes nothing itself. Config and data are checked before any run is
@@ -57,7 +58,8 @@ def local_settings() -> contextlib.AbstractContextManager[Any]:
     """Prefect settings for flows this process runs itself (`distill run`, `distill sweep`, the
     benchmarks). Without a Prefect server (the temporary one lives and dies with this process)
     nothing reads flow-run heartbeats, and the engine waits up to 1 s for their thread at the end
-    of every flow run: heartbeats are off then. With PREFECT_API_URL they stay on (crash detection)."""
+    of every flow run: heartbeats are off then. With PREFECT_API_URL they stay on (crash
+    detection)."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -180,8 +182,9 @@ def distill_flow(
         try:
             run_stages(cfg, data, run_id, tags, done, config_dir)
         finally:
-            # on the parent in one batch, after registration (MLflow reads the history of every metric
-            # of a run it logs a model in, one query per key); a failed run keeps what it finished
+            # on the parent in one batch, after registration (MLflow reads the history of every
+            # metric of a run it logs a model in, one query per key); a failed run keeps what it
+            # finished
             tracking.log_metrics(run_id, done.stage_metrics())
             tracking.log_metrics(
                 run_id, done.summary, model_id=done.registered.model_id if done.registered else None
@@ -353,18 +356,22 @@ def run_stages(
 
 def stage_table_markdown(summary: RunSummary) -> str:
     rows = [
-        "| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap | latency b1 ms p50 / p95 |",
+        (
+            "| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap "
+            "| latency b1 ms p50 / p95 |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     nan = float("nan")
     for stage, m in summary.stages.items():
         rows.append(
             f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
-            f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} | "
-            f"{m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |"
+            f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} "
+            f"| {m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |"
         )
     registered = (
-        f"Registered **{summary.model_name}** version {summary.model_version} (alias `challenger`).\n\n"
+        f"Registered **{summary.model_name}** version {summary.model_version} (alias "
+        "`challenger`).\n\n"
         if summary.model_name
         else ""
     )

@@ -60,7 +60,8 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(
-            f"no MLflow experiment named {experiment!r} at {tracking.redact(mlflow.get_tracking_uri())}"
+            f"no MLflow experiment named {experiment!r} at "
+            f"{tracking.redact(mlflow.get_tracking_uri())}"
         )
     runs = mlflow.search_runs(
         experiment_ids=[found.experiment_id],

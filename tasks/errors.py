@@ -91,7 +91,7 @@ def fault_message(exc: BaseException) -> str | None:
             endpoint = text.removeprefix(LOST_SERVER).split(" failed with ")[0]
             endpoint = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", endpoint)  # no password
             return (
-                f"the MLflow tracking server stopped answering ({endpoint}); the run is marked FAILED "
-                "by the next `distill run` once the server is back"
+                f"the MLflow tracking server stopped answering ({endpoint}); the run is marked "
+                "FAILED by the next `distill run` once the server is back"
             )
     return None

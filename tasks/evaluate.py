@@ -62,7 +62,8 @@ class OnnxModel:
 
 @dataclass(frozen=True)
 class TorchScriptModel:
-    """A serialized TorchScript model (e.g. PyTorch's dynamic int8) and the counts of its float source."""
+    """A serialized TorchScript model (e.g. PyTorch's dynamic int8) and the counts of its float
+    source."""
 
     ts_bytes: bytes
     params: int
@@ -110,7 +111,8 @@ def top_k_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
 
 
 def negative_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean −log p(true class) under softmax(logits): the cross-entropy (scikit-learn's log_loss)."""
+    """Mean −log p(true class) under softmax(logits): the cross-entropy (scikit-learn's
+    log_loss)."""
     return float(-log_softmax(logits)[np.arange(len(y)), y].mean())
 
 
@@ -242,7 +244,8 @@ def evaluate_model(
 
 
 def pipeline_summary(stages: dict[str, dict[str, float]], final_stage: str) -> dict[str, float]:
-    """The parent run's headline numbers: the final model's metrics and what it cost vs the teacher."""
+    """The parent run's headline numbers: the final model's metrics and what it cost vs the
+    teacher."""
     teacher, final = stages["teacher"], stages[final_stage]
     out = {f"final/{k}": v for k, v in final.items()}
     out["compression_ratio"] = teacher["size_kb"] / final["size_kb"]

@@ -42,7 +42,8 @@ def pareto_mask(sizes: list[float], accuracies: list[float]) -> list[bool]:
 
 
 def summary_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per variant (`index`, `overrides`, `run_id`, `metrics` or `error`), smallest first."""
+    """One row per variant (`index`, `overrides`, `run_id`, `metrics` or `error`), smallest
+    first."""
     rows = []
     for r in results:
         m = r.get("metrics") or {}
@@ -75,7 +76,10 @@ def summary_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
 
 def markdown_table(frame: pd.DataFrame) -> str:
     lines = [
-        "| variant | overrides | accuracy | size KB | compression | accuracy drop | Pareto | MLflow run |",
+        (
+            "| variant | overrides | accuracy | size KB | compression | accuracy drop | Pareto "
+            "| MLflow run |"
+        ),
         "|---:|---|---:|---:|---:|---:|:---:|---|",
     ]
     for r in frame.itertuples():

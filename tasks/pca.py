@@ -85,7 +85,8 @@ def collect_bases(
     output projection of `nn.MultiheadAttention`, which uses its weight directly) gets none."""
     if len(X) < 2:
         raise UserError(
-            f"config key 'reduce.calibration_samples': need at least 2 calibration rows, got {len(X)}"
+            "config key 'reduce.calibration_samples': need at least 2 calibration rows, got "
+            f"{len(X)}"
         )
     taps = taps if taps is not None else linear_layers(model)
     moments: dict[str, Moments] = {}

@@ -42,7 +42,8 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def pareto_front(sizes: list[float], accuracies: list[float]) -> list[int]:
-    """Indices of the points no other point beats on both (smaller size, higher accuracy), by size."""
+    """Indices of the points no other point beats on both (smaller size, higher accuracy), by
+    size."""
     front = []
     for i, (s, a) in enumerate(zip(sizes, accuracies, strict=True)):
         dominated = any(
@@ -149,7 +150,8 @@ def tsne_2d(embedding: np.ndarray, seed: int) -> np.ndarray:
     perplexity = min(30.0, (len(embedding) - 1) / 3)  # t-SNE needs perplexity < rows
     # one OpenMP thread: beside torch's thread pool on a busy CPU, more threads made it ~30x slower.
     # 500 iterations, not scikit-learn's 1,000: on the digits teacher's test rows the final KL
-    # divergence is 0.262 vs 0.259 and trustworthiness (10 neighbours) 0.993 both ways, at half the cost
+    # divergence is 0.262 vs 0.259 and trustworthiness (10 neighbours) 0.993 both ways, at half
+    # the cost
     with threadpool_limits(limits=1, user_api="openmp"):
         return TSNE(
             n_components=2,

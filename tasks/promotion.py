@@ -154,7 +154,8 @@ def resolve_version(client: Any, name: str, version: str | None) -> str:
         found = alias_version(client, name, CHALLENGER)
         if found is None:
             raise UserError(
-                f"registered model {name!r} has no version with alias {CHALLENGER!r} (give --version)"
+                f"registered model {name!r} has no version with alias {CHALLENGER!r} (give "
+                "--version)"
             )
         return found
     try:
@@ -219,7 +220,8 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
                 float("nan"),
                 f"its run missed the target {c.version_tags.get('distill.target', '')}: "
                 f"{c.version_tags.get('distill.target_achieved', '?')}, accuracy drop "
-                f"{c.version_tags.get('distill.target_accuracy_drop', '?')} (--allow-target-missed)",
+                f"{c.version_tags.get('distill.target_accuracy_drop', '?')} "
+                "(--allow-target-missed)",
             )
         )
     if gates.max_accuracy_drop is not None:
@@ -253,7 +255,8 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 
 
 def held_out_rows(y_raw: np.ndarray, test_size: float, seed: int) -> np.ndarray:
-    """The test rows `tasks.data.prepare` holds out (same calls; tests/test_promotion.py checks they agree)."""
+    """The test rows `tasks.data.prepare` holds out (same calls; tests/test_promotion.py checks
+    they agree)."""
     from sklearn.model_selection import train_test_split
 
     _, y = np.unique(y_raw, return_inverse=True)
@@ -354,7 +357,8 @@ def champion_gate(
         ok,
         mine,
         theirs - tol,
-        f"accuracy {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} ({where})",
+        f"accuracy {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} "
+        f"({where})",
     )
 
 
@@ -392,7 +396,8 @@ def _sqlite_file(uri: str) -> Path | None:
 
 @contextmanager
 def registry_lock(name: str) -> Iterator[None]:
-    """One promotion decision at a time per registered model (threads, and processes on a SQLite registry)."""
+    """One promotion decision at a time per registered model (threads, and processes on a SQLite
+    registry)."""
     import mlflow
 
     uri = mlflow.get_registry_uri()
@@ -438,7 +443,8 @@ def promote_version(
     gates: PromoteConfig,
     predict: Callable[[Candidate, Any], np.ndarray] | None = None,
 ) -> Decision:
-    """Gate `version` (default: the challenger) and move `champion` to it only if every gate passes."""
+    """Gate `version` (default: the challenger) and move `champion` to it only if every gate
+    passes."""
     from mlflow import MlflowClient
 
     from tasks import registry  # torch and pandas: only when a decision is made
@@ -490,7 +496,8 @@ def promote_version(
 
 
 def rollback(name: str) -> Decision:
-    """Move `champion` back to the version it replaced (the tag `previous_champion` of the current one)."""
+    """Move `champion` back to the version it replaced (the tag `previous_champion` of the current
+    one)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -505,7 +512,8 @@ def rollback(name: str) -> Decision:
         previous = client.get_model_version(name, current).tags.get(PREVIOUS, "")
         if not previous:
             raise UserError(
-                f"{name} version {current} was the first champion: no previous champion to roll back to"
+                f"{name} version {current} was the first champion: no previous champion to roll "
+                "back to"
             )
         try:
             client.get_model_version(name, previous)
@@ -535,12 +543,14 @@ def rollback(name: str) -> Decision:
 def decision_markdown(d: Decision) -> str:
     rows = ["| gate | value | limit | passed | detail |", "|---|---:|---:|---|---|"]
     rows += [
-        f"| {g.name} | {g.value:.4f} | {g.limit:.4f} | {'yes' if g.passed else '**no**'} | {g.detail} |"
+        f"| {g.name} | {g.value:.4f} | {g.limit:.4f} | {'yes' if g.passed else '**no**'} "
+        f"| {g.detail} |"
         for g in d.gates
     ]
     return (
         f"# Promotion of {d.name} version {d.version}: {d.status}\n\n{d.reason}\n\n"
-        f"- champion before: {d.previous_champion or 'none'}\n- champion after: {d.champion or 'none'}\n"
+        f"- champion before: {d.previous_champion or 'none'}\n"
+        f"- champion after: {d.champion or 'none'}\n"
         f"- decided at: {d.at}\n\n" + ("\n".join(rows) if d.gates else "")
     )
 

@@ -3,8 +3,9 @@
 - structured: remove whole units of every coupled group of the model's graph (neurons,
   channels, a residual stream's channels, attention dimensions head by head; lowest L2 or
   L1 norm of the weights that write them, or lowest activation × outgoing-weight energy)
-  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds` prune → KD-recover
-  steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD target.
+  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds`
+  prune → KD-recover steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD
+  target.
 - unstructured: global magnitude pruning of Linear/Conv weights (one threshold across all
   layers), KD recovery with the masks held, masks folded in (`prune.remove`). Zeros do not
   shrink a dense file: the evaluate stage reports nonzeros and the compressed size for that.

@@ -22,7 +22,8 @@ _WATCHDOGS: list[subprocess.Popen] = []  # held: the pipe stays open as long as 
 
 
 def started(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None when gone."""
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None when
+    gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
     except (OSError, IndexError):

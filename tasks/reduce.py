@@ -151,8 +151,9 @@ def _smallest_k(basis: Basis, variance: float) -> int:
 
 def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> UserError:
     return UserError(
-        f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest reachable "
-        f"student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio {teacher_params / used:.1f})"
+        f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest "
+        f"reachable student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio "
+        f"{teacher_params / used:.1f})"
     )
 
 

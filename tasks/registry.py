@@ -78,7 +78,8 @@ def raw_schema(encoding: dict) -> Any:
 def register_model(
     model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]
 ) -> Registered:
-    """Log the pyfunc on the active (parent) run, register it with its tags, alias it `challenger`."""
+    """Log the pyfunc on the active (parent) run, register it with its tags, alias it
+    `challenger`."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature

@@ -64,9 +64,11 @@ def check_record(record: RunRecord, source: str, dataset_digest: str, git_commit
     """Refuse other data (`source` read now has `dataset_digest`); return warnings (other code,
     or a record that cannot be checked)."""
     if record.dataset_digest is None:
-        return [
-            f"--from-run {record.run_id}: the run logged no dataset digest; the data cannot be checked"
-        ]
+        line = (
+            f"--from-run {record.run_id}: the run logged no dataset digest; the data cannot be "
+            "checked"
+        )
+        return [line]
     if dataset_digest != record.dataset_digest:
         raise UserError(
             f"--from-run {record.run_id}: data {source} has digest {dataset_digest}, the run saw "

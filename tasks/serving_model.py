@@ -1,6 +1,7 @@
 """The registered model, as MLflow "models from code": MLflow copies this file into the
 model and runs it at load time, so a served model needs numpy, pandas and its runtime
-(onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not imported by the project (it calls `set_model` when run).
+(onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not
+imported by the project (it calls `set_model` when run).
 
 Input: a DataFrame of the raw columns the model was trained on (text columns as strings).
 The encoding of text columns and empty cells (tasks/tabular.py, rebuilt from the JSON spec

@@ -97,7 +97,8 @@ def load_settings(path: Path | None = None) -> MlflowSettings:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise UserError(
-            f"{path}: key '{where}': {'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}"
+            f"{path}: key '{where}': "
+            f"{'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}"
         ) from None
 
 
@@ -201,21 +202,24 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def connect(settings: MlflowSettings) -> None:
-    """Point MLflow at an existing store, for reading: a missing SQLite file is an error, not created."""
+    """Point MLflow at an existing store, for reading: a missing SQLite file is an error, not
+    created."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     db = _sqlite_path(settings.tracking_uri)
     if db is not None and not db.is_file():
         raise UserError(
-            f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); run `distill run` first"
+            f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); run `distill run` "
+            "first"
         )
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
 
 
 def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list[str]:
-    """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for `distill ui`)."""
+    """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for
+    `distill ui`)."""
     if settings.tracking_uri.startswith(("http://", "https://")):
         raise UserError(
             f"tracking is already a server ({redact(settings.tracking_uri)}): open it in a browser"
@@ -475,7 +479,8 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
 
 
 def ui_base_url(settings: MlflowSettings) -> str:
-    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml `ui`)."""
+    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml
+    `ui`)."""
     uri = settings.tracking_uri
     return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
 
@@ -621,8 +626,8 @@ def close_dead_runs(experiment_id: str) -> list[str]:
         ):
             continue
         reason = (
-            f"process {tags.get('distill.pid')} on {tags.get('distill.host')} ended without closing "
-            "the run (killed)"
+            f"process {tags.get('distill.pid')} on {tags.get('distill.host')} ended without "
+            "closing the run (killed)"
         )
         for child in running:
             if child.data.tags.get("mlflow.parentRunId") == run.info.run_id:
