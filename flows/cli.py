@@ -21,6 +21,8 @@ from typing import Annotated, Any
 
 import typer
 
+# A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
+# they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -222,7 +224,7 @@ def run(
         typer.Option("--fresh", help="Recompute every stage instead of reusing cached results."),
     ] = False,
 ) -> None:
-    """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501 -- typer help keeps line breaks
+    """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
     _quiet()
     from tasks.config import load_config
 
@@ -374,7 +376,7 @@ def sweep(
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
 ) -> None:
-    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""  # noqa: E501 -- typer help keeps line breaks
+    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""  # noqa: E501
     _quiet()
 
     overrides = list(set_ or [])
@@ -426,7 +428,7 @@ def deploy(
         Path, typer.Option("--prefect-file", help="Deployments to apply.")
     ] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""  # noqa: E501 -- typer help keeps line breaks
+    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""  # noqa: E501
     _quiet()
     from flows.deployments import deploy as apply_deployments
 
@@ -442,7 +444,7 @@ def serve(
         Path, typer.Option("--prefect-file", help="Deployments to serve.")
     ] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""  # noqa: E501 -- typer help keeps line breaks
+    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""  # noqa: E501
     _quiet()
     from flows.deployments import serve as serve_deployments
 
@@ -514,7 +516,7 @@ def ui(
         int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")
     ] = None,
 ) -> None:
-    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501 -- typer help keeps line breaks
+    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501
     _quiet()
     import signal
     import subprocess
@@ -621,7 +623,7 @@ def promote(
         bool, typer.Option("--json", help="Print the decision as one JSON object.")
     ] = False,
 ) -> None:
-    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501 -- typer help keeps line breaks
+    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501
     _quiet()
     from tasks.config import DEFAULT_CONFIG, build_config, load_config
     from tasks.errors import UserError
