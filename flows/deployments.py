@@ -138,8 +138,8 @@ def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
         for s in d.get("schedules") or []:
             if "cron" not in s:
                 raise UserError(
-                    f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes cron "
-                    "schedules only"
+                    f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes "
+                    "cron schedules only"
                 )
             schedules.append(
                 Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))

@@ -370,8 +370,8 @@ def stage_table_markdown(summary: RunSummary) -> str:
             f"| {m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |"
         )
     registered = (
-        f"Registered **{summary.model_name}** version {summary.model_version} (alias "
-        "`challenger`).\n\n"
+        f"Registered **{summary.model_name}** version {summary.model_version} "
+        "(alias `challenger`).\n\n"
         if summary.model_name
         else ""
     )

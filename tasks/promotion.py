@@ -154,8 +154,8 @@ def resolve_version(client: Any, name: str, version: str | None) -> str:
         found = alias_version(client, name, CHALLENGER)
         if found is None:
             raise UserError(
-                f"registered model {name!r} has no version with alias {CHALLENGER!r} (give "
-                "--version)"
+                f"registered model {name!r} has no version with alias {CHALLENGER!r} "
+                "(give --version)"
             )
         return found
     try:
@@ -512,8 +512,8 @@ def rollback(name: str) -> Decision:
         previous = client.get_model_version(name, current).tags.get(PREVIOUS, "")
         if not previous:
             raise UserError(
-                f"{name} version {current} was the first champion: no previous champion to roll "
-                "back to"
+                f"{name} version {current} was the first champion: no previous champion "
+                "to roll back to"
             )
         try:
             client.get_model_version(name, previous)

@@ -210,8 +210,8 @@ def connect(settings: MlflowSettings) -> None:
     db = _sqlite_path(settings.tracking_uri)
     if db is not None and not db.is_file():
         raise UserError(
-            f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); run `distill run` "
-            "first"
+            f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); "
+            "run `distill run` first"
         )
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
