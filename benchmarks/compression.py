@@ -31,7 +31,12 @@ from tasks.reconstruct import reconstruct  # noqa: E402
 from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
 from tasks.teacher import load_teacher  # noqa: E402
 
-CNN = ["data.shape=[1, 8, 8]", "teacher.arch=cnn", "teacher.channels=[32, 64]", "reduce.budget.size_kb=60"]
+CNN = [
+    "data.shape=[1, 8, 8]",
+    "teacher.arch=cnn",
+    "teacher.channels=[32, 64]",
+    "reduce.budget.size_kb=60",
+]
 
 
 def stages(cfg: PipelineConfig, ev: EvaluateConfig) -> list[tuple[str, dict[str, float]]]:
@@ -39,32 +44,48 @@ def stages(cfg: PipelineConfig, ev: EvaluateConfig) -> list[tuple[str, dict[str,
     teacher = load_teacher(cfg.teacher, data, cfg.seed)
     teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
     X = calibration_rows(data.X_train, cfg.reduce.calibration_samples, cfg.seed)
-    student = reconstruct(teacher, reduce_model(teacher, X, cfg.reduce, cfg.reconstruct.mode), X, cfg.reconstruct)
+    student = reconstruct(
+        teacher, reduce_model(teacher, X, cfg.reduce, cfg.reconstruct.mode), X, cfg.reconstruct
+    )
     student, _ = distill(teacher, student, data, cfg.finetune, cfg.seed)
-    pruned, _ = prune_and_recover(teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed)
+    pruned, _ = prune_and_recover(
+        teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed
+    )
     quantized = quantize_model(pruned, data.X_test, data.X_train, cfg.compress.quantize, cfg.seed)
-    models = [("teacher fp32 (torch)", teacher), ("student fp32 (torch)", student),
-              ("structured-pruned fp32 (torch)", pruned), ("pruned fp32 (onnxruntime)", quantized.float_model),
-              (f"int8 {quantized.method} (onnxruntime)", quantized.int8_model)]
+    models = [
+        ("teacher fp32 (torch)", teacher),
+        ("student fp32 (torch)", student),
+        ("structured-pruned fp32 (torch)", pruned),
+        ("pruned fp32 (onnxruntime)", quantized.float_model),
+        (f"int8 {quantized.method} (onnxruntime)", quantized.int8_model),
+    ]
     return [(name, evaluate_model(model, data, teacher_pred, ev)) for name, model in models]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     ev = EvaluateConfig(latency_repeats=args.repeats, large_batch=256)
     print(f"digits, seed {args.seed}, {torch.get_num_threads()} threads; latency medians in ms\n")
-    print("| teacher | model | params | size KB | accuracy % | b1 ms | b256 ms | b256 speedup vs teacher |")
+    print(
+        "| teacher | model | params | size KB | accuracy % | b1 ms | b256 ms | b256 speedup vs "
+        "teacher |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, overrides in (("MLP 64-512-512-10", []), ("CNN 32-64 on 8x8", CNN)):
         cfg = load_config(ROOT / "configs" / "digits.yaml", [f"seed={args.seed}", *overrides])
         rows = stages(cfg, ev)
         base = rows[0][1]["latency_ms_b256"]
         for name, m in rows:
-            print(f"| {label} | {name} | {m['params']:,.0f} | {m['size_kb']:.1f} | {100 * m['accuracy']:.2f} | "
-                  f"{m['latency_ms_b1']:.4f} | {m['latency_ms_b256']:.3f} | {base / m['latency_ms_b256']:.1f}x |")
+            print(
+                f"| {label} | {name} | {m['params']:,.0f} | {m['size_kb']:.1f} | "
+                f"{100 * m['accuracy']:.2f} | {m['latency_ms_b1']:.4f} | "
+                f"{m['latency_ms_b256']:.3f} | {base / m['latency_ms_b256']:.1f}x |"
+            )
 
 
 if __name__ == "__main__":

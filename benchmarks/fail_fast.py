@@ -40,8 +40,12 @@ CASES = {  # name: arguments after the config
     "--help": None,
     "missing data file": ["--set", "data.source=csv:absent.csv"],
     "label column absent": ["--set", "data.source=csv:ages.csv", "--set", "data.label=y"],
-    "integer label, many values": ["--set", "data.source=csv:ages.csv", "--set",
-                                   "data.label=label"],
+    "integer label, many values": [
+        "--set",
+        "data.source=csv:ages.csv",
+        "--set",
+        "data.label=label",
+    ],
     "data.shape does not fit": ["--set", "data.shape=[1,7,7]"],
     "teacher file does not fit": ["--set", "teacher.source=file:wrong.pt"],
 }
@@ -54,15 +58,19 @@ def _children_cpu() -> float:
 
 def time_case(code: Path, args: list[str] | None, tmp: Path) -> tuple[float, float, str]:
     """(wall s, CPU s of the child, its last stderr line)."""
-    env = os.environ | {"PYTHONPATH": str(code), "PREFECT_HOME": str(tmp / "prefect"),
-                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-                        "DISTILL_MLFLOW_CONFIG": str(tmp / "absent.yaml"),
-                        "OMP_NUM_THREADS": "1"}
+    env = os.environ | {
+        "PYTHONPATH": str(code),
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+        "DISTILL_MLFLOW_CONFIG": str(tmp / "absent.yaml"),
+        "OMP_NUM_THREADS": "1",
+    }
     command = [sys.executable, "-m", "flows.cli"]
     command += ["--help"] if args is None else ["run", str(code / "configs" / "digits.yaml"), *args]
     start, cpu = time.perf_counter(), _children_cpu()
-    done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600,
-                          check=False)
+    done = subprocess.run(
+        command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600, check=False
+    )
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     line = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1] if args else "usage"
     return wall, cpu, line
@@ -75,8 +83,11 @@ def main() -> None:
     opts = parser.parse_args()
     checkouts = {"this": ROOT} | ({"baseline": opts.baseline} if opts.baseline else {})
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    print("| case | " + " | ".join(f"{k} wall s | {k} CPU s" for k in checkouts)
-          + " | message (this) |")
+    print(
+        "| case | "
+        + " | ".join(f"{k} wall s | {k} CPU s" for k in checkouts)
+        + " | message (this) |"
+    )
     print("|---|" + "---:|---:|" * len(checkouts) + "---|")
     for name, args in CASES.items():
         cells, message = [], ""

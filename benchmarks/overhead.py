@@ -55,18 +55,24 @@ def bare(overrides: list[str]) -> None:
     pred = predict_logits(teacher, data.X_test).argmax(1)
     stages = {"teacher": evaluate_model(teacher, data, pred, cfg.evaluate)}
     X = calibration_rows(data.X_train, cfg.reduce.calibration_samples, cfg.seed)
-    student = reconstruct(teacher, reduce_model(teacher, X, cfg.reduce, cfg.reconstruct.mode), X, cfg.reconstruct)
+    student = reconstruct(
+        teacher, reduce_model(teacher, X, cfg.reduce, cfg.reconstruct.mode), X, cfg.reconstruct
+    )
     stages["reconstructed"] = evaluate_model(student, data, pred, cfg.evaluate)
     student, history = distill(teacher, student, data, cfg.finetune, cfg.seed)
     stages["finetuned"] = evaluate_model(student, data, pred, cfg.evaluate)
     curves = {"finetuned": history.curves()}
-    student, history = prune_and_recover(teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed)
+    student, history = prune_and_recover(
+        teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed
+    )
     stages["pruned"] = evaluate_model(student, data, pred, cfg.evaluate)
     curves["pruned"] = history.curves()
     quantized = quantize_model(student, data.X_test, data.X_train, cfg.compress.quantize, cfg.seed)
     stages["quantized"] = evaluate_model(quantized.served, data, pred, cfg.evaluate)
     if cfg.evaluate.plots:
-        figures = pipeline_figures(stages, teacher, student, quantized.served, data, curves, cfg.evaluate, cfg.seed)
+        figures = pipeline_figures(
+            stages, teacher, student, quantized.served, data, curves, cfg.evaluate, cfg.seed
+        )
         with tempfile.TemporaryDirectory() as tmp:
             for name, figure in figures.items():
                 figure.savefig(Path(tmp) / name, dpi=100)
@@ -80,8 +86,14 @@ def timed(fn, *args) -> float:
 
 def process_seconds(args: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -93,10 +105,26 @@ def prefect_server(home: str) -> Iterator[str]:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
-        "PREFECT_HOME": home, "PREFECT_UI_ENABLED": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+        "PREFECT_HOME": home,
+        "PREFECT_UI_ENABLED": "false",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -126,42 +154,66 @@ def compare(overrides: list[str], repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    # the bare arm calls the hand-sized stages; a target's planning is measured by benchmarks/targets.py
+    # the bare arm calls the hand-sized stages; a target's planning is measured by
+    # benchmarks/targets.py
     args.overrides = ["target=null", *args.overrides]
     tmp = tempfile.mkdtemp(prefix="distill-overhead-")
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "DISTILL_MLFLOW_CONFIG": f"{tmp}/none",
-                        "PREFECT_HOME": f"{tmp}/prefect", "PREFECT_LOGGING_LEVEL": "WARNING",
-                        "MLFLOW_LOGGING_LEVEL": "ERROR", "DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT),
-                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_TASKS_REFRESH_CACHE": "true"}
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+        "DISTILL_MLFLOW_CONFIG": f"{tmp}/none",
+        "PREFECT_HOME": f"{tmp}/prefect",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "ERROR",
+        "DO_NOT_TRACK": "true",
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_TASKS_REFRESH_CACHE": "true",
+    }
     os.environ.update(env)
     from flows.distill import distill_flow, local_settings
 
     with local_settings():  # as `distill run` sets them, once per process
         start = time.perf_counter()
-        distill_flow(str(CONFIG), args.overrides)  # starts the temporary Prefect server, warms every import
+        distill_flow(
+            str(CONFIG), args.overrides
+        )  # starts the temporary Prefect server, warms every import
         first = time.perf_counter() - start
-        rows = {"default (plots on)": compare(args.overrides, args.repeats),
-                "`evaluate.plots: false`": compare([*args.overrides, "evaluate.plots=false"], args.repeats)}
+        rows = {
+            "default (plots on)": compare(args.overrides, args.repeats),
+            "`evaluate.plots: false`": compare(
+                [*args.overrides, "evaluate.plots=false"], args.repeats
+            ),
+        }
     run_args = ["run", str(CONFIG), *[a for s in args.overrides for a in ("--set", s)]]
     cold = process_seconds(run_args, env)
     with prefect_server(f"{tmp}/prefect-server") as api:
         cold_served = process_seconds(run_args, env | {"PREFECT_API_URL": api})
     help_s = statistics.median(process_seconds(["--help"], env) for _ in range(3))
 
-    print(f"median of {args.repeats}, alternating; bare = the same stage functions and figures, nothing recorded\n")
+    print(
+        f"median of {args.repeats}, alternating; bare = the same stage functions and figures, "
+        "nothing recorded\n"
+    )
     print("| config | bare s | flow s | overhead s | **flow / bare** |")
     print("|---|---:|---:|---:|---:|")
     for name, (b, f) in rows.items():
         print(f"| {name} | {b:.2f} | {f:.2f} | {f - b:+.2f} | **{f / b:.2f}** |")
     print("\n| process | seconds |")
     print("|---|---:|")
-    print(f"| first flow run in a process (temporary Prefect server start, imports) | {first:.2f} |")
+    print(
+        f"| first flow run in a process (temporary Prefect server start, imports) | {first:.2f} |"
+    )
     print(f"| `distill run` as a cold process (temporary Prefect server) | {cold:.2f} |")
-    print(f"| `distill run` as a cold process, PREFECT_API_URL set to a running `prefect server` | {cold_served:.2f} |")
+    print(
+        "| `distill run` as a cold process, PREFECT_API_URL set to a running `prefect server` | "
+        f"{cold_served:.2f} |"
+    )
     print(f"| `distill --help` | {help_s:.2f} |")
 
 

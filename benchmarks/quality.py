@@ -1,7 +1,8 @@
 """How much of the teacher–scratch gap does distill's student recover? Side by side, 3 seeds.
 
     .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--ratios 10 30 0] [--epochs 40]
-                                           [--patience 40] [--tasks signals-cnn table-mlp digits-mlp]
+                                           [--patience 40]
+                                           [--tasks signals-cnn table-mlp digits-mlp]
 
 Tasks (no network): a 1-D CNN (3 conv layers of 32 channels, the built-in `cnn`) on generated
 signals (`benchmarks/architectures.py`'s two-sinusoid task at noise 0.3), an MLP 256-256 on a
@@ -42,23 +43,31 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.architectures import signals, tp_l2_student  # noqa: E402
-from tasks.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
-from tasks.data import Dataset, Table, load_dataset, prepare  # noqa: E402
-from tasks.finetune import FitSettings, fit, predict_logits  # noqa: E402
-from tasks.graph import param_model  # noqa: E402
-from tasks.reconstruct import reinitialized  # noqa: E402
-from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.teacher import build_cnn, build_mlp  # noqa: E402
-from tasks.width import reconstruct_width  # noqa: E402
+from benchmarks.architectures import signals, tp_l2_student
+from tasks.config import BudgetConfig, DataConfig, ReduceConfig
+from tasks.data import Dataset, Table, load_dataset, prepare
+from tasks.finetune import FitSettings, fit, predict_logits
+from tasks.graph import param_model
+from tasks.reconstruct import reinitialized
+from tasks.reduce import calibration_rows, reduce_model
+from tasks.teacher import build_cnn, build_mlp
+from tasks.width import reconstruct_width
 
 TEACHER_EPOCHS = 60
 COLUMNS = ("before FT", "distill", "scratch CE", "scratch KD", "TP L2 + KD")
 
 
-def _table(X: np.ndarray, y: np.ndarray, name: str, seed: int, shape: list[int] | None = None) -> Dataset:
-    table = Table(X=X, y=y, names=[f"x{i}" for i in range(X.shape[1])], name=name, where="generated",
-                  row_shape=(X.shape[1],))
+def _table(
+    X: np.ndarray, y: np.ndarray, name: str, seed: int, shape: list[int] | None = None
+) -> Dataset:
+    table = Table(
+        X=X,
+        y=y,
+        names=[f"x{i}" for i in range(X.shape[1])],
+        name=name,
+        where="generated",
+        row_shape=(X.shape[1],),
+    )
     return prepare(table, DataConfig(shape=shape), seed)
 
 
@@ -70,8 +79,16 @@ def signals_cnn(seed: int) -> tuple[Dataset, nn.Module]:
 def table_mlp(seed: int) -> tuple[Dataset, nn.Module]:
     from sklearn.datasets import make_classification
 
-    X, y = make_classification(n_samples=6000, n_features=40, n_informative=20, n_redundant=10, n_classes=6,
-                               n_clusters_per_class=3, class_sep=1.0, random_state=100 + seed)
+    X, y = make_classification(
+        n_samples=6000,
+        n_features=40,
+        n_informative=20,
+        n_redundant=10,
+        n_classes=6,
+        n_clusters_per_class=3,
+        class_sep=1.0,
+        random_state=100 + seed,
+    )
     return _table(X, y, "table", seed), build_mlp(40, [256, 256], 6)
 
 
@@ -80,7 +97,10 @@ def digits_mlp(seed: int) -> tuple[Dataset, nn.Module]:
 
 
 TASKS: dict[str, Callable[[int], tuple[Dataset, nn.Module]]] = {
-    "signals-cnn": signals_cnn, "table-mlp": table_mlp, "digits-mlp": digits_mlp}
+    "signals-cnn": signals_cnn,
+    "table-mlp": table_mlp,
+    "digits-mlp": digits_mlp,
+}
 
 
 def accuracy(model: nn.Module, data: Dataset) -> float:
@@ -90,10 +110,12 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
 def smallest_ratio(teacher: nn.Module, X: np.ndarray) -> float:
     """Teacher params / params of the smallest student width mode builds (one step per group)."""
     cost = param_model(teacher, torch.from_numpy(X[:2]))
-    return cost.params() / cost.params({name: 1 for name in cost.widths})
+    return cost.params() / cost.params(dict.fromkeys(cost.widths, 1))
 
 
-def run_cell(teacher: nn.Module, data: Dataset, ratio: float, seed: int, train: FitSettings) -> dict[str, float]:
+def run_cell(
+    teacher: nn.Module, data: Dataset, ratio: float, seed: int, train: FitSettings
+) -> dict[str, float]:
     X = calibration_rows(data.X_train, 1024, seed)
     ratio = ratio or smallest_ratio(teacher, X) * 0.999
     plan = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(ratio=ratio)), mode="width")
@@ -102,25 +124,42 @@ def run_cell(teacher: nn.Module, data: Dataset, ratio: float, seed: int, train: 
     kd = FitSettings(**{**vars(train), "temperature": 4.0, "alpha": 0.9})
 
     def trained(start: nn.Module, settings: FitSettings, with_teacher: bool) -> float:
-        model, _ = fit(copy.deepcopy(start), data, settings, teacher=teacher if with_teacher else None)
+        model, _ = fit(
+            copy.deepcopy(start), data, settings, teacher=teacher if with_teacher else None
+        )
         return accuracy(model, data)
 
     fresh = reinitialized(student, seed)
-    return {"params": sum(p.numel() for p in student.parameters()), "ratio": ratio,
-            "before FT": accuracy(student, data), "distill": trained(student, kd, True),
-            "scratch CE": trained(fresh, train, False), "scratch KD": trained(fresh, kd, True),
-            "TP L2 + KD": trained(tp_l2_student(teacher, widths, torch.from_numpy(X[:2])), kd, True)}
+    return {
+        "params": sum(p.numel() for p in student.parameters()),
+        "ratio": ratio,
+        "before FT": accuracy(student, data),
+        "distill": trained(student, kd, True),
+        "scratch CE": trained(fresh, train, False),
+        "scratch KD": trained(fresh, kd, True),
+        "TP L2 + KD": trained(tp_l2_student(teacher, widths, torch.from_numpy(X[:2])), kd, True),
+    }
 
 
-def task_seed(task: str, seed: int, ratios: list[float], train: FitSettings) -> tuple[float, int, list[dict]]:
-    """One task and seed: (teacher accuracy, teacher params, a cell per budget). A process's work."""
+def task_seed(
+    task: str, seed: int, ratios: list[float], train: FitSettings
+) -> tuple[float, int, list[dict]]:
+    """One task and seed: (teacher accuracy, teacher params, a cell per budget). A process's
+    work."""
     torch.set_num_threads(1)
     data, model = TASKS[task](seed)
     torch.manual_seed(seed)
-    teacher, _ = fit(model, data, FitSettings(epochs=TEACHER_EPOCHS, lr=1e-3, batch_size=64, patience=15, seed=seed))
+    teacher, _ = fit(
+        model,
+        data,
+        FitSettings(epochs=TEACHER_EPOCHS, lr=1e-3, batch_size=64, patience=15, seed=seed),
+    )
     settings = FitSettings(**{**vars(train), "seed": seed})
-    return (accuracy(teacher, data), sum(p.numel() for p in teacher.parameters()),
-            [run_cell(teacher, data, ratio, seed, settings) for ratio in ratios])
+    return (
+        accuracy(teacher, data),
+        sum(p.numel() for p in teacher.parameters()),
+        [run_cell(teacher, data, ratio, seed, settings) for ratio in ratios],
+    )
 
 
 def mean_std(values: list[float]) -> str:
@@ -130,13 +169,21 @@ def mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[10, 30, 0], help="0: the smallest student")
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", default=[10, 30, 0], help="0: the smallest student"
+    )
     parser.add_argument("--epochs", type=int, default=40, help="every student's training epochs")
-    parser.add_argument("--patience", type=int, default=40, help="early stopping on validation accuracy")
+    parser.add_argument(
+        "--patience", type=int, default=40, help="early stopping on validation accuracy"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--jobs", type=int, default=1, help="processes, one (task, seed) each, 1 thread each")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="processes, one (task, seed) each, 1 thread each"
+    )
     args = parser.parse_args()
     train = FitSettings(epochs=args.epochs, lr=1e-3, batch_size=64, patience=args.patience)
     start = time.perf_counter()
@@ -144,19 +191,28 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pair: pool.submit(task_seed, *pair, args.ratios, train) for pair in pairs}
         results = {pair: future.result() for pair, future in futures.items()}
-    print(f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers: {TEACHER_EPOCHS} epochs (CE). "
-          f"Every student: {args.epochs} epochs, patience {args.patience}, lr {train.lr}; KD at T=4, α=0.9.\n")
+    print(
+        f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers: {TEACHER_EPOCHS} epochs "
+        f"(CE). Every student: {args.epochs} epochs, patience {args.patience}, lr {train.lr}; KD "
+        "at T=4, α=0.9.\n"
+    )
     print("| task | size | params | teacher | " + " | ".join(COLUMNS) + " | gap % |")
     print("|---|---|---:|---:|" + "---:|" * (len(COLUMNS) + 1))
     for task in args.tasks:
         t_acc = [results[task, s][0] for s in args.seeds]
-        print(f"| {task} | teacher | {results[task, args.seeds[0]][1]:,} | {mean_std(t_acc)} |"
-              + " |" * (len(COLUMNS) + 1))
+        print(
+            f"| {task} | teacher | {results[task, args.seeds[0]][1]:,} | {mean_std(t_acc)} |"
+            + " |" * (len(COLUMNS) + 1)
+        )
         for i, ratio in enumerate(args.ratios):
             cells = [results[task, s][2][i] for s in args.seeds]
             means = {c: statistics.mean(cell[c] for cell in cells) for c in COLUMNS}
             teacher, scratch = statistics.mean(t_acc), means["scratch CE"]
-            gap = f"{100 * (means['distill'] - scratch) / (teacher - scratch):.0f}" if teacher > scratch else "—"
+            gap = (
+                f"{100 * (means['distill'] - scratch) / (teacher - scratch):.0f}"
+                if teacher > scratch
+                else "—"
+            )
             size = f"{ratio:g}x" if ratio else f"smallest ({cells[0]['ratio']:.0f}x)"
             row = " | ".join(mean_std([cell[c] for cell in cells]) for c in COLUMNS)
             print(f"| {task} | {size} | {cells[0]['params']:,} | | {row} | {gap} |")

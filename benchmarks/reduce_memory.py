@@ -1,4 +1,5 @@
-"""Peak memory of the reduce stage as calibration grows 10x: streamed moments vs keeping activations.
+"""Peak memory of the reduce stage as calibration grows 10x: streamed moments vs keeping
+activations.
 
     .venv/bin/python benchmarks/reduce_memory.py [--rows 4096] [--factor 10]
 
@@ -39,11 +40,15 @@ def measure(method: str, rows: int) -> tuple[float, float]:
         collect_bases(model, X, batch_size=256)
     else:
         outs: dict[str, list[torch.Tensor]] = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outs.setdefault(n, []).append(o.detach().double()))
-                 for n, m in linear_layers(model).items()]
+        hooks = [
+            m.register_forward_hook(
+                lambda _m, _i, o, n=n: outs.setdefault(n, []).append(o.detach().double())
+            )
+            for n, m in linear_layers(model).items()
+        ]
         with torch.no_grad():
             for i in range(0, rows, 256):
-                model(torch.from_numpy(X[i:i + 256]))
+                model(torch.from_numpy(X[i : i + 256]))
         for h in hooks:
             h.remove()
         for z in outs.values():
@@ -55,7 +60,9 @@ def measure(method: str, rows: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -65,18 +72,26 @@ def main() -> None:
         return
 
     def child(method: str, rows: int) -> tuple[float, float]:
-        out = subprocess.run([sys.executable, __file__, "--child", method, str(rows)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", method, str(rows)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     f = args.factor
-    print(f"| PCA of layer outputs | rows 1x -> {f}x | peak RSS 1x (MB) | peak RSS {f}x (MB) | ratio {f}x/1x | "
-          f"growth during PCA 1x / {f}x (MB) |")
+    print(
+        f"| PCA of layer outputs | rows 1x -> {f}x | peak RSS 1x (MB) | peak RSS {f}x (MB) | ratio "
+        f"{f}x/1x | growth during PCA 1x / {f}x (MB) |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for method in ("streamed", "naive"):
         (peak1, grow1), (peak10, grow10) = child(method, args.rows), child(method, args.rows * f)
-        print(f"| {method} | {args.rows:,} -> {args.rows * f:,} | {peak1:.0f} | {peak10:.0f} | {peak10 / peak1:.2f} | "
-              f"{grow1:.1f} / {grow10:.1f} |")
+        print(
+            f"| {method} | {args.rows:,} -> {args.rows * f:,} | {peak1:.0f} | {peak10:.0f} | "
+            f"{peak10 / peak1:.2f} | {grow1:.1f} / {grow10:.1f} |"
+        )
 
 
 if __name__ == "__main__":

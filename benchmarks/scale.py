@@ -31,15 +31,27 @@ def child(npz: str) -> None:
 
     from flows.cli import app
 
-    result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "digits.yaml"), "--fresh",
-                                      "--set", f"data.source=npz:{npz}", "--set", "register.enabled=false"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(ROOT / "configs" / "digits.yaml"),
+            "--fresh",
+            "--set",
+            f"data.source=npz:{npz}",
+            "--set",
+            "register.enabled=false",
+        ],
+    )
     if result.exit_code != 0:
         raise SystemExit(result.output[-2000:])
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rows", type=int, default=1797)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -52,19 +64,34 @@ def main() -> None:
     from sklearn.datasets import make_classification
 
     tmp = Path(tempfile.mkdtemp(prefix="distill-scale-"))
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "DISTILL_MLFLOW_CONFIG": f"{tmp}/none",
-                        "PREFECT_HOME": f"{tmp}/prefect", "PYTHONPATH": str(ROOT)}
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+        "DISTILL_MLFLOW_CONFIG": f"{tmp}/none",
+        "PREFECT_HOME": f"{tmp}/prefect",
+        "PYTHONPATH": str(ROOT),
+    }
     print("| rows | wall time s | per 1k rows s | peak RSS MB |")
     print("|---:|---:|---:|---:|")
     for factor in args.factors:
         n = args.rows * factor
-        X, y = make_classification(n_samples=n, n_features=64, n_informative=24, n_classes=10,
-                                   n_clusters_per_class=1, random_state=0)
+        X, y = make_classification(
+            n_samples=n,
+            n_features=64,
+            n_informative=24,
+            n_classes=10,
+            n_clusters_per_class=1,
+            random_state=0,
+        )
         npz = tmp / f"data_{factor}.npz"
         np.savez(npz, X=X, y=y)
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--child", str(npz)], env=env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(npz)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         wall = time.perf_counter() - start
         peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
         print(f"| {n:,} | {wall:.1f} | {1000 * wall / n:.2f} | {peak:.0f} |")

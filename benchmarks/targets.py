@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from architectures import signals
+from architectures import signals  # noqa: E402 -- importable only after the sys.path inserts
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 COMMON = [
@@ -152,11 +152,12 @@ def main() -> None:
             costs.append((name, sizes, {arm: statistics.median(w) for arm, w in walls.items()}))
 
     print(
-        f"seed {args.seed}, {torch.get_num_threads()} threads; accuracy drop = teacher - final on the test "
-        "rows, in points (the guard, max 1 point, is decided on validation rows)\n"
+        f"seed {args.seed}, {torch.get_num_threads()} threads; accuracy drop = teacher - final on "
+        "the test rows, in points (the guard, max 1 point, is decided on validation rows)\n"
     )
     print(
-        "| teacher | target | teacher KB | final KB | achieved | accuracy drop | pruning rounds | met | wall s |"
+        "| teacher | target | teacher KB | final KB | achieved | accuracy drop | pruning rounds | "
+        "met | wall s |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for name, kind, value, m, target, wall in rows:
@@ -166,9 +167,10 @@ def main() -> None:
             else f"{m['final/latency_ms_b1']:.4f} ms"
         )
         print(
-            f"| {name} | {show_target(kind, value)} | {m['teacher/size_kb']:.1f} | {m['final/size_kb']:.1f} | "
-            f"{achieved} | {100 * m['accuracy_drop']:+.2f} | {m['target/pruning_rounds']:.0f} | "
-            f"{'yes' if target['met'] else '**no**'} | {wall:.1f} |"
+            f"| {name} | {show_target(kind, value)} | {m['teacher/size_kb']:.1f} | "
+            f"{m['final/size_kb']:.1f} | {achieved} | {100 * m['accuracy_drop']:+.2f} | "
+            f"{m['target/pruning_rounds']:.0f} | {'yes' if target['met'] else '**no**'} | "
+            f"{wall:.1f} |"
         )
     print("\nWhy each run stopped (`target` stage record):\n")
     for name, kind, value, _m, target, _wall in rows:

@@ -14,15 +14,23 @@ import os
 import sys
 import threading
 import warnings
-from enum import Enum
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Compress a PyTorch teacher into a small student, tracked in MLflow, orchestrated by Prefect.")
+# A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
+# they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "Compress a PyTorch teacher into a small student, tracked in MLflow, "
+        "orchestrated by Prefect."
+    ),
+)
 
 EXIT_USER_ERROR = 2
 EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
@@ -32,6 +40,7 @@ EXIT_REFUSED = 1  # a promotion its gates refused
 @app.callback()
 def _group() -> None:
     """distill: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
+
 
 # Quiet, offline defaults; a user's own settings win.
 QUIET_ENV = {
@@ -70,7 +79,8 @@ def _quiet() -> None:
 
 
 class _HideUserErrors(logging.Filter):
-    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one line instead."""
+    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one
+    line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from tasks.errors import UserError, fault_message, mentions_fault
@@ -112,7 +122,9 @@ def _start_prefect_server_early() -> Callable[[], None]:
     server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
 
     def start() -> None:
-        with contextlib.suppress(Exception):  # a failed start is retried, and reported, by the flow's first call
+        with contextlib.suppress(
+            Exception
+        ):  # a failed start is retried, and reported, by the flow's first call
             server.start()
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
@@ -141,8 +153,12 @@ def _check_prefect_home() -> None:
         raise OSError(err.errno, f"{err.strerror} (PREFECT_HOME)", str(home)) from None
     free_mb = shutil.disk_usage(home).free / 2**20
     if free_mb < PREFECT_HOME_MIN_FREE_MB:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free_mb:.1f} MB free, Prefect "
-                      f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)", str(home))
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} ({free_mb:.1f} MB free, Prefect "
+            f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)",
+            str(home),
+        )
 
 
 class Interrupted(KeyboardInterrupt):
@@ -196,15 +212,35 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path("configs/digits.yaml"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value (repeatable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    promote_: Annotated[bool, typer.Option("--promote", help="Gate the registered version and make it champion (see `promote`).")] = False,
-    from_run: Annotated[str | None, typer.Option("--from-run", help="Re-run the pipeline recorded in this MLflow run (its logged config and seed).")] = None,
-    fresh: Annotated[bool, typer.Option(
-        "--fresh", help="Recompute every stage instead of reusing cached results.")] = False,
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path(
+        "configs/digits.yaml"
+    ),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: key=value (repeatable)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    promote_: Annotated[
+        bool,
+        typer.Option(
+            "--promote", help="Gate the registered version and make it champion (see `promote`)."
+        ),
+    ] = False,
+    from_run: Annotated[
+        str | None,
+        typer.Option(
+            "--from-run",
+            help="Re-run the pipeline recorded in this MLflow run (its logged config and seed).",
+        ),
+    ] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh", help="Recompute every stage instead of reusing cached results."),
+    ] = False,
 ) -> None:
-    """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
+    """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
     _quiet()
     from tasks.config import load_config
 
@@ -225,10 +261,14 @@ def run(
 
     stage_lines()
     _exit_on_signals()
-    with user_errors():
-        # stdout is the result (table or JSON); libraries' chatter goes to stderr
-        with contextlib.redirect_stdout(sys.stderr), _recompute(bool(from_run) or fresh), local_settings():
-            summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
+    # stdout is the result (table or JSON); libraries' chatter goes to stderr
+    with (
+        user_errors(),
+        contextlib.redirect_stdout(sys.stderr),
+        _recompute(bool(from_run) or fresh),
+        local_settings(),
+    ):
+        summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
         typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
     else:
@@ -280,41 +320,79 @@ def _print_summary(summary: Any) -> None:
     from rich.table import Table
 
     first = next(iter(summary.stages.values()))
-    large = next(k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1")  # latency_ms_bN
+    large = next(
+        k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1"
+    )  # latency_ms_bN
     table = Table(title="distill: stages", title_justify="left")
-    for col in ("stage", "params", "nonzeros", "size KB", "accuracy", "agreement", "b1 ms",
-                f"b{large.removeprefix('latency_ms_b')} ms"):
+    for col in (
+        "stage",
+        "params",
+        "nonzeros",
+        "size KB",
+        "accuracy",
+        "agreement",
+        "b1 ms",
+        f"b{large.removeprefix('latency_ms_b')} ms",
+    ):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, m in summary.stages.items():
-        table.add_row(stage, f"{m['params']:,.0f}", f"{m['nonzeros']:,.0f}", f"{m['size_kb']:.1f}",
-                      f"{m['accuracy']:.4f}", f"{m.get('agreement', float('nan')):.4f}",
-                      f"{m['latency_ms_b1']:.4f}", f"{m[large]:.4f}")
+        table.add_row(
+            stage,
+            f"{m['params']:,.0f}",
+            f"{m['nonzeros']:,.0f}",
+            f"{m['size_kb']:.1f}",
+            f"{m['accuracy']:.4f}",
+            f"{m.get('agreement', float('nan')):.4f}",
+            f"{m['latency_ms_b1']:.4f}",
+            f"{m[large]:.4f}",
+        )
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     m = summary.metrics
-    console.print(f"compression {m['compression_ratio']:.1f}x, accuracy drop {100 * m['accuracy_drop']:+.2f} points, "
-                  f"speedup b1 {m.get('speedup_b1', float('nan')):.1f}x")
+    console.print(
+        f"compression {m['compression_ratio']:.1f}x, accuracy drop {100 * m['accuracy_drop']:+.2f} "
+        f"points, speedup b1 {m.get('speedup_b1', float('nan')):.1f}x"
+    )
     console.print(f"MLflow run {summary.run_id}  {summary.run_url}")
     if summary.model_name:
-        console.print(f"registered {summary.model_name} version {summary.model_version} (alias challenger)")
+        console.print(
+            f"registered {summary.model_name} version {summary.model_version} (alias challenger)"
+        )
 
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML) every variant starts from.")],
-    grid: Annotated[list[str], typer.Option(
-        "--grid", help="key=v1,v2,... (repeatable): the cartesian product is swept.")],
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a key in every variant: key=value.")] = None,
-    workers: Annotated[int, typer.Option(
-        "--workers", min=1, help="Variants at a time (threads, or local Dask processes).")] = 2,
-    dask: Annotated[bool, typer.Option(
-        "--dask", help="Run variants on a local Dask cluster of --workers processes.")] = False,
-    dask_address: Annotated[str | None, typer.Option(
-        "--dask-address", help="Run variants on this Dask scheduler (tcp://HOST:PORT).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    config: Annotated[
+        Path, typer.Argument(help="Pipeline config (YAML) every variant starts from.")
+    ],
+    grid: Annotated[
+        list[str],
+        typer.Option("--grid", help="key=v1,v2,... (repeatable): the cartesian product is swept."),
+    ],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key in every variant: key=value.")
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="Variants at a time (threads, or local Dask processes)."
+        ),
+    ] = 2,
+    dask: Annotated[
+        bool,
+        typer.Option("--dask", help="Run variants on a local Dask cluster of --workers processes."),
+    ] = False,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            "--dask-address", help="Run variants on this Dask scheduler (tcp://HOST:PORT)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
 ) -> None:
-    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""
+    """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""  # noqa: E501
     _quiet()
 
     overrides = list(set_ or [])
@@ -340,7 +418,9 @@ def sweep(
     with user_errors():
         try:
             with contextlib.redirect_stdout(sys.stderr), local_settings():
-                summary = sweep_flow.with_options(task_runner=runner)(str(config), grid_values, overrides)
+                summary = sweep_flow.with_options(task_runner=runner)(
+                    str(config), grid_values, overrides
+                )
         except SweepFailed as err:
             summary, failed = err.summary, True
     if as_json:
@@ -351,16 +431,20 @@ def sweep(
         typer.echo(markdown_table(summary.table))
         typer.echo(f"\nsweep {summary.sweep_id}: summary MLflow run {summary.summary_run_id}")
     if failed:
-        typer.echo(f"error: {len(summary.failed)} variant(s) failed: " + "; ".join(summary.failed), err=True)
+        typer.echo(
+            f"error: {len(summary.failed)} variant(s) failed: " + "; ".join(summary.failed),
+            err=True,
+        )
         raise typer.Exit(1)
 
 
 @app.command()
 def deploy(
-    prefect_file: Annotated[Path, typer.Option(
-        "--prefect-file", help="Deployments to apply.")] = Path("deployments/prefect.yaml"),
+    prefect_file: Annotated[
+        Path, typer.Option("--prefect-file", help="Deployments to apply.")
+    ] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""
+    """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""  # noqa: E501
     _quiet()
     from flows.deployments import deploy as apply_deployments
 
@@ -372,10 +456,11 @@ def deploy(
 
 @app.command()
 def serve(
-    prefect_file: Annotated[Path, typer.Option(
-        "--prefect-file", help="Deployments to serve.")] = Path("deployments/prefect.yaml"),
+    prefect_file: Annotated[
+        Path, typer.Option("--prefect-file", help="Deployments to serve.")
+    ] = Path("deployments/prefect.yaml"),
 ) -> None:
-    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""
+    """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""  # noqa: E501
     _quiet()
     from flows.deployments import serve as serve_deployments
 
@@ -383,7 +468,7 @@ def serve(
         serve_deployments(prefect_file)
 
 
-class CompareFormat(str, Enum):
+class CompareFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -391,19 +476,23 @@ class CompareFormat(str, Enum):
 
 @app.command()
 def compare(
-    experiment: Annotated[str | None, typer.Option(
-        help="MLflow experiment (default: mlflow.yaml tracking.experiment).")] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(help="MLflow experiment (default: mlflow.yaml tracking.experiment)."),
+    ] = None,
     last: Annotated[int, typer.Option(min=1, help="Show the newest N pipeline runs.")] = 5,
-    format_: Annotated[CompareFormat, typer.Option(
-        "--format", help="table (terminal), csv or json (stdout, parseable).")] = CompareFormat.table,
+    format_: Annotated[
+        CompareFormat,
+        typer.Option("--format", help="table (terminal), csv or json (stdout, parseable)."),
+    ] = CompareFormat.table,
 ) -> None:
     """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
     _quiet()
     from tasks.compare import load_comparison, rich_table, to_csv, to_json
 
-    with user_errors():
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result only
-            frame = load_comparison(experiment, last)
+    # stdout carries the result only
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        frame = load_comparison(experiment, last)
     if format_ is CompareFormat.csv:
         typer.echo(to_csv(frame), nl=False)
     elif format_ is CompareFormat.json:
@@ -428,15 +517,18 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise UserError(f"{host}:{port} is already in use ({err.strerror}): choose another "
-                            "port with --port") from None
+            raise UserError(
+                f"{host}:{port} is already in use ({err.strerror}): choose another port with --port"
+            ) from None
 
 
 @app.command()
 def ui(
-    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default: mlflow.yaml ui.port).")
+    ] = None,
 ) -> None:
-    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""
+    """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501
     _quiet()
     import signal
     import subprocess
@@ -454,7 +546,10 @@ def ui(
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
     # its own process group: stopping it stops the workers it spawns too
     proc = subprocess.Popen(command, stdout=sys.stderr, env=env, start_new_session=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`, even where SIGINT came in ignored
+    for sig in (
+        signal.SIGINT,
+        signal.SIGTERM,
+    ):  # Ctrl-C or `kill`, even where SIGINT came in ignored
         signal.signal(sig, _interrupt)
     try:
         deadline = time.monotonic() + 120
@@ -485,45 +580,102 @@ def ui(
 
 @app.command()
 def promote(
-    model: Annotated[str | None, typer.Option("--model", help="Registered model name (default: register.model_name of --config).")] = None,
-    version: Annotated[str | None, typer.Option("--version", help="Version to promote (default: alias challenger).")] = None,
-    config: Annotated[Path, typer.Option("--config", help="Config whose `promote:` section holds the gates.")] = Path("configs/digits.yaml"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. promote.max_size_kb=null (repeatable).")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: teacher accuracy - student accuracy at most this.")] = None,
-    min_accuracy: Annotated[float | None, typer.Option(help="Gate: test accuracy at least this.")] = None,
-    max_size_kb: Annotated[float | None, typer.Option(help="Gate: model file at most this many KB.")] = None,
-    max_latency_ms_b1: Annotated[float | None, typer.Option(help="Gate: batch-1 latency at most this many ms.")] = None,
-    vs_champion: Annotated[bool | None, typer.Option("--vs-champion/--ignore-champion", help="Gate: no worse than the current champion on the same held-out rows.")] = None,
-    allow_target_missed: Annotated[bool, typer.Option("--allow-target-missed", help="Promote a version whose run missed its target (tag distill.target_met=false).")] = False,
-    champion_tolerance: Annotated[float | None, typer.Option(help="Accuracy the challenger may lose vs the champion.")] = None,
-    rollback: Annotated[bool, typer.Option("--rollback", help="Move champion back to the previous champion.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Registered model name (default: register.model_name of --config)."
+        ),
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Version to promote (default: alias challenger)."),
+    ] = None,
+    config: Annotated[
+        Path, typer.Option("--config", help="Config whose `promote:` section holds the gates.")
+    ] = Path("configs/digits.yaml"),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a config key, e.g. promote.max_size_kb=null (repeatable)."
+        ),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="Gate: teacher accuracy - student accuracy at most this.")
+    ] = None,
+    min_accuracy: Annotated[
+        float | None, typer.Option(help="Gate: test accuracy at least this.")
+    ] = None,
+    max_size_kb: Annotated[
+        float | None, typer.Option(help="Gate: model file at most this many KB.")
+    ] = None,
+    max_latency_ms_b1: Annotated[
+        float | None, typer.Option(help="Gate: batch-1 latency at most this many ms.")
+    ] = None,
+    vs_champion: Annotated[
+        bool | None,
+        typer.Option(
+            "--vs-champion/--ignore-champion",
+            help="Gate: no worse than the current champion on the same held-out rows.",
+        ),
+    ] = None,
+    allow_target_missed: Annotated[
+        bool,
+        typer.Option(
+            "--allow-target-missed",
+            help="Promote a version whose run missed its target (tag distill.target_met=false).",
+        ),
+    ] = False,
+    champion_tolerance: Annotated[
+        float | None, typer.Option(help="Accuracy the challenger may lose vs the champion.")
+    ] = None,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Move champion back to the previous champion.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the decision as one JSON object.")
+    ] = False,
 ) -> None:
-    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""
+    """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501
     _quiet()
     from tasks.config import DEFAULT_CONFIG, build_config, load_config
     from tasks.errors import UserError
 
-    flags = {"max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy, "max_size_kb": max_size_kb,
-             "max_latency_ms_b1": max_latency_ms_b1, "vs_champion": vs_champion,
-             "champion_tolerance": champion_tolerance, "allow_target_missed": allow_target_missed or None}
-    overrides = list(set_ or []) + [f"promote.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    flags = {
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_accuracy": min_accuracy,
+        "max_size_kb": max_size_kb,
+        "max_latency_ms_b1": max_latency_ms_b1,
+        "vs_champion": vs_champion,
+        "champion_tolerance": champion_tolerance,
+        "allow_target_missed": allow_target_missed or None,
+    }
+    overrides = list(set_ or []) + [
+        f"promote.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None
+    ]
     with user_errors():
         if rollback and version is not None:
-            raise UserError("--rollback moves champion to the previous champion; it takes no --version")
+            raise UserError(
+                "--rollback moves champion to the previous champion; it takes no --version"
+            )
         if model is not None and not model.strip():
             raise UserError("option --model: the registered model name is empty")
         # the default config is optional here: without it the gates are the schema's defaults
-        cfg = build_config({}, overrides) if config == DEFAULT_CONFIG and not config.is_file() \
+        cfg = (
+            build_config({}, overrides)
+            if config == DEFAULT_CONFIG and not config.is_file()
             else load_config(config, overrides)
+        )
 
     from flows.promote import promote_flow
 
     _hide_user_errors_in_prefect_logs()
-    with user_errors():
-        with contextlib.redirect_stdout(sys.stderr):
-            decision = promote_flow(model if model is not None else cfg.registry.model_name, version,
-                                    cfg.promote, rollback)
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        decision = promote_flow(
+            model if model is not None else cfg.registry.model_name,
+            version,
+            cfg.promote,
+            rollback,
+        )
     if as_json:
         typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
     else:
@@ -534,10 +686,23 @@ def promote(
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Option("--model", help="Model URI, e.g. models:/distill-digits@champion.")],
-    input_: Annotated[Path, typer.Option("--input", help="Rows to predict: .csv / .parquet (feature columns by name) or .npz (array X).")],
-    output: Annotated[Path, typer.Option("--output", help="Where predictions go: .csv or .parquet.")],
-    label: Annotated[str | None, typer.Option("--label", help="A column of true labels in the input: print accuracy.")] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="Model URI, e.g. models:/distill-digits@champion.")
+    ],
+    input_: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            help="Rows to predict: .csv / .parquet (feature columns by name) or .npz (array X).",
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", help="Where predictions go: .csv or .parquet.")
+    ],
+    label: Annotated[
+        str | None,
+        typer.Option("--label", help="A column of true labels in the input: print accuracy."),
+    ] = None,
 ) -> None:
     """Batch prediction through mlflow.pyfunc; the model applies its own preprocessing."""
     _quiet()
@@ -556,8 +721,12 @@ def predict(
             report = predict_file(model, input_, output, label)
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
     if label is not None and report.unlabelled:
-        accuracy += (f" on {report.rows - report.unlabelled} labelled rows ({report.unlabelled} "
-                     f"without a label)" if report.accuracy is not None else ", no row has a label")
+        accuracy += (
+            f" on {report.rows - report.unlabelled} labelled rows ({report.unlabelled} "
+            f"without a label)"
+            if report.accuracy is not None
+            else ", no row has a label"
+        )
     typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")
 
 

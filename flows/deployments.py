@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from tasks.config import read_yaml
 from tasks.errors import UserError
 
@@ -44,7 +43,9 @@ def read_spec(prefect_file: Path) -> dict[str, Any]:
 
 
 def work_pools(spec: dict[str, Any]) -> list[str]:
-    return sorted({d["work_pool"]["name"] for d in spec["deployments"] if d.get("work_pool", {}).get("name")})
+    return sorted(
+        {d["work_pool"]["name"] for d in spec["deployments"] if d.get("work_pool", {}).get("name")}
+    )
 
 
 def require_server() -> str:
@@ -52,8 +53,10 @@ def require_server() -> str:
 
     url = get_current_settings().api.url
     if not url:
-        raise UserError("no Prefect server: set PREFECT_API_URL (e.g. `prefect server start`, then "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api), or use `distill serve`")
+        raise UserError(
+            "no Prefect server: set PREFECT_API_URL (e.g. `prefect server start`, then "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api), or use `distill serve`"
+        )
     return url
 
 
@@ -81,9 +84,23 @@ def deploy(prefect_file: Path = PREFECT_FILE) -> list[str]:
     ensure_work_pools(work_pools(spec))
     root = project_root(prefect_file)
     proc = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-         "--prefect-file", str(prefect_file.resolve())],
-        cwd=root, env=os.environ | {PROJECT_DIR_ENV: str(root)}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(prefect_file.resolve()),
+        ],
+        cwd=root,
+        env=os.environ | {PROJECT_DIR_ENV: str(root)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"prefect deploy failed (exit {proc.returncode}):\n{tail}")
@@ -96,7 +113,9 @@ def deployed_names(names: list[str]) -> list[str]:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     with get_client(sync_client=True) as client:
-        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+        found = client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names))
+        )
         return sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in found)
 
 
@@ -108,7 +127,8 @@ def _flow(entrypoint: str) -> Any:
 
 
 def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
-    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (cron schedules, event triggers)."""
+    """The file's deployments as `RunnerDeployment`s for `prefect.serve` (cron schedules, event
+    triggers)."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
@@ -117,13 +137,27 @@ def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
         schedules = []
         for s in d.get("schedules") or []:
             if "cron" not in s:
-                raise UserError(f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes cron schedules only")
-            schedules.append(Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True)))
-        triggers = [DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
-                    for t in d.get("triggers") or []]
-        deployments.append(_flow(d["entrypoint"]).to_deployment(
-            name=d["name"], schedules=schedules, triggers=triggers or None, parameters=d.get("parameters") or {},
-            description=d.get("description"), tags=d.get("tags")))
+                raise UserError(
+                    f"{prefect_file}: deployment {d['name']!r}: `distill serve` takes "
+                    "cron schedules only"
+                )
+            schedules.append(
+                Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+            )
+        triggers = [
+            DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
+            for t in d.get("triggers") or []
+        ]
+        deployments.append(
+            _flow(d["entrypoint"]).to_deployment(
+                name=d["name"],
+                schedules=schedules,
+                triggers=triggers or None,
+                parameters=d.get("parameters") or {},
+                description=d.get("description"),
+                tags=d.get("tags"),
+            )
+        )
     return deployments
 
 
@@ -140,13 +174,17 @@ def check_not_deployed(deployments: list[Any]) -> None:
             except ObjectNotFound:
                 continue
             if existing.work_pool_name:
-                raise UserError(f"deployment {d.flow_name}/{d.name} is deployed to work pool "
-                                f"{existing.work_pool_name!r} on this server: serve and deploy are alternatives "
-                                f"(remove it with `prefect deployment delete {d.flow_name}/{d.name}`)")
+                raise UserError(
+                    f"deployment {d.flow_name}/{d.name} is deployed to work pool "
+                    f"{existing.work_pool_name!r} on this server: serve and deploy are "
+                    "alternatives (remove it with `prefect deployment delete "
+                    f"{d.flow_name}/{d.name}`)"
+                )
 
 
 def serve(prefect_file: Path = PREFECT_FILE) -> None:
-    """Serve the deployments from this process until interrupted (runs start in the project root)."""
+    """Serve the deployments from this process until interrupted (runs start in the project
+    root)."""
     from prefect import serve as prefect_serve
 
     deployments = runner_deployments(prefect_file)

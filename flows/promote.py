@@ -27,14 +27,21 @@ def connect_registry() -> None:
 
 
 @flow(name="promote", log_prints=False)
-def promote_flow(model_name: str, version: str | None = None, gates: PromoteConfig | None = None,
-                 rollback: bool = False) -> Decision:
+def promote_flow(
+    model_name: str,
+    version: str | None = None,
+    gates: PromoteConfig | None = None,
+    rollback: bool = False,
+) -> Decision:
     connect_registry()
     if rollback:
         decision = rollback_task(model_name)
     else:
         decision = promote_task(model_name, version, gates or PromoteConfig())
     key = "promotion-" + re.sub(r"[^a-z0-9-]+", "-", model_name.lower()).strip("-")
-    create_markdown_artifact(markdown=decision_markdown(decision), key=key,
-                             description=f"distill promote: {decision.line()}")
+    create_markdown_artifact(
+        markdown=decision_markdown(decision),
+        key=key,
+        description=f"distill promote: {decision.line()}",
+    )
     return decision

@@ -20,8 +20,16 @@ from torch import nn
 
 from tasks import tracking
 from tasks.caching import STAGE_CACHE
-from tasks.config import (EvaluateConfig, FinetuneConfig, PruneConfig, QuantizeConfig, ReconstructConfig, ReduceConfig,
-                          TargetConfig, TeacherConfig)
+from tasks.config import (
+    EvaluateConfig,
+    FinetuneConfig,
+    PruneConfig,
+    QuantizeConfig,
+    ReconstructConfig,
+    ReduceConfig,
+    TargetConfig,
+    TeacherConfig,
+)
 from tasks.data import Dataset, load_dataset
 from tasks.evaluate import OnnxModel, evaluate_model
 from tasks.finetune import History, distill
@@ -39,82 +47,167 @@ data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_
 
 
 @task(name="teacher", task_run_name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
-def teacher_task(cfg: TeacherConfig, data: Dataset, seed: int, device: str,
-                 config_dir: str | None = None) -> nn.Module:
+def teacher_task(
+    cfg: TeacherConfig, data: Dataset, seed: int, device: str, config_dir: str | None = None
+) -> nn.Module:
     return load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None)
 
 
 @task(name="reduce", task_run_name="reduce", cache_policy=STAGE_CACHE, persist_result=True)
-def reduce_task(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
+def reduce_task(
+    teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank"
+) -> Reduction:
     return reduce_model(teacher, X_calib, cfg, mode)
 
 
-@task(name="reconstruct", task_run_name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True)
-def reconstruct_task(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
-                     cfg: ReconstructConfig) -> tuple[nn.Module, dict[str, object]]:
+@task(
+    name="reconstruct", task_run_name="reconstruct", cache_policy=STAGE_CACHE, persist_result=True
+)
+def reconstruct_task(
+    teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig
+) -> tuple[nn.Module, dict[str, object]]:
     return reconstruct_with_notes(teacher, reduction, X_calib, cfg)
 
 
 @task(name="finetune", task_run_name="finetune", cache_policy=STAGE_CACHE, persist_result=True)
-def finetune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: FinetuneConfig,
-                  seed: int, device: str) -> tuple[nn.Module, History]:
+def finetune_task(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: FinetuneConfig,
+    seed: int,
+    device: str,
+) -> tuple[nn.Module, History]:
     return distill(teacher, student, data, cfg, seed, device)
 
 
 @task(name="prune", task_run_name="prune", cache_policy=STAGE_CACHE, persist_result=True)
-def prune_task(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
-               finetune: FinetuneConfig, seed: int, device: str) -> tuple[nn.Module, History]:
+def prune_task(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str,
+) -> tuple[nn.Module, History]:
     return prune_and_recover(teacher, student, data, cfg, finetune, seed, device)
 
 
 @task(name="quantize", task_run_name="quantize", cache_policy=STAGE_CACHE, persist_result=True)
-def quantize_task(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
-                  seed: int) -> Quantized:
+def quantize_task(
+    model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
+) -> Quantized:
     return quantize_model(model, X_test, X_train, cfg, seed)
 
 
-@task(name="plan-target", task_run_name="plan-target", cache_policy=STAGE_CACHE, persist_result=True)
-def plan_task(teacher: nn.Module, data: Dataset, target: TargetConfig, reduce: ReduceConfig,
-              recon: ReconstructConfig, quantize: QuantizeConfig, seed: int,
-              latency_repeats: int) -> tuple[Plan, dict[str, Costs], int]:
+@task(
+    name="plan-target", task_run_name="plan-target", cache_policy=STAGE_CACHE, persist_result=True
+)
+def plan_task(
+    teacher: nn.Module,
+    data: Dataset,
+    target: TargetConfig,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    latency_repeats: int,
+) -> tuple[Plan, dict[str, Costs], int]:
     return plan_for_target(teacher, data, target, reduce, recon, quantize, seed, latency_repeats)
 
 
 @task(name="fit-target", task_run_name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)
-def fit_task(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
-             costs: dict[str, Costs], guard: Guard, prune: PruneConfig, finetune: FinetuneConfig,
-             quantize: QuantizeConfig, seed: int, device: str, latency_repeats: int) -> Fitted:
-    return fit_to_target(teacher, student, data, plan, costs, guard, prune, finetune, quantize,
-                         seed, device, latency_repeats)
+def fit_task(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    plan: Plan,
+    costs: dict[str, Costs],
+    guard: Guard,
+    prune: PruneConfig,
+    finetune: FinetuneConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    device: str,
+    latency_repeats: int,
+) -> Fitted:
+    return fit_to_target(
+        teacher,
+        student,
+        data,
+        plan,
+        costs,
+        guard,
+        prune,
+        finetune,
+        quantize,
+        seed,
+        device,
+        latency_repeats,
+    )
 
 
-@task(name="evaluate", task_run_name="evaluate-{stage}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
-      retry_condition_fn=tracking.retry_on_tracking_error)
-def evaluate_task(stage: str, model: nn.Module | OnnxModel, data: Dataset, teacher_pred: np.ndarray | None,
-                  cfg: EvaluateConfig, parent_run_id: str, params: dict[str, Any] | None = None,
-                  curves: dict[str, list[float]] | None = None,
-                  extra: dict[str, float] | None = None) -> dict[str, float]:
+@task(
+    name="evaluate",
+    task_run_name="evaluate-{stage}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=tracking.retry_on_tracking_error,
+)
+def evaluate_task(
+    stage: str,
+    model: nn.Module | OnnxModel,
+    data: Dataset,
+    teacher_pred: np.ndarray | None,
+    cfg: EvaluateConfig,
+    parent_run_id: str,
+    params: dict[str, Any] | None = None,
+    curves: dict[str, list[float]] | None = None,
+    extra: dict[str, float] | None = None,
+) -> dict[str, float]:
     """Measure a stage's model and record it as the stage's nested MLflow run (a retry replaces
     the failed attempt's run)."""
     from prefect.runtime import task_run
 
     check_model(stage, model, data.X_test[:256])  # a NaN model stops here, before it is recorded
     metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
-    tracking.record_stage(parent_run_id, stage, metrics, params, curves, model, data.X_test[:5],
-                          replace=task_run.run_count > 1)
+    tracking.record_stage(
+        parent_run_id,
+        stage,
+        metrics,
+        params,
+        curves,
+        model,
+        data.X_test[:5],
+        replace=task_run.run_count > 1,
+    )
     return metrics
 
 
 @task(name="plots", task_run_name="plots", cache_policy=NO_CACHE, retries=1)
-def plots_task(parent_run_id: str, stages: dict[str, dict[str, float]], teacher: nn.Module, student: nn.Module,
-               final: nn.Module | OnnxModel, data: Dataset, curves: dict[str, dict[str, list[float]]],
-               cfg: EvaluateConfig, seed: int) -> list[str]:
+def plots_task(
+    parent_run_id: str,
+    stages: dict[str, dict[str, float]],
+    teacher: nn.Module,
+    student: nn.Module,
+    final: nn.Module | OnnxModel,
+    data: Dataset,
+    curves: dict[str, dict[str, list[float]]],
+    cfg: EvaluateConfig,
+    seed: int,
+) -> list[str]:
     """Draw the run's figures and log them on the parent run; return their artifact paths."""
     figures = pipeline_figures(stages, teacher, student, final, data, curves, cfg, seed)
-    return [tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}") for name, fig in figures.items()]
+    return [
+        tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}")
+        for name, fig in figures.items()
+    ]
 
 
 @task(name="register", task_run_name="register", cache_policy=NO_CACHE)
-def register_task(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str,
-                  tags: dict[str, str]) -> Registered:
+def register_task(
+    model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]
+) -> Registered:
     return register_model(model, data, model_name, tags)

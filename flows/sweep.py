@@ -44,16 +44,22 @@ class SweepSummary:
     failed: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {"sweep_id": self.sweep_id, "summary_run_id": self.summary_run_id, "failed": self.failed,
-                "variants": self.table.to_dict(orient="records")}
+        return {
+            "sweep_id": self.sweep_id,
+            "summary_run_id": self.summary_run_id,
+            "failed": self.failed,
+            "variants": self.table.to_dict(orient="records"),
+        }
 
 
 class SweepFailed(RuntimeError):
     """Some variants failed; the summary of the others was recorded."""
 
     def __init__(self, summary: SweepSummary) -> None:
-        super().__init__(f"{len(summary.failed)} of {len(summary.table)} sweep variants failed: "
-                         + "; ".join(summary.failed))
+        super().__init__(
+            f"{len(summary.failed)} of {len(summary.table)} sweep variants failed: "
+            + "; ".join(summary.failed)
+        )
         self.summary = summary
 
 
@@ -93,10 +99,15 @@ def parse_grid(pairs: list[str]) -> dict[str, list[str]]:
 def variants(grid: dict[str, list[str]]) -> list[list[str]]:
     """The cartesian product of the grid, as lists of `key=value` overrides."""
     keys = list(grid)
-    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+    return [
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
-def check_variants(config_path: str, overrides: list[str], grid: dict[str, list[str]]) -> list[list[str]]:
+def check_variants(
+    config_path: str, overrides: list[str], grid: dict[str, list[str]]
+) -> list[list[str]]:
     """Every variant's config must load before anything runs; the error names the variant."""
     combos = variants(grid)
     for combo in combos:
@@ -108,22 +119,42 @@ def check_variants(config_path: str, overrides: list[str], grid: dict[str, list[
 
 
 @task(name="variant", cache_policy=NO_CACHE)
-def variant_task(index: int, config_path: str, overrides: list[str], combo: list[str],
-                 tags: dict[str, str]) -> dict[str, Any]:
+def variant_task(
+    index: int, config_path: str, overrides: list[str], combo: list[str], tags: dict[str, str]
+) -> dict[str, Any]:
     """One pipeline variant, as a subflow; its parent run is tagged with the sweep id."""
     variant_tags = tags | {"distill.sweep_variant": ", ".join(combo) or "(base config)"}
     try:
         summary = distill_flow(config_path, overrides + combo, tags=variant_tags)
-    except Exception as err:  # one failed variant must not sink the sweep's summary
-        return {"index": index, "overrides": combo, "run_id": None, "metrics": None,
-                "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-    return {"index": index, "overrides": combo, "run_id": summary.run_id, "metrics": summary.metrics}
+    except Exception as err:  # noqa: BLE001 -- a failed variant must not sink the sweep
+        return {
+            "index": index,
+            "overrides": combo,
+            "run_id": None,
+            "metrics": None,
+            "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+        }
+    return {
+        "index": index,
+        "overrides": combo,
+        "run_id": summary.run_id,
+        "metrics": summary.metrics,
+    }
 
 
-@flow(name="distill-sweep", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS), log_prints=False)
-def sweep_flow(config_path: str | None = None, grid: dict[str, list[str]] | None = None,
-               overrides: list[str] | None = None) -> SweepSummary:
-    config = str(Path(config_path or DEFAULT_CONFIG).resolve())  # workers may run elsewhere in the tree
+@flow(
+    name="distill-sweep",
+    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS),
+    log_prints=False,
+)
+def sweep_flow(
+    config_path: str | None = None,
+    grid: dict[str, list[str]] | None = None,
+    overrides: list[str] | None = None,
+) -> SweepSummary:
+    config = str(
+        Path(config_path or DEFAULT_CONFIG).resolve()
+    )  # workers may run elsewhere in the tree
     overrides = list(overrides or [])
     grid = dict(grid or {})
     combos = check_variants(config, overrides, grid)
@@ -132,21 +163,36 @@ def sweep_flow(config_path: str | None = None, grid: dict[str, list[str]] | None
     # create the store and experiment here, once, not racing from every worker
     experiment_id = tracking.configure(tracking.load_settings())
 
-    futures = variant_task.map(range(len(combos)), unmapped(config), unmapped(overrides), combos, unmapped(tags))
+    futures = variant_task.map(
+        range(len(combos)), unmapped(config), unmapped(overrides), combos, unmapped(tags)
+    )
     results = [f.result() for f in futures]
 
-    frame, summary_run_id = summarize_task(results, grid, sweep_id, experiment_id,
-                                           tags | {"distill.sweep_summary": "true"})
-    failed = [f"variant {r['index']} ({', '.join(r['overrides'])}): {r['error']}" for r in results if r["metrics"] is None]
-    summary = SweepSummary(sweep_id=sweep_id, summary_run_id=summary_run_id, table=frame, failed=failed)
-    create_markdown_artifact(markdown=f"# distill sweep\n\nSummary MLflow run: {summary_run_id}\n\n"
-                             + markdown_table(frame), key="distill-sweep", description="sweep: Pareto front")
+    frame, summary_run_id = summarize_task(
+        results, grid, sweep_id, experiment_id, tags | {"distill.sweep_summary": "true"}
+    )
+    failed = [
+        f"variant {r['index']} ({', '.join(r['overrides'])}): {r['error']}"
+        for r in results
+        if r["metrics"] is None
+    ]
+    summary = SweepSummary(
+        sweep_id=sweep_id, summary_run_id=summary_run_id, table=frame, failed=failed
+    )
+    create_markdown_artifact(
+        markdown=f"# distill sweep\n\nSummary MLflow run: {summary_run_id}\n\n"
+        + markdown_table(frame),
+        key="distill-sweep",
+        description="sweep: Pareto front",
+    )
     if failed:
         raise SweepFailed(summary)
     return summary
 
 
-def task_runner(dask: bool = False, address: str | None = None, workers: int = DEFAULT_THREADS) -> Any:
+def task_runner(
+    dask: bool = False, address: str | None = None, workers: int = DEFAULT_THREADS
+) -> Any:
     """Threads by default; a local Dask cluster of `workers` processes (`dask`), or the
     Dask scheduler at `address`. Dask workers report to the Prefect server in PREFECT_API_URL."""
     if not dask and not address:
@@ -154,12 +200,21 @@ def task_runner(dask: bool = False, address: str | None = None, workers: int = D
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
-        raise UserError("a Dask sweep needs a Prefect server its workers can reach: set PREFECT_API_URL "
-                        "(e.g. `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api)")
+        raise UserError(
+            "a Dask sweep needs a Prefect server its workers can reach: set PREFECT_API_URL "
+            "(e.g. `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api)"
+        )
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1,
-                                          "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": workers,
+            "processes": True,
+            "threads_per_worker": 1,
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",
+        },
+    )

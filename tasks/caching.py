@@ -146,7 +146,11 @@ def arch_fingerprint(arch: str) -> str:
 def _code_module(value: Any) -> str | None:
     """The `tasks` module a global names: the module itself, or where a function or class lives."""
     dep = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-    return dep if isinstance(dep, str) and (dep == CODE_PACKAGE or dep.startswith(CODE_PACKAGE + ".")) else None
+    return (
+        dep
+        if isinstance(dep, str) and (dep == CODE_PACKAGE or dep.startswith(CODE_PACKAGE + "."))
+        else None
+    )
 
 
 def code_modules(fn: Callable[..., Any]) -> list[str]:
@@ -183,8 +187,9 @@ def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str | No
     except Uncacheable:
         return None
     source_key = TASK_SOURCE.compute_key(task_ctx=context, inputs=inputs, flow_parameters={})
-    return content_hash(task.name, source_key, code_digest(task.fn),
-                        torch.__version__, np.__version__, inputs_key)
+    return content_hash(
+        task.name, source_key, code_digest(task.fn), torch.__version__, np.__version__, inputs_key
+    )
 
 
 # One policy object: a compound `key_fn + TASK_SOURCE` would still cache on the source alone

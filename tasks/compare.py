@@ -20,10 +20,25 @@ from tasks.errors import UserError
 
 RUN_COLUMNS = ("run_id", "run_name", "start_time", "status")
 # shown first, in this order; any other final/* metric follows alphabetically
-HEADLINE = ("compression_ratio", "accuracy_drop", "speedup_b1", "final/accuracy", "final/f1_macro",
-            "final/top3_accuracy", "final/agreement", "final/ece", "final/nll", "final/train_test_gap",
-            "final/size_kb", "final/compressed_kb", "final/params", "final/nonzeros", "final/flops",
-            "final/latency_ms_b1", "final/latency_p95_ms_b1")
+HEADLINE = (
+    "compression_ratio",
+    "accuracy_drop",
+    "speedup_b1",
+    "final/accuracy",
+    "final/f1_macro",
+    "final/top3_accuracy",
+    "final/agreement",
+    "final/ece",
+    "final/nll",
+    "final/train_test_gap",
+    "final/size_kb",
+    "final/compressed_kb",
+    "final/params",
+    "final/nonzeros",
+    "final/flops",
+    "final/latency_ms_b1",
+    "final/latency_p95_ms_b1",
+)
 
 
 def _is_headline(metric: str) -> bool:
@@ -44,9 +59,15 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
 
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
-        raise UserError(f"no MLflow experiment named {experiment!r} at {tracking.redact(mlflow.get_tracking_uri())}")
-    runs = mlflow.search_runs(experiment_ids=[found.experiment_id], order_by=["attributes.start_time DESC"],
-                              output_format="pandas")
+        raise UserError(
+            f"no MLflow experiment named {experiment!r} at "
+            f"{tracking.redact(mlflow.get_tracking_uri())}"
+        )
+    runs = mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        order_by=["attributes.start_time DESC"],
+        output_format="pandas",
+    )
     if "tags.mlflow.parentRunId" in runs.columns:
         runs = runs[runs["tags.mlflow.parentRunId"].isna()]
     return (runs.head(last) if last else runs).reset_index(drop=True)
@@ -56,18 +77,28 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run: RUN_COLUMNS, then the config keys that differ, then headline metrics."""
     if runs.empty:
         return pd.DataFrame(columns=list(RUN_COLUMNS))
-    out = pd.DataFrame({
-        "run_id": runs["run_id"],
-        "run_name": runs.get("tags.mlflow.runName", pd.Series([None] * len(runs))),
-        "start_time": pd.to_datetime(runs["start_time"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "status": runs["status"],
-    })
+    out = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "run_name": runs.get("tags.mlflow.runName", pd.Series([None] * len(runs))),
+            "start_time": pd.to_datetime(runs["start_time"], utc=True).dt.strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            ),
+            "status": runs["status"],
+        }
+    )
     params = [c for c in runs.columns if c.startswith("params.")]
     differing = [c for c in params if runs[c].fillna("<unset>").nunique() > 1]
     for column in differing:
         out[column.removeprefix("params.")] = runs[column]
-    metrics = sorted((c.removeprefix("metrics.") for c in runs.columns
-                      if c.startswith("metrics.") and _is_headline(c.removeprefix("metrics."))), key=_metric_order)
+    metrics = sorted(
+        (
+            c.removeprefix("metrics.")
+            for c in runs.columns
+            if c.startswith("metrics.") and _is_headline(c.removeprefix("metrics."))
+        ),
+        key=_metric_order,
+    )
     for metric in metrics:
         out[metric] = runs[f"metrics.{metric}"].astype(float)
     return out
@@ -86,8 +117,10 @@ def to_csv(frame: pd.DataFrame) -> str:
 
 def to_json(frame: pd.DataFrame) -> str:
     """A list of objects, one per run; missing values are null."""
-    records = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-               for row in frame.to_dict(orient="records")]
+    records = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
     return json.dumps(records, indent=2, default=str)
 
 

@@ -52,7 +52,9 @@ class TeacherConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(8, ge=1)
-    trust_pickle: bool = False  # file: and MLflow teachers: allow a whole pickled module (runs code)
+    trust_pickle: bool = (
+        False  # file: and MLflow teachers: allow a whole pickled module (runs code)
+    )
 
     @field_validator("arch")
     @classmethod
@@ -67,8 +69,9 @@ class TeacherConfig(_Strict):
         try:
             json.dumps(init_args, allow_nan=False)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"must be JSON-like data (numbers, strings, lists, mappings): {err}"
-                             ) from None
+            raise ValueError(
+                f"must be JSON-like data (numbers, strings, lists, mappings): {err}"
+            ) from None
         return init_args
 
     @model_validator(mode="after")
@@ -123,8 +126,11 @@ class TargetConfig(_Strict):
     def _exactly_one(self) -> TargetConfig:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of " + ", ".join(TARGET_KINDS)
-                             + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                "give exactly one of "
+                + ", ".join(TARGET_KINDS)
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         return self
 
     @property
@@ -161,7 +167,9 @@ class FinetuneConfig(_Strict):
 
 class PruneConfig(_Strict):
     method: Literal["unstructured", "structured"] = "structured"
-    amount: float = Field(0.3, ge=0, lt=1)  # of all weights (unstructured) or of each hidden layer's units
+    amount: float = Field(
+        0.3, ge=0, lt=1
+    )  # of all weights (unstructured) or of each hidden layer's units
     criterion: Literal["l2", "l1", "activation"] = "l2"  # structured: which units go first
     rounds: int = Field(2, ge=1)  # structured: prune -> recover steps on a cubic schedule
     recovery_epochs: int = Field(3, ge=0)  # per round
@@ -204,7 +212,11 @@ class PromoteConfig(_Strict):
 
 class PipelineConfig(_Strict):
     model_config = ConfigDict(
-        strict=True, frozen=True, extra="forbid", validate_by_name=True, serialize_by_alias=True,
+        strict=True,
+        frozen=True,
+        extra="forbid",
+        validate_by_name=True,
+        serialize_by_alias=True,
         allow_inf_nan=False,
     )
 
@@ -228,7 +240,9 @@ class PipelineConfig(_Strict):
     @model_validator(mode="after")
     def _svd_is_low_rank(self) -> PipelineConfig:
         if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
-            raise ValueError("reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)")
+            raise ValueError(
+                "reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -238,8 +252,10 @@ class PipelineConfig(_Strict):
         if self.reconstruct.mode != "width":
             raise ValueError("target plans units per layer: it needs reconstruct.mode=width")
         if self.compress.prune.method != "structured":
-            raise ValueError("target prunes whole units (zeros do not shrink the file): "
-                             "it needs compress.prune.method=structured")
+            raise ValueError(
+                "target prunes whole units (zeros do not shrink the file): "
+                "it needs compress.prune.method=structured"
+            )
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -288,8 +304,12 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         if key == "budget" and isinstance(value, dict):
             out[key] = value
-        elif key == "target" and isinstance(value, dict) and isinstance(out.get(key), dict) \
-                and set(value) & set(TARGET_KINDS):
+        elif (
+            key == "target"
+            and isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and set(value) & set(TARGET_KINDS)
+        ):
             kept = {k: v for k, v in out[key].items() if k not in TARGET_KINDS}
             out[key] = kept | value
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -347,5 +367,7 @@ def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: Path | str | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     return build_config(read_yaml(Path(path or DEFAULT_CONFIG)), overrides)

@@ -79,7 +79,7 @@ class Dataset:
         if part == "all":
             return frame
         i = SPLITS.index(part)
-        return frame.iloc[bounds[i]:bounds[i + 1]].reset_index(drop=True)
+        return frame.iloc[bounds[i] : bounds[i + 1]].reset_index(drop=True)
 
     def raw_frame(self) -> pd.DataFrame:
         """The raw table (all splits) with its labels, for MLflow's dataset record."""
@@ -133,14 +133,19 @@ class Table:
 def read_source(source: str, label: str, split_column: str | None = None) -> Table:
     kind, sep, ref = source.partition(":")
     if not sep:
-        raise UserError(f"config key 'data.source': expected KIND:REF (e.g. sklearn:digits), "
-                        f"got {source!r}")
+        raise UserError(
+            f"config key 'data.source': expected KIND:REF (e.g. sklearn:digits), got {source!r}"
+        )
     if split_column is not None and kind not in ("csv", "parquet"):
-        raise UserError(f"config key 'data.split_column': only csv and parquet sources have "
-                        f"columns, not {kind!r} (an npz gives X_train, X_test, ... arrays)")
+        raise UserError(
+            f"config key 'data.split_column': only csv and parquet sources have "
+            f"columns, not {kind!r} (an npz gives X_train, X_test, ... arrays)"
+        )
     if split_column is not None and split_column == label:
-        raise UserError(f"config key 'data.split_column': {split_column!r} is the label column "
-                        f"(config key 'data.label')")
+        raise UserError(
+            f"config key 'data.split_column': {split_column!r} is the label column "
+            f"(config key 'data.label')"
+        )
     if kind == "sklearn":
         return _read_sklearn(ref)
     if kind in ("csv", "parquet"):
@@ -161,8 +166,10 @@ def _read_sklearn(name: str) -> Table:
     from sklearn import datasets
 
     if name not in SKLEARN_DATASETS:
-        raise UserError(f"config key 'data.source': unknown sklearn dataset {name!r} "
-                        f"({', '.join(SKLEARN_DATASETS)})")
+        raise UserError(
+            f"config key 'data.source': unknown sklearn dataset {name!r} "
+            f"({', '.join(SKLEARN_DATASETS)})"
+        )
     bunch = getattr(datasets, f"load_{name}")()
     X = bunch.data.astype(np.float64)
     names = [str(n) for n in getattr(bunch, "feature_names", [])]
@@ -175,16 +182,19 @@ def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> 
         raise UserError(f"data file not found: {path}")
     try:
         frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
-    except Exception as err:  # pandas raises many types for unreadable files
-        raise UserError(f"data file {path} could not be read as {kind}: "
-                        f"{str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 -- pandas raises many types
+        raise UserError(
+            f"data file {path} could not be read as {kind}: {str(err).splitlines()[0]}"
+        ) from None
     where = f"data file {path}"
     check_header(header_names(path, kind), where)
     frame.columns = [str(c) for c in frame.columns]
     if frame.empty:
         raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
-    for role, column, key in (("label", label, "data.label"),
-                              ("split", split_column, "data.split_column")):
+    for role, column, key in (
+        ("label", label, "data.label"),
+        ("split", split_column, "data.split_column"),
+    ):
         if column is not None and column not in frame.columns:
             raise UserError(f"{where}: {role} column {column!r} not found (config key {key!r})")
     split = None if split_column is None else _split_values(frame[split_column], where)
@@ -197,12 +207,24 @@ def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> 
     text = [c for c in features.columns if tabular.column_kind(features[c]) == "category"]
     for column in text:
         if split_column is None and set(features[column].dropna()) <= set(SPLITS):
-            raise UserError(f"{where}: column {column!r} holds only train / val / test: a split? "
-                            f"set config key 'data.split_column' to {column!r}")
+            raise UserError(
+                f"{where}: column {column!r} holds only train / val / test: a split? "
+                f"set config key 'data.split_column' to {column!r}"
+            )
     X = None if text else features.to_numpy(np.float64)
-    return Table(X, frame[label].to_numpy(), list(features.columns), path.stem, where,
-                 (features.shape[1],), split, split_column, frame=features if text else None,
-                 encode=True, label=label)
+    return Table(
+        X,
+        frame[label].to_numpy(),
+        list(features.columns),
+        path.stem,
+        where,
+        (features.shape[1],),
+        split,
+        split_column,
+        frame=features if text else None,
+        encode=True,
+        label=label,
+    )
 
 
 def header_names(path: Path, kind: str) -> list[str]:
@@ -222,11 +244,15 @@ def check_header(names: list[str], where: str) -> None:
     seen: set[str] = set()
     for i, name in enumerate(names):
         if not name.strip():
-            raise UserError(f"{where}: column {i} has no name in the header (a saved index? "
-                            f"write the file with index=False, or name the column)")
+            raise UserError(
+                f"{where}: column {i} has no name in the header (a saved index? "
+                f"write the file with index=False, or name the column)"
+            )
         if name in seen:
-            raise UserError(f"{where}: column name {name!r} appears more than once in the "
-                            f"header; give each column its own name")
+            raise UserError(
+                f"{where}: column name {name!r} appears more than once in the "
+                f"header; give each column its own name"
+            )
         seen.add(name)
 
 
@@ -237,8 +263,10 @@ def _check_no_label_copy(features: pd.DataFrame, label: pd.Series, where: str) -
         values = features[column].to_numpy()
         kinds = {values.dtype.kind, y.dtype.kind}
         if (len(kinds) == 1 or kinds <= set("iuf")) and np.array_equal(values, y):
-            raise UserError(f"{where}: column {column!r} repeats the label column "
-                            f"{label.name!r} row for row (a label leak); drop it")
+            raise UserError(
+                f"{where}: column {column!r} repeats the label column "
+                f"{label.name!r} row for row (a label leak); drop it"
+            )
 
 
 def _split_values(column: pd.Series, where: str) -> np.ndarray:
@@ -246,8 +274,10 @@ def _split_values(column: pd.Series, where: str) -> np.ndarray:
     for value in pd.unique(column.to_numpy(dtype=object)):
         if value not in SPLITS:
             shown = "an empty cell" if pd.isna(value) else repr(value)
-            raise UserError(f"{where}: column {column.name!r} holds {shown}; expected train, "
-                            f"val or test (config key 'data.split_column')")
+            raise UserError(
+                f"{where}: column {column.name!r} holds {shown}; expected train, "
+                f"val or test (config key 'data.split_column')"
+            )
     return column.to_numpy(dtype=object).astype("U5")
 
 
@@ -257,9 +287,10 @@ def _read_npz(path: Path) -> Table:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
-    except Exception as err:
-        raise UserError(f"data file {path} could not be read as npz: "
-                        f"{str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 -- numpy raises many types
+        raise UserError(
+            f"data file {path} could not be read as npz: {str(err).splitlines()[0]}"
+        ) from None
     where = f"data file {path}"
     if not any(n in arrays for n in NPZ_SPLIT_ARRAYS):
         X, y, row_shape = _npz_pair(arrays, where, "X", "y")
@@ -268,29 +299,39 @@ def _read_npz(path: Path) -> Table:
     pairs = [_npz_pair(arrays, where, f"X_{s}", f"y_{s}") for s in parts]
     for part, (_, _, row_shape) in zip(parts, pairs, strict=True):
         if row_shape != pairs[0][2]:
-            raise UserError(f"{where}: rows of array 'X_{part}' have shape {list(row_shape)} "
-                            f"but those of 'X_train' have {list(pairs[0][2])}")
+            raise UserError(
+                f"{where}: rows of array 'X_{part}' have shape {list(row_shape)} "
+                f"but those of 'X_train' have {list(pairs[0][2])}"
+            )
     X = np.concatenate([X for X, _, _ in pairs])
     y = np.concatenate([y for _, y, _ in pairs])
     split = np.repeat(np.array(parts, dtype="U5"), [len(y) for _, y, _ in pairs])
-    return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, pairs[0][2],
-                 split)
+    return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, pairs[0][2], split)
 
 
-def _npz_pair(arrays: dict[str, np.ndarray], where: str, x_name: str, y_name: str,
-              ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+def _npz_pair(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    x_name: str,
+    y_name: str,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """-> (rows of X flattened in C order as float64, y, the shape of one row of X)."""
     for name in (x_name, y_name):
         if name not in arrays:
-            raise UserError(f"{where}: missing array {name!r} (expected X and y, or X_train, "
-                            f"y_train, X_test, y_test and optionally X_val, y_val)")
+            raise UserError(
+                f"{where}: missing array {name!r} (expected X and y, or X_train, "
+                f"y_train, X_test, y_test and optionally X_val, y_val)"
+            )
     X, y = arrays[x_name], arrays[y_name]
     if X.ndim == 0 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-        raise UserError(f"{where}: array {x_name!r} must be numeric with one row per sample, "
-                        f"got {X.dtype} of shape {list(X.shape)}")
+        raise UserError(
+            f"{where}: array {x_name!r} must be numeric with one row per sample, "
+            f"got {X.dtype} of shape {list(X.shape)}"
+        )
     if y.ndim == 0 or y.size != len(y):
-        raise UserError(f"{where}: array {y_name!r} must hold one label per row, "
-                        f"got shape {list(y.shape)}")
+        raise UserError(
+            f"{where}: array {y_name!r} must hold one label per row, got shape {list(y.shape)}"
+        )
     if len(X) != len(y):
         raise UserError(f"{where}: array {x_name!r} has {len(X)} rows but {y_name!r} has {len(y)}")
     flat = X.reshape(len(X), int(np.prod(X.shape[1:]))).astype(np.float64)
@@ -322,24 +363,30 @@ def _labels(table: Table, task: str) -> np.ndarray:
     what = f"label column {table.label!r}" if table.label else "the labels (array 'y')"
     empty = pd.isna(y)
     if empty.any():
-        raise UserError(f"{table.where}: {what} is empty in {int(empty.sum())} row(s) (first: row "
-                        f"{int(np.argmax(empty))}); fill or drop those rows")
+        raise UserError(
+            f"{table.where}: {what} is empty in {int(empty.sum())} row(s) (first: row "
+            f"{int(np.argmax(empty))}); fill or drop those rows"
+        )
     if y.dtype == object:
         y = y.astype(str)
     if y.dtype.kind in "fc":
         if not np.isfinite(y).all() or (y != np.round(y)).any():
             value = y[~np.isfinite(y) | (y != np.round(y))][0]
-            raise UserError(f"{table.where}: {what} holds non-integer numbers (e.g. {value:g}), a "
-                            f"quantity, not classes: distill compresses classifiers; regression "
-                            f"is not supported yet")
+            raise UserError(
+                f"{table.where}: {what} holds non-integer numbers (e.g. {value:g}), a "
+                f"quantity, not classes: distill compresses classifiers; regression "
+                f"is not supported yet"
+            )
         y = y.astype(np.int64)
     if y.dtype.kind in "iu" and task == "auto":
         values = np.unique(y)
         if len(values) > MAX_INTEGER_CLASSES:
-            raise UserError(f"{table.where}: {what} holds {len(values)} distinct integers "
-                            f"({values[0]} to {values[-1]}): classes or a quantity? set config key "
-                            f"'data.task' to classification to train {len(values)} classes "
-                            f"(regression is not supported yet)")
+            raise UserError(
+                f"{table.where}: {what} holds {len(values)} distinct integers "
+                f"({values[0]} to {values[-1]}): classes or a quantity? set config key "
+                f"'data.task' to classification to train {len(values)} classes "
+                f"(regression is not supported yet)"
+            )
     return y
 
 
@@ -349,8 +396,10 @@ def _check_splittable(classes: np.ndarray, y: np.ndarray, where: str) -> None:
     if len(classes) < 2:
         raise UserError(f"{where}: the label has a single class; need at least 2")
     if counts.min() < 3:
-        raise UserError(f"{where}: class {_plain(classes[counts.argmin()])!r} has "
-                        f"{counts.min()} rows; need at least 3 per class to split")
+        raise UserError(
+            f"{where}: class {_plain(classes[counts.argmin()])!r} has "
+            f"{counts.min()} rows; need at least 3 per class to split"
+        )
 
 
 def _check_user_split(table: Table, labels: np.ndarray) -> None:
@@ -358,17 +407,21 @@ def _check_user_split(table: Table, labels: np.ndarray) -> None:
     rows = {part: np.flatnonzero(table.split == part) for part in SPLITS}
     for part in SPLITS:
         if part != "val" and len(rows[part]) == 0:
-            raise UserError(f"{table.where}: no {part} rows ({table.origin(part, 'X')}; "
-                            f"config key {table.split_key!r})")
+            raise UserError(
+                f"{table.where}: no {part} rows ({table.origin(part, 'X')}; "
+                f"config key {table.split_key!r})"
+            )
     train_labels = labels[rows["train"]]
     if len(np.unique(train_labels)) < 2:
         raise UserError(f"{table.where}: the training split holds a single class; need at least 2")
     for part in ("val", "test"):
         unseen = np.setdiff1d(labels[rows[part]], train_labels)
         if len(unseen):
-            raise UserError(f"{table.where}: label {_plain(unseen[0])!r} is in the {part} split "
-                            f"({table.origin(part, 'y')}) but never in the training split "
-                            f"(config key {table.split_key!r})")
+            raise UserError(
+                f"{table.where}: label {_plain(unseen[0])!r} is in the {part} split "
+                f"({table.origin(part, 'y')}) but never in the training split "
+                f"(config key {table.split_key!r})"
+            )
 
 
 def _encoding(table: Table, train: np.ndarray) -> dict:
@@ -382,12 +435,14 @@ def _encoding(table: Table, train: np.ndarray) -> dict:
         if tabular.column_kind(column) != "numeric":
             continue
         if name in gaps and column.iloc[train].isna().all():
-            raise UserError(f"{table.where}: column {name!r} is empty in every training row; "
-                            f"drop it")
+            raise UserError(
+                f"{table.where}: column {name!r} is empty in every training row; drop it"
+            )
         inf = np.isinf(column.to_numpy(np.float64))
         if inf.any():  # before the imputer's fit, which refuses it with no column named
-            raise UserError(f"{table.where}: column {name!r} holds inf in row "
-                            f"{int(np.argmax(inf))}")
+            raise UserError(
+                f"{table.where}: column {name!r} holds inf in row {int(np.argmax(inf))}"
+            )
     return tabular.fit_spec(features.iloc[train], gaps)
 
 
@@ -409,8 +464,9 @@ def _check_finite(X: np.ndarray, spec: dict, table: Table) -> None:
         part = str(table.split[row])
         row = int(np.sum(table.split[:row] == part))
         where += f", {part} split ({table.origin(part, 'X')})"
-    raise UserError(f"{where}: column {_encoded_owner(spec)[col]!r} holds {what} in row {row}"
-                    f"{hint}")
+    raise UserError(
+        f"{where}: column {_encoded_owner(spec)[col]!r} holds {what} in row {row}{hint}"
+    )
 
 
 def _input_shape(table: Table, shape: list[int] | None, n: int) -> tuple[int, ...]:
@@ -420,26 +476,36 @@ def _input_shape(table: Table, shape: list[int] | None, n: int) -> tuple[int, ..
     if int(np.prod(shape)) != n:
         raw = len(table.names)
         extra = f" ({raw} columns, {n} after encoding text and empty cells)" if raw != n else ""
-        raise UserError(f"config key 'data.shape': {list(shape)} holds {int(np.prod(shape))} "
-                        f"values but the data has {n} features{extra}")
+        raise UserError(
+            f"config key 'data.shape': {list(shape)} holds {int(np.prod(shape))} "
+            f"values but the data has {n} features{extra}"
+        )
     return shape
 
 
-def split_rows(table: Table, y: np.ndarray, cfg: DataConfig, seed: int,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_rows(
+    table: Table,
+    y: np.ndarray,
+    cfg: DataConfig,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices (train, val, test): the user's split, else a stratified seeded one."""
     from sklearn.model_selection import train_test_split
 
     if table.split is None:
         if cfg.test_size + cfg.val_size >= 1:
-            raise UserError(f"config keys 'data.test_size' ({cfg.test_size:g}) + 'data.val_size' "
-                            f"({cfg.val_size:g}) leave no training rows: their sum must be below 1")
+            raise UserError(
+                f"config keys 'data.test_size' ({cfg.test_size:g}) + 'data.val_size' "
+                f"({cfg.val_size:g}) leave no training rows: their sum must be below 1"
+            )
         try:
-            rest, test = train_test_split(np.arange(len(y)), test_size=cfg.test_size, stratify=y,
-                                          random_state=seed)
+            rest, test = train_test_split(
+                np.arange(len(y)), test_size=cfg.test_size, stratify=y, random_state=seed
+            )
             val_fraction = cfg.val_size / (1 - cfg.test_size)
-            train, val = train_test_split(rest, test_size=val_fraction, stratify=y[rest],
-                                          random_state=seed)
+            train, val = train_test_split(
+                rest, test_size=val_fraction, stratify=y[rest], random_state=seed
+            )
         except ValueError as err:
             raise UserError(f"data {cfg.source}: too few rows to split ({len(y)}): {err}") from None
         return train, val, test
@@ -449,8 +515,13 @@ def split_rows(table: Table, y: np.ndarray, cfg: DataConfig, seed: int,
     return train, val, test
 
 
-def _carve_val(table: Table, y: np.ndarray, train: np.ndarray, val_size: float, seed: int,
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _carve_val(
+    table: Table,
+    y: np.ndarray,
+    train: np.ndarray,
+    val_size: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Validation rows out of the user's training rows (`val_size` of all rows, rounded),
     stratified and seeded; both keep the user's row order."""
     from sklearn.model_selection import train_test_split
@@ -459,12 +530,13 @@ def _carve_val(table: Table, y: np.ndarray, train: np.ndarray, val_size: float, 
     try:
         if n_val >= len(train):
             raise ValueError(f"{n_val} rows asked of {len(train)}")
-        train, val = train_test_split(train, test_size=n_val, stratify=y[train],
-                                      random_state=seed)
+        train, val = train_test_split(train, test_size=n_val, stratify=y[train], random_state=seed)
     except ValueError as err:
-        raise UserError(f"{table.where}: cannot carve {n_val} validation rows ({val_size:g} of "
-                        f"all rows) from the training split: {str(err).splitlines()[0]}; give a "
-                        f"val split or change config key 'data.val_size'") from None
+        raise UserError(
+            f"{table.where}: cannot carve {n_val} validation rows ({val_size:g} of "
+            f"all rows) from the training split: {str(err).splitlines()[0]}; give a "
+            f"val split or change config key 'data.val_size'"
+        ) from None
     return np.sort(train), np.sort(val)
 
 
@@ -479,21 +551,26 @@ def standardizer(X_train: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.nda
     return mean, scale
 
 
-def _check_scaled(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, z: np.ndarray, spec: dict,
-                  where: str) -> None:
+def _check_scaled(
+    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, z: np.ndarray, spec: dict, where: str
+) -> None:
     """Values like 1e300 overflow the mean or the scale, or float32: one line naming the column."""
     bad = ~(np.isfinite(mean) & np.isfinite(scale))
     if bad.any():
         col = int(np.argmax(bad))
-        raise UserError(f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
-                        f"{np.abs(X[:, col]).max():.3g}: its mean or scale is not a finite number; "
-                        f"rescale the column")
+        raise UserError(
+            f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
+            f"{np.abs(X[:, col]).max():.3g}: its mean or scale is not a finite number; "
+            f"rescale the column"
+        )
     bad = ~np.isfinite(z).all(axis=0)
     if bad.any():
         col = int(np.argmax(bad))
-        raise UserError(f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
-                        f"{np.abs(X[:, col]).max():.3g}, beyond float32 once standardized; "
-                        f"rescale the column")
+        raise UserError(
+            f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
+            f"{np.abs(X[:, col]).max():.3g}, beyond float32 once standardized; "
+            f"rescale the column"
+        )
 
 
 def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
@@ -518,12 +595,22 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     order = np.concatenate([train, val, test])
     raw = table.features.iloc[order].reset_index(drop=True) if tabular.needs_sklearn(spec) else None
     return Dataset(
-        name=table.name, source=cfg.source, feature_names=table.names, input_shape=shape,
+        name=table.name,
+        source=cfg.source,
+        feature_names=table.names,
+        input_shape=shape,
         classes=classes.tolist(),
-        X_train=z[train], y_train=y[train], X_val=z[val], y_val=y[val],
-        X_test=z[test], y_test=y[test],
-        mean=mean.astype(np.float32), scale=scale.astype(np.float32),
-        digest=table.digest(), encoding=spec, raw=raw,
+        X_train=z[train],
+        y_train=y[train],
+        X_val=z[val],
+        y_val=y[val],
+        X_test=z[test],
+        y_test=y[test],
+        mean=mean.astype(np.float32),
+        scale=scale.astype(np.float32),
+        digest=table.digest(),
+        encoding=spec,
+        raw=raw,
     )
 
 

@@ -17,15 +17,21 @@ from collections.abc import Iterator
 
 # a full disk or quota, a path the process may not write, a read-only filesystem
 WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
-LOST_SERVER = "API request to "  # how MLflow's HTTP client starts its message once its retries are spent
-WRITE_FAULT_TEXTS = tuple(os.strerror(code) for code in sorted(WRITE_FAULTS))  # "No space left on device", ...
+LOST_SERVER = (
+    "API request to "  # how MLflow's HTTP client starts its message once its retries are spent
+)
+WRITE_FAULT_TEXTS = tuple(
+    os.strerror(code) for code in sorted(WRITE_FAULTS)
+)  # "No space left on device", ...
 # what SQLite says (through SQLAlchemy and MLflow) when the tracking store's file is full, may not
 # be written (read-only filesystem, `chattr +i`), or is not a database at all
-STORE_FAULTS = {"database or disk is full": "cannot write",
-                "attempt to write a readonly database": "cannot write",
-                "unable to open database file": "cannot open",
-                "file is not a database": "cannot read",
-                "database disk image is malformed": "cannot read"}
+STORE_FAULTS = {
+    "database or disk is full": "cannot write",
+    "attempt to write a readonly database": "cannot write",
+    "unable to open database file": "cannot open",
+    "file is not a database": "cannot read",
+    "database disk image is malformed": "cannot read",
+}
 FAULT_MARKERS = (*WRITE_FAULT_TEXTS, LOST_SERVER, *STORE_FAULTS)
 
 
@@ -45,8 +51,11 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
 def _store() -> str:
     """The SQLite file (else the URI) MLflow is pointed at, for a store fault's message."""
     mlflow = sys.modules.get("mlflow")
-    uri = (mlflow.get_tracking_uri() if mlflow is not None
-           else os.environ.get("MLFLOW_TRACKING_URI", ""))
+    uri = (
+        mlflow.get_tracking_uri()
+        if mlflow is not None
+        else os.environ.get("MLFLOW_TRACKING_URI", "")
+    )
     return str(uri).removeprefix("sqlite:///") or "(unknown)"
 
 
@@ -59,7 +68,9 @@ def fault_message(exc: BaseException) -> str | None:
     """One line naming the fault of the environment behind `exc`, None when it is not one."""
     for err in _causes(exc):
         if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
-            path = err.filename2 or err.filename  # a copy's failure names its source, then its target
+            path = (
+                err.filename2 or err.filename
+            )  # a copy's failure names its source, then its target
             return f"cannot write{f' {path}' if path else ''}: {err.strerror}"
         if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list):
             # copytree gathers its failures as (source, target, reason) and raises them together
@@ -72,9 +83,15 @@ def fault_message(exc: BaseException) -> str | None:
         if store_fault is not None:
             return f"{STORE_FAULTS[store_fault]} the tracking store {_store()}: {store_fault}"
         # "API request to URL failed with exception ..."
-        if type(err).__name__ == "MlflowException" and text.startswith(LOST_SERVER) and " failed with " in text:
+        if (
+            type(err).__name__ == "MlflowException"
+            and text.startswith(LOST_SERVER)
+            and " failed with " in text
+        ):
             endpoint = text.removeprefix(LOST_SERVER).split(" failed with ")[0]
             endpoint = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", endpoint)  # no password
-            return (f"the MLflow tracking server stopped answering ({endpoint}); the run is marked FAILED "
-                    "by the next `distill run` once the server is back")
+            return (
+                f"the MLflow tracking server stopped answering ({endpoint}); the run is marked "
+                "FAILED by the next `distill run` once the server is back"
+            )
     return None

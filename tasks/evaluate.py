@@ -18,7 +18,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +62,8 @@ class OnnxModel:
 
 @dataclass(frozen=True)
 class TorchScriptModel:
-    """A serialized TorchScript model (e.g. PyTorch's dynamic int8) and the counts of its float source."""
+    """A serialized TorchScript model (e.g. PyTorch's dynamic int8) and the counts of its float
+    source."""
 
     ts_bytes: bytes
     params: int
@@ -111,7 +111,8 @@ def top_k_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
 
 
 def negative_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean −log p(true class) under softmax(logits): the cross-entropy (scikit-learn's log_loss)."""
+    """Mean −log p(true class) under softmax(logits): the cross-entropy (scikit-learn's
+    log_loss)."""
     return float(-log_softmax(logits)[np.arange(len(y)), y].mean())
 
 
@@ -129,10 +130,14 @@ def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = ECE
     return float(ece)
 
 
-def classification_metrics(logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray | None) -> dict[str, float]:
+def classification_metrics(
+    logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray | None
+) -> dict[str, float]:
     pred = logits.argmax(axis=1)
-    out = {"accuracy": float(accuracy_score(y, pred)),
-           "f1_macro": float(f1_score(y, pred, average="macro"))}
+    out = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1_macro": float(f1_score(y, pred, average="macro")),
+    }
     if logits.shape[1] > TOP_K_MIN_CLASSES:
         out[f"top{TOP_K}_accuracy"] = top_k_accuracy(logits, y, TOP_K)
     if teacher_pred is not None:
@@ -142,7 +147,9 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, teacher_pred: np.n
     return out
 
 
-def latency_percentiles_ms(predict: Predict, X: np.ndarray, batch: int, repeats: int) -> tuple[float, float]:
+def latency_percentiles_ms(
+    predict: Predict, X: np.ndarray, batch: int, repeats: int
+) -> tuple[float, float]:
     """(p50, p95) wall time of one call on `batch` rows, after warm-up."""
     rows = X[np.arange(batch) % len(X)]
     for _ in range(3):
@@ -197,10 +204,18 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
 
 
-def evaluate_model(model: nn.Module | OnnxModel | TorchScriptModel, data: Dataset,
-                   teacher_pred: np.ndarray | None, cfg: EvaluateConfig) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module | OnnxModel | TorchScriptModel,
+    data: Dataset,
+    teacher_pred: np.ndarray | None,
+    cfg: EvaluateConfig,
+) -> dict[str, float]:
     if isinstance(model, SERIALIZED):
-        predict, (params, nonzeros), flops = model.predictor(), (model.params, model.nonzeros), model.flops
+        predict, (params, nonzeros), flops = (
+            model.predictor(),
+            (model.params, model.nonzeros),
+            model.flops,
+        )
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
         flops = flops_per_row(model, data.n_features)
@@ -210,20 +225,27 @@ def evaluate_model(model: nn.Module | OnnxModel | TorchScriptModel, data: Datase
     size, compressed = saved_size(model)
     large = cfg.large_batch
     b1_p50, b1_p95 = latency_percentiles_ms(predict, data.X_test, 1, cfg.latency_repeats)
-    big_p50, big_p95 = latency_percentiles_ms(predict, data.X_test, large, max(10, cfg.latency_repeats // 5))
+    big_p50, big_p95 = latency_percentiles_ms(
+        predict, data.X_test, large, max(10, cfg.latency_repeats // 5)
+    )
     metrics |= {
-        "params": float(params), "nonzeros": float(nonzeros),
+        "params": float(params),
+        "nonzeros": float(nonzeros),
         **({"flops": float(flops)} if flops is not None else {}),
-        "size_kb": size / 1024, "compressed_kb": compressed / 1024,
-        "latency_ms_b1": b1_p50, "latency_p95_ms_b1": b1_p95,
-        f"latency_ms_b{large}": big_p50, f"latency_p95_ms_b{large}": big_p95,
+        "size_kb": size / 1024,
+        "compressed_kb": compressed / 1024,
+        "latency_ms_b1": b1_p50,
+        "latency_p95_ms_b1": b1_p95,
+        f"latency_ms_b{large}": big_p50,
+        f"latency_p95_ms_b{large}": big_p95,
         "throughput_rows_s": large / (big_p50 / 1e3),
     }
     return metrics
 
 
 def pipeline_summary(stages: dict[str, dict[str, float]], final_stage: str) -> dict[str, float]:
-    """The parent run's headline numbers: the final model's metrics and what it cost vs the teacher."""
+    """The parent run's headline numbers: the final model's metrics and what it cost vs the
+    teacher."""
     teacher, final = stages["teacher"], stages[final_stage]
     out = {f"final/{k}": v for k, v in final.items()}
     out["compression_ratio"] = teacher["size_kb"] / final["size_kb"]

@@ -27,15 +27,24 @@ from tasks.device import resolve_device
 from tasks.progress import track
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
     """α·T²·KL(p_T ‖ p_S) + (1−α)·CE; the T² keeps soft-target gradients on the CE scale."""
     ce = F.cross_entropy(student_logits, labels)
     if teacher_logits is None or alpha == 0:
         return ce
     T = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
-                  reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / T, dim=1),
+        F.log_softmax(teacher_logits / T, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return alpha * T * T * kl + (1 - alpha) * ce
 
 
@@ -71,8 +80,12 @@ class History:
     best_epoch: int = -1
 
     def curves(self) -> dict[str, list[float]]:
-        return {"train_loss": self.train_loss, "val_loss": self.val_loss,
-                "val_accuracy": self.val_accuracy, "lr": self.lr}
+        return {
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "lr": self.lr,
+        }
 
 
 @torch.no_grad()
@@ -80,8 +93,10 @@ def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> n
     """Logits of a float model on CPU rows, wherever the model lives."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(torch.from_numpy(X[i:i + batch_size]).to(device)).float().cpu()
-           for i in range(0, len(X), batch_size)]
+    out = [
+        model(torch.from_numpy(X[i : i + batch_size]).to(device)).float().cpu()
+        for i in range(0, len(X), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -100,8 +115,13 @@ def _teacher_logits(teacher: nn.Module, X: np.ndarray, device: torch.device) -> 
         teacher.to(home)
 
 
-def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Module | None = None,
-        description: str = "training") -> tuple[nn.Module, History]:
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    settings: FitSettings,
+    teacher: nn.Module | None = None,
+    description: str = "training",
+) -> tuple[nn.Module, History]:
     """Train `model` in place on data's train split and return it (on CPU) with its curves."""
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
@@ -111,8 +131,11 @@ def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Modu
     X_val = torch.from_numpy(data.X_val).to(device)
     y_val = torch.from_numpy(data.y_val).long().to(device)
     # the teacher is frozen: its logits are computed once, not every batch, on the fit's device
-    t_logits = torch.from_numpy(_teacher_logits(teacher, data.X_train, device)).to(device) \
-        if teacher is not None else None
+    t_logits = (
+        torch.from_numpy(_teacher_logits(teacher, data.X_train, device)).to(device)
+        if teacher is not None
+        else None
+    )
     amp = functools.partial(autocast, device, settings.precision)
 
     history = History()
@@ -128,11 +151,16 @@ def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Modu
         order = torch.randperm(len(X), generator=gen).to(device)
         total = torch.zeros((), device=device)  # summed on the device: no sync per batch
         for start in range(0, len(X), settings.batch_size):
-            idx = order[start:start + settings.batch_size]
+            idx = order[start : start + settings.batch_size]
             with amp():
                 logits = model(X[idx])
-            loss = kd_loss(logits.float(), t_logits[idx] if t_logits is not None else None, y[idx],
-                           settings.temperature, settings.alpha)
+            loss = kd_loss(
+                logits.float(),
+                t_logits[idx] if t_logits is not None else None,
+                y[idx],
+                settings.temperature,
+                settings.alpha,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -162,9 +190,23 @@ def fit(model: nn.Module, data: Dataset, settings: FitSettings, teacher: nn.Modu
     return model.cpu().eval(), history
 
 
-def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: FinetuneConfig,
-            seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
-    settings = FitSettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.patience,
-                           weight_decay=cfg.weight_decay, temperature=cfg.temperature, alpha=cfg.alpha,
-                           seed=seed, device=device)
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
+    settings = FitSettings(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        patience=cfg.patience,
+        weight_decay=cfg.weight_decay,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        seed=seed,
+        device=device,
+    )
     return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")

@@ -45,8 +45,11 @@ def check_model(stage: str, model: nn.Module | Any, rows: np.ndarray) -> None:
     hint = f" ({HINTS[stage]} too high?)" if stage in HINTS else ""
     name = non_finite_tensor(model) if isinstance(model, nn.Module) else None
     if name is not None:
-        raise UserError(f"stage {stage}: the model's {name} holds NaN or inf{hint}; "
-                        "the run stops before registration")
+        raise UserError(
+            f"stage {stage}: the model's {name} holds NaN or inf{hint}; "
+            "the run stops before registration"
+        )
     if not np.isfinite(outputs(model, rows)).all():
-        raise UserError(f"stage {stage}: the model outputs NaN or inf{hint}; "
-                        "the run stops before registration")
+        raise UserError(
+            f"stage {stage}: the model outputs NaN or inf{hint}; the run stops before registration"
+        )

@@ -101,6 +101,7 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     def seen(name: str):
         def hook(_module: nn.Module, _args: object) -> None:
             order.setdefault(name, len(order))
+
         return hook
 
     hooks = [m.register_forward_pre_hook(seen(n)) for n, m in model.named_modules() if n]
@@ -126,8 +127,13 @@ def out_units(module: nn.Module) -> int:
 
 
 def _kind(module: nn.Module) -> str:
-    return "attention" if isinstance(module, nn.MultiheadAttention) else \
-        "linear" if isinstance(module, nn.Linear) else "conv"
+    return (
+        "attention"
+        if isinstance(module, nn.MultiheadAttention)
+        else "linear"
+        if isinstance(module, nn.Linear)
+        else "conv"
+    )
 
 
 def _attention_blocker(mha: nn.MultiheadAttention) -> str:
@@ -139,7 +145,7 @@ def _attention_blocker(mha: nn.MultiheadAttention) -> str:
 def _blocker(module: nn.Module) -> str:
     """Why a module in a group stops it from being reduced ('' when it does not)."""
     if isinstance(module, CONVS):
-        if 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
+        if module.groups > 1 and not (module.groups == module.in_channels == module.out_channels):
             return f"grouped convolution (groups={module.groups})"
         return ""
     if isinstance(module, nn.MultiheadAttention):
@@ -156,7 +162,7 @@ def _positions(idxs: list, roots: list, width: int) -> tuple[tuple[int, ...], ..
     flattens (unit j -> S features) and concatenations (offsets) and keeps, for each mapped
     index, the root unit it came from."""
     units: list[list[int]] = [[] for _ in range(width)]
-    for i, root in zip(idxs, roots):
+    for i, root in zip(idxs, roots, strict=True):
         units[int(root)].append(int(i))
     return tuple(tuple(sorted(u)) for u in units)
 
@@ -170,9 +176,11 @@ def trace(model: nn.Module, example: torch.Tensor) -> Graph:
         warnings.simplefilter("ignore")  # unwrapped parameters (positional embeddings) are expected
         try:
             dg.build_dependency(model, example_inputs=example, verbose=False)
-        except Exception as err:
-            raise UserError(f"cannot trace the model's graph: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        except Exception as err:  # noqa: BLE001 -- Torch-Pruning fails in many ways
+            raise UserError(
+                f"cannot trace the model's graph: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}"
+            ) from None
     names = {m: n for n, m in model.named_modules()}
     groups = []
     for tp_group in dg.get_all_groups(root_module_types=ROOTS):
@@ -212,7 +220,9 @@ def _describe(tp_group, dg: tp.DependencyGraph, names: dict, order: dict[str, in
         elif isinstance(module, nn.Embedding) and is_out:
             producers.append(name)
     producers = sorted(set(producers), key=lambda n: order.get(n, 1 << 30))
-    readers = sorted({r.name: r for r in readers}.values(), key=lambda r: order.get(r.name, 1 << 30))
+    readers = sorted(
+        {r.name: r for r in readers}.values(), key=lambda r: order.get(r.name, 1 << 30)
+    )
     step = math.lcm(*heads) if heads else 1
     why_not = "; ".join(dict.fromkeys(blockers))
     if not why_not and not readers:
@@ -222,8 +232,16 @@ def _describe(tp_group, dg: tp.DependencyGraph, names: dict, order: dict[str, in
     if not why_not and width <= step:
         why_not = "a single unit per head"
     name = producers[0] if producers else names[root_module]
-    return Group(name=name, root=names[root_module], width=width, step=step, producers=tuple(producers),
-                 readers=tuple(readers), members=tuple(dict.fromkeys(members)), why_not=why_not)
+    return Group(
+        name=name,
+        root=names[root_module],
+        width=width,
+        step=step,
+        producers=tuple(producers),
+        readers=tuple(readers),
+        members=tuple(dict.fromkeys(members)),
+        why_not=why_not,
+    )
 
 
 def _depthwise(module: nn.Module) -> bool:
@@ -260,8 +278,11 @@ def keep_units(graph: Graph, group: Group, keep: list[int] | torch.Tensor) -> di
     removed: dict[str, list[int]] = {}
     for dep, idxs in pruning:
         module = dep.target.module
-        if module in names and graph.dg.is_out_channel_pruning_fn(dep.handler) and \
-                isinstance(module, (*REFIT, nn.MultiheadAttention, nn.Embedding)):
+        if (
+            module in names
+            and graph.dg.is_out_channel_pruning_fn(dep.handler)
+            and isinstance(module, (*REFIT, nn.MultiheadAttention, nn.Embedding))
+        ):
             removed[names[module]] = sorted(int(i) for i in idxs)
     pruning.prune()
     return removed
@@ -292,7 +313,9 @@ class ParamModel:
         return total
 
 
-def param_model(model: nn.Module, example: torch.Tensor, groups: list[Group] | None = None) -> ParamModel:
+def param_model(
+    model: nn.Module, example: torch.Tensor, groups: list[Group] | None = None
+) -> ParamModel:
     probe = copy.deepcopy(model)
     graph = trace(probe, example)
     groups = groups if groups is not None else graph.reducible()
@@ -306,7 +329,7 @@ def param_model(model: nn.Module, example: torch.Tensor, groups: list[Group] | N
         shapes_then = {n: tuple(p.shape) for n, p in probe.named_parameters()}
         keep_units(graph, g, keep)
         for n, p in probe.named_parameters():
-            for d, (was, now) in enumerate(zip(shapes_then[n], p.shape)):
+            for d, (was, now) in enumerate(zip(shapes_then[n], p.shape, strict=True)):
                 if was != now:
                     per[n][d][g.name] = (was - now) // g.step
     widths = {g.name: g.width for g in groups}

@@ -60,23 +60,34 @@ class Moments:
         cov = self.outer / max(self.n, 1) - torch.outer(mean, mean)
         eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
         order = torch.argsort(eigvals, descending=True)
-        return Basis(mean=mean.numpy(), components=eigvecs[:, order].numpy(),
-                     explained_variance=eigvals[order].clamp_min(0).numpy())
+        return Basis(
+            mean=mean.numpy(),
+            components=eigvecs[:, order].numpy(),
+            explained_variance=eigvals[order].clamp_min(0).numpy(),
+        )
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear and (ungrouped) Conv, by dotted path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, REFIT) and getattr(m, "groups", 1) == 1}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, REFIT) and getattr(m, "groups", 1) == 1
+    }
 
 
 @torch.no_grad()
-def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256,
-                  taps: dict[str, nn.Module] | None = None) -> dict[str, Basis]:
+def collect_bases(
+    model: nn.Module, X: np.ndarray, batch_size: int = 256, taps: dict[str, nn.Module] | None = None
+) -> dict[str, Basis]:
     """One streamed pass over the calibration rows; a Basis of the outputs of each tapped
     module (default: every Linear/Conv). A module that never runs its own forward (the
     output projection of `nn.MultiheadAttention`, which uses its weight directly) gets none."""
     if len(X) < 2:
-        raise UserError(f"config key 'reduce.calibration_samples': need at least 2 calibration rows, got {len(X)}")
+        raise UserError(
+            "config key 'reduce.calibration_samples': need at least 2 calibration rows, got "
+            f"{len(X)}"
+        )
     taps = taps if taps is not None else linear_layers(model)
     moments: dict[str, Moments] = {}
 
@@ -84,15 +95,18 @@ def collect_bases(model: nn.Module, X: np.ndarray, batch_size: int = 256,
         def add(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
             rows = feature_rows(out, channels_first)
             moments.setdefault(name, Moments(rows.shape[1])).add_rows(rows)
+
         return add
 
-    hooks = [module.register_forward_hook(hook(name, isinstance(module, CONVS)))
-             for name, module in taps.items()]
+    hooks = [
+        module.register_forward_hook(hook(name, isinstance(module, CONVS)))
+        for name, module in taps.items()
+    ]
     try:
         model.eval()
         with no_fastpath():
             for start in range(0, len(X), batch_size):
-                model(torch.from_numpy(X[start:start + batch_size]))
+                model(torch.from_numpy(X[start : start + batch_size]))
     finally:
         for h in hooks:
             h.remove()

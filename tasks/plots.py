@@ -42,11 +42,15 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def pareto_front(sizes: list[float], accuracies: list[float]) -> list[int]:
-    """Indices of the points no other point beats on both (smaller size, higher accuracy), by size."""
+    """Indices of the points no other point beats on both (smaller size, higher accuracy), by
+    size."""
     front = []
-    for i, (s, a) in enumerate(zip(sizes, accuracies)):
-        dominated = any((s2 <= s and a2 >= a) and (s2 < s or a2 > a)
-                        for j, (s2, a2) in enumerate(zip(sizes, accuracies)) if j != i)
+    for i, (s, a) in enumerate(zip(sizes, accuracies, strict=True)):
+        dominated = any(
+            (s2 <= s and a2 >= a) and (s2 < s or a2 > a)
+            for j, (s2, a2) in enumerate(zip(sizes, accuracies, strict=True))
+            if j != i
+        )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: sizes[i])
@@ -60,12 +64,27 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
     ax = fig.add_subplot()
     front = pareto_front(sizes, accs)
     # a staircase: the best accuracy reachable at or below each size
-    ax.plot([sizes[i] for i in front], [accs[i] for i in front], "-", drawstyle="steps-post", color="tab:gray",
-            alpha=0.6, label="Pareto front", zorder=1)
-    for name, size, acc in zip(names, sizes, accs):
+    ax.plot(
+        [sizes[i] for i in front],
+        [accs[i] for i in front],
+        "-",
+        drawstyle="steps-post",
+        color="tab:gray",
+        alpha=0.6,
+        label="Pareto front",
+        zorder=1,
+    )
+    for name, size, acc in zip(names, sizes, accs, strict=True):
         teacher = name == "teacher"
-        ax.scatter(size, acc, s=160 if teacher else 50, marker="*" if teacher else "o",
-                   color="tab:red" if teacher else "tab:blue", zorder=2, label="teacher" if teacher else None)
+        ax.scatter(
+            size,
+            acc,
+            s=160 if teacher else 50,
+            marker="*" if teacher else "o",
+            color="tab:red" if teacher else "tab:blue",
+            zorder=2,
+            label="teacher" if teacher else None,
+        )
         ax.annotate(name, (size, acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 20, 30 rather than 2x10^1
@@ -80,7 +99,9 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
     return fig
 
 
-def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[Any], title: str) -> Figure:
+def confusion_figure(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[Any], title: str
+) -> Figure:
     matrix = confusion_matrix(y_true, y_pred, labels=range(len(classes)))
     n = len(classes)
     fig = _figure(max(4.0, 0.5 * n + 2.5), max(3.6, 0.5 * n + 2.0))
@@ -94,8 +115,15 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[Any],
         threshold = matrix.max() / 2
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] > threshold else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -108,7 +136,9 @@ def penultimate(model: nn.Module, X: np.ndarray) -> np.ndarray | None:
     if not linears:
         return None
     caught: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_hook(lambda _m, inputs, _out: caught.append(inputs[0].detach()))
+    handle = linears[-1].register_forward_hook(
+        lambda _m, inputs, _out: caught.append(inputs[0].detach())
+    )
     try:
         torch_predictor(model)(X)
     finally:
@@ -120,20 +150,29 @@ def tsne_2d(embedding: np.ndarray, seed: int) -> np.ndarray:
     perplexity = min(30.0, (len(embedding) - 1) / 3)  # t-SNE needs perplexity < rows
     # one OpenMP thread: beside torch's thread pool on a busy CPU, more threads made it ~30x slower.
     # 500 iterations, not scikit-learn's 1,000: on the digits teacher's test rows the final KL
-    # divergence is 0.262 vs 0.259 and trustworthiness (10 neighbours) 0.993 both ways, at half the cost
+    # divergence is 0.262 vs 0.259 and trustworthiness (10 neighbours) 0.993 both ways, at half
+    # the cost
     with threadpool_limits(limits=1, user_api="openmp"):
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=TSNE_ITERATIONS,
-                    random_state=seed).fit_transform(embedding.astype(np.float64))
+        return TSNE(
+            n_components=2,
+            perplexity=perplexity,
+            init="pca",
+            max_iter=TSNE_ITERATIONS,
+            random_state=seed,
+        ).fit_transform(embedding.astype(np.float64))
 
 
-def tsne_figure(embeddings: dict[str, np.ndarray], y: np.ndarray, classes: list[Any], seed: int) -> Figure:
+def tsne_figure(
+    embeddings: dict[str, np.ndarray], y: np.ndarray, classes: list[Any], seed: int
+) -> Figure:
     fig = _figure(5.2 * len(embeddings) + 1.0, 4.8)
     axes = fig.subplots(1, len(embeddings), squeeze=False)[0]
     cmap = "tab10" if len(classes) <= 10 else "tab20"
-    for ax, (name, emb) in zip(axes, embeddings.items()):
+    for ax, (name, emb) in zip(axes, embeddings.items(), strict=True):
         points = tsne_2d(emb, seed)
-        scatter = ax.scatter(points[:, 0], points[:, 1], c=y, cmap=cmap, s=10, vmin=-0.5,
-                             vmax=len(classes) - 0.5)
+        scatter = ax.scatter(
+            points[:, 0], points[:, 1], c=y, cmap=cmap, s=10, vmin=-0.5, vmax=len(classes) - 0.5
+        )
         ax.set_title(f"{name} ({emb.shape[1]}-d penultimate)")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -161,8 +200,12 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
         loss_ax.set_ylabel("loss (train: KD objective, val: CE)")
         loss_ax.legend(fontsize=8)
         if c.get("val_accuracy"):
-            acc_ax.plot(range(len(c["val_accuracy"])), [100 * v for v in c["val_accuracy"]], marker=".",
-                        color="tab:green")
+            acc_ax.plot(
+                range(len(c["val_accuracy"])),
+                [100 * v for v in c["val_accuracy"]],
+                marker=".",
+                color="tab:green",
+            )
         acc_ax.set_ylabel("validation accuracy (%)")
         acc_ax.set_xlabel("epoch")
         for ax in (loss_ax, acc_ax):
@@ -176,9 +219,16 @@ def _predict(model: nn.Module | OnnxModel, X: np.ndarray) -> np.ndarray:
     return (model.predictor() if isinstance(model, SERIALIZED) else torch_predictor(model))(X)
 
 
-def pipeline_figures(stages: dict[str, dict[str, float]], teacher: nn.Module, student: nn.Module,
-                     final: nn.Module | OnnxModel, data: Dataset, curves: dict[str, dict[str, list[float]]],
-                     cfg: EvaluateConfig, seed: int) -> dict[str, Figure]:
+def pipeline_figures(
+    stages: dict[str, dict[str, float]],
+    teacher: nn.Module,
+    student: nn.Module,
+    final: nn.Module | OnnxModel,
+    data: Dataset,
+    curves: dict[str, dict[str, list[float]]],
+    cfg: EvaluateConfig,
+    seed: int,
+) -> dict[str, Figure]:
     """The run's figures by artifact file name (a figure whose inputs are missing is left out)."""
 
     def pareto() -> Figure:
@@ -186,11 +236,15 @@ def pipeline_figures(stages: dict[str, dict[str, float]], teacher: nn.Module, st
 
     def confusion() -> Figure:
         pred = _predict(final, data.X_test).argmax(axis=1)
-        return confusion_figure(data.y_test, pred, data.classes, f"final model, test split "
-                                f"(accuracy {100 * (pred == data.y_test).mean():.2f} %)")
+        return confusion_figure(
+            data.y_test,
+            pred,
+            data.classes,
+            f"final model, test split (accuracy {100 * (pred == data.y_test).mean():.2f} %)",
+        )
 
     def tsne() -> Figure | None:
-        X, y = data.X_test[:cfg.tsne_rows], data.y_test[:cfg.tsne_rows]
+        X, y = data.X_test[: cfg.tsne_rows], data.y_test[: cfg.tsne_rows]
         embeddings = {"teacher": penultimate(teacher, X), "student": penultimate(student, X)}
         if len(X) < 4 or any(e is None for e in embeddings.values()):
             return None
@@ -199,7 +253,12 @@ def pipeline_figures(stages: dict[str, dict[str, float]], teacher: nn.Module, st
     def training() -> Figure | None:
         return curves_figure(curves)
 
-    makers = {"pareto.png": pareto, "confusion.png": confusion, "tsne.png": tsne, "curves.png": training}
+    makers = {
+        "pareto.png": pareto,
+        "confusion.png": confusion,
+        "tsne.png": tsne,
+        "curves.png": training,
+    }
     figures = {}
     for name in track(list(makers), "drawing plots", total=len(makers)):
         figure = makers[name]()

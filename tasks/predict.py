@@ -80,15 +80,21 @@ def check_paths(input_path: Path, output_path: Path) -> None:
     if output_path.is_dir():
         raise UserError(f"output {output_path} is a directory, not a file")
     if output_path.resolve() == input_path.resolve() or (
-            output_path.exists() and os.path.samefile(output_path, input_path)):
-        raise UserError(f"output {output_path} is the input file; write the predictions to "
-                        f"another file")
+        output_path.exists() and os.path.samefile(output_path, input_path)
+    ):
+        raise UserError(
+            f"output {output_path} is the input file; write the predictions to another file"
+        )
     if not output_path.parent.is_dir():
         raise UserError(f"output {output_path}: folder {output_path.parent} does not exist")
 
 
-def read_chunks(path: Path, columns: dict[str, str] | None, label: str | None = None,
-                chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[pd.DataFrame, pd.Series | None]]:
+def read_chunks(
+    path: Path,
+    columns: dict[str, str] | None,
+    label: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[pd.DataFrame, pd.Series | None]]:
     """(the model's columns in its order, the label column if asked) per chunk of rows; each
     chunk keeps the file's row numbers as its index."""
     if path.suffix.lower() == ".npz":
@@ -99,7 +105,7 @@ def read_chunks(path: Path, columns: dict[str, str] | None, label: str | None = 
     kind = path.suffix.lower().lstrip(".")
     try:
         names = header_names(path, kind)
-    except Exception as err:  # pyarrow and the csv module raise many types for unreadable files
+    except Exception as err:  # noqa: BLE001 -- pyarrow and csv raise many types
         raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
     check_header(names, f"input {path}")
     if label is not None and label not in names:
@@ -108,8 +114,10 @@ def read_chunks(path: Path, columns: dict[str, str] | None, label: str | None = 
     missing = [f for f in wanted if f not in names]
     if missing:
         hint = " (does the file have a header row?)" if len(missing) == len(wanted) else ""
-        raise UserError(f"input {path}: missing column(s) {_short(missing)}; the model takes "
-                        f"{len(wanted)} feature columns{hint}")
+        raise UserError(
+            f"input {path}: missing column(s) {_short(missing)}; the model takes "
+            f"{len(wanted)} feature columns{hint}"
+        )
     text = [n for n, t in (columns or {}).items() if t == "string"]
     read = list(dict.fromkeys(wanted + ([label] if label else [])))
     for chunk in _frames(path, kind, read, text, chunk_rows):
@@ -118,13 +126,19 @@ def read_chunks(path: Path, columns: dict[str, str] | None, label: str | None = 
         yield _typed(path, chunk[wanted], columns), truth
 
 
-def _frames(path: Path, kind: str, read: list[str], text: list[str], chunk_rows: int,
-            ) -> Iterator[pd.DataFrame]:
+def _frames(
+    path: Path,
+    kind: str,
+    read: list[str],
+    text: list[str],
+    chunk_rows: int,
+) -> Iterator[pd.DataFrame]:
     start = 0
     try:
         if kind == "csv":
-            with pd.read_csv(path, usecols=read, dtype=dict.fromkeys(text, str),
-                             chunksize=chunk_rows) as reader:
+            with pd.read_csv(
+                path, usecols=read, dtype=dict.fromkeys(text, str), chunksize=chunk_rows
+            ) as reader:
                 yield from reader
             return
         import pyarrow.parquet as pq
@@ -136,7 +150,7 @@ def _frames(path: Path, kind: str, read: list[str], text: list[str], chunk_rows:
             yield frame
     except UserError:
         raise
-    except Exception as err:  # pandas and pyarrow raise many types for unreadable files
+    except Exception as err:  # noqa: BLE001 -- pandas and pyarrow raise many types
         raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
 
 
@@ -153,13 +167,16 @@ def _typed(path: Path, rows: pd.DataFrame, columns: dict[str, str] | None) -> pd
             wrong = (numbers.isna() & column.notna()).to_numpy()
             if pd.api.types.is_bool_dtype(column) or wrong.any():
                 row = column.index[int(np.argmax(wrong))]
-                raise UserError(f"input {path}: column {name!r} is not numeric "
-                                f"(row {row}: {column[row]!r})")
+                raise UserError(
+                    f"input {path}: column {name!r} is not numeric (row {row}: {column[row]!r})"
+                )
             column = numbers
         values = column.to_numpy(np.float64)
         if np.isinf(values).any():
-            raise UserError(f"input {path}: column {name!r} holds inf in row "
-                            f"{column.index[int(np.argmax(np.isinf(values)))]}")
+            raise UserError(
+                f"input {path}: column {name!r} holds inf in row "
+                f"{column.index[int(np.argmax(np.isinf(values)))]}"
+            )
         out[name] = values
     return pd.DataFrame(out, index=rows.index)
 
@@ -167,24 +184,32 @@ def _typed(path: Path, rows: pd.DataFrame, columns: dict[str, str] | None) -> pd
 def _read_npz(path: Path, features: list[str] | None) -> tuple[pd.DataFrame, None]:
     try:
         arrays = np.load(path, allow_pickle=False)
-        X = arrays["X"] if "X" in arrays.files else (
-            arrays[arrays.files[0]] if len(arrays.files) == 1 else None)
-    except Exception as err:  # numpy raises many types for unreadable files
-        raise UserError(f"input {path} could not be read as npz: "
-                        f"{str(err).splitlines()[0]}") from None
+        X = (
+            arrays["X"]
+            if "X" in arrays.files
+            else (arrays[arrays.files[0]] if len(arrays.files) == 1 else None)
+        )
+    except Exception as err:  # noqa: BLE001 -- numpy raises many types
+        raise UserError(
+            f"input {path} could not be read as npz: {str(err).splitlines()[0]}"
+        ) from None
     if X is None:
         raise UserError(f"input {path}: no array 'X' (arrays: {', '.join(arrays.files)})")
     if X.ndim < 2:
-        raise UserError(f"input {path}: X has shape {list(X.shape)}; expected one row per sample, "
-                        f"[rows, features]")
+        raise UserError(
+            f"input {path}: X has shape {list(X.shape)}; expected one row per sample, "
+            f"[rows, features]"
+        )
     if not np.issubdtype(X.dtype, np.number):
         raise UserError(f"input {path}: X holds {X.dtype}, not numbers")
     shape = list(X.shape)
     X = X.reshape(len(X), -1).astype(np.float64)
     names = features or [f"x{i}" for i in range(X.shape[1])]
     if X.shape[1] != len(names):
-        raise UserError(f"input {path}: X has shape {shape}, {X.shape[1]} features per row; "
-                        f"the model takes {len(names)}")
+        raise UserError(
+            f"input {path}: X has shape {shape}, {X.shape[1]} features per row; "
+            f"the model takes {len(names)}"
+        )
     return pd.DataFrame(X, columns=names), None
 
 
@@ -245,8 +270,13 @@ def _hits(pred: pd.Series, truth: pd.Series) -> tuple[int, int]:
     return int((pred.astype(str) == truth.astype(str)).sum()), int(known.sum())
 
 
-def predict_file(model_uri: str, input_path: Path, output_path: Path, label: str | None = None,
-                 chunk_rows: int = CHUNK_ROWS) -> PredictionReport:
+def predict_file(
+    model_uri: str,
+    input_path: Path,
+    output_path: Path,
+    label: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> PredictionReport:
     """Predict every row of `input_path` and write `prediction` and `proba_<class>` columns."""
     check_paths(input_path, output_path)
     model = load_pyfunc(model_uri)

@@ -46,9 +46,13 @@ class _StageLines(logging.Filter):
             state = message.removeprefix("Finished in state ").split("(")[0]
             took = now - self.started.pop(str(run_id), now)
             name = getattr(record, "task_run_name", None) or getattr(record, "task_name", "stage")
-            print(f"distill: {name} "
-                  f"{'cached' if state == 'Cached' else 'done'} in {took:.1f} s "
-                  f"({now - self.start:.1f} s in all)", file=sys.stderr, flush=True)
+            print(
+                f"distill: {name} "
+                f"{'cached' if state == 'Cached' else 'done'} in {took:.1f} s "
+                f"({now - self.start:.1f} s in all)",
+                file=sys.stderr,
+                flush=True,
+            )
         return False
 
 

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,12 @@ from tasks.errors import UserError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-STATUS, REASON, PROMOTED_AT, PREVIOUS = "promotion.status", "promotion.reason", "promoted_at", "previous_champion"
+STATUS, REASON, PROMOTED_AT, PREVIOUS = (
+    "promotion.status",
+    "promotion.reason",
+    "promoted_at",
+    "previous_champion",
+)
 DECIDED_AT = "promotion.decided_at"
 TARGET_MET = "distill.target_met"  # "false": the run missed its `target:` (tasks/target.py)
 EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
@@ -70,8 +75,11 @@ class Candidate:
     def test_split(self) -> tuple[str | None, int | None, float | None]:
         """What fixes the test rows: the data (digest), the split seed, the test fraction."""
         seed, size = self.params.get("seed"), self.params.get("data.test_size")
-        return (self.tags.get("distill.dataset_digest"), int(seed) if seed is not None else None,
-                float(size) if size is not None else None)
+        return (
+            self.tags.get("distill.dataset_digest"),
+            int(seed) if seed is not None else None,
+            float(size) if size is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -113,10 +121,11 @@ class HeldOutUnavailable(Exception):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --- reading the registry -------------------------------------------------------------------
+
 
 def alias_version(client: Any, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
@@ -144,12 +153,17 @@ def resolve_version(client: Any, name: str, version: str | None) -> str:
     if version is None:
         found = alias_version(client, name, CHALLENGER)
         if found is None:
-            raise UserError(f"registered model {name!r} has no version with alias {CHALLENGER!r} (give --version)")
+            raise UserError(
+                f"registered model {name!r} has no version with alias {CHALLENGER!r} "
+                "(give --version)"
+            )
         return found
     try:
         return str(client.get_model_version(name, str(version)).version)
     except MlflowException:
-        raise UserError(f"registered model {name!r} has no version {version} (option --version)") from None
+        raise UserError(
+            f"registered model {name!r} has no version {version} (option --version)"
+        ) from None
 
 
 def load_candidate(client: Any, name: str, version: str) -> Candidate:
@@ -158,16 +172,26 @@ def load_candidate(client: Any, name: str, version: str) -> Candidate:
     mv = client.get_model_version(name, version)
     run_id = mv.tags.get("mlflow.run_id") or mv.run_id
     if not run_id:
-        raise UserError(f"{name} version {version} has no MLflow run (tag mlflow.run_id): nothing to gate on")
+        raise UserError(
+            f"{name} version {version} has no MLflow run (tag mlflow.run_id): nothing to gate on"
+        )
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise UserError(f"{name} version {version}: its MLflow run {run_id} is gone") from None
-    return Candidate(name, str(version), run_id, dict(run.data.metrics), dict(run.data.tags), dict(run.data.params),
-                     dict(mv.tags))
+    return Candidate(
+        name,
+        str(version),
+        run_id,
+        dict(run.data.metrics),
+        dict(run.data.tags),
+        dict(run.data.params),
+        dict(mv.tags),
+    )
 
 
 # --- gates ----------------------------------------------------------------------------------
+
 
 def _upper(name: str, what: str, value: float | None, limit: float) -> Gate:
     if value is None:
@@ -188,20 +212,40 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
     m = c.metrics
     out = []
     if c.version_tags.get(TARGET_MET) == "false" and not gates.allow_target_missed:
-        out.append(Gate("allow_target_missed", False, float("nan"), float("nan"),
-                        f"its run missed the target {c.version_tags.get('distill.target', '')}: "
-                        f"{c.version_tags.get('distill.target_achieved', '?')}, accuracy drop "
-                        f"{c.version_tags.get('distill.target_accuracy_drop', '?')} (--allow-target-missed)"))
+        out.append(
+            Gate(
+                "allow_target_missed",
+                False,
+                float("nan"),
+                float("nan"),
+                f"its run missed the target {c.version_tags.get('distill.target', '')}: "
+                f"{c.version_tags.get('distill.target_achieved', '?')}, accuracy drop "
+                f"{c.version_tags.get('distill.target_accuracy_drop', '?')} "
+                "(--allow-target-missed)",
+            )
+        )
     if gates.max_accuracy_drop is not None:
-        out.append(_upper("max_accuracy_drop", "accuracy drop vs teacher", m.get("accuracy_drop"),
-                          gates.max_accuracy_drop))
+        out.append(
+            _upper(
+                "max_accuracy_drop",
+                "accuracy drop vs teacher",
+                m.get("accuracy_drop"),
+                gates.max_accuracy_drop,
+            )
+        )
     if gates.min_accuracy is not None:
         out.append(_lower("min_accuracy", "accuracy", m.get("final/accuracy"), gates.min_accuracy))
     if gates.max_size_kb is not None:
         out.append(_upper("max_size_kb", "size KB", m.get("final/size_kb"), gates.max_size_kb))
     if gates.max_latency_ms_b1 is not None:
-        out.append(_upper("max_latency_ms_b1", "latency b1 ms", m.get("final/latency_ms_b1"),
-                          gates.max_latency_ms_b1))
+        out.append(
+            _upper(
+                "max_latency_ms_b1",
+                "latency b1 ms",
+                m.get("final/latency_ms_b1"),
+                gates.max_latency_ms_b1,
+            )
+        )
     return out
 
 
@@ -211,17 +255,22 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 
 
 def held_out_rows(y_raw: np.ndarray, test_size: float, seed: int) -> np.ndarray:
-    """The test rows `tasks.data.prepare` holds out (same calls; tests/test_promotion.py checks they agree)."""
+    """The test rows `tasks.data.prepare` holds out (same calls; tests/test_promotion.py checks
+    they agree)."""
     from sklearn.model_selection import train_test_split
 
     _, y = np.unique(y_raw, return_inverse=True)
-    _, test = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed)
+    _, test = train_test_split(
+        np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed
+    )
     return np.sort(test)
 
 
-def common_held_out_accuracy(challenger: Candidate, champion: Candidate,
-                             predict: Callable[[Candidate, Any], np.ndarray] | None = None,
-                             ) -> tuple[float, float, int]:
+def common_held_out_accuracy(
+    challenger: Candidate,
+    champion: Candidate,
+    predict: Callable[[Candidate, Any], np.ndarray] | None = None,
+) -> tuple[float, float, int]:
     """Both models re-evaluated through mlflow.pyfunc on the rows neither run trained or
     validated on: -> (challenger accuracy, champion accuracy, rows)."""
     import pandas as pd
@@ -231,25 +280,39 @@ def common_held_out_accuracy(challenger: Candidate, champion: Candidate,
     digest, seed_a, size_a = challenger.test_split()
     other, seed_b, size_b = champion.test_split()
     if digest is None or other is None or None in (seed_a, seed_b, size_a, size_b):
-        raise HeldOutUnavailable("a run lacks its dataset digest or split params: no common held-out rows known")
+        raise HeldOutUnavailable(
+            "a run lacks its dataset digest or split params: no common held-out rows known"
+        )
     if digest != other:
-        raise HeldOutUnavailable(f"trained on different data (dataset digest {digest} vs {other}): "
-                                 "no common held-out rows")
-    source, label = challenger.params.get("data.source", ""), challenger.params.get("data.label", "target")
+        raise HeldOutUnavailable(
+            f"trained on different data (dataset digest {digest} vs {other}): "
+            "no common held-out rows"
+        )
+    source, label = (
+        challenger.params.get("data.source", ""),
+        challenger.params.get("data.label", "target"),
+    )
     try:
         X, y_raw, names, _ = read_table(source, label)
     except UserError as err:
         raise HeldOutUnavailable(f"cannot re-read the data to compare: {err}") from None
     if table_digest(X, y_raw) != digest:
-        raise HeldOutUnavailable(f"data {source} has changed since the run (digest {table_digest(X, y_raw)}, "
-                                 f"logged {digest})")
-    rows = np.intersect1d(held_out_rows(y_raw, size_a, seed_a), held_out_rows(y_raw, size_b, seed_b))
+        raise HeldOutUnavailable(
+            f"data {source} has changed since the run (digest {table_digest(X, y_raw)}, "
+            f"logged {digest})"
+        )
+    rows = np.intersect1d(
+        held_out_rows(y_raw, size_a, seed_a), held_out_rows(y_raw, size_b, seed_b)
+    )
     if len(rows) == 0:
         raise HeldOutUnavailable("the two runs' test splits share no rows")
     frame = pd.DataFrame(X[rows], columns=names)
     predict = predict or _pyfunc_predict
     truth = np.asarray(y_raw[rows]).astype(str)
-    acc = [float((np.asarray(predict(c, frame)).astype(str) == truth).mean()) for c in (challenger, champion)]
+    acc = [
+        float((np.asarray(predict(c, frame)).astype(str) == truth).mean())
+        for c in (challenger, champion)
+    ]
     return acc[0], acc[1], len(rows)
 
 
@@ -260,29 +323,51 @@ def _pyfunc_predict(c: Candidate, frame: Any) -> np.ndarray:
     return model.predict(frame)["prediction"].to_numpy()
 
 
-def champion_gate(c: Candidate, champion: Candidate, gates: PromoteConfig,
-                  predict: Callable[[Candidate, Any], np.ndarray] | None = None) -> Gate:
+def champion_gate(
+    c: Candidate,
+    champion: Candidate,
+    gates: PromoteConfig,
+    predict: Callable[[Candidate, Any], np.ndarray] | None = None,
+) -> Gate:
     """No worse than the champion (less `champion_tolerance`), on the same rows."""
     tol = gates.champion_tolerance
     if same_test_split(c, champion):
         mine, theirs = c.metrics.get("final/accuracy"), champion.metrics.get("final/accuracy")
         if mine is None or theirs is None:
-            return Gate("vs_champion", False, float("nan"), float("nan"), "final/accuracy not logged")
+            return Gate(
+                "vs_champion", False, float("nan"), float("nan"), "final/accuracy not logged"
+            )
         where = "same test split"
     else:
         try:
             mine, theirs, n = common_held_out_accuracy(c, champion, predict)
         except HeldOutUnavailable as err:
-            return Gate("vs_champion", False, float("nan"), float("nan"), f"vs champion version {champion.version}: {err}")
+            return Gate(
+                "vs_champion",
+                False,
+                float("nan"),
+                float("nan"),
+                f"vs champion version {champion.version}: {err}",
+            )
         where = f"re-evaluated on {n} rows held out from both runs"
     ok = mine >= theirs - tol - EPS
     bound = f"{theirs:.4f}" + (f" - tolerance {tol:.4f}" if tol else "")
-    return Gate("vs_champion", ok, mine, theirs - tol,
-                f"accuracy {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} ({where})")
+    return Gate(
+        "vs_champion",
+        ok,
+        mine,
+        theirs - tol,
+        f"accuracy {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} "
+        f"({where})",
+    )
 
 
-def evaluate_gates(c: Candidate, champion: Candidate | None, gates: PromoteConfig,
-                   predict: Callable[[Candidate, Any], np.ndarray] | None = None) -> list[Gate]:
+def evaluate_gates(
+    c: Candidate,
+    champion: Candidate | None,
+    gates: PromoteConfig,
+    predict: Callable[[Candidate, Any], np.ndarray] | None = None,
+) -> list[Gate]:
     out = absolute_gates(c, gates)
     if champion is not None and gates.vs_champion:
         out.append(champion_gate(c, champion, gates, predict))
@@ -291,7 +376,11 @@ def evaluate_gates(c: Candidate, champion: Candidate | None, gates: PromoteConfi
 
 def refusal_reason(failed: list[Gate]) -> str:
     first = failed[0]
-    more = f" (and {len(failed) - 1} more: {', '.join(g.name for g in failed[1:])})" if len(failed) > 1 else ""
+    more = (
+        f" (and {len(failed) - 1} more: {', '.join(g.name for g in failed[1:])})"
+        if len(failed) > 1
+        else ""
+    )
     return f"gate {first.name}: {first.detail}{more}"
 
 
@@ -307,7 +396,8 @@ def _sqlite_file(uri: str) -> Path | None:
 
 @contextmanager
 def registry_lock(name: str) -> Iterator[None]:
-    """One promotion decision at a time per registered model (threads, and processes on a SQLite registry)."""
+    """One promotion decision at a time per registered model (threads, and processes on a SQLite
+    registry)."""
     import mlflow
 
     uri = mlflow.get_registry_uri()
@@ -332,7 +422,9 @@ def _set_tags(client: Any, name: str, version: str, tags: dict[str, str]) -> Non
         client.set_model_version_tag(name, version, key, value)
 
 
-def _move_champion(client: Any, name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:
+def _move_champion(
+    client: Any, name: str, version: str, previous: str | None, tags: dict[str, str]
+) -> None:
     """Alias first, then the audit tags; if the tags cannot be written, the alias goes back."""
     client.set_registered_model_alias(name, CHAMPION, version)
     try:
@@ -345,9 +437,14 @@ def _move_champion(client: Any, name: str, version: str, previous: str | None, t
         raise
 
 
-def promote_version(name: str, version: str | None, gates: PromoteConfig,
-                    predict: Callable[[Candidate, Any], np.ndarray] | None = None) -> Decision:
-    """Gate `version` (default: the challenger) and move `champion` to it only if every gate passes."""
+def promote_version(
+    name: str,
+    version: str | None,
+    gates: PromoteConfig,
+    predict: Callable[[Candidate, Any], np.ndarray] | None = None,
+) -> Decision:
+    """Gate `version` (default: the challenger) and move `champion` to it only if every gate
+    passes."""
     from mlflow import MlflowClient
 
     from tasks import registry  # torch and pandas: only when a decision is made
@@ -357,7 +454,9 @@ def promote_version(name: str, version: str | None, gates: PromoteConfig,
         version = resolve_version(client, name, version)
         previous = alias_version(client, name, CHAMPION)
         if previous == version:
-            return Decision(name, version, "unchanged", "already the champion", previous, previous, _now())
+            return Decision(
+                name, version, "unchanged", "already the champion", previous, previous, _now()
+            )
         registry.check_promotable(name, version)  # finished, its run FINISHED, and it loads
         candidate = load_candidate(client, name, version)
         champion = load_candidate(client, name, previous) if previous is not None else None
@@ -368,18 +467,37 @@ def promote_version(name: str, version: str | None, gates: PromoteConfig,
             reason = refusal_reason(failed)
             _set_tags(client, name, version, {STATUS: "refused", REASON: reason, DECIDED_AT: at})
             return Decision(name, version, "refused", reason, previous, previous, at, results)
-        if alias_version(client, name, CHAMPION) != previous:  # only possible without a lock (remote registry)
-            raise RuntimeError(f"{name}: champion moved while version {version} was being gated; try again")
+        if (
+            alias_version(client, name, CHAMPION) != previous
+        ):  # only possible without a lock (remote registry)
+            raise RuntimeError(
+                f"{name}: champion moved while version {version} was being gated; try again"
+            )
         passed = ", ".join(g.name for g in results) or "none configured"
-        reason = (f"gates passed ({passed})" + ("" if previous else "; first champion")
-                  + ("; champion comparison off" if previous and not gates.vs_champion else ""))
-        _move_champion(client, name, version, previous, {
-            STATUS: "promoted", REASON: reason, PROMOTED_AT: at, DECIDED_AT: at, PREVIOUS: previous or ""})
+        reason = (
+            f"gates passed ({passed})"
+            + ("" if previous else "; first champion")
+            + ("; champion comparison off" if previous and not gates.vs_champion else "")
+        )
+        _move_champion(
+            client,
+            name,
+            version,
+            previous,
+            {
+                STATUS: "promoted",
+                REASON: reason,
+                PROMOTED_AT: at,
+                DECIDED_AT: at,
+                PREVIOUS: previous or "",
+            },
+        )
         return Decision(name, version, "promoted", reason, previous, version, at, results)
 
 
 def rollback(name: str) -> Decision:
-    """Move `champion` back to the version it replaced (the tag `previous_champion` of the current one)."""
+    """Move `champion` back to the version it replaced (the tag `previous_champion` of the current
+    one)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -393,28 +511,48 @@ def rollback(name: str) -> Decision:
             raise UserError(f"registered model {name!r} has no {CHAMPION!r}: nothing to roll back")
         previous = client.get_model_version(name, current).tags.get(PREVIOUS, "")
         if not previous:
-            raise UserError(f"{name} version {current} was the first champion: no previous champion to roll back to")
+            raise UserError(
+                f"{name} version {current} was the first champion: no previous champion "
+                "to roll back to"
+            )
         try:
             client.get_model_version(name, previous)
         except MlflowException:
-            raise UserError(f"{name}: previous champion version {previous} no longer exists") from None
+            raise UserError(
+                f"{name}: previous champion version {previous} no longer exists"
+            ) from None
         registry.check_promotable(name, previous)
         at = _now()
         reason = f"champion rolled back from version {current} to version {previous}"
-        _move_champion(client, name, previous, current, {
-            STATUS: "promoted", REASON: f"restored by rollback of version {current}", PROMOTED_AT: at,
-            DECIDED_AT: at})
+        _move_champion(
+            client,
+            name,
+            previous,
+            current,
+            {
+                STATUS: "promoted",
+                REASON: f"restored by rollback of version {current}",
+                PROMOTED_AT: at,
+                DECIDED_AT: at,
+            },
+        )
         _set_tags(client, name, current, {STATUS: "rolled_back", REASON: reason, DECIDED_AT: at})
         return Decision(name, current, "rolled_back", reason, current, previous, at)
 
 
 def decision_markdown(d: Decision) -> str:
     rows = ["| gate | value | limit | passed | detail |", "|---|---:|---:|---|---|"]
-    rows += [f"| {g.name} | {g.value:.4f} | {g.limit:.4f} | {'yes' if g.passed else '**no**'} | {g.detail} |"
-             for g in d.gates]
-    return (f"# Promotion of {d.name} version {d.version}: {d.status}\n\n{d.reason}\n\n"
-            f"- champion before: {d.previous_champion or 'none'}\n- champion after: {d.champion or 'none'}\n"
-            f"- decided at: {d.at}\n\n" + ("\n".join(rows) if d.gates else ""))
+    rows += [
+        f"| {g.name} | {g.value:.4f} | {g.limit:.4f} | {'yes' if g.passed else '**no**'} "
+        f"| {g.detail} |"
+        for g in d.gates
+    ]
+    return (
+        f"# Promotion of {d.name} version {d.version}: {d.status}\n\n{d.reason}\n\n"
+        f"- champion before: {d.previous_champion or 'none'}\n"
+        f"- champion after: {d.champion or 'none'}\n"
+        f"- decided at: {d.at}\n\n" + ("\n".join(rows) if d.gates else "")
+    )
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -3,8 +3,9 @@
 - structured: remove whole units of every coupled group of the model's graph (neurons,
   channels, a residual stream's channels, attention dimensions head by head; lowest L2 or
   L1 norm of the weights that write them, or lowest activation × outgoing-weight energy)
-  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds` prune → KD-recover
-  steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD target.
+  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds`
+  prune → KD-recover steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD
+  target.
 - unstructured: global magnitude pruning of Linear/Conv weights (one threshold across all
   layers), KD recovery with the masks held, masks folded in (`prune.remove`). Zeros do not
   shrink a dense file: the evaluate stage reports nonzeros and the compressed size for that.
@@ -22,8 +23,8 @@ from torch.nn.utils import prune
 
 from tasks.config import FinetuneConfig, PruneConfig
 from tasks.data import Dataset
-from tasks.finetune import FitSettings, History, fit
 from tasks.errors import UserError
+from tasks.finetune import FitSettings, History, fit
 from tasks.graph import REFIT, Group, keep_units, trace
 from tasks.width import activation_importance, choose_units, group_bases
 
@@ -34,7 +35,9 @@ def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
     """Zero `amount` of all Linear/Conv weights by global magnitude; masks stay attached."""
-    prune.global_unstructured(prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount)
+    prune.global_unstructured(
+        prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount
+    )
     return model
 
 
@@ -72,8 +75,9 @@ def _writer_rows(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().reshape(module.weight.shape[0], -1)
 
 
-def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray,
-                        original: dict[str, int]) -> None:
+def remove_lowest_units(
+    model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
+) -> None:
     """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
     heads' worth at a time for attention), in place."""
     example = torch.from_numpy(X[:2])
@@ -91,38 +95,72 @@ def remove_lowest_units(model: nn.Module, keep_fraction: float, criterion: str, 
 
 
 def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:
-    return FitSettings(epochs=cfg.recovery_epochs, lr=finetune.lr / 2, batch_size=finetune.batch_size,
-                       patience=finetune.patience, weight_decay=finetune.weight_decay,
-                       temperature=finetune.temperature, alpha=finetune.alpha, seed=seed, device=device)
+    return FitSettings(
+        epochs=cfg.recovery_epochs,
+        lr=finetune.lr / 2,
+        batch_size=finetune.batch_size,
+        patience=finetune.patience,
+        weight_decay=finetune.weight_decay,
+        temperature=finetune.temperature,
+        alpha=finetune.alpha,
+        seed=seed,
+        device=device,
+    )
 
 
-def structured_prune(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
-                     finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
+def structured_prune(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
     model = copy.deepcopy(student)
     X = data.X_train[:1024]
     groups = trace(model, torch.from_numpy(X[:2])).reducible()
     if not groups:
-        raise UserError("config key 'compress.prune.method': structured pruning found no group of units to "
-                        "narrow in this student; use compress.prune.method=unstructured")
+        raise UserError(
+            "config key 'compress.prune.method': structured pruning found no group of units to "
+            "narrow in this student; use compress.prune.method=unstructured"
+        )
     original = {g.name: g.width for g in groups}
     history = History()
     for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
         remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)
-        model, round_history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
-                                   description="recovering from pruning")
+        model, round_history = fit(
+            model,
+            data,
+            _recovery(cfg, finetune, seed, device),
+            teacher=teacher,
+            description="recovering from pruning",
+        )
         for name, values in round_history.curves().items():
             getattr(history, name).extend(values)
     return model, history
 
 
-def prune_and_recover(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: PruneConfig,
-                      finetune: FinetuneConfig, seed: int, device: str = "cpu") -> tuple[nn.Module, History]:
+def prune_and_recover(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
     if cfg.amount == 0:
         return copy.deepcopy(student), History()
     if cfg.method == "structured":
         return structured_prune(teacher, student, data, cfg, finetune, seed, device)
     model = copy.deepcopy(student)
     magnitude_prune(model, cfg.amount)
-    model, history = fit(model, data, _recovery(cfg, finetune, seed, device), teacher=teacher,
-                         description="recovering from pruning")
+    model, history = fit(
+        model,
+        data,
+        _recovery(cfg, finetune, seed, device),
+        teacher=teacher,
+        description="recovering from pruning",
+    )
     return fold_masks(model), history

@@ -60,7 +60,9 @@ def quantize_torch(model: nn.Module) -> nn.Module:
     """PyTorch's dynamic int8 for Linear layers (convolutions stay fp32 on this path)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8
+        )
 
 
 def lean_onnx(onnx_bytes: bytes) -> bytes:
@@ -90,9 +92,16 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, example, input_names=[INPUT_NAME], output_names=["logits"],
-                                    dynamic_shapes=({0: "batch"},), dynamo=True, external_data=False,
-                                    verbose=False)
+        program = torch.onnx.export(
+            model,
+            example,
+            input_names=[INPUT_NAME],
+            output_names=["logits"],
+            dynamic_shapes=({0: "batch"},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     return lean_onnx(program.model_proto.SerializeToString())
 
 
@@ -100,7 +109,7 @@ class _Rows:
     """onnxruntime CalibrationDataReader over calibration rows, one small batch at a time."""
 
     def __init__(self, X: np.ndarray, batch: int = 64) -> None:
-        self._batches = iter([X[i:i + batch] for i in range(0, len(X), batch)])
+        self._batches = iter([X[i : i + batch] for i in range(0, len(X), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         rows = next(self._batches, None)
@@ -116,15 +125,23 @@ def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> byte
         raw.write_bytes(float_bytes)
         quant_pre_process(raw, src)  # shape inference + graph optimizations ORT recommends first
         if static:
-            quantize_static(src, dst, _Rows(X_calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                src,
+                dst,
+                _Rows(X_calib),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         else:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         return lean_onnx(dst.read_bytes())
 
 
-def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig,
-                   seed: int) -> Quantized:
+def quantize_model(
+    model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
+) -> Quantized:
     params, nonzeros = count_params(model)
     flops = flops_per_row(model, X_test.shape[1])  # carried: ONNX graphs are not counted
     float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros, flops)
@@ -132,19 +149,29 @@ def quantize_model(model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cf
     float_logits = float_model.predictor()(X_test)
     export_diff = float(np.abs(float_logits - reference).max())
     if export_diff > cfg.max_abs_diff:
-        raise UserError(f"stage quantize: the ONNX export differs from PyTorch by "
-                        f"{export_diff:.2e} (> compress.quantize.max_abs_diff="
-                        f"{cfg.max_abs_diff:g}); nothing registered")
+        raise UserError(
+            f"stage quantize: the ONNX export differs from PyTorch by "
+            f"{export_diff:.2e} (> compress.quantize.max_abs_diff="
+            f"{cfg.max_abs_diff:g}); nothing registered"
+        )
     if cfg.runtime == "torch":
-        float_ts = TorchScriptModel(torchscript_bytes(model, X_test.shape[1]), params, nonzeros, flops)
+        float_ts = TorchScriptModel(
+            torchscript_bytes(model, X_test.shape[1]), params, nonzeros, flops
+        )
         if not cfg.enabled:
             return Quantized(float_ts, None, export_diff, None, "none")
-        int8_ts = TorchScriptModel(torchscript_bytes(quantize_torch(model), X_test.shape[1]), params, nonzeros, flops)
+        int8_ts = TorchScriptModel(
+            torchscript_bytes(quantize_torch(model), X_test.shape[1]), params, nonzeros, flops
+        )
         int8_diff = float(np.abs(int8_ts.predictor()(X_test) - reference).max())
         return Quantized(float_ts, int8_ts, export_diff, int8_diff, "torch-dynamic")
     if not cfg.enabled:
         return Quantized(float_model, None, export_diff, None, "none")
-    int8 = OnnxModel(quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 2048, seed), static=True),
-                     params, nonzeros, flops)
+    int8 = OnnxModel(
+        quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 2048, seed), static=True),
+        params,
+        nonzeros,
+        flops,
+    )
     int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
     return Quantized(float_model, int8, export_diff, int8_diff, "static")

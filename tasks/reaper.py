@@ -10,6 +10,7 @@ in /proc, so a recycled pid is left alone). Linux (where /proc exists) only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,8 @@ _WATCHDOGS: list[subprocess.Popen] = []  # held: the pipe stays open as long as 
 
 
 def started(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None when gone."""
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None when
+    gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
     except (OSError, IndexError):
@@ -33,10 +35,14 @@ def watch(pid: int) -> subprocess.Popen | None:
     start = started(pid)
     if start is None:
         return None
-    watchdog = subprocess.Popen([sys.executable, "-m", "tasks.reaper", str(pid), start],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True,
-                                cwd=Path(__file__).resolve().parents[1])
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "tasks.reaper", str(pid), start],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     _WATCHDOGS.append(watchdog)
     return watchdog
 
@@ -59,10 +65,8 @@ def main() -> None:
     pid, start = int(sys.argv[1]), sys.argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for distill is not for the watchdog
     sys.stdin.buffer.read()  # returns at EOF: the distill process has ended
-    try:
+    with contextlib.suppress(ProcessLookupError):
         stop(pid, start)
-    except ProcessLookupError:
-        pass
 
 
 if __name__ == "__main__":

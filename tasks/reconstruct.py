@@ -30,7 +30,11 @@ def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
     U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out, k)
     mu = torch.from_numpy(basis.mean).to(torch.float64)
     W = layer.weight.detach().to(torch.float64)
-    b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    b = (
+        layer.bias.detach().to(torch.float64)
+        if layer.bias is not None
+        else torch.zeros(W.shape[0], dtype=torch.float64)
+    )
     first = nn.Linear(layer.in_features, k)
     second = nn.Linear(k, layer.out_features)
     with torch.no_grad():
@@ -45,10 +49,21 @@ def _factor_conv(layer: nn.Conv1d | nn.Conv2d, basis: Basis, k: int) -> nn.Seque
     U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out_channels, k)
     mu = torch.from_numpy(basis.mean).to(torch.float64)
     W = layer.weight.detach().to(torch.float64)  # (out, in, *kernel)
-    b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    b = (
+        layer.bias.detach().to(torch.float64)
+        if layer.bias is not None
+        else torch.zeros(W.shape[0], dtype=torch.float64)
+    )
     conv = type(layer)
-    first = conv(layer.in_channels, k, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                 dilation=layer.dilation, padding_mode=layer.padding_mode)
+    first = conv(
+        layer.in_channels,
+        k,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+    )
     second = conv(k, layer.out_channels, 1)
     with torch.no_grad():
         first.weight.copy_(torch.tensordot(U.T, W, dims=1))
@@ -78,14 +93,23 @@ def reconstruct_low_rank(teacher: nn.Module, reduction: Reduction) -> nn.Module:
     for plan in reduction.layers:
         if plan.rank is not None:
             layer = student.get_submodule(plan.name)
-            replace_module(student, plan.name, factor_layer(layer, reduction.bases[plan.name], plan.rank))
+            replace_module(
+                student, plan.name, factor_layer(layer, reduction.bases[plan.name], plan.rank)
+            )
     return student.eval()
 
 
-def reconstruct(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig,
-                report: WidthReport | None = None) -> nn.Module:
+def reconstruct(
+    teacher: nn.Module,
+    reduction: Reduction,
+    X_calib: np.ndarray,
+    cfg: ReconstructConfig,
+    report: WidthReport | None = None,
+) -> nn.Module:
     if reduction.mode != cfg.mode:
-        raise ValueError(f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}")
+        raise ValueError(
+            f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}"
+        )
     if cfg.mode == "width":
         widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
         return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge, report=report)
@@ -102,8 +126,9 @@ def reinitialized(model: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-def reconstruct_with_notes(teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray,
-                     cfg: ReconstructConfig) -> tuple[nn.Module, dict[str, object]]:
+def reconstruct_with_notes(
+    teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig
+) -> tuple[nn.Module, dict[str, object]]:
     """The student, and what its stage record says about the re-fits (width mode)."""
     report = WidthReport()
     student = reconstruct(teacher, reduction, X_calib, cfg, report)

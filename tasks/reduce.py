@@ -51,7 +51,11 @@ class LayerPlan:
     @property
     def params(self) -> int:
         """Low-rank mode's cost of this layer (in width mode, cost depends on the neighbours)."""
-        return self.dense_params if self.rank is None else low_rank_params(self.fan_in, self.out, self.rank)
+        return (
+            self.dense_params
+            if self.rank is None
+            else low_rank_params(self.fan_in, self.out, self.rank)
+        )
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,17 @@ class Reduction:
 
 def reduction_record(reduction: Reduction) -> tuple[dict[str, object], dict[str, float]]:
     """(params, metrics) of the reduce stage's MLflow run: the plan, layer by layer."""
-    params: dict[str, object] = {"budget": f"{reduction.budget_kind}={reduction.budget_value:g}",
-                                 "mode": reduction.mode, "method": reduction.method}
-    metrics = {"teacher_params": float(reduction.teacher_params),
-               "student_params": float(reduction.student_params),
-               "student_size_kb_fp32": reduction.student_params * BYTES_PER_PARAM / 1024,
-               "param_ratio": reduction.teacher_params / reduction.student_params}
+    params: dict[str, object] = {
+        "budget": f"{reduction.budget_kind}={reduction.budget_value:g}",
+        "mode": reduction.mode,
+        "method": reduction.method,
+    }
+    metrics = {
+        "teacher_params": float(reduction.teacher_params),
+        "student_params": float(reduction.student_params),
+        "student_size_kb_fp32": reduction.student_params * BYTES_PER_PARAM / 1024,
+        "param_ratio": reduction.teacher_params / reduction.student_params,
+    }
     for layer in reduction.layers:
         kind = "rank" if reduction.mode == "low_rank" else "width"
         params[f"{kind}.{layer.name}"] = "dense" if layer.rank is None else layer.rank
@@ -97,9 +106,13 @@ def fused_layers(model: nn.Module) -> dict[str, str]:
     """Linear layers that a fused PyTorch transformer layer reads by weight (its inference fast
     path): replacing them by two layers would break it; low-rank mode leaves them dense."""
     fused = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
-    return {f"{name}.{child}" if name else child: f"read by weight inside {type(m).__name__}"
-            for name, m in model.named_modules() if isinstance(m, fused)
-            for child, sub in m.named_children() if isinstance(sub, nn.Linear)}
+    return {
+        f"{name}.{child}" if name else child: f"read by weight inside {type(m).__name__}"
+        for name, m in model.named_modules()
+        if isinstance(m, fused)
+        for child, sub in m.named_children()
+        if isinstance(sub, nn.Linear)
+    }
 
 
 def svd_bases(model: nn.Module) -> dict[str, Basis]:
@@ -113,8 +126,12 @@ def svd_bases(model: nn.Module) -> dict[str, Basis]:
         W = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
         U, S, _ = torch.linalg.svd(W, full_matrices=True)
         s2 = torch.zeros(W.shape[0], dtype=torch.float64)
-        s2[:len(S)] = S**2
-        bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0])
+        s2[: len(S)] = S**2
+        bias = (
+            layer.bias.detach().to(torch.float64)
+            if layer.bias is not None
+            else torch.zeros(W.shape[0])
+        )
         bases[name] = Basis(mean=bias.numpy(), components=U.numpy(), explained_variance=s2.numpy())
     return bases
 
@@ -134,8 +151,10 @@ def _smallest_k(basis: Basis, variance: float) -> int:
 
 def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> UserError:
     return UserError(
-        f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest reachable "
-        f"student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio {teacher_params / used:.1f})")
+        f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest "
+        f"reachable student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio "
+        f"{teacher_params / used:.1f})"
+    )
 
 
 def _max_saving_rank(dense: LayerPlan) -> int:
@@ -159,8 +178,12 @@ def target_params(budget: BudgetConfig, teacher_params: int) -> int | None:
 Step = tuple[Any, float, int]  # (the next size, variance it adds, parameters it costs)
 
 
-def water_fill(sizes: dict[Any, Any], next_step: Callable[[Any, dict[Any, Any], int], Step | None],
-               used: int, target: int) -> dict[Any, Any]:
+def water_fill(
+    sizes: dict[Any, Any],
+    next_step: Callable[[Any, dict[Any, Any], int], Step | None],
+    used: int,
+    target: int,
+) -> dict[Any, Any]:
     """Greedy allocation: repeatedly buy the one step (of any layer) with the most explained
     variance per parameter that still fits in `target`, until none does."""
     sizes = dict(sizes)
@@ -180,15 +203,22 @@ def water_fill(sizes: dict[Any, Any], next_step: Callable[[Any, dict[Any, Any], 
         used += cost
 
 
-def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget: BudgetConfig,
-             other_params: int = 0, no_bias: set[str] | None = None) -> list[LayerPlan]:
+def allocate(
+    shapes: dict[str, tuple[int, int]],
+    bases: dict[str, Basis],
+    budget: BudgetConfig,
+    other_params: int = 0,
+    no_bias: set[str] | None = None,
+) -> list[LayerPlan]:
     """Choose a rank per layer (`shapes`: name -> (fan_in, out)) meeting the budget."""
     no_bias = no_bias or set()
 
     def plan(name: str, rank: int | None) -> LayerPlan:
         fi, out = shapes[name]
         kept = 1.0 if rank is None else bases[name].retained(rank)
-        return LayerPlan(name=name, fan_in=fi, out=out, rank=rank, variance=kept, bias=name not in no_bias)
+        return LayerPlan(
+            name=name, fan_in=fi, out=out, rank=rank, variance=kept, bias=name not in no_bias
+        )
 
     caps = {n: _max_saving_rank(plan(n, None)) for n in shapes}
     teacher_params = other_params + sum(plan(n, None).dense_params for n in shapes)
@@ -217,8 +247,9 @@ def allocate(shapes: dict[str, tuple[int, int]], bases: dict[str, Basis], budget
     return [plan(n, r) for n, r in ranks.items()]
 
 
-def allocate_widths(groups: list[Group], bases: dict[str, Basis], cost: ParamModel,
-                    budget: BudgetConfig) -> list[LayerPlan]:
+def allocate_widths(
+    groups: list[Group], bases: dict[str, Basis], cost: ParamModel, budget: BudgetConfig
+) -> list[LayerPlan]:
     """Units per coupled group: the same water-filling, where one more unit (one per head,
     for attention) costs what it adds to the real model's parameters (`cost`, measured on the
     model: a channel of a residual stream costs a row or column in every layer it touches)."""
@@ -248,13 +279,19 @@ def allocate_widths(groups: list[Group], bases: dict[str, Basis], cost: ParamMod
         if w >= g.width:
             return None  # every unit kept already
         basis, wider = bases[name], w + g.step
-        return wider, basis.retained(wider) - basis.retained(w), cost.params(widths | {name: wider}) - used
+        return (
+            wider,
+            basis.retained(wider) - basis.retained(w),
+            cost.params(widths | {name: wider}) - used,
+        )
 
     widths = water_fill(widths, next_width, used, target)
     return [plan(g, widths[g.name] if widths[g.name] < g.width else None) for g in groups]
 
 
-def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank") -> Reduction:
+def reduce_model(
+    teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank"
+) -> Reduction:
     teacher_params = sum(p.numel() for p in teacher.parameters())
     fixed: dict[str, str] = {}
     if mode == "width":
@@ -262,8 +299,10 @@ def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mod
         graph = trace(teacher, example)
         groups = graph.reducible()
         if not groups:
-            raise UserError("reconstruct.mode=width found no group of units to narrow in this teacher: "
-                            + "; ".join(f"{g.name}: {g.why_not}" for g in graph.groups))
+            raise UserError(
+                "reconstruct.mode=width found no group of units to narrow in this teacher: "
+                + "; ".join(f"{g.name}: {g.why_not}" for g in graph.groups)
+            )
         fixed = {g.name: g.why_not for g in graph.groups if not g.reducible}
         bases = group_bases(teacher, groups, X_calib, cfg.batch_size)
         cost = param_model(teacher, example, groups)
@@ -272,17 +311,33 @@ def reduce_model(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mod
     else:
         fixed = fused_layers(teacher)
         taps = {n: m for n, m in linear_layers(teacher).items() if n not in fixed}
-        bases = svd_bases(teacher) if cfg.method == "svd" else collect_bases(teacher, X_calib, cfg.batch_size, taps)
-        fixed |= {n: "its forward never runs (the weight is used directly)" for n in taps if n not in bases}
+        bases = (
+            svd_bases(teacher)
+            if cfg.method == "svd"
+            else collect_bases(teacher, X_calib, cfg.batch_size, taps)
+        )
+        fixed |= {
+            n: "its forward never runs (the weight is used directly)"
+            for n in taps
+            if n not in bases
+        }
         layers = {n: m for n, m in taps.items() if n in bases}
         shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
         other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
         no_bias = {n for n, m in layers.items() if m.bias is None}
         plans = allocate(shapes, bases, cfg.budget, other, no_bias)
         student = other + sum(p.params for p in plans)
-    return Reduction(bases=bases, layers=plans, teacher_params=teacher_params, student_params=student,
-                     budget_kind=cfg.budget.kind, budget_value=cfg.budget.value, mode=mode, method=cfg.method,
-                     fixed=fixed)
+    return Reduction(
+        bases=bases,
+        layers=plans,
+        teacher_params=teacher_params,
+        student_params=student,
+        budget_kind=cfg.budget.kind,
+        budget_value=cfg.budget.value,
+        mode=mode,
+        method=cfg.method,
+        fixed=fixed,
+    )
 
 
 def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:

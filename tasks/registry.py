@@ -42,7 +42,9 @@ class Registered:
     name: str
     version: str
     model_uri: str  # models:/NAME/VERSION
-    model_id: str  # the LoggedModel behind the version (MLflow 3): the parent's final metrics name it
+    model_id: (
+        str  # the LoggedModel behind the version (MLflow 3): the parent's final metrics name it
+    )
 
 
 def raw_features(data: Dataset, X: np.ndarray) -> pd.DataFrame:
@@ -53,21 +55,31 @@ def raw_features(data: Dataset, X: np.ndarray) -> pd.DataFrame:
 def _requirements(runtime: str, sklearn: bool) -> list[str]:
     from importlib.metadata import version
 
-    return [f"mlflow=={version('mlflow')}", f"{runtime}=={version(runtime).split('+')[0]}",
-            f"numpy=={version('numpy')}", f"pandas=={version('pandas')}"] \
-        + ([f"scikit-learn=={version('scikit-learn')}"] if sklearn else [])
+    return [
+        f"mlflow=={version('mlflow')}",
+        f"{runtime}=={version(runtime).split('+')[0]}",
+        f"numpy=={version('numpy')}",
+        f"pandas=={version('pandas')}",
+    ] + ([f"scikit-learn=={version('scikit-learn')}"] if sklearn else [])
 
 
 def raw_schema(encoding: dict) -> Any:
     """The served model's input: every raw column by name, numbers as double, text as string."""
     from mlflow.types import ColSpec, DataType, Schema
 
-    return Schema([ColSpec(DataType.double if c["kind"] == "numeric" else DataType.string,
-                           c["name"]) for c in encoding["columns"]])
+    return Schema(
+        [
+            ColSpec(DataType.double if c["kind"] == "numeric" else DataType.string, c["name"])
+            for c in encoding["columns"]
+        ]
+    )
 
 
-def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]) -> Registered:
-    """Log the pyfunc on the active (parent) run, register it with its tags, alias it `challenger`."""
+def register_model(
+    model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]
+) -> Registered:
+    """Log the pyfunc on the active (parent) run, register it with its tags, alias it
+    `challenger`."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature
@@ -77,25 +89,39 @@ def register_model(model: OnnxModel | TorchScriptModel, data: Dataset, model_nam
     with tempfile.TemporaryDirectory() as tmp:
         model_path, meta_path = Path(tmp) / f"model{model.suffix}", Path(tmp) / "preprocess.json"
         model_path.write_bytes(model.file_bytes)
-        meta_path.write_text(json.dumps({"features": data.feature_names, "encoding": data.encoding,
-                                         "mean": data.mean.tolist(), "scale": data.scale.tolist(),
-                                         "classes": data.classes}))
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "features": data.feature_names,
+                    "encoding": data.encoding,
+                    "mean": data.mean.tolist(),
+                    "scale": data.scale.tolist(),
+                    "classes": data.classes,
+                }
+            )
+        )
         example = typed(data.encoding, data.raw_rows("test").head(5))
-        output = pd.DataFrame({"prediction": np.asarray(data.classes)[:1].repeat(5)}
-                              | {f"proba_{c}": np.zeros(5) for c in data.classes})
+        output = pd.DataFrame(
+            {"prediction": np.asarray(data.classes)[:1].repeat(5)}
+            | {f"proba_{c}": np.zeros(5) for c in data.classes}
+        )
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(SERVING_MODEL),
+            name="model",
+            python_model=str(SERVING_MODEL),
             artifacts={model.artifact: str(model_path), "preprocess": str(meta_path)},
             code_paths=[str(TABULAR)],
-            signature=ModelSignature(raw_schema(data.encoding),
-                                     infer_signature(example, output).outputs),
+            signature=ModelSignature(
+                raw_schema(data.encoding), infer_signature(example, output).outputs
+            ),
             input_example=example,
-            pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)))
+            pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)),
+        )
     client = MlflowClient()
     _create_registered_model(client, model_name, tags.get("mlflow.run_id", ""))
     # the version is created with its lineage tags (one write, not one per tag)
-    version = str(mlflow.register_model(info.model_uri, model_name,
-                                        tags=tags | {COMPLETE: "false"}).version)
+    version = str(
+        mlflow.register_model(info.model_uri, model_name, tags=tags | {COMPLETE: "false"}).version
+    )
     try:
         client.set_registered_model_alias(model_name, CHALLENGER, version)
         client.set_model_version_tag(model_name, version, COMPLETE, "true")  # last
@@ -163,8 +189,10 @@ def check_promotable(name: str, version: str) -> None:
     mv = client.get_model_version(name, version)
     run_id = mv.tags.get("mlflow.run_id") or mv.run_id
     if mv.tags.get(COMPLETE) == "false":
-        raise UserError(f"{label} is an unfinished registration (run {run_id} stopped while "
-                        "registering it): not promoted; the next `distill run` removes it")
+        raise UserError(
+            f"{label} is an unfinished registration (run {run_id} stopped while "
+            "registering it): not promoted; the next `distill run` removes it"
+        )
     if run_id:
         try:
             run = client.get_run(run_id)
@@ -173,8 +201,10 @@ def check_promotable(name: str, version: str) -> None:
         if run.info.lifecycle_stage == "deleted":
             raise UserError(f"{label}: its MLflow run {run_id} was deleted: not promoted")
         if run.info.status != "FINISHED":
-            raise UserError(f"{label}: its MLflow run {run_id} ended {run.info.status}, not "
-                            "FINISHED: not promoted")
+            raise UserError(
+                f"{label}: its MLflow run {run_id} ended {run.info.status}, not "
+                "FINISHED: not promoted"
+            )
     load_version(name, version)
 
 

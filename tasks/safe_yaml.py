@@ -52,8 +52,10 @@ def expanded_size(tree: Any, what: str) -> int:
         for child in children:
             total += size(child, depth + 1)
             if total > MAX_NODES:
-                raise UserError(f"{what}: its aliases expand to more than {MAX_NODES:,} values "
-                                "(a YAML alias bomb?)")
+                raise UserError(
+                    f"{what}: its aliases expand to more than {MAX_NODES:,} values "
+                    "(a YAML alias bomb?)"
+                )
         open_.discard(key)
         sizes[key] = total
         return total

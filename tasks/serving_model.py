@@ -1,6 +1,7 @@
 """The registered model, as MLflow "models from code": MLflow copies this file into the
 model and runs it at load time, so a served model needs numpy, pandas and its runtime
-(onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not imported by the project (it calls `set_model` when run).
+(onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not
+imported by the project (it calls `set_model` when run).
 
 Input: a DataFrame of the raw columns the model was trained on (text columns as strings).
 The encoding of text columns and empty cells (tasks/tabular.py, rebuilt from the JSON spec
@@ -27,7 +28,9 @@ class Classifier(PythonModel):
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            session = ort.InferenceSession(context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"]
+            )
             name = session.get_inputs()[0].name
             self.logits = lambda z: session.run(None, {name: z})[0]
         else:

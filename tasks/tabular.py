@@ -44,8 +44,12 @@ def typed(spec: dict[str, Any], frame: pd.DataFrame) -> pd.DataFrame:
         if c["kind"] == "numeric":
             out[c["name"]] = column.astype(np.float64)
         else:
-            out[c["name"]] = column.astype(object).where(column.notna(), None).map(
-                lambda v: v if v is None else str(v)).astype(object)
+            out[c["name"]] = (
+                column.astype(object)
+                .where(column.notna(), None)
+                .map(lambda v: v if v is None else str(v))
+                .astype(object)
+            )
     return pd.DataFrame(out, index=frame.index)
 
 
@@ -69,15 +73,19 @@ def fit_spec(train: pd.DataFrame, gaps: set[str] | None = None) -> dict[str, Any
             if np.isnan(values).all():
                 raise ValueError(f"column {name!r} is empty in every training row")
             imputer = SimpleImputer(strategy="median").fit(values)
-            columns.append({"name": name, "kind": "numeric",
-                            "fill": float(imputer.statistics_[0])})
+            columns.append({"name": name, "kind": "numeric", "fill": float(imputer.statistics_[0])})
             continue
         text = as_text(column).to_numpy().reshape(-1, 1)
         n = len(pd.unique(text.ravel()))
         encoder = OneHotEncoder() if n <= ONEHOT_MAX_CATEGORIES else OrdinalEncoder()
         encoder.fit(text)
-        columns.append({"name": name, "kind": "onehot" if n <= ONEHOT_MAX_CATEGORIES
-                        else "ordinal", "categories": [str(c) for c in encoder.categories_[0]]})
+        columns.append(
+            {
+                "name": name,
+                "kind": "onehot" if n <= ONEHOT_MAX_CATEGORIES else "ordinal",
+                "categories": [str(c) for c in encoder.categories_[0]],
+            }
+        )
     return {"columns": columns}
 
 
@@ -101,15 +109,25 @@ def build(spec: dict[str, Any]) -> Any:
                 parts.append((name, "passthrough", [name]))
                 sample[name] = [0.0, 0.0]
             else:
-                parts.append((name, SimpleImputer(strategy="constant", fill_value=c["fill"],
-                                                  add_indicator=True), [name]))
+                parts.append(
+                    (
+                        name,
+                        SimpleImputer(
+                            strategy="constant", fill_value=c["fill"], add_indicator=True
+                        ),
+                        [name],
+                    )
+                )
                 sample[name] = [0.0, np.nan]  # a missing cell at fit: the indicator is kept
             continue
         cats = [np.array(c["categories"], dtype=object)]
-        encoder = (OneHotEncoder(categories=cats, handle_unknown="ignore", sparse_output=False)
-                   if c["kind"] == "onehot" else
-                   OrdinalEncoder(categories=cats, handle_unknown="use_encoded_value",
-                                  unknown_value=-1))
+        encoder = (
+            OneHotEncoder(categories=cats, handle_unknown="ignore", sparse_output=False)
+            if c["kind"] == "onehot"
+            else OrdinalEncoder(
+                categories=cats, handle_unknown="use_encoded_value", unknown_value=-1
+            )
+        )
         text = FunctionTransformer(_as_text_block, feature_names_out="one-to-one")
         parts.append((name, make_pipeline(text, encoder), [name]))
         sample[name] = [c["categories"][0]] * 2
@@ -158,6 +176,8 @@ def first_bad_cell(spec: dict[str, Any], frame: pd.DataFrame) -> str | None:
             row = frame.index[at]  # the caller's row number (a chunk of a file keeps the file's)
             if np.isinf(values[at]):
                 return f"column {c['name']!r} holds inf in row {row}"
-            return (f"column {c['name']!r} is empty (NaN) in row {row}: the model has no imputer "
-                    f"for it (the column had no empty cells in training)")
+            return (
+                f"column {c['name']!r} is empty (NaN) in row {row}: the model has no imputer "
+                f"for it (the column had no empty cells in training)"
+            )
     return None

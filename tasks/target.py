@@ -62,6 +62,7 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 # --- what a narrower model costs when served ------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Costs:
     """Served file bytes and batch-1 latency of one format at measured parameter counts."""
@@ -99,9 +100,14 @@ def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Mod
     return out.eval()
 
 
-def measure_costs(teacher: nn.Module, X: np.ndarray, cfg: QuantizeConfig, seed: int,
-                  latency_repeats: int = 50, fractions: tuple[float, ...] = (0.0, 0.5),
-                  ) -> dict[str, Costs]:
+def measure_costs(
+    teacher: nn.Module,
+    X: np.ndarray,
+    cfg: QuantizeConfig,
+    seed: int,
+    latency_repeats: int = 50,
+    fractions: tuple[float, ...] = (0.0, 0.5),
+) -> dict[str, Costs]:
     """{"fp32": ..., "int8": ...} (int8 only when compress.quantize.enabled)."""
     example = torch.from_numpy(X[:2])
     points: dict[str, list[tuple[int, int, float]]] = {"fp32": [], "int8": []}
@@ -111,11 +117,15 @@ def measure_costs(teacher: nn.Module, X: np.ndarray, cfg: QuantizeConfig, seed: 
             if served is not None:
                 ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
                 points[fmt].append((served.params, len(served.file_bytes), ms))
-    return {fmt: Costs(*(tuple(x) for x in zip(*sorted(p))), f"{cfg.runtime} {fmt}")
-            for fmt, p in points.items() if p}
+    return {
+        fmt: Costs(*(tuple(x) for x in zip(*sorted(p), strict=True)), f"{cfg.runtime} {fmt}")
+        for fmt, p in points.items()
+        if p
+    }
 
 
 # --- the plan -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -135,8 +145,13 @@ class Plan:
         return {"size_kb": "bytes", "ratio": "bytes", "params": "params"}.get(self.kind, "ms")
 
 
-def plan_target(target: TargetConfig, costs: dict[str, Costs], teacher_params: int,
-                smallest_params: int, teacher_file_bytes: int) -> Plan:
+def plan_target(
+    target: TargetConfig,
+    costs: dict[str, Costs],
+    teacher_params: int,
+    smallest_params: int,
+    teacher_file_bytes: int,
+) -> Plan:
     """The format and parameter count that meet the target with the most parameters (a tie goes
     to fp32, which loses nothing); `reduce_params` is set later for an unreachable target."""
     kind, value = target.kind, target.value
@@ -149,8 +164,10 @@ def plan_target(target: TargetConfig, costs: dict[str, Costs], teacher_params: i
             notes.append(f"{c.served_as} file {fixed:,.0f} B + {slope:.3f} B/param")
         elif kind == "latency_ms_b1":
             fits[fmt] = c.params_within("latency", limit)
-            notes.append(f"{c.served_as} {c.latency_ms[0]:.4f} ms at {c.params[0]:,} params, "
-                         f"{c.latency_ms[-1]:.4f} ms at {c.params[-1]:,}")
+            notes.append(
+                f"{c.served_as} {c.latency_ms[0]:.4f} ms at {c.params[0]:,} params, "
+                f"{c.latency_ms[-1]:.4f} ms at {c.params[-1]:,}"
+            )
         else:
             fits[fmt] = value
     fmt = max(fits, key=lambda f: (min(fits[f], teacher_params), f == "fp32"))
@@ -158,14 +175,28 @@ def plan_target(target: TargetConfig, costs: dict[str, Costs], teacher_params: i
     reachable = final >= smallest_params
     measured = f" (measured: {'; '.join(notes)})" if notes else ""
     if reachable:
-        why = (f"{kind}={value:g}: {costs[fmt].served_as} with at most {final:,} params{measured}; "
-               "reduced to it in one shot")
+        why = (
+            f"{kind}={value:g}: {costs[fmt].served_as} with at most {final:,} params{measured}; "
+            "reduced to it in one shot"
+        )
     else:
         final = smallest_params
-        why = (f"{kind}={value:g} is below the smallest reachable model "
-               f"({smallest_params:,} params){measured}")
-    return Plan(kind, value, float(limit), fmt, teacher_params, smallest_params, final, final,
-                reachable, why)
+        why = (
+            f"{kind}={value:g} is below the smallest reachable model "
+            f"({smallest_params:,} params){measured}"
+        )
+    return Plan(
+        kind,
+        value,
+        float(limit),
+        fmt,
+        teacher_params,
+        smallest_params,
+        final,
+        final,
+        reachable,
+        why,
+    )
 
 
 def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
@@ -174,6 +205,7 @@ def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
 
 
 # --- the accuracy guard ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Check:
@@ -196,8 +228,10 @@ class Guard:
     @classmethod
     def of(cls, teacher: nn.Module, data: Dataset, max_drop: float) -> Guard:
         if len(data.y_val) == 0:
-            raise UserError("config key 'target': the accuracy guard needs validation rows "
-                            "(data.val_size, or val rows in your split)")
+            raise UserError(
+                "config key 'target': the accuracy guard needs validation rows "
+                "(data.val_size, or val rows in your split)"
+            )
         reference = float((torch_predictor(teacher)(data.X_val).argmax(1) == data.y_val).mean())
         return cls(reference, max_drop, data.X_val, data.y_val)
 
@@ -207,8 +241,14 @@ class Guard:
         return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
 
 
-def smallest_start(teacher: nn.Module, X_calib: np.ndarray, reduce: ReduceConfig,
-                   recon: ReconstructConfig, guard: Guard, plan: Plan) -> tuple[int, str]:
+def smallest_start(
+    teacher: nn.Module,
+    X_calib: np.ndarray,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    guard: Guard,
+    plan: Plan,
+) -> tuple[int, str]:
     """For an unreachable target: the smallest reduce budget on a doubling grid up from 4x the
     smallest model whose reconstruction keeps the guard before any fine-tuning (the teacher's
     size if none does), and what was tried."""
@@ -226,6 +266,7 @@ def smallest_start(teacher: nn.Module, X_calib: np.ndarray, reduce: ReduceConfig
 
 
 # --- meeting the target ---------------------------------------------------------------------
+
 
 @dataclass
 class Fitted:
@@ -245,8 +286,9 @@ class Fitted:
         return self.served_check.drop if self.served_check else float("nan")
 
 
-def achieved(plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray,
-             repeats: int) -> float:
+def achieved(
+    plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int
+) -> float:
     if plan.unit == "bytes":
         return float(saved_size(served)[0])  # the file on disk
     if plan.unit == "params":
@@ -264,14 +306,16 @@ def params_to_meet(plan: Plan, costs: Costs, params: int, got: float) -> int:
     return params // 2 if slope <= 0 else int(params - (got - limit) / slope)
 
 
-def keep_fraction_for(model: nn.Module, example: torch.Tensor, groups: list[Group],
-                      params: int) -> float:
+def keep_fraction_for(
+    model: nn.Module, example: torch.Tensor, groups: list[Group], params: int
+) -> float:
     """Largest fraction f such that every group at ceil(f · width) units has at most `params`."""
     cost = param_model(model, example, groups)
 
     def at(f: float) -> int:
-        return cost.params({g.name: max(1, math.ceil(f * g.width / g.step)) * g.step
-                            for g in groups})
+        return cost.params(
+            {g.name: max(1, math.ceil(f * g.width / g.step)) * g.step for g in groups}
+        )
 
     lo, hi = 0.0, 1.0
     for _ in range(30):
@@ -280,23 +324,39 @@ def keep_fraction_for(model: nn.Module, example: torch.Tensor, groups: list[Grou
     return lo
 
 
-def guarded_int8(quantized: Quantized, guard: Guard,
-                 float_check: Check) -> tuple[Quantized, Check | None]:
+def guarded_int8(
+    quantized: Quantized, guard: Guard, float_check: Check
+) -> tuple[Quantized, Check | None]:
     """int8, unless it breaks the guard where its float model keeps it: then the fp32 export."""
     if quantized.int8_model is None:
         return quantized, None
     check = guard.check("int8", quantized.int8_model.predictor(), quantized.int8_model.params)
     if check.ok or not float_check.ok:
         return quantized, check
-    return Quantized(quantized.float_model, None, quantized.export_max_abs_diff,
-                     quantized.int8_max_abs_diff, "fp32 (int8 broke the accuracy guard)"), check
+    return Quantized(
+        quantized.float_model,
+        None,
+        quantized.export_max_abs_diff,
+        quantized.int8_max_abs_diff,
+        "fp32 (int8 broke the accuracy guard)",
+    ), check
 
 
-def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: Plan,
-                  costs: dict[str, Costs], guard: Guard, prune: PruneConfig,
-                  finetune: FinetuneConfig, quantize: QuantizeConfig, seed: int,
-                  device: str = "cpu", latency_repeats: int = 100,
-                  export: Callable[[nn.Module], Quantized] | None = None) -> Fitted:
+def fit_to_target(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    plan: Plan,
+    costs: dict[str, Costs],
+    guard: Guard,
+    prune: PruneConfig,
+    finetune: FinetuneConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    device: str = "cpu",
+    latency_repeats: int = 100,
+    export: Callable[[nn.Module], Quantized] | None = None,
+) -> Fitted:
     """Export and measure; while the limit is missed and the guard holds, prune one round toward
     the limit (at most halving the parameters, at most `prune.rounds` rounds) with KD recovery,
     rolling back a round that breaks the guard. `export` defaults to the quantize stage's, in
@@ -314,8 +374,9 @@ def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: P
         got = achieved(plan, quantized.served, data.X_test, latency_repeats)
         within = got <= plan.limit
         if within or not kept.ok:
-            bound = "" if within else \
-                f"accuracy guard: the {kept.step} already lost {kept.drop:.4f}"
+            bound = (
+                "" if within else f"accuracy guard: the {kept.step} already lost {kept.drop:.4f}"
+            )
             break
         if rounds >= prune.rounds:
             bound = f"{plan.kind}: {prune.rounds} pruning rounds (compress.prune.rounds) fell short"
@@ -327,19 +388,34 @@ def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: P
             bound = f"{plan.kind}: the model is the smallest reachable ({params:,} params)"
             break
         candidate = copy.deepcopy(model)
-        remove_lowest_units(candidate, keep_fraction_for(model, example, groups, want),
-                            prune.criterion, data.X_train[:1024], {g.name: g.width for g in groups})
-        candidate, round_history = fit(candidate, data, _recovery(prune, finetune, seed, device),
-                                       teacher=teacher, description="recovering from pruning")
+        remove_lowest_units(
+            candidate,
+            keep_fraction_for(model, example, groups, want),
+            prune.criterion,
+            data.X_train[:1024],
+            {g.name: g.width for g in groups},
+        )
+        candidate, round_history = fit(
+            candidate,
+            data,
+            _recovery(prune, finetune, seed, device),
+            teacher=teacher,
+            description="recovering from pruning",
+        )
         rounds += 1
-        check = guard.check(f"prune round {rounds}", torch_predictor(candidate),
-                            sum(p.numel() for p in candidate.parameters()))
+        check = guard.check(
+            f"prune round {rounds}",
+            torch_predictor(candidate),
+            sum(p.numel() for p in candidate.parameters()),
+        )
         checks.append(check)
         if not check.ok:
             rolled_back.append(check.step)
-            bound = (f"accuracy guard: {check.step} ({check.params:,} params) lost "
-                     f"{check.drop:.4f} > {guard.max_drop:.4f} on validation rows: rolled back, "
-                     "pruning stopped")
+            bound = (
+                f"accuracy guard: {check.step} ({check.params:,} params) lost "
+                f"{check.drop:.4f} > {guard.max_drop:.4f} on validation rows: rolled back, "
+                "pruning stopped"
+            )
             break
         for name, values in round_history.curves().items():
             getattr(history, name).extend(values)
@@ -348,14 +424,18 @@ def fit_to_target(teacher: nn.Module, student: nn.Module, data: Dataset, plan: P
         checks.append(int8)
         if quantized.int8_model is None:
             bound = (bound + "; " if bound else "") + (
-                f"int8 lost {int8.drop:.4f} > {guard.max_drop:.4f}: served the fp32 export")
+                f"int8 lost {int8.drop:.4f} > {guard.max_drop:.4f}: served the fp32 export"
+            )
     served = int8 if quantized.int8_model is not None and int8 is not None else kept
-    fitted = Fitted(model, quantized, history, checks, rolled_back, served, got,
-                    within and served.ok)
+    fitted = Fitted(
+        model, quantized, history, checks, rolled_back, served, got, within and served.ok
+    )
     if within and not served.ok:
         lost = served if kept.ok else kept  # the step that broke the guard first
-        bound = (f"accuracy guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
-                 f"validation rows ({plan.kind} met: {_show(plan, got)})")
+        bound = (
+            f"accuracy guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
+            f"validation rows ({plan.kind} met: {_show(plan, got)})"
+        )
     fitted.bound = bound or f"{plan.kind}: met ({_show(plan, got)} <= {_show(plan, plan.limit)})"
     return fitted
 
@@ -367,23 +447,35 @@ def _show(plan: Plan, x: float) -> str:
 
 # --- what is recorded -----------------------------------------------------------------------
 
-def target_record(plan: Plan, costs: dict[str, Costs], fitted: Fitted, guard: Guard,
-                  teacher_file_bytes: int) -> tuple[dict[str, object], dict[str, float]]:
+
+def target_record(
+    plan: Plan, costs: dict[str, Costs], fitted: Fitted, guard: Guard, teacher_file_bytes: int
+) -> tuple[dict[str, object], dict[str, float]]:
     """(params, metrics) of the target stage's run; the metrics go on the parent as target/*."""
-    params: dict[str, object] = {"kind": plan.kind, "value": plan.value, "format": plan.fmt,
-                                 "served_as": fitted.quantized.method, "plan": plan.why[:500],
-                                 "bound": fitted.bound[:500],
-                                 "rolled_back": ", ".join(fitted.rolled_back) or "none"}
-    metrics = {"limit": plan.limit, "achieved": fitted.achieved, "met": float(fitted.met),
-               "int8": float(fitted.quantized.int8_model is not None),
-               "planned_params": float(plan.final_params),
-               "reduce_params": float(plan.reduce_params),
-               "smallest_params": float(plan.smallest_params),
-               "final_params": float(fitted.quantized.served.params),
-               "max_accuracy_drop": guard.max_drop, "val_accuracy_drop": fitted.accuracy_drop(),
-               "teacher_val_accuracy": guard.reference,
-               "teacher_file_kb": teacher_file_bytes / 1024,
-               "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks))}
+    params: dict[str, object] = {
+        "kind": plan.kind,
+        "value": plan.value,
+        "format": plan.fmt,
+        "served_as": fitted.quantized.method,
+        "plan": plan.why[:500],
+        "bound": fitted.bound[:500],
+        "rolled_back": ", ".join(fitted.rolled_back) or "none",
+    }
+    metrics = {
+        "limit": plan.limit,
+        "achieved": fitted.achieved,
+        "met": float(fitted.met),
+        "int8": float(fitted.quantized.int8_model is not None),
+        "planned_params": float(plan.final_params),
+        "reduce_params": float(plan.reduce_params),
+        "smallest_params": float(plan.smallest_params),
+        "final_params": float(fitted.quantized.served.params),
+        "max_accuracy_drop": guard.max_drop,
+        "val_accuracy_drop": fitted.accuracy_drop(),
+        "teacher_val_accuracy": guard.reference,
+        "teacher_file_kb": teacher_file_bytes / 1024,
+        "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks)),
+    }
     for fmt, c in costs.items():
         metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = c.line("bytes")
     for c in fitted.checks:
@@ -395,24 +487,35 @@ def target_record(plan: Plan, costs: dict[str, Costs], fitted: Fitted, guard: Gu
 def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
     """The one line a user reads."""
     head = "target met" if fitted.met else "target NOT met"
-    return (f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
-            f"(limit {_show(plan, plan.limit)}), accuracy drop on validation rows "
-            f"{fitted.accuracy_drop():.4f} (max {guard.max_drop:.4f}); {fitted.bound}")
+    return (
+        f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
+        f"(limit {_show(plan, plan.limit)}), accuracy drop on validation rows "
+        f"{fitted.accuracy_drop():.4f} (max {guard.max_drop:.4f}); {fitted.bound}"
+    )
 
 
 def target_tags(plan: Plan, fitted: Fitted, guard: Guard) -> dict[str, str]:
     """On the registered version: whether its target was met, with both numbers."""
-    return {"distill.target_met": str(fitted.met).lower(),
-            "distill.target": f"{plan.kind}={plan.value:g}",
-            "distill.target_achieved": f"{_show(plan, fitted.achieved)} "
-                                       f"(limit {_show(plan, plan.limit)})",
-            "distill.target_accuracy_drop": f"{fitted.accuracy_drop():.4f} "
-                                            f"(max {guard.max_drop:.4f}, validation rows)"}
+    return {
+        "distill.target_met": str(fitted.met).lower(),
+        "distill.target": f"{plan.kind}={plan.value:g}",
+        "distill.target_achieved": f"{_show(plan, fitted.achieved)} "
+        f"(limit {_show(plan, plan.limit)})",
+        "distill.target_accuracy_drop": f"{fitted.accuracy_drop():.4f} "
+        f"(max {guard.max_drop:.4f}, validation rows)",
+    }
 
 
-def plan_for_target(teacher: nn.Module, data: Dataset, target: TargetConfig, reduce: ReduceConfig,
-              recon: ReconstructConfig, quantize: QuantizeConfig, seed: int, latency_repeats: int,
-              ) -> tuple[Plan, dict[str, Costs], int]:
+def plan_for_target(
+    teacher: nn.Module,
+    data: Dataset,
+    target: TargetConfig,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    latency_repeats: int,
+) -> tuple[Plan, dict[str, Costs], int]:
     """(plan, costs, teacher file bytes)."""
     example = torch.from_numpy(data.X_train[:2])
     # latency is no line at small sizes (a runtime's fixed cost per call): one more point
@@ -420,13 +523,16 @@ def plan_for_target(teacher: nn.Module, data: Dataset, target: TargetConfig, red
     costs = measure_costs(teacher, data.X_train[:512], quantize, seed, latency_repeats, fractions)
     teacher_bytes = saved_size(teacher)[0]
     teacher_params = sum(p.numel() for p in teacher.parameters())
-    plan = plan_target(target, costs, teacher_params, smallest_params(teacher, example),
-                       teacher_bytes)
+    plan = plan_target(
+        target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes
+    )
     if not plan.reachable:
         guard = Guard.of(teacher, data, target.max_accuracy_drop)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
-        why = (f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
-               f"({tried}), then pruned toward the smallest model while the guard holds")
+        why = (
+            f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
+            f"({tried}), then pruned toward the smallest model while the guard holds"
+        )
         plan = replace(plan, reduce_params=start, why=why)
     return plan, costs, teacher_bytes

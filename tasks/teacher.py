@@ -51,6 +51,7 @@ def _first_line(err: BaseException) -> str:
 
 # --- built-in architectures ---------------------------------------------------------------
 
+
 def build_mlp(n_features: int, hidden: list[int], n_classes: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = n_features
@@ -64,8 +65,9 @@ def build_mlp(n_features: int, hidden: list[int], n_classes: int) -> nn.Sequenti
 def build_cnn(input_shape: tuple[int, ...], channels: list[int], n_classes: int) -> nn.Sequential:
     """1-D (`[C, L]`) or 2-D (`[C, H, W]`) conv stack, 3-wide 'same' kernels, then a linear head."""
     if len(input_shape) not in (2, 3):
-        raise UserError(f"config key 'data.shape': a cnn needs [C, L] or [C, H, W], "
-                        f"got {list(input_shape)}")
+        raise UserError(
+            f"config key 'data.shape': a cnn needs [C, L] or [C, H, W], got {list(input_shape)}"
+        )
     conv = nn.Conv1d if len(input_shape) == 2 else nn.Conv2d
     layers: list[nn.Module] = [nn.Unflatten(1, input_shape)]
     width = input_shape[0]
@@ -78,6 +80,7 @@ def build_cnn(input_shape: tuple[int, ...], channels: list[int], n_classes: int)
 
 
 # --- the user's architecture: module:Name -------------------------------------------------
+
 
 def is_builtin(arch: str) -> bool:
     return arch in BUILTIN_ARCHS
@@ -94,27 +97,40 @@ def import_arch(arch: str, config_dir: Path | None = None) -> Callable[..., Any]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name is not None and module_name != err.name \
-                and not module_name.startswith(err.name + "."):
+        if (
+            err.name is not None
+            and module_name != err.name
+            and not module_name.startswith(err.name + ".")
+        ):
             # found, but it imports something that is not installed
-            raise UserError(f"config key 'teacher.arch': importing module {module_name!r} failed: "
-                            f"{_first_line(err)}") from err
+            raise UserError(
+                f"config key 'teacher.arch': importing module {module_name!r} failed: "
+                f"{_first_line(err)}"
+            ) from err
         where = ", ".join(str(root) for root in roots)
-        raise UserError(f"config key 'teacher.arch': cannot import module {module_name!r} "
-                        f"(looked in {where} and PYTHONPATH)") from None
+        raise UserError(
+            f"config key 'teacher.arch': cannot import module {module_name!r} "
+            f"(looked in {where} and PYTHONPATH)"
+        ) from None
     except Exception as err:  # a syntax error, or code at import time that raised
-        raise UserError(f"config key 'teacher.arch': importing module {module_name!r} failed: "
-                        f"{type(err).__name__}: {_first_line(err)}") from err
+        raise UserError(
+            f"config key 'teacher.arch': importing module {module_name!r} failed: "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from err
     finally:
         sys.path[:] = saved
     missing = object()
     factory = getattr(module, name, missing)
     if factory is missing:
-        raise UserError(f"config key 'teacher.arch': module {module_name!r} "
-                        f"({getattr(module, '__file__', None) or 'no file'}) has no {name!r}")
+        raise UserError(
+            f"config key 'teacher.arch': module {module_name!r} "
+            f"({getattr(module, '__file__', None) or 'no file'}) has no {name!r}"
+        )
     if not (inspect.isclass(factory) or inspect.isroutine(factory)):
-        raise UserError(f"config key 'teacher.arch': {arch} is an object of type "
-                        f"{type(factory).__name__}, not a class or a function")
+        raise UserError(
+            f"config key 'teacher.arch': {arch} is an object of type "
+            f"{type(factory).__name__}, not a class or a function"
+        )
     return factory
 
 
@@ -133,11 +149,15 @@ def build_user_module(cfg: TeacherConfig, config_dir: Path | None = None) -> nn.
     except TypeError as err:
         raise UserError(f"{rejected}: {_first_line(err)}") from err
     except Exception as err:
-        raise UserError(f"config key 'teacher.arch': {cfg.arch}(...) raised "
-                        f"{type(err).__name__}: {_first_line(err)}") from err
+        raise UserError(
+            f"config key 'teacher.arch': {cfg.arch}(...) raised "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from err
     if not isinstance(module, nn.Module):
-        raise UserError(f"config key 'teacher.arch': {cfg.arch}(...) returned a "
-                        f"{type(module).__name__}, not a torch.nn.Module")
+        raise UserError(
+            f"config key 'teacher.arch': {cfg.arch}(...) returned a "
+            f"{type(module).__name__}, not a torch.nn.Module"
+        )
     return module
 
 
@@ -149,8 +169,11 @@ def wrap_input(module: nn.Module, shape: tuple[int, ...] | list[int]) -> nn.Modu
 
 
 def is_wrapped(model: nn.Module) -> bool:
-    return (isinstance(model, nn.Sequential) and list(model._modules) == [INPUT, USER_ROOT]
-            and isinstance(model._modules[INPUT], nn.Unflatten))
+    return (
+        isinstance(model, nn.Sequential)
+        and list(model._modules) == [INPUT, USER_ROOT]
+        and isinstance(model._modules[INPUT], nn.Unflatten)
+    )
 
 
 def user_module(model: nn.Module) -> nn.Module:
@@ -176,19 +199,31 @@ def build_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = N
     return _wrap(_build_bare(cfg, data, config_dir), cfg, data)
 
 
-def train_teacher(cfg: TeacherConfig, data: Dataset, seed: int, device: str = "cpu",
-                  config_dir: Path | None = None) -> nn.Module:
+def train_teacher(
+    cfg: TeacherConfig,
+    data: Dataset,
+    seed: int,
+    device: str = "cpu",
+    config_dir: Path | None = None,
+) -> nn.Module:
     torch.manual_seed(seed)
     model = build_teacher(cfg, data, config_dir)
     _check_fits(model.eval(), data, cfg.arch)  # before training: a misfit fails in one line
-    settings = FitSettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                           patience=cfg.patience, weight_decay=cfg.weight_decay, seed=seed,
-                           device=device)
+    settings = FitSettings(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        patience=cfg.patience,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+        device=device,
+    )
     model, _ = fit(model, data, settings, description="training teacher")
     return model
 
 
 # --- weights from files -------------------------------------------------------------------
+
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A `state_dict` file, or a TorchScript file's weights; never an arbitrary pickle."""
@@ -197,13 +232,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
         return dict(scripted.state_dict())
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 -- jit.load raises many types
         pass  # not TorchScript: try a plain state_dict below
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"teacher file {path} is neither a state_dict nor TorchScript: "
-                        f"{_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 -- torch.load raises many types for unreadable files
+        raise UserError(
+            f"teacher file {path} is neither a state_dict nor TorchScript: {_first_line(err)}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"teacher file {path} does not hold a state_dict (name -> tensor)")
     return state
@@ -211,11 +247,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_pickled_module(path: Path) -> nn.Module | dict:
     """Only with `teacher.trust_pickle: true`: unpickling runs code stored in the file."""
-    print(f"warning: teacher.trust_pickle is true: loading {path} runs any code stored in it; "
-          "use it only for files you trust", file=sys.stderr)
+    print(
+        f"warning: teacher.trust_pickle is true: loading {path} runs any code stored in it; "
+        "use it only for files you trust",
+        file=sys.stderr,
+    )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- unpickling runs code: raises anything
         raise UserError(f"teacher file {path} could not be unpickled: {_first_line(err)}") from None
 
 
@@ -224,8 +263,10 @@ def is_pt2_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/archive_format") and archive.read(name).strip() == b"pt2"
-                   for name in archive.namelist())
+        return any(
+            name.endswith("/archive_format") and archive.read(name).strip() == b"pt2"
+            for name in archive.namelist()
+        )
 
 
 _PT2_TEXT = re.compile(rb"[A-Za-z0-9._-]{1,64}\n?")  # version, byteorder, serialization id
@@ -248,8 +289,11 @@ def pt2_pickled_record(path: Path) -> str | None:
             try:
                 entries = json.loads(archive.read(name))["config"].values()
                 folder = name.rsplit("/", 1)[0]
-                raw |= {f"{folder}/{e['path_name']}" for e in entries if not e.get("use_pickle")
-                        and e["path_name"].startswith(_PT2_RAW_PREFIXES)}
+                raw |= {
+                    f"{folder}/{e['path_name']}"
+                    for e in entries
+                    if not e.get("use_pickle") and e["path_name"].startswith(_PT2_RAW_PREFIXES)
+                }
             except (ValueError, KeyError, TypeError, AttributeError):
                 return name
         for name in names:
@@ -265,13 +309,14 @@ def pt2_pickled_record(path: Path) -> str | None:
                 pass
             try:
                 torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- unloadable: not weights
                 return name
     return None
 
 
-def load_exported_state(path: Path, trust_pickle: bool = False, what: str | None = None
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def load_exported_state(
+    path: Path, trust_pickle: bool = False, what: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """An exported program's weights, keyed as in the module it was exported from:
     (`ExportedProgram.state_dict`: parameters and persistent buffers, its tensor `constants`:
     non-persistent buffers and lifted constants).
@@ -281,21 +326,30 @@ def load_exported_state(path: Path, trust_pickle: bool = False, what: str | None
     if not trust_pickle:
         record = pt2_pickled_record(path)
         if record is not None:
-            why = (f"{what} holds" if what else f"teacher file {path} is a torch.export program "
-                   "whose record") + f" {record}, a pickle: loading it runs code"
-            raise UserError(why + ("" if what else " (teacher.trust_pickle: true allows it for "
-                                                   "a file you trust)"))
+            why = (
+                f"{what} holds"
+                if what
+                else f"teacher file {path} is a torch.export program whose record"
+            ) + f" {record}, a pickle: loading it runs code"
+            raise UserError(
+                why
+                + ("" if what else " (teacher.trust_pickle: true allows it for a file you trust)")
+            )
     what = what or f"teacher file {path}"
     with zipfile.ZipFile(path) as archive:
         programs = [n for n in archive.namelist() if re.search(r"(?:^|/)models/[^/]+\.json$", n)]
     if not programs:
-        raise UserError(f"{what} is a PT2 archive without a torch.export program (an "
-                        "AOTInductor package holds compiled code, no weights to load)")
+        raise UserError(
+            f"{what} is a PT2 archive without a torch.export program (an "
+            "AOTInductor package holds compiled code, no weights to load)"
+        )
     try:
         program = torch.export.load(str(path))
-    except Exception as err:
-        raise UserError(f"{what} is a PT2 archive but not a torch.export program torch.export"
-                        f".load reads: {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 -- torch.export.load raises many types
+        raise UserError(
+            f"{what} is a PT2 archive but not a torch.export program torch.export"
+            f".load reads: {_first_line(err)}"
+        ) from None
 
     def tensors(items: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in items.items() if isinstance(v, torch.Tensor)}
@@ -303,8 +357,14 @@ def load_exported_state(path: Path, trust_pickle: bool = False, what: str | None
     return tensors(program.state_dict), tensors(program.constants)
 
 
-def _fit_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, arch: str,
-               hint: str = "", constants: Mapping[str, torch.Tensor] | None = None) -> None:
+def _fit_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    what: str,
+    arch: str,
+    hint: str = "",
+    constants: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Load `state` into `model` or name the first key that does not fit (one line).
 
     Keys of a wrapped teacher (`model.*`, the wrapper's) fit the user's module too; `constants`
@@ -321,13 +381,17 @@ def _fit_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, a
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise UserError(f"{what} does not match teacher.arch={arch}: "
-                        + (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
-                        + hint)
+        raise UserError(
+            f"{what} does not match teacher.arch={arch}: "
+            + (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+            + hint
+        )
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
-            raise UserError(f"{what}: {key} has shape {list(state[key].shape)}, "
-                            f"teacher.arch={arch} expects {list(tensor.shape)}" + hint)
+            raise UserError(
+                f"{what}: {key} has shape {list(state[key].shape)}, "
+                f"teacher.arch={arch} expects {list(tensor.shape)}" + hint
+            )
         _check_values(state[key], tensor, f"{what}: {key}")
     model.load_state_dict(state)
 
@@ -336,11 +400,15 @@ def _check_values(given: torch.Tensor, expected: torch.Tensor, where: str) -> No
     """Weights that load_state_dict would take but no float model can use: no data (meta),
     integers (a quantized state_dict) where floats belong, NaN or inf."""
     if given.is_meta:
-        raise UserError(f"{where} is a meta tensor: it holds no data (saved from a model built "
-                        "on the meta device?)")
+        raise UserError(
+            f"{where} is a meta tensor: it holds no data (saved from a model built "
+            "on the meta device?)"
+        )
     if expected.is_floating_point() and not given.is_floating_point():
-        raise UserError(f"{where} is {str(given.dtype).removeprefix('torch.')}, not a float "
-                        "tensor (a quantized state_dict? give the float weights)")
+        raise UserError(
+            f"{where} is {str(given.dtype).removeprefix('torch.')}, not a float "
+            "tensor (a quantized state_dict? give the float weights)"
+        )
     if given.is_floating_point() and not torch.isfinite(given).all():
         raise UserError(f"{where} holds NaN or inf")
 
@@ -348,18 +416,27 @@ def _check_values(given: torch.Tensor, expected: torch.Tensor, where: str) -> No
 def _no_arch_hint(cfg: TeacherConfig) -> str:
     if not is_builtin(cfg.arch):
         return ""
-    return ("; a torch.export program is a graph without nn layers to compress: set teacher.arch"
-            " to the module:Name it was exported from")
+    return (
+        "; a torch.export program is a graph without nn layers to compress: set teacher.arch"
+        " to the module:Name it was exported from"
+    )
 
 
-def load_teacher_file(path: Path, cfg: TeacherConfig, data: Dataset,
-                      config_dir: Path | None = None) -> tuple[nn.Module, bool]:
+def load_teacher_file(
+    path: Path, cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None
+) -> tuple[nn.Module, bool]:
     """-> (teacher, whether it was unpickled whole rather than built from teacher.arch)."""
     if path.is_file() and is_pt2_archive(path):
         state, constants = load_exported_state(path, cfg.trust_pickle)
         model = _build_bare(cfg, data, config_dir)
-        _fit_state(model, state, f"teacher file {path} (a torch.export program)", cfg.arch,
-                   _no_arch_hint(cfg), constants)
+        _fit_state(
+            model,
+            state,
+            f"teacher file {path} (a torch.export program)",
+            cfg.arch,
+            _no_arch_hint(cfg),
+            constants,
+        )
         return _wrap(model, cfg, data).eval(), False
     if cfg.trust_pickle and path.is_file():
         obj = load_pickled_module(path)
@@ -372,6 +449,7 @@ def load_teacher_file(path: Path, cfg: TeacherConfig, data: Dataset,
 
 
 # --- MLflow models ------------------------------------------------------------------------
+
 
 def pytorch_flavor(model_dir: Path) -> dict[str, Any] | None:
     """The `pytorch` flavor of a downloaded MLflow model's `MLmodel`, None without one."""
@@ -397,8 +475,9 @@ def exported_program_file(model_dir: Path, flavor: Mapping[str, Any]) -> Path | 
     return found[0] if found else None
 
 
-def load_teacher_mlflow(uri: str, cfg: TeacherConfig, data: Dataset,
-                        config_dir: Path | None = None) -> tuple[nn.Module, bool]:
+def load_teacher_mlflow(
+    uri: str, cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None
+) -> tuple[nn.Module, bool]:
     """-> (teacher, whether it was unpickled whole): a pickled MLflow PyTorch model as its own
     class; a `pt2` one's weights in teacher.arch (the GraphModule MLflow would load has no nn
     layers left to compress)."""
@@ -414,19 +493,25 @@ def load_teacher_mlflow(uri: str, cfg: TeacherConfig, data: Dataset,
             raise UserError(f"{cannot}: {err.message.splitlines()[0]}") from None
         flavor = pytorch_flavor(local)
         if flavor is None:
-            raise UserError(f"config key 'teacher.source': {uri} is not a PyTorch model "
-                            "(its MLmodel has no pytorch flavor)")
+            raise UserError(
+                f"config key 'teacher.source': {uri} is not a PyTorch model "
+                "(its MLmodel has no pytorch flavor)"
+            )
         exported = exported_program_file(local, flavor)
         if exported is not None:
             state, constants = load_exported_state(exported, what=f"MLflow model {uri}")
     if exported is None:  # the pickle format: unpickling the module runs code stored in it
         if not cfg.trust_pickle:
-            raise UserError(f"config key 'teacher.source': {uri} is a pickled MLflow PyTorch model; "
-                            "loading it runs code stored in it: log the teacher in MLflow's pt2 "
-                            "format, give its state_dict as file: with teacher.arch, or set "
-                            "teacher.trust_pickle: true for a model you trust")
-        print(f"warning: teacher.trust_pickle is true: loading {uri} runs any code stored in it",
-              file=sys.stderr)
+            raise UserError(
+                f"config key 'teacher.source': {uri} is a pickled MLflow PyTorch model; "
+                "loading it runs code stored in it: log the teacher in MLflow's pt2 "
+                "format, give its state_dict as file: with teacher.arch, or set "
+                "teacher.trust_pickle: true for a model you trust"
+            )
+        print(
+            f"warning: teacher.trust_pickle is true: loading {uri} runs any code stored in it",
+            file=sys.stderr,
+        )
         try:
             model = mlflow.pytorch.load_model(uri, map_location="cpu")
         except MlflowException as err:
@@ -435,15 +520,27 @@ def load_teacher_mlflow(uri: str, cfg: TeacherConfig, data: Dataset,
             raise UserError(f"config key 'teacher.source': {uri} is not a PyTorch model")
         return model.eval(), True
     model = _build_bare(cfg, data, config_dir)
-    _fit_state(model, state, f"MLflow model {uri} (pt2 format, a torch.export program)",
-               cfg.arch, _no_arch_hint(cfg), constants)
+    _fit_state(
+        model,
+        state,
+        f"MLflow model {uri} (pt2 format, a torch.export program)",
+        cfg.arch,
+        _no_arch_hint(cfg),
+        constants,
+    )
     return _wrap(model, cfg, data).eval(), False
 
 
 # --- the stage ----------------------------------------------------------------------------
 
-def load_teacher(cfg: TeacherConfig, data: Dataset, seed: int, device: str = "cpu",
-                 config_dir: Path | None = None) -> nn.Module:
+
+def load_teacher(
+    cfg: TeacherConfig,
+    data: Dataset,
+    seed: int,
+    device: str = "cpu",
+    config_dir: Path | None = None,
+) -> nn.Module:
     """The teacher `cfg` names, on CPU in eval mode, checked against the data's rows.
 
     `config_dir`: the config file's folder, searched for a `module:Name` arch's module."""
@@ -456,8 +553,10 @@ def load_teacher(cfg: TeacherConfig, data: Dataset, seed: int, device: str = "cp
     elif source.startswith(("models:/", "runs:/")):
         model, whole = load_teacher_mlflow(source, cfg, data, config_dir)
     else:
-        raise UserError(f"config key 'teacher.source': expected train, file:PATH, "
-                        f"models:/NAME@ALIAS or runs:/ID/PATH, got {source!r}")
+        raise UserError(
+            f"config key 'teacher.source': expected train, file:PATH, "
+            f"models:/NAME@ALIAS or runs:/ID/PATH, got {source!r}"
+        )
     model = model.float().eval()
     _check_fits(model, data, source if whole else cfg.arch)
     return model
@@ -470,22 +569,27 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
     try:
         with torch.no_grad():
             out = model(rows)
-    except Exception as err:
-        raise UserError(f"teacher {name} does not accept inputs of shape {shape} "
-                        f"(data.shape={list(data.input_shape)}): {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 -- a teacher's forward raises anything
+        raise UserError(
+            f"teacher {name} does not accept inputs of shape {shape} "
+            f"(data.shape={list(data.input_shape)}): {_first_line(err)}"
+        ) from None
     if not isinstance(out, torch.Tensor):
         raise UserError(f"teacher {name} returns a {type(out).__name__}, not a tensor of logits")
     if out.ndim != 2 or out.shape[1] != data.n_classes:
-        raise UserError(f"teacher {name} outputs {list(out.shape[1:])} per row, "
-                        f"the data has {data.n_classes} classes")
+        raise UserError(
+            f"teacher {name} outputs {list(out.shape[1:])} per row, "
+            f"the data has {data.n_classes} classes"
+        )
     weights = non_finite_tensor(model)
     if weights is not None:
         raise UserError(f"teacher {name}: its {weights} holds NaN or inf")
     with torch.no_grad():
         finite = bool(torch.isfinite(model(torch.from_numpy(data.X_train[:256]))).all())
     if not finite:
-        raise UserError(f"teacher {name} outputs NaN or inf on the data's rows (weights too "
-                        "large for float32?)")
+        raise UserError(
+            f"teacher {name} outputs NaN or inf on the data's rows (weights too large for float32?)"
+        )
 
 
 def check_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None) -> None:

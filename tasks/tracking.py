@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,7 +62,9 @@ class MlflowSettings(_Strict):
 
     @property
     def registry_uri(self) -> str:
-        return os.environ.get("MLFLOW_REGISTRY_URI") or self.server.registry_uri or self.tracking_uri
+        return (
+            os.environ.get("MLFLOW_REGISTRY_URI") or self.server.registry_uri or self.tracking_uri
+        )
 
     @property
     def artifact_location(self) -> str | None:
@@ -94,7 +96,10 @@ def load_settings(path: Path | None = None) -> MlflowSettings:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"{path}: key '{where}': {'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}") from None
+        raise UserError(
+            f"{path}: key '{where}': "
+            f"{'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}"
+        ) from None
 
 
 def configure(settings: MlflowSettings) -> str:
@@ -107,15 +112,20 @@ def configure(settings: MlflowSettings) -> str:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"cannot create the tracking store {settings.tracking_uri}: {err.strerror}") from None
+            raise UserError(
+                f"cannot create the tracking store {settings.tracking_uri}: {err.strerror}"
+            ) from None
     check_reachable(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
-    with _store_lock(db):  # the first touch creates tables and the experiment: one process at a time
+    with _store_lock(
+        db
+    ):  # the first touch creates tables and the experiment: one process at a time
         experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
         if experiment is None:
-            experiment_id = mlflow.create_experiment(settings.tracking.experiment,
-                                                     artifact_location=settings.artifact_location)
+            experiment_id = mlflow.create_experiment(
+                settings.tracking.experiment, artifact_location=settings.artifact_location
+            )
             experiment = mlflow.get_experiment(experiment_id)
     check_artifact_root(experiment.artifact_location)
     return experiment.experiment_id
@@ -134,7 +144,9 @@ def check_artifact_root(location: str | None) -> None:
         probe.write_bytes(b"probe")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"artifact location {location} is not writable: {err.strerror or err}") from None
+        raise UserError(
+            f"artifact location {location} is not writable: {err.strerror or err}"
+        ) from None
 
 
 @contextmanager
@@ -183,30 +195,49 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return  # it answered (auth, proxies): reachable
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise UserError(f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start "
-                        "it, or unset MLFLOW_TRACKING_URI to use the embedded store of mlflow.yaml"
-                        ) from None
+        raise UserError(
+            f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start "
+            "it, or unset MLFLOW_TRACKING_URI to use the embedded store of mlflow.yaml"
+        ) from None
 
 
 def connect(settings: MlflowSettings) -> None:
-    """Point MLflow at an existing store, for reading: a missing SQLite file is an error, not created."""
+    """Point MLflow at an existing store, for reading: a missing SQLite file is an error, not
+    created."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     db = _sqlite_path(settings.tracking_uri)
     if db is not None and not db.is_file():
-        raise UserError(f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); run `distill run` first")
+        raise UserError(
+            f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); "
+            "run `distill run` first"
+        )
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
 
 
 def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list[str]:
-    """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for `distill ui`)."""
+    """`mlflow server` on mlflow.yaml's ui host/port against the configured stores (for
+    `distill ui`)."""
     if settings.tracking_uri.startswith(("http://", "https://")):
-        raise UserError(f"tracking is already a server ({redact(settings.tracking_uri)}): open it in a "
-                        "browser")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", settings.ui.host,
-           "--port", str(port or settings.ui.port), "--workers", "1", "--backend-store-uri", settings.tracking_uri]
+        raise UserError(
+            f"tracking is already a server ({redact(settings.tracking_uri)}): open it in a browser"
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        settings.ui.host,
+        "--port",
+        str(port or settings.ui.port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        settings.tracking_uri,
+    ]
     if settings.registry_uri != settings.tracking_uri:
         cmd += ["--registry-store-uri", settings.registry_uri]
     if settings.artifact_location:  # runs keep their own artifact URIs; this serves new uploads
@@ -216,8 +247,14 @@ def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+            check=False,  # outside a git checkout: empty stdout, read as "unknown"
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -228,7 +265,9 @@ def _param_value(value: Any) -> str:
 
 
 @contextmanager
-def parent_run(experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
+def parent_run(
+    experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> Iterator[str]:
     """The pipeline's run: FINISHED on success, FAILED on error, KILLED on Ctrl-C."""
     import mlflow
 
@@ -245,8 +284,12 @@ def parent_run(experiment_id: str, run_name: str, params: dict[str, Any], tags: 
         mlflow.end_run(status=status)
 
 
-def _log_points(run_id: str, points: list[tuple[str, float, int]], params: dict[str, Any] | None = None,
-                model_id: str | None = None) -> None:
+def _log_points(
+    run_id: str,
+    points: list[tuple[str, float, int]],
+    params: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> None:
     """(key, value, step) points and params, in as few calls as MLflow's limits allow (100 params
     and 1,000 entries a call); `model_id` links the metrics to a logged model (its page in
     MLflow 3 shows them)."""
@@ -255,7 +298,9 @@ def _log_points(run_id: str, points: list[tuple[str, float, int]], params: dict[
 
     now = int(time.time() * 1000)
     param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
-    metric_list = [Metric(key, float(value), now, step, model_id=model_id) for key, value, step in points]
+    metric_list = [
+        Metric(key, float(value), now, step, model_id=model_id) for key, value, step in points
+    ]
     client = MlflowClient()
     while param_list or metric_list:
         batch_params, param_list = param_list[:100], param_list[100:]
@@ -264,14 +309,25 @@ def _log_points(run_id: str, points: list[tuple[str, float, int]], params: dict[
         client.log_batch(run_id, metrics=batch_metrics, params=batch_params)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, params: dict[str, Any] | None = None,
-                model_id: str | None = None) -> None:
+def log_metrics(
+    run_id: str,
+    metrics: dict[str, float],
+    step: int = 0,
+    params: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> None:
     _log_points(run_id, [(k, v, step) for k, v in metrics.items()], params, model_id)
 
 
 def log_curves(run_id: str, stage: str, curves: dict[str, list[float]]) -> None:
-    _log_points(run_id, [(f"{stage}/{name}", v, step) for name, values in curves.items()
-                         for step, v in enumerate(values)])
+    _log_points(
+        run_id,
+        [
+            (f"{stage}/{name}", v, step)
+            for name, values in curves.items()
+            for step, v in enumerate(values)
+        ],
+    )
 
 
 def prefixed(stage: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -291,8 +347,12 @@ def delete_stage_runs(parent_run_id: str, stage: str) -> int:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    earlier = client.search_runs([_experiment_of(parent_run_id)], filter_string=(
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`distill.stage` = '{stage}'"))
+    earlier = client.search_runs(
+        [_experiment_of(parent_run_id)],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`distill.stage` = '{stage}'"
+        ),
+    )
     for run in earlier:
         client.delete_run(run.info.run_id)
     return len(earlier)
@@ -305,8 +365,11 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[str]:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    run_id = client.create_run(_experiment_of(parent_run_id), run_name=stage, tags={
-        "mlflow.parentRunId": parent_run_id, "distill.stage": stage}).info.run_id
+    run_id = client.create_run(
+        _experiment_of(parent_run_id),
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent_run_id, "distill.stage": stage},
+    ).info.run_id
     status = "FAILED"
     try:
         yield run_id
@@ -318,7 +381,9 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[str]:
         client.set_terminated(run_id, status)
 
 
-def log_model(run_id: str, stage: str, model: Any, example: Any, params: dict[str, Any] | None = None) -> str | None:
+def log_model(
+    run_id: str, stage: str, model: Any, example: Any, params: dict[str, Any] | None = None
+) -> str | None:
     """A stage's model in its run: PyTorch modules as a LoggedModel (pickled, so they load as
     their class; requirements pinned to skip inference; the stage's params on it), whose id is
     returned; ONNX and TorchScript models as their file under `model/` (no id)."""
@@ -336,16 +401,28 @@ def log_model(run_id: str, stage: str, model: Any, example: Any, params: dict[st
 
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    info = mlflow.pytorch.log_model(model, name=stage.replace("/", "_"), serialization_format="pickle",
-                                    signature=signature, run_id=run_id,
-                                    params={k: _param_value(v) for k, v in (params or {}).items()},
-                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    info = mlflow.pytorch.log_model(
+        model,
+        name=stage.replace("/", "_"),
+        serialization_format="pickle",
+        signature=signature,
+        run_id=run_id,
+        params={k: _param_value(v) for k, v in (params or {}).items()},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
     return info.model_id
 
 
-def record_stage(parent_run_id: str, stage: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
-                 curves: dict[str, list[float]] | None = None, model: Any = None, example: Any = None,
-                 replace: bool = False) -> dict[str, float]:
+def record_stage(
+    parent_run_id: str,
+    stage: str,
+    metrics: dict[str, float],
+    params: dict[str, Any] | None = None,
+    curves: dict[str, list[float]] | None = None,
+    model: Any = None,
+    example: Any = None,
+    replace: bool = False,
+) -> dict[str, float]:
     """One nested run for the stage (params, metrics, curves, model); returns its `STAGE/METRIC`
     metrics, which the flow puts on the parent run.
 
@@ -364,8 +441,9 @@ def record_stage(parent_run_id: str, stage: str, metrics: dict[str, float], para
     return keyed
 
 
-def log_run_inputs(config_yaml: str, config_path: Path | None, frame: Any, source: str, name: str,
-                   digest: str) -> None:
+def log_run_inputs(
+    config_yaml: str, config_path: Path | None, frame: Any, source: str, name: str, digest: str
+) -> None:
     """On the active parent run: the resolved config, the file it came from, the dataset."""
     import mlflow
     import mlflow.data
@@ -374,8 +452,9 @@ def log_run_inputs(config_yaml: str, config_path: Path | None, frame: Any, sourc
     mlflow.log_text(config_yaml, "config/resolved.yaml")
     if config_path is not None and config_path.is_file():
         mlflow.log_artifact(str(config_path), artifact_path="config")
-    dataset = mlflow.data.from_pandas(frame, source=_dataset_source(source), targets="label", name=name,
-                                      digest=digest)
+    dataset = mlflow.data.from_pandas(
+        frame, source=_dataset_source(source), targets="label", name=name, digest=digest
+    )
     # the schema (column types) from a few rows: the same as from all of them for a typed frame,
     # without a pass over every cell (0.06-0.11 s on digits); `schema` is a cached_property
     dataset.__dict__["schema"] = infer_signature(frame.head(5)).inputs
@@ -400,7 +479,8 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
 
 
 def ui_base_url(settings: MlflowSettings) -> str:
-    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml `ui`)."""
+    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml
+    `ui`)."""
     uri = settings.tracking_uri
     return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
 
@@ -418,7 +498,9 @@ def run_metrics(run_id: str) -> dict[str, float]:
 # Transient tracking failures worth a retry: a locked SQLite file, an unreachable or busy server
 # (INTERNAL_ERROR is MlflowException's default code, bugs included: not retried; MLflow's HTTP
 # client already retries a server's 5xx answers itself).
-TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"})
+TRANSIENT_ERROR_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -428,14 +510,15 @@ def is_transient(exc: BaseException) -> bool:
         return exc.error_code in TRANSIENT_ERROR_CODES
     # a network hiccup may pass; a full disk or a forbidden path does not (tasks/errors.py)
     return isinstance(exc, (ConnectionError, TimeoutError)) or (
-        isinstance(exc, OSError) and exc.errno not in WRITE_FAULTS)
+        isinstance(exc, OSError) and exc.errno not in WRITE_FAULTS
+    )
 
 
 def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry a task that failed on tracking I/O, not on a bug."""
     try:
         state.result()
-    except Exception as exc:  # the task's own exception, re-raised by result()
+    except Exception as exc:  # noqa: BLE001 -- the task's own exception, re-raised by result()
         return is_transient(exc)
     return False
 
@@ -444,6 +527,7 @@ def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
 # A parent run is closed by `parent_run` on success, error or Ctrl-C; a process killed by
 # SIGKILL (or the OOM killer, or a lost machine) closes nothing. Each parent carries the
 # host and process that ran it; the next run in the experiment closes the dead ones.
+
 
 def _process_started(pid: int) -> str | None:
     """Start time of a live process (Linux: /proc; elsewhere "" when alive), None when gone."""
@@ -465,16 +549,24 @@ def _process_started(pid: int) -> str | None:
 def process_tags() -> dict[str, str]:
     """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run."""
     pid = os.getpid()
-    return {"distill.host": socket.gethostname(), "distill.pid": str(pid),
-            "distill.process_start": _process_started(pid) or ""}
+    return {
+        "distill.host": socket.gethostname(),
+        "distill.pid": str(pid),
+        "distill.process_start": _process_started(pid) or "",
+    }
 
 
 def _process_gone(tags: dict[str, str]) -> bool | None:
     """True when the run's process is gone, False when alive, None when it ran elsewhere."""
-    if tags.get("distill.host") != socket.gethostname() or not tags.get("distill.pid", "").isdigit():
+    if (
+        tags.get("distill.host") != socket.gethostname()
+        or not tags.get("distill.pid", "").isdigit()
+    ):
         return None
     started = _process_started(int(tags["distill.pid"]))
-    return started is None or (bool(started) and started != tags.get("distill.process_start", started))
+    return started is None or (
+        bool(started) and started != tags.get("distill.process_start", started)
+    )
 
 
 def _flow_run_finished(flow_run_id: str | None) -> bool:
@@ -489,7 +581,7 @@ def _flow_run_finished(flow_run_id: str | None) -> bool:
             state = client.read_flow_run(flow_run_id).state
     except ObjectNotFound:
         return True
-    except Exception:  # no reachable server: cannot tell
+    except Exception:  # noqa: BLE001 -- no reachable server: cannot tell
         return False
     return state is not None and state.is_final()
 
@@ -505,7 +597,7 @@ def _crash_flow_run(flow_run_id: str | None, message: str) -> None:
             state = client.read_flow_run(flow_run_id).state
             if state is not None and not state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 -- Prefect client errors are many
         pass  # best effort: the MLflow record is what this function owns
 
 
@@ -517,17 +609,26 @@ def close_dead_runs(experiment_id: str) -> list[str]:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                 max_results=1000)
-    parents = [r for r in running if "distill.pid" in r.data.tags and "mlflow.parentRunId" not in r.data.tags]
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    parents = [
+        r
+        for r in running
+        if "distill.pid" in r.data.tags and "mlflow.parentRunId" not in r.data.tags
+    ]
     closed = []
     for run in parents:
         tags = run.data.tags
         gone = _process_gone(tags)
-        if gone is False or (gone is None and not _flow_run_finished(tags.get("prefect.flow_run_id"))):
+        if gone is False or (
+            gone is None and not _flow_run_finished(tags.get("prefect.flow_run_id"))
+        ):
             continue
-        reason = (f"process {tags.get('distill.pid')} on {tags.get('distill.host')} ended without closing "
-                  "the run (killed)")
+        reason = (
+            f"process {tags.get('distill.pid')} on {tags.get('distill.host')} ended without "
+            "closing the run (killed)"
+        )
         for child in running:
             if child.data.tags.get("mlflow.parentRunId") == run.info.run_id:
                 client.set_terminated(child.info.run_id, "FAILED")

@@ -38,10 +38,11 @@ from tasks.pca import Basis, Moments, feature_rows
 
 def batches(X: np.ndarray, size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(X), size):
-        yield torch.from_numpy(X[start:start + size])
+        yield torch.from_numpy(X[start : start + size])
 
 
 # --- looking inside a forward pass -------------------------------------------------------
+
 
 class _Captured(Exception):
     """Raised by a hook once it has what it came for: the rest of the forward pass is skipped."""
@@ -97,16 +98,22 @@ def unit_view(reader: Reader, a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_bases(model: nn.Module, groups: list[Group], X: np.ndarray, batch_size: int = 256) -> dict[str, Basis]:
+def group_bases(
+    model: nn.Module, groups: list[Group], X: np.ndarray, batch_size: int = 256
+) -> dict[str, Basis]:
     """One streamed pass: PCA of the units of each group, pooled over all its readers' inputs."""
     moments = {g.name: Moments(g.width) for g in groups}
     hooks = []
     for g in groups:
         for reader in g.readers:
+
             def hook(_m: nn.Module, args: tuple, kwargs: dict, g=g, reader=reader) -> None:
                 a = args[0] if args else kwargs["query"]
                 moments[g.name].add_rows(unit_view(reader, a))
-            hooks.append(model.get_submodule(reader.name).register_forward_pre_hook(hook, with_kwargs=True))
+
+            hooks.append(
+                model.get_submodule(reader.name).register_forward_pre_hook(hook, with_kwargs=True)
+            )
     try:
         with no_fastpath():
             model.eval()
@@ -119,6 +126,7 @@ def group_bases(model: nn.Module, groups: list[Group], X: np.ndarray, batch_size
 
 
 # --- which units to keep -----------------------------------------------------------------
+
 
 def _reader_weight(module: nn.Module) -> torch.Tensor:
     """(outputs, input features) of a reader's linear map."""
@@ -143,7 +151,9 @@ def _blocks(group: Group) -> list[np.ndarray]:
     return [np.arange(b * size, (b + 1) * size) for b in range(group.step)]
 
 
-def choose_units(group: Group, k: int, scores: np.ndarray | None = None, basis: Basis | None = None) -> np.ndarray:
+def choose_units(
+    group: Group, k: int, scores: np.ndarray | None = None, basis: Basis | None = None
+) -> np.ndarray:
     """Sorted indices of the k units to keep: the highest `scores`, or the units whose PCA
     loadings pivoted QR picks first (`basis`). With attention heads, each head keeps k/heads."""
     per = k // group.step
@@ -159,8 +169,9 @@ def choose_units(group: Group, k: int, scores: np.ndarray | None = None, basis: 
     return np.sort(np.asarray(keep, dtype=np.int64))
 
 
-def select_units(model: nn.Module, group: Group, k: int, X: np.ndarray, how: str,
-                 batch_size: int = 256) -> np.ndarray:
+def select_units(
+    model: nn.Module, group: Group, k: int, X: np.ndarray, how: str, batch_size: int = 256
+) -> np.ndarray:
     basis = group_bases(model, [group], X, batch_size)[group.name]
     if how == "pqr":
         return choose_units(group, k, basis=basis)
@@ -168,6 +179,7 @@ def select_units(model: nn.Module, group: Group, k: int, X: np.ndarray, how: str
 
 
 # --- re-fitting a reader -----------------------------------------------------------------
+
 
 def _conv_rows(conv: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """Rows of a conv's linear map: unfolded patches (its own padding applied first)."""
@@ -192,10 +204,25 @@ def attention_values(mha: nn.MultiheadAttention, call: Call) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
     E = mha.embed_dim
     out, _ = F.multi_head_attention_forward(
-        q, k, v, E, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
-        mha.add_zero_attn, 0.0, torch.eye(E, dtype=q.dtype), torch.zeros(E, dtype=q.dtype),
-        training=False, key_padding_mask=call.kwargs.get("key_padding_mask"), need_weights=False,
-        attn_mask=call.kwargs.get("attn_mask"), is_causal=call.kwargs.get("is_causal", False))
+        q,
+        k,
+        v,
+        E,
+        mha.num_heads,
+        mha.in_proj_weight,
+        mha.in_proj_bias,
+        mha.bias_k,
+        mha.bias_v,
+        mha.add_zero_attn,
+        0.0,
+        torch.eye(E, dtype=q.dtype),
+        torch.zeros(E, dtype=q.dtype),
+        training=False,
+        key_padding_mask=call.kwargs.get("key_padding_mask"),
+        need_weights=False,
+        attn_mask=call.kwargs.get("attn_mask"),
+        is_causal=call.kwargs.get("is_causal", False),
+    )
     return out.transpose(0, 1) if mha.batch_first else out
 
 
@@ -224,12 +251,21 @@ class _NormalEquations:
         reg[range(d), range(d)] = lam
         # SVD-based: dead units make G exactly singular, where the default QR driver goes wrong
         solution = torch.linalg.lstsq(self.G + reg, self.R, driver="gelsd").solution
-        return solution[:d].T.float().contiguous(), (solution[d].float() if self.intercept else None)
+        return solution[:d].T.float().contiguous(), (
+            solution[d].float() if self.intercept else None
+        )
 
 
 @torch.no_grad()
-def refit_reader(student: nn.Module, teacher: nn.Module, reader: Reader, X: np.ndarray,
-                 kept_out: dict[str, torch.Tensor], ridge: float, batch_size: int = 256) -> list[str]:
+def refit_reader(
+    student: nn.Module,
+    teacher: nn.Module,
+    reader: Reader,
+    X: np.ndarray,
+    kept_out: dict[str, torch.Tensor],
+    ridge: float,
+    batch_size: int = 256,
+) -> list[str]:
     """Re-fit one reader of the student, in place, to the teacher's outputs of that layer on its
     kept output units. Returns the names of the maps re-fitted."""
     module, t_module = student.get_submodule(reader.name), teacher.get_submodule(reader.name)
@@ -249,8 +285,15 @@ def refit_reader(student: nn.Module, teacher: nn.Module, reader: Reader, X: np.n
     return [reader.name]
 
 
-def _refit_attention(student: nn.Module, teacher: nn.Module, name: str, X: np.ndarray,
-                     kept: torch.Tensor, ridge: float, batch_size: int) -> list[str]:
+def _refit_attention(
+    student: nn.Module,
+    teacher: nn.Module,
+    name: str,
+    X: np.ndarray,
+    kept: torch.Tensor,
+    ridge: float,
+    batch_size: int,
+) -> list[str]:
     mha, t_mha = student.get_submodule(name), teacher.get_submodule(name)
     E_t = t_mha.embed_dim
     rows = torch.cat([kept, kept + E_t, kept + 2 * E_t])  # q, k, v of the kept dimensions
@@ -261,7 +304,10 @@ def _refit_attention(student: nn.Module, teacher: nn.Module, name: str, X: np.nd
         if len(call.args) < 3 or not (call.args[0] is call.args[1] is call.args[2]):
             return []  # cross-attention: the q/k/v inputs differ; left as it is
         t_b = t_mha.in_proj_bias[rows] if t_mha.in_proj_bias is not None else None
-        eq.add(q.reshape(-1, q.shape[-1]), F.linear(t_q, t_mha.in_proj_weight[rows], t_b).reshape(-1, len(rows)))
+        eq.add(
+            q.reshape(-1, q.shape[-1]),
+            F.linear(t_q, t_mha.in_proj_weight[rows], t_b).reshape(-1, len(rows)),
+        )
     weight, bias = eq.solve(ridge)
     mha.in_proj_weight = nn.Parameter(weight)
     if bias is not None:
@@ -282,6 +328,7 @@ def _refit_attention(student: nn.Module, teacher: nn.Module, name: str, X: np.nd
 
 # --- the whole reconstruction ------------------------------------------------------------
 
+
 @dataclass
 class WidthReport:
     """What reconstruction did: units kept per group, the maps re-fitted, what was left alone."""
@@ -291,7 +338,9 @@ class WidthReport:
     not_refitted: dict[str, str] = field(default_factory=dict)  # layer -> why
 
 
-def _update_kept(kept_out: dict[str, torch.Tensor], removed: dict[str, list[int]], graph: Graph) -> None:
+def _update_kept(
+    kept_out: dict[str, torch.Tensor], removed: dict[str, list[int]], graph: Graph
+) -> None:
     for name, idxs in removed.items():
         current = kept_out.get(name)
         if current is None:
@@ -301,9 +350,16 @@ def _update_kept(kept_out: dict[str, torch.Tensor], removed: dict[str, list[int]
         kept_out[name] = current[mask]
 
 
-def reconstruct_width(teacher: nn.Module, widths: dict[str, int], X: np.ndarray, how: str = "pqr",
-                      ridge: float = 1e-4, batch_size: int = 256,
-                      report: WidthReport | None = None, refit_again: bool = True) -> nn.Module:
+def reconstruct_width(
+    teacher: nn.Module,
+    widths: dict[str, int],
+    X: np.ndarray,
+    how: str = "pqr",
+    ridge: float = 1e-4,
+    batch_size: int = 256,
+    report: WidthReport | None = None,
+    refit_again: bool = True,
+) -> nn.Module:
     """A narrower copy of the teacher: group `name` keeps `widths[name]` units, readers re-fit."""
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
@@ -314,7 +370,9 @@ def reconstruct_width(teacher: nn.Module, widths: dict[str, int], X: np.ndarray,
     reduced = []
     for name in [g.name for g in graph.groups]:
         k = widths.get(name)
-        if reduced:  # a cut moves the inputs of readers it shares with other groups (concatenations)
+        if (
+            reduced
+        ):  # a cut moves the inputs of readers it shares with other groups (concatenations)
             graph = trace(student, example)
         group = graph.group(name)
         if k is None or k >= group.width or not group.reducible:
