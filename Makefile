@@ -19,6 +19,8 @@ demo: $(STAMP)
 	$(BIN)/distill run configs/digits.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check flows tasks tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

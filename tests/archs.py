@@ -18,8 +18,18 @@ ARCHS = {
     "mobilenet": (lambda: zoo.MobileNetBlockNet(in_channels=1, channels=8, n_classes=5), (1, 8, 8)),
     "inception": (lambda: zoo.InceptionNet(in_channels=1, channels=6, n_classes=5), (1, 6, 6)),
     "tokens": (lambda: zoo.TokenClassifier(vocab=16, dim=12, hidden=24, n_classes=5), (10,)),
-    "transformer": (lambda: zoo.TransformerClassifier(n_features=6, seq_len=8, d_model=32, n_heads=4,
-                                                      dim_feedforward=64, n_layers=2, n_classes=5), (8, 6)),
+    "transformer": (
+        lambda: zoo.TransformerClassifier(
+            n_features=6,
+            seq_len=8,
+            d_model=32,
+            n_heads=4,
+            dim_feedforward=64,
+            n_layers=2,
+            n_classes=5,
+        ),
+        (8, 6),
+    ),
 }
 
 
@@ -28,8 +38,11 @@ def wrapped(arch: str, seed: int = 0) -> tuple[nn.Module, np.ndarray]:
     factory, shape = ARCHS[arch]
     torch.manual_seed(seed)
     module = factory()
-    model = nn.Sequential(OrderedDict(input=nn.Unflatten(1, shape), model=module)) if len(shape) > 1 \
+    model = (
+        nn.Sequential(OrderedDict(input=nn.Unflatten(1, shape), model=module))
+        if len(shape) > 1
         else nn.Sequential(OrderedDict(model=module))
+    )
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -14,25 +14,33 @@ import pytest
 
 # Before anything imports prefect or mlflow.
 _HOME = tempfile.mkdtemp(prefix="distill-tests-")
-os.environ.update({
-    "PREFECT_HOME": os.path.join(_HOME, "prefect"),
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_LOGGING_LEVEL": "ERROR",
-})
+os.environ.update(
+    {
+        "PREFECT_HOME": os.path.join(_HOME, "prefect"),
+        "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_LOGGING_LEVEL": "ERROR",
+    }
+)
 
-from tasks.config import PipelineConfig, build_config  # noqa: E402
-from tasks.data import Dataset, load_dataset  # noqa: E402
+from tasks.config import PipelineConfig, build_config  # noqa: E402 -- after the environment above
+from tasks.data import Dataset, load_dataset  # noqa: E402 -- likewise
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency repeats
-    "teacher.hidden=[64, 64]", "teacher.epochs=8", "reduce.budget.size_kb=12", "reduce.calibration_samples=256",
-    "finetune.epochs=3", "compress.prune.recovery_epochs=1", "evaluate.latency_repeats=3",
-    "evaluate.large_batch=32", "target=null",  # hand-sized stages; tests/test_target.py runs targets
+    "teacher.hidden=[64, 64]",
+    "teacher.epochs=8",
+    "reduce.budget.size_kb=12",
+    "reduce.calibration_samples=256",
+    "finetune.epochs=3",
+    "compress.prune.recovery_epochs=1",
+    "evaluate.latency_repeats=3",
+    "evaluate.large_batch=32",
+    "target=null",  # hand-sized stages; tests/test_target.py runs targets
 ]
 
 

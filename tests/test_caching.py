@@ -9,10 +9,16 @@ import pytest
 import torch
 from prefect.serializers import PickleSerializer
 
-from tasks.caching import Uncacheable, code_modules, content_hash, stage_cache_key, teacher_source_fingerprint
+from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
+from tasks.caching import (
+    Uncacheable,
+    code_modules,
+    content_hash,
+    stage_cache_key,
+    teacher_source_fingerprint,
+)
 from tasks.config import BudgetConfig, ReduceConfig, TeacherConfig
 from tasks.finetune import History
-from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
 from tasks.reduce import reduce_model
 from tasks.teacher import build_mlp
 
@@ -39,12 +45,14 @@ def test_arrays_configs_and_dataclasses_are_keyed_by_content(digits):
     assert content_hash(X) != content_hash(X.reshape(4, 3))
     assert content_hash(ReduceConfig()) == content_hash(ReduceConfig())
     assert content_hash(ReduceConfig()) != content_hash(ReduceConfig(calibration_samples=512))
-    assert content_hash(digits) == content_hash(dataclasses.replace(digits, X_train=digits.X_train.copy()))
+    assert content_hash(digits) == content_hash(
+        dataclasses.replace(digits, X_train=digits.X_train.copy())
+    )
     moved = digits.X_train.copy()
     moved[0, 0] += 1
     assert content_hash(digits) != content_hash(dataclasses.replace(digits, X_train=moved))
     assert content_hash(History([1.0], [2.0])) != content_hash(History([1.0], [2.5]))
-    with pytest.raises(TypeError, match="no content hash for builtins.object"):
+    with pytest.raises(TypeError, match=r"no content hash for builtins\.object"):
         content_hash(object())
 
 
@@ -52,7 +60,9 @@ def test_keys_differ_by_task_and_follow_the_stage_code(digits):
     teacher = build_mlp(64, [16], 10)
     cfg = ReduceConfig()
     key = _key(reduce_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=0)
-    assert key == _key(reduce_task, teacher=copy.deepcopy(teacher), X_train=digits.X_train.copy(), cfg=cfg, seed=0)
+    assert key == _key(
+        reduce_task, teacher=copy.deepcopy(teacher), X_train=digits.X_train.copy(), cfg=cfg, seed=0
+    )
     assert key != _key(reduce_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=1)
     assert key != _key(reconstruct_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=0)
     # the teacher's key covers the training loop it calls, not only the thin task wrapper,
@@ -81,7 +91,9 @@ def test_a_teacher_file_is_keyed_by_its_bytes_and_an_alias_is_not_cached(tmp_pat
 def test_stage_results_survive_the_result_serializer(digits):
     """What persist_result writes (cloudpickle) reads back equal: module, Reduction, History."""
     teacher = build_mlp(64, [32], 10).eval()
-    reduction = reduce_model(teacher, digits.X_train[:200], ReduceConfig(budget=BudgetConfig(ratio=2.0)))
+    reduction = reduce_model(
+        teacher, digits.X_train[:200], ReduceConfig(budget=BudgetConfig(ratio=2.0))
+    )
     serializer = PickleSerializer()
     for value in (teacher, reduction, History([0.5], [0.4], [0.9], [1e-3], 0), digits):
         back = serializer.loads(serializer.dumps(value))

@@ -18,8 +18,14 @@ DISTILL = [sys.executable, "-m", "flows.cli"]
 def _run(args, tmp_path: Path, timeout=600):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # mlflow.set_*_uri in earlier in-process tests also set these variables: pin both
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(DISTILL + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        DISTILL + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_run_json(tmp_path):
@@ -31,20 +37,42 @@ def test_run_json(tmp_path):
     assert out["model_name"] == "distill-digits" and out["model_version"] == "1"
     assert 0 < out["metrics"]["final/accuracy"] <= 1
     assert out["metrics"]["accuracy_drop"] == pytest.approx(
-        out["metrics"]["teacher/accuracy"] - out["metrics"]["final/accuracy"])
+        out["metrics"]["teacher/accuracy"] - out["metrics"]["final/accuracy"]
+    )
     assert (tmp_path / "mlflow.db").is_file()
     # stderr is not a terminal here: one line per finished stage, with its time, in order
-    stages = re.findall(r"^distill: ([\w-]+) done in \d+\.\d s \(\d+\.\d s in all\)$", proc.stderr, re.MULTILINE)
-    assert stages == ["data", "teacher", "evaluate-teacher", "reduce", "reconstruct", "evaluate-reconstructed",
-                      "finetune", "evaluate-finetuned", "prune", "quantize", "evaluate-pruned", "evaluate-quantized",
-                      "plots", "register"], proc.stderr[-3000:]
+    stages = re.findall(
+        r"^distill: ([\w-]+) done in \d+\.\d s \(\d+\.\d s in all\)$", proc.stderr, re.MULTILINE
+    )
+    assert stages == [
+        "data",
+        "teacher",
+        "evaluate-teacher",
+        "reduce",
+        "reconstruct",
+        "evaluate-reconstructed",
+        "finetune",
+        "evaluate-finetuned",
+        "prune",
+        "quantize",
+        "evaluate-pruned",
+        "evaluate-quantized",
+        "plots",
+        "register",
+    ], proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "missing.yaml"], "error: config file not found: missing.yaml"),
-    (["run", "--set", "reduce.budget.size_kb=-1"], "error: config key 'reduce.budget.size_kb': Input should be greater than 0"),
-    (["run", "--set", "teacher.epoch=3"], "error: config key 'teacher.epoch': unknown key"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "missing.yaml"], "error: config file not found: missing.yaml"),
+        (
+            ["run", "--set", "reduce.budget.size_kb=-1"],
+            "error: config key 'reduce.budget.size_kb': Input should be greater than 0",
+        ),
+        (["run", "--set", "teacher.epoch=3"], "error: config key 'teacher.epoch': unknown key"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     if "--set" in args:
         args = ["run", str(ROOT / "configs" / "digits.yaml"), *args[1:]]
@@ -55,14 +83,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_user_error_inside_the_flow_is_one_line(tmp_path):
-    proc = _run(["run", str(ROOT / "configs" / "digits.yaml"), "--set", "data.source=csv:nope.csv"], tmp_path)
+    proc = _run(
+        ["run", str(ROOT / "configs" / "digits.yaml"), "--set", "data.source=csv:nope.csv"],
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: data file not found: nope.csv"
     assert "Traceback" not in proc.stderr
 
 
 def test_help_lists_run():
-    proc = subprocess.run(DISTILL + ["--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [*DISTILL, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 0 and "run" in proc.stdout
 
 

@@ -36,14 +36,28 @@ def runs(store):
     for i, (size_kb, accuracy) in enumerate([(250.0, 0.97), (100.0, 0.95), (50.0, 0.90)]):
         run = client.create_run(experiment_id, start_time=T0 + i * 60_000, run_name=f"digits-{i}")
         rid = run.info.run_id
-        for key, value in {"seed": 0, "reduce.budget.size_kb": size_kb, "finetune.epochs": 20}.items():
+        for key, value in {
+            "seed": 0,
+            "reduce.budget.size_kb": size_kb,
+            "finetune.epochs": 20,
+        }.items():
             client.log_param(rid, key, value)
-        for key, value in {"final/accuracy": accuracy, "final/size_kb": size_kb / 4, "compression_ratio": 1000 / size_kb,
-                           "accuracy_drop": 0.98 - accuracy, "speedup_b1": 2.0 + i, "teacher/accuracy": 0.98}.items():
+        for key, value in {
+            "final/accuracy": accuracy,
+            "final/size_kb": size_kb / 4,
+            "compression_ratio": 1000 / size_kb,
+            "accuracy_drop": 0.98 - accuracy,
+            "speedup_b1": 2.0 + i,
+            "teacher/accuracy": 0.98,
+        }.items():
             client.log_metric(rid, key, value)
         client.set_terminated(rid)
-        child = client.create_run(experiment_id, start_time=T0 + i * 60_000 + 1, run_name="teacher",
-                                  tags={"mlflow.parentRunId": rid})
+        child = client.create_run(
+            experiment_id,
+            start_time=T0 + i * 60_000 + 1,
+            run_name="teacher",
+            tags={"mlflow.parentRunId": rid},
+        )
         client.log_metric(child.info.run_id, "teacher/accuracy", 0.98)
         ids.append(rid)
     failed = client.create_run(experiment_id, start_time=T0 + 300_000, run_name="digits-failed")
@@ -55,8 +69,7 @@ def runs(store):
 
 
 def _compare(*args):
-    result = CliRunner().invoke(app, ["compare", *args])
-    return result
+    return CliRunner().invoke(app, ["compare", *args])
 
 
 def test_csv_is_parent_runs_newest_first_with_differing_config(runs):
@@ -86,7 +99,9 @@ def test_json_parses_and_last_limits(runs):
     assert records[0]["final/accuracy"] is None and records[1]["final/accuracy"] == 0.90
     assert records[0]["finetune.epochs"] == "40"  # params are MLflow's strings
     assert "reduce.budget.size_kb" in records[0]  # 250 vs 50 among these two
-    assert records[1]["start_time"] == pd.Timestamp(T0 + 120_000, unit="ms", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert records[1]["start_time"] == pd.Timestamp(T0 + 120_000, unit="ms", tz="UTC").strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
 
 
 def test_table_shows_runs_side_by_side(runs):
@@ -103,9 +118,12 @@ def test_one_run_has_no_differences(runs):
     assert not any("." in c and "/" not in c for c in frame.columns)  # no config columns
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--experiment", "nope"], "error: no MLflow experiment named 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--experiment", "nope"], "error: no MLflow experiment named 'nope'"),
+    ],
+)
 def test_unknown_experiment_is_one_line(runs, args, message):
     result = _compare(*args)
     assert result.exit_code == 2 and result.stderr.startswith(message) and result.stdout == ""

@@ -15,14 +15,40 @@ pytestmark = pytest.mark.slow
 
 def test_four_processes_share_one_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PYTHONPATH": str(ROOT),
-                        "DISTILL_MLFLOW_CONFIG": str(tmp_path / "absent.yaml")}
-    sets = [a for s in TINY + ["evaluate.plots=false", "register.model_name=shared"] for a in ("--set", s)]
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "digits.yaml"),
-                               *sets, "--set", f"seed={i}", "--fresh"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PYTHONPATH": str(ROOT),
+        "DISTILL_MLFLOW_CONFIG": str(tmp_path / "absent.yaml"),
+    }
+    sets = [
+        a
+        for s in [*TINY, "evaluate.plots=false", "register.model_name=shared"]
+        for a in ("--set", s)
+    ]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "run",
+                str(ROOT / "configs" / "digits.yaml"),
+                *sets,
+                "--set",
+                f"seed={i}",
+                "--fresh",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     results = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, results):
+    for proc, (_, err) in zip(procs, results, strict=False):
         assert proc.returncode == 0, err[-3000:]
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -38,4 +64,6 @@ def test_four_processes_share_one_store(tmp_path):
     versions = client.search_model_versions("name='shared'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     assert {v.tags["mlflow.run_id"] for v in versions} == {p.info.run_id for p in parents}
-    assert client.get_model_version_by_alias("shared", "challenger").version in {v.version for v in versions}
+    assert client.get_model_version_by_alias("shared", "challenger").version in {
+        v.version for v in versions
+    }

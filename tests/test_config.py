@@ -28,17 +28,29 @@ def test_yaml_exponent_floats_are_numbers():
     assert build_config({"finetune": {"lr": "1e-3"}}).finetune.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["finetun.epochs=3"], "config key 'finetun': unknown key"),
-    (["finetune.epoch=3"], "config key 'finetune.epoch': unknown key"),
-    (["finetune.epochs=three"], "config key 'finetune.epochs': Input should be a valid integer"),
-    (["reduce.budget.size_kb=-5"], "config key 'reduce.budget.size_kb': Input should be greater than 0"),
-    (["reduce.budget.ratio=0.5"], "config key 'reduce.budget.ratio': Input should be greater than 1"),
-    (["register.model_name=bad name!"], "config key 'register.model_name'"),
-    (["finetune.alpha=1.5"], "config key 'finetune.alpha'"),
-    (["device=tpu"], "config key 'device'"),
-    (["finetune"], "--set expects key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["finetun.epochs=3"], "config key 'finetun': unknown key"),
+        (["finetune.epoch=3"], "config key 'finetune.epoch': unknown key"),
+        (
+            ["finetune.epochs=three"],
+            "config key 'finetune.epochs': Input should be a valid integer",
+        ),
+        (
+            ["reduce.budget.size_kb=-5"],
+            "config key 'reduce.budget.size_kb': Input should be greater than 0",
+        ),
+        (
+            ["reduce.budget.ratio=0.5"],
+            "config key 'reduce.budget.ratio': Input should be greater than 1",
+        ),
+        (["register.model_name=bad name!"], "config key 'register.model_name'"),
+        (["finetune.alpha=1.5"], "config key 'finetune.alpha'"),
+        (["device=tpu"], "config key 'device'"),
+        (["finetune"], "--set expects key=value"),
+    ],
+)
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(UserError) as err:
         build_config({}, overrides)

@@ -56,12 +56,15 @@ def test_shape_for_convolutions():
     assert data.input_shape == (1, 8, 8)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: DataConfig(source="sklearn:mnist"), "unknown sklearn dataset"),
-    (lambda p: DataConfig(source="digits"), "expected KIND:REF"),
-    (lambda p: DataConfig(source=f"csv:{p}/missing.csv"), "data file not found"),
-    (lambda p: DataConfig(shape=[1, 7, 7]), "config key 'data.shape'"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: DataConfig(source="sklearn:mnist"), "unknown sklearn dataset"),
+        (lambda p: DataConfig(source="digits"), "expected KIND:REF"),
+        (lambda p: DataConfig(source=f"csv:{p}/missing.csv"), "data file not found"),
+        (lambda p: DataConfig(shape=[1, 7, 7]), "config key 'data.shape'"),
+    ],
+)
 def test_bad_sources(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         load_dataset(make(tmp_path), 0)
@@ -81,6 +84,7 @@ def test_bad_tables(tmp_path):
 
 # --- the user's own data contract: split kept, standardization optional ---
 
+
 def _npz_split(path, rng, val=True, row_shape=(4,)):
     """An npz with the user's split: string labels, 'c' only twice in train (no 3-row rule)."""
     arrays = {
@@ -90,8 +94,10 @@ def _npz_split(path, rng, val=True, row_shape=(4,)):
         "y_test": np.array(["a", "b", "c", "a", "b"] * 2),
     }
     if val:
-        arrays |= {"X_val": rng.normal(size=(8, *row_shape)).astype(np.float32),
-                   "y_val": np.array(["a", "b", "c", "a"] * 2)}
+        arrays |= {
+            "X_val": rng.normal(size=(8, *row_shape)).astype(np.float32),
+            "y_val": np.array(["a", "b", "c", "a"] * 2),
+        }
     np.savez(path, **arrays)
     return arrays
 
@@ -131,8 +137,13 @@ def test_npz_split_is_kept_exactly(tmp_path):
 
 def test_npz_split_without_val_carves_it_from_train(tmp_path):
     rng = np.random.default_rng(2)
-    np.savez(tmp_path / "s.npz", X_train=rng.normal(size=(40, 3)), y_train=np.repeat([0, 1], 20),
-             X_test=rng.normal(size=(10, 3)), y_test=np.repeat([0, 1], 5))
+    np.savez(
+        tmp_path / "s.npz",
+        X_train=rng.normal(size=(40, 3)),
+        y_train=np.repeat([0, 1], 20),
+        X_test=rng.normal(size=(10, 3)),
+        y_test=np.repeat([0, 1], 5),
+    )
     f = np.load(tmp_path / "s.npz")
     cfg = DataConfig(source=f"npz:{tmp_path / 's.npz'}", standardize=False)
     a, b = load_dataset(cfg, 0), load_dataset(cfg, 1)
@@ -171,8 +182,9 @@ def _fold_csv(path, folds):
 def test_split_column_is_kept(tmp_path):
     folds = ["test", "train", "train", "val", "train", "test"] * 5
     frame = _fold_csv(tmp_path / "f.csv", folds)
-    cfg = DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="kind", split_column="fold",
-                     standardize=False)
+    cfg = DataConfig(
+        source=f"csv:{tmp_path / 'f.csv'}", label="kind", split_column="fold", standardize=False
+    )
     data = load_dataset(cfg, 0)
     assert data.feature_names == ["a", "b"]  # the split column is not a feature
     for part in ("train", "val", "test"):
@@ -197,26 +209,50 @@ def test_digest_names_the_data_and_the_users_split(tmp_path):
     X, y = rng.normal(size=(40, 3)), np.repeat([0, 1], 20)
     np.savez(tmp_path / "xy.npz", X=X, y=y)
     np.savez(tmp_path / "s1.npz", X_train=X[:30], y_train=y[:30], X_test=X[30:], y_test=y[30:])
-    np.savez(tmp_path / "s2.npz", X_train=X[:25], y_train=y[:25], X_val=X[25:30], y_val=y[25:30],
-             X_test=X[30:], y_test=y[30:])
-    xy, s1, s2 = (load_dataset(DataConfig(source=f"npz:{tmp_path / n}.npz"), 0).digest
-                  for n in ("xy", "s1", "s2"))
+    np.savez(
+        tmp_path / "s2.npz",
+        X_train=X[:25],
+        y_train=y[:25],
+        X_val=X[25:30],
+        y_val=y[25:30],
+        X_test=X[30:],
+        y_test=y[30:],
+    )
+    xy, s1, s2 = (
+        load_dataset(DataConfig(source=f"npz:{tmp_path / n}.npz"), 0).digest
+        for n in ("xy", "s1", "s2")
+    )
     assert xy == table_digest(X, y) and len({xy, s1, s2}) == 3
 
 
-@pytest.mark.parametrize("folds, message", [
-    (["train", "test", "dev"] * 6,
-     "column 'fold' holds 'dev'; expected train, val or test (config key 'data.split_column')"),
-    (["train", "Test"] * 9,  # case-sensitive
-     "column 'fold' holds 'Test'; expected train, val or test (config key 'data.split_column')"),
-    (["train", "test", None] * 6,
-     ("column 'fold' holds an empty cell; expected train, val or test "
-      "(config key 'data.split_column')")),
-    (["train", "val"] * 9,
-     "no test rows (column 'fold' value 'test'; config key 'data.split_column')"),
-    (["train"] * 3 + ["test"] * 15,  # train holds one 'y' row: nothing to stratify val with
-     "cannot carve 2 validation rows (0.1 of all rows) from the training split"),
-])
+@pytest.mark.parametrize(
+    "folds, message",
+    [
+        (
+            ["train", "test", "dev"] * 6,
+            "column 'fold' holds 'dev'; expected train, val or test (config key 'data.split_column')",
+        ),
+        (
+            ["train", "Test"] * 9,  # case-sensitive
+            "column 'fold' holds 'Test'; expected train, val or test (config key 'data.split_column')",
+        ),
+        (
+            ["train", "test", None] * 6,
+            (
+                "column 'fold' holds an empty cell; expected train, val or test "
+                "(config key 'data.split_column')"
+            ),
+        ),
+        (
+            ["train", "val"] * 9,
+            "no test rows (column 'fold' value 'test'; config key 'data.split_column')",
+        ),
+        (
+            ["train"] * 3 + ["test"] * 15,  # train holds one 'y' row: nothing to stratify val with
+            "cannot carve 2 validation rows (0.1 of all rows) from the training split",
+        ),
+    ],
+)
 def test_bad_split_column(tmp_path, folds, message):
     _fold_csv(tmp_path / "f.csv", folds)
     cfg = DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="kind", split_column="fold")
@@ -228,8 +264,11 @@ def test_bad_split_column(tmp_path, folds, message):
 
 def test_forgotten_split_column_is_hinted(tmp_path):
     _fold_csv(tmp_path / "f.csv", ["train", "val", "test"] * 6)
-    with pytest.raises(UserError, match=r"column 'fold' holds only train / val / test: a split\? "
-                       "set config key 'data.split_column' to 'fold'"):
+    with pytest.raises(
+        UserError,
+        match=r"column 'fold' holds only train / val / test: a split\? "
+        "set config key 'data.split_column' to 'fold'",
+    ):
         load_dataset(DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="kind"), 0)
 
 
@@ -240,31 +279,57 @@ def test_test_label_absent_from_train(tmp_path):
     cfg = DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="kind", split_column="fold")
     with pytest.raises(UserError) as err:
         load_dataset(cfg, 0)
-    assert str(err.value) == (f"data file {tmp_path / 'f.csv'}: label 'z' is in the test split "
-                              "(column 'fold' value 'test') but never in the training split "
-                              "(config key 'data.split_column')")
+    assert str(err.value) == (
+        f"data file {tmp_path / 'f.csv'}: label 'z' is in the test split "
+        "(column 'fold' value 'test') but never in the training split "
+        "(config key 'data.split_column')"
+    )
     rng = np.random.default_rng(6)
-    np.savez(tmp_path / "s.npz", X_train=rng.normal(size=(6, 2)), y_train=[0, 1] * 3,
-             X_test=rng.normal(size=(2, 2)), y_test=[1, 7])
+    np.savez(
+        tmp_path / "s.npz",
+        X_train=rng.normal(size=(6, 2)),
+        y_train=[0, 1] * 3,
+        X_test=rng.normal(size=(2, 2)),
+        y_test=[1, 7],
+    )
     with pytest.raises(UserError, match=r"label 7 is in the test split \(array 'y_test'\)"):
         load_dataset(DataConfig(source=f"npz:{tmp_path / 's.npz'}"), 0)
 
 
-@pytest.mark.parametrize("arrays, cfg, message", [
-    ({"X_train": (6, 2), "y_train": (6,), "X_test": (2, 2)}, {},
-     "missing array 'y_test' (expected X and y, or X_train, y_train, X_test, y_test"),
-    ({"X_train": (6, 2), "y_train": (5,), "X_test": (2, 2), "y_test": (2,)}, {},
-     "array 'X_train' has 6 rows but 'y_train' has 5"),
-    ({"X_train": (6, 2), "y_train": (6,), "X_test": (2, 3), "y_test": (2,)}, {},
-     "rows of array 'X_test' have shape [3] but those of 'X_train' have [2]"),
-    ({"X_train": (6, 2), "y_train": (6,), "X_test": (0, 2), "y_test": (0,)}, {},
-     "no test rows (array 'X_test'; config key 'data.source')"),
-    ({"X": (6, 2), "y": (6,)}, {"split_column": "fold"},
-     "config key 'data.split_column': only csv and parquet sources have columns"),
-])
+@pytest.mark.parametrize(
+    "arrays, cfg, message",
+    [
+        (
+            {"X_train": (6, 2), "y_train": (6,), "X_test": (2, 2)},
+            {},
+            "missing array 'y_test' (expected X and y, or X_train, y_train, X_test, y_test",
+        ),
+        (
+            {"X_train": (6, 2), "y_train": (5,), "X_test": (2, 2), "y_test": (2,)},
+            {},
+            "array 'X_train' has 6 rows but 'y_train' has 5",
+        ),
+        (
+            {"X_train": (6, 2), "y_train": (6,), "X_test": (2, 3), "y_test": (2,)},
+            {},
+            "rows of array 'X_test' have shape [3] but those of 'X_train' have [2]",
+        ),
+        (
+            {"X_train": (6, 2), "y_train": (6,), "X_test": (0, 2), "y_test": (0,)},
+            {},
+            "no test rows (array 'X_test'; config key 'data.source')",
+        ),
+        (
+            {"X": (6, 2), "y": (6,)},
+            {"split_column": "fold"},
+            "config key 'data.split_column': only csv and parquet sources have columns",
+        ),
+    ],
+)
 def test_bad_npz_splits(tmp_path, arrays, cfg, message):
-    np.savez(tmp_path / "s.npz", **{n: np.arange(np.prod(s)).reshape(s) % 2
-                                    for n, s in arrays.items()})
+    np.savez(
+        tmp_path / "s.npz", **{n: np.arange(np.prod(s)).reshape(s) % 2 for n, s in arrays.items()}
+    )
     with pytest.raises(UserError) as err:
         load_dataset(DataConfig(source=f"npz:{tmp_path / 's.npz'}", **cfg), 0)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -274,13 +339,16 @@ def test_nan_is_checked_per_user_split(tmp_path):
     f = _npz_split(tmp_path / "s.npz", np.random.default_rng(7))
     f["X_test"][3, 1] = np.inf
     np.savez(tmp_path / "s.npz", **f)
-    with pytest.raises(UserError, match=r"test split \(array 'X_test'\): column 'x1' holds inf in "
-                       "row 3"):
+    with pytest.raises(
+        UserError,
+        match=r"test split \(array 'X_test'\): column 'x1' holds inf in "
+        "row 3",
+    ):
         load_dataset(DataConfig(source=f"npz:{tmp_path / 's.npz'}"), 0)
 
 
 def test_split_column_must_not_be_the_label(tmp_path):
     _fold_csv(tmp_path / "f.csv", ["train", "test"] * 9)
     cfg = DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="fold", split_column="fold")
-    with pytest.raises(UserError, match="config key 'data.split_column': 'fold' is the label"):
+    with pytest.raises(UserError, match=r"config key 'data\.split_column': 'fold' is the label"):
         load_dataset(cfg, 0)

@@ -4,9 +4,20 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, log_loss, top_k_accuracy_score
 
 from tasks.config import EvaluateConfig
-from tasks.evaluate import (OnnxModel, classification_metrics, count_params, evaluate_model,
-                            expected_calibration_error, flops_per_row, latency_percentiles_ms, log_softmax,
-                            negative_log_likelihood, pipeline_summary, saved_size, top_k_accuracy)
+from tasks.evaluate import (
+    OnnxModel,
+    classification_metrics,
+    count_params,
+    evaluate_model,
+    expected_calibration_error,
+    flops_per_row,
+    latency_percentiles_ms,
+    log_softmax,
+    negative_log_likelihood,
+    pipeline_summary,
+    saved_size,
+    top_k_accuracy,
+)
 from tasks.quantize import export_onnx
 from tasks.teacher import build_cnn, build_mlp
 
@@ -28,13 +39,21 @@ def test_top_k_and_nll_match_sklearn():
     proba = np.exp(log_softmax(logits))
     assert np.allclose(proba.sum(1), 1.0)
     for k in (1, 3, 5):
-        assert top_k_accuracy(logits, y, k) == pytest.approx(top_k_accuracy_score(y, logits, k=k, labels=range(10)))
-    assert negative_log_likelihood(logits, y) == pytest.approx(log_loss(y, proba, labels=range(10)), rel=1e-9)
+        assert top_k_accuracy(logits, y, k) == pytest.approx(
+            top_k_accuracy_score(y, logits, k=k, labels=range(10))
+        )
+    assert negative_log_likelihood(logits, y) == pytest.approx(
+        log_loss(y, proba, labels=range(10)), rel=1e-9
+    )
     m = classification_metrics(logits, y, None)
-    assert m["top3_accuracy"] == pytest.approx(top_k_accuracy_score(y, logits, k=3, labels=range(10)))
+    assert m["top3_accuracy"] == pytest.approx(
+        top_k_accuracy_score(y, logits, k=3, labels=range(10))
+    )
     assert m["nll"] == pytest.approx(log_loss(y, proba, labels=range(10)))
     assert "agreement" not in m
-    assert "top3_accuracy" not in classification_metrics(logits[:, :5], y % 5, None)  # 5 classes: no top-k
+    assert "top3_accuracy" not in classification_metrics(
+        logits[:, :5], y % 5, None
+    )  # 5 classes: no top-k
 
 
 def test_ece_on_a_hand_made_case():
@@ -93,9 +112,25 @@ def test_evaluate_model_reports_every_metric(digits):
     model = build_mlp(64, [16], 10)
     cfg = EvaluateConfig(latency_repeats=3, large_batch=64)
     m = evaluate_model(model, digits, None, cfg)
-    assert {"accuracy", "f1_macro", "top3_accuracy", "ece", "nll", "train_accuracy", "train_test_gap", "params",
-            "nonzeros", "flops", "size_kb", "compressed_kb", "latency_ms_b1", "latency_p95_ms_b1", "latency_ms_b64",
-            "latency_p95_ms_b64", "throughput_rows_s"} <= set(m)
+    assert {
+        "accuracy",
+        "f1_macro",
+        "top3_accuracy",
+        "ece",
+        "nll",
+        "train_accuracy",
+        "train_test_gap",
+        "params",
+        "nonzeros",
+        "flops",
+        "size_kb",
+        "compressed_kb",
+        "latency_ms_b1",
+        "latency_p95_ms_b1",
+        "latency_ms_b64",
+        "latency_p95_ms_b64",
+        "throughput_rows_s",
+    } <= set(m)
     assert m["size_kb"] > 0
     train_acc = (model(torch.from_numpy(digits.X_train)).argmax(1).numpy() == digits.y_train).mean()
     assert m["train_test_gap"] == pytest.approx(train_acc - m["accuracy"])
@@ -125,7 +160,10 @@ def test_onnx_model_carries_the_float_models_counts(digits):
     model = build_mlp(64, [16], 10).eval()
     onnx = OnnxModel(export_onnx(model, 64), *count_params(model), flops_per_row(model, 64))
     cfg = EvaluateConfig(latency_repeats=3, large_batch=32)
-    m_torch, m_onnx = evaluate_model(model, digits, None, cfg), evaluate_model(onnx, digits, None, cfg)
+    m_torch, m_onnx = (
+        evaluate_model(model, digits, None, cfg),
+        evaluate_model(onnx, digits, None, cfg),
+    )
     for key in ("params", "nonzeros", "flops"):
         assert m_onnx[key] == m_torch[key]
     for key in ("accuracy", "nll", "ece", "train_accuracy"):
@@ -154,9 +192,14 @@ def test_a_model_with_nan_stops_at_its_stage(digits):
     check_model("pruned", model, rows)  # finite: passes
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    with pytest.raises(UserError, match=r"^stage pruned: the model's 0\.weight holds NaN or inf "
-                                        r"\(finetune\.lr too high\?\); the run stops before registration$"):
+    with pytest.raises(
+        UserError,
+        match=r"^stage pruned: the model's 0\.weight holds NaN or inf "
+        r"\(finetune\.lr too high\?\); the run stops before registration$",
+    ):
         check_model("pruned", model, rows)
-    served = OnnxModel(export_onnx(model, digits.n_features), 0, 0)  # no weights to read: its outputs tell
+    served = OnnxModel(
+        export_onnx(model, digits.n_features), 0, 0
+    )  # no weights to read: its outputs tell
     with pytest.raises(UserError, match=r"^stage quantized: the model outputs NaN or inf; "):
         check_model("quantized", served, rows)

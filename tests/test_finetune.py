@@ -20,7 +20,7 @@ def test_kd_loss_matches_hand_computation():
         return [x / sum(e) for x in e]
 
     p_t, p_s = softmax([2.0, 0.0, 1.0]), softmax([1.0, 2.0, 0.5])
-    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s, strict=False))
     ce = -math.log(math.exp(2.0) / sum(math.exp(x) for x in [1.0, 2.0, 0.5]))
     expected = alpha * T * T * kl + (1 - alpha) * ce
     assert kd_loss(s, t, y, T, alpha).item() == pytest.approx(expected, rel=1e-6)
@@ -51,7 +51,9 @@ def test_fit_learns_and_is_seeded(digits):
 
 def test_early_stopping_restores_the_best_epoch(digits):
     torch.manual_seed(0)
-    settings = FitSettings(epochs=30, lr=0.5, batch_size=64, patience=2, seed=0)  # lr far too high: diverges
+    settings = FitSettings(
+        epochs=30, lr=0.5, batch_size=64, patience=2, seed=0
+    )  # lr far too high: diverges
     model, history = fit(build_mlp(64, [32], 10), digits, settings)
     assert len(history.val_accuracy) < 30
     final = (predict_logits(model, digits.X_val).argmax(1) == digits.y_val).mean()
@@ -60,11 +62,23 @@ def test_early_stopping_restores_the_best_epoch(digits):
 
 def test_distillation_moves_the_student_toward_the_teacher(digits):
     torch.manual_seed(0)
-    teacher, _ = fit(build_mlp(64, [128], 10), digits, FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10))
+    teacher, _ = fit(
+        build_mlp(64, [128], 10),
+        digits,
+        FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10),
+    )
     torch.manual_seed(1)
     student = build_mlp(64, [16], 10)
-    before = (predict_logits(student, digits.X_test).argmax(1) == predict_logits(teacher, digits.X_test).argmax(1)).mean()
-    student2, history = distill(teacher, student, digits, FinetuneConfig(epochs=8, lr=5e-3), seed=0)
-    after = (predict_logits(student2, digits.X_test).argmax(1) == predict_logits(teacher, digits.X_test).argmax(1)).mean()
+    before = (
+        predict_logits(student, digits.X_test).argmax(1)
+        == predict_logits(teacher, digits.X_test).argmax(1)
+    ).mean()
+    student2, _history = distill(
+        teacher, student, digits, FinetuneConfig(epochs=8, lr=5e-3), seed=0
+    )
+    after = (
+        predict_logits(student2, digits.X_test).argmax(1)
+        == predict_logits(teacher, digits.X_test).argmax(1)
+    ).mean()
     assert after > before + 0.5 and after > 0.9
     assert student2 is not student  # the input student is left as it was

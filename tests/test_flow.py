@@ -23,7 +23,7 @@ def flow_store(tmp_path_factory):
 def pipeline(prefect_server, flow_store):
     """One pipeline run for the tests that only read what it recorded."""
     with use_store(flow_store):
-        return distill_flow(CONFIG, TINY + ["register.model_name=tiny-digits"])
+        return distill_flow(CONFIG, [*TINY, "register.model_name=tiny-digits"])
 
 
 @pytest.fixture
@@ -39,20 +39,38 @@ def test_flow_records_parent_and_stage_runs(run):
     assert parent.data.params["reduce.budget.size_kb"] == "12.0"
     assert parent.data.params["teacher.hidden"] == "[64, 64]"
     tags = parent.data.tags
-    assert {"prefect.flow_run_id", "distill.config_hash", "distill.dataset_digest", "distill.git_commit"} <= set(tags)
+    assert {
+        "prefect.flow_run_id",
+        "distill.config_hash",
+        "distill.dataset_digest",
+        "distill.git_commit",
+    } <= set(tags)
     assert parent.inputs.dataset_inputs[0].dataset.digest == tags["distill.dataset_digest"]
 
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
+    )
     assert sorted(r.info.run_name for r in children) == sorted(["reduce", *STAGES])
     metrics = parent.data.metrics
     for stage in STAGES:
         assert f"{stage}/accuracy" in metrics and f"{stage}/size_kb" in metrics
-    for key in ("final/accuracy", "final/size_kb", "compression_ratio", "accuracy_drop", "speedup_b1"):
+    for key in (
+        "final/accuracy",
+        "final/size_kb",
+        "compression_ratio",
+        "accuracy_drop",
+        "speedup_b1",
+    ):
         assert key in metrics
-    assert metrics["accuracy_drop"] == pytest.approx(metrics["teacher/accuracy"] - metrics["final/accuracy"])
-    assert metrics["compression_ratio"] == pytest.approx(metrics["teacher/size_kb"] / metrics["final/size_kb"])
-    assert metrics["final/size_kb"] < metrics["teacher/size_kb"] / 2  # tiny: ONNX's fixed overhead shows
+    assert metrics["accuracy_drop"] == pytest.approx(
+        metrics["teacher/accuracy"] - metrics["final/accuracy"]
+    )
+    assert metrics["compression_ratio"] == pytest.approx(
+        metrics["teacher/size_kb"] / metrics["final/size_kb"]
+    )
+    assert (
+        metrics["final/size_kb"] < metrics["teacher/size_kb"] / 2
+    )  # tiny: ONNX's fixed overhead shows
     assert run.metrics == metrics
 
     finetuned = next(r for r in children if r.info.run_name == "finetuned")
@@ -61,8 +79,15 @@ def test_flow_records_parent_and_stage_runs(run):
     artifacts = [a.path for a in client.list_artifacts(run.run_id, "config")]
     assert "config/resolved.yaml" in artifacts and "config/digits.yaml" in artifacts
     plots = sorted(a.path for a in client.list_artifacts(run.run_id, "plots"))
-    assert plots == ["plots/confusion.png", "plots/curves.png", "plots/pareto.png", "plots/tsne.png"]
-    assert metrics["final/flops"] == metrics["pruned/flops"]  # the ONNX model carries its float model's count
+    assert plots == [
+        "plots/confusion.png",
+        "plots/curves.png",
+        "plots/pareto.png",
+        "plots/tsne.png",
+    ]
+    assert (
+        metrics["final/flops"] == metrics["pruned/flops"]
+    )  # the ONNX model carries its float model's count
 
 
 def test_registered_challenger_reproduces_the_logged_accuracy(run, digits):
@@ -78,28 +103,43 @@ def test_registered_challenger_reproduces_the_logged_accuracy(run, digits):
     assert np.allclose(probas.sum(1), 1.0)
 
 
-def test_failed_stage_marks_the_run_failed_and_registers_nothing(prefect_server, mlflow_store, tmp_path):
+def test_failed_stage_marks_the_run_failed_and_registers_nothing(
+    prefect_server, mlflow_store, tmp_path
+):
     # a teacher file that is missing is found before any run opens: nothing is recorded
     with pytest.raises(UserError, match="file not found"):
-        distill_flow(CONFIG, TINY + [f"teacher.source=file:{tmp_path}/none.pt", "register.model_name=never"])
+        distill_flow(
+            CONFIG, [*TINY, f"teacher.source=file:{tmp_path}/none.pt", "register.model_name=never"]
+        )
     assert mlflow.search_runs(search_all_experiments=True).empty
     # an MLflow teacher is loaded by its stage: the run it failed in ends FAILED
     with pytest.raises(UserError, match="cannot load models:/nothing-here/1"):
-        distill_flow(CONFIG, TINY + ["teacher.source=models:/nothing-here/1", "register.model_name=never"])
-    runs = mlflow.search_runs(experiment_names=["distill"], filter_string="tags.mlflow.runName LIKE 'digits%'")
+        distill_flow(
+            CONFIG, [*TINY, "teacher.source=models:/nothing-here/1", "register.model_name=never"]
+        )
+    runs = mlflow.search_runs(
+        experiment_names=["distill"], filter_string="tags.mlflow.runName LIKE 'digits%'"
+    )
     assert list(runs["status"]) == ["FAILED"]
     assert MlflowClient().search_registered_models(filter_string="name = 'never'") == []
 
 
 def test_bad_config_leaves_nothing_in_mlflow(prefect_server, mlflow_store):
-    with pytest.raises(UserError, match="config key 'reduce.budget.params'"):
+    with pytest.raises(UserError, match=r"config key 'reduce\.budget\.params'"):
         distill_flow(CONFIG, ["reduce.budget.params=0"])
     assert mlflow.search_experiments(filter_string="name = 'distill'") == []
 
 
 def test_torch_runtime_is_registered_and_served(prefect_server, mlflow_store, digits):
-    run = distill_flow(CONFIG, TINY + ["compress.quantize.runtime=torch", "register.model_name=tiny-torch",
-                                       "evaluate.plots=false"])
+    run = distill_flow(
+        CONFIG,
+        [
+            *TINY,
+            "compress.quantize.runtime=torch",
+            "register.model_name=tiny-torch",
+            "evaluate.plots=false",
+        ],
+    )
     model = mlflow.pyfunc.load_model("models:/tiny-torch@challenger")
     out = model.predict(raw_features(digits, digits.X_test))
     accuracy = (out["prediction"].to_numpy() == np.asarray(digits.classes)[digits.y_test]).mean()

@@ -35,7 +35,9 @@ def test_fit_on_cuda_reaches_the_cpu_accuracy_and_returns_a_cpu_model(digits):
     settings = FitSettings(epochs=8, lr=3e-3, batch_size=64, patience=8, seed=0)
     start = _mlp(digits)
     on_cpu, _ = fit(copy.deepcopy(start), digits, settings)
-    on_gpu, history = fit(copy.deepcopy(start), digits, FitSettings(**{**vars(settings), "device": "cuda"}))
+    on_gpu, history = fit(
+        copy.deepcopy(start), digits, FitSettings(**{**vars(settings), "device": "cuda"})
+    )
     assert {p.device.type for p in on_gpu.parameters()} == {"cpu"}
     assert _accuracy(on_gpu, digits) > 0.9
     # same seed, same batches: only kernel round-off differs
@@ -44,11 +46,14 @@ def test_fit_on_cuda_reaches_the_cpu_accuracy_and_returns_a_cpu_model(digits):
 
 
 def test_distilling_on_cuda_leaves_the_teacher_on_cpu(digits):
-    teacher, _ = fit(_mlp(digits), digits, FitSettings(epochs=6, lr=3e-3, batch_size=64, patience=6))
+    teacher, _ = fit(
+        _mlp(digits), digits, FitSettings(epochs=6, lr=3e-3, batch_size=64, patience=6)
+    )
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_mlp(digits.X_train.shape[1], [32], len(digits.classes))
-    settings = FitSettings(epochs=6, lr=3e-3, batch_size=64, patience=6, temperature=4.0, alpha=0.9,
-                           device="cuda")
+    settings = FitSettings(
+        epochs=6, lr=3e-3, batch_size=64, patience=6, temperature=4.0, alpha=0.9, device="cuda"
+    )
     student, _ = fit(student, digits, settings, teacher=teacher)
     assert {p.device.type for p in teacher.parameters()} == {"cpu"}
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -76,20 +81,46 @@ def test_a_pipeline_run_on_cuda_serves_without_a_gpu(tmp_path, digits):
     from tasks.registry import raw_features
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    sets = [a for p in [*TINY, "device=cuda", "register.model_name=gpu-run", "evaluate.plots=false"]
-            for a in ("--set", p)]
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "digits.yaml"),
-                           *sets, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    sets = [
+        a
+        for p in [*TINY, "device=cuda", "register.model_name=gpu-run", "evaluate.plots=false"]
+        for a in ("--set", p)
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            str(ROOT / "configs" / "digits.yaml"),
+            *sets,
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout)["metrics"]
     assert metrics["teacher/accuracy"] > 0.8
 
     csv = tmp_path / "rows.csv"
     raw_features(digits, digits.X_test).to_csv(csv, index=False)
-    served = subprocess.run([sys.executable, "-c", SERVE, "models:/gpu-run@challenger", str(csv)], cwd=tmp_path,
-                            env=env | {"CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
+    served = subprocess.run(
+        [sys.executable, "-c", SERVE, "models:/gpu-run@challenger", str(csv)],
+        cwd=tmp_path,
+        env=env | {"CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert served.returncode == 0, served.stderr[-3000:]
     predictions = np.array(json.loads(served.stdout.strip().splitlines()[-1]))
     accuracy = float((np.asarray(digits.classes)[digits.y_test] == predictions).mean())

@@ -21,15 +21,23 @@ def test_resnet_groups_follow_the_residual_stream():
     stream = groups["model.stem.0"]
     # the stem and the first block's last conv write one stream; three convs read it
     assert stream.producers == ("model.stem.0", "model.layer1.conv2")
-    assert [r.name for r in stream.readers] == ["model.layer1.conv1", "model.layer2.conv1", "model.layer2.downsample.0"]
+    assert [r.name for r in stream.readers] == [
+        "model.layer1.conv1",
+        "model.layer2.conv1",
+        "model.layer2.downsample.0",
+    ]
     assert {"model.stem.1", "model.layer1.bn2"} <= set(stream.members)
     # the second stage's stream: written by the main path and the 1x1 shortcut, read by the head
     out = groups["model.layer2.conv2"]
     assert set(out.producers) == {"model.layer2.conv2", "model.layer2.downsample.0"}
     assert [r.name for r in out.readers] == ["model.fc"]
     assert not groups["model.fc"].reducible and "model output" in groups["model.fc"].why_not
-    assert [g.name for g in graph.reducible()] == ["model.stem.0", "model.layer1.conv1", "model.layer2.conv1",
-                                                   "model.layer2.conv2"]
+    assert [g.name for g in graph.reducible()] == [
+        "model.stem.0",
+        "model.layer1.conv1",
+        "model.layer2.conv1",
+        "model.layer2.conv2",
+    ]
 
 
 def test_transformer_groups_keep_heads_whole():
@@ -48,13 +56,20 @@ def test_depthwise_conv_passes_its_channels_through():
     model, X = wrapped("mobilenet")
     groups = {g.name: g for g in trace(model, torch.from_numpy(X[:2])).groups}
     hidden = groups["model.block.expand.0"]
-    assert "model.block.depthwise.0" in hidden.members and [r.name for r in hidden.readers] == ["model.block.project.0"]
+    assert "model.block.depthwise.0" in hidden.members and [r.name for r in hidden.readers] == [
+        "model.block.project.0"
+    ]
     assert hidden.reducible
 
 
 def test_a_flattened_channel_is_read_as_all_its_positions():
-    model = nn.Sequential(nn.Unflatten(1, (2, 4, 4)), nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(48, 5))
+    model = nn.Sequential(
+        nn.Unflatten(1, (2, 4, 4)),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 5),
+    )
     group = trace(model, torch.randn(2, 32)).group("1")
     assert group.readers[0].positions == tuple(tuple(range(16 * j, 16 * (j + 1))) for j in range(3))
 
@@ -74,7 +89,9 @@ def test_param_model_counts_the_real_narrower_model(arch):
         for g in graph.reducible():
             block = g.width // g.step
             per = rng.randint(1, block)
-            keep = [b * block + j for b in range(g.step) for j in sorted(rng.sample(range(block), per))]
+            keep = [
+                b * block + j for b in range(g.step) for j in sorted(rng.sample(range(block), per))
+            ]
             keep_units(graph, g, keep)
             widths[g.name] = len(keep)
         assert cost.params(widths) == _n_params(student)
@@ -97,4 +114,6 @@ def test_removed_units_leave_the_kept_ones_exact():
         assert torch.equal(after, before[:, keep])
         # the depthwise conv went along, channel for channel
         assert student.model.block.depthwise[0].weight.shape[0] == len(keep)
-        assert torch.equal(student.model.block.depthwise(after), model.model.block.depthwise(before)[:, keep])
+        assert torch.equal(
+            student.model.block.depthwise(after), model.model.block.depthwise(before)[:, keep]
+        )

@@ -15,8 +15,15 @@ from tasks import promotion
 from tasks.config import DataConfig, PromoteConfig
 from tasks.data import load_dataset, read_table, table_digest
 from tasks.errors import UserError
-from tasks.promotion import (CHAMPION, Candidate, champion_gate, common_held_out_accuracy, held_out_rows,
-                             promote_version, rollback)
+from tasks.promotion import (
+    CHAMPION,
+    Candidate,
+    champion_gate,
+    common_held_out_accuracy,
+    held_out_rows,
+    promote_version,
+    rollback,
+)
 
 NAME = "gated"
 
@@ -35,12 +42,16 @@ def mlflow_store(empty_db, tmp_path, monkeypatch):
     shutil.copy(empty_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it to os.environ: undo after
+    monkeypatch.setenv(
+        "MLFLOW_REGISTRY_URI", uri
+    )  # mlflow.set_registry_uri writes it to os.environ: undo after
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
 @pytest.fixture(autouse=True)
 def versions_without_files(monkeypatch):
     """The versions here point at runs with no model files: promotion's load check (tested in
@@ -53,19 +64,44 @@ def versions_without_files(monkeypatch):
 DIGITS_DIGEST = table_digest(*read_table("sklearn:digits", "target")[:2])
 
 
-def make_version(accuracy: float, teacher: float = 0.96, size_kb: float = 70.0, latency: float = 0.01,
-                 digest: str = DIGITS_DIGEST, seed: int = 0, test_size: float = 0.2, name: str = NAME) -> str:
+def make_version(
+    accuracy: float,
+    teacher: float = 0.96,
+    size_kb: float = 70.0,
+    latency: float = 0.01,
+    digest: str = DIGITS_DIGEST,
+    seed: int = 0,
+    test_size: float = 0.2,
+    name: str = NAME,
+) -> str:
     """A registered version whose parent run carries the pipeline's keys; alias challenger moves to it."""
     client = MlflowClient()
     with mlflow.start_run(tags={"distill.dataset_digest": digest}) as run:
-        mlflow.log_params({"seed": seed, "data.test_size": test_size, "data.source": "sklearn:digits",
-                           "data.label": "target"})
-        mlflow.log_metrics({"final/accuracy": accuracy, "teacher/accuracy": teacher, "accuracy_drop": teacher - accuracy,
-                            "final/size_kb": size_kb, "final/latency_ms_b1": latency})
+        mlflow.log_params(
+            {
+                "seed": seed,
+                "data.test_size": test_size,
+                "data.source": "sklearn:digits",
+                "data.label": "target",
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "final/accuracy": accuracy,
+                "teacher/accuracy": teacher,
+                "accuracy_drop": teacher - accuracy,
+                "final/size_kb": size_kb,
+                "final/latency_ms_b1": latency,
+            }
+        )
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
-    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
-                                          tags={"mlflow.run_id": run.info.run_id}).version
+    version = client.create_model_version(
+        name,
+        f"runs:/{run.info.run_id}/model",
+        run_id=run.info.run_id,
+        tags={"mlflow.run_id": run.info.run_id},
+    ).version
     client.set_registered_model_alias(name, "challenger", version)
     return str(version)
 
@@ -78,14 +114,21 @@ def tags(version: str, name: str = NAME) -> dict[str, str]:
     return MlflowClient().get_model_version(name, version).tags
 
 
-GATES = PromoteConfig(max_accuracy_drop=0.01, min_accuracy=0.9, max_size_kb=100, max_latency_ms_b1=0.05)
+GATES = PromoteConfig(
+    max_accuracy_drop=0.01, min_accuracy=0.9, max_size_kb=100, max_latency_ms_b1=0.05
+)
 
 
 def test_first_promotion_needs_only_the_absolute_gates(mlflow_store):
     v1 = make_version(0.955)
     decision = promote_version(NAME, None, GATES)  # default: the challenger
     assert decision.status == "promoted" and decision.version == v1 and decision.champion == v1
-    assert [g.name for g in decision.gates] == ["max_accuracy_drop", "min_accuracy", "max_size_kb", "max_latency_ms_b1"]
+    assert [g.name for g in decision.gates] == [
+        "max_accuracy_drop",
+        "min_accuracy",
+        "max_size_kb",
+        "max_latency_ms_b1",
+    ]
     assert all(g.passed for g in decision.gates)
     drop = next(g for g in decision.gates if g.name == "max_accuracy_drop")
     assert drop.value == pytest.approx(0.96 - 0.955) and drop.limit == 0.01
@@ -105,7 +148,11 @@ def test_better_challenger_replaces_the_champion(mlflow_store):
     assert aliases()[CHAMPION] == v2
     assert tags(v2)["previous_champion"] == v1
     gate = decision.gates[-1]
-    assert gate.name == "vs_champion" and gate.value == pytest.approx(0.958) and gate.limit == pytest.approx(0.95)
+    assert (
+        gate.name == "vs_champion"
+        and gate.value == pytest.approx(0.958)
+        and gate.limit == pytest.approx(0.95)
+    )
     assert "same test split" in gate.detail
 
 
@@ -117,9 +164,14 @@ def test_worse_challenger_is_refused_and_nothing_changes(mlflow_store):
     champion_tags = tags(v1)
     decision = promote_version(NAME, v2, GATES)
     assert decision.status == "refused" and not decision.ok
-    assert decision.reason == ("gate vs_champion: accuracy 0.9520 < champion version 1 0.9580 (same test split)")
+    assert decision.reason == (
+        "gate vs_champion: accuracy 0.9520 < champion version 1 0.9580 (same test split)"
+    )
     assert aliases() == before and tags(v1) == champion_tags
-    assert tags(v2)["promotion.status"] == "refused" and tags(v2)["promotion.reason"] == decision.reason
+    assert (
+        tags(v2)["promotion.status"] == "refused"
+        and tags(v2)["promotion.reason"] == decision.reason
+    )
     assert "promoted_at" not in tags(v2)
 
 
@@ -127,15 +179,19 @@ def test_champion_tolerance_lets_a_slightly_worse_one_through(mlflow_store):
     v1 = make_version(0.958)
     promote_version(NAME, v1, GATES)
     v2 = make_version(0.955)
-    assert promote_version(NAME, v2, GATES.model_copy(update={"champion_tolerance": 0.005})).status == "promoted"
+    assert (
+        promote_version(NAME, v2, GATES.model_copy(update={"champion_tolerance": 0.005})).status
+        == "promoted"
+    )
 
 
 def test_failed_absolute_gates_name_the_gate_and_both_numbers(mlflow_store):
     make_version(0.93, teacher=0.96, size_kb=120.0)
     decision = promote_version(NAME, None, GATES)
     assert decision.status == "refused"
-    assert decision.reason == ("gate max_accuracy_drop: accuracy drop vs teacher 0.0300 > 0.0100 "
-                               "(and 1 more: max_size_kb)")
+    assert decision.reason == (
+        "gate max_accuracy_drop: accuracy drop vs teacher 0.0300 > 0.0100 (and 1 more: max_size_kb)"
+    )
     assert CHAMPION not in aliases()
 
 
@@ -152,8 +208,14 @@ def test_switched_off_gates_are_not_checked(mlflow_store):
 def test_missing_metric_fails_its_gate(mlflow_store):
     v1 = make_version(0.95)
     run = MlflowClient().get_run(tags(v1)["mlflow.run_id"])
-    candidate = Candidate(NAME, v1, run.info.run_id, {k: v for k, v in run.data.metrics.items() if k != "final/size_kb"},
-                          run.data.tags, run.data.params)
+    candidate = Candidate(
+        NAME,
+        v1,
+        run.info.run_id,
+        {k: v for k, v in run.data.metrics.items() if k != "final/size_kb"},
+        run.data.tags,
+        run.data.params,
+    )
     gate = promotion.absolute_gates(candidate, GATES)[2]
     assert gate.name == "max_size_kb" and not gate.passed and gate.detail == "size KB not logged"
 
@@ -163,7 +225,11 @@ def test_rollback_restores_the_previous_champion(mlflow_store):
     promote_version(NAME, v1, GATES)
     promote_version(NAME, v2, GATES)
     decision = rollback(NAME)
-    assert decision.status == "rolled_back" and decision.champion == v1 and decision.previous_champion == v2
+    assert (
+        decision.status == "rolled_back"
+        and decision.champion == v1
+        and decision.previous_champion == v2
+    )
     assert aliases()[CHAMPION] == v1
     assert tags(v2)["promotion.status"] == "rolled_back"
     assert tags(v1)["promotion.reason"] == f"restored by rollback of version {v2}"
@@ -227,7 +293,7 @@ def test_different_split_is_compared_on_rows_held_out_from_both(mlflow_store):
     champion, challenger = make_version(0.99, seed=0), make_version(0.90, seed=1)
     client = MlflowClient()
     a, b = (promotion.load_candidate(client, NAME, v) for v in (challenger, champion))
-    X, y, _, _ = read_table("sklearn:digits", "target")
+    _X, y, _, _ = read_table("sklearn:digits", "target")
     common = np.intersect1d(held_out_rows(y, 0.2, 1), held_out_rows(y, 0.2, 0))
     assert 0.02 * len(y) < len(common) < 0.07 * len(y)
     seen = []
@@ -240,7 +306,9 @@ def test_different_split_is_compared_on_rows_held_out_from_both(mlflow_store):
     mine, theirs, n = common_held_out_accuracy(a, b, predict)
     assert (mine, theirs, n) == (1.0, 0.0, len(common)) and seen == [len(common)] * 2
     gate = champion_gate(a, b, GATES, predict)
-    assert gate.passed and f"re-evaluated on {len(common)} rows held out from both runs" in gate.detail
+    assert (
+        gate.passed and f"re-evaluated on {len(common)} rows held out from both runs" in gate.detail
+    )
 
 
 def test_other_data_cannot_be_compared_with_the_champion(mlflow_store):
@@ -259,15 +327,25 @@ def test_teacher_lineage_pins_files_and_aliases(mlflow_store, tmp_path):
 
     path = tmp_path / "teacher.pt"
     path.write_bytes(b"weights")
-    assert teacher_lineage(f"file:{path}") == {"distill.teacher_source": f"file:{path}",
-                                               "distill.teacher_sha256": hashlib.sha256(b"weights").hexdigest()}
+    assert teacher_lineage(f"file:{path}") == {
+        "distill.teacher_source": f"file:{path}",
+        "distill.teacher_sha256": hashlib.sha256(b"weights").hexdigest(),
+    }
     v = make_version(0.9, name="teachers")
     run_id = tags(v, "teachers")["mlflow.run_id"]
     assert teacher_lineage("models:/teachers@challenger") == {
-        "distill.teacher_source": "models:/teachers@challenger", "distill.teacher_uri": f"models:/teachers/{v}",
-        "distill.teacher_run_id": run_id}
-    assert teacher_lineage("runs:/abc123/teacher") == {"distill.teacher_source": "runs:/abc123/teacher",
-                                                      "distill.teacher_run_id": "abc123"}
+        "distill.teacher_source": "models:/teachers@challenger",
+        "distill.teacher_uri": f"models:/teachers/{v}",
+        "distill.teacher_run_id": run_id,
+    }
+    assert teacher_lineage("runs:/abc123/teacher") == {
+        "distill.teacher_source": "runs:/abc123/teacher",
+        "distill.teacher_run_id": "abc123",
+    }
     # unresolvable sources add nothing: the teacher stage reports them with its own error
-    assert teacher_lineage(f"file:{tmp_path}/none.pt") == {"distill.teacher_source": f"file:{tmp_path}/none.pt"}
-    assert teacher_lineage("models:/teachers@nobody") == {"distill.teacher_source": "models:/teachers@nobody"}
+    assert teacher_lineage(f"file:{tmp_path}/none.pt") == {
+        "distill.teacher_source": f"file:{tmp_path}/none.pt"
+    }
+    assert teacher_lineage("models:/teachers@nobody") == {
+        "distill.teacher_source": "models:/teachers@nobody"
+    }

@@ -1,10 +1,24 @@
+import copy
+import itertools
+import math
+
 import numpy as np
+import pytest
 import torch
 
 from tasks.config import FinetuneConfig, PruneConfig
-from tasks.evaluate import count_params
-from tasks.prune import fold_masks, magnitude_prune, prune_and_recover, prunable_weights
-from tasks.teacher import build_mlp
+from tasks.evaluate import count_params, saved_size
+from tasks.graph import keep_units, trace
+from tasks.prune import (
+    cubic_schedule,
+    fold_masks,
+    magnitude_prune,
+    prunable_weights,
+    prune_and_recover,
+    structured_prune,
+    unit_scores,
+)
+from tasks.teacher import build_cnn, build_mlp
 
 
 def _weights(model):
@@ -29,35 +43,35 @@ def test_recovery_keeps_the_sparsity(digits):
     torch.manual_seed(0)
     teacher = build_mlp(64, [32], 10).eval()
     student = build_mlp(64, [32], 10)
-    pruned, history = prune_and_recover(teacher, student, digits, PruneConfig(method="unstructured", amount=0.5, recovery_epochs=2),
-                                        FinetuneConfig(), seed=0)
+    pruned, history = prune_and_recover(
+        teacher,
+        student,
+        digits,
+        PruneConfig(method="unstructured", amount=0.5, recovery_epochs=2),
+        FinetuneConfig(),
+        seed=0,
+    )
     weights = _weights(pruned)
     assert int((weights == 0).sum()) == round(0.5 * weights.numel())
     params, nonzeros = count_params(pruned)
     assert params - nonzeros == int((weights == 0).sum())  # biases are not pruned
     assert len(history.val_accuracy) == 2
-    assert np.count_nonzero(_weights(student).numpy()) == _weights(student).numel()  # input untouched
+    assert (
+        np.count_nonzero(_weights(student).numpy()) == _weights(student).numel()
+    )  # input untouched
 
 
 # --- structured pruning ---------------------------------------------------------------
 
-import copy  # noqa: E402
-import math  # noqa: E402
 
-import pytest  # noqa: E402
-
-from tasks.errors import UserError  # noqa: E402
-from tasks.evaluate import saved_size  # noqa: E402
-from tasks.prune import cubic_schedule, structured_prune, unit_scores  # noqa: E402
-from tasks.teacher import build_cnn  # noqa: E402
-from tasks.graph import keep_units, trace  # noqa: E402
-
-
-@pytest.mark.parametrize("model, n_features", [
-    (build_mlp(6, [12, 9], 3), 6),
-    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # the last conv's reader sits after a Flatten
-    (build_cnn((2, 12), [4, 3], 3), 24),
-])
+@pytest.mark.parametrize(
+    "model, n_features",
+    [
+        (build_mlp(6, [12, 9], 3), 6),
+        (build_cnn((2, 5, 5), [4, 3], 3), 50),  # the last conv's reader sits after a Flatten
+        (build_cnn((2, 12), [4, 3], 3), 24),
+    ],
+)
 def test_removal_keeps_kept_units_exact(model, n_features):
     torch.manual_seed(0)
     model.eval()
@@ -70,19 +84,23 @@ def test_removal_keeps_kept_units_exact(model, n_features):
         reader = int(group.readers[0].name)
         with torch.no_grad():
             # the kept units of the pruned layer compute exactly what they did
-            assert torch.allclose(pruned[:index + 1](X), model[:index + 1](X)[:, keep], atol=1e-6, rtol=0)
+            assert torch.allclose(
+                pruned[: index + 1](X), model[: index + 1](X)[:, keep], atol=1e-6, rtol=0
+            )
             # the reader sees exactly the kept units' activations and drops the others' terms
-            a = model[:index + 1](X)
+            a = model[: index + 1](X)
             mask = torch.zeros(group.width)
             mask[keep] = 1.0
-            expected = model[index + 1:reader + 1](a * mask.reshape((1, -1) + (1,) * (a.dim() - 2)))
-            assert torch.allclose(pruned[:reader + 1](X), expected, atol=1e-5)
+            expected = model[index + 1 : reader + 1](
+                a * mask.reshape((1, -1) + (1,) * (a.dim() - 2))
+            )
+            assert torch.allclose(pruned[: reader + 1](X), expected, atol=1e-5)
 
 
 def test_cubic_schedule():
     s = cubic_schedule(0.5, 3)
     assert s == pytest.approx([0.5 * (1 - (2 / 3) ** 3), 0.5 * (1 - (1 / 3) ** 3), 0.5])
-    assert all(a < b for a, b in zip(s, s[1:]))
+    assert all(a < b for a, b in itertools.pairwise(s))
 
 
 def test_scores_rank_units_by_norm():
@@ -90,17 +108,29 @@ def test_scores_rank_units_by_norm():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [3, 0, 0, 0], [0, 2, 2, 0]]))
     h = trace(model, torch.zeros(2, 4)).group("0")
-    assert np.argsort(unit_scores(model, h, "l2", np.zeros((2, 4), np.float32))).tolist() == [0, 2, 1]
-    assert np.argsort(unit_scores(model, h, "l1", np.zeros((2, 4), np.float32))).tolist() == [0, 1, 2]
+    assert np.argsort(unit_scores(model, h, "l2", np.zeros((2, 4), np.float32))).tolist() == [
+        0,
+        2,
+        1,
+    ]
+    assert np.argsort(unit_scores(model, h, "l1", np.zeros((2, 4), np.float32))).tolist() == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_structured_pruning_really_shrinks(digits):
     torch.manual_seed(0)
     teacher = build_mlp(64, [64], 10).eval()
     student = build_mlp(64, [40, 30], 10)
-    cfg = PruneConfig(method="structured", amount=0.5, rounds=2, recovery_epochs=1, criterion="activation")
+    cfg = PruneConfig(
+        method="structured", amount=0.5, rounds=2, recovery_epochs=1, criterion="activation"
+    )
     pruned, history = structured_prune(teacher, student, digits, cfg, FinetuneConfig(), seed=0)
-    assert pruned[0].out_features == math.ceil(0.5 * 40) and pruned[2].out_features == math.ceil(0.5 * 30)
+    assert pruned[0].out_features == math.ceil(0.5 * 40) and pruned[2].out_features == math.ceil(
+        0.5 * 30
+    )
     assert pruned[2].in_features == 20 and pruned[4].in_features == 15
     assert count_params(pruned)[0] < count_params(student)[0] / 2
     assert saved_size(pruned)[0] < saved_size(student)[0] * 0.6
@@ -114,8 +144,10 @@ def test_structured_pruning_narrows_a_low_rank_students_ranks(digits):
     from tasks.reduce import reduce_model
 
     teacher = build_mlp(64, [32, 32], 10).eval()
-    low_rank = reconstruct_low_rank(teacher, reduce_model(teacher, digits.X_train[:200],
-                                                          ReduceConfig(budget=BudgetConfig(ratio=3))))
+    low_rank = reconstruct_low_rank(
+        teacher,
+        reduce_model(teacher, digits.X_train[:200], ReduceConfig(budget=BudgetConfig(ratio=3))),
+    )
     cfg = PruneConfig(method="structured", amount=0.5, rounds=1, recovery_epochs=0)
     pruned, _ = structured_prune(teacher, low_rank, digits, cfg, FinetuneConfig(), seed=0)
     assert count_params(pruned)[0] < count_params(low_rank)[0]
@@ -140,5 +172,13 @@ def _data_like(digits, X):
     import dataclasses
 
     y = np.arange(len(X)) % 5
-    return dataclasses.replace(digits, X_train=X, y_train=y, X_val=X[:32], y_val=y[:32], X_test=X[:32], y_test=y[:32],
-                               classes=list(range(5)))
+    return dataclasses.replace(
+        digits,
+        X_train=X,
+        y_train=y,
+        X_val=X[:32],
+        y_val=y[:32],
+        X_test=X[:32],
+        y_test=y[:32],
+        classes=list(range(5)),
+    )

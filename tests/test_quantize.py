@@ -12,7 +12,11 @@ from tasks.teacher import build_cnn, build_mlp
 @pytest.fixture(scope="module")
 def trained_mlp(digits):
     torch.manual_seed(0)
-    model, _ = fit(build_mlp(64, [256, 128], 10), digits, FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10))
+    model, _ = fit(
+        build_mlp(64, [256, 128], 10),
+        digits,
+        FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10),
+    )
     return model
 
 
@@ -44,9 +48,13 @@ def test_int8_answers_a_row_the_same_in_any_batch(trained_mlp, digits):
     q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(), seed=0)
     predict = q.int8_model.predictor()
     whole = predict(digits.X_test)
-    alone = np.concatenate([predict(digits.X_test[i:i + 1]) for i in range(len(digits.X_test))])
-    chunks = np.concatenate([predict(digits.X_test[i:i + 7]) for i in range(0, len(digits.X_test), 7)])
-    assert np.array_equal(whole.argmax(1), alone.argmax(1)) and np.array_equal(whole.argmax(1), chunks.argmax(1))
+    alone = np.concatenate([predict(digits.X_test[i : i + 1]) for i in range(len(digits.X_test))])
+    chunks = np.concatenate(
+        [predict(digits.X_test[i : i + 7]) for i in range(0, len(digits.X_test), 7)]
+    )
+    assert np.array_equal(whole.argmax(1), alone.argmax(1)) and np.array_equal(
+        whole.argmax(1), chunks.argmax(1)
+    )
     assert np.abs(whole - alone).max() < 1e-4
 
 
@@ -58,12 +66,16 @@ def test_conv_models_take_static_quantization(digits):
 
 
 def test_quantization_can_be_disabled(trained_mlp, digits):
-    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(enabled=False), seed=0)
+    q = quantize_model(
+        trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(enabled=False), seed=0
+    )
     assert q.int8_model is None and q.served is q.float_model and q.method == "none"
 
 
 def test_torch_runtime_gives_int8_torchscript(trained_mlp, digits):
-    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(runtime="torch"), seed=0)
+    q = quantize_model(
+        trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(runtime="torch"), seed=0
+    )
     assert q.method == "torch-dynamic" and q.served is q.int8_model
     assert saved_size(q.int8_model)[0] < saved_size(q.float_model)[0] / 2
     acc = lambda m: (m.predictor()(digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from tasks.config import BudgetConfig, ReduceConfig
+from tasks.graph import param_model, trace
 from tasks.reconstruct import factor_layer, reconstruct_low_rank
-from tasks.reduce import LayerPlan, Reduction, collect_bases, reduce_model
+from tasks.reduce import LayerPlan, Reduction, allocate_widths, collect_bases, reduce_model
 from tasks.teacher import build_cnn, build_mlp
+from tasks.width import reconstruct_width, refit_reader, select_units
 
 
 def _full_rank(model, X):
@@ -16,11 +18,14 @@ def _full_rank(model, X):
     return Reduction(red.bases, plans, red.teacher_params, red.teacher_params, "variance", 1.0)
 
 
-@pytest.mark.parametrize("model, n_features", [
-    (build_mlp(16, [32, 24], 5), 16),
-    (build_cnn((1, 8, 8), [4, 6], 3), 64),
-    (build_cnn((2, 20), [5, 7], 4), 40),
-])
+@pytest.mark.parametrize(
+    "model, n_features",
+    [
+        (build_mlp(16, [32, 24], 5), 16),
+        (build_cnn((1, 8, 8), [4, 6], 3), 64),
+        (build_cnn((2, 20), [5, 7], 4), 40),
+    ],
+)
 def test_full_rank_student_equals_teacher(model, n_features):
     torch.manual_seed(0)
     for p in model.parameters():
@@ -59,10 +64,6 @@ def test_conv_factorization_shapes():
 
 # --- width mode -------------------------------------------------------------------------
 
-from tasks.graph import param_model, trace  # noqa: E402
-from tasks.reduce import allocate_widths  # noqa: E402
-from tasks.width import reconstruct_width, refit_reader, select_units  # noqa: E402
-
 
 def _random(model, std=0.5):
     torch.manual_seed(0)
@@ -75,11 +76,14 @@ def _widths(reduction):
     return {p.name: p.rank for p in reduction.layers if p.rank is not None}
 
 
-@pytest.mark.parametrize("model, n_features", [
-    (build_mlp(6, [12, 9], 3), 6),  # Linear reader
-    (build_cnn((2, 5, 5), [4, 3], 3), 50),  # Conv2d reader, then Linear after Flatten
-    (build_cnn((2, 12), [4, 3], 3), 24),  # Conv1d reader
-])
+@pytest.mark.parametrize(
+    "model, n_features",
+    [
+        (build_mlp(6, [12, 9], 3), 6),  # Linear reader
+        (build_cnn((2, 5, 5), [4, 3], 3), 50),  # Conv2d reader, then Linear after Flatten
+        (build_cnn((2, 12), [4, 3], 3), 24),  # Conv1d reader
+    ],
+)
 def test_refit_recovers_the_reader_exactly_when_it_is_identifiable(model, n_features):
     """With every unit kept and no ridge, the least-squares re-fit must return the teacher's
     own reader weights: the targets are an exact linear function of the activations."""
@@ -96,11 +100,15 @@ def test_refit_recovers_the_reader_exactly_when_it_is_identifiable(model, n_feat
 
 def test_width_student_is_a_plain_narrower_network(digits):
     teacher = _random(build_mlp(64, [48, 32], 10), std=0.2)
-    red = reduce_model(teacher, digits.X_train[:500], ReduceConfig(budget=BudgetConfig(ratio=4)), mode="width")
+    red = reduce_model(
+        teacher, digits.X_train[:500], ReduceConfig(budget=BudgetConfig(ratio=4)), mode="width"
+    )
     student = reconstruct_width(teacher, _widths(red), digits.X_train[:500])
     widths = {p.name: p.rank for p in red.layers}
     assert student[0].out_features == widths["0"] and student[2].in_features == widths["0"]
-    assert sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 4
+    assert (
+        sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 4
+    )
     assert not any(hasattr(m, "weight_mask") for m in student.modules())
     assert student(torch.from_numpy(digits.X_test[:3])).shape == (3, 10)
 
@@ -117,11 +125,14 @@ def test_width_allocation_meets_the_budget_and_one_more_unit_breaks_it():
         assert cost.params(widths) <= target
         # one more unit in any layer that can still grow would break the budget
         growable = [q for q in plans if q.rank is not None]
-        assert growable and all(cost.params(widths | {q.name: q.rank + 1}) > target for q in growable)
+        assert growable and all(
+            cost.params(widths | {q.name: q.rank + 1}) > target for q in growable
+        )
 
 
 def _basis_flat(m):
     from tasks.reduce import Basis
+
     return Basis(mean=np.zeros(m), components=np.eye(m), explained_variance=np.linspace(2, 1, m))
 
 
@@ -136,8 +147,13 @@ def test_pqr_and_importance_pick_k_distinct_units(digits):
 def test_width_mode_beats_low_rank_before_finetuning_at_high_compression(digits):
     """The reason width mode exists: at 30x, the rank-k map of a 512-wide layer starves."""
     from tasks.finetune import FitSettings, fit, predict_logits
+
     torch.manual_seed(0)
-    teacher, _ = fit(build_mlp(64, [256, 256], 10), digits, FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10))
+    teacher, _ = fit(
+        build_mlp(64, [256, 256], 10),
+        digits,
+        FitSettings(epochs=10, lr=1e-3, batch_size=64, patience=10),
+    )
     X = digits.X_train
     acc = lambda m: (predict_logits(m, digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
     budget = ReduceConfig(budget=BudgetConfig(ratio=30))
@@ -147,6 +163,7 @@ def test_width_mode_beats_low_rank_before_finetuning_at_high_compression(digits)
 
 
 # --- low rank on any architecture ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ["resnet2d", "resnet1d", "mobilenet", "transformer"])
 def test_low_rank_at_full_rank_reproduces_any_architecture(arch):
@@ -174,4 +191,6 @@ def test_low_rank_budget_counts_the_real_student(arch):
     teacher, X = wrapped(arch)
     red = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(ratio=2)))
     student = reconstruct_low_rank(teacher, red)
-    assert sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 2
+    assert (
+        sum(p.numel() for p in student.parameters()) == red.student_params <= red.teacher_params / 2
+    )

@@ -4,8 +4,15 @@ import torch
 
 from tasks.config import BudgetConfig, ReduceConfig
 from tasks.errors import UserError
-from tasks.reduce import (BYTES_PER_PARAM, Basis, allocate, calibration_rows, collect_bases, low_rank_params,
-                          reduce_model)
+from tasks.reduce import (
+    BYTES_PER_PARAM,
+    Basis,
+    allocate,
+    calibration_rows,
+    collect_bases,
+    low_rank_params,
+    reduce_model,
+)
 from tasks.teacher import build_cnn, build_mlp
 
 
@@ -41,7 +48,9 @@ def test_conv_pca_uses_pixels_as_samples():
 
 def _basis(variances):
     m = len(variances)
-    return Basis(mean=np.zeros(m), components=np.eye(m), explained_variance=np.asarray(variances, float))
+    return Basis(
+        mean=np.zeros(m), components=np.eye(m), explained_variance=np.asarray(variances, float)
+    )
 
 
 def test_allocation_meets_params_budget_and_prefers_variance_per_param():
@@ -137,5 +146,5 @@ def test_svd_bases_give_the_truncated_svd():
 def test_svd_needs_low_rank_mode():
     from tasks.config import build_config
 
-    with pytest.raises(UserError, match="reduce.method=svd needs reconstruct.mode=low_rank"):
+    with pytest.raises(UserError, match=r"reduce\.method=svd needs reconstruct\.mode=low_rank"):
         build_config({}, ["reduce.method=svd", "reconstruct.mode=width"])

@@ -31,19 +31,24 @@ def mlflow_store(empty_db, mlflow_store):
 def _run(status: str = "FINISHED") -> str:
     client = MlflowClient()
     experiment = client.get_experiment_by_name("distill") or client.get_experiment(
-        client.create_experiment("distill"))
+        client.create_experiment("distill")
+    )
     run_id = client.create_run(experiment.experiment_id).info.run_id
     if status != "RUNNING":
         client.set_terminated(run_id, status)
     return run_id
 
 
-def _version(name: str, run_id: str, complete: str | None = "true", created_by: str | None = None) -> str:
+def _version(
+    name: str, run_id: str, complete: str | None = "true", created_by: str | None = None
+) -> str:
     client = MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, tags={CREATED_BY: created_by} if created_by else None)
     tags = {"mlflow.run_id": run_id} | ({COMPLETE: complete} if complete else {})
-    return str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags).version)
+    return str(
+        client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags).version
+    )
 
 
 def _versions(name: str) -> list[str]:
@@ -67,7 +72,11 @@ def test_unfinished_versions_of_dead_runs_are_removed_and_nothing_else(mlflow_st
 
     assert sorted(removed) == sorted([f"m/{killed}", f"m/{unfinished_of_deleted}", "left-empty"])
     assert _versions("m") == sorted([finished, legacy, registering])
-    assert {m.name for m in MlflowClient().search_registered_models()} == {"m", "being-made", "users-own"}
+    assert {m.name for m in MlflowClient().search_registered_models()} == {
+        "m",
+        "being-made",
+        "users-own",
+    }
     assert remove_incomplete_registrations() == []
 
 
@@ -78,12 +87,18 @@ def test_a_killed_runs_model_goes_with_its_only_version(mlflow_store):
     assert MlflowClient().search_registered_models() == []
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unfinished", "m version 1 is an unfinished registration (run "),
-    ("failed run", "m version 1: its MLflow run {run} ended FAILED, not FINISHED: not promoted"),
-    ("deleted run", "m version 1: its MLflow run {run} was deleted: not promoted"),
-    ("no files", "m version 1 does not load ("),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unfinished", "m version 1 is an unfinished registration (run "),
+        (
+            "failed run",
+            "m version 1: its MLflow run {run} ended FAILED, not FINISHED: not promoted",
+        ),
+        ("deleted run", "m version 1: its MLflow run {run} was deleted: not promoted"),
+        ("no files", "m version 1 does not load ("),
+    ],
+)
 def test_what_promotion_refuses(mlflow_store, case, message):
     run_id = _run("FAILED" if case == "failed run" else "FINISHED")
     version = _version("m", run_id, complete="false" if case == "unfinished" else "true")
@@ -101,7 +116,8 @@ def test_promote_cli_refuses_a_version_whose_run_was_deleted(prefect_server, mlf
     result = CliRunner().invoke(app, ["promote", "--model", "m", "--version", version])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: m version {version}: its MLflow run {run_id} was deleted: not promoted")
+        f"error: m version {version}: its MLflow run {run_id} was deleted: not promoted"
+    )
     assert MlflowClient().get_registered_model("m").aliases == {}
     assert "promotion.status" not in MlflowClient().get_model_version("m", version).tags
 
@@ -117,13 +133,21 @@ def test_registration_marks_the_version_complete_last(mlflow_store, digits, monk
     from tasks.teacher import build_mlp
 
     torch.manual_seed(0)
-    model = OnnxModel(export_onnx(build_mlp(digits.n_features, [8], digits.n_classes), digits.n_features), 0, 0)
+    model = OnnxModel(
+        export_onnx(build_mlp(digits.n_features, [8], digits.n_classes), digits.n_features), 0, 0
+    )
     writes = []
     set_alias, set_tag = MlflowClient.set_registered_model_alias, MlflowClient.set_model_version_tag
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias",
-                        lambda self, *a: (writes.append(("alias", a[1])), set_alias(self, *a))[1])
-    monkeypatch.setattr(MlflowClient, "set_model_version_tag",
-                        lambda self, *a: (writes.append(("tag", a[2], a[3])), set_tag(self, *a))[1])
+    monkeypatch.setattr(
+        MlflowClient,
+        "set_registered_model_alias",
+        lambda self, *a: (writes.append(("alias", a[1])), set_alias(self, *a))[1],
+    )
+    monkeypatch.setattr(
+        MlflowClient,
+        "set_model_version_tag",
+        lambda self, *a: (writes.append(("tag", a[2], a[3])), set_tag(self, *a))[1],
+    )
     with mlflow.start_run() as run:
         registered = register_model(model, digits, "ordered", {"mlflow.run_id": run.info.run_id})
     assert writes == [("alias", "challenger"), ("tag", COMPLETE, "true")]

@@ -13,8 +13,9 @@ from tasks.errors import UserError
 
 def bomb(levels: int, width: int = 9) -> str:
     lines = ["l0: &l0 [" + ", ".join(["x"] * width) + "]"]
-    for i in range(1, levels + 1):
-        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    lines += [
+        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels + 1)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -23,17 +24,21 @@ def test_aliases_are_sized_as_a_walk_would_expand_them():
     assert safe_yaml.expanded_size(safe_yaml.load(bomb(2, 3), "f"), "f") == 1 + 3 + 4 + 13 + 40
     anchors = "base: &b {lr: 0.001, epochs: 3}\nfinetune: *b\nteacher: *b\n"  # ordinary use: fine
     assert safe_yaml.load(anchors, "f") == {"base": {"lr": 0.001, "epochs": 3}} | {
-        k: {"lr": 0.001, "epochs": 3} for k in ("finetune", "teacher")}
+        k: {"lr": 0.001, "epochs": 3} for k in ("finetune", "teacher")
+    }
 
 
-@pytest.mark.parametrize("text, message", [
-    (bomb(9), "f: its aliases expand to more than 100,000 values"),
-    ("a: &a [*a]\n", "f: an alias refers to a value that contains it"),
-    ("a: &a {b: *a}\n", "f: an alias refers to a value that contains it"),
-    ("a: " + "[" * 100 + "]" * 100 + "\n", "f: nested deeper than 64 levels"),
-    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "f nests deeper than Python can parse"),
-    ("a: [unclosed\n", "f is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (bomb(9), "f: its aliases expand to more than 100,000 values"),
+        ("a: &a [*a]\n", "f: an alias refers to a value that contains it"),
+        ("a: &a {b: *a}\n", "f: an alias refers to a value that contains it"),
+        ("a: " + "[" * 100 + "]" * 100 + "\n", "f: nested deeper than 64 levels"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "f nests deeper than Python can parse"),
+        ("a: [unclosed\n", "f is not valid YAML"),
+    ],
+)
 def test_refused_in_one_line(text, message):
     started = time.monotonic()
     with pytest.raises(UserError) as refused:
@@ -47,10 +52,55 @@ def test_a_bomb_in_a_set_value_is_refused():
         build_config({}, ["name=" + "{" + bomb(9).replace("\n", ", ").rstrip(", ") + "}"])
 
 
-PIECES = ["name", "seed", "finetune", "lr", "epochs", "reduce", "budget", "size_kb", "data", "shape",
-          "&a", "*a", "&b", "*b", "[", "]", "{", "}", ":", ",", "-", " ", "\n", "  ", ".inf", ".nan",
-          "-1", "0", "1e999", "0.5", "'x'", '"y"', "!!python/object:os.system", "<<:", "~", "null",
-          "true", "#", "|", ">", "\t", "?", "%YAML 1.1", "---", "...", "\\x00", "é"]
+PIECES = [
+    "name",
+    "seed",
+    "finetune",
+    "lr",
+    "epochs",
+    "reduce",
+    "budget",
+    "size_kb",
+    "data",
+    "shape",
+    "&a",
+    "*a",
+    "&b",
+    "*b",
+    "[",
+    "]",
+    "{",
+    "}",
+    ":",
+    ",",
+    "-",
+    " ",
+    "\n",
+    "  ",
+    ".inf",
+    ".nan",
+    "-1",
+    "0",
+    "1e999",
+    "0.5",
+    "'x'",
+    '"y"',
+    "!!python/object:os.system",
+    "<<:",
+    "~",
+    "null",
+    "true",
+    "#",
+    "|",
+    ">",
+    "\t",
+    "?",
+    "%YAML 1.1",
+    "---",
+    "...",
+    "\\x00",
+    "é",
+]
 
 
 def test_fuzz_the_config_loader(tmp_path):
@@ -80,8 +130,10 @@ def test_fuzz_set_overrides():
     rng = random.Random(18)
     started, tried = time.monotonic(), 0
     while tried < 2000 and time.monotonic() - started < 20:
-        pairs = [f"{rng.choice(keys)}=" + "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 6)))
-                 for _ in range(rng.randint(1, 3))]
+        pairs = [
+            f"{rng.choice(keys)}=" + "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 6)))
+            for _ in range(rng.randint(1, 3))
+        ]
         try:
             assert isinstance(build_config({}, pairs), PipelineConfig)
         except UserError as err:

@@ -146,7 +146,10 @@ def test_smallest_model_and_prune_fraction_count_real_parameters():
     groups = trace(model, example).reducible()
     f = keep_fraction_for(model, example, groups, 1_000)
     cost = param_model(model, example, groups)
-    at = lambda x: cost.params({g.name: int(np.ceil(x * g.width)) for g in groups})
+
+    def at(x):
+        return cost.params({g.name: int(np.ceil(x * g.width)) for g in groups})
+
     assert at(f) <= 1_000 < at(f + 1 / 32)  # the largest uniform cut within the count
 
 
@@ -245,8 +248,8 @@ def test_the_flow_registers_the_model_before_the_rolled_back_round(
     monkeypatch.setattr(Guard, "check", check)
     run = distill_flow(
         CONFIG,
-        FAST
-        + [
+        [
+            *FAST,
             "target.params=10",
             "compress.prune.rounds=3",
             "compress.quantize.enabled=false",
@@ -315,8 +318,12 @@ def test_a_met_size_target_is_met_by_the_registered_file(tmp_path, mlflow_store)
             "run",
             CONFIG,
             *_sets(
-                FAST
-                + ["target.size_kb=8", "target.max_accuracy_drop=0.5", "register.model_name=small"]
+                [
+                    *FAST,
+                    "target.size_kb=8",
+                    "target.max_accuracy_drop=0.5",
+                    "register.model_name=small",
+                ]
             ),
             "--json",
         ],
@@ -337,7 +344,7 @@ def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refus
     tmp_path, mlflow_store
 ):
     proc = _distill(
-        ["run", CONFIG, *_sets(FAST + ["target.size_kb=1", "register.model_name=tiny"])], tmp_path
+        ["run", CONFIG, *_sets([*FAST, "target.size_kb=1", "register.model_name=tiny"])], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stderr.splitlines() if x.startswith("target NOT met")]

@@ -62,13 +62,19 @@ def test_refit_is_the_ridge_least_squares_optimum():
     Z = z.movedim(1, -1).reshape(-1, z.shape[1]).numpy()
     lam = ridge * np.trace(A.T @ A) / A.shape[1]
     W = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ Z)
-    got = student.get_submodule(reader.name).weight.detach().double().reshape(W.shape[1], -1).numpy()
+    got = (
+        student.get_submodule(reader.name).weight.detach().double().reshape(W.shape[1], -1).numpy()
+    )
     assert np.allclose(got, W.T, atol=1e-5)
 
 
 def test_refit_does_better_than_surgery_alone():
     teacher, X = wrapped("transformer")
-    widths = {"model.embed": 16, "model.encoder.layers.0.linear1": 24, "model.encoder.layers.1.linear1": 24}
+    widths = {
+        "model.embed": 16,
+        "model.encoder.layers.0.linear1": 24,
+        "model.encoder.layers.1.linear1": 24,
+    }
     report = WidthReport()
     refitted = reconstruct_width(teacher, widths, X, report=report)
     assert "model.encoder.layers.0.self_attn.out_proj" in report.refitted
@@ -88,7 +94,9 @@ def test_refit_does_better_than_surgery_alone():
 @pytest.mark.parametrize("ratio", [2, 4])
 def test_a_budgeted_student_is_within_budget_and_exports_to_onnx(arch, ratio):
     teacher, X = wrapped(arch)
-    reduction = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(ratio=ratio)), mode="width")
+    reduction = reduce_model(
+        teacher, X, ReduceConfig(budget=BudgetConfig(ratio=ratio)), mode="width"
+    )
     widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
     student = reconstruct_width(teacher, widths, X)
     n = sum(p.numel() for p in student.parameters())

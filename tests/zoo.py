@@ -42,8 +42,9 @@ class _ResNet(nn.Module):
         super().__init__()
         conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
         pool = nn.AdaptiveAvgPool1d if dims == 1 else nn.AdaptiveAvgPool2d
-        self.stem = nn.Sequential(conv(in_channels, channels, 3, padding=1, bias=False),
-                                  bn(channels), nn.ReLU())
+        self.stem = nn.Sequential(
+            conv(in_channels, channels, 3, padding=1, bias=False), bn(channels), nn.ReLU()
+        )
         self.layer1 = BasicBlock(channels, channels, stride=1, dims=dims)
         self.layer2 = BasicBlock(channels, 2 * channels, stride=2, dims=dims)
         self.pool = pool(1)
@@ -80,13 +81,17 @@ class InvertedResidual(nn.Module):
     def __init__(self, channels: int, expand: int = 4) -> None:
         super().__init__()
         hidden = channels * expand
-        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False),
-                                    nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.expand = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
+        )
         self.depthwise = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU6())
-        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False),
-                                     nn.BatchNorm2d(channels))
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.project(self.depthwise(self.expand(x)))
@@ -95,11 +100,15 @@ class InvertedResidual(nn.Module):
 class MobileNetBlockNet(nn.Module):
     """Stem conv + BN + ReLU6, one inverted-residual block, global pool, linear."""
 
-    def __init__(self, in_channels: int = 1, channels: int = 8, n_classes: int = 10,
-                 expand: int = 4) -> None:
+    def __init__(
+        self, in_channels: int = 1, channels: int = 8, n_classes: int = 10, expand: int = 4
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU6())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU6(),
+        )
         self.block = InvertedResidual(channels, expand)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, n_classes)
@@ -113,15 +122,23 @@ class TransformerClassifier(nn.Module):
     """Linear token embedding + learned positions, a post-norm encoder (no dropout), the mean
     over tokens, a linear head. Input `[N, seq_len, n_features]`."""
 
-    def __init__(self, n_features: int = 8, seq_len: int = 8, d_model: int = 32,
-                 n_heads: int = 4, dim_feedforward: int = 64, n_layers: int = 2,
-                 n_classes: int = 10) -> None:
+    def __init__(
+        self,
+        n_features: int = 8,
+        seq_len: int = 8,
+        d_model: int = 32,
+        n_heads: int = 4,
+        dim_feedforward: int = 64,
+        n_layers: int = 2,
+        n_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(n_features, d_model)
         self.pos = nn.Parameter(torch.zeros(1, seq_len, d_model))
         nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout=0.0,
-                                           batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model, n_heads, dim_feedforward, dropout=0.0, batch_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, n_classes)
 
@@ -149,7 +166,9 @@ class TokenClassifier(nn.Module):
     """Token ids (given as floats, as distill feeds every row) -> `nn.Embedding`, mean over the
     sequence, an MLP head."""
 
-    def __init__(self, vocab: int = 16, dim: int = 16, hidden: int = 32, n_classes: int = 10) -> None:
+    def __init__(
+        self, vocab: int = 16, dim: int = 16, hidden: int = 32, n_classes: int = 10
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab, dim)
         self.hidden = nn.Linear(dim, hidden)
@@ -160,5 +179,14 @@ class TokenClassifier(nn.Module):
         return self.out(torch.relu(self.hidden(e)))
 
 
-__all__ = ["BasicBlock", "InceptionNet", "InvertedResidual", "MobileNetBlockNet", "ResNet1d",
-           "ResNet2d", "TokenClassifier", "TransformerClassifier", "make_resnet1d"]
+__all__ = [
+    "BasicBlock",
+    "InceptionNet",
+    "InvertedResidual",
+    "MobileNetBlockNet",
+    "ResNet1d",
+    "ResNet2d",
+    "TokenClassifier",
+    "TransformerClassifier",
+    "make_resnet1d",
+]
