@@ -389,7 +389,25 @@ def _registry() -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 def invoke(args: list[str]):
-    return CliRunner().invoke(app, ["run", CONFIG, *[a for s in TINY for a in ("--set", s)], *args])
+    try:
+        return CliRunner().invoke(app, ["run", CONFIG, *[a for s in TINY for a in ("--set", s)], *args])
+    finally:
+        _console_to_stderr()
+
+
+def _console_to_stderr() -> None:
+    """Prefect's console log handlers keep the stream they were made with; in-process, that is
+    the CliRunner's, closed once the invocation returns: point them back at the real stderr, or
+    the next in-process run's warnings print a logging traceback (an artifact of the harness)."""
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.console.file = sys.stderr
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ def _run(args, tmp_path: Path, timeout=600):
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_REGISTRY_URI": uri,
         "PYTHONPATH": str(ROOT),
+        # this test's own stage results: the session's PREFECT_HOME holds other tests' cached stages
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
     }
     return subprocess.run(
         DISTILL + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
