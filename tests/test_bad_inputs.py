@@ -390,7 +390,9 @@ def _registry() -> list[tuple[str, str, tuple[str, ...]]]:
 
 def invoke(args: list[str]):
     try:
-        return CliRunner().invoke(app, ["run", CONFIG, *[a for s in TINY for a in ("--set", s)], *args])
+        return CliRunner().invoke(
+            app, ["run", CONFIG, *[a for s in TINY for a in ("--set", s)], *args]
+        )
     finally:
         _console_to_stderr()
 
