@@ -168,7 +168,7 @@ def quantize_model(
     if not cfg.enabled:
         return Quantized(float_model, None, export_diff, None, "none")
     int8 = OnnxModel(
-        quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 2048, seed), static=True),
+        quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 512, seed), static=True),
         params,
         nonzeros,
         flops,
