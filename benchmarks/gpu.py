@@ -29,10 +29,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.architectures import signals  # noqa: E402
+from benchmarks.architectures import accuracy, signals  # noqa: E402
+from benchmarks.quality import generated_dataset  # noqa: E402
 from tasks.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
-from tasks.data import Dataset, Table, load_dataset, prepare  # noqa: E402
-from tasks.finetune import FitSettings, fit, predict_logits  # noqa: E402
+from tasks.data import Dataset, load_dataset  # noqa: E402
+from tasks.finetune import FitSettings, fit  # noqa: E402
 from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
 from tasks.teacher import build_mlp, wrap_input  # noqa: E402
 from tasks.width import reconstruct_width  # noqa: E402
@@ -41,15 +42,7 @@ from tests import zoo  # noqa: E402
 
 def signal_data(rows: int, length: int = 256) -> Dataset:
     X, y = signals(0, n=rows, length=length)
-    table = Table(
-        X=X,
-        y=y,
-        names=[f"t{i}" for i in range(length)],
-        name="signals",
-        where="generated signals",
-        row_shape=(length,),
-    )
-    return prepare(table, DataConfig(shape=[1, length]), 0)
+    return generated_dataset(X, y, "signals", 0, [1, length])
 
 
 def workloads(rows: int) -> dict[str, tuple[Callable[[], Dataset], Callable[[], nn.Module], int]]:
@@ -82,10 +75,6 @@ def workloads(rows: int) -> dict[str, tuple[Callable[[], Dataset], Callable[[], 
             64,
         ),
     }
-
-
-def accuracy(model: nn.Module, data: Dataset) -> float:
-    return float((predict_logits(model, data.X_test).argmax(1) == data.y_test).mean())
 
 
 def timed_fit(

@@ -43,10 +43,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.architectures import signals, tp_l2_student
+from benchmarks.architectures import accuracy, signals, tp_l2_student
 from tasks.config import BudgetConfig, DataConfig, ReduceConfig
 from tasks.data import Dataset, Table, load_dataset, prepare
-from tasks.finetune import FitSettings, fit, predict_logits
+from tasks.finetune import FitSettings, fit
 from tasks.graph import param_model
 from tasks.reconstruct import reinitialized
 from tasks.reduce import calibration_rows, reduce_model
@@ -57,9 +57,10 @@ TEACHER_EPOCHS = 60
 COLUMNS = ("before FT", "distill", "scratch CE", "scratch KD", "TP L2 + KD")
 
 
-def _table(
+def generated_dataset(
     X: np.ndarray, y: np.ndarray, name: str, seed: int, shape: list[int] | None = None
 ) -> Dataset:
+    """Generated rows as a user's table: columns x0.., prepared (split, standardized) by `seed`."""
     table = Table(
         X=X,
         y=y,
@@ -73,7 +74,7 @@ def _table(
 
 def signals_cnn(seed: int) -> tuple[Dataset, nn.Module]:
     X, y = signals(seed, n=3000, length=64, classes=8, noise=0.3)
-    return _table(X, y, "signals", seed, [1, 64]), build_cnn((1, 64), [32, 32, 32], 8)
+    return generated_dataset(X, y, "signals", seed, [1, 64]), build_cnn((1, 64), [32, 32, 32], 8)
 
 
 def table_mlp(seed: int) -> tuple[Dataset, nn.Module]:
@@ -89,7 +90,7 @@ def table_mlp(seed: int) -> tuple[Dataset, nn.Module]:
         class_sep=1.0,
         random_state=100 + seed,
     )
-    return _table(X, y, "table", seed), build_mlp(40, [256, 256], 6)
+    return generated_dataset(X, y, "table", seed), build_mlp(40, [256, 256], 6)
 
 
 def digits_mlp(seed: int) -> tuple[Dataset, nn.Module]:
@@ -101,10 +102,6 @@ TASKS: dict[str, Callable[[int], tuple[Dataset, nn.Module]]] = {
     "table-mlp": table_mlp,
     "digits-mlp": digits_mlp,
 }
-
-
-def accuracy(model: nn.Module, data: Dataset) -> float:
-    return float((predict_logits(model, data.X_test).argmax(1) == data.y_test).mean())
 
 
 def smallest_ratio(teacher: nn.Module, X: np.ndarray) -> float:
