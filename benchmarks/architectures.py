@@ -36,13 +36,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig
-from tasks.data import Dataset, Table, load_dataset, prepare
-from tasks.finetune import FitSettings, distill, fit, predict_logits
-from tasks.graph import keep_units, pruning_group, trace
-from tasks.reconstruct import reinitialized
-from tasks.reduce import calibration_rows, reduce_model
-from tasks.width import choose_units, reconstruct_width
+from tasks.compress.data import Dataset, Table, load_dataset, prepare
+from tasks.compress.finetune import FitSettings, distill, fit, predict_logits
+from tasks.compress.graph import keep_units, pruning_group, trace
+from tasks.compress.reconstruct import reinitialized
+from tasks.compress.reduce import calibration_rows, reduce_model
+from tasks.compress.width import choose_units, reconstruct_width
+from tasks.platform.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig
 from tests import zoo
 
 TEACHER_EPOCHS = 40

@@ -21,15 +21,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.config import EvaluateConfig, PipelineConfig, load_config  # noqa: E402
-from tasks.data import load_dataset  # noqa: E402
-from tasks.evaluate import evaluate_model  # noqa: E402
-from tasks.finetune import distill, predict_logits  # noqa: E402
-from tasks.prune import prune_and_recover  # noqa: E402
-from tasks.quantize import quantize_model  # noqa: E402
-from tasks.reconstruct import reconstruct  # noqa: E402
-from tasks.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.teacher import load_teacher  # noqa: E402
+from tasks.compress.data import load_dataset  # noqa: E402
+from tasks.compress.evaluate import evaluate_model  # noqa: E402
+from tasks.compress.finetune import distill, predict_logits  # noqa: E402
+from tasks.compress.prune import prune_and_recover  # noqa: E402
+from tasks.compress.quantize import quantize_model  # noqa: E402
+from tasks.compress.reconstruct import reconstruct  # noqa: E402
+from tasks.compress.reduce import calibration_rows, reduce_model  # noqa: E402
+from tasks.compress.teacher import load_teacher  # noqa: E402
+from tasks.platform.config import EvaluateConfig, PipelineConfig, load_config  # noqa: E402
 
 CNN = [
     "data.shape=[1, 8, 8]",

@@ -38,16 +38,16 @@ CONFIG = ROOT / "configs" / "digits.yaml"
 def bare(overrides: list[str]) -> None:
     """The flow's work as plain calls: same stages, same evaluation, the same figures written as
     PNG files (when `evaluate.plots` is on), nothing recorded."""
-    from tasks.config import load_config
-    from tasks.data import load_dataset
-    from tasks.evaluate import evaluate_model
-    from tasks.finetune import distill, predict_logits
-    from tasks.plots import pipeline_figures
-    from tasks.prune import prune_and_recover
-    from tasks.quantize import quantize_model
-    from tasks.reconstruct import reconstruct
-    from tasks.reduce import calibration_rows, reduce_model
-    from tasks.teacher import load_teacher
+    from tasks.compress.data import load_dataset
+    from tasks.compress.evaluate import evaluate_model
+    from tasks.compress.finetune import distill, predict_logits
+    from tasks.compress.plots import pipeline_figures
+    from tasks.compress.prune import prune_and_recover
+    from tasks.compress.quantize import quantize_model
+    from tasks.compress.reconstruct import reconstruct
+    from tasks.compress.reduce import calibration_rows, reduce_model
+    from tasks.compress.teacher import load_teacher
+    from tasks.platform.config import load_config
 
     cfg = load_config(CONFIG, overrides)
     data = load_dataset(cfg.data, cfg.seed)

@@ -44,14 +44,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.architectures import accuracy, signals, tp_l2_student
-from tasks.config import BudgetConfig, DataConfig, ReduceConfig
-from tasks.data import Dataset, Table, load_dataset, prepare
-from tasks.finetune import FitSettings, fit
-from tasks.graph import param_model
-from tasks.reconstruct import reinitialized
-from tasks.reduce import calibration_rows, reduce_model
-from tasks.teacher import build_cnn, build_mlp
-from tasks.width import reconstruct_width
+from tasks.compress.data import Dataset, Table, load_dataset, prepare
+from tasks.compress.finetune import FitSettings, fit
+from tasks.compress.graph import param_model
+from tasks.compress.reconstruct import reinitialized
+from tasks.compress.reduce import calibration_rows, reduce_model
+from tasks.compress.teacher import build_cnn, build_mlp
+from tasks.compress.width import reconstruct_width
+from tasks.platform.config import BudgetConfig, DataConfig, ReduceConfig
 
 TEACHER_EPOCHS = 60
 COLUMNS = ("before FT", "distill", "scratch CE", "scratch KD", "TP L2 + KD")

@@ -63,10 +63,10 @@ def teachers(tmp: Path) -> dict[str, list[str]]:
 
 def trained_teacher(overrides: list[str], path: Path, seed: int) -> tuple[list[str], float]:
     """Train once, save the state_dict; -> overrides loading it, and the latency target (ms)."""
-    from tasks.config import load_config
-    from tasks.data import load_dataset
-    from tasks.target import measure_costs
-    from tasks.teacher import train_teacher
+    from tasks.compress.data import load_dataset
+    from tasks.compress.target import measure_costs
+    from tasks.compress.teacher import train_teacher
+    from tasks.platform.config import load_config
 
     cfg = load_config(CONFIG, [f"seed={seed}", *overrides])
     data = load_dataset(cfg.data, seed)

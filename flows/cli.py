@@ -83,7 +83,7 @@ class _HideUserErrors(logging.Filter):
     line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.errors import UserError, fault_message, mentions_fault
+        from tasks.platform.errors import UserError, fault_message, mentions_fault
 
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and (isinstance(exc, UserError) or fault_message(exc) is not None):
@@ -109,7 +109,7 @@ def _start_prefect_server_early() -> Callable[[], None]:
         return lambda: None
     from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
 
-    from tasks import reaper
+    from tasks.platform import reaper
 
     server = SubprocessASGIServer()
     launch = server._run_uvicorn_command  # each server process it starts gets a watchdog at once
@@ -192,7 +192,7 @@ def _exit_on_signals() -> None:
 def user_errors() -> Iterator[None]:
     """A UserError inside becomes one line `error: ...` on stderr and exit 2; a fault of the
     environment (disk full, no write permission, tracking server gone) one line and exit 3."""
-    from tasks.errors import UserError, fault_message
+    from tasks.platform.errors import UserError, fault_message
 
     try:
         yield
@@ -242,7 +242,7 @@ def run(
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
     _quiet()
-    from tasks.config import load_config
+    from tasks.platform.config import load_config
 
     overrides = list(set_ or [])
     if from_run and config != Path("configs/digits.yaml"):
@@ -257,7 +257,7 @@ def run(
 
     server_ready()
     _hide_user_errors_in_prefect_logs()
-    from tasks.progress import stage_lines
+    from tasks.platform.progress import stage_lines
 
     stage_lines()
     _exit_on_signals()
@@ -285,20 +285,22 @@ def run(
 def check_inputs(cfg: Any, config: Path) -> None:
     """The data file, its columns and labels, the device and the teacher's fit to the data,
     checked in this process before any server starts (about 2 s on digits, most of it imports).
-    The flow reuses the dataset read here (tasks/data.py keeps the last one)."""
-    from tasks.data import load_dataset
+    The flow reuses the dataset read here (tasks/compress/data.py keeps the last one)."""
+    from tasks.compress.data import load_dataset
 
     data = load_dataset(cfg.data, cfg.seed)
-    from tasks.device import resolve_device  # torch: after the data, whose errors need none
-    from tasks.teacher import check_teacher
+    from tasks.compress.teacher import check_teacher
+    from tasks.platform.device import (
+        resolve_device,  # torch: after the data, whose errors need none
+    )
 
     resolve_device(cfg.device)
     check_teacher(cfg.teacher, data, config.resolve().parent)
 
 
 def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None:
-    from tasks.config import load_config
-    from tasks.errors import UserError
+    from tasks.platform.config import load_config
+    from tasks.platform.errors import UserError
 
     try:
         check_inputs(load_config(config, overrides + combo), config)
@@ -488,7 +490,7 @@ def compare(
 ) -> None:
     """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
     _quiet()
-    from tasks.compare import load_comparison, rich_table, to_csv, to_json
+    from tasks.release.compare import load_comparison, rich_table, to_csv, to_json
 
     # stdout carries the result only
     with user_errors(), contextlib.redirect_stdout(sys.stderr):
@@ -510,7 +512,7 @@ def _check_port_free(host: str, port: int) -> None:
     as ours. SO_REUSEADDR as servers set it: a closed connection's TIME_WAIT is no listener."""
     import socket
 
-    from tasks.errors import UserError
+    from tasks.platform.errors import UserError
 
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -535,7 +537,7 @@ def ui(
     import time
     import urllib.request
 
-    from tasks import tracking
+    from tasks.platform import tracking
 
     with user_errors():
         settings = tracking.load_settings()
@@ -637,8 +639,8 @@ def promote(
 ) -> None:
     """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501
     _quiet()
-    from tasks.config import DEFAULT_CONFIG, build_config, load_config
-    from tasks.errors import UserError
+    from tasks.platform.config import DEFAULT_CONFIG, build_config, load_config
+    from tasks.platform.errors import UserError
 
     flags = {
         "max_accuracy_drop": max_accuracy_drop,
@@ -710,8 +712,8 @@ def predict(
     with user_errors():
         import mlflow
 
-        from tasks import tracking
-        from tasks.predict import predict_file
+        from tasks.platform import tracking
+        from tasks.release.predict import predict_file
 
         settings = tracking.load_settings()
         tracking.check_reachable(settings.tracking_uri)

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.config import read_yaml
-from tasks.errors import UserError
+from tasks.platform.config import read_yaml
+from tasks.platform.errors import UserError
 
 PREFECT_FILE = Path("deployments/prefect.yaml")
 PROJECT_DIR_ENV = "DISTILL_PROJECT_DIR"

@@ -33,15 +33,21 @@ from flows.stages import (
     register_task,
     teacher_task,
 )
-from tasks import tracking
-from tasks.config import DEFAULT_CONFIG, BudgetConfig, PipelineConfig, build_config, load_config
-from tasks.data import Dataset
-from tasks.evaluate import pipeline_summary
-from tasks.finetune import predict_logits
-from tasks.reduce import calibration_rows, reduction_record
-from tasks.registry import Registered, remove_incomplete_registrations, teacher_lineage
-from tasks.target import Guard, target_record, target_tags, verdict
-from tasks.teacher import check_teacher
+from tasks.compress.data import Dataset
+from tasks.compress.evaluate import pipeline_summary
+from tasks.compress.finetune import predict_logits
+from tasks.compress.reduce import calibration_rows, reduction_record
+from tasks.compress.target import Guard, target_record, target_tags, verdict
+from tasks.compress.teacher import check_teacher
+from tasks.platform import tracking
+from tasks.platform.config import (
+    DEFAULT_CONFIG,
+    BudgetConfig,
+    PipelineConfig,
+    build_config,
+    load_config,
+)
+from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
 # torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
@@ -80,7 +86,7 @@ class RunSummary:
     model_version: str | None
     metrics: dict[str, float]  # the parent run's metrics
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
-    promotion: Any = None  # tasks.promotion.Decision, with `distill run --promote`
+    promotion: Any = None  # tasks.release.promotion.Decision, with `distill run --promote`
     target: dict[str, Any] | None = None  # {"met": bool, "line": str} when the config has a target
 
     def as_json(self) -> dict[str, Any]:
@@ -125,12 +131,12 @@ def distill_flow(
     tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """`promote`: run the promotion gates right after registration. `from_run`: take the config
-    from that MLflow run's record instead of `config_path` (tasks/reproduce.py). `tags`: extra
-    tags on the parent run (a sweep's id)."""
+    from that MLflow run's record instead of `config_path` (tasks/release/reproduce.py).
+    `tags`: extra tags on the parent run (a sweep's id)."""
     record = None
     if from_run:
         from flows.promote import connect_registry
-        from tasks.reproduce import read_record
+        from tasks.release.reproduce import read_record
 
         connect_registry()
         record = read_record(from_run)
@@ -145,7 +151,7 @@ def distill_flow(
         cfg.teacher, data, Path(config_dir) if config_dir else None
     )  # before any run exists
     if record is not None:
-        from tasks.reproduce import check_record
+        from tasks.release.reproduce import check_record
 
         for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
             get_run_logger().warning(warning)
@@ -235,7 +241,7 @@ def run_stages(
 
     plan = None
     reduce_cfg = cfg.reduce
-    if cfg.target is not None:  # the plan chooses the reduce budget (tasks/target.py)
+    if cfg.target is not None:  # the plan chooses the reduce budget (tasks/compress/target.py)
         with onnx_export_lock():
             plan, costs, teacher_bytes = plan_task(
                 teacher,

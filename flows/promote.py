@@ -1,6 +1,6 @@
 """The promotion flow: gate a registered version and move alias `champion`, or roll it back.
 
-The logic is in tasks/promotion.py; the flow points MLflow at the configured registry,
+The logic is in tasks/release/promotion.py; the flow points MLflow at the configured registry,
 runs one decision and publishes it as a Prefect markdown artifact (the gate table).
 """
 
@@ -11,9 +11,9 @@ import re
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import tracking
-from tasks.config import PromoteConfig
-from tasks.promotion import Decision, decision_markdown, promote_task, rollback_task
+from tasks.platform import tracking
+from tasks.platform.config import PromoteConfig
+from tasks.release.promotion import Decision, decision_markdown, promote_task, rollback_task
 
 
 def connect_registry() -> None:

@@ -1,11 +1,11 @@
 """The Prefect tasks the pipeline flow chains: each wraps one plain stage function of `tasks/`.
 
-The compression math (`tasks.data`, `tasks.teacher`, `tasks.reduce`, `tasks.reconstruct`,
-`tasks.finetune`, `tasks.prune`, `tasks.evaluate`, `tasks.plots`) imports neither Prefect nor
-MLflow: call those functions from a notebook. Here they become task runs with a name, a cache
-policy (`STAGE_CACHE`: the content of the inputs and the source of the code the stage calls,
-tasks/caching.py) and, where MLflow is written, retries on tracking errors. Task runs are
-named after their stage (`evaluate-finetuned`), in the Prefect UI and in `distill run`'s lines.
+The compression math (`tasks/compress/`: data, teacher, reduce, reconstruct, finetune, prune,
+quantize, evaluate, plots) imports neither Prefect nor MLflow: call those functions from a
+notebook. Here they become task runs with a name, a cache policy (`STAGE_CACHE`: the content
+of the inputs and the source of the code the stage calls, tasks/platform/caching.py) and, where
+MLflow is written, retries on tracking errors. Task runs are named after their stage
+(`evaluate-finetuned`), in the Prefect UI and in `distill run`'s lines.
 """
 
 from __future__ import annotations
@@ -18,9 +18,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from tasks import tracking
-from tasks.caching import STAGE_CACHE
-from tasks.config import (
+from tasks.compress.data import Dataset, load_dataset
+from tasks.compress.evaluate import OnnxModel, evaluate_model
+from tasks.compress.finetune import History, distill
+from tasks.compress.finite import check_model
+from tasks.compress.plots import PLOTS_DIR, pipeline_figures
+from tasks.compress.prune import prune_and_recover
+from tasks.compress.quantize import Quantized, quantize_model
+from tasks.compress.reconstruct import reconstruct_with_notes
+from tasks.compress.reduce import Reduction, reduce_model
+from tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
+from tasks.compress.teacher import load_teacher
+from tasks.platform import tracking
+from tasks.platform.caching import STAGE_CACHE
+from tasks.platform.config import (
     EvaluateConfig,
     FinetuneConfig,
     PruneConfig,
@@ -30,18 +41,7 @@ from tasks.config import (
     TargetConfig,
     TeacherConfig,
 )
-from tasks.data import Dataset, load_dataset
-from tasks.evaluate import OnnxModel, evaluate_model
-from tasks.finetune import History, distill
-from tasks.finite import check_model
-from tasks.plots import PLOTS_DIR, pipeline_figures
-from tasks.prune import prune_and_recover
-from tasks.quantize import Quantized, quantize_model
-from tasks.reconstruct import reconstruct_with_notes
-from tasks.reduce import Reduction, reduce_model
-from tasks.registry import Registered, TorchScriptModel, register_model
-from tasks.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
-from tasks.teacher import load_teacher
+from tasks.release.registry import Registered, TorchScriptModel, register_model
 
 data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_dataset)
 

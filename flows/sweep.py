@@ -8,7 +8,7 @@ this process by default (`ThreadPoolTaskRunner`), worker processes of a Dask clu
 the tag `distill.sweep_id`; the summary run carries it too, with the Pareto front of
 accuracy vs final size as a table and a plot.
 
-Stages are cached on their inputs (tasks/caching.py), so variants that share a teacher
+Stages are cached on their inputs (tasks/platform/caching.py), so variants that share a teacher
 reuse it once one of them has trained it (variants running at the same moment may both
 train it: the results are identical).
 """
@@ -28,10 +28,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.distill import distill_flow
-from tasks import tracking
-from tasks.config import DEFAULT_CONFIG, load_config
-from tasks.errors import UserError
-from tasks.pareto import markdown_table, summarize_task
+from tasks.platform import tracking
+from tasks.platform.config import DEFAULT_CONFIG, load_config
+from tasks.platform.errors import UserError
+from tasks.release.pareto import markdown_table, summarize_task
 
 DEFAULT_THREADS = 2
 
@@ -40,7 +40,7 @@ DEFAULT_THREADS = 2
 class SweepSummary:
     sweep_id: str
     summary_run_id: str
-    table: pd.DataFrame  # one row per variant, smallest final model first (tasks/pareto.py)
+    table: pd.DataFrame  # one row per variant, smallest final model first (tasks/release/pareto.py)
     failed: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:

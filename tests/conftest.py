@@ -26,8 +26,8 @@ os.environ.update(
     }
 )
 
-from tasks.config import PipelineConfig, build_config  # noqa: E402 -- after the environment above
-from tasks.data import Dataset, load_dataset  # noqa: E402 -- likewise
+from tasks.compress.data import Dataset, load_dataset  # noqa: E402 -- likewise
+from tasks.platform.config import PipelineConfig, build_config  # noqa: E402 -- after the environment above
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency r
     "compress.prune.recovery_epochs=1",
     "evaluate.latency_repeats=3",
     "evaluate.large_batch=32",
-    "target=null",  # hand-sized stages; tests/test_target.py runs targets
+    "target=null",  # hand-sized stages; tests/compress/test_target.py runs targets
 ]
 
 

@@ -1,0 +1,641 @@
+"""Stage 0 — data: read a table, keep or make the train/val/test split, standardize on train.
+
+Sources (no network): `sklearn:NAME` (digits, iris, wine, breast_cancer), `csv:PATH`,
+`parquet:PATH` (pandas; `data.label` names the label column), `npz:PATH` (arrays X, y).
+
+A split the user made is kept, rows in their order: an npz with arrays X_train, y_train,
+X_test, y_test (X_val, y_val optional), or a csv/parquet column named by `data.split_column`
+holding train / val / test. Without validation rows, they are carved from train (stratified,
+`data.val_size` of all rows, seeded). Otherwise distill splits the table itself, stratified and
+seeded (`data.test_size`, `data.val_size`). Standardization is fitted on the training rows;
+`data.standardize: false` feeds the features as given (mean 0, scale 1).
+
+A csv/parquet table is taken as it is: text columns are categories and empty numeric cells
+are imputed, both fitted on the training rows (tasks/compress/tabular.py) and carried by the
+registered model, which takes the raw columns. The label must name classes: a label with many
+integer values stops and asks for `data.task`, as regression is not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.compress import tabular
+from tasks.platform.config import DataConfig
+from tasks.platform.errors import UserError
+
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+SPLITS = ("train", "val", "test")
+NPZ_SPLIT_ARRAYS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
+MAX_INTEGER_CLASSES = 10  # more distinct integer labels: classes or a quantity? the user says
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Standardized float32 splits; rows of X are reshaped to `input_shape` by the model.
+
+    `feature_names` are the raw columns a user gives (the registered model's input);
+    `encoding` (tasks/compress/tabular.py) turns them into the model's `n_features` columns."""
+
+    name: str
+    source: str
+    feature_names: list[str]
+    input_shape: tuple[int, ...]
+    classes: list  # original label values; class i of the model is classes[i]
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    mean: np.ndarray  # the model sees (X - mean) / scale; zeros and ones if not standardized
+    scale: np.ndarray
+    digest: str  # of the raw table and the user's split, if any: identifies the data a run saw
+    encoding: dict = field(default_factory=dict)  # compress/tabular.py spec; {}: columns as given
+    raw: pd.DataFrame | None = None  # the raw feature columns, rows in split order (csv/parquet)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+    def raw_rows(self, part: str = "all") -> pd.DataFrame:
+        """The raw feature columns of a split ("train", "val", "test") or of all rows."""
+        if self.raw is None:
+            X = np.concatenate([self.X_train, self.X_val, self.X_test]) * self.scale + self.mean
+            frame = pd.DataFrame(X.astype(np.float64), columns=self.feature_names)
+        else:
+            frame = self.raw
+        bounds = np.cumsum([0, len(self.X_train), len(self.X_val), len(self.X_test)])
+        if part == "all":
+            return frame
+        i = SPLITS.index(part)
+        return frame.iloc[bounds[i] : bounds[i + 1]].reset_index(drop=True)
+
+    def raw_frame(self) -> pd.DataFrame:
+        """The raw table (all splits) with its labels, for MLflow's dataset record."""
+        y = np.concatenate([self.y_train, self.y_val, self.y_test])
+        return self.raw_rows().assign(label=np.asarray(self.classes, dtype=object)[y])
+
+
+@dataclass(frozen=True)
+class Table:
+    """What a source holds, before splitting: one flat row per sample, all splits.
+
+    An array source (sklearn, npz) or an all-numeric csv/parquet holds float64 `X`; a table
+    with text columns holds `frame` instead (X is None). `encode`: text columns and empty
+    cells are encoded (csv/parquet); an array's NaN is refused."""
+
+    X: np.ndarray | None
+    y: np.ndarray  # labels as given
+    names: list[str]
+    name: str
+    where: str  # the source, for messages: "data file PATH" or "data sklearn:NAME"
+    row_shape: tuple[int, ...]  # one row as stored: (F,), or e.g. (C, L) for an npz array
+    split: np.ndarray | None = None  # "train" / "val" / "test" per row if the user split it
+    split_column: str | None = None  # the csv/parquet column the split came from
+    frame: pd.DataFrame | None = None  # raw feature columns of a table with text columns
+    encode: bool = False
+    label: str | None = None  # the label column's name, for messages
+
+    @property
+    def features(self) -> pd.DataFrame:
+        return self.frame if self.frame is not None else pd.DataFrame(self.X, columns=self.names)
+
+    @property
+    def values(self) -> np.ndarray:
+        """The raw features as one array: float64, or object where there are text columns."""
+        return self.X if self.X is not None else self.frame.to_numpy(object)
+
+    def digest(self) -> str:
+        return table_digest(self.values, self.y, self.split)
+
+    def origin(self, part: str, array: str) -> str:
+        """Where the user's `part` split lives, for messages: a column value or an npz array."""
+        if self.split_column:
+            return f"column {self.split_column!r} value {part!r}"
+        return f"array '{array}_{part}'"
+
+    @property
+    def split_key(self) -> str:
+        return "data.split_column" if self.split_column else "data.source"
+
+
+def read_source(source: str, label: str, split_column: str | None = None) -> Table:
+    kind, sep, ref = source.partition(":")
+    if not sep:
+        raise UserError(
+            f"config key 'data.source': expected KIND:REF (e.g. sklearn:digits), got {source!r}"
+        )
+    if split_column is not None and kind not in ("csv", "parquet"):
+        raise UserError(
+            f"config key 'data.split_column': only csv and parquet sources have "
+            f"columns, not {kind!r} (an npz gives X_train, X_test, ... arrays)"
+        )
+    if split_column is not None and split_column == label:
+        raise UserError(
+            f"config key 'data.split_column': {split_column!r} is the label column "
+            f"(config key 'data.label')"
+        )
+    if kind == "sklearn":
+        return _read_sklearn(ref)
+    if kind in ("csv", "parquet"):
+        return _read_frame(kind, Path(ref), label, split_column)
+    if kind == "npz":
+        return _read_npz(Path(ref))
+    raise UserError(f"config key 'data.source': unknown kind {kind!r} (sklearn, csv, parquet, npz)")
+
+
+def read_table(source: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """-> (X: float64, or object where there are text columns; y labels as given; feature
+    names; dataset name): all rows of a source."""
+    table = read_source(source, label)
+    return table.values, table.y, table.names, table.name
+
+
+def _read_sklearn(name: str) -> Table:
+    from sklearn import datasets
+
+    if name not in SKLEARN_DATASETS:
+        raise UserError(
+            f"config key 'data.source': unknown sklearn dataset {name!r} "
+            f"({', '.join(SKLEARN_DATASETS)})"
+        )
+    bunch = getattr(datasets, f"load_{name}")()
+    X = bunch.data.astype(np.float64)
+    names = [str(n) for n in getattr(bunch, "feature_names", [])]
+    names = names or [f"x{i}" for i in range(X.shape[1])]
+    return Table(X, bunch.target, names, name, f"data sklearn:{name}", (X.shape[1],))
+
+
+def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> Table:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 -- pandas raises many types
+        raise UserError(
+            f"data file {path} could not be read as {kind}: {str(err).splitlines()[0]}"
+        ) from None
+    where = f"data file {path}"
+    check_header(header_names(path, kind), where)
+    frame.columns = [str(c) for c in frame.columns]
+    if frame.empty:
+        raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
+    for role, column, key in (
+        ("label", label, "data.label"),
+        ("split", split_column, "data.split_column"),
+    ):
+        if column is not None and column not in frame.columns:
+            raise UserError(f"{where}: {role} column {column!r} not found (config key {key!r})")
+    split = None if split_column is None else _split_values(frame[split_column], where)
+    features = frame.drop(columns=[c for c in (label, split_column) if c is not None])
+    if features.shape[1] == 0:
+        raise UserError(f"{where}: no feature columns besides the label {label!r}")
+    if len(frame) == 0:
+        raise UserError(f"{where}: no rows (only a header)")
+    _check_no_label_copy(features, frame[label], where)
+    text = [c for c in features.columns if tabular.column_kind(features[c]) == "category"]
+    for column in text:
+        if split_column is None and set(features[column].dropna()) <= set(SPLITS):
+            raise UserError(
+                f"{where}: column {column!r} holds only train / val / test: a split? "
+                f"set config key 'data.split_column' to {column!r}"
+            )
+    X = None if text else features.to_numpy(np.float64)
+    return Table(
+        X,
+        frame[label].to_numpy(),
+        list(features.columns),
+        path.stem,
+        where,
+        (features.shape[1],),
+        split,
+        split_column,
+        frame=features if text else None,
+        encode=True,
+        label=label,
+    )
+
+
+def header_names(path: Path, kind: str) -> list[str]:
+    """The column names exactly as the file has them (pandas renames a repeated `a` to `a.1`)."""
+    if kind == "parquet" or path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [str(n) for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def check_header(names: list[str], where: str) -> None:
+    """Each column named, and named once: a repeated or empty name would be guessed at."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise UserError(
+                f"{where}: column {i} has no name in the header (a saved index? "
+                f"write the file with index=False, or name the column)"
+            )
+        if name in seen:
+            raise UserError(
+                f"{where}: column name {name!r} appears more than once in the "
+                f"header; give each column its own name"
+            )
+        seen.add(name)
+
+
+def _check_no_label_copy(features: pd.DataFrame, label: pd.Series, where: str) -> None:
+    """A feature that repeats the label row for row is a label leak, not a feature."""
+    y = label.to_numpy()
+    for column in features.columns:
+        values = features[column].to_numpy()
+        kinds = {values.dtype.kind, y.dtype.kind}
+        if (len(kinds) == 1 or kinds <= set("iuf")) and np.array_equal(values, y):
+            raise UserError(
+                f"{where}: column {column!r} repeats the label column "
+                f"{label.name!r} row for row (a label leak); drop it"
+            )
+
+
+def _split_values(column: pd.Series, where: str) -> np.ndarray:
+    """The split column as "train" / "val" / "test" per row, or one line naming a bad value."""
+    for value in pd.unique(column.to_numpy(dtype=object)):
+        if value not in SPLITS:
+            shown = "an empty cell" if pd.isna(value) else repr(value)
+            raise UserError(
+                f"{where}: column {column.name!r} holds {shown}; expected train, "
+                f"val or test (config key 'data.split_column')"
+            )
+    return column.to_numpy(dtype=object).astype("U5")
+
+
+def _read_npz(path: Path) -> Table:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
+    except Exception as err:  # noqa: BLE001 -- numpy raises many types
+        raise UserError(
+            f"data file {path} could not be read as npz: {str(err).splitlines()[0]}"
+        ) from None
+    where = f"data file {path}"
+    if not any(n in arrays for n in NPZ_SPLIT_ARRAYS):
+        X, y, row_shape = _npz_pair(arrays, where, "X", "y")
+        return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, row_shape)
+    parts = [s for s in SPLITS if s != "val" or {"X_val", "y_val"} & arrays.keys()]
+    pairs = [_npz_pair(arrays, where, f"X_{s}", f"y_{s}") for s in parts]
+    for part, (_, _, row_shape) in zip(parts, pairs, strict=True):
+        if row_shape != pairs[0][2]:
+            raise UserError(
+                f"{where}: rows of array 'X_{part}' have shape {list(row_shape)} "
+                f"but those of 'X_train' have {list(pairs[0][2])}"
+            )
+    X = np.concatenate([X for X, _, _ in pairs])
+    y = np.concatenate([y for _, y, _ in pairs])
+    split = np.repeat(np.array(parts, dtype="U5"), [len(y) for _, y, _ in pairs])
+    return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, pairs[0][2], split)
+
+
+def _npz_pair(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    x_name: str,
+    y_name: str,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """-> (rows of X flattened in C order as float64, y, the shape of one row of X)."""
+    for name in (x_name, y_name):
+        if name not in arrays:
+            raise UserError(
+                f"{where}: missing array {name!r} (expected X and y, or X_train, "
+                f"y_train, X_test, y_test and optionally X_val, y_val)"
+            )
+    X, y = arrays[x_name], arrays[y_name]
+    if X.ndim == 0 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise UserError(
+            f"{where}: array {x_name!r} must be numeric with one row per sample, "
+            f"got {X.dtype} of shape {list(X.shape)}"
+        )
+    if y.ndim == 0 or y.size != len(y):
+        raise UserError(
+            f"{where}: array {y_name!r} must hold one label per row, got shape {list(y.shape)}"
+        )
+    if len(X) != len(y):
+        raise UserError(f"{where}: array {x_name!r} has {len(X)} rows but {y_name!r} has {len(y)}")
+    flat = X.reshape(len(X), int(np.prod(X.shape[1:]))).astype(np.float64)
+    return flat, y.reshape(-1), X.shape[1:] or (1,)
+
+
+def table_digest(X: np.ndarray, y: np.ndarray, split: np.ndarray | None = None) -> str:
+    """X: float64 rows, or an object array where there are text columns (hashed as text)."""
+    h = hashlib.sha256()
+    if X.dtype == object:
+        h.update(np.asarray(X, dtype=object).astype(str).astype("U").tobytes())
+    else:
+        h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+    h.update(np.asarray(y).astype(str).astype("U").tobytes())
+    if split is not None:  # the user's split is part of what a run saw
+        h.update(np.asarray(split, dtype="U5").tobytes())
+    return h.hexdigest()[:16]
+
+
+def _plain(value):
+    """A numpy scalar as the Python value, for messages (7, not np.int64(7))."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _labels(table: Table, task: str) -> np.ndarray:
+    """The labels as classes: no empty ones; integral floats as integers; a label with many
+    integer values (an age, a count) stops unless `data.task` says classification."""
+    y = np.asarray(table.y)
+    what = f"label column {table.label!r}" if table.label else "the labels (array 'y')"
+    empty = pd.isna(y)
+    if empty.any():
+        raise UserError(
+            f"{table.where}: {what} is empty in {int(empty.sum())} row(s) (first: row "
+            f"{int(np.argmax(empty))}); fill or drop those rows"
+        )
+    if y.dtype == object:
+        y = y.astype(str)
+    if y.dtype.kind in "fc":
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            value = y[~np.isfinite(y) | (y != np.round(y))][0]
+            raise UserError(
+                f"{table.where}: {what} holds non-integer numbers (e.g. {value:g}), a "
+                f"quantity, not classes: distill compresses classifiers; regression "
+                f"is not supported yet"
+            )
+        y = y.astype(np.int64)
+    if y.dtype.kind in "iu" and task == "auto":
+        values = np.unique(y)
+        if len(values) > MAX_INTEGER_CLASSES:
+            raise UserError(
+                f"{table.where}: {what} holds {len(values)} distinct integers "
+                f"({values[0]} to {values[-1]}): classes or a quantity? set config key "
+                f"'data.task' to classification to train {len(values)} classes "
+                f"(regression is not supported yet)"
+            )
+    return y
+
+
+def _check_splittable(classes: np.ndarray, y: np.ndarray, where: str) -> None:
+    """Distill splits the table: at least 2 classes, at least 3 rows of each."""
+    counts = np.bincount(y, minlength=len(classes))
+    if len(classes) < 2:
+        raise UserError(f"{where}: the label has a single class; need at least 2")
+    if counts.min() < 3:
+        raise UserError(
+            f"{where}: class {_plain(classes[counts.argmin()])!r} has "
+            f"{counts.min()} rows; need at least 3 per class to split"
+        )
+
+
+def _check_user_split(table: Table, labels: np.ndarray) -> None:
+    """The user split the table: train and test rows, val/test labels seen in train."""
+    rows = {part: np.flatnonzero(table.split == part) for part in SPLITS}
+    for part in SPLITS:
+        if part != "val" and len(rows[part]) == 0:
+            raise UserError(
+                f"{table.where}: no {part} rows ({table.origin(part, 'X')}; "
+                f"config key {table.split_key!r})"
+            )
+    train_labels = labels[rows["train"]]
+    if len(np.unique(train_labels)) < 2:
+        raise UserError(f"{table.where}: the training split holds a single class; need at least 2")
+    for part in ("val", "test"):
+        unseen = np.setdiff1d(labels[rows[part]], train_labels)
+        if len(unseen):
+            raise UserError(
+                f"{table.where}: label {_plain(unseen[0])!r} is in the {part} split "
+                f"({table.origin(part, 'y')}) but never in the training split "
+                f"(config key {table.split_key!r})"
+            )
+
+
+def _encoding(table: Table, train: np.ndarray) -> dict:
+    """The compress/tabular.py spec, fitted on the training rows; plain columns for an array."""
+    if not table.encode:
+        return {"columns": [{"name": n, "kind": "numeric", "fill": None} for n in table.names]}
+    features = table.features
+    gaps = set(features.columns[features.isna().any()])
+    for name in features.columns:
+        column = features[name]
+        if tabular.column_kind(column) != "numeric":
+            continue
+        if name in gaps and column.iloc[train].isna().all():
+            raise UserError(
+                f"{table.where}: column {name!r} is empty in every training row; drop it"
+            )
+        inf = np.isinf(column.to_numpy(np.float64))
+        if inf.any():  # before the imputer's fit, which refuses it with no column named
+            raise UserError(
+                f"{table.where}: column {name!r} holds inf in row {int(np.argmax(inf))}"
+            )
+    return tabular.fit_spec(features.iloc[train], gaps)
+
+
+def _encoded_owner(spec: dict) -> list[str]:
+    """For each encoded column, the raw column it comes from."""
+    return [c["name"] for c in spec["columns"] for _ in tabular.feature_names({"columns": [c]})]
+
+
+def _check_finite(X: np.ndarray, spec: dict, table: Table) -> None:
+    """Every encoded value finite, else one line naming the raw column, the split and the row."""
+    bad = ~np.isfinite(X)
+    if not bad.any():
+        return
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    what = "NaN (an empty cell)" if np.isnan(X[row, col]) else "inf"
+    hint = "; array rows are not imputed" if not table.encode and np.isnan(X[row, col]) else ""
+    where = table.where
+    if table.split is not None:  # the row within the user's split
+        part = str(table.split[row])
+        row = int(np.sum(table.split[:row] == part))
+        where += f", {part} split ({table.origin(part, 'X')})"
+    raise UserError(
+        f"{where}: column {_encoded_owner(spec)[col]!r} holds {what} in row {row}{hint}"
+    )
+
+
+def _input_shape(table: Table, shape: list[int] | None, n: int) -> tuple[int, ...]:
+    if not shape:  # the rows' own shape, unless encoding changed the width
+        shape = table.row_shape if n == int(np.prod(table.row_shape)) else [n]
+    shape = tuple(shape)
+    if int(np.prod(shape)) != n:
+        raw = len(table.names)
+        extra = f" ({raw} columns, {n} after encoding text and empty cells)" if raw != n else ""
+        raise UserError(
+            f"config key 'data.shape': {list(shape)} holds {int(np.prod(shape))} "
+            f"values but the data has {n} features{extra}"
+        )
+    return shape
+
+
+def split_rows(
+    table: Table,
+    y: np.ndarray,
+    cfg: DataConfig,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices (train, val, test): the user's split, else a stratified seeded one."""
+    from sklearn.model_selection import train_test_split
+
+    if table.split is None:
+        if cfg.test_size + cfg.val_size >= 1:
+            raise UserError(
+                f"config keys 'data.test_size' ({cfg.test_size:g}) + 'data.val_size' "
+                f"({cfg.val_size:g}) leave no training rows: their sum must be below 1"
+            )
+        try:
+            rest, test = train_test_split(
+                np.arange(len(y)), test_size=cfg.test_size, stratify=y, random_state=seed
+            )
+            val_fraction = cfg.val_size / (1 - cfg.test_size)
+            train, val = train_test_split(
+                rest, test_size=val_fraction, stratify=y[rest], random_state=seed
+            )
+        except ValueError as err:
+            raise UserError(f"data {cfg.source}: too few rows to split ({len(y)}): {err}") from None
+        return train, val, test
+    train, val, test = (np.flatnonzero(table.split == part) for part in SPLITS)
+    if len(val) == 0:
+        train, val = _carve_val(table, y, train, cfg.val_size, seed)
+    return train, val, test
+
+
+def _carve_val(
+    table: Table,
+    y: np.ndarray,
+    train: np.ndarray,
+    val_size: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validation rows out of the user's training rows (`val_size` of all rows, rounded),
+    stratified and seeded; both keep the user's row order."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(1, round(val_size * len(y)))
+    try:
+        if n_val >= len(train):
+            raise ValueError(f"{n_val} rows asked of {len(train)}")
+        train, val = train_test_split(train, test_size=n_val, stratify=y[train], random_state=seed)
+    except ValueError as err:
+        raise UserError(
+            f"{table.where}: cannot carve {n_val} validation rows ({val_size:g} of "
+            f"all rows) from the training split: {str(err).splitlines()[0]}; give a "
+            f"val split or change config key 'data.val_size'"
+        ) from None
+    return np.sort(train), np.sort(val)
+
+
+def standardizer(X_train: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per feature, fitted on the training rows; the identity when disabled."""
+    if not enabled:
+        return np.zeros(X_train.shape[1]), np.ones(X_train.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = X_train.mean(axis=0)
+        scale = X_train.std(axis=0)
+    scale[scale < 1e-12] = 1.0  # constant columns (digits' border pixels) pass through
+    return mean, scale
+
+
+def _check_scaled(
+    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, z: np.ndarray, spec: dict, where: str
+) -> None:
+    """Values like 1e300 overflow the mean or the scale, or float32: one line naming the column."""
+    bad = ~(np.isfinite(mean) & np.isfinite(scale))
+    if bad.any():
+        col = int(np.argmax(bad))
+        raise UserError(
+            f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
+            f"{np.abs(X[:, col]).max():.3g}: its mean or scale is not a finite number; "
+            f"rescale the column"
+        )
+    bad = ~np.isfinite(z).all(axis=0)
+    if bad.any():
+        col = int(np.argmax(bad))
+        raise UserError(
+            f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
+            f"{np.abs(X[:, col]).max():.3g}, beyond float32 once standardized; "
+            f"rescale the column"
+        )
+
+
+def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
+    """Check the table, split it (or keep the user's split), fit the encoding of text columns
+    and empty cells and the standardization on train only."""
+    where = f"data {cfg.source}"
+    labels = _labels(table, cfg.task)
+    classes, y = np.unique(labels, return_inverse=True)  # one encoding for all splits
+    if table.split is None:
+        _check_splittable(classes, y, where)
+    else:
+        _check_user_split(table, labels)
+    train, val, test = split_rows(table, y, cfg, seed)
+    spec = _encoding(table, train)
+    X = table.X if not tabular.needs_sklearn(spec) else tabular.encode(spec, table.features)
+    _check_finite(X, spec, table)
+    shape = _input_shape(table, cfg.shape, X.shape[1])
+    mean, scale = standardizer(X[train], cfg.standardize)
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = ((X - mean) / scale).astype(np.float32)
+    _check_scaled(X, mean, scale, z, spec, table.where)
+    order = np.concatenate([train, val, test])
+    raw = table.features.iloc[order].reset_index(drop=True) if tabular.needs_sklearn(spec) else None
+    return Dataset(
+        name=table.name,
+        source=cfg.source,
+        feature_names=table.names,
+        input_shape=shape,
+        classes=classes.tolist(),
+        X_train=z[train],
+        y_train=y[train],
+        X_val=z[val],
+        y_val=y[val],
+        X_test=z[test],
+        y_test=y[test],
+        mean=mean.astype(np.float32),
+        scale=scale.astype(np.float32),
+        digest=table.digest(),
+        encoding=spec,
+        raw=raw,
+    )
+
+
+_LAST: dict[tuple, Dataset] = {}  # the last dataset prepared, by what it was made from
+_LAST_LOCK = threading.Lock()
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """Read and prepare a source. The last result is kept while its config, seed and file are
+    unchanged: the CLI checks the data before the flow starts, and the flow reuses it."""
+    key = (cfg.model_dump_json(), seed, _file_stamp(cfg.source))
+    with _LAST_LOCK:
+        if key in _LAST:
+            return _LAST[key]
+    data = prepare(read_source(cfg.source, cfg.label, cfg.split_column), cfg, seed)
+    with _LAST_LOCK:
+        _LAST.clear()
+        _LAST[key] = data
+    return data
+
+
+def _file_stamp(source: str) -> tuple | None:
+    kind, _, ref = source.partition(":")
+    path = Path(ref)
+    if kind == "sklearn" or not path.is_file():
+        return None
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns

@@ -1,0 +1,256 @@
+"""Stage 7 — evaluate: the numbers a user compares, for the teacher and after every stage.
+
+Quality (test split): accuracy, macro-F1, top-3 accuracy (more than 5 classes), agreement
+with the teacher, expected calibration error (15 equal-width confidence bins), negative
+log-likelihood, and the train-test accuracy gap (overfitting). Cost: parameters, nonzero
+parameters, FLOPs per row (torch's flop counter on the float model; an ONNX model carries
+the count of the float model it came from), size of the real saved file (and of that file
+compressed, which is what sparsity can honestly buy), CPU latency p50/p95 at batch 1 and a
+large batch and throughput at the large batch, in the runtime that serves the model
+(PyTorch for modules, ONNX Runtime for ONNX models).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+from tasks.compress.data import Dataset
+from tasks.platform.config import EvaluateConfig
+
+Predict = Callable[[np.ndarray], np.ndarray]  # float32 rows -> logits
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """A serialized ONNX model and the parameter and FLOP counts of the float model it came from."""
+
+    onnx_bytes: bytes
+    params: int
+    nonzeros: int
+    flops: int | None = None  # per row; None: unknown (the metric is left out)
+
+    def session(self):  # onnxruntime.InferenceSession
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
+
+    def predictor(self) -> Predict:
+        sess = self.session()
+        name = sess.get_inputs()[0].name
+        return lambda X: sess.run(None, {name: X})[0]
+
+    @property
+    def file_bytes(self) -> bytes:
+        return self.onnx_bytes
+
+    suffix = ".onnx"
+    artifact = "onnx"  # the registered pyfunc's artifact key (tasks/release/serving_model.py)
+    runtime = "onnxruntime"  # the package that serves it
+
+
+@dataclass(frozen=True)
+class TorchScriptModel:
+    """A serialized TorchScript model (e.g. PyTorch's dynamic int8) and the counts of its float
+    source."""
+
+    ts_bytes: bytes
+    params: int
+    nonzeros: int
+    flops: int | None = None
+
+    def predictor(self) -> Predict:
+        import io
+
+        module = torch.jit.load(io.BytesIO(self.ts_bytes), map_location="cpu").eval()
+
+        def predict(X: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(X)).numpy()
+
+        return predict
+
+    @property
+    def file_bytes(self) -> bytes:
+        return self.ts_bytes
+
+    suffix = ".pt"
+    artifact = "torchscript"
+    runtime = "torch"
+
+
+SERIALIZED = (OnnxModel, TorchScriptModel)
+
+
+TOP_K = 3  # top-k accuracy is reported when there are more than TOP_K_MIN_CLASSES classes
+TOP_K_MIN_CLASSES = 5
+ECE_BINS = 15
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def top_k_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true class is among the k highest scores."""
+    top = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
+    return float((top == np.asarray(y)[:, None]).any(axis=1).mean())
+
+
+def negative_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean −log p(true class) under softmax(logits): the cross-entropy (scikit-learn's
+    log_loss)."""
+    return float(-log_softmax(logits)[np.arange(len(y)), y].mean())
+
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Σ_b (n_b/N)·|accuracy_b − confidence_b| over equal-width bins (lo, hi] of the top-class
+    probability (Guo et al. 2017)."""
+    confidence, correct = proba.max(axis=1), proba.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(
+    logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray | None
+) -> dict[str, float]:
+    pred = logits.argmax(axis=1)
+    out = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1_macro": float(f1_score(y, pred, average="macro")),
+    }
+    if logits.shape[1] > TOP_K_MIN_CLASSES:
+        out[f"top{TOP_K}_accuracy"] = top_k_accuracy(logits, y, TOP_K)
+    if teacher_pred is not None:
+        out["agreement"] = float((pred == teacher_pred).mean())
+    out["ece"] = expected_calibration_error(np.exp(log_softmax(logits)), y)
+    out["nll"] = negative_log_likelihood(logits, y)
+    return out
+
+
+def latency_percentiles_ms(
+    predict: Predict, X: np.ndarray, batch: int, repeats: int
+) -> tuple[float, float]:
+    """(p50, p95) wall time of one call on `batch` rows, after warm-up."""
+    rows = X[np.arange(batch) % len(X)]
+    for _ in range(3):
+        predict(rows)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predict(rows)
+        times.append(time.perf_counter() - start)
+    p50, p95 = np.percentile(times, [50, 95]) * 1e3
+    return float(p50), float(p95)
+
+
+def flops_per_row(model: nn.Module, n_features: int) -> int:
+    """Floating-point operations of one forward pass on one row (torch's flop counter: a
+    multiply-add counts 2, so a Linear(in, out) costs 2·in·out; zeros from pruning still count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.cpu().eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, n_features))
+    return int(counter.get_total_flops())
+
+
+def torch_predictor(model: nn.Module) -> Predict:
+    model = model.cpu().eval()
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(X)).numpy()
+
+    return predict
+
+
+def saved_size(model: nn.Module | OnnxModel | TorchScriptModel) -> tuple[int, int]:
+    """Bytes of the real saved file (state_dict via torch.save, the .onnx or the TorchScript file)
+    and of it zlib-compressed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.bin"
+        if isinstance(model, SERIALIZED):
+            path.write_bytes(model.file_bytes)
+        else:
+            torch.save(model.state_dict(), path)
+        blob = path.read_bytes()
+    return len(blob), len(zlib.compress(blob, 9))
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, nonzero parameters)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+def evaluate_model(
+    model: nn.Module | OnnxModel | TorchScriptModel,
+    data: Dataset,
+    teacher_pred: np.ndarray | None,
+    cfg: EvaluateConfig,
+) -> dict[str, float]:
+    if isinstance(model, SERIALIZED):
+        predict, (params, nonzeros), flops = (
+            model.predictor(),
+            (model.params, model.nonzeros),
+            model.flops,
+        )
+    else:
+        predict, (params, nonzeros) = torch_predictor(model), count_params(model)
+        flops = flops_per_row(model, data.n_features)
+    metrics = classification_metrics(predict(data.X_test), data.y_test, teacher_pred)
+    metrics["train_accuracy"] = float((predict(data.X_train).argmax(axis=1) == data.y_train).mean())
+    metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
+    size, compressed = saved_size(model)
+    large = cfg.large_batch
+    b1_p50, b1_p95 = latency_percentiles_ms(predict, data.X_test, 1, cfg.latency_repeats)
+    big_p50, big_p95 = latency_percentiles_ms(
+        predict, data.X_test, large, max(10, cfg.latency_repeats // 5)
+    )
+    metrics |= {
+        "params": float(params),
+        "nonzeros": float(nonzeros),
+        **({"flops": float(flops)} if flops is not None else {}),
+        "size_kb": size / 1024,
+        "compressed_kb": compressed / 1024,
+        "latency_ms_b1": b1_p50,
+        "latency_p95_ms_b1": b1_p95,
+        f"latency_ms_b{large}": big_p50,
+        f"latency_p95_ms_b{large}": big_p95,
+        "throughput_rows_s": large / (big_p50 / 1e3),
+    }
+    return metrics
+
+
+def pipeline_summary(stages: dict[str, dict[str, float]], final_stage: str) -> dict[str, float]:
+    """The parent run's headline numbers: the final model's metrics and what it cost vs the
+    teacher."""
+    teacher, final = stages["teacher"], stages[final_stage]
+    out = {f"final/{k}": v for k, v in final.items()}
+    out["compression_ratio"] = teacher["size_kb"] / final["size_kb"]
+    out["accuracy_drop"] = teacher["accuracy"] - final["accuracy"]
+    for key in teacher:
+        if key.startswith("latency_ms_b"):
+            out[f"speedup_{key.removeprefix('latency_ms_')}"] = teacher[key] / final[key]
+    return out

@@ -1,0 +1,166 @@
+"""Stage 5 — prune, then recover by distillation. Two methods (`compress.prune.method`):
+
+- structured: remove whole units of every coupled group of the model's graph (neurons,
+  channels, a residual stream's channels, attention dimensions head by head; lowest L2 or
+  L1 norm of the weights that write them, or lowest activation × outgoing-weight energy)
+  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds`
+  prune → KD-recover steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD
+  target.
+- unstructured: global magnitude pruning of Linear/Conv weights (one threshold across all
+  layers), KD recovery with the masks held, masks folded in (`prune.remove`). Zeros do not
+  shrink a dense file: the evaluate stage reports nonzeros and the compressed size for that.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from tasks.compress.data import Dataset
+from tasks.compress.finetune import FitSettings, History, fit
+from tasks.compress.graph import REFIT, Group, keep_units, trace
+from tasks.compress.width import activation_importance, choose_units, group_bases
+from tasks.platform.config import FinetuneConfig, PruneConfig
+from tasks.platform.errors import UserError
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, REFIT)]
+
+
+def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
+    """Zero `amount` of all Linear/Conv weights by global magnitude; masks stay attached."""
+    prune.global_unstructured(
+        prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount
+    )
+    return model
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    for module, name in prunable_weights(model):
+        if prune.is_pruned(module):
+            prune.remove(module, name)
+    return model
+
+
+def cubic_schedule(amount: float, rounds: int) -> list[float]:
+    """Sparsity after each round: s_t = s·(1 − (1 − t/n)³) — prune fast early, gently late."""
+    return [amount * (1 - (1 - t / rounds) ** 3) for t in range(1, rounds + 1)]
+
+
+def unit_scores(model: nn.Module, group: Group, criterion: str, X: np.ndarray) -> np.ndarray:
+    """Higher = more important. Norms of each unit's weights in the layers that write it
+    (summed over a residual stream's writers), or its activation energy times the energy of
+    the readers' weights on it."""
+    if criterion == "activation":
+        return activation_importance(model, group, group_bases(model, [group], X)[group.name])
+    total = np.zeros(group.width)
+    for name in group.producers:
+        rows = _writer_rows(model.get_submodule(name))
+        total += (rows.pow(2).sum(1) if criterion == "l2" else rows.abs().sum(1)).double().numpy()
+    return np.sqrt(total) if criterion == "l2" else total
+
+
+def _writer_rows(module: nn.Module) -> torch.Tensor:
+    """(units, weights) of a layer that writes a group's units."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.out_proj.weight.detach()
+    if isinstance(module, nn.Embedding):
+        return module.weight.detach().T
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def remove_lowest_units(
+    model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
+) -> None:
+    """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
+    heads' worth at a time for attention), in place."""
+    example = torch.from_numpy(X[:2])
+    graph, cut = trace(model, example), False
+    for name in [g.name for g in graph.reducible()]:
+        if cut:  # a cut moves the inputs of readers shared with other groups (concatenations)
+            graph, cut = trace(model, example), False
+        group = graph.group(name)
+        full = original.get(group.name, group.width)
+        keep_n = max(1, math.ceil(keep_fraction * full / group.step)) * group.step
+        if keep_n < group.width:
+            keep = choose_units(group, keep_n, scores=unit_scores(model, group, criterion, X))
+            keep_units(graph, group, keep)
+            cut = True
+
+
+def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:
+    return FitSettings(
+        epochs=cfg.recovery_epochs,
+        lr=finetune.lr / 2,
+        batch_size=finetune.batch_size,
+        patience=finetune.patience,
+        weight_decay=finetune.weight_decay,
+        temperature=finetune.temperature,
+        alpha=finetune.alpha,
+        seed=seed,
+        device=device,
+    )
+
+
+def structured_prune(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
+    model = copy.deepcopy(student)
+    X = data.X_train[:1024]
+    groups = trace(model, torch.from_numpy(X[:2])).reducible()
+    if not groups:
+        raise UserError(
+            "config key 'compress.prune.method': structured pruning found no group of units to "
+            "narrow in this student; use compress.prune.method=unstructured"
+        )
+    original = {g.name: g.width for g in groups}
+    history = History()
+    for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
+        remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)
+        model, round_history = fit(
+            model,
+            data,
+            _recovery(cfg, finetune, seed, device),
+            teacher=teacher,
+            description="recovering from pruning",
+        )
+        for name, values in round_history.curves().items():
+            getattr(history, name).extend(values)
+    return model, history
+
+
+def prune_and_recover(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
+    if cfg.amount == 0:
+        return copy.deepcopy(student), History()
+    if cfg.method == "structured":
+        return structured_prune(teacher, student, data, cfg, finetune, seed, device)
+    model = copy.deepcopy(student)
+    magnitude_prune(model, cfg.amount)
+    model, history = fit(
+        model,
+        data,
+        _recovery(cfg, finetune, seed, device),
+        teacher=teacher,
+        description="recovering from pruning",
+    )
+    return fold_masks(model), history

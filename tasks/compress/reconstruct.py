@@ -1,0 +1,139 @@
+"""Stage 3 — reconstruct: build the student from the teacher's own weights, no random init.
+
+Two modes (`reconstruct.mode`): low_rank (here) and width (tasks/compress/width.py: keep k units of
+each coupled group of the model's graph and re-fit every layer that reads it by least squares).
+
+Low-rank mode replaces each planned layer `z = W x + b` by the PCA-optimal rank-k map of
+its outputs, z ≈ μ + U_k U_kᵀ (z − μ), written as two layers:
+
+    first  = Linear(in, k):  weight U_kᵀ W,  bias U_kᵀ (b − μ)
+    second = Linear(k, out): weight U_k,     bias μ
+
+A Conv becomes a k-channel conv with the same kernel followed by a 1x1 conv. At full rank
+U_k U_kᵀ = I and the student computes exactly what the teacher computes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.compress.reduce import Basis, Reduction
+from tasks.compress.width import WidthReport, reconstruct_width
+from tasks.platform.config import ReconstructConfig
+
+
+def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
+    U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out, k)
+    mu = torch.from_numpy(basis.mean).to(torch.float64)
+    W = layer.weight.detach().to(torch.float64)
+    b = (
+        layer.bias.detach().to(torch.float64)
+        if layer.bias is not None
+        else torch.zeros(W.shape[0], dtype=torch.float64)
+    )
+    first = nn.Linear(layer.in_features, k)
+    second = nn.Linear(k, layer.out_features)
+    with torch.no_grad():
+        first.weight.copy_(U.T @ W)
+        first.bias.copy_(U.T @ (b - mu))
+        second.weight.copy_(U)
+        second.bias.copy_(mu)
+    return nn.Sequential(first, second)
+
+
+def _factor_conv(layer: nn.Conv1d | nn.Conv2d, basis: Basis, k: int) -> nn.Sequential:
+    U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out_channels, k)
+    mu = torch.from_numpy(basis.mean).to(torch.float64)
+    W = layer.weight.detach().to(torch.float64)  # (out, in, *kernel)
+    b = (
+        layer.bias.detach().to(torch.float64)
+        if layer.bias is not None
+        else torch.zeros(W.shape[0], dtype=torch.float64)
+    )
+    conv = type(layer)
+    first = conv(
+        layer.in_channels,
+        k,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+    )
+    second = conv(k, layer.out_channels, 1)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensordot(U.T, W, dims=1))
+        first.bias.copy_(U.T @ (b - mu))
+        second.weight.copy_(U.reshape(*U.shape, *([1] * (W.dim() - 2))))
+        second.bias.copy_(mu)
+    return nn.Sequential(first, second)
+
+
+def factor_layer(layer: nn.Module, basis: Basis, k: int) -> nn.Sequential:
+    if isinstance(layer, nn.Linear):
+        return _factor_linear(layer, basis, k)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return _factor_conv(layer, basis, k)
+    raise TypeError(f"cannot factor {type(layer).__name__}")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def reconstruct_low_rank(teacher: nn.Module, reduction: Reduction) -> nn.Module:
+    """A copy of the teacher with every planned layer replaced by its rank-k factorization."""
+    student = copy.deepcopy(teacher)
+    for plan in reduction.layers:
+        if plan.rank is not None:
+            layer = student.get_submodule(plan.name)
+            replace_module(
+                student, plan.name, factor_layer(layer, reduction.bases[plan.name], plan.rank)
+            )
+    return student.eval()
+
+
+def reconstruct(
+    teacher: nn.Module,
+    reduction: Reduction,
+    X_calib: np.ndarray,
+    cfg: ReconstructConfig,
+    report: WidthReport | None = None,
+) -> nn.Module:
+    if reduction.mode != cfg.mode:
+        raise ValueError(
+            f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}"
+        )
+    if cfg.mode == "width":
+        widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
+        return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge, report=report)
+    return reconstruct_low_rank(teacher, reduction)
+
+
+def reinitialized(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture with fresh random weights: the from-scratch baselines' student."""
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
+
+
+def reconstruct_with_notes(
+    teacher: nn.Module, reduction: Reduction, X_calib: np.ndarray, cfg: ReconstructConfig
+) -> tuple[nn.Module, dict[str, object]]:
+    """The student, and what its stage record says about the re-fits (width mode)."""
+    report = WidthReport()
+    student = reconstruct(teacher, reduction, X_calib, cfg, report)
+    notes: dict[str, object] = {}
+    if cfg.mode == "width":
+        notes["refitted_layers"] = len(report.refitted)
+        notes |= {f"not_refitted.{layer}": why for layer, why in report.not_refitted.items()}
+    return student, notes

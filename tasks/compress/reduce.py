@@ -1,0 +1,348 @@
+"""Stage 2 — reduce: PCA of the teacher's layer outputs, and a size per layer.
+
+The PCA is streamed (tasks/compress/pca.py): memory is set by the layer widths and the batch size,
+never by the number of calibration rows.
+
+Two things can be sized, matching `reconstruct.mode`:
+- low_rank: a rank per Linear/Conv, from the PCA of its (pre-activation) outputs. With
+  `reduce.method: svd` the basis comes from the weights' SVD instead (data-free baseline).
+- width: a number of units per coupled group of the model's graph (tasks/compress/graph.py: a
+  hidden layer, a residual stream, a transformer's feed-forward units), from the PCA of
+  what the group's readers read; a unit's cost is measured on the model.
+
+Sizes are allocated across layers to meet one budget (`size_kb`, `params`, `ratio`, or
+`variance`) by greedy water-filling on explained variance per parameter: each step buys
+one more rank (or unit) where a parameter buys the most explained variance, while the
+budget holds. A layer whose factorization would not save parameters stays dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.compress.graph import Group, ParamModel, param_model, trace
+from tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
+from tasks.compress.width import group_bases
+from tasks.platform.config import BudgetConfig, ReduceConfig
+from tasks.platform.errors import UserError
+
+BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    fan_in: int  # in_features, or in_channels · kernel size
+    out: int
+    rank: int | None  # low_rank: the rank; width: the units kept. None: the layer stays as it is
+    variance: float  # fraction of output variance kept
+    bias: bool = True  # the dense layer has one (both factors always do)
+
+    @property
+    def dense_params(self) -> int:
+        return self.out * self.fan_in + (self.out if self.bias else 0)
+
+    @property
+    def params(self) -> int:
+        """Low-rank mode's cost of this layer (in width mode, cost depends on the neighbours)."""
+        return (
+            self.dense_params
+            if self.rank is None
+            else low_rank_params(self.fan_in, self.out, self.rank)
+        )
+
+
+@dataclass(frozen=True)
+class Reduction:
+    bases: dict[str, Basis]
+    layers: list[LayerPlan]
+    teacher_params: int
+    student_params: int
+    budget_kind: str
+    budget_value: float
+    mode: str = "low_rank"  # low_rank | width
+    method: str = "pca"  # pca | svd
+    fixed: dict[str, str] = field(default_factory=dict)  # layer or group kept whole -> why
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+
+def reduction_record(reduction: Reduction) -> tuple[dict[str, object], dict[str, float]]:
+    """(params, metrics) of the reduce stage's MLflow run: the plan, layer by layer."""
+    params: dict[str, object] = {
+        "budget": f"{reduction.budget_kind}={reduction.budget_value:g}",
+        "mode": reduction.mode,
+        "method": reduction.method,
+    }
+    metrics = {
+        "teacher_params": float(reduction.teacher_params),
+        "student_params": float(reduction.student_params),
+        "student_size_kb_fp32": reduction.student_params * BYTES_PER_PARAM / 1024,
+        "param_ratio": reduction.teacher_params / reduction.student_params,
+    }
+    for layer in reduction.layers:
+        kind = "rank" if reduction.mode == "low_rank" else "width"
+        params[f"{kind}.{layer.name}"] = "dense" if layer.rank is None else layer.rank
+        metrics[f"variance_kept.{layer.name}"] = layer.variance
+    for name, why in reduction.fixed.items():
+        params[f"kept_whole.{name}"] = why[:250]
+    return params, metrics
+
+
+def low_rank_params(fan_in: int, out: int, k: int) -> int:
+    """Parameters of `k×fan_in (+k bias)` followed by `out×k (+out bias)`."""
+    return k * fan_in + k + out * k + out
+
+
+def fused_layers(model: nn.Module) -> dict[str, str]:
+    """Linear layers that a fused PyTorch transformer layer reads by weight (its inference fast
+    path): replacing them by two layers would break it; low-rank mode leaves them dense."""
+    fused = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+    return {
+        f"{name}.{child}" if name else child: f"read by weight inside {type(m).__name__}"
+        for name, m in model.named_modules()
+        if isinstance(m, fused)
+        for child, sub in m.named_children()
+        if isinstance(sub, nn.Linear)
+    }
+
+
+def svd_bases(model: nn.Module) -> dict[str, Basis]:
+    """Data-free bases from each layer's weights, W = U S Vᵀ: components U, 'variance' s²,
+    mean = the bias, so reconstruction gives the truncated SVD `U_k (S_k V_kᵀ x) + b`."""
+    bases = {}
+    fixed = fused_layers(model)
+    for name, layer in linear_layers(model).items():
+        if name in fixed:
+            continue
+        W = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
+        U, S, _ = torch.linalg.svd(W, full_matrices=True)
+        s2 = torch.zeros(W.shape[0], dtype=torch.float64)
+        s2[: len(S)] = S**2
+        bias = (
+            layer.bias.detach().to(torch.float64)
+            if layer.bias is not None
+            else torch.zeros(W.shape[0])
+        )
+        bases[name] = Basis(mean=bias.numpy(), components=U.numpy(), explained_variance=s2.numpy())
+    return bases
+
+
+def _fan_in(layer: nn.Module) -> int:
+    return int(layer.weight[0].numel())
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _smallest_k(basis: Basis, variance: float) -> int:
+    cum = np.cumsum(basis.explained_variance) / max(basis.explained_variance.sum(), 1e-300)
+    return int(np.searchsorted(cum, variance - 1e-12) + 1)
+
+
+def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> UserError:
+    return UserError(
+        f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest "
+        f"reachable student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio "
+        f"{teacher_params / used:.1f})"
+    )
+
+
+def _max_saving_rank(dense: LayerPlan) -> int:
+    """Largest k whose factorization is strictly smaller than the dense layer (0: none)."""
+    k = min(dense.fan_in, dense.out)
+    while k > 0 and low_rank_params(dense.fan_in, dense.out, k) >= dense.dense_params:
+        k -= 1
+    return k
+
+
+def target_params(budget: BudgetConfig, teacher_params: int) -> int | None:
+    if budget.kind == "size_kb":
+        return int(budget.value * 1024 // BYTES_PER_PARAM)
+    if budget.kind == "params":
+        return int(budget.value)
+    if budget.kind == "ratio":
+        return int(teacher_params / budget.value)
+    return None  # variance: a per-layer target, not a size
+
+
+Step = tuple[Any, float, int]  # (the next size, variance it adds, parameters it costs)
+
+
+def water_fill(
+    sizes: dict[Any, Any],
+    next_step: Callable[[Any, dict[Any, Any], int], Step | None],
+    used: int,
+    target: int,
+) -> dict[Any, Any]:
+    """Greedy allocation: repeatedly buy the one step (of any layer) with the most explained
+    variance per parameter that still fits in `target`, until none does."""
+    sizes = dict(sizes)
+    while True:
+        best: tuple[float, Any, Any, int] | None = None
+        for key in sizes:
+            step = next_step(key, sizes, used)
+            if step is None:
+                continue
+            size, gain, cost = step
+            if used + cost <= target and (best is None or gain / cost > best[0]):
+                best = (gain / cost, key, size, cost)
+        if best is None:
+            return sizes
+        _, key, size, cost = best
+        sizes[key] = size
+        used += cost
+
+
+def allocate(
+    shapes: dict[str, tuple[int, int]],
+    bases: dict[str, Basis],
+    budget: BudgetConfig,
+    other_params: int = 0,
+    no_bias: set[str] | None = None,
+) -> list[LayerPlan]:
+    """Choose a rank per layer (`shapes`: name -> (fan_in, out)) meeting the budget."""
+    no_bias = no_bias or set()
+
+    def plan(name: str, rank: int | None) -> LayerPlan:
+        fi, out = shapes[name]
+        kept = 1.0 if rank is None else bases[name].retained(rank)
+        return LayerPlan(
+            name=name, fan_in=fi, out=out, rank=rank, variance=kept, bias=name not in no_bias
+        )
+
+    caps = {n: _max_saving_rank(plan(n, None)) for n in shapes}
+    teacher_params = other_params + sum(plan(n, None).dense_params for n in shapes)
+
+    if budget.kind == "variance":
+        plans = []
+        for name in shapes:
+            k = _smallest_k(bases[name], budget.value)
+            plans.append(plan(name, k if k <= caps[name] else None))
+        return plans
+
+    target = target_params(budget, teacher_params)
+    ranks: dict[str, int | None] = {n: (1 if caps[n] > 0 else None) for n in shapes}
+    used = other_params + sum(plan(n, r).params for n, r in ranks.items())
+    if used > target:
+        raise _too_small(budget, used, teacher_params)
+
+    def next_rank(name: str, ranks: dict[str, int | None], used: int) -> Step | None:
+        rank = ranks[name]
+        if rank is None:
+            return None  # dense already
+        current, step = plan(name, rank), plan(name, rank + 1 if rank < caps[name] else None)
+        return step.rank, step.variance - current.variance, step.params - current.params
+
+    ranks = water_fill(ranks, next_rank, used, target)
+    return [plan(n, r) for n, r in ranks.items()]
+
+
+def allocate_widths(
+    groups: list[Group], bases: dict[str, Basis], cost: ParamModel, budget: BudgetConfig
+) -> list[LayerPlan]:
+    """Units per coupled group: the same water-filling, where one more unit (one per head,
+    for attention) costs what it adds to the real model's parameters (`cost`, measured on the
+    model: a channel of a residual stream costs a row or column in every layer it touches)."""
+    steps = {g.name: g.step for g in groups}
+
+    def plan(g: Group, width: int | None) -> LayerPlan:
+        kept = 1.0 if width is None else bases[g.name].retained(width)
+        return LayerPlan(name=g.name, fan_in=0, out=g.width, rank=width, variance=kept)
+
+    if budget.kind == "variance":
+        plans = []
+        for g in groups:
+            k = -(-_smallest_k(bases[g.name], budget.value) // g.step) * g.step
+            plans.append(plan(g, k if k < g.width else None))
+        return plans
+
+    teacher_params = cost.params()
+    target = target_params(budget, teacher_params)
+    widths = dict(steps)  # the smallest model: one unit per head
+    used = cost.params(widths)
+    if used > target:
+        raise _too_small(budget, used, teacher_params)
+    by_name = {g.name: g for g in groups}
+
+    def next_width(name: str, widths: dict[str, int], used: int) -> Step | None:
+        g, w = by_name[name], widths[name]
+        if w >= g.width:
+            return None  # every unit kept already
+        basis, wider = bases[name], w + g.step
+        return (
+            wider,
+            basis.retained(wider) - basis.retained(w),
+            cost.params(widths | {name: wider}) - used,
+        )
+
+    widths = water_fill(widths, next_width, used, target)
+    return [plan(g, widths[g.name] if widths[g.name] < g.width else None) for g in groups]
+
+
+def reduce_model(
+    teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank"
+) -> Reduction:
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    fixed: dict[str, str] = {}
+    if mode == "width":
+        example = torch.from_numpy(X_calib[:2])
+        graph = trace(teacher, example)
+        groups = graph.reducible()
+        if not groups:
+            raise UserError(
+                "reconstruct.mode=width found no group of units to narrow in this teacher: "
+                + "; ".join(f"{g.name}: {g.why_not}" for g in graph.groups)
+            )
+        fixed = {g.name: g.why_not for g in graph.groups if not g.reducible}
+        bases = group_bases(teacher, groups, X_calib, cfg.batch_size)
+        cost = param_model(teacher, example, groups)
+        plans = allocate_widths(groups, bases, cost, cfg.budget)
+        student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
+    else:
+        fixed = fused_layers(teacher)
+        taps = {n: m for n, m in linear_layers(teacher).items() if n not in fixed}
+        bases = (
+            svd_bases(teacher)
+            if cfg.method == "svd"
+            else collect_bases(teacher, X_calib, cfg.batch_size, taps)
+        )
+        fixed |= {
+            n: "its forward never runs (the weight is used directly)"
+            for n in taps
+            if n not in bases
+        }
+        layers = {n: m for n, m in taps.items() if n in bases}
+        shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
+        other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
+        no_bias = {n for n, m in layers.items() if m.bias is None}
+        plans = allocate(shapes, bases, cfg.budget, other, no_bias)
+        student = other + sum(p.params for p in plans)
+    return Reduction(
+        bases=bases,
+        layers=plans,
+        teacher_params=teacher_params,
+        student_params=student,
+        budget_kind=cfg.budget.kind,
+        budget_value=cfg.budget.value,
+        mode=mode,
+        method=cfg.method,
+        fixed=fixed,
+    )
+
+
+def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of the training split (all of it when n exceeds its size)."""
+    if n >= len(X_train):
+        return X_train
+    idx = np.random.default_rng(seed).choice(len(X_train), size=n, replace=False)
+    return X_train[np.sort(idx)]

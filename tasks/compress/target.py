@@ -1,0 +1,538 @@
+"""Targets on what ships: plan the stages to meet the final model's size, ratio, parameters or
+batch-1 latency, and guard accuracy on validation rows at every lossy step.
+
+- **Costs** (`measure_costs`): the file the registry would get and its batch-1 latency in the
+  runtime that serves it, fp32 and int8, measured on two narrowed copies of the teacher (every
+  group at its smallest width, and at half width): a line in the parameter count, fixed bytes
+  (the graph: ONNX Runtime's static int8 adds quantize/dequantize nodes worth tens of KB) plus
+  measured bytes per parameter.
+- **Plan** (`plan_target`): the format and the largest student whose served model meets the
+  target (the largest: the least accuracy lost), reached in one shot by the reduce stage (PCA
+  width selection with a least-squares re-fit beats magnitude pruning to the same widths:
+  README, architectures). A target below the smallest reachable model is aimed at from the
+  smallest reduction whose reconstruction keeps the guard, by guarded pruning rounds.
+- **Guard** (`Guard.check`): teacher accuracy - model accuracy on the validation rows (never
+  the test split) at most `target.max_accuracy_drop`, after the reduction, each pruning round
+  and int8.
+- **Fit** (`fit_to_target`): export, measure the real file (or latency); while it misses the
+  target and the guard holds, prune a round toward it (KD recovery), rolled back and stopping
+  if it breaks the guard. int8 that breaks the guard (where its float model keeps it) is
+  replaced by the fp32 export.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.compress.data import Dataset
+from tasks.compress.evaluate import (
+    OnnxModel,
+    TorchScriptModel,
+    latency_percentiles_ms,
+    saved_size,
+    torch_predictor,
+)
+from tasks.compress.finetune import History, fit
+from tasks.compress.graph import Group, keep_units, param_model, trace
+from tasks.compress.prune import _recovery, remove_lowest_units
+from tasks.compress.quantize import Quantized, quantize_model
+from tasks.compress.reconstruct import reconstruct
+from tasks.compress.reduce import calibration_rows, reduce_model
+from tasks.platform.config import (
+    BudgetConfig,
+    FinetuneConfig,
+    PruneConfig,
+    QuantizeConfig,
+    ReconstructConfig,
+    ReduceConfig,
+    TargetConfig,
+)
+from tasks.platform.errors import UserError
+
+BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+# --- what a narrower model costs when served ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Served file bytes and batch-1 latency of one format at measured parameter counts."""
+
+    params: tuple[int, ...]
+    file_bytes: tuple[int, ...]
+    latency_ms: tuple[float, ...]
+    served_as: str  # "onnxruntime int8", "onnxruntime fp32", "torch int8", "torch fp32"
+
+    def line(self, what: str) -> tuple[float, float]:
+        """(fixed, per parameter) of the least-squares line through the bytes or the latency."""
+        ys = self.file_bytes if what == "bytes" else self.latency_ms
+        slope, fixed = np.polyfit(np.asarray(self.params, float), np.asarray(ys, float), 1)
+        return float(fixed), float(slope)
+
+    def params_within(self, what: str, limit: float) -> float:
+        """Largest parameter count whose predicted bytes (or latency) stay within `limit`."""
+        fixed, slope = self.line(what)
+        if slope <= 0:  # latency flat in the size here: any size fits if the smallest does
+            return math.inf if fixed <= limit else -math.inf
+        return (limit - fixed) / slope
+
+
+def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Module:
+    """A copy with every reducible group cut to `fraction` of its units (at least one per head):
+    only the shapes matter here (file size and latency), not which units stay."""
+    out = copy.deepcopy(model)
+    for name in [g.name for g in trace(out, example).reducible()]:
+        graph = trace(out, example)
+        group = graph.group(name)
+        per_head = max(1, int(fraction * group.width) // group.step)
+        if per_head * group.step < group.width:
+            block = group.width // group.step
+            keep_units(graph, group, [j for j in range(group.width) if j % block < per_head])
+    return out.eval()
+
+
+def measure_costs(
+    teacher: nn.Module,
+    X: np.ndarray,
+    cfg: QuantizeConfig,
+    seed: int,
+    latency_repeats: int = 50,
+    fractions: tuple[float, ...] = (0.0, 0.5),
+) -> dict[str, Costs]:
+    """{"fp32": ..., "int8": ...} (int8 only when compress.quantize.enabled)."""
+    example = torch.from_numpy(X[:2])
+    points: dict[str, list[tuple[int, int, float]]] = {"fp32": [], "int8": []}
+    for fraction in fractions:
+        q = quantize_model(narrowed(teacher, example, fraction), X[:64], X, cfg, seed)
+        for fmt, served in (("fp32", q.float_model), ("int8", q.int8_model)):
+            if served is not None:
+                ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
+                points[fmt].append((served.params, len(served.file_bytes), ms))
+    return {
+        fmt: Costs(*(tuple(x) for x in zip(*sorted(p), strict=True)), f"{cfg.runtime} {fmt}")
+        for fmt, p in points.items()
+        if p
+    }
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # size_kb | ratio | params | latency_ms_b1
+    value: float  # as the user gave it
+    limit: float  # what the served model is held to: bytes (size_kb, ratio), params, or ms
+    fmt: str  # fp32 | int8: what is served
+    teacher_params: int
+    smallest_params: int  # every group at one unit (per head)
+    final_params: int  # the largest model the costs say meets the limit (clamped to reachable)
+    reduce_params: int  # the reduce stage's budget
+    reachable: bool
+    why: str
+
+    @property
+    def unit(self) -> str:
+        return {"size_kb": "bytes", "ratio": "bytes", "params": "params"}.get(self.kind, "ms")
+
+
+def plan_target(
+    target: TargetConfig,
+    costs: dict[str, Costs],
+    teacher_params: int,
+    smallest_params: int,
+    teacher_file_bytes: int,
+) -> Plan:
+    """The format and parameter count that meet the target with the most parameters (a tie goes
+    to fp32, which loses nothing); `reduce_params` is set later for an unreachable target."""
+    kind, value = target.kind, target.value
+    limit = {"size_kb": value * 1024, "ratio": teacher_file_bytes / value}.get(kind, value)
+    fits, notes = {}, []
+    for fmt, c in costs.items():
+        if kind in ("size_kb", "ratio"):
+            fits[fmt] = c.params_within("bytes", limit * (1 - BYTES_MARGIN))
+            fixed, slope = c.line("bytes")
+            notes.append(f"{c.served_as} file {fixed:,.0f} B + {slope:.3f} B/param")
+        elif kind == "latency_ms_b1":
+            fits[fmt] = c.params_within("latency", limit)
+            notes.append(
+                f"{c.served_as} {c.latency_ms[0]:.4f} ms at {c.params[0]:,} params, "
+                f"{c.latency_ms[-1]:.4f} ms at {c.params[-1]:,}"
+            )
+        else:
+            fits[fmt] = value
+    fmt = max(fits, key=lambda f: (min(fits[f], teacher_params), f == "fp32"))
+    final = int(min(teacher_params, fits[fmt])) if fits[fmt] > -math.inf else 0
+    reachable = final >= smallest_params
+    measured = f" (measured: {'; '.join(notes)})" if notes else ""
+    if reachable:
+        why = (
+            f"{kind}={value:g}: {costs[fmt].served_as} with at most {final:,} params{measured}; "
+            "reduced to it in one shot"
+        )
+    else:
+        final = smallest_params
+        why = (
+            f"{kind}={value:g} is below the smallest reachable model "
+            f"({smallest_params:,} params){measured}"
+        )
+    return Plan(
+        kind,
+        value,
+        float(limit),
+        fmt,
+        teacher_params,
+        smallest_params,
+        final,
+        final,
+        reachable,
+        why,
+    )
+
+
+def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
+    groups = trace(copy.deepcopy(teacher), example).reducible()
+    return param_model(teacher, example, groups).params({g.name: g.step for g in groups})
+
+
+# --- the accuracy guard ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    step: str  # reduction | prune round N | int8
+    params: int
+    accuracy: float  # on the validation rows
+    drop: float  # the teacher's validation accuracy - this
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Teacher accuracy minus model accuracy on the validation rows at most `max_drop`."""
+
+    reference: float  # the teacher's validation accuracy
+    max_drop: float
+    X_val: np.ndarray
+    y_val: np.ndarray
+
+    @classmethod
+    def of(cls, teacher: nn.Module, data: Dataset, max_drop: float) -> Guard:
+        if len(data.y_val) == 0:
+            raise UserError(
+                "config key 'target': the accuracy guard needs validation rows "
+                "(data.val_size, or val rows in your split)"
+            )
+        reference = float((torch_predictor(teacher)(data.X_val).argmax(1) == data.y_val).mean())
+        return cls(reference, max_drop, data.X_val, data.y_val)
+
+    def check(self, step: str, predict: Predict, params: int) -> Check:
+        accuracy = float((predict(self.X_val).argmax(1) == self.y_val).mean())
+        drop = self.reference - accuracy
+        return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
+
+
+def smallest_start(
+    teacher: nn.Module,
+    X_calib: np.ndarray,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    guard: Guard,
+    plan: Plan,
+) -> tuple[int, str]:
+    """For an unreachable target: the smallest reduce budget on a doubling grid up from 4x the
+    smallest model whose reconstruction keeps the guard before any fine-tuning (the teacher's
+    size if none does), and what was tried."""
+    budget, tried = min(plan.teacher_params, 4 * plan.smallest_params), []
+    while budget < plan.teacher_params:
+        cfg = reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
+        reduction = reduce_model(teacher, X_calib, cfg, "width")
+        student = reconstruct(teacher, reduction, X_calib, recon)
+        check = guard.check("search", torch_predictor(student), reduction.student_params)
+        tried.append(f"{budget:,}: drop {check.drop:.4f}")
+        if check.ok:
+            break
+        budget *= 2
+    return min(budget, plan.teacher_params), "; ".join(tried)
+
+
+# --- meeting the target ---------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """What `fit_to_target` ends with: the float model, its served form, and why it stopped."""
+
+    model: nn.Module
+    quantized: Quantized
+    history: History
+    checks: list[Check] = field(default_factory=list)  # every guard decision, in order
+    rolled_back: list[str] = field(default_factory=list)
+    served_check: Check | None = None  # the guard on the served model (int8, or its float source)
+    achieved: float = float("nan")  # in the plan's unit
+    met: bool = False  # the limit and the guard both hold
+    bound: str = ""  # which constraint stopped it, and why
+
+    def accuracy_drop(self) -> float:
+        return self.served_check.drop if self.served_check else float("nan")
+
+
+def achieved(
+    plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int
+) -> float:
+    if plan.unit == "bytes":
+        return float(saved_size(served)[0])  # the file on disk
+    if plan.unit == "params":
+        return float(served.params)
+    return latency_percentiles_ms(served.predictor(), X, 1, repeats)[0]
+
+
+def params_to_meet(plan: Plan, costs: Costs, params: int, got: float) -> int:
+    """Parameters that should meet the limit from where the model is (`got` at `params`): the
+    measured slope, anchored at the real measurement."""
+    if plan.unit == "params":
+        return int(plan.limit)
+    limit = plan.limit * (1 - BYTES_MARGIN) if plan.unit == "bytes" else plan.limit
+    _, slope = costs.line("bytes" if plan.unit == "bytes" else "latency")
+    return params // 2 if slope <= 0 else int(params - (got - limit) / slope)
+
+
+def keep_fraction_for(
+    model: nn.Module, example: torch.Tensor, groups: list[Group], params: int
+) -> float:
+    """Largest fraction f such that every group at ceil(f · width) units has at most `params`."""
+    cost = param_model(model, example, groups)
+
+    def at(f: float) -> int:
+        return cost.params(
+            {g.name: max(1, math.ceil(f * g.width / g.step)) * g.step for g in groups}
+        )
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid) <= params else (lo, mid)
+    return lo
+
+
+def guarded_int8(
+    quantized: Quantized, guard: Guard, float_check: Check
+) -> tuple[Quantized, Check | None]:
+    """int8, unless it breaks the guard where its float model keeps it: then the fp32 export."""
+    if quantized.int8_model is None:
+        return quantized, None
+    check = guard.check("int8", quantized.int8_model.predictor(), quantized.int8_model.params)
+    if check.ok or not float_check.ok:
+        return quantized, check
+    return Quantized(
+        quantized.float_model,
+        None,
+        quantized.export_max_abs_diff,
+        quantized.int8_max_abs_diff,
+        "fp32 (int8 broke the accuracy guard)",
+    ), check
+
+
+def fit_to_target(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    plan: Plan,
+    costs: dict[str, Costs],
+    guard: Guard,
+    prune: PruneConfig,
+    finetune: FinetuneConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    device: str = "cpu",
+    latency_repeats: int = 100,
+    export: Callable[[nn.Module], Quantized] | None = None,
+) -> Fitted:
+    """Export and measure; while the limit is missed and the guard holds, prune one round toward
+    the limit (at most halving the parameters, at most `prune.rounds` rounds) with KD recovery,
+    rolling back a round that breaks the guard. `export` defaults to the quantize stage's, in
+    the plan's format."""
+    quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
+    export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
+    example = torch.from_numpy(data.X_train[:2])
+    model = copy.deepcopy(student).eval()
+    params = sum(p.numel() for p in model.parameters())
+    kept = guard.check("reduction", torch_predictor(model), params)
+    checks, history, rolled_back, rounds = [kept], History(), [], 0
+    while True:
+        quantized, int8 = guarded_int8(export(model), guard, kept)
+        served_fmt = "int8" if quantized.int8_model is not None else "fp32"
+        got = achieved(plan, quantized.served, data.X_test, latency_repeats)
+        within = got <= plan.limit
+        if within or not kept.ok:
+            bound = (
+                "" if within else f"accuracy guard: the {kept.step} already lost {kept.drop:.4f}"
+            )
+            break
+        if rounds >= prune.rounds:
+            bound = f"{plan.kind}: {prune.rounds} pruning rounds (compress.prune.rounds) fell short"
+            break
+        to_meet = params_to_meet(plan, costs.get(served_fmt, costs[plan.fmt]), params, got)
+        want = max(plan.smallest_params, params // 2, min(params - 1, to_meet))
+        groups = trace(model, example).reducible()
+        if want >= params or not groups:
+            bound = f"{plan.kind}: the model is the smallest reachable ({params:,} params)"
+            break
+        candidate = copy.deepcopy(model)
+        remove_lowest_units(
+            candidate,
+            keep_fraction_for(model, example, groups, want),
+            prune.criterion,
+            data.X_train[:1024],
+            {g.name: g.width for g in groups},
+        )
+        candidate, round_history = fit(
+            candidate,
+            data,
+            _recovery(prune, finetune, seed, device),
+            teacher=teacher,
+            description="recovering from pruning",
+        )
+        rounds += 1
+        check = guard.check(
+            f"prune round {rounds}",
+            torch_predictor(candidate),
+            sum(p.numel() for p in candidate.parameters()),
+        )
+        checks.append(check)
+        if not check.ok:
+            rolled_back.append(check.step)
+            bound = (
+                f"accuracy guard: {check.step} ({check.params:,} params) lost "
+                f"{check.drop:.4f} > {guard.max_drop:.4f} on validation rows: rolled back, "
+                "pruning stopped"
+            )
+            break
+        for name, values in round_history.curves().items():
+            getattr(history, name).extend(values)
+        model, params, kept = candidate, check.params, check
+    if int8 is not None:
+        checks.append(int8)
+        if quantized.int8_model is None:
+            bound = (bound + "; " if bound else "") + (
+                f"int8 lost {int8.drop:.4f} > {guard.max_drop:.4f}: served the fp32 export"
+            )
+    served = int8 if quantized.int8_model is not None and int8 is not None else kept
+    fitted = Fitted(
+        model, quantized, history, checks, rolled_back, served, got, within and served.ok
+    )
+    if within and not served.ok:
+        lost = served if kept.ok else kept  # the step that broke the guard first
+        bound = (
+            f"accuracy guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
+            f"validation rows ({plan.kind} met: {_show(plan, got)})"
+        )
+    fitted.bound = bound or f"{plan.kind}: met ({_show(plan, got)} <= {_show(plan, plan.limit)})"
+    return fitted
+
+
+def _show(plan: Plan, x: float) -> str:
+    shown = {"bytes": f"{x / 1024:.1f} KB", "params": f"{x:,.0f} params"}
+    return shown.get(plan.unit, f"{x:.4f} ms")
+
+
+# --- what is recorded -----------------------------------------------------------------------
+
+
+def target_record(
+    plan: Plan, costs: dict[str, Costs], fitted: Fitted, guard: Guard, teacher_file_bytes: int
+) -> tuple[dict[str, object], dict[str, float]]:
+    """(params, metrics) of the target stage's run; the metrics go on the parent as target/*."""
+    params: dict[str, object] = {
+        "kind": plan.kind,
+        "value": plan.value,
+        "format": plan.fmt,
+        "served_as": fitted.quantized.method,
+        "plan": plan.why[:500],
+        "bound": fitted.bound[:500],
+        "rolled_back": ", ".join(fitted.rolled_back) or "none",
+    }
+    metrics = {
+        "limit": plan.limit,
+        "achieved": fitted.achieved,
+        "met": float(fitted.met),
+        "int8": float(fitted.quantized.int8_model is not None),
+        "planned_params": float(plan.final_params),
+        "reduce_params": float(plan.reduce_params),
+        "smallest_params": float(plan.smallest_params),
+        "final_params": float(fitted.quantized.served.params),
+        "max_accuracy_drop": guard.max_drop,
+        "val_accuracy_drop": fitted.accuracy_drop(),
+        "teacher_val_accuracy": guard.reference,
+        "teacher_file_kb": teacher_file_bytes / 1024,
+        "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks)),
+    }
+    for fmt, c in costs.items():
+        metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = c.line("bytes")
+    for c in fitted.checks:
+        key = c.step.replace(" ", "_")
+        metrics[f"val_drop.{key}"], metrics[f"params.{key}"] = c.drop, float(c.params)
+    return params, metrics
+
+
+def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
+    """The one line a user reads."""
+    head = "target met" if fitted.met else "target NOT met"
+    return (
+        f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
+        f"(limit {_show(plan, plan.limit)}), accuracy drop on validation rows "
+        f"{fitted.accuracy_drop():.4f} (max {guard.max_drop:.4f}); {fitted.bound}"
+    )
+
+
+def target_tags(plan: Plan, fitted: Fitted, guard: Guard) -> dict[str, str]:
+    """On the registered version: whether its target was met, with both numbers."""
+    return {
+        "distill.target_met": str(fitted.met).lower(),
+        "distill.target": f"{plan.kind}={plan.value:g}",
+        "distill.target_achieved": f"{_show(plan, fitted.achieved)} "
+        f"(limit {_show(plan, plan.limit)})",
+        "distill.target_accuracy_drop": f"{fitted.accuracy_drop():.4f} "
+        f"(max {guard.max_drop:.4f}, validation rows)",
+    }
+
+
+def plan_for_target(
+    teacher: nn.Module,
+    data: Dataset,
+    target: TargetConfig,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    latency_repeats: int,
+) -> tuple[Plan, dict[str, Costs], int]:
+    """(plan, costs, teacher file bytes)."""
+    example = torch.from_numpy(data.X_train[:2])
+    # latency is no line at small sizes (a runtime's fixed cost per call): one more point
+    fractions = (0.0, 0.5, 1.0) if target.kind == "latency_ms_b1" else (0.0, 0.5)
+    costs = measure_costs(teacher, data.X_train[:512], quantize, seed, latency_repeats, fractions)
+    teacher_bytes = saved_size(teacher)[0]
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    plan = plan_target(
+        target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes
+    )
+    if not plan.reachable:
+        guard = Guard.of(teacher, data, target.max_accuracy_drop)
+        X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
+        start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
+        why = (
+            f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
+            f"({tried}), then pruned toward the smallest model while the guard holds"
+        )
+        plan = replace(plan, reduce_params=start, why=why)
+    return plan, costs, teacher_bytes

@@ -1,0 +1,373 @@
+"""The pipeline's configuration: one pydantic schema, loaded from YAML, overridable by `--set`.
+
+Every model is strict, frozen and forbids unknown keys, so a typo in a YAML file fails
+with the key's dotted name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.platform import safe_yaml
+from tasks.platform.errors import UserError
+
+DEFAULT_CONFIG = Path("configs/digits.yaml")
+
+
+class _Strict(BaseModel):
+    # allow_inf_nan=False: `.inf` / `.nan` (YAML floats) in any number are refused with the key
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class DataConfig(_Strict):
+    source: str = "sklearn:digits"
+    label: str = "target"
+    shape: list[Annotated[int, Field(gt=0)]] | None = None
+    test_size: float = Field(0.2, gt=0, lt=1)  # not used when the user gave a split
+    val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
+    standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
+    split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
+    # auto: a label with more than 10 distinct integers stops and asks (classes or a quantity?)
+    task: Literal["auto", "classification"] = "auto"
+
+
+ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:Name
+
+
+class TeacherConfig(_Strict):
+    source: str = "train"
+    # built-in `mlp` / `cnn`, or `module:Name`: an nn.Module class or a function returning one
+    arch: str = "mlp"
+    init_args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of module:Name
+    hidden: list[int] = Field(default_factory=lambda: [512, 512])  # mlp only
+    channels: list[int] = Field(default_factory=lambda: [16, 32])  # cnn only
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(8, ge=1)
+    trust_pickle: bool = (
+        False  # file: and MLflow teachers: allow a whole pickled module (runs code)
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch in ("mlp", "cnn") or ARCH_IMPORT_PATH.match(arch):
+            return arch
+        raise ValueError(f"expected mlp, cnn or an import path module:Name, got {arch!r}")
+
+    @field_validator("init_args")
+    @classmethod
+    def _json_like(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(init_args, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"must be JSON-like data (numbers, strings, lists, mappings): {err}"
+            ) from None
+        return init_args
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> TeacherConfig:
+        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
+            raise ValueError("hidden sizes and channels must be positive")
+        return self
+
+
+class BudgetConfig(_Strict):
+    """Exactly one target for the reduced student (parameters counted in fp32)."""
+
+    size_kb: float | None = Field(None, gt=0)
+    params: int | None = Field(None, gt=0)
+    ratio: float | None = Field(None, gt=1)
+    variance: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of size_kb, params, ratio, variance"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self.model_dump().items() if v is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+TARGET_KINDS = ("size_kb", "ratio", "params", "latency_ms_b1")
+
+
+class TargetConfig(_Strict):
+    """What ships (tasks/compress/target.py): exactly one of the final file's size, its ratio to the
+    teacher's file, its parameters or its batch-1 latency in the runtime that serves it; and
+    the accuracy it may lose vs the teacher, decided on validation rows at every lossy step."""
+
+    size_kb: float | None = Field(None, gt=0)  # the served file on disk
+    ratio: float | None = Field(None, gt=1)  # teacher file size / served file size
+    params: int | None = Field(None, gt=0)
+    latency_ms_b1: float | None = Field(None, gt=0)  # batch 1, in the serving runtime
+    max_accuracy_drop: float = Field(0.01, ge=0, lt=1)  # teacher - model, validation rows
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetConfig:
+        given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of "
+                + ", ".join(TARGET_KINDS)
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in TARGET_KINDS if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+class ReduceConfig(_Strict):
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=120.0))
+    calibration_samples: int = Field(1024, ge=2)
+    batch_size: int = Field(256, ge=1)
+    method: Literal["pca", "svd"] = "pca"  # svd: data-free bases from the weights (low_rank only)
+
+
+class ReconstructConfig(_Strict):
+    mode: Literal["low_rank", "width"] = "width"
+    selection: Literal["pqr", "importance"] = "pqr"  # width mode: which units to keep
+    ridge: float = Field(1e-4, ge=0)  # width mode: relative ridge of the consumer re-fit
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    patience: int = Field(5, ge=1)
+
+
+class PruneConfig(_Strict):
+    method: Literal["unstructured", "structured"] = "structured"
+    amount: float = Field(
+        0.3, ge=0, lt=1
+    )  # of all weights (unstructured) or of each hidden layer's units
+    criterion: Literal["l2", "l1", "activation"] = "l2"  # structured: which units go first
+    rounds: int = Field(2, ge=1)  # structured: prune -> recover steps on a cubic schedule
+    recovery_epochs: int = Field(3, ge=0)  # per round
+
+
+class QuantizeConfig(_Strict):
+    enabled: bool = True
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
+    max_abs_diff: float = Field(1e-3, gt=0)
+
+
+class CompressConfig(_Strict):
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+
+
+class EvaluateConfig(_Strict):
+    latency_repeats: int = Field(100, ge=1)
+    large_batch: int = Field(256, ge=2)
+    plots: bool = True  # pareto, confusion matrix, t-SNE, training curves as MLflow artifacts
+    tsne_rows: int = Field(500, ge=4)  # test rows embedded by t-SNE (its cost grows with rows)
+
+
+class RegisterConfig(_Strict):
+    enabled: bool = True
+    model_name: str = Field("distill-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class PromoteConfig(_Strict):
+    """Gates `distill promote` checks before moving alias `champion`; None switches a gate off."""
+
+    max_accuracy_drop: float | None = Field(0.01, ge=0)  # teacher accuracy - student accuracy
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    max_size_kb: float | None = Field(None, gt=0)
+    max_latency_ms_b1: float | None = Field(None, gt=0)
+    allow_target_missed: bool = False  # promote a version tagged distill.target_met=false
+    vs_champion: bool = True  # no worse than the current champion on common held-out rows
+    champion_tolerance: float = Field(0.0, ge=0)  # accuracy the challenger may lose vs the champion
+
+
+class PipelineConfig(_Strict):
+    model_config = ConfigDict(
+        strict=True,
+        frozen=True,
+        extra="forbid",
+        validate_by_name=True,
+        serialize_by_alias=True,
+        allow_inf_nan=False,
+    )
+
+    name: str = "digits"
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # what scikit-learn and numpy take
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    # set: distill plans reduce, prune and quantize to meet it (reduce.budget and
+    # compress.prune.amount apply only without a target)
+    target: TargetConfig | None = None
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # `register` would shadow BaseModel.register (ABCMeta), hence the alias
+    registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    @model_validator(mode="after")
+    def _svd_is_low_rank(self) -> PipelineConfig:
+        if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
+            raise ValueError(
+                "reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _target_plans_widths(self) -> PipelineConfig:
+        if self.target is None:
+            return self
+        if self.reconstruct.mode != "width":
+            raise ValueError("target plans units per layer: it needs reconstruct.mode=width")
+        if self.compress.prune.method != "structured":
+            raise ValueError(
+                "target prunes whole units (zeros do not shrink the file): "
+                "it needs compress.prune.method=structured"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """`{'reduce.budget.size_kb': 250.0, ...}`: the form MLflow params take."""
+        return flatten(self.model_dump())
+
+    def digest(self) -> str:
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`['reduce.budget.ratio=10', 'finetune.epochs=5']` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is both a value and a section")
+        if parts[:-1] == ["reduce", "budget"]:
+            node.clear()  # the budget is one-of: a later budget key replaces an earlier one
+        node[parts[-1]] = safe_yaml.load(raw, f"--set {key.strip()}") if raw.strip() else None
+    return tree
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge; a budget override replaces the whole budget (it is one-of), and a target's
+    kind (size_kb, ratio, ...) replaces the other kinds (max_accuracy_drop stays)."""
+    out = dict(base)
+    for key, value in override.items():
+        if key == "budget" and isinstance(value, dict):
+            out[key] = value
+        elif (
+            key == "target"
+            and isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and set(value) & set(TARGET_KINDS)
+        ):
+            kept = {k: v for k, v in out[key].items() if k not in TARGET_KINDS}
+            out[key] = kept | value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce_yaml_numbers(tree: Any) -> Any:
+    """YAML 1.1 reads `1e-3` as a string; accept numeric strings only where they are numbers."""
+    if isinstance(tree, dict):
+        return {k: _coerce_yaml_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_coerce_yaml_numbers(v) for v in tree]
+    if isinstance(tree, str):
+        try:
+            return float(tree) if any(c in tree.lower() for c in ".e") else tree
+        except ValueError:
+            return tree
+    return tree
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config key '{where}': {msg}{more}"
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
+    tree = merge(raw, parse_overrides(overrides or []))
+    try:
+        return PipelineConfig.model_validate(_coerce_yaml_numbers(tree))
+    except ValidationError as err:
+        raise UserError(_format_error(err)) from None
+
+
+def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping, or one UserError naming the file (`kind` says what it is)."""
+    if path.is_dir():
+        raise UserError(f"{kind} {path} is a directory, not a YAML file")
+    if not path.is_file():
+        raise UserError(f"{kind} not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{kind} {path} could not be read: {err}".splitlines()[0]) from None
+    raw = safe_yaml.load(text, f"{kind} {path}") or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{kind} {path} must hold a mapping at the top level")
+    return raw
+
+
+def load_config(
+    path: Path | str | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    return build_config(read_yaml(Path(path or DEFAULT_CONFIG)), overrides)

@@ -1,0 +1,149 @@
+"""`distill compare`: pipeline runs side by side, from MLflow.
+
+Only parent runs (one per pipeline run; stage runs carry `mlflow.parentRunId`). For each:
+its id, name, start time and status, the config keys whose values differ across the shown
+runs (the parent's params are the flattened config), and the headline metrics: the final
+model's `final/*` and what it cost against the teacher (`compression_ratio`,
+`accuracy_drop`, `speedup_*`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from tasks.platform import tracking
+from tasks.platform.errors import UserError
+
+RUN_COLUMNS = ("run_id", "run_name", "start_time", "status")
+# shown first, in this order; any other final/* metric follows alphabetically
+HEADLINE = (
+    "compression_ratio",
+    "accuracy_drop",
+    "speedup_b1",
+    "final/accuracy",
+    "final/f1_macro",
+    "final/top3_accuracy",
+    "final/agreement",
+    "final/ece",
+    "final/nll",
+    "final/train_test_gap",
+    "final/size_kb",
+    "final/compressed_kb",
+    "final/params",
+    "final/nonzeros",
+    "final/flops",
+    "final/latency_ms_b1",
+    "final/latency_p95_ms_b1",
+)
+
+
+def _is_headline(metric: str) -> bool:
+    return metric.startswith(("final/", "speedup_")) or metric in HEADLINE
+
+
+def _metric_order(metric: str) -> tuple[int, str]:
+    if metric in HEADLINE:
+        return HEADLINE.index(metric), ""
+    if metric.startswith("speedup_"):  # speedup at the large batch: beside speedup_b1
+        return HEADLINE.index("speedup_b1"), metric
+    return len(HEADLINE), metric
+
+
+def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
+    """MLflow's runs frame (`params.*`, `metrics.*`, `tags.*`) of the newest parent runs."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        raise UserError(
+            f"no MLflow experiment named {experiment!r} at "
+            f"{tracking.redact(mlflow.get_tracking_uri())}"
+        )
+    runs = mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        order_by=["attributes.start_time DESC"],
+        output_format="pandas",
+    )
+    if "tags.mlflow.parentRunId" in runs.columns:
+        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    return (runs.head(last) if last else runs).reset_index(drop=True)
+
+
+def comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: RUN_COLUMNS, then the config keys that differ, then headline metrics."""
+    if runs.empty:
+        return pd.DataFrame(columns=list(RUN_COLUMNS))
+    out = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "run_name": runs.get("tags.mlflow.runName", pd.Series([None] * len(runs))),
+            "start_time": pd.to_datetime(runs["start_time"], utc=True).dt.strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            ),
+            "status": runs["status"],
+        }
+    )
+    params = [c for c in runs.columns if c.startswith("params.")]
+    differing = [c for c in params if runs[c].fillna("<unset>").nunique() > 1]
+    for column in differing:
+        out[column.removeprefix("params.")] = runs[column]
+    metrics = sorted(
+        (
+            c.removeprefix("metrics.")
+            for c in runs.columns
+            if c.startswith("metrics.") and _is_headline(c.removeprefix("metrics."))
+        ),
+        key=_metric_order,
+    )
+    for metric in metrics:
+        out[metric] = runs[f"metrics.{metric}"].astype(float)
+    return out
+
+
+def load_comparison(experiment: str | None, last: int | None) -> pd.DataFrame:
+    """Point MLflow at the configured store (never creating one) and compare its parent runs."""
+    settings = tracking.load_settings()
+    tracking.connect(settings)
+    return comparison(parent_runs(experiment or settings.tracking.experiment, last))
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False)
+
+
+def to_json(frame: pd.DataFrame) -> str:
+    """A list of objects, one per run; missing values are null."""
+    records = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
+    return json.dumps(records, indent=2, default=str)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def rich_table(frame: pd.DataFrame) -> Any:
+    """Runs as columns, keys as rows: how MLflow's own compare view lays them out."""
+    from rich.table import Table
+
+    table = Table(title=f"distill: {len(frame)} run(s), newest first", title_justify="left")
+    table.add_column("key", style="bold")
+    for run_id in frame["run_id"]:
+        table.add_column(str(run_id)[:8], justify="right")
+    for key in frame.columns:
+        if key == "run_id":
+            continue
+        table.add_row(key, *(_cell(v) for v in frame[key]))
+    return table

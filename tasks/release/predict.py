@@ -1,0 +1,305 @@
+"""Batch prediction: a file of raw rows through a registered model (`mlflow.pyfunc`).
+
+The registered model carries its encoding and standardization (tasks/release/serving_model.py), so
+the input is the raw columns the model was trained on, by name (CSV, Parquet; text columns
+read as text) or by position (NPZ array `X`, one row per sample, any trailing shape that
+flattens to the feature count). Columns the model does not take are ignored. CSV and Parquet
+are read and written in chunks of `CHUNK_ROWS`, so memory stays flat with the file's size;
+the output appears only when every row is written (a temporary file, then a rename), and it
+may not be the input. Mistakes (missing, repeated or non-numeric columns, an empty cell the
+model cannot impute) are one line naming the file, the column and the row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.platform.errors import UserError
+
+INPUT_KINDS = (".csv", ".parquet", ".npz")
+OUTPUT_KINDS = (".csv", ".parquet")
+CHUNK_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class PredictionReport:
+    rows: int
+    output: Path
+    accuracy: float | None  # on the rows with a label, when a label column was given
+    unlabelled: int = 0  # rows whose label cell was empty (not counted in accuracy)
+
+
+def load_pyfunc(uri: str) -> Any:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as err:
+        raise UserError(f"cannot load model {uri}: {err.message.splitlines()[0]}") from None
+    except OSError as err:
+        raise UserError(f"cannot load model {uri}: {err}") from None
+
+
+def model_columns(model: Any) -> dict[str, str] | None:
+    """{raw column: 'double' | 'string' | ...} from the model's signature (None without one)."""
+    schema = model.metadata.get_input_schema()
+    if schema is None or not schema.has_input_names():
+        return None
+    return {spec.name: spec.type.name for spec in schema.inputs}
+
+
+def model_features(model: Any) -> list[str] | None:
+    """The raw feature columns the model takes, from its signature (None if it has none)."""
+    columns = model_columns(model)
+    return None if columns is None else list(columns)
+
+
+def _short(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_paths(input_path: Path, output_path: Path) -> None:
+    """Before the (slow) model load: kinds, existence, and an output that is not the input."""
+    if input_path.suffix.lower() not in INPUT_KINDS:
+        raise UserError(f"input {input_path}: expected a .csv, .parquet or .npz file")
+    if not input_path.is_file():
+        raise UserError(f"input file not found: {input_path}")
+    if output_path.suffix.lower() not in OUTPUT_KINDS:
+        raise UserError(f"output {output_path}: expected a .csv or .parquet file")
+    if output_path.is_dir():
+        raise UserError(f"output {output_path} is a directory, not a file")
+    if output_path.resolve() == input_path.resolve() or (
+        output_path.exists() and os.path.samefile(output_path, input_path)
+    ):
+        raise UserError(
+            f"output {output_path} is the input file; write the predictions to another file"
+        )
+    if not output_path.parent.is_dir():
+        raise UserError(f"output {output_path}: folder {output_path.parent} does not exist")
+
+
+def read_chunks(
+    path: Path,
+    columns: dict[str, str] | None,
+    label: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[pd.DataFrame, pd.Series | None]]:
+    """(the model's columns in its order, the label column if asked) per chunk of rows; each
+    chunk keeps the file's row numbers as its index."""
+    if path.suffix.lower() == ".npz":
+        yield _read_npz(path, list(columns) if columns else None)
+        return
+    from tasks.compress.data import check_header, header_names
+
+    kind = path.suffix.lower().lstrip(".")
+    try:
+        names = header_names(path, kind)
+    except Exception as err:  # noqa: BLE001 -- pyarrow and csv raise many types
+        raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
+    check_header(names, f"input {path}")
+    if label is not None and label not in names:
+        raise UserError(f"input {path}: label column {label!r} not found (option --label)")
+    wanted = list(columns) if columns else [n for n in names if n != label]
+    missing = [f for f in wanted if f not in names]
+    if missing:
+        hint = " (does the file have a header row?)" if len(missing) == len(wanted) else ""
+        raise UserError(
+            f"input {path}: missing column(s) {_short(missing)}; the model takes "
+            f"{len(wanted)} feature columns{hint}"
+        )
+    text = [n for n, t in (columns or {}).items() if t == "string"]
+    read = list(dict.fromkeys(wanted + ([label] if label else [])))
+    for chunk in _frames(path, kind, read, text, chunk_rows):
+        chunk.columns = [str(c) for c in chunk.columns]
+        truth = chunk[label] if label is not None else None
+        yield _typed(path, chunk[wanted], columns), truth
+
+
+def _frames(
+    path: Path,
+    kind: str,
+    read: list[str],
+    text: list[str],
+    chunk_rows: int,
+) -> Iterator[pd.DataFrame]:
+    start = 0
+    try:
+        if kind == "csv":
+            with pd.read_csv(
+                path, usecols=read, dtype=dict.fromkeys(text, str), chunksize=chunk_rows
+            ) as reader:
+                yield from reader
+            return
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=read):
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(start, start + len(frame))
+            start += len(frame)
+            yield frame
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- pandas and pyarrow raise many types
+        raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
+
+
+def _typed(path: Path, rows: pd.DataFrame, columns: dict[str, str] | None) -> pd.DataFrame:
+    """Numbers as float64 (the signature's `double`), text as strings; one line per mistake."""
+    out = {}
+    for name in rows.columns:
+        column = rows[name]
+        if columns is not None and columns[name] == "string":
+            out[name] = column.astype(object).where(column.notna(), None)
+            continue
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            numbers = pd.to_numeric(column.astype(object), errors="coerce")
+            wrong = (numbers.isna() & column.notna()).to_numpy()
+            if pd.api.types.is_bool_dtype(column) or wrong.any():
+                row = column.index[int(np.argmax(wrong))]
+                raise UserError(
+                    f"input {path}: column {name!r} is not numeric (row {row}: {column[row]!r})"
+                )
+            column = numbers
+        values = column.to_numpy(np.float64)
+        if np.isinf(values).any():
+            raise UserError(
+                f"input {path}: column {name!r} holds inf in row "
+                f"{column.index[int(np.argmax(np.isinf(values)))]}"
+            )
+        out[name] = values
+    return pd.DataFrame(out, index=rows.index)
+
+
+def _read_npz(path: Path, features: list[str] | None) -> tuple[pd.DataFrame, None]:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        X = (
+            arrays["X"]
+            if "X" in arrays.files
+            else (arrays[arrays.files[0]] if len(arrays.files) == 1 else None)
+        )
+    except Exception as err:  # noqa: BLE001 -- numpy raises many types
+        raise UserError(
+            f"input {path} could not be read as npz: {str(err).splitlines()[0]}"
+        ) from None
+    if X is None:
+        raise UserError(f"input {path}: no array 'X' (arrays: {', '.join(arrays.files)})")
+    if X.ndim < 2:
+        raise UserError(
+            f"input {path}: X has shape {list(X.shape)}; expected one row per sample, "
+            f"[rows, features]"
+        )
+    if not np.issubdtype(X.dtype, np.number):
+        raise UserError(f"input {path}: X holds {X.dtype}, not numbers")
+    shape = list(X.shape)
+    X = X.reshape(len(X), -1).astype(np.float64)
+    names = features or [f"x{i}" for i in range(X.shape[1])]
+    if X.shape[1] != len(names):
+        raise UserError(
+            f"input {path}: X has shape {shape}, {X.shape[1]} features per row; "
+            f"the model takes {len(names)}"
+        )
+    return pd.DataFrame(X, columns=names), None
+
+
+class _Writer:
+    """Chunks into a temporary file beside `path`, renamed onto it only when all are written."""
+
+    def __init__(self, path: Path):
+        self.path, self.parquet = path, path.suffix.lower() == ".parquet"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        self.tmp, self.writer, self.first = Path(tmp), None, True
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, table.schema)
+            self.writer.write_table(table)
+        else:
+            frame.to_csv(self.tmp, index=False, mode="w" if self.first else "a", header=self.first)
+        self.first = False
+
+    def commit(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _predict(model: Any, path: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The model's answer, or one line: its own refusal (an empty cell it cannot impute)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        out = pd.DataFrame(model.predict(rows))
+    except (ValueError, MlflowException) as err:
+        message = err.message if isinstance(err, MlflowException) else str(err)
+        raise UserError(f"input {path}: {message.splitlines()[0]}") from None
+    out.index = rows.index
+    return out
+
+
+def _hits(pred: pd.Series, truth: pd.Series) -> tuple[int, int]:
+    """(correct, labelled): empty label cells are not counted; numbers compare as numbers (a
+    label `0.0` read as a float is class 0), anything else as text."""
+    known = truth.notna().to_numpy()
+    pred, truth = pred.to_numpy()[known], truth.to_numpy()[known]
+    if pd.api.types.is_numeric_dtype(pred) and pd.api.types.is_numeric_dtype(truth):
+        return int((pred.astype(np.float64) == truth.astype(np.float64)).sum()), int(known.sum())
+    return int((pred.astype(str) == truth.astype(str)).sum()), int(known.sum())
+
+
+def predict_file(
+    model_uri: str,
+    input_path: Path,
+    output_path: Path,
+    label: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> PredictionReport:
+    """Predict every row of `input_path` and write `prediction` and `proba_<class>` columns."""
+    check_paths(input_path, output_path)
+    model = load_pyfunc(model_uri)
+    columns = model_columns(model)
+    writer, rows, correct, labelled = None, 0, 0, 0
+    try:
+        for chunk, truth in read_chunks(input_path, columns, label, chunk_rows):
+            if chunk.empty:
+                continue
+            out = _predict(model, input_path, chunk)
+            if writer is None:
+                writer = _Writer(output_path)
+            writer.write(out)
+            rows += len(out)
+            if truth is not None:
+                hit, known = _hits(out["prediction"], truth)
+                correct, labelled = correct + hit, labelled + known
+        if rows == 0:
+            raise UserError(f"input {input_path}: no rows")
+        writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    accuracy = correct / labelled if label is not None and labelled else None
+    return PredictionReport(rows, output_path, accuracy, (rows - labelled) if label else 0)

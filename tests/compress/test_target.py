@@ -1,0 +1,384 @@
+"""Targets on what ships (tasks/compress/target.py): the plan's arithmetic, the accuracy guard's rollback,
+and, through the CLI, a met target met by the registered file and a missed one registered,
+tagged and refused by `distill promote`."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows.distill import distill_flow
+from tasks.compress.evaluate import TorchScriptModel
+from tasks.compress.graph import param_model, trace
+from tasks.compress.quantize import Quantized
+from tasks.compress.target import (
+    Costs,
+    Guard,
+    fit_to_target,
+    keep_fraction_for,
+    plan_target,
+    smallest_params,
+)
+from tasks.compress.teacher import build_mlp
+from tasks.platform.config import PipelineConfig, TargetConfig, build_config
+from tasks.platform.errors import UserError
+from tests.conftest import ROOT
+
+CONFIG = str(ROOT / "configs" / "digits.yaml")
+FAST = [
+    "teacher.hidden=[64, 64]",
+    "teacher.epochs=8",
+    "reduce.calibration_samples=256",
+    "finetune.epochs=3",
+    "compress.prune.recovery_epochs=1",
+    "evaluate.latency_repeats=3",
+    "evaluate.large_batch=32",
+    "evaluate.plots=false",
+]
+# int8: file 5,000 B + 1 B/param, latency 0.01 ms + 1e-6 ms/param (from 100 and 10,100 params);
+# fp32: file 1,000 B + 4 B/param, latency 0.005 ms + 2e-6 ms/param
+COSTS = {
+    "int8": Costs((100, 10_100), (5_100, 15_100), (0.0101, 0.0201), "onnxruntime int8"),
+    "fp32": Costs((100, 10_100), (1_400, 41_400), (0.0052, 0.0252), "onnxruntime fp32"),
+}
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_default_config_ships_a_target():
+    cfg = build_config({}, [])
+    assert cfg.target is None  # the schema's default: hand-sized stages
+    from tasks.platform.config import load_config
+
+    target = load_config(CONFIG).target
+    assert (target.kind, target.value, target.max_accuracy_drop) == ("size_kb", 100.0, 0.02)
+
+
+def test_a_target_kind_override_replaces_the_kind_and_keeps_the_guard():
+    cfg = build_config({"target": {"size_kb": 100, "max_accuracy_drop": 0.02}}, ["target.ratio=10"])
+    assert (cfg.target.kind, cfg.target.value, cfg.target.max_accuracy_drop) == (
+        "ratio",
+        10.0,
+        0.02,
+    )
+    assert build_config({"target": {"size_kb": 100}}, ["target=null"]).target is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["target.max_accuracy_drop=0.02"],
+            "config key 'target': Value error, give exactly one of size_kb, ratio, params, latency_ms_b1",
+        ),
+        (["target.ratio=0.5"], "config key 'target.ratio': Input should be greater than 1"),
+        (["target.size_kb=20", "reconstruct.mode=low_rank"], "it needs reconstruct.mode=width"),
+        (
+            ["target.size_kb=20", "compress.prune.method=unstructured"],
+            "it needs compress.prune.method=structured",
+        ),
+    ],
+)
+def test_bad_targets_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_config({}, overrides)
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+def test_plan_meets_a_size_with_the_format_that_fits_the_most_parameters():
+    assert COSTS["int8"].line("bytes") == pytest.approx((5_000, 1.0))
+    plan = plan_target(
+        TargetConfig(size_kb=10),
+        COSTS,
+        teacher_params=50_000,
+        smallest_params=100,
+        teacher_file_bytes=200_000,
+    )
+    # 10 KB = 10,240 B, aimed 1 % under: int8 (10,137.6 - 5,000) / 1 beats fp32 (10,137.6 - 1,000) / 4
+    assert (plan.fmt, plan.final_params, plan.reduce_params, plan.limit) == (
+        "int8",
+        5_137,
+        5_137,
+        10_240,
+    )
+    assert plan.reachable
+    # 4 KB: int8's fixed 5,000 B do not fit at all, fp32 fits (4,055.04 - 1,000) / 4 params
+    small = plan_target(TargetConfig(size_kb=4), COSTS, 50_000, 100, 200_000)
+    assert (small.fmt, small.final_params) == ("fp32", 763)
+    ratio = plan_target(TargetConfig(ratio=20), COSTS, 50_000, 100, teacher_file_bytes=200_000)
+    assert ratio.limit == 10_000 and ratio.final_params == int(10_000 * 0.99 - 5_000)
+    big = plan_target(TargetConfig(size_kb=1_000), COSTS, 50_000, 100, 200_000)
+    assert (big.final_params, big.fmt) == (
+        50_000,
+        "fp32",
+    )  # never more than the teacher; fp32 is lossless
+    # 0.02 ms: int8 (0.02 - 0.01) / 1e-6 = 10,000 params beats fp32 (0.02 - 0.005) / 2e-6 = 7,500
+    fast = plan_target(TargetConfig(latency_ms_b1=0.02), COSTS, 50_000, 100, 200_000)
+    assert fast.fmt == "int8" and fast.final_params == pytest.approx(10_000, abs=1)
+    assert plan_target(TargetConfig(params=777), COSTS, 50_000, 100, 200_000).final_params == 777
+
+
+def test_a_target_below_the_smallest_model_is_unreachable():
+    plan = plan_target(
+        TargetConfig(size_kb=1), COSTS, 50_000, smallest_params=100, teacher_file_bytes=200_000
+    )
+    assert not plan.reachable and plan.final_params == 100
+    assert "below the smallest reachable model (100 params)" in plan.why
+
+
+def test_smallest_model_and_prune_fraction_count_real_parameters():
+    model = build_mlp(64, [32, 16], 10)
+    example = torch.zeros(2, 64)
+    assert smallest_params(model, example) == (64 + 1) * 1 + (1 + 1) * 1 + (1 + 1) * 10
+    groups = trace(model, example).reducible()
+    f = keep_fraction_for(model, example, groups, 1_000)
+    cost = param_model(model, example, groups)
+
+    def at(x):
+        return cost.params({g.name: int(np.ceil(x * g.width)) for g in groups})
+
+    assert at(f) <= 1_000 < at(f + 1 / 32)  # the largest uniform cut within the count
+
+
+def test_the_served_onnx_file_carries_no_debugging_metadata(digits):
+    import onnx
+    import onnxruntime as ort
+
+    from tasks.compress.quantize import export_onnx
+
+    model = build_mlp(64, [32], 10).eval()
+    raw = export_onnx(model, 64)
+    proto = onnx.load_from_string(raw)
+    assert not proto.graph.value_info and all(
+        not n.metadata_props and not n.doc_string for n in proto.graph.node
+    )
+    params = sum(p.numel() for p in model.parameters())
+    assert (
+        len(raw) < 4 * params + 1_500
+    )  # float32 weights plus a small graph (was ~5 KB of stack traces)
+    session = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": digits.X_test[:50]})[0]
+    assert np.abs(out - model(torch.from_numpy(digits.X_test[:50])).detach().numpy()).max() < 1e-5
+
+
+# --- the guard ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefusesBelow(Guard):
+    """The real guard, except that any model with fewer than `floor` parameters breaks it."""
+
+    floor: int = 0
+
+    def check(self, step, predict, params):
+        real = super().check(step, predict, params)
+        return type(real)(real.step, real.params, real.accuracy, real.drop, params >= self.floor)
+
+
+def _params_export(model):  # the size a params target reads, without an ONNX export
+    n = sum(p.numel() for p in model.parameters())
+    return Quantized(TorchScriptModel(b"", n, n), None, 0.0, None, "none")
+
+
+def test_a_pruning_round_that_breaks_the_guard_is_rolled_back(digits):
+    cfg = PipelineConfig()
+    torch.manual_seed(0)
+    student = build_mlp(64, [40, 40], 10)
+    before = copy.deepcopy(student.state_dict())
+    n = sum(p.numel() for p in student.parameters())
+    plan = plan_target(
+        TargetConfig(params=n // 8), COSTS, n, smallest_params(student, torch.zeros(2, 64)), 4 * n
+    )
+    # accuracy never breaks it here; the first round (to about n/2) keeps it, the second (n/4) does not
+    guard = RefusesBelow(0.0, 1.0, digits.X_val, digits.y_val, floor=n // 3)
+
+    fitted = fit_to_target(
+        student,
+        student,
+        digits,
+        plan,
+        COSTS,
+        guard,
+        cfg.compress.prune,
+        cfg.finetune,
+        cfg.compress.quantize,
+        seed=0,
+        export=_params_export,
+    )
+    steps = [(c.step, c.ok) for c in fitted.checks]
+    assert steps == [("reduction", True), ("prune round 1", True), ("prune round 2", False)]
+    kept = fitted.checks[1].params
+    assert n // 3 <= kept < n and fitted.checks[2].params < n // 3
+    assert (
+        sum(p.numel() for p in fitted.model.parameters()) == kept
+    )  # round 1's model, not round 2's
+    assert fitted.quantized.served.params == kept and fitted.achieved == kept
+    assert fitted.rolled_back == ["prune round 2"] and not fitted.met
+    assert "prune round 2" in fitted.bound and "rolled back" in fitted.bound
+    assert all(
+        torch.equal(v, student.state_dict()[k]) for k, v in before.items()
+    )  # input untouched
+
+
+def test_the_flow_registers_the_model_before_the_rolled_back_round(
+    prefect_server, mlflow_store, monkeypatch
+):
+    # a params target below the smallest model: pruning rounds run toward it from a 4x larger
+    # reduction; the guard is the real one, except that it lets the reduction and round 1 pass
+    # and refuses round 2
+    real_check = Guard.check
+
+    def check(self, step, predict, params):
+        real = real_check(self, step, predict, params)
+        return type(real)(real.step, real.params, real.accuracy, real.drop, step != "prune round 2")
+
+    monkeypatch.setattr(Guard, "check", check)
+    run = distill_flow(
+        CONFIG,
+        [
+            *FAST,
+            "target.params=10",
+            "compress.prune.rounds=3",
+            "compress.quantize.enabled=false",
+            "register.model_name=rolled-back",
+            "seed=7",
+        ],
+    )
+    m = run.metrics
+    assert m["target/params.prune_round_1"] < m["target/params.reduction"]
+    assert m["target/params.prune_round_2"] < m["target/params.prune_round_1"]
+    assert m["final/params"] == m["pruned/params"] == m["target/params.prune_round_1"]
+    assert m["target_met"] == 0.0 and run.target["met"] is False
+    client = MlflowClient()
+    stage = client.search_runs(
+        [client.get_run(run.run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.run_id}' and tags.mlflow.runName = 'target'",
+    )
+    assert stage[0].data.params["rolled_back"] == "prune round 2"
+    # the registered file is round 1's model
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/rolled-back/{run.model_version}"))
+    onnx = next(folder.rglob("model.onnx"))
+    assert onnx.stat().st_size / 1024 == pytest.approx(m["final/size_kb"])
+
+
+# --- through the CLI ------------------------------------------------------------------------
+
+
+def _distill(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _sets(pairs: list[str]) -> list[str]:
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def _registered_file(tmp_path: Path, name: str, version: str) -> Path:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{version}", dst_path=str(tmp_path / "dl")
+        )
+    )
+    return next(folder.rglob("model.onnx"))
+
+
+def test_a_met_size_target_is_met_by_the_registered_file(tmp_path, mlflow_store):
+    # the teacher's int8 file is ~14 KB: 8 KB needs a student of about a sixth of its parameters
+    proc = _distill(
+        [
+            "run",
+            CONFIG,
+            *_sets(
+                [
+                    *FAST,
+                    "target.size_kb=8",
+                    "target.max_accuracy_drop=0.5",
+                    "register.model_name=small",
+                ]
+            ),
+            "--json",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["target"]["met"] is True and out["metrics"]["target_met"] == 1.0
+    size = _registered_file(tmp_path, "small", out["model_version"]).stat().st_size
+    assert size <= 8 * 1024 and size == out["metrics"]["target/achieved"]
+    assert out["metrics"]["final/size_kb"] == pytest.approx(size / 1024)
+    assert out["metrics"]["final/size_kb"] > 6  # the largest student that fits, not any small one
+    tags = MlflowClient().get_model_version("small", out["model_version"]).tags
+    assert tags["distill.target_met"] == "true" and tags["distill.target"] == "size_kb=8"
+
+
+def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refuses_it(
+    tmp_path, mlflow_store
+):
+    proc = _distill(
+        ["run", CONFIG, *_sets([*FAST, "target.size_kb=1", "register.model_name=tiny"])], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("target NOT met")]
+    assert len(line) == 1 and "size_kb=1 ->" in line[0] and "(limit 1.0 KB)" in line[0]
+    assert "Traceback" not in proc.stderr
+    client = MlflowClient()
+    version = client.get_model_version("tiny", "1")
+    tags = version.tags
+    assert tags["distill.target_met"] == "false" and tags["distill.target"] == "size_kb=1"
+    assert (
+        "KB (limit 1.0 KB)" in tags["distill.target_achieved"]
+        and "max 0.0200" in tags["distill.target_accuracy_drop"]
+    )
+    m = client.get_run(tags["mlflow.run_id"]).data.metrics
+    assert m["target_met"] == 0.0 and m["target/achieved"] > m["target/limit"] == 1024
+    # the best model found: pruned from the smallest reduction that kept the guard, within it
+    assert m["target/final_params"] == m["final/params"] <= m["target/reduce_params"]
+    assert m["target/val_accuracy_drop"] <= 0.01 + 1e-9 and m["target/pruning_rounds"] >= 1
+
+    refused = _distill(
+        ["promote", "--model", "tiny", "--set", "promote.max_accuracy_drop=null"], tmp_path
+    )
+    assert refused.returncode == 1 and "gate allow_target_missed" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+    allowed = _distill(
+        [
+            "promote",
+            "--model",
+            "tiny",
+            "--set",
+            "promote.max_accuracy_drop=null",
+            "--allow-target-missed",
+        ],
+        tmp_path,
+    )
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"

@@ -1,0 +1,125 @@
+"""`distill` as a user runs it: a separate process, its stdout and exit code."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+DISTILL = [sys.executable, "-m", "flows.cli"]
+
+
+def _run(args, tmp_path: Path, timeout=600):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # mlflow.set_*_uri in earlier in-process tests also set these variables: pin both
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PYTHONPATH": str(ROOT),
+        # this test's own stage results: the session's PREFECT_HOME holds other tests' cached stages
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
+    }
+    return subprocess.run(
+        DISTILL + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_run_json(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    proc = _run(["run", str(ROOT / "configs" / "digits.yaml"), *sets, "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
+    assert {"run_id", "model_name", "model_version", "metrics"} <= set(out)
+    assert out["model_name"] == "distill-digits" and out["model_version"] == "1"
+    assert 0 < out["metrics"]["final/accuracy"] <= 1
+    assert out["metrics"]["accuracy_drop"] == pytest.approx(
+        out["metrics"]["teacher/accuracy"] - out["metrics"]["final/accuracy"]
+    )
+    assert (tmp_path / "mlflow.db").is_file()
+    # stderr is not a terminal here: one line per finished stage, with its time, in order
+    stages = re.findall(
+        r"^distill: ([\w-]+) done in \d+\.\d s \(\d+\.\d s in all\)$", proc.stderr, re.MULTILINE
+    )
+    assert stages == [
+        "data",
+        "teacher",
+        "evaluate-teacher",
+        "reduce",
+        "reconstruct",
+        "evaluate-reconstructed",
+        "finetune",
+        "evaluate-finetuned",
+        "prune",
+        "quantize",
+        "evaluate-pruned",
+        "evaluate-quantized",
+        "plots",
+        "register",
+    ], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "missing.yaml"], "error: config file not found: missing.yaml"),
+        (
+            ["run", "--set", "reduce.budget.size_kb=-1"],
+            "error: config key 'reduce.budget.size_kb': Input should be greater than 0",
+        ),
+        (["run", "--set", "teacher.epoch=3"], "error: config key 'teacher.epoch': unknown key"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    if "--set" in args:
+        args = ["run", str(ROOT / "configs" / "digits.yaml"), *args[1:]]
+    proc = _run(args, tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert not (tmp_path / "mlflow.db").exists()  # nothing written
+
+
+def test_user_error_inside_the_flow_is_one_line(tmp_path):
+    proc = _run(
+        ["run", str(ROOT / "configs" / "digits.yaml"), "--set", "data.source=csv:nope.csv"],
+        tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: data file not found: nope.csv"
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_run():
+    proc = subprocess.run(
+        [*DISTILL, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 0 and "run" in proc.stdout
+
+
+INTERRUPTED_IN_EXEC = """
+import os, signal, sys
+# as in a terminal, even where this test runs in the background (SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+{install}
+try:  # the interrupt lands inside code run by exec() of a string, as in sympy's or mpmath's imports
+    exec("os.kill(os.getpid(), signal.SIGINT)\\nimport time\\nwhile True: time.sleep(0.01)")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path):
+    def run(install: str) -> int:
+        (tmp_path / "interrupted.py").write_text(INTERRUPTED_IN_EXEC.format(install=install))
+        env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+        return subprocess.run([sys.executable, "-m", "interrupted"], env=env, timeout=60).returncode
+
+    # CPython kills itself at exit after a handled plain KeyboardInterrupt that left exec'd code
+    if run("") != -signal.SIGINT:
+        pytest.skip("this Python exits 130 after such an interrupt anyway")
+    assert run("from flows.cli import _exit_on_signals; _exit_on_signals()") == 130

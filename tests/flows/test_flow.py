@@ -1,0 +1,146 @@
+"""The whole pipeline through Prefect, against a fresh MLflow store."""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from flows.distill import STAGES, distill_flow
+from tasks.platform.errors import UserError
+from tasks.release.registry import raw_features
+from tests.conftest import ROOT, TINY, use_store
+
+CONFIG = str(ROOT / "configs" / "digits.yaml")
+
+
+@pytest.fixture(scope="module")
+def flow_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("flow-store")
+
+
+@pytest.fixture(scope="module")
+def pipeline(prefect_server, flow_store):
+    """One pipeline run for the tests that only read what it recorded."""
+    with use_store(flow_store):
+        return distill_flow(CONFIG, [*TINY, "register.model_name=tiny-digits"])
+
+
+@pytest.fixture
+def run(pipeline, flow_store):
+    with use_store(flow_store):  # an earlier test may have pointed MLflow elsewhere
+        yield pipeline
+
+
+def test_flow_records_parent_and_stage_runs(run):
+    client = MlflowClient()
+    parent = client.get_run(run.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["reduce.budget.size_kb"] == "12.0"
+    assert parent.data.params["teacher.hidden"] == "[64, 64]"
+    tags = parent.data.tags
+    assert {
+        "prefect.flow_run_id",
+        "distill.config_hash",
+        "distill.dataset_digest",
+        "distill.git_commit",
+    } <= set(tags)
+    assert parent.inputs.dataset_inputs[0].dataset.digest == tags["distill.dataset_digest"]
+
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == sorted(["reduce", *STAGES])
+    metrics = parent.data.metrics
+    for stage in STAGES:
+        assert f"{stage}/accuracy" in metrics and f"{stage}/size_kb" in metrics
+    for key in (
+        "final/accuracy",
+        "final/size_kb",
+        "compression_ratio",
+        "accuracy_drop",
+        "speedup_b1",
+    ):
+        assert key in metrics
+    assert metrics["accuracy_drop"] == pytest.approx(
+        metrics["teacher/accuracy"] - metrics["final/accuracy"]
+    )
+    assert metrics["compression_ratio"] == pytest.approx(
+        metrics["teacher/size_kb"] / metrics["final/size_kb"]
+    )
+    assert (
+        metrics["final/size_kb"] < metrics["teacher/size_kb"] / 2
+    )  # tiny: ONNX's fixed overhead shows
+    assert run.metrics == metrics
+
+    finetuned = next(r for r in children if r.info.run_name == "finetuned")
+    curve = client.get_metric_history(finetuned.info.run_id, "finetuned/val_accuracy")
+    assert [m.step for m in curve] == list(range(len(curve))) and len(curve) >= 1
+    artifacts = [a.path for a in client.list_artifacts(run.run_id, "config")]
+    assert "config/resolved.yaml" in artifacts and "config/digits.yaml" in artifacts
+    plots = sorted(a.path for a in client.list_artifacts(run.run_id, "plots"))
+    assert plots == [
+        "plots/confusion.png",
+        "plots/curves.png",
+        "plots/pareto.png",
+        "plots/tsne.png",
+    ]
+    assert (
+        metrics["final/flops"] == metrics["pruned/flops"]
+    )  # the ONNX model carries its float model's count
+
+
+def test_registered_challenger_reproduces_the_logged_accuracy(run, digits):
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("tiny-digits", "challenger")
+    assert str(version.version) == run.model_version
+    assert version.tags["mlflow.run_id"] == run.run_id
+    model = mlflow.pyfunc.load_model("models:/tiny-digits@challenger")
+    out = model.predict(raw_features(digits, digits.X_test))
+    accuracy = (out["prediction"].to_numpy() == np.asarray(digits.classes)[digits.y_test]).mean()
+    assert accuracy == pytest.approx(run.metrics["final/accuracy"])
+    probas = out[[f"proba_{c}" for c in digits.classes]].to_numpy()
+    assert np.allclose(probas.sum(1), 1.0)
+
+
+def test_failed_stage_marks_the_run_failed_and_registers_nothing(
+    prefect_server, mlflow_store, tmp_path
+):
+    # a teacher file that is missing is found before any run opens: nothing is recorded
+    with pytest.raises(UserError, match="file not found"):
+        distill_flow(
+            CONFIG, [*TINY, f"teacher.source=file:{tmp_path}/none.pt", "register.model_name=never"]
+        )
+    assert mlflow.search_runs(search_all_experiments=True).empty
+    # an MLflow teacher is loaded by its stage: the run it failed in ends FAILED
+    with pytest.raises(UserError, match="cannot load models:/nothing-here/1"):
+        distill_flow(
+            CONFIG, [*TINY, "teacher.source=models:/nothing-here/1", "register.model_name=never"]
+        )
+    runs = mlflow.search_runs(
+        experiment_names=["distill"], filter_string="tags.mlflow.runName LIKE 'digits%'"
+    )
+    assert list(runs["status"]) == ["FAILED"]
+    assert MlflowClient().search_registered_models(filter_string="name = 'never'") == []
+
+
+def test_bad_config_leaves_nothing_in_mlflow(prefect_server, mlflow_store):
+    with pytest.raises(UserError, match=r"config key 'reduce\.budget\.params'"):
+        distill_flow(CONFIG, ["reduce.budget.params=0"])
+    assert mlflow.search_experiments(filter_string="name = 'distill'") == []
+
+
+def test_torch_runtime_is_registered_and_served(prefect_server, mlflow_store, digits):
+    run = distill_flow(
+        CONFIG,
+        [
+            *TINY,
+            "compress.quantize.runtime=torch",
+            "register.model_name=tiny-torch",
+            "evaluate.plots=false",
+        ],
+    )
+    model = mlflow.pyfunc.load_model("models:/tiny-torch@challenger")
+    out = model.predict(raw_features(digits, digits.X_test))
+    accuracy = (out["prediction"].to_numpy() == np.asarray(digits.classes)[digits.y_test]).mean()
+    assert accuracy == pytest.approx(run.metrics["final/accuracy"])
+    # (TorchScript's code and packing overhead outweighs int8 on a model this tiny: no size claim here)

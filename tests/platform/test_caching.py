@@ -1,0 +1,107 @@
+"""Content-hash cache keys: equal content gives equal keys, any change in inputs or code a new one."""
+
+import copy
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from prefect.serializers import PickleSerializer
+
+from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
+from tasks.compress.finetune import History
+from tasks.compress.reduce import reduce_model
+from tasks.compress.teacher import build_mlp
+from tasks.platform.caching import (
+    Uncacheable,
+    code_modules,
+    content_hash,
+    stage_cache_key,
+    teacher_source_fingerprint,
+)
+from tasks.platform.config import BudgetConfig, ReduceConfig, TeacherConfig
+
+
+def _key(task, **inputs):
+    return stage_cache_key(SimpleNamespace(task=task), inputs)
+
+
+def test_a_module_is_keyed_by_architecture_and_weights():
+    torch.manual_seed(0)
+    model = build_mlp(8, [16], 3)
+    twin = copy.deepcopy(model)
+    assert content_hash(model) == content_hash(twin)
+    with torch.no_grad():
+        twin[0].weight[0, 0] += 1e-6
+    assert content_hash(model) != content_hash(twin)
+    assert content_hash(build_mlp(8, [16], 3)) != content_hash(build_mlp(8, [17], 3))
+
+
+def test_arrays_configs_and_dataclasses_are_keyed_by_content(digits):
+    X = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert content_hash(X) == content_hash(X.copy())
+    assert content_hash(X) != content_hash(X.astype(np.float64))  # same values, other dtype
+    assert content_hash(X) != content_hash(X.reshape(4, 3))
+    assert content_hash(ReduceConfig()) == content_hash(ReduceConfig())
+    assert content_hash(ReduceConfig()) != content_hash(ReduceConfig(calibration_samples=512))
+    assert content_hash(digits) == content_hash(
+        dataclasses.replace(digits, X_train=digits.X_train.copy())
+    )
+    moved = digits.X_train.copy()
+    moved[0, 0] += 1
+    assert content_hash(digits) != content_hash(dataclasses.replace(digits, X_train=moved))
+    assert content_hash(History([1.0], [2.0])) != content_hash(History([1.0], [2.5]))
+    with pytest.raises(TypeError, match=r"no content hash for builtins\.object"):
+        content_hash(object())
+
+
+def test_keys_differ_by_task_and_follow_the_stage_code(digits):
+    teacher = build_mlp(64, [16], 10)
+    cfg = ReduceConfig()
+    key = _key(reduce_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=0)
+    assert key == _key(
+        reduce_task, teacher=copy.deepcopy(teacher), X_train=digits.X_train.copy(), cfg=cfg, seed=0
+    )
+    assert key != _key(reduce_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=1)
+    assert key != _key(reconstruct_task, teacher=teacher, X_train=digits.X_train, cfg=cfg, seed=0)
+    # the teacher's key covers the training loop it calls, not only the thin task wrapper,
+    # and not the stages after it: editing quantization keeps a cached teacher
+    teacher_code = set(code_modules(teacher_task.fn))
+    assert {
+        "tasks.compress.teacher",
+        "tasks.compress.finetune",
+        "tasks.compress.data",
+        "tasks.platform.config",
+    } <= teacher_code
+    assert (
+        "tasks.compress.quantize" not in teacher_code and "tasks.compress.prune" not in teacher_code
+    )
+    assert "tasks.compress.quantize" in code_modules(quantize_task.fn)
+    assert "tasks.compress.finetune" in code_modules(finetune_task.fn)
+
+
+def test_a_teacher_file_is_keyed_by_its_bytes_and_an_alias_is_not_cached(tmp_path, digits):
+    path = tmp_path / "teacher.pt"
+    torch.save(build_mlp(64, [16], 10).state_dict(), path)
+    before = teacher_source_fingerprint(f"file:{path}")
+    torch.save(build_mlp(64, [16], 10).state_dict(), path)  # new random weights, same name
+    assert teacher_source_fingerprint(f"file:{path}") != before
+    assert teacher_source_fingerprint("models:/teacher/3") == "models:/teacher/3"
+    with pytest.raises(Uncacheable):
+        teacher_source_fingerprint("models:/teacher@champion")
+    moving = TeacherConfig(source="models:/teacher@champion")
+    assert _key(teacher_task, cfg=moving, data=digits, seed=0, device="cpu") is None
+    assert _key(teacher_task, cfg=TeacherConfig(), data=digits, seed=0, device="cpu") is not None
+
+
+def test_stage_results_survive_the_result_serializer(digits):
+    """What persist_result writes (cloudpickle) reads back equal: module, Reduction, History."""
+    teacher = build_mlp(64, [32], 10).eval()
+    reduction = reduce_model(
+        teacher, digits.X_train[:200], ReduceConfig(budget=BudgetConfig(ratio=2.0))
+    )
+    serializer = PickleSerializer()
+    for value in (teacher, reduction, History([0.5], [0.4], [0.9], [1e-3], 0), digits):
+        back = serializer.loads(serializer.dumps(value))
+        assert type(back) is type(value) and content_hash(back) == content_hash(value)

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.platform.config import PipelineConfig, build_config, load_config, parse_overrides
+from tasks.platform.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_file_is_valid():
+    cfg = load_config(ROOT / "configs" / "digits.yaml")
+    assert cfg.teacher.hidden == [512, 512]
+    assert cfg.reduce.budget.kind == "size_kb"
+    assert cfg.registry.model_name == "distill-digits"
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 3, "c": [1, 2]}, "d": "x"}
+
+
+def test_budget_override_replaces_the_budget():
+    cfg = build_config({"reduce": {"budget": {"size_kb": 100}}}, ["reduce.budget.ratio=10"])
+    assert (cfg.reduce.budget.kind, cfg.reduce.budget.value) == ("ratio", 10.0)
+
+
+def test_yaml_exponent_floats_are_numbers():
+    assert build_config({"finetune": {"lr": "1e-3"}}).finetune.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["finetun.epochs=3"], "config key 'finetun': unknown key"),
+        (["finetune.epoch=3"], "config key 'finetune.epoch': unknown key"),
+        (
+            ["finetune.epochs=three"],
+            "config key 'finetune.epochs': Input should be a valid integer",
+        ),
+        (
+            ["reduce.budget.size_kb=-5"],
+            "config key 'reduce.budget.size_kb': Input should be greater than 0",
+        ),
+        (
+            ["reduce.budget.ratio=0.5"],
+            "config key 'reduce.budget.ratio': Input should be greater than 1",
+        ),
+        (["register.model_name=bad name!"], "config key 'register.model_name'"),
+        (["finetune.alpha=1.5"], "config key 'finetune.alpha'"),
+        (["device=tpu"], "config key 'device'"),
+        (["finetune"], "--set expects key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(UserError) as err:
+        build_config({}, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_low_rank_with_structured_pruning_is_accepted():
+    """Structured pruning narrows a low-rank student's ranks (its inner dimensions are groups)."""
+    cfg = build_config({}, ["reconstruct.mode=low_rank"])
+    assert cfg.compress.prune.method == "structured"
+
+
+def test_two_budgets_are_rejected():
+    with pytest.raises(UserError, match="exactly one"):
+        build_config({"reduce": {"budget": {"size_kb": 10, "ratio": 3}}})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_flat_params_and_digest_are_stable():
+    a, b = PipelineConfig(), build_config({})
+    assert a.flat()["reduce.budget.size_kb"] == 120.0
+    assert a.digest() == b.digest()
+    assert a.digest() != build_config({}, ["seed=1"]).digest()
