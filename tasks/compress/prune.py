@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -141,6 +142,44 @@ def structured_prune(
     return model, history
 
 
+class Pruner(Protocol):
+    def __call__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        data: Dataset,
+        cfg: PruneConfig,
+        finetune: FinetuneConfig,
+        seed: int,
+        device: str = "cpu",
+    ) -> tuple[nn.Module, History]: ...
+
+
+def unstructured_prune(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, History]:
+    model = copy.deepcopy(student)
+    magnitude_prune(model, cfg.amount)
+    model, history = fit(
+        model,
+        data,
+        _recovery(cfg, finetune, seed, device),
+        teacher=teacher,
+        description="recovering from pruning",
+    )
+    return fold_masks(model), history
+
+
+# `compress.prune.method` -> its implementation (the config's choices; a test keeps them equal)
+PRUNERS: dict[str, Pruner] = {"structured": structured_prune, "unstructured": unstructured_prune}
+
+
 def prune_and_recover(
     teacher: nn.Module,
     student: nn.Module,
@@ -152,15 +191,4 @@ def prune_and_recover(
 ) -> tuple[nn.Module, History]:
     if cfg.amount == 0:
         return copy.deepcopy(student), History()
-    if cfg.method == "structured":
-        return structured_prune(teacher, student, data, cfg, finetune, seed, device)
-    model = copy.deepcopy(student)
-    magnitude_prune(model, cfg.amount)
-    model, history = fit(
-        model,
-        data,
-        _recovery(cfg, finetune, seed, device),
-        teacher=teacher,
-        description="recovering from pruning",
-    )
-    return fold_masks(model), history
+    return PRUNERS[cfg.method](teacher, student, data, cfg, finetune, seed, device)

@@ -19,6 +19,7 @@ import io
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,39 +146,64 @@ def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> byte
         return lean_onnx(dst.read_bytes())
 
 
+@dataclass(frozen=True)
+class Exported:
+    """The float student exported to ONNX and checked against PyTorch on the test rows."""
+
+    model: nn.Module
+    onnx: OnnxModel
+    counts: tuple[int, int, int | None]  # params, nonzeros, FLOPs per row (not in ONNX graphs)
+    reference: np.ndarray  # PyTorch's outputs on the test rows
+    float_outputs: np.ndarray  # the ONNX model's
+    diff: float  # max |difference|
+
+
+def serve_onnxruntime(
+    e: Exported, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
+) -> Quantized:
+    """Static int8 in ONNX Runtime (scales calibrated on 512 training rows)."""
+    if not cfg.enabled:
+        return Quantized(e.onnx, None, e.diff, None, "none")
+    calib = calibration_rows(X_train, 512, seed)
+    int8 = OnnxModel(quantize_onnx(e.onnx.onnx_bytes, calib, static=True), *e.counts)
+    int8_diff = float(np.abs(int8.predictor()(X_test) - e.float_outputs).max())
+    return Quantized(e.onnx, int8, e.diff, int8_diff, "static")
+
+
+def serve_torch(
+    e: Exported, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
+) -> Quantized:
+    """TorchScript; PyTorch's dynamic int8 for Linear layers."""
+    n_features = X_test.shape[1]
+    float_ts = TorchScriptModel(torchscript_bytes(e.model, n_features), *e.counts)
+    if not cfg.enabled:
+        return Quantized(float_ts, None, e.diff, None, "none")
+    int8_ts = TorchScriptModel(torchscript_bytes(quantize_torch(e.model), n_features), *e.counts)
+    int8_diff = float(np.abs(int8_ts.predictor()(X_test) - e.reference).max())
+    return Quantized(float_ts, int8_ts, e.diff, int8_diff, "torch-dynamic")
+
+
+# `compress.quantize.runtime` -> what makes the served model (a test keeps the config's choices
+# equal to these keys)
+RUNTIMES: dict[
+    str, Callable[[Exported, np.ndarray, np.ndarray, QuantizeConfig, int], Quantized]
+] = {"onnxruntime": serve_onnxruntime, "torch": serve_torch}
+
+
 def quantize_model(
     model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
 ) -> Quantized:
     params, nonzeros = count_params(model)
-    flops = flops_per_row(model, X_test.shape[1])  # carried: ONNX graphs are not counted
-    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros, flops)
+    counts = (params, nonzeros, flops_per_row(model, X_test.shape[1]))
+    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), *counts)
     reference = torch_predictor(model)(X_test)
-    float_logits = float_model.predictor()(X_test)
-    export_diff = float(np.abs(float_logits - reference).max())
+    float_outputs = float_model.predictor()(X_test)
+    export_diff = float(np.abs(float_outputs - reference).max())
     if export_diff > cfg.max_abs_diff:
         raise UserError(
             f"stage quantize: the ONNX export differs from PyTorch by "
             f"{export_diff:.2e} (> compress.quantize.max_abs_diff="
             f"{cfg.max_abs_diff:g}); nothing registered"
         )
-    if cfg.runtime == "torch":
-        float_ts = TorchScriptModel(
-            torchscript_bytes(model, X_test.shape[1]), params, nonzeros, flops
-        )
-        if not cfg.enabled:
-            return Quantized(float_ts, None, export_diff, None, "none")
-        int8_ts = TorchScriptModel(
-            torchscript_bytes(quantize_torch(model), X_test.shape[1]), params, nonzeros, flops
-        )
-        int8_diff = float(np.abs(int8_ts.predictor()(X_test) - reference).max())
-        return Quantized(float_ts, int8_ts, export_diff, int8_diff, "torch-dynamic")
-    if not cfg.enabled:
-        return Quantized(float_model, None, export_diff, None, "none")
-    int8 = OnnxModel(
-        quantize_onnx(float_model.onnx_bytes, calibration_rows(X_train, 512, seed), static=True),
-        params,
-        nonzeros,
-        flops,
-    )
-    int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
-    return Quantized(float_model, int8, export_diff, int8_diff, "static")
+    exported = Exported(model, float_model, counts, reference, float_outputs, export_diff)
+    return RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed)

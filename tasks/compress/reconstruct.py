@@ -16,6 +16,7 @@ U_k U_kᵀ = I and the student computes exactly what the teacher computes.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -110,10 +111,35 @@ def reconstruct(
         raise ValueError(
             f"reduction was planned for {reduction.mode}, reconstruct.mode is {cfg.mode}"
         )
-    if cfg.mode == "width":
-        widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
-        return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge, report=report)
+    return RECONSTRUCTORS[cfg.mode](teacher, reduction, X_calib, cfg, report)
+
+
+def _width(
+    teacher: nn.Module,
+    reduction: Reduction,
+    X_calib: np.ndarray,
+    cfg: ReconstructConfig,
+    report: WidthReport | None,
+) -> nn.Module:
+    widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
+    return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge, report=report)
+
+
+def _low_rank(
+    teacher: nn.Module,
+    reduction: Reduction,
+    X_calib: np.ndarray,
+    cfg: ReconstructConfig,
+    report: WidthReport | None,
+) -> nn.Module:
     return reconstruct_low_rank(teacher, reduction)
+
+
+# `reconstruct.mode` -> how the student is built (a test keeps the config's choices equal)
+RECONSTRUCTORS: dict[
+    str,
+    Callable[[nn.Module, Reduction, np.ndarray, ReconstructConfig, WidthReport | None], nn.Module],
+] = {"width": _width, "low_rank": _low_rank}
 
 
 def reinitialized(model: nn.Module, seed: int) -> nn.Module:

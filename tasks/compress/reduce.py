@@ -289,54 +289,80 @@ def allocate_widths(
     return [plan(g, widths[g.name] if widths[g.name] < g.width else None) for g in groups]
 
 
+@dataclass
+class Plan:
+    """What a planner decides: the bases it measured, a plan per layer or group, the student's
+    parameter count, and what stays whole (name -> why)."""
+
+    bases: dict[str, Basis]
+    layers: list[LayerPlan]
+    student_params: int
+    fixed: dict[str, str]
+
+
+def plan_width(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Plan:
+    """Units per coupled group of the model's graph, from the PCA of what each group writes."""
+    example = torch.from_numpy(X_calib[:2])
+    graph = trace(teacher, example)
+    groups = graph.reducible()
+    if not groups:
+        raise UserError(
+            "reconstruct.mode=width found no group of units to narrow in this teacher: "
+            + "; ".join(f"{g.name}: {g.why_not}" for g in graph.groups)
+        )
+    fixed = {g.name: g.why_not for g in graph.groups if not g.reducible}
+    bases = group_bases(teacher, groups, X_calib, cfg.batch_size)
+    cost = param_model(teacher, example, groups)
+    plans = allocate_widths(groups, bases, cost, cfg.budget)
+    student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
+    return Plan(bases, plans, student, fixed)
+
+
+# `reduce.method` -> the bases of each Linear/Conv layer's outputs (low_rank mode)
+BASES: dict[str, Callable[[nn.Module, np.ndarray, ReduceConfig, dict], dict[str, Basis]]] = {
+    "pca": lambda teacher, X, cfg, taps: collect_bases(teacher, X, cfg.batch_size, taps),
+    "svd": lambda teacher, X, cfg, taps: svd_bases(teacher),
+}
+
+
+def plan_low_rank(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Plan:
+    """A rank per Linear/Conv layer (two thin layers replace one), from `reduce.method`'s bases."""
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    fixed = fused_layers(teacher)
+    taps = {n: m for n, m in linear_layers(teacher).items() if n not in fixed}
+    bases = BASES[cfg.method](teacher, X_calib, cfg, taps)
+    fixed |= {
+        n: "its forward never runs (the weight is used directly)" for n in taps if n not in bases
+    }
+    layers = {n: m for n, m in taps.items() if n in bases}
+    shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
+    other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
+    no_bias = {n for n, m in layers.items() if m.bias is None}
+    plans = allocate(shapes, bases, cfg.budget, other, no_bias)
+    return Plan(bases, plans, other + sum(p.params for p in plans), fixed)
+
+
+# `reconstruct.mode` -> how the reduction is planned (a test keeps the config's choices equal)
+PLANNERS: dict[str, Callable[[nn.Module, np.ndarray, ReduceConfig], Plan]] = {
+    "width": plan_width,
+    "low_rank": plan_low_rank,
+}
+
+
 def reduce_model(
     teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank"
 ) -> Reduction:
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    fixed: dict[str, str] = {}
-    if mode == "width":
-        example = torch.from_numpy(X_calib[:2])
-        graph = trace(teacher, example)
-        groups = graph.reducible()
-        if not groups:
-            raise UserError(
-                "reconstruct.mode=width found no group of units to narrow in this teacher: "
-                + "; ".join(f"{g.name}: {g.why_not}" for g in graph.groups)
-            )
-        fixed = {g.name: g.why_not for g in graph.groups if not g.reducible}
-        bases = group_bases(teacher, groups, X_calib, cfg.batch_size)
-        cost = param_model(teacher, example, groups)
-        plans = allocate_widths(groups, bases, cost, cfg.budget)
-        student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
-    else:
-        fixed = fused_layers(teacher)
-        taps = {n: m for n, m in linear_layers(teacher).items() if n not in fixed}
-        bases = (
-            svd_bases(teacher)
-            if cfg.method == "svd"
-            else collect_bases(teacher, X_calib, cfg.batch_size, taps)
-        )
-        fixed |= {
-            n: "its forward never runs (the weight is used directly)"
-            for n in taps
-            if n not in bases
-        }
-        layers = {n: m for n, m in taps.items() if n in bases}
-        shapes = {n: (_fan_in(m), _out_width(m)) for n, m in layers.items()}
-        other = teacher_params - sum(p.numel() for m in layers.values() for p in m.parameters())
-        no_bias = {n for n, m in layers.items() if m.bias is None}
-        plans = allocate(shapes, bases, cfg.budget, other, no_bias)
-        student = other + sum(p.params for p in plans)
+    plan = PLANNERS[mode](teacher, X_calib, cfg)
     return Reduction(
-        bases=bases,
-        layers=plans,
-        teacher_params=teacher_params,
-        student_params=student,
+        bases=plan.bases,
+        layers=plan.layers,
+        teacher_params=sum(p.numel() for p in teacher.parameters()),
+        student_params=plan.student_params,
         budget_kind=cfg.budget.kind,
         budget_value=cfg.budget.value,
         mode=mode,
         method=cfg.method,
-        fixed=fixed,
+        fixed=plan.fixed,
     )
 
 

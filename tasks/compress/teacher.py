@@ -39,7 +39,6 @@ from tasks.compress.finite import non_finite_tensor
 from tasks.platform.config import TeacherConfig
 from tasks.platform.errors import UserError
 
-BUILTIN_ARCHS = ("mlp", "cnn")
 INPUT = "input"  # the wrapper's Unflatten: flat rows -> [N, *data.shape]
 USER_ROOT = "model"  # the wrapper's child holding the user's module
 
@@ -181,12 +180,18 @@ def user_module(model: nn.Module) -> nn.Module:
     return model._modules[USER_ROOT] if is_wrapped(model) else model  # type: ignore[return-value]
 
 
+# `teacher.arch`'s built-in names -> their builder (any other arch is an import path module:Name;
+# a test keeps config.BUILTIN_ARCHS equal to these keys)
+BUILTIN_ARCHS: dict[str, Callable[[TeacherConfig, Dataset], nn.Module]] = {
+    "mlp": lambda cfg, data: build_mlp(data.n_features, cfg.hidden, data.n_classes),
+    "cnn": lambda cfg, data: build_cnn(data.input_shape, cfg.channels, data.n_classes),
+}
+
+
 def _build_bare(cfg: TeacherConfig, data: Dataset, config_dir: Path | None) -> nn.Module:
     """The architecture before any input wrapper: the module a state_dict's keys belong to."""
-    if cfg.arch == "mlp":
-        return build_mlp(data.n_features, cfg.hidden, data.n_classes)
-    if cfg.arch == "cnn":
-        return build_cnn(data.input_shape, cfg.channels, data.n_classes)
+    if is_builtin(cfg.arch):
+        return BUILTIN_ARCHS[cfg.arch](cfg, data)
     return build_user_module(cfg, config_dir)
 
 

@@ -22,7 +22,7 @@ The result is the user's own module tree with narrower layers: smaller and faste
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,9 +173,17 @@ def select_units(
     model: nn.Module, group: Group, k: int, X: np.ndarray, how: str, batch_size: int = 256
 ) -> np.ndarray:
     basis = group_bases(model, [group], X, batch_size)[group.name]
-    if how == "pqr":
-        return choose_units(group, k, basis=basis)
-    return choose_units(group, k, scores=activation_importance(model, group, basis))
+    return SELECTIONS[how](model, group, k, basis)
+
+
+# `reconstruct.selection` -> which k units of a group are kept (a test keeps the config's
+# choices equal to these keys)
+SELECTIONS: dict[str, Callable[[nn.Module, Group, int, Basis], np.ndarray]] = {
+    "pqr": lambda model, group, k, basis: choose_units(group, k, basis=basis),
+    "importance": lambda model, group, k, basis: choose_units(
+        group, k, scores=activation_importance(model, group, basis)
+    ),
+}
 
 
 # --- re-fitting a reader -----------------------------------------------------------------

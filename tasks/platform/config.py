@@ -37,6 +37,7 @@ class DataConfig(_Strict):
     task: Literal["auto", "classification"] = "auto"
 
 
+BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/teacher.py builds them
 ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:Name
 
 
@@ -59,7 +60,7 @@ class TeacherConfig(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        if arch in ("mlp", "cnn") or ARCH_IMPORT_PATH.match(arch):
+        if arch in BUILTIN_ARCHS or ARCH_IMPORT_PATH.match(arch):
             return arch
         raise ValueError(f"expected mlp, cnn or an import path module:Name, got {arch!r}")
 

@@ -79,3 +79,27 @@ def test_flat_params_and_digest_are_stable():
     assert a.flat()["reduce.budget.size_kb"] == 120.0
     assert a.digest() == b.digest()
     assert a.digest() != build_config({}, ["seed=1"]).digest()
+
+
+def test_every_config_choice_has_one_implementation():
+    """Methods are chosen through name -> implementation tables: the config's choices and the
+    tables' keys are the same names, so a new method is one entry in each."""
+    import typing
+
+    from tasks.compress.prune import PRUNERS
+    from tasks.compress.quantize import RUNTIMES
+    from tasks.compress.reconstruct import RECONSTRUCTORS
+    from tasks.compress.reduce import BASES, PLANNERS
+    from tasks.compress.teacher import BUILTIN_ARCHS
+    from tasks.compress.width import SELECTIONS
+    from tasks.platform import config
+
+    def choices(model: type, field: str) -> set[str]:
+        return set(typing.get_args(model.model_fields[field].annotation))
+
+    assert choices(config.ReduceConfig, "method") == set(BASES)
+    assert choices(config.ReconstructConfig, "mode") == set(RECONSTRUCTORS) == set(PLANNERS)
+    assert choices(config.ReconstructConfig, "selection") == set(SELECTIONS)
+    assert choices(config.PruneConfig, "method") == set(PRUNERS)
+    assert choices(config.QuantizeConfig, "runtime") == set(RUNTIMES)
+    assert set(config.BUILTIN_ARCHS) == set(BUILTIN_ARCHS)
