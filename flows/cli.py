@@ -710,15 +710,10 @@ def predict(
     _quiet()
 
     with user_errors():
-        import mlflow
-
         from tasks.platform import tracking
         from tasks.release.predict import predict_file
 
-        settings = tracking.load_settings()
-        tracking.check_reachable(settings.tracking_uri)
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        mlflow.set_registry_uri(settings.registry_uri)
+        tracking.point_at(tracking.load_settings())
         with contextlib.redirect_stdout(sys.stderr):
             report = predict_file(model, input_, output, label)
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""

@@ -18,12 +18,7 @@ from tasks.release.promotion import Decision, decision_markdown, promote_task, r
 
 def connect_registry() -> None:
     """Point MLflow at mlflow.yaml's store without creating anything in it."""
-    import mlflow
-
-    settings = tracking.load_settings()
-    tracking.check_reachable(settings.tracking_uri)
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.registry_uri)
+    tracking.point_at(tracking.load_settings())
 
 
 @flow(name="promote", log_prints=False)

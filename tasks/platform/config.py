@@ -20,12 +20,12 @@ from tasks.platform.errors import UserError
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` (YAML floats) in any number are refused with the key
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     source: str = "sklearn:digits"
     label: str = "target"
     shape: list[Annotated[int, Field(gt=0)]] | None = None
@@ -41,7 +41,7 @@ BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/teacher.py builds them
 ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:Name
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(Strict):
     source: str = "train"
     # built-in `mlp` / `cnn`, or `module:Name`: an nn.Module class or a function returning one
     arch: str = "mlp"
@@ -82,7 +82,7 @@ class TeacherConfig(_Strict):
         return self
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(Strict):
     """Exactly one target for the reduced student (parameters counted in fp32)."""
 
     size_kb: float | None = Field(None, gt=0)
@@ -112,7 +112,7 @@ class BudgetConfig(_Strict):
 TARGET_KINDS = ("size_kb", "ratio", "params", "latency_ms_b1")
 
 
-class TargetConfig(_Strict):
+class TargetConfig(Strict):
     """What ships (tasks/compress/target.py): exactly one of the final file's size, its ratio to the
     teacher's file, its parameters or its batch-1 latency in the runtime that serves it; and
     the accuracy it may lose vs the teacher, decided on validation rows at every lossy step."""
@@ -143,20 +143,20 @@ class TargetConfig(_Strict):
         return float(getattr(self, self.kind))
 
 
-class ReduceConfig(_Strict):
+class ReduceConfig(Strict):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(size_kb=120.0))
     calibration_samples: int = Field(1024, ge=2)
     batch_size: int = Field(256, ge=1)
     method: Literal["pca", "svd"] = "pca"  # svd: data-free bases from the weights (low_rank only)
 
 
-class ReconstructConfig(_Strict):
+class ReconstructConfig(Strict):
     mode: Literal["low_rank", "width"] = "width"
     selection: Literal["pqr", "importance"] = "pqr"  # width mode: which units to keep
     ridge: float = Field(1e-4, ge=0)  # width mode: relative ridge of the consumer re-fit
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Strict):
     epochs: int = Field(20, ge=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -166,7 +166,7 @@ class FinetuneConfig(_Strict):
     patience: int = Field(5, ge=1)
 
 
-class PruneConfig(_Strict):
+class PruneConfig(Strict):
     method: Literal["unstructured", "structured"] = "structured"
     amount: float = Field(
         0.3, ge=0, lt=1
@@ -176,30 +176,30 @@ class PruneConfig(_Strict):
     recovery_epochs: int = Field(3, ge=0)  # per round
 
 
-class QuantizeConfig(_Strict):
+class QuantizeConfig(Strict):
     enabled: bool = True
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
     max_abs_diff: float = Field(1e-3, gt=0)
 
 
-class CompressConfig(_Strict):
+class CompressConfig(Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(Strict):
     latency_repeats: int = Field(100, ge=1)
     large_batch: int = Field(256, ge=2)
     plots: bool = True  # pareto, confusion matrix, t-SNE, training curves as MLflow artifacts
     tsne_rows: int = Field(500, ge=4)  # test rows embedded by t-SNE (its cost grows with rows)
 
 
-class RegisterConfig(_Strict):
+class RegisterConfig(Strict):
     enabled: bool = True
     model_name: str = Field("distill-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class PromoteConfig(_Strict):
+class PromoteConfig(Strict):
     """Gates `distill promote` checks before moving alias `champion`; None switches a gate off."""
 
     max_accuracy_drop: float | None = Field(0.01, ge=0)  # teacher accuracy - student accuracy
@@ -211,7 +211,7 @@ class PromoteConfig(_Strict):
     champion_tolerance: float = Field(0.0, ge=0)  # accuracy the challenger may lose vs the champion
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     model_config = ConfigDict(
         strict=True,
         frozen=True,
@@ -334,14 +334,15 @@ def _coerce_yaml_numbers(tree: Any) -> Any:
     return tree
 
 
-def _format_error(err: ValidationError) -> str:
+def validation_message(err: ValidationError, what: str = "config key") -> str:
+    """One line for a schema error: `WHAT 'dotted.key': reason (and N more)`."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"config key '{where}': {msg}{more}"
+    return f"{what} '{where}': {msg}{more}"
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
@@ -349,7 +350,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Pip
     try:
         return PipelineConfig.model_validate(_coerce_yaml_numbers(tree))
     except ValidationError as err:
-        raise UserError(_format_error(err)) from None
+        raise UserError(validation_message(err)) from None
 
 
 def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:

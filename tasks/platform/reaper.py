@@ -22,18 +22,28 @@ _WATCHDOGS: list[subprocess.Popen] = []  # held: the pipe stays open as long as 
 
 
 def started(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None when
-    gone."""
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid,
+    it names one process, even after the pid is recycled. None when gone; "" when alive on a
+    system without /proc (no identity: nothing is stopped there)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self/stat").is_file():
+        try:
+            return stat.read_text().rpartition(")")[2].split()[19]
+        except (OSError, IndexError):
+            return None
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return None
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return ""
 
 
 def watch(pid: int) -> subprocess.Popen | None:
     """Stop process `pid` (SIGTERM, then SIGKILL) once this process has ended."""
     start = started(pid)
-    if start is None:
+    if not start:  # gone, or no /proc to tell a recycled pid
         return None
     watchdog = subprocess.Popen(
         [sys.executable, "-m", "tasks.platform.reaper", str(pid), start],

@@ -24,34 +24,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from tasks.platform import safe_yaml
+from tasks.platform import locks, reaper, safe_yaml
+from tasks.platform.config import Strict, validation_message
 from tasks.platform.errors import WRITE_FAULTS, UserError
 
 SETTINGS_FILE = Path("mlflow.yaml")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
-
-
-class ServerSettings(_Strict):
+class ServerSettings(Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     registry_uri: str | None = None  # None: the tracking store
     artifact_location: str | None = None  # None: `artifacts/` beside a SQLite file
 
 
-class TrackingSettings(_Strict):
+class TrackingSettings(Strict):
     experiment: str = "distill"
 
 
-class UiSettings(_Strict):
+class UiSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(5000, ge=1, le=65535)
 
 
-class MlflowSettings(_Strict):
+class MlflowSettings(Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     ui: UiSettings = Field(default_factory=UiSettings)
@@ -72,16 +69,12 @@ class MlflowSettings(_Strict):
         # MLFLOW_TRACKING_URI into the environment: its presence alone says nothing)
         if self.server.artifact_location and self.tracking_uri == self.server.tracking_uri:
             return Path(self.server.artifact_location).resolve().as_uri()
-        db = _sqlite_path(self.tracking_uri)
+        db = locks.sqlite_path(self.tracking_uri)
         return (db.parent / "artifacts").resolve().as_uri() if db else None
 
     @property
     def ui_url(self) -> str:
         return f"http://{self.ui.host}:{self.ui.port}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def load_settings(path: Path | None = None) -> MlflowSettings:
@@ -94,20 +87,25 @@ def load_settings(path: Path | None = None) -> MlflowSettings:
     try:
         return MlflowSettings.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(
-            f"{path}: key '{where}': "
-            f"{'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}"
-        ) from None
+        raise UserError(validation_message(err, f"{path}: key")) from None
+
+
+def point_at(settings: MlflowSettings) -> None:
+    """Point this process's MLflow (tracking and registry) at the configured store, once it
+    answers; every command that reads or writes MLflow starts here."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    check_reachable(settings.tracking_uri)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
 
 
 def configure(settings: MlflowSettings) -> str:
     """Point MLflow at the configured store; return the experiment id (created if missing)."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    db = _sqlite_path(settings.tracking_uri)
+    db = locks.sqlite_path(settings.tracking_uri)
     if db is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -115,12 +113,9 @@ def configure(settings: MlflowSettings) -> str:
             raise UserError(
                 f"cannot create the tracking store {settings.tracking_uri}: {err.strerror}"
             ) from None
-    check_reachable(settings.tracking_uri)
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.registry_uri)
-    with _store_lock(
-        db
-    ):  # the first touch creates tables and the experiment: one process at a time
+    point_at(settings)
+    # the first touch creates tables and the experiment: one process at a time
+    with locks.beside_store(settings.tracking_uri, "create"):
         experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
         if experiment is None:
             experiment_id = mlflow.create_experiment(
@@ -147,25 +142,6 @@ def check_artifact_root(location: str | None) -> None:
         raise UserError(
             f"artifact location {location} is not writable: {err.strerror or err}"
         ) from None
-
-
-@contextmanager
-def _store_lock(db: Path | None) -> Iterator[None]:
-    """Processes starting together on a fresh SQLite store race its schema migrations (`table
-    ... already exists`) and the experiment's creation: an exclusive lock file beside it."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        fcntl = None
-    if db is None or fcntl is None:
-        yield
-        return
-    with open(db.parent / f".{db.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def redact(uri: str) -> str:
@@ -204,17 +180,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def connect(settings: MlflowSettings) -> None:
     """Point MLflow at an existing store, for reading: a missing SQLite file is an error, not
     created."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    db = _sqlite_path(settings.tracking_uri)
+    db = locks.sqlite_path(settings.tracking_uri)
     if db is not None and not db.is_file():
         raise UserError(
             f"no MLflow store at {db} (tracking URI {settings.tracking_uri}); "
             "run `distill run` first"
         )
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.registry_uri)
+    point_at(settings)
 
 
 def ui_server_command(settings: MlflowSettings, port: int | None = None) -> list[str]:
@@ -529,30 +501,13 @@ def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
 # host and process that ran it; the next run in the experiment closes the dead ones.
 
 
-def _process_started(pid: int) -> str | None:
-    """Start time of a live process (Linux: /proc; elsewhere "" when alive), None when gone."""
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.parent.parent.is_dir() and Path("/proc/self/stat").is_file():
-        try:
-            return stat.read_text().rpartition(")")[2].split()[19]  # field 22, starttime
-        except (OSError, IndexError):
-            return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return ""
-
-
 def process_tags() -> dict[str, str]:
     """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run."""
     pid = os.getpid()
     return {
         "distill.host": socket.gethostname(),
         "distill.pid": str(pid),
-        "distill.process_start": _process_started(pid) or "",
+        "distill.process_start": reaper.started(pid) or "",
     }
 
 
@@ -563,7 +518,7 @@ def _process_gone(tags: dict[str, str]) -> bool | None:
         or not tags.get("distill.pid", "").isdigit()
     ):
         return None
-    started = _process_started(int(tags["distill.pid"]))
+    started = reaper.started(int(tags["distill.pid"]))
     return started is None or (
         bool(started) and started != tags.get("distill.process_start", started)
     )

@@ -26,20 +26,19 @@ before the alias moves, which narrows the race but cannot close it.
 
 from __future__ import annotations
 
-import fcntl
 import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.platform import locks
 from tasks.platform.config import PromoteConfig
 from tasks.platform.errors import UserError
 
@@ -390,10 +389,6 @@ _GUARD = threading.Lock()
 _LOCKS: dict[str, threading.Lock] = {}
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
 @contextmanager
 def registry_lock(name: str) -> Iterator[None]:
     """One promotion decision at a time per registered model (threads, and processes on a SQLite
@@ -403,18 +398,8 @@ def registry_lock(name: str) -> Iterator[None]:
     uri = mlflow.get_registry_uri()
     with _GUARD:
         lock = _LOCKS.setdefault(f"{uri}::{name}", threading.Lock())
-    with lock:
-        db = _sqlite_file(uri)
-        if db is None:
-            yield
-            return
-        path = db.parent / f".{db.name}.promote-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    with lock, locks.beside_store(uri, "promote-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)):
+        yield
 
 
 def _set_tags(client: Any, name: str, version: str, tags: dict[str, str]) -> None:

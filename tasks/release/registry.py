@@ -30,10 +30,10 @@ from tasks.compress.data import Dataset
 from tasks.compress.evaluate import OnnxModel, TorchScriptModel
 from tasks.platform.caching import file_sha256
 from tasks.platform.errors import UserError
+from tasks.release.promotion import CHALLENGER
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 TABULAR = Path(tabular.__file__)  # imported by the served model as `tabular`
-CHALLENGER = "challenger"
 COMPLETE = "distill.complete"  # version tag: "false" until the registration finished
 CREATED_BY = "distill.created_by_run"  # registered model tag: the run that created it
 
