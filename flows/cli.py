@@ -289,6 +289,9 @@ def check_inputs(cfg: Any, config: Path) -> None:
     from tasks.compress.data import load_dataset
 
     data = load_dataset(cfg.data, cfg.seed)
+    from tasks.platform.config import check_task_keys
+
+    check_task_keys(cfg, data.task)  # classification-only keys on a regression run, and back
     from tasks.compress.teacher import check_teacher
     from tasks.platform.device import (
         resolve_device,  # torch: after the data, whose errors need none
@@ -325,35 +328,52 @@ def _print_summary(summary: Any) -> None:
     large = next(
         k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1"
     )  # latency_ms_bN
+    regression = "r2" in first
+    # regression: R² and the errors in the label's units, the relative error to the teacher
+    quality = ("R²", "MAE", "RMSE", "rel. err") if regression else ("accuracy", "agreement")
     table = Table(title="distill: stages", title_justify="left")
     for col in (
         "stage",
         "params",
         "nonzeros",
         "size KB",
-        "accuracy",
-        "agreement",
+        *quality,
         "b1 ms",
         f"b{large.removeprefix('latency_ms_b')} ms",
     ):
         table.add_column(col, justify="left" if col == "stage" else "right")
+    nan = float("nan")
     for stage, m in summary.stages.items():
+        scores = (
+            (
+                f"{m['r2']:.4f}",
+                f"{m['mae']:.4g}",
+                f"{m['rmse']:.4g}",
+                f"{m.get('teacher_rel_error', nan):.4f}",
+            )
+            if regression
+            else (f"{m['accuracy']:.4f}", f"{m.get('agreement', nan):.4f}")
+        )
         table.add_row(
             stage,
             f"{m['params']:,.0f}",
             f"{m['nonzeros']:,.0f}",
             f"{m['size_kb']:.1f}",
-            f"{m['accuracy']:.4f}",
-            f"{m.get('agreement', float('nan')):.4f}",
+            *scores,
             f"{m['latency_ms_b1']:.4f}",
             f"{m[large]:.4f}",
         )
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     m = summary.metrics
+    drop = (
+        f"R² drop {m['r2_drop']:+.4f}"
+        if regression
+        else f"accuracy drop {100 * m['accuracy_drop']:+.2f} points"
+    )
     console.print(
-        f"compression {m['compression_ratio']:.1f}x, accuracy drop {100 * m['accuracy_drop']:+.2f} "
-        f"points, speedup b1 {m.get('speedup_b1', float('nan')):.1f}x"
+        f"compression {m['compression_ratio']:.1f}x, {drop}, "
+        f"speedup b1 {m.get('speedup_b1', nan):.1f}x"
     )
     console.print(f"MLflow run {summary.run_id}  {summary.run_url}")
     if summary.model_name:
@@ -717,11 +737,14 @@ def predict(
         with contextlib.redirect_stdout(sys.stderr):
             report = predict_file(model, input_, output, label)
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+    if report.errors is not None:  # a regression model: R², MAE, RMSE in the label's units
+        e = report.errors
+        accuracy = f", R² {e['r2']:.4f}, MAE {e['mae']:.4g}, RMSE {e['rmse']:.4g}"
     if label is not None and report.unlabelled:
         accuracy += (
             f" on {report.rows - report.unlabelled} labelled rows ({report.unlabelled} "
             f"without a label)"
-            if report.accuracy is not None
+            if report.accuracy is not None or report.errors is not None
             else ", no row has a label"
         )
     typer.echo(f"wrote {report.rows} predictions to {report.output}{accuracy}")

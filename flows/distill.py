@@ -34,10 +34,10 @@ from flows.stages import (
     teacher_task,
 )
 from tasks.compress.data import Dataset
-from tasks.compress.evaluate import pipeline_summary
+from tasks.compress.evaluate import pipeline_summary, reference_predictions
 from tasks.compress.finetune import predict_logits
 from tasks.compress.reduce import calibration_rows, reduction_record
-from tasks.compress.target import Guard, target_record, target_tags, verdict
+from tasks.compress.target import Guard, max_drop_of, target_record, target_tags, verdict
 from tasks.compress.teacher import check_teacher
 from tasks.platform import tracking
 from tasks.platform.config import (
@@ -45,6 +45,7 @@ from tasks.platform.config import (
     BudgetConfig,
     PipelineConfig,
     build_config,
+    check_task_keys,
     load_config,
 )
 from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
@@ -147,6 +148,7 @@ def distill_flow(
     settings = tracking.load_settings()
     config_dir = str(path.resolve().parent) if path is not None else None
     data = data_task(cfg.data, cfg.seed)
+    check_task_keys(cfg, data.task)  # `auto` is decided by the data
     check_teacher(
         cfg.teacher, data, Path(config_dir) if config_dir else None
     )  # before any run exists
@@ -234,7 +236,7 @@ def run_stages(
     seed, device, ev, stages = cfg.seed, cfg.device, cfg.evaluate, done.stages
 
     teacher = teacher_task(cfg.teacher, data, seed, device, config_dir)
-    teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
+    teacher_pred = reference_predictions(predict_logits(teacher, data.X_test), data)
     stages["teacher"] = evaluate_task(
         "teacher", teacher, data, teacher_pred, ev, run_id, params=cfg.teacher.model_dump()
     )
@@ -296,7 +298,7 @@ def run_stages(
                 student, data.X_test, data.X_train, cfg.compress.quantize, seed
             )
     else:  # prune only while the served model misses the target, each round and int8 guarded
-        guard = Guard.of(teacher, data, cfg.target.max_accuracy_drop)
+        guard = Guard.of(teacher, data, max_drop_of(cfg.target, data))
         with onnx_export_lock():
             fitted = fit_task(
                 teacher,
@@ -361,6 +363,8 @@ def run_stages(
 
 
 def stage_table_markdown(summary: RunSummary) -> str:
+    if any("r2" in m for m in summary.stages.values()):
+        return _regression_table_markdown(summary)
     rows = [
         (
             "| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap "
@@ -374,6 +378,35 @@ def stage_table_markdown(summary: RunSummary) -> str:
             f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
             f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} "
             f"| {m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} |"
+        )
+    registered = (
+        f"Registered **{summary.model_name}** version {summary.model_version} "
+        "(alias `challenger`).\n\n"
+        if summary.model_name
+        else ""
+    )
+    return (
+        f"# distill run\n\n{registered}MLflow run: [{summary.run_id}]({summary.run_url})\n\n"
+        + "\n".join(rows)
+    )
+
+
+def _regression_table_markdown(summary: RunSummary) -> str:
+    """The stage table of a regression run: R², MAE, RMSE in the label's units."""
+    rows = [
+        (
+            "| stage | params | size KB | R² | MAE | RMSE | rel. error vs teacher | train-test gap "
+            "| latency b1 ms p50 / p95 |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    nan = float("nan")
+    for stage, m in summary.stages.items():
+        rows.append(
+            f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['r2']:.4f} | "
+            f"{m['mae']:.4g} | {m['rmse']:.4g} | {m.get('teacher_rel_error', nan):.4f} | "
+            f"{m.get('train_test_gap', nan):+.4f} | {m['latency_ms_b1']:.3f} / "
+            f"{m.get('latency_p95_ms_b1', nan):.3f} |"
         )
     registered = (
         f"Registered **{summary.model_name}** version {summary.model_version} "

@@ -1,6 +1,7 @@
 """Stage 0 — data: read a table, keep or make the train/val/test split, standardize on train.
 
-Sources (no network): `sklearn:NAME` (digits, iris, wine, breast_cancer), `csv:PATH`,
+Sources (no network): `sklearn:NAME` (digits, iris, wine, breast_cancer; diabetes, a regression
+target), `csv:PATH`,
 `parquet:PATH` (pandas; `data.label` names the label column), `npz:PATH` (arrays X, y).
 
 A split the user made is kept, rows in their order: an npz with arrays X_train, y_train,
@@ -12,8 +13,14 @@ seeded (`data.test_size`, `data.val_size`). Standardization is fitted on the tra
 
 A csv/parquet table is taken as it is: text columns are categories and empty numeric cells
 are imputed, both fitted on the training rows (tasks/compress/tabular.py) and carried by the
-registered model, which takes the raw columns. The label must name classes: a label with many
-integer values stops and asks for `data.task`, as regression is not supported.
+registered model, which takes the raw columns.
+
+The task (`data.task`): text and integral labels are classes; a label of non-integer numbers is
+a regression target (`auto`), as is any numeric label under `regression`. A label with many
+distinct integers (an age, a count) stops under `auto` and asks which it is. A regression target
+is standardized on the training rows (`target_mean`, `target_scale`: the model learns
+`(y - mean) / scale`, its answers go back to the label's units with `to_units`), and the splits
+are drawn without stratification.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from tasks.compress import tabular
 from tasks.platform.config import DataConfig
 from tasks.platform.errors import UserError
 
-SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")  # diabetes: regression
 SPLITS = ("train", "val", "test")
 NPZ_SPLIT_ARRAYS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
 MAX_INTEGER_CLASSES = 10  # more distinct integer labels: classes or a quantity? the user says
@@ -59,10 +66,28 @@ class Dataset:
     digest: str  # of the raw table and the user's split, if any: identifies the data a run saw
     encoding: dict = field(default_factory=dict)  # compress/tabular.py spec; {}: columns as given
     raw: pd.DataFrame | None = None  # the raw feature columns, rows in split order (csv/parquet)
+    # regression: y_* are float32 targets standardized on train, `classes` is empty; the label's
+    # units are y * target_scale + target_mean
+    task: str = "classification"  # classification | regression
+    target_mean: float = 0.0
+    target_scale: float = 1.0
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
+    def n_outputs(self) -> int:
+        """The model's outputs per row: one logit per class, or one value for regression."""
+        return 1 if self.is_regression else self.n_classes
+
+    def to_units(self, z: np.ndarray) -> np.ndarray:
+        """Standardized regression targets (or a model's outputs) in the label's units, float64."""
+        return np.asarray(z, dtype=np.float64) * self.target_scale + self.target_mean
 
     @property
     def n_features(self) -> int:
@@ -84,6 +109,8 @@ class Dataset:
     def raw_frame(self) -> pd.DataFrame:
         """The raw table (all splits) with its labels, for MLflow's dataset record."""
         y = np.concatenate([self.y_train, self.y_val, self.y_test])
+        if self.is_regression:
+            return self.raw_rows().assign(label=self.to_units(y))
         return self.raw_rows().assign(label=np.asarray(self.classes, dtype=object)[y])
 
 
@@ -356,9 +383,10 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _labels(table: Table, task: str) -> np.ndarray:
-    """The labels as classes: no empty ones; integral floats as integers; a label with many
-    integer values (an age, a count) stops unless `data.task` says classification."""
+def _labels(table: Table, task: str) -> tuple[np.ndarray, str]:
+    """-> (labels, the task). Classes: no empty ones; integral floats as integers; a label with
+    many integer values (an age, a count) stops unless `data.task` says which it is. Regression
+    (`data.task: regression`, or non-integer numbers under `auto`): finite numbers, float64."""
     y = np.asarray(table.y)
     what = f"label column {table.label!r}" if table.label else "the labels (array 'y')"
     empty = pd.isna(y)
@@ -369,13 +397,31 @@ def _labels(table: Table, task: str) -> np.ndarray:
         )
     if y.dtype == object:
         y = y.astype(str)
+    numeric = y.dtype.kind in "iufb"
+    if task == "regression":
+        if not numeric or y.dtype.kind == "b":
+            raise UserError(
+                f"{table.where}: {what} holds {'booleans' if numeric else 'text'} (e.g. "
+                f"{_plain(y[0])!r}), not numbers: data.task regression needs a numeric label"
+            )
+        y = y.astype(np.float64)
+        if not np.isfinite(y).all():
+            raise UserError(
+                f"{table.where}: {what} holds inf in row {int(np.argmax(~np.isfinite(y)))}"
+            )
+        return y, "regression"
     if y.dtype.kind in "fc":
-        if not np.isfinite(y).all() or (y != np.round(y)).any():
-            value = y[~np.isfinite(y) | (y != np.round(y))][0]
+        if not np.isfinite(y).all():
+            raise UserError(
+                f"{table.where}: {what} holds inf in row {int(np.argmax(~np.isfinite(y)))}"
+            )
+        if (y != np.round(y)).any():
+            if task == "auto":
+                return y.astype(np.float64), "regression"
+            value = y[y != np.round(y)][0]
             raise UserError(
                 f"{table.where}: {what} holds non-integer numbers (e.g. {value:g}), a "
-                f"quantity, not classes: distill compresses classifiers; regression "
-                f"is not supported yet"
+                f"quantity, not classes: set config key 'data.task' to regression (or auto)"
             )
         y = y.astype(np.int64)
     if y.dtype.kind in "iu" and task == "auto":
@@ -384,10 +430,10 @@ def _labels(table: Table, task: str) -> np.ndarray:
             raise UserError(
                 f"{table.where}: {what} holds {len(values)} distinct integers "
                 f"({values[0]} to {values[-1]}): classes or a quantity? set config key "
-                f"'data.task' to classification to train {len(values)} classes "
-                f"(regression is not supported yet)"
+                f"'data.task' to classification to train {len(values)} classes, or to "
+                f"regression to predict the number"
             )
-    return y
+    return y, "classification"
 
 
 def _check_splittable(classes: np.ndarray, y: np.ndarray, where: str) -> None:
@@ -411,6 +457,8 @@ def _check_user_split(table: Table, labels: np.ndarray) -> None:
                 f"{table.where}: no {part} rows ({table.origin(part, 'X')}; "
                 f"config key {table.split_key!r})"
             )
+    if labels.dtype.kind == "f":  # a regression target: no classes to check
+        return
     train_labels = labels[rows["train"]]
     if len(np.unique(train_labels)) < 2:
         raise UserError(f"{table.where}: the training split holds a single class; need at least 2")
@@ -489,9 +537,11 @@ def split_rows(
     cfg: DataConfig,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row indices (train, val, test): the user's split, else a stratified seeded one."""
+    """Row indices (train, val, test): the user's split, else a seeded one, stratified by class
+    (a regression target, float `y`, is not stratified)."""
     from sklearn.model_selection import train_test_split
 
+    strata = None if y.dtype.kind == "f" else y
     if table.split is None:
         if cfg.test_size + cfg.val_size >= 1:
             raise UserError(
@@ -500,11 +550,14 @@ def split_rows(
             )
         try:
             rest, test = train_test_split(
-                np.arange(len(y)), test_size=cfg.test_size, stratify=y, random_state=seed
+                np.arange(len(y)), test_size=cfg.test_size, stratify=strata, random_state=seed
             )
             val_fraction = cfg.val_size / (1 - cfg.test_size)
             train, val = train_test_split(
-                rest, test_size=val_fraction, stratify=y[rest], random_state=seed
+                rest,
+                test_size=val_fraction,
+                stratify=None if strata is None else y[rest],
+                random_state=seed,
             )
         except ValueError as err:
             raise UserError(f"data {cfg.source}: too few rows to split ({len(y)}): {err}") from None
@@ -530,7 +583,8 @@ def _carve_val(
     try:
         if n_val >= len(train):
             raise ValueError(f"{n_val} rows asked of {len(train)}")
-        train, val = train_test_split(train, test_size=n_val, stratify=y[train], random_state=seed)
+        strata = None if y.dtype.kind == "f" else y[train]
+        train, val = train_test_split(train, test_size=n_val, stratify=strata, random_state=seed)
     except ValueError as err:
         raise UserError(
             f"{table.where}: cannot carve {n_val} validation rows ({val_size:g} of "
@@ -577,12 +631,17 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     """Check the table, split it (or keep the user's split), fit the encoding of text columns
     and empty cells and the standardization on train only."""
     where = f"data {cfg.source}"
-    labels = _labels(table, cfg.task)
-    classes, y = np.unique(labels, return_inverse=True)  # one encoding for all splits
-    if table.split is None:
-        _check_splittable(classes, y, where)
+    labels, task = _labels(table, cfg.task)
+    if task == "regression":
+        classes, y = np.array([]), labels
+        if table.split is None and len(y) < 10:
+            raise UserError(f"{where}: {len(y)} rows; need at least 10 to split")
     else:
+        classes, y = np.unique(labels, return_inverse=True)  # one encoding for all splits
+    if table.split is not None:
         _check_user_split(table, labels)
+    elif task != "regression":
+        _check_splittable(classes, y, where)
     train, val, test = split_rows(table, y, cfg, seed)
     spec = _encoding(table, train)
     X = table.X if not tabular.needs_sklearn(spec) else tabular.encode(spec, table.features)
@@ -594,6 +653,15 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     _check_scaled(X, mean, scale, z, spec, table.where)
     order = np.concatenate([train, val, test])
     raw = table.features.iloc[order].reset_index(drop=True) if tabular.needs_sklearn(spec) else None
+    target_mean, target_scale = 0.0, 1.0
+    if task == "regression":  # the model learns the target standardized on the training rows
+        target_mean, target_scale = float(y[train].mean()), float(y[train].std())
+        if not np.isfinite(target_scale) or target_scale < 1e-12:
+            raise UserError(
+                f"{table.where}: the label is constant on the training rows "
+                f"({target_mean:g}): nothing to regress"
+            )
+        y = ((y - target_mean) / target_scale).astype(np.float32)
     return Dataset(
         name=table.name,
         source=cfg.source,
@@ -611,6 +679,9 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
         digest=table.digest(),
         encoding=spec,
         raw=raw,
+        task=task,
+        target_mean=target_mean,
+        target_scale=target_scale,
     )
 
 

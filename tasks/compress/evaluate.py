@@ -1,13 +1,16 @@
 """Stage 7 — evaluate: the numbers a user compares, for the teacher and after every stage.
 
-Quality (test split): accuracy, macro-F1, top-3 accuracy (more than 5 classes), agreement
-with the teacher, expected calibration error (15 equal-width confidence bins), negative
-log-likelihood, and the train-test accuracy gap (overfitting). Cost: parameters, nonzero
-parameters, FLOPs per row (torch's flop counter on the float model; an ONNX model carries
-the count of the float model it came from), size of the real saved file (and of that file
-compressed, which is what sparsity can honestly buy), CPU latency p50/p95 at batch 1 and a
-large batch and throughput at the large batch, in the runtime that serves the model
-(PyTorch for modules, ONNX Runtime for ONNX models).
+Quality (test split): accuracy, macro-F1, top-3 accuracy (more than 5 classes), agreement with
+the teacher, expected calibration error (15 equal-width confidence bins), negative log-
+likelihood, and the train-test accuracy gap (overfitting). A regression target is scored in
+the label's units with scikit-learn: R², MAE, RMSE, the train-test R² gap, and agreement with
+the teacher as the relative error to its predictions (`teacher_rel_error`: RMS of student -
+teacher over the standard deviation of the teacher's predictions; 0 when they agree). Cost:
+parameters, nonzero parameters, FLOPs per row (torch's flop counter on the float model; an
+ONNX model carries the count of the float model it came from), size of the real saved file
+(and of that file compressed, which is what sparsity can honestly buy), CPU latency p50/p95 at
+batch 1 and a large batch and throughput at the large batch, in the runtime that serves the
+model (PyTorch for modules, ONNX Runtime for ONNX models).
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    mean_absolute_error,
+    r2_score,
+    root_mean_squared_error,
+)
 from torch import nn
 
 from tasks.compress.data import Dataset
@@ -147,6 +156,59 @@ def classification_metrics(
     return out
 
 
+def regression_metrics(
+    pred: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray | None
+) -> dict[str, float]:
+    """R², MAE, RMSE (scikit-learn) of predictions in the label's units, and the relative error
+    to the teacher's predictions (same units) when given."""
+    pred, y = np.asarray(pred, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
+    out = {
+        "r2": float(r2_score(y, pred)),
+        "mae": float(mean_absolute_error(y, pred)),
+        "rmse": float(root_mean_squared_error(y, pred)),
+    }
+    if teacher_pred is not None:
+        out["teacher_rel_error"] = relative_error(pred, teacher_pred)
+    return out
+
+
+def relative_error(pred: np.ndarray, reference: np.ndarray) -> float:
+    """RMS(pred − reference) / std(reference): 0 when they agree, 1 when `pred` is as far from
+    `reference` as the reference's own mean is."""
+    pred = np.asarray(pred, np.float64).reshape(-1)
+    reference = np.asarray(reference, np.float64).reshape(-1)
+    spread = float(reference.std())
+    rms = float(np.sqrt(np.mean((pred - reference) ** 2)))
+    return rms / spread if spread > 0 else (0.0 if rms == 0 else float("inf"))
+
+
+def reference_predictions(outputs: np.ndarray, data: Dataset) -> np.ndarray:
+    """What a teacher's outputs say: class indices, or a regression's values in the label's
+    units; the form `evaluate_model` compares students to."""
+    if data.is_regression:
+        return data.to_units(np.asarray(outputs)[:, 0])
+    return np.asarray(outputs).argmax(axis=1)
+
+
+def quality_metrics(
+    predict: Predict, data: Dataset, teacher_pred: np.ndarray | None
+) -> dict[str, float]:
+    """The quality numbers of a model on the test split (and the train-test gap)."""
+    if data.is_regression:
+        metrics = regression_metrics(
+            data.to_units(predict(data.X_test)[:, 0]), data.to_units(data.y_test), teacher_pred
+        )
+        metrics["train_r2"] = float(
+            r2_score(data.to_units(data.y_train), data.to_units(predict(data.X_train)[:, 0]))
+        )
+        metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
+        return metrics
+    metrics = classification_metrics(predict(data.X_test), data.y_test, teacher_pred)
+    metrics["train_accuracy"] = float((predict(data.X_train).argmax(axis=1) == data.y_train).mean())
+    metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
+    return metrics
+
+
 def latency_percentiles_ms(
     predict: Predict, X: np.ndarray, batch: int, repeats: int
 ) -> tuple[float, float]:
@@ -219,9 +281,7 @@ def evaluate_model(
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
         flops = flops_per_row(model, data.n_features)
-    metrics = classification_metrics(predict(data.X_test), data.y_test, teacher_pred)
-    metrics["train_accuracy"] = float((predict(data.X_train).argmax(axis=1) == data.y_train).mean())
-    metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
+    metrics = quality_metrics(predict, data, teacher_pred)
     size, compressed = saved_size(model)
     large = cfg.large_batch
     b1_p50, b1_p95 = latency_percentiles_ms(predict, data.X_test, 1, cfg.latency_repeats)
@@ -249,7 +309,10 @@ def pipeline_summary(stages: dict[str, dict[str, float]], final_stage: str) -> d
     teacher, final = stages["teacher"], stages[final_stage]
     out = {f"final/{k}": v for k, v in final.items()}
     out["compression_ratio"] = teacher["size_kb"] / final["size_kb"]
-    out["accuracy_drop"] = teacher["accuracy"] - final["accuracy"]
+    if "r2" in final:  # regression
+        out["r2_drop"] = teacher["r2"] - final["r2"]
+    else:
+        out["accuracy_drop"] = teacher["accuracy"] - final["accuracy"]
     for key in teacher:
         if key.startswith("latency_ms_b"):
             out[f"speedup_{key.removeprefix('latency_ms_')}"] = teacher[key] / final[key]

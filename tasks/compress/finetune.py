@@ -2,11 +2,17 @@
 
     loss = α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y)        (Hinton et al. 2015)
 
-`fit` is the one training loop of the project: the teacher trains with it too (no teacher,
-α = 0: plain cross-entropy). Adam, cosine learning rate, early stopping on validation
-accuracy (ties broken by validation loss) restoring the best weights, seeded. On CUDA the
-rows, the teacher's logits and the student live on the GPU for the whole fit, and the forward
-passes may run under bf16 autocast (`precision`); the model comes back on CPU, in fp32.
+For a regression target (one output, standardized on the training rows) the student learns the
+teacher's outputs directly, no softmax and so no temperature:
+
+    loss = α·MSE(s, t) + (1−α)·MSE(s, y)        (Huber with `finetune.huber_delta` instead of MSE)
+
+`fit` is the one training loop of the project: the teacher trains with it too (no teacher, α =
+0: plain cross-entropy, or MSE for regression). Adam, cosine learning rate, early stopping on
+validation accuracy (R² for regression; ties broken by validation loss) restoring the best
+weights, seeded. On CUDA the rows, the teacher's logits and the student live on the GPU for
+the whole fit, and the forward passes may run under bf16 autocast (`precision`); the model
+comes back on CPU, in fp32.
 """
 
 from __future__ import annotations
@@ -48,6 +54,37 @@ def kd_loss(
     return alpha * T * T * kl + (1 - alpha) * ce
 
 
+def regression_kd_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor | None,
+    targets: torch.Tensor,
+    alpha: float,
+    huber_delta: float | None = None,
+) -> torch.Tensor:
+    """α·MSE(s, t) + (1−α)·MSE(s, y) on one output per row (`[N]` or `[N, 1]`); with
+    `huber_delta`, Huber losses of that delta instead of the squared errors. The temperature of
+    classification's KD has no counterpart here: the teacher's output is matched as it is."""
+    s = student_out.reshape(-1)
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if huber_delta is None:
+            return F.mse_loss(a, b)
+        return F.huber_loss(a, b, delta=huber_delta)
+
+    label = error(s, targets.reshape(-1).to(s.dtype))
+    if teacher_out is None or alpha == 0:
+        return label
+    return alpha * error(s, teacher_out.reshape(-1).to(s.dtype)) + (1 - alpha) * label
+
+
+def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Coefficient of determination 1 − SSE/SST (scikit-learn's r2_score, one output)."""
+    pred, y = pred.reshape(-1).double(), y.reshape(-1).double()
+    sst = ((y - y.mean()) ** 2).sum()
+    sse = ((y - pred) ** 2).sum()
+    return float(1 - sse / sst) if sst > 0 else float("nan")
+
+
 @dataclass
 class FitSettings:
     epochs: int
@@ -60,6 +97,7 @@ class FitSettings:
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16: autocast of the forward passes, on CUDA only
+    huber_delta: float | None = None  # regression: Huber loss of this delta instead of MSE
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
@@ -78,12 +116,14 @@ class History:
     val_accuracy: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     best_epoch: int = -1
+    val_r2: list[float] = field(default_factory=list)  # regression, in place of val_accuracy
 
     def curves(self) -> dict[str, list[float]]:
+        score = {"val_r2": self.val_r2} if self.val_r2 else {"val_accuracy": self.val_accuracy}
         return {
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
-            "val_accuracy": self.val_accuracy,
+            **score,
             "lr": self.lr,
         }
 
@@ -126,10 +166,12 @@ def fit(
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     model.to(device)
+    regression = data.is_regression  # y: standardized float targets, one output
     X = torch.from_numpy(data.X_train).to(device)
-    y = torch.from_numpy(data.y_train).long().to(device)
+    y = torch.from_numpy(data.y_train).to(device)
     X_val = torch.from_numpy(data.X_val).to(device)
-    y_val = torch.from_numpy(data.y_val).long().to(device)
+    y_val = torch.from_numpy(data.y_val).to(device)
+    y, y_val = (y.float(), y_val.float()) if regression else (y.long(), y_val.long())
     # the teacher is frozen: its logits are computed once, not every batch, on the fit's device
     t_logits = (
         torch.from_numpy(_teacher_logits(teacher, data.X_train, device)).to(device)
@@ -154,13 +196,22 @@ def fit(
             idx = order[start : start + settings.batch_size]
             with amp():
                 logits = model(X[idx])
-            loss = kd_loss(
-                logits.float(),
-                t_logits[idx] if t_logits is not None else None,
-                y[idx],
-                settings.temperature,
-                settings.alpha,
-            )
+            if regression:
+                loss = regression_kd_loss(
+                    logits.float(),
+                    t_logits[idx] if t_logits is not None else None,
+                    y[idx],
+                    settings.alpha,
+                    settings.huber_delta,
+                )
+            else:
+                loss = kd_loss(
+                    logits.float(),
+                    t_logits[idx] if t_logits is not None else None,
+                    y[idx],
+                    settings.temperature,
+                    settings.alpha,
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -171,11 +222,16 @@ def fit(
         model.eval()
         with torch.no_grad(), amp():
             val_logits = model(X_val).float()
+        if regression:  # the validation R² (standardized units: the same R²) picks the best
+            val_loss = F.mse_loss(val_logits.reshape(-1), y_val).item()
+            val_acc = r2(val_logits, y_val)
+            history.val_r2.append(val_acc)
+        else:
             val_loss = F.cross_entropy(val_logits, y_val).item()
             val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
+            history.val_accuracy.append(val_acc)
         history.train_loss.append(total.item() / len(X))
         history.val_loss.append(val_loss)
-        history.val_accuracy.append(val_acc)
 
         key = (val_acc, -val_loss)
         if key > best_key:
@@ -208,5 +264,6 @@ def distill(
         alpha=cfg.alpha,
         seed=seed,
         device=device,
+        huber_delta=cfg.huber_delta,
     )
     return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")

@@ -8,6 +8,10 @@
   served model is ONNX, so the student here is the float model it was exported from.
 - `curves.png`: the fine-tune and prune-recovery curves (also step metrics on the stages).
 
+A regression run draws the Pareto plot with test R², `predicted.png` (the final model's
+predictions against the true values of the test split, in the label's units) in place of the
+confusion matrix, and no t-SNE (its colours are classes).
+
 Figures are built on matplotlib's object API with the Agg canvas: no pyplot state, no
 display needed.
 """
@@ -59,7 +63,8 @@ def pareto_front(sizes: list[float], accuracies: list[float]) -> list[int]:
 def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
     names = list(stages)
     sizes = [stages[n]["size_kb"] for n in names]
-    accs = [100 * stages[n]["accuracy"] for n in names]
+    regression = all("r2" in stages[n] for n in names)
+    accs = [stages[n]["r2"] if regression else 100 * stages[n]["accuracy"] for n in names]
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
     front = pareto_front(sizes, accs)
@@ -92,8 +97,9 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
     ax.xaxis.set_minor_formatter(plain if max(sizes) / min(sizes) < 10 else NullFormatter())
     ax.margins(x=0.15, y=0.12)  # room for the labels
     ax.set_xlabel("size on disk (KB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs size across stages")
+    what = "R²" if regression else "accuracy"
+    ax.set_ylabel("test R²" if regression else "test accuracy (%)")
+    ax.set_title(f"{what} vs size across stages")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return fig
@@ -127,6 +133,21 @@ def confusion_figure(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    return fig
+
+
+def predicted_figure(y_true: np.ndarray, y_pred: np.ndarray, title: str) -> Figure:
+    """Regression: predicted against true values, with the line y = x."""
+    fig = _figure(4.8, 4.4)
+    ax = fig.add_subplot()
+    ax.scatter(y_true, y_pred, s=12, alpha=0.6, color="tab:blue")
+    lo, hi = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
+    ax.plot([lo, hi], [lo, hi], "--", color="tab:gray", label="predicted = true")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
     return fig
 
 
@@ -206,7 +227,9 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
                 marker=".",
                 color="tab:green",
             )
-        acc_ax.set_ylabel("validation accuracy (%)")
+        if c.get("val_r2"):
+            acc_ax.plot(range(len(c["val_r2"])), c["val_r2"], marker=".", color="tab:green")
+        acc_ax.set_ylabel("validation R²" if c.get("val_r2") else "validation accuracy (%)")
         acc_ax.set_xlabel("epoch")
         for ax in (loss_ax, acc_ax):
             ax.grid(True, alpha=0.3)
@@ -253,12 +276,23 @@ def pipeline_figures(
     def training() -> Figure | None:
         return curves_figure(curves)
 
-    makers = {
-        "pareto.png": pareto,
-        "confusion.png": confusion,
-        "tsne.png": tsne,
-        "curves.png": training,
-    }
+    def predicted() -> Figure:
+        from sklearn.metrics import r2_score
+
+        truth, pred = data.to_units(data.y_test), data.to_units(_predict(final, data.X_test)[:, 0])
+        title = f"final model, test split (R² {r2_score(truth, pred):.4f})"
+        return predicted_figure(truth, pred, title)
+
+    makers = (
+        {"pareto.png": pareto, "predicted.png": predicted, "curves.png": training}
+        if data.is_regression
+        else {
+            "pareto.png": pareto,
+            "confusion.png": confusion,
+            "tsne.png": tsne,
+            "curves.png": training,
+        }
+    )
     figures = {}
     for name in track(list(makers), "drawing plots", total=len(makers)):
         figure = makers[name]()

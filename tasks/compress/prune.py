@@ -106,6 +106,7 @@ def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str
         alpha=finetune.alpha,
         seed=seed,
         device=device,
+        huber_delta=finetune.huber_delta,
     )
 
 

@@ -13,7 +13,7 @@ batch-1 latency, and guard accuracy on validation rows at every lossy step.
   smallest reduction whose reconstruction keeps the guard, by guarded pruning rounds.
 - **Guard** (`Guard.check`): teacher accuracy - model accuracy on the validation rows (never
   the test split) at most `target.max_accuracy_drop`, after the reduction, each pruning round
-  and int8.
+  and int8; for a regression target teacher R² - model R² at most `target.max_r2_drop`.
 - **Fit** (`fit_to_target`): export, measure the real file (or latency); while it misses the
   target and the guard holds, prune a round toward it (KD recovery), rolled back and stopping
   if it breaks the guard. int8 that breaks the guard (where its float model keeps it) is
@@ -216,27 +216,43 @@ class Check:
     ok: bool
 
 
+def max_drop_of(target: TargetConfig, data: Dataset) -> float:
+    """The guard's allowance for this data's task: target.max_r2_drop or max_accuracy_drop."""
+    return target.max_r2_drop if data.is_regression else target.max_accuracy_drop
+
+
+def _score(metric: str, outputs: np.ndarray, y: np.ndarray) -> float:
+    if metric == "r2":  # standardized units: the same R² as in the label's
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y, outputs[:, 0]))
+    return float((outputs.argmax(1) == y).mean())
+
+
 @dataclass(frozen=True)
 class Guard:
-    """Teacher accuracy minus model accuracy on the validation rows at most `max_drop`."""
+    """Teacher accuracy minus model accuracy (R² for a regression target, `metric`) on the
+    validation rows at most `max_drop`."""
 
-    reference: float  # the teacher's validation accuracy
+    reference: float  # the teacher's validation accuracy (or R²)
     max_drop: float
     X_val: np.ndarray
     y_val: np.ndarray
+    metric: str = "accuracy"  # accuracy | r2
 
     @classmethod
     def of(cls, teacher: nn.Module, data: Dataset, max_drop: float) -> Guard:
-        if len(data.y_val) == 0:
+        metric = "r2" if data.is_regression else "accuracy"
+        if len(data.y_val) < (2 if data.is_regression else 1):
             raise UserError(
-                "config key 'target': the accuracy guard needs validation rows "
+                f"config key 'target': the {metric} guard needs validation rows "
                 "(data.val_size, or val rows in your split)"
             )
-        reference = float((torch_predictor(teacher)(data.X_val).argmax(1) == data.y_val).mean())
-        return cls(reference, max_drop, data.X_val, data.y_val)
+        reference = _score(metric, torch_predictor(teacher)(data.X_val), data.y_val)
+        return cls(reference, max_drop, data.X_val, data.y_val, metric)
 
     def check(self, step: str, predict: Predict, params: int) -> Check:
-        accuracy = float((predict(self.X_val).argmax(1) == self.y_val).mean())
+        accuracy = _score(self.metric, predict(self.X_val), self.y_val)
         drop = self.reference - accuracy
         return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
 
@@ -338,7 +354,7 @@ def guarded_int8(
         None,
         quantized.export_max_abs_diff,
         quantized.int8_max_abs_diff,
-        "fp32 (int8 broke the accuracy guard)",
+        f"fp32 (int8 broke the {_what(guard)} guard)",
     ), check
 
 
@@ -375,7 +391,9 @@ def fit_to_target(
         within = got <= plan.limit
         if within or not kept.ok:
             bound = (
-                "" if within else f"accuracy guard: the {kept.step} already lost {kept.drop:.4f}"
+                ""
+                if within
+                else f"{_what(guard)} guard: the {kept.step} already lost {kept.drop:.4f}"
             )
             break
         if rounds >= prune.rounds:
@@ -412,7 +430,7 @@ def fit_to_target(
         if not check.ok:
             rolled_back.append(check.step)
             bound = (
-                f"accuracy guard: {check.step} ({check.params:,} params) lost "
+                f"{_what(guard)} guard: {check.step} ({check.params:,} params) lost "
                 f"{check.drop:.4f} > {guard.max_drop:.4f} on validation rows: rolled back, "
                 "pruning stopped"
             )
@@ -433,11 +451,15 @@ def fit_to_target(
     if within and not served.ok:
         lost = served if kept.ok else kept  # the step that broke the guard first
         bound = (
-            f"accuracy guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
+            f"{_what(guard)} guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
             f"validation rows ({plan.kind} met: {_show(plan, got)})"
         )
     fitted.bound = bound or f"{plan.kind}: met ({_show(plan, got)} <= {_show(plan, plan.limit)})"
     return fitted
+
+
+def _what(guard: Guard) -> str:
+    return "R²" if guard.metric == "r2" else "accuracy"
 
 
 def _show(plan: Plan, x: float) -> str:
@@ -470,9 +492,9 @@ def target_record(
         "reduce_params": float(plan.reduce_params),
         "smallest_params": float(plan.smallest_params),
         "final_params": float(fitted.quantized.served.params),
-        "max_accuracy_drop": guard.max_drop,
-        "val_accuracy_drop": fitted.accuracy_drop(),
-        "teacher_val_accuracy": guard.reference,
+        f"max_{guard.metric}_drop": guard.max_drop,
+        f"val_{guard.metric}_drop": fitted.accuracy_drop(),
+        f"teacher_val_{guard.metric}": guard.reference,
         "teacher_file_kb": teacher_file_bytes / 1024,
         "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks)),
     }
@@ -489,7 +511,7 @@ def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
     head = "target met" if fitted.met else "target NOT met"
     return (
         f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
-        f"(limit {_show(plan, plan.limit)}), accuracy drop on validation rows "
+        f"(limit {_show(plan, plan.limit)}), {_what(guard)} drop on validation rows "
         f"{fitted.accuracy_drop():.4f} (max {guard.max_drop:.4f}); {fitted.bound}"
     )
 
@@ -501,7 +523,7 @@ def target_tags(plan: Plan, fitted: Fitted, guard: Guard) -> dict[str, str]:
         "distill.target": f"{plan.kind}={plan.value:g}",
         "distill.target_achieved": f"{_show(plan, fitted.achieved)} "
         f"(limit {_show(plan, plan.limit)})",
-        "distill.target_accuracy_drop": f"{fitted.accuracy_drop():.4f} "
+        f"distill.target_{guard.metric}_drop": f"{fitted.accuracy_drop():.4f} "
         f"(max {guard.max_drop:.4f}, validation rows)",
     }
 
@@ -527,7 +549,7 @@ def plan_for_target(
         target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes
     )
     if not plan.reachable:
-        guard = Guard.of(teacher, data, target.max_accuracy_drop)
+        guard = Guard.of(teacher, data, max_drop_of(target, data))
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
         why = (

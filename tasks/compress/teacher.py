@@ -183,8 +183,8 @@ def user_module(model: nn.Module) -> nn.Module:
 # `teacher.arch`'s built-in names -> their builder (any other arch is an import path module:Name;
 # a test keeps config.BUILTIN_ARCHS equal to these keys)
 BUILTIN_ARCHS: dict[str, Callable[[TeacherConfig, Dataset], nn.Module]] = {
-    "mlp": lambda cfg, data: build_mlp(data.n_features, cfg.hidden, data.n_classes),
-    "cnn": lambda cfg, data: build_cnn(data.input_shape, cfg.channels, data.n_classes),
+    "mlp": lambda cfg, data: build_mlp(data.n_features, cfg.hidden, data.n_outputs),
+    "cnn": lambda cfg, data: build_cnn(data.input_shape, cfg.channels, data.n_outputs),
 }
 
 
@@ -568,7 +568,8 @@ def load_teacher(
 
 
 def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
-    """A teacher must take this data's rows and give one logit per class."""
+    """A teacher must take this data's rows and give one logit per class (one value for a
+    regression target)."""
     rows = torch.from_numpy(data.X_train[:2])
     shape = [len(rows), *data.input_shape] if is_wrapped(model) else list(rows.shape)
     try:
@@ -581,10 +582,14 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
         ) from None
     if not isinstance(out, torch.Tensor):
         raise UserError(f"teacher {name} returns a {type(out).__name__}, not a tensor of logits")
-    if out.ndim != 2 or out.shape[1] != data.n_classes:
+    if out.ndim != 2 or out.shape[1] != data.n_outputs:
+        wants = (
+            "a regression target: one output per row, [N, 1]"
+            if data.is_regression
+            else f"{data.n_classes} classes"
+        )
         raise UserError(
-            f"teacher {name} outputs {list(out.shape[1:])} per row, "
-            f"the data has {data.n_classes} classes"
+            f"teacher {name} outputs {list(out.shape[1:])} per row, the data has {wants}"
         )
     weights = non_finite_tensor(model)
     if weights is not None:

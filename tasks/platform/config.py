@@ -33,8 +33,9 @@ class DataConfig(Strict):
     val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
     standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
     split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
-    # auto: a label with more than 10 distinct integers stops and asks (classes or a quantity?)
-    task: Literal["auto", "classification"] = "auto"
+    # auto: text or integral labels are classes, non-integer numbers a regression target; a label
+    # with more than 10 distinct integers stops and asks (classes or a quantity?)
+    task: Literal["auto", "classification", "regression"] = "auto"
 
 
 BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/teacher.py builds them
@@ -122,6 +123,7 @@ class TargetConfig(Strict):
     params: int | None = Field(None, gt=0)
     latency_ms_b1: float | None = Field(None, gt=0)  # batch 1, in the serving runtime
     max_accuracy_drop: float = Field(0.01, ge=0, lt=1)  # teacher - model, validation rows
+    max_r2_drop: float = Field(0.01, ge=0)  # regression: teacher R² - model R², validation rows
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetConfig:
@@ -161,9 +163,10 @@ class FinetuneConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)  # classification only: a regression output has no softmax
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the teacher's outputs vs the labels
     patience: int = Field(5, ge=1)
+    huber_delta: float | None = Field(None, gt=0)  # regression: Huber loss instead of MSE
 
 
 class PruneConfig(Strict):
@@ -204,11 +207,15 @@ class PromoteConfig(Strict):
 
     max_accuracy_drop: float | None = Field(0.01, ge=0)  # teacher accuracy - student accuracy
     min_accuracy: float | None = Field(None, ge=0, le=1)
+    max_r2_drop: float | None = Field(0.01, ge=0)  # regression: teacher R² - student R² (test)
+    min_r2: float | None = Field(None, le=1)  # regression: test R² at least this
     max_size_kb: float | None = Field(None, gt=0)
     max_latency_ms_b1: float | None = Field(None, gt=0)
     allow_target_missed: bool = False  # promote a version tagged distill.target_met=false
     vs_champion: bool = True  # no worse than the current champion on common held-out rows
-    champion_tolerance: float = Field(0.0, ge=0)  # accuracy the challenger may lose vs the champion
+    champion_tolerance: float = Field(
+        0.0, ge=0
+    )  # accuracy (R²) the challenger may lose vs the champion
 
 
 class PipelineConfig(Strict):
@@ -266,6 +273,45 @@ class PipelineConfig(Strict):
     def digest(self) -> str:
         blob = json.dumps(self.model_dump(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# keys that mean something for one task only: set (to a value, not null) on a run of the other
+# task, they are refused with their name rather than silently ignored
+CLASSIFICATION_KEYS = {
+    ("finetune", "temperature"): "softens class probabilities; a regression output has none",
+    ("target", "max_accuracy_drop"): "use target.max_r2_drop",
+    ("promote", "max_accuracy_drop"): "use promote.max_r2_drop",
+    ("promote", "min_accuracy"): "use promote.min_r2",
+}
+REGRESSION_KEYS = {
+    ("finetune", "huber_delta"): "a regression loss",
+    ("target", "max_r2_drop"): "use target.max_accuracy_drop",
+    ("promote", "max_r2_drop"): "use promote.max_accuracy_drop",
+    ("promote", "min_r2"): "use promote.min_accuracy",
+}
+
+
+def task_key_conflict(cfg: PipelineConfig, task: str) -> str | None:
+    """The first key set in `cfg` that belongs to the other task, as one line; None if none."""
+    other = CLASSIFICATION_KEYS if task == "regression" else REGRESSION_KEYS
+    for (section, key), hint in other.items():
+        part = getattr(cfg, section)
+        if part is None or key not in part.model_fields_set or getattr(part, key) is None:
+            continue
+        kind = "classification" if task == "regression" else "regression"
+        return (
+            f"config key '{section}.{key}': a {kind} setting, but this is a {task} run "
+            f"(data.task); remove it ({hint})"
+        )
+    return None
+
+
+def check_task_keys(cfg: PipelineConfig, task: str) -> None:
+    """One UserError naming a key of the other task (`task_key_conflict`): when the config is
+    built for an explicit `data.task`, and once the data decided an `auto` one."""
+    line = task_key_conflict(cfg, task)
+    if line is not None:
+        raise UserError(line)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -348,9 +394,12 @@ def validation_message(err: ValidationError, what: str = "config key") -> str:
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> PipelineConfig:
     tree = merge(raw, parse_overrides(overrides or []))
     try:
-        return PipelineConfig.model_validate(_coerce_yaml_numbers(tree))
+        cfg = PipelineConfig.model_validate(_coerce_yaml_numbers(tree))
     except ValidationError as err:
         raise UserError(validation_message(err)) from None
+    if cfg.data.task != "auto":
+        check_task_keys(cfg, cfg.data.task)
+    return cfg
 
 
 def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:

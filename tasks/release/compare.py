@@ -23,11 +23,16 @@ RUN_COLUMNS = ("run_id", "run_name", "start_time", "status")
 HEADLINE = (
     "compression_ratio",
     "accuracy_drop",
+    "r2_drop",  # regression runs
     "speedup_b1",
     "final/accuracy",
     "final/f1_macro",
     "final/top3_accuracy",
     "final/agreement",
+    "final/r2",
+    "final/mae",
+    "final/rmse",
+    "final/teacher_rel_error",
     "final/ece",
     "final/nll",
     "final/train_test_gap",

@@ -36,6 +36,33 @@ class PredictionReport:
     output: Path
     accuracy: float | None  # on the rows with a label, when a label column was given
     unlabelled: int = 0  # rows whose label cell was empty (not counted in accuracy)
+    errors: dict[str, float] | None = (
+        None  # a regression model's r2, mae, rmse (in accuracy's place)
+    )
+
+
+class _Errors:
+    """R², MAE and RMSE of a regression model's predictions, summed chunk by chunk (memory stays
+    flat with the file); the same numbers as scikit-learn's on all rows at once."""
+
+    def __init__(self) -> None:
+        self.n, self.sum_y, self.sum_y2, self.sse, self.sae = 0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, pred: pd.Series, truth: pd.Series) -> int:
+        known = truth.notna().to_numpy()
+        y = pd.to_numeric(truth[known], errors="coerce").to_numpy(np.float64)
+        p = pred.to_numpy(np.float64)[known]
+        self.n += len(y)
+        self.sum_y, self.sum_y2 = self.sum_y + y.sum(), self.sum_y2 + (y * y).sum()
+        self.sse, self.sae = self.sse + ((y - p) ** 2).sum(), self.sae + np.abs(y - p).sum()
+        return len(y)
+
+    def result(self) -> dict[str, float] | None:
+        if self.n == 0:
+            return None
+        sst = self.sum_y2 - self.sum_y**2 / self.n
+        r2 = 1 - self.sse / sst if sst > 0 else float("nan")
+        return {"r2": r2, "mae": self.sae / self.n, "rmse": float(np.sqrt(self.sse / self.n))}
 
 
 def load_pyfunc(uri: str) -> Any:
@@ -277,11 +304,13 @@ def predict_file(
     label: str | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> PredictionReport:
-    """Predict every row of `input_path` and write `prediction` and `proba_<class>` columns."""
+    """Predict every row of `input_path` and write `prediction` and `proba_<class>` columns
+    (`prediction` alone for a regression model, scored by R², MAE and RMSE with a label)."""
     check_paths(input_path, output_path)
     model = load_pyfunc(model_uri)
     columns = model_columns(model)
-    writer, rows, correct, labelled = None, 0, 0, 0
+    writer, rows, correct, labelled, errors = None, 0, 0, 0, _Errors()
+    regression = False
     try:
         for chunk, truth in read_chunks(input_path, columns, label, chunk_rows):
             if chunk.empty:
@@ -291,7 +320,10 @@ def predict_file(
                 writer = _Writer(output_path)
             writer.write(out)
             rows += len(out)
-            if truth is not None:
+            regression = not any(str(c).startswith("proba_") for c in out.columns)
+            if truth is not None and regression:
+                labelled += errors.add(out["prediction"], truth)
+            elif truth is not None:
                 hit, known = _hits(out["prediction"], truth)
                 correct, labelled = correct + hit, labelled + known
         if rows == 0:
@@ -301,5 +333,8 @@ def predict_file(
         if writer is not None:
             writer.discard()
         raise
+    if regression:
+        scores = errors.result() if label is not None else None
+        return PredictionReport(rows, output_path, None, (rows - labelled) if label else 0, scores)
     accuracy = correct / labelled if label is not None and labelled else None
     return PredictionReport(rows, output_path, accuracy, (rows - labelled) if label else 0)

@@ -5,7 +5,11 @@ A version's numbers come from the MLflow parent run that registered it (version 
 
 Gates (config section `promote:`, CLI flags override): max accuracy drop vs its own
 teacher, min accuracy, max size, max batch-1 latency, and "no worse than the current
-champion". The last one only compares accuracies measured on the same rows:
+champion". A regression model (its run logged `final/r2`) is held to `max_r2_drop` and `min_r2`
+instead of the accuracy gates (and the accuracy gates of a classifier are not the R² ones): the
+gates of the other task do not apply to it. The champion comparison uses test R² for
+regression (rows split without stratification, as tasks/compress/data.py splits them). It only
+compares scores measured on the same rows:
 
 - same dataset digest, split seed and test_size -> the same test split: the logged
   `final/accuracy` of both runs are compared as they are;
@@ -70,6 +74,15 @@ class Candidate:
     @property
     def label(self) -> str:
         return f"{self.name} version {self.version}"
+
+    @property
+    def regression(self) -> bool:
+        """Its run measured R² (a regression target), not accuracy."""
+        return "final/r2" in self.metrics or "r2_drop" in self.metrics
+
+    @property
+    def score_key(self) -> str:
+        return "final/r2" if self.regression else "final/accuracy"
 
     def test_split(self) -> tuple[str | None, int | None, float | None]:
         """What fixes the test rows: the data (digest), the split seed, the test fraction."""
@@ -211,6 +224,7 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
     m = c.metrics
     out = []
     if c.version_tags.get(TARGET_MET) == "false" and not gates.allow_target_missed:
+        metric = "r2" if c.regression else "accuracy"
         out.append(
             Gate(
                 "allow_target_missed",
@@ -218,12 +232,20 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
                 float("nan"),
                 float("nan"),
                 f"its run missed the target {c.version_tags.get('distill.target', '')}: "
-                f"{c.version_tags.get('distill.target_achieved', '?')}, accuracy drop "
-                f"{c.version_tags.get('distill.target_accuracy_drop', '?')} "
+                f"{c.version_tags.get('distill.target_achieved', '?')}, "
+                f"{'R²' if c.regression else 'accuracy'} drop "
+                f"{c.version_tags.get(f'distill.target_{metric}_drop', '?')} "
                 "(--allow-target-missed)",
             )
         )
-    if gates.max_accuracy_drop is not None:
+    if c.regression:
+        if gates.max_r2_drop is not None:
+            out.append(
+                _upper("max_r2_drop", "R² drop vs teacher", m.get("r2_drop"), gates.max_r2_drop)
+            )
+        if gates.min_r2 is not None:
+            out.append(_lower("min_r2", "R²", m.get("final/r2"), gates.min_r2))
+    if not c.regression and gates.max_accuracy_drop is not None:
         out.append(
             _upper(
                 "max_accuracy_drop",
@@ -232,7 +254,7 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
                 gates.max_accuracy_drop,
             )
         )
-    if gates.min_accuracy is not None:
+    if not c.regression and gates.min_accuracy is not None:
         out.append(_lower("min_accuracy", "accuracy", m.get("final/accuracy"), gates.min_accuracy))
     if gates.max_size_kb is not None:
         out.append(_upper("max_size_kb", "size KB", m.get("final/size_kb"), gates.max_size_kb))
@@ -253,14 +275,20 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
     return None not in split and split == b.test_split()
 
 
-def held_out_rows(y_raw: np.ndarray, test_size: float, seed: int) -> np.ndarray:
+def held_out_rows(
+    y_raw: np.ndarray, test_size: float, seed: int, regression: bool = False
+) -> np.ndarray:
     """The test rows `tasks.compress.data.prepare` holds out (same calls;
-    tests/release/test_promotion.py checks they agree)."""
+    tests/release/test_promotion.py checks they agree): stratified
+    by class, not for a regression target."""
     from sklearn.model_selection import train_test_split
 
     _, y = np.unique(y_raw, return_inverse=True)
     _, test = train_test_split(
-        np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed
+        np.arange(len(y)),
+        test_size=test_size,
+        stratify=None if regression else y,
+        random_state=seed,
     )
     return np.sort(test)
 
@@ -271,7 +299,7 @@ def common_held_out_accuracy(
     predict: Callable[[Candidate, Any], np.ndarray] | None = None,
 ) -> tuple[float, float, int]:
     """Both models re-evaluated through mlflow.pyfunc on the rows neither run trained or
-    validated on: -> (challenger accuracy, champion accuracy, rows)."""
+    validated on: -> (challenger accuracy, champion accuracy, rows); test R² for regression."""
     import pandas as pd
 
     from tasks.compress.data import read_table, table_digest
@@ -300,13 +328,29 @@ def common_held_out_accuracy(
             f"data {source} has changed since the run (digest {table_digest(X, y_raw)}, "
             f"logged {digest})"
         )
+    regression = challenger.regression
+    if champion.regression != regression:
+        kinds = {True: "a regression model", False: "a classifier"}
+        raise HeldOutUnavailable(
+            f"the champion is {kinds[champion.regression]}, this version {kinds[regression]}"
+        )
     rows = np.intersect1d(
-        held_out_rows(y_raw, size_a, seed_a), held_out_rows(y_raw, size_b, seed_b)
+        held_out_rows(y_raw, size_a, seed_a, regression),
+        held_out_rows(y_raw, size_b, seed_b, regression),
     )
     if len(rows) == 0:
         raise HeldOutUnavailable("the two runs' test splits share no rows")
     frame = pd.DataFrame(X[rows], columns=names)
     predict = predict or _pyfunc_predict
+    if regression:
+        from sklearn.metrics import r2_score
+
+        truth = np.asarray(y_raw[rows], dtype=np.float64)
+        r2 = [
+            float(r2_score(truth, np.asarray(predict(c, frame), dtype=np.float64)))
+            for c in (challenger, champion)
+        ]
+        return r2[0], r2[1], len(rows)
     truth = np.asarray(y_raw[rows]).astype(str)
     acc = [
         float((np.asarray(predict(c, frame)).astype(str) == truth).mean())
@@ -330,12 +374,12 @@ def champion_gate(
 ) -> Gate:
     """No worse than the champion (less `champion_tolerance`), on the same rows."""
     tol = gates.champion_tolerance
-    if same_test_split(c, champion):
-        mine, theirs = c.metrics.get("final/accuracy"), champion.metrics.get("final/accuracy")
+    what = "R²" if c.regression else "accuracy"
+    if same_test_split(c, champion) and c.regression == champion.regression:
+        key = c.score_key
+        mine, theirs = c.metrics.get(key), champion.metrics.get(key)
         if mine is None or theirs is None:
-            return Gate(
-                "vs_champion", False, float("nan"), float("nan"), "final/accuracy not logged"
-            )
+            return Gate("vs_champion", False, float("nan"), float("nan"), f"{key} not logged")
         where = "same test split"
     else:
         try:
@@ -356,7 +400,7 @@ def champion_gate(
         ok,
         mine,
         theirs - tol,
-        f"accuracy {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} "
+        f"{what} {mine:.4f} {'>=' if ok else '<'} champion version {champion.version} {bound} "
         f"({where})",
     )
 

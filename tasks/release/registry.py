@@ -4,7 +4,10 @@ The registered model is a pyfunc (tasks/release/serving_model.py) that carries t
 training-time encoding of text columns and empty cells (as JSON data, rebuilt with
 scikit-learn by tasks/compress/tabular.py, which ships as the model's code) and the standardization,
 so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from the raw table; its
-signature names the raw columns and their types. Lineage goes on the version as tags.
+signature names the raw columns and their types. It answers a `prediction` column (the class
+label) and `proba_<label>` columns, or, for a regression target, `prediction` alone in the
+label's units (the training-time target mean and scale undone). Lineage goes on the version as
+tags.
 
 Registration is all-or-nothing: the version is created with its lineage and
 `distill.complete=false`, gets alias `challenger`, and only then `distill.complete=true`. If
@@ -98,13 +101,20 @@ def register_model(
                     "mean": data.mean.tolist(),
                     "scale": data.scale.tolist(),
                     "classes": data.classes,
+                    "task": data.task,
+                    "target_mean": data.target_mean,
+                    "target_scale": data.target_scale,
                 }
             )
         )
         example = typed(data.encoding, data.raw_rows("test").head(5))
-        output = pd.DataFrame(
-            {"prediction": np.asarray(data.classes)[:1].repeat(5)}
-            | {f"proba_{c}": np.zeros(5) for c in data.classes}
+        output = (
+            pd.DataFrame({"prediction": np.zeros(5, dtype=np.float64)})
+            if data.is_regression
+            else pd.DataFrame(
+                {"prediction": np.asarray(data.classes)[:1].repeat(5)}
+                | {f"proba_{c}": np.zeros(5) for c in data.classes}
+            )
         )
         info = mlflow.pyfunc.log_model(
             name="model",

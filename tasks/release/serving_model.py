@@ -8,7 +8,9 @@ The encoding of text columns and empty cells (tasks/compress/tabular.py, rebuilt
 in `preprocess.json`; shipped as `tabular.py` in the model's code) and the standardization
 fitted at training time are applied here, so callers never repeat them. An empty cell in a
 column the model has no imputer for is refused with one line naming the column and row.
-Output: `prediction` (the original class label) and one `proba_<label>` column per class.
+Output: `prediction` (the original class label) and one `proba_<label>` column per class; for
+a regression model (`task` in `preprocess.json`) `prediction` alone, the model's one output in
+the label's units (`* target_scale + target_mean`, the standardization of the training target).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Classifier(PythonModel):
         self.mean = np.asarray(meta["mean"], dtype=np.float64)
         self.scale = np.asarray(meta["scale"], dtype=np.float64)
         self.classes = meta["classes"]
+        self.regression = meta.get("task") == "regression"
+        self.target_mean = float(meta.get("target_mean", 0.0))
+        self.target_scale = float(meta.get("target_scale", 1.0))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from tabular import encode, first_bad_cell
@@ -66,6 +71,8 @@ class Classifier(PythonModel):
         X = encode(self.spec, frame, self.transformer)
         z = ((X - self.mean) / self.scale).astype(np.float32)
         logits = self.logits(z).astype(np.float64)
+        if self.regression:
+            return pd.DataFrame({"prediction": logits[:, 0] * self.target_scale + self.target_mean})
         logits -= logits.max(axis=1, keepdims=True)
         proba = np.exp(logits)
         proba /= proba.sum(axis=1, keepdims=True)

@@ -198,14 +198,31 @@ CASES = [
         "data file {inf.csv}: column 'c' holds inf in row 3",
     ),
     (
-        "continuous label",
+        "continuous label as classes",
+        [
+            "--set",
+            "data.source=csv:{float_label.csv}",
+            "--set",
+            "data.label=label",
+            "--set",
+            "data.task=classification",
+        ],
+        "data file {float_label.csv}: label column 'label' holds non-integer numbers (e.g. 1.2573), a quantity, not classes: set config key 'data.task' to regression (or auto)",
+    ),
+    (
+        "classification key on a regression run",  # auto: the float label is a regression target
         ["--set", "data.source=csv:{float_label.csv}", "--set", "data.label=label"],
-        "data file {float_label.csv}: label column 'label' holds non-integer numbers (e.g. 1.2573), a quantity, not classes: distill compresses classifiers; regression is not supported yet",
+        "config key 'finetune.temperature': a classification setting, but this is a regression run (data.task); remove it (softens class probabilities; a regression output has none)",
+    ),
+    (
+        "regression key on a classification run",
+        ["--set", "finetune.huber_delta=1.0"],
+        "config key 'finetune.huber_delta': a regression setting, but this is a classification run (data.task); remove it (a regression loss)",
     ),
     (
         "integer label with many values",
         ["--set", "data.source=csv:{many_ints.csv}", "--set", "data.label=label"],
-        "data file {many_ints.csv}: label column 'label' holds 14 distinct integers (1 to 14): classes or a quantity? set config key 'data.task' to classification",
+        "data file {many_ints.csv}: label column 'label' holds 14 distinct integers (1 to 14): classes or a quantity? set config key 'data.task' to classification to train 14 classes, or to regression to predict the number",
     ),
     (
         "label repeated as a feature",
