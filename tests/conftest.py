@@ -23,8 +23,13 @@ os.environ.update(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_LOGGING_LEVEL": "ERROR",
+        # idle OpenMP threads sleep instead of spinning: on 2 busy cores torch's spinning
+        # threads made a tiny teacher's step 25-40 ms instead of 3-4 ms (benchmarks/scale.py)
+        "OMP_WAIT_POLICY": "PASSIVE",
     }
 )
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: 1 thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tasks.compress.data import Dataset, load_dataset  # noqa: E402 -- likewise
 from tasks.platform.config import PipelineConfig, build_config  # noqa: E402 -- after the environment above
