@@ -549,9 +549,7 @@ def split_rows(
                 f"({cfg.val_size:g}) leave no training rows: their sum must be below 1"
             )
         try:
-            rest, test = train_test_split(
-                np.arange(len(y)), test_size=cfg.test_size, stratify=strata, random_state=seed
-            )
+            rest, test = seeded_test_split(y, cfg.test_size, seed)
             val_fraction = cfg.val_size / (1 - cfg.test_size)
             train, val = train_test_split(
                 rest,
@@ -592,6 +590,18 @@ def _carve_val(
             f"val split or change config key 'data.val_size'"
         ) from None
     return np.sort(train), np.sort(val)
+
+
+def seeded_test_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (rest, test) of the seeded split: stratified by class (integer codes), not
+    for a regression target (float `y`). Promotion re-derives a run's test rows with it."""
+    from sklearn.model_selection import train_test_split
+
+    strata = None if y.dtype.kind == "f" else y
+    rest, test = train_test_split(
+        np.arange(len(y)), test_size=test_size, stratify=strata, random_state=seed
+    )
+    return rest, test
 
 
 def standardizer(X_train: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -278,19 +278,12 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 def held_out_rows(
     y_raw: np.ndarray, test_size: float, seed: int, regression: bool = False
 ) -> np.ndarray:
-    """The test rows `tasks.compress.data.prepare` holds out (same calls;
-    tests/release/test_promotion.py checks they agree): stratified
-    by class, not for a regression target."""
-    from sklearn.model_selection import train_test_split
+    """The test rows `tasks.compress.data.prepare` held out of these labels (its own split
+    function; tests/release/test_promotion.py checks they agree)."""
+    from tasks.compress.data import seeded_test_split
 
-    _, y = np.unique(y_raw, return_inverse=True)
-    _, test = train_test_split(
-        np.arange(len(y)),
-        test_size=test_size,
-        stratify=None if regression else y,
-        random_state=seed,
-    )
-    return np.sort(test)
+    y = y_raw.astype(np.float64) if regression else np.unique(y_raw, return_inverse=True)[1]
+    return np.sort(seeded_test_split(y, test_size, seed)[1])
 
 
 def common_held_out_accuracy(
