@@ -166,14 +166,17 @@ def evaluate_task(
     params: dict[str, Any] | None = None,
     curves: dict[str, list[float]] | None = None,
     extra: dict[str, float] | None = None,
+    started: float | None = None,
+    model_digest: str | None = None,
 ) -> dict[str, float]:
     """Measure a stage's model and record it as the stage's nested MLflow run (a retry replaces
-    the failed attempt's run)."""
+    the failed attempt's run). `started`: when the stage's work began (its run spans it; the
+    returned metrics then hold `seconds`); `model_digest`: see tracking.record_stage."""
     from prefect.runtime import task_run
 
     check_model(stage, model, data.X_test[:256])  # a NaN model stops here, before it is recorded
     metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
-    tracking.record_stage(
+    recorded = tracking.record_stage(
         parent_run_id,
         stage,
         metrics,
@@ -182,8 +185,10 @@ def evaluate_task(
         model,
         data.X_test[:5],
         replace=task_run.run_count > 1,
+        started=started,
+        model_digest=model_digest,
     )
-    return metrics
+    return {key.removeprefix(f"{stage}/"): value for key, value in recorded.items()}
 
 
 @task(name="plots", task_run_name="plots", cache_policy=NO_CACHE, retries=1)
@@ -208,6 +213,11 @@ def plots_task(
 
 @task(name="register", task_run_name="register", cache_policy=NO_CACHE)
 def register_task(
-    model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]
+    model: OnnxModel | TorchScriptModel,
+    data: Dataset,
+    model_name: str,
+    tags: dict[str, str],
+    challenger: bool = True,
+    description: str | None = None,
 ) -> Registered:
-    return register_model(model, data, model_name, tags)
+    return register_model(model, data, model_name, tags, challenger, description)

@@ -68,8 +68,11 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
         order_by=["attributes.start_time DESC"],
         output_format="pandas",
     )
-    if "tags.mlflow.parentRunId" in runs.columns:
-        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    if "tags.mlflow.parentRunId" in runs.columns:  # nested: stage runs; a sweep's variants stay
+        variant = runs.get("tags.distill.sweep_variant", pd.Series(index=runs.index)).notna()
+        runs = runs[runs["tags.mlflow.parentRunId"].isna() | variant]
+    if "tags.distill.sweep_summary" in runs.columns:  # a sweep's own run has no model
+        runs = runs[runs["tags.distill.sweep_summary"].isna()]
     return (runs.head(last) if last else runs).reset_index(drop=True)
 
 

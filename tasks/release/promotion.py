@@ -17,7 +17,8 @@ champion". The last one only compares accuracies measured on the same rows:
   (`vs_champion: false` / `--ignore-champion` promotes on the absolute gates alone).
 
 Audit: every decision is written on the version as tags `promotion.status`,
-`promotion.reason`, and for a promotion `promoted_at` and `previous_champion`. Decisions
+`promotion.reason`, `promotion.decided_at`, and for a promotion `promotion.promoted_at` and
+`promotion.previous_champion` (one prefix: the registry UI lists them together). Decisions
 on one registered model are serialized (a lock in this process, plus a file lock beside a
 SQLite registry for other processes): two racing promotions end with one consistent
 champion. A remote registry has no lock MLflow offers; there the champion is re-read just
@@ -26,7 +27,6 @@ before the alias moves, which narrows the race but cannot close it.
 
 from __future__ import annotations
 
-import fcntl
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -48,9 +48,10 @@ CHALLENGER = "challenger"
 STATUS, REASON, PROMOTED_AT, PREVIOUS = (
     "promotion.status",
     "promotion.reason",
-    "promoted_at",
-    "previous_champion",
+    "promotion.promoted_at",
+    "promotion.previous_champion",
 )
+LEGACY_PREVIOUS = "previous_champion"  # versions tagged before the `promotion.` prefix
 DECIDED_AT = "promotion.decided_at"
 TARGET_MET = "distill.target_met"  # "false": the run missed its `target:` (compress/target.py)
 EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
@@ -255,8 +256,8 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 
 
 def held_out_rows(y_raw: np.ndarray, test_size: float, seed: int) -> np.ndarray:
-    """The test rows `tasks.compress.data.prepare` holds out (same calls; tests/release/test_promotion.py
-    checks they agree)."""
+    """The test rows `tasks.compress.data.prepare` holds out (same calls;
+    tests/release/test_promotion.py checks they agree)."""
     from sklearn.model_selection import train_test_split
 
     _, y = np.unique(y_raw, return_inverse=True)
@@ -408,13 +409,11 @@ def registry_lock(name: str) -> Iterator[None]:
         if db is None:
             yield
             return
+        from filelock import FileLock
+
         path = db.parent / f".{db.name}.promote-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with FileLock(path):
+            yield
 
 
 def _set_tags(client: Any, name: str, version: str, tags: dict[str, str]) -> None:
@@ -509,7 +508,8 @@ def rollback(name: str) -> Decision:
         current = alias_version(client, name, CHAMPION)
         if current is None:
             raise UserError(f"registered model {name!r} has no {CHAMPION!r}: nothing to roll back")
-        previous = client.get_model_version(name, current).tags.get(PREVIOUS, "")
+        tags = client.get_model_version(name, current).tags
+        previous = tags.get(PREVIOUS, tags.get(LEGACY_PREVIOUS, ""))
         if not previous:
             raise UserError(
                 f"{name} version {current} was the first champion: no previous champion "
