@@ -268,6 +268,9 @@ def run(
             check_inputs(load_config(config, overrides), config)
         _check_prefect_home()
 
+    from tasks.platform.progress import note
+
+    note(f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect")
     server_ready = _start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
 
@@ -484,6 +487,7 @@ def sweep(
 
         typer.echo(markdown_table(summary.table))
         typer.echo(f"\nsweep {summary.sweep_id}: summary MLflow run {summary.summary_run_id}")
+        typer.echo(summary.challenger or "no variant registered: no challenger")
     if failed:
         typer.echo(
             f"error: {len(summary.failed)} variant(s) failed: " + "; ".join(summary.failed),

@@ -352,7 +352,7 @@ def run_stages(
         curves=history.curves(),
         started=started,
     )
-    curves = {"finetuned": history.curves()}
+    curves = {"finetuned": history.curves() | {"best_epoch": [history.best_epoch]}}  # the plot
 
     started = time.time()
     if plan is None:

@@ -206,7 +206,7 @@ def plots_task(
     """Draw the run's figures and log them on the parent run; return their artifact paths."""
     figures = pipeline_figures(stages, teacher, student, final, data, curves, cfg, seed)
     return [
-        tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}")
+        tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}".lstrip("/"))
         for name, fig in figures.items()
     ]
 
