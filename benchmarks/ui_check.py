@@ -1,13 +1,14 @@
 """Browser check of what a user sees: `distill ui` (MLflow) and a real `prefect server`, opened
 in headless Chromium after two pipeline runs and two promotions.
 
-    .venv/bin/python benchmarks/ui_check.py [--budgets 250 100] [--quick] [--out DIR] [--store DIR]
+    .venv/bin/python benchmarks/ui_check.py [--targets 250 100] [--quick] [--out DIR] [--store DIR]
     make ui-check   # installs Debian's chromium first where it is missing
 
 1. starts `prefect server start` on a free port (its own PREFECT_HOME) and runs
-   `distill run configs/digits.yaml --set reduce.budget.size_kb=B` once per budget against it
+   `distill run configs/digits.yaml --set target.size_kb=T` once per target against it
    and a throw-away MLflow store (`--quick`: a small teacher, few epochs), then `distill
-   promote` twice: once granted (alias champion), once refused (its flow run ends Failed);
+   promote` twice: the newest version granted (alias champion), the first one refused (its
+   flow run ends Failed);
    `--store DIR` reuses an MLflow store that holds runs already (no runs, no Prefect pages);
 2. starts `distill ui` on a free port and checks over its REST API what the pages should
    show: run names, descriptions, stage runs with their `seconds`, system metrics, plots at
@@ -60,6 +61,7 @@ CHROMIUM_FLAGS = [
 ]  # the UI is a JS app: let it fetch and render
 PLOTS = ("pareto.png", "confusion.png", "tsne.png", "curves.png")  # at the run's root
 MODEL = "ui-check-digits"
+STAGE_NAMES = ["teacher", "reduce", "reconstructed", "finetuned", "pruned", "quantized"]
 
 
 def free_port() -> int:
@@ -117,11 +119,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--budgets",
+        "--targets",
         type=float,
         nargs="+",
-        default=[250.0, 100.0],
-        help="reduce.budget.size_kb per run",
+        help="target.size_kb per run (default: 250 100; --quick: 20 12, its teacher is ~36 KB)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small teacher, few epochs (seconds per run)"
@@ -133,6 +134,7 @@ def main() -> int:
         "--out", type=Path, default=Path(tempfile.gettempdir()) / "distill-ui-check"
     )
     args = parser.parse_args()
+    args.targets = args.targets or ([20.0, 12.0] if args.quick else [250.0, 100.0])
 
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
@@ -185,9 +187,9 @@ def main() -> int:
         print(f"prefect server: {prefect_base}")
     try:
         if args.store is None:
-            for budget in args.budgets:
+            for budget in args.targets:
                 sets = [
-                    f"reduce.budget.size_kb={budget:g}",
+                    f"target.size_kb={budget:g}",
                     f"register.model_name={MODEL}",
                     *(QUICK if args.quick else []),
                 ]
@@ -222,7 +224,7 @@ def main() -> int:
                 )
             for name, flags, code in (
                 ("granted", ["--max-accuracy-drop", "0.5"], 0),
-                ("refused", ["--min-accuracy", "0.9999"], 1),
+                ("refused", ["--version", "1", "--min-accuracy", "0.9999"], 1),
             ):
                 proc = subprocess.run(
                     [*distill, "promote", "--model", MODEL, *flags, "--json"],
@@ -346,44 +348,75 @@ def pages_check(ui, binary, args, check, prefect_base: str, flow_runs: dict[str,
             )
 
     newest = run_ids[0]
-    stage_filter = f"tags.mlflow.parentRunId = '{newest}'"
     pages = {
         "runs": (f"{base}/#/experiments/{experiment_id}/runs", 1000, names[:2]),
-        "parent": (
+        "parent": (  # its description, and its nested stage runs as "Child runs"
             f"{base}/#/experiments/{experiment_id}/runs/{newest}",
             1400,
-            ["distill run: " + names[0], "time s", "points"],
-        ),
-        "stages": (
-            f"{base}/#/experiments/{experiment_id}/runs?"
-            + urllib.parse.urlencode({"searchFilter": stage_filter}),
-            1000,
-            ["teacher", "reconstructed", "finetuned", "pruned", "quantized"],
+            ["distill run: " + names[0], "points", "Child runs", *STAGE_NAMES],
         ),
         "compare": (
             f"{base}/#/compare-runs?"
             + urllib.parse.urlencode(
                 {"runs": json.dumps(run_ids[:2]), "experiments": json.dumps([experiment_id])}
             ),
-            6000,
+            3000,
             # its tables are virtualized: only the first rows (alphabetical) are in the DOM
             [*names[:2], "final/accuracy", "compression_ratio", "accuracy_drop", "pareto.png"],
         ),
         "model": (f"{base}/#/models/{MODEL}", 1000, ["champion", "challenger", "Students"]),
+        **{
+            f"plot-{plot.removesuffix('.png')}": (
+                f"{base}/#/experiments/{experiment_id}/runs/{newest}/artifacts/{plot}",
+                1000,
+                [plot],
+            )
+            for plot in PLOTS
+        },
     }
     if prefect_base and flow_runs:
         name, flow_run_id = next(iter(flow_runs.items()))
         pages["prefect-flow-run"] = (
             f"{prefect_base}/runs/flow-run/{flow_run_id}",
             1400,
-            [name, "MLflow parent run"],
+            [name, "MLflow parent run", "evaluate-finetuned", "register"],
         )
-        pages["prefect-task-runs"] = (
-            f"{prefect_base}/runs/flow-run/{flow_run_id}?tab=Task%20Runs",
-            1400,
-            ["evaluate-finetuned", "finetune", "register"],
+        _, _, body = get(
+            f"{prefect_base}/api/task_runs/filter",
+            {
+                "flow_runs": {"id": {"any_": [flow_run_id]}},
+                "task_runs": {"name": {"any_": ["evaluate-finetuned"]}},
+            },
         )
-        pages["prefect-runs"] = (f"{prefect_base}/runs", 1200, ["promote", "Failed"])
+        task_runs = json.loads(body)
+        check(
+            len(task_runs) == 1 and "config:digits" in task_runs[0]["tags"],
+            "Prefect: task run evaluate-finetuned, tags "
+            + str(task_runs[0]["tags"] if task_runs else []),
+        )
+        if task_runs:
+            pages["prefect-task-run"] = (
+                f"{prefect_base}/runs/task-run/{task_runs[0]['id']}",
+                1000,
+                ["evaluate-finetuned", "config:digits"],
+            )
+        pages["prefect-runs"] = (f"{prefect_base}/runs", 1200, [f"{MODEL} v1", "Failed"])
+        _, _, body = get(
+            f"{prefect_base}/api/flow_runs/filter",
+            {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}},
+        )
+        failed = json.loads(body)
+        check(
+            len(failed) == 1 and failed[0]["state"]["message"].startswith("refused"),
+            "Prefect: the refused promotion's flow run is Failed: "
+            + (repr(failed[0]["state"]["message"][:90]) if failed else "none"),
+        )
+        if failed:
+            pages["prefect-refused"] = (
+                f"{prefect_base}/runs/flow-run/{failed[0]['id']}",
+                1000,
+                ["Failed", "refused", "min_accuracy"],
+            )
     for page, (url, height, expected) in pages.items():
         shot = args.out / f"{page}.png"
         dom = chromium(binary, url, screenshot=shot, height=height)

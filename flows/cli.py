@@ -275,6 +275,8 @@ def run(
     from flows.distill import distill_flow, local_settings
 
     server_ready()
+    from prefect import tags as prefect_tags
+
     _hide_user_errors_in_prefect_logs()
     from tasks.platform.progress import stage_lines
 
@@ -286,6 +288,7 @@ def run(
         contextlib.redirect_stdout(sys.stderr),
         _recompute(bool(from_run) or fresh),
         local_settings(),
+        prefect_tags("distill", "run"),
     ):
         summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
@@ -338,6 +341,8 @@ def _recompute(refresh: bool) -> Any:
 
 def _ms(value: float) -> str:
     """A latency in ms, three significant digits and never in scientific notation."""
+    if value < 0.1:
+        return f"{value:.4f}"
     return f"{value:.3f}" if value < 1 else f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
@@ -474,7 +479,13 @@ def sweep(
     failed = False
     with user_errors():
         try:
-            with contextlib.redirect_stdout(sys.stderr), local_settings():
+            from prefect import tags as prefect_tags
+
+            with (
+                contextlib.redirect_stdout(sys.stderr),
+                local_settings(),
+                prefect_tags("distill", "sweep"),
+            ):
                 summary = sweep_flow.with_options(task_runner=runner)(
                     str(config), grid_values, overrides
                 )
@@ -727,10 +738,16 @@ def promote(
             else load_config(config, overrides)
         )
 
+    from prefect import tags as prefect_tags
+
     from flows.promote import run_promotion
 
     _hide_user_errors_in_prefect_logs()
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with (
+        user_errors(),
+        contextlib.redirect_stdout(sys.stderr),
+        prefect_tags("distill", "promote"),
+    ):
         decision = run_promotion(
             model if model is not None else cfg.registry.model_name,
             version,

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
+from prefect import tags as prefect_tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -235,7 +236,8 @@ def distill_flow(
         done = Progress()
         try:
             lineage = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
-            run_stages(cfg, data, run_id, lineage, done, config_dir, challenger)
+            with prefect_tags(f"config:{cfg.name}"):  # on every stage's task run
+                run_stages(cfg, data, run_id, lineage, done, config_dir, challenger)
             logger.info("stages done; final metrics on the parent run %s", run_id)
         finally:
             # on the parent in one batch, after registration (MLflow reads the history of every

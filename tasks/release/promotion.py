@@ -555,11 +555,11 @@ def decision_markdown(d: Decision) -> str:
     )
 
 
-@task(name="promote", cache_policy=NO_CACHE)
+@task(name="promote", task_run_name="promote-gates", cache_policy=NO_CACHE)
 def promote_task(name: str, version: str | None, gates: PromoteConfig) -> Decision:
     return promote_version(name, version, gates)
 
 
-@task(name="rollback", cache_policy=NO_CACHE)
+@task(name="rollback", task_run_name="rollback", cache_policy=NO_CACHE)
 def rollback_task(name: str) -> Decision:
     return rollback(name)
