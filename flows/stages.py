@@ -188,6 +188,16 @@ def evaluate_task(
         started=started,
         model_digest=model_digest,
     )
+    from prefect import get_run_logger
+
+    get_run_logger().info(
+        "%s: accuracy %.4f, %.1f KB, batch-1 latency %.4f ms (MLflow stage run under %s)",
+        stage,
+        metrics.get("accuracy", float("nan")),
+        metrics.get("size_kb", float("nan")),
+        metrics.get("latency_ms_b1", float("nan")),
+        parent_run_id,
+    )
     return {key.removeprefix(f"{stage}/"): value for key, value in recorded.items()}
 
 

@@ -134,6 +134,7 @@ def pareto_plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
             xytext=(4, 4 + 10 * k),
             fontsize=7,
         )
+    ax.margins(x=0.3, y=0.12)  # room for the labels right of and above each point
     ax.set_xlabel("final model size on disk (KB)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
