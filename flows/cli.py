@@ -395,10 +395,8 @@ def _print_summary(summary: Any) -> None:
     # a path-free line each: a terminal makes them clickable; nothing is cut at 80 columns
     console.print(f"MLflow run {summary.run_id}", soft_wrap=True)
     console.print(f"  {summary.run_url}", soft_wrap=True, highlight=False)
-    if summary.run_url.startswith(("http://127.0.0.1", "http://localhost")):
-        console.print(
-            "  (served by `distill ui`; another --port changes the port)", highlight=False
-        )
+    if not getattr(summary, "ui_running", True):
+        console.print("  (start `distill ui` to open it)", highlight=False)
     flow_url = _flow_run_url(summary.flow_run_id)
     if flow_url:
         console.print(f"Prefect flow run\n  {flow_url}", soft_wrap=True, highlight=False)
@@ -635,10 +633,12 @@ def ui(
                 fail(f"mlflow server did not answer at {url} within 120 s")
             time.sleep(0.5)
         typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+        tracking.record_ui(settings, url)  # `distill run` links here, whatever the port
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        tracking.record_ui(settings, None)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -130,6 +130,7 @@ class RunSummary:
     target: dict[str, Any] | None = None  # {"met": bool, "line": str} when the config has a target
     run_name: str = ""
     flow_run_id: str | None = None  # the Prefect flow run
+    ui_running: bool = True  # run_url answers now (a tracking server, or `distill ui`)
 
     def as_json(self) -> dict[str, Any]:
         return (
@@ -260,6 +261,8 @@ def distill_flow(
         target=done.target,
         run_name=name,
         flow_run_id=str(flow_run.id),
+        ui_running=settings.tracking_uri.startswith(("http://", "https://"))
+        or tracking.running_ui(settings) is not None,
     )
     tracking.set_description(run_id, stage_table_markdown(summary, link=False))
     if done.target is not None and not done.target["met"]:
@@ -290,7 +293,7 @@ def run_stages(
     seed, device, ev, stages = cfg.seed, cfg.device, cfg.evaluate, done.stages
 
     started = time.time()  # each stage's nested run spans its work (stage_run)
-    teacher = teacher_task(cfg.teacher, data, seed, device, config_dir)
+    teacher, teacher_history = teacher_task(cfg.teacher, data, seed, device, config_dir)
     teacher_pred = predict_logits(teacher, data.X_test).argmax(1)
     stages["teacher"] = evaluate_task(
         "teacher",
@@ -300,6 +303,7 @@ def run_stages(
         ev,
         run_id,
         params=cfg.teacher.model_dump(),
+        curves=teacher_history.curves() if teacher_history.train_loss else None,
         started=started,
         model_digest=content_hash(teacher),  # a cached teacher is logged once per experiment
     )
@@ -354,7 +358,10 @@ def run_stages(
         curves=history.curves(),
         started=started,
     )
-    curves = {"finetuned": history.curves() | {"best_epoch": [history.best_epoch]}}  # the plot
+    curves = {  # for the plot; the restored best epochs marked
+        name: h.curves() | {"best_epoch": [h.best_epoch]}
+        for name, h in (("teacher", teacher_history), ("finetuned", history))
+    }
 
     started = time.time()
     if plan is None:

@@ -49,8 +49,11 @@ data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_
 @task(name="teacher", task_run_name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
 def teacher_task(
     cfg: TeacherConfig, data: Dataset, seed: int, device: str, config_dir: str | None = None
-) -> nn.Module:
-    return load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None)
+) -> tuple[nn.Module, History]:
+    """The teacher, and its training curves (empty for a teacher loaded, not trained)."""
+    history = History()
+    model = load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None, history)
+    return model, history
 
 
 @task(name="reduce", task_run_name="reduce", cache_policy=STAGE_CACHE, persist_result=True)

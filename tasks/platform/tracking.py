@@ -553,11 +553,49 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
     return artifact_file
 
 
+def _ui_state_file(settings: MlflowSettings) -> Path | None:
+    db = _sqlite_path(settings.tracking_uri)
+    return db.parent / ".distill-ui.json" if db is not None else None
+
+
+def record_ui(settings: MlflowSettings, url: str | None) -> None:
+    """`distill ui` says where it serves this store (its --port may not be mlflow.yaml's), so
+    `distill run` links to it; None: it stopped."""
+    import json
+
+    state = _ui_state_file(settings)
+    if state is None:
+        return
+    try:
+        if url is None:
+            state.unlink(missing_ok=True)
+        else:
+            state.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    except OSError:
+        pass  # a link is a convenience: a read-only store folder goes without
+
+
+def running_ui(settings: MlflowSettings) -> str | None:
+    """The URL of a `distill ui` serving this store now, if one is (its process is alive)."""
+    import json
+
+    state = _ui_state_file(settings)
+    try:
+        recorded = json.loads(state.read_text()) if state is not None else None
+        if recorded is None or _process_started(int(recorded["pid"])) is None:
+            return None
+        return str(recorded["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def ui_base_url(settings: MlflowSettings) -> str:
-    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml
-    `ui`)."""
+    """Where a person sees the runs: the tracking server itself, else the `distill ui` serving
+    the store now, else where `distill ui` will (mlflow.yaml `ui`)."""
     uri = settings.tracking_uri
-    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
+    if uri.startswith(("http://", "https://")):
+        return redact(uri).rstrip("/")
+    return running_ui(settings) or settings.ui_url
 
 
 def run_url(settings: MlflowSettings, experiment_id: str, run_id: str) -> str:

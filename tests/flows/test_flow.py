@@ -101,6 +101,8 @@ def test_runs_say_what_they_are_in_the_mlflow_ui(run):
             [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
         )
     }
+    # the teacher's own training curves, one point per epoch
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "val_accuracy")) >= 1
     finetuned = children["finetuned"]
     # plain keys inside a stage's run; its run spans the work it timed
     assert (
