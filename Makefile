@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test env clean
+.PHONY: demo test env clean ui-check
 
 env: $(STAMP)
 
@@ -22,6 +22,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check flows tasks tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# MLflow and Prefect UIs in headless Chromium (benchmarks/ui_check.py); not part of `make test`
+ui-check: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/python benchmarks/ui_check.py --quick --out ui-check
 
 clean:
 	rm -rf $(VENV) mlruns .prefect *.egg-info

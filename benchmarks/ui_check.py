@@ -1,18 +1,24 @@
-"""Browser check of `distill ui`: two pipeline runs with different budgets, then the MLflow UI
-served by `distill ui` opened in headless Chromium.
+"""Browser check of what a user sees: `distill ui` (MLflow) and a real `prefect server`, opened
+in headless Chromium after two pipeline runs and two promotions.
 
-    .venv/bin/python benchmarks/ui_check.py [--budgets 250 100] [--quick] [--out DIR] [--store DIR]
+    .venv/bin/python benchmarks/ui_check.py [--targets 250 100] [--quick] [--out DIR] [--store DIR]
+    make ui-check   # installs Debian's chromium first where it is missing
 
-1. runs `distill run configs/digits.yaml --set reduce.budget.size_kb=B` once per budget
-   against a throw-away MLflow store (`--store DIR` reuses one that already holds runs;
-   `--quick` trains a small teacher for a few epochs instead of the default config);
-2. starts `distill ui` on a free port and checks over its REST API that both parent runs
-   carry `final/*` metrics and that every `plots/*.png` artifact is served as a PNG;
-3. renders pages in headless Chromium (`chromium`, Debian's package): the experiment's runs,
-   the compare view of the runs (params, metrics side by side), and each plot of the
-   newest run; it checks the rendered DOM shows the runs' ids, `final/*` metric names and
-   the plots' names, and writes a screenshot per page to --out (look at them);
-4. stops the UI (SIGINT, as Ctrl-C) and checks it has gone.
+1. starts `prefect server start` on a free port (its own PREFECT_HOME) and runs
+   `distill run configs/digits.yaml --set target.size_kb=T` once per target against it
+   and a throw-away MLflow store (`--quick`: a small teacher, few epochs), then `distill
+   promote` twice: the newest version granted (alias champion), the first one refused (its
+   flow run ends Failed);
+   `--store DIR` reuses an MLflow store that holds runs already (no runs, no Prefect pages);
+2. starts `distill ui` on a free port and checks over its REST API what the pages should
+   show: run names, descriptions, stage runs with their `seconds`, system metrics, plots at
+   the run's root served as PNGs;
+3. renders pages in headless Chromium (`chromium`, Debian's package) and checks the DOM for
+   what should be on them, writing a screenshot per page to --out (look at them): the runs
+   table, a parent run's page, its nested stage runs, the compare view of two runs with
+   their plots, the registered model with its aliases, the Prefect flow run with its named
+   task runs and logs, and the refused promotion's Failed flow run with its reason;
+4. stops the UI (SIGINT, as Ctrl-C) and the Prefect server and checks they have gone.
 
 Not part of `make test`: CI has no Chromium. Exit status 0 when every check passes.
 """
@@ -53,7 +59,9 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--virtual-time-budget=15000",
 ]  # the UI is a JS app: let it fetch and render
-PLOTS = ("pareto.png", "confusion.png", "tsne.png", "curves.png")
+PLOTS = ("pareto.png", "confusion.png", "tsne.png", "curves.png")  # at the run's root
+MODEL = "ui-check-digits"
+STAGE_NAMES = ["teacher", "reduce", "reconstructed", "finetuned", "pruned", "quantized"]
 
 
 def free_port() -> int:
@@ -71,6 +79,17 @@ def get(url: str, payload: dict | None = None) -> tuple[int, str, bytes]:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+def wait_for(url: str, seconds: float = 120) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            get(url)
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
 
 
 def chromium(binary: str, url: str, *, screenshot: Path | None = None, height: int = 1000) -> str:
@@ -100,11 +119,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--budgets",
+        "--targets",
         type=float,
         nargs="+",
-        default=[250.0, 100.0],
-        help="reduce.budget.size_kb per run",
+        help="target.size_kb per run (default: 250 100; --quick: 20 12, its teacher is ~36 KB)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small teacher, few epochs (seconds per run)"
@@ -116,6 +134,7 @@ def main() -> int:
         "--out", type=Path, default=Path(tempfile.gettempdir()) / "distill-ui-check"
     )
     args = parser.parse_args()
+    args.targets = args.targets or ([20.0, 12.0] if args.quick else [250.0, 100.0])
 
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
@@ -127,6 +146,9 @@ def main() -> int:
         "MLFLOW_TRACKING_URI": f"sqlite:///{store.resolve()}/mlflow.db",
         "DISTILL_MLFLOW_CONFIG": str(store / "absent-mlflow.yaml"),
         "PYTHONPATH": str(ROOT),
+        "PREFECT_HOME": str(store / "prefect"),
+        "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     distill = [sys.executable, "-m", "flows.cli"]
     failures: list[str] = []
@@ -136,149 +158,276 @@ def main() -> int:
         if not ok:
             failures.append(what)
 
+    prefect, prefect_base, flow_runs = None, "", {}
     if args.store is None:
-        for budget in args.budgets:
-            sets = [f"reduce.budget.size_kb={budget:g}", *(QUICK if args.quick else [])]
-            print(f"distill run --set {' --set '.join(sets)}", flush=True)
-            start = time.monotonic()
-            proc = subprocess.run(
-                [
-                    *distill,
-                    "run",
-                    str(ROOT / "configs" / "digits.yaml"),
-                    *[a for s in sets for a in ("--set", s)],
-                    "--json",
-                ],
-                cwd=store,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            out = json.loads(proc.stdout)
-            print(
-                f"  run {out['run_id']}: final/accuracy {out['metrics']['final/accuracy']:.4f}, "
-                f"final/size_kb {out['metrics']['final/size_kb']:.1f} "
-                f"({time.monotonic() - start:.0f} s)"
-            )
-
-    port, base = free_port(), ""
-    ui_log = (args.out / "ui.log").open("w")
-    ui = subprocess.Popen(
-        [*distill, "ui", "--port", str(port)],
-        cwd=store,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=ui_log,
-        text=True,
-    )
-    try:
-        start = time.monotonic()
-        line = ui.stdout.readline()  # "MLflow UI: URL  (Ctrl-C to stop)" once it answers
-        if not line.startswith("MLflow UI: "):
-            print(f"error: distill ui printed {line!r}", file=sys.stderr)
-            return 1
-        base = line.split()[2]
-        print(f"distill ui: {base} answered after {time.monotonic() - start:.1f} s")
-
-        _, _, body = get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=distill")
-        experiment_id = json.loads(body)["experiment"]["experiment_id"]
-        _, _, body = get(
-            f"{base}/api/2.0/mlflow/runs/search",
-            {"experiment_ids": [experiment_id], "max_results": 1000},
+        prefect_port = free_port()
+        prefect_base = f"http://127.0.0.1:{prefect_port}"
+        env["PREFECT_API_URL"] = f"{prefect_base}/api"
+        prefect_log = (args.out / "prefect-server.log").open("w")
+        prefect = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+            ],
+            env=env,
+            stdout=prefect_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        runs = [
-            r
-            for r in json.loads(body)["runs"]
-            if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))
-        ]
-        runs.sort(key=lambda r: r["info"]["start_time"], reverse=True)
-        run_ids = [r["info"]["run_id"] for r in runs]
-        check(len(runs) >= 2, f"{len(runs)} parent runs in experiment {experiment_id}")
-        for run in runs:
-            metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
-            rid = run["info"]["run_id"]
-            check(
-                {"final/accuracy", "final/size_kb", "compression_ratio"} <= set(metrics),
-                f"run {rid[:8]}: final/accuracy {metrics.get('final/accuracy', float('nan')):.4f}, "
-                f"final/size_kb {metrics.get('final/size_kb', float('nan')):.1f}, "
-                f"{sum(k.startswith('final/') for k in metrics)} final/* metrics",
-            )
-            for plot in PLOTS:
-                status, ctype, png = get(
-                    f"{base}/get-artifact?"
-                    + urllib.parse.urlencode({"path": f"plots/{plot}", "run_uuid": rid})
+        if not wait_for(f"{prefect_base}/api/health"):
+            print("error: prefect server did not answer", file=sys.stderr)
+            return 1
+        print(f"prefect server: {prefect_base}")
+    try:
+        if args.store is None:
+            for budget in args.targets:
+                sets = [
+                    f"target.size_kb={budget:g}",
+                    f"register.model_name={MODEL}",
+                    *(QUICK if args.quick else []),
+                ]
+                print(f"distill run --set {' --set '.join(sets)}", flush=True)
+                start = time.monotonic()
+                proc = subprocess.run(
+                    [
+                        *distill,
+                        "run",
+                        str(ROOT / "configs" / "digits.yaml"),
+                        *[a for s in sets for a in ("--set", s)],
+                        "--json",
+                    ],
+                    cwd=store,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
                 )
+                (args.out / f"run-{budget:g}.stderr.txt").write_text(proc.stderr)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return 1
+                out = json.loads(proc.stdout)
+                flow_runs[out["run_name"]] = out["flow_run_id"]
+                lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("distill: ")]
                 check(
-                    status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n",
-                    f"run {rid[:8]}: plots/{plot} served ({ctype}, {len(png):,} bytes)",
+                    any("evaluate-finetuned done in" in ln for ln in lines),
+                    f"run {out['run_name']!r}: {len(lines)} `distill:` lines on stderr "
+                    f"(not a terminal), final/accuracy {out['metrics']['final/accuracy']:.4f} "
+                    f"({time.monotonic() - start:.0f} s)",
+                )
+            for name, flags, code in (
+                ("granted", ["--max-accuracy-drop", "0.5"], 0),
+                ("refused", ["--version", "1", "--min-accuracy", "0.9999"], 1),
+            ):
+                proc = subprocess.run(
+                    [*distill, "promote", "--model", MODEL, *flags, "--json"],
+                    cwd=store,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                decision = json.loads(proc.stdout) if proc.stdout.strip() else {}
+                check(
+                    proc.returncode == code,
+                    f"distill promote ({name}): exit {proc.returncode}, {decision.get('status')}",
                 )
 
-        newest = run_ids[0]
-        pages = {
-            "runs": (f"{base}/#/experiments/{experiment_id}/runs", 1000, ["digits-size_kb"]),
-            "compare": (
-                f"{base}/#/compare-runs?"
-                + urllib.parse.urlencode(
-                    {"runs": json.dumps(run_ids[:2]), "experiments": json.dumps([experiment_id])}
-                ),
-                5000,
-                # its tables are virtualized: only the first rows (alphabetical) are in the DOM
-                [
-                    *run_ids[:2],
-                    "final/accuracy",
-                    "final/ece",
-                    "compression_ratio",
-                    "accuracy_drop",
-                    "reduce.budget.size_kb",
-                ],
-            ),
-            **{
-                f"plot-{plot.removesuffix('.png')}": (
-                    f"{base}/#/experiments/{experiment_id}/runs/{newest}/artifacts/plots/{plot}",
-                    1000,
-                    [f"plots/{plot}"],
-                )
-                for plot in PLOTS
-            },
-        }
-        for name, (url, height, expected) in pages.items():
-            shot = args.out / f"{name}.png"
-            dom = chromium(binary, url, screenshot=shot, height=height)
-            missing = [text for text in expected if text not in dom]
-            check(
-                not missing and shot.stat().st_size > 20_000,
-                f"page {name}: {shot} ({shot.stat().st_size:,} bytes)"
-                + (
-                    f", DOM lacks {missing}"
-                    if missing
-                    else f", shows {len(expected)} expected texts"
-                ),
-            )
+        port = free_port()
+        ui_log = (args.out / "ui.log").open("w")
+        ui = subprocess.Popen(
+            [*distill, "ui", "--port", str(port)],
+            cwd=store,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=ui_log,
+            text=True,
+        )
+        try:
+            failed_pages = pages_check(ui, binary, args, check, prefect_base, flow_runs)
+            if failed_pages:
+                return 1
+        finally:
+            if ui.poll() is None:
+                ui.send_signal(signal.SIGINT)  # as Ctrl-C
+                try:
+                    ui.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    ui.kill()
+            ui_log.close()
+        stopped = ui.returncode is not None
+        try:
+            get(f"http://127.0.0.1:{port}/health")
+            answering = True
+        except OSError:
+            answering = False
+        check(
+            stopped and not answering,
+            f"distill ui stopped on SIGINT (exit {ui.returncode}), port {port} closed",
+        )
     finally:
-        if ui.poll() is None:
-            ui.send_signal(signal.SIGINT)  # as Ctrl-C
+        if prefect is not None and prefect.poll() is None:
+            os.killpg(prefect.pid, signal.SIGTERM)
             try:
-                ui.wait(timeout=30)
+                prefect.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                ui.kill()
-    ui_log.close()
-    stopped = ui.returncode is not None
-    try:
-        get(f"{base}/health")
-        answering = True
-    except OSError:
-        answering = False
-    check(
-        stopped and not answering,
-        f"distill ui stopped on SIGINT (exit {ui.returncode}), port {port} closed",
-    )
-    print(f"\nscreenshots and the server's log (ui.log) in {args.out}; store {store}")
+                os.killpg(prefect.pid, signal.SIGKILL)
+    print(f"\nscreenshots and the servers' logs in {args.out}; store {store}")
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return 0 if not failures else 1
+
+
+def pages_check(ui, binary, args, check, prefect_base: str, flow_runs: dict[str, str]) -> int:
+    """REST checks, then every page in Chromium; returns 1 when `distill ui` did not start."""
+    start = time.monotonic()
+    line = ui.stdout.readline()  # "MLflow UI: URL  (Ctrl-C to stop)" once it answers
+    if not line.startswith("MLflow UI: "):
+        print(f"error: distill ui printed {line!r}", file=sys.stderr)
+        return 1
+    base = line.split()[2]
+    print(f"distill ui: {base} answered after {time.monotonic() - start:.1f} s")
+
+    _, _, body = get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=distill")
+    experiment_id = json.loads(body)["experiment"]["experiment_id"]
+    _, _, body = get(
+        f"{base}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment_id], "max_results": 1000},
+    )
+    every = json.loads(body)["runs"]
+
+    def tags_of(run: dict) -> dict[str, str]:
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    runs = [r for r in every if "distill.stage" not in tags_of(r)]
+    runs.sort(key=lambda r: r["info"]["start_time"], reverse=True)
+    run_ids = [r["info"]["run_id"] for r in runs]
+    names = [r["info"]["run_name"] for r in runs]
+    check(len(runs) >= 2, f"{len(runs)} parent runs in experiment {experiment_id}: {names}")
+    for run in runs:
+        metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+        rid, tags = run["info"]["run_id"], tags_of(run)
+        check(
+            {"final/accuracy", "final/size_kb", "compression_ratio"} <= set(metrics)
+            and "·" in run["info"]["run_name"],
+            f"run {run['info']['run_name']!r}: final/accuracy "
+            f"{metrics.get('final/accuracy', float('nan')):.4f}, "
+            f"{sum(k.startswith('system/') for k in metrics)} system metrics",
+        )
+        check(
+            tags.get("mlflow.note.content", "").startswith("# distill run")
+            and "mlflow.source.git.commit" in tags,
+            f"run {rid[:8]}: description of {len(tags.get('mlflow.note.content', ''))} "
+            "characters, mlflow.source.git.commit set",
+        )
+        stages = [r for r in every if tags_of(r).get("mlflow.parentRunId") == rid]
+        timed = {
+            r["info"]["run_name"]: next(
+                (m["value"] for m in r["data"].get("metrics", []) if m["key"] == "seconds"), None
+            )
+            for r in stages
+        }
+        check(
+            len(stages) >= 6 and all(v is not None for v in timed.values()),
+            f"run {rid[:8]}: stage runs "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in timed.items() if v is not None),
+        )
+        for plot in PLOTS:
+            status, ctype, png = get(
+                f"{base}/get-artifact?" + urllib.parse.urlencode({"path": plot, "run_uuid": rid})
+            )
+            check(
+                status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n",
+                f"run {rid[:8]}: {plot} served ({ctype}, {len(png):,} bytes)",
+            )
+
+    newest = run_ids[0]
+    pages = {
+        "runs": (f"{base}/#/experiments/{experiment_id}/runs", 1000, names[:2]),
+        "parent": (  # its description, and its nested stage runs as "Child runs"
+            f"{base}/#/experiments/{experiment_id}/runs/{newest}",
+            1400,
+            ["distill run: " + names[0], "points", "Child runs", *STAGE_NAMES],
+        ),
+        "compare": (
+            f"{base}/#/compare-runs?"
+            + urllib.parse.urlencode(
+                {"runs": json.dumps(run_ids[:2]), "experiments": json.dumps([experiment_id])}
+            ),
+            3000,
+            # its tables are virtualized: only the first rows (alphabetical) are in the DOM
+            [*names[:2], "final/accuracy", "compression_ratio", "accuracy_drop", "pareto.png"],
+        ),
+        "model": (f"{base}/#/models/{MODEL}", 1000, ["champion", "challenger", "Students"]),
+        **{
+            f"plot-{plot.removesuffix('.png')}": (
+                f"{base}/#/experiments/{experiment_id}/runs/{newest}/artifacts/{plot}",
+                1000,
+                [plot],
+            )
+            for plot in PLOTS
+        },
+    }
+    if prefect_base and flow_runs:
+        name, flow_run_id = next(iter(flow_runs.items()))
+        pages["prefect-flow-run"] = (
+            f"{prefect_base}/runs/flow-run/{flow_run_id}",
+            1400,
+            [name, "MLflow parent run", "evaluate-finetuned", "register"],
+        )
+        _, _, body = get(
+            f"{prefect_base}/api/task_runs/filter",
+            {
+                "flow_runs": {"id": {"any_": [flow_run_id]}},
+                "task_runs": {"name": {"any_": ["evaluate-finetuned"]}},
+            },
+        )
+        task_runs = json.loads(body)
+        check(
+            len(task_runs) == 1 and "config:digits" in task_runs[0]["tags"],
+            "Prefect: task run evaluate-finetuned, tags "
+            + str(task_runs[0]["tags"] if task_runs else []),
+        )
+        if task_runs:
+            pages["prefect-task-run"] = (
+                f"{prefect_base}/runs/task-run/{task_runs[0]['id']}",
+                1000,
+                ["evaluate-finetuned", "config:digits"],
+            )
+        pages["prefect-runs"] = (f"{prefect_base}/runs", 1200, [f"{MODEL} v1", "Failed"])
+        _, _, body = get(
+            f"{prefect_base}/api/flow_runs/filter",
+            {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}},
+        )
+        failed = json.loads(body)
+        check(
+            len(failed) == 1 and failed[0]["state"]["message"].startswith("refused"),
+            "Prefect: the refused promotion's flow run is Failed: "
+            + (repr(failed[0]["state"]["message"][:90]) if failed else "none"),
+        )
+        if failed:
+            pages["prefect-refused"] = (
+                f"{prefect_base}/runs/flow-run/{failed[0]['id']}",
+                1000,
+                ["Failed", "refused", "min_accuracy"],
+            )
+    for page, (url, height, expected) in pages.items():
+        shot = args.out / f"{page}.png"
+        dom = chromium(binary, url, screenshot=shot, height=height)
+        (args.out / f"{page}.html").write_text(dom)
+        missing = [text for text in expected if text not in dom]
+        check(
+            not missing and shot.stat().st_size > 20_000,
+            f"page {page}: {shot} ({shot.stat().st_size:,} bytes)"
+            + (f", DOM lacks {missing}" if missing else f", shows {expected}"),
+        )
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     "MLFLOW_LOGGING_LEVEL": "ERROR",
     "DASK_LOGGING__DISTRIBUTED": "warning",
     # a tracking server that goes away mid-run: bounded retries (MLflow's default is 7 with
@@ -64,9 +63,22 @@ NOISY_WARNINGS = (
 )
 
 
+# Prefect's loggers at INFO, so flow and task runs send their logs to the server (the run's Logs
+# tab), while its console shows warnings only: `distill` prints its own lines (stage_lines).
+# Where the user set PREFECT_LOGGING_LEVEL, their level rules the console too.
+PREFECT_LOG_ENV = {
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "PREFECT_LOGGING_HANDLERS_API_LEVEL": "INFO",
+}
+
+
 def _quiet() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if "PREFECT_LOGGING_LEVEL" not in os.environ:
+        for key, value in PREFECT_LOG_ENV.items():
+            os.environ.setdefault(key, value)
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -220,12 +232,14 @@ def run(
         typer.Option("--set", help="Override a config key: key=value (repeatable)."),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+        bool, typer.Option("--json", metavar="", help="Print one JSON object instead of a table.")
     ] = False,
     promote_: Annotated[
         bool,
         typer.Option(
-            "--promote", help="Gate the registered version and make it champion (see `promote`)."
+            "--promote",
+            metavar="",
+            help="Gate the registered version and make it champion (see `promote`).",
         ),
     ] = False,
     from_run: Annotated[
@@ -237,7 +251,9 @@ def run(
     ] = None,
     fresh: Annotated[
         bool,
-        typer.Option("--fresh", help="Recompute every stage instead of reusing cached results."),
+        typer.Option(
+            "--fresh", metavar="", help="Recompute every stage instead of reusing cached results."
+        ),
     ] = False,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
@@ -252,10 +268,15 @@ def run(
             check_inputs(load_config(config, overrides), config)
         _check_prefect_home()
 
+    from tasks.platform.progress import note
+
+    note(f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect")
     server_ready = _start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
 
     server_ready()
+    from prefect import tags as prefect_tags
+
     _hide_user_errors_in_prefect_logs()
     from tasks.platform.progress import stage_lines
 
@@ -267,6 +288,7 @@ def run(
         contextlib.redirect_stdout(sys.stderr),
         _recompute(bool(from_run) or fresh),
         local_settings(),
+        prefect_tags("distill", "run"),
     ):
         summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
@@ -320,7 +342,16 @@ def _recompute(refresh: bool) -> Any:
     return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True})
 
 
+def _ms(value: float) -> str:
+    """A latency in ms, three significant digits and never in scientific notation."""
+    if value < 0.1:
+        return f"{value:.4f}"
+    return f"{value:.3f}" if value < 1 else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
 def _print_summary(summary: Any) -> None:
+    """The stage table, made to fit 80 columns (accuracy and agreement in %, sizes in KB)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -330,40 +361,45 @@ def _print_summary(summary: Any) -> None:
     )  # latency_ms_bN
     regression = "r2" in first
     # regression: R² and the errors in the label's units, the relative error to the teacher
-    quality = ("R²", "MAE", "RMSE", "rel. err") if regression else ("accuracy", "agreement")
-    table = Table(title="distill: stages", title_justify="left")
+    quality = ("R²", "MAE", "RMSE", "rel err") if regression else ("acc %", "agree %")
+    table = Table(
+        title=summary.run_name or "distill: stages",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for col in (
         "stage",
         "params",
-        "nonzeros",
-        "size KB",
+        "KB",
         *quality,
         "b1 ms",
         f"b{large.removeprefix('latency_ms_b')} ms",
+        "time s",
     ):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     nan = float("nan")
     for stage, m in summary.stages.items():
         scores = (
             (
-                f"{m['r2']:.4f}",
+                f"{m['r2']:.3f}",
                 f"{m['mae']:.4g}",
                 f"{m['rmse']:.4g}",
-                f"{m.get('teacher_rel_error', nan):.4f}",
+                f"{m.get('teacher_rel_error', nan):.3f}",
             )
             if regression
-            else (f"{m['accuracy']:.4f}", f"{m.get('agreement', nan):.4f}")
+            else (f"{100 * m['accuracy']:.2f}", f"{100 * m.get('agreement', nan):.2f}")
         )
         table.add_row(
             stage,
             f"{m['params']:,.0f}",
-            f"{m['nonzeros']:,.0f}",
-            f"{m['size_kb']:.1f}",
+            f"{m['size_kb']:,.1f}",
             *scores,
-            f"{m['latency_ms_b1']:.4f}",
-            f"{m[large]:.4f}",
+            _ms(m["latency_ms_b1"]),
+            _ms(m[large]),
+            f"{m.get('seconds', nan):.1f}",
         )
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = Console(width=None if sys.stdout.isatty() else 80, soft_wrap=False)
     console.print(table)
     m = summary.metrics
     drop = (
@@ -375,11 +411,28 @@ def _print_summary(summary: Any) -> None:
         f"compression {m['compression_ratio']:.1f}x, {drop}, "
         f"speedup b1 {m.get('speedup_b1', nan):.1f}x"
     )
-    console.print(f"MLflow run {summary.run_id}  {summary.run_url}")
+    # a path-free line each: a terminal makes them clickable; nothing is cut at 80 columns
+    console.print(f"MLflow run {summary.run_id}", soft_wrap=True)
+    console.print(f"  {summary.run_url}", soft_wrap=True, highlight=False)
+    if not getattr(summary, "ui_running", True):
+        console.print("  (start `distill ui` to open it)", highlight=False)
+    flow_url = _flow_run_url(summary.flow_run_id)
+    if flow_url:
+        console.print(f"Prefect flow run\n  {flow_url}", soft_wrap=True, highlight=False)
     if summary.model_name:
         console.print(
             f"registered {summary.model_name} version {summary.model_version} (alias challenger)"
         )
+
+
+def _flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI: only on a real server (PREFECT_API_URL); the
+    temporary one of a bare `distill run` is gone when the command ends."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if not flow_run_id or not PREFECT_API_URL.value() or not PREFECT_UI_URL.value():
+        return None
+    return f"{PREFECT_UI_URL.value().rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 @app.command()
@@ -402,7 +455,11 @@ def sweep(
     ] = 2,
     dask: Annotated[
         bool,
-        typer.Option("--dask", help="Run variants on a local Dask cluster of --workers processes."),
+        typer.Option(
+            "--dask",
+            metavar="",
+            help="Run variants on a local Dask cluster of --workers processes.",
+        ),
     ] = False,
     dask_address: Annotated[
         str | None,
@@ -411,7 +468,7 @@ def sweep(
         ),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+        bool, typer.Option("--json", metavar="", help="Print one JSON object instead of a table.")
     ] = False,
 ) -> None:
     """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""  # noqa: E501
@@ -439,7 +496,13 @@ def sweep(
     failed = False
     with user_errors():
         try:
-            with contextlib.redirect_stdout(sys.stderr), local_settings():
+            from prefect import tags as prefect_tags
+
+            with (
+                contextlib.redirect_stdout(sys.stderr),
+                local_settings(),
+                prefect_tags("distill", "sweep"),
+            ):
                 summary = sweep_flow.with_options(task_runner=runner)(
                     str(config), grid_values, overrides
                 )
@@ -452,6 +515,7 @@ def sweep(
 
         typer.echo(markdown_table(summary.table))
         typer.echo(f"\nsweep {summary.sweep_id}: summary MLflow run {summary.summary_run_id}")
+        typer.echo(summary.challenger or "no variant registered: no challenger")
     if failed:
         typer.echo(
             f"error: {len(summary.failed)} variant(s) failed: " + "; ".join(summary.failed),
@@ -588,10 +652,12 @@ def ui(
                 fail(f"mlflow server did not answer at {url} within 120 s")
             time.sleep(0.5)
         typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+        tracking.record_ui(settings, url)  # `distill run` links here, whatever the port
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        tracking.record_ui(settings, None)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -637,6 +703,7 @@ def promote(
         bool | None,
         typer.Option(
             "--vs-champion/--ignore-champion",
+            metavar="",
             help="Gate: no worse than the current champion on the same held-out rows.",
         ),
     ] = None,
@@ -644,6 +711,7 @@ def promote(
         bool,
         typer.Option(
             "--allow-target-missed",
+            metavar="",
             help="Promote a version whose run missed its target (tag distill.target_met=false).",
         ),
     ] = False,
@@ -651,10 +719,11 @@ def promote(
         float | None, typer.Option(help="Accuracy the challenger may lose vs the champion.")
     ] = None,
     rollback: Annotated[
-        bool, typer.Option("--rollback", help="Move champion back to the previous champion.")
+        bool,
+        typer.Option("--rollback", metavar="", help="Move champion back to the previous champion."),
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the decision as one JSON object.")
+        bool, typer.Option("--json", metavar="", help="Print the decision as one JSON object.")
     ] = False,
 ) -> None:
     """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501
@@ -688,11 +757,17 @@ def promote(
             else load_config(config, overrides)
         )
 
-    from flows.promote import promote_flow
+    from prefect import tags as prefect_tags
+
+    from flows.promote import run_promotion
 
     _hide_user_errors_in_prefect_logs()
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
-        decision = promote_flow(
+    with (
+        user_errors(),
+        contextlib.redirect_stdout(sys.stderr),
+        prefect_tags("distill", "promote"),
+    ):
+        decision = run_promotion(
             model if model is not None else cfg.registry.model_name,
             version,
             cfg.promote,

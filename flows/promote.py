@@ -1,15 +1,20 @@
 """The promotion flow: gate a registered version and move alias `champion`, or roll it back.
 
 The logic is in tasks/release/promotion.py; the flow points MLflow at the configured registry,
-runs one decision and publishes it as a Prefect markdown artifact (the gate table).
+runs one decision and publishes it as a Prefect markdown artifact (the gate table). A refused
+promotion ends the flow run Failed with the decision's line as its message (the Prefect UI
+shows it red, with the reason; the after-nightly automation sees a failure); `run_promotion`
+returns the decision either way.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
 from tasks.platform import tracking
 from tasks.platform.config import PromoteConfig
@@ -21,13 +26,21 @@ def connect_registry() -> None:
     tracking.point_at(tracking.load_settings())
 
 
-@flow(name="promote", log_prints=False)
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    what = "rollback" if p.get("rollback") else f"v{p['version']}" if p.get("version") else ""
+    return f"{p.get('model_name')} {what or '@challenger'}"
+
+
+@flow(name="promote", flow_run_name=_flow_run_name, log_prints=False)
 def promote_flow(
     model_name: str,
     version: str | None = None,
     gates: PromoteConfig | None = None,
     rollback: bool = False,
-) -> Decision:
+) -> Any:  # Decision, or a Failed state holding it
     connect_registry()
     if rollback:
         decision = rollback_task(model_name)
@@ -39,4 +52,22 @@ def promote_flow(
         key=key,
         description=f"distill promote: {decision.line()}",
     )
+    if not decision.ok:
+        get_run_logger().warning(decision.line())
+        return Failed(message=decision.line(), data=decision)
+    get_run_logger().info(decision.line())
     return decision
+
+
+def run_promotion(
+    model_name: str,
+    version: str | None = None,
+    gates: PromoteConfig | None = None,
+    rollback: bool = False,
+) -> Decision:
+    """The promotion flow's decision, granted or refused (a refused one ends the run Failed)."""
+    state = promote_flow(model_name, version, gates, rollback, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result

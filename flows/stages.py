@@ -49,8 +49,11 @@ data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_
 @task(name="teacher", task_run_name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
 def teacher_task(
     cfg: TeacherConfig, data: Dataset, seed: int, device: str, config_dir: str | None = None
-) -> nn.Module:
-    return load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None)
+) -> tuple[nn.Module, History]:
+    """The teacher, and its training curves (empty for a teacher loaded, not trained)."""
+    history = History()
+    model = load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None, history)
+    return model, history
 
 
 @task(name="reduce", task_run_name="reduce", cache_policy=STAGE_CACHE, persist_result=True)
@@ -166,14 +169,17 @@ def evaluate_task(
     params: dict[str, Any] | None = None,
     curves: dict[str, list[float]] | None = None,
     extra: dict[str, float] | None = None,
+    started: float | None = None,
+    model_digest: str | None = None,
 ) -> dict[str, float]:
     """Measure a stage's model and record it as the stage's nested MLflow run (a retry replaces
-    the failed attempt's run)."""
+    the failed attempt's run). `started`: when the stage's work began (its run spans it; the
+    returned metrics then hold `seconds`); `model_digest`: see tracking.record_stage."""
     from prefect.runtime import task_run
 
     check_model(stage, model, data.X_test[:256])  # a NaN model stops here, before it is recorded
     metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
-    tracking.record_stage(
+    recorded = tracking.record_stage(
         parent_run_id,
         stage,
         metrics,
@@ -182,8 +188,20 @@ def evaluate_task(
         model,
         data.X_test[:5],
         replace=task_run.run_count > 1,
+        started=started,
+        model_digest=model_digest,
     )
-    return metrics
+    from prefect import get_run_logger
+
+    get_run_logger().info(
+        "%s: accuracy %.4f, %.1f KB, batch-1 latency %.4f ms (MLflow stage run under %s)",
+        stage,
+        metrics.get("accuracy", float("nan")),
+        metrics.get("size_kb", float("nan")),
+        metrics.get("latency_ms_b1", float("nan")),
+        parent_run_id,
+    )
+    return {key.removeprefix(f"{stage}/"): value for key, value in recorded.items()}
 
 
 @task(name="plots", task_run_name="plots", cache_policy=NO_CACHE, retries=1)
@@ -201,13 +219,18 @@ def plots_task(
     """Draw the run's figures and log them on the parent run; return their artifact paths."""
     figures = pipeline_figures(stages, teacher, student, final, data, curves, cfg, seed)
     return [
-        tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}")
+        tracking.log_figure(parent_run_id, fig, f"{PLOTS_DIR}/{name}".lstrip("/"))
         for name, fig in figures.items()
     ]
 
 
 @task(name="register", task_run_name="register", cache_policy=NO_CACHE)
 def register_task(
-    model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]
+    model: OnnxModel | TorchScriptModel,
+    data: Dataset,
+    model_name: str,
+    tags: dict[str, str],
+    challenger: bool = True,
+    description: str | None = None,
 ) -> Registered:
-    return register_model(model, data, model_name, tags)
+    return register_model(model, data, model_name, tags, challenger, description)

@@ -5,8 +5,10 @@ the cartesian product of its values (4 variants), each a `--set` override on top
 config. Every variant is the distill flow as a subflow inside a mapped task: threads of
 this process by default (`ThreadPoolTaskRunner`), worker processes of a Dask cluster with
 `DaskTaskRunner` (prefect-dask) for sweeps that outgrow one machine. Variant runs carry
-the tag `distill.sweep_id`; the summary run carries it too, with the Pareto front of
-accuracy vs final size as a table and a plot.
+the tag `distill.sweep_id` and nest under the sweep's own run, which holds the Pareto front of
+accuracy vs final size as a table and a plot. Every variant registers a version; only the best
+one (`best_variant`: the smallest within the promotion gate's accuracy drop) takes alias
+`challenger`, so `distill promote` gates the sweep's choice, not whichever finished last.
 
 Stages are cached on their inputs (tasks/platform/caching.py), so variants that share a teacher
 reuse it once one of them has trained it (variants running at the same moment may both
@@ -31,7 +33,13 @@ from flows.distill import distill_flow
 from tasks.platform import tracking
 from tasks.platform.config import DEFAULT_CONFIG, load_config
 from tasks.platform.errors import UserError
-from tasks.release.pareto import markdown_table, summarize_task
+from tasks.release.pareto import (
+    best_variant,
+    markdown_table,
+    open_sweep_run,
+    summarize_task,
+    summary_frame,
+)
 
 DEFAULT_THREADS = 2
 
@@ -42,11 +50,13 @@ class SweepSummary:
     summary_run_id: str
     table: pd.DataFrame  # one row per variant, smallest final model first (tasks/release/pareto.py)
     failed: list[str] = field(default_factory=list)
+    challenger: str | None = None  # "challenger: NAME version V (variant I: overrides)"
 
     def as_json(self) -> dict[str, Any]:
         return {
             "sweep_id": self.sweep_id,
             "summary_run_id": self.summary_run_id,
+            "challenger": self.challenger,
             "failed": self.failed,
             "variants": self.table.to_dict(orient="records"),
         }
@@ -118,14 +128,14 @@ def check_variants(
     return combos
 
 
-@task(name="variant", cache_policy=NO_CACHE)
+@task(name="variant", task_run_name="variant-{index}", cache_policy=NO_CACHE)
 def variant_task(
     index: int, config_path: str, overrides: list[str], combo: list[str], tags: dict[str, str]
 ) -> dict[str, Any]:
     """One pipeline variant, as a subflow; its parent run is tagged with the sweep id."""
     variant_tags = tags | {"distill.sweep_variant": ", ".join(combo) or "(base config)"}
-    try:
-        summary = distill_flow(config_path, overrides + combo, tags=variant_tags)
+    try:  # no alias yet: the sweep gives `challenger` to its best variant only
+        summary = distill_flow(config_path, overrides + combo, tags=variant_tags, challenger=False)
     except Exception as err:  # noqa: BLE001 -- a failed variant must not sink the sweep
         return {
             "index": index,
@@ -139,6 +149,8 @@ def variant_task(
         "overrides": combo,
         "run_id": summary.run_id,
         "metrics": summary.metrics,
+        "model_name": summary.model_name,
+        "model_version": summary.model_version,
     }
 
 
@@ -162,32 +174,62 @@ def sweep_flow(
     tags = {"distill.sweep_id": sweep_id, "prefect.sweep_flow_run_id": sweep_id}
     # create the store and experiment here, once, not racing from every worker
     experiment_id = tracking.configure(tracking.load_settings())
+    sweep_run_id = open_sweep_run(
+        experiment_id, sweep_id, grid, tags | {"distill.sweep_summary": "true"}
+    )
+    variant_tags = tags | {"mlflow.parentRunId": sweep_run_id}  # nested under the sweep's run
 
     futures = variant_task.map(
-        range(len(combos)), unmapped(config), unmapped(overrides), combos, unmapped(tags)
+        range(len(combos)), unmapped(config), unmapped(overrides), combos, unmapped(variant_tags)
     )
     results = [f.result() for f in futures]
 
-    frame, summary_run_id = summarize_task(
-        results, grid, sweep_id, experiment_id, tags | {"distill.sweep_summary": "true"}
-    )
+    frame = summary_frame(results)
+    gate = load_config(config, overrides).promote.max_accuracy_drop
+    best_line = choose_challenger(results, best_variant(frame, gate))
+    frame = summarize_task(results, sweep_run_id, sweep_id, best_line)
+    summary_run_id = sweep_run_id
     failed = [
         f"variant {r['index']} ({', '.join(r['overrides'])}): {r['error']}"
         for r in results
         if r["metrics"] is None
     ]
     summary = SweepSummary(
-        sweep_id=sweep_id, summary_run_id=summary_run_id, table=frame, failed=failed
+        sweep_id=sweep_id,
+        summary_run_id=summary_run_id,
+        table=frame,
+        failed=failed,
+        challenger=best_line,
     )
     create_markdown_artifact(
         markdown=f"# distill sweep\n\nSummary MLflow run: {summary_run_id}\n\n"
-        + markdown_table(frame),
+        f"{best_line or 'no challenger'}\n\n" + markdown_table(frame),
         key="distill-sweep",
         description="sweep: Pareto front",
     )
     if failed:
         raise SweepFailed(summary)
     return summary
+
+
+def choose_challenger(results: list[dict[str, Any]], best: int | None) -> str | None:
+    """Alias `challenger` on the best variant's registered version (tasks/release/pareto.py
+    `best_variant`), tagged `distill.sweep_best`; returns the line that says which."""
+    chosen = next((r for r in results if r["index"] == best and r.get("model_version")), None)
+    if chosen is None:
+        return None
+    from mlflow import MlflowClient
+
+    from tasks.release.promotion import CHALLENGER
+
+    client = MlflowClient()
+    name, version = chosen["model_name"], chosen["model_version"]
+    client.set_model_version_tag(name, version, "distill.sweep_best", "true")
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return (
+        f"challenger: {name} version {version} "
+        f"(variant {best}: {', '.join(chosen['overrides']) or 'base config'})"
+    )
 
 
 def task_runner(

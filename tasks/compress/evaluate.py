@@ -27,9 +27,11 @@ import torch
 from sklearn.metrics import (
     accuracy_score,
     f1_score,
+    log_loss,
     mean_absolute_error,
     r2_score,
     root_mean_squared_error,
+    top_k_accuracy_score,
 )
 from torch import nn
 
@@ -108,21 +110,22 @@ ECE_BINS = 15
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    from scipy.special import log_softmax as scipy_log_softmax
+
+    return scipy_log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
 def top_k_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Fraction of rows whose true class is among the k highest scores."""
-    top = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
-    return float((top == np.asarray(y)[:, None]).any(axis=1).mean())
+    """Fraction of rows whose true class is among the k highest scores (scikit-learn's)."""
+    scores = np.asarray(logits, dtype=np.float64)
+    return float(top_k_accuracy_score(y, scores, k=k, labels=np.arange(scores.shape[1])))
 
 
 def negative_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
     """Mean −log p(true class) under softmax(logits): the cross-entropy (scikit-learn's
     log_loss)."""
-    return float(-log_softmax(logits)[np.arange(len(y)), y].mean())
+    proba = np.exp(log_softmax(logits))
+    return float(log_loss(y, proba, labels=np.arange(proba.shape[1])))
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:

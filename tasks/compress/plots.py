@@ -1,4 +1,6 @@
-"""Plots of one pipeline run, logged as PNG artifacts under `plots/` on the parent run.
+"""Plots of one pipeline run, logged as PNG artifacts at the root of the parent run (MLflow's
+compare view shows only root-level artifacts side by side: under a folder they would not
+compare).
 
 - `pareto.png`: test accuracy vs size on disk (log x) of every stage; the teacher is a
   star, the stages no other stage beats on both axes are joined (the Pareto front).
@@ -35,7 +37,7 @@ from tasks.compress.evaluate import SERIALIZED, OnnxModel, torch_predictor
 from tasks.platform.config import EvaluateConfig
 from tasks.platform.progress import track
 
-PLOTS_DIR = "plots"
+PLOTS_DIR = ""  # the run's root: see above
 TSNE_ITERATIONS = 500
 
 
@@ -69,16 +71,19 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
     ax = fig.add_subplot()
     front = pareto_front(sizes, accs)
     # a staircase: the best accuracy reachable at or below each size
-    ax.plot(
-        [sizes[i] for i in front],
-        [accs[i] for i in front],
-        "-",
-        drawstyle="steps-post",
-        color="tab:gray",
-        alpha=0.6,
-        label="Pareto front",
-        zorder=1,
-    )
+    if len(front) > 1:  # one point is no front: no legend entry without a line
+        ax.plot(
+            [sizes[i] for i in front],
+            [accs[i] for i in front],
+            "-",
+            drawstyle="steps-post",
+            color="tab:gray",
+            alpha=0.6,
+            linewidth=2,
+            label="Pareto front",
+            zorder=1,
+        )
+    placed: dict[tuple[float, float], int] = {}  # stages on one point: labels stacked
     for name, size, acc in zip(names, sizes, accs, strict=True):
         teacher = name == "teacher"
         ax.scatter(
@@ -90,7 +95,12 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
             zorder=2,
             label="teacher" if teacher else None,
         )
-        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        k = placed[(round(size, 1), round(acc, 2))] = (
+            placed.get((round(size, 1), round(acc, 2)), -1) + 1
+        )
+        ax.annotate(
+            name, (size, acc), textcoords="offset points", xytext=(6, 4 + 11 * k), fontsize=9
+        )
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 20, 30 rather than 2x10^1
     ax.xaxis.set_major_formatter(plain)
@@ -205,35 +215,59 @@ def tsne_figure(
     return fig
 
 
+def round_starts(lr: list[float]) -> list[int]:
+    """Epochs where a new training round began (prune recovery restarts its cosine schedule:
+    the learning rate jumps back up)."""
+    return [i for i in range(1, len(lr)) if lr[i] > lr[i - 1] * (1 + 1e-9)]
+
+
 def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
-    """Loss and validation accuracy per epoch, one column per training stage with curves."""
-    stages = {s: c for s, c in curves.items() if any(c.values())}
+    """Per training stage, one column: the training objective (KD), the validation
+    cross-entropy and the validation accuracy, each on its own axis (they are different
+    quantities); dotted lines between prune rounds; the restored best epoch marked."""
+    stages = {s: c for s, c in curves.items() if any(c.get(k) for k in ("train_loss", "val_loss"))}
     if not stages:
         return None
-    fig = _figure(4.6 * len(stages), 6.0)
-    axes = fig.subplots(2, len(stages), squeeze=False)
+    fig = _figure(4.6 * len(stages), 7.5)
+    axes = fig.subplots(3, len(stages), squeeze=False, sharex="col")
     for col, (stage, c) in enumerate(stages.items()):
-        loss_ax, acc_ax = axes[0][col], axes[1][col]
-        for key in ("train_loss", "val_loss"):
-            if c.get(key):
-                loss_ax.plot(range(len(c[key])), c[key], marker=".", label=key)
-        loss_ax.set_title(stage)
-        loss_ax.set_ylabel("loss (train: KD objective, val: CE)")
-        loss_ax.legend(fontsize=8)
-        if c.get("val_accuracy"):
-            acc_ax.plot(
-                range(len(c["val_accuracy"])),
-                [100 * v for v in c["val_accuracy"]],
-                marker=".",
-                color="tab:green",
-            )
-        if c.get("val_r2"):
-            acc_ax.plot(range(len(c["val_r2"])), c["val_r2"], marker=".", color="tab:green")
-        acc_ax.set_ylabel("validation R²" if c.get("val_r2") else "validation accuracy (%)")
-        acc_ax.set_xlabel("epoch")
-        for ax in (loss_ax, acc_ax):
+        regression = bool(c.get("val_r2"))  # R² and MSE in place of accuracy and cross-entropy
+        rows = (
+            ("train_loss", "train: KD objective", "tab:blue", 1),
+            ("val_loss", f"validation {'MSE' if regression else 'cross-entropy'}", "tab:orange", 1),
+            ("val_r2", "validation R²", "tab:green", 1)
+            if regression
+            else ("val_accuracy", "validation accuracy (%)", "tab:green", 100),
+        )
+        best = int(c["best_epoch"][0]) if c.get("best_epoch") else -1
+        starts = round_starts(c.get("lr", []))
+        for row, (key, label, color, scale) in enumerate(rows):
+            ax = axes[row][col]
+            values = [scale * v for v in c.get(key, [])]
+            if values:
+                ax.plot(range(len(values)), values, marker=".", color=color)
+            if 0 <= best < len(values):
+                ax.axvline(best, color="0.3", linestyle="--", linewidth=1)
+                ax.plot(best, values[best], "o", mfc="none", mec="black", ms=9, zorder=3)
+            for i, start in enumerate(starts):
+                ax.axvline(start - 0.5, color="0.6", linestyle=":", linewidth=1)
+                if row == 0:
+                    ax.annotate(
+                        f"round {i + 2}",
+                        (start - 0.5, 1),
+                        xycoords=("data", "axes fraction"),
+                        xytext=(2, -10),
+                        textcoords="offset points",
+                        fontsize=7,
+                        color="0.4",
+                    )
+            ax.set_ylabel(label, fontsize=9)
             ax.grid(True, alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        title = stage + (f" (best epoch {best} restored, dashed)" if best >= 0 else "")
+        title += f", {len(starts) + 1} rounds" if starts else ""
+        axes[0][col].set_title(title, fontsize=10)
+        axes[-1][col].set_xlabel("epoch")
     fig.suptitle("training curves")
     return fig
 

@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 
 from tasks.compress.data import Dataset
-from tasks.compress.finetune import FitSettings, fit
+from tasks.compress.finetune import FitSettings, History, fit
 from tasks.compress.finite import non_finite_tensor
 from tasks.platform.config import TeacherConfig
 from tasks.platform.errors import UserError
@@ -210,7 +210,9 @@ def train_teacher(
     seed: int,
     device: str = "cpu",
     config_dir: Path | None = None,
+    history: History | None = None,
 ) -> nn.Module:
+    """`history`: filled with the training curves (the teacher's stage run logs them)."""
     torch.manual_seed(seed)
     model = build_teacher(cfg, data, config_dir)
     _check_fits(model.eval(), data, cfg.arch)  # before training: a misfit fails in one line
@@ -223,7 +225,9 @@ def train_teacher(
         seed=seed,
         device=device,
     )
-    model, _ = fit(model, data, settings, description="training teacher")
+    model, fitted = fit(model, data, settings, description="training teacher")
+    if history is not None:
+        history.__dict__.update(fitted.__dict__)
     return model
 
 
@@ -545,13 +549,15 @@ def load_teacher(
     seed: int,
     device: str = "cpu",
     config_dir: Path | None = None,
+    history: History | None = None,
 ) -> nn.Module:
     """The teacher `cfg` names, on CPU in eval mode, checked against the data's rows.
 
-    `config_dir`: the config file's folder, searched for a `module:Name` arch's module."""
+    `config_dir`: the config file's folder, searched for a `module:Name` arch's module.
+    `history`: a trained teacher's curves go there."""
     source, whole = cfg.source, False
     if source == "train":
-        model = train_teacher(cfg, data, seed, device, config_dir)
+        model = train_teacher(cfg, data, seed, device, config_dir, history)
     elif source.startswith("file:"):
         path = Path(source.removeprefix("file:"))
         model, whole = load_teacher_file(path, cfg, data, config_dir)

@@ -2,10 +2,12 @@
 
 - `mlflow.yaml` (ours; MLflow reads no such file) says where tracking and the registry
   live; `MLFLOW_TRACKING_URI` in the environment overrides it.
-- One parent run per pipeline run, one nested run per stage. Stage metrics are
-  `STAGE/METRIC` on the stage's run *and* on the parent (the flow writes them there in one
-  batch at the end), so parent runs compare side by side; curves are step metrics
-  `STAGE/CURVE`. A stage's model is logged before its metrics, which then name it.
+- One parent run per pipeline run, named by what differs (`digits · target 20 KB`), its
+  description (`mlflow.note.content`) the stage table; one nested run per stage, opened when
+  the stage's work began. A stage's run holds plain keys (`accuracy`, `seconds`, curves as
+  step metrics `val_accuracy`), so one chart compares a key across stages; the parent holds
+  them as `STAGE/METRIC` (the flow writes them in one batch at the end), so parent runs
+  compare side by side. A stage's model is logged before its metrics, which then name it.
 - Run ids are passed explicitly (MLflow's active run is thread-local); stage runs are made
   with the client, not the fluent API's active-run stack.
 """
@@ -236,17 +238,34 @@ def _param_value(value: Any) -> str:
     return str(value)[:6000]  # MLflow's limit on a param value
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags (its UI shows the commit on the run page) and ours."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit, "distill.git_commit": commit}
+
+
 @contextmanager
 def parent_run(
-    experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    experiment_id: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    system_metrics: bool = True,
 ) -> Iterator[str]:
-    """The pipeline's run: FINISHED on success, FAILED on error, KILLED on Ctrl-C."""
+    """The pipeline's run: FINISHED on success, FAILED on error, KILLED on Ctrl-C. Params whose
+    value is None are left out (an unset option is no parameter); `system_metrics`: CPU, memory
+    and disk sampled while it runs (MLflow's System metrics tab; psutil)."""
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags=tags,
+        log_system_metrics=system_metrics,
+    )
     status = "FAILED"
     try:
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        mlflow.log_params({k: _param_value(v) for k, v in params.items() if v is not None})
         yield run.info.run_id
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -256,29 +275,32 @@ def parent_run(
         mlflow.end_run(status=status)
 
 
+def set_description(run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (the `mlflow.note.content` tag, markdown)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, "mlflow.note.content", markdown)
+
+
 def _log_points(
     run_id: str,
     points: list[tuple[str, float, int]],
     params: dict[str, Any] | None = None,
     model_id: str | None = None,
 ) -> None:
-    """(key, value, step) points and params, in as few calls as MLflow's limits allow (100 params
-    and 1,000 entries a call); `model_id` links the metrics to a logged model (its page in
-    MLflow 3 shows them)."""
+    """(key, value, step) points and params in one `log_batch` (the client splits it into calls
+    within MLflow's limits); `model_id` links the metrics to a logged model (its page in MLflow 3
+    shows them)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+    param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items() if v is not None]
     metric_list = [
         Metric(key, float(value), now, step, model_id=model_id) for key, value, step in points
     ]
-    client = MlflowClient()
-    while param_list or metric_list:
-        batch_params, param_list = param_list[:100], param_list[100:]
-        room = 1000 - len(batch_params)
-        batch_metrics, metric_list = metric_list[:room], metric_list[room:]
-        client.log_batch(run_id, metrics=batch_metrics, params=batch_params)
+    if param_list or metric_list:
+        MlflowClient().log_batch(run_id, metrics=metric_list, params=param_list)
 
 
 def log_metrics(
@@ -291,14 +313,11 @@ def log_metrics(
     _log_points(run_id, [(k, v, step) for k, v in metrics.items()], params, model_id)
 
 
-def log_curves(run_id: str, stage: str, curves: dict[str, list[float]]) -> None:
+def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Step metrics (one point per epoch) under their own names, in the stage's run."""
     _log_points(
         run_id,
-        [
-            (f"{stage}/{name}", v, step)
-            for name, values in curves.items()
-            for step, v in enumerate(values)
-        ],
+        [(name, v, step) for name, values in curves.items() for step, v in enumerate(values)],
     )
 
 
@@ -331,14 +350,17 @@ def delete_stage_runs(parent_run_id: str, stage: str) -> int:
 
 
 @contextmanager
-def stage_run(parent_run_id: str, stage: str) -> Iterator[str]:
+def stage_run(parent_run_id: str, stage: str, started: float | None = None) -> Iterator[str]:
     """A nested run for one stage, under the pipeline's parent run: FINISHED, FAILED on error,
-    KILLED on Ctrl-C. Made with the client (explicit ids), not MLflow's thread-local active run."""
+    KILLED on Ctrl-C. Made with the client (explicit ids), not MLflow's thread-local active run.
+    `started` (time.time()): when the stage's work began, so the run's duration in the UI is the
+    stage's, not the time it took to log it."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     run_id = client.create_run(
         _experiment_of(parent_run_id),
+        start_time=int(started * 1000) if started is not None else None,
         run_name=stage,
         tags={"mlflow.parentRunId": parent_run_id, "distill.stage": stage},
     ).info.run_id
@@ -353,13 +375,39 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[str]:
         client.set_terminated(run_id, status)
 
 
+PIP_ONNX = ("onnx", "onnxruntime")
+
+
+def _signature(example: Any, output: Any) -> Any:
+    from mlflow.models import infer_signature
+
+    return infer_signature(example, output)
+
+
 def log_model(
     run_id: str, stage: str, model: Any, example: Any, params: dict[str, Any] | None = None
 ) -> str | None:
-    """A stage's model in its run: PyTorch modules as a LoggedModel (pickled, so they load as
-    their class; requirements pinned to skip inference; the stage's params on it), whose id is
-    returned; ONNX and TorchScript models as their file under `model/` (no id)."""
-    if hasattr(model, "file_bytes"):  # a serialized model (ONNX, TorchScript)
+    """A stage's model in its run, as an MLflow 3 LoggedModel whose id is returned: PyTorch
+    modules with `mlflow.pytorch` (pickled, so they load as their class; requirements pinned to
+    skip inference), ONNX models with `mlflow.onnx`; the stage's params on it. TorchScript files
+    go under `model/` as an artifact (no flavour serves them; no id)."""
+    from importlib.metadata import version
+
+    logged_params = {k: _param_value(v) for k, v in (params or {}).items() if v is not None}
+    if getattr(model, "suffix", None) == ".onnx":
+        import mlflow.onnx
+        import onnx
+
+        return mlflow.onnx.log_model(
+            onnx.load_from_string(model.file_bytes),
+            name=stage.replace("/", "_"),
+            signature=_signature(example, model.predictor()(example)),
+            run_id=run_id,
+            params=logged_params,
+            pip_requirements=[f"{p}=={version(p)}" for p in PIP_ONNX],
+            save_as_external_data=False,
+        ).model_id
+    if hasattr(model, "file_bytes"):  # TorchScript
         from mlflow import MlflowClient
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -369,20 +417,32 @@ def log_model(
         return None
     import mlflow.pytorch
     import torch
-    from mlflow.models import infer_signature
 
     with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        signature = _signature(example, model(torch.from_numpy(example)).numpy())
     info = mlflow.pytorch.log_model(
         model,
         name=stage.replace("/", "_"),
         serialization_format="pickle",
         signature=signature,
         run_id=run_id,
-        params={k: _param_value(v) for k, v in (params or {}).items()},
+        params=logged_params,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
     return info.model_id
+
+
+def logged_model_of(experiment_id: str, digest: str) -> str | None:
+    """The id of a model this experiment already holds with this content digest (tag
+    `distill.model_digest`): a cached teacher is logged once, not again by every run."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient().search_logged_models(
+        [experiment_id],
+        filter_string=f"tags.`distill.model_digest` = '{digest}'",
+        max_results=1,
+    )
+    return found[0].model_id if found else None
 
 
 def record_stage(
@@ -394,23 +454,44 @@ def record_stage(
     model: Any = None,
     example: Any = None,
     replace: bool = False,
+    started: float | None = None,
+    model_digest: str | None = None,
 ) -> dict[str, float]:
     """One nested run for the stage (params, metrics, curves, model); returns its `STAGE/METRIC`
-    metrics, which the flow puts on the parent run.
+    metrics, which the flow puts on the parent run. In the stage's own run the metrics keep
+    their plain names (`accuracy`), so the UI charts one key across stages.
 
+    `started` (time.time() when the stage's work began): the run spans the work, and its
+    `seconds` metric says how long it took. `model_digest`: a model the experiment already holds
+    under that digest is not logged again; the run's tag `distill.logged_model_id` points to it.
     `replace` (a retried attempt): the earlier attempt's nested run is deleted first, so a stage
     is recorded once per parent."""
-    keyed = prefixed(stage, metrics)
+    if started is not None:
+        metrics = metrics | {"seconds": time.time() - started}
     if replace:
         delete_stage_runs(parent_run_id, stage)
-    with stage_run(parent_run_id, stage) as run_id:
+    with stage_run(parent_run_id, stage, started) as run_id:
         # the model first: MLflow links a run's existing metrics to a newly logged model by
         # reading each metric's history, one query per key; the metrics logged after name it
-        model_id = log_model(run_id, stage, model, example, params) if model is not None else None
-        log_metrics(run_id, keyed, params=params, model_id=model_id)
+        model_id = None
+        if model is not None and model_digest is not None:
+            model_id = logged_model_of(_experiment_of(parent_run_id), model_digest)
+            if model_id is not None:
+                from mlflow import MlflowClient
+
+                MlflowClient().set_tag(run_id, "distill.logged_model_id", model_id)
+        if model is not None and model_id is None:
+            model_id = log_model(run_id, stage, model, example, params)
+            if model_id is not None and model_digest is not None:
+                from mlflow import MlflowClient
+
+                MlflowClient().set_logged_model_tags(
+                    model_id, {"distill.model_digest": model_digest}
+                )
+        log_metrics(run_id, metrics, params=params, model_id=model_id)
         if curves:
-            log_curves(run_id, stage, curves)
-    return keyed
+            log_curves(run_id, curves)
+    return prefixed(stage, metrics)
 
 
 def log_run_inputs(
@@ -450,11 +531,49 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
     return artifact_file
 
 
+def _ui_state_file(settings: MlflowSettings) -> Path | None:
+    db = locks.sqlite_path(settings.tracking_uri)
+    return db.parent / ".distill-ui.json" if db is not None else None
+
+
+def record_ui(settings: MlflowSettings, url: str | None) -> None:
+    """`distill ui` says where it serves this store (its --port may not be mlflow.yaml's), so
+    `distill run` links to it; None: it stopped."""
+    import json
+
+    state = _ui_state_file(settings)
+    if state is None:
+        return
+    try:
+        if url is None:
+            state.unlink(missing_ok=True)
+        else:
+            state.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    except OSError:
+        pass  # a link is a convenience: a read-only store folder goes without
+
+
+def running_ui(settings: MlflowSettings) -> str | None:
+    """The URL of a `distill ui` serving this store now, if one is (its process is alive)."""
+    import json
+
+    state = _ui_state_file(settings)
+    try:
+        recorded = json.loads(state.read_text()) if state is not None else None
+        if recorded is None or reaper.started(int(recorded["pid"])) is None:
+            return None
+        return str(recorded["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def ui_base_url(settings: MlflowSettings) -> str:
-    """Where a person sees the runs: the tracking server itself, else `distill ui` (mlflow.yaml
-    `ui`)."""
+    """Where a person sees the runs: the tracking server itself, else the `distill ui` serving
+    the store now, else where `distill ui` will (mlflow.yaml `ui`)."""
     uri = settings.tracking_uri
-    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else settings.ui_url
+    if uri.startswith(("http://", "https://")):
+        return redact(uri).rstrip("/")
+    return running_ui(settings) or settings.ui_url
 
 
 def run_url(settings: MlflowSettings, experiment_id: str, run_id: str) -> str:
@@ -568,9 +687,7 @@ def close_dead_runs(experiment_id: str) -> list[str]:
         [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
     )
     parents = [
-        r
-        for r in running
-        if "distill.pid" in r.data.tags and "mlflow.parentRunId" not in r.data.tags
+        r for r in running if "distill.pid" in r.data.tags and "distill.stage" not in r.data.tags
     ]
     closed = []
     for run in parents:

@@ -73,8 +73,11 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
         order_by=["attributes.start_time DESC"],
         output_format="pandas",
     )
-    if "tags.mlflow.parentRunId" in runs.columns:
-        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    if "tags.mlflow.parentRunId" in runs.columns:  # nested: stage runs; a sweep's variants stay
+        variant = runs.get("tags.distill.sweep_variant", pd.Series(index=runs.index)).notna()
+        runs = runs[runs["tags.mlflow.parentRunId"].isna() | variant]
+    if "tags.distill.sweep_summary" in runs.columns:  # a sweep's own run has no model
+        runs = runs[runs["tags.distill.sweep_summary"].isna()]
     return (runs.head(last) if last else runs).reset_index(drop=True)
 
 
@@ -129,26 +132,39 @@ def to_json(frame: pd.DataFrame) -> str:
     return json.dumps(records, indent=2, default=str)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, key: str = "") -> str:
+    """A table cell: never scientific notation; `accuracy_drop` in points, as `distill run`
+    says it (csv and json keep MLflow's fraction)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
+        if key == "accuracy_drop":
+            return f"{100 * value:+.2f} pt"
         if value.is_integer() and abs(value) >= 1000:
             return f"{value:,.0f}"
-        return f"{value:.4g}"
+        if abs(value) >= 1000:
+            return f"{value:,.1f}"
+        import numpy as np
+
+        return np.format_float_positional(
+            value, precision=4, unique=False, fractional=False, trim="-"
+        )
     return str(value)
 
 
 def rich_table(frame: pd.DataFrame) -> Any:
-    """Runs as columns, keys as rows: how MLflow's own compare view lays them out."""
+    """Runs as columns, keys as rows: how MLflow's own compare view lays them out; a run's
+    column is headed by its name (what differs), its id's first 8 characters below."""
     from rich.table import Table
 
     table = Table(title=f"distill: {len(frame)} run(s), newest first", title_justify="left")
     table.add_column("key", style="bold")
-    for run_id in frame["run_id"]:
-        table.add_column(str(run_id)[:8], justify="right")
+    names = frame["run_name"] if "run_name" in frame else frame["run_id"]
+    for run_id, name in zip(frame["run_id"], names, strict=True):
+        table.add_column(f"{name}\n{str(run_id)[:8]}", justify="right")
     for key in frame.columns:
-        if key == "run_id":
+        if key in ("run_id", "run_name"):
             continue
-        table.add_row(key, *(_cell(v) for v in frame[key]))
+        label = "accuracy_drop (points)" if key == "accuracy_drop" else key
+        table.add_row(label, *(_cell(v, key) for v in frame[key]))
     return table

@@ -1,9 +1,10 @@
 """Sweep summary: which variants are worth keeping, as the Pareto front of accuracy vs size.
 
 A variant is on the front when no other variant is at least as accurate *and* at most as
-large, with one of the two strictly better. The summary is one MLflow run (tagged with the
-sweep id, beside the variants' own parent runs) holding the table as markdown and CSV and
-a plot of every variant's final accuracy against its final size on disk.
+large, with one of the two strictly better. The summary is the sweep's MLflow run (tagged with
+the sweep id; the variants' pipeline runs nest under it) holding the table as its description,
+as markdown and CSV, and a plot of every variant's final accuracy against its final size on
+disk. `best_variant` picks the one version of the sweep that becomes `challenger`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,15 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def short_label(overrides: str) -> str:
+    """`reduce.budget.size_kb=8, finetune.temperature=2` -> `size_kb=8, temperature=2`."""
+    parts = [p.strip() for p in overrides.split(", ") if p.strip()]
+    return ", ".join(
+        p.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + p.split("=", 1)[1] if "=" in p else p
+        for p in parts
+    )
+
+
 def pareto_plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     import matplotlib
 
@@ -104,18 +114,27 @@ def pareto_plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     front = done[done["pareto"]].sort_values("size_kb")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ax.scatter(done["size_kb"], 100 * done["accuracy"], color="0.6", label="variant", zorder=2)
-    ax.step(front["size_kb"], 100 * front["accuracy"], where="post", color="tab:red", zorder=1)
-    ax.scatter(
-        front["size_kb"], 100 * front["accuracy"], color="tab:red", label="Pareto front", zorder=3
+    ax.step(
+        front["size_kb"],
+        100 * front["accuracy"],
+        where="post",
+        color="tab:red",
+        marker="o",
+        label="Pareto front",
+        zorder=3,
     )
+    seen: dict[tuple[float, float], int] = {}  # variants on one point: labels stacked, not over
     for r in done.itertuples():
+        point = (round(r.size_kb, 1), round(100 * r.accuracy, 2))
+        k = seen[point] = seen.get(point, -1) + 1
         ax.annotate(
-            str(r.variant),
+            short_label(r.overrides),
             (r.size_kb, 100 * r.accuracy),
             textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
+            xytext=(4, 4 + 10 * k),
+            fontsize=7,
         )
+    ax.margins(x=0.3, y=0.12)  # room for the labels right of and above each point
     ax.set_xlabel("final model size on disk (KB)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
@@ -127,21 +146,29 @@ def pareto_plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
-def record_sweep(
-    experiment_id: str,
-    sweep_id: str,
-    grid: dict[str, list[str]],
-    frame: pd.DataFrame,
-    tags: dict[str, str],
+def open_sweep_run(
+    experiment_id: str, sweep_id: str, grid: dict[str, list[str]], tags: dict[str, str]
 ) -> str:
-    """The sweep's summary run: grid as params, table (md + csv) and plot as artifacts."""
+    """The sweep's run, opened before its variants: their pipeline runs nest under it (MLflow's
+    runs table folds them), named by the grid (`sweep · reduce.budget.size_kb=8,16`)."""
     from mlflow import MlflowClient
 
-    params = {f"grid.{k}": ", ".join(v) for k, v in grid.items()}
-    with tracking.parent_run(
-        experiment_id, f"sweep-{sweep_id[:8]}", params, tags | tracking.process_tags()
-    ) as run_id:
-        client = MlflowClient()
+    client = MlflowClient()
+    name = "sweep · " + "; ".join(f"{k}={','.join(v)}" for k, v in grid.items())
+    run_id = client.create_run(
+        experiment_id, run_name=name[:250], tags=tags | tracking.process_tags()
+    ).info.run_id
+    tracking.log_metrics(run_id, {}, params={f"grid.{k}": ", ".join(v) for k, v in grid.items()})
+    return run_id
+
+
+def record_sweep(run_id: str, sweep_id: str, frame: pd.DataFrame, best: str | None) -> str:
+    """The sweep's summary on its run: table (md + csv, and as its description), plot; closed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    status = "FAILED"
+    try:
         done = frame[frame["status"] == "finished"]
         tracking.log_metrics(
             run_id,
@@ -159,9 +186,11 @@ def record_sweep(
                 else {}
             ),
         )
-        client.log_text(
-            run_id, f"# sweep {sweep_id}\n\n{markdown_table(frame)}\n", "sweep/pareto.md"
+        table = markdown_table(frame)
+        tracking.set_description(
+            run_id, f"# sweep {sweep_id[:8]}\n\n{best or 'no challenger'}\n\n{table}\n"
         )
+        client.log_text(run_id, f"# sweep {sweep_id}\n\n{table}\n", "sweep/pareto.md")
         client.log_text(run_id, frame.to_csv(index=False), "sweep/variants.csv")
         if len(done):
             with tempfile.TemporaryDirectory() as tmp:
@@ -169,16 +198,31 @@ def record_sweep(
                     frame, Path(tmp) / "pareto.png", f"sweep {sweep_id[:8]}: accuracy vs size"
                 )
                 client.log_artifact(run_id, str(plot), "sweep")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
     return run_id
 
 
-@task(name="sweep-summary", cache_policy=NO_CACHE)
+def best_variant(frame: pd.DataFrame, max_accuracy_drop: float | None) -> int | None:
+    """The variant a sweep offers as challenger: the smallest finished one whose accuracy drop
+    is within the promotion gate; none within it (or no gate): the most accurate, the smaller
+    on a tie. Returns its row's `variant`, or None when none finished."""
+    done = frame[frame["status"] == "finished"]
+    if done.empty:
+        return None
+    if max_accuracy_drop is not None:
+        within = done[done["accuracy_drop"] <= max_accuracy_drop + 1e-9]
+        if len(within):
+            return int(within.sort_values(["size_kb", "variant"]).iloc[0]["variant"])
+    ranked = done.assign(neg=-done["accuracy"]).sort_values(["neg", "size_kb", "variant"])
+    return int(ranked.iloc[0]["variant"])
+
+
+@task(name="sweep-summary", task_run_name="sweep-summary", cache_policy=NO_CACHE)
 def summarize_task(
-    results: list[dict[str, Any]],
-    grid: dict[str, list[str]],
-    sweep_id: str,
-    experiment_id: str,
-    tags: dict[str, str],
-) -> tuple[pd.DataFrame, str]:
+    results: list[dict[str, Any]], run_id: str, sweep_id: str, best_line: str | None = None
+) -> pd.DataFrame:
     frame = summary_frame(results)
-    return frame, record_sweep(experiment_id, sweep_id, grid, frame, tags)
+    record_sweep(run_id, sweep_id, frame, best_line)
+    return frame

@@ -21,7 +21,8 @@ compares scores measured on the same rows:
   (`vs_champion: false` / `--ignore-champion` promotes on the absolute gates alone).
 
 Audit: every decision is written on the version as tags `promotion.status`,
-`promotion.reason`, and for a promotion `promoted_at` and `previous_champion`. Decisions
+`promotion.reason`, `promotion.decided_at`, and for a promotion `promotion.promoted_at` and
+`promotion.previous_champion` (one prefix: the registry UI lists them together). Decisions
 on one registered model are serialized (a lock in this process, plus a file lock beside a
 SQLite registry for other processes): two racing promotions end with one consistent
 champion. A remote registry has no lock MLflow offers; there the champion is re-read just
@@ -51,9 +52,10 @@ CHALLENGER = "challenger"
 STATUS, REASON, PROMOTED_AT, PREVIOUS = (
     "promotion.status",
     "promotion.reason",
-    "promoted_at",
-    "previous_champion",
+    "promotion.promoted_at",
+    "promotion.previous_champion",
 )
+LEGACY_PREVIOUS = "previous_champion"  # versions tagged before the `promotion.` prefix
 DECIDED_AT = "promotion.decided_at"
 TARGET_MET = "distill.target_met"  # "false": the run missed its `target:` (compress/target.py)
 EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
@@ -531,7 +533,8 @@ def rollback(name: str) -> Decision:
         current = alias_version(client, name, CHAMPION)
         if current is None:
             raise UserError(f"registered model {name!r} has no {CHAMPION!r}: nothing to roll back")
-        previous = client.get_model_version(name, current).tags.get(PREVIOUS, "")
+        tags = client.get_model_version(name, current).tags
+        previous = tags.get(PREVIOUS, tags.get(LEGACY_PREVIOUS, ""))
         if not previous:
             raise UserError(
                 f"{name} version {current} was the first champion: no previous champion "
@@ -577,11 +580,11 @@ def decision_markdown(d: Decision) -> str:
     )
 
 
-@task(name="promote", cache_policy=NO_CACHE)
+@task(name="promote", task_run_name="promote-gates", cache_policy=NO_CACHE)
 def promote_task(name: str, version: str | None, gates: PromoteConfig) -> Decision:
     return promote_version(name, version, gates)
 
 
-@task(name="rollback", cache_policy=NO_CACHE)
+@task(name="rollback", task_run_name="rollback", cache_policy=NO_CACHE)
 def rollback_task(name: str) -> Decision:
     return rollback(name)

@@ -79,11 +79,25 @@ def raw_schema(encoding: dict) -> Any:
     )
 
 
+MODEL_DESCRIPTION = (
+    "Students compressed by distill (teacher -> reduce -> reconstruct -> fine-tune -> prune -> "
+    "quantize), served by `mlflow.pyfunc` from raw feature columns: `prediction` and one "
+    "`proba_<class>` column per class. Alias `champion`: the version `distill promote` let "
+    "through its gates; `challenger`: the newest candidate (a sweep's best variant). Each "
+    "version's tags hold its lineage (`mlflow.run_id`, config hash, dataset digest, git commit)."
+)
+
+
 def register_model(
-    model: OnnxModel | TorchScriptModel, data: Dataset, model_name: str, tags: dict[str, str]
+    model: OnnxModel | TorchScriptModel,
+    data: Dataset,
+    model_name: str,
+    tags: dict[str, str],
+    challenger: bool = True,
+    description: str | None = None,
 ) -> Registered:
-    """Log the pyfunc on the active (parent) run, register it with its tags, alias it
-    `challenger`."""
+    """Log the pyfunc on the active (parent) run, register it with its tags and `description`,
+    alias it `challenger` (unless not `challenger`: a sweep's variant)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature
@@ -134,7 +148,10 @@ def register_model(
         mlflow.register_model(info.model_uri, model_name, tags=tags | {COMPLETE: "false"}).version
     )
     try:
-        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        if description:
+            client.update_model_version(model_name, version, description=description)
+        if challenger:
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
         client.set_model_version_tag(model_name, version, COMPLETE, "true")  # last
     except BaseException:  # an error, or Ctrl-C: no half-registered version
         client.delete_model_version(model_name, version)
@@ -148,7 +165,9 @@ def _create_registered_model(client: Any, name: str, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, tags={CREATED_BY: run_id})
+        client.create_registered_model(
+            name, tags={CREATED_BY: run_id}, description=MODEL_DESCRIPTION
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -82,11 +82,16 @@ def test_plots_are_logged_on_the_parent_run(mlflow_store, digits):
     paths = plots_task.fn(
         run_id, STAGES, model, model, model, digits, CURVES, EvaluateConfig(tsne_rows=40), 0
     )
-    logged = sorted(a.path for a in MlflowClient().list_artifacts(run_id, "plots"))
-    assert (
-        logged
-        == sorted(paths)
-        == ["plots/confusion.png", "plots/curves.png", "plots/pareto.png", "plots/tsne.png"]
-    )
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots/pareto.png")
+    # at the run's root: MLflow's compare view shows root-level artifacts only
+    logged = sorted(a.path for a in MlflowClient().list_artifacts(run_id))
+    assert logged == sorted(paths) == ["confusion.png", "curves.png", "pareto.png", "tsne.png"]
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pareto.png")
     assert imread(local).shape[1] > 200
+
+
+def test_prune_rounds_are_found_where_the_learning_rate_restarts():
+    from tasks.compress.plots import round_starts
+
+    # two recovery rounds of 3 epochs, each a cosine schedule from 1e-3
+    assert round_starts([1e-3, 5e-4, 0.0, 1e-3, 5e-4, 0.0]) == [3]
+    assert round_starts([1e-3, 1e-3, 1e-3]) == []  # a constant rate is one round

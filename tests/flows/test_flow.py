@@ -73,20 +73,69 @@ def test_flow_records_parent_and_stage_runs(run):
     assert run.metrics == metrics
 
     finetuned = next(r for r in children if r.info.run_name == "finetuned")
-    curve = client.get_metric_history(finetuned.info.run_id, "finetuned/val_accuracy")
+    curve = client.get_metric_history(finetuned.info.run_id, "val_accuracy")
     assert [m.step for m in curve] == list(range(len(curve))) and len(curve) >= 1
     artifacts = [a.path for a in client.list_artifacts(run.run_id, "config")]
     assert "config/resolved.yaml" in artifacts and "config/digits.yaml" in artifacts
-    plots = sorted(a.path for a in client.list_artifacts(run.run_id, "plots"))
-    assert plots == [
-        "plots/confusion.png",
-        "plots/curves.png",
-        "plots/pareto.png",
-        "plots/tsne.png",
-    ]
+    # at the root: MLflow's compare view shows root-level artifacts only
+    plots = sorted(a.path for a in client.list_artifacts(run.run_id) if a.path.endswith(".png"))
+    assert plots == ["confusion.png", "curves.png", "pareto.png", "tsne.png"]
     assert (
         metrics["final/flops"] == metrics["pruned/flops"]
     )  # the ONNX model carries its float model's count
+
+
+def test_runs_say_what_they_are_in_the_mlflow_ui(run):
+    client = MlflowClient()
+    parent = client.get_run(run.run_id)
+    assert parent.info.run_name == run.run_name == "digits · budget 12 KB"
+    tags = parent.data.tags
+    assert tags["mlflow.source.git.commit"] == tags["distill.git_commit"]
+    note = tags["mlflow.note.content"]  # the run's description: the stage table
+    assert note.startswith("# distill run: digits · budget 12 KB")
+    assert all(f"| {stage} |" in note for stage in STAGES) and "points" in note
+    assert "data.shape" not in parent.data.params  # None: no parameter
+    children = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
+        )
+    }
+    # the teacher's own training curves, one point per epoch
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "val_accuracy")) >= 1
+    finetuned = children["finetuned"]
+    # plain keys inside a stage's run; its run spans the work it timed
+    assert (
+        "accuracy" in finetuned.data.metrics and "finetuned/accuracy" not in finetuned.data.metrics
+    )
+    took = finetuned.data.metrics["seconds"]
+    assert parent.data.metrics["finetuned/seconds"] == pytest.approx(took)
+    assert (finetuned.info.end_time - finetuned.info.start_time) / 1000 >= took - 0.5
+    assert run.stages["finetuned"]["seconds"] == pytest.approx(took)
+    # the served model is an MLflow `onnx` model, its metrics linked to it
+    (model,) = client.search_logged_models(
+        [parent.info.experiment_id],
+        filter_string=f"source_run_id = '{children['quantized'].info.run_id}'",
+    )
+    flavors = mlflow.models.get_model_info(model.model_uri).flavors
+    assert "onnx" in flavors and "accuracy" in {m.key for m in model.metrics}
+    version = client.get_model_version("tiny-digits", run.model_version)
+    assert version.description.startswith("digits · budget 12 KB: accuracy ")
+    assert client.get_registered_model("tiny-digits").description.startswith("Students")
+
+
+def test_a_cached_teacher_is_logged_once_per_experiment(run, flow_store):
+    with use_store(flow_store):
+        again = distill_flow(CONFIG, [*TINY, "register.enabled=false"])
+        client = MlflowClient()
+        teacher_runs = client.search_runs(
+            [client.get_run(again.run_id).info.experiment_id],
+            filter_string="tags.`distill.stage` = 'teacher'",
+        )
+        logged = [r for r in teacher_runs if "distill.logged_model_id" not in r.data.tags]
+        assert len(teacher_runs) >= 2 and len(logged) == 1
+        (reused,) = {r.data.tags.get("distill.logged_model_id") for r in teacher_runs} - {None}
+        assert client.get_logged_model(reused).source_run_id == logged[0].info.run_id
 
 
 def test_registered_challenger_reproduces_the_logged_accuracy(run, digits):

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from flows.deployments import PREFECT_FILE, read_spec, runner_deployments
 from flows.sweep import check_variants, parse_grid, split_values, sweep_flow, variants
 from tasks.platform.errors import UserError
-from tasks.release.pareto import markdown_table, pareto_mask, summary_frame
+from tasks.release.pareto import best_variant, markdown_table, pareto_mask, summary_frame
 from tests.conftest import ROOT, TINY
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -184,9 +184,28 @@ def test_deploy_and_dask_need_a_server(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_the_best_variant_is_the_smallest_within_the_gate():
+    frame = summary_frame(
+        [
+            {"index": i, "overrides": [f"k={i}"], "run_id": f"r{i}", "metrics": m}
+            for i, m in enumerate(
+                [
+                    {"final/accuracy": 0.97, "final/size_kb": 40.0, "accuracy_drop": 0.0},
+                    {"final/accuracy": 0.965, "final/size_kb": 20.0, "accuracy_drop": 0.005},
+                    {"final/accuracy": 0.90, "final/size_kb": 10.0, "accuracy_drop": 0.07},
+                ]
+            )
+        ]
+    )
+    assert best_variant(frame, 0.01) == 1  # the smallest that keeps the accuracy
+    assert best_variant(frame, 0.001) == 0  # none smaller within it
+    assert best_variant(frame, None) == 0  # no gate: the most accurate
+    assert best_variant(frame.assign(status="failed: x"), 0.01) is None
+
+
 def test_sweep_in_threads_records_each_variant_apart(prefect_server, mlflow_store):
     grid = {"finetune.temperature": ["2", "4"], "finetune.alpha": ["0.5"]}
-    summary = sweep_flow(CONFIG, grid, [*TINY, "register.enabled=false"])
+    summary = sweep_flow(CONFIG, grid, [*TINY, "register.model_name=swept"])
     runs = mlflow.search_runs(
         experiment_names=["distill"],
         filter_string=f"tags.`distill.sweep_id` = '{summary.sweep_id}'",
@@ -214,3 +233,21 @@ def test_sweep_in_threads_records_each_variant_apart(prefect_server, mlflow_stor
     assert list(table["pareto"]) == pareto_mask(sizes, accuracies)
     artifacts = {a.path for a in client.list_artifacts(summary_run, "sweep")}
     assert artifacts == {"sweep/pareto.md", "sweep/variants.csv", "sweep/pareto.png"}
+    # the variants nest under the sweep's run and are named by their grid values
+    assert set(variants_["tags.mlflow.parentRunId"]) == {summary_run}
+    assert sorted(variants_["tags.mlflow.runName"]) == [
+        "digits · finetune.temperature=2, finetune.alpha=0.5",
+        "digits · finetune.temperature=4, finetune.alpha=0.5",
+    ]
+    assert runs.set_index("run_id").loc[summary_run, "tags.mlflow.runName"] == (
+        "sweep · finetune.temperature=2,4; finetune.alpha=0.5"
+    )
+    # every variant registered a version; only the best one is challenger
+    versions = client.search_model_versions("name = 'swept'")
+    assert len(versions) == 2
+    best = table.set_index("variant").loc[
+        best_variant(table, 0.01), "run_id"
+    ]  # digits.yaml promote gate
+    challenger = client.get_model_version_by_alias("swept", "challenger")
+    assert challenger.run_id == best and challenger.tags["distill.sweep_best"] == "true"
+    assert summary.challenger.startswith(f"challenger: swept version {challenger.version}")

@@ -17,7 +17,9 @@ from tasks.platform.tracking import (
     MlflowSettings,
     ServerSettings,
     UiSettings,
+    load_settings,
     run_url,
+    running_ui,
     ui_server_command,
 )
 from tests.conftest import ROOT, free_port
@@ -78,9 +80,14 @@ def test_ui_serves_the_runs_and_their_artifacts_and_stops_on_ctrl_c(mlflow_store
         query = urllib.parse.urlencode({"path": "plots/note.txt", "run_uuid": run.info.run_id})
         with urllib.request.urlopen(f"{base}/get-artifact?{query}", timeout=30) as response:
             assert response.read() == b"a plot"  # the run's own file:// artifacts are served
+        # `distill run` links to the port this UI serves, not mlflow.yaml's 5000
+        settings = load_settings()
+        assert running_ui(settings) == base
+        assert run_url(settings, "1", "abc") == f"{base}/#/experiments/1/runs/abc"
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+    assert running_ui(load_settings()) is None  # stopped: back to mlflow.yaml's address
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
     assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"

@@ -14,7 +14,7 @@ from prefect.artifacts import Artifact
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from flows.distill import distill_flow
-from flows.promote import promote_flow
+from flows.promote import run_promotion
 from tasks.platform.config import PromoteConfig
 from tasks.platform.errors import UserError
 from tasks.release.predict import predict_file
@@ -160,7 +160,7 @@ def test_from_run_reproduces_every_metric_but_timings(first, reproduced):
 
 
 def test_reproduction_is_no_worse_than_the_champion_on_the_same_split(reproduced):
-    decision = promote_flow(NAME, reproduced.model_version, PromoteConfig(max_accuracy_drop=None))
+    decision = run_promotion(NAME, reproduced.model_version, PromoteConfig(max_accuracy_drop=None))
     assert decision.status == "promoted" and decision.previous_champion == "1"
     gate = decision.gates[-1]
     assert (
@@ -173,11 +173,11 @@ def test_other_seed_is_compared_on_rows_held_out_from_both(other_seed):
     gates = PromoteConfig(
         max_accuracy_drop=None, champion_tolerance=1.0
     )  # the comparison, not its outcome
-    decision = promote_flow(NAME, other_seed.model_version, gates)
+    decision = run_promotion(NAME, other_seed.model_version, gates)
     gate = decision.gates[-1]
     assert gate.name == "vs_champion" and "rows held out from both runs" in gate.detail
     assert 0 <= gate.value <= 1 and decision.status == "promoted"
-    rolled = promote_flow(NAME, rollback=True)
+    rolled = run_promotion(NAME, rollback=True)
     assert rolled.status == "rolled_back" and rolled.champion == decision.previous_champion
     artifact = Artifact.get("promotion-tiny-promoted")  # the latest decision, as a Prefect artifact
     assert "rolled_back" in artifact.data and f"champion after: {rolled.champion}" in artifact.data

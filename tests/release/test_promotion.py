@@ -134,9 +134,9 @@ def test_first_promotion_needs_only_the_absolute_gates(mlflow_store):
     assert drop.value == pytest.approx(0.96 - 0.955) and drop.limit == 0.01
     assert aliases() == {"challenger": v1, CHAMPION: v1}
     t = tags(v1)
-    assert t["promotion.status"] == "promoted" and t["previous_champion"] == ""
+    assert t["promotion.status"] == "promoted" and t["promotion.previous_champion"] == ""
     assert "first champion" in t["promotion.reason"]
-    datetime.fromisoformat(t["promoted_at"])
+    datetime.fromisoformat(t["promotion.promoted_at"])
 
 
 def test_better_challenger_replaces_the_champion(mlflow_store):
@@ -146,7 +146,7 @@ def test_better_challenger_replaces_the_champion(mlflow_store):
     decision = promote_version(NAME, None, GATES)
     assert decision.status == "promoted" and decision.previous_champion == v1
     assert aliases()[CHAMPION] == v2
-    assert tags(v2)["previous_champion"] == v1
+    assert tags(v2)["promotion.previous_champion"] == v1
     gate = decision.gates[-1]
     assert (
         gate.name == "vs_champion"
@@ -172,7 +172,7 @@ def test_worse_challenger_is_refused_and_nothing_changes(mlflow_store):
         tags(v2)["promotion.status"] == "refused"
         and tags(v2)["promotion.reason"] == decision.reason
     )
-    assert "promoted_at" not in tags(v2)
+    assert "promotion.promoted_at" not in tags(v2)
 
 
 def test_champion_tolerance_lets_a_slightly_worse_one_through(mlflow_store):
@@ -272,10 +272,12 @@ def test_racing_promotions_end_with_one_consistent_champion(mlflow_store, monkey
     assert aliases()[CHAMPION] == v2
     assert decisions[v2].status == "promoted"
     if decisions[v1].status == "promoted":  # v1 went first: v2 replaced it
-        assert tags(v2)["previous_champion"] == v1 and decisions[v2].previous_champion == v1
+        assert (
+            tags(v2)["promotion.previous_champion"] == v1 and decisions[v2].previous_champion == v1
+        )
     else:  # v2 went first: v1 was compared with it and refused
         assert decisions[v1].status == "refused" and "vs_champion" in decisions[v1].reason
-        assert tags(v2)["previous_champion"] == ""
+        assert tags(v2)["promotion.previous_champion"] == ""
 
 
 def test_held_out_rows_are_the_test_split_of_prepare():
@@ -349,3 +351,18 @@ def test_teacher_lineage_pins_files_and_aliases(mlflow_store, tmp_path):
     assert teacher_lineage("models:/teachers@nobody") == {
         "distill.teacher_source": "models:/teachers@nobody"
     }
+
+
+def test_a_refused_promotion_ends_its_flow_run_failed_with_the_reason(
+    prefect_server, mlflow_store, monkeypatch
+):
+    from flows.promote import promote_flow, run_promotion
+
+    monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(mlflow_store) + ".absent.yaml")
+    make_version(0.90)  # 6 points below the teacher: the 1-point gate refuses it
+    state = promote_flow(NAME, None, GATES, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("refused") and "max_accuracy_drop" in state.message
+    decision = run_promotion(NAME, None, GATES)  # the CLI's call: the decision, not an error
+    assert not decision.ok and decision.line() == state.message
+    assert CHAMPION not in aliases()
