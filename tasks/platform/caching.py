@@ -64,9 +64,11 @@ def _feed(h: Any, obj: Any) -> None:
     elif isinstance(obj, np.ndarray):
         _array(h, obj)
     elif isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        _tag(h, "tensor", t.dtype, tuple(t.shape))
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _tag(h, "tensor", obj.dtype, tuple(obj.shape))
+        # a fresh dense copy: a size-1 slice counts as contiguous with any stride, and viewing
+        # it as bytes needs stride 1 (a regression head's bias is one)
+        flat = obj.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)
+        h.update(flat.view(torch.uint8).numpy().tobytes())
     elif isinstance(obj, nn.Module):
         # the printed architecture names every layer and its shape; the state_dict holds the numbers
         _tag(h, "module", type(obj).__module__, type(obj).__qualname__, obj.training)

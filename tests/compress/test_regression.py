@@ -207,8 +207,8 @@ def test_run_logs_r2_and_is_gated_by_it(registered):
     assert not any("accuracy" in k for k in metrics)
     assert out["promotion"]["status"] == "promoted"
     assert {g["name"] for g in out["promotion"]["gates"]} == {"max_r2_drop", "min_r2"}
-    artifacts = {a.path for a in MlflowClient().list_artifacts(out["run_id"], "plots")}
-    assert "plots/predicted.png" in artifacts and "plots/confusion.png" not in artifacts
+    artifacts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
+    assert "predicted.png" in artifacts and "confusion.png" not in artifacts
 
 
 def _fresh(tmp: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:

@@ -105,3 +105,11 @@ def test_stage_results_survive_the_result_serializer(digits):
     for value in (teacher, reduction, History([0.5], [0.4], [0.9], [1e-3], 0), digits):
         back = serializer.loads(serializer.dumps(value))
         assert type(back) is type(value) and content_hash(back) == content_hash(value)
+
+
+def test_a_size_one_slice_with_any_stride_hashes_like_its_values():
+    """A one-element tensor sliced out of a wider one keeps that tensor's stride and still counts
+    as contiguous (a regression head's bias); its key is that of the same value made fresh."""
+    sliced = torch.randn(47, 5)[:, :1].reshape(-1)[:1]
+    assert sliced.stride() != (1,)
+    assert content_hash(sliced) == content_hash(torch.tensor([sliced.item()]))
