@@ -296,7 +296,10 @@ def task_key_conflict(cfg: PipelineConfig, task: str) -> str | None:
     other = CLASSIFICATION_KEYS if task == "regression" else REGRESSION_KEYS
     for (section, key), hint in other.items():
         part = getattr(cfg, section)
-        if part is None or key not in part.model_fields_set or getattr(part, key) is None:
+        value = None if part is None else getattr(part, key)
+        # a value set to its default says nothing: a config rebuilt from a run's record
+        # (`--from-run`) sets every key
+        if value is None or value == type(part).model_fields[key].default:
             continue
         kind = "classification" if task == "regression" else "regression"
         return (

@@ -211,7 +211,14 @@ CASES = [
     ),
     (
         "classification key on a regression run",  # auto: the float label is a regression target
-        ["--set", "data.source=csv:{float_label.csv}", "--set", "data.label=label"],
+        [
+            "--set",
+            "data.source=csv:{float_label.csv}",
+            "--set",
+            "data.label=label",
+            "--set",
+            "finetune.temperature=2",
+        ],
         "config key 'finetune.temperature': a classification setting, but this is a regression run (data.task); remove it (softens class probabilities; a regression output has none)",
     ),
     (

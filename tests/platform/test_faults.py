@@ -117,7 +117,7 @@ def test_read_only_artifact_location_is_refused_before_any_run(read_only_disk, t
     assert _last_line(proc.stderr) == (
         f"error: artifact location {read_only_disk.as_uri()} is not writable: Read-only file system"
     )
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     assert client.search_runs([client.get_experiment_by_name("distill").experiment_id]) == []
 
 
@@ -140,7 +140,7 @@ def test_disk_full_mid_run_is_one_line_and_registers_nothing(tiny_disk, tmp_path
     )
     assert _last_line(proc.stderr).endswith(": No space left on device")
     assert "Traceback" not in proc.stderr
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("distill").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.status for p in parents] == [
@@ -221,7 +221,7 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         stderr=subprocess.PIPE,
         text=True,
     )
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     try:
         deadline, parent = time.monotonic() + 240, None
         while parent is None and run.poll() is None and time.monotonic() < deadline:
@@ -270,7 +270,7 @@ def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     try:
         deadline, parent = time.monotonic() + 240, None
         while parent is None and run.poll() is None and time.monotonic() < deadline:
@@ -298,7 +298,7 @@ def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
 def _store(tmp_path: Path) -> Path:
     """A SQLite store with experiment `distill` and one finished run (what a user's store holds)."""
     db = tmp_path / "store.db"
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     experiment_id = client.create_experiment(
         "distill", artifact_location=(tmp_path / "artifacts").as_uri()
     )

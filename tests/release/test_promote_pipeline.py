@@ -30,7 +30,7 @@ GATES = [
     "promote.max_accuracy_drop=null",
     "promote.min_accuracy=0.5",
 ]
-TIMING = ("latency", "speedup", "throughput", "seconds", "time")
+TIMING = ("latency", "speedup", "throughput", "seconds", "time", "system/")  # system/: sampled
 
 
 @pytest.fixture(scope="module")
