@@ -1,7 +1,8 @@
 """How much of the teacher–scratch gap does distill's student recover? Side by side, 3 seeds.
 
     .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--ratios 10 30 0] [--epochs 80]
-                                           [--patience EPOCHS] [--lr LR] [--features BETA]
+                                           [--patience EPOCHS] [--lr LR] [--ridge R]
+                                           [--features BETA]
                                            [--tasks signals-cnn table-mlp digits-mlp]
 
 Tasks (no network): a 1-D CNN (3 conv layers of 32 channels, the built-in `cnn`) on generated
@@ -15,7 +16,7 @@ For each task, seed and budget, students of the same architecture get the same t
 where they start and what they learn from:
 
 - before FT     distill's width mode right after reconstruction (PCA units + least squares,
-                the default `reconstruct.ridge`)
+                ridge `--ridge`, by default `reconstruct.ridge`'s)
 - distill       that student after knowledge distillation (the default `finetune.temperature`
                 and `alpha`): the pipeline's path
 - ridge 1e-4    the same, reconstructed with the earlier near-zero ridge (the ablation)
@@ -123,13 +124,14 @@ def run_cell(
     seed: int,
     train: FitSettings,
     features: float = 0.0,
+    ridge: float = ReconstructConfig().ridge,
 ) -> dict[str, float]:
     X = calibration_rows(data.X_train, 1024, seed)
     ratio = ratio or smallest_ratio(teacher, X) * 0.999
     plan = reduce_model(teacher, X, ReduceConfig(budget=BudgetConfig(ratio=ratio)), mode="width")
     widths = {p.name: p.rank for p in plan.layers if p.rank is not None}
     report = WidthReport()
-    student = reconstruct_width(teacher, widths, X, ridge=ReconstructConfig().ridge, report=report)
+    student = reconstruct_width(teacher, widths, X, ridge=ridge, report=report)
     ft = FinetuneConfig()
     kd = FitSettings(**{**vars(train), "temperature": ft.temperature, "alpha": ft.alpha})
 
@@ -158,11 +160,17 @@ def run_cell(
 
 
 def task_seed(
-    task: str, seed: int, ratios: list[float], train: FitSettings, features: float = 0.0
+    task: str,
+    seed: int,
+    ratios: list[float],
+    train: FitSettings,
+    features: float = 0.0,
+    ridge: float = ReconstructConfig().ridge,
 ) -> tuple[float, int, list[dict]]:
     """One task and seed: (teacher accuracy, teacher params, a cell per budget). A process's
     work."""
     torch.set_num_threads(1)
+    torch.manual_seed(seed)  # before the teacher's init: the same teacher in any process
     data, model = TASKS[task](seed)
     torch.manual_seed(seed)
     teacher, _ = fit(
@@ -174,7 +182,7 @@ def task_seed(
     return (
         accuracy(teacher, data),
         sum(p.numel() for p in teacher.parameters()),
-        [run_cell(teacher, data, ratio, seed, settings, features) for ratio in ratios],
+        [run_cell(teacher, data, ratio, seed, settings, features, ridge) for ratio in ratios],
     )
 
 
@@ -206,6 +214,9 @@ def main() -> None:
     parser.add_argument(
         "--features", type=float, default=0.0, help="β > 0: add the feature-matching ablation"
     )
+    parser.add_argument(
+        "--ridge", type=float, default=ReconstructConfig().ridge, help="width mode's re-fit ridge"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument(
         "--jobs", type=int, default=1, help="processes, one (task, seed) each, 1 thread each"
@@ -220,14 +231,15 @@ def main() -> None:
     pairs = [(task, seed) for task in args.tasks for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {
-            pair: pool.submit(task_seed, *pair, args.ratios, train, args.features) for pair in pairs
+            pair: pool.submit(task_seed, *pair, args.ratios, train, args.features, args.ridge)
+            for pair in pairs
         }
         results = {pair: future.result() for pair, future in futures.items()}
     print(
         f"Test accuracy %, mean ± std over seeds {args.seeds}. Teachers: {TEACHER_EPOCHS} epochs "
         f"(CE). Every student: {args.epochs} epochs, patience {args.patience}, lr {train.lr}, "
         f"batch {train.batch_size}; KD at T={ft.temperature:g}, α={ft.alpha:g}; width mode's "
-        f"ridge {ReconstructConfig().ridge:g}"
+        f"ridge {args.ridge:g}"
         + (f"; feature matching β={args.features:g}" if args.features else "")
         + ".\n"
     )
