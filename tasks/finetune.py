@@ -290,7 +290,6 @@ def distill(
     cfg: FinetuneConfig,
     seed: int,
     device: str = "cpu",
-    features: list[FeatureMatch] | None = None,
 ) -> tuple[nn.Module, History]:
     settings = FitSettings(
         epochs=cfg.epochs,
@@ -303,11 +302,4 @@ def distill(
         seed=seed,
         device=device,
     )
-    return fit(
-        copy.deepcopy(student),
-        data,
-        settings,
-        teacher=teacher,
-        description="distilling",
-        features=features,
-    )
+    return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")
