@@ -85,6 +85,78 @@ def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - sse / sst) if sst > 0 else float("nan")
 
 
+@dataclass(frozen=True)
+class FeatureMatch:
+    """The outputs of student layer `student` are trained towards teacher layer `teacher`'s
+    outputs `units` (FitNets, Romero et al. 2015, without a regressor: width mode's student
+    keeps teacher units, so its layer's j-th output *is* the teacher's `units[j]`)."""
+
+    student: str
+    teacher: str
+    units: tuple[int, ...]
+
+
+def feature_pairs(kept_out: dict[str, list[int]]) -> list[FeatureMatch]:
+    """A width-mode student's layers against the teacher's (`WidthReport.kept_out`)."""
+    return [FeatureMatch(name, name, tuple(units)) for name, units in kept_out.items()]
+
+
+def _unit_axis(module: nn.Module) -> int:
+    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+
+
+def _output(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # MultiheadAttention: (values, weights)
+
+
+def feature_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], scale: list[torch.Tensor]
+) -> torch.Tensor:
+    """Mean over layers of mean(((s − t) / std)²), `std` the teacher's std of each unit (shaped
+    to broadcast over the unit axis): every layer and unit weighs the same, whatever its scale."""
+    terms = [(((s - t) / c) ** 2).mean() for s, t, c in zip(student, teacher, scale, strict=True)]
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def _teacher_features(
+    teacher: nn.Module, matches: list[FeatureMatch], X: np.ndarray, device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's matched units on every row (kept on `device`), and their per-unit std
+    shaped to broadcast against them."""
+    if not matches:
+        return [], []
+    teacher.eval()
+    home = next(teacher.parameters()).device
+    teacher.to(device)
+    outs: list[list[torch.Tensor]] = [[] for _ in matches]
+    hooks = []
+    for i, m in enumerate(matches):
+        module = teacher.get_submodule(m.teacher)
+        axis, units = _unit_axis(module), torch.tensor(m.units, device=device)
+
+        def hook(_m, _a, out, i=i, axis=axis, units=units) -> None:
+            outs[i].append(_output(out).index_select(axis, units).float())
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        for start in range(0, len(X), 1024):
+            teacher(torch.from_numpy(X[start : start + 1024]).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        teacher.to(home)
+    feats = [torch.cat(o) for o in outs]
+    scales = []
+    for f, m in zip(feats, matches, strict=True):
+        axis = _unit_axis(teacher.get_submodule(m.teacher)) % f.dim()
+        dims = [d for d in range(f.dim()) if d != axis]
+        shape = [1] * f.dim()
+        shape[axis] = f.shape[axis]
+        scales.append(f.std(dim=dims).clamp_min(1e-6).reshape(shape[1:]))
+    return feats, scales
+
+
 @dataclass
 class FitSettings:
     epochs: int
@@ -98,6 +170,7 @@ class FitSettings:
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16: autocast of the forward passes, on CUDA only
     huber_delta: float | None = None  # regression: Huber loss of this delta instead of MSE
+    feature_weight: float = 0.0  # β of the feature-matching term (needs a teacher and matches)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
@@ -161,8 +234,12 @@ def fit(
     settings: FitSettings,
     teacher: nn.Module | None = None,
     description: str = "training",
+    features: list[FeatureMatch] | None = None,
 ) -> tuple[nn.Module, History]:
-    """Train `model` in place on data's train split and return it (on CPU) with its curves."""
+    """Train `model` in place on data's train split and return it (on CPU) with its curves.
+    With a teacher, `features` and `settings.feature_weight` > 0, the loss adds
+    β · feature_loss of the matched layers (the teacher's outputs computed once, kept on the
+    fit's device)."""
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     model.to(device)
@@ -183,6 +260,15 @@ def fit(
     history = History()
     if settings.epochs == 0:
         return model.cpu().eval(), history
+    matches = list(features or []) if teacher is not None and settings.feature_weight > 0 else []
+    t_feats, scales = _teacher_features(teacher, matches, data.X_train, device)
+    s_feats: list[torch.Tensor] = []  # the matched student layers' outputs of the current batch
+
+    def keep_output(module: nn.Module, _args: tuple, out: object) -> None:
+        if module.training:
+            s_feats.append(_output(out).float())
+
+    hooks = [model.get_submodule(m.student).register_forward_hook(keep_output) for m in matches]
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
@@ -194,6 +280,7 @@ def fit(
         total = torch.zeros((), device=device)  # summed on the device: no sync per batch
         for start in range(0, len(X), settings.batch_size):
             idx = order[start : start + settings.batch_size]
+            s_feats.clear()
             with amp():
                 logits = model(X[idx])
             if regression:
@@ -211,6 +298,10 @@ def fit(
                     y[idx],
                     settings.temperature,
                     settings.alpha,
+                )
+            if matches:
+                loss = loss + settings.feature_weight * feature_loss(
+                    s_feats, [f[idx] for f in t_feats], scales
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -242,6 +333,8 @@ def fit(
             if stale >= settings.patience:
                 break
 
+    for h in hooks:
+        h.remove()
     model.load_state_dict(best_state)
     return model.cpu().eval(), history
 

@@ -342,6 +342,8 @@ class WidthReport:
     """What reconstruction did: units kept per group, the maps re-fitted, what was left alone."""
 
     kept: dict[str, list[int]] = field(default_factory=dict)  # group -> teacher unit indices kept
+    # layer -> the teacher's output units its outputs are (layers whose outputs were cut)
+    kept_out: dict[str, list[int]] = field(default_factory=dict)
     refitted: list[str] = field(default_factory=list)
     not_refitted: dict[str, str] = field(default_factory=dict)  # layer -> why
 
@@ -391,6 +393,7 @@ def reconstruct_width(
         reduced.append(group)
         for reader in group.readers:
             refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size)
+    report.kept_out = {name: idxs.tolist() for name, idxs in kept_out.items()}
     if reduced and refit_again:
         # a reader re-fitted early (a residual stream's, read again far downstream) saw inputs
         # that later groups changed: one more pass over every reader, in execution order, fits

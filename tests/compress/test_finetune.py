@@ -1,11 +1,24 @@
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tasks.compress.finetune import FitSettings, distill, fit, kd_loss, predict_logits
-from tasks.compress.teacher import build_mlp
+from tasks.compress.finetune import (
+    FeatureMatch,
+    FitSettings,
+    _teacher_features,
+    distill,
+    feature_loss,
+    feature_pairs,
+    fit,
+    kd_loss,
+    predict_logits,
+)
+from tasks.compress.graph import keep_units, trace
+from tasks.compress.teacher import build_cnn, build_mlp
+from tasks.compress.width import WidthReport, reconstruct_width
 from tasks.platform.config import FinetuneConfig
 
 
@@ -82,3 +95,72 @@ def test_distillation_moves_the_student_toward_the_teacher(digits):
     ).mean()
     assert after > before + 0.5 and after > 0.9
     assert student2 is not student  # the input student is left as it was
+
+
+def test_feature_loss_matches_hand_computation():
+    # layer 1: ((1 - 0) / 1)² and ((2 - 4) / 2)², mean 1; layer 2: ((3 - 1) / 1)² = 4
+    student = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]])]
+    teacher = [torch.tensor([[0.0, 4.0]]), torch.tensor([[1.0]])]
+    scale = [torch.tensor([1.0, 2.0]), torch.tensor([1.0])]
+    assert feature_loss(student, teacher, scale).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_teacher_features_pick_the_kept_units_and_their_std():
+    torch.manual_seed(0)
+    teacher = build_cnn((2, 5), [4], 3)
+    X = torch.randn(16, 10).numpy()
+    (feats,), (scale,) = _teacher_features(
+        teacher, [FeatureMatch("1", "1", (3, 0))], X, torch.device("cpu")
+    )
+    with torch.no_grad():
+        full = teacher[1](teacher[0](torch.from_numpy(X)))  # (16, 4 channels, 5)
+    assert torch.allclose(feats, full[:, [3, 0]])
+    assert scale.shape == (2, 1)  # per channel, broadcast over positions
+    assert torch.allclose(scale[:, 0], full[:, [3, 0]].transpose(0, 1).reshape(2, -1).std(1))
+
+
+def test_feature_loss_is_zero_for_a_student_made_of_the_teachers_kept_units():
+    torch.manual_seed(0)
+    teacher = build_mlp(8, [6, 5], 3)
+    X = torch.randn(32, 8).numpy()
+    student = copy.deepcopy(teacher)
+    graph = trace(student, torch.from_numpy(X[:2]))
+    keep_units(graph, graph.group("0"), [1, 4, 5])  # first layer: 3 of 6 units, unchanged
+    match = FeatureMatch("0", "0", (1, 4, 5))
+    t_feats, scales = _teacher_features(teacher, [match], X, torch.device("cpu"))
+    with torch.no_grad():
+        s_feat = student[0](torch.from_numpy(X))
+    assert feature_loss([s_feat], t_feats, scales).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_matching_pulls_the_students_layers_to_the_teachers(digits):
+    torch.manual_seed(0)
+    teacher, _ = fit(
+        build_mlp(64, [64], 10), digits, FitSettings(epochs=5, lr=1e-3, batch_size=64, patience=5)
+    )
+    report = WidthReport()
+    student = reconstruct_width(teacher, {"0": 16}, digits.X_train[:512], report=report)
+    matches = feature_pairs(report.kept_out)
+    assert matches == [FeatureMatch("0", "0", tuple(report.kept["0"]))]
+    student[0].reset_parameters()  # a start that no longer matches the teacher's units
+
+    def mismatch(model):
+        t_feats, scales = _teacher_features(teacher, matches, digits.X_val, torch.device("cpu"))
+        with torch.no_grad():
+            return feature_loss([model[0](torch.from_numpy(digits.X_val))], t_feats, scales)
+
+    runs = {}
+    for beta in (0.0, 10.0):
+        settings = FitSettings(
+            epochs=5,
+            lr=1e-2,
+            batch_size=64,
+            patience=5,
+            temperature=4.0,
+            alpha=0.9,
+            feature_weight=beta,
+        )
+        model, _ = fit(copy.deepcopy(student), digits, settings, teacher, features=matches)
+        runs[beta] = mismatch(model).item()
+        assert not model[0]._forward_hooks  # the hooks are gone
+    assert runs[10.0] < 0.5 * runs[0.0]
