@@ -6,9 +6,9 @@ in headless Chromium after two pipeline runs and two promotions.
 
 1. starts `prefect server start` on a free port (its own PREFECT_HOME) and runs
    `distill run configs/digits.yaml --set target.size_kb=T` once per target against it
-   and a throw-away MLflow store (`--quick`: a small teacher, few epochs), then `distill
-   promote` twice: the newest version granted (alias champion), the first one refused (its
-   flow run ends Failed);
+   and a throw-away MLflow store (`--quick`: a small teacher, few epochs), a sweep of two
+   targets (nested under its run, one challenger), then `distill promote` twice: the newest
+   version granted (alias champion), the first one refused (its flow run ends Failed);
    `--store DIR` reuses an MLflow store that holds runs already (no runs, no Prefect pages);
 2. starts `distill ui` on a free port and checks over its REST API what the pages should
    show: run names, descriptions, stage runs with their `seconds`, system metrics, plots at
@@ -61,6 +61,7 @@ CHROMIUM_FLAGS = [
 ]  # the UI is a JS app: let it fetch and render
 PLOTS = ("pareto.png", "confusion.png", "tsne.png", "curves.png")  # at the run's root
 MODEL = "ui-check-digits"
+SWEEP_MODEL = "ui-check-sweep"
 STAGE_NAMES = ["teacher", "reduce", "reconstructed", "finetuned", "pruned", "quantized"]
 
 
@@ -222,6 +223,33 @@ def main() -> int:
                     f"(not a terminal), final/accuracy {out['metrics']['final/accuracy']:.4f} "
                     f"({time.monotonic() - start:.0f} s)",
                 )
+            # a sweep of two variants: nested under the sweep's run, one challenger
+            grid = "target.size_kb=16,24"
+            print(f"distill sweep --grid {grid}", flush=True)
+            proc = subprocess.run(
+                [
+                    *distill,
+                    "sweep",
+                    str(ROOT / "configs" / "digits.yaml"),
+                    "--grid",
+                    grid,
+                    "--set",
+                    f"register.model_name={SWEEP_MODEL}",
+                    *[a for s in (QUICK if args.quick else []) for a in ("--set", s)],
+                    "--json",
+                ],
+                cwd=store,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            (args.out / "sweep.stderr.txt").write_text(proc.stderr)
+            sweep = json.loads(proc.stdout) if proc.returncode == 0 else {}
+            check(
+                proc.returncode == 0 and (sweep.get("challenger") or "").startswith("challenger:"),
+                f"distill sweep: exit {proc.returncode}, {sweep.get('challenger')}",
+            )
             for name, flags, code in (
                 ("granted", ["--max-accuracy-drop", "0.5"], 0),
                 ("refused", ["--version", "1", "--min-accuracy", "0.9999"], 1),
@@ -305,7 +333,38 @@ def pages_check(ui, binary, args, check, prefect_base: str, flow_runs: dict[str,
     def tags_of(run: dict) -> dict[str, str]:
         return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
-    runs = [r for r in every if "distill.stage" not in tags_of(r)]
+    sweeps = [r for r in every if tags_of(r).get("distill.sweep_summary") == "true"]
+    for sweep in sweeps:
+        variants = [
+            r for r in every if tags_of(r).get("mlflow.parentRunId") == sweep["info"]["run_id"]
+        ]
+        check(
+            len(variants) == 2,
+            f"sweep run {sweep['info']['run_name']!r}: variants nested under it: "
+            + str(sorted(r["info"]["run_name"] for r in variants)),
+        )
+    _, _, body = get(
+        f"{base}/api/2.0/mlflow/model-versions/search?"
+        + urllib.parse.urlencode({"filter": f"name = '{SWEEP_MODEL}'"})
+    )
+    versions = json.loads(body).get("model_versions", [])
+    if sweeps:
+        _, _, body = get(
+            f"{base}/api/2.0/mlflow/registered-models/alias?"
+            + urllib.parse.urlencode({"name": SWEEP_MODEL, "alias": "challenger"})
+        )
+        challenger = json.loads(body)["model_version"]
+        best = {t["key"]: t["value"] for t in challenger.get("tags", [])}.get("distill.sweep_best")
+        check(
+            len(versions) == 2 and best == "true",
+            f"sweep: {len(versions)} versions registered, challenger version "
+            f"{challenger['version']} (distill.sweep_best={best})",
+        )
+    runs = [
+        r
+        for r in every
+        if "distill.stage" not in tags_of(r) and "distill.sweep_id" not in tags_of(r)
+    ]
     runs.sort(key=lambda r: r["info"]["start_time"], reverse=True)
     run_ids = [r["info"]["run_id"] for r in runs]
     names = [r["info"]["run_name"] for r in runs]
@@ -374,6 +433,18 @@ def pages_check(ui, binary, args, check, prefect_base: str, flow_runs: dict[str,
             for plot in PLOTS
         },
     }
+    if sweeps:
+        sweep_id = sweeps[0]["info"]["run_id"]
+        pages["sweep"] = (
+            f"{base}/#/experiments/{experiment_id}/runs/{sweep_id}",
+            1400,
+            ["sweep · target.size_kb=16,24", "Child runs", "challenger: ui-check-sweep"],
+        )
+        pages["sweep-pareto"] = (
+            f"{base}/#/experiments/{experiment_id}/runs/{sweep_id}/artifacts/sweep/pareto.png",
+            1000,
+            ["pareto.png"],
+        )
     if prefect_base and flow_runs:
         name, flow_run_id = next(iter(flow_runs.items()))
         pages["prefect-flow-run"] = (

@@ -185,6 +185,19 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted
 
 
+def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
+    """`sys.unraisablehook`: a Ctrl-C whose handler ran inside a weakref callback or a `__del__`
+    (garbage collection, e.g. SQLAlchemy's class registry) raised `Interrupted` where Python
+    prints it as "Exception ignored in ..." and drops it: the run would go on to the end. It is
+    delivered again a moment later, in the main thread, where it unwinds the run."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        import _thread
+
+        threading.Timer(0.05, _thread.interrupt_main).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _exit_on_signals() -> None:
     """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
     parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs);
@@ -198,6 +211,7 @@ def _exit_on_signals() -> None:
     # where SIGINT came in ignored (nohup, a background job), it stays ignored
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
+        sys.unraisablehook = _redeliver_swallowed_interrupt
 
 
 @contextlib.contextmanager

@@ -365,13 +365,26 @@ def run_stages(
         for name, h in (("teacher", teacher_history), ("finetuned", history))
     }
 
+    def evaluate_pruned(params: dict[str, Any], since: float) -> dict[str, float]:
+        return evaluate_task(
+            "pruned",
+            student,
+            data,
+            teacher_pred,
+            ev,
+            run_id,
+            params=params,
+            curves=history.curves(),
+            started=since,
+        )
+
     started = time.time()
     if plan is None:
         student, history = prune_task(
             teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device
         )
-        prune_params = cfg.compress.prune.model_dump()
-        pruned_started, started = started, time.time()
+        stages["pruned"] = evaluate_pruned(cfg.compress.prune.model_dump(), started)
+        started = time.time()  # the pruned run spans pruning; the quantized one int8 and export
         with onnx_export_lock():
             quantized = quantize_task(
                 student, data.X_test, data.X_train, cfg.compress.quantize, seed
@@ -403,20 +416,11 @@ def run_stages(
         done.recorded |= tracking.record_stage(
             run_id, "target", target_metrics, target_params, started=started
         )
-        pruned_started, started = started, time.time()
+        # pruning and int8 are one guarded search here: the pruned run spans it
+        stages["pruned"] = evaluate_pruned(prune_params, started)
+        started = time.time()
         done.target = {"met": fitted.met, "line": verdict(plan, fitted, guard)}
         tags = tags | target_tags(plan, fitted, guard)
-    stages["pruned"] = evaluate_task(
-        "pruned",
-        student,
-        data,
-        teacher_pred,
-        ev,
-        run_id,
-        params=prune_params,
-        curves=history.curves(),
-        started=pruned_started,
-    )
     curves["pruned"] = history.curves()
     stages["quantized"] = evaluate_task(
         "quantized",

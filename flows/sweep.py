@@ -39,6 +39,7 @@ from tasks.release.pareto import (
     open_sweep_run,
     summarize_task,
     summary_frame,
+    sweep_run_name,
 )
 
 DEFAULT_THREADS = 2
@@ -154,8 +155,15 @@ def variant_task(
     }
 
 
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run as current
+
+    return sweep_run_name(dict(current.parameters.get("grid") or {}))
+
+
 @flow(
     name="distill-sweep",
+    flow_run_name=_flow_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS),
     log_prints=False,
 )

@@ -261,7 +261,8 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
                         fontsize=7,
                         color="0.4",
                     )
-            ax.set_ylabel(label, fontsize=9)
+            teacher_loss = key == "train_loss" and stage == "teacher"  # trained on labels alone
+            ax.set_ylabel("train: cross-entropy" if teacher_loss else label, fontsize=9)
             ax.grid(True, alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         title = stage + (f" (best epoch {best} restored, dashed)" if best >= 0 else "")

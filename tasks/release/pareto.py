@@ -146,6 +146,12 @@ def pareto_plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
+def sweep_run_name(grid: dict[str, list[str]]) -> str:
+    """`sweep · reduce.budget.size_kb=8,16; finetune.temperature=2,4`: the sweep's MLflow run and
+    its Prefect flow run are named by the grid."""
+    return ("sweep · " + "; ".join(f"{k}={','.join(v)}" for k, v in grid.items()))[:250]
+
+
 def open_sweep_run(
     experiment_id: str, sweep_id: str, grid: dict[str, list[str]], tags: dict[str, str]
 ) -> str:
@@ -154,9 +160,8 @@ def open_sweep_run(
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    name = "sweep · " + "; ".join(f"{k}={','.join(v)}" for k, v in grid.items())
     run_id = client.create_run(
-        experiment_id, run_name=name[:250], tags=tags | tracking.process_tags()
+        experiment_id, run_name=sweep_run_name(grid), tags=tags | tracking.process_tags()
     ).info.run_id
     tracking.log_metrics(run_id, {}, params={f"grid.{k}": ", ".join(v) for k, v in grid.items()})
     return run_id

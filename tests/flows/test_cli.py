@@ -123,3 +123,42 @@ def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path):
     if run("") != -signal.SIGINT:
         pytest.skip("this Python exits 130 after such an interrupt anyway")
     assert run("from flows.cli import _exit_on_signals; _exit_on_signals()") == 130
+
+
+SWALLOWED_CTRL_C = """
+import os, signal, time, weakref
+from flows import cli
+
+cli._exit_on_signals()
+
+
+class A:
+    pass
+
+
+def callback(_ref):  # garbage collection runs code like this at any moment
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs here: its exception would be printed and dropped
+
+
+a = A()
+r = weakref.ref(a, callback)
+try:
+    del a
+    time.sleep(5)
+    print("not interrupted")
+except KeyboardInterrupt as e:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_landing_in_a_weakref_callback_still_interrupts():
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_CTRL_C],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "interrupted", proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr
