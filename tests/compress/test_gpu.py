@@ -124,3 +124,24 @@ def test_a_pipeline_run_on_cuda_serves_without_a_gpu(tmp_path, digits):
     predictions = np.array(json.loads(served.stdout.strip().splitlines()[-1]))
     accuracy = float((np.asarray(digits.classes)[digits.y_test] == predictions).mean())
     assert accuracy == pytest.approx(metrics["final/accuracy"], abs=1e-9)
+
+
+def test_a_regression_student_distills_on_cuda_as_on_cpu():
+    """Float targets, one output and the MSE distillation go to the GPU as classification does."""
+    from sklearn.metrics import r2_score
+
+    from tasks.compress.data import load_dataset
+    from tasks.platform.config import DataConfig
+
+    data = load_dataset(DataConfig(source="sklearn:diabetes", task="regression"), seed=0)
+    torch.manual_seed(0)
+    teacher, _ = fit(build_mlp(data.n_features, [64, 64], 1), data, FitSettings(40, 3e-3, 32, 40))
+    scores = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        student = build_mlp(data.n_features, [8], 1)
+        settings = FitSettings(40, 3e-3, 32, 40, alpha=0.9, device=device)
+        student, history = fit(student, data, settings, teacher=teacher)
+        assert {p.device.type for p in student.parameters()} == {"cpu"} and history.val_r2
+        scores[device] = r2_score(data.y_test, predict_logits(student, data.X_test).reshape(-1))
+    assert scores["cuda"] > 0.3 and abs(scores["cuda"] - scores["cpu"]) < 0.05
