@@ -255,8 +255,8 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 
 
 def held_out_rows(y_raw: np.ndarray, test_size: float, seed: int) -> np.ndarray:
-    """The test rows `tasks.compress.data.prepare` holds out (same calls; tests/release/test_promotion.py
-    checks they agree)."""
+    """The test rows `tasks.compress.data.prepare` holds out (same calls;
+    tests/release/test_promotion.py checks they agree)."""
     from sklearn.model_selection import train_test_split
 
     _, y = np.unique(y_raw, return_inverse=True)
