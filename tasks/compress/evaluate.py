@@ -25,6 +25,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from tasks.compress.data import Dataset
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 rows -> logits
@@ -219,8 +220,11 @@ def evaluate_model(
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
         flops = flops_per_row(model, data.n_features)
-    metrics = classification_metrics(predict(data.X_test), data.y_test, teacher_pred)
-    metrics["train_accuracy"] = float((predict(data.X_train).argmax(axis=1) == data.y_train).mean())
+    metrics = classification_metrics(
+        predict_batched(predict, data.X_test), data.y_test, teacher_pred
+    )
+    train_pred = predict_batched(lambda X: predict(X).argmax(axis=1), data.X_train)
+    metrics["train_accuracy"] = float((train_pred == data.y_train).mean())
     metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
     size, compressed = saved_size(model)
     large = cfg.large_batch

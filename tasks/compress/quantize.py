@@ -34,6 +34,7 @@ from tasks.compress.evaluate import (
     torch_predictor,
 )
 from tasks.compress.reduce import calibration_rows
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import QuantizeConfig
 from tasks.platform.errors import UserError
 
@@ -151,8 +152,8 @@ def quantize_model(
     params, nonzeros = count_params(model)
     flops = flops_per_row(model, X_test.shape[1])  # carried: ONNX graphs are not counted
     float_model = OnnxModel(export_onnx(model, X_test.shape[1]), params, nonzeros, flops)
-    reference = torch_predictor(model)(X_test)
-    float_logits = float_model.predictor()(X_test)
+    reference = predict_batched(torch_predictor(model), X_test)
+    float_logits = predict_batched(float_model.predictor(), X_test)
     export_diff = float(np.abs(float_logits - reference).max())
     if export_diff > cfg.max_abs_diff:
         raise UserError(
@@ -169,7 +170,7 @@ def quantize_model(
         int8_ts = TorchScriptModel(
             torchscript_bytes(quantize_torch(model), X_test.shape[1]), params, nonzeros, flops
         )
-        int8_diff = float(np.abs(int8_ts.predictor()(X_test) - reference).max())
+        int8_diff = float(np.abs(predict_batched(int8_ts.predictor(), X_test) - reference).max())
         return Quantized(float_ts, int8_ts, export_diff, int8_diff, "torch-dynamic")
     if not cfg.enabled:
         return Quantized(float_model, None, export_diff, None, "none")
@@ -179,5 +180,5 @@ def quantize_model(
         nonzeros,
         flops,
     )
-    int8_diff = float(np.abs(int8.predictor()(X_test) - float_logits).max())
+    int8_diff = float(np.abs(predict_batched(int8.predictor(), X_test) - float_logits).max())
     return Quantized(float_model, int8, export_diff, int8_diff, "static")

@@ -45,6 +45,7 @@ from tasks.compress.prune import _recovery, remove_lowest_units
 from tasks.compress.quantize import Quantized, quantize_model
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import calibration_rows, reduce_model
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import (
     BudgetConfig,
     FinetuneConfig,
@@ -232,11 +233,12 @@ class Guard:
                 "config key 'target': the accuracy guard needs validation rows "
                 "(data.val_size, or val rows in your split)"
             )
-        reference = float((torch_predictor(teacher)(data.X_val).argmax(1) == data.y_val).mean())
+        predicted = predict_batched(torch_predictor(teacher), data.X_val).argmax(1)
+        reference = float((predicted == data.y_val).mean())
         return cls(reference, max_drop, data.X_val, data.y_val)
 
     def check(self, step: str, predict: Predict, params: int) -> Check:
-        accuracy = float((predict(self.X_val).argmax(1) == self.y_val).mean())
+        accuracy = float((predict_batched(predict, self.X_val).argmax(1) == self.y_val).mean())
         drop = self.reference - accuracy
         return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
 

@@ -21,6 +21,11 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     yield from rich_track(items, description=description, total=total, transient=True)
 
 
+def note(message: str) -> None:
+    """One line `distill: MESSAGE` on stderr, in a terminal or a log alike."""
+    print(f"distill: {message}", file=sys.stderr, flush=True)
+
+
 class _StageLines(logging.Filter):
     """On Prefect's task-run logger: each "Finished in state ..." record becomes one line on
     stderr, `distill: teacher done in 12.1 s (15.0 s in all)`, timed from the task run's

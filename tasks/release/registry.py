@@ -101,7 +101,7 @@ def register_model(
                 }
             )
         )
-        example = typed(data.encoding, data.raw_rows("test").head(5))
+        example = typed(data.encoding, data.raw_rows("test", 5))
         output = pd.DataFrame(
             {"prediction": np.asarray(data.classes)[:1].repeat(5)}
             | {f"proba_{c}": np.zeros(5) for c in data.classes}
