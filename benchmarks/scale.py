@@ -6,8 +6,9 @@ stage at 1x, 10x, ... a generated 100,000 x 100 table.
 The table: scikit-learn `make_classification` (100 features, 30 informative, 4 classes),
 `--rows` rows; a factor of k writes it k times (each copy jittered by 1e-3 noise, so rows do
 not repeat exactly) into one Parquet file, 100,000-row row groups, a block at a time. Each
-size runs `distill run configs/digits.yaml` (the default pipeline and its target; the source
-swapped, `--set` for more) in its own process, tracking into a throw-away store with a fresh
+size runs `distill run configs/digits.yaml` (the default pipeline and its target, the source
+swapped, with `SCALE_RECIPE`'s fewer epochs and larger batches; `--set` for more) in its own
+process, tracking into a throw-away store with a fresh
 Prefect cache and a fresh data cache: its wall time, its peak RSS (the process's own
 `ru_maxrss`, printed at exit) and the `distill: STAGE done in X s` lines it prints.
 """
@@ -24,6 +25,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# epochs and batches a 2-core machine runs at 1M rows in minutes: the work per row is the same
+# at every size, so the table shows what grows with the rows; `--set` overrides, `--recipe` drops
+SCALE_RECIPE = [
+    "teacher.epochs=3",
+    "teacher.batch_size=256",
+    "finetune.epochs=2",
+    "finetune.batch_size=256",
+    "compress.prune.recovery_epochs=1",
+]
 STAGE_LINE = re.compile(r"^distill: ([\w-]+) (?:done|cached) in (\d+\.\d) s", re.MULTILINE)
 # the child: distill's CLI, then its own peak RSS on stderr (after every stage line)
 CHILD = """
@@ -67,6 +77,7 @@ def run(path: Path, tmp: Path, sets: list[str]) -> tuple[float, float, list[tupl
         "DISTILL_DATA_CACHE": f"{tmp}/data-cache",
         "PYTHONPATH": str(ROOT),
     }
+    tmp.mkdir(parents=True, exist_ok=True)
     args = ["run", str(ROOT / "configs" / "digits.yaml"), "--fresh"]
     for s in [f"data.source=parquet:{path}", "data.label=label", *sets]:
         args += ["--set", s]
@@ -94,14 +105,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--features", type=int, default=100)
     parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument(
+        "--recipe", action="store_true", help="the config's own epochs and batch sizes"
+    )
     args = parser.parse_args()
+    sets = args.sets if args.recipe else [*SCALE_RECIPE, *args.sets]
 
     tmp = Path(tempfile.mkdtemp(prefix="distill-scale-"))
     results = {}
     for factor in args.factors:
         path = tmp / f"table_{factor}x.parquet"
         write_table(path, args.rows, factor, args.features)
-        results[factor] = run(path, tmp / f"run_{factor}x", args.sets)
+        results[factor] = run(path, tmp / f"run_{factor}x", sets)
         path.unlink()
         wall, peak, _ = results[factor]
         print(f"{factor}x: {wall:.1f} s, peak RSS {peak:.0f} MB", file=sys.stderr, flush=True)

@@ -89,7 +89,7 @@ class Dataset:
             from tasks.compress.stream import source_rows
 
             parts_rows = [
-                getattr(self, f"X_{p}").index[: len(b)] for p, b in zip(parts, blocks, strict=True)
+                getattr(self, f"X_{p}").origin[: len(b)] for p, b in zip(parts, blocks, strict=True)
             ]
             return source_rows(self.source, np.concatenate(parts_rows), self.feature_names)
         X = np.concatenate(blocks) * self.scale + self.mean

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.compress.data import Dataset
-from tasks.compress.rows import Rows, TrainRows, batches, rows_on
+from tasks.compress.rows import Rows, TrainRows, rows_on
 from tasks.platform.config import FinetuneConfig
 from tasks.platform.device import resolve_device
 from tasks.platform.progress import track
@@ -94,8 +94,13 @@ def predict_logits(model: nn.Module, X: np.ndarray | Rows, batch_size: int = 102
     """Logits of a float model on CPU rows, wherever the model lives."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(torch.from_numpy(b).to(device)).float().cpu() for b in batches(X, batch_size)]
-    return torch.cat(out).numpy()
+    out = None
+    for start in range(0, len(X), batch_size):
+        got = model(torch.from_numpy(X[start : start + batch_size]).to(device)).float().cpu()
+        if out is None:  # filled in place: no list of small tensors pinning the heap
+            out = torch.empty((len(X), *got.shape[1:]))
+        out[start : start + len(got)] = got
+    return out.numpy()
 
 
 def _teacher_logits(teacher: nn.Module, X: np.ndarray | Rows, device: torch.device) -> np.ndarray:

@@ -43,7 +43,7 @@ CHUNK_ROWS = 32_768
 ENCODING_SAMPLE_ROWS = 100_000
 EXACT_STATS_ROWS = 131_072
 KEEP_CONVERSIONS = 3
-FORMAT = 1  # of the conversion folder; bump when its content changes
+FORMAT = 2  # of the conversion folder; bump when its content changes
 
 
 def cache_root() -> Path:
@@ -98,7 +98,7 @@ class _Source:
     table: D.Table
     n: int
 
-    def chunks(self) -> Iterator[pd.DataFrame | np.ndarray]:
+    def chunks(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame | np.ndarray]:
         raise NotImplementedError
 
 
@@ -142,13 +142,32 @@ class _Parquet(_Source):
             label=label,
         )
 
-    def chunks(self) -> Iterator[pd.DataFrame]:
+    def chunks(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        """Blocks of the feature columns (or of `columns`), in row order."""
         import pyarrow as pa
 
-        for batch in self.file.iter_batches(batch_size=CHUNK_ROWS, columns=self.features):
-            frame = pa.Table.from_batches([batch]).to_pandas()
-            frame.columns = [str(c) for c in frame.columns]
-            yield frame
+        columns = self.features if columns is None else columns
+
+        # row group by row group: one `iter_batches` over the whole file holds on to what it
+        # read (1 GB of Arrow memory at 1M x 100), and the pool keeps freed pages unless told
+        pool, meta = pa.default_memory_pool(), self.file.metadata
+        for group in range(self.file.num_row_groups):
+            if meta.row_group(group).num_rows <= 4 * CHUNK_ROWS:
+                whole = self.file.read_row_group(group, columns=columns)
+                blocks = iter(whole.to_batches(CHUNK_ROWS))
+                del whole
+            else:  # a huge row group: read it in batches
+                blocks = self.file.iter_batches(
+                    batch_size=CHUNK_ROWS, row_groups=[group], columns=columns
+                )
+            for batch in blocks:
+                frame = pa.Table.from_batches([batch]).to_pandas()
+                frame.columns = [str(c) for c in frame.columns]
+                del batch
+                yield frame
+                del frame
+            del blocks
+            pool.release_unused()
 
 
 class _Npz(_Source):
@@ -209,7 +228,7 @@ class _Npz(_Source):
             split,
         )
 
-    def chunks(self) -> Iterator[np.ndarray]:
+    def chunks(self, columns: list[str] | None = None) -> Iterator[np.ndarray]:
         with zipfile.ZipFile(self.path) as z:
             for member in self.members:
                 with z.open(member + ".npy") as f:
@@ -265,7 +284,11 @@ def _load(cfg: DataConfig, folder: Path) -> D.Dataset:
     with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
         a = {n: arrays[n] for n in arrays.files}
     z, rows_key = folder / "z.npy", meta["rows_key"]
-    split = {p: Rows(z, a[f"rows_{p}"], f"{rows_key}/{p}") for p in D.SPLITS}
+    bounds = np.cumsum([0, *(len(a[f"rows_{p}"]) for p in D.SPLITS)])
+    split = {  # each split one range of the file, in split order; `origin`: source rows
+        p: Rows(z, np.arange(bounds[i], bounds[i + 1]), f"{rows_key}/{p}", a[f"rows_{p}"])
+        for i, p in enumerate(D.SPLITS)
+    }
     return D.Dataset(
         name=meta["name"],
         source=cfg.source,
@@ -328,7 +351,12 @@ def _convert(cfg: DataConfig, seed: int, folder: Path) -> None:
         with open(work / "z.npy", "wb") as f:
             header = {"descr": "<f4", "fortran_order": False, "shape": (src.n, len(mean))}
             np.lib.format.write_array_header_1_0(f, header)
-            for _, X, _ in encoded():
+            # the splits' rows together, in split order: a split is one range of the file
+            dest = np.empty(src.n, dtype=np.int64)
+            dest[np.concatenate([train, val, test])] = np.arange(src.n)
+            offset, row_bytes = f.tell(), len(mean) * 4
+            f.truncate(offset + src.n * row_bytes)
+            for start, X, _ in encoded():
                 with np.errstate(over="ignore", invalid="ignore"):
                     z = ((X - mean) / scale).astype(np.float32)
                 bad = ~np.isfinite(z).all(axis=0)
@@ -338,7 +366,10 @@ def _convert(cfg: DataConfig, seed: int, folder: Path) -> None:
                         f"{table.where}: column {D._encoded_owner(spec)[col]!r} has values up "
                         f"to {peak[col]:.3g}, beyond float32 once standardized; rescale the column"
                     )
-                f.write(np.ascontiguousarray(z).tobytes())
+                z = np.ascontiguousarray(z)
+                at = dest[start : start + len(z)]
+                for row, to in zip(z, at.tolist(), strict=True):
+                    os.pwrite(f.fileno(), row, offset + to * row_bytes)
         np.savez(
             work / "arrays.npz",
             y=y,
@@ -388,17 +419,13 @@ def _first_pass(
     table = src.table
     where = table.where
     y_all = np.asarray(table.y)
-    n_sample = min(len(train), ENCODING_SAMPLE_ROWS)
-    sample = np.sort(np.random.default_rng(seed).choice(train, size=n_sample, replace=False))
-    in_sample = np.zeros(src.n, dtype=bool)
-    in_sample[sample] = True
     names = table.names
     copies = set(names) if table.encode else set()  # columns equal to the label in every block
     text = [c for c, k in getattr(src, "kinds", {}).items() if k == "category"]
     split_like = set(text) if table.split_column is None else set()
     gaps: set[str] = set()
     train_filled = dict.fromkeys(names, 0)
-    width, start, picked = 0, 0, []
+    width, start = 0, 0
     for chunk in src.chunks():
         stop = start + len(chunk)
         frame = chunk if isinstance(chunk, pd.DataFrame) else None
@@ -430,7 +457,6 @@ def _first_pass(
         if text:
             cells = frame.to_numpy(object).astype(str)
             width = max(width, cells.dtype.itemsize // 4)
-        picked.append(frame.iloc[np.flatnonzero(in_sample[start:stop])])
         start = stop
     if copies:
         name = min(copies, key=names.index)
@@ -443,12 +469,28 @@ def _first_pass(
             f"{where}: column {name!r} holds only train / val / test: a split? "
             f"set config key 'data.split_column' to {name!r}"
         )
-    if not picked:  # an array: columns as given
+    if not table.encode:  # an array: columns as given
         return {"columns": [{"name": n, "kind": "numeric", "fill": None} for n in names]}, 0
     for name in sorted(gaps, key=names.index):
         if train_filled[name] == 0:
             raise UserError(f"{where}: column {name!r} is empty in every training row; drop it")
+    fitted = [n for n in names if n in gaps or src.kinds[n] != "numeric"]
+    if not fitted:  # numbers without gaps pass through: nothing to fit
+        return tabular.fit_spec(pd.DataFrame({n: [0.0] for n in names}), set()), width
+    # a second pass for the sample, of the columns that are encoded only
+    n_sample = min(len(train), ENCODING_SAMPLE_ROWS)
+    sample = np.sort(np.random.default_rng(seed).choice(train, size=n_sample, replace=False))
+    in_sample = np.zeros(src.n, dtype=bool)
+    in_sample[sample] = True
+    picked, start = [], 0
+    for chunk in src.chunks(fitted):
+        picked.append(chunk.iloc[np.flatnonzero(in_sample[start : start + len(chunk)])])
+        start += len(chunk)
     sample_frame = pd.concat(picked)
+    for name in names:  # the columns that pass through, as one row: only their kind is read
+        if name not in fitted:
+            sample_frame[name] = 0.0
+    sample_frame = sample_frame[names]
     try:
         return tabular.fit_spec(sample_frame, gaps), width
     except ValueError as err:
@@ -469,7 +511,13 @@ def _digest_hasher(src: _Source, width: int):
                 h.update(np.ascontiguousarray(chunk.to_numpy(np.float64)).tobytes())
 
         def hexdigest(self) -> str:
-            h.update(np.asarray(src.table.y).astype(str).astype("U").tobytes())
+            y, step = np.asarray(src.table.y), CHUNK_ROWS
+            # the labels as text of one width, block by block (not 84 MB at once for 1M int64)
+            wide = max(
+                y[i : i + step].astype(str).dtype.itemsize // 4 for i in range(0, len(y), step)
+            )
+            for i in range(0, len(y), step):
+                h.update(y[i : i + step].astype(str).astype(f"U{wide}").tobytes())
             if src.table.split is not None:
                 h.update(np.asarray(src.table.split, dtype="U5").tobytes())
             return h.hexdigest()
