@@ -841,6 +841,10 @@ def predict(
 
 
 def main() -> None:
+    # torch's OpenMP threads spin while they wait for work: on 2 shared cores a spinning thread
+    # takes the core from the one with work (a teacher's step 25-40 ms instead of 3-4 ms on this
+    # machine under load). Passive waiting, unless the user chose; read when torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -231,10 +231,11 @@ def distill_flow(
         tracking.log_run_inputs(
             yaml.safe_dump(cfg.model_dump(), sort_keys=False),
             path,
-            data.raw_frame(),
+            data.raw_frame(5),  # the schema and a few rows; not the whole table
             data.source,
             data.name,
             data.digest,
+            rows=len(data.y_train) + len(data.y_val) + len(data.y_test),
         )
         done = Progress()
         try:

@@ -45,7 +45,8 @@ MAX_INTEGER_CLASSES = 10  # more distinct integer labels: classes or a quantity?
 
 @dataclass(frozen=True)
 class Dataset:
-    """Standardized float32 splits; rows of X are reshaped to `input_shape` by the model.
+    """Standardized float32 splits; rows of X are reshaped to `input_shape` by the model. A large
+    table's X splits are `Rows` on disk (tasks/compress/rows.py, stream.py), read by batch.
 
     `feature_names` are the raw columns a user gives (the registered model's input);
     `encoding` (tasks/compress/tabular.py) turns them into the model's `n_features` columns."""
@@ -93,25 +94,41 @@ class Dataset:
     def n_features(self) -> int:
         return self.X_train.shape[1]
 
-    def raw_rows(self, part: str = "all") -> pd.DataFrame:
-        """The raw feature columns of a split ("train", "val", "test") or of all rows."""
-        if self.raw is None:
-            X = np.concatenate([self.X_train, self.X_val, self.X_test]) * self.scale + self.mean
-            frame = pd.DataFrame(X.astype(np.float64), columns=self.feature_names)
-        else:
-            frame = self.raw
-        bounds = np.cumsum([0, len(self.X_train), len(self.X_val), len(self.X_test)])
-        if part == "all":
-            return frame
-        i = SPLITS.index(part)
-        return frame.iloc[bounds[i] : bounds[i + 1]].reset_index(drop=True)
+    def raw_rows(self, part: str = "all", n: int | None = None) -> pd.DataFrame:
+        """The raw feature columns of a split ("train", "val", "test") or of all rows; only the
+        first `n` when given (rows on disk are read only then: tasks/compress/stream.py)."""
+        parts = list(SPLITS) if part == "all" else [part]
+        if self.raw is not None:
+            bounds = np.cumsum([0, len(self.X_train), len(self.X_val), len(self.X_test)])
+            i = SPLITS.index(part) if part != "all" else 0
+            stop = bounds[i + 1] if part != "all" else bounds[-1]
+            stop = stop if n is None else min(stop, bounds[i] + n)
+            frame = self.raw.iloc[bounds[i] : stop]
+            return frame if part == "all" and n is None else frame.reset_index(drop=True)
+        blocks, left = [], n
+        for p in parts:
+            X = getattr(self, f"X_{p}")
+            blocks.append(X[: len(X) if left is None else min(left, len(X))])
+            left = None if left is None else left - len(blocks[-1])
+        if tabular.needs_sklearn(self.encoding):  # a streamed table with text or empty cells
+            from tasks.compress.stream import source_rows
 
-    def raw_frame(self) -> pd.DataFrame:
-        """The raw table (all splits) with its labels, for MLflow's dataset record."""
+            parts_rows = [
+                getattr(self, f"X_{p}").origin[: len(b)] for p, b in zip(parts, blocks, strict=True)
+            ]
+            return source_rows(self.source, np.concatenate(parts_rows), self.feature_names)
+        X = np.concatenate(blocks) * self.scale + self.mean
+        return pd.DataFrame(X.astype(np.float64), columns=self.feature_names)
+
+    def raw_frame(self, n: int | None = None) -> pd.DataFrame:
+        """The raw table (all splits, or its first `n` rows) with its labels, for MLflow's
+        dataset record."""
         y = np.concatenate([self.y_train, self.y_val, self.y_test])
+        frame = self.raw_rows("all", n)
+        y = y[: len(frame)]
         if self.is_regression:
-            return self.raw_rows().assign(label=self.to_units(y))
-        return self.raw_rows().assign(label=np.asarray(self.classes, dtype=object)[y])
+            return frame.assign(label=self.to_units(y))
+        return frame.assign(label=np.asarray(self.classes, dtype=object)[y])
 
 
 @dataclass(frozen=True)
@@ -637,9 +654,9 @@ def _check_scaled(
         )
 
 
-def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
-    """Check the table, split it (or keep the user's split), fit the encoding of text columns
-    and empty cells and the standardization on train only."""
+def checked_labels(table: Table, cfg: DataConfig) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
+    """-> (labels, task, classes, y): y the class codes (classes sorted), or the regression
+    target as given (no classes); the table checked to split, or its own split checked."""
     where = f"data {cfg.source}"
     labels, task = _labels(table, cfg.task)
     if task == "regression":
@@ -652,6 +669,28 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
         _check_user_split(table, labels)
     elif task != "regression":
         _check_splittable(classes, y, where)
+    return labels, task, classes, y
+
+
+def standardized_target(
+    y: np.ndarray, train: np.ndarray, task: str, where: str
+) -> tuple[np.ndarray, float, float]:
+    """-> (y, mean, scale): a regression target standardized on the training rows (the model
+    learns that; predictions come back as y * scale + mean); class codes as they are."""
+    if task != "regression":
+        return y, 0.0, 1.0
+    mean, scale = float(y[train].mean()), float(y[train].std())
+    if not np.isfinite(scale) or scale < 1e-12:
+        raise UserError(
+            f"{where}: the label is constant on the training rows ({mean:g}): nothing to regress"
+        )
+    return ((y - mean) / scale).astype(np.float32), mean, scale
+
+
+def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
+    """Check the table, split it (or keep the user's split), fit the encoding of text columns
+    and empty cells and the standardization on train only."""
+    _, task, classes, y = checked_labels(table, cfg)
     train, val, test = split_rows(table, y, cfg, seed)
     spec = _encoding(table, train)
     X = table.X if not tabular.needs_sklearn(spec) else tabular.encode(spec, table.features)
@@ -663,15 +702,7 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     _check_scaled(X, mean, scale, z, spec, table.where)
     order = np.concatenate([train, val, test])
     raw = table.features.iloc[order].reset_index(drop=True) if tabular.needs_sklearn(spec) else None
-    target_mean, target_scale = 0.0, 1.0
-    if task == "regression":  # the model learns the target standardized on the training rows
-        target_mean, target_scale = float(y[train].mean()), float(y[train].std())
-        if not np.isfinite(target_scale) or target_scale < 1e-12:
-            raise UserError(
-                f"{table.where}: the label is constant on the training rows "
-                f"({target_mean:g}): nothing to regress"
-            )
-        y = ((y - target_mean) / target_scale).astype(np.float32)
+    y, target_mean, target_scale = standardized_target(y, train, task, table.where)
     return Dataset(
         name=table.name,
         source=cfg.source,
@@ -706,7 +737,12 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     with _LAST_LOCK:
         if key in _LAST:
             return _LAST[key]
-    data = prepare(read_source(cfg.source, cfg.label, cfg.split_column), cfg, seed)
+    if stream_source(cfg.source):  # a large parquet / npz: converted once, rows read by batch
+        from tasks.compress.stream import prepare_streamed
+
+        data = prepare_streamed(cfg, seed)
+    else:
+        data = prepare(read_source(cfg.source, cfg.label, cfg.split_column), cfg, seed)
     with _LAST_LOCK:
         _LAST.clear()
         _LAST[key] = data
@@ -720,3 +756,12 @@ def _file_stamp(source: str) -> tuple | None:
         return None
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def stream_source(source: str) -> bool:
+    """A parquet / npz source of `stream.STREAM_MIN_CELLS` cells or more: its rows stay on disk."""
+    if not source.startswith(("parquet:", "npz:")):
+        return False
+    from tasks.compress.stream import should_stream
+
+    return should_stream(source)

@@ -36,6 +36,7 @@ from sklearn.metrics import (
 from torch import nn
 
 from tasks.compress.data import Dataset
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 rows -> logits
@@ -197,17 +198,20 @@ def quality_metrics(
     predict: Predict, data: Dataset, teacher_pred: np.ndarray | None
 ) -> dict[str, float]:
     """The quality numbers of a model on the test split (and the train-test gap)."""
+    # by blocks: a streamed split (tasks/compress/rows.py) is never held whole
     if data.is_regression:
-        metrics = regression_metrics(
-            data.to_units(predict(data.X_test)[:, 0]), data.to_units(data.y_test), teacher_pred
-        )
-        metrics["train_r2"] = float(
-            r2_score(data.to_units(data.y_train), data.to_units(predict(data.X_train)[:, 0]))
-        )
+        first = lambda X: predict(X)[:, 0]  # noqa: E731 -- one output per row
+        test_pred = data.to_units(predict_batched(first, data.X_test))
+        metrics = regression_metrics(test_pred, data.to_units(data.y_test), teacher_pred)
+        train_pred = data.to_units(predict_batched(first, data.X_train))
+        metrics["train_r2"] = float(r2_score(data.to_units(data.y_train), train_pred))
         metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
         return metrics
-    metrics = classification_metrics(predict(data.X_test), data.y_test, teacher_pred)
-    metrics["train_accuracy"] = float((predict(data.X_train).argmax(axis=1) == data.y_train).mean())
+    metrics = classification_metrics(
+        predict_batched(predict, data.X_test), data.y_test, teacher_pred
+    )
+    train_pred = predict_batched(lambda X: predict(X).argmax(axis=1), data.X_train)
+    metrics["train_accuracy"] = float((train_pred == data.y_train).mean())
     metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
     return metrics
 

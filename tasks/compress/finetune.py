@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.compress.data import Dataset
+from tasks.compress.rows import Rows, TrainRows, rows_on
 from tasks.platform.config import FinetuneConfig
 from tasks.platform.device import resolve_device
 from tasks.platform.progress import track
@@ -202,18 +203,20 @@ class History:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def predict_logits(model: nn.Module, X: np.ndarray | Rows, batch_size: int = 1024) -> np.ndarray:
     """Logits of a float model on CPU rows, wherever the model lives."""
     model.eval()
     device = next(model.parameters()).device
-    out = [
-        model(torch.from_numpy(X[i : i + batch_size]).to(device)).float().cpu()
-        for i in range(0, len(X), batch_size)
-    ]
-    return torch.cat(out).numpy()
+    out = None
+    for start in range(0, len(X), batch_size):
+        got = model(torch.from_numpy(X[start : start + batch_size]).to(device)).float().cpu()
+        if out is None:  # filled in place: no list of small tensors pinning the heap
+            out = torch.empty((len(X), *got.shape[1:]))
+        out[start : start + len(got)] = got
+    return out.numpy()
 
 
-def _teacher_logits(teacher: nn.Module, X: np.ndarray, device: torch.device) -> np.ndarray:
+def _teacher_logits(teacher: nn.Module, X: np.ndarray | Rows, device: torch.device) -> np.ndarray:
     """The teacher's logits, computed on `device`, the teacher left where it was. A teacher that
     cannot move (an exported graph with tensors of its own device baked in) answers at home."""
     home = next(teacher.parameters()).device
@@ -244,17 +247,12 @@ def fit(
     device = resolve_device(settings.device)
     model.to(device)
     regression = data.is_regression  # y: standardized float targets, one output
-    X = torch.from_numpy(data.X_train).to(device)
-    y = torch.from_numpy(data.y_train).to(device)
-    X_val = torch.from_numpy(data.X_val).to(device)
     y_val = torch.from_numpy(data.y_val).to(device)
-    y, y_val = (y.float(), y_val.float()) if regression else (y.long(), y_val.long())
+    y_val = y_val.float() if regression else y_val.long()
     # the teacher is frozen: its logits are computed once, not every batch, on the fit's device
-    t_logits = (
-        torch.from_numpy(_teacher_logits(teacher, data.X_train, device)).to(device)
-        if teacher is not None
-        else None
-    )
+    t_logits = _teacher_logits(teacher, data.X_train, device) if teacher is not None else None
+    # rows in memory go to the device once; rows on disk come a batch at a time (compress/rows.py)
+    train = TrainRows(data.X_train, data.y_train, t_logits, device)
     amp = functools.partial(autocast, device, settings.precision)
 
     history = History()
@@ -276,43 +274,32 @@ def fit(
 
     for epoch in track(range(settings.epochs), description, total=settings.epochs):
         model.train()
-        order = torch.randperm(len(X), generator=gen).to(device)
+        order = torch.randperm(len(train), generator=gen)
         total = torch.zeros((), device=device)  # summed on the device: no sync per batch
-        for start in range(0, len(X), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+        for idx, xb, yb, tb in train.batches(order, settings.batch_size):
             s_feats.clear()
             with amp():
-                logits = model(X[idx])
+                logits = model(xb)
             if regression:
                 loss = regression_kd_loss(
-                    logits.float(),
-                    t_logits[idx] if t_logits is not None else None,
-                    y[idx],
-                    settings.alpha,
-                    settings.huber_delta,
+                    logits.float(), tb, yb, settings.alpha, settings.huber_delta
                 )
             else:
-                loss = kd_loss(
-                    logits.float(),
-                    t_logits[idx] if t_logits is not None else None,
-                    y[idx],
-                    settings.temperature,
-                    settings.alpha,
-                )
-            if matches:
+                loss = kd_loss(logits.float(), tb, yb, settings.temperature, settings.alpha)
+            if matches:  # teacher features are held in memory, indexed by row
                 loss = loss + settings.feature_weight * feature_loss(
-                    s_feats, [f[idx] for f in t_feats], scales
+                    s_feats, [f[idx.to(f.device)] for f in t_feats], scales
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.detach() * len(idx)
+            total += loss.detach() * len(yb)
         history.lr.append(sched.get_last_lr()[0])
         sched.step()
 
         model.eval()
         with torch.no_grad(), amp():
-            val_logits = model(X_val).float()
+            val_logits = torch.cat([model(xb).float() for xb in rows_on(data.X_val, device)])
         if regression:  # the validation R² (standardized units: the same R²) picks the best
             val_loss = F.mse_loss(val_logits.reshape(-1), y_val).item()
             val_acc = r2(val_logits, y_val)
@@ -321,7 +308,7 @@ def fit(
             val_loss = F.cross_entropy(val_logits, y_val).item()
             val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
             history.val_accuracy.append(val_acc)
-        history.train_loss.append(total.item() / len(X))
+        history.train_loss.append(total.item() / len(train))
         history.val_loss.append(val_loss)
 
         key = (val_acc, -val_loss)

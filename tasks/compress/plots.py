@@ -34,6 +34,7 @@ from torch import nn
 
 from tasks.compress.data import Dataset
 from tasks.compress.evaluate import SERIALIZED, OnnxModel, torch_predictor
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 from tasks.platform.progress import track
 
@@ -274,7 +275,8 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
 
 
 def _predict(model: nn.Module | OnnxModel, X: np.ndarray) -> np.ndarray:
-    return (model.predictor() if isinstance(model, SERIALIZED) else torch_predictor(model))(X)
+    predict = model.predictor() if isinstance(model, SERIALIZED) else torch_predictor(model)
+    return predict_batched(predict, X)
 
 
 def pipeline_figures(

@@ -35,6 +35,7 @@ from tasks.compress.evaluate import (
     torch_predictor,
 )
 from tasks.compress.reduce import calibration_rows
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import QuantizeConfig
 from tasks.platform.errors import UserError
 
@@ -166,7 +167,7 @@ def serve_onnxruntime(
         return Quantized(e.onnx, None, e.diff, None, "none")
     calib = calibration_rows(X_train, 512, seed)
     int8 = OnnxModel(quantize_onnx(e.onnx.onnx_bytes, calib, static=True), *e.counts)
-    int8_diff = float(np.abs(int8.predictor()(X_test) - e.float_outputs).max())
+    int8_diff = float(np.abs(predict_batched(int8.predictor(), X_test) - e.float_outputs).max())
     return Quantized(e.onnx, int8, e.diff, int8_diff, "static")
 
 
@@ -179,7 +180,7 @@ def serve_torch(
     if not cfg.enabled:
         return Quantized(float_ts, None, e.diff, None, "none")
     int8_ts = TorchScriptModel(torchscript_bytes(quantize_torch(e.model), n_features), *e.counts)
-    int8_diff = float(np.abs(int8_ts.predictor()(X_test) - e.reference).max())
+    int8_diff = float(np.abs(predict_batched(int8_ts.predictor(), X_test) - e.reference).max())
     return Quantized(float_ts, int8_ts, e.diff, int8_diff, "torch-dynamic")
 
 
@@ -196,8 +197,8 @@ def quantize_model(
     params, nonzeros = count_params(model)
     counts = (params, nonzeros, flops_per_row(model, X_test.shape[1]))
     float_model = OnnxModel(export_onnx(model, X_test.shape[1]), *counts)
-    reference = torch_predictor(model)(X_test)
-    float_outputs = float_model.predictor()(X_test)
+    reference = predict_batched(torch_predictor(model), X_test)
+    float_outputs = predict_batched(float_model.predictor(), X_test)
     export_diff = float(np.abs(float_outputs - reference).max())
     if export_diff > cfg.max_abs_diff:
         raise UserError(

@@ -45,6 +45,7 @@ from tasks.compress.prune import _recovery, remove_lowest_units
 from tasks.compress.quantize import Quantized, quantize_model
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import calibration_rows, reduce_model
+from tasks.compress.rows import predict_batched
 from tasks.platform.config import (
     BudgetConfig,
     FinetuneConfig,
@@ -248,11 +249,13 @@ class Guard:
                 f"config key 'target': the {metric} guard needs validation rows "
                 "(data.val_size, or val rows in your split)"
             )
-        reference = _score(metric, torch_predictor(teacher)(data.X_val), data.y_val)
+        reference = _score(
+            metric, predict_batched(torch_predictor(teacher), data.X_val), data.y_val
+        )
         return cls(reference, max_drop, data.X_val, data.y_val, metric)
 
     def check(self, step: str, predict: Predict, params: int) -> Check:
-        accuracy = _score(self.metric, predict(self.X_val), self.y_val)
+        accuracy = _score(self.metric, predict_batched(predict, self.X_val), self.y_val)
         drop = self.reference - accuracy
         return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
 

@@ -5,9 +5,10 @@ tensor pickles differently on every call, so a run killed in fine-tuning would n
 its teacher again (shared/FACTS.md). `STAGE_CACHE` keys a task run on what its inputs
 hold instead: tensor and array bytes, a module's architecture and `state_dict`, a config's
 JSON, a dataclass field by field (a `Dataset` by its split arrays, which already encode
-the raw table, the split seed and the data config), plus the source of the task's module
-and of every `tasks` module it uses (a change in `fit` invalidates the teacher), Prefect's
-`TASK_SOURCE`, and the torch/numpy versions its pickled result depends on.
+the raw table, the split seed and the data config; a large table's splits on disk by the
+digest its conversion computed once, streamed: tasks/compress/stream.py), plus the source
+of the task's module and of every `tasks` module it uses (a change in `fit` invalidates the
+teacher), Prefect's `TASK_SOURCE`, and the torch/numpy versions its pickled result depends on.
 
 With `persist_result=True` the results are pickled under `PREFECT_HOME/storage`
 (`PREFECT_LOCAL_STORAGE_PATH`), so a re-run with the same config reads the finished
@@ -74,6 +75,8 @@ def _feed(h: Any, obj: Any) -> None:
         _tag(h, "module", type(obj).__module__, type(obj).__qualname__, obj.training)
         _feed(h, str(obj))
         _feed(h, dict(obj.state_dict()))
+    elif hasattr(obj, "content_key"):  # rows on disk (tasks/compress/rows.py): named, not read
+        _tag(h, "keyed", type(obj).__qualname__, obj.content_key())
     elif isinstance(obj, BaseModel):
         _tag(h, "config", type(obj).__qualname__)
         _feed(h, obj.model_dump_json())

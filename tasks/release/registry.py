@@ -121,7 +121,7 @@ def register_model(
                 }
             )
         )
-        example = typed(data.encoding, data.raw_rows("test").head(5))
+        example = typed(data.encoding, data.raw_rows("test", 5))
         output = (
             pd.DataFrame({"prediction": np.zeros(5, dtype=np.float64)})
             if data.is_regression
