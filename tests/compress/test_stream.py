@@ -189,3 +189,19 @@ def test_a_pipeline_runs_on_a_parquet_streamed_from_disk(tmp_path):
     stages = re.findall(r"^distill: ([\w-]+) done in \d+\.\d s", proc.stderr, re.MULTILINE)
     assert {"teacher", "finetune", "prune", "quantize", "evaluate-quantized"} <= set(stages)
     assert list((tmp_path / "cache").glob("*/z.npy"))  # the rows came from the converted file
+
+
+def test_a_streamed_regression_target_is_standardized_like_in_memory(tmp_path):
+    """A float label streams as the regression target the in-memory path makes: not stratified,
+    standardized on the training rows, its mean and scale carried for the label's units."""
+    frame = _table().drop(columns="label")
+    frame["price"] = 3.0 * frame["f0"].to_numpy() + np.random.default_rng(1).normal(size=len(frame))
+    path = _parquet(frame, tmp_path / "r.parquet")
+    memory, streamed = _both(DataConfig(source=f"parquet:{path}", label="price"))
+    _same(memory, streamed)
+    assert streamed.is_regression and streamed.classes == []
+    assert (streamed.target_mean, streamed.target_scale) == (
+        memory.target_mean,
+        memory.target_scale,
+    )
+    assert abs(float(np.mean(streamed.y_train))) < 1e-6
