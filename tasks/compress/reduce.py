@@ -369,6 +369,6 @@ def reduce_model(
 def calibration_rows(X_train: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A seeded sample of the training split (all of it when n exceeds its size)."""
     if n >= len(X_train):
-        return X_train[:]  # an array (rows on disk are read)
+        return X_train if isinstance(X_train, np.ndarray) else X_train[:]  # rows on disk: read
     idx = np.random.default_rng(seed).choice(len(X_train), size=n, replace=False)
     return X_train[np.sort(idx)]

@@ -56,8 +56,8 @@ def test_run_json(tmp_path):
         "finetune",
         "evaluate-finetuned",
         "prune",
+        "evaluate-pruned",  # the pruned stage run spans pruning only, before the int8 export
         "quantize",
-        "evaluate-pruned",
         "evaluate-quantized",
         "plots",
         "register",
