@@ -200,7 +200,10 @@ def quality_metrics(
     """The quality numbers of a model on the test split (and the train-test gap)."""
     # by blocks: a streamed split (tasks/compress/rows.py) is never held whole
     if data.is_regression:
-        first = lambda X: predict(X)[:, 0]  # noqa: E731 -- one output per row
+
+        def first(X: np.ndarray) -> np.ndarray:  # one output per row
+            return predict(X)[:, 0]
+
         test_pred = data.to_units(predict_batched(first, data.X_test))
         metrics = regression_metrics(test_pred, data.to_units(data.y_test), teacher_pred)
         train_pred = data.to_units(predict_batched(first, data.X_train))
