@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
-import threading
-import warnings
-from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from flows.process import (
+    EXIT_REFUSED,
+    check_prefect_home,
+    exit_on_signals,
+    fail,
+    hide_user_errors_in_prefect_logs,
+    interrupt,
+    quiet,
+    start_prefect_server_early,
+    user_errors,
+)
 
 # A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
 # they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
@@ -32,208 +40,10 @@ app = typer.Typer(
     ),
 )
 
-EXIT_USER_ERROR = 2
-EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
-EXIT_REFUSED = 1  # a promotion its gates refused
-
 
 @app.callback()
 def _group() -> None:
     """distill: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
-
-
-# Quiet, offline defaults; a user's own settings win.
-QUIET_ENV = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_LOGGING_LEVEL": "ERROR",
-    "DASK_LOGGING__DISTRIBUTED": "warning",
-    # a tracking server that goes away mid-run: bounded retries (MLflow's default is 7 with
-    # exponential backoff, minutes), then the run fails with the error
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
-
-NOISY_WARNINGS = (
-    ".*Saving pytorch model by Pickle.*",
-    ".*Inferred schema contains integer column.*",
-    ".*consider to run pre-processing before quantization.*",
-)
-
-
-# Prefect's loggers at INFO, so flow and task runs send their logs to the server (the run's Logs
-# tab), while its console shows warnings only: `distill` prints its own lines (stage_lines).
-# Where the user set PREFECT_LOGGING_LEVEL, their level rules the console too.
-PREFECT_LOG_ENV = {
-    "PREFECT_LOGGING_LEVEL": "INFO",
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
-    "PREFECT_LOGGING_HANDLERS_API_LEVEL": "INFO",
-}
-
-
-def _quiet() -> None:
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    if "PREFECT_LOGGING_LEVEL" not in os.environ:
-        for key, value in PREFECT_LOG_ENV.items():
-            os.environ.setdefault(key, value)
-    for pattern in NOISY_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    # it logs each SQLAlchemy error with a traceback, then raises it: the raised error is reported
-    # (one line for a full, read-only or corrupt store; a bug keeps its traceback)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    # Prefect's events worker warns "Still processing items" whenever events are still queued as
-    # the process exits: it then sends them all; nothing is wrong and nothing is lost
-    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
-
-
-class _HideUserErrors(logging.Filter):
-    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one
-    line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.platform.errors import UserError, fault_message, mentions_fault
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and (isinstance(exc, UserError) or fault_message(exc) is not None):
-            return False
-        # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the text
-        message = record.getMessage()
-        return "UserError" not in message and not mentions_fault(message)
-
-
-def _hide_user_errors_in_prefect_logs() -> None:
-    # on the loggers Prefect reports run failures with (their handlers may be replaced later)
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_HideUserErrors())
-
-
-def _start_prefect_server_early() -> Callable[[], None]:
-    """Without PREFECT_API_URL, Prefect starts a temporary server at a flow's first API call and
-    waits for it (5-10 s here). Start it now, in a thread (the server is its own process), while
-    this process imports torch, scikit-learn and MLflow; returns the wait for what is left."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
-
-    from tasks.platform import reaper
-
-    server = SubprocessASGIServer()
-    launch = server._run_uvicorn_command  # each server process it starts gets a watchdog at once
-
-    def launch_watched() -> Any:
-        process = launch()
-        reaper.watch(process.pid)  # a SIGKILLed distill must not leave the server listening
-        return process
-
-    server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
-
-    def start() -> None:
-        with contextlib.suppress(
-            Exception
-        ):  # a failed start is retried, and reported, by the flow's first call
-            server.start()
-
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread.join
-
-
-PREFECT_HOME_MIN_FREE_MB = 32  # a temporary server's database grows to ~8 MB in a run; results too
-
-
-def _check_prefect_home() -> None:
-    """PREFECT_HOME holds the temporary server's database and the cached stage results: on a full
-    or read-only disk the server never answers (a 90 s wait, then a traceback). Say so first."""
-    import errno
-    import shutil
-
-    from prefect.settings import PREFECT_HOME
-
-    home = Path(PREFECT_HOME.value()).expanduser()
-    probe = home / f".distill-write-probe-{os.getpid()}"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"probe")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(err.errno, f"{err.strerror} (PREFECT_HOME)", str(home)) from None
-    free_mb = shutil.disk_usage(home).free / 2**20
-    if free_mb < PREFECT_HOME_MIN_FREE_MB:
-        raise OSError(
-            errno.ENOSPC,
-            f"{os.strerror(errno.ENOSPC)} ({free_mb:.1f} MB free, Prefect "
-            f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)",
-            str(home),
-        )
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, as the CLI raises it. Not a plain KeyboardInterrupt on purpose: CPython 3.11 notes a
-    plain one that leaves code run by exec() or eval() of a string (sympy, mpmath, dataclasses and
-    namedtuple make functions that way, e.g. while torch imports torch._dynamo on the teacher's
-    first optimizer step) and then, under `python -m`, kills the process with SIGINT at exit
-    although the interrupt was handled: exit -2 instead of 130. It checks the exact type."""
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise Interrupted
-
-
-def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
-    """`sys.unraisablehook`: a Ctrl-C whose handler ran inside a weakref callback or a `__del__`
-    (garbage collection, e.g. SQLAlchemy's class registry) raised `Interrupted` where Python
-    prints it as "Exception ignored in ..." and drops it: the run would go on to the end. It is
-    delivered again a moment later, in the main thread, where it unwinds the run."""
-    if isinstance(unraisable.exc_value, Interrupted):
-        import _thread
-
-        threading.Timer(0.05, _thread.interrupt_main).start()
-        return
-    sys.__unraisablehook__(unraisable)
-
-
-def _exit_on_signals() -> None:
-    """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
-    parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs);
-    Ctrl-C unwinds as `Interrupted`: runs end KILLED and the exit code is 130."""
-    import signal
-
-    def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    # where SIGINT came in ignored (nohup, a background job), it stays ignored
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
-        sys.unraisablehook = _redeliver_swallowed_interrupt
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """A UserError inside becomes one line `error: ...` on stderr and exit 2; a fault of the
-    environment (disk full, no write permission, tracking server gone) one line and exit 3."""
-    from tasks.platform.errors import UserError, fault_message
-
-    try:
-        yield
-    except UserError as err:
-        fail(str(err))
-    except Exception as err:
-        message = fault_message(err)
-        if message is None:
-            raise  # a bug: keep the traceback
-        fail(message, EXIT_FAULT)
-
-
-def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -271,7 +81,7 @@ def run(
     ] = False,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
-    _quiet()
+    quiet()
     from tasks.platform.config import load_config
 
     overrides = list(set_ or [])
@@ -280,22 +90,22 @@ def run(
     with user_errors():
         if not from_run:  # fail fast, before Prefect or MLflow start
             check_inputs(load_config(config, overrides), config)
-        _check_prefect_home()
+        check_prefect_home()
 
     from tasks.platform.progress import note
 
     note(f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect")
-    server_ready = _start_prefect_server_early()
+    server_ready = start_prefect_server_early()
     from flows.distill import distill_flow, local_settings
 
     server_ready()
     from prefect import tags as prefect_tags
 
-    _hide_user_errors_in_prefect_logs()
+    hide_user_errors_in_prefect_logs()
     from tasks.platform.progress import stage_lines
 
     stage_lines()
-    _exit_on_signals()
+    exit_on_signals()
     # stdout is the result (table or JSON); libraries' chatter goes to stderr
     with (
         user_errors(),
@@ -487,7 +297,7 @@ def sweep(
     ] = False,
 ) -> None:
     """Run many pipeline variants (one MLflow parent run each); summarize the Pareto front of accuracy vs size."""  # noqa: E501
-    _quiet()
+    quiet()
 
     overrides = list(set_ or [])
     with user_errors():
@@ -498,16 +308,16 @@ def sweep(
         for combo in check_variants(str(config), overrides, grid_values):
             _check_variant(config, overrides, combo)
         runner = task_runner(dask, dask_address, workers)
-        _check_prefect_home()
+        check_prefect_home()
 
-    server_ready = _start_prefect_server_early()
+    server_ready = start_prefect_server_early()
     from flows.distill import local_settings
     from flows.sweep import SweepFailed, sweep_flow
 
     server_ready()
 
-    _hide_user_errors_in_prefect_logs()
-    _exit_on_signals()
+    hide_user_errors_in_prefect_logs()
+    exit_on_signals()
     failed = False
     with user_errors():
         try:
@@ -546,7 +356,7 @@ def deploy(
     ] = Path("deployments/prefect.yaml"),
 ) -> None:
     """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""  # noqa: E501
-    _quiet()
+    quiet()
     from flows.deployments import deploy as apply_deployments
 
     with user_errors():
@@ -562,7 +372,7 @@ def serve(
     ] = Path("deployments/prefect.yaml"),
 ) -> None:
     """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""  # noqa: E501
-    _quiet()
+    quiet()
     from flows.deployments import serve as serve_deployments
 
     with user_errors():
@@ -588,7 +398,7 @@ def compare(
     ] = CompareFormat.table,
 ) -> None:
     """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
-    _quiet()
+    quiet()
     from tasks.release.compare import load_comparison, rich_table, to_csv, to_json
 
     # stdout carries the result only
@@ -630,7 +440,7 @@ def ui(
     ] = None,
 ) -> None:
     """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501
-    _quiet()
+    quiet()
     import signal
     import subprocess
     import time
@@ -651,7 +461,7 @@ def ui(
         signal.SIGINT,
         signal.SIGTERM,
     ):  # Ctrl-C or `kill`, even where SIGINT came in ignored
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -742,7 +552,7 @@ def promote(
     ] = False,
 ) -> None:
     """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501
-    _quiet()
+    quiet()
     from tasks.platform.config import DEFAULT_CONFIG, build_config, load_config
     from tasks.platform.errors import UserError
 
@@ -776,7 +586,7 @@ def promote(
 
     from flows.promote import run_promotion
 
-    _hide_user_errors_in_prefect_logs()
+    hide_user_errors_in_prefect_logs()
     with (
         user_errors(),
         contextlib.redirect_stdout(sys.stderr),
@@ -817,7 +627,7 @@ def predict(
     ] = None,
 ) -> None:
     """Batch prediction through mlflow.pyfunc; the model applies its own preprocessing."""
-    _quiet()
+    quiet()
 
     with user_errors():
         from tasks.platform import tracking

@@ -122,14 +122,14 @@ def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path):
     # CPython kills itself at exit after a handled plain KeyboardInterrupt that left exec'd code
     if run("") != -signal.SIGINT:
         pytest.skip("this Python exits 130 after such an interrupt anyway")
-    assert run("from flows.cli import _exit_on_signals; _exit_on_signals()") == 130
+    assert run("from flows.process import exit_on_signals; exit_on_signals()") == 130
 
 
 SWALLOWED_CTRL_C = """
 import os, signal, time, weakref
-from flows import cli
+from flows import process
 
-cli._exit_on_signals()
+process.exit_on_signals()
 
 
 class A:

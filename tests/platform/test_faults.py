@@ -282,7 +282,9 @@ def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
     finally:
         if run.poll() is None:
             run.kill()
-    assert run.returncode == 130, stderr  # 128 + SIGINT, not killed by it (flows.cli.Interrupted)
+    assert run.returncode == 130, (
+        stderr
+    )  # 128 + SIGINT, not killed by it (flows.process.Interrupted)
     assert client.get_run(parent).info.status == "KILLED"
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id],

@@ -188,9 +188,9 @@ def test_prefect_retries_a_task_on_tracking_errors_only(prefect_server):
 
 TERMINATED_RUN = """
 import time
-from flows.cli import _exit_on_signals
+from flows.process import exit_on_signals
 from tasks.platform import tracking
-_exit_on_signals()
+exit_on_signals()
 experiment_id = tracking.configure(tracking.load_settings())
 with tracking.parent_run(experiment_id, "terminated", {}, tracking.process_tags()) as run_id:
     print(run_id, flush=True)

@@ -1,0 +1,220 @@
+"""What a `distill` process sets up around its command: quiet, offline settings for Prefect and
+MLflow, Prefect's temporary server started early (and stopped if the process dies), signals
+that unwind like errors, and every error as one line with its exit code.
+
+User errors (bad config, files, columns, URIs) print one line `error: ...` and exit 2; faults
+of the environment (disk full, no write permission, tracking server gone) one line and exit 3;
+a promotion its gates refused exits 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+EXIT_USER_ERROR = 2
+EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
+EXIT_REFUSED = 1  # a promotion its gates refused
+
+
+# Quiet, offline defaults; a user's own settings win.
+QUIET_ENV = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_LOGGING_LEVEL": "ERROR",
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+    # a tracking server that goes away mid-run: bounded retries (MLflow's default is 7 with
+    # exponential backoff, minutes), then the run fails with the error
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+NOISY_WARNINGS = (
+    ".*Saving pytorch model by Pickle.*",
+    ".*Inferred schema contains integer column.*",
+    ".*consider to run pre-processing before quantization.*",
+)
+
+
+# Prefect's loggers at INFO, so flow and task runs send their logs to the server (the run's Logs
+# tab), while its console shows warnings only: `distill` prints its own lines (stage_lines).
+# Where the user set PREFECT_LOGGING_LEVEL, their level rules the console too.
+PREFECT_LOG_ENV = {
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "PREFECT_LOGGING_HANDLERS_API_LEVEL": "INFO",
+}
+
+
+def quiet() -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if "PREFECT_LOGGING_LEVEL" not in os.environ:
+        for key, value in PREFECT_LOG_ENV.items():
+            os.environ.setdefault(key, value)
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # it logs each SQLAlchemy error with a traceback, then raises it: the raised error is reported
+    # (one line for a full, read-only or corrupt store; a bug keeps its traceback)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # Prefect's events worker warns "Still processing items" whenever events are still queued as
+    # the process exits: it then sends them all; nothing is wrong and nothing is lost
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+
+
+class _HideUserErrors(logging.Filter):
+    """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one
+    line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.platform.errors import UserError, fault_message, mentions_fault
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (isinstance(exc, UserError) or fault_message(exc) is not None):
+            return False
+        # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the text
+        message = record.getMessage()
+        return "UserError" not in message and not mentions_fault(message)
+
+
+def hide_user_errors_in_prefect_logs() -> None:
+    # on the loggers Prefect reports run failures with (their handlers may be replaced later)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_HideUserErrors())
+
+
+def start_prefect_server_early() -> Callable[[], None]:
+    """Without PREFECT_API_URL, Prefect starts a temporary server at a flow's first API call and
+    waits for it (5-10 s here). Start it now, in a thread (the server is its own process), while
+    this process imports torch, scikit-learn and MLflow; returns the wait for what is left."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
+
+    from tasks.platform import reaper
+
+    server = SubprocessASGIServer()
+    launch = server._run_uvicorn_command  # each server process it starts gets a watchdog at once
+
+    def launch_watched() -> Any:
+        process = launch()
+        reaper.watch(process.pid)  # a SIGKILLed distill must not leave the server listening
+        return process
+
+    server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
+
+    def start() -> None:
+        with contextlib.suppress(
+            Exception
+        ):  # a failed start is retried, and reported, by the flow's first call
+            server.start()
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread.join
+
+
+PREFECT_HOME_MIN_FREE_MB = 32  # a temporary server's database grows to ~8 MB in a run; results too
+
+
+def check_prefect_home() -> None:
+    """PREFECT_HOME holds the temporary server's database and the cached stage results: on a full
+    or read-only disk the server never answers (a 90 s wait, then a traceback). Say so first."""
+    import errno
+    import shutil
+
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    probe = home / f".distill-write-probe-{os.getpid()}"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (PREFECT_HOME)", str(home)) from None
+    free_mb = shutil.disk_usage(home).free / 2**20
+    if free_mb < PREFECT_HOME_MIN_FREE_MB:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} ({free_mb:.1f} MB free, Prefect "
+            f"needs ~{PREFECT_HOME_MIN_FREE_MB} MB; PREFECT_HOME)",
+            str(home),
+        )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, as the CLI raises it. Not a plain KeyboardInterrupt on purpose: CPython 3.11 notes a
+    plain one that leaves code run by exec() or eval() of a string (sympy, mpmath, dataclasses and
+    namedtuple make functions that way, e.g. while torch imports torch._dynamo on the teacher's
+    first optimizer step) and then, under `python -m`, kills the process with SIGINT at exit
+    although the interrupt was handled: exit -2 instead of 130. It checks the exact type."""
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted
+
+
+def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
+    """`sys.unraisablehook`: a Ctrl-C whose handler ran inside a weakref callback or a `__del__`
+    (garbage collection, e.g. SQLAlchemy's class registry) raised `Interrupted` where Python
+    prints it as "Exception ignored in ..." and drops it: the run would go on to the end. It is
+    delivered again a moment later, in the main thread, where it unwinds the run."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        import _thread
+
+        threading.Timer(0.05, _thread.interrupt_main).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def exit_on_signals() -> None:
+    """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
+    parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs);
+    Ctrl-C unwinds as `Interrupted`: runs end KILLED and the exit code is 130."""
+    import signal
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    # where SIGINT came in ignored (nohup, a background job), it stays ignored
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+        sys.unraisablehook = _redeliver_swallowed_interrupt
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A UserError inside becomes one line `error: ...` on stderr and exit 2; a fault of the
+    environment (disk full, no write permission, tracking server gone) one line and exit 3."""
+    from tasks.platform.errors import UserError, fault_message
+
+    try:
+        yield
+    except UserError as err:
+        fail(str(err))
+    except Exception as err:
+        message = fault_message(err)
+        if message is None:
+            raise  # a bug: keep the traceback
+        fail(message, EXIT_FAULT)
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
