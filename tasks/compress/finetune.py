@@ -173,6 +173,25 @@ class FitSettings:
     huber_delta: float | None = None  # regression: Huber loss of this delta instead of MSE
     feature_weight: float = 0.0  # β of the feature-matching term (needs a teacher and matches)
 
+    @classmethod
+    def of(cls, cfg: FinetuneConfig, seed: int, device: str, **changes: object) -> FitSettings:
+        """The `finetune` section's distillation settings (`changes`: e.g. fewer epochs)."""
+        return cls(
+            **{
+                "epochs": cfg.epochs,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "patience": cfg.patience,
+                "weight_decay": cfg.weight_decay,
+                "temperature": cfg.temperature,
+                "alpha": cfg.alpha,
+                "seed": seed,
+                "device": device,
+                "huber_delta": cfg.huber_delta,
+                **changes,
+            }
+        )
+
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
     """bf16 autocast on a CUDA device that supports it; plain fp32 anywhere else."""
@@ -334,16 +353,5 @@ def distill(
     seed: int,
     device: str = "cpu",
 ) -> tuple[nn.Module, History]:
-    settings = FitSettings(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        patience=cfg.patience,
-        weight_decay=cfg.weight_decay,
-        temperature=cfg.temperature,
-        alpha=cfg.alpha,
-        seed=seed,
-        device=device,
-        huber_delta=cfg.huber_delta,
-    )
+    settings = FitSettings.of(cfg, seed, device)
     return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")

@@ -95,19 +95,21 @@ def remove_lowest_units(
             cut = True
 
 
-def _recovery(cfg: PruneConfig, finetune: FinetuneConfig, seed: int, device: str) -> FitSettings:
-    return FitSettings(
-        epochs=cfg.recovery_epochs,
-        lr=finetune.lr / 2,
-        batch_size=finetune.batch_size,
-        patience=finetune.patience,
-        weight_decay=finetune.weight_decay,
-        temperature=finetune.temperature,
-        alpha=finetune.alpha,
-        seed=seed,
-        device=device,
-        huber_delta=finetune.huber_delta,
+def recover(
+    model: nn.Module,
+    teacher: nn.Module,
+    data: Dataset,
+    cfg: PruneConfig,
+    finetune: FinetuneConfig,
+    seed: int,
+    device: str,
+) -> tuple[nn.Module, History]:
+    """KD recovery after a pruning step: the `finetune` recipe for `recovery_epochs`, at half
+    its learning rate."""
+    settings = FitSettings.of(
+        finetune, seed, device, epochs=cfg.recovery_epochs, lr=finetune.lr / 2
     )
+    return fit(model, data, settings, teacher=teacher, description="recovering from pruning")
 
 
 def structured_prune(
@@ -131,13 +133,7 @@ def structured_prune(
     history = History()
     for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
         remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)
-        model, round_history = fit(
-            model,
-            data,
-            _recovery(cfg, finetune, seed, device),
-            teacher=teacher,
-            description="recovering from pruning",
-        )
+        model, round_history = recover(model, teacher, data, cfg, finetune, seed, device)
         for name, values in round_history.curves().items():
             getattr(history, name).extend(values)
     return model, history
@@ -167,13 +163,7 @@ def unstructured_prune(
 ) -> tuple[nn.Module, History]:
     model = copy.deepcopy(student)
     magnitude_prune(model, cfg.amount)
-    model, history = fit(
-        model,
-        data,
-        _recovery(cfg, finetune, seed, device),
-        teacher=teacher,
-        description="recovering from pruning",
-    )
+    model, history = recover(model, teacher, data, cfg, finetune, seed, device)
     return fold_masks(model), history
 
 

@@ -39,9 +39,9 @@ from tasks.compress.evaluate import (
     saved_size,
     torch_predictor,
 )
-from tasks.compress.finetune import History, fit
+from tasks.compress.finetune import History
 from tasks.compress.graph import Group, keep_units, param_model, trace
-from tasks.compress.prune import _recovery, remove_lowest_units
+from tasks.compress.prune import recover, remove_lowest_units
 from tasks.compress.quantize import Quantized, quantize_model
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import calibration_rows, reduce_model
@@ -416,13 +416,7 @@ def fit_to_target(
             data.X_train[:1024],
             {g.name: g.width for g in groups},
         )
-        candidate, round_history = fit(
-            candidate,
-            data,
-            _recovery(prune, finetune, seed, device),
-            teacher=teacher,
-            description="recovering from pruning",
-        )
+        candidate, round_history = recover(candidate, teacher, data, prune, finetune, seed, device)
         rounds += 1
         check = guard.check(
             f"prune round {rounds}",
