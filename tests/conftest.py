@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,3 +113,13 @@ def digits() -> Dataset:
 @pytest.fixture
 def tiny_config() -> PipelineConfig:
     return build_config({}, TINY)
+
+
+def fresh_process(cwd: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """`distill ARGS` (or `python -c CODE`) in a new process in `cwd`, with this environment: a
+    registered model served where nothing of this test process is loaded."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flows.cli", *args]
+    return subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )

@@ -5,10 +5,6 @@ cells, a float label) through the CLI into the registry and back out of it in a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +21,7 @@ from tasks.compress.target import Guard
 from tasks.platform.config import DataConfig, build_config
 from tasks.platform.errors import UserError
 from tasks.release.promotion import Candidate, absolute_gates, held_out_rows
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, fresh_process, use_store
 
 NAME = "regression-table"
 
@@ -160,40 +156,28 @@ def test_regression_gates_use_r2():
 
 @pytest.fixture(scope="module")
 def registered(prefect_server, tmp_path_factory):
-    import mlflow
-
     tmp = tmp_path_factory.mktemp("regression")
     _table().to_csv(tmp / "table.csv", index=False)
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DISTILL_MLFLOW_CONFIG")
-    old = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict.fromkeys(names[:2], uri) | {names[2]: str(tmp / "absent.yaml")})
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    args = [
-        a
-        for s in [
-            *TINY,
-            "teacher.epochs=30",
-            f"data.source=csv:{tmp / 'table.csv'}",
-            "data.label=y",
-            "data.task=auto",  # the float label decides
-            f"register.model_name={NAME}",
-            "promote.max_r2_drop=0.5",
-            "promote.min_r2=0.5",
+    with use_store(tmp):
+        args = [
+            a
+            for s in [
+                *TINY,
+                "teacher.epochs=30",
+                f"data.source=csv:{tmp / 'table.csv'}",
+                "data.label=y",
+                "data.task=auto",  # the float label decides
+                f"register.model_name={NAME}",
+                "promote.max_r2_drop=0.5",
+                "promote.min_r2=0.5",
+            ]
+            for a in ("--set", s)
         ]
-        for a in ("--set", s)
-    ]
-    config = str(ROOT / "configs" / "regression.yaml")
-    result = CliRunner().invoke(app, ["run", config, *args, "--promote", "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
-    yield tmp, out
-    for name, value in old.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+        config = str(ROOT / "configs" / "regression.yaml")
+        result = CliRunner().invoke(app, ["run", config, *args, "--promote", "--json"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        yield tmp, out
 
 
 def test_run_logs_r2_and_is_gated_by_it(registered):
@@ -211,14 +195,6 @@ def test_run_logs_r2_and_is_gated_by_it(registered):
     assert "predicted.png" in artifacts and "confusion.png" not in artifacts
 
 
-def _fresh(tmp: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.run(
-        command, env=env, cwd=tmp, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
 def test_registered_model_predicts_label_units_in_a_fresh_process(registered):
     tmp, out = registered
     code = f"""
@@ -228,7 +204,7 @@ rows = pd.read_csv("table.csv", dtype={{"region": str}}).drop(columns="y")
 pred = model.predict(rows)
 print(json.dumps({{"columns": list(pred.columns), "prediction": pred["prediction"].tolist()}}))
 """
-    served = _fresh(tmp, code=code)
+    served = fresh_process(tmp, code=code)
     assert served.returncode == 0, served.stderr[-3000:]
     answer = json.loads(served.stdout.strip().splitlines()[-1])
     assert answer["columns"] == ["prediction"]
@@ -237,7 +213,7 @@ print(json.dumps({{"columns": list(pred.columns), "prediction": pred["prediction
     pred = np.asarray(answer["prediction"])
     assert r2_score(y[test], pred[test]) == pytest.approx(out["metrics"]["final/r2"], abs=1e-3)
 
-    cli = _fresh(
+    cli = fresh_process(
         tmp,
         "predict",
         "--model",

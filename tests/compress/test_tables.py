@@ -5,9 +5,7 @@ registry, and back out of it from the raw file in a fresh process (`mlflow.pyfun
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from tasks.compress.data import load_dataset
 from tasks.platform.config import DataConfig
 from tasks.platform.errors import UserError
 from tasks.release.predict import _hits
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, fresh_process, use_store
 
 NAME = "tables"
 
@@ -133,43 +131,23 @@ def test_accuracy_counts_labelled_rows_and_numbers_as_numbers():
 
 @pytest.fixture(scope="module")
 def registered(prefect_server, tmp_path_factory):
-    import mlflow
-
     tmp = tmp_path_factory.mktemp("tables")
     _table().to_csv(tmp / "table.csv", index=False)
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DISTILL_MLFLOW_CONFIG")
-    old = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict.fromkeys(names[:2], uri) | {names[2]: str(tmp / "absent.yaml")})
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    args = [
-        a
-        for s in [
-            *TINY,
-            f"data.source=csv:{tmp / 'table.csv'}",
-            "data.label=label",
-            f"register.model_name={NAME}",
-            "evaluate.plots=false",
+    with use_store(tmp):
+        args = [
+            a
+            for s in [
+                *TINY,
+                f"data.source=csv:{tmp / 'table.csv'}",
+                "data.label=label",
+                f"register.model_name={NAME}",
+                "evaluate.plots=false",
+            ]
+            for a in ("--set", s)
         ]
-        for a in ("--set", s)
-    ]
-    result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "digits.yaml"), *args])
-    assert result.exit_code == 0, result.output
-    yield tmp
-    for name, value in old.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def _fresh(tmp: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.run(
-        command, env=env, cwd=tmp, capture_output=True, text=True, timeout=300, check=False
-    )
+        result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "digits.yaml"), *args])
+        assert result.exit_code == 0, result.output
+        yield tmp
 
 
 def test_registered_model_predicts_from_the_raw_csv_in_a_fresh_process(registered):
@@ -181,7 +159,7 @@ rows = pd.read_csv("table.csv", dtype={{"colour": str, "city": str}}).drop(colum
 out = model.predict(rows)
 print(json.dumps({{"schema": schema, "prediction": out["prediction"].tolist()}}))
 """
-    served = _fresh(registered, code=code)
+    served = fresh_process(registered, code=code)
     assert served.returncode == 0, served.stderr[-3000:]
     answer = json.loads(served.stdout.strip().splitlines()[-1])
     assert answer["schema"] == {
@@ -193,7 +171,7 @@ print(json.dumps({{"schema": schema, "prediction": out["prediction"].tolist()}})
     truth = pd.read_csv(registered / "table.csv")["label"]
     assert (np.array(answer["prediction"]) == truth).mean() > 0.7  # tiny epochs; chance ~0.5
 
-    cli = _fresh(
+    cli = fresh_process(
         registered,
         "predict",
         "--model",
