@@ -115,11 +115,19 @@ def tiny_config() -> PipelineConfig:
     return build_config({}, TINY)
 
 
-def fresh_process(cwd: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    """`distill ARGS` (or `python -c CODE`) in a new process in `cwd`, with this environment: a
-    registered model served where nothing of this test process is loaded."""
+def fresh_process(
+    cwd: Path,
+    *args: str,
+    code: str | None = None,
+    store: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """`distill ARGS` (or `python -c CODE`) in a new process in `cwd`, where nothing of this test
+    process is loaded, with this environment (`store`: tracking and registry URI)."""
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if store is not None:
+        env |= {"MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flows.cli", *args]
     return subprocess.run(
-        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -15,7 +15,7 @@ import torch
 from tasks.compress.data import load_dataset
 from tasks.platform.config import DataConfig
 from tasks.release.registry import raw_features
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_process
 
 FAST = [
     "teacher.epochs=10",
@@ -41,19 +41,7 @@ ARCHS = {
 
 
 def _distill(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_REGISTRY_URI": uri,
-        "PYTHONPATH": str(ROOT),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return fresh_process(cwd, *args, store=uri, timeout=600)
 
 
 def _sets(pairs: list[str]) -> list[str]:

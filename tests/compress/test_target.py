@@ -4,9 +4,7 @@ tagged and refused by `distill promote`."""
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from tasks.compress.target import (
 from tasks.compress.teacher import build_mlp
 from tasks.platform.config import PipelineConfig, TargetConfig, build_config
 from tasks.platform.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_process
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 FAST = [
@@ -277,21 +275,7 @@ def test_the_flow_registers_the_model_before_the_rolled_back_round(
 
 
 def _distill(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_REGISTRY_URI": uri,
-        "PYTHONPATH": str(ROOT),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return fresh_process(tmp_path, *args, store=f"sqlite:///{tmp_path}/mlflow.db", timeout=600)
 
 
 def _sets(pairs: list[str]) -> list[str]:
