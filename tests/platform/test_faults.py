@@ -341,14 +341,17 @@ def test_full_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
 
 
 def _full_store(db: Path, tmp_path: Path) -> None:
+    _refused_and_unchanged(db, tmp_path, "database or disk is full")
+
+
+def _refused_and_unchanged(db: Path, tmp_path: Path, reason: str) -> None:
+    """A run on store `db` fails with exit 3 and one last line naming the store and `reason`,
+    and leaves the file as it was."""
     before = db.read_bytes()
     proc = _run_on(db, tmp_path)
     assert proc.returncode == 3, proc.stderr
     # the per-stage lines of the stages before it, then one line
-    assert (
-        _last_line(proc.stderr)
-        == f"error: cannot write the tracking store {db}: database or disk is full"
-    )
+    assert _last_line(proc.stderr) == f"error: cannot write the tracking store {db}: {reason}"
     assert "Traceback" not in proc.stderr
     assert db.read_bytes() == before
 
@@ -358,15 +361,7 @@ def test_read_only_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
         pytest.skip("needs chattr +i (root, ext4)")
     try:
-        before = db.read_bytes()
-        proc = _run_on(db, tmp_path)
-        assert proc.returncode == 3, proc.stderr
-        assert (
-            _last_line(proc.stderr)
-            == f"error: cannot write the tracking store {db}: attempt to write a readonly database"
-        )
-        assert "Traceback" not in proc.stderr
-        assert db.read_bytes() == before
+        _refused_and_unchanged(db, tmp_path, "attempt to write a readonly database")
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=False)
 
