@@ -582,11 +582,13 @@ def promote(
             else load_config(config, overrides)
         )
 
+    server_ready = start_prefect_server_early()  # the gates run as a Prefect flow
     from prefect import tags as prefect_tags
 
     from flows.promote import run_promotion
 
     hide_user_errors_in_prefect_logs()
+    server_ready()
     with (
         user_errors(),
         contextlib.redirect_stdout(sys.stderr),

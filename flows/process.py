@@ -98,7 +98,9 @@ def hide_user_errors_in_prefect_logs() -> None:
 def start_prefect_server_early() -> Callable[[], None]:
     """Without PREFECT_API_URL, Prefect starts a temporary server at a flow's first API call and
     waits for it (5-10 s here). Start it now, in a thread (the server is its own process), while
-    this process imports torch, scikit-learn and MLflow; returns the wait for what is left."""
+    this process imports torch, scikit-learn and MLflow; returns the wait for what is left.
+    The server listens on a port this process holds (tasks/platform/held_port.py) and dies with
+    this process (tasks/platform/reaper.py)."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
@@ -106,12 +108,12 @@ def start_prefect_server_early() -> Callable[[], None]:
     from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
 
     from tasks.platform import reaper
+    from tasks.platform.held_port import launch_on_held_port
 
     server = SubprocessASGIServer()
-    launch = server._run_uvicorn_command  # each server process it starts gets a watchdog at once
 
     def launch_watched() -> Any:
-        process = launch()
+        process = launch_on_held_port(server)
         reaper.watch(process.pid)  # a SIGKILLed distill must not leave the server listening
         return process
 

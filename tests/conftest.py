@@ -58,12 +58,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def prefect_server():
+    """One Prefect test server for this worker, also for the `distill` processes tests start (its
+    URL in their environment): each would otherwise start and stop a temporary server of its
+    own, seconds of CPU each. Tests of the temporary server remove PREFECT_API_URL.
+    It listens on a port held from before uvicorn starts: with Prefect's own launch, two
+    servers starting together on one port left one worker talking to the other's server, and
+    "connection refused" once that one stopped (tasks/platform/held_port.py)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+    from tasks.platform.held_port import launch_on_held_port
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SubprocessASGIServer, "_run_uvicorn_command", launch_on_held_port)
+        with prefect_test_harness(server_startup_timeout=90):
+            mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+            yield
 
 
 def point_mlflow_at(directory: Path, mp: pytest.MonkeyPatch) -> str:

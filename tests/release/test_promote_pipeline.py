@@ -216,9 +216,7 @@ def test_check_record_warns_about_other_code():
 
 def test_promote_cli_exit_codes(other_seed, store):
     """`distill promote` as a user runs it; it talks to the test session's Prefect server."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = os.environ | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "flows.cli", "promote", "--model", NAME]
     champion = str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)
     refused = subprocess.run(
