@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "teacher.hidden=[32, 32]",
     "teacher.epochs=3",
+    "target=null",
     "reduce.budget.ratio=2",
     "reduce.calibration_samples=64",
     "finetune.epochs=1",

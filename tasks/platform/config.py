@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -319,6 +320,63 @@ def check_task_keys(cfg: PipelineConfig, task: str) -> None:
         raise UserError(line)
 
 
+# keys that apply under one method only: set (to a value other than their default) under another,
+# they are refused with their name rather than silently ignored. key -> (the setting that
+# decides, whether the key applies under its value, where the key applies in words)
+METHOD_KEYS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "teacher.hidden": ("teacher.arch", lambda arch: arch == "mlp", "with teacher.arch mlp"),
+    "teacher.channels": ("teacher.arch", lambda arch: arch == "cnn", "with teacher.arch cnn"),
+    "teacher.init_args": (
+        "teacher.arch",
+        lambda arch: arch not in BUILTIN_ARCHS,
+        "with a teacher.arch module:Name",
+    ),
+    "reduce.budget": ("target", lambda target: target is None, "without a target"),
+    "reconstruct.selection": (
+        "reconstruct.mode",
+        lambda mode: mode == "width",
+        "in reconstruct.mode width",
+    ),
+    "reconstruct.ridge": (
+        "reconstruct.mode",
+        lambda mode: mode == "width",
+        "in reconstruct.mode width",
+    ),
+    "compress.prune.amount": ("target", lambda target: target is None, "without a target"),
+    "compress.prune.criterion": (
+        "compress.prune.method",
+        lambda method: method == "structured",
+        "with compress.prune.method structured",
+    ),
+}
+
+
+def _value(cfg: BaseModel, dotted: str) -> tuple[Any, Any]:
+    """The value at `dotted` in `cfg` and its schema default."""
+    *path, key = dotted.split(".")
+    part = cfg
+    for name in path:
+        part = getattr(part, name)
+    field = type(part).model_fields[key]
+    default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+    return getattr(part, key), default
+
+
+def method_key_conflict(cfg: PipelineConfig) -> str | None:
+    """The first key of `METHOD_KEYS` set in `cfg` where its method is not chosen, as one line."""
+    for key, (switch, applies, where) in METHOD_KEYS.items():
+        value, default = _value(cfg, key)
+        chosen, _ = _value(cfg, switch)
+        # a value equal to its default says nothing: `--from-run` replays set every key
+        if value != default and not applies(chosen):
+            here = f"{switch} is set" if isinstance(chosen, BaseModel) else f"{switch}={chosen}"
+            return (
+                f"config key '{key}': applies only {where} (here {here}); "
+                f"remove it or change {switch}"
+            )
+    return None
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -402,6 +460,9 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Pip
         cfg = PipelineConfig.model_validate(_coerce_yaml_numbers(tree))
     except ValidationError as err:
         raise UserError(validation_message(err)) from None
+    line = method_key_conflict(cfg)
+    if line is not None:
+        raise UserError(line)
     if cfg.data.task != "auto":
         check_task_keys(cfg, cfg.data.task)
     return cfg

@@ -272,9 +272,30 @@ CASES = [
         "config key 'data.shape': [1, 7, 7] holds 49 values but the data has 64 features",
     ),
     (
-        "cnn without a shape",
-        ["--set", "teacher.arch=cnn"],
+        "cnn without a shape",  # TINY's hidden sizes are an mlp's: back to the default
+        ["--set", "teacher.arch=cnn", "--set", "teacher.hidden=[512, 512]"],
         "config key 'data.shape': a cnn needs [C, L] or [C, H, W], got [64]",
+    ),
+    (
+        "an mlp's key on a cnn",
+        ["--set", "teacher.arch=cnn"],
+        (
+            "config key 'teacher.hidden': applies only with teacher.arch mlp (here teacher.arch=cnn); "
+            "remove it or change teacher.arch"
+        ),
+    ),
+    (
+        "a budget with a target",
+        ["--set", "target.size_kb=50", "--set", "reduce.budget.ratio=10"],
+        "config key 'reduce.budget': applies only without a target (here target is set)",
+    ),
+    (
+        "a structured key on unstructured pruning",
+        ["--set", "compress.prune.method=unstructured", "--set", "compress.prune.criterion=l1"],
+        (
+            "config key 'compress.prune.criterion': applies only with compress.prune.method "
+            "structured (here compress.prune.method=unstructured)"
+        ),
     ),
     (
         "teacher file missing",

@@ -126,7 +126,10 @@ def test_served_deployments_match_the_deployment_file():
     # every deployment's parameters are a valid call of its flow
     for d in spec["deployments"]:
         if "grid" in d["parameters"]:
-            check_variants(str(ROOT / d["parameters"]["config_path"]), [], d["parameters"]["grid"])
+            params = d["parameters"]
+            check_variants(
+                str(ROOT / params["config_path"]), params.get("overrides", []), params["grid"]
+            )
 
 
 def test_a_bad_deployment_file_is_one_line(tmp_path):

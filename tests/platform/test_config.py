@@ -103,3 +103,40 @@ def test_every_config_choice_has_one_implementation():
     assert choices(config.PruneConfig, "method") == set(PRUNERS)
     assert choices(config.QuantizeConfig, "runtime") == set(RUNTIMES)
     assert set(config.BUILTIN_ARCHS) == set(BUILTIN_ARCHS)
+
+
+# (a key of one method, a value other than its default, the switch to another method, the
+# switch back to the key's own method)
+METHOD_CASES = [
+    ("teacher.hidden=[32]", "teacher.arch=cnn", "teacher.arch=mlp"),
+    ("teacher.channels=[8]", "teacher.arch=mlp", "teacher.arch=cnn"),
+    ("teacher.init_args={width: 3}", "teacher.arch=mlp", "teacher.arch=zoo:Net"),
+    ("reduce.budget.ratio=10", "target.size_kb=50", "target=null"),
+    ("compress.prune.amount=0.5", "target.size_kb=50", "target=null"),
+    ("reconstruct.selection=importance", "reconstruct.mode=low_rank", "reconstruct.mode=width"),
+    ("reconstruct.ridge=0.01", "reconstruct.mode=low_rank", "reconstruct.mode=width"),
+    (
+        "compress.prune.criterion=l1",
+        "compress.prune.method=unstructured",
+        "compress.prune.method=structured",
+    ),
+]
+
+
+@pytest.mark.parametrize("key_value, other, own", METHOD_CASES)
+def test_a_key_of_another_method_is_refused_by_name(key_value, other, own):
+    from tasks.platform.config import METHOD_KEYS
+
+    key = key_value.split("=")[0].removesuffix(".ratio")  # reduce.budget is one key
+    assert key in METHOD_KEYS
+    with pytest.raises(UserError, match=rf"^config key '{key}': applies only .* \(here "):
+        build_config({}, [other, key_value])  # the schema's defaults: no target, an mlp
+    build_config({}, [own, key_value])  # under its own method it is taken
+    build_config({}, [other])  # left at its default it says nothing (`--from-run`)
+
+
+def test_every_method_key_is_tested():
+    from tasks.platform.config import METHOD_KEYS
+
+    tested = {c[0].split("=")[0].removesuffix(".ratio") for c in METHOD_CASES}
+    assert tested == set(METHOD_KEYS)
