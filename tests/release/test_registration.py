@@ -1,5 +1,5 @@
 """All-or-nothing registration and what promotion accepts, on versions made directly in a fresh
-MLflow store (the SIGKILL itself, through the CLI, is in tests/platform/test_faults.py)."""
+MLflow store (the SIGKILL itself, through the CLI, is in tests/platform/test_faults_processes.py)."""
 
 import shutil
 

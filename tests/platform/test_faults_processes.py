@@ -1,0 +1,274 @@
+"""Processes lost or stopped during a run: the tracking server going away (exit 3, the parent
+closed FAILED by the next run once it is back), Ctrl-C (exit 130, runs KILLED), and a SIGKILL
+during registration (nothing promotable left, the temporary Prefect server gone with it)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tasks.platform import tracking
+from tests.conftest import free_port
+from tests.platform.faults import RUN, fault_env, last_line
+
+
+def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        cwd=tmp_path,
+        env=fault_env(tmp_path, MLFLOW_DISABLE_TELEMETRY="true"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    _stop(proc)
+    raise TimeoutError("mlflow server did not start")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker
+        proc.wait(timeout=30)
+
+
+def _running_parent(client: MlflowClient) -> str | None:
+    experiment = client.get_experiment_by_name("distill")
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    )
+    return next((r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+
+
+@pytest.mark.slow
+def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    # fewer, shorter HTTP retries than the CLI's default (3, backoff 2): the same path, sooner
+    env = fault_env(
+        tmp_path,
+        MLFLOW_TRACKING_URI=uri,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+    )
+    run = subprocess.Popen(
+        [*RUN, "--set", "register.model_name=never"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        deadline, parent = time.monotonic() + 240, None
+        while parent is None and run.poll() is None and time.monotonic() < deadline:
+            parent = _running_parent(client)
+            time.sleep(0.2)
+        assert parent is not None, "the run never opened its parent run"
+        _stop(server)  # the tracking server goes away mid-run
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        _stop(server)
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 3, stderr
+    assert last_line(stderr).startswith(
+        f"error: the MLflow tracking server stopped answering ({uri}/"
+    ), stderr
+    assert "Traceback" not in stderr
+
+    server = _start_server(tmp_path, port)  # back, same store
+    try:
+        assert client.get_run(parent).info.status == "RUNNING"  # nobody could close it meanwhile
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        experiment_id = client.get_experiment_by_name("distill").experiment_id
+        assert tracking.close_dead_runs(experiment_id) == [
+            parent
+        ]  # what the next `distill run` does first
+        assert client.get_run(parent).info.status == "FAILED"
+        assert client.search_registered_models() == []
+    finally:
+        _stop(server)
+
+
+def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
+    db = tmp_path / "mlflow.db"
+    env = fault_env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    # SIGINT as a terminal delivers it: not ignored, even where the suite runs in the background
+    run = subprocess.Popen(
+        [*RUN, "--set", "register.model_name=never"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    try:
+        deadline, parent = time.monotonic() + 240, None
+        while parent is None and run.poll() is None and time.monotonic() < deadline:
+            parent = _running_parent(client) if db.exists() else None
+            time.sleep(0.2)
+        assert parent is not None, "the run never opened its parent run"
+        run.send_signal(signal.SIGINT)  # Ctrl-C
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, (
+        stderr
+    )  # 128 + SIGINT, not killed by it (flows.process.Interrupted)
+    assert client.get_run(parent).info.status == "KILLED"
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert client.search_registered_models() == []
+
+
+KILLED_AT_ALIAS = """
+import os, signal, sys
+from mlflow import MlflowClient
+MlflowClient.set_registered_model_alias = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+from flows.cli import main
+main()
+"""
+
+
+def _server_children(pid: int) -> set[int]:
+    """Prefect's temporary servers (uvicorn processes) started by process `pid`."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if (
+                int(stat.read_text().rpartition(")")[2].split()[1]) == pid
+                and b"uvicorn" in (stat.parent / "cmdline").read_bytes()
+            ):
+                found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    return False
+
+
+def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp_path):
+    """Issue 18: the killed run's version kept its lineage and `promote --version` promoted it; the
+    temporary Prefect server kept listening. Now: the version is marked unfinished, promote refuses
+    it, the next run removes it, and the server dies with the process."""
+    db = tmp_path / "mlflow.db"
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    env = fault_env(tmp_path, **store)  # the later commands: the session's Prefect server
+    fast = ["--set", "register.model_name=reg", "--set", "evaluate.plots=false"]
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_AT_ALIAS, *RUN[3:], *fast],
+        cwd=tmp_path,
+        env=fault_env(tmp_path, temporary_server=True, **store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    servers: set[int] = set()
+    while killed.poll() is None:
+        servers |= _server_children(killed.pid)
+        time.sleep(0.2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-2000:]
+    assert servers, "no temporary Prefect server was seen"
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in servers), (
+        "the temporary Prefect server outlived its process"
+    )
+
+    client = MlflowClient(
+        f"sqlite:///{db}", registry_uri=f"sqlite:///{db}"
+    )  # not a registry an earlier test set
+    [version] = client.search_model_versions("name = 'reg'")
+    assert version.tags["distill.complete"] == "false"  # the hole, reproduced: a version, no alias
+    assert client.get_registered_model("reg").aliases == {}
+
+    promote = [sys.executable, "-m", "flows.cli", "promote", "--model", "reg"]
+    proc = subprocess.run(
+        [*promote, "--version", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert last_line(proc.stderr).startswith(
+        "error: reg version 1 is an unfinished registration (run "
+    )
+    assert client.get_registered_model("reg").aliases == {}
+
+    proc = subprocess.run(
+        [*RUN, *fast], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the unfinished version is gone, and so is the empty model its run had created: the new run
+    # made both anew (version numbers restart at 1)
+    [new] = client.search_model_versions("name = 'reg'")
+    assert (
+        new.run_id != version.run_id and new.tags["mlflow.run_id"] != version.tags["mlflow.run_id"]
+    )
+    assert new.tags["distill.complete"] == "true"
+    assert {k: str(v) for k, v in client.get_registered_model("reg").aliases.items()} == {
+        "challenger": str(new.version)
+    }
+
+    # a version whose files are gone is not promoted either: promote loads it first
+    model = client.get_logged_model(new.source.removeprefix("models:/"))
+    shutil.rmtree(Path(model.artifact_location.removeprefix("file://")))
+    proc = subprocess.run(
+        promote, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert last_line(proc.stderr).startswith(f"error: reg version {new.version} does not load (")
+    assert {k: str(v) for k, v in client.get_registered_model("reg").aliases.items()} == {
+        "challenger": str(new.version)
+    }
