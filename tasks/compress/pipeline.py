@@ -54,7 +54,7 @@ from tasks.compress.target import (
     verdict,
 )
 from tasks.compress.teacher import load_teacher
-from tasks.platform.config import BudgetConfig, EvaluateConfig, PipelineConfig
+from tasks.platform.config import BudgetConfig, EvaluateConfig, PipelineConfig, TeacherConfig
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
 Model = nn.Module | OnnxModel | TorchScriptModel
@@ -70,7 +70,11 @@ def onnx_export_lock() -> threading.Lock:
 
 
 def teacher_with_history(
-    cfg: Any, data: Dataset, seed: int, device: str = "cpu", config_dir: str | None = None
+    cfg: TeacherConfig,
+    data: Dataset,
+    seed: int,
+    device: str = "cpu",
+    config_dir: str | None = None,
 ) -> tuple[nn.Module, History]:
     """The teacher, and its training curves (empty for a teacher loaded, not trained)."""
     history = History()
