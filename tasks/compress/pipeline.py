@@ -152,6 +152,8 @@ def seconds_since(started: float | None) -> dict[str, float]:
 
 @dataclass
 class TargetOutcome:
+    """What a `target:` came to: the plan, the guarded fit, and the verdict."""
+
     plan: Plan
     costs: dict[str, Costs]
     teacher_bytes: int  # the teacher's file, what a `ratio` target divides
