@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/overhead.py [--repeats 3] [--set key=value ...]
 
-In one process, alternating: (a) the default pipeline's stage functions called bare (no
-Prefect, no MLflow; evaluation included, since the flow evaluates every stage too, and the
-run's figures drawn and written as PNG files, since the flow draws them too), and (b) the
+In one process, alternating: (a) the default pipeline called bare (tasks/compress/pipeline.py's
+`compress` with its plain steps: no Prefect, no MLflow; evaluation included, since the flow
+evaluates every stage too, and the run's figures drawn and written as PNG files, since the flow
+draws them too), and (b) the
 full flow with tracking into a throw-away SQLite store. Medians and their ratio, with the
 default config and with `evaluate.plots: false` (then neither arm draws). The flow's first
 run also starts Prefect's temporary server: it is run once before the timing (and that
@@ -36,46 +37,22 @@ CONFIG = ROOT / "configs" / "digits.yaml"
 
 
 def bare(overrides: list[str]) -> None:
-    """The flow's work as plain calls: same stages, same evaluation, the same figures written as
-    PNG files (when `evaluate.plots` is on), nothing recorded."""
+    """The flow's work as plain calls: the one pipeline function with its plain steps (same
+    stages, same evaluation), the same figures written as PNG files (when `evaluate.plots` is on),
+    nothing recorded."""
     from tasks.compress.data import load_dataset
-    from tasks.compress.evaluate import evaluate_model
-    from tasks.compress.finetune import distill, predict_logits
+    from tasks.compress.pipeline import Recorder, compress
     from tasks.compress.plots import pipeline_figures
-    from tasks.compress.prune import prune_and_recover
-    from tasks.compress.quantize import quantize_model
-    from tasks.compress.reconstruct import reconstruct
-    from tasks.compress.reduce import calibration_rows, reduce_model
-    from tasks.compress.teacher import load_teacher
     from tasks.platform.config import load_config
 
+    class PngFiles(Recorder):
+        def plots(self, *inputs) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, figure in pipeline_figures(*inputs).items():
+                    figure.savefig(Path(tmp) / name, dpi=100)
+
     cfg = load_config(CONFIG, overrides)
-    data = load_dataset(cfg.data, cfg.seed)
-    teacher = load_teacher(cfg.teacher, data, cfg.seed)
-    pred = predict_logits(teacher, data.X_test).argmax(1)
-    stages = {"teacher": evaluate_model(teacher, data, pred, cfg.evaluate)}
-    X = calibration_rows(data.X_train, cfg.reduce.calibration_samples, cfg.seed)
-    student = reconstruct(
-        teacher, reduce_model(teacher, X, cfg.reduce, cfg.reconstruct.mode), X, cfg.reconstruct
-    )
-    stages["reconstructed"] = evaluate_model(student, data, pred, cfg.evaluate)
-    student, history = distill(teacher, student, data, cfg.finetune, cfg.seed)
-    stages["finetuned"] = evaluate_model(student, data, pred, cfg.evaluate)
-    curves = {"finetuned": history.curves()}
-    student, history = prune_and_recover(
-        teacher, student, data, cfg.compress.prune, cfg.finetune, cfg.seed
-    )
-    stages["pruned"] = evaluate_model(student, data, pred, cfg.evaluate)
-    curves["pruned"] = history.curves()
-    quantized = quantize_model(student, data.X_test, data.X_train, cfg.compress.quantize, cfg.seed)
-    stages["quantized"] = evaluate_model(quantized.served, data, pred, cfg.evaluate)
-    if cfg.evaluate.plots:
-        figures = pipeline_figures(
-            stages, teacher, student, quantized.served, data, curves, cfg.evaluate, cfg.seed
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, figure in figures.items():
-                figure.savefig(Path(tmp) / name, dpi=100)
+    compress(cfg, load_dataset(cfg.data, cfg.seed), recorder=PngFiles())
 
 
 def timed(fn, *args) -> float:
@@ -160,7 +137,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    # the bare arm calls the hand-sized stages; a target's planning is measured by
+    # the hand-sized stages, as the README's table was measured (both arms could plan a target
+    # now: they run the same pipeline function); a target's planning is measured by
     # benchmarks/targets.py
     args.overrides = ["target=null", *args.overrides]
     tmp = tempfile.mkdtemp(prefix="distill-overhead-")

@@ -1,17 +1,15 @@
 """The pipeline flow: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize ->
 register.
 
-The flow composes stage tasks and records each stage as a nested MLflow run under one
-parent run; it computes nothing itself. Config and data are checked before any run is
-opened, so bad input leaves nothing in MLflow.
+The flow runs tasks/compress/pipeline.py's `compress` with the stages as Prefect tasks and a
+recorder that writes each stage as a nested MLflow run under one parent run
+(flows/stages.py), then registers the served model; it computes nothing itself. Config and data
+are checked before any run is opened, so bad input leaves nothing in MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,47 +19,13 @@ from prefect import tags as prefect_tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.stages import (
-    data_task,
-    evaluate_task,
-    finetune_task,
-    fit_task,
-    plan_task,
-    plots_task,
-    prune_task,
-    quantize_task,
-    reconstruct_task,
-    reduce_task,
-    register_task,
-    teacher_task,
-)
-from tasks.compress.data import Dataset
-from tasks.compress.evaluate import pipeline_summary, reference_predictions
-from tasks.compress.finetune import predict_logits
-from tasks.compress.reduce import calibration_rows, reduction_record
-from tasks.compress.target import Guard, max_drop_of, target_record, target_tags, verdict
+from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, register_task
+from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
+from tasks.compress.pipeline import Outcome, compress
 from tasks.compress.teacher import check_teacher
 from tasks.platform import tracking
-from tasks.platform.caching import content_hash
-from tasks.platform.config import (
-    DEFAULT_CONFIG,
-    BudgetConfig,
-    PipelineConfig,
-    build_config,
-    check_task_keys,
-    load_config,
-)
+from tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
-
-STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")
-# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
-# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
-# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
-_ONNX_EXPORT = threading.Lock()
-
-
-def onnx_export_lock() -> threading.Lock:
-    return _ONNX_EXPORT
 
 
 def local_settings() -> contextlib.AbstractContextManager[Any]:
@@ -81,27 +45,6 @@ def local_settings() -> contextlib.AbstractContextManager[Any]:
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
-_UNITS = {
-    "size_kb": "{:g} KB",
-    "ratio": "{:g}x",
-    "params": "{:,.0f} params",
-    "latency_ms_b1": "{:g} ms b1",
-    "variance": "variance {:g}",
-}
-
-
-def run_name(cfg: PipelineConfig, variant: str | None = None) -> str:
-    """What a person tells runs apart by, in the MLflow runs table and the Prefect UI:
-    `digits · target 20 KB`, `digits · budget 250 KB`; a sweep variant names its grid values
-    (`digits · reduce.budget.size_kb=8, finetune.temperature=2`)."""
-    if variant:
-        return f"{cfg.name} · {variant}"
-    if cfg.target is not None:
-        return f"{cfg.name} · target {_UNITS[cfg.target.kind].format(cfg.target.value)}"
-    budget = cfg.reduce.budget
-    return f"{cfg.name} · budget {_UNITS[budget.kind].format(budget.value)}"
-
-
 def flow_run_name() -> str:
     """The Prefect flow run's name: the MLflow run's (config and overrides as given)."""
     from prefect.runtime import flow_run as current
@@ -116,56 +59,6 @@ def flow_run_name() -> str:
     except Exception:  # noqa: BLE001 -- the flow itself reports a bad config, with its key
         return Path(params.get("config_path") or DEFAULT_CONFIG).stem
     return run_name(cfg, (params.get("tags") or {}).get("distill.sweep_variant"))
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    experiment_id: str
-    run_url: str
-    model_name: str | None
-    model_version: str | None
-    metrics: dict[str, float]  # the parent run's metrics
-    stages: dict[str, dict[str, float]] = field(default_factory=dict)
-    promotion: Any = None  # tasks.release.promotion.Decision, with `distill run --promote`
-    target: dict[str, Any] | None = None  # {"met": bool, "line": str} when the config has a target
-    run_name: str = ""
-    flow_run_id: str | None = None  # the Prefect flow run
-    ui_running: bool = True  # run_url answers now (a tracking server, or `distill ui`)
-
-    def as_json(self) -> dict[str, Any]:
-        return (
-            {
-                "run_id": self.run_id,
-                "run_name": self.run_name,
-                "run_url": self.run_url,
-                "flow_run_id": self.flow_run_id,
-                "model_name": self.model_name,
-                "model_version": self.model_version,
-                "metrics": self.metrics,
-                "stages": self.stages,
-            }
-            | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})
-            | ({"target": self.target} if self.target is not None else {})
-        )
-
-
-@dataclass
-class Progress:
-    """What a pipeline run has produced so far (all of it, or up to the stage that failed)."""
-
-    stages: dict[str, dict[str, float]] = field(
-        default_factory=dict
-    )  # metrics of each evaluated model
-    recorded: dict[str, float] = field(
-        default_factory=dict
-    )  # STAGE/METRIC of the other stage records
-    summary: dict[str, float] = field(default_factory=dict)  # final/*, compression_ratio, ...
-    registered: Registered | None = None
-    target: dict[str, Any] | None = None  # {"met": bool, "line": str}
-
-    def stage_metrics(self) -> dict[str, float]:
-        return self.recorded | {f"{s}/{k}": v for s, m in self.stages.items() for k, v in m.items()}
 
 
 @flow(name="distill", flow_run_name=flow_run_name, log_prints=False)
@@ -237,22 +130,36 @@ def distill_flow(
             data.digest,
             rows=len(data.y_train) + len(data.y_val) + len(data.y_test),
         )
-        done = Progress()
+        recorder = MlflowRecorder(run_id, data.X_test[:5])
+        outcome: Outcome | None = None
+        registered: Registered | None = None
         try:
             lineage = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
             with prefect_tags(f"config:{cfg.name}"):  # on every stage's task run
-                run_stages(cfg, data, run_id, lineage, done, config_dir, challenger)
+                outcome = compress(cfg, data, PREFECT_STEPS, recorder, config_dir)
+                if outcome.target is not None:
+                    lineage |= outcome.target.tags
+                if cfg.registry.enabled:
+                    registered = register_task(
+                        outcome.quantized.served,
+                        data,
+                        cfg.registry.model_name,
+                        lineage | {"mlflow.run_id": run_id},
+                        challenger,
+                        version_description(cfg, outcome.summary, lineage),
+                    )
             logger.info("stages done; final metrics on the parent run %s", run_id)
         finally:
             # on the parent in one batch, after registration (MLflow reads the history of every
             # metric of a run it logs a model in, one query per key); a failed run keeps what it
             # finished
-            tracking.log_metrics(run_id, done.stage_metrics())
+            tracking.log_metrics(run_id, recorder.metrics)
             tracking.log_metrics(
-                run_id, done.summary, model_id=done.registered.model_id if done.registered else None
+                run_id,
+                outcome.summary if outcome is not None else {},
+                model_id=registered.model_id if registered else None,
             )
-    registered, stages = done.registered, done.stages
-
+    target = {"met": outcome.target.met, "line": outcome.target.line} if outcome.target else None
     summary = RunSummary(
         run_id=run_id,
         experiment_id=experiment_id,
@@ -260,16 +167,16 @@ def distill_flow(
         model_name=registered.name if registered else None,
         model_version=registered.version if registered else None,
         metrics=tracking.run_metrics(run_id),
-        stages=stages,
-        target=done.target,
+        stages=outcome.stages,
+        target=target,
         run_name=name,
         flow_run_id=str(flow_run.id),
         ui_running=settings.tracking_uri.startswith(("http://", "https://"))
         or tracking.running_ui(settings) is not None,
     )
     tracking.set_description(run_id, stage_table_markdown(summary, link=False))
-    if done.target is not None and not done.target["met"]:
-        get_run_logger().warning(done.target["line"])
+    if target is not None and not target["met"]:
+        get_run_logger().warning(target["line"])
     if promote and registered is not None:
         from flows.promote import run_promotion
 
@@ -280,267 +187,3 @@ def distill_flow(
         description="distill: stages and the MLflow run",
     )
     return summary
-
-
-def run_stages(
-    cfg: PipelineConfig,
-    data: Dataset,
-    run_id: str,
-    tags: dict[str, str],
-    done: Progress,
-    config_dir: str | None = None,
-    challenger: bool = True,
-) -> None:
-    """The stage tasks in order, each recorded as a nested run of `run_id`; results go into `done`.
-    `config_dir`: the config file's folder, where a `module:Name` teacher's module may live."""
-    seed, device, ev, stages = cfg.seed, cfg.device, cfg.evaluate, done.stages
-
-    started = time.time()  # each stage's nested run spans its work (stage_run)
-    teacher, teacher_history = teacher_task(cfg.teacher, data, seed, device, config_dir)
-    teacher_pred = reference_predictions(predict_logits(teacher, data.X_test), data)
-    stages["teacher"] = evaluate_task(
-        "teacher",
-        teacher,
-        data,
-        teacher_pred,
-        ev,
-        run_id,
-        params=cfg.teacher.model_dump(),
-        curves=teacher_history.curves() if teacher_history.train_loss else None,
-        started=started,
-        model_digest=content_hash(teacher),  # a cached teacher is logged once per experiment
-    )
-
-    plan = None
-    reduce_cfg = cfg.reduce
-    if cfg.target is not None:  # the plan chooses the reduce budget (tasks/compress/target.py)
-        with onnx_export_lock():
-            plan, costs, teacher_bytes = plan_task(
-                teacher,
-                data,
-                cfg.target,
-                cfg.reduce,
-                cfg.reconstruct,
-                cfg.compress.quantize,
-                seed,
-                ev.latency_repeats,
-            )
-        reduce_cfg = cfg.reduce.model_copy(
-            update={"budget": BudgetConfig(params=plan.reduce_params)}
-        )
-
-    started = time.time()
-    calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
-    reduction = reduce_task(teacher, calibration, reduce_cfg, cfg.reconstruct.mode)
-    params, metrics = reduction_record(reduction)
-    done.recorded |= tracking.record_stage(run_id, "reduce", metrics, params, started=started)
-
-    started = time.time()
-    student, notes = reconstruct_task(teacher, reduction, calibration, cfg.reconstruct)
-    stages["reconstructed"] = evaluate_task(
-        "reconstructed",
-        student,
-        data,
-        teacher_pred,
-        ev,
-        run_id,
-        params=cfg.reconstruct.model_dump() | notes,
-        started=started,
-    )
-
-    started = time.time()
-    student, history = finetune_task(teacher, student, data, cfg.finetune, seed, device)
-    stages["finetuned"] = evaluate_task(
-        "finetuned",
-        student,
-        data,
-        teacher_pred,
-        ev,
-        run_id,
-        params=cfg.finetune.model_dump(),
-        curves=history.curves(),
-        started=started,
-    )
-    curves = {  # for the plot; the restored best epochs marked
-        name: h.curves() | {"best_epoch": [h.best_epoch]}
-        for name, h in (("teacher", teacher_history), ("finetuned", history))
-    }
-
-    def evaluate_pruned(params: dict[str, Any], since: float) -> dict[str, float]:
-        return evaluate_task(
-            "pruned",
-            student,
-            data,
-            teacher_pred,
-            ev,
-            run_id,
-            params=params,
-            curves=history.curves(),
-            started=since,
-        )
-
-    started = time.time()
-    if plan is None:
-        student, history = prune_task(
-            teacher, student, data, cfg.compress.prune, cfg.finetune, seed, device
-        )
-        stages["pruned"] = evaluate_pruned(cfg.compress.prune.model_dump(), started)
-        started = time.time()  # the pruned run spans pruning; the quantized one int8 and export
-        with onnx_export_lock():
-            quantized = quantize_task(
-                student, data.X_test, data.X_train, cfg.compress.quantize, seed
-            )
-    else:  # prune only while the served model misses the target, each round and int8 guarded
-        guard = Guard.of(teacher, data, max_drop_of(cfg.target, data))
-        with onnx_export_lock():
-            fitted = fit_task(
-                teacher,
-                student,
-                data,
-                plan,
-                costs,
-                guard,
-                cfg.compress.prune,
-                cfg.finetune,
-                cfg.compress.quantize,
-                seed,
-                device,
-                ev.latency_repeats,
-            )
-        student, history, quantized = fitted.model, fitted.history, fitted.quantized
-        prune_params = cfg.compress.prune.model_dump(exclude={"amount"}) | {
-            "planned_by": "target",
-            "rounds_run": sum(c.step.startswith("prune") for c in fitted.checks),
-            "rolled_back": ", ".join(fitted.rolled_back) or "none",
-        }
-        target_params, target_metrics = target_record(plan, costs, fitted, guard, teacher_bytes)
-        done.recorded |= tracking.record_stage(
-            run_id, "target", target_metrics, target_params, started=started
-        )
-        # pruning and int8 are one guarded search here: the pruned run spans it
-        stages["pruned"] = evaluate_pruned(prune_params, started)
-        started = time.time()
-        done.target = {"met": fitted.met, "line": verdict(plan, fitted, guard)}
-        tags = tags | target_tags(plan, fitted, guard)
-    curves["pruned"] = history.curves()
-    stages["quantized"] = evaluate_task(
-        "quantized",
-        quantized.served,
-        data,
-        teacher_pred,
-        ev,
-        run_id,
-        params=cfg.compress.quantize.model_dump() | {"method": quantized.method},
-        extra={"export_max_abs_diff": quantized.export_max_abs_diff}
-        | (
-            {"int8_max_abs_diff": quantized.int8_max_abs_diff}
-            if quantized.int8_max_abs_diff is not None
-            else {}
-        ),
-        started=started,
-    )
-
-    if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
-        plots_task(run_id, stages, teacher, student, quantized.served, data, curves, ev, seed)
-    done.summary = pipeline_summary(
-        {s: {k: v for k, v in m.items() if k != "seconds"} for s, m in stages.items()}, "quantized"
-    )
-    if done.target is not None:
-        done.summary["target_met"] = float(done.target["met"])
-    if cfg.registry.enabled:
-        done.registered = register_task(
-            quantized.served,
-            data,
-            cfg.registry.model_name,
-            tags | {"mlflow.run_id": run_id},
-            challenger,
-            version_description(cfg, done.summary, tags),
-        )
-
-
-def version_description(
-    cfg: PipelineConfig, summary: dict[str, float], tags: dict[str, str]
-) -> str:
-    """The registered version's description in the registry UI: what run made it, and its
-    headline numbers."""
-    quality = (
-        f"R² {summary['final/r2']:.3f} ({summary['r2_drop']:+.3f} vs the teacher)"
-        if "final/r2" in summary
-        else f"accuracy {100 * summary['final/accuracy']:.2f}% "
-        f"({100 * summary['accuracy_drop']:+.2f} points vs the teacher)"
-    )
-    return (
-        f"{run_name(cfg, tags.get('distill.sweep_variant'))}: {quality}, "
-        f"{summary['final/size_kb']:.1f} KB ({summary['compression_ratio']:.1f}x smaller), "
-        f"batch-1 latency {summary['final/latency_ms_b1']:.3f} ms. "
-        f"Config {cfg.digest()[:12]}, dataset {tags.get('distill.dataset_digest', '?')[:12]}."
-    )
-
-
-def _stage_rows(summary: RunSummary) -> list[str]:
-    """The markdown table's rows: accuracy and calibration, or R², MAE, RMSE in the label's units
-    and the relative error to the teacher for a regression run."""
-    nan = float("nan")
-    if any("r2" in m for m in summary.stages.values()):
-        rows = [
-            (
-                "| stage | params | size KB | R² | MAE | RMSE | rel. error vs teacher "
-                "| train-test gap | latency b1 ms p50 / p95 | time s |"
-            ),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for stage, m in summary.stages.items():
-            rows.append(
-                f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['r2']:.4f} | "
-                f"{m['mae']:.4g} | {m['rmse']:.4g} | {m.get('teacher_rel_error', nan):.4f} | "
-                f"{m.get('train_test_gap', nan):+.4f} | {m['latency_ms_b1']:.3f} / "
-                f"{m.get('latency_p95_ms_b1', nan):.3f} | {m.get('seconds', nan):.1f} |"
-            )
-        return rows
-    rows = [
-        (
-            "| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap "
-            "| latency b1 ms p50 / p95 | time s |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for stage, m in summary.stages.items():
-        rows.append(
-            f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
-            f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} "
-            f"| {m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} "
-            f"| {m.get('seconds', nan):.1f} |"
-        )
-    return rows
-
-
-def stage_table_markdown(summary: RunSummary, link: bool = True) -> str:
-    """The stage table: the Prefect flow run's artifact (`link`: with the MLflow run's URL) and the
-    MLflow parent run's description (`mlflow.note.content`)."""
-    nan = float("nan")
-    m = summary.metrics
-    if "compression_ratio" in m and "r2_drop" in m:
-        headline = (
-            f"**{m['compression_ratio']:.1f}x** smaller, R² drop **{m['r2_drop']:+.4f}**, "
-            f"batch-1 speedup {m.get('speedup_b1', nan):.1f}x.\n\n"
-        )
-    elif "compression_ratio" in m and "accuracy_drop" in m:
-        headline = (
-            f"**{m['compression_ratio']:.1f}x** smaller, accuracy drop "
-            f"**{100 * m['accuracy_drop']:+.2f} points**, batch-1 speedup "
-            f"{m.get('speedup_b1', nan):.1f}x.\n\n"
-        )
-    else:
-        headline = ""
-    registered = (
-        f"Registered **{summary.model_name}** version {summary.model_version}.\n\n"
-        if summary.model_name
-        else ""
-    )
-    target = f"Target: {summary.target['line']}\n\n" if summary.target else ""
-    where = f"MLflow run: [{summary.run_id}]({summary.run_url})\n\n" if link else ""
-    return (
-        f"# distill run: {summary.run_name or summary.run_id}\n\n{headline}{target}{registered}"
-        + where
-        + "\n".join(_stage_rows(summary))
-    )

@@ -1,15 +1,18 @@
-"""The Prefect tasks the pipeline flow chains: each wraps one plain stage function of `tasks/`.
+"""The Prefect tasks the pipeline flow runs, and the recorder that writes them to MLflow.
 
 The compression math (`tasks/compress/`: data, teacher, reduce, reconstruct, finetune, prune,
-quantize, evaluate, plots) imports neither Prefect nor MLflow: call those functions from a
-notebook. Here they become task runs with a name, a cache policy (`STAGE_CACHE`: the content
-of the inputs and the source of the code the stage calls, tasks/platform/caching.py) and, where
-MLflow is written, retries on tracking errors. Task runs are named after their stage
-(`evaluate-finetuned`), in the Prefect UI and in `distill run`'s lines.
+quantize, evaluate, plots, and `pipeline.compress`, which chains them) imports neither Prefect
+nor MLflow: call those functions from a notebook. Here each stage function becomes a task with a
+name and a cache policy (`STAGE_CACHE`: the content of the inputs and the source of the code the
+stage calls, tasks/platform/caching.py); `PREFECT_STEPS` hands them to `compress`. Its
+`MlflowRecorder` writes each stage's nested MLflow run from a task of its own, retried on
+tracking errors. Task runs are named after their stage (`evaluate-finetuned`), in the Prefect UI
+and in `distill run`'s lines.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from tasks.compress.data import Dataset, load_dataset
-from tasks.compress.evaluate import OnnxModel, evaluate_model
+from tasks.compress.evaluate import OnnxModel
 from tasks.compress.finetune import History, distill
-from tasks.compress.finite import check_model
+from tasks.compress.pipeline import Model, Recorder, StageResult, Steps
 from tasks.compress.plots import PLOTS_DIR, pipeline_figures
 from tasks.compress.prune import prune_and_recover
 from tasks.compress.quantize import Quantized, quantize_model
@@ -30,7 +33,7 @@ from tasks.compress.reduce import Reduction, reduce_model
 from tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
 from tasks.compress.teacher import load_teacher
 from tasks.platform import tracking
-from tasks.platform.caching import STAGE_CACHE
+from tasks.platform.caching import STAGE_CACHE, content_hash
 from tasks.platform.config import (
     EvaluateConfig,
     FinetuneConfig,
@@ -161,34 +164,29 @@ def fit_task(
 )
 def evaluate_task(
     stage: str,
-    model: nn.Module | OnnxModel,
-    data: Dataset,
-    teacher_pred: np.ndarray | None,
-    cfg: EvaluateConfig,
+    measure: Callable[[], dict[str, float]],
+    result: StageResult,
     parent_run_id: str,
-    params: dict[str, Any] | None = None,
-    curves: dict[str, list[float]] | None = None,
-    extra: dict[str, float] | None = None,
-    started: float | None = None,
+    example: np.ndarray,
     model_digest: str | None = None,
 ) -> dict[str, float]:
-    """Measure a stage's model and record it as the stage's nested MLflow run (a retry replaces
-    the failed attempt's run). `started`: when the stage's work began (its run spans it; the
-    returned metrics then hold `seconds`); `model_digest`: see tracking.record_stage."""
+    """Measure a stage's model (`measure`: the pipeline's evaluation) and record it as the stage's
+    nested MLflow run; a retry measures again and replaces the failed attempt's run, and never
+    runs the stage itself again. The run spans the stage's work since `result.started`; the
+    returned metrics hold its `seconds`. `model_digest`: see tracking.record_stage."""
     from prefect.runtime import task_run
 
-    check_model(stage, model, data.X_test[:256])  # a NaN model stops here, before it is recorded
-    metrics = evaluate_model(model, data, teacher_pred, cfg) | (extra or {})
+    metrics = measure()
     recorded = tracking.record_stage(
         parent_run_id,
         stage,
         metrics,
-        params,
-        curves,
-        model,
-        data.X_test[:5],
+        result.params,
+        result.curves,
+        result.model,
+        example,
         replace=task_run.run_count > 1,
-        started=started,
+        started=result.started,
         model_digest=model_digest,
     )
     from prefect import get_run_logger
@@ -234,3 +232,58 @@ def register_task(
     description: str | None = None,
 ) -> Registered:
     return register_model(model, data, model_name, tags, challenger, description)
+
+
+# `compress` with every stage a cached, resumable task run (evaluation runs in evaluate_task)
+PREFECT_STEPS = Steps(
+    teacher=teacher_task,
+    plan=plan_task,
+    reduce=reduce_task,
+    reconstruct=reconstruct_task,
+    finetune=finetune_task,
+    prune=prune_task,
+    quantize=quantize_task,
+    fit=fit_task,
+)
+
+
+class MlflowRecorder(Recorder):
+    """Each stage as a nested MLflow run of `parent_run_id` (model, params, metrics, curves), the
+    figures on the parent. `metrics`: the STAGE/METRIC keys of every stage recorded so far, for
+    the parent run, also when a later stage fails."""
+
+    def __init__(self, parent_run_id: str, example: np.ndarray) -> None:
+        self.parent_run_id = parent_run_id
+        self.example = example  # the logged models' input example
+        self.metrics: dict[str, float] = {}
+
+    def stage(
+        self, result: StageResult, measure: Callable[[], dict[str, float]]
+    ) -> dict[str, float]:
+        # a cached teacher is logged once per experiment: its runs point to the model by digest
+        digest = content_hash(result.model) if result.name == "teacher" else None
+        metrics = evaluate_task(
+            result.name, measure, result, self.parent_run_id, self.example, digest
+        )
+        self.metrics |= tracking.prefixed(result.name, metrics)
+        return metrics
+
+    def record(
+        self, stage: str, metrics: dict[str, float], params: dict[str, Any], started: float
+    ) -> None:
+        self.metrics |= tracking.record_stage(
+            self.parent_run_id, stage, metrics, params, started=started
+        )
+
+    def plots(
+        self,
+        stages: dict[str, dict[str, float]],
+        teacher: nn.Module,
+        student: nn.Module,
+        final: Model,
+        data: Dataset,
+        curves: dict[str, dict[str, list[float]]],
+        cfg: EvaluateConfig,
+        seed: int,
+    ) -> None:
+        plots_task(self.parent_run_id, stages, teacher, student, final, data, curves, cfg, seed)

@@ -3,8 +3,8 @@
 A diverged fine-tuning (a learning rate far too high) or a teacher whose weights overflow in
 float32 leaves a model that predicts class 0 for every row and NaN for every probability:
 it must not reach the registry as a working model. `check_model` runs at every stage
-boundary (tasks/compress/evaluate.py's `evaluate_task`, which every stage's model passes through
-before it is recorded) on the weights and on the outputs for a batch of rows.
+boundary (tasks/compress/pipeline.py measures every stage's model through it, before the
+model is recorded) on the weights and on the outputs for a batch of rows.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.distill import STAGES, distill_flow
+from flows.distill import distill_flow
+from tasks.compress.pipeline import STAGES
 from tasks.platform.errors import UserError
 from tasks.release.registry import raw_features
 from tests.conftest import ROOT, TINY, use_store

@@ -1,0 +1,151 @@
+"""What a pipeline run is called and what it reports: the run's name in MLflow and Prefect, the
+`RunSummary` the flow returns (`distill run --json` prints it), the registered version's
+description and the stage table (the Prefect artifact and the MLflow run's description).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.platform.config import PipelineConfig
+
+_UNITS = {
+    "size_kb": "{:g} KB",
+    "ratio": "{:g}x",
+    "params": "{:,.0f} params",
+    "latency_ms_b1": "{:g} ms b1",
+    "variance": "variance {:g}",
+}
+
+
+def run_name(cfg: PipelineConfig, variant: str | None = None) -> str:
+    """What a person tells runs apart by, in the MLflow runs table and the Prefect UI:
+    `digits · target 20 KB`, `digits · budget 250 KB`; a sweep variant names its grid values
+    (`digits · reduce.budget.size_kb=8, finetune.temperature=2`)."""
+    if variant:
+        return f"{cfg.name} · {variant}"
+    if cfg.target is not None:
+        return f"{cfg.name} · target {_UNITS[cfg.target.kind].format(cfg.target.value)}"
+    budget = cfg.reduce.budget
+    return f"{cfg.name} · budget {_UNITS[budget.kind].format(budget.value)}"
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    experiment_id: str
+    run_url: str
+    model_name: str | None
+    model_version: str | None
+    metrics: dict[str, float]  # the parent run's metrics
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    promotion: Any = None  # tasks.release.promotion.Decision, with `distill run --promote`
+    target: dict[str, Any] | None = None  # {"met": bool, "line": str} when the config has a target
+    run_name: str = ""
+    flow_run_id: str | None = None  # the Prefect flow run
+    ui_running: bool = True  # run_url answers now (a tracking server, or `distill ui`)
+
+    def as_json(self) -> dict[str, Any]:
+        return (
+            {
+                "run_id": self.run_id,
+                "run_name": self.run_name,
+                "run_url": self.run_url,
+                "flow_run_id": self.flow_run_id,
+                "model_name": self.model_name,
+                "model_version": self.model_version,
+                "metrics": self.metrics,
+                "stages": self.stages,
+            }
+            | ({"promotion": self.promotion.as_json()} if self.promotion is not None else {})
+            | ({"target": self.target} if self.target is not None else {})
+        )
+
+
+def version_description(
+    cfg: PipelineConfig, summary: dict[str, float], tags: dict[str, str]
+) -> str:
+    """The registered version's description in the registry UI: what run made it, and its
+    headline numbers."""
+    quality = (
+        f"R² {summary['final/r2']:.3f} ({summary['r2_drop']:+.3f} vs the teacher)"
+        if "final/r2" in summary
+        else f"accuracy {100 * summary['final/accuracy']:.2f}% "
+        f"({100 * summary['accuracy_drop']:+.2f} points vs the teacher)"
+    )
+    return (
+        f"{run_name(cfg, tags.get('distill.sweep_variant'))}: {quality}, "
+        f"{summary['final/size_kb']:.1f} KB ({summary['compression_ratio']:.1f}x smaller), "
+        f"batch-1 latency {summary['final/latency_ms_b1']:.3f} ms. "
+        f"Config {cfg.digest()[:12]}, dataset {tags.get('distill.dataset_digest', '?')[:12]}."
+    )
+
+
+def _stage_rows(summary: RunSummary) -> list[str]:
+    """The markdown table's rows: accuracy and calibration, or R², MAE, RMSE in the label's units
+    and the relative error to the teacher for a regression run."""
+    nan = float("nan")
+    if any("r2" in m for m in summary.stages.values()):
+        rows = [
+            (
+                "| stage | params | size KB | R² | MAE | RMSE | rel. error vs teacher "
+                "| train-test gap | latency b1 ms p50 / p95 | time s |"
+            ),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for stage, m in summary.stages.items():
+            rows.append(
+                f"| {stage} | {m['params']:,.0f} | {m['size_kb']:.1f} | {m['r2']:.4f} | "
+                f"{m['mae']:.4g} | {m['rmse']:.4g} | {m.get('teacher_rel_error', nan):.4f} | "
+                f"{m.get('train_test_gap', nan):+.4f} | {m['latency_ms_b1']:.3f} / "
+                f"{m.get('latency_p95_ms_b1', nan):.3f} | {m.get('seconds', nan):.1f} |"
+            )
+        return rows
+    rows = [
+        (
+            "| stage | params | FLOPs/row | size KB | accuracy | ECE | train-test gap "
+            "| latency b1 ms p50 / p95 | time s |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, m in summary.stages.items():
+        rows.append(
+            f"| {stage} | {m['params']:,.0f} | {m.get('flops', nan):,.0f} | {m['size_kb']:.1f} | "
+            f"{m['accuracy']:.4f} | {m.get('ece', nan):.4f} | {m.get('train_test_gap', nan):+.4f} "
+            f"| {m['latency_ms_b1']:.3f} / {m.get('latency_p95_ms_b1', nan):.3f} "
+            f"| {m.get('seconds', nan):.1f} |"
+        )
+    return rows
+
+
+def stage_table_markdown(summary: RunSummary, link: bool = True) -> str:
+    """The stage table: the Prefect flow run's artifact (`link`: with the MLflow run's URL) and the
+    MLflow parent run's description (`mlflow.note.content`)."""
+    nan = float("nan")
+    m = summary.metrics
+    if "compression_ratio" in m and "r2_drop" in m:
+        headline = (
+            f"**{m['compression_ratio']:.1f}x** smaller, R² drop **{m['r2_drop']:+.4f}**, "
+            f"batch-1 speedup {m.get('speedup_b1', nan):.1f}x.\n\n"
+        )
+    elif "compression_ratio" in m and "accuracy_drop" in m:
+        headline = (
+            f"**{m['compression_ratio']:.1f}x** smaller, accuracy drop "
+            f"**{100 * m['accuracy_drop']:+.2f} points**, batch-1 speedup "
+            f"{m.get('speedup_b1', nan):.1f}x.\n\n"
+        )
+    else:
+        headline = ""
+    registered = (
+        f"Registered **{summary.model_name}** version {summary.model_version}.\n\n"
+        if summary.model_name
+        else ""
+    )
+    target = f"Target: {summary.target['line']}\n\n" if summary.target else ""
+    where = f"MLflow run: [{summary.run_id}]({summary.run_url})\n\n" if link else ""
+    return (
+        f"# distill run: {summary.run_name or summary.run_id}\n\n{headline}{target}{registered}"
+        + where
+        + "\n".join(_stage_rows(summary))
+    )

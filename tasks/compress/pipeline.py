@@ -1,0 +1,341 @@
+"""The whole pipeline as one plain function: teacher -> reduce -> reconstruct -> fine-tune ->
+prune -> quantize, every stage's model evaluated, in order.
+
+    from tasks.compress.data import load_dataset
+    from tasks.compress.pipeline import compress
+    from tasks.platform.config import load_config
+
+    cfg = load_config("configs/digits.yaml")
+    outcome = compress(cfg, load_dataset(cfg.data, cfg.seed))
+    outcome.stages["quantized"]["accuracy"], outcome.quantized.served
+
+Two parts plug in, and nothing here branches on them: `Steps`, the stage functions (the plain
+ones of tasks/compress by default; the flow passes their Prefect tasks, cached and resumable),
+and a `Recorder`, told about each stage as it finishes (this module's writes nothing; the flow's
+writes MLflow runs, flows/stages.py). With a `target:` the plan sizes the reduction, and one
+guarded search takes the place of pruning and int8 (tasks/compress/target.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tasks.compress.data import Dataset
+from tasks.compress.evaluate import (
+    OnnxModel,
+    TorchScriptModel,
+    evaluate_model,
+    pipeline_summary,
+    reference_predictions,
+)
+from tasks.compress.finetune import History, distill, predict_logits
+from tasks.compress.finite import check_model
+from tasks.compress.prune import prune_and_recover
+from tasks.compress.quantize import Quantized, quantize_model
+from tasks.compress.reconstruct import reconstruct_with_notes
+from tasks.compress.reduce import Reduction, calibration_rows, reduce_model, reduction_record
+from tasks.compress.target import (
+    Costs,
+    Fitted,
+    Guard,
+    Plan,
+    fit_to_target,
+    max_drop_of,
+    plan_for_target,
+    target_record,
+    target_tags,
+    verdict,
+)
+from tasks.compress.teacher import load_teacher
+from tasks.platform.config import BudgetConfig, EvaluateConfig, PipelineConfig, TeacherConfig
+
+STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
+Model = nn.Module | OnnxModel | TorchScriptModel
+
+# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
+# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
+# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
+_ONNX_EXPORT = threading.Lock()
+
+
+def onnx_export_lock() -> threading.Lock:
+    return _ONNX_EXPORT
+
+
+def teacher_with_history(
+    cfg: TeacherConfig,
+    data: Dataset,
+    seed: int,
+    device: str = "cpu",
+    config_dir: str | None = None,
+) -> tuple[nn.Module, History]:
+    """The teacher, and its training curves (empty for a teacher loaded, not trained)."""
+    history = History()
+    model = load_teacher(cfg, data, seed, device, Path(config_dir) if config_dir else None, history)
+    return model, history
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The stage functions `compress` calls. Each keeps the signature of its default; replace one
+    with `dataclasses.replace(PLAIN_STEPS, prune=my_prune)`."""
+
+    teacher: Callable[..., tuple[nn.Module, History]] = teacher_with_history
+    plan: Callable[..., tuple[Plan, dict[str, Costs], int]] = plan_for_target  # with a target
+    reduce: Callable[..., Reduction] = reduce_model
+    reconstruct: Callable[..., tuple[nn.Module, dict[str, object]]] = reconstruct_with_notes
+    finetune: Callable[..., tuple[nn.Module, History]] = distill
+    prune: Callable[..., tuple[nn.Module, History]] = prune_and_recover  # without a target
+    quantize: Callable[..., Quantized] = quantize_model  # without a target
+    fit: Callable[..., Fitted] = fit_to_target  # with a target: pruning and int8, guarded
+    evaluate: Callable[..., dict[str, float]] = evaluate_model
+
+
+PLAIN_STEPS = Steps()
+
+
+@dataclass
+class StageResult:
+    """What a stage that made a model hands its recorder."""
+
+    name: str  # one of STAGES
+    model: Model
+    params: dict[str, Any]  # the stage's settings and notes
+    curves: dict[str, list[float]] | None = None  # per-epoch training curves
+    started: float | None = None  # time.time() when the stage's work began
+
+
+class Recorder:
+    """Where results are written as each stage finishes. This one writes nothing (`compress`
+    returns everything); override what you want written."""
+
+    def stage(
+        self, result: StageResult, measure: Callable[[], dict[str, float]]
+    ) -> dict[str, float]:
+        """A stage made a model: measure it (`measure()`: the evaluate step's metrics), write both
+        down, return the metrics, with `seconds` since `result.started`. Measuring is the
+        recorder's call so that one writing to a service can retry a failed write, measurement
+        included, without running the stage again."""
+        return measure() | seconds_since(result.started)
+
+    def record(
+        self, stage: str, metrics: dict[str, float], params: dict[str, Any], started: float
+    ) -> None:
+        """A stage without a model of its own finished: `reduce` (the plan per layer) or `target`
+        (the plan and the guarded fit)."""
+
+    def plots(
+        self,
+        stages: dict[str, dict[str, float]],
+        teacher: nn.Module,
+        student: nn.Module,
+        final: Model,
+        data: Dataset,
+        curves: dict[str, dict[str, list[float]]],
+        cfg: EvaluateConfig,
+        seed: int,
+    ) -> None:
+        """All stages are measured: the run's figures can be drawn (`evaluate.plots`); the
+        arguments are those of tasks/compress/plots.py's `pipeline_figures`."""
+
+
+def seconds_since(started: float | None) -> dict[str, float]:
+    return {} if started is None else {"seconds": time.time() - started}
+
+
+@dataclass
+class TargetOutcome:
+    """What a `target:` came to: the plan, the guarded fit, and the verdict."""
+
+    plan: Plan
+    costs: dict[str, Costs]
+    teacher_bytes: int  # the teacher's file, what a `ratio` target divides
+    fitted: Fitted
+    guard: Guard
+    met: bool
+    line: str  # the verdict a user reads
+    tags: dict[str, str]  # for the registered version: the target, met or not
+
+
+@dataclass
+class Outcome:
+    """What `compress` returns: each stage's model, its metrics, the curves, the headline."""
+
+    teacher: nn.Module
+    reduction: Reduction
+    reconstructed: nn.Module
+    finetuned: nn.Module
+    pruned: nn.Module  # the float model that was quantized (with a target: the guarded fit's)
+    quantized: Quantized  # .served: the model that ships
+    stages: dict[str, dict[str, float]]  # metrics of each of STAGES, as the recorder returned them
+    curves: dict[str, dict[str, list[float]]]  # teacher, finetuned (with best_epoch), pruned
+    summary: dict[str, float]  # final/*, compression_ratio, accuracy_drop or r2_drop, speedup_*
+    target: TargetOutcome | None = None
+
+
+def compress(
+    cfg: PipelineConfig,
+    data: Dataset,
+    steps: Steps = PLAIN_STEPS,
+    recorder: Recorder | None = None,
+    config_dir: str | None = None,
+) -> Outcome:
+    """Every stage of `cfg` on `data`. Each stage's model is measured and handed to `recorder`
+    when it is made; a stage's record spans its work (`started`). `config_dir`: the config
+    file's folder, where a `module:Name` teacher's module may live."""
+    recorder = recorder or Recorder()
+    seed, device, ev = cfg.seed, cfg.device, cfg.evaluate
+    stages: dict[str, dict[str, float]] = {}
+
+    started = time.time()
+    teacher, teacher_history = steps.teacher(cfg.teacher, data, seed, device, config_dir)
+    teacher_pred = reference_predictions(predict_logits(teacher, data.X_test), data)
+
+    def made(
+        name: str,
+        model: Model,
+        params: dict[str, Any],
+        since: float,
+        curves: dict[str, list[float]] | None = None,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        def measure() -> dict[str, float]:
+            check_model(name, model, data.X_test[:256])  # a NaN model stops here, unrecorded
+            return steps.evaluate(model, data, teacher_pred, ev) | (extra or {})
+
+        stages[name] = recorder.stage(StageResult(name, model, params, curves, since), measure)
+
+    made(
+        "teacher",
+        teacher,
+        cfg.teacher.model_dump(),
+        started,
+        curves=teacher_history.curves() if teacher_history.train_loss else None,
+    )
+
+    plan = None
+    reduce_cfg = cfg.reduce
+    if cfg.target is not None:  # the plan chooses the reduce budget
+        with onnx_export_lock():
+            plan, costs, teacher_bytes = steps.plan(
+                teacher,
+                data,
+                cfg.target,
+                cfg.reduce,
+                cfg.reconstruct,
+                cfg.compress.quantize,
+                seed,
+                ev.latency_repeats,
+            )
+        reduce_cfg = cfg.reduce.model_copy(
+            update={"budget": BudgetConfig(params=plan.reduce_params)}
+        )
+
+    started = time.time()
+    calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
+    reduction = steps.reduce(teacher, calibration, reduce_cfg, cfg.reconstruct.mode)
+    params, metrics = reduction_record(reduction)
+    recorder.record("reduce", metrics, params, started)
+
+    started = time.time()
+    reconstructed, notes = steps.reconstruct(teacher, reduction, calibration, cfg.reconstruct)
+    made("reconstructed", reconstructed, cfg.reconstruct.model_dump() | notes, started)
+
+    started = time.time()
+    finetuned, history = steps.finetune(teacher, reconstructed, data, cfg.finetune, seed, device)
+    made("finetuned", finetuned, cfg.finetune.model_dump(), started, curves=history.curves())
+    curves = {  # for the plot; the restored best epochs marked
+        name: h.curves() | {"best_epoch": [h.best_epoch]}
+        for name, h in (("teacher", teacher_history), ("finetuned", history))
+    }
+
+    started = time.time()
+    target = None
+    if plan is None:
+        pruned, history = steps.prune(
+            teacher, finetuned, data, cfg.compress.prune, cfg.finetune, seed, device
+        )
+        made("pruned", pruned, cfg.compress.prune.model_dump(), started, curves=history.curves())
+        started = time.time()  # the pruned record spans pruning; the quantized one int8 and export
+        with onnx_export_lock():
+            quantized = steps.quantize(
+                pruned, data.X_test, data.X_train, cfg.compress.quantize, seed
+            )
+    else:  # prune only while the served model misses the target, each round and int8 guarded
+        guard = Guard.of(teacher, data, max_drop_of(cfg.target, data))
+        with onnx_export_lock():
+            fitted = steps.fit(
+                teacher,
+                finetuned,
+                data,
+                plan,
+                costs,
+                guard,
+                cfg.compress.prune,
+                cfg.finetune,
+                cfg.compress.quantize,
+                seed,
+                device,
+                ev.latency_repeats,
+            )
+        pruned, history, quantized = fitted.model, fitted.history, fitted.quantized
+        params, metrics = target_record(plan, costs, fitted, guard, teacher_bytes)
+        recorder.record("target", metrics, params, started)
+        prune_params = cfg.compress.prune.model_dump(exclude={"amount"}) | {
+            "planned_by": "target",
+            "rounds_run": sum(c.step.startswith("prune") for c in fitted.checks),
+            "rolled_back": ", ".join(fitted.rolled_back) or "none",
+        }
+        # pruning and int8 are one guarded search here: the pruned record spans it
+        made("pruned", pruned, prune_params, started, curves=history.curves())
+        started = time.time()
+        target = TargetOutcome(
+            plan,
+            costs,
+            teacher_bytes,
+            fitted,
+            guard,
+            fitted.met,
+            verdict(plan, fitted, guard),
+            target_tags(plan, fitted, guard),
+        )
+    curves["pruned"] = history.curves()
+    made(
+        "quantized",
+        quantized.served,
+        cfg.compress.quantize.model_dump() | {"method": quantized.method},
+        started,
+        extra={"export_max_abs_diff": quantized.export_max_abs_diff}
+        | (
+            {"int8_max_abs_diff": quantized.int8_max_abs_diff}
+            if quantized.int8_max_abs_diff is not None
+            else {}
+        ),
+    )
+
+    if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
+        recorder.plots(stages, teacher, pruned, quantized.served, data, curves, ev, seed)
+    summary = pipeline_summary(
+        {s: {k: v for k, v in m.items() if k != "seconds"} for s, m in stages.items()}, "quantized"
+    )
+    if target is not None:
+        summary["target_met"] = float(target.met)
+    return Outcome(
+        teacher,
+        reduction,
+        reconstructed,
+        finetuned,
+        pruned,
+        quantized,
+        stages,
+        curves,
+        summary,
+        target,
+    )
