@@ -16,14 +16,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
-from tasks.platform import tracking
+from tasks.platform import store
 from tasks.platform.config import PromoteConfig
 from tasks.release.promotion import Decision, decision_markdown, promote_task, rollback_task
 
 
 def connect_registry() -> None:
     """Point MLflow at mlflow.yaml's store without creating anything in it."""
-    tracking.point_at(tracking.load_settings())
+    store.point_at(store.load_settings())
 
 
 def _flow_run_name() -> str:

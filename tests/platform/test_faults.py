@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform import tracking
+from tasks.platform import dead_runs, retry
 from tasks.platform.errors import fault_message
 from tests.conftest import ROOT, TINY, free_port
 
@@ -77,7 +77,7 @@ def test_fault_messages_name_the_fault_and_leave_bugs_alone():
     assert fault_message(gathered) == "cannot write /data/artifacts/a: No space left on device"
     assert fault_message(ValueError("a bug")) is None
     assert fault_message(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
-    assert not tracking.is_transient(full)  # a full disk is not retried
+    assert not retry.is_transient(full)  # a full disk is not retried
 
 
 def _mount(disk: Path, options: str) -> None:
@@ -248,7 +248,7 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
 
         mlflow.set_tracking_uri(uri)
         experiment_id = client.get_experiment_by_name("distill").experiment_id
-        assert tracking.close_dead_runs(experiment_id) == [
+        assert dead_runs.close_dead_runs(experiment_id) == [
             parent
         ]  # what the next `distill run` does first
         assert client.get_run(parent).info.status == "FAILED"
