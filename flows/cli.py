@@ -446,11 +446,11 @@ def ui(
     import time
     import urllib.request
 
-    from tasks.platform import tracking
+    from tasks.platform import store
 
     with user_errors():
-        settings = tracking.load_settings()
-        command = tracking.ui_server_command(settings, port)
+        settings = store.load_settings()
+        command = store.ui_server_command(settings, port)
         _check_port_free(settings.ui.host, port or settings.ui.port)
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
     # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
@@ -477,12 +477,12 @@ def ui(
                 fail(f"mlflow server did not answer at {url} within 120 s")
             time.sleep(0.5)
         typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
-        tracking.record_ui(settings, url)  # `distill run` links here, whatever the port
+        store.record_ui(settings, url)  # `distill run` links here, whatever the port
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        tracking.record_ui(settings, None)
+        store.record_ui(settings, None)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -632,10 +632,10 @@ def predict(
     quiet()
 
     with user_errors():
-        from tasks.platform import tracking
+        from tasks.platform import store
         from tasks.release.predict import predict_file
 
-        tracking.point_at(tracking.load_settings())
+        store.point_at(store.load_settings())
         with contextlib.redirect_stdout(sys.stderr):
             report = predict_file(model, input_, output, label)
     accuracy = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""

@@ -23,7 +23,7 @@ from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, register_task
 from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
 from tasks.compress.pipeline import Outcome, compress
 from tasks.compress.teacher import check_teacher
-from tasks.platform import tracking
+from tasks.platform import dead_runs, store, tracking
 from tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
 
@@ -86,7 +86,7 @@ def distill_flow(
     else:
         path = Path(config_path or DEFAULT_CONFIG)
         cfg = load_config(path, overrides)
-    settings = tracking.load_settings()
+    settings = store.load_settings()
     config_dir = str(path.resolve().parent) if path is not None else None
     data = data_task(cfg.data, cfg.seed)
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
@@ -98,7 +98,7 @@ def distill_flow(
 
         for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
             get_run_logger().warning(warning)
-    experiment_id = tracking.configure(settings)
+    experiment_id = store.configure(settings)
     tags = (
         {
             "prefect.flow_run_id": str(flow_run.id),
@@ -112,14 +112,14 @@ def distill_flow(
     )
     if record is not None:
         tags["distill.reproduces"] = record.run_id
-    tracking.close_dead_runs(experiment_id)  # parents left RUNNING by killed processes -> FAILED
+    dead_runs.close_dead_runs(experiment_id)  # parents left RUNNING by killed processes -> FAILED
     remove_incomplete_registrations()  # versions (and empty models) those processes left
 
     name = run_name(cfg, (tags or {}).get("distill.sweep_variant"))
     logger = get_run_logger()
     logger.info("MLflow parent run %r in experiment %s", name, experiment_id)
     with tracking.parent_run(
-        experiment_id, name, cfg.flat(), tags | tracking.process_tags()
+        experiment_id, name, cfg.flat(), tags | dead_runs.process_tags()
     ) as run_id:
         tracking.log_run_inputs(
             yaml.safe_dump(cfg.model_dump(), sort_keys=False),
@@ -163,7 +163,7 @@ def distill_flow(
     summary = RunSummary(
         run_id=run_id,
         experiment_id=experiment_id,
-        run_url=tracking.run_url(settings, experiment_id, run_id),
+        run_url=store.run_url(settings, experiment_id, run_id),
         model_name=registered.name if registered else None,
         model_version=registered.version if registered else None,
         metrics=tracking.run_metrics(run_id),
@@ -172,7 +172,7 @@ def distill_flow(
         run_name=name,
         flow_run_id=str(flow_run.id),
         ui_running=settings.tracking_uri.startswith(("http://", "https://"))
-        or tracking.running_ui(settings) is not None,
+        or store.running_ui(settings) is not None,
     )
     tracking.set_description(run_id, stage_table_markdown(summary, link=False))
     if target is not None and not target["met"]:

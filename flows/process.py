@@ -186,7 +186,7 @@ def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
 
 def exit_on_signals() -> None:
     """SIGTERM (a `kill`, a supervisor stopping the job) unwinds like an error, so the MLflow
-    parent run is closed FAILED rather than left RUNNING (SIGKILL: see tracking.close_dead_runs);
+    parent run is closed FAILED rather than left RUNNING (SIGKILL: see dead_runs.close_dead_runs);
     Ctrl-C unwinds as `Interrupted`: runs end KILLED and the exit code is 130."""
     import signal
 

@@ -1,10 +1,10 @@
 """The promotion flow: gate a registered version and move alias `champion`, or roll it back.
 
-The logic is in tasks/release/promotion.py; the flow points MLflow at the configured registry,
-runs one decision and publishes it as a Prefect markdown artifact (the gate table). A refused
-promotion ends the flow run Failed with the decision's line as its message (the Prefect UI
-shows it red, with the reason; the after-nightly automation sees a failure); `run_promotion`
-returns the decision either way.
+The logic is in tasks/release/promotion.py (its gates in tasks/release/gates.py); the flow
+points MLflow at the configured registry, runs one decision and publishes it as a Prefect
+markdown artifact (the gate table). A refused promotion ends the flow run Failed with the
+decision's line as its message (the Prefect UI shows it red, with the reason; the after-nightly
+automation sees a failure); `run_promotion` returns the decision either way.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
-from tasks.platform import tracking
+from tasks.platform import store
 from tasks.platform.config import PromoteConfig
 from tasks.release.promotion import Decision, decision_markdown, promote_task, rollback_task
 
 
 def connect_registry() -> None:
     """Point MLflow at mlflow.yaml's store without creating anything in it."""
-    tracking.point_at(tracking.load_settings())
+    store.point_at(store.load_settings())
 
 
 def _flow_run_name() -> str:

@@ -32,7 +32,7 @@ from tasks.compress.reconstruct import reconstruct_with_notes
 from tasks.compress.reduce import Reduction, reduce_model
 from tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
 from tasks.compress.teacher import load_teacher
-from tasks.platform import tracking
+from tasks.platform import retry, tracking
 from tasks.platform.caching import STAGE_CACHE, content_hash
 from tasks.platform.config import (
     EvaluateConfig,
@@ -160,7 +160,7 @@ def fit_task(
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=1,
-    retry_condition_fn=tracking.retry_on_tracking_error,
+    retry_condition_fn=retry.retry_on_tracking_error,
 )
 def evaluate_task(
     stage: str,

@@ -30,7 +30,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.distill import distill_flow
-from tasks.platform import tracking
+from tasks.platform import store
 from tasks.platform.config import DEFAULT_CONFIG, load_config
 from tasks.platform.errors import UserError
 from tasks.release.pareto import (
@@ -181,7 +181,7 @@ def sweep_flow(
     sweep_id = str(flow_run.id)
     tags = {"distill.sweep_id": sweep_id, "prefect.sweep_flow_run_id": sweep_id}
     # create the store and experiment here, once, not racing from every worker
-    experiment_id = tracking.configure(tracking.load_settings())
+    experiment_id = store.configure(store.load_settings())
     sweep_run_id = open_sweep_run(
         experiment_id, sweep_id, grid, tags | {"distill.sweep_summary": "true"}
     )

@@ -144,3 +144,11 @@ def fresh_process(
     return subprocess.run(
         command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def child_runs(client, parent_id):
+    """The nested runs under a parent run (its stage runs)."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.platform import tracking
+from tasks.platform import store
 from tasks.platform.errors import UserError
 
 RUN_COLUMNS = ("run_id", "run_name", "start_time", "status")
@@ -66,7 +66,7 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
     if found is None:
         raise UserError(
             f"no MLflow experiment named {experiment!r} at "
-            f"{tracking.redact(mlflow.get_tracking_uri())}"
+            f"{store.redact(mlflow.get_tracking_uri())}"
         )
     runs = mlflow.search_runs(
         experiment_ids=[found.experiment_id],
@@ -114,8 +114,8 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
 
 def load_comparison(experiment: str | None, last: int | None) -> pd.DataFrame:
     """Point MLflow at the configured store (never creating one) and compare its parent runs."""
-    settings = tracking.load_settings()
-    tracking.connect(settings)
+    settings = store.load_settings()
+    store.connect(settings)
     return comparison(parent_runs(experiment or settings.tracking.experiment, last))
 
 

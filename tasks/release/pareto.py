@@ -18,7 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.platform import tracking
+from tasks.platform import dead_runs, tracking
 
 ACCURACY, SIZE = "final/accuracy", "final/size_kb"
 COLUMNS = [
@@ -161,7 +161,7 @@ def open_sweep_run(
 
     client = MlflowClient()
     run_id = client.create_run(
-        experiment_id, run_name=sweep_run_name(grid), tags=tags | tracking.process_tags()
+        experiment_id, run_name=sweep_run_name(grid), tags=tags | dead_runs.process_tags()
     ).info.run_id
     tracking.log_metrics(run_id, {}, params={f"grid.{k}": ", ".join(v) for k, v in grid.items()})
     return run_id

@@ -190,7 +190,7 @@ def remove_incomplete_registrations() -> list[str]:
     """Delete versions whose registration never finished (`distill.complete=false`, their run no
     longer RUNNING: killed mid-registration), then registered models created by a distill run
     that is no longer RUNNING and left without versions. Returns what was deleted
-    (`NAME/VERSION`, `NAME`). Call after `tracking.close_dead_runs`."""
+    (`NAME/VERSION`, `NAME`). Call after `dead_runs.close_dead_runs`."""
     from mlflow import MlflowClient
 
     client = MlflowClient()

@@ -33,7 +33,7 @@ def read_record(run_id: str) -> RunRecord:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.platform.tracking import redact
+    from tasks.platform.store import redact
 
     try:
         run = MlflowClient().get_run(run_id)

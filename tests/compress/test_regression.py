@@ -20,7 +20,7 @@ from tasks.compress.finetune import regression_kd_loss
 from tasks.compress.target import Guard
 from tasks.platform.config import DataConfig, build_config
 from tasks.platform.errors import UserError
-from tasks.release.promotion import Candidate, absolute_gates, held_out_rows
+from tasks.release.gates import Candidate, absolute_gates, held_out_rows
 from tests.conftest import ROOT, TINY, fresh_process, use_store
 
 NAME = "regression-table"

@@ -519,7 +519,7 @@ def test_a_server_behind_user_and_password_is_reachable():
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from tasks.platform.tracking import check_reachable, redact
+    from tasks.platform.store import check_reachable, redact
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self):

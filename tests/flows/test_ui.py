@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.platform.errors import UserError
-from tasks.platform.tracking import (
+from tasks.platform.store import (
     MlflowSettings,
     ServerSettings,
     UiSettings,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform import tracking
+from tasks.platform import dead_runs
 from tests.conftest import free_port
 from tests.platform.faults import RUN, fault_env, last_line
 
@@ -120,7 +120,7 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
 
         mlflow.set_tracking_uri(uri)
         experiment_id = client.get_experiment_by_name("distill").experiment_id
-        assert tracking.close_dead_runs(experiment_id) == [
+        assert dead_runs.close_dead_runs(experiment_id) == [
             parent
         ]  # what the next `distill run` does first
         assert client.get_run(parent).info.status == "FAILED"

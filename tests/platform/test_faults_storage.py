@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform import tracking
+from tasks.platform import retry
 from tasks.platform.errors import fault_message
 from tests.platform.faults import RUN, fault_env, fill, last_line, mount
 
@@ -45,7 +45,7 @@ def test_fault_messages_name_the_fault_and_leave_bugs_alone():
     assert fault_message(gathered) == "cannot write /data/artifacts/a: No space left on device"
     assert fault_message(ValueError("a bug")) is None
     assert fault_message(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
-    assert not tracking.is_transient(full)  # a full disk is not retried
+    assert not retry.is_transient(full)  # a full disk is not retried
 
 
 def test_read_only_artifact_location_is_refused_before_any_run(read_only_disk, tmp_path):
