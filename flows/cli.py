@@ -442,11 +442,8 @@ def ui(
     """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501
     quiet()
     import signal
-    import subprocess
-    import time
-    import urllib.request
 
-    from tasks.platform import tracking
+    from tasks.platform import servers, tracking
 
     with user_errors():
         settings = tracking.load_settings()
@@ -455,40 +452,27 @@ def ui(
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
     # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
-    # its own process group: stopping it stops the workers it spawns too
-    proc = subprocess.Popen(command, stdout=sys.stderr, env=env, start_new_session=True)
     for sig in (
         signal.SIGINT,
         signal.SIGTERM,
     ):  # Ctrl-C or `kill`, even where SIGINT came in ignored
         signal.signal(sig, interrupt)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                fail(f"mlflow server exited with code {proc.returncode} (is {url} already in use?)")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                fail(f"mlflow server did not answer at {url} within 120 s")
-            time.sleep(0.5)
-        typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
-        tracking.record_ui(settings, url)  # `distill run` links here, whatever the port
-        proc.wait()
+        # its own process group: stopping it stops the workers it spawns too
+        with servers.server_process(
+            command, f"{url}/health", env=env, output=sys.stderr, stop_timeout=15
+        ) as proc:
+            typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+            tracking.record_ui(settings, url)  # `distill run` links here, whatever the port
+            proc.wait()
+    except servers.ServerNotReady as err:
+        if err.returncode is not None:
+            fail(f"mlflow server exited with code {err.returncode} (is {url} already in use?)")
+        fail(f"mlflow server did not answer at {url} within 120 s")
     except KeyboardInterrupt:
         pass
     finally:
         tracking.record_ui(settings, None)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @app.command()

@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 
 from tasks.platform import tracking
 from tasks.platform.errors import fault_message
-from tests.conftest import ROOT, TINY, free_port
+from tasks.platform.servers import free_port
+from tests.conftest import ROOT, TINY
 
 RUN = [
     sys.executable,
