@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,50 +69,6 @@ def process_seconds(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-@contextmanager
-def prefect_server(home: str) -> Iterator[str]:
-    """`prefect server start` on a free loopback port; yields its API URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
-        "PREFECT_HOME": home,
-        "PREFECT_UI_ENABLED": "false",
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("prefect server did not start") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-
-
 def compare(overrides: list[str], repeats: int) -> tuple[float, float]:
     """Median seconds of (bare, flow), alternating."""
     from flows.distill import distill_flow
@@ -155,6 +106,7 @@ def main() -> None:
     }
     os.environ.update(env)
     from flows.distill import distill_flow, local_settings
+    from tasks.platform.servers import prefect_server
 
     with local_settings():  # as `distill run` sets them, once per process
         start = time.perf_counter()
@@ -170,7 +122,7 @@ def main() -> None:
         }
     run_args = ["run", str(CONFIG), *[a for s in args.overrides for a in ("--set", s)]]
     cold = process_seconds(run_args, env)
-    with prefect_server(f"{tmp}/prefect-server") as api:
+    with prefect_server(Path(tmp) / "prefect-server") as api:
         cold_served = process_seconds(run_args, env | {"PREFECT_API_URL": api})
     help_s = statistics.median(process_seconds(["--help"], env) for _ in range(3))
 

@@ -26,11 +26,11 @@ Not part of `make test`: CI has no Chromium. Exit status 0 when every check pass
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +40,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tasks.platform.servers import ServerNotReady, free_port, prefect_server  # noqa: E402
+
 QUICK = [
     "teacher.hidden=[64, 64]",
     "teacher.epochs=8",
@@ -65,12 +68,6 @@ SWEEP_MODEL = "ui-check-sweep"
 STAGE_NAMES = ["teacher", "reduce", "reconstructed", "finetuned", "pruned", "quantized"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def get(url: str, payload: dict | None = None) -> tuple[int, str, bytes]:
     """GET, or POST of a JSON payload."""
     request = urllib.request.Request(
@@ -80,17 +77,6 @@ def get(url: str, payload: dict | None = None) -> tuple[int, str, bytes]:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.status, response.headers.get("Content-Type", ""), response.read()
-
-
-def wait_for(url: str, seconds: float = 120) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            get(url)
-            return True
-        except OSError:
-            time.sleep(0.5)
-    return False
 
 
 def chromium(binary: str, url: str, *, screenshot: Path | None = None, height: int = 1000) -> str:
@@ -159,32 +145,20 @@ def main() -> int:
         if not ok:
             failures.append(what)
 
-    prefect, prefect_base, flow_runs = None, "", {}
+    prefect_base, flow_runs = "", {}
+    servers = contextlib.ExitStack()  # the Prefect server: stopped at the end, its whole group
     if args.store is None:
-        prefect_port = free_port()
-        prefect_base = f"http://127.0.0.1:{prefect_port}"
-        env["PREFECT_API_URL"] = f"{prefect_base}/api"
-        prefect_log = (args.out / "prefect-server.log").open("w")
-        prefect = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-            ],
-            env=env,
-            stdout=prefect_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if not wait_for(f"{prefect_base}/api/health"):
-            print("error: prefect server did not answer", file=sys.stderr)
+        try:
+            api = servers.enter_context(
+                prefect_server(
+                    store / "prefect-server", ui=True, log=args.out / "prefect-server.log"
+                )
+            )
+        except ServerNotReady as err:
+            print(f"error: {err}", file=sys.stderr)
             return 1
+        env["PREFECT_API_URL"] = api
+        prefect_base = api.removesuffix("/api")
         print(f"prefect server: {prefect_base}")
     try:
         if args.store is None:
@@ -301,12 +275,7 @@ def main() -> int:
             f"distill ui stopped on SIGINT (exit {ui.returncode}), port {port} closed",
         )
     finally:
-        if prefect is not None and prefect.poll() is None:
-            os.killpg(prefect.pid, signal.SIGTERM)
-            try:
-                prefect.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(prefect.pid, signal.SIGKILL)
+        servers.close()
     print(f"\nscreenshots and the servers' logs in {args.out}; store {store}")
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return 0 if not failures else 1

@@ -19,9 +19,8 @@ import typer
 
 from flows.process import (
     EXIT_REFUSED,
-    check_prefect_home,
-    exit_on_signals,
     fail,
+    flow_command,
     hide_user_errors_in_prefect_logs,
     interrupt,
     quiet,
@@ -90,33 +89,17 @@ def run(
     with user_errors():
         if not from_run:  # fail fast, before Prefect or MLflow start
             check_inputs(load_config(config, overrides), config)
-        check_prefect_home()
-
-    from tasks.platform.progress import note
-
-    note(f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect")
-    server_ready = start_prefect_server_early()
-    from flows.distill import distill_flow, local_settings
-
-    server_ready()
-    from prefect import tags as prefect_tags
-
-    hide_user_errors_in_prefect_logs()
-    from tasks.platform.progress import stage_lines
-
-    stage_lines()
-    exit_on_signals()
-    # stdout is the result (table or JSON); libraries' chatter goes to stderr
-    with (
-        user_errors(),
-        contextlib.redirect_stdout(sys.stderr),
-        _recompute(bool(from_run) or fresh),
-        local_settings(),
-        prefect_tags("distill", "run"),
+    with flow_command(
+        "run",
+        note=f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect",
+        stage_lines=True,
+        refresh=bool(from_run) or fresh,
     ):
+        from flows.distill import distill_flow
+
         summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
-        typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
+        _echo_json(summary)
     else:
         _print_summary(summary)
     if summary.target is not None and (not as_json or not summary.target["met"]):
@@ -157,13 +140,9 @@ def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None
         raise UserError(f"sweep variant {', '.join(combo) or '(base config)'}: {err}") from None
 
 
-def _recompute(refresh: bool) -> Any:
-    """A reproduction recomputes every stage: cached task results are not reused (but refreshed)."""
-    if not refresh:
-        return contextlib.nullcontext()
-    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
-
-    return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True})
+def _echo_json(result: Any) -> None:
+    """A command's result (`as_json()`) as one JSON object on stdout."""
+    typer.echo(json.dumps(result.as_json(), indent=2, default=float))
 
 
 def _ms(value: float) -> str:
@@ -308,33 +287,19 @@ def sweep(
         for combo in check_variants(str(config), overrides, grid_values):
             _check_variant(config, overrides, combo)
         runner = task_runner(dask, dask_address, workers)
-        check_prefect_home()
 
-    server_ready = start_prefect_server_early()
-    from flows.distill import local_settings
     from flows.sweep import SweepFailed, sweep_flow
 
-    server_ready()
-
-    hide_user_errors_in_prefect_logs()
-    exit_on_signals()
     failed = False
-    with user_errors():
+    with flow_command("sweep"):
         try:
-            from prefect import tags as prefect_tags
-
-            with (
-                contextlib.redirect_stdout(sys.stderr),
-                local_settings(),
-                prefect_tags("distill", "sweep"),
-            ):
-                summary = sweep_flow.with_options(task_runner=runner)(
-                    str(config), grid_values, overrides
-                )
+            summary = sweep_flow.with_options(task_runner=runner)(
+                str(config), grid_values, overrides
+            )
         except SweepFailed as err:
             summary, failed = err.summary, True
     if as_json:
-        typer.echo(json.dumps(summary.as_json(), indent=2, default=float))
+        _echo_json(summary)
     else:
         from flows.sweep import markdown_table
 
@@ -442,11 +407,8 @@ def ui(
     """Serve the MLflow UI for the configured store on mlflow.yaml's ui host (127.0.0.1) until Ctrl-C."""  # noqa: E501
     quiet()
     import signal
-    import subprocess
-    import time
-    import urllib.request
 
-    from tasks.platform import store
+    from tasks.platform import servers, store
 
     with user_errors():
         settings = store.load_settings()
@@ -455,40 +417,27 @@ def ui(
     url = f"http://{settings.ui.host}:{port or settings.ui.port}"
     # MLflow's GenAI job runner (a dozen worker processes) serves nothing this project logs
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
-    # its own process group: stopping it stops the workers it spawns too
-    proc = subprocess.Popen(command, stdout=sys.stderr, env=env, start_new_session=True)
     for sig in (
         signal.SIGINT,
         signal.SIGTERM,
     ):  # Ctrl-C or `kill`, even where SIGINT came in ignored
         signal.signal(sig, interrupt)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                fail(f"mlflow server exited with code {proc.returncode} (is {url} already in use?)")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                fail(f"mlflow server did not answer at {url} within 120 s")
-            time.sleep(0.5)
-        typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
-        store.record_ui(settings, url)  # `distill run` links here, whatever the port
-        proc.wait()
+        # its own process group: stopping it stops the workers it spawns too
+        with servers.server_process(
+            command, f"{url}/health", env=env, output=sys.stderr, stop_timeout=15
+        ) as proc:
+            typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+            store.record_ui(settings, url)  # `distill run` links here, whatever the port
+            proc.wait()
+    except servers.ServerNotReady as err:
+        if err.returncode is not None:
+            fail(f"mlflow server exited with code {err.returncode} (is {url} already in use?)")
+        fail(f"mlflow server did not answer at {url} within 120 s")
     except KeyboardInterrupt:
         pass
     finally:
         store.record_ui(settings, None)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @app.command()
@@ -601,7 +550,7 @@ def promote(
             rollback,
         )
     if as_json:
-        typer.echo(json.dumps(decision.as_json(), indent=2, default=float))
+        _echo_json(decision)
     else:
         typer.echo(decision.line(), err=not decision.ok)
     if not decision.ok:

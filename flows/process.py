@@ -1,6 +1,7 @@
 """What a `distill` process sets up around its command: quiet, offline settings for Prefect and
 MLflow, Prefect's temporary server started early (and stopped if the process dies), signals
-that unwind like errors, and every error as one line with its exit code.
+that unwind like errors, and every error as one line with its exit code; `flow_command` puts
+them together around the flow call of `distill run` and `distill sweep`.
 
 User errors (bad config, files, columns, URIs) print one line `error: ...` and exit 2; faults
 of the environment (disk full, no write permission, tracking server gone) one line and exit 3;
@@ -198,6 +199,54 @@ def exit_on_signals() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
         sys.unraisablehook = _redeliver_swallowed_interrupt
+
+
+@contextlib.contextmanager
+def flow_command(
+    name: str, *, note: str | None = None, stage_lines: bool = False, refresh: bool = False
+) -> Iterator[None]:
+    """Around the flow call of `distill run` and `distill sweep`, once their inputs are checked:
+    PREFECT_HOME checked, `note` printed, Prefect's temporary server started while the pipeline's
+    modules import, Prefect's logs without the user errors we print as one line, a line per
+    finished stage (`stage_lines`), signals that unwind like errors. Then, around the block: user
+    errors and faults as one line, stdout to stderr (stdout is the command's result: table or
+    JSON), distill's local Prefect settings, tags `distill` and `name`, and with `refresh` every
+    stage recomputed (cached results are not reused, but refreshed)."""
+    with user_errors():
+        check_prefect_home()
+    if note is not None:
+        from tasks.platform.progress import note as print_note
+
+        print_note(note)
+    server_ready = start_prefect_server_early()
+    from flows.distill import local_settings  # torch, MLflow...: while the server starts
+
+    server_ready()
+    from prefect import tags
+
+    hide_user_errors_in_prefect_logs()
+    if stage_lines:
+        from tasks.platform.progress import stage_lines as print_stage_lines
+
+        print_stage_lines()
+    exit_on_signals()
+    with (
+        user_errors(),
+        contextlib.redirect_stdout(sys.stderr),
+        _recompute(refresh),
+        local_settings(),
+        tags("distill", name),
+    ):
+        yield
+
+
+def _recompute(refresh: bool) -> Any:
+    """A reproduction recomputes every stage: cached task results are not reused (but refreshed)."""
+    if not refresh:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True})
 
 
 @contextlib.contextmanager

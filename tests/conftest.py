@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,13 +48,6 @@ TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency r
     "evaluate.large_batch=32",
     "target=null",  # hand-sized stages; tests/compress/test_target.py runs targets
 ]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

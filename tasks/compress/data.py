@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.compress import tabular
+from tasks.compress import readers, tabular
 from tasks.platform.config import DataConfig
 from tasks.platform.errors import UserError
 
@@ -222,25 +222,13 @@ def _read_sklearn(name: str) -> Table:
 
 
 def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> Table:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
-    except Exception as err:  # noqa: BLE001 -- pandas raises many types
-        raise UserError(
-            f"data file {path} could not be read as {kind}: {str(err).splitlines()[0]}"
-        ) from None
+    readers.require_file(path, "data file")
     where = f"data file {path}"
-    check_header(header_names(path, kind), where)
-    frame.columns = [str(c) for c in frame.columns]
+    frame = readers.read_frame(path, kind, where)
+    readers.read_header(path, kind, where)
     if frame.empty:
         raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
-    for role, column, key in (
-        ("label", label, "data.label"),
-        ("split", split_column, "data.split_column"),
-    ):
-        if column is not None and column not in frame.columns:
-            raise UserError(f"{where}: {role} column {column!r} not found (config key {key!r})")
+    check_roles(list(frame.columns), label, split_column, where)
     split = None if split_column is None else _split_values(frame[split_column], where)
     features = frame.drop(columns=[c for c in (label, split_column) if c is not None])
     if features.shape[1] == 0:
@@ -271,33 +259,13 @@ def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> 
     )
 
 
-def header_names(path: Path, kind: str) -> list[str]:
-    """The column names exactly as the file has them (pandas renames a repeated `a` to `a.1`)."""
-    if kind == "parquet" or path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [str(n) for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        return next(csv.reader(f), [])
-
-
-def check_header(names: list[str], where: str) -> None:
-    """Each column named, and named once: a repeated or empty name would be guessed at."""
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        if not name.strip():
-            raise UserError(
-                f"{where}: column {i} has no name in the header (a saved index? "
-                f"write the file with index=False, or name the column)"
-            )
-        if name in seen:
-            raise UserError(
-                f"{where}: column name {name!r} appears more than once in the "
-                f"header; give each column its own name"
-            )
-        seen.add(name)
+def check_roles(names: list[str], label: str, split_column: str | None, where: str) -> None:
+    """The label column and the split column (if any) the config names are in the table."""
+    readers.require_column(names, label, "label", where, "config key 'data.label'")
+    if split_column is not None:
+        readers.require_column(
+            names, split_column, "split", where, "config key 'data.split_column'"
+        )
 
 
 def _check_no_label_copy(features: pd.DataFrame, label: pd.Series, where: str) -> None:
@@ -326,16 +294,10 @@ def _split_values(column: pd.Series, where: str) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> Table:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
-    except Exception as err:  # noqa: BLE001 -- numpy raises many types
-        raise UserError(
-            f"data file {path} could not be read as npz: {str(err).splitlines()[0]}"
-        ) from None
+    readers.require_file(path, "data file")
     where = f"data file {path}"
+    with readers.open_npz(path, where) as npz:
+        arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
     if not any(n in arrays for n in NPZ_SPLIT_ARRAYS):
         X, y, row_shape = _npz_pair(arrays, where, "X", "y")
         return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, row_shape)

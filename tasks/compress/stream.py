@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.compress import data as D
-from tasks.compress import tabular
+from tasks.compress import readers, tabular
 from tasks.compress.rows import Rows, npy_header
 from tasks.platform.config import DataConfig
 from tasks.platform.errors import UserError
@@ -106,17 +106,10 @@ class _Parquet(_Source):
     def __init__(self, path: Path, label: str, split_column: str | None) -> None:
         import pyarrow.parquet as pq
 
-        if not path.is_file():
-            raise UserError(f"data file not found: {path}")
+        readers.require_file(path, "data file")
         where = f"data file {path}"
-        names = D.header_names(path, "parquet")
-        D.check_header(names, where)
-        for role, column, key in (
-            ("label", label, "data.label"),
-            ("split", split_column, "data.split_column"),
-        ):
-            if column is not None and column not in names:
-                raise UserError(f"{where}: {role} column {column!r} not found (config key {key!r})")
+        names = readers.read_header(path, "parquet", where)
+        D.check_roles(names, label, split_column, where)
         self.path, self.file = path, pq.ParquetFile(path)
         self.n = self.file.metadata.num_rows
         if self.n == 0:
@@ -172,11 +165,10 @@ class _Parquet(_Source):
 
 class _Npz(_Source):
     def __init__(self, path: Path) -> None:
-        if not path.is_file():
-            raise UserError(f"data file not found: {path}")
+        readers.require_file(path, "data file")
         where = f"data file {path}"
         shapes = _npz_shapes(path)
-        with np.load(path, allow_pickle=False) as npz:
+        with readers.open_npz(path, where) as npz:
             labels = {n: npz[n] for n in npz.files if n in ("y", "y_train", "y_val", "y_test")}
         if "X" in shapes and not (set(shapes) - {"X"}):
             self.members, parts = ["X"], None

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.compress import readers
 from tasks.platform.errors import UserError
 
 INPUT_KINDS = (".csv", ".parquet", ".npz")
@@ -100,8 +101,7 @@ def check_paths(input_path: Path, output_path: Path) -> None:
     """Before the (slow) model load: kinds, existence, and an output that is not the input."""
     if input_path.suffix.lower() not in INPUT_KINDS:
         raise UserError(f"input {input_path}: expected a .csv, .parquet or .npz file")
-    if not input_path.is_file():
-        raise UserError(f"input file not found: {input_path}")
+    readers.require_file(input_path, "input file")
     if output_path.suffix.lower() not in OUTPUT_KINDS:
         raise UserError(f"output {output_path}: expected a .csv or .parquet file")
     if output_path.is_dir():
@@ -127,16 +127,10 @@ def read_chunks(
     if path.suffix.lower() == ".npz":
         yield _read_npz(path, list(columns) if columns else None)
         return
-    from tasks.compress.data import check_header, header_names
-
-    kind = path.suffix.lower().lstrip(".")
-    try:
-        names = header_names(path, kind)
-    except Exception as err:  # noqa: BLE001 -- pyarrow and csv raise many types
-        raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
-    check_header(names, f"input {path}")
-    if label is not None and label not in names:
-        raise UserError(f"input {path}: label column {label!r} not found (option --label)")
+    kind, where = path.suffix.lower().lstrip("."), f"input {path}"
+    names = readers.read_header(path, kind, where)
+    if label is not None:
+        readers.require_column(names, label, "label", where, "option --label")
     wanted = list(columns) if columns else [n for n in names if n != label]
     missing = [f for f in wanted if f not in names]
     if missing:
@@ -147,38 +141,9 @@ def read_chunks(
         )
     text = [n for n, t in (columns or {}).items() if t == "string"]
     read = list(dict.fromkeys(wanted + ([label] if label else [])))
-    for chunk in _frames(path, kind, read, text, chunk_rows):
-        chunk.columns = [str(c) for c in chunk.columns]
+    for chunk in readers.read_frames(path, kind, where, read, text, chunk_rows):
         truth = chunk[label] if label is not None else None
         yield _typed(path, chunk[wanted], columns), truth
-
-
-def _frames(
-    path: Path,
-    kind: str,
-    read: list[str],
-    text: list[str],
-    chunk_rows: int,
-) -> Iterator[pd.DataFrame]:
-    start = 0
-    try:
-        if kind == "csv":
-            with pd.read_csv(
-                path, usecols=read, dtype=dict.fromkeys(text, str), chunksize=chunk_rows
-            ) as reader:
-                yield from reader
-            return
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=read):
-            frame = batch.to_pandas()
-            frame.index = pd.RangeIndex(start, start + len(frame))
-            start += len(frame)
-            yield frame
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 -- pandas and pyarrow raise many types
-        raise UserError(f"input {path} could not be read: {str(err).splitlines()[0]}") from None
 
 
 def _typed(path: Path, rows: pd.DataFrame, columns: dict[str, str] | None) -> pd.DataFrame:
@@ -209,19 +174,11 @@ def _typed(path: Path, rows: pd.DataFrame, columns: dict[str, str] | None) -> pd
 
 
 def _read_npz(path: Path, features: list[str] | None) -> tuple[pd.DataFrame, None]:
-    try:
-        arrays = np.load(path, allow_pickle=False)
-        X = (
-            arrays["X"]
-            if "X" in arrays.files
-            else (arrays[arrays.files[0]] if len(arrays.files) == 1 else None)
-        )
-    except Exception as err:  # noqa: BLE001 -- numpy raises many types
-        raise UserError(
-            f"input {path} could not be read as npz: {str(err).splitlines()[0]}"
-        ) from None
+    with readers.open_npz(path, f"input {path}") as arrays:
+        files = arrays.files
+        X = arrays["X"] if "X" in files else (arrays[files[0]] if len(files) == 1 else None)
     if X is None:
-        raise UserError(f"input {path}: no array 'X' (arrays: {', '.join(arrays.files)})")
+        raise UserError(f"input {path}: no array 'X' (arrays: {', '.join(files)})")
     if X.ndim < 2:
         raise UserError(
             f"input {path}: X has shape {list(X.shape)}; expected one row per sample, "

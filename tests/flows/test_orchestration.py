@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from itertools import product
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.deployments import PREFECT_FILE
+from tasks.platform.servers import prefect_server
 from tasks.release.pareto import pareto_mask
-from tests.conftest import ROOT, TINY, free_port
+from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -35,58 +35,11 @@ SETS = [a for s in TINY for a in ("--set", s)]
 DISTILL = [sys.executable, "-m", "flows.cli"]
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    """`prefect server start` on a free port with its own PREFECT_HOME; stopped afterwards."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    log = open(home / "server.log", "w")  # noqa: SIM115 -- the server writes it until the test ends
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not _healthy(url):
-            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server did not become healthy in 120 s"
-            time.sleep(0.5)
+    """A real Prefect server for this module (tasks/platform/servers.py)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 def _env(api: str, tmp_path: Path) -> dict[str, str]:

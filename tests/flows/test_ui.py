@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.platform.errors import UserError
+from tasks.platform.servers import free_port
 from tasks.platform.store import (
     MlflowSettings,
     ServerSettings,
@@ -22,7 +23,7 @@ from tasks.platform.store import (
     running_ui,
     ui_server_command,
 )
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 
 def test_server_command_uses_the_configured_store_and_ui(monkeypatch):

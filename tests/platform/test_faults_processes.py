@@ -11,27 +11,22 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from tasks.platform import dead_runs
-from tests.conftest import free_port
+from tasks.platform.servers import free_port, server_process
 from tests.platform.faults import RUN, fault_env, last_line
 
 
-def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
+def _mlflow_server(tmp_path: Path, port: int) -> contextlib.AbstractContextManager:
+    """An MLflow tracking server on `port` with its store in `tmp_path`, until the block ends."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port"]
+    return server_process(
         [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
+            *command,
             str(port),
             "--workers",
             "1",
@@ -40,27 +35,16 @@ def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
             "--artifacts-destination",
             str(tmp_path / "server-artifacts"),
         ],
-        cwd=tmp_path,
+        f"http://127.0.0.1:{port}/health",
         env=fault_env(tmp_path, MLFLOW_DISABLE_TELEMETRY="true"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        startup_timeout=90,
     )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return proc
-        except OSError:
-            time.sleep(0.3)
-    _stop(proc)
-    raise TimeoutError("mlflow server did not start")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker
-        proc.wait(timeout=30)
+def _lose(server: subprocess.Popen) -> None:
+    """The server and its worker go away at once (SIGKILL: no goodbye to the clients)."""
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
 
 
 def _running_parent(client: MlflowClient) -> str | None:
@@ -77,7 +61,6 @@ def _running_parent(client: MlflowClient) -> str | None:
 def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
     # fewer, shorter HTTP retries than the CLI's default (3, backoff 2): the same path, sooner
     env = fault_env(
         tmp_path,
@@ -85,35 +68,34 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
     )
-    run = subprocess.Popen(
-        [*RUN, "--set", "register.model_name=never"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     client = MlflowClient(uri, registry_uri=uri)
-    try:
-        deadline, parent = time.monotonic() + 240, None
-        while parent is None and run.poll() is None and time.monotonic() < deadline:
-            parent = _running_parent(client)
-            time.sleep(0.2)
-        assert parent is not None, "the run never opened its parent run"
-        _stop(server)  # the tracking server goes away mid-run
-        _, stderr = run.communicate(timeout=300)
-    finally:
-        _stop(server)
-        if run.poll() is None:
-            run.kill()
+    with _mlflow_server(tmp_path, port) as server:
+        run = subprocess.Popen(
+            [*RUN, "--set", "register.model_name=never"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline, parent = time.monotonic() + 240, None
+            while parent is None and run.poll() is None and time.monotonic() < deadline:
+                parent = _running_parent(client)
+                time.sleep(0.2)
+            assert parent is not None, "the run never opened its parent run"
+            _lose(server)  # the tracking server goes away mid-run
+            _, stderr = run.communicate(timeout=300)
+        finally:
+            if run.poll() is None:
+                run.kill()
     assert run.returncode == 3, stderr
     assert last_line(stderr).startswith(
         f"error: the MLflow tracking server stopped answering ({uri}/"
     ), stderr
     assert "Traceback" not in stderr
 
-    server = _start_server(tmp_path, port)  # back, same store
-    try:
+    with _mlflow_server(tmp_path, port):  # back, same store
         assert client.get_run(parent).info.status == "RUNNING"  # nobody could close it meanwhile
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         import mlflow
@@ -125,8 +107,6 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         ]  # what the next `distill run` does first
         assert client.get_run(parent).info.status == "FAILED"
         assert client.search_registered_models() == []
-    finally:
-        _stop(server)
 
 
 def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):

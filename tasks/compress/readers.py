@@ -1,0 +1,126 @@
+"""Reading a user's table files (CSV, Parquet, NPZ), for training (data.py, stream.py) and for
+prediction (tasks/release/predict.py): the header checked as the file writes it, an .npz opened
+without pickles, CSV and Parquet read whole or in chunks of rows. Every failure is one line
+naming the file: `where` is how the caller names it ("data file PATH", "input PATH").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.platform.errors import UserError
+
+
+def require_file(path: Path, what: str) -> None:
+    """`what` ("data file", "input file") is a file that exists."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+
+
+def unreadable(where: str, kind: str, err: BaseException) -> UserError:
+    """The one line for a file its reader refused: the reader's first line says why."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"{where} could not be read as {kind}: {reason}")
+
+
+def header_names(path: Path, kind: str) -> list[str]:
+    """The column names exactly as the file has them (pandas renames a repeated `a` to `a.1`)."""
+    if kind == "parquet" or path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [str(n) for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def check_header(names: list[str], where: str) -> None:
+    """Each column named, and named once: a repeated or empty name would be guessed at."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise UserError(
+                f"{where}: column {i} has no name in the header (a saved index? "
+                f"write the file with index=False, or name the column)"
+            )
+        if name in seen:
+            raise UserError(
+                f"{where}: column name {name!r} appears more than once in the "
+                f"header; give each column its own name"
+            )
+        seen.add(name)
+
+
+def read_header(path: Path, kind: str, where: str) -> list[str]:
+    """The header of a CSV or Parquet file, checked (`check_header`)."""
+    try:
+        names = header_names(path, kind)
+    except Exception as err:  # noqa: BLE001 -- pyarrow and csv raise many types
+        raise unreadable(where, kind, err) from None
+    check_header(names, where)
+    return names
+
+
+def require_column(names: list[str], column: str, role: str, where: str, given_by: str) -> None:
+    """A column the user named (`given_by`: "config key 'data.label'", "option --label")."""
+    if column not in names:
+        raise UserError(f"{where}: {role} column {column!r} not found ({given_by})")
+
+
+def read_frame(path: Path, kind: str, where: str) -> pd.DataFrame:
+    """A whole CSV or Parquet file, column names as text."""
+    try:
+        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 -- pandas raises many types
+        raise unreadable(where, kind, err) from None
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def read_frames(
+    path: Path, kind: str, where: str, columns: list[str], text: list[str], chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """`columns` of a CSV or Parquet file, `chunk_rows` rows at a time (`text` columns read as
+    text); each chunk keeps the file's row numbers as its index, column names as text."""
+    start = 0
+    try:
+        if kind == "csv":
+            with pd.read_csv(
+                path, usecols=columns, dtype=dict.fromkeys(text, str), chunksize=chunk_rows
+            ) as reader:
+                for frame in reader:
+                    frame.columns = [str(c) for c in frame.columns]
+                    yield frame
+            return
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(start, start + len(frame))
+            frame.columns = [str(c) for c in frame.columns]
+            start += len(frame)
+            yield frame
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- pandas and pyarrow raise many types
+        raise unreadable(where, kind, err) from None
+
+
+@contextlib.contextmanager
+def open_npz(path: Path, where: str) -> Iterator[Any]:
+    """An .npz opened without pickles (an object array is refused, never unpickled); a failure to
+    open it or to read its arrays inside the block is one line `WHERE could not be read as npz`."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            yield npz
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- numpy and zipfile raise many types
+        raise unreadable(where, "npz", err) from None
