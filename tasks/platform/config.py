@@ -398,7 +398,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a section set to null earlier (`target=null`) reopens
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise UserError(f"--set {key}: {part} is both a value and a section")
         if parts[:-1] == ["reduce", "budget"]:

@@ -17,6 +17,10 @@ def test_default_config_file_is_valid():
 
 def test_overrides_are_parsed_as_yaml_and_nested():
     assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 3, "c": [1, 2]}, "d": "x"}
+    # a later key reopens a section an earlier one set to null; a value stays a value
+    assert parse_overrides(["target=null", "target.size_kb=50"]) == {"target": {"size_kb": 50}}
+    with pytest.raises(UserError, match=r"--set a\.b\.c: b is both a value and a section"):
+        parse_overrides(["a.b=3", "a.b.c=4"])
 
 
 def test_budget_override_replaces_the_budget():
