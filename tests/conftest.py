@@ -3,6 +3,7 @@ fresh MLflow store (SQLite + artifacts under tmp_path) for every test that track
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import subprocess
@@ -48,6 +49,14 @@ TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency r
     "evaluate.large_batch=32",
     "target=null",  # hand-sized stages; tests/compress/test_target.py runs targets
 ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files run by their number of slow tests, most first. `make test` hands whole files to two
+    workers (`--dist loadfile`) in collection order: a long file handed out last kept one worker
+    busy alone at the end while the other had finished."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -61,6 +61,7 @@ print(model.predict(pd.read_csv(sys.argv[2]))["prediction"].astype(int).tolist()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_own_architecture_runs_and_is_served_without_its_module(name, tmp_path):
     arch, init_args, shape = ARCHS[name]

@@ -323,6 +323,7 @@ def test_a_met_size_target_is_met_by_the_registered_file(tmp_path, mlflow_store)
     assert tags["distill.target_met"] == "true" and tags["distill.target"] == "size_kb=8"
 
 
+@pytest.mark.slow
 def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refuses_it(
     tmp_path, mlflow_store
 ):

@@ -175,6 +175,7 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp_path):
     """Issue 18: the killed run's version kept its lineage and `promote --version` promoted it; the
     temporary Prefect server kept listening. Now: the version is marked unfinished, promote refuses
