@@ -48,6 +48,7 @@ TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency r
     "evaluate.latency_repeats=3",
     "evaluate.large_batch=32",
     "target=null",  # hand-sized stages; tests/compress/test_target.py runs targets
+    "evaluate.plots=false",  # matplotlib and t-SNE: ~2 s of a run; the tests of plots turn them on
 ]
 
 

@@ -85,11 +85,7 @@ def test_a_pipeline_run_on_cuda_serves_without_a_gpu(tmp_path, digits):
         "MLFLOW_REGISTRY_URI": uri,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    sets = [
-        a
-        for p in [*TINY, "device=cuda", "register.model_name=gpu-run", "evaluate.plots=false"]
-        for a in ("--set", p)
-    ]
+    sets = [a for p in [*TINY, "device=cuda", "register.model_name=gpu-run"] for a in ("--set", p)]
     proc = subprocess.run(
         [
             sys.executable,

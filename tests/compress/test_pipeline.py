@@ -53,7 +53,7 @@ def counted(calls: list[str]) -> Steps:
 
 @pytest.fixture(scope="module")
 def tiny(digits):
-    cfg = build_config({}, TINY)
+    cfg = build_config({}, [*TINY, "evaluate.plots=true"])  # the recorder's hook draws nothing
     calls: list[str] = []
     log = Log()
     return cfg, compress(cfg, digits, counted(calls), log), log, calls
@@ -118,7 +118,7 @@ def test_a_recorder_hears_of_the_stages_in_order_and_its_metrics_are_returned(ti
 
 def test_a_replaced_step_is_the_one_that_runs(tiny, digits):
     cfg, first, _, _ = tiny
-    cfg = build_config({}, [*TINY, "evaluate.plots=false"])
+    cfg = build_config({}, TINY)
 
     def given_teacher(*args):  # no training: the teacher of the first run
         return first.teacher, History()

@@ -170,6 +170,7 @@ def registered(prefect_server, tmp_path_factory):
                 f"register.model_name={NAME}",
                 "promote.max_r2_drop=0.5",
                 "promote.min_r2=0.5",
+                "evaluate.plots=true",  # predicted vs true, checked below
             ]
             for a in ("--set", s)
         ]

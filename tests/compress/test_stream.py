@@ -172,7 +172,7 @@ def test_a_pipeline_runs_on_a_parquet_streamed_from_disk(tmp_path):
         "DISTILL_STREAM_MIN_CELLS": "1",
         "DISTILL_DATA_CACHE": str(tmp_path / "cache"),
     }
-    sets = [*TINY, f"data.source=parquet:{path}", "data.label=label", "evaluate.plots=false"]
+    sets = [*TINY, f"data.source=parquet:{path}", "data.label=label"]
     args = ["run", str(ROOT / "configs" / "digits.yaml"), "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", *args, *[a for s in sets for a in ("--set", s)]],

@@ -141,7 +141,6 @@ def registered(prefect_server, tmp_path_factory):
                 f"data.source=csv:{tmp / 'table.csv'}",
                 "data.label=label",
                 f"register.model_name={NAME}",
-                "evaluate.plots=false",
             ]
             for a in ("--set", s)
         ]

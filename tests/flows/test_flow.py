@@ -23,7 +23,9 @@ def flow_store(tmp_path_factory):
 def pipeline(prefect_server, flow_store):
     """One pipeline run for the tests that only read what it recorded."""
     with use_store(flow_store):
-        return distill_flow(CONFIG, [*TINY, "register.model_name=tiny-digits"])
+        return distill_flow(
+            CONFIG, [*TINY, "register.model_name=tiny-digits", "evaluate.plots=true"]
+        )
 
 
 @pytest.fixture
@@ -186,7 +188,6 @@ def test_torch_runtime_is_registered_and_served(prefect_server, mlflow_store, di
             *TINY,
             "compress.quantize.runtime=torch",
             "register.model_name=tiny-torch",
-            "evaluate.plots=false",
         ],
     )
     model = mlflow.pyfunc.load_model("models:/tiny-torch@challenger")

@@ -21,11 +21,7 @@ def test_four_processes_share_one_store(tmp_path):
         "PYTHONPATH": str(ROOT),
         "DISTILL_MLFLOW_CONFIG": str(tmp_path / "absent.yaml"),
     }
-    sets = [
-        a
-        for s in [*TINY, "evaluate.plots=false", "register.model_name=shared"]
-        for a in ("--set", s)
-    ]
+    sets = [a for s in [*TINY, "register.model_name=shared"] for a in ("--set", s)]
     procs = [
         subprocess.Popen(
             [

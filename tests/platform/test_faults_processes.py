@@ -183,7 +183,7 @@ def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp
     db = tmp_path / "mlflow.db"
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     env = fault_env(tmp_path, **store)  # the later commands: the session's Prefect server
-    fast = ["--set", "register.model_name=reg", "--set", "evaluate.plots=false"]
+    fast = ["--set", "register.model_name=reg"]
     killed = subprocess.Popen(
         [sys.executable, "-c", KILLED_AT_ALIAS, *RUN[3:], *fast],
         cwd=tmp_path,
