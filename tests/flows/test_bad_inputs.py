@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.compress.teacher import build_mlp
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 
@@ -459,24 +459,10 @@ def _console_to_stderr() -> None:
 @pytest.fixture(scope="module")
 def registry_with_a_version(prefect_server, tmp_path_factory):
     """One real registered version, so 'unchanged' is checked against something."""
-    import os
-
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # mlflow.set_*_uri write these too
-    old = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict.fromkeys(names, uri))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    result = invoke([])
-    assert result.exit_code == 0, result.output
-    yield uri
-    for name, value in old.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with use_store(tmp_path_factory.mktemp("store")) as uri:
+        result = invoke([])
+        assert result.exit_code == 0, result.output
+        yield uri
 
 
 @pytest.mark.parametrize("name, args, message", CASES, ids=[c[0] for c in CASES])
