@@ -101,7 +101,9 @@ def run(
     if as_json:
         _echo_json(summary)
     else:
-        _print_summary(summary)
+        from flows.summary import print_stage_table
+
+        print_stage_table(summary)
     if summary.target is not None and (not as_json or not summary.target["met"]):
         # a missed target is not an error: the best model found is registered, tagged, exit 0
         typer.echo(summary.target["line"], err=not summary.target["met"])
@@ -143,100 +145,6 @@ def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None
 def _echo_json(result: Any) -> None:
     """A command's result (`as_json()`) as one JSON object on stdout."""
     typer.echo(json.dumps(result.as_json(), indent=2, default=float))
-
-
-def _ms(value: float) -> str:
-    """A latency in ms, three significant digits and never in scientific notation."""
-    if value < 0.1:
-        return f"{value:.4f}"
-    return f"{value:.3f}" if value < 1 else f"{value:.3g}" if value < 100 else f"{value:.0f}"
-
-
-def _print_summary(summary: Any) -> None:
-    """The stage table, made to fit 80 columns (accuracy and agreement in %, sizes in KB)."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    first = next(iter(summary.stages.values()))
-    large = next(
-        k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1"
-    )  # latency_ms_bN
-    regression = "r2" in first
-    # regression: R² and the errors in the label's units, the relative error to the teacher
-    # (MAE: in MLflow and the markdown table; four quality columns would not fit 80 columns)
-    quality = ("R²", "RMSE", "rel err") if regression else ("acc %", "agree %")
-    table = Table(
-        title=summary.run_name or "distill: stages",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for col in (
-        "stage",
-        "params",
-        "KB",
-        *quality,
-        "b1 ms",
-        f"b{large.removeprefix('latency_ms_b')} ms",
-        "time s",
-    ):
-        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
-    nan = float("nan")
-    for stage, m in summary.stages.items():
-        scores = (
-            (
-                f"{m['r2']:.3f}",
-                f"{m['rmse']:.4g}",
-                f"{m.get('teacher_rel_error', nan):.3f}",
-            )
-            if regression
-            else (f"{100 * m['accuracy']:.2f}", f"{100 * m.get('agreement', nan):.2f}")
-        )
-        table.add_row(
-            stage,
-            f"{m['params']:,.0f}",
-            f"{m['size_kb']:,.1f}",
-            *scores,
-            _ms(m["latency_ms_b1"]),
-            _ms(m[large]),
-            f"{m.get('seconds', nan):.1f}",
-        )
-    console = Console(width=None if sys.stdout.isatty() else 80, soft_wrap=False)
-    console.print(table)
-    m = summary.metrics
-    drop = (
-        f"R² drop {m['r2_drop']:+.4f}"
-        if regression
-        else f"accuracy drop {100 * m['accuracy_drop']:+.2f} points"
-    )
-    console.print(
-        f"compression {m['compression_ratio']:.1f}x, {drop}, "
-        f"speedup b1 {m.get('speedup_b1', nan):.1f}x"
-    )
-    # a path-free line each: a terminal makes them clickable; nothing is cut at 80 columns
-    console.print(f"MLflow run {summary.run_id}", soft_wrap=True)
-    console.print(f"  {summary.run_url}", soft_wrap=True, highlight=False)
-    if not getattr(summary, "ui_running", True):
-        console.print("  (start `distill ui` to open it)", highlight=False)
-    flow_url = _flow_run_url(summary.flow_run_id)
-    if flow_url:
-        console.print(f"Prefect flow run\n  {flow_url}", soft_wrap=True, highlight=False)
-    if summary.model_name:
-        console.print(
-            f"registered {summary.model_name} version {summary.model_version} (alias challenger)"
-        )
-
-
-def _flow_run_url(flow_run_id: str | None) -> str | None:
-    """The flow run's page in the Prefect UI: only on a real server (PREFECT_API_URL); the
-    temporary one of a bare `distill run` is gone when the command ends."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-    if not flow_run_id or not PREFECT_API_URL.value() or not PREFECT_UI_URL.value():
-        return None
-    return f"{PREFECT_UI_URL.value().rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 @app.command()

@@ -1,10 +1,12 @@
 """What a pipeline run is called and what it reports: the run's name in MLflow and Prefect, the
 `RunSummary` the flow returns (`distill run --json` prints it), the registered version's
-description and the stage table (the Prefect artifact and the MLflow run's description).
+description and the stage table (in markdown: the Prefect artifact and the MLflow run's
+description; in the terminal: what `distill run` prints).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,3 +151,98 @@ def stage_table_markdown(summary: RunSummary, link: bool = True) -> str:
         + where
         + "\n".join(_stage_rows(summary))
     )
+
+
+def _ms(value: float) -> str:
+    """A latency in ms, three significant digits and never in scientific notation."""
+    if value < 0.1:
+        return f"{value:.4f}"
+    return f"{value:.3f}" if value < 1 else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def print_stage_table(summary: RunSummary) -> None:
+    """`distill run`'s report on stdout: the stage table made to fit 80 columns (accuracy and
+    agreement in %, sizes in KB), the headline, the MLflow run and the registered version."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    first = next(iter(summary.stages.values()))
+    large = next(
+        k for k in first if k.startswith("latency_ms_b") and k != "latency_ms_b1"
+    )  # latency_ms_bN
+    regression = "r2" in first
+    # regression: R² and the errors in the label's units, the relative error to the teacher
+    # (MAE: in MLflow and the markdown table; four quality columns would not fit 80 columns)
+    quality = ("R²", "RMSE", "rel err") if regression else ("acc %", "agree %")
+    table = Table(
+        title=summary.run_name or "distill: stages",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for col in (
+        "stage",
+        "params",
+        "KB",
+        *quality,
+        "b1 ms",
+        f"b{large.removeprefix('latency_ms_b')} ms",
+        "time s",
+    ):
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    nan = float("nan")
+    for stage, m in summary.stages.items():
+        scores = (
+            (
+                f"{m['r2']:.3f}",
+                f"{m['rmse']:.4g}",
+                f"{m.get('teacher_rel_error', nan):.3f}",
+            )
+            if regression
+            else (f"{100 * m['accuracy']:.2f}", f"{100 * m.get('agreement', nan):.2f}")
+        )
+        table.add_row(
+            stage,
+            f"{m['params']:,.0f}",
+            f"{m['size_kb']:,.1f}",
+            *scores,
+            _ms(m["latency_ms_b1"]),
+            _ms(m[large]),
+            f"{m.get('seconds', nan):.1f}",
+        )
+    console = Console(width=None if sys.stdout.isatty() else 80, soft_wrap=False)
+    console.print(table)
+    m = summary.metrics
+    drop = (
+        f"R² drop {m['r2_drop']:+.4f}"
+        if regression
+        else f"accuracy drop {100 * m['accuracy_drop']:+.2f} points"
+    )
+    console.print(
+        f"compression {m['compression_ratio']:.1f}x, {drop}, "
+        f"speedup b1 {m.get('speedup_b1', nan):.1f}x"
+    )
+    # a path-free line each: a terminal makes them clickable; nothing is cut at 80 columns
+    console.print(f"MLflow run {summary.run_id}", soft_wrap=True)
+    console.print(f"  {summary.run_url}", soft_wrap=True, highlight=False)
+    if not getattr(summary, "ui_running", True):
+        console.print("  (start `distill ui` to open it)", highlight=False)
+    flow_url = _flow_run_url(summary.flow_run_id)
+    if flow_url:
+        console.print(f"Prefect flow run\n  {flow_url}", soft_wrap=True, highlight=False)
+    if summary.model_name:
+        console.print(
+            f"registered {summary.model_name} version {summary.model_version} (alias challenger)"
+        )
+
+
+def _flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI: only on a real server (PREFECT_API_URL); the
+    temporary one of a bare `distill run` is gone when the command ends."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if not flow_run_id or not PREFECT_API_URL.value() or not PREFECT_UI_URL.value():
+        return None
+    return f"{PREFECT_UI_URL.value().rstrip('/')}/runs/flow-run/{flow_run_id}"
