@@ -33,6 +33,7 @@ import pandas as pd
 
 from tasks.compress import data as D
 from tasks.compress import readers, tabular
+from tasks.compress import sources as S
 from tasks.compress.rows import Rows, npy_header
 from tasks.platform.config import DataConfig
 from tasks.platform.errors import UserError
@@ -95,7 +96,7 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 class _Source:
     """A table's labels and split up front; its feature rows as blocks (`chunks`)."""
 
-    table: D.Table
+    table: S.Table
     n: int
 
     def chunks(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame | np.ndarray]:
@@ -109,7 +110,7 @@ class _Parquet(_Source):
         readers.require_file(path, "data file")
         where = f"data file {path}"
         names = readers.read_header(path, "parquet", where)
-        D.check_roles(names, label, split_column, where)
+        S.check_roles(names, label, split_column, where)
         self.path, self.file = path, pq.ParquetFile(path)
         self.n = self.file.metadata.num_rows
         if self.n == 0:
@@ -119,10 +120,10 @@ class _Parquet(_Source):
             raise UserError(f"{where}: no feature columns besides the label {label!r}")
         given = [c for c in (label, split_column) if c is not None]
         frame = pq.read_table(path, columns=given).to_pandas()
-        split = None if split_column is None else D._split_values(frame[split_column], where)
+        split = None if split_column is None else S._split_values(frame[split_column], where)
         empty = self.file.schema_arrow.empty_table().select(self.features).to_pandas()
         self.kinds = {c: tabular.column_kind(empty[c]) for c in self.features}
-        self.table = D.Table(
+        self.table = S.Table(
             None,
             frame[label].to_numpy(),
             list(self.features),
@@ -174,7 +175,7 @@ class _Npz(_Source):
             self.members, parts = ["X"], None
         else:
             parts = [
-                s for s in D.SPLITS if s != "val" or {"X_val", "y_val"} & (shapes | labels).keys()
+                s for s in S.SPLITS if s != "val" or {"X_val", "y_val"} & (shapes | labels).keys()
             ]
             self.members = [f"X_{s}" for s in parts]
         ys = []
@@ -210,7 +211,7 @@ class _Npz(_Source):
         split = (
             None if parts is None else np.repeat(np.array(parts, dtype="U5"), [len(y) for y in ys])
         )
-        self.table = D.Table(
+        self.table = S.Table(
             None,
             np.concatenate(ys),
             [f"x{i}" for i in range(self.width)],
@@ -245,7 +246,7 @@ class _Npz(_Source):
 def _open(source: str, label: str, split_column: str | None) -> _Source:
     kind, _, ref = source.partition(":")
     if split_column is not None and kind != "parquet":
-        D.read_source(source, label, split_column)  # its one-line refusal
+        S.read_source(source, label, split_column)  # its one-line refusal
     return _Parquet(Path(ref), label, split_column) if kind == "parquet" else _Npz(Path(ref))
 
 
@@ -276,10 +277,10 @@ def _load(cfg: DataConfig, folder: Path) -> D.Dataset:
     with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
         a = {n: arrays[n] for n in arrays.files}
     z, rows_key = folder / "z.npy", meta["rows_key"]
-    bounds = np.cumsum([0, *(len(a[f"rows_{p}"]) for p in D.SPLITS)])
+    bounds = np.cumsum([0, *(len(a[f"rows_{p}"]) for p in S.SPLITS)])
     split = {  # each split one range of the file, in split order; `origin`: source rows
         p: Rows(z, np.arange(bounds[i], bounds[i + 1]), f"{rows_key}/{p}", a[f"rows_{p}"])
-        for i, p in enumerate(D.SPLITS)
+        for i, p in enumerate(S.SPLITS)
     }
     return D.Dataset(
         name=meta["name"],
@@ -408,8 +409,8 @@ def _prune(keep: Path) -> None:
 def _first_pass(
     src: _Source, cfg: DataConfig, seed: int, train: np.ndarray, in_train: np.ndarray
 ) -> tuple[dict, int]:
-    """The checks of `data._read_frame` / `data._encoding` over blocks, and the encoding fitted on
-    a seeded sample of training rows; -> (spec, widest text cell for the digest)."""
+    """The checks of `sources._read_frame` / `data._encoding` over blocks, and the encoding fitted
+    on a seeded sample of training rows; -> (spec, widest text cell for the digest)."""
     table = src.table
     where = table.where
     y_all = np.asarray(table.y)
@@ -433,7 +434,7 @@ def _first_pass(
             start = stop
             continue
         for name in list(split_like):
-            if not set(frame[name].dropna()) <= set(D.SPLITS):
+            if not set(frame[name].dropna()) <= set(S.SPLITS):
                 split_like.discard(name)
         for name in names:
             if src.kinds[name] != "numeric":
@@ -492,7 +493,7 @@ def _first_pass(
 
 
 def _digest_hasher(src: _Source, width: int):
-    """`data.table_digest`, fed block by block (`update`) with the labels and split at the end."""
+    """`sources.table_digest`, fed block by block (`update`), the labels and split at the end."""
     h = hashlib.sha256()
 
     class Digest:
@@ -522,7 +523,7 @@ def _digest_hasher(src: _Source, width: int):
 def _standardization(
     blocks: Iterator[tuple[int, np.ndarray, pd.DataFrame | np.ndarray]],
     spec: dict,
-    table: D.Table,
+    table: S.Table,
     train: np.ndarray,
     in_train: np.ndarray,
     cfg: DataConfig,
@@ -571,7 +572,7 @@ def _standardization(
     return mean, scale, peak
 
 
-def _check_finite(X: np.ndarray, start: int, spec: dict, table: D.Table) -> None:
+def _check_finite(X: np.ndarray, start: int, spec: dict, table: S.Table) -> None:
     """`data._check_finite` for a block whose first row is row `start` of the table."""
     bad = ~np.isfinite(X)
     if not bad.any():

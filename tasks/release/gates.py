@@ -201,7 +201,7 @@ def common_held_out_accuracy(
     validated on: -> (challenger accuracy, champion accuracy, rows); test R² for regression."""
     import pandas as pd
 
-    from tasks.compress.data import read_table, table_digest
+    from tasks.compress.sources import read_table, table_digest
 
     digest, seed_a, size_a = challenger.test_split()
     other, seed_b, size_b = champion.test_split()

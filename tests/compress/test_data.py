@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.compress.data import load_dataset, table_digest
+from tasks.compress.data import load_dataset
+from tasks.compress.sources import table_digest
 from tasks.platform.config import DataConfig
 from tasks.platform.errors import UserError
 

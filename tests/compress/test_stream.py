@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.compress import data as D
+from tasks.compress import sources as S
 from tasks.compress import stream
 from tasks.compress.rows import Rows
 from tasks.platform.config import DataConfig
@@ -43,12 +44,12 @@ def _parquet(frame: pd.DataFrame, path, row_group_size: int = 100) -> str:
 
 
 def _both(cfg: DataConfig) -> tuple[D.Dataset, D.Dataset]:
-    memory = D.prepare(D.read_source(cfg.source, cfg.label, cfg.split_column), cfg, 0)
+    memory = D.prepare(S.read_source(cfg.source, cfg.label, cfg.split_column), cfg, 0)
     return memory, stream.prepare_streamed(cfg, 0)
 
 
 def _same(memory: D.Dataset, streamed: D.Dataset) -> None:
-    for part in D.SPLITS:
+    for part in S.SPLITS:
         rows = getattr(streamed, f"X_{part}")
         assert isinstance(rows, Rows)
         assert np.array_equal(getattr(memory, f"X_{part}"), rows[:]), part

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.data import Dataset, Table, prepare
+from tasks.compress.data import Dataset, prepare
 from tasks.compress.finetune import predict_logits
+from tasks.compress.sources import Table
 from tasks.compress.teacher import (
     INPUT,
     USER_ROOT,

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.compress.data import read_table, table_digest
+from tasks.compress.sources import read_table, table_digest
 from tasks.platform.config import PromoteConfig
 
 NAME = "gated"

@@ -4,7 +4,8 @@ out from both runs."""
 import numpy as np
 from mlflow import MlflowClient
 
-from tasks.compress.data import load_dataset, read_table
+from tasks.compress.data import load_dataset
+from tasks.compress.sources import read_table
 from tasks.platform.config import DataConfig
 from tasks.release.gates import (
     Candidate,

@@ -1,0 +1,249 @@
+"""Where the data comes from (no network): `sklearn:NAME` (digits, iris, wine, breast_cancer;
+diabetes, a regression target), `csv:PATH`, `parquet:PATH` (pandas; `data.label` names the label
+column), `npz:PATH` (arrays X, y; or X_train, y_train, X_test, y_test and optionally X_val,
+y_val: the user's split). A csv/parquet column named by `data.split_column` holds the user's
+split as train / val / test. `read_source` returns a `Table`: every row, not yet split
+(tasks/compress/data.py splits and standardizes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.compress import readers, tabular
+from tasks.platform.errors import UserError
+
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")  # diabetes: regression
+SPLITS = ("train", "val", "test")
+NPZ_SPLIT_ARRAYS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Table:
+    """What a source holds, before splitting: one flat row per sample, all splits.
+
+    An array source (sklearn, npz) or an all-numeric csv/parquet holds float64 `X`; a table
+    with text columns holds `frame` instead (X is None). `encode`: text columns and empty
+    cells are encoded (csv/parquet); an array's NaN is refused."""
+
+    X: np.ndarray | None
+    y: np.ndarray  # labels as given
+    names: list[str]
+    name: str
+    where: str  # the source, for messages: "data file PATH" or "data sklearn:NAME"
+    row_shape: tuple[int, ...]  # one row as stored: (F,), or e.g. (C, L) for an npz array
+    split: np.ndarray | None = None  # "train" / "val" / "test" per row if the user split it
+    split_column: str | None = None  # the csv/parquet column the split came from
+    frame: pd.DataFrame | None = None  # raw feature columns of a table with text columns
+    encode: bool = False
+    label: str | None = None  # the label column's name, for messages
+
+    @property
+    def features(self) -> pd.DataFrame:
+        return self.frame if self.frame is not None else pd.DataFrame(self.X, columns=self.names)
+
+    @property
+    def values(self) -> np.ndarray:
+        """The raw features as one array: float64, or object where there are text columns."""
+        return self.X if self.X is not None else self.frame.to_numpy(object)
+
+    def digest(self) -> str:
+        return table_digest(self.values, self.y, self.split)
+
+    def origin(self, part: str, array: str) -> str:
+        """Where the user's `part` split lives, for messages: a column value or an npz array."""
+        if self.split_column:
+            return f"column {self.split_column!r} value {part!r}"
+        return f"array '{array}_{part}'"
+
+    @property
+    def split_key(self) -> str:
+        return "data.split_column" if self.split_column else "data.source"
+
+
+def read_source(source: str, label: str, split_column: str | None = None) -> Table:
+    kind, sep, ref = source.partition(":")
+    if not sep:
+        raise UserError(
+            f"config key 'data.source': expected KIND:REF (e.g. sklearn:digits), got {source!r}"
+        )
+    if split_column is not None and kind not in ("csv", "parquet"):
+        raise UserError(
+            f"config key 'data.split_column': only csv and parquet sources have "
+            f"columns, not {kind!r} (an npz gives X_train, X_test, ... arrays)"
+        )
+    if split_column is not None and split_column == label:
+        raise UserError(
+            f"config key 'data.split_column': {split_column!r} is the label column "
+            f"(config key 'data.label')"
+        )
+    if kind == "sklearn":
+        return _read_sklearn(ref)
+    if kind in ("csv", "parquet"):
+        return _read_frame(kind, Path(ref), label, split_column)
+    if kind == "npz":
+        return _read_npz(Path(ref))
+    raise UserError(f"config key 'data.source': unknown kind {kind!r} (sklearn, csv, parquet, npz)")
+
+
+def read_table(source: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """-> (X: float64, or object where there are text columns; y labels as given; feature
+    names; dataset name): all rows of a source."""
+    table = read_source(source, label)
+    return table.values, table.y, table.names, table.name
+
+
+def _read_sklearn(name: str) -> Table:
+    from sklearn import datasets
+
+    if name not in SKLEARN_DATASETS:
+        raise UserError(
+            f"config key 'data.source': unknown sklearn dataset {name!r} "
+            f"({', '.join(SKLEARN_DATASETS)})"
+        )
+    bunch = getattr(datasets, f"load_{name}")()
+    X = bunch.data.astype(np.float64)
+    names = [str(n) for n in getattr(bunch, "feature_names", [])]
+    names = names or [f"x{i}" for i in range(X.shape[1])]
+    return Table(X, bunch.target, names, name, f"data sklearn:{name}", (X.shape[1],))
+
+
+def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> Table:
+    readers.require_file(path, "data file")
+    where = f"data file {path}"
+    frame = readers.read_frame(path, kind, where)
+    readers.read_header(path, kind, where)
+    if frame.empty:
+        raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
+    check_roles(list(frame.columns), label, split_column, where)
+    split = None if split_column is None else _split_values(frame[split_column], where)
+    features = frame.drop(columns=[c for c in (label, split_column) if c is not None])
+    if features.shape[1] == 0:
+        raise UserError(f"{where}: no feature columns besides the label {label!r}")
+    if len(frame) == 0:
+        raise UserError(f"{where}: no rows (only a header)")
+    _check_no_label_copy(features, frame[label], where)
+    text = [c for c in features.columns if tabular.column_kind(features[c]) == "category"]
+    for column in text:
+        if split_column is None and set(features[column].dropna()) <= set(SPLITS):
+            raise UserError(
+                f"{where}: column {column!r} holds only train / val / test: a split? "
+                f"set config key 'data.split_column' to {column!r}"
+            )
+    X = None if text else features.to_numpy(np.float64)
+    return Table(
+        X,
+        frame[label].to_numpy(),
+        list(features.columns),
+        path.stem,
+        where,
+        (features.shape[1],),
+        split,
+        split_column,
+        frame=features if text else None,
+        encode=True,
+        label=label,
+    )
+
+
+def check_roles(names: list[str], label: str, split_column: str | None, where: str) -> None:
+    """The label column and the split column (if any) the config names are in the table."""
+    readers.require_column(names, label, "label", where, "config key 'data.label'")
+    if split_column is not None:
+        readers.require_column(
+            names, split_column, "split", where, "config key 'data.split_column'"
+        )
+
+
+def _check_no_label_copy(features: pd.DataFrame, label: pd.Series, where: str) -> None:
+    """A feature that repeats the label row for row is a label leak, not a feature."""
+    y = label.to_numpy()
+    for column in features.columns:
+        values = features[column].to_numpy()
+        kinds = {values.dtype.kind, y.dtype.kind}
+        if (len(kinds) == 1 or kinds <= set("iuf")) and np.array_equal(values, y):
+            raise UserError(
+                f"{where}: column {column!r} repeats the label column "
+                f"{label.name!r} row for row (a label leak); drop it"
+            )
+
+
+def _split_values(column: pd.Series, where: str) -> np.ndarray:
+    """The split column as "train" / "val" / "test" per row, or one line naming a bad value."""
+    for value in pd.unique(column.to_numpy(dtype=object)):
+        if value not in SPLITS:
+            shown = "an empty cell" if pd.isna(value) else repr(value)
+            raise UserError(
+                f"{where}: column {column.name!r} holds {shown}; expected train, "
+                f"val or test (config key 'data.split_column')"
+            )
+    return column.to_numpy(dtype=object).astype("U5")
+
+
+def _read_npz(path: Path) -> Table:
+    readers.require_file(path, "data file")
+    where = f"data file {path}"
+    with readers.open_npz(path, where) as npz:
+        arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
+    if not any(n in arrays for n in NPZ_SPLIT_ARRAYS):
+        X, y, row_shape = _npz_pair(arrays, where, "X", "y")
+        return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, row_shape)
+    parts = [s for s in SPLITS if s != "val" or {"X_val", "y_val"} & arrays.keys()]
+    pairs = [_npz_pair(arrays, where, f"X_{s}", f"y_{s}") for s in parts]
+    for part, (_, _, row_shape) in zip(parts, pairs, strict=True):
+        if row_shape != pairs[0][2]:
+            raise UserError(
+                f"{where}: rows of array 'X_{part}' have shape {list(row_shape)} "
+                f"but those of 'X_train' have {list(pairs[0][2])}"
+            )
+    X = np.concatenate([X for X, _, _ in pairs])
+    y = np.concatenate([y for _, y, _ in pairs])
+    split = np.repeat(np.array(parts, dtype="U5"), [len(y) for _, y, _ in pairs])
+    return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, pairs[0][2], split)
+
+
+def _npz_pair(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    x_name: str,
+    y_name: str,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """-> (rows of X flattened in C order as float64, y, the shape of one row of X)."""
+    for name in (x_name, y_name):
+        if name not in arrays:
+            raise UserError(
+                f"{where}: missing array {name!r} (expected X and y, or X_train, "
+                f"y_train, X_test, y_test and optionally X_val, y_val)"
+            )
+    X, y = arrays[x_name], arrays[y_name]
+    if X.ndim == 0 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise UserError(
+            f"{where}: array {x_name!r} must be numeric with one row per sample, "
+            f"got {X.dtype} of shape {list(X.shape)}"
+        )
+    if y.ndim == 0 or y.size != len(y):
+        raise UserError(
+            f"{where}: array {y_name!r} must hold one label per row, got shape {list(y.shape)}"
+        )
+    if len(X) != len(y):
+        raise UserError(f"{where}: array {x_name!r} has {len(X)} rows but {y_name!r} has {len(y)}")
+    flat = X.reshape(len(X), int(np.prod(X.shape[1:]))).astype(np.float64)
+    return flat, y.reshape(-1), X.shape[1:] or (1,)
+
+
+def table_digest(X: np.ndarray, y: np.ndarray, split: np.ndarray | None = None) -> str:
+    """X: float64 rows, or an object array where there are text columns (hashed as text)."""
+    h = hashlib.sha256()
+    if X.dtype == object:
+        h.update(np.asarray(X, dtype=object).astype(str).astype("U").tobytes())
+    else:
+        h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+    h.update(np.asarray(y).astype(str).astype("U").tobytes())
+    if split is not None:  # the user's split is part of what a run saw
+        h.update(np.asarray(split, dtype="U5").tobytes())
+    return h.hexdigest()[:16]
