@@ -104,6 +104,8 @@ def distill_flow(
             "prefect.flow_run_id": str(flow_run.id),
             "distill.config_hash": cfg.digest(),
             "distill.dataset_digest": data.digest,
+            # the test rows: the user's own split, or drawn with seed and data.test_size
+            "distill.split": "user" if data.user_split else "seeded",
             "distill.dataset_source": cfg.data.source,
         }
         | tracking.source_tags()

@@ -66,6 +66,7 @@ class Dataset:
     task: str = "classification"  # classification | regression
     target_mean: float = 0.0
     target_scale: float = 1.0
+    user_split: bool = False  # the rows came split by the user (npz arrays or data.split_column)
 
     @property
     def n_classes(self) -> int:
@@ -448,6 +449,7 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
         mean=mean.astype(np.float32),
         scale=scale.astype(np.float32),
         digest=table.digest(),
+        user_split=table.split is not None,
         encoding=spec,
         raw=raw,
         task=task,

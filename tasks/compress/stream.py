@@ -44,7 +44,7 @@ CHUNK_ROWS = 32_768
 ENCODING_SAMPLE_ROWS = 100_000
 EXACT_STATS_ROWS = 131_072
 KEEP_CONVERSIONS = 3
-FORMAT = 2  # of the conversion folder; bump when its content changes
+FORMAT = 3  # of the conversion folder; bump when its content changes
 
 
 def cache_root() -> Path:
@@ -297,6 +297,7 @@ def _load(cfg: DataConfig, folder: Path) -> D.Dataset:
         mean=a["mean"].astype(np.float32),
         scale=a["scale"].astype(np.float32),
         digest=meta["digest"],
+        user_split=meta["user_split"],
         encoding=meta["encoding"],
         task=meta["task"],
         target_mean=meta["target_mean"],
@@ -380,6 +381,7 @@ def _convert(cfg: DataConfig, seed: int, folder: Path) -> None:
             "target_mean": target_mean,
             "target_scale": target_scale,
             "digest": digest,
+            "user_split": table.split is not None,
             "encoding": spec,
             "rows_key": rows_key,
         }

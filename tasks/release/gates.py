@@ -12,8 +12,9 @@ gates of the other task do not apply to it. The champion comparison uses test RÂ
 regression (rows split without stratification, as tasks/compress/data.py splits them). It only
 compares scores measured on the same rows:
 
-- same dataset digest, split seed and test_size -> the same test split: the logged
-  `final/accuracy` of both runs are compared as they are;
+- same dataset digest, split seed and test_size, or the same split given with the data
+  (`data.split_column`, npz split arrays; its digest covers the split) -> the same test split:
+  the logged `final/accuracy` of both runs are compared as they are;
 - same dataset digest, different split -> both registered models are re-evaluated through
   `mlflow.pyfunc` on the rows held out from *both* runs (the intersection of their test
   splits). The challenger's whole test split would be unfair: the champion trained on
@@ -64,14 +65,19 @@ class Candidate:
     def score_key(self) -> str:
         return "final/r2" if self.regression else "final/accuracy"
 
-    def test_split(self) -> tuple[str | None, int | None, float | None]:
-        """What fixes the test rows: the data (digest), the split seed, the test fraction."""
+    def test_split(self) -> tuple | None:
+        """What fixes the test rows, None where the run did not log it: `("user", digest)` for the
+        user's own split (run tag `distill.split`; the digest covers it), else `("seeded",
+        digest, seed, test fraction)`: the split distill drew."""
+        digest = self.tags.get("distill.dataset_digest")
+        if digest is None:
+            return None
+        if self.tags.get("distill.split") == "user":
+            return ("user", digest)
         seed, size = self.params.get("seed"), self.params.get("data.test_size")
-        return (
-            self.tags.get("distill.dataset_digest"),
-            int(seed) if seed is not None else None,
-            float(size) if size is not None else None,
-        )
+        if seed is None or size is None:
+            return None
+        return ("seeded", digest, int(seed), float(size))
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ def absolute_gates(c: Candidate, gates: PromoteConfig) -> list[Gate]:
 
 def same_test_split(a: Candidate, b: Candidate) -> bool:
     split = a.test_split()
-    return None not in split and split == b.test_split()
+    return split is not None and split == b.test_split()
 
 
 def held_out_rows(
@@ -203,12 +209,17 @@ def common_held_out_accuracy(
 
     from tasks.compress.sources import read_table, table_digest
 
-    digest, seed_a, size_a = challenger.test_split()
-    other, seed_b, size_b = champion.test_split()
-    if digest is None or other is None or None in (seed_a, seed_b, size_a, size_b):
+    mine, theirs = challenger.test_split(), champion.test_split()
+    if mine is None or theirs is None:
         raise HeldOutUnavailable(
             "a run lacks its dataset digest or split params: no common held-out rows known"
         )
+    if "user" in (mine[0], theirs[0]):  # (the same user split is the same test split)
+        raise HeldOutUnavailable(
+            "the runs' test rows differ (a split given with the data is kept as it is, the "
+            "other run's was different or drawn by distill): no common held-out rows known"
+        )
+    (_, digest, seed_a, size_a), (_, other, seed_b, size_b) = mine, theirs
     if digest != other:
         raise HeldOutUnavailable(
             f"trained on different data (dataset digest {digest} vs {other}): "

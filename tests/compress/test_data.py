@@ -134,6 +134,7 @@ def test_npz_split_is_kept_exactly(tmp_path):
     assert data.classes == ["a", "b", "c"] and data.input_shape == (4,)
     # the seed moves nothing when the user gave every split
     assert np.array_equal(load_dataset(cfg, 7).X_train, data.X_train)
+    assert data.user_split and not load_dataset(DataConfig(), 0).user_split
 
 
 def test_npz_split_without_val_carves_it_from_train(tmp_path):
@@ -188,6 +189,7 @@ def test_split_column_is_kept(tmp_path):
     )
     data = load_dataset(cfg, 0)
     assert data.feature_names == ["a", "b"]  # the split column is not a feature
+    assert data.user_split
     for part in ("train", "val", "test"):
         rows = frame[frame["fold"] == part]
         assert np.array_equal(getattr(data, f"X_{part}"), rows[["a", "b"]].to_numpy(np.float32))

@@ -56,7 +56,7 @@ def _same(memory: D.Dataset, streamed: D.Dataset) -> None:
         assert np.array_equal(getattr(memory, f"y_{part}"), getattr(streamed, f"y_{part}"))
     assert np.array_equal(memory.mean, streamed.mean)
     assert np.array_equal(memory.scale, streamed.scale)
-    assert memory.digest == streamed.digest
+    assert memory.digest == streamed.digest and memory.user_split == streamed.user_split
     assert memory.encoding == streamed.encoding and memory.classes == streamed.classes
     assert memory.input_shape == streamed.input_shape
     assert memory.feature_names == streamed.feature_names

@@ -47,6 +47,7 @@ def test_flow_records_parent_and_stage_runs(run):
         "distill.dataset_digest",
         "distill.git_commit",
     } <= set(tags)
+    assert tags["distill.split"] == "seeded"  # digits: split by distill, with seed and test_size
     assert parent.inputs.dataset_inputs[0].dataset.digest == tags["distill.dataset_digest"]
 
     children = client.search_runs(

@@ -14,6 +14,7 @@ from tasks.release.gates import (
     common_held_out_accuracy,
     held_out_rows,
     load_candidate,
+    same_test_split,
 )
 from tests.release.conftest import GATES, NAME, make_version, tags
 
@@ -64,3 +65,40 @@ def test_different_split_is_compared_on_rows_held_out_from_both(registry_store):
     assert (
         gate.passed and f"re-evaluated on {len(common)} rows held out from both runs" in gate.detail
     )
+
+
+def _candidate(version: str, accuracy: float, seed: int, split: str, digest: str) -> Candidate:
+    return Candidate(
+        NAME,
+        version,
+        f"run-{version}",
+        {"final/accuracy": accuracy},
+        {"distill.dataset_digest": digest, "distill.split": split},
+        {"seed": str(seed), "data.test_size": "0.2"},
+    )
+
+
+def test_a_split_given_with_the_data_is_the_same_test_split_whatever_the_seed():
+    """The user's split (data.split_column, npz split arrays) fixes the test rows: runs with other
+    seeds are compared on their logged scores, not re-split by seed."""
+    champion = _candidate("1", 0.90, seed=0, split="user", digest="d-with-split")
+    challenger = _candidate("2", 0.92, seed=7, split="user", digest="d-with-split")
+
+    def never(c, frame):
+        raise AssertionError("the same test rows need no re-evaluation")
+
+    gate = champion_gate(challenger, champion, GATES, never)
+    assert gate.passed and gate.detail.endswith("(same test split)"), gate.detail
+    assert (gate.value, gate.limit) == (0.92, 0.90)
+    assert same_test_split(challenger, champion)
+    # seeds decide the rows only where distill drew them
+    drawn = [_candidate(v, 0.9, seed, "seeded", "d") for v, seed in (("3", 0), ("4", 7))]
+    assert not same_test_split(*drawn)
+    assert same_test_split(drawn[0], _candidate("5", 0.8, 0, "seeded", "d"))
+
+
+def test_a_user_split_against_a_drawn_one_has_no_common_rows():
+    champion = _candidate("1", 0.90, seed=0, split="seeded", digest="d")
+    challenger = _candidate("2", 0.99, seed=0, split="user", digest="d-with-split")
+    gate = champion_gate(challenger, champion, GATES)
+    assert not gate.passed and "the runs' test rows differ" in gate.detail, gate.detail
