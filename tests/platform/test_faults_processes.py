@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from tasks.platform import dead_runs
 from tasks.platform.servers import free_port, server_process
+from tests.conftest import use_store
 from tests.platform.faults import RUN, fault_env, last_line
 
 
@@ -175,6 +176,16 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def _in_process(store: Path, *args: str):
+    """`distill ARGS` in this process (CliRunner) on the SQLite store in `store`."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    with use_store(store):
+        return CliRunner().invoke(app, list(args))
+
+
 @pytest.mark.slow
 def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp_path):
     """Issue 18: the killed run's version kept its lineage and `promote --version` promoted it; the
@@ -212,17 +223,10 @@ def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp
     assert version.tags["distill.complete"] == "false"  # the hole, reproduced: a version, no alias
     assert client.get_registered_model("reg").aliases == {}
 
-    promote = [sys.executable, "-m", "flows.cli", "promote", "--model", "reg"]
-    proc = subprocess.run(
-        [*promote, "--version", "1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert last_line(proc.stderr).startswith(
+    promote = ["promote", "--model", "reg"]  # in this process: the run is what was killed
+    refused = _in_process(tmp_path, *promote, "--version", "1")
+    assert refused.exit_code == 2, refused.output
+    assert last_line(refused.stderr).startswith(
         "error: reg version 1 is an unfinished registration (run "
     )
     assert client.get_registered_model("reg").aliases == {}
@@ -245,11 +249,9 @@ def test_sigkill_during_registration_leaves_nothing_promotable_and_no_server(tmp
     # a version whose files are gone is not promoted either: promote loads it first
     model = client.get_logged_model(new.source.removeprefix("models:/"))
     shutil.rmtree(Path(model.artifact_location.removeprefix("file://")))
-    proc = subprocess.run(
-        promote, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert last_line(proc.stderr).startswith(f"error: reg version {new.version} does not load (")
+    refused = _in_process(tmp_path, *promote)
+    assert refused.exit_code == 2, refused.output
+    assert last_line(refused.stderr).startswith(f"error: reg version {new.version} does not load (")
     assert {k: str(v) for k, v in client.get_registered_model("reg").aliases.items()} == {
         "challenger": str(new.version)
     }
