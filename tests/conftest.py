@@ -81,6 +81,12 @@ def prefect_server():
             yield
 
 
+# Where MLflow puts the artifacts of experiments made without an artifact location (a new store's
+# Default experiment, `mlflow.start_run()` in a test): `./mlruns` of the working directory, the
+# repository's, unless this variable (MLflow 3's, private) names another root.
+ARTIFACT_ROOT_VAR = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+
+
 def point_mlflow_at(directory: Path, mp: pytest.MonkeyPatch) -> str:
     """MLflow (environment and this process's URIs) on the SQLite store in `directory`, without
     an mlflow.yaml; `mp` restores the environment. Returns the URI."""
@@ -90,12 +96,13 @@ def point_mlflow_at(directory: Path, mp: pytest.MonkeyPatch) -> str:
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.setenv("MLFLOW_REGISTRY_URI", uri)  # mlflow.set_registry_uri writes it: restore after
     mp.setenv("DISTILL_MLFLOW_CONFIG", str(directory / "absent-mlflow.yaml"))
+    mp.setenv(ARTIFACT_ROOT_VAR, str(directory / "mlruns"))
     mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the environment
     mlflow.set_registry_uri(uri)
     return uri
 
 
-def _end_active_runs() -> None:
+def end_active_runs() -> None:
     import mlflow
 
     while mlflow.active_run():
@@ -110,14 +117,14 @@ def use_store(directory: Path) -> Iterator[str]:
         try:
             yield point_mlflow_at(directory, mp)
         finally:
-            _end_active_runs()
+            end_active_runs()
 
 
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh store for this test."""
     yield point_mlflow_at(tmp_path, monkeypatch)
-    _end_active_runs()
+    end_active_runs()
 
 
 @pytest.fixture(scope="session")

@@ -9,32 +9,28 @@ from mlflow import MlflowClient
 
 from tasks.compress.sources import read_table, table_digest
 from tasks.platform.config import PromoteConfig
+from tests.conftest import ARTIFACT_ROOT_VAR, end_active_runs, point_mlflow_at
 
 NAME = "gated"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def empty_db(tmp_path_factory):
-    """An MLflow database with its tables made once (~5 s): each test gets a copy."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
+    """An MLflow database with its tables made once (~5 s): each test gets a copy. Its Default
+    experiment keeps artifacts beside it, not in the repository's ./mlruns."""
+    folder = tmp_path_factory.mktemp("template")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ARTIFACT_ROOT_VAR, str(folder / "mlruns"))
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
 
 
 @pytest.fixture
 def registry_store(empty_db, tmp_path, monkeypatch):
-    """A fresh store like tests/conftest.py's `mlflow_store`, copied from the template."""
+    """conftest's `mlflow_store`, its tables copied from the template."""
     shutil.copy(empty_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv(
-        "MLFLOW_REGISTRY_URI", uri
-    )  # mlflow.set_registry_uri writes it to os.environ: undo after
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
+    yield point_mlflow_at(tmp_path, monkeypatch)
+    end_active_runs()
 
 
 DIGITS_DIGEST = table_digest(*read_table("sklearn:digits", "target")[:2])

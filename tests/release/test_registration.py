@@ -1,8 +1,6 @@
 """All-or-nothing registration and what promotion accepts, on versions made directly in a fresh
 MLflow store (the SIGKILL itself, through the CLI, is in tests/platform/test_faults_processes.py)."""
 
-import shutil
-
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -16,21 +14,6 @@ from tasks.release.registry import (
     check_promotable,
     remove_incomplete_registrations,
 )
-
-
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    """An MLflow database with its tables made once (~5 s): each test gets a copy."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def mlflow_store(empty_db, mlflow_store):
-    """conftest's fresh store, from the template."""
-    shutil.copy(empty_db, mlflow_store.removeprefix("sqlite:///"))
-    return mlflow_store
 
 
 def _run(status: str = "FINISHED") -> str:
@@ -60,7 +43,7 @@ def _versions(name: str) -> list[str]:
     return sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
 
 
-def test_unfinished_versions_of_dead_runs_are_removed_and_nothing_else(mlflow_store):
+def test_unfinished_versions_of_dead_runs_are_removed_and_nothing_else(registry_store):
     finished = _version("m", _run())
     legacy = _version("m", _run(), complete=None)  # registered before the mark existed: kept
     killed = _version("m", _run("FAILED"), complete="false")
@@ -85,7 +68,7 @@ def test_unfinished_versions_of_dead_runs_are_removed_and_nothing_else(mlflow_st
     assert remove_incomplete_registrations() == []
 
 
-def test_a_killed_runs_model_goes_with_its_only_version(mlflow_store):
+def test_a_killed_runs_model_goes_with_its_only_version(registry_store):
     run_id = _run("FAILED")
     _version("solo", run_id, complete="false", created_by=run_id)
     assert remove_incomplete_registrations() == ["solo/1", "solo"]
@@ -104,7 +87,7 @@ def test_a_killed_runs_model_goes_with_its_only_version(mlflow_store):
         ("no files", "m version 1 does not load ("),
     ],
 )
-def test_what_promotion_refuses(mlflow_store, case, message):
+def test_what_promotion_refuses(registry_store, case, message):
     run_id = _run("FAILED" if case == "failed run" else "FINISHED")
     version = _version("m", run_id, complete="false" if case == "unfinished" else "true")
     if case == "deleted run":
@@ -114,7 +97,7 @@ def test_what_promotion_refuses(mlflow_store, case, message):
     assert str(refused.value).startswith(message.format(run=run_id))
 
 
-def test_promote_cli_refuses_a_version_whose_run_was_deleted(prefect_server, mlflow_store):
+def test_promote_cli_refuses_a_version_whose_run_was_deleted(prefect_server, registry_store):
     run_id = _run()
     version = _version("m", run_id)
     MlflowClient().delete_run(run_id)
@@ -127,7 +110,7 @@ def test_promote_cli_refuses_a_version_whose_run_was_deleted(prefect_server, mlf
     assert "promotion.status" not in MlflowClient().get_model_version("m", version).tags
 
 
-def test_registration_marks_the_version_complete_last(mlflow_store, digits, monkeypatch):
+def test_registration_marks_the_version_complete_last(registry_store, digits, monkeypatch):
     """The order that makes a kill at any point safe: created unfinished, alias, then the mark;
     an error (or Ctrl-C) in between deletes the version."""
     import torch
