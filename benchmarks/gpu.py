@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.architectures import accuracy, signals  # noqa: E402
 from benchmarks.quality import generated_dataset  # noqa: E402
+from tasks.compress.architectures import build_mlp, wrap_input  # noqa: E402
 from tasks.compress.data import Dataset, load_dataset  # noqa: E402
 from tasks.compress.finetune import FitSettings, fit  # noqa: E402
 from tasks.compress.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.compress.teacher import build_mlp, wrap_input  # noqa: E402
 from tasks.compress.width import reconstruct_width  # noqa: E402
 from tasks.platform.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
 from tests import zoo  # noqa: E402

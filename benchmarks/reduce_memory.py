@@ -29,8 +29,8 @@ def measure(method: str, rows: int) -> tuple[float, float]:
     import numpy as np
     import torch
 
+    from tasks.compress.architectures import build_mlp
     from tasks.compress.pca import collect_bases, linear_layers
-    from tasks.compress.teacher import build_mlp
 
     torch.manual_seed(0)
     model = build_mlp(64, [512, 512], 10).eval()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.platform.errors import UserError
+from tasks.platform.errors import UserError, first_line
 
 
 def require_file(path: Path, what: str) -> None:
@@ -25,8 +25,7 @@ def require_file(path: Path, what: str) -> None:
 
 def unreadable(where: str, kind: str, err: BaseException) -> UserError:
     """The one line for a file its reader refused: the reader's first line says why."""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return UserError(f"{where} could not be read as {kind}: {reason}")
+    return UserError(f"{where} could not be read as {kind}: {first_line(err)}")
 
 
 def header_names(path: Path, kind: str) -> list[str]:

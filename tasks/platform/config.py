@@ -39,7 +39,7 @@ class DataConfig(Strict):
     task: Literal["auto", "classification", "regression"] = "auto"
 
 
-BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/teacher.py builds them
+BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/architectures.py builds them
 ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:Name
 
 

@@ -15,6 +15,13 @@ import shutil
 import sys
 from collections.abc import Iterator
 
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, for a one-line message (its type where it has no text)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 # a full disk or quota, a path the process may not write, a read-only filesystem
 WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 LOST_SERVER = (

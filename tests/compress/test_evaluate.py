@@ -3,6 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, log_loss, top_k_accuracy_score
 
+from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.evaluate import (
     OnnxModel,
     classification_metrics,
@@ -18,7 +19,6 @@ from tasks.compress.evaluate import (
     top_k_accuracy,
 )
 from tasks.compress.quantize import export_onnx
-from tasks.compress.teacher import build_cnn, build_mlp
 from tasks.platform.config import EvaluateConfig
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.finetune import (
     FeatureMatch,
     FitSettings,
@@ -17,7 +18,6 @@ from tasks.compress.finetune import (
     predict_logits,
 )
 from tasks.compress.graph import keep_units, trace
-from tasks.compress.teacher import build_cnn, build_mlp
 from tasks.compress.width import WidthReport, reconstruct_width
 from tasks.platform.config import FinetuneConfig
 

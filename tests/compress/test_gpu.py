@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.compress.architectures import build_mlp
 from tasks.compress.finetune import FitSettings, fit, predict_logits
-from tasks.compress.teacher import build_mlp
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

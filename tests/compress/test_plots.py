@@ -8,8 +8,8 @@ from mlflow import MlflowClient
 from torch import nn
 
 from flows.stages import plots_task
+from tasks.compress.architectures import build_mlp
 from tasks.compress.plots import pareto_front, penultimate, pipeline_figures
-from tasks.compress.teacher import build_mlp
 from tasks.platform.config import EvaluateConfig
 
 STAGES = {

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.evaluate import count_params, saved_size
 from tasks.compress.graph import keep_units, trace
 from tasks.compress.prune import (
@@ -17,7 +18,6 @@ from tasks.compress.prune import (
     structured_prune,
     unit_scores,
 )
-from tasks.compress.teacher import build_cnn, build_mlp
 from tasks.platform.config import FinetuneConfig, PruneConfig
 
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.evaluate import OnnxModel, saved_size
 from tasks.compress.finetune import FitSettings, fit
 from tasks.compress.quantize import export_onnx, quantize_model
-from tasks.compress.teacher import build_cnn, build_mlp
 from tasks.platform.config import QuantizeConfig
 
 

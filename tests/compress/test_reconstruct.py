@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.graph import param_model, trace
 from tasks.compress.reconstruct import factor_layer, reconstruct_low_rank
 from tasks.compress.reduce import LayerPlan, Reduction, allocate_widths, collect_bases, reduce_model
-from tasks.compress.teacher import build_cnn, build_mlp
 from tasks.compress.width import reconstruct_width, refit_reader, select_units
 from tasks.platform.config import BudgetConfig, ReduceConfig
 

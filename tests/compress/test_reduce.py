@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.reduce import (
     BYTES_PER_PARAM,
     Basis,
@@ -11,7 +12,6 @@ from tasks.compress.reduce import (
     low_rank_params,
     reduce_model,
 )
-from tasks.compress.teacher import build_cnn, build_mlp
 from tasks.platform.config import BudgetConfig, ReduceConfig
 from tasks.platform.errors import UserError
 

@@ -135,8 +135,8 @@ def test_training_takes_the_same_batches_from_disk(tmp_path):
 
     import torch
 
+    from tasks.compress.architectures import build_mlp
     from tasks.compress.finetune import FitSettings, fit
-    from tasks.compress.teacher import build_mlp
 
     path = _parquet(_table(), tmp_path / "t.parquet")
     memory, streamed = _both(DataConfig(source=f"parquet:{path}", label="label"))

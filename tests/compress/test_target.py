@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.distill import distill_flow
+from tasks.compress.architectures import build_mlp
 from tasks.compress.evaluate import TorchScriptModel
 from tasks.compress.graph import param_model, trace
 from tasks.compress.quantize import Quantized
@@ -28,7 +29,6 @@ from tasks.compress.target import (
     plan_target,
     smallest_params,
 )
-from tasks.compress.teacher import build_mlp
 from tasks.platform.config import PipelineConfig, TargetConfig, build_config
 from tasks.platform.errors import UserError
 from tests.conftest import ROOT, fresh_process

@@ -9,20 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.data import Dataset, prepare
-from tasks.compress.finetune import predict_logits
-from tasks.compress.sources import Table
-from tasks.compress.teacher import (
+from tasks.compress.architectures import (
     INPUT,
     USER_ROOT,
     build_mlp,
     build_teacher,
-    is_pt2_archive,
-    load_teacher,
-    pt2_pickled_record,
     user_module,
     wrap_input,
 )
+from tasks.compress.data import Dataset, prepare
+from tasks.compress.finetune import predict_logits
+from tasks.compress.sources import Table
+from tasks.compress.teacher import load_teacher
+from tasks.compress.weights import is_pt2_archive, pt2_pickled_record
 from tasks.platform.config import DataConfig, TeacherConfig, build_config
 from tasks.platform.errors import UserError
 from tests import zoo

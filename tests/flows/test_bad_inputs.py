@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.compress.teacher import build_mlp
+from tasks.compress.architectures import build_mlp
 from tests.conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")

@@ -10,9 +10,9 @@ import torch
 from prefect.serializers import PickleSerializer
 
 from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
+from tasks.compress.architectures import build_mlp
 from tasks.compress.finetune import History
 from tasks.compress.reduce import reduce_model
-from tasks.compress.teacher import build_mlp
 from tasks.platform.caching import (
     Uncacheable,
     code_modules,
@@ -70,6 +70,8 @@ def test_keys_differ_by_task_and_follow_the_stage_code(digits):
     teacher_code = set(code_modules(teacher_task.fn))
     assert {
         "tasks.compress.teacher",
+        "tasks.compress.architectures",
+        "tasks.compress.weights",
         "tasks.compress.finetune",
         "tasks.compress.data",
         "tasks.platform.config",

@@ -90,11 +90,11 @@ def test_every_config_choice_has_one_implementation():
     tables' keys are the same names, so a new method is one entry in each."""
     import typing
 
+    from tasks.compress.architectures import BUILTIN_ARCHS
     from tasks.compress.prune import PRUNERS
     from tasks.compress.quantize import RUNTIMES
     from tasks.compress.reconstruct import RECONSTRUCTORS
     from tasks.compress.reduce import BASES, PLANNERS
-    from tasks.compress.teacher import BUILTIN_ARCHS
     from tasks.compress.width import SELECTIONS
     from tasks.platform import config
 

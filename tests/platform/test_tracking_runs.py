@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.compress.teacher import build_mlp
+from tasks.compress.architectures import build_mlp
 from tasks.platform import store, tracking
 from tests.conftest import ROOT, child_runs
 

@@ -115,9 +115,9 @@ def test_registration_marks_the_version_complete_last(registry_store, digits, mo
     an error (or Ctrl-C) in between deletes the version."""
     import torch
 
+    from tasks.compress.architectures import build_mlp
     from tasks.compress.evaluate import OnnxModel
     from tasks.compress.quantize import export_onnx
-    from tasks.compress.teacher import build_mlp
     from tasks.release.registry import register_model
 
     torch.manual_seed(0)

@@ -1,0 +1,184 @@
+"""The teacher's architecture: a built-in (`mlp`, `cnn`: plain `nn.Sequential`s of standard
+layers that take flat rows, `Unflatten` reshaping them for convolutions) or the user's own model,
+`module:Name`: an `nn.Module` class or a function returning one, built with `teacher.init_args`
+as keyword arguments. The pipeline feeds flat float32 rows `[N, F]`; a user model of a
+multi-dimensional `data.shape` is wrapped so that it receives `[N, *shape]`:
+`Sequential(input=Unflatten(1, shape), model=<the user's module>)` (`wrap_input`,
+`user_module`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.compress.data import Dataset
+from tasks.platform.config import TeacherConfig
+from tasks.platform.errors import UserError, first_line
+
+INPUT = "input"  # the wrapper's Unflatten: flat rows -> [N, *data.shape]
+USER_ROOT = "model"  # the wrapper's child holding the user's module
+
+
+# --- built-in architectures ---------------------------------------------------------------
+
+
+def build_mlp(n_features: int, hidden: list[int], n_classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = n_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def build_cnn(input_shape: tuple[int, ...], channels: list[int], n_classes: int) -> nn.Sequential:
+    """1-D (`[C, L]`) or 2-D (`[C, H, W]`) conv stack, 3-wide 'same' kernels, then a linear head."""
+    if len(input_shape) not in (2, 3):
+        raise UserError(
+            f"config key 'data.shape': a cnn needs [C, L] or [C, H, W], got {list(input_shape)}"
+        )
+    conv = nn.Conv1d if len(input_shape) == 2 else nn.Conv2d
+    layers: list[nn.Module] = [nn.Unflatten(1, input_shape)]
+    width = input_shape[0]
+    for c in channels:
+        layers += [conv(width, c, kernel_size=3, padding=1), nn.ReLU()]
+        width = c
+    spatial = int(torch.tensor(input_shape[1:]).prod())
+    layers += [nn.Flatten(), nn.Linear(width * spatial, n_classes)]
+    return nn.Sequential(*layers)
+
+
+# --- the user's architecture: module:Name -------------------------------------------------
+
+
+def is_builtin(arch: str) -> bool:
+    return arch in BUILTIN_ARCHS
+
+
+def import_arch(arch: str, config_dir: Path | None = None) -> Callable[..., Any]:
+    """The class or function `module:Name` names, imported from the current directory, the
+    config file's folder or PYTHONPATH; `sys.path` is left as it was."""
+    module_name, _, name = arch.partition(":")
+    roots = [Path.cwd()] + ([Path(config_dir).resolve()] if config_dir is not None else [])
+    saved = list(sys.path)
+    sys.path[:0] = [str(root) for root in roots]
+    importlib.invalidate_caches()  # a module file written since the last import is seen
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if (
+            err.name is not None
+            and module_name != err.name
+            and not module_name.startswith(err.name + ".")
+        ):
+            # found, but it imports something that is not installed
+            raise UserError(
+                f"config key 'teacher.arch': importing module {module_name!r} failed: "
+                f"{first_line(err)}"
+            ) from err
+        where = ", ".join(str(root) for root in roots)
+        raise UserError(
+            f"config key 'teacher.arch': cannot import module {module_name!r} "
+            f"(looked in {where} and PYTHONPATH)"
+        ) from None
+    except Exception as err:  # a syntax error, or code at import time that raised
+        raise UserError(
+            f"config key 'teacher.arch': importing module {module_name!r} failed: "
+            f"{type(err).__name__}: {first_line(err)}"
+        ) from err
+    finally:
+        sys.path[:] = saved
+    missing = object()
+    factory = getattr(module, name, missing)
+    if factory is missing:
+        raise UserError(
+            f"config key 'teacher.arch': module {module_name!r} "
+            f"({getattr(module, '__file__', None) or 'no file'}) has no {name!r}"
+        )
+    if not (inspect.isclass(factory) or inspect.isroutine(factory)):
+        raise UserError(
+            f"config key 'teacher.arch': {arch} is an object of type "
+            f"{type(factory).__name__}, not a class or a function"
+        )
+    return factory
+
+
+def build_user_module(cfg: TeacherConfig, config_dir: Path | None = None) -> nn.Module:
+    """`teacher.arch` (`module:Name`) called with `teacher.init_args`, not wrapped."""
+    factory = import_arch(cfg.arch, config_dir)
+    rejected = f"config key 'teacher.init_args': {cfg.arch}(...) rejected them"
+    try:
+        inspect.signature(factory).bind(**cfg.init_args)
+    except TypeError as err:
+        raise UserError(f"{rejected}: {first_line(err)}") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): calling it tells
+    try:
+        module = factory(**cfg.init_args)
+    except TypeError as err:
+        raise UserError(f"{rejected}: {first_line(err)}") from err
+    except Exception as err:
+        raise UserError(
+            f"config key 'teacher.arch': {cfg.arch}(...) raised "
+            f"{type(err).__name__}: {first_line(err)}"
+        ) from err
+    if not isinstance(module, nn.Module):
+        raise UserError(
+            f"config key 'teacher.arch': {cfg.arch}(...) returned a "
+            f"{type(module).__name__}, not a torch.nn.Module"
+        )
+    return module
+
+
+def wrap_input(module: nn.Module, shape: tuple[int, ...] | list[int]) -> nn.Module:
+    """`module` fed `[N, *shape]` from flat rows `[N, F]`; a flat (1-D) shape needs no wrapper."""
+    if len(shape) <= 1:
+        return module
+    return nn.Sequential(OrderedDict([(INPUT, nn.Unflatten(1, tuple(shape))), (USER_ROOT, module)]))
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return (
+        isinstance(model, nn.Sequential)
+        and list(model._modules) == [INPUT, USER_ROOT]
+        and isinstance(model._modules[INPUT], nn.Unflatten)
+    )
+
+
+def user_module(model: nn.Module) -> nn.Module:
+    """The user's own module inside a `wrap_input` wrapper; any other model as it is."""
+    return model._modules[USER_ROOT] if is_wrapped(model) else model  # type: ignore[return-value]
+
+
+# `teacher.arch`'s built-in names -> their builder (any other arch is an import path module:Name;
+# a test keeps config.BUILTIN_ARCHS equal to these keys)
+BUILTIN_ARCHS: dict[str, Callable[[TeacherConfig, Dataset], nn.Module]] = {
+    "mlp": lambda cfg, data: build_mlp(data.n_features, cfg.hidden, data.n_outputs),
+    "cnn": lambda cfg, data: build_cnn(data.input_shape, cfg.channels, data.n_outputs),
+}
+
+
+def build_bare(cfg: TeacherConfig, data: Dataset, config_dir: Path | None) -> nn.Module:
+    """The architecture before any input wrapper: the module a state_dict's keys belong to."""
+    if is_builtin(cfg.arch):
+        return BUILTIN_ARCHS[cfg.arch](cfg, data)
+    return build_user_module(cfg, config_dir)
+
+
+def wrap(module: nn.Module, cfg: TeacherConfig, data: Dataset) -> nn.Module:
+    return module if is_builtin(cfg.arch) else wrap_input(module, data.input_shape)
+
+
+def build_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None) -> nn.Module:
+    """`teacher.arch` (fresh weights), taking the data's flat rows."""
+    return wrap(build_bare(cfg, data, config_dir), cfg, data)
