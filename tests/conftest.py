@@ -53,11 +53,13 @@ TINY = [  # a full pipeline in seconds: small teacher, few epochs, few latency r
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files run by their number of slow tests, most first. `make test` hands whole files to two
-    workers (`--dist loadfile`) in collection order: a long file handed out last kept one worker
-    busy alone at the end while the other had finished."""
+    """Files run by their number of slow tests, then by their number of tests, most first.
+    `make test` hands whole files to two workers in this order (`--dist loadfile
+    --no-loadscope-reorder`; xdist's own order, by number of tests alone, handed the files of a
+    few minute-long tests out last, and one worker ran them alone at the end)."""
     slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])  # stable: each file keeps its order
+    count = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (-slow[item.path], -count[item.path]))  # stable within a file
 
 
 @pytest.fixture(scope="session", autouse=True)
