@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -48,6 +50,34 @@ def _lose(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def _run_in_flight(
+    env: dict[str, str], cwd: Path, client: MlflowClient, db: Path | None = None, **popen: Any
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`distill run` started, yielded with its parent run's id once that run is open (RUNNING);
+    killed on leaving if still alive. `db`: a SQLite store the run makes, not read (so not made
+    by this test's client) before it exists."""
+    run = subprocess.Popen(
+        [*RUN, "--set", "register.model_name=never"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    try:
+        deadline, parent = time.monotonic() + 240, None
+        while parent is None and run.poll() is None and time.monotonic() < deadline:
+            parent = _running_parent(client) if db is None or db.exists() else None
+            time.sleep(0.2)
+        assert parent is not None, "the run never opened its parent run"
+        yield run, parent
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+
 def _running_parent(client: MlflowClient) -> str | None:
     experiment = client.get_experiment_by_name("distill")
     if experiment is None:
@@ -70,26 +100,12 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
     )
     client = MlflowClient(uri, registry_uri=uri)
-    with _mlflow_server(tmp_path, port) as server:
-        run = subprocess.Popen(
-            [*RUN, "--set", "register.model_name=never"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline, parent = time.monotonic() + 240, None
-            while parent is None and run.poll() is None and time.monotonic() < deadline:
-                parent = _running_parent(client)
-                time.sleep(0.2)
-            assert parent is not None, "the run never opened its parent run"
-            _lose(server)  # the tracking server goes away mid-run
-            _, stderr = run.communicate(timeout=300)
-        finally:
-            if run.poll() is None:
-                run.kill()
+    with (
+        _mlflow_server(tmp_path, port) as server,
+        _run_in_flight(env, tmp_path, client) as (run, parent),
+    ):
+        _lose(server)  # the tracking server goes away mid-run
+        _, stderr = run.communicate(timeout=300)
     assert run.returncode == 3, stderr
     assert last_line(stderr).startswith(
         f"error: the MLflow tracking server stopped answering ({uri}/"
@@ -113,28 +129,12 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
 def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
     db = tmp_path / "mlflow.db"
     env = fault_env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
-    # SIGINT as a terminal delivers it: not ignored, even where the suite runs in the background
-    run = subprocess.Popen(
-        [*RUN, "--set", "register.model_name=never"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
     client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
-    try:
-        deadline, parent = time.monotonic() + 240, None
-        while parent is None and run.poll() is None and time.monotonic() < deadline:
-            parent = _running_parent(client) if db.exists() else None
-            time.sleep(0.2)
-        assert parent is not None, "the run never opened its parent run"
+    # SIGINT as a terminal delivers it: not ignored, even where the suite runs in the background
+    sigint = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+    with _run_in_flight(env, tmp_path, client, db, **sigint) as (run, parent):
         run.send_signal(signal.SIGINT)  # Ctrl-C
         _, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 130, (
         stderr
     )  # 128 + SIGINT, not killed by it (flows.process.Interrupted)
