@@ -323,31 +323,24 @@ def check_task_keys(cfg: PipelineConfig, task: str) -> None:
 # keys that apply under one method only: set (to a value other than their default) under another,
 # they are refused with their name rather than silently ignored. key -> (the setting that
 # decides, whether the key applies under its value, where the key applies in words)
+def _only_with(switch: str, value: Any) -> tuple[str, Callable[[Any], bool], str]:
+    return switch, lambda chosen: chosen == value, f"with {switch} {value}"
+
+
+_WITHOUT_TARGET = ("target", lambda target: target is None, "without a target")
 METHOD_KEYS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
-    "teacher.hidden": ("teacher.arch", lambda arch: arch == "mlp", "with teacher.arch mlp"),
-    "teacher.channels": ("teacher.arch", lambda arch: arch == "cnn", "with teacher.arch cnn"),
+    "teacher.hidden": _only_with("teacher.arch", "mlp"),
+    "teacher.channels": _only_with("teacher.arch", "cnn"),
     "teacher.init_args": (
         "teacher.arch",
         lambda arch: arch not in BUILTIN_ARCHS,
         "with a teacher.arch module:Name",
     ),
-    "reduce.budget": ("target", lambda target: target is None, "without a target"),
-    "reconstruct.selection": (
-        "reconstruct.mode",
-        lambda mode: mode == "width",
-        "in reconstruct.mode width",
-    ),
-    "reconstruct.ridge": (
-        "reconstruct.mode",
-        lambda mode: mode == "width",
-        "in reconstruct.mode width",
-    ),
-    "compress.prune.amount": ("target", lambda target: target is None, "without a target"),
-    "compress.prune.criterion": (
-        "compress.prune.method",
-        lambda method: method == "structured",
-        "with compress.prune.method structured",
-    ),
+    "reduce.budget": _WITHOUT_TARGET,
+    "reconstruct.selection": _only_with("reconstruct.mode", "width"),
+    "reconstruct.ridge": _only_with("reconstruct.mode", "width"),
+    "compress.prune.amount": _WITHOUT_TARGET,
+    "compress.prune.criterion": _only_with("compress.prune.method", "structured"),
 }
 
 
