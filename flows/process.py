@@ -142,12 +142,11 @@ def check_prefect_home() -> None:
 
     from prefect.settings import PREFECT_HOME
 
+    from tasks.platform.store import ensure_writable
+
     home = Path(PREFECT_HOME.value()).expanduser()
-    probe = home / f".distill-write-probe-{os.getpid()}"
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"probe")
-        probe.unlink()
+        ensure_writable(home)
     except OSError as err:
         raise OSError(err.errno, f"{err.strerror} (PREFECT_HOME)", str(home)) from None
     free_mb = shutil.disk_usage(home).free / 2**20

@@ -118,18 +118,22 @@ def configure(settings: MlflowSettings) -> str:
     return experiment.experiment_id
 
 
+def ensure_writable(folder: Path) -> None:
+    """`folder` exists (made if missing) and takes a file: OSError if not."""
+    probe = folder / f".distill-write-probe-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"probe")
+    probe.unlink()
+
+
 def check_artifact_root(location: str | None) -> None:
     """A local artifact root must take files before a run starts, not fail at the first model."""
     if not location or not location.startswith("file:"):
         return  # a server or object store: its own errors, at upload
     from urllib.parse import unquote, urlparse
 
-    path = Path(unquote(urlparse(location).path))
-    probe = path / f".distill-write-probe-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"probe")
-        probe.unlink()
+        ensure_writable(Path(unquote(urlparse(location).path)))
     except OSError as err:
         raise UserError(
             f"artifact location {location} is not writable: {err.strerror or err}"
