@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,25 +63,68 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (-slow[item.path], -count[item.path]))  # stable within a file
 
 
+_TEST_SERVER: dict[str, Any] = {}  # this process's Prefect test server: "process", "url"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start this process's Prefect test server now, while pytest collects (imports torch,
+    MLflow, Prefect: seconds), and put its URL in the environment before anything imports
+    Prefect: this process's flows and the `distill` processes tests start use it; each would
+    otherwise start and stop a temporary server of its own, seconds of CPU each. (Tests of the
+    temporary server remove PREFECT_API_URL.) The xdist controller runs no test: no server."""
+    if getattr(config, "workerinput", None) is None and getattr(
+        config.option, "numprocesses", None
+    ):
+        return
+    from tasks.platform import reaper
+    from tasks.platform.held_port import hold_port, serve_on
+
+    # a port held from before uvicorn starts: with Prefect's own launch, two servers starting
+    # together on one port left one process talking to the other's server, and "connection
+    # refused" once that one stopped (tasks/platform/held_port.py)
+    sock = hold_port()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    os.environ["PREFECT_API_URL"] = url
+    database = f"sqlite+aiosqlite:///{_HOME}/prefect-test-server.db"  # not PREFECT_HOME's
+    process = serve_on(sock, {"PREFECT_SERVER_DATABASE_CONNECTION_URL": database})
+    reaper.watch(process.pid)  # gone with this process, however it ends
+    _TEST_SERVER.update(process=process, url=url)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    process = _TEST_SERVER.get("process")
+    if process is not None and process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_server():
-    """One Prefect test server for this worker, also for the `distill` processes tests start (its
-    URL in their environment): each would otherwise start and stop a temporary server of its
-    own, seconds of CPU each. Tests of the temporary server remove PREFECT_API_URL.
-    It listens on a port held from before uvicorn starts: with Prefect's own launch, two
-    servers starting together on one port left one worker talking to the other's server, and
-    "connection refused" once that one stopped (tasks/platform/held_port.py)."""
+def prefect_server() -> Iterator[str]:
+    """This process's Prefect test server (pytest_configure), once it answers: its API URL.
+    In-process temporary servers (none is needed while PREFECT_API_URL is set) would listen on
+    held ports too."""
+    import time
+    import urllib.request
+
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.platform.held_port import launch_on_held_port
 
+    process, url = _TEST_SERVER["process"], _TEST_SERVER["url"]
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Prefect test server did not start (exit code {process.poll()})"
+                ) from None
+            time.sleep(0.2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SubprocessASGIServer, "_run_uvicorn_command", launch_on_held_port)
-        with prefect_test_harness(server_startup_timeout=90):
-            mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
-            yield
+        yield url
 
 
 # Where MLflow puts the artifacts of experiments made without an artifact location (a new store's

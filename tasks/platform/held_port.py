@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 
-def _bind(port: int | None) -> socket.socket:
+def hold_port(port: int | None = None) -> socket.socket:
     """A TCP socket bound (not listening) on 127.0.0.1:`port`, or on a free port if taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -34,14 +34,12 @@ def _bind(port: int | None) -> socket.socket:
     return sock
 
 
-def launch_on_held_port(server: Any) -> subprocess.Popen[Any]:
-    """`SubprocessASGIServer._run_uvicorn_command` (Prefect 3.8) with the listening socket bound
-    by this process: `server.port` becomes the port actually held."""
+def serve_on(sock: socket.socket, env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
+    """Prefect's server (as its temporary one: no UI) in a uvicorn process listening on `sock`,
+    which it takes over (closed here); `env` on top of this process's settings."""
     import prefect
     from prefect.settings import get_current_settings
 
-    sock = _bind(server.port)
-    server.port = sock.getsockname()[1]
     try:
         return subprocess.Popen(
             [
@@ -67,7 +65,16 @@ def launch_on_held_port(server: Any) -> subprocess.Popen[Any]:
                 "PREFECT__SERVER_EPHEMERAL": "1",
                 "PREFECT__SERVER_FINAL": "1",
                 **get_current_settings().to_environment_variables(exclude_unset=True),
+                **(env or {}),
             },
         )
     finally:
         sock.close()  # uvicorn holds its own copy
+
+
+def launch_on_held_port(server: Any) -> subprocess.Popen[Any]:
+    """`SubprocessASGIServer._run_uvicorn_command` (Prefect 3.8) with the listening socket bound
+    by this process: `server.port` becomes the port actually held."""
+    sock = hold_port(server.port)
+    server.port = sock.getsockname()[1]
+    return serve_on(sock)
