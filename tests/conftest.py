@@ -95,7 +95,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     process = _TEST_SERVER.get("process")
     if process is not None and process.poll() is None:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)
