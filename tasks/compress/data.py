@@ -247,14 +247,16 @@ def _encoded_owner(spec: dict) -> list[str]:
     return [c["name"] for c in spec["columns"] for _ in tabular.feature_names({"columns": [c]})]
 
 
-def _check_finite(X: np.ndarray, spec: dict, table: Table) -> None:
-    """Every encoded value finite, else one line naming the raw column, the split and the row."""
+def _check_finite(X: np.ndarray, spec: dict, table: Table, start: int = 0) -> None:
+    """Every encoded value finite, else one line naming the raw column, the split and the row.
+    `start`: the table row of X's first row (a block of a streamed table)."""
     bad = ~np.isfinite(X)
     if not bad.any():
         return
     row, col = (int(i) for i in np.argwhere(bad)[0])
     what = "NaN (an empty cell)" if np.isnan(X[row, col]) else "inf"
     hint = "; array rows are not imputed" if not table.encode and np.isnan(X[row, col]) else ""
+    row += start
     where = table.where
     if table.split is not None:  # the row within the user's split
         part = str(table.split[row])

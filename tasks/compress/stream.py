@@ -538,7 +538,7 @@ def _standardization(
     kept, count, mean, m2, peak = [], 0, None, None, None
     for start, X, chunk in blocks:
         digest.update(chunk)
-        _check_finite(X, start, spec, table)
+        D._check_finite(X, spec, table, start)
         top = np.abs(X).max(axis=0) if len(X) else np.zeros(X.shape[1])
         peak = top if peak is None else np.maximum(peak, top)
         rows = X[in_train[start : start + len(X)]]
@@ -572,25 +572,6 @@ def _standardization(
         scale = np.sqrt(m2 / count)
     scale[scale < 1e-12] = 1.0
     return mean, scale, peak
-
-
-def _check_finite(X: np.ndarray, start: int, spec: dict, table: S.Table) -> None:
-    """`data._check_finite` for a block whose first row is row `start` of the table."""
-    bad = ~np.isfinite(X)
-    if not bad.any():
-        return
-    row, col = (int(i) for i in np.argwhere(bad)[0])
-    what = "NaN (an empty cell)" if np.isnan(X[row, col]) else "inf"
-    hint = "; array rows are not imputed" if not table.encode and np.isnan(X[row, col]) else ""
-    row += start
-    where = table.where
-    if table.split is not None:
-        part = str(table.split[row])
-        row = int(np.sum(table.split[:row] == part))
-        where += f", {part} split ({table.origin(part, 'X')})"
-    raise UserError(
-        f"{where}: column {D._encoded_owner(spec)[col]!r} holds {what} in row {row}{hint}"
-    )
 
 
 def source_rows(source: str, positions: np.ndarray, names: list[str]) -> pd.DataFrame:
