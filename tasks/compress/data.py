@@ -23,6 +23,7 @@ are drawn without stratification.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,18 +366,25 @@ def standardizer(X_train: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.nda
     return mean, scale
 
 
-def _check_scaled(
-    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, z: np.ndarray, spec: dict, where: str
+def check_mean_scale(
+    mean: np.ndarray, scale: np.ndarray, peak: Callable[[int], float], spec: dict, where: str
 ) -> None:
-    """Values like 1e300 overflow the mean or the scale, or float32: one line naming the column."""
+    """A mean or scale overflowed by values like 1e300: one line naming the column (`peak(col)`:
+    its largest absolute value)."""
     bad = ~(np.isfinite(mean) & np.isfinite(scale))
     if bad.any():
         col = int(np.argmax(bad))
         raise UserError(
             f"{where}: column {_encoded_owner(spec)[col]!r} has values up to "
-            f"{np.abs(X[:, col]).max():.3g}: its mean or scale is not a finite number; "
-            f"rescale the column"
+            f"{peak(col):.3g}: its mean or scale is not a finite number; rescale the column"
         )
+
+
+def _check_scaled(
+    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, z: np.ndarray, spec: dict, where: str
+) -> None:
+    """Values like 1e300 overflow the mean or the scale, or float32: one line naming the column."""
+    check_mean_scale(mean, scale, lambda col: float(np.abs(X[:, col]).max()), spec, where)
     bad = ~np.isfinite(z).all(axis=0)
     if bad.any():
         col = int(np.argmax(bad))

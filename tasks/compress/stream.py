@@ -327,13 +327,7 @@ def _convert(cfg: DataConfig, seed: int, folder: Path) -> None:
     digest = _digest_hasher(src, width)
     mean, scale, peak = _standardization(encoded(), spec, table, train, in_train, cfg, digest)
     shape = D._input_shape(table, cfg.shape, len(mean))
-    bad = ~(np.isfinite(mean) & np.isfinite(scale))
-    if bad.any():
-        col = int(np.argmax(bad))
-        raise UserError(
-            f"{table.where}: column {D._encoded_owner(spec)[col]!r} has values up to "
-            f"{peak[col]:.3g}: its mean or scale is not a finite number; rescale the column"
-        )
+    D.check_mean_scale(mean, scale, lambda col: float(peak[col]), spec, table.where)
     digest = digest.hexdigest()[:16]
     rows_key = hashlib.sha256(
         json.dumps([digest, cfg.model_dump_json(), seed]).encode()
