@@ -27,6 +27,7 @@ from flows.process import (
     start_prefect_server_early,
     user_errors,
 )
+from tasks.platform.secrets import mask_passwords_in_output
 
 # A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
 # they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
@@ -510,6 +511,7 @@ def predict(
 
 
 def main() -> None:
+    mask_passwords_in_output()  # before anything makes a logging handler on the raw streams
     # torch's OpenMP threads spin while they wait for work: on 2 shared cores a spinning thread
     # takes the core from the one with work (a teacher's step 25-40 ms instead of 3-4 ms on this
     # machine under load). Passive waiting, unless the user chose; read when torch is imported.

@@ -22,6 +22,8 @@ from typing import Any
 
 import typer
 
+from tasks.platform.secrets import mask_passwords_in_output
+
 EXIT_USER_ERROR = 2
 EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
 EXIT_REFUSED = 1  # a promotion its gates refused
@@ -39,6 +41,10 @@ QUIET_ENV = {
     # exponential backoff, minutes), then the run fails with the error
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    # MLflow prints "View run NAME at: URL" for every stage run, and a progress bar for every
+    # artifact it downloads; distill prints the parent run's link itself, password masked
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 NOISY_WARNINGS = (
@@ -59,6 +65,7 @@ PREFECT_LOG_ENV = {
 
 
 def quiet() -> None:
+    mask_passwords_in_output()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if "PREFECT_LOGGING_LEVEL" not in os.environ:

@@ -19,8 +19,10 @@ the version keeps `false`: `distill promote` refuses it and the next `distill ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,10 +145,15 @@ def register_model(
         )
     client = MlflowClient()
     _create_registered_model(client, model_name, tags.get("mlflow.run_id", ""))
-    # the version is created with its lineage tags (one write, not one per tag)
-    version = str(
-        mlflow.register_model(info.model_uri, model_name, tags=tags | {COMPLETE: "false"}).version
-    )
+    # the version is created with its lineage tags (one write, not one per tag); MLflow's own
+    # lines ("Registered model ... already exists", "Created version ...") are not printed:
+    # the model was created just above, and distill says what it registered
+    with _mlflow_event_lines_off():
+        version = str(
+            mlflow.register_model(
+                info.model_uri, model_name, tags=tags | {COMPLETE: "false"}
+            ).version
+        )
     try:
         if description:
             client.update_model_version(model_name, version, description=description)
@@ -157,6 +164,18 @@ def register_model(
         client.delete_model_version(model_name, version)
         raise
     return Registered(model_name, version, f"models:/{model_name}/{version}", info.model_id)
+
+
+@contextlib.contextmanager
+def _mlflow_event_lines_off() -> Iterator[None]:
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    before = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = before
 
 
 def _create_registered_model(client: Any, name: str, run_id: str) -> None:

@@ -126,6 +126,41 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         assert client.search_registered_models() == []
 
 
+@pytest.mark.slow
+def test_a_password_in_the_tracking_uri_is_never_printed_nor_stored(prefect_server, tmp_path):
+    """MLflow prints "View run ... at: URL" per run and Prefect logs URIs; the password of
+    `http://user:password@host` reaches neither the terminal nor the run's artifacts. A first
+    registration prints none of MLflow's "Registered model ... already exists" either."""
+    port, password = free_port(), "s3cr3t-pw"
+    env = fault_env(tmp_path, MLFLOW_TRACKING_URI=f"http://alice:{password}@127.0.0.1:{port}")
+    with _mlflow_server(tmp_path, port):
+        done = subprocess.run(RUN, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    assert f"http://alice:***@127.0.0.1:{port}" in done.stdout  # the run's link, masked
+    assert "already exists" not in done.stderr
+    assert "View run" not in done.stdout + done.stderr  # distill prints the parent's link only
+    stored = [p for p in (tmp_path / "server-artifacts").rglob("*") if p.is_file()]
+    assert stored, "the run stored no artifacts"
+    assert not [p for p in stored if password.encode() in p.read_bytes()]
+    assert password.encode() not in (tmp_path / "server.db").read_bytes()
+
+
+def test_redacting_stream_masks_every_password_it_is_given():
+    import io
+
+    from tasks.platform.secrets import RedactingStream
+
+    out = io.StringIO()
+    stream = RedactingStream(out)
+    stream.write("View run a at: http://bob:pa:ss@host:5000/#/x and postgresql://u:p@db/m\n")
+    stream.write("no secret: http://host:5000/path@v2, user@example.org\n")
+    assert out.getvalue() == (
+        "View run a at: http://bob:***@host:5000/#/x and postgresql://u:***@db/m\n"
+        "no secret: http://host:5000/path@v2, user@example.org\n"
+    )
+
+
 def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
     db = tmp_path / "mlflow.db"
     env = fault_env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
