@@ -116,8 +116,8 @@ def _read_sklearn(name: str) -> Table:
 def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> Table:
     readers.require_file(path, "data file")
     where = f"data file {path}"
+    readers.read_header(path, kind, where)  # first: a nested column is refused by its name
     frame = readers.read_frame(path, kind, where)
-    readers.read_header(path, kind, where)
     if frame.empty:
         raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
     check_roles(list(frame.columns), label, split_column, where)

@@ -84,6 +84,9 @@ class TeacherConfig(Strict):
         return self
 
 
+MIN_VARIANCE = 0.5  # reduce.budget.variance below this leaves nothing to fine-tune or prune
+
+
 class BudgetConfig(Strict):
     """Exactly one target for the reduced student (parameters counted in fp32)."""
 
@@ -91,6 +94,18 @@ class BudgetConfig(Strict):
     params: int | None = Field(None, gt=0)
     ratio: float | None = Field(None, gt=1)
     variance: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("variance")
+    @classmethod
+    def _meaningful_variance(cls, value: float | None) -> float | None:
+        # below half of each layer's output variance, every layer keeps a unit or two: a student
+        # that no stage after can fine-tune or prune (1e-9 failed at pruning, 15 s in)
+        if value is not None and value < MIN_VARIANCE:
+            raise ValueError(
+                f"{value:g} keeps less than half of each layer's output variance (every layer "
+                f"down to a unit or two); give {MIN_VARIANCE:g} to 1, e.g. 0.95"
+            )
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BudgetConfig:
@@ -445,6 +460,7 @@ def validation_message(err: ValidationError, what: str = "config key") -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")  # pydantic's prefix to our validators' own words
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{what} '{where}': {msg}{more}"
 

@@ -49,6 +49,8 @@ def _files(tmp: Path) -> dict[str, str]:
     files["dup_label.csv"] = str(tmp / "dup_label.csv")
     csv("one_class.csv", good.assign(label=0))
     csv("tiny_class.csv", good.assign(label=[0] * 58 + [1, 1]))
+    good.assign(tags=[[1, 2]] * len(good)).to_parquet(tmp / "nested.parquet")
+    files["nested.parquet"] = str(tmp / "nested.parquet")
     (tmp / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     files["corrupt.parquet"] = str(tmp / "corrupt.parquet")
     (tmp / "garbage.npz").write_bytes(b"\x00\x01 not a zip")
@@ -119,6 +121,17 @@ CASES = [
         "variance above 1",
         ["--set", "reduce.budget.variance=1.5"],
         "config key 'reduce.budget.variance'",
+    ),
+    (
+        "nested parquet column",  # a TypeError traceback (unhashable type) in the input check
+        ["--set", "data.source=parquet:{nested.parquet}", "--set", "data.label=label"],
+        "data file {nested.parquet}: column 'tags' is nested (list<element: int64>); distill reads one number or text per cell: flatten it into columns, or drop it",
+    ),
+    (
+        "variance that keeps nothing",  # it failed at pruning, 15 s in, blaming prune.method
+        ["--set", "target=null", "--set", "reduce.budget=null", "--set", "reduce.budget.variance=1e-9"],
+        "config key 'reduce.budget.variance': 1e-09 keeps less than half of each layer's output "
+        "variance (every layer down to a unit or two); give 0.5 to 1, e.g. 0.95",
     ),
     (
         "budget below reachable",
