@@ -129,9 +129,15 @@ CASES = [
     ),
     (
         "variance that keeps nothing",  # it failed at pruning, 15 s in, blaming prune.method
-        ["--set", "target=null", "--set", "reduce.budget=null", "--set", "reduce.budget.variance=1e-9"],
-        "config key 'reduce.budget.variance': 1e-09 keeps less than half of each layer's output "
-        "variance (every layer down to a unit or two); give 0.5 to 1, e.g. 0.95",
+        [
+            "--set",
+            "target=null",
+            "--set",
+            "reduce.budget=null",
+            "--set",
+            "reduce.budget.variance=1e-9",
+        ],
+        "config key 'reduce.budget.variance': 1e-09 keeps less than half of each layer's output variance (every layer down to a unit or two); give 0.5 to 1, e.g. 0.95",
     ),
     (
         "budget below reachable",
