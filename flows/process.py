@@ -27,6 +27,7 @@ from tasks.platform.secrets import mask_passwords_in_output
 EXIT_USER_ERROR = 2
 EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
 EXIT_REFUSED = 1  # a promotion its gates refused
+SIGTERM_EXIT = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 
 
 # Quiet, offline defaults; a user's own settings win.
@@ -82,6 +83,10 @@ def quiet() -> None:
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
 
 
+# Prefect's "Crash detected! Execution was aborted by an interrupt signal." and its state lines
+SIGNAL_CRASHES = ("aborted by an interrupt signal", "aborted by a termination signal")
+
+
 class _HideUserErrors(logging.Filter):
     """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one
     line instead."""
@@ -94,6 +99,8 @@ class _HideUserErrors(logging.Filter):
             return False
         # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the text
         message = record.getMessage()
+        if any(signal in message for signal in SIGNAL_CRASHES):
+            return False  # a Ctrl-C or SIGTERM: distill says it stopped, in one line
         return "UserError" not in message and not mentions_fault(message)
 
 
@@ -175,7 +182,18 @@ class Interrupted(KeyboardInterrupt):
 
 
 def interrupt(signum: int, frame: Any) -> None:
+    """The first Ctrl-C unwinds the run (its runs closed KILLED, the cache consistent); a second
+    one, while that is under way, exits at once (the next run closes what was left open)."""
+    import signal
+
+    signal.signal(signal.SIGINT, _exit_now)
     raise Interrupted
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    sys.stderr.write("\ndistill: interrupted again: exiting now\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
@@ -198,7 +216,7 @@ def exit_on_signals() -> None:
     import signal
 
     def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(SIGTERM_EXIT)
 
     signal.signal(signal.SIGTERM, terminate)
     # where SIGINT came in ignored (nohup, a background job), it stays ignored
@@ -236,14 +254,29 @@ def flow_command(
 
         print_stage_lines()
     exit_on_signals()
-    with (
-        user_errors(),
-        contextlib.redirect_stdout(sys.stderr),
-        _recompute(refresh),
-        local_settings(),
-        tags("distill", name),
-    ):
-        yield
+    try:
+        with (
+            user_errors(),
+            contextlib.redirect_stdout(sys.stderr),
+            _recompute(refresh),
+            local_settings(),
+            tags("distill", name),
+        ):
+            yield
+    except Interrupted:
+        _stopped_by("Ctrl-C")
+        raise
+    except SystemExit as stop:
+        if stop.code == SIGTERM_EXIT:
+            _stopped_by("SIGTERM")
+        raise
+
+
+def _stopped_by(what: str) -> None:
+    print(
+        f"distill: stopped by {what}; the same command resumes from the stages already done",
+        file=sys.stderr,
+    )
 
 
 def _recompute(refresh: bool) -> Any:
