@@ -135,14 +135,35 @@ def start_prefect_server_early() -> Callable[[], None]:
     server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
 
     def start() -> None:
-        with contextlib.suppress(
-            Exception
-        ):  # a failed start is retried, and reported, by the flow's first call
+        # a failed start is retried, and reported, by the flow's first call
+        with contextlib.suppress(Exception), _first_start_alone():
             server.start()
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
     return thread.join
+
+
+@contextlib.contextmanager
+def _first_start_alone() -> Iterator[None]:
+    """The first temporary server on a PREFECT_HOME creates and migrates its database: runs
+    started together each raced to migrate it, and the losers' servers printed 100-200 lines of
+    SQLAlchemy tracebacks. The first start of each Prefect version holds a file lock in
+    PREFECT_HOME until its server answers (migrated); once a start succeeded, a marker file lets
+    later ones start without waiting."""
+    import prefect
+    from filelock import FileLock
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    ready = home / f".distill-database-ready-{prefect.__version__}"
+    if ready.exists():
+        yield
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / ".distill-database-migration.lock"):
+        yield
+        ready.touch()
 
 
 PREFECT_HOME_MIN_FREE_MB = 32  # a temporary server's database grows to ~8 MB in a run; results too
