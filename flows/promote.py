@@ -53,7 +53,8 @@ def promote_flow(
         description=f"distill promote: {decision.line()}",
     )
     if not decision.ok:
-        get_run_logger().warning(decision.line())
+        # INFO: the run's log and its Failed state carry it; the terminal gets distill's own line
+        get_run_logger().info(decision.line())
         return Failed(message=decision.line(), data=decision)
     get_run_logger().info(decision.line())
     return decision
