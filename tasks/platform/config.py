@@ -396,6 +396,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Reopened(dict):
+    """A section an override set to null, then gave keys again: it replaces the config file's
+    section instead of merging into it."""
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`['reduce.budget.ratio=10', 'finetune.epochs=5']` -> nested dict (values parsed as YAML)."""
     tree: dict[str, Any] = {}
@@ -406,7 +411,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            if node.get(part) is None:  # a section set to null earlier (`target=null`) reopens
+            if part in node and node[part] is None:
+                # a section set to null earlier (`target=null`) reopens empty: what the config
+                # file had there stays gone, only the keys set after it are in it
+                node[part] = _Reopened()
+            elif node.get(part) is None:
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
@@ -422,7 +431,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     kind (size_kb, ratio, ...) replaces the other kinds (max_accuracy_drop stays)."""
     out = dict(base)
     for key, value in override.items():
-        if key == "budget" and isinstance(value, dict):
+        if isinstance(value, _Reopened):
+            out[key] = dict(value)
+        elif key == "budget" and isinstance(value, dict):
             out[key] = value
         elif (
             key == "target"
