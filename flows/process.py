@@ -202,19 +202,18 @@ class Interrupted(KeyboardInterrupt):
     although the interrupt was handled: exit -2 instead of 130. It checks the exact type."""
 
 
+_INTERRUPTS = [0]  # Ctrl-Cs received (a swallowed one given back does not count twice)
+
+
 def interrupt(signum: int, frame: Any) -> None:
     """The first Ctrl-C unwinds the run (its runs closed KILLED, the cache consistent); a second
     one, while that is under way, exits at once (the next run closes what was left open)."""
-    import signal
-
-    signal.signal(signal.SIGINT, _exit_now)
+    _INTERRUPTS[0] += 1
+    if _INTERRUPTS[0] > 1:
+        sys.stderr.write("\ndistill: interrupted again: exiting now\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
     raise Interrupted
-
-
-def _exit_now(signum: int, frame: Any) -> None:
-    sys.stderr.write("\ndistill: interrupted again: exiting now\n")
-    sys.stderr.flush()
-    os._exit(128 + signum)
 
 
 def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
@@ -225,6 +224,7 @@ def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
     if isinstance(unraisable.exc_value, Interrupted):
         import _thread
 
+        _INTERRUPTS[0] -= 1  # the same Ctrl-C, delivered again
         threading.Timer(0.05, _thread.interrupt_main).start()
         return
     sys.__unraisablehook__(unraisable)

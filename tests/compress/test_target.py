@@ -79,7 +79,7 @@ def test_a_target_kind_override_replaces_the_kind_and_keeps_the_guard():
     [
         (
             ["target.max_accuracy_drop=0.02"],
-            "config key 'target': Value error, give exactly one of size_kb, ratio, params, latency_ms_b1",
+            "config key 'target': give exactly one of size_kb, ratio, params, latency_ms_b1",
         ),
         (["target.ratio=0.5"], "config key 'target.ratio': Input should be greater than 1"),
         (["target.size_kb=20", "reconstruct.mode=low_rank"], "it needs reconstruct.mode=width"),

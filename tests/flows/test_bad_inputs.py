@@ -163,7 +163,7 @@ CASES = [
     (
         "svd with width mode",
         ["--set", "reduce.method=svd"],
-        "config key 'config': Value error, reduce.method=svd needs",
+        "config key 'config': reduce.method=svd needs",
     ),
     ("alpha out of range", ["--set", "finetune.alpha=2"], "config key 'finetune.alpha'"),
     (

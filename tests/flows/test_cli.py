@@ -161,3 +161,27 @@ def test_ctrl_c_landing_in_a_weakref_callback_still_interrupts():
     )
     assert proc.stdout.strip() == "interrupted", proc.stdout + proc.stderr
     assert "Exception ignored" not in proc.stderr
+
+
+SECOND_CTRL_C = """
+from flows import process
+
+try:
+    process.interrupt(2, None)  # the first Ctrl-C unwinds
+except KeyboardInterrupt:
+    print("unwinding")
+process.interrupt(2, None)  # a second one while that is under way
+print("not exited")
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_CTRL_C],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (130, "unwinding")
+    assert proc.stderr.strip() == "distill: interrupted again: exiting now"
