@@ -23,7 +23,7 @@ from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, register_task
 from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
 from tasks.compress.pipeline import Outcome, compress
 from tasks.compress.teacher import check_teacher
-from tasks.platform import dead_runs, store, tracking
+from tasks.platform import dead_runs, progress, store, tracking
 from tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
 
@@ -61,6 +61,14 @@ def flow_run_name() -> str:
     return run_name(cfg, (params.get("tags") or {}).get("distill.sweep_variant"))
 
 
+def flow_run_label() -> str:
+    """`[NAME] ` of the Prefect flow run this thread is in (a sweep variant's grid values)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return f"[{ctx.flow_run.name}] " if ctx is not None and ctx.flow_run is not None else ""
+
+
 @flow(name="distill", flow_run_name=flow_run_name, log_prints=False)
 def distill_flow(
     config_path: str | None = None,
@@ -75,6 +83,7 @@ def distill_flow(
     `tags`: extra tags on the parent run (a sweep's id; `mlflow.parentRunId`: the sweep's run).
     `challenger`: the registered version takes alias `challenger` (a sweep gives it to its best
     variant only)."""
+    progress.run_label = flow_run_label  # progress lines name this flow run (a sweep's variant)
     record = None
     if from_run:
         from flows.promote import connect_registry
@@ -121,7 +130,7 @@ def distill_flow(
     logger = get_run_logger()
     logger.info("MLflow parent run %r in experiment %s", name, experiment_id)
     with tracking.parent_run(
-        experiment_id, name, cfg.flat(), tags | dead_runs.process_tags()
+        experiment_id, name, cfg.flat(), tags | tracking.process_tags()
     ) as run_id:
         tracking.log_run_inputs(
             yaml.safe_dump(cfg.model_dump(), sort_keys=False),

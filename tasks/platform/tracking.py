@@ -15,6 +15,8 @@ Where the runs go (`mlflow.yaml`, connecting) is tasks/platform/store.py.
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -350,3 +352,16 @@ def run_metrics(run_id: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
     return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def process_tags() -> dict[str, str]:
+    """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run (the next
+    run closes it FAILED once that process is gone: tasks/platform/dead_runs.py)."""
+    from tasks.platform import reaper
+
+    pid = os.getpid()
+    return {
+        "distill.host": socket.gethostname(),
+        "distill.pid": str(pid),
+        "distill.process_start": reaper.started(pid) or "",
+    }
