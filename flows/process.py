@@ -221,13 +221,27 @@ def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
     (garbage collection, e.g. SQLAlchemy's class registry) raised `Interrupted` where Python
     prints it as "Exception ignored in ..." and drops it: the run would go on to the end. It is
     delivered again a moment later, in the main thread, where it unwinds the run."""
-    if isinstance(unraisable.exc_value, Interrupted):
+    exc = unraisable.exc_value
+    if isinstance(exc, Interrupted):
         import _thread
 
         _INTERRUPTS[0] -= 1  # the same Ctrl-C, delivered again
         threading.Timer(0.05, _thread.interrupt_main).start()
         return
+    if _is_termination(exc):  # the same for SIGTERM: ours, or Prefect's handler inside a flow
+        import signal
+
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return
     sys.__unraisablehook__(unraisable)
+
+
+def _is_termination(exc: BaseException | None) -> bool:
+    """SIGTERM as raised by `exit_on_signals`'s handler or by Prefect's while a flow runs
+    (`prefect.exceptions.TerminationSignal`)."""
+    return (isinstance(exc, SystemExit) and exc.code == SIGTERM_EXIT) or (
+        type(exc).__name__ == "TerminationSignal"
+    )
 
 
 def exit_on_signals() -> None:
@@ -240,10 +254,10 @@ def exit_on_signals() -> None:
         raise SystemExit(SIGTERM_EXIT)
 
     signal.signal(signal.SIGTERM, terminate)
+    sys.unraisablehook = _redeliver_swallowed_interrupt
     # where SIGINT came in ignored (nohup, a background job), it stays ignored
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
-        sys.unraisablehook = _redeliver_swallowed_interrupt
 
 
 @contextlib.contextmanager
