@@ -28,8 +28,7 @@ from flows.process import (
     user_errors,
 )
 
-# A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
-# they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
+# `distill run --help`'s last paragraph: what each exit code means
 EXIT_CODES = (
     "Exit codes: 0 done (a missed target too); 1 promotion refused (--promote); 2 bad input: a "
     "config key, file, column, or a model the configured mode cannot handle (the pre-flight, "
@@ -38,6 +37,8 @@ EXIT_CODES = (
     "failed stage run's error.txt in MLflow; --debug prints it); 130 Ctrl-C."
 )
 
+# A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
+# they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

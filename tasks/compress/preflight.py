@@ -124,7 +124,7 @@ def preflight_config(
     teacher = check_teacher(cfg.teacher, data, Path(config_dir) if config_dir else None)
     if teacher is None:
         return None
-    with torch.random.fork_rng():  # the run's own draws stay as they were
+    with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
         result = preflight(teacher, data, cfg)
     _PASSED[key] = result
     return result
@@ -343,7 +343,7 @@ def _export(student: nn.Module, n_features: int) -> None:
 
     try:
         with onnx_export_lock():
-            export_onnx(copy.deepcopy(student).eval(), n_features)
+            export_onnx(student.eval(), n_features)
     except Exception as err:  # noqa: BLE001 -- the exporter fails in many ways
         where, why = _where_why(err, student, None)
         raise _Broken(
