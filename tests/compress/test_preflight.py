@@ -35,10 +35,10 @@ def test_the_digits_mlp_passes_in_seconds(overrides):
     assert set(result.checks) == {"teacher", "student", "kd step", "onnx export"}
     assert result.student_params < result.teacher_params
     assert result.kept_whole == {}
-    # the student's build and KD step are tenths of a second; torch's dynamo ONNX exporter
-    # rebuilds its op registry on every call (about 1.2 s here on an idle core)
+    # 0.5 s (TINY) and 1.1 s (the 512-512 teacher) here, 0.4-0.65 s of it the ONNX export;
+    # bounds with room for a loaded machine
     assert result.seconds - result.checks["onnx export"] < 1.0, result.checks
-    assert result.seconds < 4.0, result.checks
+    assert result.seconds < 2.0 * (2 if overrides else 1), result.checks
 
 
 def test_attention_that_reshapes_into_heads_fails_in_one_line():
