@@ -154,9 +154,10 @@ def alternative(teacher: nn.Module, data: Dataset, cfg: PipelineConfig, failed: 
         except _Broken:
             continue
         text = " and ".join(f"{k}={v}" for k, v in variant.items())
-        needs_width = variant.get("reconstruct.mode", mode) != "width"
-        needs_structured = variant.get("compress.prune.method", method) != "structured"
-        if cfg.target is not None and (needs_width or needs_structured):
+        # a target plans widths and prunes structurally: another setting means no target
+        leaves_width = variant.get("reconstruct.mode", mode) != "width"
+        leaves_structured = variant.get("compress.prune.method", method) != "structured"
+        if cfg.target is not None and (leaves_width or leaves_structured):
             text += " (without a target: target: null and a reduce.budget)"
         return text
     return None

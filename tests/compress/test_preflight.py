@@ -27,18 +27,20 @@ def _setup(overrides: list[str]):
     return cfg, data, build_teacher(cfg.teacher, data)
 
 
-@pytest.mark.parametrize("overrides", [[], TINY], ids=["digits-target", "tiny"])
-def test_the_digits_mlp_passes_in_seconds(overrides):
+@pytest.mark.parametrize(
+    "overrides, bound", [([], 3.0), (TINY, 2.0)], ids=["digits-target", "tiny"]
+)
+def test_the_digits_mlp_passes_in_seconds(overrides, bound):
     cfg, data, teacher = _setup(overrides)
     preflight(teacher, data, cfg)  # the first in a process imports the ONNX exporter
     result = preflight(teacher, data, cfg)
     assert set(result.checks) == {"teacher", "student", "kd step", "onnx export"}
     assert result.student_params < result.teacher_params
     assert result.kept_whole == {}
-    # 0.5 s (TINY) and 1.1 s (the 512-512 teacher) here, 0.4-0.65 s of it the ONNX export;
-    # bounds with room for a loaded machine
+    # measured 1.1 s (the 512-512 teacher) and 0.5 s (TINY) here, 0.65 and 0.45 s of it the ONNX
+    # export; the bounds leave room for a loaded machine
     assert result.seconds - result.checks["onnx export"] < 1.0, result.checks
-    assert result.seconds < 2.0 * (2 if overrides else 1), result.checks
+    assert result.seconds < bound, result.checks
 
 
 def test_attention_that_reshapes_into_heads_fails_in_one_line():
