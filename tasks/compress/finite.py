@@ -5,6 +5,12 @@ float32 leaves a model that predicts class 0 for every row and NaN for every pro
 it must not reach the registry as a working model. `check_model` runs at every stage
 boundary (tasks/compress/pipeline.py measures every stage's model through it, before the
 model is recorded) on the weights and on the outputs for a batch of rows.
+
+And where it starts (`NonFinite`: the epoch and batch, or the row, and which model): every
+training batch and validation pass of `finetune.fit` (`TrainingWatch`: the teacher's training,
+KD, pruning's recovery), the teacher's outputs KD reads, the reduce stage's calibration
+(`check_calibration`), and every row an evaluation predicts (`check_outputs`); the module it
+starts in is found by running the offending rows again with hooks (`first_non_finite`).
 """
 
 from __future__ import annotations
