@@ -41,7 +41,14 @@ def train_teacher(
         seed=seed,
         device=device,
     )
-    model, fitted = fit(model, data, settings, description="training teacher")
+    model, fitted = fit(
+        model,
+        data,
+        settings,
+        description="training teacher",
+        role="the teacher",
+        lr_key="teacher.lr",
+    )
     if history is not None:
         history.__dict__.update(fitted.__dict__)
     return model
@@ -115,14 +122,19 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
         )
 
 
-def check_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None) -> None:
+def check_teacher(
+    cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None
+) -> nn.Module | None:
     """Fail fast, before a run is recorded anywhere: a `module:Name` arch imports and builds
     with its init_args, a `file:` teacher fits it, and it takes the data's rows. (Training, and
     MLflow sources, are the stage's work.) The arch's module stays imported, so a cached
-    teacher of that class unpickles."""
+    teacher of that class unpickles. Returns the model checked (fresh weights for a teacher
+    that trains), or None where only the stage loads it (MLflow, a pickled file)."""
     if cfg.source == "train":
-        _check_fits(build_teacher(cfg, data, config_dir).eval(), data, cfg.arch)
-    elif cfg.source.startswith("file:") and not cfg.trust_pickle:  # no second unpickling
-        load_teacher(cfg, data, seed=0, config_dir=config_dir)
-    elif not cfg.source.startswith(("models:/", "runs:/")):
-        load_teacher(cfg, data, seed=0, config_dir=config_dir)  # says what a source can be
+        model = build_teacher(cfg, data, config_dir).eval()
+        _check_fits(model, data, cfg.arch)
+        return model
+    if cfg.source.startswith(("models:/", "runs:/")):
+        return None
+    # a file; any other scheme: load_teacher says what a source can be
+    return load_teacher(cfg, data, seed=0, config_dir=config_dir)
