@@ -95,7 +95,7 @@ def preflight(teacher: nn.Module, data: Dataset, cfg: PipelineConfig) -> Preflig
         with _timed(checks, "kd step"):
             _step(student, X, y, teacher, data, "the student's KD step", cfg=cfg)
         with _timed(checks, "onnx export"):
-            _export(student, data.n_features)
+            _export(student, X)
     except _Broken as broken:
         raise PreflightFailed(_line(broken, teacher, data, cfg)) from None
     return Preflight(
@@ -339,12 +339,12 @@ def _step(
         )
 
 
-def _export(student: nn.Module, n_features: int) -> None:
+def _export(student: nn.Module, X: np.ndarray) -> None:
     from tasks.compress.pipeline import onnx_export_lock  # the pipeline imports this module
 
     try:
         with onnx_export_lock():
-            export_onnx(student.eval(), n_features)
+            export_onnx(student.eval(), X)
     except Exception as err:  # noqa: BLE001 -- the exporter fails in many ways
         where, why = _where_why(err, student, None)
         raise _Broken(
