@@ -304,7 +304,7 @@ def compress(
             )
     else:  # prune only while the served model misses the target, each round and int8 guarded
         with guard("fit-target", started):
-            accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data))
+            accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
             with onnx_export_lock():
                 fitted = steps.fit(
                     teacher,

@@ -41,6 +41,7 @@ from tasks.compress.failures import culprit
 from tasks.compress.finetune import kd_loss, regression_kd_loss
 from tasks.compress.finite import non_finite_cause
 from tasks.compress.graph import Group, keep_units, trace
+from tasks.compress.guard import resolution
 from tasks.compress.prune import fold_masks, magnitude_prune, remove_lowest_units
 from tasks.compress.quantize import export_onnx
 from tasks.compress.reconstruct import reconstruct
@@ -49,6 +50,7 @@ from tasks.compress.teacher import check_teacher
 from tasks.compress.width import group_bases
 from tasks.platform.config import BudgetConfig, PipelineConfig
 from tasks.platform.errors import UserError, first_line
+from tasks.platform.progress import note
 
 ROWS = 2
 # a group nothing reads (the logits) is never narrowed: no news to report
@@ -122,6 +124,10 @@ def preflight_config(
     if key in _PASSED:
         return _PASSED[key]
     teacher = check_teacher(cfg.teacher, data, Path(config_dir) if config_dir else None)
+    if cfg.target is not None and not data.is_regression:
+        coarse = resolution("accuracy", len(data.y_val), cfg.target.max_accuracy_drop)
+        if coarse is not None:
+            note(coarse)
     if teacher is None:
         return None
     with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were

@@ -144,6 +144,9 @@ class TargetConfig(Strict):
     latency_ms_b1: float | None = Field(None, gt=0)  # batch 1, in the serving runtime
     max_accuracy_drop: float = Field(0.01, ge=0, lt=1)  # teacher - model, validation rows
     max_r2_drop: float = Field(0.01, ge=0)  # regression: teacher R² - model R², validation rows
+    # a step is rolled back when its drop is above the allowance with this confidence
+    # (one-sided paired bootstrap on the validation rows: tasks/compress/guard.py)
+    confidence: float = Field(0.9, ge=0.5, lt=1)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetConfig:
