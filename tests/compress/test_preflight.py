@@ -149,3 +149,17 @@ def test_a_pass_is_remembered(digits):
     cfg = build_config({}, TINY)
     first = preflight_config(cfg, digits)
     assert preflight_config(cfg, digits) is first  # the same result: not run again
+
+
+def test_validation_rows_too_few_for_the_allowance_are_named_before_any_stage(capfd):
+    """180 digits validation rows: one row is 0.56 points, more than half of 0.5 points."""
+    cfg, data, _ = _setup(["target.size_kb=100", "target.max_accuracy_drop=0.005"])
+    assert len(data.y_val) == 180
+    preflight_config(cfg, data)
+    err = capfd.readouterr().err.splitlines()
+    coarse = [line for line in err if "validation rows" in line]
+    assert len(coarse) == 1 and coarse[0].startswith("distill: target.max_accuracy_drop=0.005")
+    assert "one row = 0.0056" in coarse[0] and ">= 400 validation rows" in coarse[0]
+    cfg, data, _ = _setup(["target.size_kb=100", "target.max_accuracy_drop=0.02"])  # 3.6 rows
+    preflight_config(cfg, data)
+    assert "validation rows" not in capfd.readouterr().err
