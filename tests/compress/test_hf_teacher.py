@@ -462,3 +462,56 @@ def test_a_users_module_answering_a_model_output_trains_and_loads(tmp_path, bert
     model = load_teacher(cfg, data, seed=0, config_dir=tmp_path)
     assert type(model[-1]).__name__ == "Logits"
     assert model(torch.from_numpy(data.X_test)).shape == (len(data.X_test), 3)
+
+
+# --- a text column and data.tokenizer -------------------------------------------------------
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, VOCAB)]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(path)
+    return path
+
+
+def test_a_text_column_is_tokenized_once_into_int64_ids(tmp_path, monkeypatch):
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    import tasks.compress.tokens as tokens
+
+    monkeypatch.setenv("DISTILL_DATA_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    texts = [
+        " ".join(f"w{i}" for i in rng.integers(5, VOCAB, rng.integers(2, 9))) for _ in range(90)
+    ]
+    pd.DataFrame({"review": texts, "label": np.resize([0, 1, 2], 90)}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    tokenizer = _tokenizer_dir(tmp_path / "tok")
+    data_cfg = {"source": f"csv:{tmp_path / 't.csv'}", "label": "label"}
+    data_cfg["tokenizer"] = f"hf:{tokenizer}"
+
+    def load(seed, **more):
+        cfg = build_config({"data": data_cfg | more}, ["teacher.source=train"])
+        assert cfg.data.standardize is False  # token ids are never scaled, whoever trains
+        return load_dataset(cfg.data, seed)
+
+    data = load(0)
+    expected = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)(
+        texts, padding="longest"
+    )["input_ids"]
+    rows = np.concatenate([data.X_train, data.X_val, data.X_test])
+    assert rows.dtype == np.int64 and rows.shape == (90, 10)  # [CLS] + 8 words + [SEP]
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, expected))
+    assert data.feature_names == [f"t{i}" for i in range(10)] and data.input_shape == (10,)
+
+    # the second load reads the ids back: the tokenizer is not loaded again
+    monkeypatch.setattr(tokens, "load_tokenizer", lambda source: pytest.fail("tokenized twice"))
+    again = load(1)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 1
+    assert again.digest == data.digest
+    monkeypatch.undo()
+    monkeypatch.setenv("DISTILL_DATA_CACHE", str(tmp_path / "cache"))
+    assert load(0, max_length=4).X_train.shape[1] == 4  # truncated: [CLS] 2 words [SEP]
