@@ -112,8 +112,7 @@ def resolution(metric: str, rows: int, max_drop: float) -> str | None:
         return None
     needed = int(np.ceil(2.0 / max_drop))
     return (
-        f"target.max_accuracy_drop={max_drop:g} is {max_drop * rows:.1f} of the {rows} validation "
-        f"rows (one row = {per_row:.4f}): the guard keeps a step unless its drop is shown to "
-        f"exceed it; to decide finer give >= {needed} validation rows (data.val_size, or val rows "
-        "in your split) or allow a wider drop"
+        f"{rows} validation rows are coarse for target.max_accuracy_drop={max_drop:g} (one row "
+        f"= {per_row:.4f}): a step is kept unless shown to lose more; give >= {needed} "
+        "validation rows (data.val_size) or allow a wider drop"
     )

@@ -158,7 +158,9 @@ def test_validation_rows_too_few_for_the_allowance_are_named_before_any_stage(ca
     preflight_config(cfg, data)
     err = capfd.readouterr().err.splitlines()
     coarse = [line for line in err if "validation rows" in line]
-    assert len(coarse) == 1 and coarse[0].startswith("distill: target.max_accuracy_drop=0.005")
+    assert len(coarse) == 1 and coarse[0].startswith(
+        "distill: 180 validation rows are coarse for target.max_accuracy_drop=0.005"
+    )
     assert "one row = 0.0056" in coarse[0] and ">= 400 validation rows" in coarse[0]
     cfg, data, _ = _setup(["target.size_kb=100", "target.max_accuracy_drop=0.02"])  # 3.6 rows
     preflight_config(cfg, data)
