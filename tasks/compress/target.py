@@ -539,10 +539,12 @@ def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
         if decision is not None
         else ""
     )
+    unresolved = decision is not None and decision.verdict == "unresolved"
     return (
         f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
         f"(limit {_show(plan, plan.limit)}), {_what(guard)} drop on validation rows "
-        f"{fitted.accuracy_drop():.4f} ({interval}max {guard.max_drop:.4f}); {fitted.bound}"
+        f"{fitted.accuracy_drop():.4f} ({interval}max {guard.max_drop:.4f}"
+        f"{': not shown to exceed it' if unresolved else ''}); {fitted.bound}"
     )
 
 
