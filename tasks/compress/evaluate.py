@@ -39,7 +39,7 @@ from tasks.compress.data import Dataset
 from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 
-Predict = Callable[[np.ndarray], np.ndarray]  # float32 rows -> logits
+Predict = Callable[[np.ndarray], np.ndarray]  # rows (float32, or int64 token ids) -> logits
 
 
 @dataclass(frozen=True)
@@ -235,24 +235,38 @@ def latency_percentiles_ms(
     return float(p50), float(p95)
 
 
-def flops_per_row(model: nn.Module, n_features: int) -> int:
+def example_rows(example: int | np.ndarray, n: int) -> torch.Tensor:
+    """`n` rows to run, trace or export a model on: the first rows of the data (`example`: an
+    array or `Rows`, in its dtype: int64 token ids stay int64, repeated if there are fewer),
+    or `n` float32 rows of zeros of that width (`example`: an int)."""
+    if isinstance(example, (int, np.integer)):
+        return torch.zeros(n, int(example))
+    rows = np.asarray(example[:n])
+    if 0 < len(rows) < n:
+        rows = rows[np.arange(n) % len(rows)]
+    return torch.from_numpy(np.ascontiguousarray(rows))
+
+
+def flops_per_row(model: nn.Module, example: int | np.ndarray) -> int:
     """Floating-point operations of one forward pass on one row (torch's flop counter: a
-    multiply-add counts 2, so a Linear(in, out) costs 2·in·out; zeros from pruning still count)."""
+    multiply-add counts 2, so a Linear(in, out) costs 2·in·out; zeros from pruning still count).
+    `example`: the data's rows (the first is run), or the width of float rows."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = model.cpu().eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(torch.zeros(1, n_features))
+        model(example_rows(example, 1))
     return int(counter.get_total_flops())
 
 
 def torch_predictor(model: nn.Module) -> Predict:
+    """Logits of a module on CPU for rows of any dtype, without autograd (inference mode)."""
     model = model.cpu().eval()
 
     def predict(X: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(X)).numpy()
+            return model(torch.from_numpy(X)).float().numpy()
 
     return predict
 
@@ -290,7 +304,7 @@ def evaluate_model(
         )
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
-        flops = flops_per_row(model, data.n_features)
+        flops = flops_per_row(model, data.X_test)
     metrics = quality_metrics(predict, data, teacher_pred)
     size, compressed = saved_size(model)
     large = cfg.large_batch

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.compress.data import Dataset
-from tasks.compress.rows import Rows, TrainRows, rows_on
+from tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on
 from tasks.platform.config import FinetuneConfig
 from tasks.platform.device import resolve_device
 from tasks.platform.progress import track
@@ -140,9 +140,10 @@ def _teacher_features(
             outs[i].append(_output(out).index_select(axis, units).float())
 
         hooks.append(module.register_forward_hook(hook))
+    size = predict_rows(X, 1024)
     try:
-        for start in range(0, len(X), 1024):
-            teacher(torch.from_numpy(X[start : start + 1024]).to(device))
+        for start in range(0, len(X), size):
+            teacher(torch.from_numpy(X[start : start + size]).to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -221,10 +222,14 @@ class History:
         }
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, X: np.ndarray | Rows, batch_size: int = 1024) -> np.ndarray:
-    """Logits of a float model on CPU rows, wherever the model lives."""
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, X: np.ndarray | Rows, batch_size: int | None = None
+) -> np.ndarray:
+    """Logits of a float model on CPU rows (any dtype: int64 token ids stay int64), wherever the
+    model lives; `batch_size` rows at a time (default: 1024 rows, or 65536 tokens of sequences)."""
     model.eval()
+    batch_size = batch_size or predict_rows(X, 1024)
     device = next(model.parameters()).device
     out = None
     for start in range(0, len(X), batch_size):

@@ -31,10 +31,11 @@ def non_finite_tensor(model: nn.Module) -> str | None:
 
 
 def outputs(model: nn.Module | Any, rows: np.ndarray) -> np.ndarray:
-    """The model's logits for `rows`: a module in PyTorch, a serialized model in its runtime."""
+    """The model's logits for `rows` (in their dtype: int64 token ids stay int64): a module in
+    PyTorch, a serialized model in its runtime."""
     if isinstance(model, nn.Module):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
+        with torch.inference_mode():
             return model.eval()(torch.from_numpy(rows).to(device)).float().cpu().numpy()
     return np.asarray(model.predictor()(rows))
 

@@ -32,7 +32,11 @@ class DataConfig(Strict):
     shape: list[Annotated[int, Field(gt=0)]] | None = None
     test_size: float = Field(0.2, gt=0, lt=1)  # not used when the user gave a split
     val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
-    standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
+    # false: the features reach the model as given (mean 0, scale 1; integer features such as
+    # token ids as int64). Left out of a pipeline config: on when distill trains the teacher
+    # (teacher.source train), off for a loaded one, which takes its inputs as it was trained on
+    # them (PipelineConfig fills it in; null means the same)
+    standardize: bool = True
     split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
     # auto: text or integral labels are classes, non-integer numbers a regression target; a label
     # with more than 10 distinct integers stops and asks (classes or a quantity?)
@@ -262,6 +266,27 @@ class PipelineConfig(Strict):
     # `register` would shadow BaseModel.register (ABCMeta), hence the alias
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _standardize_for_the_teacher(cls, raw: Any) -> Any:
+        """`data.standardize` left out (or null): on for a teacher distill trains, off for a
+        loaded one (`file:`, `hf:`, MLflow): its inputs are what it was trained on."""
+        if not isinstance(raw, dict):
+            return raw
+        data, teacher = raw.get("data"), raw.get("teacher")
+        source = teacher.source if isinstance(teacher, TeacherConfig) else None
+        if isinstance(teacher, dict):
+            source = teacher.get("source", "train")
+        trained = (source or "train") == "train"
+        if isinstance(data, DataConfig):
+            if "standardize" not in data.model_fields_set:
+                data = data.model_copy(update={"standardize": trained})
+        elif data is None or isinstance(data, dict):
+            data = dict(data or {})
+            if data.get("standardize") is None:
+                data["standardize"] = trained
+        return raw | {"data": data}
 
     @model_validator(mode="after")
     def _svd_is_low_rank(self) -> PipelineConfig:

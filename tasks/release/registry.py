@@ -33,7 +33,7 @@ import pandas as pd
 from tasks.compress import tabular
 from tasks.compress.data import Dataset
 from tasks.compress.evaluate import OnnxModel, TorchScriptModel
-from tasks.platform.caching import file_sha256
+from tasks.platform.caching import directory_sha256, file_sha256
 from tasks.platform.errors import UserError
 from tasks.release.promotion import CHALLENGER
 
@@ -115,6 +115,8 @@ def register_model(
                     "features": data.feature_names,
                     "encoding": data.encoding,
                     "mean": data.mean.tolist(),
+                    # what the model's input takes: float32, or int64 token ids
+                    "dtype": "int64" if data.X_test.dtype.kind in "iu" else "float32",
                     "scale": data.scale.tolist(),
                     "classes": data.classes,
                     "task": data.task,
@@ -279,6 +281,10 @@ def teacher_lineage(source: str) -> dict[str, str]:
         path = Path(source.removeprefix("file:"))
         if path.is_file():
             tags["distill.teacher_sha256"] = file_sha256(path)
+    elif source.startswith("hf:"):  # a save_pretrained directory: its config and weights
+        path = Path(source.removeprefix("hf:"))
+        if path.is_dir():
+            tags["distill.teacher_sha256"] = directory_sha256(path)
     elif source.startswith("models:/") and "@" in source:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
