@@ -126,14 +126,28 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def directory_sha256(path: Path) -> str:
+    """sha256 of a `save_pretrained` directory: the names and bytes of its config and weights
+    (`*.json`, `*.safetensors`), each file hashed once per (path, size, mtime)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
 def teacher_source_fingerprint(source: str) -> str:
-    """What a teacher source currently points at: a file's bytes; an immutable URI as is.
+    """What a teacher source currently points at: a file's bytes, an `hf:` directory's config and
+    weights; an immutable URI as is.
 
     `models:/NAME@ALIAS` can move to another version at any time, so a teacher loaded by
     alias is never cached (the key function returns None for it)."""
     if source.startswith("file:"):
         path = Path(source.removeprefix("file:"))
         return file_sha256(path) if path.is_file() else "missing"
+    if source.startswith("hf:"):
+        path = Path(source.removeprefix("hf:"))
+        return directory_sha256(path) if path.is_dir() else "missing"
     if source.startswith("models:/") and "@" in source:
         raise Uncacheable(source)
     return source
