@@ -3,7 +3,9 @@
 The registered model carries its encoding and standardization (tasks/release/serving_model.py), so
 the input is the raw columns the model was trained on, by name (CSV, Parquet; text columns
 read as text) or by position (NPZ array `X`, one row per sample, any trailing shape that
-flattens to the feature count). Columns the model does not take are ignored. CSV and Parquet
+flattens to the feature count). Columns the model does not take are ignored. A model that takes
+an array (a tensor signature: tasks/release/signature.py) gets every column but the label, in the
+file's order, or the NPZ's X, as rows of its shape and dtype. CSV and Parquet
 are read and written in chunks of `CHUNK_ROWS`, so memory stays flat with the file's size;
 the output appears only when every row is written (a temporary file, then a rename), and it
 may not be the input. Mistakes (missing, repeated or non-numeric columns, an empty cell the
@@ -25,6 +27,7 @@ import pandas as pd
 
 from tasks.compress import readers
 from tasks.platform.errors import UserError
+from tasks.release.signature import model_input
 
 INPUT_KINDS = (".csv", ".parquet", ".npz")
 OUTPUT_KINDS = (".csv", ".parquet")
@@ -236,7 +239,7 @@ def _predict(model: Any, path: Path, rows: pd.DataFrame) -> pd.DataFrame:
     from mlflow.exceptions import MlflowException
 
     try:
-        out = pd.DataFrame(model.predict(rows))
+        out = pd.DataFrame(model.predict(model_input(model, rows, f"input {path}")))
     except (ValueError, MlflowException) as err:
         message = err.message if isinstance(err, MlflowException) else str(err)
         raise UserError(f"input {path}: {message.splitlines()[0]}") from None
