@@ -11,8 +11,8 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import torch, prefect, mlflow, sklearn, onnxruntime, typer" 
+	$(BIN)/python -m pip install -q -e '.[dev,hf]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, prefect, mlflow, sklearn, onnxruntime, typer, transformers" 
 	touch $@
 
 demo: $(STAMP)

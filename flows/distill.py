@@ -21,8 +21,9 @@ from prefect.runtime import flow_run
 
 from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, register_task
 from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
+from tasks.compress.failures import StageGuard
 from tasks.compress.pipeline import Outcome, compress
-from tasks.compress.teacher import check_teacher
+from tasks.compress.preflight import preflight_config
 from tasks.platform import dead_runs, progress, store, tracking
 from tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
@@ -99,9 +100,8 @@ def distill_flow(
     config_dir = str(path.resolve().parent) if path is not None else None
     data = data_task(cfg.data, cfg.seed)
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
-    check_teacher(
-        cfg.teacher, data, Path(config_dir) if config_dir else None
-    )  # before any run exists
+    # before any run exists: the teacher against the data, the planned student on two rows
+    preflight_config(cfg, data, config_dir)
     if record is not None:
         from tasks.release.reproduce import check_record
 
@@ -151,14 +151,15 @@ def distill_flow(
                 if outcome.target is not None:
                     lineage |= outcome.target.tags
                 if cfg.registry.enabled:
-                    registered = register_task(
-                        outcome.quantized.served,
-                        data,
-                        cfg.registry.model_name,
-                        lineage | {"mlflow.run_id": run_id},
-                        challenger,
-                        version_description(cfg, outcome.summary, lineage),
-                    )
+                    with StageGuard(recorder)("register"):
+                        registered = register_task(
+                            outcome.quantized.served,
+                            data,
+                            cfg.registry.model_name,
+                            lineage | {"mlflow.run_id": run_id},
+                            challenger,
+                            version_description(cfg, outcome.summary, lineage),
+                        )
             logger.info("stages done; final metrics on the parent run %s", run_id)
         finally:
             # on the parent in one batch, after registration (MLflow reads the history of every

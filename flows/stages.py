@@ -288,3 +288,15 @@ class MlflowRecorder(Recorder):
         seed: int,
     ) -> None:
         plots_task(self.parent_run_id, stages, teacher, student, final, data, curves, cfg, seed)
+
+    def failed(self, stage: str, line: str, trace: str, started: float | None) -> None:
+        """The failed stage's nested run: FAILED, the line as its description, the trace in
+        `error.txt`; the parent gets both too. Tried twice on a tracking error (not a task: a
+        failure must not print a task run's failure of its own)."""
+        for attempt in range(2):
+            try:
+                tracking.record_failure(self.parent_run_id, stage, line, trace, started)
+                return
+            except Exception as err:
+                if attempt or not retry.is_transient(err):
+                    raise

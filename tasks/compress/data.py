@@ -495,7 +495,12 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
         data = prepare_streamed(cfg, seed)
     else:
-        data = prepare(read_source(cfg.source, cfg.label, cfg.split_column), cfg, seed)
+        table = read_source(cfg.source, cfg.label, cfg.split_column)
+        if cfg.tokenizer is not None:  # its text column as token ids
+            from tasks.compress.tokens import tokenized
+
+            table = tokenized(table, cfg.tokenizer, cfg.max_length)
+        data = prepare(table, cfg, seed)
     with _LAST_LOCK:
         _LAST.clear()
         _LAST[key] = data
@@ -514,7 +519,7 @@ def _file_stamp(source: str) -> tuple | None:
 def stream_source(cfg: DataConfig) -> bool:
     """A parquet / npz source of `stream.STREAM_MIN_CELLS` cells or more: its rows stay on disk
     (as standardized float32: integer token ids fed as given are held in memory, as int64)."""
-    if not cfg.source.startswith(("parquet:", "npz:")):
+    if not cfg.source.startswith(("parquet:", "npz:")) or cfg.tokenizer is not None:
         return False
     from tasks.compress.stream import integer_npz, should_stream
 

@@ -36,6 +36,7 @@ from sklearn.metrics import (
 from torch import nn
 
 from tasks.compress.data import Dataset
+from tasks.compress.finite import check_outputs
 from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 
@@ -197,23 +198,37 @@ def reference_predictions(outputs: np.ndarray, data: Dataset) -> np.ndarray:
 def quality_metrics(
     predict: Predict, data: Dataset, teacher_pred: np.ndarray | None
 ) -> dict[str, float]:
-    """The quality numbers of a model on the test split (and the train-test gap)."""
+    """The quality numbers of a model on the test split (and the train-test gap). Outputs that
+    hold NaN or inf on a test or training row stop here (`NonFinite`, naming the row)."""
     # by blocks: a streamed split (tasks/compress/rows.py) is never held whole
     if data.is_regression:
 
         def first(X: np.ndarray) -> np.ndarray:  # one output per row
             return predict(X)[:, 0]
 
-        test_pred = data.to_units(predict_batched(first, data.X_test))
-        metrics = regression_metrics(test_pred, data.to_units(data.y_test), teacher_pred)
-        train_pred = data.to_units(predict_batched(first, data.X_train))
+        test_out = predict_batched(first, data.X_test)
+        check_outputs(test_out, "test")
+        metrics = regression_metrics(
+            data.to_units(test_out), data.to_units(data.y_test), teacher_pred
+        )
+        train_out = predict_batched(first, data.X_train)
+        check_outputs(train_out, "training")
+        train_pred = data.to_units(train_out)
         metrics["train_r2"] = float(r2_score(data.to_units(data.y_train), train_pred))
         metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
         return metrics
-    metrics = classification_metrics(
-        predict_batched(predict, data.X_test), data.y_test, teacher_pred
-    )
-    train_pred = predict_batched(lambda X: predict(X).argmax(axis=1), data.X_train)
+    test_out = predict_batched(predict, data.X_test)
+    check_outputs(test_out, "test")
+    metrics = classification_metrics(test_out, data.y_test, teacher_pred)
+
+    def class_and_finite(X: np.ndarray) -> np.ndarray:  # a training row's class; 0: not finite
+        out = predict(X)
+        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        return np.stack([out.argmax(axis=1), finite], axis=1)
+
+    train = predict_batched(class_and_finite, data.X_train)
+    check_outputs(np.where(train[:, 1:] == 1, 0.0, np.nan), "training")
+    train_pred = train[:, 0]
     metrics["train_accuracy"] = float((train_pred == data.y_train).mean())
     metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
     return metrics

@@ -218,11 +218,45 @@ def lean_onnx(onnx_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
+_REGISTRIES: dict[int, object] = {}  # opset -> torchlib's op registry, built once per process
+
+
+def reuse_torchlib_registry() -> None:
+    """torch 2.13's dynamo exporter rebuilds its op registry from onnxscript's torchlib on every
+    export: it re-reads the source of some 500 functions, about 1 s of every export here (the
+    pre-flight's, each target plan's and pruning round's, the quantize stage's). Built once per
+    process and opset instead, each export gets its own copy (an op a caller registers stays in
+    its copy); the exported bytes are the same (tested). Idempotent; a torch without this
+    internal API is left alone."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        return
+    registry = getattr(_registration, "ONNXRegistry", None)
+    build = getattr(registry, "from_torchlib", None)
+    if registry is None or build is None or getattr(build, "_distill_reused", False):
+        return
+
+    def from_torchlib(cls: type, opset_version: int = _registration._constants.TORCHLIB_OPSET):
+        built = _REGISTRIES.get(opset_version)
+        if built is None:
+            built = _REGISTRIES[opset_version] = build.__func__(cls, opset_version)
+        copy_ = cls()
+        copy_._opset_version = built._opset_version
+        copy_.functions = {op: list(metas) for op, metas in built.functions.items()}
+        return copy_
+
+    from_torchlib._distill_reused = True  # type: ignore[attr-defined]
+    from_torchlib._distill_original = build.__func__  # type: ignore[attr-defined]
+    registry.from_torchlib = classmethod(from_torchlib)
+
+
 def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
     """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes. `example`: the data's
     rows, whose dtype the graph's input takes (int64 token ids: an int64 input), or the width
     of float32 rows. Token ids `[N, T]` get a dynamic sequence axis where the model allows it
     (the exporter decides: `Dim.AUTO`), else the data's T."""
+    reuse_torchlib_registry()
     model = model.cpu().eval()
     rows = example_rows(example, 2)
     axes: dict[int, object] = {0: "batch"}

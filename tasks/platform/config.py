@@ -13,7 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tasks.platform import safe_yaml
 from tasks.platform.errors import UserError
@@ -41,6 +49,27 @@ class DataConfig(Strict):
     # auto: text or integral labels are classes, non-integer numbers a regression target; a label
     # with more than 10 distinct integers stops and asks (classes or a quantity?)
     task: Literal["auto", "classification", "regression"] = "auto"
+    # hf:DIR, a save_pretrained tokenizer: the source's one text column becomes int64 token ids
+    # (tasks/compress/tokens.py), padded to the longest row, at most max_length tokens
+    tokenizer: str | None = None
+    max_length: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_unscaled_by_default(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("tokenizer") and raw.get("standardize") is None:
+            return raw | {"standardize": False}
+        return raw
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _ids_are_not_scaled(cls, tokenizer: str | None, info: ValidationInfo) -> str | None:
+        if tokenizer is not None and info.data.get("standardize"):
+            raise ValueError(
+                "token ids reach the model as they are, not standardized "
+                "(set data.standardize: false, or leave it out)"
+            )
+        return tokenizer
 
 
 BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/architectures.py builds them
@@ -144,6 +173,9 @@ class TargetConfig(Strict):
     latency_ms_b1: float | None = Field(None, gt=0)  # batch 1, in the serving runtime
     max_accuracy_drop: float = Field(0.01, ge=0, lt=1)  # teacher - model, validation rows
     max_r2_drop: float = Field(0.01, ge=0)  # regression: teacher R² - model R², validation rows
+    # a step is rolled back when its drop is above the allowance with this confidence
+    # (one-sided paired bootstrap on the validation rows: tasks/compress/guard.py)
+    confidence: float = Field(0.9, ge=0.5, lt=1)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetConfig:
@@ -284,11 +316,11 @@ class PipelineConfig(Strict):
         trained = (source or "train") == "train"
         if isinstance(data, DataConfig):
             if "standardize" not in data.model_fields_set:
-                data = data.model_copy(update={"standardize": trained})
+                data = data.model_copy(update={"standardize": trained and data.tokenizer is None})
         elif data is None or isinstance(data, dict):
             data = dict(data or {})
-            if data.get("standardize") is None:
-                data["standardize"] = trained
+            if data.get("standardize") is None:  # token ids are never scaled
+                data["standardize"] = trained and data.get("tokenizer") is None
         return raw | {"data": data}
 
     @model_validator(mode="after")

@@ -177,3 +177,23 @@ def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, wh
     q = quantize.ship(candidate, np.zeros((4, 2), np.float32), 256)
     assert (q.served is candidate.int8_model) == ships and q.int8_candidate is candidate.int8_model
     assert q.method == ("static" if ships else "fp32") and q.why.startswith(why)
+
+
+def test_the_exporter_op_registry_is_built_once_and_copied():
+    """reuse_torchlib_registry: every export gets a copy of one registry built per process,
+    equal to the one torch would have built, and the exported bytes do not change."""
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    from tasks.compress.quantize import reuse_torchlib_registry
+
+    model = build_mlp(8, [16], 3).eval()
+    exported = export_onnx(model, 8)  # reuses from here on
+    reuse_torchlib_registry()  # idempotent
+    fresh = ONNXRegistry.from_torchlib.__func__._distill_original(ONNXRegistry)
+    first, second = ONNXRegistry.from_torchlib(), ONNXRegistry.from_torchlib()
+    assert first is not second and first.functions is not second.functions
+    assert first.functions == fresh.functions == second.functions
+    assert first.opset_version == fresh.opset_version
+    first.functions.clear()  # what one export registers stays in its copy
+    assert ONNXRegistry.from_torchlib().functions == fresh.functions
+    assert export_onnx(model, 8) == exported
