@@ -155,6 +155,39 @@ def test_an_int8_file_bigger_than_fp32_does_not_ship():
     _shipped_by_the_rule(q)
 
 
+def test_a_tiny_students_run_ships_fp32_and_logs_why(digits):
+    """Through the pipeline: a student of a few hundred parameters, whose int8 file is bigger
+    than its fp32 export, ships fp32; the quantize stage's record (the MLflow stage run's params
+    and metrics) says why, with both files' sizes and latencies."""
+    from tasks.compress.pipeline import Recorder, compress
+    from tasks.platform.config import build_config
+    from tests.conftest import TINY
+
+    class Heard(Recorder):
+        def __init__(self) -> None:
+            self.params: dict = {}
+
+        def stage(self, result, measure):
+            self.params[result.name] = result.params
+            return super().stage(result, measure)
+
+    cfg = build_config({}, [*TINY, "teacher.hidden=[8]", "reduce.budget.size_kb=1.5"])
+    heard = Heard()
+    out = compress(cfg, digits, recorder=heard)
+    params, metrics = heard.params["quantized"], out.stages["quantized"]
+    assert out.quantized.method == params["method"] == "fp32"
+    assert (
+        params["why"].startswith("fp32 ships, int8 is bigger") and "at batch 256" in params["why"]
+    )
+    assert metrics["int8_size_kb"] > metrics["fp32_size_kb"]
+    assert metrics["size_kb"] == pytest.approx(len(out.quantized.served.file_bytes) / 1024)
+    assert len(out.quantized.served.file_bytes) == out.quantized.choice.fp32.bytes
+    print(
+        f"fp32 {metrics['fp32_size_kb']:.2f} KB {metrics['fp32_latency_ms_b256']:.4f} ms, "
+        f"int8 {metrics['int8_size_kb']:.2f} KB {metrics['int8_latency_ms_b256']:.4f} ms"
+    )
+
+
 @pytest.mark.parametrize(
     "int8, ships, why",
     [
