@@ -281,7 +281,10 @@ def _pyfunc_predict(c: Candidate, frame: Any) -> np.ndarray:
             f"version {c.version} does not load ({first}); --ignore-champion promotes "
             "without comparing"
         ) from None
-    rows = model_input(model, frame, f"{c.label}: the held-out rows")
+    try:
+        rows = model_input(model, frame, f"{c.label}: the held-out rows")
+    except UserError as err:  # a tokenized text column re-read as text, ...
+        raise HeldOutUnavailable(str(err)) from None
     return model.predict(rows)["prediction"].to_numpy()
 
 

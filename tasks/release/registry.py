@@ -3,9 +3,10 @@
 The registered model is a pyfunc (tasks/release/serving_model.py) that carries the ONNX model, the
 training-time encoding of text columns and empty cells (as JSON data, rebuilt with
 scikit-learn by tasks/compress/tabular.py, which ships as the model's code) and the standardization,
-so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from what the user has: the
-array of an npz source in its own shape and dtype (a tensor signature), or the raw table, its
-signature naming the raw columns and their types (tasks/release/signature.py says which). It
+so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from what the user has: their
+own array in its shape and dtype where the features are numbers (a tensor signature: an npz's X,
+a numeric table's rows, token ids), or the raw table with text columns, its signature naming the
+raw columns and their types (tasks/release/signature.py says which). It
 answers a `prediction` column (the class label) and `proba_<label>` columns, or, for a regression
 target, `prediction` alone in the label's units (the training-time target mean and scale undone).
 Lineage goes on the version as tags.
@@ -37,7 +38,7 @@ from tasks.compress.evaluate import OnnxModel, TorchScriptModel
 from tasks.platform.caching import directory_sha256, file_sha256
 from tasks.platform.errors import UserError
 from tasks.release.promotion import CHALLENGER
-from tasks.release.signature import example_rows, tensor_input
+from tasks.release.signature import FEATURES, example_rows, tensor_input
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 TABULAR = Path(tabular.__file__)  # imported by the served model as `tabular`
@@ -85,8 +86,8 @@ def raw_schema(encoding: dict) -> Any:
 
 MODEL_DESCRIPTION = (
     "Students compressed by distill (teacher -> reduce -> reconstruct -> fine-tune -> prune -> "
-    "quantize), served by `mlflow.pyfunc` from the user's own array (npz sources) or raw "
-    "feature columns: `prediction` and one "
+    "quantize), served by `mlflow.pyfunc` from the user's own array of numbers (a tensor "
+    "signature) or, for tables with text columns, the raw columns: `prediction` and one "
     "`proba_<class>` column per class. Alias `champion`: the version `distill promote` let "
     "through its gates; `challenger`: the newest candidate (a sweep's best variant). Each "
     "version's tags hold its lineage (`mlflow.run_id`, config hash, dataset digest, git commit)."
@@ -149,6 +150,7 @@ def register_model(
                 infer_signature(model_output=output).outputs,
             ),
             input_example=example,
+            metadata={FEATURES: tensor.features} if tensor and tensor.features else None,
             pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)),
         )
     client = MlflowClient()

@@ -4,14 +4,15 @@ model and runs it at load time, so a served model needs numpy, pandas and its ru
 imported by the project (it calls `set_model` when run).
 
 Input (`input` in `preprocess.json`, the signature's kind: tasks/release/signature.py): the
-user's own array (`tensor`: an npz source's rows in their shape and dtype, flattened here as the
-model takes them), or a DataFrame of the raw columns the model was trained on (`columns`: text
-columns as strings). The encoding of text columns and empty cells (tasks/compress/tabular.py,
-rebuilt from the JSON spec in `preprocess.json`; shipped as `tabular.py` in the model's code)
-and the standardization fitted at training time are applied here, so callers never repeat them;
-a model of integer features (token ids: `dtype` int64 in `preprocess.json`) gets them as int64,
-never standardized. An empty cell in a column the model has no imputer for is refused with one
-line naming the column and row.
+user's own array (`tensor`: rows of numbers in their shape and dtype, flattened here as the
+model takes them), or a DataFrame of the raw columns the model was trained on (`columns`: a
+table with text columns, text as strings; versions registered before tensor signatures). The
+encoding of text columns and empty cells (tasks/compress/tabular.py, rebuilt from the JSON spec
+in `preprocess.json`; shipped as `tabular.py` in the model's code) and the standardization
+fitted at training time are applied here, so callers never repeat them; a model of integer
+features (token ids: `dtype` int64 in `preprocess.json`) gets them as int64, never
+standardized. An empty cell (NaN) in a column the model has no imputer for, or inf, is refused
+with one line naming the column and row.
 Output: `prediction` (the original class label) and one `proba_<label>` column per class; for
 a regression model (`task` in `preprocess.json`) `prediction` alone, the model's one output in
 the label's units (`* target_scale + target_mean`, the standardization of the training target).
@@ -54,6 +55,7 @@ class Classifier(PythonModel):
         from tabular import build, needs_sklearn  # this model's code (code_paths)
 
         self.tensor = meta.get("input") == "tensor"  # older versions: columns
+        self.features = meta["features"]  # the raw columns, in order (an array's: x0, x1, ...)
         self.spec = meta["encoding"]
         self.transformer = build(self.spec) if needs_sklearn(self.spec) else None
         self.mean = np.asarray(meta["mean"], dtype=np.float64)
@@ -68,8 +70,7 @@ class Classifier(PythonModel):
         """`model_input`: a DataFrame of the raw columns, or the ndarray a tensor signature names
         (MLflow validates it against the signature; it infers nothing from this hint)."""
         if self.tensor:
-            X = np.asarray(model_input)
-            X = X.reshape(len(X), -1)
+            X = self.flat(np.asarray(model_input))
         else:
             X = self.encoded(pd.DataFrame(model_input))
         if self.dtype.kind in "iu":  # token ids, as given (never standardized)
@@ -86,6 +87,14 @@ class Classifier(PythonModel):
         for i, label in enumerate(self.classes):
             out[f"proba_{label}"] = proba[:, i]
         return out
+
+    def flat(self, X: np.ndarray) -> np.ndarray:
+        """The user's array (MLflow checked its shape and dtype) as rows of the model's features:
+        flattened; through the encoding where it imputes empty cells, or to name a bad cell."""
+        X = X.reshape(len(X), -1)
+        if X.dtype.kind == "f" and (self.transformer is not None or not np.isfinite(X).all()):
+            return self.encoded(pd.DataFrame(X, columns=self.features))
+        return X
 
     def encoded(self, frame: pd.DataFrame) -> np.ndarray:
         """The raw columns as the model's features (text and empty cells encoded)."""
