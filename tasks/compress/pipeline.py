@@ -346,14 +346,9 @@ def compress(
         made(
             "quantized",
             quantized.served,
-            cfg.compress.quantize.model_dump() | {"method": quantized.method},
+            cfg.compress.quantize.model_dump() | quantized.params,
             started,
-            extra={"export_max_abs_diff": quantized.export_max_abs_diff}
-            | (
-                {"int8_max_abs_diff": quantized.int8_max_abs_diff}
-                if quantized.int8_max_abs_diff is not None
-                else {}
-            ),
+            extra=quantized.metrics,
         )
 
     if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)

@@ -9,6 +9,19 @@ each batch, so a row's answer depended on the rows served with it (3 of 360 digi
 changed between batch 1 and the whole test set), and the accuracy measured on a batch was not
 what a row gets. Static int8 answers a row the same in any batch (tested) and took 0.0066
 against 0.0062 ms at batch 1; dynamic ConvInteger was slow for convolutions anyway.
+
+Token ids (an int64 `[N, T]` example) keep their dtype in the graph's input, and its sequence
+axis is dynamic when the model takes any length (an embedding and a pooling, a transformer's
+attention), pinned to the data's length when it does not (a Linear over the flattened sequence).
+
+int8 ships only when it is smaller than the fp32 export and no slower at
+`compress.quantize.batch` rows per call, both measured here, side by side (`Choice`); under a
+`target:` it must also keep the accuracy guard (tasks/compress/target.py `guarded_int8`).
+Otherwise the fp32 export ships, and `Quantized.why` says which it was. Static int8 is not always
+smaller or faster: its quantize/dequantize nodes cost bytes and time, which only large matrices
+repay. Measured here: a tiny BERT (2 layers, hidden 32, 100-token vocab) was 97.6 KB fp32 and
+68.5 KB int8 but took 25 vs 30 ms at batch 256; a one-conv digits CNN 21.4 vs 8.7 KB, 0.27 vs
+1.3 ms; the digits MLP 64-512-512-10 1,177 vs 314 KB, 2.5 vs 1.5 ms (int8 ships).
 """
 
 from __future__ import annotations
@@ -18,9 +31,10 @@ import copy
 import io
 import logging
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +58,125 @@ INPUT_NAME = "x"
 
 
 @dataclass(frozen=True)
+class Measured:
+    """A served file's bytes, and its median latency at the batch the format is chosen for."""
+
+    bytes: int
+    ms: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The fp32 export against its int8 model, measured side by side at `batch` rows per call."""
+
+    batch: int
+    fp32: Measured
+    int8: Measured
+
+    @property
+    def int8_ships(self) -> bool:
+        """The rule: int8 ships only when it is smaller and no slower."""
+        return self.int8.bytes < self.fp32.bytes and self.int8.ms <= self.fp32.ms
+
+    def why(self, kind: str) -> str:
+        losses = [
+            w
+            for w, lost in (
+                ("bigger", self.int8.bytes >= self.fp32.bytes),
+                ("slower", self.int8.ms > self.fp32.ms),
+            )
+            if lost
+        ]
+        verdict = "int8 ships" if not losses else f"fp32 ships, int8 is {' and '.join(losses)}"
+        return (
+            f"{verdict}: {kind} int8 {self.int8.bytes / 1024:.1f} KB, {self.int8.ms:.4f} ms at "
+            f"batch {self.batch}; fp32 {self.fp32.bytes / 1024:.1f} KB, {self.fp32.ms:.4f} ms"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        b = self.batch
+        return {
+            "fp32_size_kb": self.fp32.bytes / 1024,
+            "int8_size_kb": self.int8.bytes / 1024,
+            f"fp32_latency_ms_b{b}": self.fp32.ms,
+            f"int8_latency_ms_b{b}": self.int8.ms,
+        }
+
+
+@dataclass(frozen=True)
 class Quantized:
     float_model: OnnxModel | TorchScriptModel  # in the configured runtime
-    int8_model: OnnxModel | TorchScriptModel | None  # None when compress.quantize.enabled is false
+    int8_model: OnnxModel | TorchScriptModel | None  # the int8 that ships; None: fp32 ships
     export_max_abs_diff: float  # float ONNX vs PyTorch, test rows (always checked)
     int8_max_abs_diff: float | None  # int8 vs float, test rows
-    method: str  # dynamic | static | torch-dynamic | none
+    # what ships: static | torch-dynamic (int8), fp32 (int8 made, not shipped: `why`), none (off)
+    method: str
+    why: str = ""  # why that ships, with the measurements
+    int8_candidate: OnnxModel | TorchScriptModel | None = None  # the int8 made, shipped or not
+    choice: Choice | None = None  # fp32 vs int8, measured
 
     @property
     def served(self) -> OnnxModel | TorchScriptModel:
-        """The model the registry gets: int8 when quantization ran, else the float model."""
+        """The model the registry gets: int8 when it ships, else the float model."""
         return self.int8_model or self.float_model
+
+    def fp32_instead(self, why: str) -> Quantized:
+        """The fp32 export ships in place of the int8 model, for the reason given."""
+        return replace(self, int8_model=None, method="fp32", why=why)
+
+    @property
+    def params(self) -> dict[str, str]:
+        """For the quantize stage's run: what ships and why."""
+        return {"method": self.method, "why": self.why[:500]}
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """For the quantize stage's run: the export's and int8's error, and the measured choice."""
+        out = {"export_max_abs_diff": self.export_max_abs_diff}
+        if self.int8_max_abs_diff is not None:
+            out["int8_max_abs_diff"] = self.int8_max_abs_diff
+        return out | (self.choice.metrics() if self.choice else {})
+
+
+def measure_choice(
+    fp32: OnnxModel | TorchScriptModel,
+    int8: OnnxModel | TorchScriptModel,
+    X: np.ndarray,
+    batch: int,
+    calls: int = 30,
+    seconds: float = 0.5,
+) -> Choice:
+    """Bytes of both files, and the median latency of each at `batch` rows per call: at least
+    `calls` pairs of calls, more until `seconds` have passed (at most 1,000), in alternating
+    order (fp32, int8, int8, fp32, ...), so that both see the same load on a busy machine."""
+    rows = np.asarray(X[np.arange(batch) % len(X)])
+    predict = {"fp32": fp32.predictor(), "int8": int8.predictor()}
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for fmt in predict:  # warm-up
+        predict[fmt](rows)
+    started = time.perf_counter()
+    while len(times["fp32"]) < calls or (
+        time.perf_counter() - started < seconds and len(times["fp32"]) < 1000
+    ):
+        for fmt in ("fp32", "int8") if len(times["fp32"]) % 2 else ("int8", "fp32"):
+            start = time.perf_counter()
+            predict[fmt](rows)
+            times[fmt].append(time.perf_counter() - start)
+    ms = {fmt: float(np.median(t)) * 1e3 for fmt, t in times.items()}
+    return Choice(
+        batch,
+        Measured(len(fp32.file_bytes), ms["fp32"]),
+        Measured(len(int8.file_bytes), ms["int8"]),
+    )
+
+
+def ship(q: Quantized, X: np.ndarray, batch: int) -> Quantized:
+    """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X`."""
+    if q.int8_model is None:
+        return replace(q, why="quantization off (compress.quantize.enabled: false): fp32 ships")
+    choice = measure_choice(q.float_model, q.int8_model, X, batch)
+    q = replace(q, int8_candidate=q.int8_model, choice=choice, why=choice.why(q.method))
+    return q if choice.int8_ships else q.fp32_instead(q.why)
 
 
 def torchscript_bytes(model: nn.Module, example: int | np.ndarray) -> bytes:
@@ -132,25 +254,51 @@ def reuse_torchlib_registry() -> None:
 def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
     """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes. `example`: the data's
     rows, whose dtype the graph's input takes (int64 token ids: an int64 input), or the width
-    of float32 rows."""
+    of float32 rows. Token ids `[N, T]` get a dynamic sequence axis where the model allows it
+    (the exporter decides: `Dim.AUTO`), else the data's T."""
     reuse_torchlib_registry()
     model = model.cpu().eval()
-    example = (example_rows(example, 2),)
+    rows = example_rows(example, 2)
+    axes: dict[int, object] = {0: "batch"}
+    if rows.dim() == 2 and not rows.is_floating_point():  # token ids: any length, if it can
+        axes[1] = torch.export.Dim.AUTO
     for name in ("torch.onnx", "onnxscript"):  # onnxscript: constant folding's failed attempts
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
-            example,
+            (rows,),
             input_names=[INPUT_NAME],
             output_names=["logits"],
-            dynamic_shapes=({0: "batch"},),
+            dynamic_shapes=(axes,),
             dynamo=True,
             external_data=False,
             verbose=False,
         )
-    return lean_onnx(program.model_proto.SerializeToString())
+    proto = program.model_proto
+    _pin_fixed_axes(proto, getattr(program.exported_program, "range_constraints", {}))
+    return lean_onnx(proto.SerializeToString())
+
+
+def _pin_fixed_axes(proto, ranges: dict) -> None:
+    """An axis left to the exporter that the model fixed (its range one value: a Linear over the
+    flattened sequence) keeps a symbolic name in the ONNX input: give it its length, so the
+    graph says what the model takes."""
+    fixed = {str(s): int(r.lower) for s, r in ranges.items() if r.lower == r.upper}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in fixed:
+                dim.dim_value = fixed[dim.dim_param]
+
+
+def input_axes(model: OnnxModel | TorchScriptModel) -> list[int | None]:
+    """The served graph's input axes: a length, or None for a dynamic one (batch, sequence).
+    A TorchScript model is traced: only its batch is known to vary."""
+    if not isinstance(model, OnnxModel):
+        return [None]
+    shape = model.session().get_inputs()[0].shape
+    return [n if isinstance(n, int) else None for n in shape]
 
 
 class _Rows:
@@ -167,18 +315,30 @@ class _Rows:
 
 def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         raw.write_bytes(float_bytes)
-        quant_pre_process(raw, src)  # shape inference + graph optimizations ORT recommends first
+        _pre_process(raw, src)
         if static:
             with _root_log_level(logging.ERROR):  # per-channel notes on 1-D weights (norms)
                 _quantize_static(src, dst, X_calib)
         else:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         return lean_onnx(dst.read_bytes())
+
+
+def _pre_process(raw: Path, src: Path) -> None:
+    """The shape inference and graph optimizations ORT recommends before quantizing. Its symbolic
+    shape inference gives up on some dynamic sequence axes (BERT's position ids: `Min(64, s27)`
+    against `s27`), and then writes its work into the current directory: a graph whose input has
+    a dynamic axis besides the batch gets ONNX's own shape inference instead."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    (first,) = onnx.load(raw, load_external_data=False).graph.input[:1]
+    dims = first.type.tensor_type.shape.dim
+    quant_pre_process(raw, src, skip_symbolic_shape=sum(d.HasField("dim_param") for d in dims) > 1)
 
 
 @contextlib.contextmanager
@@ -222,7 +382,8 @@ class Exported:
 def serve_onnxruntime(
     e: Exported, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
 ) -> Quantized:
-    """Static int8 in ONNX Runtime (scales calibrated on 512 training rows)."""
+    """Static int8 in ONNX Runtime (scales calibrated on 512 training rows); `ship` decides
+    whether it ships."""
     if not cfg.enabled:
         return Quantized(e.onnx, None, e.diff, None, "none")
     calib = calibration_rows(X_train, 512, seed)
@@ -266,4 +427,4 @@ def quantize_model(
             f"{cfg.max_abs_diff:g}); nothing registered"
         )
     exported = Exported(model, float_model, counts, reference, float_outputs, export_diff)
-    return RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed)
+    return ship(RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed), X_test, cfg.batch)

@@ -16,8 +16,9 @@ batch-1 latency, and guard accuracy on validation rows at every lossy step.
   and int8; for a regression target teacher R² - model R² at most `target.max_r2_drop`.
 - **Fit** (`fit_to_target`): export, measure the real file (or latency); while it misses the
   target and the guard holds, prune a round toward it (KD recovery), rolled back and stopping
-  if it breaks the guard. int8 that breaks the guard (where its float model keeps it) is
-  replaced by the fp32 export.
+  if it breaks the guard. int8 ships by the quantize stage's rule (smaller than fp32 and no
+  slower at `compress.quantize.batch`), and only while it keeps the guard (where its float model
+  keeps it); otherwise the fp32 export ships.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def measure_costs(
     points: dict[str, list[tuple[int, int, float]]] = {"fp32": [], "int8": []}
     for fraction in fractions:
         q = quantize_model(narrowed(teacher, example, fraction), X[:64], X, cfg, seed)
-        for fmt, served in (("fp32", q.float_model), ("int8", q.int8_model)):
+        # int8 as made, shipped or not: whether it ships is decided on the final model
+        for fmt, served in (("fp32", q.float_model), ("int8", q.int8_candidate)):
             if served is not None:
                 ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
                 points[fmt].append((served.params, len(served.file_bytes), ms))
@@ -369,18 +371,16 @@ def keep_fraction_for(
 def guarded_int8(
     quantized: Quantized, guard: Guard, float_check: Check
 ) -> tuple[Quantized, Check | None]:
-    """int8, unless it breaks the guard where its float model keeps it: then the fp32 export."""
+    """int8 (where the quantize stage ships it: smaller, no slower), unless it breaks the guard
+    where its float model keeps it: then the fp32 export."""
     if quantized.int8_model is None:
         return quantized, None
     check = guard.check("int8", quantized.int8_model.predictor(), quantized.int8_model.params)
     if check.ok or not float_check.ok:
         return quantized, check
-    return Quantized(
-        quantized.float_model,
-        None,
-        quantized.export_max_abs_diff,
-        quantized.int8_max_abs_diff,
-        f"fp32 (int8 broke the {_what(guard)} guard)",
+    return quantized.fp32_instead(
+        f"fp32 ships, int8 broke the {_what(guard)} guard: it lost {check.drop:.4f} > "
+        f"{guard.max_drop:.4f} on validation rows"
     ), check
 
 
@@ -494,6 +494,7 @@ def target_record(
         "value": plan.value,
         "format": plan.fmt,
         "served_as": fitted.quantized.method,
+        "why": fitted.quantized.why[:500],
         "plan": plan.why[:500],
         "bound": fitted.bound[:500],
         "rolled_back": ", ".join(fitted.rolled_back) or "none",

@@ -237,6 +237,9 @@ class QuantizeConfig(Strict):
     enabled: bool = True
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
     max_abs_diff: float = Field(1e-3, gt=0)
+    # rows per call the served model is chosen for: int8 ships only when its file is smaller and
+    # it is no slower than fp32 at this batch (both measured; the quantize stage logs why)
+    batch: int = Field(256, ge=1)
 
 
 class CompressConfig(Strict):

@@ -35,6 +35,7 @@ import numpy as np
 
 from tasks.platform.config import PromoteConfig
 from tasks.platform.errors import UserError
+from tasks.release.signature import model_input
 
 TARGET_MET = "distill.target_met"  # "false": the run missed its `target:` (compress/target.py)
 EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
@@ -280,7 +281,11 @@ def _pyfunc_predict(c: Candidate, frame: Any) -> np.ndarray:
             f"version {c.version} does not load ({first}); --ignore-champion promotes "
             "without comparing"
         ) from None
-    return model.predict(frame)["prediction"].to_numpy()
+    try:
+        rows = model_input(model, frame, f"{c.label}: the held-out rows")
+    except UserError as err:  # a tokenized text column re-read as text, ...
+        raise HeldOutUnavailable(str(err)) from None
+    return model.predict(rows)["prediction"].to_numpy()
 
 
 def champion_gate(

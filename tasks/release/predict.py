@@ -3,7 +3,10 @@
 The registered model carries its encoding and standardization (tasks/release/serving_model.py), so
 the input is the raw columns the model was trained on, by name (CSV, Parquet; text columns
 read as text) or by position (NPZ array `X`, one row per sample, any trailing shape that
-flattens to the feature count). Columns the model does not take are ignored. CSV and Parquet
+flattens to the feature count). Columns the model does not take are ignored. A model that takes
+an array (a tensor signature: tasks/release/signature.py) gets them as rows of its shape and
+dtype: a table's feature columns by name, or, for a model trained on an array, every column but
+the label in the file's order, or the NPZ's X. CSV and Parquet
 are read and written in chunks of `CHUNK_ROWS`, so memory stays flat with the file's size;
 the output appears only when every row is written (a temporary file, then a rename), and it
 may not be the input. Mistakes (missing, repeated or non-numeric columns, an empty cell the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import pandas as pd
 
 from tasks.compress import readers
 from tasks.platform.errors import UserError
+from tasks.release.signature import input_columns, model_input
 
 INPUT_KINDS = (".csv", ".parquet", ".npz")
 OUTPUT_KINDS = (".csv", ".parquet")
@@ -79,17 +84,9 @@ def load_pyfunc(uri: str) -> Any:
 
 
 def model_columns(model: Any) -> dict[str, str] | None:
-    """{raw column: 'double' | 'string' | ...} from the model's signature (None without one)."""
-    schema = model.metadata.get_input_schema()
-    if schema is None or not schema.has_input_names():
-        return None
-    return {spec.name: spec.type.name for spec in schema.inputs}
-
-
-def model_features(model: Any) -> list[str] | None:
-    """The raw feature columns the model takes, from its signature (None if it has none)."""
-    columns = model_columns(model)
-    return None if columns is None else list(columns)
+    """{raw column: 'double' | 'string' | ...} the model reads a file's rows by (None: every
+    column but the label, in order: a model trained on an array, or one without a signature)."""
+    return input_columns(model)
 
 
 def _short(names: list[str], limit: int = 5) -> str:
@@ -235,11 +232,14 @@ def _predict(model: Any, path: Path, rows: pd.DataFrame) -> pd.DataFrame:
     """The model's answer, or one line: its own refusal (an empty cell it cannot impute)."""
     from mlflow.exceptions import MlflowException
 
+    array = model_input(model, rows, f"input {path}")
     try:
-        out = pd.DataFrame(model.predict(rows))
+        out = pd.DataFrame(model.predict(array))
     except (ValueError, MlflowException) as err:
-        message = err.message if isinstance(err, MlflowException) else str(err)
-        raise UserError(f"input {path}: {message.splitlines()[0]}") from None
+        message = (err.message if isinstance(err, MlflowException) else str(err)).splitlines()[0]
+        if array is not rows:  # an array's rows are numbered from 0: the file's numbers instead
+            message = re.sub(r"in row (\d+)", lambda m: f"in row {rows.index[int(m[1])]}", message)
+        raise UserError(f"input {path}: {message}") from None
     out.index = rows.index
     return out
 

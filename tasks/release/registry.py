@@ -3,11 +3,13 @@
 The registered model is a pyfunc (tasks/release/serving_model.py) that carries the ONNX model, the
 training-time encoding of text columns and empty cells (as JSON data, rebuilt with
 scikit-learn by tasks/compress/tabular.py, which ships as the model's code) and the standardization,
-so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from the raw table; its
-signature names the raw columns and their types. It answers a `prediction` column (the class
-label) and `proba_<label>` columns, or, for a regression target, `prediction` alone in the
-label's units (the training-time target mean and scale undone). Lineage goes on the version as
-tags.
+so `mlflow.pyfunc.load_model("models:/NAME@challenger")` predicts from what the user has: their
+own array in its shape and dtype where the features are numbers (a tensor signature: an npz's X,
+a numeric table's rows, token ids), or the raw table with text columns, its signature naming the
+raw columns and their types (tasks/release/signature.py says which). It
+answers a `prediction` column (the class label) and `proba_<label>` columns, or, for a regression
+target, `prediction` alone in the label's units (the training-time target mean and scale undone).
+Lineage goes on the version as tags.
 
 Registration is all-or-nothing: the version is created with its lineage and
 `distill.complete=false`, gets alias `challenger`, and only then `distill.complete=true`. If
@@ -36,6 +38,7 @@ from tasks.compress.evaluate import OnnxModel, TorchScriptModel
 from tasks.platform.caching import directory_sha256, file_sha256
 from tasks.platform.errors import UserError
 from tasks.release.promotion import CHALLENGER
+from tasks.release.signature import FEATURES, example_rows, tensor_input
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 TABULAR = Path(tabular.__file__)  # imported by the served model as `tabular`
@@ -83,7 +86,8 @@ def raw_schema(encoding: dict) -> Any:
 
 MODEL_DESCRIPTION = (
     "Students compressed by distill (teacher -> reduce -> reconstruct -> fine-tune -> prune -> "
-    "quantize), served by `mlflow.pyfunc` from raw feature columns: `prediction` and one "
+    "quantize), served by `mlflow.pyfunc` from the user's own array of numbers (a tensor "
+    "signature) or, for tables with text columns, the raw columns: `prediction` and one "
     "`proba_<class>` column per class. Alias `champion`: the version `distill promote` let "
     "through its gates; `challenger`: the newest candidate (a sweep's best variant). Each "
     "version's tags hold its lineage (`mlflow.run_id`, config hash, dataset digest, git commit)."
@@ -104,14 +108,16 @@ def register_model(
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature
 
-    from tasks.compress.tabular import needs_sklearn, typed
+    from tasks.compress.tabular import needs_sklearn
 
+    tensor = tensor_input(data, model)
     with tempfile.TemporaryDirectory() as tmp:
         model_path, meta_path = Path(tmp) / f"model{model.suffix}", Path(tmp) / "preprocess.json"
         model_path.write_bytes(model.file_bytes)
         meta_path.write_text(
             json.dumps(
                 {
+                    "input": "columns" if tensor is None else "tensor",
                     "features": data.feature_names,
                     "encoding": data.encoding,
                     "mean": data.mean.tolist(),
@@ -125,7 +131,7 @@ def register_model(
                 }
             )
         )
-        example = typed(data.encoding, data.raw_rows("test", 5))
+        example = example_rows(data, tensor)
         output = (
             pd.DataFrame({"prediction": np.zeros(5, dtype=np.float64)})
             if data.is_regression
@@ -140,9 +146,11 @@ def register_model(
             artifacts={model.artifact: str(model_path), "preprocess": str(meta_path)},
             code_paths=[str(TABULAR)],
             signature=ModelSignature(
-                raw_schema(data.encoding), infer_signature(example, output).outputs
+                raw_schema(data.encoding) if tensor is None else tensor.schema(),
+                infer_signature(model_output=output).outputs,
             ),
             input_example=example,
+            metadata={FEATURES: tensor.features} if tensor and tensor.features else None,
             pip_requirements=_requirements(model.runtime, needs_sklearn(data.encoding)),
         )
     client = MlflowClient()

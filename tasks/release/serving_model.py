@@ -3,12 +3,16 @@ model and runs it at load time, so a served model needs numpy, pandas and its ru
 (onnxruntime for an `onnx` artifact, torch for a `torchscript` one), not this project. Not
 imported by the project (it calls `set_model` when run).
 
-Input: a DataFrame of the raw columns the model was trained on (text columns as strings).
-The encoding of text columns and empty cells (tasks/compress/tabular.py, rebuilt from the JSON spec
+Input (`input` in `preprocess.json`, the signature's kind: tasks/release/signature.py): the
+user's own array (`tensor`: rows of numbers in their shape and dtype, flattened here as the
+model takes them), or a DataFrame of the raw columns the model was trained on (`columns`: a
+table with text columns, text as strings; versions registered before tensor signatures). The
+encoding of text columns and empty cells (tasks/compress/tabular.py, rebuilt from the JSON spec
 in `preprocess.json`; shipped as `tabular.py` in the model's code) and the standardization
 fitted at training time are applied here, so callers never repeat them; a model of integer
-features (token ids: `dtype` int64 in `preprocess.json`) gets them as int64. An empty cell in a
-column the model has no imputer for is refused with one line naming the column and row.
+features (token ids: `dtype` int64 in `preprocess.json`) gets them as int64, never
+standardized. An empty cell (NaN) in a column the model has no imputer for, or inf, is refused
+with one line naming the column and row.
 Output: `prediction` (the original class label) and one `proba_<label>` column per class; for
 a regression model (`task` in `preprocess.json`) `prediction` alone, the model's one output in
 the label's units (`* target_scale + target_mean`, the standardization of the training target).
@@ -50,6 +54,8 @@ class Classifier(PythonModel):
             meta = json.load(f)
         from tabular import build, needs_sklearn  # this model's code (code_paths)
 
+        self.tensor = meta.get("input") == "tensor"  # older versions: columns
+        self.features = meta["features"]  # the raw columns, in order (an array's: x0, x1, ...)
         self.spec = meta["encoding"]
         self.transformer = build(self.spec) if needs_sklearn(self.spec) else None
         self.mean = np.asarray(meta["mean"], dtype=np.float64)
@@ -61,18 +67,16 @@ class Classifier(PythonModel):
         self.target_scale = float(meta.get("target_scale", 1.0))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from tabular import encode, first_bad_cell
-
-        frame = pd.DataFrame(model_input)
-        missing = [c["name"] for c in self.spec["columns"] if c["name"] not in frame.columns]
-        if missing:
-            raise ValueError(f"missing column(s) {', '.join(map(repr, missing))}")
-        bad = first_bad_cell(self.spec, frame)
-        if bad is not None:
-            raise ValueError(bad)
-        X = encode(self.spec, frame, self.transformer)
-        z = (X - self.mean) / self.scale
-        z = np.rint(z).astype(self.dtype) if self.dtype.kind in "iu" else z.astype(np.float32)
+        """`model_input`: a DataFrame of the raw columns, or the ndarray a tensor signature names
+        (MLflow validates it against the signature; it infers nothing from this hint)."""
+        if self.tensor:
+            X = self.flat(np.asarray(model_input))
+        else:
+            X = self.encoded(pd.DataFrame(model_input))
+        if self.dtype.kind in "iu":  # token ids, as given (never standardized)
+            z = (np.rint(X) if X.dtype.kind == "f" else X).astype(self.dtype)
+        else:
+            z = ((X.astype(np.float64, copy=False) - self.mean) / self.scale).astype(np.float32)
         logits = self.logits(z).astype(np.float64)
         if self.regression:
             return pd.DataFrame({"prediction": logits[:, 0] * self.target_scale + self.target_mean})
@@ -83,6 +87,26 @@ class Classifier(PythonModel):
         for i, label in enumerate(self.classes):
             out[f"proba_{label}"] = proba[:, i]
         return out
+
+    def flat(self, X: np.ndarray) -> np.ndarray:
+        """The user's array (MLflow checked its shape and dtype) as rows of the model's features:
+        flattened; through the encoding where it imputes empty cells, or to name a bad cell."""
+        X = X.reshape(len(X), -1)
+        if X.dtype.kind == "f" and (self.transformer is not None or not np.isfinite(X).all()):
+            return self.encoded(pd.DataFrame(X, columns=self.features))
+        return X
+
+    def encoded(self, frame: pd.DataFrame) -> np.ndarray:
+        """The raw columns as the model's features (text and empty cells encoded)."""
+        from tabular import encode, first_bad_cell
+
+        missing = [c["name"] for c in self.spec["columns"] if c["name"] not in frame.columns]
+        if missing:
+            raise ValueError(f"missing column(s) {', '.join(map(repr, missing))}")
+        bad = first_bad_cell(self.spec, frame)
+        if bad is not None:
+            raise ValueError(bad)
+        return encode(self.spec, frame, self.transformer)
 
 
 set_model(Classifier())

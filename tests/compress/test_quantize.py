@@ -5,8 +5,16 @@ import torch
 from tasks.compress.architectures import build_cnn, build_mlp
 from tasks.compress.evaluate import OnnxModel, saved_size
 from tasks.compress.finetune import FitSettings, fit
-from tasks.compress.quantize import export_onnx, quantize_model
+from tasks.compress.quantize import (
+    Choice,
+    Measured,
+    Quantized,
+    export_onnx,
+    input_axes,
+    quantize_model,
+)
 from tasks.platform.config import QuantizeConfig
+from tests.tokens import LENGTH, EmbeddingBag, FlatTokens, HFWrap, tiny_bert, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,7 @@ def trained_mlp(digits):
 def test_onnx_export_matches_torch_with_dynamic_batch():
     torch.manual_seed(0)
     model = build_mlp(8, [16], 3).eval()
-    onnx = OnnxModel(export_onnx(model, 8), 0, 0)
+    onnx = OnnxModel(export_onnx(model, np.zeros((2, 8), np.float32)), 0, 0)
     predict = onnx.predictor()
     for batch in (1, 7, 300):
         X = np.random.default_rng(batch).normal(size=(batch, 8)).astype(np.float32)
@@ -33,7 +41,7 @@ def test_onnx_export_matches_torch_with_dynamic_batch():
 
 def test_int8_is_smaller_and_keeps_accuracy(trained_mlp, digits):
     q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(), seed=0)
-    assert q.method == "static" and q.export_max_abs_diff < 1e-4
+    assert q.method == "static" and q.export_max_abs_diff < 1e-4, q.why
     float_size, _ = saved_size(q.float_model)
     int8_size, _ = saved_size(q.int8_model)
     assert int8_size < float_size / 3  # int8 weights: ~4x
@@ -62,7 +70,8 @@ def test_conv_models_take_static_quantization(digits):
     torch.manual_seed(0)
     model = build_cnn((1, 8, 8), [8], 10).eval()
     q = quantize_model(model, digits.X_test[:50], digits.X_train, QuantizeConfig(), seed=0)
-    assert q.method == "static" and q.int8_max_abs_diff is not None
+    assert q.int8_candidate is not None and q.int8_max_abs_diff is not None
+    assert "static int8" in q.why and q.method == ("static" if q.choice.int8_ships else "fp32")
 
 
 def test_quantization_can_be_disabled(trained_mlp, digits):
@@ -80,6 +89,127 @@ def test_torch_runtime_gives_int8_torchscript(trained_mlp, digits):
     assert saved_size(q.int8_model)[0] < saved_size(q.float_model)[0] / 2
     acc = lambda m: (m.predictor()(digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
     assert acc(q.int8_model) >= acc(q.float_model) - 0.01
+
+
+# --- token ids: int64 in, any sequence length where the model allows it ---------------------
+
+
+def test_token_ids_are_exported_as_int64_with_a_dynamic_sequence():
+    torch.manual_seed(0)
+    for model in (EmbeddingBag().eval(), HFWrap(tiny_bert())):
+        onnx = OnnxModel(export_onnx(model, token_ids(2)), 0, 0)
+        assert onnx.session().get_inputs()[0].type == "tensor(int64)"
+        assert input_axes(onnx) == [None, None]  # batch and sequence
+        for length in (5, LENGTH, 40):
+            X = token_ids(7, length, seed=length)
+            with torch.no_grad():
+                reference = model(torch.from_numpy(X)).numpy()
+            assert np.abs(onnx.predictor()(X) - reference).max() < 1e-5
+
+
+def test_a_model_of_one_sequence_length_keeps_it_in_the_graph():
+    torch.manual_seed(0)
+    onnx = OnnxModel(export_onnx(FlatTokens().eval(), token_ids(2)), 0, 0)
+    assert input_axes(onnx) == [None, LENGTH]
+
+
+def test_a_token_model_is_quantized_on_int64_rows():
+    torch.manual_seed(0)
+    X = token_ids(300)
+    q = quantize_model(EmbeddingBag().eval(), X[:100], X, QuantizeConfig(), seed=0)
+    assert q.export_max_abs_diff < 1e-5 and q.int8_candidate is not None
+    assert q.int8_candidate.session().get_inputs()[0].type == "tensor(int64)"
+    _shipped_by_the_rule(q)
+
+
+# --- what ships: int8 only when smaller and no slower ----------------------------------------
+
+
+def _shipped_by_the_rule(q) -> None:
+    """The measured choice, and the served file is the one measured."""
+    c = q.choice
+    if q.int8_model is not None:
+        assert c.int8.bytes < c.fp32.bytes and c.int8.ms <= c.fp32.ms
+        assert len(q.served.file_bytes) == c.int8.bytes and q.method == "static"
+    else:
+        assert c.int8.bytes >= c.fp32.bytes or c.int8.ms > c.fp32.ms
+        assert len(q.served.file_bytes) == c.fp32.bytes and q.method == "fp32"
+    assert q.why.startswith("int8 ships" if q.int8_model is not None else "fp32 ships, int8 is ")
+
+
+def test_what_ships_was_measured_smaller_and_no_slower(trained_mlp, digits):
+    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(), seed=0)
+    _shipped_by_the_rule(q)
+    assert q.choice.batch == 256 and q.metrics["int8_latency_ms_b256"] == q.choice.int8.ms
+    assert q.params == {"method": q.method, "why": q.why}
+
+
+def test_an_int8_file_bigger_than_fp32_does_not_ship():
+    """Quantize/dequantize nodes outweigh int8 weights in a tiny model: 3.0 KB vs 1.0 KB."""
+    torch.manual_seed(0)
+    X = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    q = quantize_model(build_mlp(8, [4], 3).eval(), X[:64], X, QuantizeConfig(batch=8), seed=0)
+    assert q.choice.int8.bytes > q.choice.fp32.bytes
+    assert q.int8_model is None and q.served is q.float_model and q.method == "fp32"
+    assert q.why.startswith("fp32 ships, int8 is bigger") and "at batch 8" in q.why
+    _shipped_by_the_rule(q)
+
+
+def test_a_tiny_students_run_ships_fp32_and_logs_why(digits):
+    """Through the pipeline: a student of a few hundred parameters, whose int8 file is bigger
+    than its fp32 export, ships fp32; the quantize stage's record (the MLflow stage run's params
+    and metrics) says why, with both files' sizes and latencies."""
+    from tasks.compress.pipeline import Recorder, compress
+    from tasks.platform.config import build_config
+    from tests.conftest import TINY
+
+    class Heard(Recorder):
+        def __init__(self) -> None:
+            self.params: dict = {}
+
+        def stage(self, result, measure):
+            self.params[result.name] = result.params
+            return super().stage(result, measure)
+
+    cfg = build_config({}, [*TINY, "teacher.hidden=[8]", "reduce.budget.size_kb=1.5"])
+    heard = Heard()
+    out = compress(cfg, digits, recorder=heard)
+    params, metrics = heard.params["quantized"], out.stages["quantized"]
+    assert out.quantized.method == params["method"] == "fp32"
+    assert (
+        params["why"].startswith("fp32 ships, int8 is bigger") and "at batch 256" in params["why"]
+    )
+    assert metrics["int8_size_kb"] > metrics["fp32_size_kb"]
+    assert metrics["size_kb"] == pytest.approx(len(out.quantized.served.file_bytes) / 1024)
+    assert len(out.quantized.served.file_bytes) == out.quantized.choice.fp32.bytes
+    print(
+        f"fp32 {metrics['fp32_size_kb']:.2f} KB {metrics['fp32_latency_ms_b256']:.4f} ms, "
+        f"int8 {metrics['int8_size_kb']:.2f} KB {metrics['int8_latency_ms_b256']:.4f} ms"
+    )
+
+
+@pytest.mark.parametrize(
+    "int8, ships, why",
+    [
+        ((900, 1.0), True, "int8 ships: static int8 0.9 KB, 1.0000 ms at batch 256"),
+        ((1000, 0.5), False, "fp32 ships, int8 is bigger: "),
+        ((900, 1.01), False, "fp32 ships, int8 is slower: "),
+        ((1100, 2.0), False, "fp32 ships, int8 is bigger and slower: "),
+    ],
+)
+def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, why):
+    """fp32: 1,000 B and 1 ms (measurements stubbed: the rule, not the machine's load)."""
+    from tasks.compress import quantize
+
+    candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
+    monkeypatch.setattr(
+        quantize,
+        "measure_choice",
+        lambda fp32, i8, X, batch: Choice(batch, Measured(1000, 1.0), Measured(*int8)),
+    )
+    q = quantize.ship(candidate, np.zeros((4, 2), np.float32), 256)
+    assert (q.served is candidate.int8_model) == ships and q.int8_candidate is candidate.int8_model
+    assert q.method == ("static" if ships else "fp32") and q.why.startswith(why)
 
 
 def test_the_exporter_op_registry_is_built_once_and_copied():
