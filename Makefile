@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# a failed install fails the target (pipefail: pip's status, not the filter's)
+SHELL       := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+QUIET_PIP   := { grep -v "is ignored: it is neither" || true; }
 
 .PHONY: demo test env clean ui-check
 
@@ -10,9 +14,9 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import torch, prefect, mlflow, sklearn, onnxruntime, typer" 
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -e '.[dev,hf]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import torch, prefect, mlflow, sklearn, onnxruntime, typer, transformers" 
 	touch $@
 
 demo: $(STAMP)
@@ -21,6 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check flows tasks tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # MLflow and Prefect UIs in headless Chromium (benchmarks/ui_check.py); not part of `make test`

@@ -1,8 +1,8 @@
 """`distill`: the command line. Heavy imports (torch, prefect, mlflow) happen inside commands,
 so `distill --help` stays fast.
 
-User errors (bad config, files, columns, URIs) print one line `error: ...` and exit 2; faults
-of the environment (disk full, no write permission, tracking server gone) one line and exit 3.
+Every failure is one line `error: ...` on stderr, and the exit code says its kind (EXIT_CODES,
+printed by `distill run --help`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,16 @@ from flows.process import (
     start_prefect_server_early,
     user_errors,
 )
+from tasks.platform.secrets import mask_passwords_in_output
+
+# `distill run --help`'s last paragraph: what each exit code means
+EXIT_CODES = (
+    "Exit codes: 0 done (a missed target too); 1 promotion refused (--promote); 2 bad input: a "
+    "config key, file, column, or a model the configured mode cannot handle (the pre-flight, "
+    "before any stage); 3 a fault of the environment (disk full, no write permission, tracking "
+    "server gone); 4 a stage failed in the model's own code or in distill (the full trace is the "
+    "failed stage run's error.txt in MLflow; --debug prints it); 130 Ctrl-C."
+)
 
 # A command's docstring is its help, and `distill --help` prints the docstring's line breaks as
 # they are: a one-line docstring longer than 100 columns keeps its line (noqa: E501).
@@ -45,7 +55,7 @@ def _group() -> None:
     """distill: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")] = Path(
         "configs/digits.yaml"
@@ -78,6 +88,14 @@ def run(
             "--fresh", metavar="", help="Recompute every stage instead of reusing cached results."
         ),
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            metavar="",
+            help="On failure, print the full traceback (Prefect's too) before the one line.",
+        ),
+    ] = False,
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
     quiet()
@@ -86,7 +104,7 @@ def run(
     overrides = list(set_ or [])
     if from_run and config != Path("configs/digits.yaml"):
         fail("give either CONFIG or --from-run, not both")
-    with user_errors():
+    with user_errors(debug):
         if not from_run:  # fail fast, before Prefect or MLflow start
             check_inputs(load_config(config, overrides), config)
     with flow_command(
@@ -94,6 +112,7 @@ def run(
         note=f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect",
         stage_lines=True,
         refresh=bool(from_run) or fresh,
+        debug=debug,
     ):
         from flows.distill import distill_flow
 
@@ -114,22 +133,24 @@ def run(
 
 
 def check_inputs(cfg: Any, config: Path) -> None:
-    """The data file, its columns and labels, the device and the teacher's fit to the data,
-    checked in this process before any server starts (about 2 s on digits, most of it imports).
-    The flow reuses the dataset read here (tasks/compress/data.py keeps the last one)."""
+    """The data file, its columns and labels, the device, the teacher's fit to the data and the
+    pre-flight (the planned student built, trained a step and exported on two rows:
+    tasks/compress/preflight.py), checked in this process before any server starts (about 2 s
+    on digits, most of it imports, plus the pre-flight's ONNX export). The flow reuses the
+    dataset read here (tasks/compress/data.py keeps the last one) and the pre-flight's pass."""
     from tasks.compress.data import load_dataset
 
     data = load_dataset(cfg.data, cfg.seed)
     from tasks.platform.config import check_task_keys
 
     check_task_keys(cfg, data.task)  # classification-only keys on a regression run, and back
-    from tasks.compress.teacher import check_teacher
+    from tasks.compress.preflight import preflight_config
     from tasks.platform.device import (
         resolve_device,  # torch: after the data, whose errors need none
     )
 
     resolve_device(cfg.device)
-    check_teacher(cfg.teacher, data, config.resolve().parent)
+    preflight_config(cfg, data, str(config.resolve().parent))
 
 
 def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None:
@@ -510,6 +531,7 @@ def predict(
 
 
 def main() -> None:
+    mask_passwords_in_output()  # before anything makes a logging handler on the raw streams
     # torch's OpenMP threads spin while they wait for work: on 2 shared cores a spinning thread
     # takes the core from the one with work (a teacher's step 25-40 ms instead of 3-4 ms on this
     # machine under load). Passive waiting, unless the user chose; read when torch is imported.

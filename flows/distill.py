@@ -21,9 +21,10 @@ from prefect.runtime import flow_run
 
 from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, register_task
 from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
+from tasks.compress.failures import StageGuard
 from tasks.compress.pipeline import Outcome, compress
-from tasks.compress.teacher import check_teacher
-from tasks.platform import dead_runs, store, tracking
+from tasks.compress.preflight import preflight_config
+from tasks.platform import dead_runs, progress, store, tracking
 from tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
 
@@ -61,6 +62,14 @@ def flow_run_name() -> str:
     return run_name(cfg, (params.get("tags") or {}).get("distill.sweep_variant"))
 
 
+def flow_run_label() -> str:
+    """`[NAME] ` of the Prefect flow run this thread is in (a sweep variant's grid values)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return f"[{ctx.flow_run.name}] " if ctx is not None and ctx.flow_run is not None else ""
+
+
 @flow(name="distill", flow_run_name=flow_run_name, log_prints=False)
 def distill_flow(
     config_path: str | None = None,
@@ -75,6 +84,7 @@ def distill_flow(
     `tags`: extra tags on the parent run (a sweep's id; `mlflow.parentRunId`: the sweep's run).
     `challenger`: the registered version takes alias `challenger` (a sweep gives it to its best
     variant only)."""
+    progress.run_label = flow_run_label  # progress lines name this flow run (a sweep's variant)
     record = None
     if from_run:
         from flows.promote import connect_registry
@@ -90,9 +100,8 @@ def distill_flow(
     config_dir = str(path.resolve().parent) if path is not None else None
     data = data_task(cfg.data, cfg.seed)
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
-    check_teacher(
-        cfg.teacher, data, Path(config_dir) if config_dir else None
-    )  # before any run exists
+    # before any run exists: the teacher against the data, the planned student on two rows
+    preflight_config(cfg, data, config_dir)
     if record is not None:
         from tasks.release.reproduce import check_record
 
@@ -121,7 +130,7 @@ def distill_flow(
     logger = get_run_logger()
     logger.info("MLflow parent run %r in experiment %s", name, experiment_id)
     with tracking.parent_run(
-        experiment_id, name, cfg.flat(), tags | dead_runs.process_tags()
+        experiment_id, name, cfg.flat(), tags | tracking.process_tags()
     ) as run_id:
         tracking.log_run_inputs(
             yaml.safe_dump(cfg.model_dump(), sort_keys=False),
@@ -142,14 +151,15 @@ def distill_flow(
                 if outcome.target is not None:
                     lineage |= outcome.target.tags
                 if cfg.registry.enabled:
-                    registered = register_task(
-                        outcome.quantized.served,
-                        data,
-                        cfg.registry.model_name,
-                        lineage | {"mlflow.run_id": run_id},
-                        challenger,
-                        version_description(cfg, outcome.summary, lineage),
-                    )
+                    with StageGuard(recorder)("register"):
+                        registered = register_task(
+                            outcome.quantized.served,
+                            data,
+                            cfg.registry.model_name,
+                            lineage | {"mlflow.run_id": run_id},
+                            challenger,
+                            version_description(cfg, outcome.summary, lineage),
+                        )
             logger.info("stages done; final metrics on the parent run %s", run_id)
         finally:
             # on the parent in one batch, after registration (MLflow reads the history of every

@@ -3,9 +3,11 @@ MLflow, Prefect's temporary server started early (and stopped if the process die
 that unwind like errors, and every error as one line with its exit code; `flow_command` puts
 them together around the flow call of `distill run` and `distill sweep`.
 
-User errors (bad config, files, columns, URIs) print one line `error: ...` and exit 2; faults
-of the environment (disk full, no write permission, tracking server gone) one line and exit 3;
-a promotion its gates refused exits 1; Ctrl-C exits 130.
+User errors (bad config, files, columns, URIs, a model the configured mode cannot handle)
+print one line `error: ...` and exit 2; faults of the environment (disk full, no write
+permission, tracking server gone) one line and exit 3; a stage that fails for another reason
+(the model's own code, a bug) one line and exit 4, its trace in the stage run's `error.txt` and
+on the terminal with `--debug`; a promotion its gates refused exits 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from typing import Any
 
 import typer
 
+from tasks.platform.secrets import mask_passwords_in_output
+
 EXIT_USER_ERROR = 2
 EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
 EXIT_REFUSED = 1  # a promotion its gates refused
+SIGTERM_EXIT = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+EXIT_FAILED = 4  # a stage failed (the model's own code, or a bug): one line, the trace in error.txt
 
 
 # Quiet, offline defaults; a user's own settings win.
@@ -39,6 +45,10 @@ QUIET_ENV = {
     # exponential backoff, minutes), then the run fails with the error
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    # MLflow prints "View run NAME at: URL" for every stage run, and a progress bar for every
+    # artifact it downloads; distill prints the parent run's link itself, password masked
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 NOISY_WARNINGS = (
@@ -59,6 +69,7 @@ PREFECT_LOG_ENV = {
 
 
 def quiet() -> None:
+    mask_passwords_in_output()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if "PREFECT_LOGGING_LEVEL" not in os.environ:
@@ -75,6 +86,10 @@ def quiet() -> None:
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
 
 
+# Prefect's "Crash detected! Execution was aborted by an interrupt signal." and its state lines
+SIGNAL_CRASHES = ("aborted by an interrupt signal", "aborted by a termination signal")
+
+
 class _HideUserErrors(logging.Filter):
     """Prefect logs a flow's exception with its traceback; a user error or a fault gets our one
     line instead."""
@@ -87,6 +102,8 @@ class _HideUserErrors(logging.Filter):
             return False
         # "Finished in state Failed('... UserError: ...')" carries no exc_info, only the text
         message = record.getMessage()
+        if any(signal in message for signal in SIGNAL_CRASHES):
+            return False  # a Ctrl-C or SIGTERM: distill says it stopped, in one line
         return "UserError" not in message and not mentions_fault(message)
 
 
@@ -94,6 +111,30 @@ def hide_user_errors_in_prefect_logs() -> None:
     # on the loggers Prefect reports run failures with (their handlers may be replaced later)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_HideUserErrors())
+
+
+class _HideRunFailures(logging.Filter):
+    """On the terminal's Prefect handlers: a flow or task run's failure (its traceback, the
+    "Finished in state Failed" line) is said once, by distill's own line; Prefect's API handler
+    (the run's Logs tab) keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run_logger = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        return not (run_logger and (record.levelno >= logging.ERROR or record.exc_info))
+
+
+def hide_run_failures_on_the_terminal() -> None:
+    """Unless `--debug`: no Prefect traceback on the terminal (its console handlers, on the root
+    logger, set up when Prefect is imported)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _HideRunFailures) for f in handler.filters
+            ):
+                handler.addFilter(_HideRunFailures())
 
 
 def start_prefect_server_early() -> Callable[[], None]:
@@ -121,14 +162,35 @@ def start_prefect_server_early() -> Callable[[], None]:
     server._run_uvicorn_command = launch_watched  # type: ignore[method-assign]
 
     def start() -> None:
-        with contextlib.suppress(
-            Exception
-        ):  # a failed start is retried, and reported, by the flow's first call
+        # a failed start is retried, and reported, by the flow's first call
+        with contextlib.suppress(Exception), _first_start_alone():
             server.start()
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
     return thread.join
+
+
+@contextlib.contextmanager
+def _first_start_alone() -> Iterator[None]:
+    """The first temporary server on a PREFECT_HOME creates and migrates its database: runs
+    started together each raced to migrate it, and the losers' servers printed 100-200 lines of
+    SQLAlchemy tracebacks. The first start of each Prefect version holds a file lock in
+    PREFECT_HOME until its server answers (migrated); once a start succeeded, a marker file lets
+    later ones start without waiting."""
+    import prefect
+    from filelock import FileLock
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    ready = home / f".distill-database-ready-{prefect.__version__}"
+    if ready.exists():
+        yield
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / ".distill-database-migration.lock"):
+        yield
+        ready.touch()
 
 
 PREFECT_HOME_MIN_FREE_MB = 32  # a temporary server's database grows to ~8 MB in a run; results too
@@ -167,7 +229,17 @@ class Interrupted(KeyboardInterrupt):
     although the interrupt was handled: exit -2 instead of 130. It checks the exact type."""
 
 
+_INTERRUPTS = [0]  # Ctrl-Cs received (a swallowed one given back does not count twice)
+
+
 def interrupt(signum: int, frame: Any) -> None:
+    """The first Ctrl-C unwinds the run (its runs closed KILLED, the cache consistent); a second
+    one, while that is under way, exits at once (the next run closes what was left open)."""
+    _INTERRUPTS[0] += 1
+    if _INTERRUPTS[0] > 1:
+        sys.stderr.write("\ndistill: interrupted again: exiting now\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
     raise Interrupted
 
 
@@ -176,12 +248,27 @@ def _redeliver_swallowed_interrupt(unraisable: Any) -> None:
     (garbage collection, e.g. SQLAlchemy's class registry) raised `Interrupted` where Python
     prints it as "Exception ignored in ..." and drops it: the run would go on to the end. It is
     delivered again a moment later, in the main thread, where it unwinds the run."""
-    if isinstance(unraisable.exc_value, Interrupted):
+    exc = unraisable.exc_value
+    if isinstance(exc, Interrupted):
         import _thread
 
+        _INTERRUPTS[0] -= 1  # the same Ctrl-C, delivered again
         threading.Timer(0.05, _thread.interrupt_main).start()
         return
+    if _is_termination(exc):  # the same for SIGTERM: ours, or Prefect's handler inside a flow
+        import signal
+
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return
     sys.__unraisablehook__(unraisable)
+
+
+def _is_termination(exc: BaseException | None) -> bool:
+    """SIGTERM as raised by `exit_on_signals`'s handler or by Prefect's while a flow runs
+    (`prefect.exceptions.TerminationSignal`)."""
+    return (isinstance(exc, SystemExit) and exc.code == SIGTERM_EXIT) or (
+        type(exc).__name__ == "TerminationSignal"
+    )
 
 
 def exit_on_signals() -> None:
@@ -191,18 +278,23 @@ def exit_on_signals() -> None:
     import signal
 
     def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(SIGTERM_EXIT)
 
     signal.signal(signal.SIGTERM, terminate)
+    sys.unraisablehook = _redeliver_swallowed_interrupt
     # where SIGINT came in ignored (nohup, a background job), it stays ignored
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
-        sys.unraisablehook = _redeliver_swallowed_interrupt
 
 
 @contextlib.contextmanager
 def flow_command(
-    name: str, *, note: str | None = None, stage_lines: bool = False, refresh: bool = False
+    name: str,
+    *,
+    note: str | None = None,
+    stage_lines: bool = False,
+    refresh: bool = False,
+    debug: bool | None = None,
 ) -> Iterator[None]:
     """Around the flow call of `distill run` and `distill sweep`, once their inputs are checked:
     PREFECT_HOME checked, `note` printed, Prefect's temporary server started while the pipeline's
@@ -210,8 +302,9 @@ def flow_command(
     finished stage (`stage_lines`), signals that unwind like errors. Then, around the block: user
     errors and faults as one line, stdout to stderr (stdout is the command's result: table or
     JSON), distill's local Prefect settings, tags `distill` and `name`, and with `refresh` every
-    stage recomputed (cached results are not reused, but refreshed)."""
-    with user_errors():
+    stage recomputed (cached results are not reused, but refreshed). `debug` (not None: `distill
+    run`): every error is one line, and a traceback only when True (Prefect's included)."""
+    with user_errors(debug):
         check_prefect_home()
     if note is not None:
         from tasks.platform.progress import note as print_note
@@ -224,19 +317,36 @@ def flow_command(
     from prefect import tags
 
     hide_user_errors_in_prefect_logs()
+    if debug is False:
+        hide_run_failures_on_the_terminal()
     if stage_lines:
         from tasks.platform.progress import stage_lines as print_stage_lines
 
         print_stage_lines()
     exit_on_signals()
-    with (
-        user_errors(),
-        contextlib.redirect_stdout(sys.stderr),
-        _recompute(refresh),
-        local_settings(),
-        tags("distill", name),
-    ):
-        yield
+    try:
+        with (
+            user_errors(debug),
+            contextlib.redirect_stdout(sys.stderr),
+            _recompute(refresh),
+            local_settings(),
+            tags("distill", name),
+        ):
+            yield
+    except Interrupted:
+        _stopped_by("Ctrl-C")
+        raise
+    except SystemExit as stop:
+        if stop.code == SIGTERM_EXIT:
+            _stopped_by("SIGTERM")
+        raise
+
+
+def _stopped_by(what: str) -> None:
+    print(
+        f"distill: stopped by {what}; the same command resumes from the stages already done",
+        file=sys.stderr,
+    )
 
 
 def _recompute(refresh: bool) -> Any:
@@ -249,22 +359,45 @@ def _recompute(refresh: bool) -> Any:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(debug: bool | None = None) -> Iterator[None]:
     """A UserError inside becomes one line `error: ...` on stderr and exit 2; a fault of the
-    environment (disk full, no write permission, tracking server gone) one line and exit 3."""
-    from tasks.platform.errors import UserError, fault_message
+    environment (disk full, no write permission, tracking server gone) one line and exit 3; a
+    failed stage (`StageFailed`) its line and exit 4. Anything else is a bug: it keeps its
+    traceback, unless `debug` is given (`distill run`): then it is one line and exit 4 too,
+    and `debug=True` prints the traceback of every error before its line."""
+    import click
+
+    from tasks.platform.errors import StageFailed, UserError, fault_message, first_line
 
     try:
         yield
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):
+        raise  # a line already printed (fail), or Ctrl-C at a prompt
+    except click.ClickException:
+        raise  # the CLI's own usage errors
     except UserError as err:
-        fail(str(err))
+        fail(str(err), trace=err if debug else None)
+    except StageFailed as err:
+        fail(err.line, EXIT_FAILED, trace=err if debug else None)
     except Exception as err:
         message = fault_message(err)
-        if message is None:
+        if message is not None:
+            fail(message, EXIT_FAULT, trace=err if debug else None)
+        if debug is None:
             raise  # a bug: keep the traceback
-        fail(message, EXIT_FAULT)
+        fail(
+            f"{type(err).__name__}: {first_line(err)} (unexpected: please report it; "
+            "`distill run --debug` prints the traceback)",
+            EXIT_FAILED,
+            trace=err if debug else None,
+        )
 
 
-def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR, trace: BaseException | None = None) -> None:
+    """`error: MESSAGE` on stderr and exit `code`; `trace`: its traceback first (`--debug`)."""
+    if trace is not None:
+        import traceback
+
+        traceback.print_exception(trace, file=sys.stderr)
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

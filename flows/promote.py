@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from tasks.platform import store
 from tasks.platform.config import PromoteConfig
-from tasks.release.promotion import Decision, decision_markdown, promote_task, rollback_task
+from tasks.release.promotion import Decision, decision_markdown, promote_version, rollback
 
 
 def connect_registry() -> None:
@@ -32,6 +33,16 @@ def _flow_run_name() -> str:
     p = flow_run.parameters
     what = "rollback" if p.get("rollback") else f"v{p['version']}" if p.get("version") else ""
     return f"{p.get('model_name')} {what or '@challenger'}"
+
+
+@task(name="promote", task_run_name="promote-gates", cache_policy=NO_CACHE)
+def promote_task(name: str, version: str | None, gates: PromoteConfig) -> Decision:
+    return promote_version(name, version, gates)
+
+
+@task(name="rollback", task_run_name="rollback", cache_policy=NO_CACHE)
+def rollback_task(name: str) -> Decision:
+    return rollback(name)
 
 
 @flow(name="promote", flow_run_name=_flow_run_name, log_prints=False)
@@ -53,7 +64,8 @@ def promote_flow(
         description=f"distill promote: {decision.line()}",
     )
     if not decision.ok:
-        get_run_logger().warning(decision.line())
+        # INFO: the run's log and its Failed state carry it; the terminal gets distill's own line
+        get_run_logger().info(decision.line())
         return Failed(message=decision.line(), data=decision)
     get_run_logger().info(decision.line())
     return decision

@@ -4,7 +4,7 @@ The compression math (`tasks/compress/`: data, teacher, reduce, reconstruct, fin
 quantize, evaluate, plots, and `pipeline.compress`, which chains them) imports neither Prefect
 nor MLflow: call those functions from a notebook. Here each stage function becomes a task with a
 name and a cache policy (`STAGE_CACHE`: the content of the inputs and the source of the code the
-stage calls, tasks/platform/caching.py); `PREFECT_STEPS` hands them to `compress`. Its
+stage calls, flows/caching.py); `PREFECT_STEPS` hands them to `compress`. Its
 `MlflowRecorder` writes each stage's nested MLflow run from a task of its own, retried on
 tracking errors. Task runs are named after their stage (`evaluate-finetuned`), in the Prefect UI
 and in `distill run`'s lines.
@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from flows.caching import STAGE_CACHE
 from tasks.compress.data import Dataset, load_dataset
 from tasks.compress.evaluate import OnnxModel
 from tasks.compress.finetune import History, distill
@@ -33,7 +34,7 @@ from tasks.compress.reduce import Reduction, reduce_model
 from tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
 from tasks.compress.teacher import load_teacher
 from tasks.platform import retry, tracking
-from tasks.platform.caching import STAGE_CACHE, content_hash
+from tasks.platform.caching import content_hash
 from tasks.platform.config import (
     EvaluateConfig,
     FinetuneConfig,
@@ -287,3 +288,15 @@ class MlflowRecorder(Recorder):
         seed: int,
     ) -> None:
         plots_task(self.parent_run_id, stages, teacher, student, final, data, curves, cfg, seed)
+
+    def failed(self, stage: str, line: str, trace: str, started: float | None) -> None:
+        """The failed stage's nested run: FAILED, the line as its description, the trace in
+        `error.txt`; the parent gets both too. Tried twice on a tracking error (not a task: a
+        failure must not print a task run's failure of its own)."""
+        for attempt in range(2):
+            try:
+                tracking.record_failure(self.parent_run_id, stage, line, trace, started)
+                return
+            except Exception as err:
+                if attempt or not retry.is_transient(err):
+                    raise

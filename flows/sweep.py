@@ -37,7 +37,7 @@ from tasks.release.pareto import (
     best_variant,
     markdown_table,
     open_sweep_run,
-    summarize_task,
+    record_sweep,
     summary_frame,
     sweep_run_name,
 )
@@ -127,6 +127,15 @@ def check_variants(
         except UserError as err:
             raise UserError(f"sweep variant {', '.join(combo)}: {err}") from None
     return combos
+
+
+@task(name="sweep-summary", task_run_name="sweep-summary", cache_policy=NO_CACHE)
+def summarize_task(
+    results: list[dict[str, Any]], run_id: str, sweep_id: str, best_line: str | None = None
+) -> pd.DataFrame:
+    frame = summary_frame(results)
+    record_sweep(run_id, sweep_id, frame, best_line)
+    return frame
 
 
 @task(name="variant", task_run_name="variant-{index}", cache_policy=NO_CACHE)

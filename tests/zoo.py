@@ -6,7 +6,9 @@ keyword with a default and every model ends in `n_classes` logits. They hold no 
 their own: seed torch before building one to get the same weights twice.
 
 Inputs: `ResNet2d` and `MobileNetBlockNet` take `[N, C, H, W]`, `ResNet1d` takes `[N, C, L]`,
-`TransformerClassifier` takes `[N, T, n_features]` (`data.shape: [T, n_features]`).
+`TransformerClassifier` takes `[N, T, n_features]` (`data.shape: [T, n_features]`), and so does
+`HeadsAttentionNet`, whose hand-written attention reshapes into heads with sizes fixed at build
+time: no narrowing engine can follow it (reconstruct.mode=width cannot handle it, low_rank can).
 """
 
 from __future__ import annotations
@@ -179,8 +181,45 @@ class TokenClassifier(nn.Module):
         return self.out(torch.relu(self.hidden(e)))
 
 
+class HeadsAttention(nn.Module):
+    """Self-attention written by hand, as users write it: one fused q/k/v Linear whose output
+    the forward `.view`s into (3, heads, head size) fixed when the module was built (kept in one
+    tuple, named like nothing an engine knows), then an output projection."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.split = (3, heads, dim // heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, *self.split).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) / self.split[2] ** 0.5).softmax(-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(n, t, -1))
+
+
+class HeadsAttentionNet(nn.Module):
+    """Linear token embedding, one residual `HeadsAttention` block, the mean over tokens, a
+    linear head. Input `[N, T, n_features]`."""
+
+    def __init__(
+        self, n_features: int = 8, dim: int = 32, heads: int = 4, n_classes: int = 10
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(n_features, dim)
+        self.attn = HeadsAttention(dim, heads)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean(1))
+
+
 __all__ = [
     "BasicBlock",
+    "HeadsAttention",
+    "HeadsAttentionNet",
     "InceptionNet",
     "InvertedResidual",
     "MobileNetBlockNet",

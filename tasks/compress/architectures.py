@@ -1,10 +1,12 @@
 """The teacher's architecture: a built-in (`mlp`, `cnn`: plain `nn.Sequential`s of standard
 layers that take flat rows, `Unflatten` reshaping them for convolutions) or the user's own model,
 `module:Name`: an `nn.Module` class or a function returning one, built with `teacher.init_args`
-as keyword arguments. The pipeline feeds flat float32 rows `[N, F]`; a user model of a
-multi-dimensional `data.shape` is wrapped so that it receives `[N, *shape]`:
-`Sequential(input=Unflatten(1, shape), model=<the user's module>)` (`wrap_input`,
-`user_module`).
+as keyword arguments. The pipeline feeds flat rows `[N, F]` (float32; integer token ids as
+int64); a user model of a multi-dimensional `data.shape` is wrapped so that it receives
+`[N, *shape]`: `Sequential(input=Unflatten(1, shape), model=<the user's module>)` (`wrap_input`,
+`user_module`). A model that answers with a tuple, a dict or a transformers `ModelOutput` gets
+a last step that takes its logits out (`with_logits`: `Sequential(..., logits=Logits())`), so
+the pipeline sees one tensor, whatever the model returns.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import importlib
 import inspect
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from tasks.platform.errors import UserError, first_line
 
 INPUT = "input"  # the wrapper's Unflatten: flat rows -> [N, *data.shape]
 USER_ROOT = "model"  # the wrapper's child holding the user's module
+LOGITS = "logits"  # the wrapper's last step when the module answers more than a tensor
 
 
 # --- built-in architectures ---------------------------------------------------------------
@@ -147,17 +150,68 @@ def wrap_input(module: nn.Module, shape: tuple[int, ...] | list[int]) -> nn.Modu
     return nn.Sequential(OrderedDict([(INPUT, nn.Unflatten(1, tuple(shape))), (USER_ROOT, module)]))
 
 
+def logits_of(out: object) -> torch.Tensor:
+    """The logits in what a model returned: the tensor itself, a `ModelOutput`'s (or any
+    object's) `.logits`, a dict's "logits" (else its first tensor), a tuple's first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, Mapping):
+        values = [out["logits"]] if "logits" in out else list(out.values())
+        first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            return first
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"returns a {type(out).__name__}, not a tensor of logits")
+
+
+class Logits(nn.Module):
+    """The wrapper's last step: the logits of what the user's module returned (`logits_of`)."""
+
+    def forward(self, out: object) -> torch.Tensor:
+        return logits_of(out)
+
+
+def with_logits(model: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """`model`, ending in `Logits` when it answers `rows` with more than a tensor (a tuple, a dict,
+    a `ModelOutput`) that holds its logits; as it is otherwise (a model that fails on the rows
+    is left for the teacher's fit check to name)."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(rows)
+        logits_of(out)
+    except Exception:  # noqa: BLE001 -- a model's forward raises anything: the fit check says
+        return model
+    if isinstance(out, torch.Tensor):
+        return model
+    steps = list(model._modules.items()) if is_wrapped(model) else [(USER_ROOT, model)]
+    return nn.Sequential(OrderedDict([*steps, (LOGITS, Logits())]))
+
+
 def is_wrapped(model: nn.Module) -> bool:
+    """The model is a wrapper that reshapes flat rows for the user's module (`wrap_input`)."""
+    return _is_wrapper(model) and INPUT in model._modules
+
+
+def _is_wrapper(model: nn.Module) -> bool:
+    """`wrap_input`'s or `with_logits`'s Sequential around the user's module."""
+    if not isinstance(model, nn.Sequential):
+        return False
+    steps = model._modules
     return (
-        isinstance(model, nn.Sequential)
-        and list(model._modules) == [INPUT, USER_ROOT]
-        and isinstance(model._modules[INPUT], nn.Unflatten)
+        list(steps) in ([INPUT, USER_ROOT], [INPUT, USER_ROOT, LOGITS], [USER_ROOT, LOGITS])
+        and (INPUT not in steps or isinstance(steps[INPUT], nn.Unflatten))
+        and (LOGITS not in steps or isinstance(steps[LOGITS], Logits))
     )
 
 
 def user_module(model: nn.Module) -> nn.Module:
-    """The user's own module inside a `wrap_input` wrapper; any other model as it is."""
-    return model._modules[USER_ROOT] if is_wrapped(model) else model  # type: ignore[return-value]
+    """The user's own module inside a `wrap_input` / `with_logits` wrapper; any other model as
+    it is."""
+    return model._modules[USER_ROOT] if _is_wrapper(model) else model  # type: ignore[return-value]
 
 
 # `teacher.arch`'s built-in names -> their builder (any other arch is an import path module:Name;

@@ -6,7 +6,8 @@ y_val optional), or a csv/parquet column named by `data.split_column` holding tr
 test. Without validation rows, they are carved from train (stratified, `data.val_size` of all
 rows, seeded). Otherwise distill splits the table itself, stratified and seeded
 (`data.test_size`, `data.val_size`). Standardization is fitted on the training rows;
-`data.standardize: false` feeds the features as given (mean 0, scale 1).
+`data.standardize: false` (the default for a loaded teacher) feeds the features as given (mean
+0, scale 1): floats as float32, integers (an npz of token ids) as int64, never cast to float.
 
 A csv/parquet table is taken as it is: text columns are categories and empty numeric cells
 are imputed, both fitted on the training rows (tasks/compress/tabular.py) and carried by the
@@ -40,8 +41,9 @@ MAX_INTEGER_CLASSES = 10  # more distinct integer labels: classes or a quantity?
 
 @dataclass(frozen=True)
 class Dataset:
-    """Standardized float32 splits; rows of X are reshaped to `input_shape` by the model. A large
-    table's X splits are `Rows` on disk (tasks/compress/rows.py, stream.py), read by batch.
+    """Standardized float32 splits (integer features not standardized, token ids: int64); rows
+    of X are reshaped to `input_shape` by the model. A large table's X splits are `Rows` on disk
+    (tasks/compress/rows.py, stream.py), read by batch.
 
     `feature_names` are the raw columns a user gives (the registered model's input);
     `encoding` (tasks/compress/tabular.py) turns them into the model's `n_features` columns."""
@@ -355,6 +357,12 @@ def seeded_test_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.nd
     return rest, test
 
 
+def keeps_integers(dtype: np.dtype, standardize: bool) -> bool:
+    """Integer features (token ids, an npz's integer arrays) reach the model as int64 unless
+    they are standardized (then float32, like every other feature)."""
+    return np.dtype(dtype).kind in "iu" and not standardize
+
+
 def standardizer(X_train: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
     """(mean, scale) per feature, fitted on the training rows; the identity when disabled."""
     if not enabled:
@@ -438,9 +446,12 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     _check_finite(X, spec, table)
     shape = _input_shape(table, cfg.shape, X.shape[1])
     mean, scale = standardizer(X[train], cfg.standardize)
-    with np.errstate(over="ignore", invalid="ignore"):
-        z = ((X - mean) / scale).astype(np.float32)
-    _check_scaled(X, mean, scale, z, spec, table.where)
+    if keeps_integers(X.dtype, cfg.standardize):  # token ids: int64, as the model takes them
+        z = X.astype(np.int64, copy=False)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = ((X - mean) / scale).astype(np.float32)
+        _check_scaled(X, mean, scale, z, spec, table.where)
     order = np.concatenate([train, val, test])
     raw = table.features.iloc[order].reset_index(drop=True) if tabular.needs_sklearn(spec) else None
     y, target_mean, target_scale = standardized_target(y, train, task, table.where)
@@ -479,12 +490,17 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     with _LAST_LOCK:
         if key in _LAST:
             return _LAST[key]
-    if stream_source(cfg.source):  # a large parquet / npz: converted once, rows read by batch
+    if stream_source(cfg):  # a large parquet / npz: converted once, rows read by batch
         from tasks.compress.stream import prepare_streamed
 
         data = prepare_streamed(cfg, seed)
     else:
-        data = prepare(read_source(cfg.source, cfg.label, cfg.split_column), cfg, seed)
+        table = read_source(cfg.source, cfg.label, cfg.split_column)
+        if cfg.tokenizer is not None:  # its text column as token ids
+            from tasks.compress.tokens import tokenized
+
+            table = tokenized(table, cfg.tokenizer, cfg.max_length)
+        data = prepare(table, cfg, seed)
     with _LAST_LOCK:
         _LAST.clear()
         _LAST[key] = data
@@ -500,10 +516,11 @@ def _file_stamp(source: str) -> tuple | None:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def stream_source(source: str) -> bool:
-    """A parquet / npz source of `stream.STREAM_MIN_CELLS` cells or more: its rows stay on disk."""
-    if not source.startswith(("parquet:", "npz:")):
+def stream_source(cfg: DataConfig) -> bool:
+    """A parquet / npz source of `stream.STREAM_MIN_CELLS` cells or more: its rows stay on disk
+    (as standardized float32: integer token ids fed as given are held in memory, as int64)."""
+    if not cfg.source.startswith(("parquet:", "npz:")) or cfg.tokenizer is not None:
         return False
-    from tasks.compress.stream import should_stream
+    from tasks.compress.stream import integer_npz, should_stream
 
-    return should_stream(source)
+    return should_stream(cfg.source) and (cfg.standardize or not integer_npz(cfg.source))

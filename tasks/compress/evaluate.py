@@ -36,10 +36,11 @@ from sklearn.metrics import (
 from torch import nn
 
 from tasks.compress.data import Dataset
+from tasks.compress.finite import check_outputs
 from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 
-Predict = Callable[[np.ndarray], np.ndarray]  # float32 rows -> logits
+Predict = Callable[[np.ndarray], np.ndarray]  # rows (float32, or int64 token ids) -> logits
 
 
 @dataclass(frozen=True)
@@ -197,23 +198,37 @@ def reference_predictions(outputs: np.ndarray, data: Dataset) -> np.ndarray:
 def quality_metrics(
     predict: Predict, data: Dataset, teacher_pred: np.ndarray | None
 ) -> dict[str, float]:
-    """The quality numbers of a model on the test split (and the train-test gap)."""
+    """The quality numbers of a model on the test split (and the train-test gap). Outputs that
+    hold NaN or inf on a test or training row stop here (`NonFinite`, naming the row)."""
     # by blocks: a streamed split (tasks/compress/rows.py) is never held whole
     if data.is_regression:
 
         def first(X: np.ndarray) -> np.ndarray:  # one output per row
             return predict(X)[:, 0]
 
-        test_pred = data.to_units(predict_batched(first, data.X_test))
-        metrics = regression_metrics(test_pred, data.to_units(data.y_test), teacher_pred)
-        train_pred = data.to_units(predict_batched(first, data.X_train))
+        test_out = predict_batched(first, data.X_test)
+        check_outputs(test_out, "test")
+        metrics = regression_metrics(
+            data.to_units(test_out), data.to_units(data.y_test), teacher_pred
+        )
+        train_out = predict_batched(first, data.X_train)
+        check_outputs(train_out, "training")
+        train_pred = data.to_units(train_out)
         metrics["train_r2"] = float(r2_score(data.to_units(data.y_train), train_pred))
         metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
         return metrics
-    metrics = classification_metrics(
-        predict_batched(predict, data.X_test), data.y_test, teacher_pred
-    )
-    train_pred = predict_batched(lambda X: predict(X).argmax(axis=1), data.X_train)
+    test_out = predict_batched(predict, data.X_test)
+    check_outputs(test_out, "test")
+    metrics = classification_metrics(test_out, data.y_test, teacher_pred)
+
+    def class_and_finite(X: np.ndarray) -> np.ndarray:  # a training row's class; 0: not finite
+        out = predict(X)
+        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        return np.stack([out.argmax(axis=1), finite], axis=1)
+
+    train = predict_batched(class_and_finite, data.X_train)
+    check_outputs(np.where(train[:, 1:] == 1, 0.0, np.nan), "training")
+    train_pred = train[:, 0]
     metrics["train_accuracy"] = float((train_pred == data.y_train).mean())
     metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
     return metrics
@@ -235,24 +250,38 @@ def latency_percentiles_ms(
     return float(p50), float(p95)
 
 
-def flops_per_row(model: nn.Module, n_features: int) -> int:
+def example_rows(example: int | np.ndarray, n: int) -> torch.Tensor:
+    """`n` rows to run, trace or export a model on: the first rows of the data (`example`: an
+    array or `Rows`, in its dtype: int64 token ids stay int64, repeated if there are fewer),
+    or `n` float32 rows of zeros of that width (`example`: an int)."""
+    if isinstance(example, (int, np.integer)):
+        return torch.zeros(n, int(example))
+    rows = np.asarray(example[:n])
+    if 0 < len(rows) < n:
+        rows = rows[np.arange(n) % len(rows)]
+    return torch.from_numpy(np.ascontiguousarray(rows))
+
+
+def flops_per_row(model: nn.Module, example: int | np.ndarray) -> int:
     """Floating-point operations of one forward pass on one row (torch's flop counter: a
-    multiply-add counts 2, so a Linear(in, out) costs 2·in·out; zeros from pruning still count)."""
+    multiply-add counts 2, so a Linear(in, out) costs 2·in·out; zeros from pruning still count).
+    `example`: the data's rows (the first is run), or the width of float rows."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = model.cpu().eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(torch.zeros(1, n_features))
+        model(example_rows(example, 1))
     return int(counter.get_total_flops())
 
 
 def torch_predictor(model: nn.Module) -> Predict:
+    """Logits of a module on CPU for rows of any dtype, without autograd (inference mode)."""
     model = model.cpu().eval()
 
     def predict(X: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(X)).numpy()
+            return model(torch.from_numpy(X)).float().numpy()
 
     return predict
 
@@ -290,7 +319,7 @@ def evaluate_model(
         )
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
-        flops = flops_per_row(model, data.n_features)
+        flops = flops_per_row(model, data.X_test)
     metrics = quality_metrics(predict, data, teacher_pred)
     size, compressed = saved_size(model)
     large = cfg.large_batch

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.compress.data import Dataset
-from tasks.compress.rows import Rows, TrainRows, rows_on
+from tasks.compress.finite import TrainingWatch, check_outputs
+from tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on
 from tasks.platform.config import FinetuneConfig
 from tasks.platform.device import resolve_device
 from tasks.platform.progress import track
@@ -140,9 +141,10 @@ def _teacher_features(
             outs[i].append(_output(out).index_select(axis, units).float())
 
         hooks.append(module.register_forward_hook(hook))
+    size = predict_rows(X, 1024)
     try:
-        for start in range(0, len(X), 1024):
-            teacher(torch.from_numpy(X[start : start + 1024]).to(device))
+        for start in range(0, len(X), size):
+            teacher(torch.from_numpy(X[start : start + size]).to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -221,10 +223,14 @@ class History:
         }
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, X: np.ndarray | Rows, batch_size: int = 1024) -> np.ndarray:
-    """Logits of a float model on CPU rows, wherever the model lives."""
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, X: np.ndarray | Rows, batch_size: int | None = None
+) -> np.ndarray:
+    """Logits of a float model on CPU rows (any dtype: int64 token ids stay int64), wherever the
+    model lives; `batch_size` rows at a time (default: 1024 rows, or 65536 tokens of sequences)."""
     model.eval()
+    batch_size = batch_size or predict_rows(X, 1024)
     device = next(model.parameters()).device
     out = None
     for start in range(0, len(X), batch_size):
@@ -257,11 +263,15 @@ def fit(
     teacher: nn.Module | None = None,
     description: str = "training",
     features: list[FeatureMatch] | None = None,
+    role: str = "the student",
+    lr_key: str | None = "finetune.lr",
 ) -> tuple[nn.Module, History]:
     """Train `model` in place on data's train split and return it (on CPU) with its curves.
     With a teacher, `features` and `settings.feature_weight` > 0, the loss adds
     β · feature_loss of the matched layers (the teacher's outputs computed once, kept on the
-    fit's device)."""
+    fit's device). NaN or inf in the teacher's outputs, or in `model`'s on a batch or on the
+    validation rows, stops the fit with `NonFinite` naming the epoch and batch and `role`
+    ("the teacher" while the teacher trains); `lr_key`: the config key a divergence points to."""
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     model.to(device)
@@ -270,6 +280,8 @@ def fit(
     y_val = y_val.float() if regression else y_val.long()
     # the teacher is frozen: its logits are computed once, not every batch, on the fit's device
     t_logits = _teacher_logits(teacher, data.X_train, device) if teacher is not None else None
+    if t_logits is not None:
+        check_outputs(t_logits, "training", "the teacher", teacher, data.X_train)
     # rows in memory go to the device once; rows on disk come a batch at a time (compress/rows.py)
     train = TrainRows(data.X_train, data.y_train, t_logits, device)
     amp = functools.partial(autocast, device, settings.precision)
@@ -290,15 +302,17 @@ def fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
     best_key, best_state, stale = (-1.0, float("-inf")), copy.deepcopy(model.state_dict()), 0
+    watch = TrainingWatch(model, role, lr_key, device)
 
     for epoch in track(range(settings.epochs), description, total=settings.epochs):
         model.train()
         order = torch.randperm(len(train), generator=gen)
         total = torch.zeros((), device=device)  # summed on the device: no sync per batch
-        for idx, xb, yb, tb in train.batches(order, settings.batch_size):
+        for batch, (idx, xb, yb, tb) in enumerate(train.batches(order, settings.batch_size)):
             s_feats.clear()
             with amp():
                 logits = model(xb)
+            watch.batch(logits, epoch, batch, xb)
             if regression:
                 loss = regression_kd_loss(
                     logits.float(), tb, yb, settings.alpha, settings.huber_delta
@@ -313,12 +327,14 @@ def fit(
             loss.backward()
             opt.step()
             total += loss.detach() * len(yb)
+        watch.epoch_end(epoch)
         history.lr.append(sched.get_last_lr()[0])
         sched.step()
 
         model.eval()
         with torch.no_grad(), amp():
             val_logits = torch.cat([model(xb).float() for xb in rows_on(data.X_val, device)])
+        watch.validation(val_logits, epoch)
         if regression:  # the validation R² (standardized units: the same R²) picks the best
             val_loss = F.mse_loss(val_logits.reshape(-1), y_val).item()
             val_acc = r2(val_logits, y_val)

@@ -14,6 +14,12 @@ ones of tasks/compress by default; the flow passes their Prefect tasks, cached a
 and a `Recorder`, told about each stage as it finishes (this module's writes nothing; the flow's
 writes MLflow runs, flows/stages.py). With a `target:` the plan sizes the reduction, and one
 guarded search takes the place of pruning and int8 (tasks/compress/target.py).
+
+Before any stage the pre-flight builds the planned student on two rows (forward, KD step, ONNX
+export: tasks/compress/preflight.py), so a model the configured mode cannot handle fails in
+seconds. Each stage then runs inside one guard (tasks/compress/failures.py): whatever it raises
+becomes one line naming the stage, the module and the setting, the recorder gets the line and
+the full trace (`Recorder.failed`), and nothing after it runs.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from tasks.compress.evaluate import (
     pipeline_summary,
     reference_predictions,
 )
+from tasks.compress.failures import StageGuard
 from tasks.compress.finetune import History, distill, predict_logits
-from tasks.compress.finite import check_model
+from tasks.compress.finite import check_calibration, check_model, check_outputs
+from tasks.compress.preflight import alternative, preflight, preflight_config
 from tasks.compress.prune import prune_and_recover
 from tasks.compress.quantize import Quantized, quantize_model
 from tasks.compress.reconstruct import reconstruct_with_notes
@@ -145,6 +153,11 @@ class Recorder:
         """All stages are measured: the run's figures can be drawn (`evaluate.plots`); the
         arguments are those of tasks/compress/plots.py's `pipeline_figures`."""
 
+    def failed(self, stage: str, line: str, trace: str, started: float | None) -> None:
+        """A stage failed: `line` is what the user reads (it names the stage, the module and the
+        setting), `trace` the full traceback; the run stops after this. `started`: when the
+        stage's work began."""
+
 
 def seconds_since(started: float | None) -> dict[str, float]:
     return {} if started is None else {"seconds": time.time() - started}
@@ -193,10 +206,11 @@ def compress(
     recorder = recorder or Recorder()
     seed, device, ev = cfg.seed, cfg.device, cfg.evaluate
     stages: dict[str, dict[str, float]] = {}
+    # the planned student on two rows, before the teacher trains (None: an MLflow teacher)
+    checked = preflight_config(cfg, data, config_dir)
+    guard = StageGuard(recorder)
 
-    started = time.time()
-    teacher, teacher_history = steps.teacher(cfg.teacher, data, seed, device, config_dir)
-    teacher_pred = reference_predictions(predict_logits(teacher, data.X_test), data)
+    teacher_pred = None
 
     def made(
         name: str,
@@ -212,18 +226,29 @@ def compress(
 
         stages[name] = recorder.stage(StageResult(name, model, params, curves, since), measure)
 
-    made(
-        "teacher",
-        teacher,
-        cfg.teacher.model_dump(),
-        started,
-        curves=teacher_history.curves() if teacher_history.train_loss else None,
-    )
+    started = time.time()
+    with guard("teacher", started):
+        teacher, teacher_history = steps.teacher(cfg.teacher, data, seed, device, config_dir)
+        if checked is None:  # loaded by the stage: checked now, before its calibration
+            preflight(teacher, data, cfg)
+        guard.teacher = teacher
+        guard.alternative = lambda stage: alternative(teacher, data, cfg, stage)
+        teacher_out = predict_logits(teacher, data.X_test)
+        check_outputs(teacher_out, "test", "the teacher", teacher, data.X_test)
+        teacher_pred = reference_predictions(teacher_out, data)
+
+        made(
+            "teacher",
+            teacher,
+            cfg.teacher.model_dump(),
+            started,
+            curves=teacher_history.curves() if teacher_history.train_loss else None,
+        )
 
     plan = None
     reduce_cfg = cfg.reduce
     if cfg.target is not None:  # the plan chooses the reduce budget
-        with onnx_export_lock():
+        with guard("plan-target"), onnx_export_lock():
             plan, costs, teacher_bytes = steps.plan(
                 teacher,
                 data,
@@ -239,18 +264,24 @@ def compress(
         )
 
     started = time.time()
-    calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
-    reduction = steps.reduce(teacher, calibration, reduce_cfg, cfg.reconstruct.mode)
-    params, metrics = reduction_record(reduction)
-    recorder.record("reduce", metrics, params, started)
+    with guard("reduce", started):
+        calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
+        reduction = steps.reduce(teacher, calibration, reduce_cfg, cfg.reconstruct.mode)
+        check_calibration(reduction.bases, teacher, calibration)
+        params, metrics = reduction_record(reduction)
+        recorder.record("reduce", metrics, params, started)
 
     started = time.time()
-    reconstructed, notes = steps.reconstruct(teacher, reduction, calibration, cfg.reconstruct)
-    made("reconstructed", reconstructed, cfg.reconstruct.model_dump() | notes, started)
+    with guard("reconstruct", started):
+        reconstructed, notes = steps.reconstruct(teacher, reduction, calibration, cfg.reconstruct)
+        made("reconstructed", reconstructed, cfg.reconstruct.model_dump() | notes, started)
 
     started = time.time()
-    finetuned, history = steps.finetune(teacher, reconstructed, data, cfg.finetune, seed, device)
-    made("finetuned", finetuned, cfg.finetune.model_dump(), started, curves=history.curves())
+    with guard("finetune", started):
+        finetuned, history = steps.finetune(
+            teacher, reconstructed, data, cfg.finetune, seed, device
+        )
+        made("finetuned", finetuned, cfg.finetune.model_dump(), started, curves=history.curves())
     curves = {  # for the plot; the restored best epochs marked
         name: h.curves() | {"best_epoch": [h.best_epoch]}
         for name, h in (("teacher", teacher_history), ("finetuned", history))
@@ -259,69 +290,75 @@ def compress(
     started = time.time()
     target = None
     if plan is None:
-        pruned, history = steps.prune(
-            teacher, finetuned, data, cfg.compress.prune, cfg.finetune, seed, device
-        )
-        made("pruned", pruned, cfg.compress.prune.model_dump(), started, curves=history.curves())
+        with guard("prune", started):
+            pruned, history = steps.prune(
+                teacher, finetuned, data, cfg.compress.prune, cfg.finetune, seed, device
+            )
+            made(
+                "pruned", pruned, cfg.compress.prune.model_dump(), started, curves=history.curves()
+            )
         started = time.time()  # the pruned record spans pruning; the quantized one int8 and export
-        with onnx_export_lock():
+        with guard("quantize", started), onnx_export_lock():
             quantized = steps.quantize(
                 pruned, data.X_test, data.X_train, cfg.compress.quantize, seed
             )
     else:  # prune only while the served model misses the target, each round and int8 guarded
-        guard = Guard.of(teacher, data, max_drop_of(cfg.target, data))
-        with onnx_export_lock():
-            fitted = steps.fit(
-                teacher,
-                finetuned,
-                data,
-                plan,
-                costs,
-                guard,
-                cfg.compress.prune,
-                cfg.finetune,
-                cfg.compress.quantize,
-                seed,
-                device,
-                ev.latency_repeats,
-            )
-        pruned, history, quantized = fitted.model, fitted.history, fitted.quantized
-        params, metrics = target_record(plan, costs, fitted, guard, teacher_bytes)
-        recorder.record("target", metrics, params, started)
-        prune_params = cfg.compress.prune.model_dump(exclude={"amount"}) | {
-            "planned_by": "target",
-            "rounds_run": sum(c.step.startswith("prune") for c in fitted.checks),
-            "rolled_back": ", ".join(fitted.rolled_back) or "none",
-        }
-        # pruning and int8 are one guarded search here: the pruned record spans it
-        made("pruned", pruned, prune_params, started, curves=history.curves())
+        with guard("fit-target", started):
+            accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
+            with onnx_export_lock():
+                fitted = steps.fit(
+                    teacher,
+                    finetuned,
+                    data,
+                    plan,
+                    costs,
+                    accuracy,
+                    cfg.compress.prune,
+                    cfg.finetune,
+                    cfg.compress.quantize,
+                    seed,
+                    device,
+                    ev.latency_repeats,
+                )
+            pruned, history, quantized = fitted.model, fitted.history, fitted.quantized
+            params, metrics = target_record(plan, costs, fitted, accuracy, teacher_bytes)
+            recorder.record("target", metrics, params, started)
+            prune_params = cfg.compress.prune.model_dump(exclude={"amount"}) | {
+                "planned_by": "target",
+                "rounds_run": sum(c.step.startswith("prune") for c in fitted.checks),
+                "rolled_back": ", ".join(fitted.rolled_back) or "none",
+            }
+            # pruning and int8 are one guarded search here: the pruned record spans it
+            made("pruned", pruned, prune_params, started, curves=history.curves())
         started = time.time()
         target = TargetOutcome(
             plan,
             costs,
             teacher_bytes,
             fitted,
-            guard,
+            accuracy,
             fitted.met,
-            verdict(plan, fitted, guard),
-            target_tags(plan, fitted, guard),
+            verdict(plan, fitted, accuracy),
+            target_tags(plan, fitted, accuracy),
         )
     curves["pruned"] = history.curves()
-    made(
-        "quantized",
-        quantized.served,
-        cfg.compress.quantize.model_dump() | {"method": quantized.method},
-        started,
-        extra={"export_max_abs_diff": quantized.export_max_abs_diff}
-        | (
-            {"int8_max_abs_diff": quantized.int8_max_abs_diff}
-            if quantized.int8_max_abs_diff is not None
-            else {}
-        ),
-    )
+    with guard("quantize", started):
+        made(
+            "quantized",
+            quantized.served,
+            cfg.compress.quantize.model_dump() | {"method": quantized.method},
+            started,
+            extra={"export_max_abs_diff": quantized.export_max_abs_diff}
+            | (
+                {"int8_max_abs_diff": quantized.int8_max_abs_diff}
+                if quantized.int8_max_abs_diff is not None
+                else {}
+            ),
+        )
 
     if ev.plots:  # the float student stands in for the ONNX model where weights are needed (t-SNE)
-        recorder.plots(stages, teacher, pruned, quantized.served, data, curves, ev, seed)
+        with guard("plots"):
+            recorder.plots(stages, teacher, pruned, quantized.served, data, curves, ev, seed)
     summary = pipeline_summary(
         {s: {k: v for k, v in m.items() if k != "seconds"} for s, m in stages.items()}, "quantized"
     )

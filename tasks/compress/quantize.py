@@ -31,6 +31,7 @@ from tasks.compress.evaluate import (
     OnnxModel,
     TorchScriptModel,
     count_params,
+    example_rows,
     flops_per_row,
     torch_predictor,
 )
@@ -56,11 +57,13 @@ class Quantized:
         return self.int8_model or self.float_model
 
 
-def torchscript_bytes(model: nn.Module, n_features: int) -> bytes:
+def torchscript_bytes(model: nn.Module, example: int | np.ndarray) -> bytes:
+    """TorchScript traced on the data's rows (`example`: an array, its dtype kept: int64 token
+    ids stay int64; or the width of float rows)."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(model.eval(), torch.zeros(2, n_features)), buffer)
+        torch.jit.save(torch.jit.trace(model.eval(), example_rows(example, 2)), buffer)
     return buffer.getvalue()
 
 
@@ -93,11 +96,48 @@ def lean_onnx(onnx_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def export_onnx(model: nn.Module, n_features: int) -> bytes:
-    """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes."""
+_REGISTRIES: dict[int, object] = {}  # opset -> torchlib's op registry, built once per process
+
+
+def reuse_torchlib_registry() -> None:
+    """torch 2.13's dynamo exporter rebuilds its op registry from onnxscript's torchlib on every
+    export: it re-reads the source of some 500 functions, about 1 s of every export here (the
+    pre-flight's, each target plan's and pruning round's, the quantize stage's). Built once per
+    process and opset instead, each export gets its own copy (an op a caller registers stays in
+    its copy); the exported bytes are the same (tested). Idempotent; a torch without this
+    internal API is left alone."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        return
+    registry = getattr(_registration, "ONNXRegistry", None)
+    build = getattr(registry, "from_torchlib", None)
+    if registry is None or build is None or getattr(build, "_distill_reused", False):
+        return
+
+    def from_torchlib(cls: type, opset_version: int = _registration._constants.TORCHLIB_OPSET):
+        built = _REGISTRIES.get(opset_version)
+        if built is None:
+            built = _REGISTRIES[opset_version] = build.__func__(cls, opset_version)
+        copy_ = cls()
+        copy_._opset_version = built._opset_version
+        copy_.functions = {op: list(metas) for op, metas in built.functions.items()}
+        return copy_
+
+    from_torchlib._distill_reused = True  # type: ignore[attr-defined]
+    from_torchlib._distill_original = build.__func__  # type: ignore[attr-defined]
+    registry.from_torchlib = classmethod(from_torchlib)
+
+
+def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
+    """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes. `example`: the data's
+    rows, whose dtype the graph's input takes (int64 token ids: an int64 input), or the width
+    of float32 rows."""
+    reuse_torchlib_registry()
     model = model.cpu().eval()
-    example = (torch.zeros(2, n_features),)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    example = (example_rows(example, 2),)
+    for name in ("torch.onnx", "onnxscript"):  # onnxscript: constant folding's failed attempts
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -114,7 +154,8 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
 
 
 class _Rows:
-    """onnxruntime CalibrationDataReader over calibration rows, one small batch at a time."""
+    """onnxruntime CalibrationDataReader over calibration rows, one small batch at a time, in
+    their dtype (int64 token ids for a graph whose input is int64)."""
 
     def __init__(self, X: np.ndarray, batch: int = 64) -> None:
         self._batches = iter([X[i : i + batch] for i in range(0, len(X), batch)])
@@ -125,7 +166,7 @@ class _Rows:
 
 
 def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> bytes:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,18 +174,37 @@ def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> byte
         raw.write_bytes(float_bytes)
         quant_pre_process(raw, src)  # shape inference + graph optimizations ORT recommends first
         if static:
-            quantize_static(
-                src,
-                dst,
-                _Rows(X_calib),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+            with _root_log_level(logging.ERROR):  # per-channel notes on 1-D weights (norms)
+                _quantize_static(src, dst, X_calib)
         else:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         return lean_onnx(dst.read_bytes())
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int):
+    """onnxruntime.quantization logs on the root logger: raised to `level` for a block."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
+def _quantize_static(src: Path, dst: Path, X_calib: np.ndarray) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        src,
+        dst,
+        _Rows(X_calib),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 @dataclass(frozen=True)
@@ -175,11 +235,10 @@ def serve_torch(
     e: Exported, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
 ) -> Quantized:
     """TorchScript; PyTorch's dynamic int8 for Linear layers."""
-    n_features = X_test.shape[1]
-    float_ts = TorchScriptModel(torchscript_bytes(e.model, n_features), *e.counts)
+    float_ts = TorchScriptModel(torchscript_bytes(e.model, X_test), *e.counts)
     if not cfg.enabled:
         return Quantized(float_ts, None, e.diff, None, "none")
-    int8_ts = TorchScriptModel(torchscript_bytes(quantize_torch(e.model), n_features), *e.counts)
+    int8_ts = TorchScriptModel(torchscript_bytes(quantize_torch(e.model), X_test), *e.counts)
     int8_diff = float(np.abs(predict_batched(int8_ts.predictor(), X_test) - e.reference).max())
     return Quantized(float_ts, int8_ts, e.diff, int8_diff, "torch-dynamic")
 
@@ -195,8 +254,8 @@ def quantize_model(
     model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
 ) -> Quantized:
     params, nonzeros = count_params(model)
-    counts = (params, nonzeros, flops_per_row(model, X_test.shape[1]))
-    float_model = OnnxModel(export_onnx(model, X_test.shape[1]), *counts)
+    counts = (params, nonzeros, flops_per_row(model, X_test))
+    float_model = OnnxModel(export_onnx(model, X_test), *counts)
     reference = predict_batched(torch_predictor(model), X_test)
     float_outputs = predict_batched(float_model.predictor(), X_test)
     export_diff = float(np.abs(float_outputs - reference).max())

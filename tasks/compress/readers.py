@@ -28,16 +28,57 @@ def unreadable(where: str, kind: str, err: BaseException) -> UserError:
     return UserError(f"{where} could not be read as {kind}: {first_line(err)}")
 
 
+SEPARATORS = (",", ";", "\t", "|")  # tried in this order; the first that splits every line alike
+SNIFF_LINES = 50
+
+
+def csv_separator(path: Path) -> str:
+    """The CSV's field separator: the first of `SEPARATORS` that splits the header and the next
+    lines into the same number (more than one) of fields, quotes respected; `,` when none does
+    (a one-column file). A `;`-separated file (a spreadsheet's export in many locales) reads as
+    it is, for training as for prediction."""
+    import csv
+    import itertools
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        lines = list(itertools.islice(f, SNIFF_LINES))
+    for sep in SEPARATORS:
+        widths = {len(row) for row in csv.reader(lines, delimiter=sep) if row}
+        if len(widths) == 1 and widths.pop() > 1:
+            return sep
+    return ","
+
+
 def header_names(path: Path, kind: str) -> list[str]:
     """The column names exactly as the file has them (pandas renames a repeated `a` to `a.1`)."""
-    if kind == "parquet" or path.suffix.lower() == ".parquet":
+    if _is_parquet(path, kind):
         import pyarrow.parquet as pq
 
         return [str(n) for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
     import csv
 
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        return next(csv.reader(f), [])
+        return next(csv.reader(f, delimiter=csv_separator(path)), [])
+
+
+def _is_parquet(path: Path, kind: str) -> bool:
+    return kind == "parquet" or path.suffix.lower() == ".parquet"
+
+
+def check_flat(path: Path, kind: str, where: str) -> None:
+    """A Parquet column of lists, structs or maps is refused by name: distill reads numbers and
+    text, one value per cell."""
+    if not _is_parquet(path, kind):
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for field in pq.read_schema(path):
+        if pa.types.is_nested(field.type):
+            raise UserError(
+                f"{where}: column {field.name!r} is nested ({field.type}); distill reads one "
+                "number or text per cell: flatten it into columns, or drop it"
+            )
 
 
 def check_header(names: list[str], where: str) -> None:
@@ -64,6 +105,7 @@ def read_header(path: Path, kind: str, where: str) -> list[str]:
     except Exception as err:  # noqa: BLE001 -- pyarrow and csv raise many types
         raise unreadable(where, kind, err) from None
     check_header(names, where)
+    check_flat(path, kind, where)
     return names
 
 
@@ -76,7 +118,9 @@ def require_column(names: list[str], column: str, role: str, where: str, given_b
 def read_frame(path: Path, kind: str, where: str) -> pd.DataFrame:
     """A whole CSV or Parquet file, column names as text."""
     try:
-        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+        frame = (
+            pd.read_csv(path, sep=csv_separator(path)) if kind == "csv" else pd.read_parquet(path)
+        )
     except Exception as err:  # noqa: BLE001 -- pandas raises many types
         raise unreadable(where, kind, err) from None
     frame.columns = [str(c) for c in frame.columns]
@@ -92,7 +136,11 @@ def read_frames(
     try:
         if kind == "csv":
             with pd.read_csv(
-                path, usecols=columns, dtype=dict.fromkeys(text, str), chunksize=chunk_rows
+                path,
+                sep=csv_separator(path),
+                usecols=columns,
+                dtype=dict.fromkeys(text, str),
+                chunksize=chunk_rows,
             ) as reader:
                 for frame in reader:
                     frame.columns = [str(c) for c in frame.columns]

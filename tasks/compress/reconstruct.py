@@ -27,6 +27,25 @@ from tasks.compress.width import WidthReport, reconstruct_width
 from tasks.platform.config import ReconstructConfig
 
 
+class Factored(nn.Sequential):
+    """A layer written as two (`first`, then `second`). Code of the user's model that reads the
+    layer it replaced (Hugging Face's ViT reads `patch_embeddings.projection.weight.dtype`)
+    finds the product's `weight` and `bias`, computed when read; the forward runs the two."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        first, second = self[0].weight, self[1].weight
+        if first.dim() == 2:
+            return second @ first
+        # conv: second is 1x1 — (out, k) contracted with (k, in, *kernel)
+        return torch.tensordot(second.flatten(1), first, dims=1)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        second = self[1]
+        return second.weight.flatten(1) @ self[0].bias + second.bias
+
+
 def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
     U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out, k)
     mu = torch.from_numpy(basis.mean).to(torch.float64)
@@ -43,7 +62,7 @@ def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
         first.bias.copy_(U.T @ (b - mu))
         second.weight.copy_(U)
         second.bias.copy_(mu)
-    return nn.Sequential(first, second)
+    return Factored(first, second)
 
 
 def _factor_conv(layer: nn.Conv1d | nn.Conv2d, basis: Basis, k: int) -> nn.Sequential:
@@ -71,7 +90,7 @@ def _factor_conv(layer: nn.Conv1d | nn.Conv2d, basis: Basis, k: int) -> nn.Seque
         first.bias.copy_(U.T @ (b - mu))
         second.weight.copy_(U.reshape(*U.shape, *([1] * (W.dim() - 2))))
         second.bias.copy_(mu)
-    return nn.Sequential(first, second)
+    return Factored(first, second)
 
 
 def factor_layer(layer: nn.Module, basis: Basis, k: int) -> nn.Sequential:

@@ -1,10 +1,11 @@
 """Rows of a split, held in memory or read from disk a batch at a time.
 
-A small table's splits are plain float32 arrays. A large one (tasks/compress/stream.py) is
-standardized once into a float32 `.npy` file, each split's rows together, and each split is
-a `Rows`: that file plus the split's row indices. `Rows` answers `len`, `shape`, slices and
-index arrays like an array, returning plain arrays of just the rows asked for, read with
-`pread`, so the process holds a batch, not the table, however many rows there are.
+A small table's splits are plain float32 arrays (int64 token ids are never streamed). A large
+one (tasks/compress/stream.py) is standardized once into a float32 `.npy` file, each split's
+rows together, and each split is a `Rows`: that file plus the split's row indices. `Rows`
+answers `len`, `shape`, slices and index arrays like an array, returning plain arrays of just
+the rows asked for, read with `pread`, so the process holds a batch, not the table, however
+many rows there are.
 
 The stages take rows through the same few calls for both kinds: `X[a:b]`, `X[idx]`,
 `batches(X, n)`, `predict_batched(predict, X)`, and `TrainRows` / `RowsDataset` (a
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 PREDICT_ROWS = 4_096  # rows per call when a whole split is predicted (activations, ORT arenas)
+PREDICT_TOKENS = 65_536  # token ids per call for sequences: [N, T] int64 rows go T-sized
 RELEASE_BYTES = 64 << 20  # read this much, then hand the heap's free pages back
 
 
@@ -152,10 +154,20 @@ def batches(X: np.ndarray | Rows, size: int) -> Iterator[np.ndarray]:
         yield X[start : start + size]
 
 
+def predict_rows(X: np.ndarray | Rows, rows: int = PREDICT_ROWS) -> int:
+    """Rows per call when a split is predicted: `rows`, or for sequences of token ids (integer
+    `[N, T]`) as many as hold `PREDICT_TOKENS` tokens, at least one."""
+    if np.dtype(X.dtype).kind in "iu" and len(X.shape) == 2:
+        return max(1, PREDICT_TOKENS // max(1, X.shape[1]))
+    return rows
+
+
 def predict_batched(
-    predict: Callable[[np.ndarray], np.ndarray], X: np.ndarray | Rows, size: int = PREDICT_ROWS
+    predict: Callable[[np.ndarray], np.ndarray], X: np.ndarray | Rows, size: int | None = None
 ) -> np.ndarray:
-    """`predict` over all rows, `size` at a time: one call for an in-memory split that fits."""
+    """`predict` over all rows, `size` at a time (default `predict_rows(X)`): one call for an
+    in-memory split that fits."""
+    size = size or predict_rows(X)
     if isinstance(X, np.ndarray) and len(X) <= size:
         return predict(X)
     out = None
@@ -235,9 +247,10 @@ class TrainRows:
             yield torch.from_numpy(idx), got[0], got[1], got[2] if self.extra else None
 
 
-def rows_on(X: np.ndarray | Rows, device, size: int = PREDICT_ROWS) -> Iterator:
+def rows_on(X: np.ndarray | Rows, device, size: int | None = None) -> Iterator:
     """A split's rows as tensors on `device`: the whole in-memory split as one tensor when it
-    fits in `size` rows, else `size` rows at a time."""
+    fits in `size` rows (default `predict_rows(X)`), else `size` rows at a time."""
+    size = size or predict_rows(X)
     if isinstance(X, np.ndarray) and len(X) <= size:
         yield torch.from_numpy(X).to(device)
         return

@@ -27,8 +27,9 @@ NPZ_SPLIT_ARRAYS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
 class Table:
     """What a source holds, before splitting: one flat row per sample, all splits.
 
-    An array source (sklearn, npz) or an all-numeric csv/parquet holds float64 `X`; a table
-    with text columns holds `frame` instead (X is None). `encode`: text columns and empty
+    An array source (sklearn, npz) or an all-numeric csv/parquet holds float64 `X` (an npz's
+    integer arrays, token ids, int64); a table with text columns holds `frame` instead (X is
+    None). `encode`: text columns and empty
     cells are encoded (csv/parquet); an array's NaN is refused."""
 
     X: np.ndarray | None
@@ -116,8 +117,8 @@ def _read_sklearn(name: str) -> Table:
 def _read_frame(kind: str, path: Path, label: str, split_column: str | None) -> Table:
     readers.require_file(path, "data file")
     where = f"data file {path}"
+    readers.read_header(path, kind, where)  # first: a nested column is refused by its name
     frame = readers.read_frame(path, kind, where)
-    readers.read_header(path, kind, where)
     if frame.empty:
         raise UserError(f"{where}: no rows" + (" (only a header)" if len(frame.columns) else ""))
     check_roles(list(frame.columns), label, split_column, where)
@@ -213,7 +214,8 @@ def _npz_pair(
     x_name: str,
     y_name: str,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """-> (rows of X flattened in C order as float64, y, the shape of one row of X)."""
+    """-> (rows of X flattened in C order: int64 for integer arrays, else float64; y; the shape
+    of one row of X)."""
     for name in (x_name, y_name):
         if name not in arrays:
             raise UserError(
@@ -232,8 +234,14 @@ def _npz_pair(
         )
     if len(X) != len(y):
         raise UserError(f"{where}: array {x_name!r} has {len(X)} rows but {y_name!r} has {len(y)}")
-    flat = X.reshape(len(X), int(np.prod(X.shape[1:]))).astype(np.float64)
-    return flat, y.reshape(-1), X.shape[1:] or (1,)
+    flat = X.reshape(len(X), int(np.prod(X.shape[1:])))
+    return flat.astype(row_dtype(X.dtype)), y.reshape(-1), X.shape[1:] or (1,)
+
+
+def row_dtype(dtype: np.dtype) -> type:
+    """How an array's values are held before they are split: integers (token ids, counts) as
+    int64, anything else (floats, booleans) as float64."""
+    return np.int64 if np.dtype(dtype).kind in "iu" else np.float64
 
 
 def table_digest(X: np.ndarray, y: np.ndarray, split: np.ndarray | None = None) -> str:

@@ -80,17 +80,35 @@ def should_stream(source: str) -> bool:
 # --- the sources, a block at a time ----------------------------------------------------------
 
 
-def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shape of each X array of an npz, from the headers (nothing else read)."""
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each X array of an npz, from the headers (nothing else read)."""
     out = {}
     with zipfile.ZipFile(path) as z:
         for member in z.namelist():
             name = member.removesuffix(".npy")
             if name in ("X", "X_train", "X_val", "X_test"):
                 with z.open(member) as f:
-                    shape, _, _ = npy_header(f)
-                out[name] = shape
+                    shape, _, dtype = npy_header(f)
+                out[name] = (shape, dtype)
     return out
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shape of each X array of an npz, from the headers (nothing else read)."""
+    return {name: shape for name, (shape, _) in _npz_headers(path).items()}
+
+
+def integer_npz(source: str) -> bool:
+    """An npz source whose X arrays hold integers (token ids): unstandardized, they stay int64
+    in memory; the float32 conversion of a streamed table is for standardized features."""
+    kind, _, ref = source.partition(":")
+    if kind != "npz" or not Path(ref).is_file():
+        return False
+    try:
+        headers = _npz_headers(Path(ref))
+    except Exception:  # noqa: BLE001 -- unreadable: the in-memory reader says why, in one line
+        return False
+    return bool(headers) and all(dtype.kind in "iu" for _, dtype in headers.values())
 
 
 class _Source:

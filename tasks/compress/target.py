@@ -41,6 +41,7 @@ from tasks.compress.evaluate import (
 )
 from tasks.compress.finetune import History
 from tasks.compress.graph import Group, keep_units, param_model, trace
+from tasks.compress.guard import CONFIDENCE, Decision, decide
 from tasks.compress.prune import recover, remove_lowest_units
 from tasks.compress.quantize import Quantized, quantize_model
 from tasks.compress.reconstruct import reconstruct
@@ -214,7 +215,8 @@ class Check:
     params: int
     accuracy: float  # on the validation rows
     drop: float  # the teacher's validation accuracy - this
-    ok: bool
+    ok: bool  # not shown to lose more than allowed (guard.decide)
+    decision: Decision | None = None  # the interval and verdict behind `ok`
 
 
 def max_drop_of(target: TargetConfig, data: Dataset) -> float:
@@ -222,42 +224,63 @@ def max_drop_of(target: TargetConfig, data: Dataset) -> float:
     return target.max_r2_drop if data.is_regression else target.max_accuracy_drop
 
 
-def _score(metric: str, outputs: np.ndarray, y: np.ndarray) -> float:
+def _answers(metric: str, outputs: np.ndarray) -> np.ndarray:
+    """What is scored: the class (accuracy) or the value (r2, standardized units)."""
+    return outputs[:, 0] if metric == "r2" else outputs.argmax(1)
+
+
+def _score(metric: str, answers: np.ndarray, y: np.ndarray) -> float:
     if metric == "r2":  # standardized units: the same R² as in the label's
         from sklearn.metrics import r2_score
 
-        return float(r2_score(y, outputs[:, 0]))
-    return float((outputs.argmax(1) == y).mean())
+        return float(r2_score(y, answers))
+    return float((answers == y).mean())
 
 
 @dataclass(frozen=True)
 class Guard:
     """Teacher accuracy minus model accuracy (R² for a regression target, `metric`) on the
-    validation rows at most `max_drop`."""
+    validation rows within `max_drop`: decided on the paired answers by guard.decide (a step
+    fails only when its drop is above `max_drop` with `confidence`)."""
 
     reference: float  # the teacher's validation accuracy (or R²)
     max_drop: float
     X_val: np.ndarray
     y_val: np.ndarray
     metric: str = "accuracy"  # accuracy | r2
+    teacher_answers: np.ndarray | None = None  # on X_val, for the paired decision
+    confidence: float = CONFIDENCE
 
     @classmethod
-    def of(cls, teacher: nn.Module, data: Dataset, max_drop: float) -> Guard:
+    def of(
+        cls, teacher: nn.Module, data: Dataset, max_drop: float, confidence: float = CONFIDENCE
+    ) -> Guard:
         metric = "r2" if data.is_regression else "accuracy"
         if len(data.y_val) < (2 if data.is_regression else 1):
             raise UserError(
                 f"config key 'target': the {metric} guard needs validation rows "
                 "(data.val_size, or val rows in your split)"
             )
-        reference = _score(
-            metric, predict_batched(torch_predictor(teacher), data.X_val), data.y_val
-        )
-        return cls(reference, max_drop, data.X_val, data.y_val, metric)
+        answers = _answers(metric, predict_batched(torch_predictor(teacher), data.X_val))
+        reference = _score(metric, answers, data.y_val)
+        return cls(reference, max_drop, data.X_val, data.y_val, metric, answers, confidence)
 
     def check(self, step: str, predict: Predict, params: int) -> Check:
-        accuracy = _score(self.metric, predict_batched(predict, self.X_val), self.y_val)
+        answers = _answers(self.metric, predict_batched(predict, self.X_val))
+        accuracy = _score(self.metric, answers, self.y_val)
         drop = self.reference - accuracy
-        return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
+        if self.teacher_answers is None:
+            return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
+        decision = decide(
+            self.metric, self.teacher_answers, answers, self.y_val, self.max_drop, self.confidence
+        )
+        return Check(step, params, accuracy, drop, decision.ok, decision)
+
+    def why(self, check: Check) -> str:
+        """The decision in words: the drop, its interval, the rows."""
+        if check.decision is None:
+            return f"lost {check.drop:.4f} (max {self.max_drop:.4f})"
+        return check.decision.reason(self.max_drop, self.confidence)
 
 
 def smallest_start(
@@ -393,11 +416,7 @@ def fit_to_target(
         got = achieved(plan, quantized.served, data.X_test, latency_repeats)
         within = got <= plan.limit
         if within or not kept.ok:
-            bound = (
-                ""
-                if within
-                else f"{_what(guard)} guard: the {kept.step} already lost {kept.drop:.4f}"
-            )
+            bound = "" if within else f"{_what(guard)} guard: the {kept.step}'s {guard.why(kept)}"
             break
         if rounds >= prune.rounds:
             bound = f"{plan.kind}: {prune.rounds} pruning rounds (compress.prune.rounds) fell short"
@@ -427,9 +446,8 @@ def fit_to_target(
         if not check.ok:
             rolled_back.append(check.step)
             bound = (
-                f"{_what(guard)} guard: {check.step} ({check.params:,} params) lost "
-                f"{check.drop:.4f} > {guard.max_drop:.4f} on validation rows: rolled back, "
-                "pruning stopped"
+                f"{_what(guard)} guard: {check.step} ({check.params:,} params): "
+                f"{guard.why(check)}: rolled back, pruning stopped"
             )
             break
         for name, values in round_history.curves().items():
@@ -439,7 +457,7 @@ def fit_to_target(
         checks.append(int8)
         if quantized.int8_model is None:
             bound = (bound + "; " if bound else "") + (
-                f"int8 lost {int8.drop:.4f} > {guard.max_drop:.4f}: served the fp32 export"
+                f"int8's {guard.why(int8)}: served the fp32 export"
             )
     served = int8 if quantized.int8_model is not None and int8 is not None else kept
     fitted = Fitted(
@@ -448,8 +466,8 @@ def fit_to_target(
     if within and not served.ok:
         lost = served if kept.ok else kept  # the step that broke the guard first
         bound = (
-            f"{_what(guard)} guard: the {lost.step} lost {lost.drop:.4f} > {guard.max_drop:.4f} on "
-            f"validation rows ({plan.kind} met: {_show(plan, got)})"
+            f"{_what(guard)} guard: the {lost.step}'s {guard.why(lost)} "
+            f"({plan.kind} met: {_show(plan, got)})"
         )
     fitted.bound = bound or f"{plan.kind}: met ({_show(plan, got)} <= {_show(plan, plan.limit)})"
     return fitted
@@ -500,16 +518,31 @@ def target_record(
     for c in fitted.checks:
         key = c.step.replace(" ", "_")
         metrics[f"val_drop.{key}"], metrics[f"params.{key}"] = c.drop, float(c.params)
+        if c.decision is not None:  # the interval the decision was read from
+            metrics[f"val_drop_low.{key}"] = c.decision.low
+            metrics[f"val_drop_high.{key}"] = c.decision.high
+    served = fitted.served_check
+    if served is not None and served.decision is not None:
+        params["guard"] = f"{served.step}: {guard.why(served)}"[:500]
+        params["guard_rows"] = served.decision.rows
+        params["guard_confidence"] = guard.confidence
     return params, metrics
 
 
 def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
     """The one line a user reads."""
     head = "target met" if fitted.met else "target NOT met"
+    decision = fitted.served_check.decision if fitted.served_check else None
+    interval = (
+        f"{guard.confidence:.0%} interval {decision.low:.4f}..{decision.high:.4f}, "
+        f"{decision.rows} rows, "
+        if decision is not None
+        else ""
+    )
     return (
         f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
         f"(limit {_show(plan, plan.limit)}), {_what(guard)} drop on validation rows "
-        f"{fitted.accuracy_drop():.4f} (max {guard.max_drop:.4f}); {fitted.bound}"
+        f"{fitted.accuracy_drop():.4f} ({interval}max {guard.max_drop:.4f}); {fitted.bound}"
     )
 
 
@@ -546,7 +579,7 @@ def plan_for_target(
         target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes
     )
     if not plan.reachable:
-        guard = Guard.of(teacher, data, max_drop_of(target, data))
+        guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
         why = (

@@ -1,7 +1,9 @@
 """Stage 1 — teacher: train `teacher.arch` (tasks/compress/architectures.py) or load one
-(`teacher.source`: `train`; `file:PATH` or `models:/...`, `runs:/...`: tasks/compress/weights.py),
-and check that it takes the data's rows and gives one output per class (one value for a
-regression target) before anything is recorded.
+(`teacher.source`: `train`; `file:PATH` or `models:/...`, `runs:/...`: tasks/compress/weights.py;
+`hf:DIR`, a Hugging Face `save_pretrained` directory: tasks/compress/hf.py), and check that it
+takes the data's rows and gives one output per class (one value for a regression target) before
+anything is recorded. A model answering with a tuple, a dict or a `ModelOutput` gets a last step
+that takes its logits out (`architectures.with_logits`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.compress.architectures import build_teacher, is_wrapped
+from tasks.compress.architectures import build_teacher, is_wrapped, with_logits
 from tasks.compress.data import Dataset
 from tasks.compress.finetune import FitSettings, History, fit
 from tasks.compress.finite import non_finite_tensor
+from tasks.compress.hf import PREFIX as HF_PREFIX
+from tasks.compress.hf import load_hf_teacher
 from tasks.compress.weights import load_teacher_file, load_teacher_mlflow
 from tasks.platform.config import TeacherConfig
 from tasks.platform.errors import UserError, first_line
@@ -30,7 +34,7 @@ def train_teacher(
 ) -> nn.Module:
     """`history`: filled with the training curves (the teacher's stage run logs them)."""
     torch.manual_seed(seed)
-    model = build_teacher(cfg, data, config_dir)
+    model = with_logits(build_teacher(cfg, data, config_dir), _rows(data))
     _check_fits(model.eval(), data, cfg.arch)  # before training: a misfit fails in one line
     settings = FitSettings(
         epochs=cfg.epochs,
@@ -41,7 +45,14 @@ def train_teacher(
         seed=seed,
         device=device,
     )
-    model, fitted = fit(model, data, settings, description="training teacher")
+    model, fitted = fit(
+        model,
+        data,
+        settings,
+        description="training teacher",
+        role="the teacher",
+        lr_key="teacher.lr",
+    )
     if history is not None:
         history.__dict__.update(fitted.__dict__)
     return model
@@ -70,28 +81,42 @@ def load_teacher(
         model, whole = load_teacher_file(path, cfg, data, config_dir)
     elif source.startswith(("models:/", "runs:/")):
         model, whole = load_teacher_mlflow(source, cfg, data, config_dir)
+    elif source.startswith(HF_PREFIX):
+        model, whole = load_hf_teacher(source, data), True
     else:
         raise UserError(
-            f"config key 'teacher.source': expected train, file:PATH, "
+            f"config key 'teacher.source': expected train, file:PATH, hf:DIR, "
             f"models:/NAME@ALIAS or runs:/ID/PATH, got {source!r}"
         )
-    model = model.float().eval()
+    model = with_logits(model.float().eval(), _rows(data))
     _check_fits(model, data, source if whole else cfg.arch)
     return model
+
+
+def _rows(data: Dataset, n: int = 2) -> torch.Tensor:
+    """The first training rows, in the data's dtype (int64 token ids stay int64)."""
+    return torch.from_numpy(data.X_train[:n])
 
 
 def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
     """A teacher must take this data's rows and give one logit per class (one value for a
     regression target)."""
-    rows = torch.from_numpy(data.X_train[:2])
+    rows = _rows(data)
     shape = [len(rows), *data.input_shape] if is_wrapped(model) else list(rows.shape)
     try:
         with torch.no_grad():
             out = model(rows)
     except Exception as err:  # noqa: BLE001 -- a teacher's forward raises anything
+        integers = "" if rows.is_floating_point() else f" {str(rows.dtype).removeprefix('torch.')}"
+        hint = (
+            "; the data's integer features reach the model as int64 when not standardized "
+            "(data.standardize: true gives float32)"
+            if integers and "dtype" in str(err).lower()
+            else ""
+        )
         raise UserError(
-            f"teacher {name} does not accept inputs of shape {shape} "
-            f"(data.shape={list(data.input_shape)}): {first_line(err)}"
+            f"teacher {name} does not accept{integers} inputs of shape {shape} "
+            f"(data.shape={list(data.input_shape)}): {first_line(err)}{hint}"
         ) from None
     if not isinstance(out, torch.Tensor):
         raise UserError(f"teacher {name} returns a {type(out).__name__}, not a tensor of logits")
@@ -107,22 +132,28 @@ def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
     weights = non_finite_tensor(model)
     if weights is not None:
         raise UserError(f"teacher {name}: its {weights} holds NaN or inf")
-    with torch.no_grad():
-        finite = bool(torch.isfinite(model(torch.from_numpy(data.X_train[:256]))).all())
+    with torch.inference_mode():
+        finite = bool(torch.isfinite(model(_rows(data, 256))).all())
     if not finite:
         raise UserError(
             f"teacher {name} outputs NaN or inf on the data's rows (weights too large for float32?)"
         )
 
 
-def check_teacher(cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None) -> None:
+def check_teacher(
+    cfg: TeacherConfig, data: Dataset, config_dir: Path | None = None
+) -> nn.Module | None:
     """Fail fast, before a run is recorded anywhere: a `module:Name` arch imports and builds
-    with its init_args, a `file:` teacher fits it, and it takes the data's rows. (Training, and
+    with its init_args, a `file:` teacher fits it, an `hf:` directory loads, and it takes the
+    data's rows. (Training, and
     MLflow sources, are the stage's work.) The arch's module stays imported, so a cached
-    teacher of that class unpickles."""
+    teacher of that class unpickles. Returns the model checked (fresh weights for a teacher
+    that trains), or None where only the stage loads it (MLflow, a pickled file)."""
     if cfg.source == "train":
-        _check_fits(build_teacher(cfg, data, config_dir).eval(), data, cfg.arch)
-    elif cfg.source.startswith("file:") and not cfg.trust_pickle:  # no second unpickling
-        load_teacher(cfg, data, seed=0, config_dir=config_dir)
-    elif not cfg.source.startswith(("models:/", "runs:/")):
-        load_teacher(cfg, data, seed=0, config_dir=config_dir)  # says what a source can be
+        model = with_logits(build_teacher(cfg, data, config_dir), _rows(data)).eval()
+        _check_fits(model, data, cfg.arch)
+        return model
+    if cfg.source.startswith(("models:/", "runs:/")):
+        return None
+    # a file; any other scheme: load_teacher says what a source can be
+    return load_teacher(cfg, data, seed=0, config_dir=config_dir)

@@ -2,13 +2,14 @@
 
 Prefect's `INPUTS` policy hashes arguments as JSON or cloudpickle bytes; a module or a
 tensor pickles differently on every call, so a run killed in fine-tuning would never find
-its teacher again (shared/FACTS.md). `STAGE_CACHE` keys a task run on what its inputs
-hold instead: tensor and array bytes, a module's architecture and `state_dict`, a config's
-JSON, a dataclass field by field (a `Dataset` by its split arrays, which already encode
-the raw table, the split seed and the data config; a large table's splits on disk by the
-digest its conversion computed once, streamed: tasks/compress/stream.py), plus the source
-of the task's module and of every `tasks` module it uses (a change in `fit` invalidates the
-teacher), Prefect's `TASK_SOURCE`, and the torch/numpy versions its pickled result depends on.
+its teacher again (shared/FACTS.md). The stages' cache policy (flows/caching.py) keys a task
+run on what its inputs hold instead, hashed here: tensor and array bytes, a module's
+architecture and `state_dict`, a config's JSON, a dataclass field by field (a `Dataset` by its
+split arrays, which already encode the raw table, the split seed and the data config; a large
+table's splits on disk by the digest its conversion computed once, streamed:
+tasks/compress/stream.py), plus the source of the task's module and of every `tasks` module it
+uses (a change in `fit` invalidates the teacher), Prefect's `TASK_SOURCE`, and the torch/numpy
+versions its pickled result depends on.
 
 With `persist_result=True` the results are pickled under `PREFECT_HOME/storage`
 (`PREFECT_LOCAL_STORAGE_PATH`), so a re-run with the same config reads the finished
@@ -30,8 +31,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
-from prefect.context import TaskRunContext
 from pydantic import BaseModel
 from torch import nn
 
@@ -127,14 +126,28 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def directory_sha256(path: Path) -> str:
+    """sha256 of a `save_pretrained` directory: the names and bytes of its config and weights
+    (`*.json`, `*.safetensors`), each file hashed once per (path, size, mtime)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
 def teacher_source_fingerprint(source: str) -> str:
-    """What a teacher source currently points at: a file's bytes; an immutable URI as is.
+    """What a teacher source currently points at: a file's bytes, an `hf:` directory's config and
+    weights; an immutable URI as is.
 
     `models:/NAME@ALIAS` can move to another version at any time, so a teacher loaded by
     alias is never cached (the key function returns None for it)."""
     if source.startswith("file:"):
         path = Path(source.removeprefix("file:"))
         return file_sha256(path) if path.is_file() else "missing"
+    if source.startswith("hf:"):
+        path = Path(source.removeprefix("hf:"))
+        return directory_sha256(path) if path.is_dir() else "missing"
     if source.startswith("models:/") and "@" in source:
         raise Uncacheable(source)
     return source
@@ -182,21 +195,3 @@ def code_digest(fn: Callable[..., Any]) -> str:
         _tag(h, "source", name)
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()
-
-
-def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str | None:
-    """Prefect cache key of a stage task run; None (no caching) when an input cannot be pinned."""
-    task = context.task
-    try:
-        inputs_key = content_hash(inputs)
-    except Uncacheable:
-        return None
-    source_key = TASK_SOURCE.compute_key(task_ctx=context, inputs=inputs, flow_parameters={})
-    return content_hash(
-        task.name, source_key, code_digest(task.fn), torch.__version__, np.__version__, inputs_key
-    )
-
-
-# One policy object: a compound `key_fn + TASK_SOURCE` would still cache on the source alone
-# when the key function declines (returns None), so TASK_SOURCE is folded into the key instead.
-STAGE_CACHE = CacheKeyFnPolicy(cache_key_fn=stage_cache_key)

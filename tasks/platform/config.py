@@ -13,7 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tasks.platform import safe_yaml
 from tasks.platform.errors import UserError
@@ -32,11 +40,36 @@ class DataConfig(Strict):
     shape: list[Annotated[int, Field(gt=0)]] | None = None
     test_size: float = Field(0.2, gt=0, lt=1)  # not used when the user gave a split
     val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
-    standardize: bool = True  # false: the features reach the model as given (mean 0, scale 1)
+    # false: the features reach the model as given (mean 0, scale 1; integer features such as
+    # token ids as int64). Left out of a pipeline config: on when distill trains the teacher
+    # (teacher.source train), off for a loaded one, which takes its inputs as it was trained on
+    # them (PipelineConfig fills it in; null means the same)
+    standardize: bool = True
     split_column: str | None = None  # csv/parquet column of train / val / test: the user's split
     # auto: text or integral labels are classes, non-integer numbers a regression target; a label
     # with more than 10 distinct integers stops and asks (classes or a quantity?)
     task: Literal["auto", "classification", "regression"] = "auto"
+    # hf:DIR, a save_pretrained tokenizer: the source's one text column becomes int64 token ids
+    # (tasks/compress/tokens.py), padded to the longest row, at most max_length tokens
+    tokenizer: str | None = None
+    max_length: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_unscaled_by_default(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("tokenizer") and raw.get("standardize") is None:
+            return raw | {"standardize": False}
+        return raw
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _ids_are_not_scaled(cls, tokenizer: str | None, info: ValidationInfo) -> str | None:
+        if tokenizer is not None and info.data.get("standardize"):
+            raise ValueError(
+                "token ids reach the model as they are, not standardized "
+                "(set data.standardize: false, or leave it out)"
+            )
+        return tokenizer
 
 
 BUILTIN_ARCHS = ("mlp", "cnn")  # tasks/compress/architectures.py builds them
@@ -84,6 +117,9 @@ class TeacherConfig(Strict):
         return self
 
 
+MIN_VARIANCE = 0.5  # reduce.budget.variance below this leaves nothing to fine-tune or prune
+
+
 class BudgetConfig(Strict):
     """Exactly one target for the reduced student (parameters counted in fp32)."""
 
@@ -91,6 +127,18 @@ class BudgetConfig(Strict):
     params: int | None = Field(None, gt=0)
     ratio: float | None = Field(None, gt=1)
     variance: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("variance")
+    @classmethod
+    def _meaningful_variance(cls, value: float | None) -> float | None:
+        # below half of each layer's output variance, every layer keeps a unit or two: a student
+        # that no stage after can fine-tune or prune (1e-9 failed at pruning, 15 s in)
+        if value is not None and value < MIN_VARIANCE:
+            raise ValueError(
+                f"{value:g} keeps less than half of each layer's output variance (every layer "
+                f"down to a unit or two); give {MIN_VARIANCE:g} to 1, e.g. 0.95"
+            )
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BudgetConfig:
@@ -125,6 +173,9 @@ class TargetConfig(Strict):
     latency_ms_b1: float | None = Field(None, gt=0)  # batch 1, in the serving runtime
     max_accuracy_drop: float = Field(0.01, ge=0, lt=1)  # teacher - model, validation rows
     max_r2_drop: float = Field(0.01, ge=0)  # regression: teacher R² - model R², validation rows
+    # a step is rolled back when its drop is above the allowance with this confidence
+    # (one-sided paired bootstrap on the validation rows: tasks/compress/guard.py)
+    confidence: float = Field(0.9, ge=0.5, lt=1)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetConfig:
@@ -247,6 +298,27 @@ class PipelineConfig(Strict):
     # `register` would shadow BaseModel.register (ABCMeta), hence the alias
     registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _standardize_for_the_teacher(cls, raw: Any) -> Any:
+        """`data.standardize` left out (or null): on for a teacher distill trains, off for a
+        loaded one (`file:`, `hf:`, MLflow): its inputs are what it was trained on."""
+        if not isinstance(raw, dict):
+            return raw
+        data, teacher = raw.get("data"), raw.get("teacher")
+        source = teacher.source if isinstance(teacher, TeacherConfig) else None
+        if isinstance(teacher, dict):
+            source = teacher.get("source", "train")
+        trained = (source or "train") == "train"
+        if isinstance(data, DataConfig):
+            if "standardize" not in data.model_fields_set:
+                data = data.model_copy(update={"standardize": trained and data.tokenizer is None})
+        elif data is None or isinstance(data, dict):
+            data = dict(data or {})
+            if data.get("standardize") is None:  # token ids are never scaled
+                data["standardize"] = trained and data.get("tokenizer") is None
+        return raw | {"data": data}
 
     @model_validator(mode="after")
     def _svd_is_low_rank(self) -> PipelineConfig:
@@ -381,6 +453,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Reopened(dict):
+    """A section an override set to null, then gave keys again: it replaces the config file's
+    section instead of merging into it."""
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`['reduce.budget.ratio=10', 'finetune.epochs=5']` -> nested dict (values parsed as YAML)."""
     tree: dict[str, Any] = {}
@@ -391,7 +468,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            if node.get(part) is None:  # a section set to null earlier (`target=null`) reopens
+            if part in node and node[part] is None:
+                # a section set to null earlier (`target=null`) reopens empty: what the config
+                # file had there stays gone, only the keys set after it are in it
+                node[part] = _Reopened()
+            elif node.get(part) is None:
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
@@ -407,7 +488,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     kind (size_kb, ratio, ...) replaces the other kinds (max_accuracy_drop stays)."""
     out = dict(base)
     for key, value in override.items():
-        if key == "budget" and isinstance(value, dict):
+        if isinstance(value, _Reopened):
+            out[key] = dict(value)
+        elif key == "budget" and isinstance(value, dict):
             out[key] = value
         elif (
             key == "target"
@@ -445,6 +528,7 @@ def validation_message(err: ValidationError, what: str = "config key") -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")  # pydantic's prefix to our validators' own words
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{what} '{where}': {msg}{more}"
 

@@ -2,27 +2,16 @@
 
 A parent run is closed by `tracking.parent_run` on success, error or Ctrl-C; a process killed by
 SIGKILL (or the OOM killer, or a lost machine) closes nothing. Each parent carries the host and
-process that ran it (`process_tags`); the next run in the experiment closes the dead ones
+process that ran it (`tracking.process_tags`); the next run in the experiment closes the dead ones
 (`close_dead_runs`). A process is named by its pid and start time (`reaper.started`), so a
 recycled pid is not taken for the run's process.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 
 from tasks.platform import reaper
-
-
-def process_tags() -> dict[str, str]:
-    """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run."""
-    pid = os.getpid()
-    return {
-        "distill.host": socket.gethostname(),
-        "distill.pid": str(pid),
-        "distill.process_start": reaper.started(pid) or "",
-    }
 
 
 def _process_gone(tags: dict[str, str]) -> bool | None:

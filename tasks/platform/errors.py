@@ -2,8 +2,9 @@
 recognizer of faults of the environment around a run (a full disk, a path that may not be
 written, a tracking server that stopped answering), which are not bugs either.
 
-The CLI prints both as a single line and exits non-zero (2: bad input, 3: a fault); anything
-else is a bug and keeps its traceback.
+The CLI prints both as a single line and exits non-zero (2: bad input, 3: a fault); a stage that
+fails for another reason is one line too (`StageFailed`, 4), its trace in the stage run's
+`error.txt`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ FAULT_MARKERS = (*WRITE_FAULT_TEXTS, LOST_SERVER, *STORE_FAULTS)
 
 class UserError(Exception):
     """Bad input: the message names what is wrong and where."""
+
+
+class StageFailed(Exception):
+    """A pipeline stage failed for a reason that is not bad input: an error in the model's own
+    code, or in distill. `line` says, in the user's terms, which stage, what failed (module path
+    and class where known) and what setting would work where one exists; the exception that
+    caused it is `__cause__` (its full trace went to the stage run's `error.txt`)."""
+
+    def __init__(self, stage: str, line: str) -> None:
+        super().__init__(line)
+        self.stage = stage
+        self.line = line
 
 
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:

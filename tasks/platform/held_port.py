@@ -58,6 +58,10 @@ def serve_on(sock: socket.socket, env: dict[str, str] | None = None) -> subproce
                 "on",
             ],
             pass_fds=(sock.fileno(),),
+            # its own session: a terminal's Ctrl-C (SIGINT to the whole foreground process group)
+            # must not stop the server while distill still needs it to close its runs; distill
+            # stops it at exit (Prefect's atexit), or the reaper when distill dies
+            start_new_session=True,
             env={
                 **os.environ,
                 # as Prefect's own launch: no UI, an ephemeral server

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -17,15 +17,17 @@ T = TypeVar("T")
 QUIET_LINE_EVERY_S = 30.0  # without a terminal: one progress line at most this often
 
 
-def _who() -> str:
-    """The Prefect flow run's name (a sweep variant's grid values), when inside one."""
-    try:
-        from prefect.context import FlowRunContext
+def _no_label() -> str:
+    return ""
 
-        ctx = FlowRunContext.get()
-    except ImportError:
-        return ""
-    return f"[{ctx.flow_run.name}] " if ctx is not None and ctx.flow_run is not None else ""
+
+# What names the run a progress line belongs to ("[variant name] "); the flows set it to the
+# Prefect flow run's name (a sweep variant's grid values): this module knows nothing of Prefect.
+run_label: Callable[[], str] = _no_label
+
+
+def _who() -> str:
+    return run_label()
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

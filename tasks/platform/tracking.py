@@ -15,6 +15,8 @@ Where the runs go (`mlflow.yaml`, connecting) is tasks/platform/store.py.
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -178,6 +180,41 @@ def stage_run(parent_run_id: str, stage: str, started: float | None = None) -> I
         raise
     finally:
         client.set_terminated(run_id, status)
+
+
+ERROR_FILE = "error.txt"
+
+
+def record_failure(
+    parent_run_id: str, stage: str, line: str, trace: str, started: float | None = None
+) -> str:
+    """A failed stage as a FAILED nested run whose description (`mlflow.note.content`) is the
+    one line the user read and whose artifact `error.txt` holds the line and the full trace;
+    the parent gets the same description and `error.txt` (it ends FAILED as the error leaves
+    it). Returns the stage run's id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    text = f"{line}\n\n{trace}"
+    run_id = client.create_run(
+        _experiment_of(parent_run_id),
+        start_time=int(started * 1000) if started is not None else None,
+        run_name=stage,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "distill.stage": stage,
+            "distill.error": line[:5000],
+            "mlflow.note.content": line,
+        },
+    ).info.run_id
+    try:
+        client.log_text(run_id, text, ERROR_FILE)
+    finally:
+        client.set_terminated(run_id, "FAILED")
+    client.set_tag(parent_run_id, "mlflow.note.content", line)
+    client.set_tag(parent_run_id, "distill.error", line[:5000])
+    client.log_text(parent_run_id, text, ERROR_FILE)
+    return run_id
 
 
 PIP_ONNX = ("onnx", "onnxruntime")
@@ -350,3 +387,16 @@ def run_metrics(run_id: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
     return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def process_tags() -> dict[str, str]:
+    """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run (the next
+    run closes it FAILED once that process is gone: tasks/platform/dead_runs.py)."""
+    from tasks.platform import reaper
+
+    pid = os.getpid()
+    return {
+        "distill.host": socket.gethostname(),
+        "distill.pid": str(pid),
+        "distill.process_start": reaper.started(pid) or "",
+    }

@@ -2,7 +2,9 @@
 
 Only parent runs (one per pipeline run; stage runs carry `mlflow.parentRunId`). For each:
 its id, name, start time and status, the config keys whose values differ across the shown
-runs (the parent's params are the flattened config), and the headline metrics: the final
+runs (the parent's params are the flattened config), blank where a key means nothing for a run
+(`meaningful`: a budget where a target planned it, `target.max_r2_drop` on a classifier, a
+method's key under another method), and the headline metrics: the final
 model's `final/*` and what it cost against the teacher (`compression_ratio`,
 `accuracy_drop`, `speedup_*`).
 """
@@ -81,6 +83,43 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
     return (runs.head(last) if last else runs).reset_index(drop=True)
 
 
+def _has_target(runs: pd.DataFrame) -> pd.Series:
+    """Per run: a `target:` planned it (one of its kinds is set)."""
+    from tasks.platform.config import TARGET_KINDS
+
+    kinds = [f"params.target.{k}" for k in TARGET_KINDS if f"params.target.{k}" in runs.columns]
+    if not kinds:
+        return pd.Series(False, index=runs.index)
+    return runs[kinds].apply(lambda row: row.notna() & (row != "None")).any(axis=1)
+
+
+def _regression(runs: pd.DataFrame) -> pd.Series:
+    task = runs.get("params.data.task", pd.Series(None, index=runs.index))
+    r2 = runs.get("metrics.final/r2", pd.Series(None, index=runs.index))
+    return (task == "regression") | r2.notna()
+
+
+def meaningful(key: str, runs: pd.DataFrame) -> pd.Series:
+    """Per run: whether config key `key` means something for it (`reduce.budget.*` is ignored
+    where a target planned the run, `target.max_r2_drop` on a classifier, a method's key under
+    another method: config.METHOD_KEYS)."""
+    from tasks.platform.config import METHOD_KEYS
+
+    if key == "target.max_r2_drop":
+        return _has_target(runs) & _regression(runs)
+    if key == "target.max_accuracy_drop":
+        return _has_target(runs) & ~_regression(runs)
+    if key.startswith("target."):
+        return _has_target(runs)
+    for owner, (switch, applies, _) in METHOD_KEYS.items():
+        if key == owner or key.startswith(owner + "."):
+            if switch == "target":
+                return ~_has_target(runs)
+            chosen = runs.get(f"params.{switch}", pd.Series(None, index=runs.index))
+            return chosen.map(lambda v, applies=applies: bool(pd.isna(v) or applies(v)))
+    return pd.Series(True, index=runs.index)
+
+
 def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run: RUN_COLUMNS, then the config keys that differ, then headline metrics."""
     if runs.empty:
@@ -96,9 +135,11 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
         }
     )
     params = [c for c in runs.columns if c.startswith("params.")]
-    differing = [c for c in params if runs[c].fillna("<unset>").nunique() > 1]
-    for column in differing:
-        out[column.removeprefix("params.")] = runs[column]
+    for column in params:
+        key = column.removeprefix("params.")
+        values = runs[column].where(meaningful(key, runs))
+        if values.notna().any() and runs[column].fillna("<unset>").nunique() > 1:
+            out[key] = values
     metrics = sorted(
         (
             c.removeprefix("metrics.")

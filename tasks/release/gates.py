@@ -272,7 +272,14 @@ def common_held_out_accuracy(
 def _pyfunc_predict(c: Candidate, frame: Any) -> np.ndarray:
     import mlflow.pyfunc
 
-    model = mlflow.pyfunc.load_model(f"models:/{c.name}/{c.version}")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{c.name}/{c.version}")
+    except Exception as err:  # noqa: BLE001 -- whatever stops it loading (artifacts gone, ...)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise HeldOutUnavailable(
+            f"version {c.version} does not load ({first}); --ignore-champion promotes "
+            "without comparing"
+        ) from None
     return model.predict(frame)["prediction"].to_numpy()
 
 

@@ -15,10 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.platform import dead_runs, tracking
+from tasks.platform import tracking
 
 ACCURACY, SIZE = "final/accuracy", "final/size_kb"
 COLUMNS = [
@@ -161,7 +159,7 @@ def open_sweep_run(
 
     client = MlflowClient()
     run_id = client.create_run(
-        experiment_id, run_name=sweep_run_name(grid), tags=tags | dead_runs.process_tags()
+        experiment_id, run_name=sweep_run_name(grid), tags=tags | tracking.process_tags()
     ).info.run_id
     tracking.log_metrics(run_id, {}, params={f"grid.{k}": ", ".join(v) for k, v in grid.items()})
     return run_id
@@ -222,12 +220,3 @@ def best_variant(frame: pd.DataFrame, max_accuracy_drop: float | None) -> int | 
             return int(within.sort_values(["size_kb", "variant"]).iloc[0]["variant"])
     ranked = done.assign(neg=-done["accuracy"]).sort_values(["neg", "size_kb", "variant"])
     return int(ranked.iloc[0]["variant"])
-
-
-@task(name="sweep-summary", task_run_name="sweep-summary", cache_policy=NO_CACHE)
-def summarize_task(
-    results: list[dict[str, Any]], run_id: str, sweep_id: str, best_line: str | None = None
-) -> pd.DataFrame:
-    frame = summary_frame(results)
-    record_sweep(run_id, sweep_id, frame, best_line)
-    return frame

@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.platform import locks
 from tasks.platform.config import PromoteConfig
@@ -269,13 +267,3 @@ def decision_markdown(d: Decision) -> str:
         f"- champion after: {d.champion or 'none'}\n"
         f"- decided at: {d.at}\n\n" + ("\n".join(rows) if d.gates else "")
     )
-
-
-@task(name="promote", task_run_name="promote-gates", cache_policy=NO_CACHE)
-def promote_task(name: str, version: str | None, gates: PromoteConfig) -> Decision:
-    return promote_version(name, version, gates)
-
-
-@task(name="rollback", task_run_name="rollback", cache_policy=NO_CACHE)
-def rollback_task(name: str) -> Decision:
-    return rollback(name)

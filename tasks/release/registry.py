@@ -19,8 +19,10 @@ the version keeps `false`: `distill promote` refuses it and the next `distill ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import pandas as pd
 from tasks.compress import tabular
 from tasks.compress.data import Dataset
 from tasks.compress.evaluate import OnnxModel, TorchScriptModel
-from tasks.platform.caching import file_sha256
+from tasks.platform.caching import directory_sha256, file_sha256
 from tasks.platform.errors import UserError
 from tasks.release.promotion import CHALLENGER
 
@@ -113,6 +115,8 @@ def register_model(
                     "features": data.feature_names,
                     "encoding": data.encoding,
                     "mean": data.mean.tolist(),
+                    # what the model's input takes: float32, or int64 token ids
+                    "dtype": "int64" if data.X_test.dtype.kind in "iu" else "float32",
                     "scale": data.scale.tolist(),
                     "classes": data.classes,
                     "task": data.task,
@@ -143,10 +147,15 @@ def register_model(
         )
     client = MlflowClient()
     _create_registered_model(client, model_name, tags.get("mlflow.run_id", ""))
-    # the version is created with its lineage tags (one write, not one per tag)
-    version = str(
-        mlflow.register_model(info.model_uri, model_name, tags=tags | {COMPLETE: "false"}).version
-    )
+    # the version is created with its lineage tags (one write, not one per tag); MLflow's own
+    # lines ("Registered model ... already exists", "Created version ...") are not printed:
+    # the model was created just above, and distill says what it registered
+    with _mlflow_event_lines_off():
+        version = str(
+            mlflow.register_model(
+                info.model_uri, model_name, tags=tags | {COMPLETE: "false"}
+            ).version
+        )
     try:
         if description:
             client.update_model_version(model_name, version, description=description)
@@ -157,6 +166,18 @@ def register_model(
         client.delete_model_version(model_name, version)
         raise
     return Registered(model_name, version, f"models:/{model_name}/{version}", info.model_id)
+
+
+@contextlib.contextmanager
+def _mlflow_event_lines_off() -> Iterator[None]:
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    before = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = before
 
 
 def _create_registered_model(client: Any, name: str, run_id: str) -> None:
@@ -260,6 +281,10 @@ def teacher_lineage(source: str) -> dict[str, str]:
         path = Path(source.removeprefix("file:"))
         if path.is_file():
             tags["distill.teacher_sha256"] = file_sha256(path)
+    elif source.startswith("hf:"):  # a save_pretrained directory: its config and weights
+        path = Path(source.removeprefix("hf:"))
+        if path.is_dir():
+            tags["distill.teacher_sha256"] = directory_sha256(path)
     elif source.startswith("models:/") and "@" in source:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException

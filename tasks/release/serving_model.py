@@ -6,7 +6,8 @@ imported by the project (it calls `set_model` when run).
 Input: a DataFrame of the raw columns the model was trained on (text columns as strings).
 The encoding of text columns and empty cells (tasks/compress/tabular.py, rebuilt from the JSON spec
 in `preprocess.json`; shipped as `tabular.py` in the model's code) and the standardization
-fitted at training time are applied here, so callers never repeat them. An empty cell in a
+fitted at training time are applied here, so callers never repeat them; a model of integer
+features (token ids: `dtype` int64 in `preprocess.json`) gets them as int64. An empty cell in a
 column the model has no imputer for is refused with one line naming the column and row.
 Output: `prediction` (the original class label) and one `proba_<label>` column per class; for
 a regression model (`task` in `preprocess.json`) `prediction` alone, the model's one output in
@@ -53,6 +54,7 @@ class Classifier(PythonModel):
         self.transformer = build(self.spec) if needs_sklearn(self.spec) else None
         self.mean = np.asarray(meta["mean"], dtype=np.float64)
         self.scale = np.asarray(meta["scale"], dtype=np.float64)
+        self.dtype = np.dtype(meta.get("dtype", "float32"))  # int64: token ids, not standardized
         self.classes = meta["classes"]
         self.regression = meta.get("task") == "regression"
         self.target_mean = float(meta.get("target_mean", 0.0))
@@ -69,7 +71,8 @@ class Classifier(PythonModel):
         if bad is not None:
             raise ValueError(bad)
         X = encode(self.spec, frame, self.transformer)
-        z = ((X - self.mean) / self.scale).astype(np.float32)
+        z = (X - self.mean) / self.scale
+        z = np.rint(z).astype(self.dtype) if self.dtype.kind in "iu" else z.astype(np.float32)
         logits = self.logits(z).astype(np.float64)
         if self.regression:
             return pd.DataFrame({"prediction": logits[:, 0] * self.target_scale + self.target_mean})

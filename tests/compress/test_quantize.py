@@ -80,3 +80,23 @@ def test_torch_runtime_gives_int8_torchscript(trained_mlp, digits):
     assert saved_size(q.int8_model)[0] < saved_size(q.float_model)[0] / 2
     acc = lambda m: (m.predictor()(digits.X_test).argmax(1) == digits.y_test).mean()  # noqa: E731
     assert acc(q.int8_model) >= acc(q.float_model) - 0.01
+
+
+def test_the_exporter_op_registry_is_built_once_and_copied():
+    """reuse_torchlib_registry: every export gets a copy of one registry built per process,
+    equal to the one torch would have built, and the exported bytes do not change."""
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    from tasks.compress.quantize import reuse_torchlib_registry
+
+    model = build_mlp(8, [16], 3).eval()
+    exported = export_onnx(model, 8)  # reuses from here on
+    reuse_torchlib_registry()  # idempotent
+    fresh = ONNXRegistry.from_torchlib.__func__._distill_original(ONNXRegistry)
+    first, second = ONNXRegistry.from_torchlib(), ONNXRegistry.from_torchlib()
+    assert first is not second and first.functions is not second.functions
+    assert first.functions == fresh.functions == second.functions
+    assert first.opset_version == fresh.opset_version
+    first.functions.clear()  # what one export registers stays in its copy
+    assert ONNXRegistry.from_torchlib().functions == fresh.functions
+    assert export_onnx(model, 8) == exported

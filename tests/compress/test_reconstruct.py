@@ -62,6 +62,24 @@ def test_conv_factorization_shapes():
     assert pair[0].weight.shape == (2, 3, 3, 3) and pair[1].weight.shape == (8, 2, 1, 1)
 
 
+@pytest.mark.parametrize("layer", [torch.nn.Linear(6, 5), torch.nn.Conv2d(3, 5, 3, padding=1)])
+def test_a_factored_layer_shows_the_weight_and_bias_it_computes(layer):
+    """Code that reads the replaced layer's `.weight` (Hugging Face's ViT reads its patch
+    projection's dtype) gets the product, which is the layer itself at full rank."""
+    rng = np.random.default_rng(0)
+    if isinstance(layer, torch.nn.Linear):
+        model, X = torch.nn.Sequential(layer), rng.normal(size=(40, 6))
+        name = "0"
+    else:
+        model = torch.nn.Sequential(torch.nn.Unflatten(1, (3, 4, 4)), layer)
+        X, name = rng.normal(size=(40, 48)), "1"
+    X = X.astype(np.float32)
+    pair = factor_layer(layer, collect_bases(model.eval(), X)[name], 5)
+    torch.testing.assert_close(pair.weight, layer.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pair.bias, layer.bias, atol=1e-5, rtol=1e-4)
+    assert pair.weight.dtype == torch.float32
+
+
 # --- width mode -------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ tagged and refused by `distill promote`."""
 
 import copy
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_a_target_kind_override_replaces_the_kind_and_keeps_the_guard():
     [
         (
             ["target.max_accuracy_drop=0.02"],
-            "config key 'target': Value error, give exactly one of size_kb, ratio, params, latency_ms_b1",
+            "config key 'target': give exactly one of size_kb, ratio, params, latency_ms_b1",
         ),
         (["target.ratio=0.5"], "config key 'target.ratio': Input should be greater than 1"),
         (["target.size_kb=20", "reconstruct.mode=low_rank"], "it needs reconstruct.mode=width"),
@@ -348,7 +349,13 @@ def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refus
     assert m["target_met"] == 0.0 and m["target/achieved"] > m["target/limit"] == 1024
     # the best model found: pruned from the smallest reduction that kept the guard, within it
     assert m["target/final_params"] == m["final/params"] <= m["target/reduce_params"]
-    assert m["target/val_accuracy_drop"] <= 0.01 + 1e-9 and m["target/pruning_rounds"] >= 1
+    assert m["target/pruning_rounds"] >= 1
+    # the served model is not shown to lose more than allowed: its interval starts within 0.02
+    # (its point estimate may be a row above: the guard does not decide on single rows)
+    interval = re.search(r"90% interval (-?[0-9.]+)\.\.(-?[0-9.]+), (\d+) rows", line[0])
+    assert interval is not None, line[0]
+    low, high = float(interval[1]), float(interval[2])
+    assert low <= 0.02 + 1e-9 and low <= m["target/val_accuracy_drop"] <= high
 
     # promote in this process (its store is this test's): the refusal, then the override
     promote = ["promote", "--model", "tiny", "--set", "promote.max_accuracy_drop=null"]

@@ -11,6 +11,7 @@ from torch import nn
 
 from tasks.compress.architectures import (
     INPUT,
+    LOGITS,
     USER_ROOT,
     build_mlp,
     build_teacher,
@@ -549,3 +550,54 @@ def test_mlflow_pickle_teacher_runs_no_code_without_trust_pickle(mlflow_store, d
         with pytest.raises(UserError, match="pickled MLflow PyTorch model"):
             load_teacher(TeacherConfig(source=source), digits, seed=0)
     assert not (tmp_path / "ran").exists()
+
+
+MULTI_OUTPUT = """
+import torch
+from torch import nn
+
+
+class TupleNet(nn.Module):
+    def __init__(self, n_classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU())
+        self.head = nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        hidden = self.body(x)
+        return self.head(hidden), hidden
+
+
+class DictNet(TupleNet):
+    def forward(self, x):
+        hidden = self.body(x)
+        return {"hidden": hidden, "logits": self.head(hidden)}
+
+
+class ListNet(TupleNet):
+    def forward(self, x):
+        return [None]
+"""
+
+
+@pytest.mark.parametrize("name", ["TupleNet", "DictNet"])
+@pytest.mark.parametrize("shape", [[12], [2, 6]])
+def test_a_module_answering_a_tuple_or_a_dict_is_taken_by_its_logits(name, shape, tmp_path):
+    """Trained by distill or loaded from a file, a module answering more than a tensor gets a
+    `logits` step: the pipeline sees its logits; its state_dict keys are the module's."""
+    (tmp_path / "multi_out.py").write_text(MULTI_OUTPUT)
+    data = random_data(shape)
+    cfg = TeacherConfig(arch=f"multi_out:{name}", epochs=2, batch_size=16)
+    model = load_teacher(cfg, data, seed=0, config_dir=tmp_path)
+    assert list(model._modules)[-2:] == [USER_ROOT, LOGITS]
+    assert type(user_module(model)).__name__ == name
+    logits = predict_logits(model, data.X_test)
+    assert logits.shape == (len(data.X_test), 3)
+    torch.save(user_module(model).state_dict(), tmp_path / "t.pt")
+    file_cfg = TeacherConfig(arch=f"multi_out:{name}", source=f"file:{tmp_path / 't.pt'}")
+    loaded = load_teacher(file_cfg, data, seed=0, config_dir=tmp_path)
+    assert np.array_equal(predict_logits(loaded, data.X_test), logits)
+    with pytest.raises(
+        UserError, match=r"^teacher multi_out:ListNet returns a list, not a tensor of logits$"
+    ):
+        load_teacher(TeacherConfig(arch="multi_out:ListNet"), data, seed=0, config_dir=tmp_path)

@@ -161,3 +161,81 @@ def test_ctrl_c_landing_in_a_weakref_callback_still_interrupts():
     )
     assert proc.stdout.strip() == "interrupted", proc.stdout + proc.stderr
     assert "Exception ignored" not in proc.stderr
+
+
+SWALLOWED_SIGTERM = """
+import os, signal, time, weakref
+from flows import process
+
+process.exit_on_signals()
+
+
+class TerminationSignal(Exception):  # as Prefect's handler raises it while a flow runs
+    pass
+
+
+def prefect_like_handler(signum, frame):
+    signal.signal(signal.SIGTERM, process_handler)  # Prefect restores the previous one
+    raise TerminationSignal
+
+
+process_handler = signal.getsignal(signal.SIGTERM)
+signal.signal(signal.SIGTERM, prefect_like_handler)
+
+
+class A:
+    pass
+
+
+def callback(_ref):  # garbage collection runs code like this at any moment
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)  # the handler runs here: its exception would be printed and dropped
+
+
+a = A()
+r = weakref.ref(a, callback)
+try:
+    del a
+    time.sleep(5)
+    print("not terminated")
+except SystemExit as e:
+    print("terminated", e.code)
+"""
+
+
+def test_sigterm_landing_in_a_weakref_callback_still_stops_the_run():
+    """Seen in the suite: Prefect's SIGTERM handler raised inside SQLAlchemy's weakref callback,
+    Python printed "Exception ignored" and the run went on to register its model."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_SIGTERM],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "terminated 143", proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr
+
+
+SECOND_CTRL_C = """
+from flows import process
+
+try:
+    process.interrupt(2, None)  # the first Ctrl-C unwinds
+except KeyboardInterrupt:
+    print("unwinding")
+process.interrupt(2, None)  # a second one while that is under way
+print("not exited")
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_CTRL_C],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (130, "unwinding")
+    assert proc.stderr.strip() == "distill: interrupted again: exiting now"

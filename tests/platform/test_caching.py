@@ -9,6 +9,7 @@ import pytest
 import torch
 from prefect.serializers import PickleSerializer
 
+from flows.caching import stage_cache_key
 from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
 from tasks.compress.architectures import build_mlp
 from tasks.compress.finetune import History
@@ -17,7 +18,6 @@ from tasks.platform.caching import (
     Uncacheable,
     code_modules,
     content_hash,
-    stage_cache_key,
     teacher_source_fingerprint,
 )
 from tasks.platform.config import BudgetConfig, ReduceConfig, TeacherConfig

@@ -23,6 +23,17 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         parse_overrides(["a.b=3", "a.b.c=4"])
 
 
+def test_a_section_set_to_null_then_reopened_holds_only_the_keys_set_after():
+    """`--set target=null --set target.X=...` silently brought the file's `size_kb: 100` back."""
+    raw = {"target": {"size_kb": 100, "max_accuracy_drop": 0.02}, "seed": 0}
+    cfg = build_config(raw, ["target=null", "target.ratio=10"])
+    assert (cfg.target.size_kb, cfg.target.ratio) == (None, 10)
+    assert cfg.target.max_accuracy_drop == 0.01  # the default: the file's 0.02 went with null
+    with pytest.raises(UserError, match="config key 'target': give exactly one of size_kb"):
+        build_config(raw, ["target=null", "target.max_accuracy_drop=0.01"])
+    assert build_config(raw, ["target.ratio=10"]).target.max_accuracy_drop == 0.02  # no null
+
+
 def test_budget_override_replaces_the_budget():
     cfg = build_config({"reduce": {"budget": {"size_kb": 100}}}, ["reduce.budget.ratio=10"])
     assert (cfg.reduce.budget.kind, cfg.reduce.budget.value) == ("ratio", 10.0)

@@ -15,7 +15,7 @@ KILLED_RUN = """
 import os, signal, sys
 from tasks.platform import dead_runs, store, tracking
 experiment_id = store.configure(store.load_settings())
-with tracking.parent_run(experiment_id, "killed", {}, dead_runs.process_tags()) as run_id:
+with tracking.parent_run(experiment_id, "killed", {}, tracking.process_tags()) as run_id:
     with tracking.stage_run(run_id, "finetuned"):
         print(run_id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -42,7 +42,7 @@ def test_runs_of_killed_processes_are_closed_failed(mlflow_store, prefect_server
     unknown = client.create_run(
         experiment_id, run_name="remote-unknown", tags=elsewhere
     ).info.run_id
-    with tracking.parent_run(experiment_id, "alive", {}, dead_runs.process_tags()) as alive:
+    with tracking.parent_run(experiment_id, "alive", {}, tracking.process_tags()) as alive:
         # on another host, a flow run id Prefect does not know means the run is over
         assert sorted(dead_runs.close_dead_runs(experiment_id)) == sorted([killed, gone])
         assert client.get_run(alive).info.status == "RUNNING"  # this process is alive

@@ -126,25 +126,89 @@ def test_tracking_server_lost_mid_run(prefect_server, tmp_path, monkeypatch):
         assert client.search_registered_models() == []
 
 
-def test_ctrl_c_mid_run_ends_the_run_killed_and_registers_nothing(tmp_path):
+@pytest.mark.slow
+def test_a_password_in_the_tracking_uri_is_never_printed_nor_stored(prefect_server, tmp_path):
+    """MLflow prints "View run ... at: URL" per run and Prefect logs URIs; the password of
+    `http://user:password@host` reaches neither the terminal nor the run's artifacts. A first
+    registration prints none of MLflow's "Registered model ... already exists" either."""
+    port, password = free_port(), "s3cr3t-pw"
+    env = fault_env(tmp_path, MLFLOW_TRACKING_URI=f"http://alice:{password}@127.0.0.1:{port}")
+    with _mlflow_server(tmp_path, port):
+        done = subprocess.run(RUN, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    assert f"http://alice:***@127.0.0.1:{port}" in done.stdout  # the run's link, masked
+    assert "already exists" not in done.stderr
+    assert "View run" not in done.stdout + done.stderr  # distill prints the parent's link only
+    stored = [p for p in (tmp_path / "server-artifacts").rglob("*") if p.is_file()]
+    assert stored, "the run stored no artifacts"
+    assert not [p for p in stored if password.encode() in p.read_bytes()]
+    assert password.encode() not in (tmp_path / "server.db").read_bytes()
+
+
+def test_redacting_stream_masks_every_password_it_is_given():
+    import io
+
+    from tasks.platform.secrets import RedactingStream
+
+    out = io.StringIO()
+    stream = RedactingStream(out)
+    stream.write("View run a at: http://bob:pa:ss@host:5000/#/x and postgresql://u:p@db/m\n")
+    stream.write("no secret: http://host:5000/path@v2, user@example.org\n")
+    assert out.getvalue() == (
+        "View run a at: http://bob:***@host:5000/#/x and postgresql://u:***@db/m\n"
+        "no secret: http://host:5000/path@v2, user@example.org\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, code, status, said",
+    [
+        (signal.SIGINT, 130, "KILLED", "Ctrl-C"),  # 128 + SIGINT (flows.process.Interrupted)
+        (signal.SIGTERM, 143, "FAILED", "SIGTERM"),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_to_the_process_group_stops_the_run_in_seconds(
+    tmp_path, signum, code, status, said
+):
+    """As a terminal's Ctrl-C does, the signal goes to the whole process group, with Prefect's
+    temporary server of the run's own: it used to reach the server too, and distill then hung
+    at exit in Prefect's log drain (SIGTERM: 74 s). The server lives in its own session now."""
     db = tmp_path / "mlflow.db"
-    env = fault_env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    env = fault_env(tmp_path, temporary_server=True, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     client = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
-    # SIGINT as a terminal delivers it: not ignored, even where the suite runs in the background
-    sigint = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
-    with _run_in_flight(env, tmp_path, client, db, **sigint) as (run, parent):
-        run.send_signal(signal.SIGINT)  # Ctrl-C
+    # SIGINT as a terminal delivers it: not ignored, even where the suite runs in the background;
+    # a group of its own, so that the signal to the group reaches no test process
+    popen = {
+        "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        "start_new_session": True,
+    }
+    with _run_in_flight(env, tmp_path, client, db, **popen) as (run, parent):
+        servers = _server_children(run.pid)
+        sent = time.monotonic()
+        os.killpg(run.pid, signum)
         _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130, (
-        stderr
-    )  # 128 + SIGINT, not killed by it (flows.process.Interrupted)
-    assert client.get_run(parent).info.status == "KILLED"
+        took = time.monotonic() - sent
+    assert run.returncode == code, stderr
+    assert took < 10, f"{took:.1f} s to stop"
+    assert "Traceback" not in stderr and "Crash detected" not in stderr, stderr
+    assert last_line(stderr) == (
+        f"distill: stopped by {said}; the same command resumes from the stages already done"
+    )
+    assert client.get_run(parent).info.status == status
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent}'",
     )
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert all(c.info.status in ("FINISHED", status) for c in children)
     assert client.search_registered_models() == []
+    deadline = time.monotonic() + 15  # the server is stopped by distill's exit, or its reaper
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert servers and not any(_alive(pid) for pid in servers)
 
 
 KILLED_AT_ALIAS = """

@@ -96,7 +96,7 @@ from flows.process import exit_on_signals
 from tasks.platform import dead_runs, store, tracking
 exit_on_signals()
 experiment_id = store.configure(store.load_settings())
-with tracking.parent_run(experiment_id, "terminated", {}, dead_runs.process_tags()) as run_id:
+with tracking.parent_run(experiment_id, "terminated", {}, tracking.process_tags()) as run_id:
     print(run_id, flush=True)
     time.sleep(120)
 """

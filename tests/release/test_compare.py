@@ -141,3 +141,32 @@ def test_empty_experiment_gives_empty_outputs(mlflow_store):
     mlflow.create_experiment("distill")
     assert json.loads(_compare("--format", "json").stdout) == []
     assert _compare("--format", "csv").stdout.strip() == "run_id,run_name,start_time,status"
+
+
+def test_only_keys_that_mean_something_for_a_run_are_shown():
+    """A budget is ignored where a target planned the run, max_r2_drop means nothing to a
+    classifier, a width-mode key nothing under low_rank: blank there; a key that means nothing
+    to any of the runs compared is not shown at all."""
+    from tasks.release.compare import comparison
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "start_time": [pd.Timestamp(T0, unit="ms", tz="UTC")] * 2,
+            "status": ["FINISHED"] * 2,
+            "params.target": [None, "None"],
+            "params.target.size_kb": ["30.0", None],
+            "params.target.max_accuracy_drop": ["0.01", None],
+            "params.target.max_r2_drop": ["0.01", None],
+            "params.reduce.budget.size_kb": ["100.0", "120.0"],
+            "params.reconstruct.mode": ["width", "low_rank"],
+            "params.reconstruct.ridge": ["0.3", "0.0001"],
+            "metrics.final/accuracy": [0.97, 0.96],
+        }
+    )
+    frame = comparison(runs).set_index("run_id")
+    assert frame["target.size_kb"].fillna("-").tolist() == ["30.0", "-"]
+    assert frame["target.max_accuracy_drop"].fillna("-").tolist() == ["0.01", "-"]
+    assert "target.max_r2_drop" not in frame.columns  # a classifier: never meaningful here
+    assert frame["reduce.budget.size_kb"].isna().tolist() == [True, False]  # a target planned a
+    assert frame["reconstruct.ridge"].fillna("-").tolist() == ["0.3", "-"]  # width mode only

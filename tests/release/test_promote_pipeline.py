@@ -299,3 +299,37 @@ def test_predict_cli(first, digits, store, tmp_path):
     assert bad.stderr.strip() == (
         "error: input bad.csv: missing column(s) 'pixel_3_4'; the model takes 64 feature columns"
     )
+
+
+PROMOTE = [sys.executable, "-m", "flows.cli", "promote", "--model", NAME]
+
+
+def test_a_champion_whose_files_are_gone_refuses_in_one_line(other_seed, store):
+    """The champion's model files deleted from the artifact store: `distill promote` said
+    `No such artifact: ''` under a 451-line traceback; now its gate fails in one line, with the
+    way out (the files are put back afterwards: later tests use the champion)."""
+    import shutil
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    model_dir = next(p for p in store.rglob(champion.source.removeprefix("models:/")) if p.is_dir())
+    hidden = model_dir.with_name(model_dir.name + ".hidden")
+    shutil.move(model_dir, hidden)
+    try:
+        refused = subprocess.run(
+            [*PROMOTE, "--version", "3", "--max-accuracy-drop", "0.5"],
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+            cwd=store,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.move(hidden, model_dir)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert refused.stderr.strip() == (
+        f"refused: {NAME} version 3: gate vs_champion: vs champion version {champion.version}: "
+        f"version {champion.version} does not load (No such artifact: ''); --ignore-champion "
+        "promotes without comparing"
+    )
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
