@@ -4,12 +4,12 @@ Torch-Pruning's tracer is slow on Hugging Face models and wrong about their atte
 geometry lives in Python attributes and the config, not in the graph), so blocks are found by
 their structure instead, through one adapter per attention layout (duck-typed on attributes):
 
-| layout | attention module                                   | heads' units                        |
-|--------|----------------------------------------------------|-------------------------------------|
-| bert   | `self.{query,key,value}` + `output.dense` (BERT, RoBERTa, ...) | rows of q/k/v, columns of `dense` |
-| gpt2   | fused `c_attn` + `c_proj` (`Conv1D`, weights `[in, out]`) | q/k/v columns of `c_attn`, rows of `c_proj` |
-| qkvo   | `{q,k,v}_proj` + `o_proj`/`out_proj` (transformers 5 ViT, Llama-style) | rows of q/k/v, columns of `o_proj` |
-| timm   | fused `qkv` Linear + `proj`, `num_heads`/`head_dim` | rows of `qkv`, columns of `proj`   |
+| layout | attention module (q/k/v, output)              | a head's units                   |
+|--------|------------------------------------------------|----------------------------------|
+| bert   | `self.{query,key,value}`, `output.dense`       | rows of q/k/v, columns of dense  |
+| gpt2   | fused `c_attn`, `c_proj` (`Conv1D`, `[in, out]`) | columns of c_attn, rows of c_proj |
+| qkvo   | `{q,k,v}_proj`, `o_proj`/`out_proj` (ViT, Llama) | rows of q/k/v, columns of o_proj |
+| timm   | fused `qkv`, `proj`, `num_heads`/`head_dim`    | rows of qkv, columns of proj     |
 
 and a feed-forward table relative to the block (`intermediate.dense`/`output.dense`, `mlp.c_fc`/
 `mlp.c_proj`, `mlp.fc1`/`mlp.fc2`, gated `mlp.{gate,up}_proj`/`mlp.down_proj`). A block is the
@@ -61,7 +61,7 @@ import copy
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +152,9 @@ class Attention:
     reader: str  # the output projection
     attrs: tuple[tuple[str, str, str], ...]  # (module, attribute, "heads" | "width") set on a cut
 
-    def head_units(self, heads: list[int], blocks: int = 1, total: int | None = None) -> torch.Tensor:
+    def head_units(
+        self, heads: list[int], blocks: int = 1, total: int | None = None
+    ) -> torch.Tensor:
         """Output indices of these heads in a projection writing `blocks` [total·d] blocks."""
         d, total = self.head_dim, self.heads if total is None else total
         return torch.tensor(
@@ -227,7 +229,11 @@ def _qkvo(path: str, m: nn.Module) -> Recognized:
 
 
 def _timm(path: str, m: nn.Module) -> Recognized:
-    qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
+    qkv, proj, heads = (
+        getattr(m, "qkv", None),
+        getattr(m, "proj", None),
+        getattr(m, "num_heads", None),
+    )
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and _ints(heads)):
         return None
     d = getattr(m, "head_dim", None) or qkv.out_features // (3 * heads)
@@ -304,8 +310,12 @@ def _attention_like(m: nn.Module) -> bool:
     name = type(m).__name__.lower()
     if isinstance(m, nn.MultiheadAttention):
         return False  # the traced graph (tasks/compress/graph.py) handles it
-    named = "attention" in name or "attn" in name or any(_ints(getattr(m, a, None)) for a in HEAD_ATTRS)
-    return named and any(isinstance(c, (nn.Linear, nn.Conv1d)) or _is_conv1d(c) for c in m.modules())
+    named = (
+        "attention" in name or "attn" in name or any(_ints(getattr(m, a, None)) for a in HEAD_ATTRS)
+    )
+    return named and any(
+        isinstance(c, (nn.Linear, nn.Conv1d)) or _is_conv1d(c) for c in m.modules()
+    )
 
 
 def _inside(path: str, root: str) -> bool:
@@ -365,17 +375,14 @@ def find(model: nn.Module) -> Found:
     blocks = []
     for path, atts in by_block.items():
         stack = stacks[path]
-        index = list(modules[stack]._modules).index(path.rsplit(".", 1)[-1]) if stack is not None else 0
+        index = (
+            list(modules[stack]._modules).index(path.rsplit(".", 1)[-1]) if stack is not None else 0
+        )
         module = modules[path]
         origin = getattr(module, "_distill_origin", index)
-        rel = [replace_path(a, path) for a in atts]
-        blocks.append(Block(path, stack, index, origin, tuple(rel), _ffn(module)))
+        blocks.append(Block(path, stack, index, origin, tuple(atts), _ffn(module)))
     owner = hf_owner(model)
     return Found(blocks, owner[0] if owner else None, refused)
-
-
-def replace_path(att: Attention, block: str) -> Attention:
-    return att  # attention paths stay absolute (the module whose call covers the heads)
 
 
 def holds_blocks(model: nn.Module) -> bool:
@@ -501,7 +508,9 @@ def _renumber(block: nn.Module, new: int) -> None:
         old = getattr(m, "layer_idx", None)
         if not isinstance(old, int) or old == new:
             continue
-        if getattr(m, "scale_attn_by_inverse_layer_idx", False) and _is_conv1d(getattr(m, "c_attn", None)):
+        if getattr(m, "scale_attn_by_inverse_layer_idx", False) and _is_conv1d(
+            getattr(m, "c_attn", None)
+        ):
             c, q = (new + 1) / (old + 1), slice(0, m.split_size)
             with torch.no_grad():
                 m.c_attn.weight[:, q] *= c
@@ -521,7 +530,11 @@ def drop_layers(model: nn.Module, stack: str, keep: list[int]) -> None:
             m._distill_origin = i
         _renumber(m, new)
         kept.append((str(new) if key.isdigit() else key, m))
-    rebuilt = nn.ModuleList([m for _, m in kept]) if isinstance(lst, nn.ModuleList) else nn.Sequential(OrderedDict(kept))
+    rebuilt = (
+        nn.ModuleList([m for _, m in kept])
+        if isinstance(lst, nn.ModuleList)
+        else nn.Sequential(OrderedDict(kept))
+    )
     parent, _, attr = stack.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, rebuilt)
 
@@ -546,7 +559,7 @@ def _probe(module: nn.Module, call: tuple[tuple, dict], zero: Callable, cut: Cal
         return f"after a cut it returns {tuple(got.shape)} instead of {tuple(want.shape)}"
     err = (got - want).abs().max().item()
     if err > 1e-4 * (want.abs().max().item() + 1e-6):
-        return f"after a cut it computes something else than with that unit zeroed (max diff {err:.2g})"
+        return f"after a cut it computes something else than with the unit zeroed (diff {err:.2g})"
     return ""
 
 
@@ -569,7 +582,9 @@ def probe(model: nn.Module, found: Found, example: torch.Tensor) -> dict[str, st
                 out[a.path] = _probe(
                     model.get_submodule(a.path),
                     calls[a.path],
-                    lambda m, a=a, last=last: _zero_in(m.get_submodule(a.reader), a.head_units(last)),
+                    lambda m, a=a, last=last: _zero_in(
+                        m.get_submodule(a.reader), a.head_units(last)
+                    ),
                     lambda m, a=a: cut_heads(m, a, list(range(a.heads - 1))),
                 )
         if b.ffn is not None:
@@ -590,7 +605,7 @@ def probe(model: nn.Module, found: Found, example: torch.Tensor) -> dict[str, st
 
 
 def _rel(path: str, owner: str) -> str:
-    return path[len(owner) + 1 :] if owner and path.startswith(owner + ".") else path if owner else path
+    return path[len(owner) + 1 :] if owner and path.startswith(owner + ".") else path
 
 
 def _rebuilt(owner: nn.Module, changes: dict[str, Any]) -> tuple[nn.Module | None, str]:
@@ -615,7 +630,9 @@ def _geometry(found: Found, stack: str | None) -> tuple[list[tuple[int, int]], l
     )
 
 
-def _recipe(owner_path: str, owner: nn.Module, stack: str, kind: str, found: Found) -> tuple[dict, str]:
+def _recipe(
+    owner_path: str, owner: nn.Module, stack: str, kind: str, found: Found
+) -> tuple[dict, str]:
     """({config key: what it holds ("heads" | "head_dim" | "width" | "layers")}, why not)."""
     cfg = owner.config
     rel_stack = _rel(stack, owner_path)
@@ -637,15 +654,22 @@ def _recipe(owner_path: str, owner: nn.Module, stack: str, kind: str, found: Fou
         if isinstance(types, (list, tuple)) and len(types) == n:
             recipe["layer_types"], changes["layer_types"] = "layers", list(types[: n - 1])
         candidates = [(recipe, changes)]
-        want = (heads[: len(heads) - len(heads) // n], widths[: len(widths) - len(widths) // n], n - 1)
+        want = (
+            heads[: len(heads) - len(heads) // n],
+            widths[: len(widths) - len(widths) // n],
+            n - 1,
+        )
     why = f"{type(cfg).__name__} has no key for it"
     for recipe, changes in candidates:
         meta, err = _rebuilt(owner, changes)
         if meta is None:
             why = f"{type(cfg).__name__} with {changes} does not build: {err}"
+            if kind == "heads":
+                why = _mismatch(type(cfg).__name__, kind, changes, want, ([], [], 0))
             continue
         got = _geometry(find(meta), rel_stack)
-        if got == want:
+        part = {"heads": 0, "ffn": 1}.get(kind, 2)  # the other cuts need not be expressed too
+        if got[part] == want[part]:
             return recipe, ""
         why = _mismatch(type(cfg).__name__, kind, changes, want, got)
     return {}, why
@@ -653,10 +677,11 @@ def _recipe(owner_path: str, owner: nn.Module, stack: str, kind: str, found: Fou
 
 def _mismatch(cfg: str, kind: str, changes: dict, want: tuple, got: tuple) -> str:
     if kind == "heads":
-        (h, d), (gh, gd) = want[0][0], (got[0][0] if got[0] else (0, 0))
+        h, d = want[0][0]
+        rebuilt = f"{got[0][0][0]} heads of {got[0][0][1]}" if got[0] else "does not build"
         return (
-            f"{cfg} cannot express {h} heads of {d} dims (rebuilt from {changes}: {gh} heads of "
-            f"{gd}; its head size is derived from hidden_size): the cut would not survive "
+            f"{cfg} cannot express {h} heads of {d} dims (rebuilt from {changes}: {rebuilt}; "
+            "its head size is derived from hidden_size): the cut would not survive "
             "save_pretrained -> from_pretrained"
         )
     return f"{cfg} rebuilt from {changes} does not have the cut's shapes"
@@ -676,7 +701,7 @@ def config_mismatch(model: nn.Module) -> str:
         if want.get(n) != tuple(p.shape):
             return f"{n}: {tuple(p.shape)} in the model, {want.get(n)} from its config"
     extra = set(want) - set(owner[1].state_dict())
-    return f"{sorted(extra)[0]}: only in the model rebuilt from its config" if extra else ""
+    return f"{min(extra)}: only in the model rebuilt from its config" if extra else ""
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -707,6 +732,7 @@ class TGroup:
     why_not: str = ""
     order: tuple[int, ...] = ()  # depth: stack positions, most contributing first
     recipe: tuple[tuple[str, str], ...] = ()  # config keys set on a cut, and what they hold
+    unsaved: str = ""  # why its config cannot express a cut (cut in memory all the same)
 
     @property
     def reducible(self) -> bool:
@@ -722,7 +748,11 @@ def _origin_path(b: Block, rel: str = "") -> str:
 
 
 def _rel_to(path: str, block: str) -> str:
-    return path[len(block) + 1 :] if block and path.startswith(block + ".") else ("" if path == block else path)
+    return (
+        path[len(block) + 1 :]
+        if block and path.startswith(block + ".")
+        else ("" if path == block else path)
+    )
 
 
 def transformer_groups(
@@ -753,12 +783,23 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
         elif len(lst) != len(blocks) or len({type(b) for b in lst}) != 1:
             why = "its list holds other modules than the transformer layers"
         recipe: dict = {}
+        unsaved = ""
         if not why and uniform:
-            recipe, why = _recipe(owner[0], owner[1], stack, "depth", found)
+            recipe, unsaved = _recipe(owner[0], owner[1], stack, "depth", found)
         members = tuple(b.path for b in blocks)
         out.append(
-            TGroup(stack, "depth", len(blocks), members, stack, uniform, why_not=why,
-                   order=tuple(range(len(blocks))), recipe=tuple(recipe.items()))
+            TGroup(
+                stack,
+                "depth",
+                len(blocks),
+                members,
+                stack,
+                uniform,
+                why_not=why,
+                order=tuple(range(len(blocks))),
+                recipe=tuple(recipe.items()),
+                unsaved=unsaved,
+            )
         )
     if uniform:
         rels = sorted({_rel_to(a.path, b.path) for b in blocks for a in b.attention})
@@ -769,39 +810,69 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
                 why = "layers have different head counts or sizes"
             if not why and atts[0].heads < 2:
                 why = "a single head"
-            recipe = {}
+            recipe, unsaved = {}, ""
             if not why:
-                recipe, why = _recipe(owner[0], owner[1], stack, "heads", found)
+                recipe, unsaved = _recipe(owner[0], owner[1], stack, "heads", found)
             out.append(
-                TGroup(_join(stack, "*", rel), "heads", atts[0].heads, tuple(a.path for a in atts),
-                       stack, True, why_not=why, recipe=tuple(recipe.items()))
+                TGroup(
+                    _join(stack, "*", rel),
+                    "heads",
+                    atts[0].heads,
+                    tuple(a.path for a in atts),
+                    stack,
+                    True,
+                    why_not=why,
+                    recipe=tuple(recipe.items()),
+                    unsaved=unsaved,
+                )
             )
         ffns = [b for b in blocks if b.ffn is not None]
         if ffns:
             why = next((checks[f"{b.path}#ffn"] for b in ffns if checks.get(f"{b.path}#ffn")), "")
             if not why and (len(ffns) != len(blocks) or len({b.ffn.width for b in ffns}) > 1):
                 why = "layers have different feed-forward widths"
-            recipe = {}
+            recipe, unsaved = {}, ""
             if not why:
-                recipe, why = _recipe(owner[0], owner[1], stack, "ffn", found)
+                recipe, unsaved = _recipe(owner[0], owner[1], stack, "ffn", found)
             name = _join(stack, "*", ffns[0].ffn.writers[0])
             out.append(
-                TGroup(name, "ffn", ffns[0].ffn.width, tuple(b.path for b in ffns), stack, True,
-                       why_not=why, recipe=tuple(recipe.items()))
+                TGroup(
+                    name,
+                    "ffn",
+                    ffns[0].ffn.width,
+                    tuple(b.path for b in ffns),
+                    stack,
+                    True,
+                    why_not=why,
+                    recipe=tuple(recipe.items()),
+                    unsaved=unsaved,
+                )
             )
         return out
     for b in blocks:
         for a in b.attention:
             why = checks.get(a.path, "") or ("a single head" if a.heads < 2 else "")
             out.append(
-                TGroup(_origin_path(b, _rel_to(a.path, b.path)), "heads", a.heads, (a.path,),
-                       stack, why_not=why)
+                TGroup(
+                    _origin_path(b, _rel_to(a.path, b.path)),
+                    "heads",
+                    a.heads,
+                    (a.path,),
+                    stack,
+                    why_not=why,
+                )
             )
         if b.ffn is not None:
             why = checks.get(f"{b.path}#ffn", "")
             out.append(
-                TGroup(_origin_path(b, b.ffn.writers[0]), "ffn", b.ffn.width, (b.path,), stack,
-                       why_not=why)
+                TGroup(
+                    _origin_path(b, b.ffn.writers[0]),
+                    "ffn",
+                    b.ffn.width,
+                    (b.path,),
+                    stack,
+                    why_not=why,
+                )
             )
     return out
 
@@ -848,7 +919,9 @@ def _with_order(model: nn.Module, g: TGroup, X: np.ndarray, batch_size: int) -> 
 
 
 @torch.no_grad()
-def head_energy(model: nn.Module, att: Attention, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def head_energy(
+    model: nn.Module, att: Attention, X: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """Per head: Σ over calibration tokens of ‖W_o[:, head] · context_head‖² (its contribution
     through the output projection)."""
     reader = _join(att.path, att.reader)
@@ -865,7 +938,9 @@ def head_energy(model: nn.Module, att: Attention, X: np.ndarray, batch_size: int
 
 
 @torch.no_grad()
-def ffn_moments(model: nn.Module, block: str, ffn: FFN, X: np.ndarray, batch_size: int = 256) -> Moments:
+def ffn_moments(
+    model: nn.Module, block: str, ffn: FFN, X: np.ndarray, batch_size: int = 256
+) -> Moments:
     """Streamed moments of the feed-forward units (what the down projection reads)."""
     reader = _join(block, ffn.reader)
     moments = Moments(ffn.width)
@@ -902,7 +977,9 @@ def _l_norm(model: nn.Module, paths: list[tuple[str, torch.Tensor]], p: int) -> 
     return total
 
 
-def head_scores(model: nn.Module, att: Attention, X: np.ndarray | None, criterion: str) -> np.ndarray:
+def head_scores(
+    model: nn.Module, att: Attention, X: np.ndarray | None, criterion: str
+) -> np.ndarray:
     """Higher = more important: contribution energy ('activation', or with no rows), or the L2
     / L1 norm of each head's weights in q/k/v and the output projection."""
     if criterion == "activation" or criterion == "energy":
@@ -911,13 +988,18 @@ def head_scores(model: nn.Module, att: Attention, X: np.ndarray | None, criterio
         criterion = "l2"
     out = np.zeros(att.heads)
     for h in range(att.heads):
-        parts = [(_join(att.path, rel), (att.head_units([h], blocks), None)) for rel, blocks in att.writers]
+        parts = [
+            (_join(att.path, rel), (att.head_units([h], blocks), None))
+            for rel, blocks in att.writers
+        ]
         parts.append((_join(att.path, att.reader), (slice(None), att.head_units([h]))))
         out[h] = _l_norm(model, parts, 1 if criterion == "l1" else 2)
     return out
 
 
-def ffn_scores(model: nn.Module, block: str, ffn: FFN, X: np.ndarray | None, criterion: str) -> np.ndarray:
+def ffn_scores(
+    model: nn.Module, block: str, ffn: FFN, X: np.ndarray | None, criterion: str
+) -> np.ndarray:
     """Higher = more important: activation energy x output-weight norm, or the L2 / L1 norm of
     the weights that write each unit."""
     if criterion in ("activation", "energy", "importance") and X is not None:
@@ -948,7 +1030,9 @@ def group_bases(
     out: dict[str, Basis] = {}
     for g in groups:
         if g.kind == "heads":
-            out[g.name] = _energy_basis([head_energy(model, atts[p], X, batch_size) for p in g.members])
+            out[g.name] = _energy_basis(
+                [head_energy(model, atts[p], X, batch_size) for p in g.members]
+            )
         elif g.kind == "ffn":
             evs = [
                 ffn_moments(model, p, blocks[p].ffn, X, batch_size).basis().explained_variance
@@ -970,8 +1054,12 @@ class Cost:
     depth keeps which blocks: the depth group's `order`)."""
 
     other: int
-    blocks: dict[str, tuple[int, tuple[tuple[str, int], ...]]]  # block -> (constant, ((group, per unit),))
-    stacks: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]  # depth group -> (stack, blocks, order)
+    blocks: dict[
+        str, tuple[int, tuple[tuple[str, int], ...]]
+    ]  # block -> (constant, ((group, per unit),))
+    stacks: dict[
+        str, tuple[str, tuple[str, ...], tuple[int, ...]]
+    ]  # depth group -> (stack, blocks, order)
     widths: dict[str, int]  # the model's
 
     def params(self, widths: dict[str, int] | None = None) -> int:
@@ -1065,8 +1153,13 @@ def _teacher_block(t_found: Found, stack: str | None, origin: int, path: str) ->
 
 @torch.no_grad()
 def refit_attention(
-    student: nn.Module, teacher: nn.Module, s_att: Attention, t_att: Attention, X: np.ndarray,
-    ridge: float, batch_size: int = 256,
+    student: nn.Module,
+    teacher: nn.Module,
+    s_att: Attention,
+    t_att: Attention,
+    X: np.ndarray,
+    ridge: float,
+    batch_size: int = 256,
 ) -> None:
     """The output projection, from the context vectors the student's kept heads compute to
     the teacher's attention output of the same layer (before the residual)."""
@@ -1082,8 +1175,14 @@ def refit_attention(
 
 @torch.no_grad()
 def refit_ffn(
-    student: nn.Module, teacher: nn.Module, s_block: Block, t_block: Block, t_last: Block,
-    X: np.ndarray, ridge: float, batch_size: int = 256,
+    student: nn.Module,
+    teacher: nn.Module,
+    s_block: Block,
+    t_block: Block,
+    t_last: Block,
+    X: np.ndarray,
+    ridge: float,
+    batch_size: int = 256,
 ) -> None:
     """The down projection, from the student's kept units to the teacher's feed-forward output
     of the same layer plus what the teacher's layers after it up to `t_last` (dropped in the
@@ -1103,8 +1202,12 @@ def refit_ffn(
         a = taps(student, xb, inputs=(s_reader,))[("in", s_reader)]
         if absorb:
             kind = "in" if post else "out"
-            got = taps(teacher, xb, outputs=(t_reader,) + (() if post else (here, last)),
-                       inputs=(here, last) if post else ())
+            got = taps(
+                teacher,
+                xb,
+                outputs=(t_reader,) + (() if post else (here, last)),
+                inputs=(here, last) if post else (),
+            )
             z = got[("out", t_reader)] + got[(kind, last)] - got[(kind, here)]
         else:
             z = taps(teacher, xb, outputs=(t_reader,))[("out", t_reader)]
@@ -1142,7 +1245,8 @@ def narrow(
     found = find(student)
     groups = {g.name: g for g in transformer_groups(student, X, batch_size, found)}
     want = {
-        n: int(k) for n, k in widths.items()
+        n: int(k)
+        for n, k in widths.items()
         if n in groups and groups[n].reducible and 0 < int(k) < groups[n].width
     }
     t_found = find(teacher)
@@ -1168,7 +1272,8 @@ def narrow(
             tb = _teacher_block(t_found, stack, b.origin, b.path)
             nxt = blocks[i + 1].origin if i + 1 < len(blocks) else len(t_blocks)
             t_last = t_blocks[nxt - 1] if stack is not None else tb
-            for a, ta in zip(b.attention, tb.attention, strict=True):
+            for att, ta in zip(b.attention, tb.attention, strict=True):
+                a = att
                 g = by_member.get(("heads", _teacher_att_path(a, b, tb)))
                 k = want.get(g.name) if g else None
                 if k:
@@ -1188,8 +1293,14 @@ def narrow(
                     keep = _choose_ffn(student, b.path, b.ffn, k, X, how)
                     cut_ffn(student.get_submodule(b.path), b.ffn, keep)
                     report.kept[_join(b.path, b.ffn.writers[0])] = keep
-                    s_block = Block(b.path, b.stack, b.index, b.origin, b.attention,
-                                    FFN(b.ffn.writers, b.ffn.reader, k, b.ffn.norm))
+                    s_block = Block(
+                        b.path,
+                        b.stack,
+                        b.index,
+                        b.origin,
+                        b.attention,
+                        FFN(b.ffn.writers, b.ffn.reader, k, b.ffn.norm),
+                    )
                 absorb = t_last.path != tb.path
                 if k or changed or absorb:
                     refit_ffn(student, teacher, s_block, tb, t_last, X, ridge, batch_size)
@@ -1211,8 +1322,9 @@ def replace_heads(a: Attention, heads: int) -> Attention:
 
 
 def sync_config(model: nn.Module, groups: Any) -> dict[str, Any]:
-    """Write the model's current widths into its config (uniform groups' recipes) and check it
-    rebuilds the same shapes; returns the keys set."""
+    """Write the model's current widths into its config (the recipes of uniform groups whose
+    cuts it can express); returns the keys set. A cut the config cannot express (a BERT or
+    GPT-2 head cut) stays in the modules' attributes only: `config_mismatch` then names it."""
     owner = hf_owner(model)
     if owner is None:
         return {}
@@ -1240,8 +1352,6 @@ def sync_config(model: nn.Module, groups: Any) -> dict[str, Any]:
     for cfg in _configs(model):
         for k, v in changes.items():
             setattr(cfg, k, v)
-    if changes and (why := config_mismatch(model)):
-        raise RuntimeError(f"the config does not express the narrowed model: {why}")
     return changes
 
 
@@ -1256,9 +1366,12 @@ def cut(
     groups: list[TGroup] | None = None,
 ) -> dict[str, list[int]]:
     """Cut `model` in place to `widths` without re-fitting (pruning, or shapes only when `X` is
-    None: the first units and layers are kept). Returns the kept units per cut module."""
+    None: the first units and layers are kept). `groups`: the model's, as it is now. Returns the
+    kept units per cut module."""
     found = find(model)
     groups = groups if groups is not None else transformer_groups(model, X, found=found)
+    # group members are paths before any depth cut: each block is followed by its module
+    before = {id(model.get_submodule(b.path)): b.path for b in found.blocks}
     kept: dict[str, list[int]] = {}
     for g in groups:
         k = widths.get(g.name)
@@ -1274,28 +1387,28 @@ def cut(
         if g.kind == "depth" or not g.reducible or k is None or not 0 < k < g.width:
             continue
         for b in found.blocks:
-            tb_path = _origin_block_path(b)
+            old = before.get(id(model.get_submodule(b.path)), b.path)
             for a in b.attention:
-                if g.kind == "heads" and _members_match(g, a.path, b, tb_path):
-                    scores = head_scores(model, a, X, criterion) if X is not None else -np.arange(a.heads)
+                if g.kind == "heads" and _join(old, _rel_to(a.path, b.path)) in g.members:
+                    scores = (
+                        head_scores(model, a, X, criterion)
+                        if X is not None
+                        else -np.arange(a.heads)
+                    )
                     keep = _top(scores, k)
                     cut_heads(model.get_submodule(a.path), a, keep)
                     kept[a.path] = keep
-            if g.kind == "ffn" and b.ffn is not None and _members_match(g, b.path, b, tb_path):
-                scores = ffn_scores(model, b.path, b.ffn, X, criterion) if X is not None else -np.arange(b.ffn.width)
+            if g.kind == "ffn" and b.ffn is not None and old in g.members:
+                scores = (
+                    ffn_scores(model, b.path, b.ffn, X, criterion)
+                    if X is not None
+                    else -np.arange(b.ffn.width)
+                )
                 keep = _top(scores, k)
                 cut_ffn(model.get_submodule(b.path), b.ffn, keep)
                 kept[_join(b.path, b.ffn.writers[0])] = keep
     sync_config(model, groups)
     return kept
-
-
-def _origin_block_path(b: Block) -> str:
-    return b.path
-
-
-def _members_match(g: TGroup, path: str, b: Block, _tb: str) -> bool:
-    return path in g.members
 
 
 def narrowed(model: nn.Module, fraction: float) -> nn.Module:
@@ -1321,9 +1434,11 @@ def prune_to_fraction(
 # --- what cannot be narrowed ---------------------------------------------------------------------
 
 
-def unsupported(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, str, str]]:
+def unsupported(
+    model: nn.Module, example: torch.Tensor | None = None
+) -> list[tuple[str, str, str]]:
     """(module path, class name, why) of every attention module the engine cannot narrow (an
-    unknown layout, a failed probe) and of every group a config cannot express."""
+    unknown layout, a failed probe); with `example` rows, of every group it cannot cut too."""
     found = find(model)
     out = list(found.refused)
     if example is None:
@@ -1357,7 +1472,3 @@ def reducible_groups(model: nn.Module, X: np.ndarray) -> list[TGroup] | list[Gro
     if holds_blocks(model):
         return [g for g in transformer_groups(model, X) if g.reducible]
     return trace(model, torch.from_numpy(X[:2])).reducible()
-
-
-def _iter_blocks(found: Found) -> Iterator[Block]:
-    yield from found.blocks
