@@ -1420,11 +1420,19 @@ def narrowed(model: nn.Module, fraction: float) -> nn.Module:
     return out.eval()
 
 
+def prunable_groups(model: nn.Module, X: np.ndarray) -> list[TGroup]:
+    """What structured pruning narrows: the reducible heads and feed-forward groups (layers are
+    the width plan's, with their re-fit; pruning without one would drop a layer's whole work).
+    Probed on `X[:2]`, no depth ranking."""
+    groups = transformer_groups(model, X[:2])
+    return [g for g in groups if g.reducible and g.kind != "depth"]
+
+
 def prune_to_fraction(
     model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
 ) -> None:
-    """Structured pruning: every reducible group to ceil(keep_fraction × its original width)."""
-    groups = [g for g in transformer_groups(model, X) if g.reducible]
+    """Structured pruning: every prunable group to ceil(keep_fraction × its original width)."""
+    groups = prunable_groups(model, X)
     widths = {
         g.name: max(1, math.ceil(keep_fraction * original.get(g.name, g.width))) for g in groups
     }
