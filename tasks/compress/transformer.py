@@ -75,6 +75,8 @@ from tasks.compress.pca import Basis, Moments
 from tasks.compress.width import _NormalEquations, batches
 
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
+# a uniform group's name: `<stack>.each.<path in a layer>` (MLflow keys take no `*`)
+EACH = "each"
 FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "mlp_dim")  # config width keys
 
 # --- projections: nn.Linear (weight [out, in]) and transformers' Conv1D (weight [in, out]) ------
@@ -815,7 +817,7 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
                 recipe, unsaved = _recipe(owner[0], owner[1], stack, "heads", found)
             out.append(
                 TGroup(
-                    _join(stack, "*", rel),
+                    _join(stack, EACH, rel),
                     "heads",
                     atts[0].heads,
                     tuple(a.path for a in atts),
@@ -834,7 +836,7 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
             recipe, unsaved = {}, ""
             if not why:
                 recipe, unsaved = _recipe(owner[0], owner[1], stack, "ffn", found)
-            name = _join(stack, "*", ffns[0].ffn.writers[0])
+            name = _join(stack, EACH, ffns[0].ffn.writers[0])
             out.append(
                 TGroup(
                     name,

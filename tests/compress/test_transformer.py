@@ -345,3 +345,137 @@ def test_half_width_students_run_and_are_smaller(name):
     assert cost.params(widths) == _params(student) < _params(teacher)
     out = _out(student, X)
     assert out.shape == _out(teacher, X).shape and torch.isfinite(out).all()
+
+
+# --- the pipeline: width reconstruction and structured pruning on Hugging Face teachers ----------
+
+PIPELINE = [
+    "reconstruct.mode=width",
+    "compress.prune.method=structured",
+    "reduce.budget.ratio=1.5",
+    "reduce.calibration_samples=64",
+    "finetune.epochs=1",
+    "finetune.batch_size=32",
+    "compress.prune.recovery_epochs=1",
+    "evaluate.latency_repeats=3",
+    "evaluate.large_batch=32",
+    "evaluate.plots=false",
+    "target=null",
+]
+
+
+def _teacher_dir(root, model, X: np.ndarray) -> tuple:
+    """`model` saved with save_pretrained, and an npz of rows it labelled (its own answers)."""
+    from tasks.compress.hf import HFLogits
+
+    task = "images" if X.dtype == np.float32 else "sequence classification"
+    wrapped, x = HFLogits(model, task), torch.from_numpy(X)
+    with torch.no_grad():
+        head = getattr(model, "classifier", None)
+        if head is not None:  # its bias centred on these rows: every class among the answers
+            head.bias -= wrapped(x).mean(0)
+        y = wrapped(x).argmax(1).numpy()
+    model.save_pretrained(root / "teacher")
+    k = int(0.75 * len(X))
+    npz = root / "rows.npz"
+    np.savez(npz, X_train=X[:k], y_train=y[:k], X_test=X[k:], y_test=y[k:])
+    return root / "teacher", npz
+
+
+def _compress(teacher_dir, npz, *more: str):
+    from tasks.compress.data import load_dataset
+    from tasks.compress.pipeline import compress
+    from tasks.platform.config import build_config
+
+    sets = [*PIPELINE, f"teacher.source=hf:{teacher_dir}", f"data.source=npz:{npz}", *more]
+    cfg = build_config({}, sets)
+    return compress(cfg, load_dataset(cfg.data, cfg.seed))
+
+
+@pytest.mark.parametrize("name", ["vit", "gpt2"])
+def test_width_and_structured_pruning_run_on_hf_teachers(name, tmp_path):
+    from transformers import GPT2ForSequenceClassification
+
+    if name == "vit":
+        model, X = _vit(), _images(240)
+    else:
+        torch.manual_seed(0)
+        config = GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, num_labels=3
+        )
+        config.pad_token_id = 0
+        model, X = GPT2ForSequenceClassification(config).eval(), _ids(240)
+    outcome = _compress(*_teacher_dir(tmp_path, model, X))
+    stages = outcome.stages
+    assert stages["reconstructed"]["params"] < stages["teacher"]["params"]
+    assert stages["pruned"]["params"] < stages["finetuned"]["params"]  # units removed, not zeroed
+    assert 0 <= stages["quantized"]["accuracy"] <= 1
+    assert outcome.reduction.mode == "width"
+    assert any(layer.rank is not None for layer in outcome.reduction.layers)
+
+
+def test_the_preflight_passes_for_hf_teachers_in_width_mode(tmp_path):
+    from tasks.compress.data import load_dataset
+    from tasks.compress.preflight import preflight
+    from tasks.compress.teacher import load_teacher
+    from tasks.platform.config import build_config
+
+    for name, (build, rows) in {"bert": (_bert, _ids), "vit": (_vit, _images)}.items():
+        (tmp_path / name).mkdir()
+        teacher_dir, npz = _teacher_dir(tmp_path / name, build(), rows(40))
+        sets = [*PIPELINE, f"teacher.source=hf:{teacher_dir}", f"data.source=npz:{npz}"]
+        cfg = build_config({}, sets)
+        data = load_dataset(cfg.data, cfg.seed)
+        teacher = load_teacher(cfg.teacher, data, cfg.seed)
+        result = preflight(teacher, data, cfg)
+        assert result.student_params < result.teacher_params, name
+
+
+def test_student_hf_is_written_where_the_config_can_say_it(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.compress.hf import HFLogits, save_student
+
+    teacher, X = _bert(), _ids()
+    groups = {g.kind: g for g in tr.transformer_groups(teacher, X)}
+    depth_ffn = {groups["depth"].name: 1, groups["ffn"].name: 32}
+    student = tr.narrow(copy.deepcopy(teacher), teacher, depth_ffn, X)
+    wrapped = HFLogits(student, "sequence classification")
+    assert save_student(wrapped, tmp_path / "s") == ""
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s").eval()
+    assert loaded.config.num_hidden_layers == 1 and loaded.config.intermediate_size == 32
+    assert torch.allclose(_out(loaded, X), _out(student, X), atol=1e-5)
+    # a BERT head cut: the config derives the head size from hidden_size; no directory
+    tr.cut(student, {groups["heads"].name: 2}, X, "l2")
+    why = save_student(wrapped, tmp_path / "heads")
+    assert why.startswith("its BertConfig cannot describe the student (bert.encoder.layer.0")
+    assert not (tmp_path / "heads").exists()
+
+
+@pytest.mark.slow
+def test_distill_run_narrows_and_prunes_an_hf_bert(tmp_path):
+    """`distill run` with an hf: BERT, reconstruct.mode=width and structured pruning: exit 0, a
+    smaller student, its accuracy reported, and student_hf/ (or the note why not) on the run."""
+    import json
+
+    import mlflow
+
+    from tests.conftest import ROOT, fresh_process
+
+    teacher_dir, npz = _teacher_dir(tmp_path, _bert(), _ids(320))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [*PIPELINE, f"teacher.source=hf:{teacher_dir}", f"data.source=npz:{npz}"]
+    sets += ["register.model_name=hf-bert-width"]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = fresh_process(
+        ROOT, "run", str(ROOT / "configs" / "digits.yaml"), *args, "--json", store=uri, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(proc.stdout)
+    metrics = run["metrics"]
+    assert metrics["final/params"] < metrics["teacher/params"]
+    assert metrics["reconstructed/params"] < metrics["teacher/params"]
+    assert 0 <= metrics["final/accuracy"] <= 1 and metrics["teacher/accuracy"] == 1.0
+    client = mlflow.MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert "student_hf" in names or "student_hf.txt" in names, names
