@@ -19,7 +19,7 @@ from prefect import tags as prefect_tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, register_task
+from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, log_student_hf, register_task
 from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
 from tasks.compress.failures import StageGuard
 from tasks.compress.pipeline import Outcome, compress
@@ -148,6 +148,10 @@ def distill_flow(
             lineage = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
             with prefect_tags(f"config:{cfg.name}"):  # on every stage's task run
                 outcome = compress(cfg, data, PREFECT_STEPS, recorder, config_dir)
+                with StageGuard(recorder)("student_hf"):
+                    unsaved = log_student_hf(run_id, outcome.pruned)
+                    if unsaved:
+                        logger.info("no student_hf/: %s", unsaved)
                 if outcome.target is not None:
                     lineage |= outcome.target.tags
                 if cfg.registry.enabled:

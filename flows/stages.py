@@ -12,6 +12,7 @@ and in `distill run`'s lines.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from flows.caching import STAGE_CACHE
 from tasks.compress.data import Dataset, load_dataset
 from tasks.compress.evaluate import OnnxModel
 from tasks.compress.finetune import History, distill
+from tasks.compress.hf import hf_model, save_student
 from tasks.compress.pipeline import Model, Recorder, StageResult, Steps
 from tasks.compress.plots import PLOTS_DIR, pipeline_figures
 from tasks.compress.prune import prune_and_recover
@@ -246,6 +248,25 @@ PREFECT_STEPS = Steps(
     quantize=quantize_task,
     fit=fit_task,
 )
+
+
+STUDENT_HF = "student_hf"  # the parent run's save_pretrained directory of the student
+
+
+def log_student_hf(run_id: str, student: nn.Module) -> str | None:
+    """A Hugging Face student as `student_hf/` on the parent run (`save_pretrained`, its config
+    updated by the cuts: the same Auto class loads it without distill); where its config cannot
+    describe it, `student_hf.txt` says why instead. None: not a Hugging Face model; '' saved;
+    else the reason."""
+    if hf_model(student) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        why = save_student(student, Path(tmp) / STUDENT_HF)
+        if why:
+            tracking.log_note(run_id, f"no {STUDENT_HF}/: {why}\n", f"{STUDENT_HF}.txt")
+        else:
+            tracking.log_directory(run_id, Path(tmp) / STUDENT_HF, STUDENT_HF)
+    return why
 
 
 class MlflowRecorder(Recorder):

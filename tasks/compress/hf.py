@@ -277,3 +277,25 @@ def load_hf_teacher(source: str, data: Dataset) -> HFLogits:
         return HFLogits(model, task, image_shape(model, data)).eval()
     columns = class_tokens(model, data, source) if task == "causal LM" else None
     return HFLogits(model, task, columns=columns).eval()
+
+
+def save_student(student: nn.Module, directory: Path) -> str:
+    """`save_pretrained` the Hugging Face model inside `student` into `directory`, with its
+    config as the cuts left it: '' when written, else why not (nothing is written). A directory
+    is written only when the model rebuilt from its config has every parameter's shape, so that
+    its Auto class loads it with no distill code; a cut the config cannot express (transformers
+    5 derives BERT's and GPT-2's head size from hidden_size / num_attention_heads: a head cut
+    there) or a layer replaced by another module (low-rank factors) is named instead."""
+    from tasks.compress.transformer import config_mismatch
+
+    hf = hf_model(student)
+    if hf is None:
+        return "the student holds no Hugging Face model"
+    mismatch = config_mismatch(hf)
+    if mismatch:
+        return (
+            f"its {type(hf.config).__name__} cannot describe the student ({mismatch}): "
+            "from_pretrained would not load it"
+        )
+    hf.save_pretrained(directory)
+    return ""

@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.compress import transformer
 from tasks.compress.data import Dataset
 from tasks.compress.failures import culprit
 from tasks.compress.finetune import kd_loss, regression_kd_loss
 from tasks.compress.finite import non_finite_cause
 from tasks.compress.graph import Group, keep_units, trace
 from tasks.compress.guard import resolution
-from tasks.compress.prune import fold_masks, magnitude_prune, remove_lowest_units
+from tasks.compress.prune import fold_masks, magnitude_prune, prunable_groups, remove_lowest_units
 from tasks.compress.quantize import export_onnx
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import Reduction, reduce_model
@@ -203,7 +204,10 @@ def planned_student(
 
 def _half_widths(reduction: Reduction, teacher: nn.Module, X: np.ndarray) -> Reduction:
     """Every reducible group at half its units (whole heads), so every cut is exercised."""
-    steps = {g.name: g.step for g in trace(copy.deepcopy(teacher), torch.from_numpy(X)).groups}
+    if transformer.holds_blocks(teacher):  # heads, units and layers: one at a time (step 1)
+        steps: dict[str, int] = {}
+    else:
+        steps = {g.name: g.step for g in trace(copy.deepcopy(teacher), torch.from_numpy(X)).groups}
     layers = []
     for plan in reduction.layers:
         step = steps.get(plan.name, 1)
@@ -218,7 +222,7 @@ def _pruned(student: nn.Module, X: np.ndarray, cfg: PipelineConfig) -> nn.Module
     model = copy.deepcopy(student)
     x = torch.from_numpy(X)
     try:
-        groups = trace(model, x).reducible()
+        groups = prunable_groups(model, X)
         if not groups:
             raise _Broken(setting, "narrow", "the student", "it has no group of units to narrow")
         original = {g.name: g.width for g in groups}

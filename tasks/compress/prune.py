@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from tasks.compress import transformer
 from tasks.compress.data import Dataset
 from tasks.compress.finetune import FitSettings, History, fit
 from tasks.compress.graph import REFIT, Group, keep_units, trace
@@ -80,7 +81,11 @@ def remove_lowest_units(
     model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
 ) -> None:
     """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
-    heads' worth at a time for attention), in place."""
+    heads' worth at a time for attention), in place. A model of transformer blocks: whole heads
+    and feed-forward units of every layer (transformer.prune_to_fraction; layers stay)."""
+    if transformer.holds_blocks(model):
+        transformer.prune_to_fraction(model, keep_fraction, criterion, X, original)
+        return
     example = torch.from_numpy(X[:2])
     graph, cut = trace(model, example), False
     for name in [g.name for g in graph.reducible()]:
@@ -93,6 +98,14 @@ def remove_lowest_units(
             keep = choose_units(group, keep_n, scores=unit_scores(model, group, criterion, X))
             keep_units(graph, group, keep)
             cut = True
+
+
+def prunable_groups(model: nn.Module, X: np.ndarray) -> list[Group] | list[transformer.TGroup]:
+    """The groups structured pruning narrows: heads and feed-forward units of transformer blocks
+    (transformer.py), else the traced graph's reducible groups."""
+    if transformer.holds_blocks(model):
+        return transformer.prunable_groups(model, X)
+    return trace(model, torch.from_numpy(X[:2])).reducible()
 
 
 def recover(
@@ -123,7 +136,7 @@ def structured_prune(
 ) -> tuple[nn.Module, History]:
     model = copy.deepcopy(student)
     X = data.X_train[:1024]
-    groups = trace(model, torch.from_numpy(X[:2])).reducible()
+    groups = prunable_groups(model, X)
     if not groups:
         raise UserError(
             "config key 'compress.prune.method': structured pruning found no group of units to "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.compress import transformer
 from tasks.compress.reduce import Basis, Reduction
 from tasks.compress.width import WidthReport, reconstruct_width
 from tasks.platform.config import ReconstructConfig
@@ -141,7 +142,34 @@ def _width(
     report: WidthReport | None,
 ) -> nn.Module:
     widths = {p.name: p.rank for p in reduction.layers if p.rank is not None}
+    if transformer.holds_blocks(teacher):
+        return _narrow_transformer(teacher, widths, X_calib, cfg, report)
     return reconstruct_width(teacher, widths, X_calib, cfg.selection, cfg.ridge, report=report)
+
+
+def _narrow_transformer(
+    teacher: nn.Module,
+    widths: dict[str, int],
+    X_calib: np.ndarray,
+    cfg: ReconstructConfig,
+    report: WidthReport | None,
+) -> nn.Module:
+    """Heads, feed-forward units and layers cut, readers re-fitted (transformer.narrow)."""
+    done = transformer.NarrowReport()
+    student = transformer.narrow(
+        copy.deepcopy(teacher).eval(),
+        teacher.eval(),
+        widths,
+        X_calib,
+        cfg.selection,
+        cfg.ridge,
+        report=done,
+    )
+    if report is not None:
+        report.kept = dict(done.kept)
+        report.refitted = list(done.refitted)
+        report.not_refitted = dict(done.not_refitted)
+    return student
 
 
 def _low_rank(

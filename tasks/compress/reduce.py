@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.compress import transformer
 from tasks.compress.graph import Group, ParamModel, param_model, trace
 from tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
 from tasks.compress.width import group_bases
@@ -248,14 +249,17 @@ def allocate(
 
 
 def allocate_widths(
-    groups: list[Group], bases: dict[str, Basis], cost: ParamModel, budget: BudgetConfig
+    groups: list[Group] | list[transformer.TGroup],
+    bases: dict[str, Basis],
+    cost: ParamModel | transformer.Cost,
+    budget: BudgetConfig,
 ) -> list[LayerPlan]:
     """Units per coupled group: the same water-filling, where one more unit (one per head,
     for attention) costs what it adds to the real model's parameters (`cost`, measured on the
     model: a channel of a residual stream costs a row or column in every layer it touches)."""
     steps = {g.name: g.step for g in groups}
 
-    def plan(g: Group, width: int | None) -> LayerPlan:
+    def plan(g: Group | transformer.TGroup, width: int | None) -> LayerPlan:
         kept = 1.0 if width is None else bases[g.name].retained(width)
         return LayerPlan(name=g.name, fan_in=0, out=g.width, rank=width, variance=kept)
 
@@ -301,7 +305,11 @@ class Plan:
 
 
 def plan_width(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Plan:
-    """Units per coupled group of the model's graph, from the PCA of what each group writes."""
+    """Units per coupled group of the model's graph, from the PCA of what each group writes;
+    for a model of transformer blocks, heads, feed-forward units and layers per stack
+    (tasks/compress/transformer.py)."""
+    if transformer.holds_blocks(teacher):
+        return plan_transformer(teacher, X_calib, cfg)
     example = torch.from_numpy(X_calib[:2])
     graph = trace(teacher, example)
     groups = graph.reducible()
@@ -313,6 +321,27 @@ def plan_width(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Pl
     fixed = {g.name: g.why_not for g in graph.groups if not g.reducible}
     bases = group_bases(teacher, groups, X_calib, cfg.batch_size)
     cost = param_model(teacher, example, groups)
+    plans = allocate_widths(groups, bases, cost, cfg.budget)
+    student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
+    return Plan(bases, plans, student, fixed)
+
+
+def plan_transformer(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Plan:
+    """Heads, feed-forward units and layers of the transformer blocks: each group's energy kept
+    by its best k units (`transformer.group_bases`), its cost exact (`transformer.cost_model`:
+    everything outside the blocks, the embedding table first, is counted and stays)."""
+    found = transformer.find(teacher)
+    every = transformer.transformer_groups(teacher, X_calib, cfg.batch_size, found)
+    groups = [g for g in every if g.reducible]
+    fixed = {path: why for path, _cls, why in found.refused}
+    fixed |= {g.name: g.why_not for g in every if not g.reducible}
+    if not groups:
+        raise UserError(
+            "reconstruct.mode=width found no group of units to narrow in this teacher: "
+            + "; ".join(f"{name}: {why}" for name, why in fixed.items())
+        )
+    bases = transformer.group_bases(teacher, groups, X_calib, cfg.batch_size)
+    cost = transformer.cost_model(teacher, groups, found)
     plans = allocate_widths(groups, bases, cost, cfg.budget)
     student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
     return Plan(bases, plans, student, fixed)

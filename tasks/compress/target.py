@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.compress import transformer
 from tasks.compress.data import Dataset
 from tasks.compress.evaluate import (
     OnnxModel,
@@ -41,9 +42,9 @@ from tasks.compress.evaluate import (
     torch_predictor,
 )
 from tasks.compress.finetune import History
-from tasks.compress.graph import Group, keep_units, param_model, trace
+from tasks.compress.graph import Group, ParamModel, keep_units, param_model, trace
 from tasks.compress.guard import CONFIDENCE, Decision, decide
-from tasks.compress.prune import recover, remove_lowest_units
+from tasks.compress.prune import prunable_groups, recover, remove_lowest_units
 from tasks.compress.quantize import Quantized, quantize_model
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import calibration_rows, reduce_model
@@ -92,6 +93,8 @@ class Costs:
 def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Module:
     """A copy with every reducible group cut to `fraction` of its units (at least one per head):
     only the shapes matter here (file size and latency), not which units stay."""
+    if transformer.holds_blocks(model):
+        return transformer.narrowed(model, fraction)
     out = copy.deepcopy(model)
     for name in [g.name for g in trace(out, example).reducible()]:
         graph = trace(out, example)
@@ -204,6 +207,9 @@ def plan_target(
 
 
 def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
+    if transformer.holds_blocks(teacher):  # one layer per stack, one head and unit per layer
+        groups = transformer.reducible_groups(teacher, example.numpy())
+        return transformer.cost_model(teacher, groups).params({g.name: 1 for g in groups})
     groups = trace(copy.deepcopy(teacher), example).reducible()
     return param_model(teacher, example, groups).params({g.name: g.step for g in groups})
 
@@ -351,10 +357,17 @@ def params_to_meet(plan: Plan, costs: Costs, params: int, got: float) -> int:
 
 
 def keep_fraction_for(
-    model: nn.Module, example: torch.Tensor, groups: list[Group], params: int
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: list[Group] | list[transformer.TGroup],
+    params: int,
 ) -> float:
     """Largest fraction f such that every group at ceil(f · width) units has at most `params`."""
-    cost = param_model(model, example, groups)
+    cost: ParamModel | transformer.Cost
+    if transformer.holds_blocks(model):
+        cost = transformer.cost_model(model, groups)
+    else:
+        cost = param_model(model, example, groups)
 
     def at(f: float) -> int:
         return cost.params(
@@ -423,7 +436,7 @@ def fit_to_target(
             break
         to_meet = params_to_meet(plan, costs.get(served_fmt, costs[plan.fmt]), params, got)
         want = max(plan.smallest_params, params // 2, min(params - 1, to_meet))
-        groups = trace(model, example).reducible()
+        groups = prunable_groups(model, data.X_train[:2])
         if want >= params or not groups:
             bound = f"{plan.kind}: the model is the smallest reachable ({params:,} params)"
             break

@@ -375,6 +375,19 @@ def _dataset_source(source: str) -> Any:
     return CodeDatasetSource(tags={"source": source})
 
 
+def log_directory(run_id: str, path: str | Path, artifact_path: str) -> None:
+    """Every file under `path` as artifacts of the run under `artifact_path/`."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifacts(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_note(run_id: str, text: str, artifact_file: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> str:
     """A matplotlib figure as a PNG artifact of the run; returns its artifact path."""
     from mlflow import MlflowClient
