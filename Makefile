@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 # a failed install fails the target (pipefail: pip's status, not the filter's)
 SHELL       := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
+PYTEST      := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 QUIET_PIP   := { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: demo test env clean ui-check
+.PHONY: demo test test-slow env clean ui-check
 
 env: $(STAMP)
 
@@ -26,7 +27,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check flows tasks tests benchmarks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PYTEST) -m "not slow"
+
+# The end-to-end set (marker `slow`: several processes, servers, signals, full CLI runs, 20 s or
+# more each): CI runs it after `make test` (.ci/run); `make test` stays within 8 minutes.
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 # MLflow and Prefect UIs in headless Chromium (benchmarks/ui_check.py); not part of `make test`
 ui-check: $(STAMP)

@@ -380,6 +380,7 @@ def _onnx_input(model) -> int:
     return onnx.load_from_string(model.onnx_bytes).graph.input[0].type.tensor_type.elem_type
 
 
+@pytest.mark.slow
 def test_bert_compresses_end_to_end_on_int64_ids(bert_dir):
     import onnx
 

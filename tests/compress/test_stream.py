@@ -151,6 +151,7 @@ def test_training_takes_the_same_batches_from_disk(tmp_path):
     assert dataclasses.asdict(ha) == dataclasses.asdict(hb)
 
 
+@pytest.mark.slow
 def test_a_pipeline_runs_on_a_parquet_streamed_from_disk(tmp_path):
     """`distill run` on a parquet of several row groups, streamed (the threshold lowered): the
     stages take their rows from disk, the registered model its input example from the file,

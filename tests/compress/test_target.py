@@ -297,6 +297,7 @@ def _registered_file(tmp_path: Path, name: str, version: str) -> Path:
     return next(folder.rglob("model.onnx"))
 
 
+@pytest.mark.slow
 def test_a_met_size_target_is_met_by_the_registered_file(tmp_path, mlflow_store):
     # the teacher's int8 file is ~14 KB: 8 KB needs a student of about a sixth of its parameters
     proc = _distill(

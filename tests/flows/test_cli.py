@@ -30,6 +30,7 @@ def _run(args, tmp_path: Path, timeout=600):
     )
 
 
+@pytest.mark.slow
 def test_run_json(tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
     proc = _run(["run", str(ROOT / "configs" / "digits.yaml"), *sets, "--json"], tmp_path)

@@ -76,6 +76,7 @@ def _failed_runs(store: str, stage: str, line: str) -> None:
     assert client.search_registered_models() == []
 
 
+@pytest.mark.slow
 def test_a_teacher_that_raises_mid_stage(prefect_server, mlflow_store, tmp_path):
     proc = _faulty_run(tmp_path, mlflow_store, '{"raise_on_call": 30}')
     line = (
@@ -88,6 +89,7 @@ def test_a_teacher_that_raises_mid_stage(prefect_server, mlflow_store, tmp_path)
     _failed_runs(mlflow_store, "teacher", line)
 
 
+@pytest.mark.slow
 def test_a_teacher_gone_nan_mid_epoch(prefect_server, mlflow_store, tmp_path):
     proc = _faulty_run(tmp_path, mlflow_store, '{"nan_from_call": 30}')
     assert proc.returncode == 2, proc.stderr[-3000:]

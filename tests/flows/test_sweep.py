@@ -141,6 +141,7 @@ def test_a_bad_deployment_file_is_one_line(tmp_path):
         read_spec(tmp_path / "absent.yaml")
 
 
+@pytest.mark.slow
 def test_deploy_and_dask_need_a_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
         "PYTHONPATH": str(ROOT)

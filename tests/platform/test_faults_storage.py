@@ -48,6 +48,7 @@ def test_fault_messages_name_the_fault_and_leave_bugs_alone():
     assert not retry.is_transient(full)  # a full disk is not retried
 
 
+@pytest.mark.slow
 def test_read_only_artifact_location_is_refused_before_any_run(read_only_disk, tmp_path):
     """Root may write anywhere it has permission bits for; a read-only filesystem stops it too."""
     db = tmp_path / "mlflow.db"
@@ -65,6 +66,7 @@ def test_read_only_artifact_location_is_refused_before_any_run(read_only_disk, t
     assert client.search_runs([client.get_experiment_by_name("distill").experiment_id]) == []
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_and_registers_nothing(tiny_disk, tmp_path):
     db = tmp_path / "mlflow.db"
     (tmp_path / "mlflow.yaml").write_text(
@@ -122,6 +124,7 @@ def _run_on(db: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 def test_full_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
     disk = tmp_path / "disk"
     mount(disk, "size=4m")  # room for the store, then filled
@@ -146,6 +149,7 @@ def _refused_and_unchanged(db: Path, tmp_path: Path, reason: str) -> None:
     assert db.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_read_only_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
     db = _store(tmp_path)
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
@@ -156,6 +160,7 @@ def test_read_only_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
         subprocess.run(["chattr", "-i", str(db)], check=False)
 
 
+@pytest.mark.slow
 def test_corrupt_store_is_one_line_for_run_and_compare(tmp_path):
     db = tmp_path / "store.db"
     db.write_bytes(b"not a database " * 100)

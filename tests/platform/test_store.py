@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT
 
 FIRST_TOUCH = """
@@ -16,6 +18,7 @@ print(store.configure(store.load_settings()))
 """
 
 
+@pytest.mark.slow
 def test_processes_starting_together_share_a_fresh_store(tmp_path):
     env = os.environ | {
         "PYTHONPATH": str(ROOT),
