@@ -15,7 +15,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from prefect import task
@@ -27,7 +26,7 @@ from tasks.compress.data import Dataset, load_dataset
 from tasks.compress.evaluate import OnnxModel
 from tasks.compress.finetune import History, distill
 from tasks.compress.hf import hf_model, save_student
-from tasks.compress.pipeline import Model, Recorder, StageResult, Steps
+from tasks.compress.pipeline import Model, StageResult, Steps
 from tasks.compress.plots import PLOTS_DIR, pipeline_figures
 from tasks.compress.prune import prune_and_recover
 from tasks.compress.quantize import Quantized, quantize_model
@@ -47,6 +46,7 @@ from tasks.platform.config import (
     TargetConfig,
     TeacherConfig,
 )
+from tasks.release.recorder import TrackingRecorder
 from tasks.release.registry import Registered, TorchScriptModel, register_model
 
 data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_dataset)
@@ -269,15 +269,9 @@ def log_student_hf(run_id: str, student: nn.Module) -> str | None:
     return why
 
 
-class MlflowRecorder(Recorder):
-    """Each stage as a nested MLflow run of `parent_run_id` (model, params, metrics, curves), the
-    figures on the parent. `metrics`: the STAGE/METRIC keys of every stage recorded so far, for
-    the parent run, also when a later stage fails."""
-
-    def __init__(self, parent_run_id: str, example: np.ndarray) -> None:
-        self.parent_run_id = parent_run_id
-        self.example = example  # the logged models' input example
-        self.metrics: dict[str, float] = {}
+class MlflowRecorder(TrackingRecorder):
+    """tasks/release/recorder.py's MLflow record of each stage, each stage's record a Prefect
+    task run (retried on a tracking error, measuring again, never running the stage again)."""
 
     def stage(
         self, result: StageResult, measure: Callable[[], dict[str, float]]
@@ -289,13 +283,6 @@ class MlflowRecorder(Recorder):
         )
         self.metrics |= tracking.prefixed(result.name, metrics)
         return metrics
-
-    def record(
-        self, stage: str, metrics: dict[str, float], params: dict[str, Any], started: float
-    ) -> None:
-        self.metrics |= tracking.record_stage(
-            self.parent_run_id, stage, metrics, params, started=started
-        )
 
     def plots(
         self,
@@ -309,15 +296,3 @@ class MlflowRecorder(Recorder):
         seed: int,
     ) -> None:
         plots_task(self.parent_run_id, stages, teacher, student, final, data, curves, cfg, seed)
-
-    def failed(self, stage: str, line: str, trace: str, started: float | None) -> None:
-        """The failed stage's nested run: FAILED, the line as its description, the trace in
-        `error.txt`; the parent gets both too. Tried twice on a tracking error (not a task: a
-        failure must not print a task run's failure of its own)."""
-        for attempt in range(2):
-            try:
-                tracking.record_failure(self.parent_run_id, stage, line, trace, started)
-                return
-            except Exception as err:
-                if attempt or not retry.is_transient(err):
-                    raise

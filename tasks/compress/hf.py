@@ -273,9 +273,15 @@ def class_tokens(hf: nn.Module, data: Dataset, source: str) -> list[int] | None:
 def load_hf_teacher(source: str, data: Dataset) -> HFLogits:
     """`hf:DIR` wrapped for the pipeline (`HFLogits`), in eval mode."""
     model, task = load_pretrained(source)
+    return wrap_pretrained(model, task, data, source)
+
+
+def wrap_pretrained(model: nn.Module, task: str, data: Dataset, where: str) -> HFLogits:
+    """A PreTrainedModel for `task` wrapped for the pipeline, in eval mode (`where`: what the
+    user named it by, for messages)."""
     if task == "image classification":
         return HFLogits(model, task, image_shape(model, data)).eval()
-    columns = class_tokens(model, data, source) if task == "causal LM" else None
+    columns = class_tokens(model, data, where) if task == "causal LM" else None
     return HFLogits(model, task, columns=columns).eval()
 
 

@@ -8,6 +8,7 @@ that takes its logits out (`architectures.with_logits`).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -18,10 +19,12 @@ from tasks.compress.data import Dataset
 from tasks.compress.finetune import FitSettings, History, fit
 from tasks.compress.finite import non_finite_tensor
 from tasks.compress.hf import PREFIX as HF_PREFIX
-from tasks.compress.hf import load_hf_teacher
+from tasks.compress.hf import is_pretrained, load_hf_teacher, task_of, wrap_pretrained
 from tasks.compress.weights import load_teacher_file, load_teacher_mlflow
 from tasks.platform.config import TeacherConfig
 from tasks.platform.errors import UserError, first_line
+
+GIVEN = "python:"  # teacher.source of a module handed to distill.compress (the object is passed)
 
 
 def train_teacher(
@@ -83,6 +86,11 @@ def load_teacher(
         model, whole = load_teacher_mlflow(source, cfg, data, config_dir)
     elif source.startswith(HF_PREFIX):
         model, whole = load_hf_teacher(source, data), True
+    elif source.startswith(GIVEN):
+        raise UserError(
+            f"config key 'teacher.source': {source!r} is a module handed to "
+            "distill.compress(teacher=...), which a config file cannot name"
+        )
     else:
         raise UserError(
             f"config key 'teacher.source': expected train, file:PATH, hf:DIR, "
@@ -90,6 +98,22 @@ def load_teacher(
         )
     model = with_logits(model.float().eval(), _rows(data))
     _check_fits(model, data, source if whole else cfg.arch)
+    return model
+
+
+def given_teacher(model: nn.Module, data: Dataset) -> nn.Module:
+    """A module handed to `distill.compress`: a copy (the caller's own stays as it was), on CPU,
+    float32, eval mode, wrapped as a loaded one would be (a transformers model object as an
+    `hf:` directory's), checked against the data's rows."""
+    model = copy.deepcopy(model).cpu().float()
+    name = type(model).__name__
+    if is_pretrained(model):
+        task = task_of(name)
+        if task is None:
+            raise UserError(f"teacher: a {name}, not a model class distill knows a task of")
+        model = wrap_pretrained(model, task, data, name)
+    model = with_logits(model.eval(), _rows(data))
+    _check_fits(model, data, name)
     return model
 
 
@@ -153,7 +177,7 @@ def check_teacher(
         model = with_logits(build_teacher(cfg, data, config_dir), _rows(data)).eval()
         _check_fits(model, data, cfg.arch)
         return model
-    if cfg.source.startswith(("models:/", "runs:/")):
+    if cfg.source.startswith(("models:/", "runs:/", GIVEN)):
         return None
     # a file; any other scheme: load_teacher says what a source can be
     return load_teacher(cfg, data, seed=0, config_dir=config_dir)
