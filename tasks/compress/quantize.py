@@ -31,6 +31,7 @@ import copy
 import io
 import logging
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -249,6 +250,16 @@ def reuse_torchlib_registry() -> None:
     from_torchlib._distill_reused = True  # type: ignore[attr-defined]
     from_torchlib._distill_original = build.__func__  # type: ignore[attr-defined]
     registry.from_torchlib = classmethod(from_torchlib)
+
+
+# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
+# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
+# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
+_ONNX_EXPORT = threading.Lock()
+
+
+def onnx_export_lock() -> threading.Lock:
+    return _ONNX_EXPORT
 
 
 def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:

@@ -3,7 +3,7 @@ diabetes, a regression target), `csv:PATH`, `parquet:PATH` (pandas; `data.label`
 column), `npz:PATH` (arrays X, y; or X_train, y_train, X_test, y_test and optionally X_val,
 y_val: the user's split). A csv/parquet column named by `data.split_column` holds the user's
 split as train / val / test. `read_source` returns a `Table`: every row, not yet split
-(tasks/compress/data.py splits and standardizes it).
+(tasks/compress/dataset.py splits and standardizes it).
 """
 
 from __future__ import annotations
