@@ -293,6 +293,7 @@ def compress(
                 pruned, data.X_test, data.X_train, cfg.compress.quantize, seed
             )
     else:  # prune only while the served model misses the target, each round and int8 guarded
+        assert cfg.target is not None  # a plan is made from a target only
         with guard("fit-target", started):
             accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
             with onnx_export_lock():

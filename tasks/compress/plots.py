@@ -305,8 +305,9 @@ def pipeline_figures(
 
     def tsne() -> Figure | None:
         X, y = data.X_test[: cfg.tsne_rows], data.y_test[: cfg.tsne_rows]
-        embeddings = {"teacher": penultimate(teacher, X), "student": penultimate(student, X)}
-        if len(X) < 4 or any(e is None for e in embeddings.values()):
+        found = {"teacher": penultimate(teacher, X), "student": penultimate(student, X)}
+        embeddings = {name: e for name, e in found.items() if e is not None}
+        if len(X) < 4 or len(embeddings) < len(found):
             return None
         return tsne_figure(embeddings, y, data.classes, seed)
 

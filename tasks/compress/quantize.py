@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,7 +220,7 @@ def lean_onnx(onnx_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-_REGISTRIES: dict[int, object] = {}  # opset -> torchlib's op registry, built once per process
+_REGISTRIES: dict[int, Any] = {}  # opset -> torchlib's op registry, built once per process
 
 
 def reuse_torchlib_registry() -> None:
@@ -238,7 +239,7 @@ def reuse_torchlib_registry() -> None:
     if registry is None or build is None or getattr(build, "_distill_reused", False):
         return
 
-    def from_torchlib(cls: type, opset_version: int = _registration._constants.TORCHLIB_OPSET):
+    def from_torchlib(cls: Any, opset_version: int = _registration._constants.TORCHLIB_OPSET):
         built = _REGISTRIES.get(opset_version)
         if built is None:
             built = _REGISTRIES[opset_version] = build.__func__(cls, opset_version)
@@ -287,6 +288,7 @@ def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
             external_data=False,
             verbose=False,
         )
+    assert program is not None  # dynamo=True returns the ONNXProgram
     proto = program.model_proto
     _pin_fixed_axes(proto, getattr(program.exported_program, "range_constraints", {}))
     return lean_onnx(proto.SerializeToString())

@@ -51,7 +51,10 @@ class Table:
     @property
     def values(self) -> np.ndarray:
         """The raw features as one array: float64, or object where there are text columns."""
-        return self.X if self.X is not None else self.frame.to_numpy(object)
+        if self.X is not None:
+            return self.X
+        assert self.frame is not None  # a table without X holds its frame
+        return self.frame.to_numpy(object)
 
     def digest(self) -> str:
         return table_digest(self.values, self.y, self.split)
