@@ -271,17 +271,18 @@ def _check_finite(X: np.ndarray, spec: dict, table: Table, start: int = 0) -> No
 
 
 def _input_shape(table: Table, shape: list[int] | None, n: int) -> tuple[int, ...]:
-    if not shape:  # the rows' own shape, unless encoding changed the width
-        shape = table.row_shape if n == int(np.prod(table.row_shape)) else [n]
-    shape = tuple(shape)
-    if int(np.prod(shape)) != n:
+    if shape:
+        dims = tuple(shape)
+    else:  # the rows' own shape, unless encoding changed the width
+        dims = table.row_shape if n == int(np.prod(table.row_shape)) else (n,)
+    if int(np.prod(dims)) != n:
         raw = len(table.names)
         extra = f" ({raw} columns, {n} after encoding text and empty cells)" if raw != n else ""
         raise UserError(
-            f"config key 'data.shape': {list(shape)} holds {int(np.prod(shape))} "
+            f"config key 'data.shape': {list(dims)} holds {int(np.prod(dims))} "
             f"values but the data has {n} features{extra}"
         )
-    return shape
+    return dims
 
 
 def split_rows(
@@ -443,6 +444,7 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     train, val, test = split_rows(table, y, cfg, seed)
     spec = _encoding(table, train)
     X = table.X if not tabular.needs_sklearn(spec) else tabular.encode(spec, table.features)
+    assert X is not None  # a table without X has text columns: encoded above
     _check_finite(X, spec, table)
     shape = _input_shape(table, cfg.shape, X.shape[1])
     mean, scale = standardizer(X[train], cfg.standardize)
