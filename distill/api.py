@@ -251,7 +251,7 @@ def _write_rows(folder: Path, train: Pair, test: Pair, val: Pair | None) -> dict
                 f"{part}: X has {len(arrays[f'X_{part}'])} rows, y {len(arrays[f'y_{part}'])}"
             )
     path = folder / "rows.npz"
-    np.savez(path, **arrays)
+    np.savez(path, allow_pickle=False, **arrays)
     return {"source": f"npz:{path}"}
 
 

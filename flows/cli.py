@@ -320,9 +320,12 @@ def compare(
     elif frame.empty:
         typer.echo("no pipeline runs in this experiment yet", err=True)
     else:
+        import shutil
+
         from rich.console import Console
 
-        Console(width=None if sys.stdout.isatty() else 160).print(rich_table(frame))
+        # the terminal's width; piped, $COLUMNS where set (rich folds cells to fit), else 160
+        Console(width=shutil.get_terminal_size((160, 24)).columns).print(rich_table(frame))
 
 
 def _check_port_free(host: str, port: int) -> None:

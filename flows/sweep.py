@@ -237,7 +237,7 @@ def choose_challenger(results: list[dict[str, Any]], best: int | None) -> str | 
         return None
     from mlflow import MlflowClient
 
-    from tasks.release.promotion import CHALLENGER
+    from tasks.release.aliases import CHALLENGER
 
     client = MlflowClient()
     name, version = chosen["model_name"], chosen["model_version"]

@@ -24,7 +24,6 @@ the full trace (`Recorder.failed`), and nothing after it runs.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from tasks.compress.finetune import History, distill, predict_logits
 from tasks.compress.finite import check_calibration, check_model, check_outputs
 from tasks.compress.preflight import alternative, preflight, preflight_config
 from tasks.compress.prune import prune_and_recover
-from tasks.compress.quantize import Quantized, quantize_model
+from tasks.compress.quantize import Quantized, onnx_export_lock, quantize_model
 from tasks.compress.reconstruct import reconstruct_with_notes
 from tasks.compress.reduce import Reduction, calibration_rows, reduce_model, reduction_record
 from tasks.compress.target import (
@@ -66,15 +65,6 @@ from tasks.platform.config import BudgetConfig, EvaluateConfig, PipelineConfig, 
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
 Model = nn.Module | OnnxModel | TorchScriptModel
-
-# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
-# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
-# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
-_ONNX_EXPORT = threading.Lock()
-
-
-def onnx_export_lock() -> threading.Lock:
-    return _ONNX_EXPORT
 
 
 def teacher_with_history(
@@ -303,6 +293,7 @@ def compress(
                 pruned, data.X_test, data.X_train, cfg.compress.quantize, seed
             )
     else:  # prune only while the served model misses the target, each round and int8 guarded
+        assert cfg.target is not None  # a plan is made from a target only
         with guard("fit-target", started):
             accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
             with onnx_export_lock():

@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from tasks.compress.data import Dataset
-from tasks.compress.evaluate import SERIALIZED, OnnxModel, torch_predictor
+from tasks.compress.evaluate import SERIALIZED, OnnxModel, TorchScriptModel, torch_predictor
 from tasks.compress.rows import predict_batched
 from tasks.platform.config import EvaluateConfig
 from tasks.platform.progress import track
@@ -274,7 +274,7 @@ def curves_figure(curves: dict[str, dict[str, list[float]]]) -> Figure | None:
     return fig
 
 
-def _predict(model: nn.Module | OnnxModel, X: np.ndarray) -> np.ndarray:
+def _predict(model: nn.Module | OnnxModel | TorchScriptModel, X: np.ndarray) -> np.ndarray:
     predict = model.predictor() if isinstance(model, SERIALIZED) else torch_predictor(model)
     return predict_batched(predict, X)
 
@@ -283,7 +283,7 @@ def pipeline_figures(
     stages: dict[str, dict[str, float]],
     teacher: nn.Module,
     student: nn.Module,
-    final: nn.Module | OnnxModel,
+    final: nn.Module | OnnxModel | TorchScriptModel,
     data: Dataset,
     curves: dict[str, dict[str, list[float]]],
     cfg: EvaluateConfig,
@@ -305,8 +305,9 @@ def pipeline_figures(
 
     def tsne() -> Figure | None:
         X, y = data.X_test[: cfg.tsne_rows], data.y_test[: cfg.tsne_rows]
-        embeddings = {"teacher": penultimate(teacher, X), "student": penultimate(student, X)}
-        if len(X) < 4 or any(e is None for e in embeddings.values()):
+        found = {"teacher": penultimate(teacher, X), "student": penultimate(student, X)}
+        embeddings = {name: e for name, e in found.items() if e is not None}
+        if len(X) < 4 or len(embeddings) < len(found):
             return None
         return tsne_figure(embeddings, y, data.classes, seed)
 

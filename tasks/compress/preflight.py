@@ -44,7 +44,7 @@ from tasks.compress.finite import non_finite_cause
 from tasks.compress.graph import Group, keep_units, trace
 from tasks.compress.guard import resolution
 from tasks.compress.prune import fold_masks, magnitude_prune, prunable_groups, remove_lowest_units
-from tasks.compress.quantize import export_onnx
+from tasks.compress.quantize import export_onnx, onnx_export_lock
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import Reduction, reduce_model
 from tasks.compress.teacher import check_teacher
@@ -350,8 +350,6 @@ def _step(
 
 
 def _export(student: nn.Module, X: np.ndarray) -> None:
-    from tasks.compress.pipeline import onnx_export_lock  # the pipeline imports this module
-
     try:
         with onnx_export_lock():
             export_onnx(student.eval(), X)

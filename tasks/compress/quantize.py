@@ -31,11 +31,13 @@ import copy
 import io
 import logging
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,7 +220,7 @@ def lean_onnx(onnx_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-_REGISTRIES: dict[int, object] = {}  # opset -> torchlib's op registry, built once per process
+_REGISTRIES: dict[int, Any] = {}  # opset -> torchlib's op registry, built once per process
 
 
 def reuse_torchlib_registry() -> None:
@@ -237,7 +239,7 @@ def reuse_torchlib_registry() -> None:
     if registry is None or build is None or getattr(build, "_distill_reused", False):
         return
 
-    def from_torchlib(cls: type, opset_version: int = _registration._constants.TORCHLIB_OPSET):
+    def from_torchlib(cls: Any, opset_version: int = _registration._constants.TORCHLIB_OPSET):
         built = _REGISTRIES.get(opset_version)
         if built is None:
             built = _REGISTRIES[opset_version] = build.__func__(cls, opset_version)
@@ -249,6 +251,16 @@ def reuse_torchlib_registry() -> None:
     from_torchlib._distill_reused = True  # type: ignore[attr-defined]
     from_torchlib._distill_original = build.__func__  # type: ignore[attr-defined]
     registry.from_torchlib = classmethod(from_torchlib)
+
+
+# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
+# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
+# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
+_ONNX_EXPORT = threading.Lock()
+
+
+def onnx_export_lock() -> threading.Lock:
+    return _ONNX_EXPORT
 
 
 def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
@@ -276,6 +288,7 @@ def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
             external_data=False,
             verbose=False,
         )
+    assert program is not None  # dynamo=True returns the ONNXProgram
     proto = program.model_proto
     _pin_fixed_axes(proto, getattr(program.exported_program, "range_constraints", {}))
     return lean_onnx(proto.SerializeToString())

@@ -1,5 +1,5 @@
-"""Reading a user's table files (CSV, Parquet, NPZ), for training (data.py, stream.py) and for
-prediction (tasks/release/predict.py): the header checked as the file writes it, an .npz opened
+"""Reading a user's table files (CSV, Parquet, NPZ), for training (dataset.py, stream.py) and
+for prediction (tasks/release/predict.py): the header checked as the file writes it, an .npz opened
 without pickles, CSV and Parquet read whole or in chunks of rows. Every failure is one line
 naming the file: `where` is how the caller names it ("data file PATH", "input PATH").
 """
@@ -158,6 +158,30 @@ def read_frames(
         raise
     except Exception as err:  # noqa: BLE001 -- pandas and pyarrow raise many types
         raise unreadable(where, kind, err) from None
+
+
+def parquet_rows(
+    path: Path, positions: np.ndarray, names: list[str], batch_rows: int
+) -> pd.DataFrame:
+    """Columns `names` of the rows at `positions` (any order) of a Parquet file, in that order,
+    read `batch_rows` rows at a time: a streamed table's raw rows (a model's input example)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    order = np.argsort(positions, kind="stable")
+    pos = np.asarray(positions)[order]
+    out, start = [], 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=names):
+        stop = start + batch.num_rows
+        lo, hi = np.searchsorted(pos, [start, stop])
+        if hi > lo:
+            out.append(pa.Table.from_batches([batch]).to_pandas().iloc[pos[lo:hi] - start])
+        start = stop
+        if hi == len(pos):
+            break
+    frame = pd.concat(out).reset_index(drop=True)
+    frame.columns = [str(c) for c in frame.columns]
+    return frame.iloc[np.argsort(order)].reset_index(drop=True)
 
 
 @contextlib.contextmanager

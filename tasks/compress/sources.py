@@ -3,7 +3,7 @@ diabetes, a regression target), `csv:PATH`, `parquet:PATH` (pandas; `data.label`
 column), `npz:PATH` (arrays X, y; or X_train, y_train, X_test, y_test and optionally X_val,
 y_val: the user's split). A csv/parquet column named by `data.split_column` holds the user's
 split as train / val / test. `read_source` returns a `Table`: every row, not yet split
-(tasks/compress/data.py splits and standardizes it).
+(tasks/compress/dataset.py splits and standardizes it).
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class Table:
     @property
     def values(self) -> np.ndarray:
         """The raw features as one array: float64, or object where there are text columns."""
-        return self.X if self.X is not None else self.frame.to_numpy(object)
+        if self.X is not None:
+            return self.X
+        assert self.frame is not None  # a table without X holds its frame
+        return self.frame.to_numpy(object)
 
     def digest(self) -> str:
         return table_digest(self.values, self.y, self.split)

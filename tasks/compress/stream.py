@@ -2,7 +2,7 @@
 converted once, a block of rows at a time, into a standardized float32 `.npy` file, and the
 splits become `Rows` over it (tasks/compress/rows.py). Memory holds a block, not the table.
 
-The steps and the checks are those of tasks/compress/data.py's `prepare`, over blocks:
+The steps and the checks are those of tasks/compress/dataset.py's `prepare`, over blocks:
 labels (read alone, a column) -> the split -> one pass for the checks (label copies, a split
 column in disguise, inf, empty columns), the digest and a sample of training rows -> the
 encoding of text columns and empty cells, fitted on that sample (at most
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.compress import data as D
+from tasks.compress import dataset as D
 from tasks.compress import readers, tabular
 from tasks.compress import sources as S
 from tasks.compress.rows import Rows, npy_header
@@ -584,26 +584,3 @@ def _standardization(
         scale = np.sqrt(m2 / count)
     scale[scale < 1e-12] = 1.0
     return mean, scale, peak
-
-
-def source_rows(source: str, positions: np.ndarray, names: list[str]) -> pd.DataFrame:
-    """Raw feature columns `names` of table rows `positions` of a parquet source, in that order
-    (a model's input example of a streamed table), read block by block."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    order = np.argsort(positions, kind="stable")
-    pos = np.asarray(positions)[order]
-    out, start = [], 0
-    file = pq.ParquetFile(Path(source.partition(":")[2]))
-    for batch in file.iter_batches(batch_size=CHUNK_ROWS, columns=names):
-        stop = start + batch.num_rows
-        lo, hi = np.searchsorted(pos, [start, stop])
-        if hi > lo:
-            out.append(pa.Table.from_batches([batch]).to_pandas().iloc[pos[lo:hi] - start])
-        start = stop
-        if hi == len(pos):
-            break
-    frame = pd.concat(out).reset_index(drop=True)
-    frame.columns = [str(c) for c in frame.columns]
-    return frame.iloc[np.argsort(order)].reset_index(drop=True)

@@ -27,6 +27,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -125,7 +126,12 @@ def measure_costs(
                 ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
                 points[fmt].append((served.params, len(served.file_bytes), ms))
     return {
-        fmt: Costs(*(tuple(x) for x in zip(*sorted(p), strict=True)), f"{cfg.runtime} {fmt}")
+        fmt: Costs(
+            tuple(int(x[0]) for x in sorted(p)),
+            tuple(int(x[1]) for x in sorted(p)),
+            tuple(float(x[2]) for x in sorted(p)),
+            f"{cfg.runtime} {fmt}",
+        )
         for fmt, p in points.items()
         if p
     }
@@ -208,8 +214,10 @@ def plan_target(
 
 def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
     if transformer.holds_blocks(teacher):  # one layer per stack, one head and unit per layer
-        groups = transformer.reducible_groups(teacher, example.numpy())
-        return transformer.cost_model(teacher, groups).params({g.name: 1 for g in groups})
+        tgroups = cast(
+            "list[transformer.TGroup]", transformer.reducible_groups(teacher, example.numpy())
+        )
+        return transformer.cost_model(teacher, tgroups).params({g.name: 1 for g in tgroups})
     groups = trace(copy.deepcopy(teacher), example).reducible()
     return param_model(teacher, example, groups).params({g.name: g.step for g in groups})
 
@@ -364,10 +372,10 @@ def keep_fraction_for(
 ) -> float:
     """Largest fraction f such that every group at ceil(f · width) units has at most `params`."""
     cost: ParamModel | transformer.Cost
-    if transformer.holds_blocks(model):
-        cost = transformer.cost_model(model, groups)
+    if transformer.holds_blocks(model):  # groups of transformer.reducible_groups
+        cost = transformer.cost_model(model, cast("list[transformer.TGroup]", groups))
     else:
-        cost = param_model(model, example, groups)
+        cost = param_model(model, example, cast("list[Group]", groups))
 
     def at(f: float) -> int:
         return cost.params(
@@ -527,8 +535,8 @@ def target_record(
         "teacher_file_kb": teacher_file_bytes / 1024,
         "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks)),
     }
-    for fmt, c in costs.items():
-        metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = c.line("bytes")
+    for fmt, cost in costs.items():
+        metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = cost.line("bytes")
     for c in fitted.checks:
         key = c.step.replace(" ", "_")
         metrics[f"val_drop.{key}"], metrics[f"params.{key}"] = c.drop, float(c.params)

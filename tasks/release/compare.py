@@ -199,13 +199,16 @@ def rich_table(frame: pd.DataFrame) -> Any:
     from rich.table import Table
 
     table = Table(title=f"distill: {len(frame)} run(s), newest first", title_justify="left")
-    table.add_column("key", style="bold")
+    labels = {k: "accuracy_drop (points)" if k == "accuracy_drop" else k for k in frame.columns}
+    labels = {k: v for k, v in labels.items() if k not in ("run_id", "run_name")}
+    # a narrow terminal ($COLUMNS) folds run cells onto more lines; keys are never cut short
+    table.add_column("key", style="bold", no_wrap=True, min_width=max(map(len, labels.values())))
     names = frame["run_name"] if "run_name" in frame else frame["run_id"]
     for run_id, name in zip(frame["run_id"], names, strict=True):
-        table.add_column(f"{name}\n{str(run_id)[:8]}", justify="right")
-    for key in frame.columns:
-        if key in ("run_id", "run_name"):
-            continue
-        label = "accuracy_drop (points)" if key == "accuracy_drop" else key
-        table.add_row(label, *(_cell(v, key) for v in frame[key]))
+        table.add_column(f"{name}\n{str(run_id)[:8]}", justify="right", overflow="fold")
+    for key, label in labels.items():
+        cells = (_cell(v, key) for v in frame[key])
+        if key == "start_time":  # to the minute, UTC: narrower than the csv/json value
+            cells = (c[:16].replace("T", " ") for c in cells)
+        table.add_row(label, *cells)
     return table

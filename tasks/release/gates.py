@@ -9,7 +9,7 @@ teacher, min accuracy, max size, max batch-1 latency, and "no worse than the cur
 champion". A regression model (its run logged `final/r2`) is held to `max_r2_drop` and `min_r2`
 instead of the accuracy gates (and the accuracy gates of a classifier are not the R² ones): the
 gates of the other task do not apply to it. The champion comparison uses test R² for
-regression (rows split without stratification, as tasks/compress/data.py splits them). It only
+regression (rows split without stratification, as tasks/compress/dataset.py splits them). It only
 compares scores measured on the same rows:
 
 - same dataset digest, split seed and test_size, or the same split given with the data
@@ -191,7 +191,7 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 def held_out_rows(
     y_raw: np.ndarray, test_size: float, seed: int, regression: bool = False
 ) -> np.ndarray:
-    """The test rows `tasks.compress.data.prepare` held out of these labels (its own split
+    """The test rows `tasks.compress.dataset.prepare` held out of these labels (its own split
     function; tests/release/test_gates.py checks they agree)."""
     from tasks.compress.data import seeded_test_split
 

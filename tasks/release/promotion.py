@@ -26,10 +26,9 @@ import numpy as np
 from tasks.platform import locks
 from tasks.platform.config import PromoteConfig
 from tasks.platform.errors import UserError
+from tasks.release.aliases import CHALLENGER, CHAMPION
 from tasks.release.gates import Candidate, Gate, evaluate_gates, load_candidate, refusal_reason
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 STATUS, REASON, PROMOTED_AT, PREVIOUS = (
     "promotion.status",
     "promotion.reason",

@@ -37,7 +37,7 @@ from tasks.compress.data import Dataset
 from tasks.compress.evaluate import OnnxModel, TorchScriptModel
 from tasks.platform.caching import directory_sha256, file_sha256
 from tasks.platform.errors import UserError
-from tasks.release.promotion import CHALLENGER
+from tasks.release.aliases import CHALLENGER
 from tasks.release.signature import FEATURES, example_rows, tensor_input
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")

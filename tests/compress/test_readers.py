@@ -33,3 +33,16 @@ def test_a_one_column_file_reads_with_commas(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a\n1\n2\n")
     assert readers.csv_separator(path) == ","
+
+
+def test_parquet_rows_come_back_in_the_order_asked_across_batches(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=300), "b": rng.choice(["x", "y"], 300)})
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=70)
+    positions = rng.permutation(300)[:120]  # unsorted, spread over every batch of 32 rows
+    got = readers.parquet_rows(path, positions, ["b", "a"], batch_rows=32)
+    pd.testing.assert_frame_equal(got, frame.iloc[positions][["b", "a"]].reset_index(drop=True))

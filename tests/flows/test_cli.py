@@ -62,6 +62,16 @@ def test_run_json(tmp_path):
         "evaluate-quantized",
         "register",  # (no `plots`: TINY draws none)
     ], proc.stderr[-3000:]
+    # a first registration, then a promotion: distill says what it did, MLflow's own registry
+    # lines ("Registered model 'distill-digits' already exists. Creating a new version...",
+    # "Created version '1' of model ...") reach neither stream
+    promoted = _run(
+        ["promote", "--model", "distill-digits", "--max-accuracy-drop", "1", "--json"], tmp_path
+    )
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    assert json.loads(promoted.stdout)["status"] == "promoted"
+    for out in (proc.stdout, proc.stderr, promoted.stdout, promoted.stderr):
+        assert not re.search(r"Registered model|already exists|Created version", out), out
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_keys_differ_by_task_and_follow_the_stage_code(digits):
         "tasks.compress.architectures",
         "tasks.compress.weights",
         "tasks.compress.finetune",
-        "tasks.compress.data",
+        "tasks.compress.dataset",
         "tasks.platform.config",
     } <= teacher_code
     assert (

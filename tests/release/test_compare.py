@@ -170,3 +170,22 @@ def test_only_keys_that_mean_something_for_a_run_are_shown():
     assert "target.max_r2_drop" not in frame.columns  # a classifier: never meaningful here
     assert frame["reduce.budget.size_kb"].isna().tolist() == [True, False]  # a target planned a
     assert frame["reconstruct.ridge"].fillna("-").tolist() == ["0.3", "-"]  # width mode only
+
+
+def test_a_piped_table_fits_columns(runs, monkeypatch):
+    """Piped (no terminal), the table takes $COLUMNS: every line fits 80 columns, where the
+    same runs laid out at the default width need more; cells fold, keys are never cut short."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    wide = _compare("--last", "3")
+    assert wide.exit_code == 0, wide.output
+    assert max(map(len, wide.stdout.splitlines())) > 80
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = _compare("--last", "3")
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, narrow.stdout
+    header = next(line for line in lines if runs[0][:8] in line)
+    assert all(r[:8] in header for r in runs[:3]), narrow.stdout
+    keys = {line.split("│")[1].strip() for line in lines if line.startswith("│")}
+    assert {"reduce.budget.size_kb", "accuracy_drop (points)", "final/accuracy"} <= keys
+    assert "…" not in narrow.stdout

@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 
 from tasks.platform.config import PromoteConfig
 from tasks.platform.errors import UserError
-from tasks.release.promotion import CHAMPION, promote_version, rollback
+from tasks.release.aliases import CHAMPION
+from tasks.release.promotion import promote_version, rollback
 from tests.release.conftest import GATES, NAME, aliases, make_version, tags
 
 
