@@ -35,9 +35,10 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
+    # sklearn:NAME, csv:PATH, parquet:PATH or npz:PATH (arrays X, y; or X_train, y_train, ...)
     source: str = "sklearn:digits"
-    label: str = "target"
-    shape: list[Annotated[int, Field(gt=0)]] | None = None
+    label: str = "target"  # csv/parquet: the label column
+    shape: list[Annotated[int, Field(gt=0)]] | None = None  # one row's shape, e.g. [1, 8, 8]
     test_size: float = Field(0.2, gt=0, lt=1)  # not used when the user gave a split
     val_size: float = Field(0.1, gt=0, lt=1)  # of all rows, also when carved from the user's train
     # false: the features reach the model as given (mean 0, scale 1; integer features such as
@@ -77,6 +78,8 @@ ARCH_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.sub:N
 
 
 class TeacherConfig(Strict):
+    # train (on the data), file:PATH (weights or TorchScript), hf:DIR (save_pretrained),
+    # models:/NAME@ALIAS or runs:/ID/PATH (MLflow)
     source: str = "train"
     # built-in `mlp` / `cnn`, or `module:Name`: an nn.Module class or a function returning one
     arch: str = "mlp"
@@ -205,6 +208,7 @@ class ReduceConfig(Strict):
 
 
 class ReconstructConfig(Strict):
+    # width: fewer units per layer, re-fitted by least squares; low_rank: each layer a product
     mode: Literal["low_rank", "width"] = "width"
     selection: Literal["pqr", "importance"] = "pqr"  # width mode: which units to keep
     # width mode: relative ridge of the consumer re-fit. 0.3 (not ~0) costs accuracy before
@@ -224,6 +228,7 @@ class FinetuneConfig(Strict):  # defaults: the recipe benchmarks/quality.py foun
 
 
 class PruneConfig(Strict):
+    # structured: whole units removed (smaller and faster); unstructured: zeroed weights
     method: Literal["unstructured", "structured"] = "structured"
     amount: float = Field(
         0.3, ge=0, lt=1
@@ -234,7 +239,7 @@ class PruneConfig(Strict):
 
 
 class QuantizeConfig(Strict):
-    enabled: bool = True
+    enabled: bool = True  # int8 is tried; it ships only if smaller and no slower than fp32
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
     max_abs_diff: float = Field(1e-3, gt=0)
     # rows per call the served model is chosen for: int8 ships only when its file is smaller and
@@ -255,7 +260,7 @@ class EvaluateConfig(Strict):
 
 
 class RegisterConfig(Strict):
-    enabled: bool = True
+    enabled: bool = True  # the served model registered in MLflow's registry (alias challenger)
     model_name: str = Field("distill-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -285,9 +290,9 @@ class PipelineConfig(Strict):
         allow_inf_nan=False,
     )
 
-    name: str = "digits"
+    name: str = "digits"  # the run's name in MLflow and Prefect (and the config file's stem)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # what scikit-learn and numpy take
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda where there is one
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     # set: distill plans reduce, prune and quantize to meet it (reduce.budget and
