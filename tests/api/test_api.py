@@ -144,3 +144,23 @@ def test_bad_input_is_one_line_naming_what(call, message):
         call(_trained_mlp(X, y), X, y)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_notebook_in_docs_runs(tmp_path):
+    """docs/notebook.ipynb's code cells, in order, in a fresh process: it ships what it says."""
+    cells = json.loads((ROOT / "docs" / "notebook.ipynb").read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    code += "\nprint('METRICS', result.target_met, result.metrics['compression_ratio'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert last[:2] == ["METRICS", "True"] and float(last[2]) >= 10
+    assert (tmp_path / "student.onnx").stat().st_size > 0
