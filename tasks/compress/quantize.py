@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -326,7 +326,10 @@ class _Rows:
         return None if rows is None else {INPUT_NAME: rows}
 
 
-def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> bytes:
+def quantize_onnx(
+    float_bytes: bytes, X_calib: np.ndarray, static: bool, exclude: Sequence[str] = ()
+) -> bytes:
+    """int8 ONNX of `float_bytes`; `exclude`: nodes (of `weighted_nodes`) left in fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,10 +338,31 @@ def quantize_onnx(float_bytes: bytes, X_calib: np.ndarray, static: bool) -> byte
         _pre_process(raw, src)
         if static:
             with _root_log_level(logging.ERROR):  # per-channel notes on 1-D weights (norms)
-                _quantize_static(src, dst, X_calib)
+                _quantize_static(src, dst, X_calib, list(exclude))
         else:
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
         return lean_onnx(dst.read_bytes())
+
+
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")  # the ops int8 makes smaller
+
+
+def weighted_nodes(float_bytes: bytes) -> list[str]:
+    """The nodes of the graph `quantize_onnx` quantizes (after ORT's pre-processing) that hold a
+    weight: what a per-layer fallback can leave in fp32, in graph order."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, src = Path(tmp) / "raw.onnx", Path(tmp) / "float.onnx"
+        raw.write_bytes(float_bytes)
+        _pre_process(raw, src)
+        graph = onnx.load(src).graph
+    weights = {init.name for init in graph.initializer}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in WEIGHTED_OPS and any(name in weights for name in node.input)
+    ]
 
 
 def _pre_process(raw: Path, src: Path) -> None:
@@ -366,7 +390,7 @@ def _root_log_level(level: int):
         root.setLevel(before)
 
 
-def _quantize_static(src: Path, dst: Path, X_calib: np.ndarray) -> None:
+def _quantize_static(src: Path, dst: Path, X_calib: np.ndarray, exclude: list[str]) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     quantize_static(
@@ -377,6 +401,7 @@ def _quantize_static(src: Path, dst: Path, X_calib: np.ndarray) -> None:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
     )
 
 

@@ -46,7 +46,7 @@ from tasks.compress.finetune import History
 from tasks.compress.graph import Group, ParamModel, keep_units, param_model, trace
 from tasks.compress.guard import CONFIDENCE, Decision, decide
 from tasks.compress.prune import prunable_groups, recover, remove_lowest_units
-from tasks.compress.quantize import Quantized, quantize_model
+from tasks.compress.quantize import Quantized, quantize_model, quantize_onnx, ship, weighted_nodes
 from tasks.compress.reconstruct import reconstruct
 from tasks.compress.reduce import calibration_rows, reduce_model
 from tasks.compress.rows import predict_batched
@@ -389,20 +389,84 @@ def keep_fraction_for(
     return lo
 
 
+Requantize = Callable[[list[str]], OnnxModel]  # int8 with these weighted nodes left in fp32
+
+
 def guarded_int8(
-    quantized: Quantized, guard: Guard, float_check: Check
+    quantized: Quantized,
+    guard: Guard,
+    float_check: Check,
+    calibration: np.ndarray | None = None,
+    ship_rows: tuple[np.ndarray, int] | None = None,
 ) -> tuple[Quantized, Check | None]:
     """int8 (where the quantize stage ships it: smaller, no slower), unless it breaks the guard
-    where its float model keeps it: then the fp32 export."""
+    where its float model keeps it: then ONNX Runtime's static int8 with the layers that cost
+    the guard most left in fp32 (`mixed_int8`: `calibration` rows for its scales, and the rows
+    and batch that measure whether it still ships), else the fp32 export."""
     if quantized.int8_model is None:
         return quantized, None
     check = guard.check("int8", quantized.int8_model.predictor(), quantized.int8_model.params)
     if check.ok or not float_check.ok:
         return quantized, check
-    return quantized.fp32_instead(
+    why = (
         f"fp32 ships, int8 broke the {_what(guard)} guard: it lost {check.drop:.4f} > "
         f"{guard.max_drop:.4f} on validation rows"
-    ), check
+    )
+    fp32 = quantized.float_model
+    if (
+        calibration is not None
+        and ship_rows is not None
+        and isinstance(fp32, OnnxModel)
+        and quantized.method == "static"
+    ):
+
+        def requantize(kept_fp32: list[str]) -> OnnxModel:
+            int8 = quantize_onnx(fp32.onnx_bytes, calibration, static=True, exclude=kept_fp32)
+            return OnnxModel(int8, fp32.params, fp32.nonzeros, fp32.flops)
+
+        mixed = mixed_int8(fp32, guard, requantize)
+        if mixed is not None:
+            model, mixed_check, kept_fp32 = mixed
+            tried = ship(
+                replace(quantized, int8_model=model, method=f"static, {len(kept_fp32)} fp32"),
+                *ship_rows,
+            )
+            layers = ", ".join(kept_fp32)
+            if tried.int8_model is not None:
+                return replace(
+                    tried,
+                    why=f"int8 ships with {layers} in fp32 (int8 there broke the guard); "
+                    + tried.why,
+                ), mixed_check
+            why += f"; int8 with {layers} in fp32 kept it, but then {tried.why}"
+        else:
+            why += "; no per-layer fallback kept it"
+    return quantized.fp32_instead(why), check
+
+
+def mixed_int8(
+    fp32: OnnxModel, guard: Guard, requantize: Requantize, most: int = 16
+) -> tuple[OnnxModel, Check, list[str]] | None:
+    """Per-layer fallback, as Intel Neural Compressor's accuracy-aware tuning: each weighted
+    node's cost to the guard measured by leaving it alone in fp32, then the costliest left in
+    fp32 one more at a time until the guard holds (the smallest set found this way). None when
+    no set short of all of them keeps it, or the graph has one layer or more than `most`."""
+    nodes = weighted_nodes(fp32.onnx_bytes)
+    if not 2 <= len(nodes) <= most:
+        return None
+    models = {n: requantize([n]) for n in nodes}
+    alone = {n: guard.check(f"int8, {n} fp32", models[n].predictor(), fp32.params) for n in nodes}
+    order = sorted(nodes, key=lambda n: alone[n].accuracy, reverse=True)
+    for k in range(1, len(nodes)):
+        kept_fp32 = order[:k]
+        if k == 1:
+            model, check = models[order[0]], alone[order[0]]
+        else:
+            model = requantize(kept_fp32)
+            check = guard.check(f"int8, {k} layers fp32", model.predictor(), fp32.params)
+        if check.ok:
+            return model, replace(check, step="int8"), kept_fp32
+    return None
 
 
 def fit_to_target(
@@ -425,6 +489,7 @@ def fit_to_target(
     rolling back a round that breaks the guard. `export` defaults to the quantize stage's, in
     the plan's format."""
     quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
+    calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
     export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
     example = torch.from_numpy(data.X_train[:2])
     model = copy.deepcopy(student).eval()
@@ -432,7 +497,9 @@ def fit_to_target(
     kept = guard.check("reduction", torch_predictor(model), params)
     checks, history, rolled_back, rounds = [kept], History(), [], 0
     while True:
-        quantized, int8 = guarded_int8(export(model), guard, kept)
+        quantized, int8 = guarded_int8(
+            export(model), guard, kept, calibration, (data.X_test, quantize.batch)
+        )
         served_fmt = "int8" if quantized.int8_model is not None else "fp32"
         got = achieved(plan, quantized.served, data.X_test, latency_repeats)
         within = got <= plan.limit

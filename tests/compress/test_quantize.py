@@ -230,3 +230,77 @@ def test_the_exporter_op_registry_is_built_once_and_copied():
     first.functions.clear()  # what one export registers stays in its copy
     assert ONNXRegistry.from_torchlib().functions == fresh.functions
     assert export_onnx(model, 8) == exported
+
+
+def test_an_excluded_layer_stays_float_in_the_int8_file(trained_mlp, digits):
+    import onnx
+
+    from tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
+
+    fp32 = export_onnx(trained_mlp, digits.X_test)
+    nodes = weighted_nodes(fp32)
+    assert len(nodes) == 3  # the MLP's three Linear layers, in order
+    graph = onnx.load_from_string(
+        quantize_onnx(fp32, digits.X_train[:256], static=True, exclude=[nodes[-1]])
+    ).graph
+    float_weights = {tuple(i.dims) for i in graph.initializer if i.data_type == 1}
+    int8_weights = {tuple(i.dims) for i in graph.initializer if i.data_type == 3}
+    head = tuple(trained_mlp.get_submodule(_last_linear(trained_mlp)).weight.shape)
+    assert head in float_weights and head not in int8_weights
+    assert sum(len(d) == 2 for d in int8_weights) == 2  # the other two layers' weights are int8
+
+
+def _last_linear(model: torch.nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+class _Answers:
+    """A stand-in served model whose answers are right on the rows a layer set fixes."""
+
+    def __init__(self, right: np.ndarray, y: np.ndarray) -> None:
+        self.right, self.y, self.params = right, y, 100
+
+    def predictor(self):
+        logits = np.zeros((len(self.y), 2), dtype=np.float32)
+        answers = np.where(self.right, self.y, 1 - self.y)
+        logits[np.arange(len(self.y)), answers] = 1.0
+        return lambda X: logits[: len(X)]
+
+
+def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits):
+    """Three layers: int8 on the last breaks 30 % of the validation rows, on the first 2 %; the
+    search measures each alone, then leaves the costliest in fp32 until the guard holds: the
+    last layer alone would not do (the first's 2 % stays), both do; the middle stays int8."""
+    from tasks.compress.quantize import export_onnx, weighted_nodes
+    from tasks.compress.target import Guard, mixed_int8
+
+    fp32 = OnnxModel(export_onnx(trained_mlp, digits.X_test), 100, 100)
+    first, middle, last = weighted_nodes(fp32.onnx_bytes)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    broken = {
+        first: rng.random(500) < 0.02,
+        middle: np.zeros(500, bool),
+        last: rng.random(500) < 0.3,
+    }
+    calls = []
+
+    def requantize(kept: list[str]):
+        calls.append(sorted(kept))
+        wrong = np.zeros(500, bool)
+        for node, rows in broken.items():
+            if node not in kept:
+                wrong |= rows
+        return _Answers(~wrong, y)
+
+    guard = Guard(1.0, 0.005, np.zeros((500, 1)), y, teacher_answers=y)
+    found = mixed_int8(fp32, guard, requantize)
+    assert found is not None
+    _, check, kept = found
+    assert kept == [last, first] and check.ok and check.step == "int8"
+    assert calls[:3] == [[first], [middle], [last]]  # each alone, then the greedy sets
+    # one layer fixing it is enough: the search stops there
+    broken[first] = np.zeros(500, bool)
+    calls.clear()
+    _, _, kept = mixed_int8(fp32, guard, requantize)
+    assert kept == [last] and len(calls) == 3
