@@ -401,6 +401,12 @@ def _quantize_static(src: Path, dst: Path, X_calib: np.ndarray, exclude: list[st
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        # 7-bit weights: ORT's u8s8 kernels on x86 without VNNI (AVX2, AVX-512) add pairs of
+        # products in int16, which saturates with 8-bit weights. Measured here (AVX2): a random
+        # 64-512-512-10 MLP's int8 answers agreed with fp32 on 96.9 % of rows, 99.1 % with
+        # reduce_range; the served graph's logits were 0.053 off its own QDQ arithmetic, and
+        # within float rounding of it with reduce_range
+        reduce_range=True,
         nodes_to_exclude=exclude,
     )
 

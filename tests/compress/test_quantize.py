@@ -304,3 +304,26 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
     calls.clear()
     _, _, kept = mixed_int8(fp32, guard, requantize)
     assert kept == [last] and len(calls) == 3
+
+
+def test_the_int8_kernels_compute_what_the_int8_graph_says():
+    """ONNX Runtime's fused int8 kernels give the quantized graph's own arithmetic (its QDQ nodes
+    run one by one): on x86 without VNNI, 8-bit weights saturated their int16 pair sums (0.05
+    off on this MLP; 7-bit weights, reduce_range, do not)."""
+    import onnxruntime as ort
+
+    from tasks.compress.quantize import export_onnx, quantize_onnx
+
+    torch.manual_seed(0)
+    X = np.random.default_rng(0).random((400, 64)).astype(np.float32)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU()
+    )
+    model = torch.nn.Sequential(*model, torch.nn.Linear(512, 10)).eval()
+    int8 = quantize_onnx(export_onnx(model, X), X, static=True)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fused = ort.InferenceSession(int8, providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    graph = ort.InferenceSession(int8, plain, providers=["CPUExecutionProvider"])
+    reference = graph.run(None, {"x": X})[0]
+    assert np.abs(fused - reference).max() <= 1e-3 * np.abs(reference).max()
