@@ -327,3 +327,43 @@ def test_the_int8_kernels_compute_what_the_int8_graph_says():
     graph = ort.InferenceSession(int8, plain, providers=["CPUExecutionProvider"])
     reference = graph.run(None, {"x": X})[0]
     assert np.abs(fused - reference).max() <= 1e-3 * np.abs(reference).max()
+
+
+def _fragile_head() -> tuple[torch.nn.Module, np.ndarray]:
+    """The classes differ by 0.02 x one hidden unit (the sum of the inputs) in a head whose rows
+    also weigh a dead unit by 10: int8's step on the head (per channel, 10/63 with 7-bit
+    weights) rounds the 0.02 away; int8 on the first layer keeps it."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    X = np.random.default_rng(0).random((400, 8)).astype(np.float32)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0]))  # unit 3: always 0
+        model[0].weight[1] = 1.0  # unit 1: the sum of the inputs
+        head = torch.zeros(2, 4)
+        head[:, 3] = 10.0
+        head[1, 1] = 0.02
+        model[2].weight.copy_(head)
+        median = float(np.median(X.sum(axis=1)))
+        model[2].bias.copy_(torch.tensor([0.0, -0.02 * median]))  # half the rows each
+    return model.eval(), X
+
+
+def test_a_head_whose_int8_breaks_the_guard_stays_fp32_and_only_it():
+    from tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
+    from tasks.compress.target import Guard, mixed_int8
+
+    model, X = _fragile_head()
+    with torch.no_grad():
+        teacher = model(torch.from_numpy(X)).argmax(1).numpy()
+    guard = Guard(1.0, 0.01, X, teacher, teacher_answers=teacher)
+    fp32 = OnnxModel(export_onnx(model, X), 46, 46)
+    _, head = weighted_nodes(fp32.onnx_bytes)
+
+    def requantize(kept: list[str]) -> OnnxModel:
+        return OnnxModel(quantize_onnx(fp32.onnx_bytes, X, static=True, exclude=kept), 46, 46)
+
+    assert guard.check("int8", requantize([]).predictor(), 46).accuracy < 0.6  # the premise
+    found = mixed_int8(fp32, guard, requantize)
+    assert found is not None
+    _, check, kept = found
+    assert kept == [head] and check.ok and check.accuracy > 0.99
