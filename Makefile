@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check flows tasks tests benchmarks
+	$(BIN)/ruff format --check distill flows tasks tests benchmarks
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
 	$(PYTEST) -m "not slow"

@@ -172,13 +172,41 @@ def measure_choice(
     )
 
 
-def ship(q: Quantized, X: np.ndarray, batch: int) -> Quantized:
-    """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X`."""
+def agreement(
+    a: OnnxModel | TorchScriptModel, b: OnnxModel | TorchScriptModel, X: np.ndarray
+) -> float | None:
+    """The fraction of rows of `X` on which two classifiers answer the same class; None for a
+    model of one output (a regression)."""
+    out_a = predict_batched(a.predictor(), X)
+    if out_a.ndim != 2 or out_a.shape[1] < 2:
+        return None
+    out_b = predict_batched(b.predictor(), X)
+    return float((out_a.argmax(axis=1) == out_b.argmax(axis=1)).mean())
+
+
+def ship(
+    q: Quantized,
+    X: np.ndarray,
+    batch: int,
+    agree_on: np.ndarray | None = None,
+    min_agreement: float = 0.0,
+) -> Quantized:
+    """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X`; with `agree_on`,
+    int8 must also answer as the fp32 export on `min_agreement` of those rows."""
     if q.int8_model is None:
         return replace(q, why="quantization off (compress.quantize.enabled: false): fp32 ships")
     choice = measure_choice(q.float_model, q.int8_model, X, batch)
     q = replace(q, int8_candidate=q.int8_model, choice=choice, why=choice.why(q.method))
-    return q if choice.int8_ships else q.fp32_instead(q.why)
+    if not choice.int8_ships:
+        return q.fp32_instead(q.why)
+    agreed = None if agree_on is None else agreement(q.float_model, q.int8_model, agree_on)
+    if agreed is not None and agreed < min_agreement:
+        return q.fp32_instead(
+            f"fp32 ships, int8 answers as fp32 on only {100 * agreed:.1f} % of "
+            f"{len(agree_on):,} training rows (compress.quantize.min_agreement "
+            f"{min_agreement:g}); {q.why.removeprefix('int8 ships: ')}"
+        )
+    return q
 
 
 def torchscript_bytes(model: nn.Module, example: int | np.ndarray) -> bytes:
@@ -471,4 +499,11 @@ def quantize_model(
             f"{cfg.max_abs_diff:g}); nothing registered"
         )
     exported = Exported(model, float_model, counts, reference, float_outputs, export_diff)
-    return ship(RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed), X_test, cfg.batch)
+    agree_on = calibration_rows(X_train, 1024, seed + 1)  # label-free: int8 vs fp32 answers
+    return ship(
+        RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed),
+        X_test,
+        cfg.batch,
+        agree_on,
+        cfg.min_agreement,
+    )

@@ -245,6 +245,10 @@ class QuantizeConfig(Strict):
     # rows per call the served model is chosen for: int8 ships only when its file is smaller and
     # it is no slower than fp32 at this batch (both measured; the quantize stage logs why)
     batch: int = Field(256, ge=1)
+    # int8 ships only when its classes agree with the fp32 export's on this fraction of 1,024
+    # training rows (label-free; not checked for a regression output): a broken int8 model is
+    # refused here; a target's guard decides finer, on validation accuracy
+    min_agreement: float = Field(0.95, ge=0, le=1)
 
 
 class CompressConfig(Strict):

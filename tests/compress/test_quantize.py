@@ -367,3 +367,45 @@ def test_a_head_whose_int8_breaks_the_guard_stays_fp32_and_only_it():
     assert found is not None
     _, check, kept = found
     assert kept == [head] and check.ok and check.accuracy > 0.99
+
+
+@pytest.mark.parametrize("agreed, ships", [(0.96, True), (0.94, False)])
+def test_int8_that_answers_unlike_fp32_does_not_ship(monkeypatch, agreed, ships):
+    """Smaller and faster is not enough: int8 whose classes differ from the fp32 export's on
+    more than 5 % of training rows ships fp32, and says so (a BERT's int8 answered one class
+    for every row, smaller and no slower)."""
+    from tasks.compress import quantize
+
+    candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
+    monkeypatch.setattr(
+        quantize,
+        "measure_choice",
+        lambda fp32, i8, X, batch: Choice(batch, Measured(1000, 1.0), Measured(500, 0.5)),
+    )
+    rows = np.zeros((1000, 2), np.float32)
+    monkeypatch.setattr(quantize, "agreement", lambda a, b, X: agreed)
+    q = quantize.ship(candidate, rows, 256, rows, 0.95)
+    assert (q.served is candidate.int8_model) == ships and q.int8_candidate is candidate.int8_model
+    if not ships:
+        assert q.why.startswith(
+            "fp32 ships, int8 answers as fp32 on only 94.0 % of 1,000 training rows "
+            "(compress.quantize.min_agreement 0.95); static int8 0.5 KB"
+        )
+    assert q.choice is not None  # measured either way
+
+
+def test_agreement_counts_the_same_classes_and_skips_a_regression():
+    from tasks.compress.quantize import agreement
+
+    class Fixed:
+        def __init__(self, out):
+            self.out = np.asarray(out, np.float32)
+
+        def predictor(self):
+            return lambda X: self.out[: len(X)]
+
+    X = np.zeros((4, 1), np.float32)
+    a = Fixed([[1, 0], [0, 1], [1, 0], [0, 1]])
+    b = Fixed([[1, 0], [1, 0], [1, 0], [0, 1]])
+    assert agreement(a, b, X) == 0.75
+    assert agreement(Fixed([[1.0], [2.0], [3.0], [4.0]]), b, X) is None
