@@ -193,13 +193,14 @@ def ship(
 ) -> Quantized:
     """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X`; with `agree_on`,
     int8 must also answer as the fp32 export on `min_agreement` of those rows."""
-    if q.int8_model is None:
+    int8 = q.int8_model
+    if int8 is None:
         return replace(q, why="quantization off (compress.quantize.enabled: false): fp32 ships")
-    choice = measure_choice(q.float_model, q.int8_model, X, batch)
-    q = replace(q, int8_candidate=q.int8_model, choice=choice, why=choice.why(q.method))
-    if not choice.int8_ships:
-        return q.fp32_instead(q.why)
-    agreed = None if agree_on is None else agreement(q.float_model, q.int8_model, agree_on)
+    choice = measure_choice(q.float_model, int8, X, batch)
+    q = replace(q, int8_candidate=int8, choice=choice, why=choice.why(q.method))
+    if not choice.int8_ships or agree_on is None:
+        return q if choice.int8_ships else q.fp32_instead(q.why)
+    agreed = agreement(q.float_model, int8, agree_on)
     if agreed is not None and agreed < min_agreement:
         return q.fp32_instead(
             f"fp32 ships, int8 answers as fp32 on only {100 * agreed:.1f} % of "
