@@ -36,14 +36,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.compress.data import Dataset, load_dataset, prepare
-from tasks.compress.finetune import FitSettings, distill, fit, predict_logits
-from tasks.compress.graph import keep_units, pruning_group, trace
-from tasks.compress.reconstruct import reinitialized
-from tasks.compress.reduce import calibration_rows, reduce_model
-from tasks.compress.sources import Table
-from tasks.compress.width import choose_units, reconstruct_width
-from tasks.platform.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig
+from distill.tasks.compress.data import Dataset, load_dataset, prepare
+from distill.tasks.compress.finetune import FitSettings, distill, fit, predict_logits
+from distill.tasks.compress.graph import keep_units, pruning_group, trace
+from distill.tasks.compress.reconstruct import reinitialized
+from distill.tasks.compress.reduce import calibration_rows, reduce_model
+from distill.tasks.compress.sources import Table
+from distill.tasks.compress.width import choose_units, reconstruct_width
+from distill.tasks.platform.config import BudgetConfig, DataConfig, FinetuneConfig, ReduceConfig
 from tests import zoo
 
 TEACHER_EPOCHS = 40

@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.compress.data import load_dataset  # noqa: E402
-from tasks.compress.evaluate import evaluate_model  # noqa: E402
-from tasks.compress.pipeline import compress  # noqa: E402
-from tasks.platform.config import EvaluateConfig, PipelineConfig, load_config  # noqa: E402
+from distill.tasks.compress.data import load_dataset  # noqa: E402
+from distill.tasks.compress.evaluate import evaluate_model  # noqa: E402
+from distill.tasks.compress.pipeline import compress  # noqa: E402
+from distill.tasks.platform.config import EvaluateConfig, PipelineConfig, load_config  # noqa: E402
 
 CNN = [
     "data.shape=[1, 8, 8]",

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/fail_fast.py [--repeats 3] [--baseline /path/to/other/checkout]
 
-Each case is a fresh `python -m flows.cli` process (wall time, median of the repeats) in an
+Each case is a fresh `python -m distill.flows.cli` process (wall time, median of the repeats) in an
 empty folder with its own PREFECT_HOME and MLflow store, as a user's first try would be.
 `--baseline` runs the same cases with another checkout's code (PYTHONPATH) side by side.
 Issue 20 asks for a bad input under 3 s on an idle machine; the load average is printed, and
@@ -65,7 +65,7 @@ def time_case(code: Path, args: list[str] | None, tmp: Path) -> tuple[float, flo
         "DISTILL_MLFLOW_CONFIG": str(tmp / "absent.yaml"),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "flows.cli"]
+    command = [sys.executable, "-m", "distill.flows.cli"]
     command += ["--help"] if args is None else ["run", str(code / "configs" / "digits.yaml"), *args]
     start, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(

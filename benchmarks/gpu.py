@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.architectures import accuracy, signals  # noqa: E402
 from benchmarks.quality import generated_dataset  # noqa: E402
-from tasks.compress.architectures import build_mlp, wrap_input  # noqa: E402
-from tasks.compress.data import Dataset, load_dataset  # noqa: E402
-from tasks.compress.finetune import FitSettings, fit  # noqa: E402
-from tasks.compress.reduce import calibration_rows, reduce_model  # noqa: E402
-from tasks.compress.width import reconstruct_width  # noqa: E402
-from tasks.platform.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
+from distill.tasks.compress.architectures import build_mlp, wrap_input  # noqa: E402
+from distill.tasks.compress.data import Dataset, load_dataset  # noqa: E402
+from distill.tasks.compress.finetune import FitSettings, fit  # noqa: E402
+from distill.tasks.compress.reduce import calibration_rows, reduce_model  # noqa: E402
+from distill.tasks.compress.width import reconstruct_width  # noqa: E402
+from distill.tasks.platform.config import BudgetConfig, DataConfig, ReduceConfig  # noqa: E402
 from tests import zoo  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def pipeline_seconds(device: str) -> float:
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "distill.flows.cli",
                 "run",
                 str(ROOT / "configs" / "digits.yaml"),
                 "--set",

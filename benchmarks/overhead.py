@@ -12,7 +12,7 @@ run also starts Prefect's temporary server: it is run once before the timing (an
 start-up is reported on its own, as are a cold `distill run` process and `distill --help`).
 Prefect's result cache is refreshed on every run (PREFECT_TASKS_REFRESH_CACHE), so the flow
 recomputes every stage like the bare calls do. The flow runs as `distill run` runs it
-(`flows.distill.local_settings`).
+(`distill.flows.distill.local_settings`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ def bare(overrides: list[str]) -> None:
     """The flow's work as plain calls: the one pipeline function with its plain steps (same
     stages, same evaluation), the same figures written as PNG files (when `evaluate.plots` is on),
     nothing recorded."""
-    from tasks.compress.data import load_dataset
-    from tasks.compress.pipeline import Recorder, compress
-    from tasks.compress.plots import pipeline_figures
-    from tasks.platform.config import load_config
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.compress.pipeline import Recorder, compress
+    from distill.tasks.compress.plots import pipeline_figures
+    from distill.tasks.platform.config import load_config
 
     class PngFiles(Recorder):
         def plots(self, *inputs) -> None:
@@ -59,7 +59,7 @@ def timed(fn, *args) -> float:
 def process_seconds(args: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "distill.flows.cli", *args],
         cwd=ROOT,
         env=env,
         check=True,
@@ -71,7 +71,7 @@ def process_seconds(args: list[str], env: dict[str, str]) -> float:
 
 def compare(overrides: list[str], repeats: int) -> tuple[float, float]:
     """Median seconds of (bare, flow), alternating."""
-    from flows.distill import distill_flow
+    from distill.flows.distill import distill_flow
 
     bare(overrides)  # warm-up
     t_bare, t_flow = [], []
@@ -105,8 +105,8 @@ def main() -> None:
         "PREFECT_TASKS_REFRESH_CACHE": "true",
     }
     os.environ.update(env)
-    from flows.distill import distill_flow, local_settings
-    from tasks.platform.servers import prefect_server
+    from distill.flows.distill import distill_flow, local_settings
+    from distill.tasks.platform.servers import prefect_server
 
     with local_settings():  # as `distill run` sets them, once per process
         start = time.perf_counter()

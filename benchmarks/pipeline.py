@@ -38,7 +38,7 @@ def main() -> None:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
-    from flows.distill import distill_flow
+    from distill.flows.distill import distill_flow
 
     runs = [
         distill_flow(str(ROOT / "configs" / "digits.yaml"), [f"seed={s}", *args.overrides])

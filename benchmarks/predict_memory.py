@@ -90,7 +90,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "distill.flows.cli",
                 "run",
                 str(ROOT / "configs" / "digits.yaml"),
                 *sets,
@@ -125,7 +125,7 @@ def main() -> None:
                 command = [
                     sys.executable,
                     "-m",
-                    "flows.cli",
+                    "distill.flows.cli",
                     "predict",
                     "--model",
                     "models:/predict-memory/1",

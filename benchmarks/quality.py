@@ -50,15 +50,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.architectures import accuracy, signals, tp_l2_student
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.data import Dataset, load_dataset, prepare
-from tasks.compress.finetune import FitSettings, feature_pairs, fit
-from tasks.compress.graph import param_model
-from tasks.compress.reconstruct import reinitialized
-from tasks.compress.reduce import calibration_rows, reduce_model
-from tasks.compress.sources import Table
-from tasks.compress.width import WidthReport, reconstruct_width
-from tasks.platform.config import (
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.data import Dataset, load_dataset, prepare
+from distill.tasks.compress.finetune import FitSettings, feature_pairs, fit
+from distill.tasks.compress.graph import param_model
+from distill.tasks.compress.reconstruct import reinitialized
+from distill.tasks.compress.reduce import calibration_rows, reduce_model
+from distill.tasks.compress.sources import Table
+from distill.tasks.compress.width import WidthReport, reconstruct_width
+from distill.tasks.platform.config import (
     BudgetConfig,
     DataConfig,
     FinetuneConfig,

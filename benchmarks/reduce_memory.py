@@ -6,9 +6,9 @@ activations.
 Each measurement runs in a fresh process: build the digits teacher (64-512-512-10, random
 weights: memory does not depend on training), make the calibration rows, note the peak
 RSS, run the PCA, and report how much the peak grew. `streamed` is
-tasks.compress.reduce.collect_bases (running Σz, Σzzᵀ per layer); `naive` keeps every layer's
-outputs and runs one PCA on them (what a straightforward implementation does) — the reference
-the streamed one must beat.
+`distill.tasks.compress.reduce.collect_bases` (running Σz, Σzzᵀ per layer); `naive` keeps every
+layer's outputs and runs one PCA on them (what a straightforward implementation does) — the
+reference the streamed one must beat.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def measure(method: str, rows: int) -> tuple[float, float]:
     import numpy as np
     import torch
 
-    from tasks.compress.architectures import build_mlp
-    from tasks.compress.pca import collect_bases, linear_layers
+    from distill.tasks.compress.architectures import build_mlp
+    from distill.tasks.compress.pca import collect_bases, linear_layers
 
     torch.manual_seed(0)
     model = build_mlp(64, [512, 512], 10).eval()

@@ -41,7 +41,7 @@ import atexit, resource, runpy, sys
 atexit.register(lambda: print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                               / 1024, file=sys.stderr, flush=True))
 sys.argv = ["distill", *sys.argv[1:]]
-runpy.run_module("flows.cli", run_name="__main__")
+runpy.run_module("distill.flows.cli", run_name="__main__")
 """
 
 

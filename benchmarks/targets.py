@@ -63,10 +63,10 @@ def teachers(tmp: Path) -> dict[str, list[str]]:
 
 def trained_teacher(overrides: list[str], path: Path, seed: int) -> tuple[list[str], float]:
     """Train once, save the state_dict; -> overrides loading it, and the latency target (ms)."""
-    from tasks.compress.data import load_dataset
-    from tasks.compress.target import measure_costs
-    from tasks.compress.teacher import train_teacher
-    from tasks.platform.config import load_config
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.compress.target import measure_costs
+    from distill.tasks.compress.teacher import train_teacher
+    from distill.tasks.platform.config import load_config
 
     cfg = load_config(CONFIG, [f"seed={seed}", *overrides])
     data = load_dataset(cfg.data, seed)
@@ -81,7 +81,7 @@ def trained_teacher(overrides: list[str], path: Path, seed: int) -> tuple[list[s
 def run(overrides: list[str]) -> tuple[dict[str, float], dict | None, float]:
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-    from flows.distill import distill_flow
+    from distill.flows.distill import distill_flow
 
     start = time.perf_counter()
     with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
@@ -111,7 +111,7 @@ def main() -> None:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
-    from flows.distill import local_settings
+    from distill.flows.distill import local_settings
 
     rows, costs, begin = [], [], time.perf_counter()
     with local_settings():

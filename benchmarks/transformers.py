@@ -65,15 +65,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
-from tasks.compress.data import Dataset, load_dataset  # noqa: E402
-from tasks.compress.evaluate import count_params, evaluate_model  # noqa: E402
-from tasks.compress.finetune import FitSettings, fit, predict_logits  # noqa: E402
-from tasks.compress.hf import HFLogits, hf_model, load_hf_teacher  # noqa: E402
-from tasks.compress.pipeline import PLAIN_STEPS, compress  # noqa: E402
-from tasks.compress.quantize import quantize_model  # noqa: E402
-from tasks.compress.reconstruct import reinitialized  # noqa: E402
-from tasks.compress.transformer import drop_layers  # noqa: E402
-from tasks.platform.config import PipelineConfig, load_config  # noqa: E402
+from distill.tasks.compress.data import Dataset, load_dataset  # noqa: E402
+from distill.tasks.compress.evaluate import count_params, evaluate_model  # noqa: E402
+from distill.tasks.compress.finetune import FitSettings, fit, predict_logits  # noqa: E402
+from distill.tasks.compress.hf import HFLogits, hf_model, load_hf_teacher  # noqa: E402
+from distill.tasks.compress.pipeline import PLAIN_STEPS, compress  # noqa: E402
+from distill.tasks.compress.quantize import quantize_model  # noqa: E402
+from distill.tasks.compress.reconstruct import reinitialized  # noqa: E402
+from distill.tasks.compress.transformer import drop_layers  # noqa: E402
+from distill.tasks.platform.config import PipelineConfig, load_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "digits.yaml"
 RATIOS = (2, 4)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tasks.platform.servers import ServerNotReady, free_port, prefect_server  # noqa: E402
+from distill.tasks.platform.servers import ServerNotReady, free_port, prefect_server  # noqa: E402
 
 QUICK = [
     "teacher.hidden=[64, 64]",
@@ -137,7 +137,7 @@ def main() -> int:
         "DO_NOT_TRACK": "true",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
-    distill = [sys.executable, "-m", "flows.cli"]
+    distill = [sys.executable, "-m", "distill.flows.cli"]
     failures: list[str] = []
 
     def check(ok: bool, what: str) -> None:

@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from tasks.compress.data import Dataset, load_dataset
-from tasks.compress.evaluate import OnnxModel, TorchScriptModel
-from tasks.compress.finetune import History
-from tasks.compress.pipeline import PLAIN_STEPS, Outcome, Recorder
-from tasks.compress.pipeline import compress as run_pipeline
-from tasks.compress.teacher import GIVEN, given_teacher
-from tasks.platform.config import PipelineConfig, build_config, merge
-from tasks.platform.errors import UserError
+from distill.tasks.compress.data import Dataset, load_dataset
+from distill.tasks.compress.evaluate import OnnxModel, TorchScriptModel
+from distill.tasks.compress.finetune import History
+from distill.tasks.compress.pipeline import PLAIN_STEPS, Outcome, Recorder
+from distill.tasks.compress.pipeline import compress as run_pipeline
+from distill.tasks.compress.teacher import GIVEN, given_teacher
+from distill.tasks.platform.config import PipelineConfig, build_config, merge
+from distill.tasks.platform.errors import UserError
 
 _SCHEMES = ("hf:", "file:", "models:/", "runs:/", "train")
 _LABEL, _SPLIT = "__label__", "__split__"  # the columns a DataFrame's rows are written with
@@ -177,7 +177,7 @@ def run(config: str | Path, overrides: Sequence[str] = (), promote: bool = False
     """`distill run CONFIG --set KEY=VALUE ...`: the config through the Prefect flow (a temporary
     local API unless PREFECT_API_URL is set), recorded in MLflow and registered as configured.
     Returns the run's summary (run id, metrics per stage, registered version)."""
-    from flows.distill import distill_flow
+    from distill.flows.distill import distill_flow
 
     return distill_flow(str(config), list(overrides), promote=promote)
 
@@ -274,8 +274,8 @@ def _tracked(
     """The pipeline recorded in MLflow as the CLI records it, without Prefect."""
     import yaml
 
-    from tasks.platform import store, tracking
-    from tasks.release.recorder import TrackingRecorder
+    from distill.tasks.platform import store, tracking
+    from distill.tasks.release.recorder import TrackingRecorder
 
     with _tracking_uri(uri):
         settings = store.load_settings()

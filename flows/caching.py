@@ -10,7 +10,7 @@ import torch
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-from tasks.platform.caching import Uncacheable, code_digest, content_hash
+from distill.tasks.platform.caching import Uncacheable, code_digest, content_hash
 
 
 def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str | None:

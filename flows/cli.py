@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.process import (
+from distill.flows.process import (
     EXIT_REFUSED,
     fail,
     flow_command,
@@ -27,7 +27,7 @@ from flows.process import (
     start_prefect_server_early,
     user_errors,
 )
-from tasks.platform.secrets import mask_passwords_in_output
+from distill.tasks.platform.secrets import mask_passwords_in_output
 
 # `distill run --help`'s last paragraph: what each exit code means
 EXIT_CODES = (
@@ -114,7 +114,7 @@ def run(
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
     quiet()
-    from tasks.platform.config import load_config
+    from distill.tasks.platform.config import load_config
 
     overrides = list(set_ or [])
     if from_run and config != Path("configs/digits.yaml"):
@@ -129,13 +129,13 @@ def run(
         refresh=bool(from_run) or fresh,
         debug=debug,
     ):
-        from flows.distill import distill_flow
+        from distill.flows.distill import distill_flow
 
         summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
     if as_json:
         _echo_json(summary)
     else:
-        from flows.summary import print_stage_table
+        from distill.flows.summary import print_stage_table
 
         print_stage_table(summary)
     if summary.target is not None and (not as_json or not summary.target["met"]):
@@ -153,14 +153,14 @@ def check_inputs(cfg: Any, config: Path) -> None:
     tasks/compress/preflight.py), checked in this process before any server starts (about 2 s
     on digits, most of it imports, plus the pre-flight's ONNX export). The flow reuses the
     dataset read here (tasks/compress/data.py keeps the last one) and the pre-flight's pass."""
-    from tasks.compress.data import load_dataset
+    from distill.tasks.compress.data import load_dataset
 
     data = load_dataset(cfg.data, cfg.seed)
-    from tasks.platform.config import check_task_keys
+    from distill.tasks.platform.config import check_task_keys
 
     check_task_keys(cfg, data.task)  # classification-only keys on a regression run, and back
-    from tasks.compress.preflight import preflight_config
-    from tasks.platform.device import (
+    from distill.tasks.compress.preflight import preflight_config
+    from distill.tasks.platform.device import (
         resolve_device,  # torch: after the data, whose errors need none
     )
 
@@ -169,8 +169,8 @@ def check_inputs(cfg: Any, config: Path) -> None:
 
 
 def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None:
-    from tasks.platform.config import load_config
-    from tasks.platform.errors import UserError
+    from distill.tasks.platform.config import load_config
+    from distill.tasks.platform.errors import UserError
 
     try:
         check_inputs(load_config(config, overrides + combo), config)
@@ -224,7 +224,7 @@ def sweep(
 
     overrides = list(set_ or [])
     with user_errors():
-        from flows.sweep import check_variants, parse_grid, task_runner
+        from distill.flows.sweep import check_variants, parse_grid, task_runner
 
         grid_values = parse_grid(grid)
         # fail fast, before Prefect or MLflow start: configs, then data and teacher of each variant
@@ -232,7 +232,7 @@ def sweep(
             _check_variant(config, overrides, combo)
         runner = task_runner(dask, dask_address, workers)
 
-    from flows.sweep import SweepFailed, sweep_flow
+    from distill.flows.sweep import SweepFailed, sweep_flow
 
     failed = False
     with flow_command("sweep"):
@@ -245,7 +245,7 @@ def sweep(
     if as_json:
         _echo_json(summary)
     else:
-        from flows.sweep import markdown_table
+        from distill.flows.sweep import markdown_table
 
         typer.echo(markdown_table(summary.table))
         typer.echo(f"\nsweep {summary.sweep_id}: summary MLflow run {summary.summary_run_id}")
@@ -266,7 +266,7 @@ def deploy(
 ) -> None:
     """Apply the scheduled deployments to the Prefect server in PREFECT_API_URL (creates the work pool)."""  # noqa: E501
     quiet()
-    from flows.deployments import deploy as apply_deployments
+    from distill.flows.deployments import deploy as apply_deployments
 
     with user_errors():
         names = apply_deployments(prefect_file)
@@ -282,7 +282,7 @@ def serve(
 ) -> None:
     """Serve the scheduled deployments from this process (no work pool or worker needed); Ctrl-C stops."""  # noqa: E501
     quiet()
-    from flows.deployments import serve as serve_deployments
+    from distill.flows.deployments import serve as serve_deployments
 
     with user_errors():
         serve_deployments(prefect_file)
@@ -308,7 +308,7 @@ def compare(
 ) -> None:
     """Pipeline runs side by side: config keys that differ, final metrics, compression, speedup."""
     quiet()
-    from tasks.release.compare import load_comparison, rich_table, to_csv, to_json
+    from distill.tasks.release.compare import load_comparison, rich_table, to_csv, to_json
 
     # stdout carries the result only
     with user_errors(), contextlib.redirect_stdout(sys.stderr):
@@ -333,7 +333,7 @@ def _check_port_free(host: str, port: int) -> None:
     as ours. SO_REUSEADDR as servers set it: a closed connection's TIME_WAIT is no listener."""
     import socket
 
-    from tasks.platform.errors import UserError
+    from distill.tasks.platform.errors import UserError
 
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -355,7 +355,7 @@ def ui(
     quiet()
     import signal
 
-    from tasks.platform import servers, store
+    from distill.tasks.platform import servers, store
 
     with user_errors():
         settings = store.load_settings()
@@ -449,8 +449,8 @@ def promote(
 ) -> None:
     """Move alias `champion` to a version only if every gate passes (exit 1 if refused); or --rollback."""  # noqa: E501
     quiet()
-    from tasks.platform.config import DEFAULT_CONFIG, build_config, load_config
-    from tasks.platform.errors import UserError
+    from distill.tasks.platform.config import DEFAULT_CONFIG, build_config, load_config
+    from distill.tasks.platform.errors import UserError
 
     flags = {
         "max_accuracy_drop": max_accuracy_drop,
@@ -481,7 +481,7 @@ def promote(
     server_ready = start_prefect_server_early()  # the gates run as a Prefect flow
     from prefect import tags as prefect_tags
 
-    from flows.promote import run_promotion
+    from distill.flows.promote import run_promotion
 
     hide_user_errors_in_prefect_logs()
     server_ready()
@@ -528,8 +528,8 @@ def predict(
     quiet()
 
     with user_errors():
-        from tasks.platform import store
-        from tasks.release.predict import predict_file
+        from distill.tasks.platform import store
+        from distill.tasks.release.predict import predict_file
 
         store.point_at(store.load_settings())
         with contextlib.redirect_stdout(sys.stderr):

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.platform.config import read_yaml
-from tasks.platform.errors import UserError
+from distill.tasks.platform.config import read_yaml
+from distill.tasks.platform.errors import UserError
 
 PREFECT_FILE = Path("deployments/prefect.yaml")
 PROJECT_DIR_ENV = "DISTILL_PROJECT_DIR"
@@ -120,9 +120,10 @@ def deployed_names(names: list[str]) -> list[str]:
 
 
 def _flow(entrypoint: str) -> Any:
-    """`flows/distill.py:distill_flow` -> the flow object, imported as a module of the project."""
+    """`flows/distill.py:distill_flow` -> the flow object, imported as a module of the installed
+    package (`distill.flows.distill`)."""
     path, _, attr = entrypoint.partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    module = importlib.import_module("distill." + path.removesuffix(".py").replace("/", "."))
     return getattr(module, attr)
 
 

@@ -19,14 +19,24 @@ from prefect import tags as prefect_tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.stages import PREFECT_STEPS, MlflowRecorder, data_task, log_student_hf, register_task
-from flows.summary import RunSummary, run_name, stage_table_markdown, version_description
-from tasks.compress.failures import StageGuard
-from tasks.compress.pipeline import Outcome, compress
-from tasks.compress.preflight import preflight_config
-from tasks.platform import dead_runs, progress, store, tracking
-from tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
-from tasks.release.registry import Registered, remove_incomplete_registrations, teacher_lineage
+from distill.flows.stages import (
+    PREFECT_STEPS,
+    MlflowRecorder,
+    data_task,
+    log_student_hf,
+    register_task,
+)
+from distill.flows.summary import RunSummary, run_name, stage_table_markdown, version_description
+from distill.tasks.compress.failures import StageGuard
+from distill.tasks.compress.pipeline import Outcome, compress
+from distill.tasks.compress.preflight import preflight_config
+from distill.tasks.platform import dead_runs, progress, store, tracking
+from distill.tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
+from distill.tasks.release.registry import (
+    Registered,
+    remove_incomplete_registrations,
+    teacher_lineage,
+)
 
 
 def local_settings() -> contextlib.AbstractContextManager[Any]:
@@ -87,8 +97,8 @@ def distill_flow(
     progress.run_label = flow_run_label  # progress lines name this flow run (a sweep's variant)
     record = None
     if from_run:
-        from flows.promote import connect_registry
-        from tasks.release.reproduce import read_record
+        from distill.flows.promote import connect_registry
+        from distill.tasks.release.reproduce import read_record
 
         connect_registry()
         record = read_record(from_run)
@@ -103,7 +113,7 @@ def distill_flow(
     # before any run exists: the teacher against the data, the planned student on two rows
     preflight_config(cfg, data, config_dir)
     if record is not None:
-        from tasks.release.reproduce import check_record
+        from distill.tasks.release.reproduce import check_record
 
         for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
             get_run_logger().warning(warning)
@@ -194,7 +204,7 @@ def distill_flow(
     if target is not None and not target["met"]:
         get_run_logger().warning(target["line"])
     if promote and registered is not None:
-        from flows.promote import run_promotion
+        from distill.flows.promote import run_promotion
 
         summary.promotion = run_promotion(registered.name, registered.version, cfg.promote)
     create_markdown_artifact(

@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from tasks.platform.secrets import mask_passwords_in_output
+from distill.tasks.platform.secrets import mask_passwords_in_output
 
 EXIT_USER_ERROR = 2
 EXIT_FAULT = 3  # the environment failed the run: disk full, permission denied, tracking server gone
@@ -95,7 +95,7 @@ class _HideUserErrors(logging.Filter):
     line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.platform.errors import UserError, fault_message, mentions_fault
+        from distill.tasks.platform.errors import UserError, fault_message, mentions_fault
 
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and (isinstance(exc, UserError) or fault_message(exc) is not None):
@@ -149,8 +149,8 @@ def start_prefect_server_early() -> Callable[[], None]:
         return lambda: None
     from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's clients use
 
-    from tasks.platform import reaper
-    from tasks.platform.held_port import launch_on_held_port
+    from distill.tasks.platform import reaper
+    from distill.tasks.platform.held_port import launch_on_held_port
 
     server = SubprocessASGIServer()
 
@@ -204,7 +204,7 @@ def check_prefect_home() -> None:
 
     from prefect.settings import PREFECT_HOME
 
-    from tasks.platform.store import ensure_writable
+    from distill.tasks.platform.store import ensure_writable
 
     home = Path(PREFECT_HOME.value()).expanduser()
     try:
@@ -307,11 +307,11 @@ def flow_command(
     with user_errors(debug):
         check_prefect_home()
     if note is not None:
-        from tasks.platform.progress import note as print_note
+        from distill.tasks.platform.progress import note as print_note
 
         print_note(note)
     server_ready = start_prefect_server_early()
-    from flows.distill import local_settings  # torch, MLflow...: while the server starts
+    from distill.flows.distill import local_settings  # torch, MLflow...: while the server starts
 
     server_ready()
     from prefect import tags
@@ -320,7 +320,7 @@ def flow_command(
     if debug is False:
         hide_run_failures_on_the_terminal()
     if stage_lines:
-        from tasks.platform.progress import stage_lines as print_stage_lines
+        from distill.tasks.platform.progress import stage_lines as print_stage_lines
 
         print_stage_lines()
     exit_on_signals()
@@ -367,7 +367,7 @@ def user_errors(debug: bool | None = None) -> Iterator[None]:
     and `debug=True` prints the traceback of every error before its line."""
     import click
 
-    from tasks.platform.errors import StageFailed, UserError, fault_message, first_line
+    from distill.tasks.platform.errors import StageFailed, UserError, fault_message, first_line
 
     try:
         yield

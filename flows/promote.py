@@ -17,9 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from tasks.platform import store
-from tasks.platform.config import PromoteConfig
-from tasks.release.promotion import Decision, decision_markdown, promote_version, rollback
+from distill.tasks.platform import store
+from distill.tasks.platform.config import PromoteConfig
+from distill.tasks.release.promotion import Decision, decision_markdown, promote_version, rollback
 
 
 def connect_registry() -> None:

@@ -21,22 +21,22 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from flows.caching import STAGE_CACHE
-from tasks.compress.data import Dataset, load_dataset
-from tasks.compress.evaluate import OnnxModel
-from tasks.compress.finetune import History, distill
-from tasks.compress.hf import hf_model, save_student
-from tasks.compress.pipeline import Model, StageResult, Steps
-from tasks.compress.plots import PLOTS_DIR, pipeline_figures
-from tasks.compress.prune import prune_and_recover
-from tasks.compress.quantize import Quantized, quantize_model
-from tasks.compress.reconstruct import reconstruct_with_notes
-from tasks.compress.reduce import Reduction, reduce_model
-from tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
-from tasks.compress.teacher import load_teacher
-from tasks.platform import retry, tracking
-from tasks.platform.caching import content_hash
-from tasks.platform.config import (
+from distill.flows.caching import STAGE_CACHE
+from distill.tasks.compress.data import Dataset, load_dataset
+from distill.tasks.compress.evaluate import OnnxModel
+from distill.tasks.compress.finetune import History, distill
+from distill.tasks.compress.hf import hf_model, save_student
+from distill.tasks.compress.pipeline import Model, StageResult, Steps
+from distill.tasks.compress.plots import PLOTS_DIR, pipeline_figures
+from distill.tasks.compress.prune import prune_and_recover
+from distill.tasks.compress.quantize import Quantized, quantize_model
+from distill.tasks.compress.reconstruct import reconstruct_with_notes
+from distill.tasks.compress.reduce import Reduction, reduce_model
+from distill.tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
+from distill.tasks.compress.teacher import load_teacher
+from distill.tasks.platform import retry, tracking
+from distill.tasks.platform.caching import content_hash
+from distill.tasks.platform.config import (
     EvaluateConfig,
     FinetuneConfig,
     PruneConfig,
@@ -46,8 +46,8 @@ from tasks.platform.config import (
     TargetConfig,
     TeacherConfig,
 )
-from tasks.release.recorder import TrackingRecorder
-from tasks.release.registry import Registered, TorchScriptModel, register_model
+from distill.tasks.release.recorder import TrackingRecorder
+from distill.tasks.release.registry import Registered, TorchScriptModel, register_model
 
 data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_dataset)
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.platform.config import PipelineConfig
+from distill.tasks.platform.config import PipelineConfig
 
 _UNITS = {
     "size_kb": "{:g} KB",
@@ -42,7 +42,7 @@ class RunSummary:
     model_version: str | None
     metrics: dict[str, float]  # the parent run's metrics
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
-    promotion: Any = None  # tasks.release.promotion.Decision, with `distill run --promote`
+    promotion: Any = None  # distill.tasks.release.promotion.Decision, with `distill run --promote`
     target: dict[str, Any] | None = None  # {"met": bool, "line": str} when the config has a target
     run_name: str = ""
     flow_run_id: str | None = None  # the Prefect flow run

@@ -29,11 +29,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.distill import distill_flow
-from tasks.platform import store
-from tasks.platform.config import DEFAULT_CONFIG, load_config
-from tasks.platform.errors import UserError
-from tasks.release.pareto import (
+from distill.flows.distill import distill_flow
+from distill.tasks.platform import store
+from distill.tasks.platform.config import DEFAULT_CONFIG, load_config
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.pareto import (
     best_variant,
     markdown_table,
     open_sweep_run,
@@ -237,7 +237,7 @@ def choose_challenger(results: list[dict[str, Any]], best: int | None) -> str | 
         return None
     from mlflow import MlflowClient
 
-    from tasks.release.aliases import CHALLENGER
+    from distill.tasks.release.aliases import CHALLENGER
 
     client = MlflowClient()
     name, version = chosen["model_name"], chosen["model_version"]

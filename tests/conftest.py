@@ -34,8 +34,8 @@ os.environ.update(
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: 1 thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tasks.compress.data import Dataset, load_dataset  # noqa: E402 -- likewise
-from tasks.platform.config import PipelineConfig, build_config  # noqa: E402 -- after the environment above
+from distill.tasks.compress.data import Dataset, load_dataset  # noqa: E402 -- likewise
+from distill.tasks.platform.config import PipelineConfig, build_config  # noqa: E402 -- after the environment above
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option, "numprocesses", None
     ):
         return
-    from tasks.platform import reaper
-    from tasks.platform.held_port import hold_port, serve_on
+    from distill.tasks.platform import reaper
+    from distill.tasks.platform.held_port import hold_port, serve_on
 
     # a port held from before uvicorn starts: with Prefect's own launch, two servers starting
     # together on one port left one process talking to the other's server, and "connection
@@ -112,7 +112,7 @@ def prefect_server() -> Iterator[str]:
 
     from prefect.server.api.server import SubprocessASGIServer
 
-    from tasks.platform.held_port import launch_on_held_port
+    from distill.tasks.platform.held_port import launch_on_held_port
 
     process, url = _TEST_SERVER["process"], _TEST_SERVER["url"]
     deadline = time.monotonic() + 120
@@ -199,7 +199,9 @@ def fresh_process(
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if store is not None:
         env |= {"MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "flows.cli", *args]
+    command = (
+        [sys.executable, "-c", code] if code else [sys.executable, "-m", "distill.flows.cli", *args]
+    )
     return subprocess.run(
         command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )

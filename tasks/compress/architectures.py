@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.compress.data import Dataset
-from tasks.platform.config import TeacherConfig
-from tasks.platform.errors import UserError, first_line
+from distill.tasks.compress.data import Dataset
+from distill.tasks.platform.config import TeacherConfig
+from distill.tasks.platform.errors import UserError, first_line
 
 INPUT = "input"  # the wrapper's Unflatten: flat rows -> [N, *data.shape]
 USER_ROOT = "model"  # the wrapper's child holding the user's module

@@ -10,11 +10,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tasks.compress.dataset import Dataset, prepare, seeded_test_split
-from tasks.compress.sources import read_source
-from tasks.compress.stream import integer_npz, prepare_streamed, should_stream
-from tasks.compress.tokens import tokenized
-from tasks.platform.config import DataConfig
+from distill.tasks.compress.dataset import Dataset, prepare, seeded_test_split
+from distill.tasks.compress.sources import read_source
+from distill.tasks.compress.stream import integer_npz, prepare_streamed, should_stream
+from distill.tasks.compress.tokens import tokenized
+from distill.tasks.platform.config import DataConfig
 
 __all__ = ["Dataset", "load_dataset", "prepare", "seeded_test_split", "stream_source"]
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.compress import tabular
-from tasks.compress.readers import parquet_rows
-from tasks.compress.sources import SPLITS, Table
-from tasks.platform.config import DataConfig
-from tasks.platform.errors import UserError
+from distill.tasks.compress import tabular
+from distill.tasks.compress.readers import parquet_rows
+from distill.tasks.compress.sources import SPLITS, Table
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
 
 RAW_BATCH = 32_768  # rows per Parquet batch when a streamed table's raw rows are read back
 MAX_INTEGER_CLASSES = 10  # more distinct integer labels: classes or a quantity? the user says

@@ -35,10 +35,10 @@ from sklearn.metrics import (
 )
 from torch import nn
 
-from tasks.compress.data import Dataset
-from tasks.compress.finite import check_outputs
-from tasks.compress.rows import predict_batched
-from tasks.platform.config import EvaluateConfig
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.finite import check_outputs
+from distill.tasks.compress.rows import predict_batched
+from distill.tasks.platform.config import EvaluateConfig
 
 Predict = Callable[[np.ndarray], np.ndarray]  # rows (float32, or int64 token ids) -> logits
 

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from tasks.compress.finite import NonFinite, module_label
-from tasks.platform.errors import StageFailed, UserError, fault_message, first_line
+from distill.tasks.compress.finite import NonFinite, module_label
+from distill.tasks.platform.errors import StageFailed, UserError, fault_message, first_line
 
 # the config key a stage's failure points to
 STAGE_KEYS = {

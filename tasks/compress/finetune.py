@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.compress.data import Dataset
-from tasks.compress.finite import TrainingWatch, check_outputs
-from tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on
-from tasks.platform.config import FinetuneConfig
-from tasks.platform.device import resolve_device
-from tasks.platform.progress import track
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.export_lock import onnx_export_lock
+from distill.tasks.compress.finite import TrainingWatch, check_outputs
+from distill.tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on
+from distill.tasks.platform.config import FinetuneConfig
+from distill.tasks.platform.device import resolve_device
+from distill.tasks.platform.progress import track
 
 
 def kd_loss(
@@ -298,7 +299,10 @@ def fit(
             s_feats.append(_output(out).float())
 
     hooks = [model.get_submodule(m.student).register_forward_hook(keep_output) for m in matches]
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    with onnx_export_lock():  # torch's export flag is process-wide (export_lock.py)
+        opt = torch.optim.Adam(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
     best_key, best_state, stale = (-1.0, float("-inf")), copy.deepcopy(model.state_dict()), 0
@@ -323,9 +327,10 @@ def fit(
                 loss = loss + settings.feature_weight * feature_loss(
                     s_feats, [f[idx.to(f.device)] for f in t_feats], scales
                 )
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            with onnx_export_lock():  # not while another thread exports (export_lock.py)
+                opt.step()
+                opt.zero_grad(set_to_none=True)  # the first batch's grads start at None
             total += loss.detach() * len(yb)
         watch.epoch_end(epoch)
         history.lr.append(sched.get_last_lr()[0])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError
 
 # the config key most likely behind a stage's NaN
 HINTS = {"teacher": "teacher.lr", "finetuned": "finetune.lr", "pruned": "finetune.lr"}

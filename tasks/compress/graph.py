@@ -32,7 +32,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 REFIT = (nn.Linear, *CONVS)  # readers re-fitted by least squares (when groups == 1)

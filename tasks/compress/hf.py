@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress.architectures import logits_of
-from tasks.compress.data import Dataset
-from tasks.platform.errors import UserError, first_line
+from distill.tasks.compress.architectures import logits_of
+from distill.tasks.compress.data import Dataset
+from distill.tasks.platform.errors import UserError, first_line
 
 PREFIX = "hf:"
 KEY = "config key 'teacher.source'"
@@ -292,7 +292,7 @@ def save_student(student: nn.Module, directory: Path) -> str:
     its Auto class loads it with no distill code; a cut the config cannot express (transformers
     5 derives BERT's and GPT-2's head size from hidden_size / num_attention_heads: a head cut
     there) or a layer replaced by another module (low-rank factors) is named instead."""
-    from tasks.compress.transformer import config_mismatch
+    from distill.tasks.compress.transformer import config_mismatch
 
     hf = hf_model(student)
     if hf is None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress.graph import CONVS, REFIT, no_fastpath
-from tasks.platform.errors import UserError
+from distill.tasks.compress.graph import CONVS, REFIT, no_fastpath
+from distill.tasks.platform.errors import UserError
 
 
 @dataclass(frozen=True)

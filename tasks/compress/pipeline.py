@@ -1,9 +1,9 @@
 """The whole pipeline as one plain function: teacher -> reduce -> reconstruct -> fine-tune ->
 prune -> quantize, every stage's model evaluated, in order.
 
-    from tasks.compress.data import load_dataset
-    from tasks.compress.pipeline import compress
-    from tasks.platform.config import load_config
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.compress.pipeline import compress
+    from distill.tasks.platform.config import load_config
 
     cfg = load_config("configs/digits.yaml")
     outcome = compress(cfg, load_dataset(cfg.data, cfg.seed))
@@ -32,23 +32,29 @@ from typing import Any
 
 from torch import nn
 
-from tasks.compress.data import Dataset
-from tasks.compress.evaluate import (
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import (
     OnnxModel,
     TorchScriptModel,
     evaluate_model,
     pipeline_summary,
     reference_predictions,
 )
-from tasks.compress.failures import StageGuard
-from tasks.compress.finetune import History, distill, predict_logits
-from tasks.compress.finite import check_calibration, check_model, check_outputs
-from tasks.compress.preflight import alternative, preflight, preflight_config
-from tasks.compress.prune import prune_and_recover
-from tasks.compress.quantize import Quantized, onnx_export_lock, quantize_model
-from tasks.compress.reconstruct import reconstruct_with_notes
-from tasks.compress.reduce import Reduction, calibration_rows, reduce_model, reduction_record
-from tasks.compress.target import (
+from distill.tasks.compress.export_lock import onnx_export_lock
+from distill.tasks.compress.failures import StageGuard
+from distill.tasks.compress.finetune import History, distill, predict_logits
+from distill.tasks.compress.finite import check_calibration, check_model, check_outputs
+from distill.tasks.compress.preflight import alternative, preflight, preflight_config
+from distill.tasks.compress.prune import prune_and_recover
+from distill.tasks.compress.quantize import Quantized, quantize_model
+from distill.tasks.compress.reconstruct import reconstruct_with_notes
+from distill.tasks.compress.reduce import (
+    Reduction,
+    calibration_rows,
+    reduce_model,
+    reduction_record,
+)
+from distill.tasks.compress.target import (
     Costs,
     Fitted,
     Guard,
@@ -60,8 +66,13 @@ from tasks.compress.target import (
     target_tags,
     verdict,
 )
-from tasks.compress.teacher import load_teacher
-from tasks.platform.config import BudgetConfig, EvaluateConfig, PipelineConfig, TeacherConfig
+from distill.tasks.compress.teacher import load_teacher
+from distill.tasks.platform.config import (
+    BudgetConfig,
+    EvaluateConfig,
+    PipelineConfig,
+    TeacherConfig,
+)
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
 Model = nn.Module | OnnxModel | TorchScriptModel

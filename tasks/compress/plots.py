@@ -32,11 +32,11 @@ from sklearn.metrics import confusion_matrix
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from tasks.compress.data import Dataset
-from tasks.compress.evaluate import SERIALIZED, OnnxModel, TorchScriptModel, torch_predictor
-from tasks.compress.rows import predict_batched
-from tasks.platform.config import EvaluateConfig
-from tasks.platform.progress import track
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import SERIALIZED, OnnxModel, TorchScriptModel, torch_predictor
+from distill.tasks.compress.rows import predict_batched
+from distill.tasks.platform.config import EvaluateConfig
+from distill.tasks.platform.progress import track
 
 PLOTS_DIR = ""  # the run's root: see above
 TSNE_ITERATIONS = 500

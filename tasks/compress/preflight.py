@@ -36,22 +36,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress import transformer
-from tasks.compress.data import Dataset
-from tasks.compress.failures import culprit
-from tasks.compress.finetune import kd_loss, regression_kd_loss
-from tasks.compress.finite import non_finite_cause
-from tasks.compress.graph import Group, keep_units, trace
-from tasks.compress.guard import resolution
-from tasks.compress.prune import fold_masks, magnitude_prune, prunable_groups, remove_lowest_units
-from tasks.compress.quantize import export_onnx, onnx_export_lock
-from tasks.compress.reconstruct import reconstruct
-from tasks.compress.reduce import Reduction, reduce_model
-from tasks.compress.teacher import check_teacher
-from tasks.compress.width import group_bases
-from tasks.platform.config import BudgetConfig, PipelineConfig
-from tasks.platform.errors import UserError, first_line
-from tasks.platform.progress import note
+from distill.tasks.compress import transformer
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.export_lock import onnx_export_lock
+from distill.tasks.compress.failures import culprit
+from distill.tasks.compress.finetune import kd_loss, regression_kd_loss
+from distill.tasks.compress.finite import non_finite_cause
+from distill.tasks.compress.graph import Group, keep_units, trace
+from distill.tasks.compress.guard import resolution
+from distill.tasks.compress.prune import (
+    fold_masks,
+    magnitude_prune,
+    prunable_groups,
+    remove_lowest_units,
+)
+from distill.tasks.compress.quantize import export_onnx
+from distill.tasks.compress.reconstruct import reconstruct
+from distill.tasks.compress.reduce import Reduction, reduce_model
+from distill.tasks.compress.teacher import check_teacher
+from distill.tasks.compress.width import group_bases
+from distill.tasks.platform.config import BudgetConfig, PipelineConfig
+from distill.tasks.platform.errors import UserError, first_line
+from distill.tasks.platform.progress import note
 
 ROWS = 2
 # a group nothing reads (the logits) is never narrowed: no news to report

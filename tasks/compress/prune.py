@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tasks.compress import transformer
-from tasks.compress.data import Dataset
-from tasks.compress.finetune import FitSettings, History, fit
-from tasks.compress.graph import REFIT, Group, keep_units, trace
-from tasks.compress.width import activation_importance, choose_units, group_bases
-from tasks.platform.config import FinetuneConfig, PruneConfig
-from tasks.platform.errors import UserError
+from distill.tasks.compress import transformer
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.finetune import FitSettings, History, fit
+from distill.tasks.compress.graph import REFIT, Group, keep_units, trace
+from distill.tasks.compress.width import activation_importance, choose_units, group_bases
+from distill.tasks.platform.config import FinetuneConfig, PruneConfig
+from distill.tasks.platform.errors import UserError
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:

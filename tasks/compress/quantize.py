@@ -31,7 +31,6 @@ import copy
 import io
 import logging
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress.evaluate import (
+from distill.tasks.compress.evaluate import (
     OnnxModel,
     TorchScriptModel,
     count_params,
@@ -51,10 +50,10 @@ from tasks.compress.evaluate import (
     flops_per_row,
     torch_predictor,
 )
-from tasks.compress.reduce import calibration_rows
-from tasks.compress.rows import predict_batched
-from tasks.platform.config import QuantizeConfig
-from tasks.platform.errors import UserError
+from distill.tasks.compress.reduce import calibration_rows
+from distill.tasks.compress.rows import predict_batched
+from distill.tasks.platform.config import QuantizeConfig
+from distill.tasks.platform.errors import UserError
 
 INPUT_NAME = "x"
 
@@ -280,16 +279,6 @@ def reuse_torchlib_registry() -> None:
     from_torchlib._distill_reused = True  # type: ignore[attr-defined]
     from_torchlib._distill_original = build.__func__  # type: ignore[attr-defined]
     registry.from_torchlib = classmethod(from_torchlib)
-
-
-# torch.onnx.export (dynamo) is not thread-safe: pipelines in threads of one process (a sweep)
-# quantize one at a time. Reached through a function: a flow shipped to a Dask worker is
-# pickled by value, and a lock cannot be; a module-level function is pickled by reference.
-_ONNX_EXPORT = threading.Lock()
-
-
-def onnx_export_lock() -> threading.Lock:
-    return _ONNX_EXPORT
 
 
 def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:

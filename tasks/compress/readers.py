@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.platform.errors import UserError, first_line
+from distill.tasks.platform.errors import UserError, first_line
 
 
 def require_file(path: Path, what: str) -> None:

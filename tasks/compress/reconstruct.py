@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress import transformer
-from tasks.compress.reduce import Basis, Reduction
-from tasks.compress.width import WidthReport, reconstruct_width
-from tasks.platform.config import ReconstructConfig
+from distill.tasks.compress import transformer
+from distill.tasks.compress.reduce import Basis, Reduction
+from distill.tasks.compress.width import WidthReport, reconstruct_width
+from distill.tasks.platform.config import ReconstructConfig
 
 
 class Factored(nn.Sequential):

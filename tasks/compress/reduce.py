@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress import transformer
-from tasks.compress.graph import Group, ParamModel, param_model, trace
-from tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
-from tasks.compress.width import group_bases
-from tasks.platform.config import BudgetConfig, ReduceConfig
-from tasks.platform.errors import UserError
+from distill.tasks.compress import transformer
+from distill.tasks.compress.graph import Group, ParamModel, param_model, trace
+from distill.tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
+from distill.tasks.compress.width import group_bases
+from distill.tasks.platform.config import BudgetConfig, ReduceConfig
+from distill.tasks.platform.errors import UserError
 
 BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
 

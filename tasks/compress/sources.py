@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.compress import readers, tabular
-from tasks.platform.errors import UserError
+from distill.tasks.compress import readers, tabular
+from distill.tasks.platform.errors import UserError
 
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")  # diabetes: regression
 SPLITS = ("train", "val", "test")

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.compress import dataset as D
-from tasks.compress import readers, tabular
-from tasks.compress import sources as S
-from tasks.compress.rows import Rows, npy_header
-from tasks.platform.config import DataConfig
-from tasks.platform.errors import UserError
-from tasks.platform.progress import note
+from distill.tasks.compress import dataset as D
+from distill.tasks.compress import readers, tabular
+from distill.tasks.compress import sources as S
+from distill.tasks.compress.rows import Rows, npy_header
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.platform.progress import note
 
 STREAM_MIN_CELLS = 4_000_000  # rows x columns (32 MB as float64) from which a source streams
 CHUNK_ROWS = 32_768

@@ -33,24 +33,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.compress import transformer
-from tasks.compress.data import Dataset
-from tasks.compress.evaluate import (
+from distill.tasks.compress import transformer
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import (
     OnnxModel,
     TorchScriptModel,
     latency_percentiles_ms,
     saved_size,
     torch_predictor,
 )
-from tasks.compress.finetune import History
-from tasks.compress.graph import Group, ParamModel, keep_units, param_model, trace
-from tasks.compress.guard import CONFIDENCE, Decision, decide
-from tasks.compress.prune import prunable_groups, recover, remove_lowest_units
-from tasks.compress.quantize import Quantized, quantize_model, quantize_onnx, ship, weighted_nodes
-from tasks.compress.reconstruct import reconstruct
-from tasks.compress.reduce import calibration_rows, reduce_model
-from tasks.compress.rows import predict_batched
-from tasks.platform.config import (
+from distill.tasks.compress.finetune import History
+from distill.tasks.compress.graph import Group, ParamModel, keep_units, param_model, trace
+from distill.tasks.compress.guard import CONFIDENCE, Decision, decide
+from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
+from distill.tasks.compress.quantize import (
+    Quantized,
+    quantize_model,
+    quantize_onnx,
+    ship,
+    weighted_nodes,
+)
+from distill.tasks.compress.reconstruct import reconstruct
+from distill.tasks.compress.reduce import calibration_rows, reduce_model
+from distill.tasks.compress.rows import predict_batched
+from distill.tasks.platform.config import (
     BudgetConfig,
     FinetuneConfig,
     PruneConfig,
@@ -59,7 +65,7 @@ from tasks.platform.config import (
     ReduceConfig,
     TargetConfig,
 )
-from tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError
 
 BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
 Predict = Callable[[np.ndarray], np.ndarray]

@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.compress.architectures import build_teacher, is_wrapped, with_logits
-from tasks.compress.data import Dataset
-from tasks.compress.finetune import FitSettings, History, fit
-from tasks.compress.finite import non_finite_tensor
-from tasks.compress.hf import PREFIX as HF_PREFIX
-from tasks.compress.hf import is_pretrained, load_hf_teacher, task_of, wrap_pretrained
-from tasks.compress.weights import load_teacher_file, load_teacher_mlflow
-from tasks.platform.config import TeacherConfig
-from tasks.platform.errors import UserError, first_line
+from distill.tasks.compress.architectures import build_teacher, is_wrapped, with_logits
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.finetune import FitSettings, History, fit
+from distill.tasks.compress.finite import non_finite_tensor
+from distill.tasks.compress.hf import PREFIX as HF_PREFIX
+from distill.tasks.compress.hf import is_pretrained, load_hf_teacher, task_of, wrap_pretrained
+from distill.tasks.compress.weights import load_teacher_file, load_teacher_mlflow
+from distill.tasks.platform.config import TeacherConfig
+from distill.tasks.platform.errors import UserError, first_line
 
 GIVEN = "python:"  # teacher.source of a module handed to distill.compress (the object is passed)
 

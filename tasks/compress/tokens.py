@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.compress.sources import Table
-from tasks.compress.stream import cache_root
-from tasks.platform.caching import file_sha256
-from tasks.platform.errors import UserError, first_line
+from distill.tasks.compress.sources import Table
+from distill.tasks.compress.stream import cache_root
+from distill.tasks.platform.caching import file_sha256
+from distill.tasks.platform.errors import UserError, first_line
 
 KEY = "config key 'data.tokenizer'"
 LONGEST = 512  # a tokenizer without a model_max_length (a huge sentinel) is capped here

@@ -70,9 +70,9 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from tasks.compress.graph import Group, no_fastpath, trace
-from tasks.compress.pca import Basis, Moments
-from tasks.compress.width import _NormalEquations, batches
+from distill.tasks.compress.graph import Group, no_fastpath, trace
+from distill.tasks.compress.pca import Basis, Moments
+from distill.tasks.compress.width import _NormalEquations, batches
 
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 # a uniform group's name: `<stack>.each.<path in a layer>` (MLflow keys take no `*`)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import sys
 import tempfile
+import types
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,10 +23,10 @@ import torch
 import yaml
 from torch import nn
 
-from tasks.compress.architectures import USER_ROOT, build_bare, is_builtin, wrap
-from tasks.compress.data import Dataset
-from tasks.platform.config import TeacherConfig
-from tasks.platform.errors import UserError, first_line
+from distill.tasks.compress.architectures import USER_ROOT, build_bare, is_builtin, wrap
+from distill.tasks.compress.data import Dataset
+from distill.tasks.platform.config import TeacherConfig
+from distill.tasks.platform.errors import UserError, first_line
 
 # --- weights from files -------------------------------------------------------------------
 
@@ -49,6 +51,25 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class _Unpickler(pickle.Unpickler):
+    """Modules pickled before distill was one installed package name distill's own classes
+    `tasks.compress.…` / `flows.…`: where such a module is not found, `distill.tasks.…` is."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except ModuleNotFoundError:
+            if module.split(".")[0] not in ("tasks", "flows"):
+                raise
+            return super().find_class(f"distill.{module}", name)
+
+
+# for torch.load(pickle_module=): its Unpickler and load
+RENAMED_PICKLE = types.ModuleType("distill_pickle")
+RENAMED_PICKLE.Unpickler = _Unpickler  # type: ignore[attr-defined]
+RENAMED_PICKLE.load = lambda f, **kwargs: _Unpickler(f, **kwargs).load()  # type: ignore[attr-defined]
+
+
 def load_pickled_module(path: Path) -> nn.Module | dict:
     """Only with `teacher.trust_pickle: true`: unpickling runs code stored in the file."""
     print(
@@ -57,7 +78,9 @@ def load_pickled_module(path: Path) -> nn.Module | dict:
         file=sys.stderr,
     )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=RENAMED_PICKLE
+        )
     except Exception as err:  # noqa: BLE001 -- unpickling runs code: raises anything
         raise UserError(f"teacher file {path} could not be unpickled: {first_line(err)}") from None
 
@@ -317,7 +340,7 @@ def load_teacher_mlflow(
             file=sys.stderr,
         )
         try:
-            model = mlflow.pytorch.load_model(uri, map_location="cpu")
+            model = mlflow.pytorch.load_model(uri, map_location="cpu", pickle_module=RENAMED_PICKLE)
         except MlflowException as err:
             raise UserError(f"{cannot}: {err.message.splitlines()[0]}") from None
         if not isinstance(model, nn.Module):

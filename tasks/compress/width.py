@@ -32,8 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.compress.graph import Graph, Group, Reader, keep_units, no_fastpath, out_units, trace
-from tasks.compress.pca import Basis, Moments, feature_rows
+from distill.tasks.compress.graph import (
+    Graph,
+    Group,
+    Reader,
+    keep_units,
+    no_fastpath,
+    out_units,
+    trace,
+)
+from distill.tasks.compress.pca import Basis, Moments, feature_rows
 
 
 def batches(X: np.ndarray, size: int) -> Iterator[torch.Tensor]:

@@ -34,9 +34,9 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.platform.config import TeacherConfig
+from distill.tasks.platform.config import TeacherConfig
 
-CODE_PACKAGE = "tasks"
+CODE_PACKAGE = "distill.tasks"
 
 
 class Uncacheable(Exception):

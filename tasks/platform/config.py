@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.platform import safe_yaml
-from tasks.platform.errors import UserError
+from distill.tasks.platform import safe_yaml
+from distill.tasks.platform.errors import UserError
 
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 

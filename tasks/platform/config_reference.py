@@ -1,7 +1,7 @@
 """docs/configuration.md, generated from the config schema (tasks/platform/config.py): every
 key with its type, default, bounds, and the comment beside it in the schema's source.
 
-    python -m tasks.platform.config_reference > docs/configuration.md
+    python -m distill.tasks.platform.config_reference > docs/configuration.md
 
 tests/platform/test_config_reference.py fails when the file and the schema disagree."""
 
@@ -20,9 +20,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from tasks.platform import config
+from distill.tasks.platform import config
 
-COMMAND = "python -m tasks.platform.config_reference > docs/configuration.md"
+COMMAND = "python -m distill.tasks.platform.config_reference > docs/configuration.md"
 HEADER = f"""# Configuration reference
 
 Generated from the schema (`tasks/platform/config.py`) by

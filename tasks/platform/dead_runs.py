@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 
-from tasks.platform import reaper
+from distill.tasks.platform import reaper
 
 
 def _process_gone(tags: dict[str, str]) -> bool | None:

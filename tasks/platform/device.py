@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -46,7 +46,7 @@ def watch(pid: int) -> subprocess.Popen | None:
     if not start:  # gone, or no /proc to tell a recycled pid
         return None
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", "tasks.platform.reaper", str(pid), start],
+        [sys.executable, "-m", "distill.tasks.platform.reaper", str(pid), start],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

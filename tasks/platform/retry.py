@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.platform.errors import WRITE_FAULTS
+from distill.tasks.platform.errors import WRITE_FAULTS
 
 # Transient tracking failures worth a retry: a locked SQLite file, an unreachable or busy server
 # (INTERNAL_ERROR is MlflowException's default code, bugs included: not retried; MLflow's HTTP

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError
 
 MAX_NODES = 100_000  # values in the tree with every alias expanded; a config has a few hundred
 MAX_DEPTH = 64

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from tasks.platform import locks, reaper, safe_yaml
-from tasks.platform.config import Strict, validation_message
-from tasks.platform.errors import UserError
+from distill.tasks.platform import locks, reaper, safe_yaml
+from distill.tasks.platform.config import Strict, validation_message
+from distill.tasks.platform.errors import UserError
 
 SETTINGS_FILE = Path("mlflow.yaml")
 

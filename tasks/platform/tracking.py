@@ -405,7 +405,7 @@ def run_metrics(run_id: str) -> dict[str, float]:
 def process_tags() -> dict[str, str]:
     """`distill.host`, `distill.pid`, `distill.process_start`: who runs this parent run (the next
     run closes it FAILED once that process is gone: tasks/platform/dead_runs.py)."""
-    from tasks.platform import reaper
+    from distill.tasks.platform import reaper
 
     pid = os.getpid()
     return {

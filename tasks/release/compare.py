@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.platform import store
-from tasks.platform.errors import UserError
+from distill.tasks.platform import store
+from distill.tasks.platform.errors import UserError
 
 RUN_COLUMNS = ("run_id", "run_name", "start_time", "status")
 # shown first, in this order; any other final/* metric follows alphabetically
@@ -85,7 +85,7 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
 
 def _has_target(runs: pd.DataFrame) -> pd.Series:
     """Per run: a `target:` planned it (one of its kinds is set)."""
-    from tasks.platform.config import TARGET_KINDS
+    from distill.tasks.platform.config import TARGET_KINDS
 
     kinds = [f"params.target.{k}" for k in TARGET_KINDS if f"params.target.{k}" in runs.columns]
     if not kinds:
@@ -103,7 +103,7 @@ def meaningful(key: str, runs: pd.DataFrame) -> pd.Series:
     """Per run: whether config key `key` means something for it (`reduce.budget.*` is ignored
     where a target planned the run, `target.max_r2_drop` on a classifier, a method's key under
     another method: config.METHOD_KEYS)."""
-    from tasks.platform.config import METHOD_KEYS
+    from distill.tasks.platform.config import METHOD_KEYS
 
     if key == "target.max_r2_drop":
         return _has_target(runs) & _regression(runs)

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.platform.config import PromoteConfig
-from tasks.platform.errors import UserError
-from tasks.release.signature import model_input
+from distill.tasks.platform.config import PromoteConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.signature import model_input
 
 TARGET_MET = "distill.target_met"  # "false": the run missed its `target:` (compress/target.py)
 EPS = 1e-9  # metrics are float64 fractions: 0.96 - 0.95 must not fail a 0.01 gate
@@ -191,9 +191,9 @@ def same_test_split(a: Candidate, b: Candidate) -> bool:
 def held_out_rows(
     y_raw: np.ndarray, test_size: float, seed: int, regression: bool = False
 ) -> np.ndarray:
-    """The test rows `tasks.compress.dataset.prepare` held out of these labels (its own split
-    function; tests/release/test_gates.py checks they agree)."""
-    from tasks.compress.data import seeded_test_split
+    """The test rows `distill.tasks.compress.dataset.prepare` held out of these labels (its own
+    split function; tests/release/test_gates.py checks they agree)."""
+    from distill.tasks.compress.data import seeded_test_split
 
     y = y_raw.astype(np.float64) if regression else np.unique(y_raw, return_inverse=True)[1]
     return np.sort(seeded_test_split(y, test_size, seed)[1])
@@ -208,7 +208,7 @@ def common_held_out_accuracy(
     validated on: -> (challenger accuracy, champion accuracy, rows); test R² for regression."""
     import pandas as pd
 
-    from tasks.compress.sources import read_table, table_digest
+    from distill.tasks.compress.sources import read_table, table_digest
 
     mine, theirs = challenger.test_split(), champion.test_split()
     if mine is None or theirs is None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.platform import tracking
+from distill.tasks.platform import tracking
 
 ACCURACY, SIZE = "final/accuracy", "final/size_kb"
 COLUMNS = [

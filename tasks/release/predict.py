@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.compress import readers
-from tasks.platform.errors import UserError
-from tasks.release.signature import input_columns, model_input
+from distill.tasks.compress import readers
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.signature import input_columns, model_input
 
 INPUT_KINDS = (".csv", ".parquet", ".npz")
 OUTPUT_KINDS = (".csv", ".parquet")

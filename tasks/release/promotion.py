@@ -23,11 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from tasks.platform import locks
-from tasks.platform.config import PromoteConfig
-from tasks.platform.errors import UserError
-from tasks.release.aliases import CHALLENGER, CHAMPION
-from tasks.release.gates import Candidate, Gate, evaluate_gates, load_candidate, refusal_reason
+from distill.tasks.platform import locks
+from distill.tasks.platform.config import PromoteConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.aliases import CHALLENGER, CHAMPION
+from distill.tasks.release.gates import (
+    Candidate,
+    Gate,
+    evaluate_gates,
+    load_candidate,
+    refusal_reason,
+)
 
 STATUS, REASON, PROMOTED_AT, PREVIOUS = (
     "promotion.status",
@@ -159,7 +165,7 @@ def promote_version(
     passes."""
     from mlflow import MlflowClient
 
-    from tasks.release import registry  # torch and pandas: only when a decision is made
+    from distill.tasks.release import registry  # torch and pandas: only when a decision is made
 
     client = MlflowClient()
     with registry_lock(name):
@@ -213,7 +219,7 @@ def rollback(name: str) -> Decision:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.release import registry
+    from distill.tasks.release import registry
 
     client = MlflowClient()
     with registry_lock(name):

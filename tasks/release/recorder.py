@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from tasks.compress.data import Dataset
-from tasks.compress.pipeline import Model, Recorder, StageResult
-from tasks.compress.plots import PLOTS_DIR, pipeline_figures
-from tasks.platform import retry, tracking
-from tasks.platform.caching import content_hash
-from tasks.platform.config import EvaluateConfig
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.pipeline import Model, Recorder, StageResult
+from distill.tasks.compress.plots import PLOTS_DIR, pipeline_figures
+from distill.tasks.platform import retry, tracking
+from distill.tasks.platform.caching import content_hash
+from distill.tasks.platform.config import EvaluateConfig
 
 
 class TrackingRecorder(Recorder):

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.compress import tabular
-from tasks.compress.data import Dataset
-from tasks.compress.evaluate import OnnxModel, TorchScriptModel
-from tasks.platform.caching import directory_sha256, file_sha256
-from tasks.platform.errors import UserError
-from tasks.release.aliases import CHALLENGER
-from tasks.release.signature import FEATURES, example_rows, tensor_input
+from distill.tasks.compress import tabular
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import OnnxModel, TorchScriptModel
+from distill.tasks.platform.caching import directory_sha256, file_sha256
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.aliases import CHALLENGER
+from distill.tasks.release.signature import FEATURES, example_rows, tensor_input
 
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 TABULAR = Path(tabular.__file__)  # imported by the served model as `tabular`
@@ -108,7 +108,7 @@ def register_model(
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature
 
-    from tasks.compress.tabular import needs_sklearn
+    from distill.tasks.compress.tabular import needs_sklearn
 
     tensor = tensor_input(data, model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.platform import safe_yaml
-from tasks.platform.errors import UserError
+from distill.tasks.platform import safe_yaml
+from distill.tasks.platform.errors import UserError
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
 
@@ -33,7 +33,7 @@ def read_record(run_id: str) -> RunRecord:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.platform.store import redact
+    from distill.tasks.platform.store import redact
 
     try:
         run = MlflowClient().get_run(run_id)

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.compress.data import Dataset
-from tasks.compress.evaluate import OnnxModel, TorchScriptModel
-from tasks.compress.quantize import input_axes
-from tasks.compress.rows import npy_header
-from tasks.platform.errors import UserError
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import OnnxModel, TorchScriptModel
+from distill.tasks.compress.quantize import input_axes
+from distill.tasks.compress.rows import npy_header
+from distill.tasks.platform.errors import UserError
 
 FEATURES = "distill_features"  # model metadata: the raw columns a tensor model's rows hold, by name
 
@@ -125,7 +125,7 @@ def _npz_rows(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 def example_rows(data: Dataset, tensor: TensorInput | None, n: int = 5) -> Any:
     """The first test rows as a user gives them: an array of the tensor, or the raw columns."""
-    from tasks.compress.tabular import typed
+    from distill.tasks.compress.tabular import typed
 
     raw = data.raw_rows("test", n)
     if tensor is None:

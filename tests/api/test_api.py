@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 def test_version_agrees_with_the_cli():
     out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--version"],
+        [sys.executable, "-m", "distill.flows.cli", "--version"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.compress.data import load_dataset
-from tasks.compress.sources import table_digest
-from tasks.platform.config import DataConfig
-from tasks.platform.errors import UserError
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.compress.sources import table_digest
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
 
 
 def test_digits_split_is_stratified_and_standardized_on_train(digits):

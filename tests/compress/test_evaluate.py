@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, log_loss, top_k_accuracy_score
 
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.evaluate import (
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.evaluate import (
     OnnxModel,
     classification_metrics,
     count_params,
@@ -18,8 +18,8 @@ from tasks.compress.evaluate import (
     saved_size,
     top_k_accuracy,
 )
-from tasks.compress.quantize import export_onnx
-from tasks.platform.config import EvaluateConfig
+from distill.tasks.compress.quantize import export_onnx
+from distill.tasks.platform.config import EvaluateConfig
 
 
 def test_classification_metrics_match_sklearn():
@@ -80,7 +80,7 @@ def test_latency_percentiles_time_each_call_after_warm_up(monkeypatch):
     """A clock that each call advances by a known amount: 3 slow warm-up calls, then 1..20 ms."""
     import types
 
-    import tasks.compress.evaluate as evaluate
+    import distill.tasks.compress.evaluate as evaluate
 
     now, calls = [0.0], []
     timed = (7, 3, 20, 1, 15, 9, 2, 18, 11, 5, 14, 6, 19, 4, 13, 8, 17, 10, 16, 12)  # 1..20 ms
@@ -138,7 +138,7 @@ def test_evaluate_model_reports_every_metric(digits):
 
 
 def test_latencies_and_throughput_come_from_their_batch(digits, monkeypatch):
-    import tasks.compress.evaluate as evaluate
+    import distill.tasks.compress.evaluate as evaluate
 
     timed = {1: (0.5, 0.9), 64: (4.0, 6.0)}  # (p50, p95) ms of a batch of 1 and of 64 rows
     seen = []
@@ -183,8 +183,8 @@ def test_pipeline_summary():
 
 def test_a_model_with_nan_stops_at_its_stage(digits):
     """Issue 18: `finetune.lr=.inf` registered a model answering class 0 and NaN probabilities."""
-    from tasks.compress.finite import check_model
-    from tasks.platform.errors import UserError
+    from distill.tasks.compress.finite import check_model
+    from distill.tasks.platform.errors import UserError
 
     torch.manual_seed(0)
     model = build_mlp(digits.n_features, [8], digits.n_classes)

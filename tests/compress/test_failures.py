@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.evaluate import evaluate_model
-from tasks.compress.failures import StageGuard
-from tasks.compress.finetune import FitSettings, fit
-from tasks.compress.finite import NonFinite
-from tasks.compress.pipeline import PLAIN_STEPS, Recorder, compress
-from tasks.platform.config import EvaluateConfig, build_config
-from tasks.platform.errors import StageFailed, UserError
+from distill.tasks.compress.evaluate import evaluate_model
+from distill.tasks.compress.failures import StageGuard
+from distill.tasks.compress.finetune import FitSettings, fit
+from distill.tasks.compress.finite import NonFinite
+from distill.tasks.compress.pipeline import PLAIN_STEPS, Recorder, compress
+from distill.tasks.platform.config import EvaluateConfig, build_config
+from distill.tasks.platform.errors import StageFailed, UserError
 from tests.conftest import TINY
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.finetune import (
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.export_lock import onnx_export_lock
+from distill.tasks.compress.finetune import (
     FeatureMatch,
     FitSettings,
     _teacher_features,
@@ -17,9 +18,9 @@ from tasks.compress.finetune import (
     kd_loss,
     predict_logits,
 )
-from tasks.compress.graph import keep_units, trace
-from tasks.compress.width import WidthReport, reconstruct_width
-from tasks.platform.config import FinetuneConfig
+from distill.tasks.compress.graph import keep_units, trace
+from distill.tasks.compress.width import WidthReport, reconstruct_width
+from distill.tasks.platform.config import FinetuneConfig
 
 
 def test_kd_loss_matches_hand_computation():
@@ -164,3 +165,35 @@ def test_feature_matching_pulls_the_students_layers_to_the_teachers(digits):
         runs[beta] = mismatch(model).item()
         assert not model[0]._forward_hooks  # the hooks are gone
     assert runs[10.0] < 0.5 * runs[0.0]
+
+
+def test_no_optimizer_step_runs_while_another_thread_exports(digits, monkeypatch):
+    """torch's export flag is process-wide: an optimizer call in one thread while another
+    exports raised KeyError('custom') (export_lock.py). Here this thread plays the exporter: it
+    takes the lock while the other trains, and no step may run until it lets go (should the
+    trainer finish first on a loaded machine, the test passes without teeth)."""
+    import threading
+    import time
+
+    exporting = threading.Event()
+    trained_once = threading.Event()
+    steps_while_exporting = []
+    step = torch.optim.Adam.step
+
+    def watched_step(self, *args, **kwargs):
+        steps_while_exporting.append(exporting.is_set())
+        trained_once.set()
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", watched_step)
+    model = build_mlp(64, [16], 10)
+    long = FitSettings(epochs=40, lr=1e-3, batch_size=32, patience=40)
+    trainer = threading.Thread(target=fit, args=(model, digits, long), daemon=True)
+    trainer.start()
+    trained_once.wait()
+    with onnx_export_lock():
+        exporting.set()
+        time.sleep(0.3)  # an export's time, for steps the lock does not hold back
+        exporting.clear()
+    trainer.join()
+    assert len(steps_while_exporting) > 1 and not any(steps_while_exporting)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.architectures import build_mlp
-from tasks.compress.finetune import FitSettings, fit, predict_logits
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.finetune import FitSettings, fit, predict_logits
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -77,7 +77,7 @@ print(model.predict(pd.read_csv(sys.argv[2]))["prediction"].astype(int).tolist()
 
 
 def test_a_pipeline_run_on_cuda_serves_without_a_gpu(tmp_path, digits):
-    from tasks.release.registry import raw_features
+    from distill.tasks.release.registry import raw_features
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = os.environ | {
@@ -90,7 +90,7 @@ def test_a_pipeline_run_on_cuda_serves_without_a_gpu(tmp_path, digits):
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "distill.flows.cli",
             "run",
             str(ROOT / "configs" / "digits.yaml"),
             *sets,
@@ -126,8 +126,8 @@ def test_a_regression_student_distills_on_cuda_as_on_cpu():
     """Float targets, one output and the MSE distillation go to the GPU as classification does."""
     from sklearn.metrics import r2_score
 
-    from tasks.compress.data import load_dataset
-    from tasks.platform.config import DataConfig
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.platform.config import DataConfig
 
     data = load_dataset(DataConfig(source="sklearn:diabetes", task="regression"), seed=0)
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.graph import keep_units, param_model, trace
+from distill.tasks.compress.graph import keep_units, param_model, trace
 from tests.archs import ARCHS, wrapped
 
 

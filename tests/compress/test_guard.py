@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 from sklearn.metrics import r2_score
 
-from tasks.compress.guard import decide, resolution
+from distill.tasks.compress.guard import decide, resolution
 
 
 def _answers(n, teacher_only_right, student_only_right, classes=10, seed=0):

@@ -29,12 +29,12 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from tasks.compress.data import load_dataset
-from tasks.compress.hf import HFLogits, hf_model
-from tasks.compress.pipeline import PLAIN_STEPS, compress
-from tasks.compress.teacher import check_teacher, load_teacher
-from tasks.platform.config import DataConfig, TeacherConfig, build_config
-from tasks.platform.errors import UserError
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.compress.hf import HFLogits, hf_model
+from distill.tasks.compress.pipeline import PLAIN_STEPS, compress
+from distill.tasks.compress.teacher import check_teacher, load_teacher
+from distill.tasks.platform.config import DataConfig, TeacherConfig, build_config
+from distill.tasks.platform.errors import UserError
 from tests.conftest import ROOT, TINY, fresh_process
 from tests.served import BLOCK_IMPORTS, NOTHING_BLOCKED_LOADED
 
@@ -267,15 +267,15 @@ def test_refusals_are_one_line(tmp_path, bert_dir, monkeypatch):
 NO_TRANSFORMERS = """
 import importlib, pkgutil, sys
 sys.modules["transformers"] = None  # import transformers raises ImportError
-import tasks, flows.cli
-for pkg in ("tasks.compress", "tasks.platform", "tasks.release"):
+import distill.tasks, distill.flows.cli
+for pkg in ("distill.tasks.compress", "distill.tasks.platform", "distill.tasks.release"):
     for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__):
         if m.name != "serving_model":  # runs set_model() on import: MLflow's, not ours
             importlib.import_module(f"{pkg}.{m.name}")
-from tasks.compress.data import load_dataset
-from tasks.compress.teacher import check_teacher
-from tasks.platform.config import build_config
-from tasks.platform.errors import UserError
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.compress.teacher import check_teacher
+from distill.tasks.platform.config import build_config
+from distill.tasks.platform.errors import UserError
 cfg = build_config({}, ["teacher.hidden=[8]"])
 data = load_dataset(cfg.data, 0)
 check_teacher(cfg.teacher, data)  # a trained teacher needs no transformers
@@ -491,7 +491,7 @@ def test_a_text_column_is_tokenized_once_into_int64_ids(tmp_path, monkeypatch):
     import pandas as pd
     from transformers import AutoTokenizer
 
-    import tasks.compress.tokens as tokens
+    import distill.tasks.compress.tokens as tokens
 
     monkeypatch.setenv("DISTILL_DATA_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

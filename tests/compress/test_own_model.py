@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.data import load_dataset
-from tasks.platform.config import DataConfig
-from tasks.release.registry import raw_features
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.release.registry import raw_features
 from tests.conftest import ROOT, fresh_process
 
 FAST = [
@@ -158,8 +158,8 @@ def test_bad_own_model_stops_before_any_run(sets, message, tmp_path, prefect_ser
     """Checked before the parent run opens: the store holds no run afterwards."""
     import mlflow
 
-    from flows.distill import distill_flow
-    from tasks.platform.errors import UserError
+    from distill.flows.distill import distill_flow
+    from distill.tasks.platform.errors import UserError
 
     config = _module_file(tmp_path)
     weights = tmp_path / "wrong.pt"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.evaluate import evaluate_model
-from tasks.compress.finetune import History
-from tasks.compress.pipeline import PLAIN_STEPS, STAGES, Recorder, Steps, compress
-from tasks.platform.config import build_config
-from tasks.platform.errors import UserError
+from distill.tasks.compress.evaluate import evaluate_model
+from distill.tasks.compress.finetune import History
+from distill.tasks.compress.pipeline import PLAIN_STEPS, STAGES, Recorder, Steps, compress
+from distill.tasks.platform.config import build_config
+from distill.tasks.platform.errors import UserError
 from tests.conftest import TINY
 
 

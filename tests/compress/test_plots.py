@@ -7,10 +7,10 @@ from matplotlib.image import imread
 from mlflow import MlflowClient
 from torch import nn
 
-from flows.stages import plots_task
-from tasks.compress.architectures import build_mlp
-from tasks.compress.plots import pareto_front, penultimate, pipeline_figures
-from tasks.platform.config import EvaluateConfig
+from distill.flows.stages import plots_task
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.plots import pareto_front, penultimate, pipeline_figures
+from distill.tasks.platform.config import EvaluateConfig
 
 STAGES = {
     "teacher": {"size_kb": 1000.0, "accuracy": 0.97},
@@ -90,7 +90,7 @@ def test_plots_are_logged_on_the_parent_run(mlflow_store, digits):
 
 
 def test_prune_rounds_are_found_where_the_learning_rate_restarts():
-    from tasks.compress.plots import round_starts
+    from distill.tasks.compress.plots import round_starts
 
     # two recovery rounds of 3 epochs, each a cosine schedule from 1e-3
     assert round_starts([1e-3, 5e-4, 0.0, 1e-3, 5e-4, 0.0]) == [3]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.architectures import build_teacher
-from tasks.compress.data import load_dataset
-from tasks.compress.preflight import PreflightFailed, preflight, preflight_config
-from tasks.platform.config import build_config
+from distill.tasks.compress.architectures import build_teacher
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.compress.preflight import PreflightFailed, preflight, preflight_config
+from distill.tasks.platform.config import build_config
 from tests.conftest import TINY
 
 NOT_MLP = [s for s in TINY if not s.startswith("teacher.hidden")]  # a module:Name teacher

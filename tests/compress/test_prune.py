@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.evaluate import count_params, saved_size
-from tasks.compress.graph import keep_units, trace
-from tasks.compress.prune import (
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.evaluate import count_params, saved_size
+from distill.tasks.compress.graph import keep_units, trace
+from distill.tasks.compress.prune import (
     cubic_schedule,
     fold_masks,
     magnitude_prune,
@@ -18,7 +18,7 @@ from tasks.compress.prune import (
     structured_prune,
     unit_scores,
 )
-from tasks.platform.config import FinetuneConfig, PruneConfig
+from distill.tasks.platform.config import FinetuneConfig, PruneConfig
 
 
 def _weights(model):
@@ -139,9 +139,9 @@ def test_structured_pruning_really_shrinks(digits):
 
 def test_structured_pruning_narrows_a_low_rank_students_ranks(digits):
     """A low-rank student's inner dimension is a group of units like any other."""
-    from tasks.compress.reconstruct import reconstruct_low_rank
-    from tasks.compress.reduce import reduce_model
-    from tasks.platform.config import BudgetConfig, ReduceConfig
+    from distill.tasks.compress.reconstruct import reconstruct_low_rank
+    from distill.tasks.compress.reduce import reduce_model
+    from distill.tasks.platform.config import BudgetConfig, ReduceConfig
 
     teacher = build_mlp(64, [32, 32], 10).eval()
     low_rank = reconstruct_low_rank(

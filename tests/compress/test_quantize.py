@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.evaluate import OnnxModel, saved_size
-from tasks.compress.finetune import FitSettings, fit
-from tasks.compress.quantize import (
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.evaluate import OnnxModel, saved_size
+from distill.tasks.compress.finetune import FitSettings, fit
+from distill.tasks.compress.quantize import (
     Choice,
     Measured,
     Quantized,
@@ -13,7 +13,7 @@ from tasks.compress.quantize import (
     input_axes,
     quantize_model,
 )
-from tasks.platform.config import QuantizeConfig
+from distill.tasks.platform.config import QuantizeConfig
 from tests.tokens import LENGTH, EmbeddingBag, FlatTokens, HFWrap, tiny_bert, token_ids
 
 
@@ -159,8 +159,8 @@ def test_a_tiny_students_run_ships_fp32_and_logs_why(digits):
     """Through the pipeline: a student of a few hundred parameters, whose int8 file is bigger
     than its fp32 export, ships fp32; the quantize stage's record (the MLflow stage run's params
     and metrics) says why, with both files' sizes and latencies."""
-    from tasks.compress.pipeline import Recorder, compress
-    from tasks.platform.config import build_config
+    from distill.tasks.compress.pipeline import Recorder, compress
+    from distill.tasks.platform.config import build_config
     from tests.conftest import TINY
 
     class Heard(Recorder):
@@ -199,7 +199,7 @@ def test_a_tiny_students_run_ships_fp32_and_logs_why(digits):
 )
 def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, why):
     """fp32: 1,000 B and 1 ms (measurements stubbed: the rule, not the machine's load)."""
-    from tasks.compress import quantize
+    from distill.tasks.compress import quantize
 
     candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
     monkeypatch.setattr(
@@ -217,7 +217,7 @@ def test_the_exporter_op_registry_is_built_once_and_copied():
     equal to the one torch would have built, and the exported bytes do not change."""
     from torch.onnx._internal.exporter._registration import ONNXRegistry
 
-    from tasks.compress.quantize import reuse_torchlib_registry
+    from distill.tasks.compress.quantize import reuse_torchlib_registry
 
     model = build_mlp(8, [16], 3).eval()
     exported = export_onnx(model, 8)  # reuses from here on
@@ -235,7 +235,7 @@ def test_the_exporter_op_registry_is_built_once_and_copied():
 def test_an_excluded_layer_stays_float_in_the_int8_file(trained_mlp, digits):
     import onnx
 
-    from tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
+    from distill.tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
 
     fp32 = export_onnx(trained_mlp, digits.X_test)
     nodes = weighted_nodes(fp32)
@@ -271,8 +271,8 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
     """Three layers: int8 on the last breaks 30 % of the validation rows, on the first 2 %; the
     search measures each alone, then leaves the costliest in fp32 until the guard holds: the
     last layer alone would not do (the first's 2 % stays), both do; the middle stays int8."""
-    from tasks.compress.quantize import export_onnx, weighted_nodes
-    from tasks.compress.target import Guard, mixed_int8
+    from distill.tasks.compress.quantize import export_onnx, weighted_nodes
+    from distill.tasks.compress.target import Guard, mixed_int8
 
     fp32 = OnnxModel(export_onnx(trained_mlp, digits.X_test), 100, 100)
     first, middle, last = weighted_nodes(fp32.onnx_bytes)
@@ -312,7 +312,7 @@ def test_the_int8_kernels_compute_what_the_int8_graph_says():
     off on this MLP; 7-bit weights, reduce_range, do not)."""
     import onnxruntime as ort
 
-    from tasks.compress.quantize import export_onnx, quantize_onnx
+    from distill.tasks.compress.quantize import export_onnx, quantize_onnx
 
     torch.manual_seed(0)
     X = np.random.default_rng(0).random((400, 64)).astype(np.float32)
@@ -349,8 +349,8 @@ def _fragile_head() -> tuple[torch.nn.Module, np.ndarray]:
 
 
 def test_a_head_whose_int8_breaks_the_guard_stays_fp32_and_only_it():
-    from tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
-    from tasks.compress.target import Guard, mixed_int8
+    from distill.tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
+    from distill.tasks.compress.target import Guard, mixed_int8
 
     model, X = _fragile_head()
     with torch.no_grad():
@@ -374,7 +374,7 @@ def test_int8_that_answers_unlike_fp32_does_not_ship(monkeypatch, agreed, ships)
     """Smaller and faster is not enough: int8 whose classes differ from the fp32 export's on
     more than 5 % of training rows ships fp32, and says so (a BERT's int8 answered one class
     for every row, smaller and no slower)."""
-    from tasks.compress import quantize
+    from distill.tasks.compress import quantize
 
     candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
     monkeypatch.setattr(
@@ -395,7 +395,7 @@ def test_int8_that_answers_unlike_fp32_does_not_ship(monkeypatch, agreed, ships)
 
 
 def test_agreement_counts_the_same_classes_and_skips_a_regression():
-    from tasks.compress.quantize import agreement
+    from distill.tasks.compress.quantize import agreement
 
     class Fixed:
         def __init__(self, out):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.compress import readers
+from distill.tasks.compress import readers
 
 
 @pytest.mark.parametrize("sep", [",", ";", "\t", "|"])

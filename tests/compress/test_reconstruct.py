@@ -4,12 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.graph import param_model, trace
-from tasks.compress.reconstruct import factor_layer, reconstruct_low_rank
-from tasks.compress.reduce import LayerPlan, Reduction, allocate_widths, collect_bases, reduce_model
-from tasks.compress.width import reconstruct_width, refit_reader, select_units
-from tasks.platform.config import BudgetConfig, ReduceConfig
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.graph import param_model, trace
+from distill.tasks.compress.reconstruct import factor_layer, reconstruct_low_rank
+from distill.tasks.compress.reduce import (
+    LayerPlan,
+    Reduction,
+    allocate_widths,
+    collect_bases,
+    reduce_model,
+)
+from distill.tasks.compress.width import reconstruct_width, refit_reader, select_units
+from distill.tasks.platform.config import BudgetConfig, ReduceConfig
 
 
 def _full_rank(model, X):
@@ -149,7 +155,7 @@ def test_width_allocation_meets_the_budget_and_one_more_unit_breaks_it():
 
 
 def _basis_flat(m):
-    from tasks.compress.reduce import Basis
+    from distill.tasks.compress.reduce import Basis
 
     return Basis(mean=np.zeros(m), components=np.eye(m), explained_variance=np.linspace(2, 1, m))
 
@@ -164,7 +170,7 @@ def test_pqr_and_importance_pick_k_distinct_units(digits):
 
 def test_width_mode_beats_low_rank_before_finetuning_at_high_compression(digits):
     """The reason width mode exists: at 30x, the rank-k map of a 512-wide layer starves."""
-    from tasks.compress.finetune import FitSettings, fit, predict_logits
+    from distill.tasks.compress.finetune import FitSettings, fit, predict_logits
 
     torch.manual_seed(0)
     teacher, _ = fit(

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.architectures import build_cnn, build_mlp
-from tasks.compress.reduce import (
+from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.reduce import (
     BYTES_PER_PARAM,
     Basis,
     allocate,
@@ -12,8 +12,8 @@ from tasks.compress.reduce import (
     low_rank_params,
     reduce_model,
 )
-from tasks.platform.config import BudgetConfig, ReduceConfig
-from tasks.platform.errors import UserError
+from distill.tasks.platform.config import BudgetConfig, ReduceConfig
+from distill.tasks.platform.errors import UserError
 
 
 def _mlp():
@@ -127,8 +127,8 @@ def test_empty_calibration_is_a_user_error():
 
 
 def test_svd_bases_give_the_truncated_svd():
-    from tasks.compress.reconstruct import factor_layer
-    from tasks.compress.reduce import svd_bases
+    from distill.tasks.compress.reconstruct import factor_layer
+    from distill.tasks.compress.reduce import svd_bases
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 9)
@@ -144,7 +144,7 @@ def test_svd_bases_give_the_truncated_svd():
 
 
 def test_svd_needs_low_rank_mode():
-    from tasks.platform.config import build_config
+    from distill.tasks.platform.config import build_config
 
     with pytest.raises(UserError, match=r"reduce\.method=svd needs reconstruct\.mode=low_rank"):
         build_config({}, ["reduce.method=svd", "reconstruct.mode=width"])

@@ -13,14 +13,14 @@ import torch
 from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.compress.data import load_dataset
-from tasks.compress.evaluate import regression_metrics, relative_error
-from tasks.compress.finetune import regression_kd_loss
-from tasks.compress.target import Guard
-from tasks.platform.config import DataConfig, build_config
-from tasks.platform.errors import UserError
-from tasks.release.gates import Candidate, absolute_gates, held_out_rows
+from distill.flows.cli import app
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.compress.evaluate import regression_metrics, relative_error
+from distill.tasks.compress.finetune import regression_kd_loss
+from distill.tasks.compress.target import Guard
+from distill.tasks.platform.config import DataConfig, build_config
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.gates import Candidate, absolute_gates, held_out_rows
 from tests.conftest import ROOT, TINY, fresh_process, use_store
 
 NAME = "regression-table"

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.compress import data as D
-from tasks.compress import sources as S
-from tasks.compress import stream
-from tasks.compress.rows import Rows
-from tasks.platform.config import DataConfig
-from tasks.platform.errors import UserError
+from distill.tasks.compress import data as D
+from distill.tasks.compress import sources as S
+from distill.tasks.compress import stream
+from distill.tasks.compress.rows import Rows
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +135,8 @@ def test_training_takes_the_same_batches_from_disk(tmp_path):
 
     import torch
 
-    from tasks.compress.architectures import build_mlp
-    from tasks.compress.finetune import FitSettings, fit
+    from distill.tasks.compress.architectures import build_mlp
+    from distill.tasks.compress.finetune import FitSettings, fit
 
     path = _parquet(_table(), tmp_path / "t.parquet")
     memory, streamed = _both(DataConfig(source=f"parquet:{path}", label="label"))
@@ -177,7 +177,13 @@ def test_a_pipeline_runs_on_a_parquet_streamed_from_disk(tmp_path):
     sets = [*TINY, f"data.source=parquet:{path}", "data.label=label"]
     args = ["run", str(ROOT / "configs" / "digits.yaml"), "--json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args, *[a for s in sets for a in ("--set", s)]],
+        [
+            sys.executable,
+            "-m",
+            "distill.flows.cli",
+            *args,
+            *[a for s in sets for a in ("--set", s)],
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.compress import tabular
-from tasks.compress.data import load_dataset
-from tasks.platform.config import DataConfig
-from tasks.platform.errors import UserError
-from tasks.release.predict import _hits
+from distill.flows.cli import app
+from distill.tasks.compress import tabular
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.predict import _hits
 from tests.conftest import ROOT, TINY, fresh_process, use_store
 
 NAME = "tables"
@@ -253,7 +253,7 @@ def test_predict_refusals(registered, tmp_path):
     # file, in the third chunk: nothing is written
     gap = frame.assign(score=frame.score.where(frame.index != 41))
     gap.to_csv(inp, index=False)
-    from tasks.release.predict import predict_file
+    from distill.tasks.release.predict import predict_file
 
     with pytest.raises(UserError) as err:
         predict_file(f"models:/{NAME}@challenger", inp, tmp_path / "pred.csv", chunk_rows=20)
@@ -271,7 +271,7 @@ def test_predict_refusals(registered, tmp_path):
 
 
 def test_predict_streams_in_chunks(registered, tmp_path):
-    from tasks.release.predict import predict_file
+    from distill.tasks.release.predict import predict_file
 
     frame = _table(n=100, seed=2)
     frame.to_csv(tmp_path / "in.csv", index=False)
@@ -336,7 +336,7 @@ def test_fuzz_the_data_reader(tmp_path):
 
 
 def test_fuzz_predict(registered, tmp_path):
-    from tasks.release.predict import predict_file
+    from distill.tasks.release.predict import predict_file
 
     rng = np.random.default_rng(12)
     for name, text in _mutations(_table(n=30, seed=4), rng):

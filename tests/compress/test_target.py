@@ -16,13 +16,13 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.distill import distill_flow
-from tasks.compress.architectures import build_mlp
-from tasks.compress.evaluate import TorchScriptModel
-from tasks.compress.graph import param_model, trace
-from tasks.compress.quantize import Quantized
-from tasks.compress.target import (
+from distill.flows.cli import app
+from distill.flows.distill import distill_flow
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.evaluate import TorchScriptModel
+from distill.tasks.compress.graph import param_model, trace
+from distill.tasks.compress.quantize import Quantized
+from distill.tasks.compress.target import (
     Costs,
     Guard,
     fit_to_target,
@@ -30,8 +30,8 @@ from tasks.compress.target import (
     plan_target,
     smallest_params,
 )
-from tasks.platform.config import PipelineConfig, TargetConfig, build_config
-from tasks.platform.errors import UserError
+from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config
+from distill.tasks.platform.errors import UserError
 from tests.conftest import ROOT, fresh_process
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -59,7 +59,7 @@ COSTS = {
 def test_default_config_ships_a_target():
     cfg = build_config({}, [])
     assert cfg.target is None  # the schema's default: hand-sized stages
-    from tasks.platform.config import load_config
+    from distill.tasks.platform.config import load_config
 
     target = load_config(CONFIG).target
     assert (target.kind, target.value, target.max_accuracy_drop) == ("size_kb", 100.0, 0.02)
@@ -157,7 +157,7 @@ def test_the_served_onnx_file_carries_no_debugging_metadata(digits):
     import onnx
     import onnxruntime as ort
 
-    from tasks.compress.quantize import export_onnx
+    from distill.tasks.compress.quantize import export_onnx
 
     model = build_mlp(64, [32], 10).eval()
     raw = export_onnx(model, 64)

@@ -9,22 +9,23 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.architectures import (
+from distill.tasks.compress.architectures import (
     INPUT,
     LOGITS,
     USER_ROOT,
+    Logits,
     build_mlp,
     build_teacher,
     user_module,
     wrap_input,
 )
-from tasks.compress.data import Dataset, prepare
-from tasks.compress.finetune import predict_logits
-from tasks.compress.sources import Table
-from tasks.compress.teacher import load_teacher
-from tasks.compress.weights import is_pt2_archive, pt2_pickled_record
-from tasks.platform.config import DataConfig, TeacherConfig, build_config
-from tasks.platform.errors import UserError
+from distill.tasks.compress.data import Dataset, prepare
+from distill.tasks.compress.finetune import predict_logits
+from distill.tasks.compress.sources import Table
+from distill.tasks.compress.teacher import load_teacher
+from distill.tasks.compress.weights import is_pt2_archive, pt2_pickled_record
+from distill.tasks.platform.config import DataConfig, TeacherConfig, build_config
+from distill.tasks.platform.errors import UserError
 from tests import zoo
 
 
@@ -97,6 +98,29 @@ def test_trusted_pickle_is_loaded_with_a_warning(tmp_path, digits, capsys):
     )
     assert (predict_logits(loaded, digits.X_test) == predict_logits(model, digits.X_test)).all()
     assert "trust_pickle is true" in capsys.readouterr().err
+
+
+def test_a_pickle_of_distills_classes_from_before_one_package_loads(tmp_path, digits, monkeypatch):
+    """A whole module saved when distill installed `tasks` at the top level names
+    `tasks.compress.architectures.Logits`: it loads as `distill.tasks.compress.architectures`."""
+    monkeypatch.setitem(sys.modules, "tasks", None)  # as installed: no top-level `tasks`
+    torch.manual_seed(0)
+    model = nn.Sequential(build_mlp(64, [32], 10), Logits()).eval()
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    old = tmp_path / "old.pt"
+    with zipfile.ZipFile(saved) as z, zipfile.ZipFile(old, "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"distill.tasks.compress.architectures" in data
+                data = data.replace(b"distill.tasks.compress", b"tasks.compress")
+            out.writestr(item, data)
+    with pytest.raises(ModuleNotFoundError, match="'tasks'"):
+        torch.load(old, weights_only=False)  # what plain unpickling does
+    loaded = load_teacher(TeacherConfig(source=f"file:{old}", trust_pickle=True), digits, seed=0)
+    assert type(loaded[-1]) is Logits
+    assert (predict_logits(loaded, digits.X_test) == predict_logits(model, digits.X_test)).all()
 
 
 # --- the user's own architecture (teacher.arch=module:Name) ---------------------------------

@@ -26,7 +26,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from tasks.compress import transformer as tr
+from distill.tasks.compress import transformer as tr
 from tests.zoo import HeadsAttentionNet
 
 VOCAB, T = 100, 12
@@ -366,7 +366,7 @@ PIPELINE = [
 
 def _teacher_dir(root, model, X: np.ndarray) -> tuple:
     """`model` saved with save_pretrained, and an npz of rows it labelled (its own answers)."""
-    from tasks.compress.hf import HFLogits
+    from distill.tasks.compress.hf import HFLogits
 
     task = "images" if X.dtype == np.float32 else "sequence classification"
     wrapped, x = HFLogits(model, task), torch.from_numpy(X)
@@ -383,9 +383,9 @@ def _teacher_dir(root, model, X: np.ndarray) -> tuple:
 
 
 def _compress(teacher_dir, npz, *more: str):
-    from tasks.compress.data import load_dataset
-    from tasks.compress.pipeline import compress
-    from tasks.platform.config import build_config
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.compress.pipeline import compress
+    from distill.tasks.platform.config import build_config
 
     sets = [*PIPELINE, f"teacher.source=hf:{teacher_dir}", f"data.source=npz:{npz}", *more]
     cfg = build_config({}, sets)
@@ -415,10 +415,10 @@ def test_width_and_structured_pruning_run_on_hf_teachers(name, tmp_path):
 
 
 def test_the_preflight_passes_for_hf_teachers_in_width_mode(tmp_path):
-    from tasks.compress.data import load_dataset
-    from tasks.compress.preflight import preflight
-    from tasks.compress.teacher import load_teacher
-    from tasks.platform.config import build_config
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.compress.preflight import preflight
+    from distill.tasks.compress.teacher import load_teacher
+    from distill.tasks.platform.config import build_config
 
     for name, (build, rows) in {"bert": (_bert, _ids), "vit": (_vit, _images)}.items():
         (tmp_path / name).mkdir()
@@ -434,7 +434,7 @@ def test_the_preflight_passes_for_hf_teachers_in_width_mode(tmp_path):
 def test_student_hf_is_written_where_the_config_can_say_it(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.compress.hf import HFLogits, save_student
+    from distill.tasks.compress.hf import HFLogits, save_student
 
     teacher, X = _bert(), _ids()
     groups = {g.kind: g for g in tr.transformer_groups(teacher, X)}

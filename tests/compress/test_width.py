@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.compress.evaluate import OnnxModel
-from tasks.compress.graph import keep_units, trace
-from tasks.compress.quantize import export_onnx
-from tasks.compress.reduce import reduce_model
-from tasks.compress.width import WidthReport, capture, reconstruct_width, refit_reader
-from tasks.platform.config import BudgetConfig, ReduceConfig
+from distill.tasks.compress.evaluate import OnnxModel
+from distill.tasks.compress.graph import keep_units, trace
+from distill.tasks.compress.quantize import export_onnx
+from distill.tasks.compress.reduce import reduce_model
+from distill.tasks.compress.width import WidthReport, capture, reconstruct_width, refit_reader
+from distill.tasks.platform.config import BudgetConfig, ReduceConfig
 from tests.archs import ARCHS, wrapped
 
 

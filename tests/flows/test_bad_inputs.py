@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.compress.architectures import build_mlp
+from distill.flows.cli import app
+from distill.tasks.compress.architectures import build_mlp
 from tests.conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -558,7 +558,7 @@ def test_a_server_behind_user_and_password_is_reachable():
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from tasks.platform.store import check_reachable, redact
+    from distill.tasks.platform.store import check_reachable, redact
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -590,7 +590,7 @@ def test_promote_with_an_empty_model_name(registry_with_a_version):
 
 
 def test_predict_into_a_directory(registry_with_a_version, digits, tmp_path):
-    from tasks.release.registry import raw_features
+    from distill.tasks.release.registry import raw_features
 
     rows = tmp_path / "rows.csv"
     raw_features(digits, digits.X_test[:5]).to_csv(rows, index=False)
@@ -700,7 +700,7 @@ def test_bad_data_and_teacher_stop_before_prefect_or_mlflow_start(tmp_path, args
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", CONFIG, *args],
+        [sys.executable, "-m", "distill.flows.cli", "run", CONFIG, *args],
         env=env,
         cwd=tmp_path,
         capture_output=True,

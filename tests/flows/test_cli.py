@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, TINY
 
-DISTILL = [sys.executable, "-m", "flows.cli"]
+DISTILL = [sys.executable, "-m", "distill.flows.cli"]
 
 
 def _run(args, tmp_path: Path, timeout=600):
@@ -132,12 +132,12 @@ def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path):
     # CPython kills itself at exit after a handled plain KeyboardInterrupt that left exec'd code
     if run("") != -signal.SIGINT:
         pytest.skip("this Python exits 130 after such an interrupt anyway")
-    assert run("from flows.process import exit_on_signals; exit_on_signals()") == 130
+    assert run("from distill.flows.process import exit_on_signals; exit_on_signals()") == 130
 
 
 SWALLOWED_CTRL_C = """
 import os, signal, time, weakref
-from flows import process
+from distill.flows import process
 
 process.exit_on_signals()
 
@@ -176,7 +176,7 @@ def test_ctrl_c_landing_in_a_weakref_callback_still_interrupts():
 
 SWALLOWED_SIGTERM = """
 import os, signal, time, weakref
-from flows import process
+from distill.flows import process
 
 process.exit_on_signals()
 
@@ -229,7 +229,7 @@ def test_sigterm_landing_in_a_weakref_callback_still_stops_the_run():
 
 
 SECOND_CTRL_C = """
-from flows import process
+from distill.flows import process
 
 try:
     process.interrupt(2, None)  # the first Ctrl-C unwinds

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.distill import distill_flow
-from tasks.compress.pipeline import STAGES
-from tasks.platform.errors import UserError
-from tasks.release.registry import raw_features
+from distill.flows.distill import distill_flow
+from distill.tasks.compress.pipeline import STAGES
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.registry import raw_features
 from tests.conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")

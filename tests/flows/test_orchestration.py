@@ -23,16 +23,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.deployments import PREFECT_FILE
-from tasks.platform.servers import prefect_server
-from tasks.release.pareto import pareto_mask
+from distill.flows.deployments import PREFECT_FILE
+from distill.tasks.platform.servers import prefect_server
+from distill.tasks.release.pareto import pareto_mask
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
 SETS = [a for s in TINY for a in ("--set", s)]
-DISTILL = [sys.executable, "-m", "flows.cli"]
+DISTILL = [sys.executable, "-m", "distill.flows.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +149,13 @@ def test_deploy_schedules_and_a_worker_runs_the_pipeline(prefect_api, tmp_path):
 
 KILLED_IN_FINETUNE = """
 import os, signal, sys
-import tasks.compress.finetune
+import distill.tasks.compress.finetune
 
 def killed(*args, **kwargs):  # the process dies the moment fine-tuning starts, like a kill -9
     os.kill(os.getpid(), signal.SIGKILL)
 
-tasks.compress.finetune.distill = killed
-from flows.distill import distill_flow
+distill.tasks.compress.finetune.distill = killed
+from distill.flows.distill import distill_flow
 distill_flow(sys.argv[1], sys.argv[2:])
 """
 

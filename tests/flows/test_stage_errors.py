@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from distill.flows.cli import app
 from tests.conftest import ROOT, TINY, child_runs, fresh_process
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.deployments import PREFECT_FILE, read_spec, runner_deployments
-from flows.sweep import check_variants, parse_grid, split_values, sweep_flow, variants
-from tasks.platform.errors import UserError
-from tasks.release.pareto import best_variant, markdown_table, pareto_mask, summary_frame
+from distill.flows.deployments import PREFECT_FILE, read_spec, runner_deployments
+from distill.flows.sweep import check_variants, parse_grid, split_values, sweep_flow, variants
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.pareto import best_variant, markdown_table, pareto_mask, summary_frame
 from tests.conftest import ROOT, TINY
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -147,7 +147,7 @@ def test_deploy_and_dask_need_a_server(tmp_path):
         "PYTHONPATH": str(ROOT)
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "deploy"],
+        [sys.executable, "-m", "distill.flows.cli", "deploy"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -161,7 +161,7 @@ def test_deploy_and_dask_need_a_server(tmp_path):
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "distill.flows.cli",
             "sweep",
             CONFIG,
             "--grid",
@@ -176,7 +176,15 @@ def test_deploy_and_dask_need_a_server(tmp_path):
     )
     assert proc.returncode == 2 and "a Dask sweep needs a Prefect server" in proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "sweep", CONFIG, "--grid", "finetune.temperature"],
+        [
+            sys.executable,
+            "-m",
+            "distill.flows.cli",
+            "sweep",
+            CONFIG,
+            "--grid",
+            "finetune.temperature",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

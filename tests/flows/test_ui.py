@@ -12,9 +12,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform.errors import UserError
-from tasks.platform.servers import free_port
-from tasks.platform.store import (
+from distill.tasks.platform.errors import UserError
+from distill.tasks.platform.servers import free_port
+from distill.tasks.platform.store import (
     MlflowSettings,
     ServerSettings,
     UiSettings,
@@ -61,7 +61,7 @@ def test_ui_serves_the_runs_and_their_artifacts_and_stops_on_ctrl_c(mlflow_store
     port = free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+        [sys.executable, "-m", "distill.flows.cli", "ui", "--port", str(port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -97,7 +97,7 @@ def test_ui_serves_the_runs_and_their_artifacts_and_stops_on_ctrl_c(mlflow_store
 def test_ui_against_a_tracking_server_is_one_line(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "ui"],
+        [sys.executable, "-m", "distill.flows.cli", "ui"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -122,7 +122,7 @@ def test_ui_refuses_a_port_another_server_holds(tmp_path):
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db",
         }
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+            [sys.executable, "-m", "distill.flows.cli", "ui", "--port", str(port)],
             cwd=tmp_path,
             env=env,
             capture_output=True,

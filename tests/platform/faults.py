@@ -16,7 +16,7 @@ from tests.conftest import ROOT, TINY
 RUN = [
     sys.executable,
     "-m",
-    "flows.cli",
+    "distill.flows.cli",
     "run",
     str(ROOT / "configs" / "digits.yaml"),
     *[a for s in TINY for a in ("--set", s)],

@@ -9,18 +9,24 @@ import pytest
 import torch
 from prefect.serializers import PickleSerializer
 
-from flows.caching import stage_cache_key
-from flows.stages import finetune_task, quantize_task, reconstruct_task, reduce_task, teacher_task
-from tasks.compress.architectures import build_mlp
-from tasks.compress.finetune import History
-from tasks.compress.reduce import reduce_model
-from tasks.platform.caching import (
+from distill.flows.caching import stage_cache_key
+from distill.flows.stages import (
+    finetune_task,
+    quantize_task,
+    reconstruct_task,
+    reduce_task,
+    teacher_task,
+)
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.finetune import History
+from distill.tasks.compress.reduce import reduce_model
+from distill.tasks.platform.caching import (
     Uncacheable,
     code_modules,
     content_hash,
     teacher_source_fingerprint,
 )
-from tasks.platform.config import BudgetConfig, ReduceConfig, TeacherConfig
+from distill.tasks.platform.config import BudgetConfig, ReduceConfig, TeacherConfig
 
 
 def _key(task, **inputs):
@@ -69,18 +75,19 @@ def test_keys_differ_by_task_and_follow_the_stage_code(digits):
     # and not the stages after it: editing quantization keeps a cached teacher
     teacher_code = set(code_modules(teacher_task.fn))
     assert {
-        "tasks.compress.teacher",
-        "tasks.compress.architectures",
-        "tasks.compress.weights",
-        "tasks.compress.finetune",
-        "tasks.compress.dataset",
-        "tasks.platform.config",
+        "distill.tasks.compress.teacher",
+        "distill.tasks.compress.architectures",
+        "distill.tasks.compress.weights",
+        "distill.tasks.compress.finetune",
+        "distill.tasks.compress.dataset",
+        "distill.tasks.platform.config",
     } <= teacher_code
     assert (
-        "tasks.compress.quantize" not in teacher_code and "tasks.compress.prune" not in teacher_code
+        "distill.tasks.compress.quantize" not in teacher_code
+        and "distill.tasks.compress.prune" not in teacher_code
     )
-    assert "tasks.compress.quantize" in code_modules(quantize_task.fn)
-    assert "tasks.compress.finetune" in code_modules(finetune_task.fn)
+    assert "distill.tasks.compress.quantize" in code_modules(quantize_task.fn)
+    assert "distill.tasks.compress.finetune" in code_modules(finetune_task.fn)
 
 
 def test_a_teacher_file_is_keyed_by_its_bytes_and_an_alias_is_not_cached(tmp_path, digits):

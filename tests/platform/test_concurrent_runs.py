@@ -30,7 +30,7 @@ def test_four_processes_share_one_store(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "distill.flows.cli",
                 "run",
                 str(ROOT / "configs" / "digits.yaml"),
                 *sets,

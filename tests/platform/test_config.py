@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.platform.config import PipelineConfig, build_config, load_config, parse_overrides
-from tasks.platform.errors import UserError
+from distill.tasks.platform.config import PipelineConfig, build_config, load_config, parse_overrides
+from distill.tasks.platform.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,13 +101,13 @@ def test_every_config_choice_has_one_implementation():
     tables' keys are the same names, so a new method is one entry in each."""
     import typing
 
-    from tasks.compress.architectures import BUILTIN_ARCHS
-    from tasks.compress.prune import PRUNERS
-    from tasks.compress.quantize import RUNTIMES
-    from tasks.compress.reconstruct import RECONSTRUCTORS
-    from tasks.compress.reduce import BASES, PLANNERS
-    from tasks.compress.width import SELECTIONS
-    from tasks.platform import config
+    from distill.tasks.compress.architectures import BUILTIN_ARCHS
+    from distill.tasks.compress.prune import PRUNERS
+    from distill.tasks.compress.quantize import RUNTIMES
+    from distill.tasks.compress.reconstruct import RECONSTRUCTORS
+    from distill.tasks.compress.reduce import BASES, PLANNERS
+    from distill.tasks.compress.width import SELECTIONS
+    from distill.tasks.platform import config
 
     def choices(model: type, field: str) -> set[str]:
         return set(typing.get_args(model.model_fields[field].annotation))
@@ -140,7 +140,7 @@ METHOD_CASES = [
 
 @pytest.mark.parametrize("key_value, other, own", METHOD_CASES)
 def test_a_key_of_another_method_is_refused_by_name(key_value, other, own):
-    from tasks.platform.config import METHOD_KEYS
+    from distill.tasks.platform.config import METHOD_KEYS
 
     key = key_value.split("=")[0].removesuffix(".ratio")  # reduce.budget is one key
     assert key in METHOD_KEYS
@@ -151,7 +151,7 @@ def test_a_key_of_another_method_is_refused_by_name(key_value, other, own):
 
 
 def test_every_method_key_is_tested():
-    from tasks.platform.config import METHOD_KEYS
+    from distill.tasks.platform.config import METHOD_KEYS
 
     tested = {c[0].split("=")[0].removesuffix(".ratio") for c in METHOD_CASES}
     assert tested == set(METHOD_KEYS)

@@ -1,7 +1,7 @@
 """docs/configuration.md is the schema's reference, regenerated whenever the schema changes."""
 
-from tasks.platform import config_reference
-from tasks.platform.config import PipelineConfig
+from distill.tasks.platform import config_reference
+from distill.tasks.platform.config import PipelineConfig
 from tests.conftest import ROOT
 
 

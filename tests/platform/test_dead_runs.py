@@ -8,12 +8,12 @@ import uuid
 
 from mlflow import MlflowClient
 
-from tasks.platform import dead_runs, store, tracking
+from distill.tasks.platform import dead_runs, store, tracking
 from tests.conftest import ROOT, child_runs
 
 KILLED_RUN = """
 import os, signal, sys
-from tasks.platform import dead_runs, store, tracking
+from distill.tasks.platform import dead_runs, store, tracking
 experiment_id = store.configure(store.load_settings())
 with tracking.parent_run(experiment_id, "killed", {}, tracking.process_tags()) as run_id:
     with tracking.stage_run(run_id, "finetuned"):

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform import dead_runs
-from tasks.platform.servers import free_port, server_process
+from distill.tasks.platform import dead_runs
+from distill.tasks.platform.servers import free_port, server_process
 from tests.conftest import use_store
 from tests.platform.faults import RUN, fault_env, last_line
 
@@ -149,7 +149,7 @@ def test_a_password_in_the_tracking_uri_is_never_printed_nor_stored(prefect_serv
 def test_redacting_stream_masks_every_password_it_is_given():
     import io
 
-    from tasks.platform.secrets import RedactingStream
+    from distill.tasks.platform.secrets import RedactingStream
 
     out = io.StringIO()
     stream = RedactingStream(out)
@@ -165,7 +165,12 @@ def test_redacting_stream_masks_every_password_it_is_given():
 @pytest.mark.parametrize(
     "signum, code, status, said",
     [
-        (signal.SIGINT, 130, "KILLED", "Ctrl-C"),  # 128 + SIGINT (flows.process.Interrupted)
+        (
+            signal.SIGINT,
+            130,
+            "KILLED",
+            "Ctrl-C",
+        ),  # 128 + SIGINT (distill.flows.process.Interrupted)
         (signal.SIGTERM, 143, "FAILED", "SIGTERM"),
     ],
     ids=["ctrl-c", "sigterm"],
@@ -215,7 +220,7 @@ KILLED_AT_ALIAS = """
 import os, signal, sys
 from mlflow import MlflowClient
 MlflowClient.set_registered_model_alias = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-from flows.cli import main
+from distill.flows.cli import main
 main()
 """
 
@@ -244,7 +249,7 @@ def _in_process(store: Path, *args: str):
     """`distill ARGS` in this process (CliRunner) on the SQLite store in `store`."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from distill.flows.cli import app
 
     with use_store(store):
         return CliRunner().invoke(app, list(args))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform import retry
-from tasks.platform.errors import fault_message
+from distill.tasks.platform import retry
+from distill.tasks.platform.errors import fault_message
 from tests.platform.faults import RUN, fault_env, fill, last_line, mount
 
 
@@ -164,7 +164,7 @@ def test_read_only_store_is_one_line_and_leaves_it_as_it_was(tmp_path):
 def test_corrupt_store_is_one_line_for_run_and_compare(tmp_path):
     db = tmp_path / "store.db"
     db.write_bytes(b"not a database " * 100)
-    for args in (RUN, [sys.executable, "-m", "flows.cli", "compare"]):
+    for args in (RUN, [sys.executable, "-m", "distill.flows.cli", "compare"]):
         proc = _run_on(db, tmp_path, *args)
         assert proc.returncode == 3, proc.stderr
         assert (

@@ -24,7 +24,7 @@ def test_a_server_given_a_taken_port_is_its_own(tmp_path, monkeypatch):
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_HOME, temporary_settings
 
-    from tasks.platform.held_port import launch_on_held_port
+    from distill.tasks.platform.held_port import launch_on_held_port
 
     impostor = http.server.HTTPServer(("127.0.0.1", 0), _Impostor)  # another process's server
     threading.Thread(target=impostor.serve_forever, daemon=True).start()

@@ -1,6 +1,6 @@
 """Progress without a terminal: every item passes, and a long loop says where it is."""
 
-from tasks.platform import progress
+from distill.tasks.platform import progress
 
 
 def test_without_a_terminal_a_long_loop_prints_progress_lines(monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """Tracking errors: transient ones are retried (in Prefect too), bugs are not."""
 
-from tasks.platform import retry
+from distill.tasks.platform import retry
 
 
 def test_transient_tracking_errors_are_retried_and_bugs_are_not():

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from tasks.platform import safe_yaml
-from tasks.platform.config import PipelineConfig, build_config, load_config
-from tasks.platform.errors import UserError
+from distill.tasks.platform import safe_yaml
+from distill.tasks.platform.config import PipelineConfig, build_config, load_config
+from distill.tasks.platform.errors import UserError
 
 
 def bomb(levels: int, width: int = 9) -> str:
@@ -124,7 +124,7 @@ def test_fuzz_the_config_loader(tmp_path):
 
 def test_fuzz_set_overrides():
     """Random `--set key=value` pairs (real keys, YAML-ish values): a config or one UserError."""
-    from tasks.platform.config import flatten
+    from distill.tasks.platform.config import flatten
 
     keys = [*flatten(PipelineConfig().model_dump()), "reduce.budget.ratio", "x.y", "seed.a", "a..b"]
     rng = random.Random(18)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.platform.servers import ServerNotReady, free_port, server_process
+from distill.tasks.platform.servers import ServerNotReady, free_port, server_process
 
 # a server that starts a worker of its own, then serves `folder`: /health is the file "health"
 SERVER = """

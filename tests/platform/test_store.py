@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 FIRST_TOUCH = """
 import sys, time
-from tasks.platform import store
+from distill.tasks.platform import store
 import mlflow  # imported before the start line, so the processes reach the store together
 time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
 print(store.configure(store.load_settings()))

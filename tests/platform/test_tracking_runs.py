@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.compress.architectures import build_mlp
-from tasks.platform import store, tracking
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.platform import store, tracking
 from tests.conftest import ROOT, child_runs
 
 
@@ -92,8 +92,8 @@ def test_a_retried_stage_record_replaces_the_failed_attempt(mlflow_store):
 
 TERMINATED_RUN = """
 import time
-from flows.process import exit_on_signals
-from tasks.platform import dead_runs, store, tracking
+from distill.flows.process import exit_on_signals
+from distill.tasks.platform import dead_runs, store, tracking
 exit_on_signals()
 experiment_id = store.configure(store.load_settings())
 with tracking.parent_run(experiment_id, "terminated", {}, tracking.process_tags()) as run_id:

@@ -7,8 +7,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.compress.sources import read_table, table_digest
-from tasks.platform.config import PromoteConfig
+from distill.tasks.compress.sources import read_table, table_digest
+from distill.tasks.platform.config import PromoteConfig
 from tests.conftest import ARTIFACT_ROOT_VAR, end_active_runs, point_mlflow_at
 
 NAME = "gated"

@@ -9,8 +9,8 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.release.compare import load_comparison
+from distill.flows.cli import app
+from distill.tasks.release.compare import load_comparison
 
 T0 = 1_700_000_000_000  # ms
 
@@ -147,7 +147,7 @@ def test_only_keys_that_mean_something_for_a_run_are_shown():
     """A budget is ignored where a target planned the run, max_r2_drop means nothing to a
     classifier, a width-mode key nothing under low_rank: blank there; a key that means nothing
     to any of the runs compared is not shown at all."""
-    from tasks.release.compare import comparison
+    from distill.tasks.release.compare import comparison
 
     runs = pd.DataFrame(
         {

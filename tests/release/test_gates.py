@@ -4,10 +4,10 @@ out from both runs."""
 import numpy as np
 from mlflow import MlflowClient
 
-from tasks.compress.data import load_dataset
-from tasks.compress.sources import read_table
-from tasks.platform.config import DataConfig
-from tasks.release.gates import (
+from distill.tasks.compress.data import load_dataset
+from distill.tasks.compress.sources import read_table
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.release.gates import (
     Candidate,
     absolute_gates,
     champion_gate,

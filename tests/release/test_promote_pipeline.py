@@ -13,13 +13,13 @@ from mlflow import MlflowClient
 from prefect.artifacts import Artifact
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-from flows.distill import distill_flow
-from flows.promote import run_promotion
-from tasks.platform.config import PromoteConfig
-from tasks.platform.errors import UserError
-from tasks.release.predict import predict_file
-from tasks.release.registry import raw_features
-from tasks.release.reproduce import RunRecord, check_record
+from distill.flows.distill import distill_flow
+from distill.flows.promote import run_promotion
+from distill.tasks.platform.config import PromoteConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.predict import predict_file
+from distill.tasks.release.registry import raw_features
+from distill.tasks.release.reproduce import RunRecord, check_record
 from tests.conftest import ROOT, TINY, use_store
 
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -217,7 +217,7 @@ def test_check_record_warns_about_other_code():
 def test_promote_cli_exit_codes(other_seed, store):
     """`distill promote` as a user runs it; it talks to the test session's Prefect server."""
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "flows.cli", "promote", "--model", NAME]
+    base = [sys.executable, "-m", "distill.flows.cli", "promote", "--model", NAME]
     champion = str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)
     refused = subprocess.run(
         [
@@ -267,7 +267,7 @@ def test_predict_cli(first, digits, store, tmp_path):
     base = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "distill.flows.cli",
         "predict",
         "--model",
         f"models:/{NAME}/1",
@@ -301,7 +301,7 @@ def test_predict_cli(first, digits, store, tmp_path):
     )
 
 
-PROMOTE = [sys.executable, "-m", "flows.cli", "promote", "--model", NAME]
+PROMOTE = [sys.executable, "-m", "distill.flows.cli", "promote", "--model", NAME]
 
 
 def test_a_champion_whose_files_are_gone_refuses_in_one_line(other_seed, store):

@@ -8,10 +8,10 @@ from datetime import datetime
 import pytest
 from mlflow import MlflowClient
 
-from tasks.platform.config import PromoteConfig
-from tasks.platform.errors import UserError
-from tasks.release.aliases import CHAMPION
-from tasks.release.promotion import promote_version, rollback
+from distill.tasks.platform.config import PromoteConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.aliases import CHAMPION
+from distill.tasks.release.promotion import promote_version, rollback
 from tests.release.conftest import GATES, NAME, aliases, make_version, tags
 
 
@@ -19,7 +19,7 @@ from tests.release.conftest import GATES, NAME, aliases, make_version, tags
 def versions_without_files(monkeypatch):
     """The versions here point at runs with no model files: promotion's load check (tested in
     tests/release/test_registration.py) would refuse them all."""
-    from tasks.release import registry
+    from distill.tasks.release import registry
 
     monkeypatch.setattr(registry, "load_version", lambda name, version: None)
 
@@ -182,7 +182,7 @@ def test_other_data_cannot_be_compared_with_the_champion(registry_store):
 def test_teacher_lineage_pins_files_and_aliases(registry_store, tmp_path):
     import hashlib
 
-    from tasks.release.registry import teacher_lineage
+    from distill.tasks.release.registry import teacher_lineage
 
     path = tmp_path / "teacher.pt"
     path.write_bytes(b"weights")
@@ -213,7 +213,7 @@ def test_teacher_lineage_pins_files_and_aliases(registry_store, tmp_path):
 def test_a_refused_promotion_ends_its_flow_run_failed_with_the_reason(
     prefect_server, registry_store, monkeypatch
 ):
-    from flows.promote import promote_flow, run_promotion
+    from distill.flows.promote import promote_flow, run_promotion
 
     monkeypatch.setenv("DISTILL_MLFLOW_CONFIG", str(registry_store) + ".absent.yaml")
     make_version(0.90)  # 6 points below the teacher: the 1-point gate refuses it

@@ -6,9 +6,9 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.platform.errors import UserError
-from tasks.release.registry import (
+from distill.flows.cli import app
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.registry import (
     COMPLETE,
     CREATED_BY,
     check_promotable,
@@ -115,10 +115,10 @@ def test_registration_marks_the_version_complete_last(registry_store, digits, mo
     an error (or Ctrl-C) in between deletes the version."""
     import torch
 
-    from tasks.compress.architectures import build_mlp
-    from tasks.compress.evaluate import OnnxModel
-    from tasks.compress.quantize import export_onnx
-    from tasks.release.registry import register_model
+    from distill.tasks.compress.architectures import build_mlp
+    from distill.tasks.compress.evaluate import OnnxModel
+    from distill.tasks.compress.quantize import export_onnx
+    from distill.tasks.release.registry import register_model
 
     torch.manual_seed(0)
     model = OnnxModel(

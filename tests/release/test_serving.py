@@ -16,17 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.compress.architectures import build_mlp
-from tasks.compress.data import Dataset, load_dataset
-from tasks.compress.evaluate import OnnxModel
-from tasks.compress.hf import HFLogits
-from tasks.compress.quantize import export_onnx
-from tasks.platform.config import DataConfig
-from tasks.platform.errors import UserError
-from tasks.release.gates import Candidate, _pyfunc_predict
-from tasks.release.predict import predict_file
-from tasks.release.registry import register_model
-from tasks.release.signature import FEATURES, tensor_input_of
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.data import Dataset, load_dataset
+from distill.tasks.compress.evaluate import OnnxModel
+from distill.tasks.compress.hf import HFLogits
+from distill.tasks.compress.quantize import export_onnx
+from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
+from distill.tasks.release.gates import Candidate, _pyfunc_predict
+from distill.tasks.release.predict import predict_file
+from distill.tasks.release.registry import register_model
+from distill.tasks.release.signature import FEATURES, tensor_input_of
 from tests.conftest import use_store
 from tests.served import BLOCK_IMPORTS, NOTHING_BLOCKED_LOADED
 from tests.tokens import EmbeddingBag, tiny_bert, token_ids
