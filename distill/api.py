@@ -116,7 +116,10 @@ class Result:
       `compression_ratio` and the drop vs the teacher, and `stages`: each stage's metrics;
     - `record`: the MLflow parent run id when tracked, else None;
     - `target`: the verdict line of a `target` (met or not), else None;
-    - `outcome`: everything the pipeline returned (each stage's model, curves, the plan)."""
+    - `outcome`: everything the pipeline returned (each stage's model, curves, the plan);
+    - `frontier`: a drop-only target's candidates (`target={"max_accuracy_drop": 0.01}`: the
+      smallest served file within the drop), one dict each (params, size_kb, val_score, drop,
+      latency_ms_b1, status: kept / rolled back / shipped), else None."""
 
     student: nn.Module
     served: Served
@@ -125,6 +128,7 @@ class Result:
     target: str | None
     target_met: bool | None
     outcome: Outcome = field(repr=False)
+    frontier: list[dict[str, object]] | None = None
 
 
 def compress(
@@ -146,7 +150,8 @@ def compress(
     directory or `hf:DIR`, `file:PATH`, or a `models:/NAME@ALIAS` URI. `val`: rows for the
     target's guard and for early stopping (default: carved from `train`, `data.val_size`).
     `target`: e.g. `{"size_kb": 30}`, `{"ratio": 10, "max_accuracy_drop": 0.01}` (the config's
-    `target:` section); without one the stages are sized by `reduce.budget` (default: 4x fewer
+    `target:` section), or `{"max_accuracy_drop": 0.01}` alone: the smallest served file within
+    that drop; without one the stages are sized by `reduce.budget` (default: 4x fewer
     parameters). `settings`: config sections as keywords (`finetune={"epochs": 5}`), or dotted
     keys (`**{"compress.prune.amount": 0.5}`), as in a config file. `track`: an MLflow tracking
     URI to record the run in (default: `MLFLOW_TRACKING_URI` if set; else nothing is recorded).
@@ -323,4 +328,5 @@ def _result(outcome: Outcome, data: Dataset, run_id: str | None) -> Result:
         target=target.line if target else None,
         target_met=target.met if target else None,
         outcome=outcome,
+        frontier=[c.row() for c in target.fitted.frontier] if target else None,
     )

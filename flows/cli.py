@@ -138,6 +138,10 @@ def run(
         from distill.flows.summary import print_stage_table
 
         print_stage_table(summary)
+    if summary.target is not None and summary.target.get("frontier") and not as_json:
+        from distill.tasks.compress.smallest import frontier_table
+
+        typer.echo(frontier_table(summary.target["frontier"], summary.target["metric"]))
     if summary.target is not None and (not as_json or not summary.target["met"]):
         # a missed target is not an error: the best model found is registered, tagged, exit 0
         typer.echo(summary.target["line"], err=not summary.target["met"])

@@ -185,7 +185,12 @@ def distill_flow(
                 outcome.summary if outcome is not None else {},
                 model_id=registered.model_id if registered else None,
             )
-    target = {"met": outcome.target.met, "line": outcome.target.line} if outcome.target else None
+    target = None
+    if outcome.target is not None:
+        target = {"met": outcome.target.met, "line": outcome.target.line}
+        if outcome.target.fitted.frontier:  # a drop-only target: the candidates it built
+            target["frontier"] = [c.row() for c in outcome.target.fitted.frontier]
+            target["metric"] = outcome.target.guard.metric
     summary = RunSummary(
         run_id=run_id,
         experiment_id=experiment_id,

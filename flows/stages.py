@@ -32,6 +32,7 @@ from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import Reduction, reduce_model
+from distill.tasks.compress.smallest import smallest_within
 from distill.tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
 from distill.tasks.compress.teacher import load_teacher
 from distill.tasks.platform import retry, tracking
@@ -158,6 +159,42 @@ def fit_task(
 
 
 @task(
+    name="smallest-target",
+    task_run_name="smallest-target",
+    cache_policy=STAGE_CACHE,
+    persist_result=True,
+)
+def smallest_task(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    plan: Plan,
+    guard: Guard,
+    prune: PruneConfig,
+    finetune: FinetuneConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    device: str,
+    latency_repeats: int,
+    builds: int,
+) -> Fitted:
+    return smallest_within(
+        teacher,
+        student,
+        data,
+        plan,
+        guard,
+        prune,
+        finetune,
+        quantize,
+        seed,
+        device,
+        latency_repeats,
+        builds,
+    )
+
+
+@task(
     name="evaluate",
     task_run_name="evaluate-{stage}",
     cache_policy=NO_CACHE,
@@ -247,6 +284,7 @@ PREFECT_STEPS = Steps(
     prune=prune_task,
     quantize=quantize_task,
     fit=fit_task,
+    smallest=smallest_task,
 )
 
 

@@ -17,6 +17,7 @@ _UNITS = {
     "ratio": "{:g}x",
     "params": "{:,.0f} params",
     "latency_ms_b1": "{:g} ms b1",
+    "smallest": "smallest within {:g} drop",
     "variance": "variance {:g}",
 }
 

@@ -54,7 +54,10 @@ from distill.tasks.compress.reduce import (
     reduce_model,
     reduction_record,
 )
+from distill.tasks.compress.smallest import smallest_within
 from distill.tasks.compress.target import (
+    SMALLEST,
+    Candidate,
     Costs,
     Fitted,
     Guard,
@@ -104,6 +107,7 @@ class Steps:
     prune: Callable[..., tuple[nn.Module, History]] = prune_and_recover  # without a target
     quantize: Callable[..., Quantized] = quantize_model  # without a target
     fit: Callable[..., Fitted] = fit_to_target  # with a target: pruning and int8, guarded
+    smallest: Callable[..., Fitted] = smallest_within  # with a drop-only target: the search
     evaluate: Callable[..., dict[str, float]] = evaluate_model
 
 
@@ -139,6 +143,11 @@ class Recorder:
     ) -> None:
         """A stage without a model of its own finished: `reduce` (the plan per layer) or `target`
         (the plan and the guarded fit)."""
+
+    def frontier(self, frontier: list[Candidate], guard: Guard, plot: bool) -> None:
+        """A drop-only target's search finished: every candidate it built, in order (the
+        shipped one marked), against `guard` (the teacher's validation score, the allowance);
+        `plot`: draw it too (`evaluate.plots`)."""
 
     def plots(
         self,
@@ -308,23 +317,41 @@ def compress(
         with guard("fit-target", started):
             accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
             with onnx_export_lock():
-                fitted = steps.fit(
-                    teacher,
-                    finetuned,
-                    data,
-                    plan,
-                    costs,
-                    accuracy,
-                    cfg.compress.prune,
-                    cfg.finetune,
-                    cfg.compress.quantize,
-                    seed,
-                    device,
-                    ev.latency_repeats,
-                )
+                if plan.kind == SMALLEST:  # no limit: the smallest file within the drop
+                    fitted = steps.smallest(
+                        teacher,
+                        finetuned,
+                        data,
+                        plan,
+                        accuracy,
+                        cfg.compress.prune,
+                        cfg.finetune,
+                        cfg.compress.quantize,
+                        seed,
+                        device,
+                        ev.latency_repeats,
+                        cfg.target.max_builds,
+                    )
+                else:
+                    fitted = steps.fit(
+                        teacher,
+                        finetuned,
+                        data,
+                        plan,
+                        costs,
+                        accuracy,
+                        cfg.compress.prune,
+                        cfg.finetune,
+                        cfg.compress.quantize,
+                        seed,
+                        device,
+                        ev.latency_repeats,
+                    )
             pruned, history, quantized = fitted.model, fitted.history, fitted.quantized
             params, metrics = target_record(plan, costs, fitted, accuracy, teacher_bytes)
             recorder.record("target", metrics, params, started)
+            if fitted.frontier:
+                recorder.frontier(fitted.frontier, accuracy, ev.plots)
             prune_params = cfg.compress.prune.model_dump(exclude={"amount"}) | {
                 "planned_by": "target",
                 "rounds_run": sum(c.step.startswith("prune") for c in fitted.checks),
@@ -340,7 +367,7 @@ def compress(
             fitted,
             accuracy,
             fitted.met,
-            verdict(plan, fitted, accuracy),
+            verdict(plan, fitted, accuracy, teacher_bytes),
             target_tags(plan, fitted, accuracy),
         )
     curves["pruned"] = history.curves()

@@ -9,6 +9,10 @@ compare).
   their last Linear, caught by a forward hook) on test rows, coloured by true class. The
   served model is ONNX, so the student here is the float model it was exported from.
 - `curves.png`: the fine-tune and prune-recovery curves (also step metrics on the stages).
+- `frontier.png` (a drop-only target): validation accuracy vs served file size of every
+  candidate the search built (tasks/compress/smallest.py), kept ones joined in build order,
+  rolled-back ones crossed, the shipped one ringed; the teacher's validation accuracy and the
+  allowance below it as lines.
 
 A regression run draws the Pareto plot with test R², `predicted.png` (the final model's
 predictions against the true values of the test split, in the label's units) in place of the
@@ -35,6 +39,7 @@ from torch import nn
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import SERIALIZED, OnnxModel, TorchScriptModel, torch_predictor
 from distill.tasks.compress.rows import predict_batched
+from distill.tasks.compress.target import Candidate
 from distill.tasks.platform.config import EvaluateConfig
 from distill.tasks.platform.progress import track
 
@@ -113,6 +118,73 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
     ax.set_title(f"{what} vs size across stages")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def frontier_figure(
+    frontier: list[Candidate], reference: float, max_drop: float, metric: str = "accuracy"
+) -> Figure:
+    """The drop-only search's candidates: validation score vs served file size (log x), by
+    format and fate, numbered in build order."""
+    scale = 1.0 if metric == "r2" else 100.0
+    unit = "" if metric == "r2" else " point" if scale * max_drop == 1 else " points"
+    fig = _figure(7.8, 4.4)
+    ax = fig.add_subplot()
+    ax.axhline(scale * reference, color="tab:red", linestyle=":", linewidth=1, label="teacher")
+    ax.axhline(
+        scale * (reference - max_drop),
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"teacher - {scale * max_drop:g}{unit} (allowed)",
+    )
+    groups = (
+        ("kept, int8", lambda c: c.kept and c.served_as == "int8", "o", "tab:blue"),
+        ("kept, fp32", lambda c: c.kept and c.served_as != "int8", "s", "tab:cyan"),
+        ("rolled back", lambda c: not c.kept, "x", "tab:gray"),
+    )
+    for label, member, marker, color in groups:
+        points = [c for c in frontier if member(c)]
+        if points:
+            ax.scatter(
+                [c.size_bytes / 1024 for c in points],
+                [scale * c.score for c in points],
+                marker=marker,
+                s=50,
+                color=color,
+                label=label,
+                zorder=2,
+            )
+    for c in frontier:
+        if c.shipped:
+            ax.scatter(
+                c.size_bytes / 1024,
+                scale * c.score,
+                s=260,
+                facecolors="none",
+                edgecolors="tab:red",
+                linewidths=2,
+                label=f"shipped: {c.size_bytes / 1024:.1f} KB {c.served_as}",
+                zorder=3,
+            )
+        ax.annotate(
+            c.name.replace("prune round ", "#"),
+            (c.size_bytes / 1024, scale * c.score),
+            textcoords="offset points",
+            xytext=(6, 5),
+            fontsize=8,
+        )
+    sizes = [c.size_bytes / 1024 for c in frontier]
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if max(sizes) / min(sizes) < 10 else NullFormatter())
+    ax.margins(x=0.15, y=0.15)
+    ax.set_xlabel("served file (KB, log scale)")
+    ax.set_ylabel("validation R²" if metric == "r2" else "validation accuracy (%)")
+    ax.set_title("smallest within the drop: the candidates built (#: build order)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return fig
 
 

@@ -57,6 +57,7 @@ from distill.tasks.compress.reconstruct import reconstruct
 from distill.tasks.compress.reduce import calibration_rows, reduce_model
 from distill.tasks.compress.rows import predict_batched
 from distill.tasks.platform.config import (
+    SMALLEST,
     BudgetConfig,
     FinetuneConfig,
     PruneConfig,
@@ -88,6 +89,10 @@ class Costs:
         ys = self.file_bytes if what == "bytes" else self.latency_ms
         slope, fixed = np.polyfit(np.asarray(self.params, float), np.asarray(ys, float), 1)
         return float(fixed), float(slope)
+
+    def bytes_at(self, params: int) -> float:
+        fixed, slope = self.line("bytes")
+        return fixed + slope * params
 
     def params_within(self, what: str, limit: float) -> float:
         """Largest parameter count whose predicted bytes (or latency) stay within `limit`."""
@@ -148,9 +153,10 @@ def measure_costs(
 
 @dataclass(frozen=True)
 class Plan:
-    kind: str  # size_kb | ratio | params | latency_ms_b1
-    value: float  # as the user gave it
-    limit: float  # what the served model is held to: bytes (size_kb, ratio), params, or ms
+    kind: str  # size_kb | ratio | params | latency_ms_b1 | smallest (drop-only)
+    value: float  # as the user gave it (smallest: the drop)
+    limit: float  # what the served model is held to: bytes (size_kb, ratio), params, or ms;
+    # smallest: 0 bytes (never reached: the search goes as small as the guard allows)
     fmt: str  # fp32 | int8: what is served
     teacher_params: int
     smallest_params: int  # every group at one unit (per head)
@@ -161,7 +167,8 @@ class Plan:
 
     @property
     def unit(self) -> str:
-        return {"size_kb": "bytes", "ratio": "bytes", "params": "params"}.get(self.kind, "ms")
+        units = {"size_kb": "bytes", "ratio": "bytes", "params": "params", SMALLEST: "bytes"}
+        return units.get(self.kind, "ms")
 
 
 def plan_target(
@@ -172,8 +179,25 @@ def plan_target(
     teacher_file_bytes: int,
 ) -> Plan:
     """The format and parameter count that meet the target with the most parameters (a tie goes
-    to fp32, which loses nothing); `reduce_params` is set later for an unreachable target."""
+    to fp32, which loses nothing); `reduce_params` is set later for an unreachable target. A
+    drop-only target (`smallest`) is planned as unreachable: the search starts from the smallest
+    reduction that keeps the guard, in int8 where it is enabled (it ships where it measures so)."""
     kind, value = target.kind, target.value
+    if kind == SMALLEST:
+        fmt = "int8" if "int8" in costs else "fp32"
+        why = f"the smallest served file within a drop of {value:g}"
+        return Plan(
+            kind,
+            value,
+            0.0,
+            fmt,
+            teacher_params,
+            smallest_params,
+            smallest_params,
+            smallest_params,
+            False,
+            why,
+        )
     limit = {"size_kb": value * 1024, "ratio": teacher_file_bytes / value}.get(kind, value)
     fits, notes = {}, []
     for fmt, c in costs.items():
@@ -198,8 +222,10 @@ def plan_target(
             f"{kind}={value:g}: {costs[fmt].served_as} with at most {final:,} params{measured}; "
             "reduced to it in one shot"
         )
-    else:
+    else:  # as small as it goes: in the format whose file is smaller there (not fp32 on a tie)
         final = smallest_params
+        if kind in ("size_kb", "ratio"):
+            fmt = min(costs, key=lambda f: costs[f].bytes_at(smallest_params))
         why = (
             f"{kind}={value:g} is below the smallest reachable model "
             f"({smallest_params:,} params){measured}"
@@ -332,6 +358,44 @@ def smallest_start(
 # --- meeting the target ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One model a drop-only search built and measured: a point of its frontier."""
+
+    name: str  # start | prune N
+    params: int
+    size_bytes: int  # the served export's file (int8 or fp32, as it would ship)
+    served_as: str  # int8 | fp32 (the quantize stage's method and why: on the quantize run)
+    score: float  # validation accuracy (R²) of the served model
+    drop: float  # the teacher's validation score - `score`
+    drop_low: float  # the drop's interval (guard.decide; nan without paired answers)
+    drop_high: float
+    float_drop: float  # the float model's drop: what the guard decided keep or roll back on
+    latency_ms_b1: float  # the served model, batch 1, p50
+    kept: bool  # within the guard: the search went on from it (else rolled back)
+    shipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "shipped" if self.shipped else "kept" if self.kept else "rolled back"
+
+    def row(self) -> dict[str, object]:
+        """The frontier table's row (the artifact's columns)."""
+        return {
+            "candidate": self.name,
+            "params": self.params,
+            "size_kb": round(self.size_bytes / 1024, 3),
+            "served_as": self.served_as,
+            "val_score": round(self.score, 6),
+            "drop": round(self.drop, 6),
+            "drop_low": round(self.drop_low, 6),
+            "drop_high": round(self.drop_high, 6),
+            "float_drop": round(self.float_drop, 6),
+            "latency_ms_b1": round(self.latency_ms_b1, 5),
+            "status": self.status,
+        }
+
+
 @dataclass
 class Fitted:
     """What `fit_to_target` ends with: the float model, its served form, and why it stopped."""
@@ -345,6 +409,8 @@ class Fitted:
     achieved: float = float("nan")  # in the plan's unit
     met: bool = False  # the limit and the guard both hold
     bound: str = ""  # which constraint stopped it, and why
+    # a drop-only target's search (tasks/compress/smallest.py): every candidate built, in order
+    frontier: list[Candidate] = field(default_factory=list)
 
     def accuracy_drop(self) -> float:
         return self.served_check.drop if self.served_check else float("nan")
@@ -608,6 +674,9 @@ def target_record(
         "teacher_file_kb": teacher_file_bytes / 1024,
         "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks)),
     }
+    if fitted.frontier:  # a drop-only search: what it built
+        metrics["builds"] = float(sum(c.name != "start" for c in fitted.frontier))
+        metrics["teacher_ratio"] = teacher_file_bytes / fitted.achieved
     for fmt, cost in costs.items():
         metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = cost.line("bytes")
     for c in fitted.checks:
@@ -624,8 +693,20 @@ def target_record(
     return params, metrics
 
 
-def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
-    """The one line a user reads."""
+def _named(plan: Plan) -> str:
+    if plan.kind == SMALLEST:
+        return f"smallest within {plan.value:g} drop"
+    return f"{plan.kind}={plan.value:g}"
+
+
+def _achieved(plan: Plan, x: float) -> str:
+    if plan.kind == SMALLEST:  # no limit to hold it to
+        return _show(plan, x)
+    return f"{_show(plan, x)} (limit {_show(plan, plan.limit)})"
+
+
+def verdict(plan: Plan, fitted: Fitted, guard: Guard, teacher_bytes: int | None = None) -> str:
+    """The one line a user reads (`teacher_bytes`: a drop-only target's ratio)."""
     head = "target met" if fitted.met else "target NOT met"
     decision = fitted.served_check.decision if fitted.served_check else None
     interval = (
@@ -635,9 +716,13 @@ def verdict(plan: Plan, fitted: Fitted, guard: Guard) -> str:
         else ""
     )
     unresolved = decision is not None and decision.verdict == "unresolved"
+    got = _achieved(plan, fitted.achieved)
+    if plan.kind == SMALLEST:
+        ratio = f"{teacher_bytes / fitted.achieved:.1f}x, " if teacher_bytes else ""
+        served = "int8" if fitted.quantized.int8_model is not None else "fp32"
+        got = f"{got} ({ratio}{fitted.quantized.served.params:,} params, {served})"
     return (
-        f"{head}: {plan.kind}={plan.value:g} -> {_show(plan, fitted.achieved)} "
-        f"(limit {_show(plan, plan.limit)}), {_what(guard)} drop on validation rows "
+        f"{head}: {_named(plan)} -> {got}, {_what(guard)} drop on validation rows "
         f"{fitted.accuracy_drop():.4f} ({interval}max {guard.max_drop:.4f}"
         f"{': not shown to exceed it' if unresolved else ''}); {fitted.bound}"
     )
@@ -647,9 +732,8 @@ def target_tags(plan: Plan, fitted: Fitted, guard: Guard) -> dict[str, str]:
     """On the registered version: whether its target was met, with both numbers."""
     return {
         "distill.target_met": str(fitted.met).lower(),
-        "distill.target": f"{plan.kind}={plan.value:g}",
-        "distill.target_achieved": f"{_show(plan, fitted.achieved)} "
-        f"(limit {_show(plan, plan.limit)})",
+        "distill.target": _named(plan),
+        "distill.target_achieved": _achieved(plan, fitted.achieved),
         f"distill.target_{guard.metric}_drop": f"{fitted.accuracy_drop():.4f} "
         f"(max {guard.max_drop:.4f}, validation rows)",
     }
@@ -679,9 +763,15 @@ def plan_for_target(
         guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
+        then = (
+            f"then pruned while the guard holds, bisecting a cut that breaks it, at most "
+            f"{target.max_builds} builds (target.max_builds)"
+            if plan.kind == SMALLEST
+            else "then pruned toward the smallest model while the guard holds"
+        )
         why = (
             f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
-            f"({tried}), then pruned toward the smallest model while the guard holds"
+            f"({tried}), {then}"
         )
         plan = replace(plan, reduce_params=start, why=why)
     return plan, costs, teacher_bytes

@@ -163,12 +163,16 @@ class BudgetConfig(Strict):
 
 
 TARGET_KINDS = ("size_kb", "ratio", "params", "latency_ms_b1")
+SMALLEST = "smallest"  # a drop-only target's kind: the smallest served file within the drop
+DROP_KEYS = ("max_accuracy_drop", "max_r2_drop")
 
 
 class TargetConfig(Strict):
-    """What ships (tasks/compress/target.py): exactly one of the final file's size, its ratio to the
-    teacher's file, its parameters or its batch-1 latency in the runtime that serves it; and
-    the accuracy it may lose vs the teacher, decided on validation rows at every lossy step."""
+    """What ships (tasks/compress/target.py): at most one of the final file's size, its ratio to
+    the teacher's file, its parameters or its batch-1 latency in the runtime that serves it; and
+    the accuracy it may lose vs the teacher, decided on validation rows at every lossy step. None
+    of the four, with `max_accuracy_drop` (`max_r2_drop`) set: a drop-only target, the smallest
+    served file within that drop (kind `smallest`, tasks/compress/smallest.py)."""
 
     size_kb: float | None = Field(None, gt=0)  # the served file on disk
     ratio: float | None = Field(None, gt=1)  # teacher file size / served file size
@@ -179,25 +183,44 @@ class TargetConfig(Strict):
     # a step is rolled back when its drop is above the allowance with this confidence
     # (one-sided paired bootstrap on the validation rows: tasks/compress/guard.py)
     confidence: float = Field(0.9, ge=0.5, lt=1)
+    # drop-only target: pruned candidates built at most (each pruned, KD-recovered, exported and
+    # checked); the search halves the parameters while the guard holds, then bisects
+    max_builds: int = Field(6, ge=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> TargetConfig:
+    def _one_kind(self) -> TargetConfig:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
-        if len(given) != 1:
+        if len(given) > 1:
             raise ValueError(
-                "give exactly one of "
-                + ", ".join(TARGET_KINDS)
-                + (f" (got {', '.join(given)})" if given else "")
+                f"give one of {', '.join(TARGET_KINDS)}, not {len(given)} "
+                f"(got {', '.join(given)}); or none, with max_accuracy_drop, for the smallest "
+                "model within the drop"
+            )
+        if not given and not set(DROP_KEYS) & self.model_fields_set:
+            raise ValueError(
+                f"give one of {', '.join(TARGET_KINDS)}, or max_accuracy_drop (max_r2_drop) "
+                "alone for the smallest model within the drop"
+            )
+        # a value equal to its default says nothing: `--from-run` replays set every key
+        if given and self.max_builds != type(self).model_fields["max_builds"].default:
+            raise ValueError(
+                f"max_builds applies only to a drop-only target (here {given[0]} is set); "
+                f"remove it or {given[0]}"
             )
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in TARGET_KINDS if getattr(self, k) is not None)
+        """size_kb | ratio | params | latency_ms_b1, or `smallest` (drop-only)."""
+        return next((k for k in TARGET_KINDS if getattr(self, k) is not None), SMALLEST)
 
     @property
     def value(self) -> float:
-        return float(getattr(self, self.kind))
+        """The kind's value; a drop-only target's: its drop (max_r2_drop where only it is set)."""
+        if self.kind != SMALLEST:
+            return float(getattr(self, self.kind))
+        only_r2 = "max_accuracy_drop" not in self.model_fields_set
+        return self.max_r2_drop if only_r2 else self.max_accuracy_drop
 
 
 class ReduceConfig(Strict):

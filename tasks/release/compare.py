@@ -84,10 +84,12 @@ def parent_runs(experiment: str, last: int | None) -> pd.DataFrame:
 
 
 def _has_target(runs: pd.DataFrame) -> pd.Series:
-    """Per run: a `target:` planned it (one of its kinds is set)."""
+    """Per run: a `target:` planned it (one of its kinds is set; a drop-only target sets none, but
+    every target logs its confidence)."""
     from distill.tasks.platform.config import TARGET_KINDS
 
-    kinds = [f"params.target.{k}" for k in TARGET_KINDS if f"params.target.{k}" in runs.columns]
+    keys = (*TARGET_KINDS, "confidence")
+    kinds = [f"params.target.{k}" for k in keys if f"params.target.{k}" in runs.columns]
     if not kinds:
         return pd.Series(False, index=runs.index)
     return runs[kinds].apply(lambda row: row.notna() & (row != "None")).any(axis=1)

@@ -5,6 +5,8 @@ stage's record made a Prefect task (retried on a tracking error)."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +15,13 @@ from torch import nn
 
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.pipeline import Model, Recorder, StageResult
-from distill.tasks.compress.plots import PLOTS_DIR, pipeline_figures
+from distill.tasks.compress.plots import PLOTS_DIR, frontier_figure, pipeline_figures
+from distill.tasks.compress.target import Candidate, Guard
 from distill.tasks.platform import retry, tracking
 from distill.tasks.platform.caching import content_hash
 from distill.tasks.platform.config import EvaluateConfig
+
+FRONTIER_CSV = "frontier.csv"  # at the run's root, beside the plots
 
 
 class TrackingRecorder(Recorder):
@@ -53,6 +58,18 @@ class TrackingRecorder(Recorder):
         self.metrics |= tracking.record_stage(
             self.parent_run_id, stage, metrics, params, started=started
         )
+
+    def frontier(self, frontier: list[Candidate], guard: Guard, plot: bool) -> None:
+        """A drop-only target's candidates on the parent run: `frontier.csv` (one row each) and,
+        with `plot`, `frontier.png`."""
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(frontier[0].row()), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(c.row() for c in frontier)
+        tracking.log_note(self.parent_run_id, table.getvalue(), FRONTIER_CSV)
+        if plot:
+            figure = frontier_figure(frontier, guard.reference, guard.max_drop, guard.metric)
+            tracking.log_figure(self.parent_run_id, figure, f"{PLOTS_DIR}/frontier.png".lstrip("/"))
 
     def plots(
         self,

@@ -6,7 +6,7 @@ import copy
 import json
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -79,8 +79,8 @@ def test_a_target_kind_override_replaces_the_kind_and_keeps_the_guard():
     "overrides, message",
     [
         (
-            ["target.max_accuracy_drop=0.02"],
-            "config key 'target': give exactly one of size_kb, ratio, params, latency_ms_b1",
+            ["target.size_kb=20", "target.params=1000"],
+            "config key 'target': give one of size_kb, ratio, params, latency_ms_b1, not 2",
         ),
         (["target.ratio=0.5"], "config key 'target.ratio': Input should be greater than 1"),
         (["target.size_kb=20", "reconstruct.mode=low_rank"], "it needs reconstruct.mode=width"),
@@ -137,6 +137,12 @@ def test_a_target_below_the_smallest_model_is_unreachable():
     )
     assert not plan.reachable and plan.final_params == 100
     assert "below the smallest reachable model (100 params)" in plan.why
+    # served as small as it goes: fp32 (1,000 + 4 x 100 B) is the smaller file at 100 params
+    assert plan.fmt == "fp32"
+    # where int8's fixed bytes are fewer, int8 (a tie of -inf fits went to fp32 before)
+    cheap = {"fp32": COSTS["fp32"], "int8": replace(COSTS["int8"], file_bytes=(300, 10_300))}
+    assert cheap["int8"].bytes_at(100) < cheap["fp32"].bytes_at(100)
+    assert plan_target(TargetConfig(size_kb=0.1), cheap, 50_000, 100, 200_000).fmt == "int8"
 
 
 def test_smallest_model_and_prune_fraction_count_real_parameters():

@@ -29,8 +29,13 @@ def test_a_section_set_to_null_then_reopened_holds_only_the_keys_set_after():
     cfg = build_config(raw, ["target=null", "target.ratio=10"])
     assert (cfg.target.size_kb, cfg.target.ratio) == (None, 10)
     assert cfg.target.max_accuracy_drop == 0.01  # the default: the file's 0.02 went with null
-    with pytest.raises(UserError, match="config key 'target': give exactly one of size_kb"):
-        build_config(raw, ["target=null", "target.max_accuracy_drop=0.01"])
+    # the file's size_kb stays gone: a drop-only target (the smallest model within it)
+    drop_only = build_config(raw, ["target=null", "target.max_accuracy_drop=0.01"]).target
+    assert (drop_only.kind, drop_only.size_kb, drop_only.max_accuracy_drop) == (
+        "smallest",
+        None,
+        0.01,
+    )
     assert build_config(raw, ["target.ratio=10"]).target.max_accuracy_drop == 0.02  # no null
 
 

@@ -1,0 +1,232 @@
+"""A drop-only target: the smallest served file that loses at most `target.max_accuracy_drop`
+(`max_r2_drop`) vs the teacher on the validation rows.
+
+The plan (tasks/compress/target.py, kind `smallest`) is an unreachable one: the reduce stage
+starts from the smallest budget whose reconstruction keeps the guard (`smallest_start`), and the
+student is distilled from there. `smallest_within` then searches, one candidate build at a time
+(at most `target.max_builds`; each a structured pruning step with KD recovery, an export and a
+guard check):
+
+- from the last kept model, cut to half its parameters while the guard holds;
+- a cut that breaks it is rolled back, and the next one aims at the geometric middle between
+  the last kept model and the smallest that broke it (a bisection on the parameter count);
+- it stops when the builds are spent, when the next cut would remove under `MIN_CUT` of the
+  parameters, or at the smallest reachable model.
+
+The guard is the targets' (tasks/compress/guard.py): a candidate is rolled back when its
+float model's drop is above the allowance with `target.confidence`, on the paired validation
+rows; one the rows cannot show to be over is kept, and the search goes on from it. Every
+candidate is exported as it would ship (int8 where it is smaller, no slower and within the guard,
+with the per-layer fp32 fallback, else fp32: `guarded_int8`) and measured: the served file's
+bytes, its validation score and drop with the drop's interval, its batch-1 latency and its
+parameters. Those are the frontier (`Fitted.frontier`).
+
+What ships is the smallest served file among the kept candidates whose served drop is *within*
+the allowance (its point estimate, verdict `within`); only where none is, the smallest kept one.
+A one-off step may be given the benefit of rows that cannot resolve its drop; a search that
+picks the smallest of many would spend it every time, and ship the largest drop the rows cannot
+resolve: on digits (180 validation rows, 0.01 = 1.8 rows) the smallest kept file lost 3
+validation rows and 1.67 test points, the smallest within lost none on the test rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
+from distill.tasks.compress.finetune import History
+from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
+from distill.tasks.compress.quantize import Quantized, quantize_model
+from distill.tasks.compress.reduce import calibration_rows
+from distill.tasks.compress.target import (
+    Candidate,
+    Check,
+    Fitted,
+    Guard,
+    Plan,
+    guarded_int8,
+    keep_fraction_for,
+)
+from distill.tasks.platform.config import FinetuneConfig, PruneConfig, QuantizeConfig
+
+FIRST_CUT = 0.5  # until a cut breaks the guard, each keeps this fraction of the parameters
+MIN_CUT = 0.05  # a cut that would remove less of the parameters is not worth a build
+
+
+@dataclass
+class _Built:
+    """A kept candidate with what it would ship as."""
+
+    model: nn.Module
+    quantized: Quantized
+    check: Check  # its float model's guard decision
+    served_check: Check  # the served model's (int8's, or the float one's)
+    int8_check: Check | None
+    point: Candidate
+
+
+def _within(check: Check) -> bool:
+    """The drop's point estimate is within the allowance (not merely not shown to exceed it)."""
+    return check.ok and (check.decision is None or check.decision.verdict == "within")
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def smallest_within(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    plan: Plan,
+    guard: Guard,
+    prune: PruneConfig,
+    finetune: FinetuneConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    device: str = "cpu",
+    latency_repeats: int = 100,
+    builds: int = 6,
+    export: Callable[[nn.Module], Quantized] | None = None,
+) -> Fitted:
+    """The search of the module's docstring, from `student` (the distilled start), at most
+    `builds` pruned candidates. `export` defaults to the quantize stage's, in the plan's format."""
+    quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
+    calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
+    export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
+    example = torch.from_numpy(data.X_train[:2])
+
+    def measure(model: nn.Module, check: Check) -> _Built:
+        quantized, int8 = guarded_int8(
+            export(model), guard, check, calibration, (data.X_test, quantize.batch)
+        )
+        served = quantized.served
+        served_check = int8 if quantized.int8_model is not None and int8 is not None else check
+        decision = served_check.decision
+        point = Candidate(
+            check.step,
+            served.params,
+            saved_size(served)[0],
+            "int8" if quantized.int8_model is not None else "fp32",
+            served_check.accuracy,
+            served_check.drop,
+            decision.low if decision else math.nan,
+            decision.high if decision else math.nan,
+            check.drop,
+            latency_percentiles_ms(served.predictor(), data.X_test, 1, latency_repeats)[0],
+            check.ok and served_check.ok,
+        )
+        return _Built(model, quantized, check, served_check, int8, point)
+
+    model = copy.deepcopy(student).eval()
+    params = _params(model)
+    start = measure(model, guard.check("start", torch_predictor(model), params))
+    kept, frontier, checks = [start], [start.point], [start.check]
+    history, rolled_back = History(), []
+    broke: int | None = None  # the parameter count of the last cut that broke the guard
+    built = 0
+    while True:
+        if not start.point.kept:
+            stop = f"the start broke the guard: {guard.why(start.served_check)}"
+            break
+        if built >= builds:
+            stop = f"{built} builds spent (target.max_builds)"
+            break
+        want = max(
+            plan.smallest_params,
+            int(math.sqrt(params * broke)) if broke is not None else int(params * FIRST_CUT),
+        )
+        groups = prunable_groups(model, data.X_train[:2])
+        if want > params * (1 - MIN_CUT) or not groups:
+            stop = (
+                f"a cut between {params:,} params (kept) and {broke:,} (broke the guard) would "
+                f"remove under {MIN_CUT:.0%}"
+                if broke is not None and want > plan.smallest_params
+                else f"the smallest reachable model ({params:,} params)"
+            )
+            break
+        candidate = copy.deepcopy(model)
+        remove_lowest_units(
+            candidate,
+            keep_fraction_for(model, example, groups, want),
+            prune.criterion,
+            data.X_train[:1024],
+            {g.name: g.width for g in groups},
+        )
+        if _params(candidate) >= params:  # the widths cannot go lower by whole units
+            stop = f"the smallest reachable model ({params:,} params)"
+            break
+        candidate, round_history = recover(candidate, teacher, data, prune, finetune, seed, device)
+        built += 1
+        check = guard.check(f"prune round {built}", torch_predictor(candidate), _params(candidate))
+        checks.append(check)
+        tried = measure(candidate, check)
+        frontier.append(tried.point)
+        if tried.point.kept:
+            for name, values in round_history.curves().items():
+                getattr(history, name).extend(values)
+            model, params = candidate, check.params
+            kept.append(tried)
+        else:
+            rolled_back.append(check.step)
+            broke = check.params  # between the kept model and the last that broke
+    eligible = [b for b in kept if b.point.kept] or [start]  # a start that broke it ships
+    within = [b for b in eligible if _within(b.served_check)]
+    chosen = min(within or eligible, key=lambda b: (b.point.size_bytes, b.point.params))
+    smaller = [b for b in eligible if b.point.size_bytes < chosen.point.size_bytes]
+    frontier = [replace(p, shipped=p is chosen.point) for p in frontier]
+    if chosen.int8_check is not None:
+        checks.append(replace(chosen.int8_check, step="int8"))
+    n_kept = sum(p.kept for p in frontier[1:])
+    bound = (
+        f"{built} builds: {n_kept} kept, {len(rolled_back)} rolled back; stopped: {stop}; "
+        f"shipped {chosen.point.name} ({chosen.point.served_as})"
+    )
+    if smaller:
+        bound += (
+            f", the smallest within {guard.max_drop:g}: {len(smaller)} smaller kept "
+            "candidate(s) lost more, not shown to exceed it"
+        )
+    return Fitted(
+        chosen.model,
+        chosen.quantized,
+        history,
+        checks,
+        rolled_back,
+        chosen.served_check,
+        float(chosen.point.size_bytes),
+        chosen.point.kept,
+        bound,
+        frontier,
+    )
+
+
+def frontier_table(rows: list[dict[str, object]], metric: str = "accuracy") -> str:
+    """The frontier (`Candidate.row()` of each) as lines that fit 80 columns: what `distill run`
+    prints before the verdict."""
+    score = "val R²" if metric == "r2" else "val acc %"
+    drop = "R² drop" if metric == "r2" else "drop pts"
+    head = (
+        f"{'candidate':<13} {'params':>8} {'size KB':>8} {'as':>4} {score:>9} {drop:>8} "
+        f"{'b1 ms':>7}  status"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        value, lost = float(r["val_score"]), float(r["drop"])  # type: ignore[arg-type]
+        shown = (
+            (f"{value:.4f}", f"{lost:+.4f}")
+            if metric == "r2"
+            else (f"{100 * value:.2f}", f"{100 * lost:+.2f}")
+        )
+        lines.append(
+            f"{r['candidate']!s:<13} {r['params']:>8,} {r['size_kb']:>8.1f} {r['served_as']!s:>4} "
+            f"{shown[0]:>9} {shown[1]:>8} {r['latency_ms_b1']:>7.4f}  {r['status']}"
+        )
+    return "\n".join(lines)

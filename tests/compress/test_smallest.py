@@ -1,0 +1,342 @@
+"""A drop-only target (tasks/compress/smallest.py): the config that asks for it, the search's
+invariants on a small model with a guard whose line is known, what users read, and through the
+CLI the goal on digits with the frontier on the parent run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import distill
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.guard import Decision
+from distill.tasks.compress.plots import frontier_figure
+from distill.tasks.compress.smallest import MIN_CUT, frontier_table, smallest_within
+from distill.tasks.compress.target import Candidate, Guard, plan_target, smallest_params
+from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config, load_config
+from distill.tasks.platform.errors import UserError
+from tests.api.rows import FAST, _digits, _trained_mlp
+from tests.compress.test_target import COSTS, _distill, _sets
+from tests.conftest import ROOT
+
+CONFIG = str(ROOT / "configs" / "digits.yaml")
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_a_target_with_only_a_drop_is_the_smallest_within_it():
+    cfg = load_config(CONFIG, ["target=null", "target.max_accuracy_drop=0.01"])
+    assert cfg.target is not None
+    assert (cfg.target.kind, cfg.target.value, cfg.target.max_builds) == ("smallest", 0.01, 6)
+    assert all(getattr(cfg.target, k) is None for k in ("size_kb", "ratio", "params"))
+    # the file's size kind removed, its drop (0.02) kept
+    kept = load_config(CONFIG, ["target.size_kb=null"]).target
+    assert (kept.kind, kept.value) == ("smallest", 0.02)
+    r2 = build_config({}, ["target.max_r2_drop=0.05", "data.source=sklearn:diabetes"]).target
+    assert (r2.kind, r2.value) == ("smallest", 0.05)
+    assert build_config({}, ["target.max_accuracy_drop=0.01", "target.max_builds=3"]).target
+    # the API's form
+    assert TargetConfig.model_validate({"max_accuracy_drop": 0.01}).kind == "smallest"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["target.size_kb=20", "target.ratio=10"],
+            (
+                "config key 'target': give one of size_kb, ratio, params, latency_ms_b1, not 2 "
+                "(got size_kb, ratio); or none, with max_accuracy_drop, for the smallest model "
+                "within the drop"
+            ),
+        ),
+        (
+            ["target.confidence=0.8"],  # a target with neither a kind nor a drop
+            (
+                "config key 'target': give one of size_kb, ratio, params, latency_ms_b1, or "
+                "max_accuracy_drop (max_r2_drop) alone for the smallest model within the drop"
+            ),
+        ),
+        (
+            ["target.size_kb=20", "target.max_builds=3"],
+            (
+                "config key 'target': max_builds applies only to a drop-only target (here "
+                "size_kb is set); remove it or size_kb"
+            ),
+        ),
+        (["target.max_accuracy_drop=0.01", "target.max_builds=0"], "greater than or equal to 1"),
+    ],
+)
+def test_a_target_that_is_not_one_thing_is_refused_in_one_line(overrides, message):
+    with pytest.raises(UserError) as err:
+        build_config({}, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_drop_only_plan_starts_from_the_smallest_reduction_in_int8():
+    plan = plan_target(TargetConfig(max_accuracy_drop=0.01), COSTS, 50_000, 100, 200_000)
+    assert (plan.kind, plan.unit, plan.fmt, plan.reachable) == ("smallest", "bytes", "int8", False)
+    assert plan.limit == 0 and plan.final_params == plan.reduce_params == 100
+    fp32_only = {"fp32": COSTS["fp32"]}  # compress.quantize.enabled=false
+    assert plan_target(TargetConfig(max_accuracy_drop=0.01), fp32_only, 50_000, 100, 1).fmt == (
+        "fp32"
+    )
+
+
+# --- the search -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeepsAbove(Guard):
+    """The real guard's numbers, but a model keeps it exactly when it has at least `floor`
+    parameters: the line the search has to find is known."""
+
+    floor: int = 0
+    within_floor: int = 0  # below it, a kept model's drop is above the allowance (unresolved)
+
+    def check(self, step, predict, params):
+        real = super().check(step, predict, params)
+        verdict = "within" if params >= self.within_floor else "unresolved"
+        decision = Decision(real.drop, 0.0, 0.02, len(self.y_val), 0.0, verdict)
+        if params < self.floor:
+            decision = replace(decision, verdict="over")
+        return replace(real, ok=params >= self.floor, decision=decision)
+
+
+def _search(digits, floor_of, builds, within_of=lambda n: 0):
+    cfg = PipelineConfig()
+    torch.manual_seed(0)
+    student = build_mlp(64, [48, 48], 10)
+    n = sum(p.numel() for p in student.parameters())
+    target = TargetConfig(max_accuracy_drop=0.01)
+    example = torch.zeros(2, 64)
+    plan = plan_target(target, {"fp32": COSTS["fp32"]}, n, smallest_params(student, example), n)
+    guard = KeepsAbove(
+        0.0, 1.0, digits.X_val, digits.y_val, floor=floor_of(n), within_floor=within_of(n)
+    )
+    fitted = smallest_within(
+        student,
+        student,
+        digits,
+        plan,
+        guard,
+        cfg.compress.prune.model_copy(update={"recovery_epochs": 1}),
+        cfg.finetune,
+        cfg.compress.quantize,
+        seed=0,
+        latency_repeats=3,
+        builds=builds,
+    )
+    return fitted, n, floor_of(n)
+
+
+def test_the_search_ships_the_smallest_kept_file_and_bisects_the_line(digits):
+    fitted, n, floor = _search(digits, lambda n: n // 3, builds=6)
+    frontier = fitted.frontier
+    assert frontier[0].name == "start" and frontier[0].params == n
+    built = frontier[1:]
+    assert 1 <= len(built) <= 6
+    assert [c.name for c in built] == [f"prune round {i}" for i in range(1, len(built) + 1)]
+    # every kept candidate keeps the guard, every rolled-back one breaks it
+    assert all(c.params >= floor for c in frontier if c.kept)
+    assert all(c.params < floor for c in frontier if not c.kept)
+    assert fitted.rolled_back == [c.name for c in built if not c.kept]
+    # each cut is from the last kept model: smaller than it, and after a cut broke the guard,
+    # between it and the last one that broke (the bisection)
+    last_kept, last_broke = n, None
+    for c in built:
+        assert c.params < last_kept
+        if last_broke is not None:
+            assert last_broke < c.params
+        last_kept, last_broke = (c.params, last_broke) if c.kept else (last_kept, c.params)
+    # the kept line shrinks in parameters and in the measured file, candidate after candidate
+    kept = [c for c in frontier if c.kept]
+    assert all(a.params > b.params for a, b in itertools.pairwise(kept))
+    assert all(a.size_bytes > b.size_bytes for a, b in itertools.pairwise(kept))
+    # it stopped because the next cut would remove under MIN_CUT, not for want of builds
+    assert last_broke is not None and math.sqrt(last_kept * last_broke) > last_kept * (1 - MIN_CUT)
+    assert "would remove under 5%" in fitted.bound
+    # what ships: the one smallest kept file, and that model and export, measured
+    shipped = [c for c in frontier if c.shipped]
+    assert len(shipped) == 1 and shipped[0] is min(kept, key=lambda c: c.size_bytes)
+    assert shipped[0].params == last_kept and floor <= last_kept < 1.2 * floor
+    assert fitted.quantized.served.params == sum(p.numel() for p in fitted.model.parameters())
+    assert fitted.quantized.served.params == shipped[0].params
+    assert len(fitted.quantized.served.file_bytes) == shipped[0].size_bytes == fitted.achieved
+    assert fitted.met and fitted.served_check is not None and fitted.served_check.ok
+    assert all(c.latency_ms_b1 > 0 and c.served_as == "fp32" for c in frontier)
+
+
+def test_the_search_builds_no_more_than_its_bound(digits):
+    fitted, _, _ = _search(digits, lambda n: n // 3, builds=2)
+    assert len(fitted.frontier) == 3 and "2 builds spent (target.max_builds)" in fitted.bound
+    # halving twice: 1/2 keeps the guard, 1/4 breaks it; the half ships
+    assert [c.status for c in fitted.frontier] == ["kept", "shipped", "rolled back"]
+
+
+def test_what_ships_is_the_smallest_file_whose_drop_is_within(digits):
+    # kept down to a third of the parameters, but only models of 45 % or more are within the
+    # allowance; below, the rows cannot show them over (unresolved): the search walks on through
+    # them, and ships the smallest that is within
+    fitted, n, _ = _search(digits, lambda n: n // 3, builds=6, within_of=lambda n: int(0.45 * n))
+    kept = [c for c in fitted.frontier if c.kept]
+    within = [c for c in kept if c.params >= int(0.45 * n)]
+    assert len(kept) > len(within) >= 2  # it went on below the within line
+    shipped = [c for c in fitted.frontier if c.shipped]
+    assert shipped == [min(within, key=lambda c: c.size_bytes)]
+    assert fitted.served_check is not None and fitted.served_check.decision.verdict == "within"
+    assert "smaller kept candidate(s) lost more, not shown to exceed it" in fitted.bound
+
+
+def test_a_start_that_breaks_the_guard_ships_unmet_and_builds_nothing(digits):
+    fitted, _, _ = _search(digits, lambda n: n + 1, builds=6)
+    assert [c.status for c in fitted.frontier] == ["shipped"] and not fitted.met
+    assert "the start broke the guard" in fitted.bound
+
+
+# --- what users see -------------------------------------------------------------------------
+
+
+def _candidate(name, params, kb, score, kept, shipped=False):
+    return Candidate(
+        name,
+        params,
+        int(kb * 1024),
+        "int8",
+        score,
+        0.975 - score,
+        0.0,
+        0.02,
+        0.975 - score,
+        0.012,
+        kept,
+        shipped,
+    )
+
+
+FRONTIER = [
+    _candidate("start", 22_255, 29.5, 0.9667, True),
+    _candidate("prune round 1", 11_106, 17.1, 0.9556, True),
+    _candidate("prune round 2", 5_532, 9.9, 0.8944, False),
+    _candidate("prune round 3", 7_723, 13.2, 0.9611, True, shipped=True),
+]
+
+
+def test_the_frontier_table_fits_80_columns_with_each_candidates_numbers():
+    text = frontier_table([c.row() for c in FRONTIER])
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(FRONTIER) and max(map(len, lines)) <= 80
+    assert lines[0].split() == [
+        "candidate",
+        "params",
+        "size",
+        "KB",
+        "as",
+        "val",
+        "acc",
+        "%",
+        "drop",
+        "pts",
+        "b1",
+        "ms",
+        "status",
+    ]
+    assert lines[4].split() == (
+        [
+            "prune",
+            "round",
+            "2",
+            "5,532",
+            "9.9",
+            "int8",
+            "89.44",
+            "+8.06",
+            "0.0120",
+            "rolled",
+            "back",
+        ]
+    )
+    assert lines[5].endswith("shipped") and lines[2].endswith("kept")
+
+
+def test_the_frontier_figure_marks_the_shipped_candidate(tmp_path):
+    fig = frontier_figure(FRONTIER, reference=0.975, max_drop=0.01)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == [
+        "teacher",
+        "teacher - 1 point (allowed)",
+        "kept, int8",
+        "rolled back",
+        "shipped: 13.2 KB int8",
+    ]
+    kept, _, shipped = ax.collections  # the scatters, in the legend's order
+    assert kept.get_offsets()[:, 0].tolist() == pytest.approx([29.5, 17.1, 13.2], abs=1e-3)
+    assert shipped.get_offsets()[0].tolist() == pytest.approx([13.2, 96.11], abs=1e-3)
+    fig.savefig(tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_the_python_api_takes_a_drop_only_target():
+    X, y, Xt, yt = _digits()
+    result = distill.compress(
+        _trained_mlp(X, y),
+        train=(X, y),
+        test=(Xt, yt),
+        target={"max_accuracy_drop": 0.05, "max_builds": 2},
+        **FAST,
+    )
+    assert result.frontier is not None and 2 <= len(result.frontier) <= 3
+    assert result.target is not None and result.target.startswith("target met: smallest within")
+    shipped = [r for r in result.frontier if r["status"] == "shipped"]
+    assert len(shipped) == 1 and shipped[0]["size_kb"] == pytest.approx(
+        result.served.size_kb, abs=1e-3
+    )
+
+
+# --- through the CLI ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_digits_ships_over_30x_within_the_drop_with_its_frontier(tmp_path, mlflow_store):
+    """The default digits teacher (1,178.6 KB) with `target=null target.max_accuracy_drop=0.01`:
+    by-hand stages reach 46x; the search has to ship at least 30x within a point on test rows."""
+    proc = _distill(
+        [
+            "run",
+            CONFIG,
+            *_sets(["target=null", "target.max_accuracy_drop=0.01", "register.model_name=least"]),
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "candidate" in proc.stdout and "shipped" in proc.stdout  # the frontier, printed
+    line = [x for x in proc.stdout.splitlines() if x.startswith("target met: smallest within")]
+    assert len(line) == 1, proc.stdout[-3000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version("least", "1")
+    run_id = version.tags["mlflow.run_id"]
+    m = client.get_run(run_id).data.metrics
+    assert m["compression_ratio"] >= 30 and m["accuracy_drop"] <= 0.01
+    assert m["target/builds"] <= 6 and m["target/met"] == 1.0
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"frontier.csv", "frontier.png"} <= artifacts
+    table = Path(client.download_artifacts(run_id, "frontier.csv", str(tmp_path)))
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    shipped = [r for r in rows if r["status"] == "shipped"]
+    assert len(shipped) == 1 and float(shipped[0]["size_kb"]) == pytest.approx(
+        m["final/size_kb"], abs=1e-3
+    )
+    assert len(rows) == m["target/builds"] + 1
+    assert version.tags["distill.target"] == "smallest within 0.01 drop"
