@@ -11,6 +11,7 @@ from distill.tasks.compress.quantize import (
     Quantized,
     export_onnx,
     input_axes,
+    measure_choice,
     quantize_model,
 )
 from distill.tasks.platform.config import QuantizeConfig
@@ -210,6 +211,27 @@ def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, wh
     q = quantize.ship(candidate, np.zeros((4, 2), np.float32), 256)
     assert (q.served is candidate.int8_model) == ships and q.int8_candidate is candidate.int8_model
     assert q.method == ("static" if ships else "fp32") and q.why.startswith(why)
+
+
+def test_int8_is_slower_only_where_the_paired_calls_show_it():
+    """Medians 1 % apart that trade places call by call are noise; a format slower in 27 of
+    30 pairs is slower (a sign test, one-sided, at SLOWER_P)."""
+    fp32, int8 = Measured(1000, 1.0), Measured(500, 1.01)
+    assert Choice(256, fp32, int8).int8_slower  # the medians alone
+    assert not Choice(256, fp32, int8, (17, 30)).int8_slower  # p = 0.29
+    assert not Choice(256, fp32, int8, (22, 30)).int8_slower  # p = 0.008
+    assert Choice(256, fp32, int8, (27, 30)).int8_slower  # p = 4e-6
+    assert Choice(256, fp32, int8, (17, 30)).int8_ships
+    assert not Choice(256, fp32, Measured(500, 0.9), (30, 30)).int8_slower  # faster median
+
+
+def test_measured_pairs_count_the_calls_int8_took_longer(digits):
+    """Two copies of one model (as fast as each other: called slower once in 1/SLOWER_P runs, so
+    not asserted here)."""
+    model = OnnxModel(export_onnx(build_mlp(64, [32], 10).eval(), 64), 0, 0)
+    choice = measure_choice(model, model, digits.X_test, 1, calls=40, seconds=0.0)
+    slower, pairs = choice.slower_in
+    assert pairs == 40 and 0 <= slower <= pairs
 
 
 def test_the_exporter_op_registry_is_built_once_and_copied():
