@@ -18,12 +18,16 @@ exports and measures it (`fit_to_target`), then:
   that line meets the aim (the limit, 1 % under for bytes, `LATENCY_MARGIN` under for latency),
   scaled by what the reduce stage built for the last budget. It is held below every build that
   measured over the limit (at least `MIN_STEP` under: each rebuild makes progress) and above
-  every build that broke the guard (a bisection's bracket); an empty bracket stops the loop.
+  every build that broke the guard (a bisection's bracket: where the line points at or below a
+  build that broke it, the next budget is the bracket's geometric middle), and at most
+  `MAX_SHRINK` times under the smallest that missed (a line through one point is a guess); an
+  empty bracket stops the loop.
 - **the last build** (no rebuild left) prunes as far as it takes, as the fit did before.
 
 The guard decides every build as it decides every step (tasks/compress/guard.py): a build whose
-served model breaks it is never shipped while one that keeps it exists, and the loop does not go
-smaller after one (a smaller student keeps the guard less). What ships is the build that met the
+served model breaks it is never shipped while one that keeps it exists, and the next rebuild
+bisects between it and the smallest build that missed; where the planned build itself breaks
+it, the loop stops (a smaller student keeps the guard less). What ships is the build that met the
 target, else the guard-keeping build closest to the limit, else the first build. Unreachable
 plans (below the smallest model) and drop-only targets take no rebuilds.
 
@@ -51,6 +55,7 @@ from distill.tasks.platform.config import SMALLEST
 PRUNE_CUT = 0.15  # a miss a pruning round closes (of the parameters); a larger one is rebuilt
 LATENCY_MARGIN = 0.05  # a latency re-plan aims this much under the limit (the load moves it)
 MIN_STEP = 0.02  # a rebuild is at least this much smaller than any build that missed
+MAX_SHRINK = 4.0  # and at most this many times smaller than the smallest that missed
 
 BuildAt = Callable[[int], nn.Module]  # reduce, reconstruct, KD at a parameter budget
 Fit = Callable[[nn.Module, float], Fitted]  # fit_to_target with the cut it may prune (max_cut)
@@ -103,8 +108,10 @@ def next_params(plan: Plan, costs: dict[str, Costs], builds: list[Build]) -> tup
         return None, (
             f"no size between {lower:,} params (guard broken below) and {upper:,} (limit missed)"
         )
-    want = (aim(plan) - fixed) / slope if slope > 0 else math.sqrt(lower * upper)
-    return int(min(upper, max(lower, want))), ""
+    want = (aim(plan) - fixed) / slope if slope > 0 else 0.0
+    if want <= lower:  # the line says below what keeps the guard (or nothing): bisect
+        want = math.sqrt(lower * upper)
+    return int(min(upper, max(lower, upper / MAX_SHRINK, want))), ""
 
 
 def refit_to_target(
@@ -133,7 +140,7 @@ def refit_to_target(
         want: int | None = None
         if fitted.met:
             then = "shipped: met"
-        elif not served_ok:
+        elif not served_ok and (last or not builds):  # the planned build: no smaller one keeps it
             then = "stopped: it broke the guard" + (" (not shipped)" if builds else "")
         elif last:
             then = (
@@ -141,12 +148,14 @@ def refit_to_target(
                 if closed and rebuilds_allowed
                 else "stopped"
             )
-        elif fitted.stop in ("cut", "rolled back", "rounds"):
+        elif fitted.stop in ("cut", "rolled back", "rounds", "guard"):
             this = Build(
                 len(builds), budget, params, fmt, 0.0, measured, 0.0, 0, served_ok, False, ""
             )
             want, why = next_params(plan, costs, [*builds, this])
             then = f"rebuild at {want:,} params" if want is not None else f"stopped: {why}"
+            if not served_ok:
+                then = f"not shipped (it broke the guard); {then}"
         else:  # the smallest reachable model, or the guard: no build can do better
             then = f"stopped: {fitted.stop}"
         builds.append(
