@@ -141,6 +141,7 @@ def fit_task(
     seed: int,
     device: str,
     latency_repeats: int,
+    max_cut: float = 1.0,
 ) -> Fitted:
     return fit_to_target(
         teacher,
@@ -155,6 +156,7 @@ def fit_task(
         seed,
         device,
         latency_repeats,
+        max_cut,
     )
 
 

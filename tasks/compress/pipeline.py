@@ -13,7 +13,10 @@ Two parts plug in, and nothing here branches on them: `Steps`, the stage functio
 ones of tasks/compress by default; the flow passes their Prefect tasks, cached and resumable),
 and a `Recorder`, told about each stage as it finishes (this module's writes nothing; the flow's
 writes MLflow runs, flows/stages.py). With a `target:` the plan sizes the reduction, and one
-guarded search takes the place of pruning and int8 (tasks/compress/target.py).
+guarded search takes the place of pruning and int8 (tasks/compress/target.py); a size or latency
+target the first build misses is re-planned from the measurement and rebuilt from the reduce
+stage (tasks/compress/replan.py: the rebuilds run the same `steps`, inside the fit-target stage;
+the reconstructed and finetuned records are the first build's).
 
 Before any stage the pre-flight builds the planned student on two rows (forward, KD step, ONNX
 export: tasks/compress/preflight.py), so a model the configured mode cannot handle fails in
@@ -54,6 +57,7 @@ from distill.tasks.compress.reduce import (
     reduce_model,
     reduction_record,
 )
+from distill.tasks.compress.replan import refit_to_target
 from distill.tasks.compress.smallest import smallest_within
 from distill.tasks.compress.target import (
     SMALLEST,
@@ -106,7 +110,9 @@ class Steps:
     finetune: Callable[..., tuple[nn.Module, History]] = distill
     prune: Callable[..., tuple[nn.Module, History]] = prune_and_recover  # without a target
     quantize: Callable[..., Quantized] = quantize_model  # without a target
-    fit: Callable[..., Fitted] = fit_to_target  # with a target: pruning and int8, guarded
+    fit: Callable[..., Fitted] = (
+        fit_to_target  # with a target: pruning and int8, guarded, per build
+    )
     smallest: Callable[..., Fitted] = smallest_within  # with a drop-only target: the search
     evaluate: Callable[..., dict[str, float]] = evaluate_model
 
@@ -316,8 +322,34 @@ def compress(
         assert cfg.target is not None  # a plan is made from a target only
         with guard("fit-target", started):
             accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
-            with onnx_export_lock():
-                if plan.kind == SMALLEST:  # no limit: the smallest file within the drop
+            planned = plan  # (a closure sees the name, not its narrowed type)
+
+            def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
+                at = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
+                reduced = steps.reduce(teacher, calibration, at, cfg.reconstruct.mode)
+                built, _ = steps.reconstruct(teacher, reduced, calibration, cfg.reconstruct)
+                return steps.finetune(teacher, built, data, cfg.finetune, seed, device)[0]
+
+            def fit_one(student: nn.Module, max_cut: float) -> Fitted:
+                with onnx_export_lock():
+                    return steps.fit(
+                        teacher,
+                        student,
+                        data,
+                        planned,
+                        costs,
+                        accuracy,
+                        cfg.compress.prune,
+                        cfg.finetune,
+                        cfg.compress.quantize,
+                        seed,
+                        device,
+                        ev.latency_repeats,
+                        max_cut,
+                    )
+
+            if plan.kind == SMALLEST:  # no limit: the smallest file within the drop
+                with onnx_export_lock():
                     fitted = steps.smallest(
                         teacher,
                         finetuned,
@@ -332,21 +364,10 @@ def compress(
                         ev.latency_repeats,
                         cfg.target.max_builds,
                     )
-                else:
-                    fitted = steps.fit(
-                        teacher,
-                        finetuned,
-                        data,
-                        plan,
-                        costs,
-                        accuracy,
-                        cfg.compress.prune,
-                        cfg.finetune,
-                        cfg.compress.quantize,
-                        seed,
-                        device,
-                        ev.latency_repeats,
-                    )
+            else:  # each build fitted under the export lock, rebuilt outside it
+                fitted = refit_to_target(
+                    plan, costs, finetuned, rebuild, fit_one, cfg.target.max_rebuilds
+                )
             pruned, history, quantized = fitted.model, fitted.history, fitted.quantized
             params, metrics = target_record(plan, costs, fitted, accuracy, teacher_bytes)
             recorder.record("target", metrics, params, started)

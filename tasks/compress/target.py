@@ -69,6 +69,7 @@ from distill.tasks.platform.config import (
 from distill.tasks.platform.errors import UserError
 
 BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
+LATENCY_TRIES = 3  # a latency is the median of this many p50s (each of `latency_repeats` calls)
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -396,6 +397,25 @@ class Candidate:
         }
 
 
+@dataclass(frozen=True)
+class Build:
+    """One build of a size or latency target's closed loop (tasks/compress/replan.py): the student
+    the reduce stage made at `budget`, what the plan (corrected by the builds before it) predicted
+    for its served model and what that measured, and what came next."""
+
+    n: int  # 0: the planned build; 1, 2, ...: rebuilds from the reduce stage
+    budget: int  # the reduce stage's parameter budget
+    params: int  # the student as built (reduce, reconstruct, KD), before any pruning round
+    fmt: str  # what its export served as: int8 | fp32
+    predicted: float  # in the plan's unit (bytes, ms, params), at `params`
+    measured: float  # the served model as built, in the plan's unit
+    achieved: float  # after the fit's pruning rounds (what this build would ship)
+    final_params: int
+    guard_ok: bool  # the served model keeps the guard
+    met: bool  # the limit and the guard both hold
+    then: str  # the decision taken after it
+
+
 @dataclass
 class Fitted:
     """What `fit_to_target` ends with: the float model, its served form, and why it stopped."""
@@ -411,6 +431,13 @@ class Fitted:
     bound: str = ""  # which constraint stopped it, and why
     # a drop-only target's search (tasks/compress/smallest.py): every candidate built, in order
     frontier: list[Candidate] = field(default_factory=list)
+    # the student as given, exported and measured before any pruning: (params, served format,
+    # the plan's unit); None where nothing was measured
+    built: tuple[int, str, float] | None = None
+    # why the fit stopped: met | guard (the student as given broke it) | cut (the miss needs a cut
+    # over `max_cut`: rebuild rather than prune) | rolled back | rounds | smallest
+    stop: str = ""
+    builds: list[Build] = field(default_factory=list)  # a closed loop's builds (replan.py)
 
     def accuracy_drop(self) -> float:
         return self.served_check.drop if self.served_check else float("nan")
@@ -423,7 +450,10 @@ def achieved(
         return float(saved_size(served)[0])  # the file on disk
     if plan.unit == "params":
         return float(served.params)
-    return latency_percentiles_ms(served.predictor(), X, 1, repeats)[0]
+    predict = served.predictor()  # a median of medians: one p50 moves with the machine's load
+    return float(
+        np.median([latency_percentiles_ms(predict, X, 1, repeats)[0] for _ in range(LATENCY_TRIES)])
+    )
 
 
 def params_to_meet(plan: Plan, costs: Costs, params: int, got: float) -> int:
@@ -554,12 +584,15 @@ def fit_to_target(
     seed: int,
     device: str = "cpu",
     latency_repeats: int = 100,
+    max_cut: float = 1.0,
     export: Callable[[nn.Module], Quantized] | None = None,
 ) -> Fitted:
     """Export and measure; while the limit is missed and the guard holds, prune one round toward
     the limit (at most halving the parameters, at most `prune.rounds` rounds) with KD recovery,
-    rolling back a round that breaks the guard. `export` defaults to the quantize stage's, in
-    the plan's format."""
+    rolling back a round that breaks the guard. Where the student as given misses by more than a
+    cut of `max_cut` of its parameters would close, no round runs (`stop` "cut": the closed loop
+    rebuilds from the reduce stage instead). `export` defaults to the quantize stage's, in the
+    plan's format."""
     quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
     calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
     export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
@@ -568,23 +601,35 @@ def fit_to_target(
     params = sum(p.numel() for p in model.parameters())
     kept = guard.check("reduction", torch_predictor(model), params)
     checks, history, rolled_back, rounds = [kept], History(), [], 0
+    built: tuple[int, str, float] | None = None
     while True:
         quantized, int8 = guarded_int8(
             export(model), guard, kept, calibration, (data.X_test, quantize.batch)
         )
         served_fmt = "int8" if quantized.int8_model is not None else "fp32"
         got = achieved(plan, quantized.served, data.X_test, latency_repeats)
+        built = built or (params, served_fmt, got)
         within = got <= plan.limit
         if within or not kept.ok:
+            stop = "met" if within else "guard"
             bound = "" if within else f"{_what(guard)} guard: the {kept.step}'s {guard.why(kept)}"
             break
         if rounds >= prune.rounds:
+            stop = "rounds"
             bound = f"{plan.kind}: {prune.rounds} pruning rounds (compress.prune.rounds) fell short"
             break
         to_meet = params_to_meet(plan, costs.get(served_fmt, costs[plan.fmt]), params, got)
+        if rounds == 0 and to_meet < params * (1 - max_cut):
+            stop = "cut"
+            bound = (
+                f"{plan.kind}: {_show(plan, got)} at {params:,} params needs a cut to about "
+                f"{max(to_meet, 0):,} (over {max_cut:.0%}): not pruned"
+            )
+            break
         want = max(plan.smallest_params, params // 2, min(params - 1, to_meet))
         groups = prunable_groups(model, data.X_train[:2])
         if want >= params or not groups:
+            stop = "smallest"
             bound = f"{plan.kind}: the model is the smallest reachable ({params:,} params)"
             break
         candidate = copy.deepcopy(model)
@@ -605,6 +650,7 @@ def fit_to_target(
         checks.append(check)
         if not check.ok:
             rolled_back.append(check.step)
+            stop = "rolled back"
             bound = (
                 f"{_what(guard)} guard: {check.step} ({check.params:,} params): "
                 f"{guard.why(check)}: rolled back, pruning stopped"
@@ -621,7 +667,16 @@ def fit_to_target(
             )
     served = int8 if quantized.int8_model is not None and int8 is not None else kept
     fitted = Fitted(
-        model, quantized, history, checks, rolled_back, served, got, within and served.ok
+        model,
+        quantized,
+        history,
+        checks,
+        rolled_back,
+        served,
+        got,
+        within and served.ok,
+        built=built,
+        stop=stop,
     )
     if within and not served.ok:
         lost = served if kept.ok else kept  # the step that broke the guard first
@@ -677,6 +732,22 @@ def target_record(
     if fitted.frontier:  # a drop-only search: what it built
         metrics["builds"] = float(sum(c.name != "start" for c in fitted.frontier))
         metrics["teacher_ratio"] = teacher_file_bytes / fitted.achieved
+    if fitted.builds:  # a closed loop (replan.py): each build's prediction and measurement
+        metrics["rebuilds"] = float(len(fitted.builds) - 1)
+        for b in fitted.builds:
+            metrics |= {
+                f"build_{b.n}.budget": float(b.budget),
+                f"build_{b.n}.params": float(b.params),
+                f"build_{b.n}.predicted": b.predicted,
+                f"build_{b.n}.measured": b.measured,
+                f"build_{b.n}.achieved": b.achieved,
+                f"build_{b.n}.final_params": float(b.final_params),
+                f"build_{b.n}.met": float(b.met),
+            }
+            params[f"build_{b.n}"] = (
+                f"{b.fmt}, budget {b.budget:,}, {b.params:,} params: predicted "
+                f"{_show(plan, b.predicted)}, measured {_show(plan, b.measured)}; then {b.then}"
+            )[:500]
     for fmt, cost in costs.items():
         metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = cost.line("bytes")
     for c in fitted.checks:

@@ -186,6 +186,9 @@ class TargetConfig(Strict):
     # drop-only target: pruned candidates built at most (each pruned, KD-recovered, exported and
     # checked); the search halves the parameters while the guard holds, then bisects
     max_builds: int = Field(6, ge=1)
+    # size or latency target: rebuilds from the reduce stage at a budget corrected by what the
+    # last build's served model measured, where pruning would not close the miss (0: none)
+    max_rebuilds: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _one_kind(self) -> TargetConfig:
@@ -206,6 +209,11 @@ class TargetConfig(Strict):
             raise ValueError(
                 f"max_builds applies only to a drop-only target (here {given[0]} is set); "
                 f"remove it or {given[0]}"
+            )
+        if not given and self.max_rebuilds != type(self).model_fields["max_rebuilds"].default:
+            raise ValueError(
+                "max_rebuilds applies only to a size_kb, ratio, params or latency_ms_b1 target; "
+                "a drop-only target builds at most max_builds candidates"
             )
         return self
 

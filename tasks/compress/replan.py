@@ -1,0 +1,208 @@
+"""A size or latency target's closed loop: build, measure the served model, re-plan from the
+measurement, rebuild from the reduce stage, at most `target.max_rebuilds` times.
+
+The plan (tasks/compress/target.py) predicts the served file's bytes (or batch-1 latency) from a
+line measured on narrowed copies of the teacher; a student is not such a copy (digits,
+`size_kb=30`: 24,033 params planned for 30.4 KB measured 32.2 KB as int8; a 1-D ResNet's latency
+target: 0.0615 ms measured against 0.0306 ms). After each build (reduce, reconstruct, KD) the fit
+exports and measures it (`fit_to_target`), then:
+
+- **met** (the limit and the guard hold): it ships; no more builds.
+- **a small miss** (a cut of at most `PRUNE_CUT` of the parameters closes it by the cost line
+  anchored at the measurement): the fit prunes toward it in guarded rounds with KD recovery, as
+  before. A round costs a few recovery epochs; a rebuild costs a whole KD.
+- **a larger miss**, or a pruning round rolled back by the guard, or the rounds spent: rebuild
+  from the reduce stage at a corrected budget, while rebuilds are left. The correction is a
+  secant in the parameter count: the line through the last two builds' measurements (of the same
+  served format), with one build the plan's slope through its measurement; the budget is where
+  that line meets the aim (the limit, 1 % under for bytes, `LATENCY_MARGIN` under for latency),
+  scaled by what the reduce stage built for the last budget. It is held below every build that
+  measured over the limit (at least `MIN_STEP` under: each rebuild makes progress) and above
+  every build that broke the guard (a bisection's bracket: where the line points at or below a
+  build that broke it, the next budget is the bracket's geometric middle), and at most
+  `MAX_SHRINK` times under the smallest that missed (a line through one point is a guess); an
+  empty bracket stops the loop.
+- **the last build** (no rebuild left) prunes as far as it takes, as the fit did before.
+
+The guard decides every build as it decides every step (tasks/compress/guard.py): a build whose
+served model breaks it is never shipped while one that keeps it exists, and the next rebuild
+bisects between it and the smallest build that missed; where the planned build itself breaks
+it, the loop stops (a smaller student keeps the guard less). What ships is the build that met the
+target, else the guard-keeping build closest to the limit, else the first build. Unreachable
+plans (below the smallest model) and drop-only targets take no rebuilds.
+
+Latency moves with the load, so it is measured as the median of `LATENCY_TRIES` p50s (target.py's
+`achieved`), the loop aims `LATENCY_MARGIN` under the limit, a secant is used only when its slope
+is positive (two noisy points can say a larger model is faster), and otherwise the next budget is
+the geometric middle of the bracket.
+
+Every build is recorded (`Build`, on `Fitted.builds`): the budget, its parameters, the predicted
+and the measured value, what it achieved after pruning, and the decision taken next; the target
+stage's run has them as `build_N.*` metrics and params, and the verdict's bound names them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+from torch import nn
+
+from distill.tasks.compress.target import BYTES_MARGIN, Build, Costs, Fitted, Plan
+from distill.tasks.platform.config import SMALLEST
+
+PRUNE_CUT = 0.15  # a miss a pruning round closes (of the parameters); a larger one is rebuilt
+LATENCY_MARGIN = 0.05  # a latency re-plan aims this much under the limit (the load moves it)
+MIN_STEP = 0.02  # a rebuild is at least this much smaller than any build that missed
+MAX_SHRINK = 4.0  # and at most this many times smaller than the smallest that missed
+
+BuildAt = Callable[[int], nn.Module]  # reduce, reconstruct, KD at a parameter budget
+Fit = Callable[[nn.Module, float], Fitted]  # fit_to_target with the cut it may prune (max_cut)
+
+
+def aim(plan: Plan) -> float:
+    """What a re-plan aims the served model at, in the plan's unit."""
+    margin = {"bytes": BYTES_MARGIN, "params": 0.0}.get(plan.unit, LATENCY_MARGIN)
+    return plan.limit * (1 - margin)
+
+
+def local_line(
+    plan: Plan, costs: dict[str, Costs], builds: list[Build], fmt: str
+) -> tuple[float, float]:
+    """(fixed, per parameter) of what the served model measures in `fmt`, from the builds so far:
+    the secant through the last two of that format where its slope is positive, else the plan's
+    slope through the last one's measurement, else the plan's line."""
+    if plan.unit == "params":
+        return 0.0, 1.0
+    fixed, slope = costs.get(fmt, costs[plan.fmt]).line(
+        "bytes" if plan.unit == "bytes" else "latency"
+    )
+    same = [b for b in builds if b.fmt == fmt]
+    if len(same) >= 2 and same[-1].params != same[-2].params:
+        a, b = same[-2], same[-1]
+        secant = (b.measured - a.measured) / (b.params - a.params)
+        if secant > 0:
+            return b.measured - secant * b.params, secant
+    if same:
+        return same[-1].measured - slope * same[-1].params, slope
+    return fixed, slope
+
+
+def predicted_at(
+    plan: Plan, costs: dict[str, Costs], builds: list[Build], fmt: str, params: int
+) -> float:
+    fixed, slope = local_line(plan, costs, builds, fmt)
+    return fixed + slope * params
+
+
+def next_params(plan: Plan, costs: dict[str, Costs], builds: list[Build]) -> tuple[int | None, str]:
+    """The parameter count the next build aims at, or None and why there is none."""
+    last = builds[-1]
+    fixed, slope = local_line(plan, costs, builds, last.fmt)
+    over = [b.params for b in builds if b.measured > plan.limit]
+    upper = int(min(over, default=plan.teacher_params) * (1 - MIN_STEP))
+    broke = [b.params for b in builds if not b.guard_ok]
+    lower = max(plan.smallest_params, int(max(broke, default=0) * (1 + MIN_STEP)))
+    if upper < lower:
+        return None, (
+            f"no size between {lower:,} params (guard broken below) and {upper:,} (limit missed)"
+        )
+    want = (aim(plan) - fixed) / slope if slope > 0 else 0.0
+    if want <= lower:  # the line says below what keeps the guard (or nothing): bisect
+        want = math.sqrt(lower * upper)
+    return int(min(upper, max(lower, upper / MAX_SHRINK, want))), ""
+
+
+def refit_to_target(
+    plan: Plan,
+    costs: dict[str, Costs],
+    student: nn.Module,
+    build_at: BuildAt,
+    fit: Fit,
+    max_rebuilds: int,
+) -> Fitted:
+    """The loop of the module's docstring from `student` (built at `plan.reduce_params`)."""
+    closed = plan.reachable and plan.kind != SMALLEST
+    rebuilds_allowed = max_rebuilds if closed else 0
+    builds: list[Build] = []
+    fits: list[Fitted] = []
+    budget, model = plan.reduce_params, student
+    while True:
+        last = len(builds) >= rebuilds_allowed
+        fitted = fit(model, 1.0 if last else PRUNE_CUT)
+        params, fmt, measured = fitted.built or (
+            fitted.quantized.served.params,
+            plan.fmt,
+            fitted.achieved,
+        )
+        served_ok = fitted.served_check is not None and fitted.served_check.ok
+        want: int | None = None
+        if fitted.met:
+            then = "shipped: met"
+        elif not served_ok and (last or not builds):  # the planned build: no smaller one keeps it
+            then = "stopped: it broke the guard" + (" (not shipped)" if builds else "")
+        elif last:
+            then = (
+                f"stopped: {rebuilds_allowed} rebuilds spent (target.max_rebuilds)"
+                if closed and rebuilds_allowed
+                else "stopped"
+            )
+        elif fitted.stop in ("cut", "rolled back", "rounds", "guard"):
+            this = Build(
+                len(builds), budget, params, fmt, 0.0, measured, 0.0, 0, served_ok, False, ""
+            )
+            want, why = next_params(plan, costs, [*builds, this])
+            then = f"rebuild at {want:,} params" if want is not None else f"stopped: {why}"
+            if not served_ok:
+                then = f"not shipped (it broke the guard); {then}"
+        else:  # the smallest reachable model, or the guard: no build can do better
+            then = f"stopped: {fitted.stop}"
+        builds.append(
+            Build(
+                len(builds),
+                budget,
+                params,
+                fmt,
+                predicted_at(plan, costs, builds, fmt, params),
+                measured,
+                fitted.achieved,
+                fitted.quantized.served.params,
+                served_ok,
+                fitted.met,
+                then,
+            )
+        )
+        fits.append(fitted)
+        if want is None:
+            break
+        # the reduce stage lands near, not on, its budget: scale by what it built for the last
+        budget = max(plan.smallest_params, round(want * budget / max(params, 1)))
+        model = build_at(budget)
+    return _shipped(plan, fits, builds)
+
+
+def _shipped(plan: Plan, fits: list[Fitted], builds: list[Build]) -> Fitted:
+    """The build that met the target, else the guard-keeping one closest to the limit, else the
+    first; its bound names every build, predicted and measured."""
+    ok = [i for i, f in enumerate(fits) if f.served_check is not None and f.served_check.ok]
+    met = [i for i in ok if fits[i].met]
+    i = met[0] if met else min(ok, key=lambda j: fits[j].achieved) if ok else 0
+    chosen = fits[i]
+    shown = "; ".join(_line(plan, b) for b in builds)
+    which = f"build {i} of {len(builds)} shipped" if len(builds) > 1 else "one build"
+    bound = f"{chosen.bound}; {which} ({shown})"
+    return replace(chosen, builds=builds, bound=bound)
+
+
+def _line(plan: Plan, b: Build) -> str:
+    def show(x: float) -> str:
+        return {"bytes": f"{x / 1024:.1f} KB", "params": f"{x:,.0f}"}.get(plan.unit, f"{x:.4f} ms")
+
+    pruned = (
+        f", pruned to {b.final_params:,}: {show(b.achieved)}" if b.final_params != b.params else ""
+    )
+    return (
+        f"{b.n}: {b.params:,} params, predicted {show(b.predicted)}, measured {show(b.measured)}"
+        f"{pruned}, {b.then}"
+    )
