@@ -350,7 +350,7 @@ def compress(
 
             # no limit, or a file size below the smallest reachable: the smallest file within
             # the drop (for an unreachable size, what comes closest without breaking the guard)
-            closest = not plan.reachable and plan.unit == "bytes"
+            closest = plan.kind != SMALLEST and not plan.reachable and plan.unit == "bytes"
             if plan.kind == SMALLEST or closest:
                 with onnx_export_lock():
                     fitted = steps.smallest(

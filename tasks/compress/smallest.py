@@ -229,4 +229,9 @@ def frontier_table(rows: list[dict[str, object]], metric: str = "accuracy") -> s
             f"{r['candidate']!s:<13} {r['params']:>8,} {r['size_kb']:>8.1f} {r['served_as']!s:>4} "
             f"{shown[0]:>9} {shown[1]:>8} {r['latency_ms_b1']:>7.4f}  {r['status']}"
         )
+    for r in rows:  # the columns show the served model; the guard decided on the float one
+        if r["status"] == "rolled back":
+            lost = float(r["float_drop"])  # type: ignore[arg-type]
+            shown_lost = f"{lost:.4f} R²" if metric == "r2" else f"{100 * lost:.2f} points"
+            lines.append(f"{r['candidate']} rolled back: its float model lost {shown_lost}")
     return "\n".join(lines)

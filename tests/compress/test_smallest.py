@@ -234,7 +234,9 @@ FRONTIER = [
 def test_the_frontier_table_fits_80_columns_with_each_candidates_numbers():
     text = frontier_table([c.row() for c in FRONTIER])
     lines = text.splitlines()
-    assert len(lines) == 2 + len(FRONTIER) and max(map(len, lines)) <= 80
+    # a line under the table for the rolled-back one: the float model's drop, the guard's input
+    assert len(lines) == 2 + len(FRONTIER) + 1 and max(map(len, lines)) <= 80
+    assert lines[-1] == "prune round 2 rolled back: its float model lost 8.06 points"
     assert lines[0].split() == [
         "candidate",
         "params",
