@@ -91,10 +91,6 @@ class Costs:
         slope, fixed = np.polyfit(np.asarray(self.params, float), np.asarray(ys, float), 1)
         return float(fixed), float(slope)
 
-    def bytes_at(self, params: int) -> float:
-        fixed, slope = self.line("bytes")
-        return fixed + slope * params
-
     def params_within(self, what: str, limit: float) -> float:
         """Largest parameter count whose predicted bytes (or latency) stay within `limit`."""
         fixed, slope = self.line(what)
@@ -223,10 +219,10 @@ def plan_target(
             f"{kind}={value:g}: {costs[fmt].served_as} with at most {final:,} params{measured}; "
             "reduced to it in one shot"
         )
-    else:  # as small as it goes: in the format whose file is smaller there (not fp32 on a tie)
-        final = smallest_params
-        if kind in ("size_kb", "ratio"):
-            fmt = min(costs, key=lambda f: costs[f].bytes_at(smallest_params))
+    else:  # as small as it goes: the search of a drop-only target (smallest.py), int8 tried
+        final = smallest_params  # on every candidate where enabled (it ships where smaller)
+        if kind in ("size_kb", "ratio") and "int8" in costs:
+            fmt = "int8"
         why = (
             f"{kind}={value:g} is below the smallest reachable model "
             f"({smallest_params:,} params){measured}"
