@@ -53,15 +53,17 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 class _Unpickler(pickle.Unpickler):
     """Modules pickled before distill was one installed package name distill's own classes
-    `tasks.compress.…` / `flows.…`: where such a module is not found, `distill.tasks.…` is."""
+    `tasks.compress.…` (its models live there): they load from `distill.tasks.…`, not from a
+    second copy that a repository root on sys.path would import. A user's own `tasks` package
+    with other subpackages is left alone."""
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except ModuleNotFoundError:
-            if module.split(".")[0] not in ("tasks", "flows"):
-                raise
-            return super().find_class(f"distill.{module}", name)
+        if module.startswith(_OLD_NAMES):
+            module = f"distill.{module}"
+        return super().find_class(module, name)
+
+
+_OLD_NAMES = ("tasks.compress.", "tasks.platform.", "tasks.release.")
 
 
 # for torch.load(pickle_module=): its Unpickler and load
