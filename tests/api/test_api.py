@@ -164,3 +164,47 @@ def test_the_notebook_in_docs_runs(tmp_path):
     last = out.stdout.strip().splitlines()[-1].split()
     assert last[:2] == ["METRICS", "True"] and float(last[2]) >= 10
     assert (tmp_path / "student.onnx").stat().st_size > 0
+
+
+RUN = """
+import json, sys
+import distill
+s = distill.run({config!r}, {overrides!r})
+print(json.dumps({{"run_id": s.run_id, "model": s.model_name, "version": s.model_version,
+                   "accuracy": s.metrics["quantized/accuracy"]}}))
+"""
+
+
+@pytest.mark.slow
+def test_run_is_the_cli_flow_from_python(tmp_path):
+    """`distill.run(config, overrides)`: the flow `distill run` runs (a temporary Prefect API in
+    this process), recorded in MLflow and registered as challenger."""
+    import mlflow
+
+    from tests.conftest import TINY
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": store,
+        "MLFLOW_REGISTRY_URI": store,
+        "DISTILL_MLFLOW_CONFIG": str(tmp_path / "absent-mlflow.yaml"),
+        "_MLFLOW_SERVER_ARTIFACT_ROOT": str(tmp_path / "mlruns"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    overrides = [*TINY, "target=null", "evaluate.plots=false"]
+    code = RUN.format(config=str(ROOT / "configs" / "digits.yaml"), overrides=overrides)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    version = client.get_model_version_by_alias(summary["model"], "challenger")
+    assert str(version.version) == summary["version"] and version.run_id == summary["run_id"]
+    assert 0.5 < summary["accuracy"] <= 1.0
