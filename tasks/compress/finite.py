@@ -149,9 +149,11 @@ def check_outputs(
     who: str | None = None,
     model: nn.Module | None = None,
     X: Any = None,
+    row_ids: np.ndarray | None = None,
 ) -> None:
     """NonFinite naming the first of `rows` (e.g. "test") whose outputs hold NaN or inf, and
-    `who` made them; with the `model` and its inputs `X`, where in it that starts."""
+    `who` made them; with the `model` and its inputs `X`, where in it that starts. `row_ids`:
+    the split's row numbers of `outputs` where they are a sample of it."""
     finite = np.isfinite(np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)).all(1)
     if finite.all():
         return
@@ -159,7 +161,7 @@ def check_outputs(
     detail = ""
     if model is not None and X is not None:
         detail = non_finite_cause(model, torch.from_numpy(np.asarray(X[row : row + 1])), None)
-    raise NonFinite(f"{rows} row {row}", who, detail)
+    raise NonFinite(f"{rows} row {row if row_ids is None else int(row_ids[row])}", who, detail)
 
 
 class TrainingWatch:

@@ -17,6 +17,7 @@ from distill.tasks.compress.evaluate import (
     pipeline_summary,
     saved_size,
     top_k_accuracy,
+    torch_predictor,
 )
 from distill.tasks.compress.quantize import export_onnx
 from distill.tasks.platform.config import EvaluateConfig
@@ -203,3 +204,36 @@ def test_a_model_with_nan_stops_at_its_stage(digits):
     )  # no weights to read: its outputs tell
     with pytest.raises(UserError, match=r"^stage quantized: the model outputs NaN or inf; "):
         check_model("quantized", served, rows)
+
+
+def test_the_train_test_gap_is_read_on_a_fixed_sample_of_a_large_training_split(
+    digits, monkeypatch
+):
+    import distill.tasks.compress.evaluate as evaluate
+    from distill.tasks.compress.finite import NonFinite
+
+    monkeypatch.setattr(evaluate, "TRAIN_ROWS", 100)
+    idx = evaluate.train_sample(len(digits.y_train))
+    assert len(idx) == 100 and (np.diff(idx) > 0).all() and idx[-1] < len(digits.y_train)
+    assert (evaluate.train_sample(len(digits.y_train)) == idx).all()  # every stage: the same rows
+    assert evaluate.train_sample(100) is None  # a split that small is read whole
+    torch.manual_seed(0)
+    model = build_mlp(64, [16], 10).eval()
+    m = evaluate.quality_metrics(torch_predictor(model), digits, None)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(digits.X_train[idx])).argmax(1).numpy()
+    assert m["train_accuracy"] == pytest.approx((pred == digits.y_train[idx]).mean())
+
+    # a NaN on a sampled row (one whose pixels no other row shares) is named by its row in the
+    # training split, not in the sample
+    same = (digits.X_train[None, idx[7:]] == digits.X_train[:, None]).all(axis=2).sum(axis=0)
+    bad = int(idx[7:][np.argmax(same == 1)])
+
+    def nan_on_that_row(X):
+        out = torch_predictor(model)(X)
+        hit = (digits.X_train[bad] == X).all(axis=1)
+        out[hit] = np.nan
+        return out
+
+    with pytest.raises(NonFinite, match=f"training row {bad}\\b"):
+        evaluate.quality_metrics(nan_on_that_row, digits, None)
