@@ -36,13 +36,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.finetune import History
-from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
+from distill.tasks.compress.prune import prunable_groups, recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reduce import calibration_rows
 from distill.tasks.compress.target import (
@@ -51,8 +50,8 @@ from distill.tasks.compress.target import (
     Fitted,
     Guard,
     Plan,
+    cut_toward,
     guarded_int8,
-    keep_fraction_for,
 )
 from distill.tasks.platform.config import FinetuneConfig, PruneConfig, QuantizeConfig
 
@@ -101,7 +100,6 @@ def smallest_within(
     quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
     calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
     export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
-    example = torch.from_numpy(data.X_train[:2])
 
     def measure(model: nn.Module, check: Check) -> _Built:
         quantized, int8 = guarded_int8(
@@ -152,14 +150,7 @@ def smallest_within(
                 else f"the smallest reachable model ({params:,} params)"
             )
             break
-        candidate = copy.deepcopy(model)
-        remove_lowest_units(
-            candidate,
-            keep_fraction_for(model, example, groups, want),
-            prune.criterion,
-            data.X_train[:1024],
-            {g.name: g.width for g in groups},
-        )
+        candidate = cut_toward(model, data, groups, want, prune.criterion)
         if _params(candidate) >= params:  # the widths cannot go lower by whole units
             stop = f"the smallest reachable model ({params:,} params)"
             break

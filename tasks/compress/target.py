@@ -487,6 +487,27 @@ def keep_fraction_for(
     return lo
 
 
+def cut_toward(
+    model: nn.Module,
+    data: Dataset,
+    groups: list[Group] | list[transformer.TGroup],
+    want: int,
+    criterion: str,
+) -> nn.Module:
+    """A copy of `model` with each prunable group's lowest units removed (by `criterion`, on
+    training rows), to the largest common fraction of its width that has at most `want`
+    parameters: one pruning round's cut, before its KD recovery."""
+    candidate = copy.deepcopy(model)
+    remove_lowest_units(
+        candidate,
+        keep_fraction_for(model, torch.from_numpy(data.X_train[:2]), groups, want),
+        criterion,
+        data.X_train[:1024],
+        {g.name: g.width for g in groups},
+    )
+    return candidate
+
+
 Requantize = Callable[[list[str]], OnnxModel]  # int8 with these weighted nodes left in fp32
 
 
@@ -592,7 +613,6 @@ def fit_to_target(
     quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
     calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
     export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
-    example = torch.from_numpy(data.X_train[:2])
     model = copy.deepcopy(student).eval()
     params = sum(p.numel() for p in model.parameters())
     kept = guard.check("reduction", torch_predictor(model), params)
@@ -628,14 +648,7 @@ def fit_to_target(
             stop = "smallest"
             bound = f"{plan.kind}: the model is the smallest reachable ({params:,} params)"
             break
-        candidate = copy.deepcopy(model)
-        remove_lowest_units(
-            candidate,
-            keep_fraction_for(model, example, groups, want),
-            prune.criterion,
-            data.X_train[:1024],
-            {g.name: g.width for g in groups},
-        )
+        candidate = cut_toward(model, data, groups, want, prune.criterion)
         candidate, round_history = recover(candidate, teacher, data, prune, finetune, seed, device)
         rounds += 1
         check = guard.check(
