@@ -17,6 +17,7 @@ from distill.tasks.compress.replan import PRUNE_CUT, next_params, refit_to_targe
 from distill.tasks.compress.target import Build, Check, Costs, Fitted, plan_target
 from distill.tasks.platform.config import TargetConfig, build_config
 from distill.tasks.platform.errors import UserError
+from tests.compress.test_target import FAST
 
 # the plan's line: int8 file 5,000 B + 1 B/param (measured on narrowed teacher copies)
 COSTS = {"int8": Costs((100, 10_100), (5_100, 15_100), (0.0101, 0.0201), "onnxruntime int8")}
@@ -239,18 +240,7 @@ def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypat
     monkeypatch.setattr(Costs, "line", line)
     cfg = build_config(
         {},
-        [
-            "teacher.hidden=[64, 64]",
-            "teacher.epochs=8",
-            "reduce.calibration_samples=256",
-            "finetune.epochs=3",
-            "compress.prune.recovery_epochs=1",
-            "evaluate.latency_repeats=3",
-            "evaluate.large_batch=32",
-            "evaluate.plots=false",
-            "target.size_kb=8",
-            "target.max_accuracy_drop=0.5",
-        ],
+        [*FAST, "target.size_kb=8", "target.max_accuracy_drop=0.5"],
     )
     out = compress(cfg, digits)
     fitted, plan = out.target.fitted, out.target.plan
