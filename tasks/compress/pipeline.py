@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -350,8 +350,7 @@ def compress(
 
             # no limit, or a file size below the smallest reachable: the smallest file within
             # the drop (for an unreachable size, what comes closest without breaking the guard)
-            closest = plan.kind != SMALLEST and not plan.reachable and plan.unit == "bytes"
-            if plan.kind == SMALLEST or closest:
+            if plan.kind == SMALLEST or (not plan.reachable and plan.unit == "bytes"):
                 with onnx_export_lock():
                     fitted = steps.smallest(
                         teacher,
@@ -366,13 +365,6 @@ def compress(
                         device,
                         ev.latency_repeats,
                         cfg.target.max_builds,
-                    )
-                if closest:
-                    fitted = replace(
-                        fitted,
-                        met=fitted.met and fitted.achieved <= plan.limit,
-                        bound=f"below the smallest reachable model: the smallest file within "
-                        f"the drop instead; {fitted.bound}",
                     )
             else:  # each build fitted under the export lock, rebuilt outside it
                 fitted = refit_to_target(

@@ -45,6 +45,7 @@ from distill.tasks.compress.prune import prunable_groups, recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reduce import calibration_rows
 from distill.tasks.compress.target import (
+    SMALLEST,
     Candidate,
     Check,
     Fitted,
@@ -96,7 +97,9 @@ def smallest_within(
     export: Callable[[nn.Module], Quantized] | None = None,
 ) -> Fitted:
     """The search of the module's docstring, from `student` (the distilled start), at most
-    `builds` pruned candidates. `export` defaults to the quantize stage's, in the plan's format."""
+    `builds` pruned candidates. `export` defaults to the quantize stage's, in the plan's format.
+    For a size plan below the smallest reachable model it ships the closest file, met only where
+    that is within the plan's limit."""
     quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
     calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
     export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
@@ -185,6 +188,13 @@ def smallest_within(
             f", the smallest within {guard.max_drop:g}: {len(smaller)} smaller kept "
             "candidate(s) lost more, not shown to exceed it"
         )
+    met = chosen.point.kept
+    if plan.kind != SMALLEST:  # a size below the smallest reachable model: the closest file
+        met = met and chosen.point.size_bytes <= plan.limit
+        bound = (
+            "below the smallest reachable model: the smallest file within the drop instead; "
+            + bound
+        )
     return Fitted(
         chosen.model,
         chosen.quantized,
@@ -193,7 +203,7 @@ def smallest_within(
         rolled_back,
         chosen.served_check,
         float(chosen.point.size_bytes),
-        chosen.point.kept,
+        met,
         bound,
         frontier,
     )
