@@ -260,17 +260,30 @@ def _write_rows(folder: Path, train: Pair, test: Pair, val: Pair | None) -> dict
     return {"source": f"npz:{path}"}
 
 
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @contextlib.contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    """Point MLflow at `uri` for the block, then back where it was: MLflow's set_tracking_uri
+    and set_registry_uri (called by store.configure) change process-wide globals and write
+    MLFLOW_*_URI into the environment, so a notebook's own MLflow calls after a tracked
+    `compress` would otherwise read and write the store `track=` named."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    environ = {name: os.environ.get(name) for name in _MLFLOW_URI_VARS}
+    globals_before = tracking_utils._tracking_uri, registry_utils._registry_uri
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
+        tracking_utils._tracking_uri, registry_utils._registry_uri = globals_before
+        for name, value in environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _tracked(

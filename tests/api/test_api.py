@@ -87,11 +87,14 @@ def test_tracked_compress_records_the_run_as_the_cli_does(tmp_path):
 
     X, y, Xt, yt = _digits()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     result = distill.compress(
         _trained_mlp(X, y), (X, y), (Xt, yt), track=store, experiment="notebook", **FAST
     )
     assert result.record is not None
-    client = mlflow.MlflowClient(store)
+    # the process's own MLflow points where it did: `track=` was for this run only
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    client = mlflow.MlflowClient(store, registry_uri=store)
     parent = client.get_run(result.record)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["quantized/accuracy"] == pytest.approx(result.metrics["accuracy"])
@@ -203,7 +206,8 @@ def test_run_is_the_cli_flow_from_python(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    client = mlflow.MlflowClient(store)
+    # the registry named, not left to this process's MLflow (another test may have pointed it)
+    client = mlflow.MlflowClient(store, registry_uri=store)
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     version = client.get_model_version_by_alias(summary["model"], "challenger")
     assert str(version.version) == summary["version"] and version.run_id == summary["run_id"]
