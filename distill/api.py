@@ -8,9 +8,12 @@
 
 `compress` runs the pipeline's stages as plain functions (tasks/compress/pipeline.py): no Prefect,
 and no MLflow unless `track=` (or `MLFLOW_TRACKING_URI`) names a store, where the run is recorded
-as the CLI records it (a parent run, a nested run per stage). The arrays go to a temporary npz
-that is removed when it returns. `run` is what `distill run` does: a config file through the
-Prefect flow, recorded and registered.
+as the CLI records it (a parent run, a nested run per stage). With `orchestrate=True` the stages
+are Prefect task runs of one flow run, as `distill run` makes them: cached by content (a second
+call with the same teacher, rows and settings reuses them), seen in Prefect's UI; the API is
+PREFECT_API_URL's, else a temporary local server. The arrays go to a temporary npz that is
+removed when it returns. `run` is what `distill run` does: a config file through the Prefect
+flow, recorded and registered.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -30,11 +34,14 @@ from torch import nn
 from distill.tasks.compress.data import Dataset, load_dataset
 from distill.tasks.compress.evaluate import OnnxModel, TorchScriptModel
 from distill.tasks.compress.finetune import History
-from distill.tasks.compress.pipeline import PLAIN_STEPS, Outcome, Recorder
+from distill.tasks.compress.pipeline import PLAIN_STEPS, Outcome, Recorder, Steps
 from distill.tasks.compress.pipeline import compress as run_pipeline
 from distill.tasks.compress.teacher import GIVEN, given_teacher
 from distill.tasks.platform.config import PipelineConfig, build_config, merge
 from distill.tasks.platform.errors import UserError
+
+if TYPE_CHECKING:
+    from distill.tasks.release.recorder import TrackingRecorder
 
 _SCHEMES = ("hf:", "file:", "models:/", "runs:/", "train")
 _LABEL, _SPLIT = "__label__", "__split__"  # the columns a DataFrame's rows are written with
@@ -142,6 +149,7 @@ def compress(
     experiment: str = "distill",
     seed: int = 0,
     device: str = "cpu",
+    orchestrate: bool = False,
     **settings: Any,
 ) -> Result:
     """Compress `teacher` on the rows given; see the module's docstring.
@@ -155,6 +163,7 @@ def compress(
     parameters). `settings`: config sections as keywords (`finetune={"epochs": 5}`), or dotted
     keys (`**{"compress.prune.amount": 0.5}`), as in a config file. `track`: an MLflow tracking
     URI to record the run in (default: `MLFLOW_TRACKING_URI` if set; else nothing is recorded).
+    `orchestrate`: the stages as cached Prefect task runs of a flow run `distill-compress`.
     Bad input raises `distill.UserError` with one line naming the key, array or column."""
     given = teacher if isinstance(teacher, nn.Module) else None
     raw: dict[str, Any] = {"seed": seed, "device": device, "target": dict(target or {}) or None}
@@ -167,14 +176,15 @@ def compress(
         raw = merge(raw, {"data": _write_rows(Path(tmp), train, test, val)})
         cfg = build_config(raw)
         data = load_dataset(cfg.data, cfg.seed)
-        steps = PLAIN_STEPS
+        steps = _steps(orchestrate)
         if given is not None:
-            steps = replace(PLAIN_STEPS, teacher=_given(given))
+            steps = replace(steps, teacher=_given(given))
         uri = track or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
-            outcome, run_id = _tracked(cfg, data, steps, uri, experiment)
+            outcome, run_id = _tracked(cfg, data, steps, uri, experiment, orchestrate)
         else:
-            outcome, run_id = run_pipeline(cfg, data, steps, Recorder()), None
+            pipeline = partial(run_pipeline, cfg, data, steps, Recorder())
+            outcome, run_id = (_in_flow(pipeline) if orchestrate else pipeline()), None
     return _result(outcome, data, run_id)
 
 
@@ -185,6 +195,35 @@ def run(config: str | Path, overrides: Sequence[str] = (), promote: bool = False
     from distill.flows.distill import distill_flow
 
     return distill_flow(str(config), list(overrides), promote=promote)
+
+
+def _steps(orchestrate: bool) -> Steps:
+    if not orchestrate:
+        return PLAIN_STEPS
+    from distill.flows.stages import PREFECT_STEPS
+
+    return PREFECT_STEPS
+
+
+T = TypeVar("T")
+
+
+def _in_flow(call: Callable[[], T]) -> T:
+    """`call()` as the body of a Prefect flow run `distill-compress`: the stages it calls through
+    PREFECT_STEPS are its task runs. Without PREFECT_API_URL, Prefect's temporary server starts
+    now (in a thread, while nothing else waits on it) and dies with this process."""
+    from prefect import flow
+
+    from distill.flows.process import start_prefect_server_early
+
+    start_prefect_server_early()()
+
+    def distill_compress() -> T:
+        return call()
+
+    return flow(name="distill-compress", log_prints=False, validate_parameters=False)(
+        distill_compress
+    )()
 
 
 def _given(module: nn.Module) -> Callable[..., tuple[nn.Module, History]]:
@@ -287,13 +326,18 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _tracked(
-    cfg: PipelineConfig, data: Dataset, steps: Any, uri: str, experiment: str
+    cfg: PipelineConfig,
+    data: Dataset,
+    steps: Steps,
+    uri: str,
+    experiment: str,
+    orchestrate: bool = False,
 ) -> tuple[Outcome, str]:
-    """The pipeline recorded in MLflow as the CLI records it, without Prefect."""
+    """The pipeline recorded in MLflow as the CLI records it (with `orchestrate`, each stage's
+    record a Prefect task run, as `distill run` makes it)."""
     import yaml
 
     from distill.tasks.platform import store, tracking
-    from distill.tasks.release.recorder import TrackingRecorder
 
     with _tracking_uri(uri):
         settings = store.load_settings()
@@ -317,14 +361,25 @@ def _tracked(
                 data.digest,
                 rows=len(data.y_train) + len(data.y_val) + len(data.y_test),
             )
-            recorder = TrackingRecorder(run_id, data.X_test[:5])
+            recorder = _recorder(orchestrate)(run_id, data.X_test[:5])
             outcome = None
             try:
-                outcome = run_pipeline(cfg, data, steps, recorder)
+                pipeline = partial(run_pipeline, cfg, data, steps, recorder)
+                outcome = _in_flow(pipeline) if orchestrate else pipeline()
             finally:
                 tracking.log_metrics(run_id, recorder.metrics)
                 tracking.log_metrics(run_id, outcome.summary if outcome is not None else {})
     return outcome, run_id
+
+
+def _recorder(orchestrate: bool) -> type[TrackingRecorder]:
+    from distill.tasks.release.recorder import TrackingRecorder
+
+    if not orchestrate:
+        return TrackingRecorder
+    from distill.flows.stages import MlflowRecorder
+
+    return MlflowRecorder
 
 
 def _result(outcome: Outcome, data: Dataset, run_id: str | None) -> Result:

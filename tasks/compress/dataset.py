@@ -50,7 +50,10 @@ class Dataset:
     `encoding` (tasks/compress/tabular.py) turns them into the model's `n_features` columns."""
 
     name: str
-    source: str
+    # where the rows were read from, not what they are: no part of a stage's cache key (the
+    # arrays and `digest` are), so the same rows from another path (the Python API's temporary
+    # npz) reuse the cached stages
+    source: str = field(metadata={"content": False})
     feature_names: list[str]
     input_shape: tuple[int, ...]
     classes: list  # original label values; class i of the model is classes[i]

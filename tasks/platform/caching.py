@@ -4,10 +4,11 @@ Prefect's `INPUTS` policy hashes arguments as JSON or cloudpickle bytes; a modul
 tensor pickles differently on every call, so a run killed in fine-tuning would never find
 its teacher again (shared/FACTS.md). The stages' cache policy (flows/caching.py) keys a task
 run on what its inputs hold instead, hashed here: tensor and array bytes, a module's
-architecture and `state_dict`, a config's JSON, a dataclass field by field (a `Dataset` by its
-split arrays, which already encode the raw table, the split seed and the data config; a large
-table's splits on disk by the digest its conversion computed once, streamed:
-tasks/compress/stream.py), plus the source of the task's module and of every `tasks` module it
+architecture and `state_dict`, a config's JSON, a dataclass field by field except those marked
+`metadata={"content": False}` (a `Dataset` by its split arrays, which already encode the raw
+table, the split seed and the data config, not by the path they were read from; a large table's
+splits on disk by the digest its conversion computed once, streamed: tasks/compress/stream.py),
+plus the source of the task's module and of every `tasks` module it
 uses (a change in `fit` invalidates the teacher), Prefect's `TASK_SOURCE`, and the torch/numpy
 versions its pickled result depends on.
 
@@ -85,6 +86,8 @@ def _feed(h: Any, obj: Any) -> None:
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         _tag(h, "dataclass", type(obj).__module__, type(obj).__qualname__)
         for f in dataclasses.fields(obj):
+            if not f.metadata.get("content", True):  # e.g. where the rows were read from
+                continue
             _feed(h, f.name)
             _feed(h, getattr(obj, f.name))
     elif isinstance(obj, Mapping):

@@ -212,3 +212,43 @@ def test_run_is_the_cli_flow_from_python(tmp_path):
     version = client.get_model_version_by_alias(summary["model"], "challenger")
     assert str(version.version) == summary["version"] and version.run_id == summary["run_id"]
     assert 0.5 < summary["accuracy"] <= 1.0
+
+
+def test_orchestrate_runs_the_stages_as_cached_prefect_task_runs(monkeypatch):
+    """`orchestrate=True`: one flow run `distill-compress` whose stages are task runs; the same
+    call again takes every stage from Prefect's cache (the same student), where the plain call
+    never touches Prefect."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterId, TaskRunFilter
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    X, y, Xt, yt = _digits(400)
+    teacher = _trained_mlp(X, y)
+
+    async def stages() -> list[tuple[str, str]]:
+        async with get_client() as client:
+            (run,) = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["distill-compress"])),
+                sort="START_TIME_DESC",
+                limit=1,
+            )
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(),
+            )
+            assert run.state.is_completed()
+            return sorted((t.name, t.state.name) for t in tasks)
+
+    first = distill.compress(teacher, (X, y), (Xt, yt), orchestrate=True, **FAST)
+    ran = run_coro_as_sync(stages())
+    again = distill.compress(teacher, (X, y), (Xt, yt), orchestrate=True, **FAST)
+    cached = run_coro_as_sync(stages())
+    # a given teacher is no task (there is nothing to cache: the user holds it)
+    made = {"reduce", "reconstruct", "finetune", "prune", "quantize"}
+    assert made <= {name for name, _ in ran}
+    assert all(state == "Completed" for name, state in ran if name in made)
+    assert all(state == "Cached" for name, state in cached if name in made)
+    assert again.metrics["accuracy"] == first.metrics["accuracy"]
+    assert again.served.model.file_bytes == first.served.model.file_bytes
