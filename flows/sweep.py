@@ -31,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from distill.flows.distill import distill_flow
 from distill.tasks.platform import store
-from distill.tasks.platform.config import DEFAULT_CONFIG, load_config
+from distill.tasks.platform.config import DEFAULT_CONFIG, load_config, resolve_config
 from distill.tasks.platform.errors import UserError
 from distill.tasks.release.pareto import (
     best_variant,
@@ -181,9 +181,8 @@ def sweep_flow(
     grid: dict[str, list[str]] | None = None,
     overrides: list[str] | None = None,
 ) -> SweepSummary:
-    config = str(
-        Path(config_path or DEFAULT_CONFIG).resolve()
-    )  # workers may run elsewhere in the tree
+    # workers may run elsewhere in the tree
+    config = str(resolve_config(Path(config_path or DEFAULT_CONFIG)).resolve())
     overrides = list(overrides or [])
     grid = dict(grid or {})
     combos = check_variants(config, overrides, grid)

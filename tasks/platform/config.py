@@ -27,6 +27,19 @@ from distill.tasks.platform import safe_yaml
 from distill.tasks.platform.errors import UserError
 
 DEFAULT_CONFIG = Path("configs/digits.yaml")
+# installed with the package (distill/configs -> ../configs in the source tree): the default
+# where the working directory has no configs/digits.yaml (a pip-installed distill run elsewhere)
+PACKAGED_CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def resolve_config(path: Path) -> Path:
+    """`path`, except the default configs/digits.yaml where the working directory has none: the
+    copy installed with distill."""
+    if path == DEFAULT_CONFIG and not path.is_file():
+        packaged = PACKAGED_CONFIGS / DEFAULT_CONFIG.name
+        if packaged.is_file():
+            return packaged
+    return path
 
 
 class Strict(BaseModel):
@@ -610,4 +623,4 @@ def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
 def load_config(
     path: Path | str | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
-    return build_config(read_yaml(Path(path or DEFAULT_CONFIG)), overrides)
+    return build_config(read_yaml(resolve_config(Path(path or DEFAULT_CONFIG))), overrides)

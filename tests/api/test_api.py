@@ -219,8 +219,13 @@ def test_orchestrate_runs_the_stages_as_cached_prefect_task_runs(monkeypatch):
     call again takes every stage from Prefect's cache (the same student), where the plain call
     never touches Prefect."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterId, TaskRunFilter
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+    )
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -94,6 +94,18 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_the_default_config_is_the_packaged_one_where_the_working_directory_has_none(
+    tmp_path, monkeypatch
+):
+    """A pip-installed distill run outside the repository: `distill run` (no config) runs the
+    digits.yaml installed with the package; a config named by the user is never replaced."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config().name == "digits"
+    assert load_config().flat() == load_config(ROOT / "configs" / "digits.yaml").flat()
+    with pytest.raises(UserError, match="config file not found"):
+        load_config("my.yaml")
+
+
 def test_flat_params_and_digest_are_stable():
     a, b = PipelineConfig(), build_config({})
     assert a.flat()["reduce.budget.size_kb"] == 120.0
