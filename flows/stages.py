@@ -33,7 +33,14 @@ from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import Reduction, reduce_model
 from distill.tasks.compress.smallest import smallest_within
-from distill.tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
+from distill.tasks.compress.target import (
+    Costs,
+    Fitted,
+    Plan,
+    Search,
+    fit_to_target,
+    plan_for_target,
+)
 from distill.tasks.compress.teacher import load_teacher
 from distill.tasks.platform import retry, tracking
 from distill.tasks.platform.caching import content_hash
@@ -128,36 +135,8 @@ def plan_task(
 
 
 @task(name="fit-target", task_run_name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)
-def fit_task(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    costs: dict[str, Costs],
-    guard: Guard,
-    prune: PruneConfig,
-    finetune: FinetuneConfig,
-    quantize: QuantizeConfig,
-    seed: int,
-    device: str,
-    latency_repeats: int,
-    max_cut: float = 1.0,
-) -> Fitted:
-    return fit_to_target(
-        teacher,
-        student,
-        data,
-        plan,
-        costs,
-        guard,
-        prune,
-        finetune,
-        quantize,
-        seed,
-        device,
-        latency_repeats,
-        max_cut,
-    )
+def fit_task(search: Search, student: nn.Module, max_cut: float = 1.0) -> Fitted:
+    return fit_to_target(search, student, max_cut)
 
 
 @task(
@@ -166,34 +145,8 @@ def fit_task(
     cache_policy=STAGE_CACHE,
     persist_result=True,
 )
-def smallest_task(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    guard: Guard,
-    prune: PruneConfig,
-    finetune: FinetuneConfig,
-    quantize: QuantizeConfig,
-    seed: int,
-    device: str,
-    latency_repeats: int,
-    builds: int,
-) -> Fitted:
-    return smallest_within(
-        teacher,
-        student,
-        data,
-        plan,
-        guard,
-        prune,
-        finetune,
-        quantize,
-        seed,
-        device,
-        latency_repeats,
-        builds,
-    )
+def smallest_task(search: Search, student: nn.Module, builds: int) -> Fitted:
+    return smallest_within(search, student, builds)
 
 
 @task(

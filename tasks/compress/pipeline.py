@@ -66,6 +66,7 @@ from distill.tasks.compress.target import (
     Fitted,
     Guard,
     Plan,
+    Search,
     fit_to_target,
     max_drop_of,
     plan_for_target,
@@ -322,7 +323,6 @@ def compress(
         assert cfg.target is not None  # a plan is made from a target only
         with guard("fit-target", started):
             accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
-            planned = plan  # (a closure sees the name, not its narrowed type)
 
             def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
                 at = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
@@ -330,42 +330,29 @@ def compress(
                 built, _ = steps.reconstruct(teacher, reduced, calibration, cfg.reconstruct)
                 return steps.finetune(teacher, built, data, cfg.finetune, seed, device)[0]
 
+            search = Search(
+                teacher,
+                data,
+                plan,
+                costs,
+                accuracy,
+                cfg.compress.prune,
+                cfg.finetune,
+                cfg.compress.quantize,
+                seed,
+                device,
+                ev.latency_repeats,
+            )
+
             def fit_one(student: nn.Module, max_cut: float) -> Fitted:
                 with onnx_export_lock():
-                    return steps.fit(
-                        teacher,
-                        student,
-                        data,
-                        planned,
-                        costs,
-                        accuracy,
-                        cfg.compress.prune,
-                        cfg.finetune,
-                        cfg.compress.quantize,
-                        seed,
-                        device,
-                        ev.latency_repeats,
-                        max_cut,
-                    )
+                    return steps.fit(search, student, max_cut)
 
             # no limit, or a file size below the smallest reachable: the smallest file within
             # the drop (for an unreachable size, what comes closest without breaking the guard)
             if plan.kind == SMALLEST or (not plan.reachable and plan.unit == "bytes"):
                 with onnx_export_lock():
-                    fitted = steps.smallest(
-                        teacher,
-                        finetuned,
-                        data,
-                        plan,
-                        accuracy,
-                        cfg.compress.prune,
-                        cfg.finetune,
-                        cfg.compress.quantize,
-                        seed,
-                        device,
-                        ev.latency_repeats,
-                        cfg.target.max_builds,
-                    )
+                    fitted = steps.smallest(search, finetuned, cfg.target.max_builds)
             else:  # each build fitted under the export lock, rebuilt outside it
                 fitted = refit_to_target(
                     plan, costs, finetuned, rebuild, fit_one, cfg.target.max_rebuilds
