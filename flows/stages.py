@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from distill.flows.caching import STAGE_CACHE
-from distill.tasks.compress.data import Dataset, load_dataset
+from distill.tasks.compress.context import RunContext
+from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import OnnxModel
 from distill.tasks.compress.finetune import History, distill
 from distill.tasks.compress.hf import hf_model, save_student
@@ -45,6 +46,7 @@ from distill.tasks.compress.teacher import load_teacher
 from distill.tasks.platform import retry, tracking
 from distill.tasks.platform.caching import content_hash
 from distill.tasks.platform.config import (
+    DataConfig,
     EvaluateConfig,
     FinetuneConfig,
     PruneConfig,
@@ -57,7 +59,11 @@ from distill.tasks.platform.config import (
 from distill.tasks.release.recorder import TrackingRecorder
 from distill.tasks.release.registry import Registered, TorchScriptModel, register_model
 
-data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_dataset)
+
+@task(name="data", task_run_name="data", cache_policy=NO_CACHE)
+def data_task(cfg: DataConfig, seed: int, context: RunContext) -> Dataset:
+    """The run's dataset: prepared here unless its context holds it (the CLI's input check)."""
+    return context.dataset(cfg, seed)
 
 
 @task(name="teacher", task_run_name="teacher", cache_policy=STAGE_CACHE, persist_result=True)

@@ -19,10 +19,11 @@ stage (tasks/compress/replan.py: the rebuilds run the same `steps`, inside the f
 the reconstructed and finetuned records are the first build's).
 
 Before any stage the pre-flight builds the planned student on two rows (forward, KD step, ONNX
-export: tasks/compress/preflight.py), so a model the configured mode cannot handle fails in
-seconds. Each stage then runs inside one guard (tasks/compress/failures.py): whatever it raises
-becomes one line naming the stage, the module and the setting, the recorder gets the line and
-the full trace (`Recorder.failed`), and nothing after it runs.
+export: tasks/compress/preflight.py; once per run, which `RunContext` keeps it), so a model the
+configured mode cannot handle fails in seconds. Each stage then runs inside one guard
+(tasks/compress/failures.py): whatever it raises becomes one line naming the stage, the module
+and the setting, the recorder gets the line and the full trace (`Recorder.failed`), and nothing
+after it runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
     OnnxModel,
@@ -47,7 +49,7 @@ from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.failures import StageGuard
 from distill.tasks.compress.finetune import History, distill, predict_logits
 from distill.tasks.compress.finite import check_calibration, check_model, check_outputs
-from distill.tasks.compress.preflight import alternative, preflight, preflight_config
+from distill.tasks.compress.preflight import alternative, preflight
 from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
@@ -216,15 +218,18 @@ def compress(
     steps: Steps = PLAIN_STEPS,
     recorder: Recorder | None = None,
     config_dir: str | None = None,
+    context: RunContext | None = None,
 ) -> Outcome:
     """Every stage of `cfg` on `data`. Each stage's model is measured and handed to `recorder`
     when it is made; a stage's record spans its work (`started`). `config_dir`: the config
-    file's folder, where a `module:Name` teacher's module may live."""
+    file's folder, where a `module:Name` teacher's module may live. `context`: the run's, where
+    its pre-flight may already be (tasks/compress/context.py; default: a new one)."""
     recorder = recorder or Recorder()
+    context = context or RunContext()
     seed, device, ev = cfg.seed, cfg.device, cfg.evaluate
     stages: dict[str, dict[str, float]] = {}
     # the planned student on two rows, before the teacher trains (None: an MLflow teacher)
-    checked = preflight_config(cfg, data, config_dir)
+    checked = context.preflight(cfg, data, config_dir)
     guard = StageGuard(recorder)
 
     teacher_pred = None
