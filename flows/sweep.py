@@ -195,10 +195,6 @@ def sweep_flow(
     overrides: list[str] | None = None,
     context: RunContext | None = None,
 ) -> SweepSummary:
-    """Every variant of `grid` over the config, its Pareto front, the best one challenger.
-    `context`: the sweep's (tasks/compress/context.py), from `distill sweep`, which checked every
-    variant's data and pre-flight in it; a deployment's run makes its own."""
-    context = context or RunContext()
     config = str(
         Path(config_path or DEFAULT_CONFIG).resolve()
     )  # workers may run elsewhere in the tree
@@ -214,6 +210,9 @@ def sweep_flow(
     )
     variant_tags = tags | {"mlflow.parentRunId": sweep_run_id}  # nested under the sweep's run
 
+    # the sweep's data and pre-flights (tasks/compress/context.py): from `distill sweep`, which
+    # checked every variant in it; a deployment's run makes its own
+    context = context or RunContext()
     futures = variant_task.map(
         range(len(combos)),
         unmapped(config),
