@@ -13,7 +13,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,6 +28,9 @@ from distill.flows.process import (
     user_errors,
 )
 from distill.tasks.platform.secrets import mask_passwords_in_output
+
+if TYPE_CHECKING:  # torch behind it: imported by the commands that run
+    from distill.tasks.compress.context import RunContext
 
 # `distill run --help`'s last paragraph: what each exit code means
 EXIT_CODES = (
@@ -119,9 +122,12 @@ def run(
     overrides = list(set_ or [])
     if from_run and config != Path("configs/digits.yaml"):
         fail("give either CONFIG or --from-run, not both")
+    from distill.tasks.compress.context import RunContext
+
+    context = RunContext()  # the data and the pre-flight, checked here, are the flow's
     with user_errors(debug):
         if not from_run:  # fail fast, before Prefect or MLflow start
-            check_inputs(load_config(config, overrides), config)
+            check_inputs(load_config(config, overrides), config, context)
     with flow_command(
         "run",
         note=f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect",
@@ -131,7 +137,9 @@ def run(
     ):
         from distill.flows.distill import distill_flow
 
-        summary = distill_flow(str(config), overrides, promote=promote_, from_run=from_run)
+        summary = distill_flow(
+            str(config), overrides, promote=promote_, from_run=from_run, context=context
+        )
     if as_json:
         _echo_json(summary)
     else:
@@ -151,33 +159,33 @@ def run(
         raise typer.Exit(EXIT_REFUSED)
 
 
-def check_inputs(cfg: Any, config: Path) -> None:
+def check_inputs(cfg: Any, config: Path, context: RunContext) -> None:
     """The data file, its columns and labels, the device, the teacher's fit to the data and the
     pre-flight (the planned student built, trained a step and exported on two rows:
     tasks/compress/preflight.py), checked in this process before any server starts (about 2 s
-    on digits, most of it imports, plus the pre-flight's ONNX export). The flow reuses the
-    dataset read here (tasks/compress/data.py keeps the last one) and the pre-flight's pass."""
-    from distill.tasks.compress.data import load_dataset
-
-    data = load_dataset(cfg.data, cfg.seed)
+    on digits, most of it imports, plus the pre-flight's ONNX export). `context`: the run's
+    `RunContext` (tasks/compress/context.py), which keeps the dataset and the pre-flight's pass
+    for the flow."""
+    data = context.dataset(cfg.data, cfg.seed)
     from distill.tasks.platform.config import check_task_keys
 
     check_task_keys(cfg, data.task)  # classification-only keys on a regression run, and back
-    from distill.tasks.compress.preflight import preflight_config
     from distill.tasks.platform.device import (
         resolve_device,  # torch: after the data, whose errors need none
     )
 
     resolve_device(cfg.device)
-    preflight_config(cfg, data, str(config.resolve().parent))
+    context.preflight(cfg, data, str(config.resolve().parent))
 
 
-def _check_variant(config: Path, overrides: list[str], combo: list[str]) -> None:
+def _check_variant(
+    config: Path, overrides: list[str], combo: list[str], context: RunContext
+) -> None:
     from distill.tasks.platform.config import load_config
     from distill.tasks.platform.errors import UserError
 
     try:
-        check_inputs(load_config(config, overrides + combo), config)
+        check_inputs(load_config(config, overrides + combo), config, context)
     except UserError as err:
         raise UserError(f"sweep variant {', '.join(combo) or '(base config)'}: {err}") from None
 
@@ -229,11 +237,13 @@ def sweep(
     overrides = list(set_ or [])
     with user_errors():
         from distill.flows.sweep import check_variants, parse_grid, task_runner
+        from distill.tasks.compress.context import RunContext
 
         grid_values = parse_grid(grid)
+        context = RunContext()  # every variant's data and pre-flight, for the variants' flows
         # fail fast, before Prefect or MLflow start: configs, then data and teacher of each variant
         for combo in check_variants(str(config), overrides, grid_values):
-            _check_variant(config, overrides, combo)
+            _check_variant(config, overrides, combo, context)
         runner = task_runner(dask, dask_address, workers)
 
     from distill.flows.sweep import SweepFailed, sweep_flow
@@ -242,7 +252,7 @@ def sweep(
     with flow_command("sweep"):
         try:
             summary = sweep_flow.with_options(task_runner=runner)(
-                str(config), grid_values, overrides
+                str(config), grid_values, overrides, context
             )
         except SweepFailed as err:
             summary, failed = err.summary, True

@@ -27,9 +27,9 @@ from distill.flows.stages import (
     register_task,
 )
 from distill.flows.summary import RunSummary, run_name, stage_table_markdown, version_description
+from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.failures import StageGuard
 from distill.tasks.compress.pipeline import Outcome, compress
-from distill.tasks.compress.preflight import preflight_config
 from distill.tasks.platform import dead_runs, progress, store, tracking
 from distill.tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from distill.tasks.release.registry import (
@@ -88,12 +88,15 @@ def distill_flow(
     from_run: str | None = None,
     tags: dict[str, str] | None = None,
     challenger: bool = True,
+    context: RunContext | None = None,
 ) -> RunSummary:
     """`promote`: run the promotion gates right after registration. `from_run`: take the config
     from that MLflow run's record instead of `config_path` (tasks/release/reproduce.py).
     `tags`: extra tags on the parent run (a sweep's id; `mlflow.parentRunId`: the sweep's run).
     `challenger`: the registered version takes alias `challenger` (a sweep gives it to its best
-    variant only)."""
+    variant only). `context`: the run's (tasks/compress/context.py), from a caller in this process
+    that already prepared its data or flew its pre-flight (`distill run`, `distill sweep`); a
+    deployment's run makes its own."""
     progress.run_label = flow_run_label  # progress lines name this flow run (a sweep's variant)
     record = None
     if from_run:
@@ -108,10 +111,11 @@ def distill_flow(
         cfg = load_config(path, overrides)
     settings = store.load_settings()
     config_dir = str(path.resolve().parent) if path is not None else None
-    data = data_task(cfg.data, cfg.seed)
+    context = context or RunContext()
+    data = data_task(cfg.data, cfg.seed, context)
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
     # before any run exists: the teacher against the data, the planned student on two rows
-    preflight_config(cfg, data, config_dir)
+    context.preflight(cfg, data, config_dir)
     if record is not None:
         from distill.tasks.release.reproduce import check_record
 
@@ -157,7 +161,7 @@ def distill_flow(
         try:
             lineage = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
             with prefect_tags(f"config:{cfg.name}"):  # on every stage's task run
-                outcome = compress(cfg, data, PREFECT_STEPS, recorder, config_dir)
+                outcome = compress(cfg, data, PREFECT_STEPS, recorder, config_dir, context)
                 with StageGuard(recorder)("student_hf"):
                     unsaved = log_student_hf(run_id, outcome.pruned)
                     if unsaved:

@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from distill.flows.caching import STAGE_CACHE
-from distill.tasks.compress.data import Dataset, load_dataset
+from distill.tasks.compress.context import RunContext
+from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import OnnxModel
 from distill.tasks.compress.finetune import History, distill
 from distill.tasks.compress.hf import hf_model, save_student
@@ -33,11 +34,19 @@ from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import Reduction, reduce_model
 from distill.tasks.compress.smallest import smallest_within
-from distill.tasks.compress.target import Costs, Fitted, Guard, Plan, fit_to_target, plan_for_target
+from distill.tasks.compress.target import (
+    Costs,
+    Fitted,
+    Plan,
+    Search,
+    fit_to_target,
+    plan_for_target,
+)
 from distill.tasks.compress.teacher import load_teacher
 from distill.tasks.platform import retry, tracking
 from distill.tasks.platform.caching import content_hash
 from distill.tasks.platform.config import (
+    DataConfig,
     EvaluateConfig,
     FinetuneConfig,
     PruneConfig,
@@ -50,7 +59,11 @@ from distill.tasks.platform.config import (
 from distill.tasks.release.recorder import TrackingRecorder
 from distill.tasks.release.registry import Registered, TorchScriptModel, register_model
 
-data_task = task(name="data", task_run_name="data", cache_policy=NO_CACHE)(load_dataset)
+
+@task(name="data", task_run_name="data", cache_policy=NO_CACHE)
+def data_task(cfg: DataConfig, seed: int, context: RunContext) -> Dataset:
+    """The run's dataset: prepared here unless its context holds it (the CLI's input check)."""
+    return context.dataset(cfg, seed)
 
 
 @task(name="teacher", task_run_name="teacher", cache_policy=STAGE_CACHE, persist_result=True)
@@ -128,36 +141,8 @@ def plan_task(
 
 
 @task(name="fit-target", task_run_name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)
-def fit_task(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    costs: dict[str, Costs],
-    guard: Guard,
-    prune: PruneConfig,
-    finetune: FinetuneConfig,
-    quantize: QuantizeConfig,
-    seed: int,
-    device: str,
-    latency_repeats: int,
-    max_cut: float = 1.0,
-) -> Fitted:
-    return fit_to_target(
-        teacher,
-        student,
-        data,
-        plan,
-        costs,
-        guard,
-        prune,
-        finetune,
-        quantize,
-        seed,
-        device,
-        latency_repeats,
-        max_cut,
-    )
+def fit_task(search: Search, student: nn.Module, max_cut: float = 1.0) -> Fitted:
+    return fit_to_target(search, student, max_cut)
 
 
 @task(
@@ -166,34 +151,8 @@ def fit_task(
     cache_policy=STAGE_CACHE,
     persist_result=True,
 )
-def smallest_task(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    guard: Guard,
-    prune: PruneConfig,
-    finetune: FinetuneConfig,
-    quantize: QuantizeConfig,
-    seed: int,
-    device: str,
-    latency_repeats: int,
-    builds: int,
-) -> Fitted:
-    return smallest_within(
-        teacher,
-        student,
-        data,
-        plan,
-        guard,
-        prune,
-        finetune,
-        quantize,
-        seed,
-        device,
-        latency_repeats,
-        builds,
-    )
+def smallest_task(search: Search, student: nn.Module, builds: int) -> Fitted:
+    return smallest_within(search, student, builds)
 
 
 @task(

@@ -30,6 +30,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from distill.flows.distill import distill_flow
+from distill.tasks.compress.context import RunContext
 from distill.tasks.platform import store
 from distill.tasks.platform.config import DEFAULT_CONFIG, load_config, resolve_config
 from distill.tasks.platform.errors import UserError
@@ -140,12 +141,24 @@ def summarize_task(
 
 @task(name="variant", task_run_name="variant-{index}", cache_policy=NO_CACHE)
 def variant_task(
-    index: int, config_path: str, overrides: list[str], combo: list[str], tags: dict[str, str]
+    index: int,
+    config_path: str,
+    overrides: list[str],
+    combo: list[str],
+    tags: dict[str, str],
+    context: RunContext,
 ) -> dict[str, Any]:
-    """One pipeline variant, as a subflow; its parent run is tagged with the sweep id."""
+    """One pipeline variant, as a subflow; its parent run is tagged with the sweep id. `context`:
+    the sweep's (its variants' data and pre-flights, as the CLI checked them)."""
     variant_tags = tags | {"distill.sweep_variant": ", ".join(combo) or "(base config)"}
     try:  # no alias yet: the sweep gives `challenger` to its best variant only
-        summary = distill_flow(config_path, overrides + combo, tags=variant_tags, challenger=False)
+        summary = distill_flow(
+            config_path,
+            overrides + combo,
+            tags=variant_tags,
+            challenger=False,
+            context=context,
+        )
     except Exception as err:  # noqa: BLE001 -- a failed variant must not sink the sweep
         return {
             "index": index,
@@ -180,6 +193,7 @@ def sweep_flow(
     config_path: str | None = None,
     grid: dict[str, list[str]] | None = None,
     overrides: list[str] | None = None,
+    context: RunContext | None = None,
 ) -> SweepSummary:
     # workers may run elsewhere in the tree
     config = str(resolve_config(Path(config_path or DEFAULT_CONFIG)).resolve())
@@ -195,8 +209,16 @@ def sweep_flow(
     )
     variant_tags = tags | {"mlflow.parentRunId": sweep_run_id}  # nested under the sweep's run
 
+    # the sweep's data and pre-flights (tasks/compress/context.py): from `distill sweep`, which
+    # checked every variant in it; a deployment's run makes its own
+    context = context or RunContext()
     futures = variant_task.map(
-        range(len(combos)), unmapped(config), unmapped(overrides), combos, unmapped(variant_tags)
+        range(len(combos)),
+        unmapped(config),
+        unmapped(overrides),
+        combos,
+        unmapped(variant_tags),
+        unmapped(context),
     )
     results = [f.result() for f in futures]
 

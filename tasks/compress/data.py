@@ -1,14 +1,12 @@
 """Stage 0 — data: read a source and prepare its splits, in memory (tasks/compress/dataset.py)
 or, for a large parquet / npz, streamed from disk by batch (tasks/compress/stream.py).
 
-Both preparers build on dataset.py; this module only picks one and keeps the last result, so
-neither imports the other (no import cycle: .importlinter checks it).
+Both preparers build on dataset.py; this module only picks one, so neither imports the other (no
+import cycle: .importlinter checks it). It remembers nothing: a run that asks twice (the CLI's
+input check, then the flow) asks its `RunContext` (tasks/compress/context.py).
 """
 
 from __future__ import annotations
-
-import threading
-from pathlib import Path
 
 from distill.tasks.compress.dataset import Dataset, prepare, seeded_test_split
 from distill.tasks.compress.sources import read_source
@@ -18,17 +16,9 @@ from distill.tasks.platform.config import DataConfig
 
 __all__ = ["Dataset", "load_dataset", "prepare", "seeded_test_split", "stream_source"]
 
-_LAST: dict[tuple, Dataset] = {}  # the last dataset prepared, by what it was made from
-_LAST_LOCK = threading.Lock()
-
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """Read and prepare a source. The last result is kept while its config, seed and file are
-    unchanged: the CLI checks the data before the flow starts, and the flow reuses it."""
-    key = (cfg.model_dump_json(), seed, _file_stamp(cfg.source))
-    with _LAST_LOCK:
-        if key in _LAST:
-            return _LAST[key]
+    """Read and prepare a source (each call anew)."""
     if stream_source(cfg):  # a large parquet / npz: converted once, rows read by batch
         data = prepare_streamed(cfg, seed)
     else:
@@ -36,19 +26,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         if cfg.tokenizer is not None:  # its text column as token ids
             table = tokenized(table, cfg.tokenizer, cfg.max_length)
         data = prepare(table, cfg, seed)
-    with _LAST_LOCK:
-        _LAST.clear()
-        _LAST[key] = data
     return data
-
-
-def _file_stamp(source: str) -> tuple | None:
-    kind, _, ref = source.partition(":")
-    path = Path(ref)
-    if kind == "sklearn" or not path.is_file():
-        return None
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 def stream_source(cfg: DataConfig) -> bool:

@@ -19,10 +19,11 @@ stage (tasks/compress/replan.py: the rebuilds run the same `steps`, inside the f
 the reconstructed and finetuned records are the first build's).
 
 Before any stage the pre-flight builds the planned student on two rows (forward, KD step, ONNX
-export: tasks/compress/preflight.py), so a model the configured mode cannot handle fails in
-seconds. Each stage then runs inside one guard (tasks/compress/failures.py): whatever it raises
-becomes one line naming the stage, the module and the setting, the recorder gets the line and
-the full trace (`Recorder.failed`), and nothing after it runs.
+export: tasks/compress/preflight.py; once per run, which `RunContext` keeps it), so a model the
+configured mode cannot handle fails in seconds. Each stage then runs inside one guard
+(tasks/compress/failures.py): whatever it raises becomes one line naming the stage, the module
+and the setting, the recorder gets the line and the full trace (`Recorder.failed`), and nothing
+after it runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
     OnnxModel,
@@ -47,7 +49,7 @@ from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.failures import StageGuard
 from distill.tasks.compress.finetune import History, distill, predict_logits
 from distill.tasks.compress.finite import check_calibration, check_model, check_outputs
-from distill.tasks.compress.preflight import alternative, preflight, preflight_config
+from distill.tasks.compress.preflight import alternative, preflight
 from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
@@ -66,6 +68,7 @@ from distill.tasks.compress.target import (
     Fitted,
     Guard,
     Plan,
+    Search,
     fit_to_target,
     max_drop_of,
     plan_for_target,
@@ -215,15 +218,18 @@ def compress(
     steps: Steps = PLAIN_STEPS,
     recorder: Recorder | None = None,
     config_dir: str | None = None,
+    context: RunContext | None = None,
 ) -> Outcome:
     """Every stage of `cfg` on `data`. Each stage's model is measured and handed to `recorder`
     when it is made; a stage's record spans its work (`started`). `config_dir`: the config
-    file's folder, where a `module:Name` teacher's module may live."""
+    file's folder, where a `module:Name` teacher's module may live. `context`: the run's, where
+    its pre-flight may already be (tasks/compress/context.py; default: a new one)."""
     recorder = recorder or Recorder()
+    context = context or RunContext()
     seed, device, ev = cfg.seed, cfg.device, cfg.evaluate
     stages: dict[str, dict[str, float]] = {}
     # the planned student on two rows, before the teacher trains (None: an MLflow teacher)
-    checked = preflight_config(cfg, data, config_dir)
+    checked = context.preflight(cfg, data, config_dir)
     guard = StageGuard(recorder)
 
     teacher_pred = None
@@ -322,7 +328,6 @@ def compress(
         assert cfg.target is not None  # a plan is made from a target only
         with guard("fit-target", started):
             accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
-            planned = plan  # (a closure sees the name, not its narrowed type)
 
             def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
                 at = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
@@ -330,42 +335,29 @@ def compress(
                 built, _ = steps.reconstruct(teacher, reduced, calibration, cfg.reconstruct)
                 return steps.finetune(teacher, built, data, cfg.finetune, seed, device)[0]
 
+            search = Search(
+                teacher,
+                data,
+                plan,
+                costs,
+                accuracy,
+                cfg.compress.prune,
+                cfg.finetune,
+                cfg.compress.quantize,
+                seed,
+                device,
+                ev.latency_repeats,
+            )
+
             def fit_one(student: nn.Module, max_cut: float) -> Fitted:
                 with onnx_export_lock():
-                    return steps.fit(
-                        teacher,
-                        student,
-                        data,
-                        planned,
-                        costs,
-                        accuracy,
-                        cfg.compress.prune,
-                        cfg.finetune,
-                        cfg.compress.quantize,
-                        seed,
-                        device,
-                        ev.latency_repeats,
-                        max_cut,
-                    )
+                    return steps.fit(search, student, max_cut)
 
             # no limit, or a file size below the smallest reachable: the smallest file within
             # the drop (for an unreachable size, what comes closest without breaking the guard)
             if plan.kind == SMALLEST or (not plan.reachable and plan.unit == "bytes"):
                 with onnx_export_lock():
-                    fitted = steps.smallest(
-                        teacher,
-                        finetuned,
-                        data,
-                        plan,
-                        accuracy,
-                        cfg.compress.prune,
-                        cfg.finetune,
-                        cfg.compress.quantize,
-                        seed,
-                        device,
-                        ev.latency_repeats,
-                        cfg.target.max_builds,
-                    )
+                    fitted = steps.smallest(search, finetuned, cfg.target.max_builds)
             else:  # each build fitted under the export lock, rebuilt outside it
                 fitted = refit_to_target(
                     plan, costs, finetuned, rebuild, fit_one, cfg.target.max_rebuilds

@@ -116,20 +116,15 @@ def preflight(teacher: nn.Module, data: Dataset, cfg: PipelineConfig) -> Preflig
     )
 
 
-_PASSED: dict[str, Preflight] = {}  # config, data and folder -> the passed pre-flight
-
-
 def preflight_config(
     cfg: PipelineConfig, data: Dataset, config_dir: str | Path | None = None
 ) -> Preflight | None:
     """The teacher `cfg` names checked against the data (`check_teacher`: built with fresh
     weights for one that trains, loaded from a file), then pre-flown; None for a teacher from
     MLflow (`models:/`, `runs:/`), which only the teacher stage loads: check it
-    with `preflight` then. A pass is remembered for the process (the CLI checks before the flow
-    starts; the flow and `compress` ask again)."""
-    key = f"{cfg.digest()}:{data.digest}:{config_dir}"
-    if key in _PASSED:
-        return _PASSED[key]
+    with `preflight` then. Each call flies it again: a run that asks twice (the CLI checks before
+    the flow starts; the flow and `compress` ask again) asks its `RunContext`
+    (tasks/compress/context.py)."""
     teacher = check_teacher(cfg.teacher, data, Path(config_dir) if config_dir else None)
     if cfg.target is not None and not data.is_regression:
         coarse = resolution("accuracy", len(data.y_val), cfg.target.max_accuracy_drop)
@@ -138,9 +133,7 @@ def preflight_config(
     if teacher is None:
         return None
     with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
-        result = preflight(teacher, data, cfg)
-    _PASSED[key] = result
-    return result
+        return preflight(teacher, data, cfg)
 
 
 def alternative(teacher: nn.Module, data: Dataset, cfg: PipelineConfig, failed: str) -> str | None:

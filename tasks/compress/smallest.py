@@ -33,28 +33,22 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from torch import nn
 
-from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.prune import prunable_groups, recover
-from distill.tasks.compress.quantize import Quantized, quantize_model
-from distill.tasks.compress.reduce import calibration_rows
+from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.target import (
     SMALLEST,
     Candidate,
     Check,
     Fitted,
-    Guard,
-    Plan,
+    Search,
     cut_toward,
-    guarded_int8,
 )
-from distill.tasks.platform.config import FinetuneConfig, PruneConfig, QuantizeConfig
 
 FIRST_CUT = 0.5  # until a cut breaks the guard, each keeps this fraction of the parameters
 MIN_CUT = 0.05  # a cut that would remove less of the parameters is not worth a build
@@ -81,35 +75,16 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def smallest_within(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    guard: Guard,
-    prune: PruneConfig,
-    finetune: FinetuneConfig,
-    quantize: QuantizeConfig,
-    seed: int,
-    device: str = "cpu",
-    latency_repeats: int = 100,
-    builds: int = 6,
-    export: Callable[[nn.Module], Quantized] | None = None,
-) -> Fitted:
+def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitted:
     """The search of the module's docstring, from `student` (the distilled start), at most
-    `builds` pruned candidates. `export` defaults to the quantize stage's, in the plan's format.
-    For a size plan below the smallest reachable model it ships the closest file, met only where
-    that is within the plan's limit."""
-    quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
-    calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
-    export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
+    `builds` pruned candidates. The export is the quantize stage's, in the plan's format, unless
+    `search.export` replaces it. For a size plan below the smallest reachable model it ships the
+    closest file, met only where that is within the plan's limit."""
+    data, plan, guard = search.data, search.plan, search.guard
 
     def measure(model: nn.Module, check: Check) -> _Built:
-        quantized, int8 = guarded_int8(
-            export(model), guard, check, calibration, (data.X_test, quantize.batch)
-        )
+        quantized, int8, served_check = search.exported(model, check)
         served = quantized.served
-        served_check = int8 if quantized.int8_model is not None and int8 is not None else check
         decision = served_check.decision
         point = Candidate(
             check.step,
@@ -121,7 +96,7 @@ def smallest_within(
             decision.low if decision else math.nan,
             decision.high if decision else math.nan,
             check.drop,
-            latency_percentiles_ms(served.predictor(), data.X_test, 1, latency_repeats)[0],
+            latency_percentiles_ms(served.predictor(), data.X_test, 1, search.latency_repeats)[0],
             check.ok and served_check.ok,
         )
         return _Built(model, quantized, check, served_check, int8, point)
@@ -153,11 +128,19 @@ def smallest_within(
                 else f"the smallest reachable model ({params:,} params)"
             )
             break
-        candidate = cut_toward(model, data, groups, want, prune.criterion)
+        candidate = cut_toward(model, data, groups, want, search.prune.criterion)
         if _params(candidate) >= params:  # the widths cannot go lower by whole units
             stop = f"the smallest reachable model ({params:,} params)"
             break
-        candidate, round_history = recover(candidate, teacher, data, prune, finetune, seed, device)
+        candidate, round_history = recover(
+            candidate,
+            search.teacher,
+            data,
+            search.prune,
+            search.finetune,
+            search.seed,
+            search.device,
+        )
         built += 1
         check = guard.check(f"prune round {built}", torch_predictor(candidate), _params(candidate))
         checks.append(check)

@@ -27,6 +27,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import cast
 
 import numpy as np
@@ -588,42 +589,75 @@ def mixed_int8(
     return None
 
 
-def fit_to_target(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    costs: dict[str, Costs],
-    guard: Guard,
-    prune: PruneConfig,
-    finetune: FinetuneConfig,
-    quantize: QuantizeConfig,
-    seed: int,
-    device: str = "cpu",
-    latency_repeats: int = 100,
-    max_cut: float = 1.0,
-    export: Callable[[nn.Module], Quantized] | None = None,
-) -> Fitted:
+def served_check(quantized: Quantized, int8: Check | None, float_check: Check) -> Check:
+    """The guard's decision on what ships: int8's check where int8 ships, else the float one's."""
+    return int8 if quantized.int8_model is not None and int8 is not None else float_check
+
+
+@dataclass(frozen=True)
+class Search:
+    """What a guarded search holds fixed from its first export to its last (`fit_to_target`,
+    smallest.py's `smallest_within`): the teacher (KD recovery), the data, the plan and the costs
+    it was made from, the guard, the prune, fine-tune and quantize stages' settings, the seed and
+    device, and the batch-1 latency's repeats. `export` replaces the quantize stage's export (a
+    test's stand-in); a function's content has no cache key, so a stage task given one is not
+    cached (tasks/platform/caching.py)."""
+
+    teacher: nn.Module
+    data: Dataset
+    plan: Plan
+    costs: dict[str, Costs]
+    guard: Guard
+    prune: PruneConfig
+    finetune: FinetuneConfig
+    quantize: QuantizeConfig  # as configured: `exported` serves the plan's format
+    seed: int
+    device: str = "cpu"
+    latency_repeats: int = 100
+    export: Callable[[nn.Module], Quantized] | None = None
+
+    @property
+    def planned_quantize(self) -> QuantizeConfig:
+        """The quantize settings with int8 on exactly where the plan serves int8."""
+        return self.quantize.model_copy(update={"enabled": self.plan.fmt == "int8"})
+
+    @cached_property
+    def calibration(self) -> np.ndarray:
+        """The quantize stage's calibration rows (a per-layer fp32 fallback's scales)."""
+        return calibration_rows(self.data.X_train, 512, self.seed)
+
+    def exported(self, model: nn.Module, check: Check) -> tuple[Quantized, Check | None, Check]:
+        """`model` exported as it would ship, int8 guarded (`guarded_int8`; `check`: its float
+        model's guard decision): (what ships, int8's check or None, the served model's check)."""
+        quantize, data = self.planned_quantize, self.data
+        made = (
+            self.export(model)
+            if self.export is not None
+            else quantize_model(model, data.X_test, data.X_train, quantize, self.seed)
+        )
+        quantized, int8 = guarded_int8(
+            made, self.guard, check, self.calibration, (data.X_test, quantize.batch)
+        )
+        return quantized, int8, served_check(quantized, int8, check)
+
+
+def fit_to_target(search: Search, student: nn.Module, max_cut: float = 1.0) -> Fitted:
     """Export and measure; while the limit is missed and the guard holds, prune one round toward
     the limit (at most halving the parameters, at most `prune.rounds` rounds) with KD recovery,
     rolling back a round that breaks the guard. Where the student as given misses by more than a
     cut of `max_cut` of its parameters would close, no round runs (`stop` "cut": the closed loop
-    rebuilds from the reduce stage instead). `export` defaults to the quantize stage's, in the
-    plan's format."""
-    quantize = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
-    calibration = calibration_rows(data.X_train, 512, seed)  # the quantize stage's
-    export = export or (lambda m: quantize_model(m, data.X_test, data.X_train, quantize, seed))
+    rebuilds from the reduce stage instead). The export is the quantize stage's, in the plan's
+    format, unless `search.export` replaces it."""
+    data, plan, guard, prune = search.data, search.plan, search.guard, search.prune
     model = copy.deepcopy(student).eval()
     params = sum(p.numel() for p in model.parameters())
     kept = guard.check("reduction", torch_predictor(model), params)
     checks, history, rolled_back, rounds = [kept], History(), [], 0
     built: tuple[int, str, float] | None = None
     while True:
-        quantized, int8 = guarded_int8(
-            export(model), guard, kept, calibration, (data.X_test, quantize.batch)
-        )
+        quantized, int8, served = search.exported(model, kept)
         served_fmt = "int8" if quantized.int8_model is not None else "fp32"
-        got = achieved(plan, quantized.served, data.X_test, latency_repeats)
+        got = achieved(plan, quantized.served, data.X_test, search.latency_repeats)
         built = built or (params, served_fmt, got)
         within = got <= plan.limit
         if within or not kept.ok:
@@ -634,7 +668,8 @@ def fit_to_target(
             stop = "rounds"
             bound = f"{plan.kind}: {prune.rounds} pruning rounds (compress.prune.rounds) fell short"
             break
-        to_meet = params_to_meet(plan, costs.get(served_fmt, costs[plan.fmt]), params, got)
+        costs = search.costs.get(served_fmt, search.costs[plan.fmt])
+        to_meet = params_to_meet(plan, costs, params, got)
         if rounds == 0 and to_meet < params * (1 - max_cut):
             stop = "cut"
             bound = (
@@ -649,7 +684,9 @@ def fit_to_target(
             bound = f"{plan.kind}: the model is the smallest reachable ({params:,} params)"
             break
         candidate = cut_toward(model, data, groups, want, prune.criterion)
-        candidate, round_history = recover(candidate, teacher, data, prune, finetune, seed, device)
+        candidate, round_history = recover(
+            candidate, search.teacher, data, prune, search.finetune, search.seed, search.device
+        )
         rounds += 1
         check = guard.check(
             f"prune round {rounds}",
@@ -674,7 +711,6 @@ def fit_to_target(
             bound = (bound + "; " if bound else "") + (
                 f"int8's {guard.why(int8)}: served the fp32 export"
             )
-    served = int8 if quantized.int8_model is not None and int8 is not None else kept
     fitted = Fitted(
         model,
         quantized,

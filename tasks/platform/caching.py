@@ -7,7 +7,8 @@ run on what its inputs hold instead, hashed here: tensor and array bytes, a modu
 architecture and `state_dict`, a config's JSON, a dataclass field by field except those marked
 `metadata={"content": False}` (a `Dataset` by its split arrays, which already encode the raw
 table, the split seed and the data config, not by the path they were read from; a large table's
-splits on disk by the digest its conversion computed once, streamed: tasks/compress/stream.py),
+splits on disk by the digest its conversion computed once, streamed: tasks/compress/stream.py;
+a function among the inputs, such as a search's export stand-in, has no key: not cached),
 plus the source of the task's module and of every `tasks` module it
 uses (a change in `fit` invalidates the teacher), Prefect's `TASK_SOURCE`, and the torch/numpy
 versions its pickled result depends on.
@@ -104,6 +105,8 @@ def _feed(h: Any, obj: Any) -> None:
     elif isinstance(obj, pd.DataFrame):  # a Dataset's raw columns: names, types, cell hashes
         _tag(h, "frame", obj.shape, list(obj.columns), [str(t) for t in obj.dtypes])
         h.update(pd.util.hash_pandas_object(obj, index=False).to_numpy().tobytes())
+    elif callable(obj):  # a function's content is its code and what it closes over: not pinned
+        raise Uncacheable(f"a function: {getattr(obj, '__qualname__', type(obj).__qualname__)}")
     else:
         raise TypeError(f"no content hash for {type(obj).__module__}.{type(obj).__qualname__}")
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distill.tasks.compress.architectures import build_teacher
+from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.data import load_dataset
 from distill.tasks.compress.preflight import PreflightFailed, preflight, preflight_config
 from distill.tasks.platform.config import build_config
@@ -145,10 +146,13 @@ def test_layers_without_a_refit_rule_are_kept_whole_and_the_run_goes_on(digits):
     assert all("grouped convolution (groups=2)" in why for why in result.kept_whole.values())
 
 
-def test_a_pass_is_remembered(digits):
+def test_a_pass_is_remembered_by_the_run_not_the_process(digits):
     cfg = build_config({}, TINY)
-    first = preflight_config(cfg, digits)
-    assert preflight_config(cfg, digits) is first  # the same result: not run again
+    run = RunContext()
+    first = run.preflight(cfg, digits)
+    assert run.preflight(cfg, digits) is first  # the same result: not run again in this run
+    assert RunContext().preflight(cfg, digits) is not first  # another run flies its own
+    assert preflight_config(cfg, digits) is not preflight_config(cfg, digits)  # no module memo
 
 
 def test_validation_rows_too_few_for_the_allowance_are_named_before_any_stage(capfd):

@@ -21,7 +21,7 @@ from distill.tasks.compress.architectures import build_mlp
 from distill.tasks.compress.guard import Decision
 from distill.tasks.compress.plots import frontier_figure
 from distill.tasks.compress.smallest import MIN_CUT, frontier_table, smallest_within
-from distill.tasks.compress.target import Candidate, Guard, plan_target, smallest_params
+from distill.tasks.compress.target import Candidate, Guard, Search, plan_target, smallest_params
 from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config, load_config
 from distill.tasks.platform.errors import UserError
 from tests.api.rows import FAST, _digits, _trained_mlp
@@ -123,19 +123,19 @@ def _search(digits, floor_of, builds, within_of=lambda n: 0):
     guard = KeepsAbove(
         0.0, 1.0, digits.X_val, digits.y_val, floor=floor_of(n), within_floor=within_of(n)
     )
-    fitted = smallest_within(
-        student,
+    search = Search(
         student,
         digits,
         plan,
+        {"fp32": COSTS["fp32"]},
         guard,
         cfg.compress.prune.model_copy(update={"recovery_epochs": 1}),
         cfg.finetune,
         cfg.compress.quantize,
         seed=0,
         latency_repeats=3,
-        builds=builds,
     )
+    fitted = smallest_within(search, student, builds=builds)
     return fitted, n, floor_of(n)
 
 

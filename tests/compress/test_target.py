@@ -25,6 +25,7 @@ from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.target import (
     Costs,
     Guard,
+    Search,
     fit_to_target,
     keep_fraction_for,
     plan_target,
@@ -211,8 +212,7 @@ def test_a_pruning_round_that_breaks_the_guard_is_rolled_back(digits):
     # accuracy never breaks it here; the first round (to about n/2) keeps it, the second (n/4) does not
     guard = RefusesBelow(0.0, 1.0, digits.X_val, digits.y_val, floor=n // 3)
 
-    fitted = fit_to_target(
-        student,
+    search = Search(
         student,
         digits,
         plan,
@@ -224,6 +224,7 @@ def test_a_pruning_round_that_breaks_the_guard_is_rolled_back(digits):
         seed=0,
         export=_params_export,
     )
+    fitted = fit_to_target(search, student)
     steps = [(c.step, c.ok) for c in fitted.checks]
     assert steps == [("reduction", True), ("prune round 1", True), ("prune round 2", False)]
     kept = fitted.checks[1].params

@@ -12,21 +12,30 @@ from prefect.serializers import PickleSerializer
 from distill.flows.caching import stage_cache_key
 from distill.flows.stages import (
     finetune_task,
+    fit_task,
     quantize_task,
     reconstruct_task,
     reduce_task,
+    smallest_task,
     teacher_task,
 )
 from distill.tasks.compress.architectures import build_mlp
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.reduce import reduce_model
+from distill.tasks.compress.target import Costs, Guard, Search, plan_target
 from distill.tasks.platform.caching import (
     Uncacheable,
     code_modules,
     content_hash,
     teacher_source_fingerprint,
 )
-from distill.tasks.platform.config import BudgetConfig, ReduceConfig, TeacherConfig
+from distill.tasks.platform.config import (
+    BudgetConfig,
+    PipelineConfig,
+    ReduceConfig,
+    TargetConfig,
+    TeacherConfig,
+)
 
 
 def _key(task, **inputs):
@@ -126,3 +135,45 @@ def test_a_size_one_slice_with_any_stride_hashes_like_its_values():
     sliced = torch.randn(47, 5)[:, :1].reshape(-1)[:1]
     assert sliced.stride() != (1,)
     assert content_hash(sliced) == content_hash(torch.tensor([sliced.item()]))
+
+
+def test_a_target_search_is_keyed_by_what_it_holds(digits):
+    """fit-target and smallest-target take one `Search`: keyed by its content (teacher weights,
+    data, plan, costs, guard, stage settings), not by the object; an export stand-in (a function)
+    has no key, and the task is not cached."""
+    torch.manual_seed(0)
+    teacher = build_mlp(64, [16], 10).eval()
+    n = sum(p.numel() for p in teacher.parameters())
+    costs = {"fp32": Costs((100, 10_100), (1_400, 41_400), (0.0052, 0.0252), "onnxruntime fp32")}
+    plan = plan_target(TargetConfig(params=n // 2), costs, n, 100, 4 * n)
+    guard = Guard(0.9, 0.01, digits.X_val, digits.y_val)
+    cfg = PipelineConfig()
+    search = Search(
+        teacher,
+        digits,
+        plan,
+        costs,
+        guard,
+        cfg.compress.prune,
+        cfg.finetune,
+        cfg.compress.quantize,
+        0,
+    )
+    key = _key(fit_task, search=search, student=teacher, max_cut=1.0)
+    assert key is not None
+    search.calibration  # noqa: B018 -- a cached property is no part of the key
+    twin = dataclasses.replace(
+        search, teacher=copy.deepcopy(teacher), data=dataclasses.replace(digits)
+    )
+    assert _key(fit_task, search=twin, student=teacher, max_cut=1.0) == key
+    assert _key(fit_task, search=search, student=teacher, max_cut=0.15) != key
+    assert _key(smallest_task, search=search, student=teacher, builds=6) != key
+    for changed in (
+        {"prune": cfg.compress.prune.model_copy(update={"rounds": 7})},
+        {"guard": dataclasses.replace(guard, max_drop=0.02)},
+        {"seed": 1},
+    ):
+        other = dataclasses.replace(search, **changed)
+        assert _key(fit_task, search=other, student=teacher, max_cut=1.0) != key, changed
+    exported = dataclasses.replace(search, export=lambda m: None)
+    assert _key(fit_task, search=exported, student=teacher, max_cut=1.0) is None
