@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class Factored(nn.Sequential):
 
     @property
     def weight(self) -> torch.Tensor:
-        first, second = self[0].weight, self[1].weight
+        first, second = _tensor(self[0], "weight"), _tensor(self[1], "weight")
         if first.dim() == 2:
             return second @ first
         # conv: second is 1x1 — (out, k) contracted with (k, in, *kernel)
@@ -44,7 +45,16 @@ class Factored(nn.Sequential):
     @property
     def bias(self) -> torch.Tensor:
         second = self[1]
-        return second.weight.flatten(1) @ self[0].bias + second.bias
+        return _tensor(second, "weight").flatten(1) @ _tensor(self[0], "bias") + _tensor(
+            second, "bias"
+        )
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """A parameter both factors have (each is made with a bias)."""
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor), f"{type(module).__name__}.{name}"
+    return value
 
 
 def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
@@ -76,21 +86,20 @@ def _factor_conv(layer: nn.Conv1d | nn.Conv2d, basis: Basis, k: int) -> nn.Seque
         else torch.zeros(W.shape[0], dtype=torch.float64)
     )
     conv = type(layer)
-    first = conv(
-        layer.in_channels,
-        k,
-        layer.kernel_size,
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        padding_mode=layer.padding_mode,
-    )
+    geometry: dict[str, Any] = {  # the layer's own, whatever its number of spatial dims
+        "kernel_size": layer.kernel_size,
+        "stride": layer.stride,
+        "padding": layer.padding,
+        "dilation": layer.dilation,
+        "padding_mode": layer.padding_mode,
+    }
+    first = conv(layer.in_channels, k, **geometry)
     second = conv(k, layer.out_channels, 1)
     with torch.no_grad():
         first.weight.copy_(torch.tensordot(U.T, W, dims=1))
-        first.bias.copy_(U.T @ (b - mu))
+        _tensor(first, "bias").copy_(U.T @ (b - mu))
         second.weight.copy_(U.reshape(*U.shape, *([1] * (W.dim() - 2))))
-        second.bias.copy_(mu)
+        _tensor(second, "bias").copy_(mu)
     return Factored(first, second)
 
 
@@ -194,8 +203,9 @@ def reinitialized(model: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     fresh = copy.deepcopy(model)
     for m in fresh.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
     return fresh
 
 

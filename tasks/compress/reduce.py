@@ -29,6 +29,7 @@ from torch import nn
 from distill.tasks.compress import transformer
 from distill.tasks.compress.graph import Group, ParamModel, param_model, trace
 from distill.tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
+from distill.tasks.compress.transformer import weight_of
 from distill.tasks.compress.width import group_bases
 from distill.tasks.platform.config import BudgetConfig, ReduceConfig
 from distill.tasks.platform.errors import UserError
@@ -124,25 +125,27 @@ def svd_bases(model: nn.Module) -> dict[str, Basis]:
     for name, layer in linear_layers(model).items():
         if name in fixed:
             continue
-        W = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
+        weight = weight_of(layer)
+        W = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
         U, S, _ = torch.linalg.svd(W, full_matrices=True)
         s2 = torch.zeros(W.shape[0], dtype=torch.float64)
         s2[: len(S)] = S**2
+        b = layer.bias
         bias = (
-            layer.bias.detach().to(torch.float64)
-            if layer.bias is not None
-            else torch.zeros(W.shape[0])
+            b.detach().to(torch.float64)
+            if isinstance(b, torch.Tensor)
+            else torch.zeros(W.shape[0], dtype=torch.float64)
         )
         bases[name] = Basis(mean=bias.numpy(), components=U.numpy(), explained_variance=s2.numpy())
     return bases
 
 
 def _fan_in(layer: nn.Module) -> int:
-    return int(layer.weight[0].numel())
+    return int(weight_of(layer)[0].numel())
 
 
 def _out_width(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return int(weight_of(layer).shape[0])  # Linear: out_features; Conv: out_channels
 
 
 def _smallest_k(basis: Basis, variance: float) -> int:
@@ -166,14 +169,15 @@ def _max_saving_rank(dense: LayerPlan) -> int:
     return k
 
 
-def target_params(budget: BudgetConfig, teacher_params: int) -> int | None:
+def target_params(budget: BudgetConfig, teacher_params: int) -> int:
+    """The parameter count a size budget allows (a variance budget is per layer: no count)."""
     if budget.kind == "size_kb":
         return int(budget.value * 1024 // BYTES_PER_PARAM)
     if budget.kind == "params":
         return int(budget.value)
     if budget.kind == "ratio":
         return int(teacher_params / budget.value)
-    return None  # variance: a per-layer target, not a size
+    raise ValueError(f"a {budget.kind} budget sets no parameter count")
 
 
 Step = tuple[Any, float, int]  # (the next size, variance it adds, parameters it costs)

@@ -19,6 +19,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,14 +93,14 @@ class Rows:
     def nbytes(self) -> int:
         return len(self.index) * self._row_bytes
 
-    def __getitem__(self, key: object) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:  # what an ndarray's rows take
         if isinstance(key, (int, np.integer)):
             return self._read(self.index[[int(key)]])[0]
         if isinstance(key, tuple):
             raise TypeError("Rows take a slice or an index array, not a tuple")
         return self._read(self.index[key])
 
-    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: object = None) -> np.ndarray:
         rows = self[:]
         return rows if dtype is None else rows.astype(dtype)
 
@@ -110,9 +111,9 @@ class Rows:
         if not len(pos):
             return out
         if pos[-1] - pos[0] + 1 == len(pos) and (np.diff(pos) == 1).all():
-            _pread_into(fd, memoryview(out).cast("B"), self._offset + int(pos[0]) * size)
+            _pread_into(fd, out.data.cast("B"), self._offset + int(pos[0]) * size)
         else:
-            view = memoryview(out).cast("B")
+            view = out.data.cast("B")
             for i, p in enumerate(pos.tolist()):
                 _pread_into(fd, view[i * size : (i + 1) * size], self._offset + p * size)
         self._read_bytes += out.nbytes
@@ -176,7 +177,7 @@ def predict_batched(
         if out is None:  # filled in place: no list of small arrays pinning the heap
             out = np.empty((len(X), *got.shape[1:]), dtype=got.dtype)
         out[start : start + len(got)] = got
-    return out
+    return out if out is not None else predict(X[:0])  # no rows: as an in-memory split's call
 
 
 class RowsDataset(Dataset):
