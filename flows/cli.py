@@ -117,7 +117,6 @@ def run(
 ) -> None:
     """Run the pipeline: teacher -> reduce -> reconstruct -> fine-tune -> prune -> quantize -> register."""  # noqa: E501
     quiet()
-    from distill.tasks.platform.config import load_config
 
     overrides = list(set_ or [])
     if from_run and config != Path("configs/digits.yaml"):
@@ -127,7 +126,7 @@ def run(
     context = RunContext()  # the data and the pre-flight, checked here, are the flow's
     with user_errors(debug):
         if not from_run:  # fail fast, before Prefect or MLflow start
-            check_inputs(load_config(config, overrides), config, context)
+            check_inputs(context.config(config, overrides), config, context)
     with flow_command(
         "run",
         note=f"{config if not from_run else 'run ' + from_run}: inputs checked; starting Prefect",
@@ -181,11 +180,10 @@ def check_inputs(cfg: Any, config: Path, context: RunContext) -> None:
 def _check_variant(
     config: Path, overrides: list[str], combo: list[str], context: RunContext
 ) -> None:
-    from distill.tasks.platform.config import load_config
     from distill.tasks.platform.errors import UserError
 
     try:
-        check_inputs(load_config(config, overrides + combo), config, context)
+        check_inputs(context.config(config, overrides + combo), config, context)
     except UserError as err:
         raise UserError(f"sweep variant {', '.join(combo) or '(base config)'}: {err}") from None
 
@@ -242,7 +240,7 @@ def sweep(
         grid_values = parse_grid(grid)
         context = RunContext()  # every variant's data and pre-flight, for the variants' flows
         # fail fast, before Prefect or MLflow start: configs, then data and teacher of each variant
-        for combo in check_variants(str(config), overrides, grid_values):
+        for combo in check_variants(str(config), overrides, grid_values, context):
             _check_variant(config, overrides, combo, context)
         runner = task_runner(dask, dask_address, workers)
 

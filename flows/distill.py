@@ -64,8 +64,12 @@ def flow_run_name() -> str:
     try:
         if params.get("from_run"):
             return f"reproduce {str(params['from_run'])[:8]}"
-        cfg = load_config(
-            Path(params.get("config_path") or DEFAULT_CONFIG), params.get("overrides")
+        path = Path(params.get("config_path") or DEFAULT_CONFIG)
+        context = params.get("context")  # the command's: the config it parsed, not a re-read
+        cfg = (
+            context.config(path, params.get("overrides"))
+            if isinstance(context, RunContext)
+            else load_config(path, params.get("overrides"))
         )
     except Exception:  # noqa: BLE001 -- the flow itself reports a bad config, with its key
         return Path(params.get("config_path") or DEFAULT_CONFIG).stem
@@ -108,10 +112,11 @@ def distill_flow(
         path, cfg = None, build_config(record.config, overrides)
     else:
         path = Path(config_path or DEFAULT_CONFIG)
-        cfg = load_config(path, overrides)
+    context = context or RunContext()
+    if path is not None:
+        cfg = context.config(path, overrides)
     settings = store.load_settings()
     config_dir = str(path.resolve().parent) if path is not None else None
-    context = context or RunContext()
     data = data_task(cfg.data, cfg.seed, context)
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
     # before any run exists: the teacher against the data, the planned student on two rows

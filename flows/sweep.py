@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from distill.flows.distill import distill_flow
 from distill.tasks.compress.context import RunContext
 from distill.tasks.platform import store
-from distill.tasks.platform.config import DEFAULT_CONFIG, load_config, resolve_config
+from distill.tasks.platform.config import DEFAULT_CONFIG, resolve_config
 from distill.tasks.platform.errors import UserError
 from distill.tasks.release.pareto import (
     best_variant,
@@ -118,13 +118,18 @@ def variants(grid: dict[str, list[str]]) -> list[list[str]]:
 
 
 def check_variants(
-    config_path: str, overrides: list[str], grid: dict[str, list[str]]
+    config_path: str,
+    overrides: list[str],
+    grid: dict[str, list[str]],
+    context: RunContext | None = None,
 ) -> list[list[str]]:
-    """Every variant's config must load before anything runs; the error names the variant."""
+    """Every variant's config must load before anything runs; the error names the variant.
+    `context`: the sweep's, which keeps each config parsed for its variant's flow."""
     combos = variants(grid)
+    context = context or RunContext()
     for combo in combos:
         try:
-            load_config(config_path, overrides + combo)
+            context.config(config_path, overrides + combo)
         except UserError as err:
             raise UserError(f"sweep variant {', '.join(combo)}: {err}") from None
     return combos
@@ -199,7 +204,10 @@ def sweep_flow(
     config = str(resolve_config(Path(config_path or DEFAULT_CONFIG)).resolve())
     overrides = list(overrides or [])
     grid = dict(grid or {})
-    combos = check_variants(config, overrides, grid)
+    # the sweep's configs, data and pre-flights (tasks/compress/context.py): from `distill sweep`,
+    # which checked every variant in it; a deployment's run makes its own
+    context = context or RunContext()
+    combos = check_variants(config, overrides, grid, context)
     sweep_id = str(flow_run.id)
     tags = {"distill.sweep_id": sweep_id, "prefect.sweep_flow_run_id": sweep_id}
     # create the store and experiment here, once, not racing from every worker
@@ -209,9 +217,6 @@ def sweep_flow(
     )
     variant_tags = tags | {"mlflow.parentRunId": sweep_run_id}  # nested under the sweep's run
 
-    # the sweep's data and pre-flights (tasks/compress/context.py): from `distill sweep`, which
-    # checked every variant in it; a deployment's run makes its own
-    context = context or RunContext()
     futures = variant_task.map(
         range(len(combos)),
         unmapped(config),
@@ -223,7 +228,7 @@ def sweep_flow(
     results = [f.result() for f in futures]
 
     frame = summary_frame(results)
-    gate = load_config(config, overrides).promote.max_accuracy_drop
+    gate = context.config(config, overrides).promote.max_accuracy_drop
     best_line = choose_challenger(results, best_variant(frame, gate))
     frame = summarize_task(results, sweep_run_id, sweep_id, best_line)
     summary_run_id = sweep_run_id

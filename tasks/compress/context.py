@@ -1,12 +1,13 @@
-"""What one run prepares once and its parts share: the dataset and the pre-flight.
+"""What one run prepares once and its parts share: the config, the dataset and the pre-flight.
 
-`distill run` checks its inputs in the CLI's process before Prefect starts (the data read and
-prepared, the pre-flight flown: flows/cli.py), then the flow asks for the same dataset and the
-same pre-flight, and `compress` asks for the pre-flight again; `distill sweep` checks every
-variant first, then runs each in a thread of its flow. One `RunContext`, created by the command
-(or the flow, when a deployment starts it), is handed down to each of them, and each asks it: the
-first asks prepare, the others get what was prepared. Nothing outlives the context: a second
-run, or a second `distill.compress(...)` in the same process, prepares its own.
+`distill run` checks its inputs in the CLI's process before Prefect starts (the config parsed,
+the data read and prepared, the pre-flight flown: flows/cli.py), then the flow run's name and
+the flow ask for the same config, dataset and pre-flight, and `compress` asks for the pre-flight
+again; `distill sweep` checks every variant first, then runs each in a thread of its flow. One
+`RunContext`, created by the command (or the flow, when a deployment starts it), is handed down
+to each of them, and each asks it: the first asks prepare, the others get what was prepared.
+Nothing outlives the context: a second run, or a second `distill.compress(...)` in the same
+process, prepares its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from pathlib import Path
 
 from distill.tasks.compress.data import Dataset, load_dataset
 from distill.tasks.compress.preflight import Preflight, preflight_config
-from distill.tasks.platform.config import DataConfig, PipelineConfig
+from distill.tasks.platform.config import (
+    DEFAULT_CONFIG,
+    DataConfig,
+    PipelineConfig,
+    load_config,
+    resolve_config,
+)
 
 
 class RunContext:
@@ -29,15 +36,28 @@ class RunContext:
     fields would be walked (a dataset's arrays copied) on the way; a class without `__dict__`
     is stored as a placeholder. Pickled (to a Dask worker) it arrives empty."""
 
-    __slots__ = ("_datasets", "_lock", "_preflights")
+    __slots__ = ("_configs", "_datasets", "_lock", "_preflights")
 
     def __init__(self) -> None:
+        self._configs: dict[tuple[object, ...], PipelineConfig] = {}
         self._datasets: dict[tuple[object, ...], Dataset] = {}
         self._preflights: dict[str, Preflight | None] = {}
         self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[type[RunContext], tuple[()]]:
         return RunContext, ()
+
+    def config(self, path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+        """`load_config(path, overrides)`, parsed once in this run while the file is unchanged
+        (the CLI's input check, the flow run's name and the flow read the same object)."""
+        file = resolve_config(Path(path or DEFAULT_CONFIG)).resolve()
+        key = (str(file), tuple(overrides or ()), _file_stamp(f"file:{file}"))
+        with self._lock:
+            if key in self._configs:
+                return self._configs[key]
+        cfg = load_config(path, overrides)
+        with self._lock:
+            return self._configs.setdefault(key, cfg)
 
     def dataset(self, cfg: DataConfig, seed: int) -> Dataset:
         """`load_dataset(cfg, seed)`, prepared once in this run while the file is unchanged."""

@@ -69,12 +69,31 @@ def test_a_context_pickles_empty(digits):
 def test_distill_run_prepares_the_data_and_flies_the_pre_flight_once(
     prefect_server, mlflow_store, monkeypatch
 ):
-    """The CLI checks the inputs, then the flow and `compress` ask again: one of each per run."""
-    prepared, flown = [], []
-    load, fly = context_module.load_dataset, context_module.preflight_config
+    """The CLI checks the inputs, then the flow run's name, the flow and `compress` ask again:
+    one config parse, one dataset and one pre-flight per run."""
+    parsed, prepared, flown = [], [], []
+    read, load, fly = (
+        context_module.load_config,
+        context_module.load_dataset,
+        context_module.preflight_config,
+    )
+    monkeypatch.setattr(context_module, "load_config", lambda *a: parsed.append(a) or read(*a))
     monkeypatch.setattr(context_module, "load_dataset", lambda *a: prepared.append(a) or load(*a))
     monkeypatch.setattr(context_module, "preflight_config", lambda *a: flown.append(a) or fly(*a))
     sets = [a for s in [*TINY, "register.enabled=false"] for a in ("--set", s)]
     result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "digits.yaml"), *sets])
     assert result.exit_code == 0, result.output
-    assert len(prepared) == 1 and len(flown) == 1, (prepared, flown)
+    assert len(parsed) == 1 and len(prepared) == 1 and len(flown) == 1, (parsed, prepared, flown)
+
+
+def test_a_run_parses_its_config_once_while_the_file_is_unchanged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\n")
+    run = RunContext()
+    first = run.config(path, ["finetune.epochs=2"])
+    assert first.seed == 3 and first.finetune.epochs == 2
+    assert run.config(str(path), ["finetune.epochs=2"]) is first  # str or Path: one file
+    assert run.config(path, ["finetune.epochs=3"]).finetune.epochs == 3  # other overrides
+    path.write_text("seed: 4\n# a longer file: another size\n")
+    assert run.config(path, ["finetune.epochs=2"]).seed == 4  # changed under the run: re-read
+    assert RunContext().config(path, ["finetune.epochs=2"]) is not first
