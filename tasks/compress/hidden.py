@@ -2,12 +2,13 @@
 
 SliceGPT (Ashkboos et al., 2024), with one rotation for the whole stream so that the model
 keeps its own classes. In a pre-LN model every reader of the residual stream `x` reads it through
-a LayerNorm, `LN(x) = γ ⊙ Cx / sqrt(|Cx|²/D + ε) + β` (`C`: subtract the mean over features), so:
+a LayerNorm with gain g and bias β, `LN(x) = g ⊙ Cx / sqrt(|Cx|²/D + ε) + β` (`C`: subtract the
+mean over the features), so:
 
 1. the mean of `x` over its D features is never read: every writer of the stream (embedding
    tables, position / class-token parameters, the patch projection, each block's attention output
    and feed-forward down projection) can write `Cx` instead and nothing changes;
-2. `γ` and `β` fold into the projections reading the norm (`W diag(γ)`, bias `b + Wβ`);
+2. `g` and `β` fold into the projections reading the norm (`W diag(g)`, bias `b + Wβ`);
 3. then the norm reads `Cx / |Cx|`, which commutes with any rotation of the stream: with `V` the
    principal directions of the centred, normalized stream (what the norms read) on calibration
    rows, the stream becomes `Vᵀx`, and keeping the top directions narrows every writer's output
@@ -25,7 +26,7 @@ the sum of the discarded eigenvalues (tested), and the norms divide by the kept 
 
 Post-LN models (BERT: the norm after the residual add, which the stream's next block reads
 directly) do not commute with the rotation: refused in one line (heads, FFN and depth handle them).
-A tied output embedding (GPT-2's `lm_head` = `wte`) is untied: the head reads `W diag(γ) M`, the
+A tied output embedding (GPT-2's `lm_head` = `wte`) is untied: the head reads `W diag(g) M`, the
 table `E M`. What a Hugging Face config can express: `hidden_size` with `head_dim` and the
 feed-forward width kept (ViT: yes); GPT-2 derives its attention width from `n_embd`, so its
 narrowed student cannot be rebuilt from its config (`config_mismatch` names it: the student is not
@@ -124,8 +125,9 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     if not found.blocks:
         return "hidden size: no transformer blocks found"
     if len(stacks) != 1 or None in stacks:
-        return "hidden size: the model has more than one stack of transformer blocks"
-    (stack, blocks), = stacks.items()
+        return "hidden size: the transformer blocks are not one list of layers"
+    ((stack, blocks),) = stacks.items()
+    assert stack is not None  # checked above
     for b in blocks:
         if b.ffn is not None and b.ffn.norm is not None:
             return _post_ln_line(model.get_submodule(b.path))
@@ -200,7 +202,13 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     )
     heads = (att0.heads, att0.head_dim)
     return Stream(
-        width, tuple(embeddings), tuple(params), tuple(writers), tuple(norms), tied, heads,
+        width,
+        tuple(embeddings),
+        tuple(params),
+        tuple(writers),
+        tuple(norms),
+        tied,
+        heads,
         blocks[0].ffn.width if blocks[0].ffn else 0,
     )
 
@@ -260,7 +268,7 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.to(like.dtype).contiguous())
 
 
-def _write_rows(m: nn.Module, M: torch.Tensor) -> None:
+def _write_rows(m: Any, M: torch.Tensor) -> None:
     """A module writing the stream (its output axis) now writes `Mᵀ(output)`."""
     k = M.shape[1]
     if isinstance(m, nn.Embedding):
@@ -283,7 +291,7 @@ def _write_rows(m: nn.Module, M: torch.Tensor) -> None:
 
 
 def _read_norm(model: nn.Module, norm: Norm, M: torch.Tensor, width: int) -> None:
-    """Fold the norm's γ, β into its readers, rotate their inputs, make it a width-k norm."""
+    """Fold the norm's g, β into its readers, rotate their inputs, make it a width-k norm."""
     ln = model.get_submodule(norm.path)
     assert isinstance(ln, nn.LayerNorm)
     D, k = width, M.shape[1]
@@ -291,7 +299,7 @@ def _read_norm(model: nn.Module, norm: Norm, M: torch.Tensor, width: int) -> Non
     beta = ln.bias.double() if ln.bias is not None else torch.zeros(D, dtype=torch.float64)
     spare = False  # a reader without a bias takes Wβ through the all-ones direction
     for r in norm.readers:
-        m = model.get_submodule(r)
+        m: Any = model.get_submodule(r)
         W, conv1d = tr.weight_of(m).double(), tr._is_conv1d(m)
         Wb = W @ beta
         Wn = (W * g) @ M
@@ -316,9 +324,9 @@ def slice_hidden(model: nn.Module, stream: Stream, basis: HiddenBasis, k: int) -
     """Rotate the residual stream of `model` (in place) to the basis and keep `k` features;
     returns the config keys set (Hugging Face models)."""
     M64 = torch.from_numpy(rotation(basis, k))
-    for r, _e in stream.tied:  # the head will read W diag(γ) M, the table E M
-        m = model.get_submodule(r)
-        m.weight = nn.Parameter(m.weight.detach().clone())
+    for r, _e in stream.tied:  # the head will read W diag(g) M, the table E M
+        head: Any = model.get_submodule(r)
+        head.weight = nn.Parameter(head.weight.detach().clone())
     for n in stream.norms:
         _read_norm(model, n, M64, stream.width)
     for name in (*stream.embeddings, *stream.writers):
@@ -426,18 +434,18 @@ def refit_hidden(
         if i < len(stream.writers):
             steps.append(((stream.writers[i],), True))
     for names, rotate in steps:
-        eqs = {n: _NormalEquations(student.get_submodule(n).bias is not None) for n in names}
+        eqs = {p: _NormalEquations(student.get_submodule(p).bias is not None) for p in names}
         for xb in batches(X, batch_size):
             a = tr.taps(student, xb, inputs=names)
             z = tr.taps(teacher, xb, outputs=names)
-            for n, eq in eqs.items():
-                A, Z = a[("in", n)], z[("out", n)]
+            for p, eq in eqs.items():
+                A, Z = a[("in", p)], z[("out", p)]
                 A, Z = A.reshape(-1, A.shape[-1]), Z.reshape(-1, Z.shape[-1])
                 eq.add(A, Z.double() @ Mt if rotate else Z)
-        for n, eq in eqs.items():
+        for p, eq in eqs.items():
             W, b = eq.solve(ridge)
-            tr._set_map(student.get_submodule(n), W, b)
-            done.append(n)
+            tr._set_map(student.get_submodule(p), W, b)
+            done.append(p)
     return done
 
 

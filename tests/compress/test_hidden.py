@@ -55,7 +55,7 @@ class TimmNormNet(nn.Module):
 
 def _gpt2_shaped() -> nn.Module:
     model = _gpt2()
-    with torch.no_grad():  # GPT-2's init leaves γ=1, β=0: make the fold matter
+    with torch.no_grad():  # GPT-2's init leaves g=1, β=0: make the fold matter
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5)
