@@ -484,3 +484,34 @@ def narrow_hidden(
         report.refitted = refit_hidden(student, teacher, stream, M, X, ridge, batch_size)
     student.eval()
     return report
+
+
+def hidden_group(model: nn.Module, X: np.ndarray) -> tr.TGroup:
+    """The residual stream as a transformer group (`kind="hidden"`, width D, cut in steps of one
+    feature): `why_not` is `refusal`'s line; `unsaved` says why the model's config cannot express
+    a narrower stream (a cut on a copy, rebuilt from its config: GPT-2's attention width is
+    n_embd), '' where `save_pretrained` -> `from_pretrained` gives the student back. Not yet in
+    `transformer_groups`: the width plan's cost model is linear per group, and a hidden cut
+    multiplies with the heads and feed-forward widths (see docs/architecture.md)."""
+    stream = find_stream(model, X)
+    if isinstance(stream, str):
+        return tr.TGroup("hidden", "hidden", 0, (), None, why_not=stream)
+    why = refusal(model, X)
+    unsaved = ""
+    if not why and tr.hf_owner(model) is not None:
+        copied = copy.deepcopy(model)
+        basis = HiddenBasis(_ones_complement(stream.width), np.ones(stream.width - 1), 0)
+        # a width the heads divide, so that a config deriving head sizes from it can still build
+        k = max(stream.width - stream.heads[0], 2)
+        slice_hidden(copied, stream, basis, k)
+        mismatch = tr.config_mismatch(copied)
+        if mismatch:
+            unsaved = (
+                f"its config cannot express a hidden size below {stream.width} with the "
+                f"attention and feed-forward widths kept ({mismatch})"
+            )
+    stack = tr.find(model).blocks[0].stack
+    members = (*stream.embeddings, *stream.writers, *(n.path for n in stream.norms))
+    return tr.TGroup(
+        "hidden", "hidden", stream.width, members, stack, True, why_not=why, unsaved=unsaved
+    )

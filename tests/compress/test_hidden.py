@@ -213,3 +213,30 @@ def test_the_refit_solves_the_head_normal_equations_and_lowers_the_error():
     A1 = torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], 1)
     assert (A1.T @ E).abs().max() < 1e-4 * (A1.T @ Z).abs().max()
     assert E.pow(2).mean() < (_out(plain, X).double() - Z).pow(2).mean()
+
+
+def test_the_hidden_group_says_what_can_be_cut_and_saved():
+    vit = hd.hidden_group(_vit(), _images())
+    assert (vit.kind, vit.width, vit.reducible, vit.unsaved) == ("hidden", 32, True, "")
+    gpt2 = hd.hidden_group(_gpt2(), _ids())
+    assert gpt2.reducible and "c_attn" in gpt2.unsaved
+    bert = hd.hidden_group(_bert(), _ids())
+    assert not bert.reducible and "post-LayerNorm" in bert.why_not
+
+
+def test_hidden_after_heads_and_ffn_cuts_round_trips(tmp_path):
+    """transformer.narrow first (heads, FFN), then the hidden size re-fitted to that student: a
+    ViT config expresses all three."""
+    teacher, X = _vit(), _images()
+    groups = {g.kind: g for g in tr.transformer_groups(teacher, X) if g.reducible}
+    student = tr.narrow(
+        copy.deepcopy(teacher), teacher, {groups["heads"].name: 3, groups["ffn"].name: 40}, X
+    )
+    reference = copy.deepcopy(student)
+    hd.narrow_hidden(student, reference, 20, X)
+    assert tr.config_mismatch(student) == ""
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert (loaded.config.hidden_size, loaded.config.num_attention_heads) == (20, 3)
+    assert loaded.config.intermediate_size == 40
+    assert torch.allclose(_out(loaded, X), _out(student, X), atol=1e-6)
