@@ -155,9 +155,10 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
         a_out, f_out = tr._join(a.path, a.reader), tr._join(b.path, f.reader)
         if any(n not in order for n in (*a_in, *f_in, a_out, f_out)):
             return f"hidden size: {b.path} is not called on the example rows"
+        if len(lns) != 2:
+            return f"hidden size: {b.path} runs {len(lns)} LayerNorms (a pre-LN block runs two)"
         if (
-            len(lns) != 2
-            or not order[lns[0]] < min(order[n] for n in a_in)
+            not order[lns[0]] < min(order[n] for n in a_in)
             or not order[a_out] < order[lns[1]] < min(order[n] for n in f_in)
             or any(modules[n].normalized_shape != (width,) for n in lns)
         ):
@@ -170,7 +171,7 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     params: list[str] = []
     final: str | None = None
     readers: list[str] = []
-    for name, m in modules.items():
+    for name, m in sorted(modules.items(), key=lambda nm: order.get(nm[0], -1)):
         if tr._inside(name, stack) or name not in order:
             continue
         own = list(m.named_parameters(recurse=False))
