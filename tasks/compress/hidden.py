@@ -361,7 +361,7 @@ def _sync_config(model: nn.Module, stream: Stream, k: int) -> dict[str, Any]:
         tied = getattr(owner[1], "all_tied_weights_keys", None)
         if isinstance(tied, dict):  # transformers 5: what save/load would tie again
             for r, _e in stream.tied:
-                tied.pop(tr._rel(r, owner[0]), None)
+                tied.pop(tr._rel(r, owner[0]) + ".weight", None)
     for c in tr._configs(model):
         for name, v in changes.items():
             setattr(c, name, v)

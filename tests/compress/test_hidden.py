@@ -184,6 +184,7 @@ def test_gpt2_student_runs_untied_but_its_config_cannot_say_it():
     hd.narrow_hidden(student, teacher, 16, X)
     assert student.lm_head.weight is not student.transformer.wte.weight
     assert student.config.tie_word_embeddings is False
+    assert "lm_head.weight" not in student.all_tied_weights_keys  # nothing ties it back
     assert student.config.n_embd == 16
     assert "c_attn" in tr.config_mismatch(student)  # GPT-2's attention width is n_embd
     assert torch.isfinite(_out(student, X)).all()
@@ -240,3 +241,27 @@ def test_hidden_after_heads_and_ffn_cuts_round_trips(tmp_path):
     assert (loaded.config.hidden_size, loaded.config.num_attention_heads) == (20, 3)
     assert loaded.config.intermediate_size == 40
     assert torch.allclose(_out(loaded, X), _out(student, X), atol=1e-6)
+
+
+def test_a_sliced_norm_reads_the_projected_stream_as_the_teachers_would():
+    """Below full width the first block's q/k/v compute what the teacher's compute on the stream
+    projected onto the kept directions: the norm's scale sqrt(D/k) and eps x D/k are what make a
+    width-k norm divide as the teacher's width-D one (a large eps shows a wrong one)."""
+    teacher, X = TimmNormNet(), _tokens()
+    for m in teacher.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = 0.5
+    stream = hd.find_stream(teacher, X)
+    assert isinstance(stream, hd.Stream)
+    basis = hd.stream_basis(teacher, stream, X)
+    student = copy.deepcopy(teacher)
+    hd.slice_hidden(student, stream, basis, 10)
+    norm, (reader,) = stream.norms[0].path, stream.norms[0].readers
+    x = torch.from_numpy(X)
+    t = tr.taps(teacher, x, inputs=(norm,))[("in", norm)].double()
+    P = torch.from_numpy(basis.vectors[:, :9] @ basis.vectors[:, :9].T)
+    projected = ((t - t.mean(-1, keepdim=True)) @ P).float()
+    with torch.no_grad():
+        want = teacher.get_submodule(reader)(teacher.get_submodule(norm)(projected))
+    got = tr.taps(student, x, outputs=(reader,))[("out", reader)]
+    assert torch.allclose(got, want, atol=1e-5)
