@@ -37,6 +37,7 @@ from torch import nn
 
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.finite import check_outputs
+from distill.tasks.compress.masks import IDS, MASK, unfold
 from distill.tasks.compress.rows import predict_batched
 from distill.tasks.platform.config import EvaluateConfig
 
@@ -61,8 +62,10 @@ class OnnxModel:
 
     def predictor(self) -> Predict:
         sess = self.session()
-        name = sess.get_inputs()[0].name
-        return lambda X: sess.run(None, {name: X})[0]
+        inputs = [i.name for i in sess.get_inputs()]
+        if inputs == [IDS, MASK]:  # the data's rows are folded (masks.py): both inputs from them
+            return lambda X: sess.run(None, dict(zip(inputs, unfold(X), strict=True)))[0]
+        return lambda X: sess.run(None, {inputs[0]: X})[0]
 
     @property
     def file_bytes(self) -> bytes:
