@@ -32,7 +32,7 @@ from torch import nn
 
 from distill.tasks.compress.architectures import logits_of
 from distill.tasks.compress.data import Dataset
-from distill.tasks.compress.masks import unfold_tensor
+from distill.tasks.compress.masks import Padding, unfold_tensor
 from distill.tasks.platform.errors import UserError, first_line
 
 PREFIX = "hf:"
@@ -121,21 +121,16 @@ class HFLogits(nn.Module):
         pad = self.hf.config.pad_token_id
         return None if pad is None else (x != pad).long()
 
-    def row_lengths(self, x: np.ndarray) -> np.ndarray | None:
-        """Per row of token ids, the length after which only masked positions follow (what a
-        row's logits depend on, for an encoder or a causal LM: the masked tail is never
-        attended to); None when nothing is masked or the rows are images."""
-        if self.images or x.ndim != 2:
+    def padding(self) -> Padding | None:
+        """Where a row of token ids ends for this model (masks.py `Padding`): the folded mask's
+        last shown position, or the last non-pad id; None for images, or ids without a pad id
+        (every position counts)."""
+        if self.images:
             return None
         if self.masked:
-            shown = x >= 0
-        else:
-            pad = self.hf.config.pad_token_id
-            if pad is None:
-                return None
-            shown = x != pad
-        last = x.shape[1] - np.argmax(shown[:, ::-1], axis=1)
-        return np.where(shown.any(axis=1), last, 1)
+            return Padding(masked=True)
+        pad = self.hf.config.pad_token_id
+        return None if pad is None else Padding(masked=False, pad=int(pad))
 
 
 def is_pretrained(model: nn.Module) -> bool:

@@ -12,6 +12,8 @@ served model takes the two arrays (`input_ids`, `attention_mask`) and folds them
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -40,3 +42,22 @@ def unfold_tensor(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fold_tensor(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`fold` in torch (the served graph's first step)."""
     return torch.where(mask != 0, ids, -1 - ids)
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Where each row of token ids ends, for a model whose answer on a row never depends on the
+    positions after it (a Hugging Face encoder or causal LM with an attention mask: what the mask
+    hides is never attended to): after the last position the folded mask shows (`masked`), or
+    the last id that is not `pad`. Evaluation cuts a batch of rows sorted by length to its
+    longest real row (tasks/compress/evaluate.py `predict_trimmed`)."""
+
+    masked: bool
+    pad: int | None = None
+
+    def lengths(self, X: np.ndarray) -> np.ndarray:
+        """Per row, the length that holds every position the row's answer depends on (>= 1)."""
+        pad = -1 if self.pad is None else self.pad  # no pad id: every id shown
+        shown = np.greater_equal(X, 0) if self.masked else np.not_equal(X, pad)
+        last = X.shape[1] - np.argmax(shown[:, ::-1], axis=1)
+        return np.where(shown.any(axis=1), last, 1)

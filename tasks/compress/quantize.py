@@ -51,6 +51,7 @@ from distill.tasks.compress.evaluate import (
     count_params,
     example_rows,
     flops_per_row,
+    padding_of,
     torch_predictor,
 )
 from distill.tasks.compress.masks import IDS, MASK, fold_tensor, unfold, unfold_tensor
@@ -499,7 +500,8 @@ def serve_onnxruntime(
     if not cfg.enabled:
         return Quantized(e.onnx, None, e.diff, None, "none")
     calib = calibration_rows(X_train, 512, seed)
-    int8 = OnnxModel(quantize_onnx(e.onnx.onnx_bytes, calib, static=True), *e.counts)
+    int8_bytes = quantize_onnx(e.onnx.onnx_bytes, calib, static=True)
+    int8 = OnnxModel(int8_bytes, *e.counts, padding=e.onnx.padding)
     int8_diff = float(np.abs(predict_batched(int8.predictor(), X_test) - e.float_outputs).max())
     return Quantized(e.onnx, int8, e.diff, int8_diff, "static")
 
@@ -528,7 +530,7 @@ def quantize_model(
 ) -> Quantized:
     params, nonzeros = count_params(model)
     counts = (params, nonzeros, flops_per_row(model, X_test))
-    float_model = OnnxModel(export_onnx(model, X_test), *counts)
+    float_model = OnnxModel(export_onnx(model, X_test), *counts, padding=padding_of(model))
     reference = predict_batched(torch_predictor(model), X_test)
     float_outputs = predict_batched(float_model.predictor(), X_test)
     export_diff = float(np.abs(float_outputs - reference).max())

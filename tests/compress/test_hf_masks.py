@@ -132,7 +132,7 @@ def test_masked_rows_answer_as_the_unpadded_rows_in_torch_and_onnx(masked_npz):
     served = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     np.testing.assert_allclose(served, want, atol=1e-4)
     np.testing.assert_allclose(onnx.predictor()(fold(ids, mask)), want, atol=1e-4)
-    assert (model.row_lengths(fold(ids, mask)) == lengths).all()
+    assert (model.padding().lengths(fold(ids, mask)) == lengths).all()
 
 
 def test_compress_end_to_end_keeps_the_mask_to_the_served_model(masked_npz):
@@ -231,3 +231,35 @@ def test_the_registered_model_takes_ids_and_mask(masked_npz, mlflow_store):
     # a file's rows for it (distill predict, the gates): plain ids get all-ones masks
     rows = model_input(served, ids, "input")
     assert (rows["input_ids"] == ids).all() and rows["attention_mask"].all()
+
+
+def test_evaluation_cuts_the_padding_off_sorted_batches_and_answers_the_same():
+    from distill.tasks.compress.evaluate import padding_of, predict_trimmed, torch_predictor
+    from distill.tasks.compress.rows import predict_batched
+
+    ids, mask, lengths = _rows(300, 9)
+    for model, rows in (
+        (HFLogits(_bert(), "sequence classification", masked=True), fold(ids, mask)),
+        (HFLogits(_bert_with_pad(), "sequence classification"), np.where(mask == 1, ids, 0)),
+    ):
+        padding = padding_of(model)
+        assert padding is not None and (padding.lengths(rows) == lengths).all()
+        predict, seen = torch_predictor(model), []
+
+        def watched(X: np.ndarray, predict=predict, seen=seen) -> np.ndarray:
+            seen.append(X.shape)
+            return predict(X)
+
+        got = predict_trimmed(watched, rows, padding, tokens=400)
+        np.testing.assert_allclose(got, predict_batched(predict, rows), atol=1e-5)
+        assert sum(n for n, _ in seen) == len(rows)
+        assert all(n * t <= 400 for n, t in seen)  # every batch within its tokens
+        # sorted by length: fewer tokens computed than the padded rows hold
+        assert sum(n * t for n, t in seen) < 0.8 * rows.size
+    assert padding_of(HFLogits(_bert(), "sequence classification")) is None  # no pad id: all count
+
+
+def _bert_with_pad() -> BertForSequenceClassification:
+    bert = _bert(1)
+    bert.config.pad_token_id = 0
+    return bert
