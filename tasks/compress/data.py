@@ -9,16 +9,29 @@ input check, then the flow) asks its `RunContext` (tasks/compress/context.py).
 from __future__ import annotations
 
 from distill.tasks.compress.dataset import Dataset, prepare, seeded_test_split
-from distill.tasks.compress.sources import read_source
+from distill.tasks.compress.sources import npz_masks, read_source
 from distill.tasks.compress.stream import integer_npz, prepare_streamed, should_stream
 from distill.tasks.compress.tokens import tokenized
 from distill.tasks.platform.config import DataConfig
+from distill.tasks.platform.errors import UserError
 
 __all__ = ["Dataset", "load_dataset", "prepare", "seeded_test_split", "stream_source"]
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Read and prepare a source (each call anew)."""
+    masks = npz_masks(cfg.source)
+    if masks and not cfg.standardize and stream_source(cfg):  # float rows, streamed as such
+        raise UserError(
+            f"data {cfg.source}: attention mask {masks[0]!r} is for X arrays that hold floats: "
+            "a mask goes with integer token ids"
+        )
+    if masks and cfg.standardize:  # before a large npz would be streamed as scaled floats
+        raise UserError(
+            f"data {cfg.source}: attention mask {masks[0]!r} goes with token ids fed as given, "
+            "and config key 'data.standardize' is true (it would turn the ids into scaled "
+            "floats): set it to false"
+        )
     if stream_source(cfg):  # a large parquet / npz: converted once, rows read by batch
         data = prepare_streamed(cfg, seed)
     else:

@@ -74,6 +74,9 @@ class Dataset:
     target_mean: float = 0.0
     target_scale: float = 1.0
     user_split: bool = False  # the rows came split by the user (npz arrays or data.split_column)
+    # X_* hold token ids with their attention masks folded in (tasks/compress/masks.py): from an
+    # npz's X_*_mask arrays or a tokenizer's padding; only a Hugging Face teacher reads them
+    masked: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -453,6 +456,11 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
     mean, scale = standardizer(X[train], cfg.standardize)
     if keeps_integers(X.dtype, cfg.standardize):  # token ids: int64, as the model takes them
         z = X.astype(np.int64, copy=False)
+    elif table.masked:
+        raise UserError(
+            f"{table.where}: attention masks go with token ids fed as given, and config key "
+            "'data.standardize' is true (it would turn the ids into scaled floats): set it to false"
+        )
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             z = ((X - mean) / scale).astype(np.float32)
@@ -481,4 +489,5 @@ def prepare(table: Table, cfg: DataConfig, seed: int) -> Dataset:
         task=task,
         target_mean=target_mean,
         target_scale=target_scale,
+        masked=table.masked,
     )

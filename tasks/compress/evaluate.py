@@ -37,6 +37,8 @@ from torch import nn
 
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.finite import check_outputs
+from distill.tasks.compress.hf import HFLogits
+from distill.tasks.compress.masks import IDS, MASK, Padding, unfold
 from distill.tasks.compress.rows import predict_batched
 from distill.tasks.platform.config import EvaluateConfig
 
@@ -51,6 +53,9 @@ class OnnxModel:
     params: int
     nonzeros: int
     flops: int | None = None  # per row; None: unknown (the metric is left out)
+    # token ids: where a row ends for the model it came from (masks.py), so evaluation can cut
+    # the padding off sorted batches; None: every position counts
+    padding: Padding | None = None
 
     def session(self):  # onnxruntime.InferenceSession
         import onnxruntime as ort
@@ -59,10 +64,20 @@ class OnnxModel:
         opts.log_severity_level = 3
         return ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
+    def takes_any_length(self) -> bool:
+        """The graph's sequence axis (axis 1) is dynamic."""
+        import onnx  # the graph's header, not a session (that costs a tenth of a second)
+
+        dims = onnx.load_model_from_string(self.onnx_bytes).graph.input[0].type.tensor_type
+        shape = dims.shape.dim
+        return len(shape) == 2 and not shape[1].HasField("dim_value")
+
     def predictor(self) -> Predict:
         sess = self.session()
-        name = sess.get_inputs()[0].name
-        return lambda X: sess.run(None, {name: X})[0]
+        inputs = [i.name for i in sess.get_inputs()]
+        if inputs == [IDS, MASK]:  # the data's rows are folded (masks.py): both inputs from them
+            return lambda X: sess.run(None, dict(zip(inputs, unfold(X), strict=True)))[0]
+        return lambda X: sess.run(None, {inputs[0]: X})[0]
 
     @property
     def file_bytes(self) -> bytes:
@@ -207,12 +222,62 @@ def train_sample(n: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(0).choice(n, size=TRAIN_ROWS, replace=False))
 
 
+# rows of token ids sorted by length are predicted this many tokens at a time: measured on the
+# 4-layer BERT of benchmarks/transformers.py, a quarter of PREDICT_TOKENS was faster per row in
+# torch and in ONNX Runtime (activations that stay in cache)
+TRIMMED_TOKENS = 16_384
+
+
+def predict_trimmed(
+    predict: Predict, X: np.ndarray, padding: Padding, tokens: int = TRIMMED_TOKENS
+) -> np.ndarray:
+    """`predict` over rows of token ids sorted by length, each batch cut to its longest row
+    (`padding`: where a row ends for this model; what follows never changes its answer), the
+    answers put back in the rows' order."""
+    lengths = padding.lengths(X)
+    order = np.argsort(lengths, kind="stable")
+    ranked = lengths[order]
+    out = None
+    start = 0
+    while start < len(X):
+        guess = max(1, tokens // int(ranked[start]))
+        rows = max(1, tokens // int(ranked[min(start + guess, len(X)) - 1]))
+        idx = order[start : start + rows]
+        got = predict(np.ascontiguousarray(X[idx, : int(ranked[start + len(idx) - 1])]))
+        if out is None:
+            out = np.empty((len(X), *got.shape[1:]), dtype=got.dtype)
+        out[idx] = got
+        start += len(idx)
+    assert out is not None  # X has rows
+    return out
+
+
+def padding_of(model: nn.Module | OnnxModel | TorchScriptModel) -> Padding | None:
+    """Where a row of token ids ends for `model`: a Hugging Face model of text (`HFLogits`), or
+    its ONNX export when the graph takes any length; None: every position counts."""
+    if isinstance(model, HFLogits):
+        return model.padding()
+    if isinstance(model, OnnxModel) and model.padding is not None and model.takes_any_length():
+        return model.padding
+    return None
+
+
+def _predict_split(predict: Predict, X: np.ndarray, padding: Padding | None) -> np.ndarray:
+    if padding is not None and isinstance(X, np.ndarray) and X.ndim == 2 and len(X):
+        return predict_trimmed(predict, X, padding)
+    return predict_batched(predict, X)
+
+
 def quality_metrics(
-    predict: Predict, data: Dataset, teacher_pred: np.ndarray | None
+    predict: Predict,
+    data: Dataset,
+    teacher_pred: np.ndarray | None,
+    padding: Padding | None = None,
 ) -> dict[str, float]:
     """The quality numbers of a model on the test split, and the train-test gap on at most
     `TRAIN_ROWS` training rows. Outputs that hold NaN or inf on a test row or on one of those
-    training rows stop here (`NonFinite`, naming the row)."""
+    training rows stop here (`NonFinite`, naming the row). `padding`: the rows are token ids
+    whose padding the model never reads (`padding_of`): batches sorted by length, cut."""
     idx = train_sample(len(data.y_train))
     X_train = data.X_train if idx is None else data.X_train[idx]
     y_train = data.y_train if idx is None else data.y_train[idx]
@@ -222,18 +287,18 @@ def quality_metrics(
         def first(X: np.ndarray) -> np.ndarray:  # one output per row
             return predict(X)[:, 0]
 
-        test_out = predict_batched(first, data.X_test)
+        test_out = _predict_split(first, data.X_test, padding)
         check_outputs(test_out, "test")
         metrics = regression_metrics(
             data.to_units(test_out), data.to_units(data.y_test), teacher_pred
         )
-        train_out = predict_batched(first, X_train)
+        train_out = _predict_split(first, X_train, padding)
         check_outputs(train_out, "training", row_ids=idx)
         train_pred = data.to_units(train_out)
         metrics["train_r2"] = float(r2_score(data.to_units(y_train), train_pred))
         metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
         return metrics
-    test_out = predict_batched(predict, data.X_test)
+    test_out = _predict_split(predict, data.X_test, padding)
     check_outputs(test_out, "test")
     metrics = classification_metrics(test_out, data.y_test, teacher_pred)
 
@@ -242,7 +307,7 @@ def quality_metrics(
         finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
         return np.stack([out.argmax(axis=1), finite], axis=1)
 
-    train = predict_batched(class_and_finite, X_train)
+    train = _predict_split(class_and_finite, X_train, padding)
     check_outputs(np.where(train[:, 1:] == 1, 0.0, np.nan), "training", row_ids=idx)
     train_pred = train[:, 0]
     metrics["train_accuracy"] = float((train_pred == y_train).mean())
@@ -336,7 +401,7 @@ def evaluate_model(
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
         flops = flops_per_row(model, data.X_test)
-    metrics = quality_metrics(predict, data, teacher_pred)
+    metrics = quality_metrics(predict, data, teacher_pred, padding_of(model))
     size, compressed = saved_size(model)
     large = cfg.large_batch
     b1_p50, b1_p95 = latency_percentiles_ms(predict, data.X_test, 1, cfg.latency_repeats)

@@ -8,8 +8,9 @@ never on, and nothing is downloaded (`local_files_only`): a hub id is refused wi
 says to `save_pretrained` it into a directory first.
 
 The pipeline calls every model as `model(x) -> logits` on rows of the data, so the model is
-wrapped (`HFLogits`): int64 token ids `[N, T]` (attention mask from `config.pad_token_id` when it
-is set, else none: all ones) or pixels (`[N, C, H, W]`, or flat rows reshaped to the image);
+wrapped (`HFLogits`): int64 token ids `[N, T]` (the attention mask the data brings, folded into
+the ids by tasks/compress/masks.py; else from `config.pad_token_id` when it is set, else none:
+all ones) or pixels (`[N, C, H, W]`, or flat rows reshaped to the image);
 `ModelOutput.logits` out; a causal LM answers with the logits of each row's last non-pad
 position, over its vocabulary or over the token ids that are the data's classes.
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from distill.tasks.compress.architectures import logits_of
 from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.masks import Padding, unfold_tensor
 from distill.tasks.platform.errors import UserError, first_line
 
 PREFIX = "hf:"
@@ -57,7 +59,9 @@ class HFLogits(nn.Module):
 
     `hf`: the PreTrainedModel (dotted paths `hf.bert.encoder.layer.0...`). `input_shape`: one
     image's `[C, H, W]`, to which flat rows are reshaped. `columns`: for a causal LM whose
-    classes are token ids, the logits kept (class i is token `columns[i]`); None: all of them."""
+    classes are token ids, the logits kept (class i is token `columns[i]`); None: all of them.
+    `masked`: the rows hold their attention masks folded in (the data's: masks.py), used as
+    given; else the mask comes from `config.pad_token_id`."""
 
     def __init__(
         self,
@@ -65,10 +69,12 @@ class HFLogits(nn.Module):
         task: str,
         input_shape: Sequence[int] = (),
         columns: Sequence[int] | None = None,
+        masked: bool = False,
     ) -> None:
         super().__init__()
         self.hf = hf
         self.task = task
+        self.masked = masked
         self.images = getattr(hf, "main_input_name", "input_ids") == "pixel_values"
         self.input_shape = tuple(int(n) for n in input_shape)
         self.register_buffer(
@@ -79,7 +85,9 @@ class HFLogits(nn.Module):
 
     def extra_repr(self) -> str:  # what the forward does beyond the weights (cache keys hash it)
         columns = None if self.columns is None else self.columns.tolist()
-        return f"task={self.task!r}, input_shape={list(self.input_shape)}, columns={columns}"
+        shape = list(self.input_shape)
+        masked = ", masked=True" if self.masked else ""  # absent: keys of unmasked runs unchanged
+        return f"task={self.task!r}, input_shape={shape}, columns={columns}{masked}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.images:
@@ -88,8 +96,10 @@ class HFLogits(nn.Module):
             if not x.is_floating_point():  # integer pixels (an npz of uint8 images)
                 x = x.float()
             return logits_of(self.hf(pixel_values=x))
-        pad = self.hf.config.pad_token_id
-        mask = None if pad is None else (x != pad).long()
+        if self.masked:  # the data's own mask; the user's ids at its hidden positions
+            x, mask = unfold_tensor(x)
+        else:
+            mask = self.attention_mask(x)
         causal = self.task == "causal LM"
         extra = {"logits_to_keep": 1} if causal and mask is None else {}
         logits = logits_of(self.hf(input_ids=x, attention_mask=mask, **extra))
@@ -103,6 +113,24 @@ class HFLogits(nn.Module):
         if self.columns is not None:
             logits = logits.index_select(1, self.columns)
         return logits
+
+    def attention_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask of token-id rows `x`: the one folded into them, else `pad_token_id`'s."""
+        if self.masked:
+            return unfold_tensor(x)[1]
+        pad = self.hf.config.pad_token_id
+        return None if pad is None else (x != pad).long()
+
+    def padding(self) -> Padding | None:
+        """Where a row of token ids ends for this model (masks.py `Padding`): the folded mask's
+        last shown position, or the last non-pad id; None for images, or ids without a pad id
+        (every position counts)."""
+        if self.images:
+            return None
+        if self.masked:
+            return Padding(masked=True)
+        pad = self.hf.config.pad_token_id
+        return None if pad is None else Padding(masked=False, pad=int(pad))
 
 
 def is_pretrained(model: nn.Module) -> bool:
@@ -280,9 +308,14 @@ def wrap_pretrained(model: nn.Module, task: str, data: Dataset, where: str) -> H
     """A PreTrainedModel for `task` wrapped for the pipeline, in eval mode (`where`: what the
     user named it by, for messages)."""
     if task == "image classification":
+        if data.masked:
+            raise UserError(
+                f"teacher {where} takes images: the data's attention masks (X_*_mask) are for "
+                "token ids; drop them"
+            )
         return HFLogits(model, task, image_shape(model, data)).eval()
     columns = class_tokens(model, data, where) if task == "causal LM" else None
-    return HFLogits(model, task, columns=columns).eval()
+    return HFLogits(model, task, columns=columns, masked=data.masked).eval()
 
 
 def save_student(student: nn.Module, directory: Path) -> str:

@@ -13,6 +13,9 @@ against 0.0062 ms at batch 1; dynamic ConvInteger was slow for convolutions anyw
 Token ids (an int64 `[N, T]` example) keep their dtype in the graph's input, and its sequence
 axis is dynamic when the model takes any length (an embedding and a pooling, a transformer's
 attention), pinned to the data's length when it does not (a Linear over the flattened sequence).
+Rows that carry attention masks (a Hugging Face student of masked data: tasks/compress/masks.py)
+export with two inputs, `input_ids` and `attention_mask`, Hugging Face's names, folded together
+as the graph's first step.
 
 int8 ships only when it is smaller than the fp32 export and no slower at
 `compress.quantize.batch` rows per call, both measured here, side by side (`Choice`); under a
@@ -48,8 +51,10 @@ from distill.tasks.compress.evaluate import (
     count_params,
     example_rows,
     flops_per_row,
+    padding_of,
     torch_predictor,
 )
+from distill.tasks.compress.masks import IDS, MASK, fold_tensor, unfold, unfold_tensor
 from distill.tasks.compress.reduce import calibration_rows
 from distill.tasks.compress.rows import predict_batched
 from distill.tasks.platform.config import QuantizeConfig
@@ -306,23 +311,30 @@ def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
     """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes. `example`: the data's
     rows, whose dtype the graph's input takes (int64 token ids: an int64 input), or the width
     of float32 rows. Token ids `[N, T]` get a dynamic sequence axis where the model allows it
-    (the exporter decides: `Dim.AUTO`), else the data's T."""
+    (the exporter decides: `Dim.AUTO`), else the data's T. A model of rows with attention masks
+    folded in (`masked`: tasks/compress/masks.py) takes `input_ids` and `attention_mask`."""
     reuse_torchlib_registry()
     model = model.cpu().eval()
     rows = example_rows(example, 2)
     axes: dict[int, object] = {0: "batch"}
     if rows.dim() == 2 and not rows.is_floating_point():  # token ids: any length, if it can
         axes[1] = torch.export.Dim.AUTO
+    args: tuple[torch.Tensor, ...] = (rows,)
+    names, shapes = [INPUT_NAME], [axes]
+    if getattr(model, "masked", False):  # ids and their mask, as two inputs
+        model, args, names = _IdsAndMask(model), unfold_tensor(rows), [IDS, MASK]
+        axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim.AUTO}
+        shapes = [axes, axes]
     for name in ("torch.onnx", "onnxscript"):  # onnxscript: constant folding's failed attempts
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
-            (rows,),
-            input_names=[INPUT_NAME],
+            args,
+            input_names=names,
             output_names=["logits"],
-            dynamic_shapes=(axes,),
+            dynamic_shapes=tuple(shapes),
             dynamo=True,
             external_data=False,
             verbose=False,
@@ -331,6 +343,17 @@ def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
     proto = program.model_proto
     _pin_fixed_axes(proto, getattr(program.exported_program, "range_constraints", {}))
     return lean_onnx(proto.SerializeToString())
+
+
+class _IdsAndMask(nn.Module):
+    """A model of folded rows (masks.py) as one of `input_ids` and `attention_mask`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(fold_tensor(input_ids, attention_mask))
 
 
 def _pin_fixed_axes(proto, ranges: dict) -> None:
@@ -357,12 +380,17 @@ class _Rows:
     """onnxruntime CalibrationDataReader over calibration rows, one small batch at a time, in
     their dtype (int64 token ids for a graph whose input is int64)."""
 
-    def __init__(self, X: np.ndarray, batch: int = 64) -> None:
+    def __init__(self, X: np.ndarray, names: list[str], batch: int = 64) -> None:
         self._batches = iter([X[i : i + batch] for i in range(0, len(X), batch)])
+        self._names = names
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         rows = next(self._batches, None)
-        return None if rows is None else {INPUT_NAME: rows}
+        if rows is None:
+            return None
+        if self._names == [IDS, MASK]:  # folded rows (masks.py) into both inputs
+            return dict(zip(self._names, unfold(rows), strict=True))
+        return {self._names[0]: rows}
 
 
 def quantize_onnx(
@@ -430,12 +458,14 @@ def _root_log_level(level: int):
 
 
 def _quantize_static(src: Path, dst: Path, X_calib: np.ndarray, exclude: list[str]) -> None:
+    import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
     quantize_static(
         src,
         dst,
-        _Rows(X_calib),
+        _Rows(X_calib, names),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,
@@ -470,7 +500,8 @@ def serve_onnxruntime(
     if not cfg.enabled:
         return Quantized(e.onnx, None, e.diff, None, "none")
     calib = calibration_rows(X_train, 512, seed)
-    int8 = OnnxModel(quantize_onnx(e.onnx.onnx_bytes, calib, static=True), *e.counts)
+    int8_bytes = quantize_onnx(e.onnx.onnx_bytes, calib, static=True)
+    int8 = OnnxModel(int8_bytes, *e.counts, padding=e.onnx.padding)
     int8_diff = float(np.abs(predict_batched(int8.predictor(), X_test) - e.float_outputs).max())
     return Quantized(e.onnx, int8, e.diff, int8_diff, "static")
 
@@ -499,7 +530,7 @@ def quantize_model(
 ) -> Quantized:
     params, nonzeros = count_params(model)
     counts = (params, nonzeros, flops_per_row(model, X_test))
-    float_model = OnnxModel(export_onnx(model, X_test), *counts)
+    float_model = OnnxModel(export_onnx(model, X_test), *counts, padding=padding_of(model))
     reference = predict_batched(torch_predictor(model), X_test)
     float_outputs = predict_batched(float_model.predictor(), X_test)
     export_diff = float(np.abs(float_outputs - reference).max())

@@ -1,9 +1,11 @@
 """Where the data comes from (no network): `sklearn:NAME` (digits, iris, wine, breast_cancer;
 diabetes, a regression target), `csv:PATH`, `parquet:PATH` (pandas; `data.label` names the label
 column), `npz:PATH` (arrays X, y; or X_train, y_train, X_test, y_test and optionally X_val,
-y_val: the user's split). A csv/parquet column named by `data.split_column` holds the user's
-split as train / val / test. `read_source` returns a `Table`: every row, not yet split
-(tasks/compress/dataset.py splits and standardizes it).
+y_val: the user's split; each X may come with its attention mask, `X_mask` or `X_train_mask`
+..., int or bool of X's shape, folded into the ids: tasks/compress/masks.py). A csv/parquet
+column named by `data.split_column` holds the user's split as train / val / test. `read_source`
+returns a `Table`: every row, not yet split (tasks/compress/dataset.py splits and standardizes
+it).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distill.tasks.compress import masks as masks_module
 from distill.tasks.compress import readers, tabular
 from distill.tasks.platform.errors import UserError
 
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")  # diabetes: regression
 SPLITS = ("train", "val", "test")
 NPZ_SPLIT_ARRAYS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
+NPZ_MASKS = ("X_mask", "X_train_mask", "X_val_mask", "X_test_mask")  # an X's attention mask
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Table:
     frame: pd.DataFrame | None = None  # raw feature columns of a table with text columns
     encode: bool = False
     label: str | None = None  # the label column's name, for messages
+    masked: bool = False  # X holds token ids with their attention masks folded in (masks.py)
 
     @property
     def features(self) -> pd.DataFrame:
@@ -193,10 +198,15 @@ def _read_npz(path: Path) -> Table:
     readers.require_file(path, "data file")
     where = f"data file {path}"
     with readers.open_npz(path, where) as npz:
-        arrays = {n: npz[n] for n in npz.files if n in ("X", "y", *NPZ_SPLIT_ARRAYS)}
+        wanted = ("X", "y", *NPZ_SPLIT_ARRAYS, *NPZ_MASKS)
+        arrays = {n: npz[n] for n in npz.files if n in wanted}
+    masks = {n: arrays.pop(n) for n in NPZ_MASKS if n in arrays}
     if not any(n in arrays for n in NPZ_SPLIT_ARRAYS):
         X, y, row_shape = _npz_pair(arrays, where, "X", "y")
-        return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, row_shape)
+        masked = _with_masks(masks, {"X": X}, arrays, where)
+        X = masked.get("X", X)
+        names = [f"x{i}" for i in range(X.shape[1])]
+        return Table(X, y, names, path.stem, where, row_shape, masked=bool(masks))
     parts = [s for s in SPLITS if s != "val" or {"X_val", "y_val"} & arrays.keys()]
     pairs = [_npz_pair(arrays, where, f"X_{s}", f"y_{s}") for s in parts]
     for part, (_, _, row_shape) in zip(parts, pairs, strict=True):
@@ -205,10 +215,77 @@ def _read_npz(path: Path) -> Table:
                 f"{where}: rows of array 'X_{part}' have shape {list(row_shape)} "
                 f"but those of 'X_train' have {list(pairs[0][2])}"
             )
-    X = np.concatenate([X for X, _, _ in pairs])
+    folded = _with_masks(
+        masks, {f"X_{p}": X for p, (X, _, _) in zip(parts, pairs, strict=True)}, arrays, where
+    )
+    X = np.concatenate([folded.get(f"X_{p}", X) for p, (X, _, _) in zip(parts, pairs, strict=True)])
     y = np.concatenate([y for _, y, _ in pairs])
     split = np.repeat(np.array(parts, dtype="U5"), [len(y) for _, y, _ in pairs])
-    return Table(X, y, [f"x{i}" for i in range(X.shape[1])], path.stem, where, pairs[0][2], split)
+    names = [f"x{i}" for i in range(X.shape[1])]
+    return Table(X, y, names, path.stem, where, pairs[0][2], split, masked=bool(masks))
+
+
+def _with_masks(
+    masks: dict[str, np.ndarray],
+    flat: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray],
+    where: str,
+) -> dict[str, np.ndarray]:
+    """Each X of `flat` (its rows flattened) with its `<X>_mask` folded in, checked: every X has
+    one or none has; a mask has its X's shape and 0/1 values; X holds token ids (integers >= 0).
+    {} when the file has no masks."""
+    if not masks:
+        return {}
+    for name in masks:
+        if name.removesuffix("_mask") not in flat:
+            raise UserError(
+                f"{where}: array {name!r} is an attention mask with no token ids "
+                f"{name.removesuffix('_mask')!r} beside it"
+            )
+    out = {}
+    for x_name, X in flat.items():
+        name = f"{x_name}_mask"
+        if name not in masks:
+            raise UserError(
+                f"{where}: array {x_name!r} has no attention mask {name!r} while "
+                f"{next(iter(masks))!r} is one: give every X its mask, or none"
+            )
+        mask, shape = masks[name], arrays[x_name].shape
+        if mask.shape != shape:
+            raise UserError(
+                f"{where}: attention mask {name!r} has shape {list(mask.shape)} but its token "
+                f"ids {x_name!r} have {list(shape)}"
+            )
+        if np.dtype(arrays[x_name].dtype).kind not in "iu":
+            raise UserError(
+                f"{where}: attention mask {name!r} is for {x_name!r}, which holds "
+                f"{arrays[x_name].dtype} values: a mask goes with integer token ids"
+            )
+        if np.dtype(mask.dtype).kind not in "iub" or not np.isin(mask, (0, 1)).all():
+            raise UserError(f"{where}: attention mask {name!r} must hold 0 and 1 (or booleans)")
+        if (X < 0).any():
+            raise UserError(
+                f"{where}: array {x_name!r} holds a negative token id "
+                f"({int(X.min())}); token ids with a mask are >= 0"
+            )
+        out[x_name] = masks_module.fold(X, mask.reshape(X.shape))
+    return out
+
+
+def npz_masks(source: str) -> list[str]:
+    """The attention-mask arrays an `npz:PATH` source holds (by their names, without reading
+    them); [] for another kind of source or a file that does not open."""
+    import zipfile
+
+    kind, _, ref = source.partition(":")
+    if kind != "npz":
+        return []
+    try:
+        with zipfile.ZipFile(Path(ref).expanduser()) as z:
+            members = {m.removesuffix(".npy") for m in z.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return []
+    return [n for n in NPZ_MASKS if n in members]
 
 
 def _npz_pair(

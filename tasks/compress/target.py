@@ -542,7 +542,7 @@ def guarded_int8(
 
         def requantize(kept_fp32: list[str]) -> OnnxModel:
             int8 = quantize_onnx(fp32.onnx_bytes, calibration, static=True, exclude=kept_fp32)
-            return OnnxModel(int8, fp32.params, fp32.nonzeros, fp32.flops)
+            return OnnxModel(int8, fp32.params, fp32.nonzeros, fp32.flops, fp32.padding)
 
         mixed = mixed_int8(fp32, guard, requantize)
         if mixed is not None:

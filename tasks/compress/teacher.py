@@ -124,7 +124,13 @@ def _rows(data: Dataset, n: int = 2) -> torch.Tensor:
 
 def _check_fits(model: nn.Module, data: Dataset, name: str) -> None:
     """A teacher must take this data's rows and give one logit per class (one value for a
-    regression target)."""
+    regression target). Rows with attention masks go to Hugging Face teachers only."""
+    if data.masked and not getattr(model, "masked", False):
+        raise UserError(
+            f"teacher {name} takes one array of token ids, and the data brings attention masks "
+            "(npz arrays X_*_mask, or a tokenizer's padding): only an hf: teacher takes them; "
+            "give the ids as an npz without masks"
+        )
     rows = _rows(data)
     shape = [len(rows), *data.input_shape] if is_wrapped(model) else list(rows.shape)
     try:

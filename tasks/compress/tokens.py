@@ -4,8 +4,10 @@
 The table's one feature column besides the label (and the split column) is the text; each row
 becomes int64 token ids `[T]`, padded with the tokenizer's pad token to the longest row (at most
 `data.max_length`, else the tokenizer's `model_max_length` capped at 512) and truncated there.
-The ids are what a Hugging Face teacher takes (its attention mask comes from
-`config.pad_token_id`, tasks/compress/hf.py), and what the served model takes.
+The tokenizer's attention mask is kept, folded into the ids (tasks/compress/masks.py: a padded
+position holds `~id`), so a Hugging Face teacher attends to what the tokenizer said is text, on
+whichever side it pads and whatever its pad id is (GPT-2 pads with its end-of-text token), and
+the served model takes `input_ids` and `attention_mask`. Rows no tokenizer padded carry no mask.
 
 Tokenizing runs once per content: the ids are kept in `DISTILL_DATA_CACHE` (the stream cache's
 folder) under the sha256 of the texts, the tokenizer's files and the length; a later run on the
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from distill.tasks.compress.masks import fold
 from distill.tasks.compress.sources import Table
 from distill.tasks.compress.stream import cache_root
 from distill.tasks.platform.caching import file_sha256
@@ -85,39 +88,45 @@ def text_column(table: Table) -> pd.Series:
     return column.astype(str)
 
 
-def token_ids(texts: list[str], tokenizer: Any, max_length: int | None) -> np.ndarray:
-    """int64 ids `[N, T]`: padded to the longest row, truncated at the length."""
+def token_ids(
+    texts: list[str], tokenizer: Any, max_length: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids `[N, T]` padded to the longest row, truncated at the length, and their
+    attention mask (1: text, 0: padding)."""
     limit = max_length or min(int(getattr(tokenizer, "model_max_length", LONGEST)), LONGEST)
     encoded = tokenizer(
         texts,
         padding="longest",
         truncation=True,
         max_length=limit,
-        return_attention_mask=False,
+        return_attention_mask=True,
         return_tensors="np",
     )
-    return np.asarray(encoded["input_ids"], dtype=np.int64)
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    return ids, np.asarray(encoded["attention_mask"], dtype=np.int64)
 
 
 def tokenized(table: Table, source: str, max_length: int | None) -> Table:
-    """`table` with its text column replaced by token ids (cached by content)."""
+    """`table` with its text column replaced by token ids (cached by content), the padding's
+    attention mask folded in where any row is padded."""
     texts = text_column(table)
     path = _directory(source)
     key = hashlib.sha256()
-    for part in (_fingerprint(path), str(max_length), table.names[0]):
+    for part in (_fingerprint(path), str(max_length), table.names[0], "ids+mask"):
         key.update(part.encode() + b"\0")
     for text in texts:
         key.update(text.encode("utf-8", "surrogatepass") + b"\0")
     cached = cache_root() / "tokens" / f"{key.hexdigest()}.npy"
     if cached.is_file():
-        ids = np.load(cached, allow_pickle=False)
+        ids = np.load(cached, allow_pickle=False)  # folded: a padded position holds ~id
     else:
-        ids = token_ids(texts.tolist(), load_tokenizer(source), max_length)
+        ids = fold(*token_ids(texts.tolist(), load_tokenizer(source), max_length))
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp")
         with open(partial, "wb") as out:
             np.save(out, ids, allow_pickle=False)
         partial.replace(cached)  # whole or absent: another run may read it at once
+    masked = bool((ids < 0).any())
     names = [f"t{i}" for i in range(ids.shape[1])]
     return Table(
         ids,
@@ -131,4 +140,5 @@ def tokenized(table: Table, source: str, max_length: int | None) -> Table:
         frame=None,
         encode=False,
         label=table.label,
+        masked=masked,
     )

@@ -13,6 +13,8 @@ fitted at training time are applied here, so callers never repeat them; a model 
 features (token ids: `dtype` int64 in `preprocess.json`) gets them as int64, never
 standardized. An empty cell (NaN) in a column the model has no imputer for, or inf, is refused
 with one line naming the column and row.
+A model of token ids with attention masks (its ONNX graph takes `input_ids` and
+`attention_mask`) takes a dict of both arrays.
 Output: `prediction` (the original class label) and one `proba_<label>` column per class; for
 a regression model (`task` in `preprocess.json`) `prediction` alone, the model's one output in
 the label's units (`* target_scale + target_mean`, the standardization of the training target).
@@ -38,14 +40,16 @@ class Classifier(PythonModel):
             session = ort.InferenceSession(
                 context.artifacts["onnx"], opts, providers=["CPUExecutionProvider"]
             )
-            name = session.get_inputs()[0].name
-            self.logits = lambda z: session.run(None, {name: z})[0]
+            names = [i.name for i in session.get_inputs()]
+            self.logits = lambda *z: session.run(None, dict(zip(names, z, strict=True)))[0]
         else:
             import torch
 
             module = torch.jit.load(context.artifacts["torchscript"], map_location="cpu").eval()
 
-            def logits(z):
+            def logits(z, mask=None):
+                if mask is not None:  # ids and mask folded, as the module was traced on
+                    z = np.where(mask != 0, z, ~z)
                 with torch.inference_mode():
                     return module(torch.from_numpy(z)).numpy()
 
@@ -69,6 +73,11 @@ class Classifier(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """`model_input`: a DataFrame of the raw columns, or the ndarray a tensor signature names
         (MLflow validates it against the signature; it infers nothing from this hint)."""
+        if isinstance(model_input, dict):  # input_ids and attention_mask, as the signature says
+            ids = np.asarray(model_input["input_ids"])
+            mask = np.asarray(model_input["attention_mask"]).reshape(len(ids), -1)
+            z = ids.reshape(len(ids), -1).astype(np.int64)
+            return self.answers(self.logits(z, mask.astype(np.int64)).astype(np.float64))
         if self.tensor:
             X = self.flat(np.asarray(model_input))
         else:
@@ -77,7 +86,10 @@ class Classifier(PythonModel):
             z = (np.rint(X) if X.dtype.kind == "f" else X).astype(self.dtype)
         else:
             z = ((X.astype(np.float64, copy=False) - self.mean) / self.scale).astype(np.float32)
-        logits = self.logits(z).astype(np.float64)
+        return self.answers(self.logits(z).astype(np.float64))
+
+    def answers(self, logits: np.ndarray) -> pd.DataFrame:
+        """The model's outputs as the user reads them: classes and probabilities, or values."""
         if self.regression:
             return pd.DataFrame({"prediction": logits[:, 0] * self.target_scale + self.target_mean})
         logits -= logits.max(axis=1, keepdims=True)

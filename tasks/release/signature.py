@@ -25,8 +25,15 @@ regression model: `prediction` alone). `distill predict` and the promotion gates
 rows to either form with `model_input` (a tensor model trained on named columns gets them by
 name, one trained on an array by position).
 
-No attention mask is part of the signature: the data carries none (a Hugging Face teacher's
-mask comes from `config.pad_token_id` inside the graph: tasks/compress/hf.py).
+Token ids that came with attention masks (an npz's `X_*_mask` arrays, a tokenizer's padding:
+tasks/compress/masks.py) give a signature of two named tensors, `input_ids` and
+`attention_mask` (the mask in the user's dtype, int64 for a tokenizer's), and the served model
+takes a dict of both. Both are required: MLflow 3.17's `TensorSpec` has no optional inputs
+(ColSpec's `required` has no tensor counterpart), and the served graph needs the mask as an
+input. A file's rows read for such a model (`distill predict`, the gates' held-out rows) are ids
+with all-ones masks, or the data's own rows with their masks. Without masks there is one
+tensor, and a Hugging Face model's mask comes from `config.pad_token_id` inside the graph
+(tasks/compress/hf.py).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import pandas as pd
 
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import OnnxModel, TorchScriptModel
+from distill.tasks.compress.masks import IDS, MASK, unfold
 from distill.tasks.compress.quantize import input_axes
 from distill.tasks.compress.rows import npy_header
 from distill.tasks.platform.errors import UserError
@@ -57,6 +65,7 @@ class TensorInput:
     shape: tuple[int, ...]
     dtype: np.dtype
     features: list[str] | None = None
+    mask: np.dtype | None = None  # the attention mask's dtype: the rows are `input_ids` + mask
 
     @property
     def values_per_row(self) -> int | None:
@@ -65,12 +74,28 @@ class TensorInput:
     def schema(self) -> Any:
         from mlflow.types import Schema, TensorSpec
 
+        if self.mask is not None:
+            return Schema(
+                [
+                    TensorSpec(self.dtype, (-1, *self.shape), IDS),
+                    TensorSpec(self.mask, (-1, *self.shape), MASK),
+                ]
+            )
         return Schema([TensorSpec(self.dtype, (-1, *self.shape))])
 
-    def rows(self, X: np.ndarray, where: str) -> np.ndarray:
+    def rows(self, X: np.ndarray, where: str) -> Any:
         """Rows of any trailing shape holding the same values per row (a CSV's columns, images
         flattened or not) in this shape and dtype; integers only where the model takes integers.
-        One UserError naming `where` otherwise."""
+        One UserError naming `where` otherwise. A model of ids and masks gets the dict of both
+        (rows with masks folded in, as the data holds them, give their own; plain ids all
+        ones)."""
+        X = self._rows(X, where)
+        if self.mask is None:
+            return X
+        ids, mask = unfold(X)
+        return {IDS: ids.astype(self.dtype), MASK: mask.astype(self.mask)}
+
+    def _rows(self, X: np.ndarray, where: str) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim == 0 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
             raise UserError(f"{where}: expected rows of numbers, got {X.dtype} {list(X.shape)}")
@@ -110,7 +135,10 @@ def tensor_input(data: Dataset, served: OnnxModel | TorchScriptModel) -> TensorI
         features = None if ids else list(data.feature_names)
     if len(shape) == 1 and ids and input_axes(served)[1:2] == [None]:
         shape = (-1,)
-    return TensorInput(shape, dtype, features)
+    mask = None
+    if data.masked:  # the npz's mask arrays' dtype (bool or an integer); a tokenizer's: int64
+        mask = _npz_mask_dtype(Path(ref)) if kind == "npz" else np.dtype(np.int64)
+    return TensorInput(shape, dtype, features, mask)
 
 
 def _npz_rows(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -121,6 +149,14 @@ def _npz_rows(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         with z.open(member) as f:
             shape, _, dtype = npy_header(f)
     return tuple(shape[1:]), np.dtype(dtype)
+
+
+def _npz_mask_dtype(path: Path) -> np.dtype:
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        member = next(m for m in ("X_mask.npy", "X_train_mask.npy") if m in names)
+        with z.open(member) as f:
+            return np.dtype(npy_header(f)[2])
 
 
 def example_rows(data: Dataset, tensor: TensorInput | None, n: int = 5) -> Any:
@@ -139,9 +175,10 @@ def tensor_input_of(model: Any) -> TensorInput | None:
     schema = model.metadata.get_input_schema()
     if schema is None or not schema.is_tensor_spec():
         return None
-    (spec,) = schema.inputs
+    spec = schema.inputs[0]
     features = (model.metadata.metadata or {}).get(FEATURES)
-    return TensorInput(tuple(spec.shape[1:]), np.dtype(spec.type), features)
+    mask = np.dtype(schema.inputs[1].type) if len(schema.inputs) == 2 else None
+    return TensorInput(tuple(spec.shape[1:]), np.dtype(spec.type), features, mask)
 
 
 def input_columns(model: Any) -> dict[str, str] | None:

@@ -31,6 +31,7 @@ from transformers import (
 
 from distill.tasks.compress.data import load_dataset
 from distill.tasks.compress.hf import HFLogits, hf_model
+from distill.tasks.compress.masks import unfold
 from distill.tasks.compress.pipeline import PLAIN_STEPS, compress
 from distill.tasks.compress.teacher import check_teacher, load_teacher
 from distill.tasks.platform.config import DataConfig, TeacherConfig, build_config
@@ -511,12 +512,20 @@ def test_a_text_column_is_tokenized_once_into_int64_ids(tmp_path, monkeypatch):
         return load_dataset(cfg.data, seed)
 
     data = load(0)
-    expected = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)(
+    encoded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)(
         texts, padding="longest"
-    )["input_ids"]
+    )
+    expected = [
+        (tuple(i), tuple(m))
+        for i, m in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+    ]
     rows = np.concatenate([data.X_train, data.X_val, data.X_test])
     assert rows.dtype == np.int64 and rows.shape == (90, 10)  # [CLS] + 8 words + [SEP]
-    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, expected))
+    # the tokenizer's attention mask travels folded into the ids (tasks/compress/masks.py)
+    assert data.masked
+    ids, mask = unfold(rows)
+    got = [(tuple(i), tuple(m)) for i, m in zip(ids.tolist(), mask.tolist(), strict=True)]
+    assert sorted(got) == sorted(expected)
     assert data.feature_names == [f"t{i}" for i in range(10)] and data.input_shape == (10,)
 
     # the second load reads the ids back: the tokenizer is not loaded again
