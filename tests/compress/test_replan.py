@@ -13,7 +13,7 @@ import torch
 
 from distill.tasks.compress.evaluate import TorchScriptModel
 from distill.tasks.compress.quantize import Quantized
-from distill.tasks.compress.replan import PRUNE_CUT, next_params, refit_to_target
+from distill.tasks.compress.replan import PRUNE_CUT, next_params, refit_to_target, untried
 from distill.tasks.compress.target import Build, Check, Costs, Fitted, plan_target
 from distill.tasks.platform.config import TargetConfig, build_config
 from distill.tasks.platform.errors import UserError
@@ -210,6 +210,21 @@ def test_a_rebuild_that_meets_the_size_but_breaks_the_guard_is_bisected_not_a_st
     _, fitted = _run(World(12_000, 1.0, guard_floor=7_500, lands=0.83), max_rebuilds=1)
     assert fitted.builds[-1].then == "stopped: it broke the guard (not shipped)"
     assert not fitted.met and "build 0 of 2 shipped" in fitted.bound
+
+
+def test_a_budget_next_to_one_built_moves_to_the_middle_of_the_budgets_either_side():
+    # CNN1d 32-64, size_kb=7.8: budget 1,638 built 1,354 params (the guard broke), 1,973 built
+    # 1,963 (over the limit); 1,631 params wanted, scaled from the last build: budget 1,639,
+    # next to 1,638, which built 1,354 again
+    def build(n, budget, params):
+        return Build(n, budget, params, "int8", 0.0, 0.0, 0.0, params, True, False, "")
+
+    builds = [build(0, 3_173, 3_162), build(1, 1_638, 1_354), build(2, 1_973, 1_963)]
+    middle = round((1_638 * 1_973) ** 0.5)
+    assert untried(1_639, 1_631, builds) == middle
+    assert untried(1_950, 1_631, builds) == middle  # next to 1,973
+    assert untried(1_800, 1_631, builds) == 1_800  # clear of both
+    assert untried(1_639, 1_631, builds[:1]) == 1_639  # nothing built below the want yet
 
 
 def test_the_next_budget_stays_inside_the_bracket():
