@@ -23,7 +23,9 @@ student is distilled from there. `smallest_within` then searches, one candidate 
   rebuild that was not within); a cut that breaks it is rolled back, and the next one aims at
   the geometric middle between the last kept model and the smallest that broke it;
 - it stops when the builds are spent, when the next cut would remove under `MIN_CUT` of the
-  parameters, or at the smallest reachable model.
+  parameters, when it would land at or below the last that broke the guard (units are whole: a
+  cut aimed between them may land on it again, as CNN1d 32-64's did six times at 598 params),
+  or at the smallest reachable model.
 
 The guard is the targets' (tasks/compress/guard.py): a candidate is rolled back when its
 float model's drop is above the allowance with `target.confidence`, on the paired validation
@@ -168,6 +170,12 @@ def smallest_within(
         candidate = cut_toward(model, data, groups, want, search.prune.criterion)
         if _params(candidate) >= params:  # the widths cannot go lower by whole units
             stop = f"the smallest reachable model ({params:,} params)"
+            break
+        if broke is not None and _params(candidate) <= broke:  # whole units skip the bracket
+            stop = (
+                f"no cut by whole units lands between {params:,} params (kept) and {broke:,} "
+                f"({broke_by}): it cut to {_params(candidate):,}"
+            )
             break
         candidate, round_history = recover(
             candidate,
