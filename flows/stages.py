@@ -33,6 +33,7 @@ from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import Reduction, reduce_model
+from distill.tasks.compress.replan import BuildAt
 from distill.tasks.compress.smallest import smallest_within
 from distill.tasks.compress.target import (
     Costs,
@@ -151,8 +152,11 @@ def fit_task(search: Search, student: nn.Module, max_cut: float = 1.0) -> Fitted
     cache_policy=STAGE_CACHE,
     persist_result=True,
 )
-def smallest_task(search: Search, student: nn.Module, builds: int) -> Fitted:
-    return smallest_within(search, student, builds)
+def smallest_task(
+    search: Search, student: nn.Module, builds: int, build_at: BuildAt | None = None
+) -> Fitted:
+    # with `build_at` (a function: no cache key) not cached; its rebuilds' stages are
+    return smallest_within(search, student, builds, build_at)
 
 
 @task(

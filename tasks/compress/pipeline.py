@@ -357,7 +357,7 @@ def compress(
             # the drop (for an unreachable size, what comes closest without breaking the guard)
             if plan.kind == SMALLEST or (not plan.reachable and plan.unit == "bytes"):
                 with onnx_export_lock():
-                    fitted = steps.smallest(search, finetuned, cfg.target.max_builds)
+                    fitted = steps.smallest(search, finetuned, cfg.target.max_builds, rebuild)
             else:  # each build fitted under the export lock, rebuilt outside it
                 fitted = refit_to_target(
                     plan, costs, finetuned, rebuild, fit_one, cfg.target.max_rebuilds

@@ -26,10 +26,13 @@ reconstruct, KD) the fit exports and measures it (`fit_to_target`), then:
 
 The guard decides every build as it decides every step (tasks/compress/guard.py): a build whose
 served model breaks it is never shipped while one that keeps it exists, and the next rebuild
-bisects between it and the smallest build that missed; where the planned build itself breaks
-it, the loop stops (a smaller student keeps the guard less). What ships is the build that met the
-target, else the guard-keeping build closest to the limit, else the first build. Unreachable
-plans (below the smallest model) and drop-only targets take no rebuilds.
+bisects between it and the smallest build that missed, also where it met the limit (CNN1d 32-64,
+`size_kb=7.8`: a rebuild at 1,354 params measured 6.6 KB and broke the guard; the loop used to
+stop there, logging "stopped: met", and ship the 13.7 KB build 0); where the planned build itself
+breaks it, the loop stops (a smaller student keeps the guard less). What ships is the build that
+met the target, else the guard-keeping build closest to the limit, else the first build.
+Unreachable plans (below the smallest model) and drop-only targets take no rebuilds here: their
+search (smallest.py) rebuilds at smaller budgets with the same `BuildAt` and `budget_for`.
 
 Latency moves with the load, so it is measured as the median of `LATENCY_TRIES` p50s (target.py's
 `achieved`), the loop aims `LATENCY_MARGIN` under the limit, a secant is used only when its slope
@@ -148,7 +151,9 @@ def refit_to_target(
                 if closed and rebuilds_allowed
                 else "stopped"
             )
-        elif fitted.stop in ("cut", "rolled back", "rounds", "guard"):
+        elif fitted.stop in ("cut", "rolled back", "rounds", "guard") or not served_ok:
+            # a rebuild that met the limit but broke the guard is a bracket's lower end: the next
+            # rebuild aims between it and the smallest build that missed (`next_params`)
             this = Build(
                 len(builds), budget, params, fmt, 0.0, measured, 0.0, 0, served_ok, False, ""
             )
@@ -176,10 +181,31 @@ def refit_to_target(
         fits.append(fitted)
         if want is None:
             break
-        # the reduce stage lands near, not on, its budget: scale by what it built for the last
-        budget = max(plan.smallest_params, round(want * budget / max(params, 1)))
+        budget = untried(budget_for(want, budget, params, plan.smallest_params), want, builds)
         model = build_at(budget)
     return _shipped(plan, fits, builds)
+
+
+def untried(budget: int, want: int, builds: list[Build]) -> int:
+    """`budget`, unless it is within `MIN_STEP` of the budget of a build that landed on the other
+    side of `want` from the nearest build beyond it: the reduce stage keeps whole units, so a
+    budget next to one already built lands where that one did (CNN1d 32-64, `size_kb=7.8`: budgets
+    1,638 and 1,639 both built 1,354 params, the guard broken). Then the geometric middle of the
+    two budgets that landed either side of `want` (there 1,798: 1,794 params, the guard kept)."""
+    below = [b.budget for b in builds if b.params < want]
+    above = [b.budget for b in builds if b.params > want]
+    if not below or not above:
+        return budget
+    low, high = max(below), min(above)
+    if high <= low * (1 + MIN_STEP) or low * (1 + MIN_STEP) < budget < high * (1 - MIN_STEP):
+        return budget
+    return round(math.sqrt(low * high))
+
+
+def budget_for(want: int, budget: int, params: int, smallest: int) -> int:
+    """The reduce budget that should build `want` parameters, given that `budget` built
+    `params`: the reduce stage lands near, not on, its budget (scaled by what it built last)."""
+    return max(smallest, round(want * budget / max(params, 1)))
 
 
 def _shipped(plan: Plan, fits: list[Fitted], builds: list[Build]) -> Fitted:

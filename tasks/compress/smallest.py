@@ -4,14 +4,28 @@
 The plan (tasks/compress/target.py, kind `smallest`) is an unreachable one: the reduce stage
 starts from the smallest budget whose reconstruction keeps the guard (`smallest_start`), and the
 student is distilled from there. `smallest_within` then searches, one candidate build at a time
-(at most `target.max_builds`; each a structured pruning step with KD recovery, an export and a
-guard check):
+(at most `target.max_builds`; each exported and checked by the guard):
 
-- from the last kept model, cut to half its parameters while the guard holds;
-- a cut that breaks it is rolled back, and the next one aims at the geometric middle between
-  the last kept model and the smallest that broke it (a bisection on the parameter count);
+- **rebuilds** (at most half the builds, rounded up: `rebuild_share`): the reduce, reconstruct and
+  KD stages again, from the teacher, at a smaller budget (the closed loop's `BuildAt`,
+  tasks/compress/replan.py, with its `budget_for`). Each aims at the geometric middle of the
+  bracket between the largest candidate whose drop was not within the allowance (at first the
+  smallest reachable model) and the smallest that was (at first the start; the teacher where the
+  start is not): a bisection on the log of the parameter count, stopped when the bracket is
+  narrower than `MIN_CUT` either side. Reconstruction before KD is what the start's budget was
+  chosen by; KD brings much smaller reductions back within the drop, which pruning the start's
+  larger student does not (ResNet1d-32 of the targets grid, docs/benchmarks.md: pruning its start,
+  22,388 params, went no lower than 11,684 within the drop, 29.1 KB; a reduction to 988 params,
+  distilled, was within it, 9.7 KB).
+- **pruning rounds** (the rest), from the smallest candidate within the drop so far: a
+  structured pruning step with KD recovery. From the last kept model, cut to half its parameters
+  while the guard holds (after rebuilds: to the geometric middle between it and the largest
+  rebuild that was not within); a cut that breaks it is rolled back, and the next one aims at
+  the geometric middle between the last kept model and the smallest that broke it;
 - it stops when the builds are spent, when the next cut would remove under `MIN_CUT` of the
-  parameters, or at the smallest reachable model.
+  parameters, when it would land at or below the last that broke the guard (units are whole: a
+  cut aimed between them may land on it again, as CNN1d 32-64's did six times at 598 params),
+  or at the smallest reachable model.
 
 The guard is the targets' (tasks/compress/guard.py): a candidate is rolled back when its
 float model's drop is above the allowance with `target.confidence`, on the paired validation
@@ -33,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -41,6 +56,7 @@ from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, 
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.prune import prunable_groups, recover
 from distill.tasks.compress.quantize import Quantized
+from distill.tasks.compress.replan import BuildAt, budget_for
 from distill.tasks.compress.target import (
     SMALLEST,
     Candidate,
@@ -75,11 +91,16 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitted:
-    """The search of the module's docstring, from `student` (the distilled start), at most
-    `builds` pruned candidates. The export is the quantize stage's, in the plan's format, unless
-    `search.export` replaces it. For a size plan below the smallest reachable model it ships the
-    closest file, met only where that is within the plan's limit."""
+def smallest_within(
+    search: Search, student: nn.Module, builds: int = 6, build_at: BuildAt | None = None
+) -> Fitted:
+    """The search of the module's docstring, from `student` (the distilled start, built at
+    `search.plan.reduce_params`), at most `builds` candidates: with `build_at` (the reduce,
+    reconstruct and KD stages at a parameter budget, replan.py's) up to `rebuild_share(builds)`
+    of them rebuilt from the teacher at smaller budgets, then pruning rounds. The export is the
+    quantize stage's, in the plan's format, unless `search.export` replaces it. For a size plan
+    below the smallest reachable model it ships the closest file, met only where that is within
+    the plan's limit."""
     data, plan, guard = search.data, search.plan, search.guard
 
     def measure(model: nn.Module, check: Check) -> _Built:
@@ -105,12 +126,30 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
     params = _params(model)
     start = measure(model, guard.check("start", torch_predictor(model), params))
     kept, frontier, checks = [start], [start.point], [start.check]
-    history, rolled_back = History(), []
-    broke: int | None = None  # the parameter count of the last cut that broke the guard
-    built = 0
+    rolled_back: list[str] = []
+    rebuilt, rebuild_stop = _rebuild(search, start, build_at, rebuild_share(builds), measure)
+    for b in rebuilt:
+        frontier.append(b.point)
+        checks.append(b.check)
+        if b.point.kept:
+            kept.append(b)
+        else:
+            rolled_back.append(b.check.step)
+    built = len(rebuilt)
+    # pruning goes on from the smallest candidate within the drop (the start where none is)
+    base = min((b for b in kept if _shippable(b)), key=lambda b: b.point.params, default=start)
+    model, params = base.model, base.point.params
+    history = History()
+    # the parameter count of the last cut that broke the guard: after rebuilds, the largest
+    # rebuild below the base that was not within (the bisection goes on between them)
+    broke: int | None = max(
+        (b.point.params for b in rebuilt if not _shippable(b) and b.point.params < params),
+        default=None,
+    )
+    broke_by = "not within the drop" if broke is not None else "broke the guard"
     while True:
-        if not start.point.kept:
-            stop = f"the start broke the guard: {guard.why(start.served_check)}"
+        if not base.point.kept:
+            stop = f"the start broke the guard: {guard.why(base.served_check)}"
             break
         if built >= builds:
             stop = f"{built} builds spent (target.max_builds)"
@@ -122,7 +161,7 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
         groups = prunable_groups(model, data.X_train[:2])
         if want > params * (1 - MIN_CUT) or not groups:
             stop = (
-                f"a cut between {params:,} params (kept) and {broke:,} (broke the guard) would "
+                f"a cut between {params:,} params (kept) and {broke:,} ({broke_by}) would "
                 f"remove under {MIN_CUT:.0%}"
                 if broke is not None and want > plan.smallest_params
                 else f"the smallest reachable model ({params:,} params)"
@@ -131,6 +170,12 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
         candidate = cut_toward(model, data, groups, want, search.prune.criterion)
         if _params(candidate) >= params:  # the widths cannot go lower by whole units
             stop = f"the smallest reachable model ({params:,} params)"
+            break
+        if broke is not None and _params(candidate) <= broke:  # whole units skip the bracket
+            stop = (
+                f"no cut by whole units lands between {params:,} params (kept) and {broke:,} "
+                f"({broke_by}): it cut to {_params(candidate):,}"
+            )
             break
         candidate, round_history = recover(
             candidate,
@@ -142,7 +187,8 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
             search.device,
         )
         built += 1
-        check = guard.check(f"prune round {built}", torch_predictor(candidate), _params(candidate))
+        rounds = built - len(rebuilt)
+        check = guard.check(f"prune round {rounds}", torch_predictor(candidate), _params(candidate))
         checks.append(check)
         tried = measure(candidate, check)
         frontier.append(tried.point)
@@ -153,7 +199,7 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
             kept.append(tried)
         else:
             rolled_back.append(check.step)
-            broke = check.params  # between the kept model and the last that broke
+            broke, broke_by = check.params, "broke the guard"  # bisect between them
     eligible = [b for b in kept if b.point.kept] or [start]  # a start that broke it ships
     within = [b for b in eligible if _within(b.served_check)]
     chosen = min(within or eligible, key=lambda b: (b.point.size_bytes, b.point.params))
@@ -162,9 +208,12 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
     if chosen.int8_check is not None:
         checks.append(replace(chosen.int8_check, step="int8"))
     n_kept = sum(p.kept for p in frontier[1:])
+    rebuilds = (
+        f" ({len(rebuilt)} rebuilt from the reduce stage: {rebuild_stop})" if rebuild_stop else ""
+    )
     bound = (
-        f"{built} builds: {n_kept} kept, {len(rolled_back)} rolled back; stopped: {stop}; "
-        f"shipped {chosen.point.name} ({chosen.point.served_as})"
+        f"{built} builds{rebuilds}: {n_kept} kept, {len(rolled_back)} rolled back; stopped: "
+        f"{stop}; shipped {chosen.point.name} ({chosen.point.served_as})"
     )
     if smaller:
         bound += (
@@ -178,10 +227,12 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
             "below the smallest reachable model: the smallest file within the drop instead; "
             + bound
         )
+    # a pruning round's curves where one is shipped (a rebuild's KD is not recorded here)
+    shipped_history = history if chosen.point.name.startswith("prune") else History()
     return Fitted(
         chosen.model,
         chosen.quantized,
-        history,
+        shipped_history,
         checks,
         rolled_back,
         chosen.served_check,
@@ -190,6 +241,52 @@ def smallest_within(search: Search, student: nn.Module, builds: int = 6) -> Fitt
         bound,
         frontier,
     )
+
+
+def rebuild_share(builds: int) -> int:
+    """How many of a search's `builds` may be rebuilds from the reduce stage (each a whole KD):
+    half, rounded up; the rest are pruning rounds (a few recovery epochs each)."""
+    return builds - builds // 2
+
+
+def _shippable(b: _Built) -> bool:
+    return b.point.kept and _within(b.served_check)
+
+
+def _rebuild(
+    search: Search,
+    start: _Built,
+    build_at: BuildAt | None,
+    most: int,
+    measure: Callable[[nn.Module, Check], _Built],
+) -> tuple[list[_Built], str]:
+    """Up to `most` candidates rebuilt from the teacher (`build_at`: reduce, reconstruct, KD),
+    each at the geometric middle of the bracket between the largest candidate that was not within
+    the drop (else the smallest reachable model) and the smallest that was (else the teacher); and
+    why they stopped ('' where none could be built)."""
+    plan, guard = search.plan, search.guard
+    if build_at is None or most < 1:
+        return [], ""
+    tried: list[_Built] = []
+    budget, params = plan.reduce_params, start.point.params  # what the reduce stage built last
+    stop = f"at most {most}, half the builds"
+    while len(tried) < most:
+        done = [start, *tried]
+        upper = min((b.point.params for b in done if _shippable(b)), default=plan.teacher_params)
+        lower = max(
+            (b.point.params for b in done if not _shippable(b) and b.point.params < upper),
+            default=plan.smallest_params,
+        )
+        want = int(math.sqrt(lower * upper))
+        if want > upper * (1 - MIN_CUT) or want < lower * (1 + MIN_CUT):
+            stop = f"no size between {lower:,} and {upper:,} params {MIN_CUT:.0%} from both"
+            break
+        budget = budget_for(want, budget, params, plan.smallest_params)
+        model = build_at(budget).eval()
+        params = _params(model)
+        name = f"rebuild {len(tried) + 1}"
+        tried.append(measure(model, guard.check(name, torch_predictor(model), params)))
+    return tried, stop
 
 
 def frontier_table(rows: list[dict[str, object]], metric: str = "accuracy") -> str:

@@ -880,8 +880,8 @@ def plan_for_target(
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
         then = (
-            f"then pruned while the guard holds, bisecting a cut that breaks it, at most "
-            f"{target.max_builds} builds (target.max_builds)"
+            f"then rebuilt at smaller budgets and pruned while the guard holds, bisecting, at "
+            f"most {target.max_builds} builds (target.max_builds)"
             if plan.kind == SMALLEST
             else "then pruned toward the smallest model while the guard holds"
         )

@@ -196,9 +196,10 @@ class TargetConfig(Strict):
     # a step is rolled back when its drop is above the allowance with this confidence
     # (one-sided paired bootstrap on the validation rows: tasks/compress/guard.py)
     confidence: float = Field(0.9, ge=0.5, lt=1)
-    # drop-only target (and a file size below the smallest reachable, at this default): pruned
-    # candidates built at most (each pruned, KD-recovered, exported and checked); the search
-    # halves the parameters while the guard holds, then bisects
+    # drop-only target (and a file size below the smallest reachable, at this default):
+    # candidates built at most (each exported and checked): up to half rebuilt from the teacher
+    # at smaller reduce budgets (reduce, reconstruct, KD; a bisection), the rest pruning rounds
+    # (pruned, KD-recovered) that halve the parameters while the guard holds, then bisect
     max_builds: int = Field(6, ge=1)
     # size or latency target: rebuilds from the reduce stage at a budget corrected by what the
     # last build's served model measured, where pruning would not close the miss (0: none)

@@ -20,7 +20,12 @@ import distill
 from distill.tasks.compress.architectures import build_mlp
 from distill.tasks.compress.guard import Decision
 from distill.tasks.compress.plots import frontier_figure
-from distill.tasks.compress.smallest import MIN_CUT, frontier_table, smallest_within
+from distill.tasks.compress.smallest import (
+    MIN_CUT,
+    frontier_table,
+    rebuild_share,
+    smallest_within,
+)
 from distill.tasks.compress.target import Candidate, Guard, Search, plan_target, smallest_params
 from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config, load_config
 from distill.tasks.platform.errors import UserError
@@ -102,9 +107,16 @@ class KeepsAbove(Guard):
 
     floor: int = 0
     within_floor: int = 0  # below it, a kept model's drop is above the allowance (unresolved)
+    # a rebuild from the teacher (reduce, reconstruct, KD) keeps it down to this many parameters
+    # instead (within, else over): a reduction distilled keeps more than a pruned student
+    rebuild_floor: int | None = None
 
     def check(self, step, predict, params):
         real = super().check(step, predict, params)
+        if self.rebuild_floor is not None and step.startswith("rebuild"):
+            keeps = params >= self.rebuild_floor
+            verdict = "within" if keeps else "over"
+            return replace(real, ok=keeps, decision=Decision(real.drop, 0.0, 0.02, 1, 0.0, verdict))
         verdict = "within" if params >= self.within_floor else "unresolved"
         decision = Decision(real.drop, 0.0, 0.02, len(self.y_val), 0.0, verdict)
         if params < self.floor:
@@ -112,7 +124,14 @@ class KeepsAbove(Guard):
         return replace(real, ok=params >= self.floor, decision=decision)
 
 
-def _search(digits, floor_of, builds, within_of=lambda n: 0):
+def _mlp_at(budget: int) -> torch.nn.Module:
+    """A 64-h-h-10 MLP with the widest h whose h² + 76h + 10 parameters fit `budget`: what the
+    reduce stage would build at that budget (near, not on it)."""
+    h = max(1, int((-76 + math.sqrt(76**2 - 4 * (10 - budget))) / 2))
+    return build_mlp(64, [h, h], 10)
+
+
+def _search(digits, floor_of, builds, within_of=lambda n: 0, rebuild_floor_of=None, build_at=None):
     cfg = PipelineConfig()
     torch.manual_seed(0)
     student = build_mlp(64, [48, 48], 10)
@@ -120,8 +139,15 @@ def _search(digits, floor_of, builds, within_of=lambda n: 0):
     target = TargetConfig(max_accuracy_drop=0.01)
     example = torch.zeros(2, 64)
     plan = plan_target(target, {"fp32": COSTS["fp32"]}, n, smallest_params(student, example), n)
+    plan = replace(plan, reduce_params=n)  # the budget the start was built at
     guard = KeepsAbove(
-        0.0, 1.0, digits.X_val, digits.y_val, floor=floor_of(n), within_floor=within_of(n)
+        0.0,
+        1.0,
+        digits.X_val,
+        digits.y_val,
+        floor=floor_of(n),
+        within_floor=within_of(n),
+        rebuild_floor=rebuild_floor_of(n) if rebuild_floor_of else None,
     )
     search = Search(
         student,
@@ -135,7 +161,7 @@ def _search(digits, floor_of, builds, within_of=lambda n: 0):
         seed=0,
         latency_repeats=3,
     )
-    fitted = smallest_within(search, student, builds=builds)
+    fitted = smallest_within(search, student, builds, build_at)
     return fitted, n, floor_of(n)
 
 
@@ -195,6 +221,80 @@ def test_what_ships_is_the_smallest_file_whose_drop_is_within(digits):
     assert shipped == [min(within, key=lambda c: c.size_bytes)]
     assert fitted.served_check is not None and fitted.served_check.decision.verdict == "within"
     assert "smaller kept candidate(s) lost more, not shown to exceed it" in fitted.bound
+
+
+@pytest.mark.parametrize("builds", [3, 6])
+def test_rebuilds_from_the_teacher_bisect_below_what_pruning_keeps(digits, builds):
+    # pruning keeps the guard down to 90 % of the start, a reduction distilled down to 15 %
+    # (ResNet1d-32 in the targets grid: pruning its 22,388-param start stopped at 11,684, a
+    # reduction to 988 params distilled was within); without rebuilds the search ships what
+    # pruning keeps, with them a smaller file, found by bisection
+    asked = []
+
+    def build_at(budget):
+        asked.append(budget)
+        return _mlp_at(budget)
+
+    floor_of, rebuild_floor_of = (lambda n: int(0.9 * n)), (lambda n: int(0.15 * n))
+    fitted, n, floor = _search(digits, floor_of, builds, rebuild_floor_of=rebuild_floor_of)
+    assert next(c.params for c in fitted.frontier if c.shipped) >= floor  # pruning alone
+    fitted, n, floor = _search(
+        digits, floor_of, builds, rebuild_floor_of=rebuild_floor_of, build_at=build_at
+    )
+    frontier, least = fitted.frontier, rebuild_floor_of(n)
+    rebuilt = [c for c in frontier if c.name.startswith("rebuild")]
+    assert len(rebuilt) == len(asked) == rebuild_share(builds) == builds - builds // 2
+    assert [c.name for c in frontier] == (
+        ["start"]
+        + [f"rebuild {i}" for i in range(1, len(rebuilt) + 1)]
+        + [f"prune round {i}" for i in range(1, len(frontier) - len(rebuilt))]
+    )
+    assert len(frontier) - 1 <= builds
+    assert any(
+        why in fitted.bound
+        for why in (f"{builds} builds spent", "no cut by whole units", "would remove under")
+    )
+    # each rebuild lies inside the bracket between the largest candidate not within (at first
+    # the smallest reachable model) and the smallest within (at first the start), near its
+    # geometric middle (the reduce stage lands near its budget)
+    lower, upper = smallest_params(_mlp_at(n), torch.zeros(2, 64)), n
+    for c in rebuilt:
+        assert lower < c.params < upper
+        assert math.log(c.params) == pytest.approx(math.log(lower * upper) / 2, rel=0.05)
+        assert c.kept == (c.params >= least)
+        lower, upper = (lower, c.params) if c.kept else (c.params, upper)
+    # pruning went on from the smallest rebuild within, toward the largest that was not
+    pruned = [c for c in frontier if c.name.startswith("prune")]
+    assert all(lower < c.params < upper for c in pruned) and not any(c.kept for c in pruned)
+    # what ships: the smallest file within, a rebuild below what pruning keeps, and its bracket
+    # is the bisection's: (n / smallest) ** (1 / 2 ** rebuilds) wide at most
+    shipped = [c for c in frontier if c.shipped]
+    assert len(shipped) == 1 and shipped[0] is min(
+        (c for c in frontier if c.kept), key=lambda c: c.size_bytes
+    )
+    assert shipped[0].name.startswith("rebuild") and least <= shipped[0].params < floor
+    width = (n / smallest_params(_mlp_at(n), torch.zeros(2, 64))) ** (1 / 2 ** len(rebuilt))
+    assert shipped[0].params / lower <= width * 1.05
+    assert fitted.met and fitted.quantized.served.params == shipped[0].params
+    assert f"{len(rebuilt)} rebuilt from the reduce stage" in fitted.bound
+
+
+def test_a_cut_that_lands_on_the_one_that_broke_is_not_built_again(digits, monkeypatch):
+    # whole units: every cut of this model lands at the same width (CNN1d 32-64's drop-only
+    # search built the same 598-param cut six times, each rolled back)
+    import distill.tasks.compress.smallest as smallest
+
+    monkeypatch.setattr(smallest, "cut_toward", lambda *args: build_mlp(64, [8, 8], 10))
+    fitted, n, floor = _search(digits, lambda n: n // 2, builds=6)
+    landed = sum(p.numel() for p in build_mlp(64, [8, 8], 10).parameters())
+    assert landed < floor
+    assert [(c.name, c.params, c.status) for c in fitted.frontier] == [
+        ("start", n, "shipped"),
+        ("prune round 1", landed, "rolled back"),
+    ]
+    assert f"no cut by whole units lands between {n:,} params (kept) and {landed:,}" in (
+        fitted.bound
+    )
 
 
 def test_a_start_that_breaks_the_guard_ships_unmet_and_builds_nothing(digits):
