@@ -291,17 +291,24 @@ class History:
     best_epoch: int = -1
     val_r2: list[float] = field(default_factory=list)  # regression, in place of val_accuracy
     # the held-out training rows' score that chose `best_epoch` (empty: the validation rows chose)
-    select_score: list[float] = field(default_factory=list)
+    select_accuracy: list[float] = field(default_factory=list)
+    select_r2: list[float] = field(default_factory=list)  # regression
     select_rows: int = 0  # how many held-out training rows chose it (0: the validation rows)
 
+    @property
+    def select_score(self) -> list[float]:
+        return self.select_r2 or self.select_accuracy
+
     def curves(self) -> dict[str, list[float]]:
+        """Each curve by its attribute's name (the pruning rounds' curves extend them by it)."""
         score = {"val_r2": self.val_r2} if self.val_r2 else {"val_accuracy": self.val_accuracy}
-        select = {"select_r2" if self.val_r2 else "select_accuracy": self.select_score}
+        chosen = {"select_r2": self.select_r2, "select_accuracy": self.select_accuracy}
+        select = {k: v for k, v in chosen.items() if v}
         return {
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
             **score,
-            **(select if self.select_score else {}),
+            **select,
             "lr": self.lr,
         }
 
@@ -441,7 +448,7 @@ def fit(
                     [model(xb).float() for xb in rows_on(chosen.X_select, device)]
                 )
             select_acc, select_loss = _scores(select_logits, y_select, regression)
-            history.select_score.append(select_acc)
+            (history.select_r2 if regression else history.select_accuracy).append(select_acc)
             history.select_rows = len(chosen.held)
             key = (select_acc, -select_loss)
         if key > best_key:
