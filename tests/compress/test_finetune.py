@@ -1,26 +1,36 @@
 import copy
+import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from distill.tasks.compress.architectures import build_cnn, build_mlp
+from distill.tasks.compress.data import load_dataset
 from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.finetune import (
+    HELD_OUT,
+    MIN_HELD_OUT,
     FeatureMatch,
     FitSettings,
+    History,
     _teacher_features,
     distill,
     feature_loss,
     feature_pairs,
     fit,
+    held_out_rows,
     kd_loss,
     predict_logits,
+    r2,
+    selection_of,
 )
 from distill.tasks.compress.graph import keep_units, trace
+from distill.tasks.compress.rows import Rows
 from distill.tasks.compress.width import WidthReport, reconstruct_width
-from distill.tasks.platform.config import FinetuneConfig
+from distill.tasks.platform.config import DataConfig, FinetuneConfig
 
 
 def test_kd_loss_matches_hand_computation():
@@ -88,7 +98,7 @@ def test_distillation_moves_the_student_toward_the_teacher(digits):
         == predict_logits(teacher, digits.X_test).argmax(1)
     ).mean()
     student2, _history = distill(
-        teacher, student, digits, FinetuneConfig(epochs=8, lr=5e-3), seed=0
+        teacher, student, digits, FinetuneConfig(epochs=10, lr=5e-3), seed=0
     )
     after = (
         predict_logits(student2, digits.X_test).argmax(1)
@@ -197,3 +207,99 @@ def test_no_optimizer_step_runs_while_another_thread_exports(digits, monkeypatch
         exporting.clear()
     trainer.join()
     assert len(steps_while_exporting) > 1 and not any(steps_while_exporting)
+
+
+# --- the rows that choose the epoch -----------------------------------------------------------
+
+
+def test_held_out_rows_are_stratified_seeded_and_leave_every_class_a_training_row():
+    sizes = {0: 50, 1: 30, 2: 7, 3: 1}  # class 3: one row, which must stay in training
+    y = np.repeat(list(sizes), list(sizes.values()))
+    np.random.default_rng(0).shuffle(y)
+    share = 0.1
+    held = held_out_rows(y, share, seed=4)
+    assert np.array_equal(held, np.unique(held))  # sorted, no row twice
+    for c, n in sizes.items():  # the share of each class, rounded; never a class's last row
+        assert (y[held] == c).sum() == min(round(share * n + 1e-9), n - 1)
+    assert np.array_equal(held, held_out_rows(y, share, seed=4))  # deterministic
+    assert not np.array_equal(held, held_out_rows(y, share, seed=5))  # and seeded
+    assert len(held_out_rows(y, 0.0, seed=4)) == 0
+    plain = held_out_rows(np.linspace(0, 1, 200), share, seed=4, stratify=False)  # regression
+    assert len(plain) == round(share * 200)
+
+
+def test_the_rows_that_choose_are_training_rows_no_fit_trains_on(digits):
+    chosen = selection_of(digits, HELD_OUT, seed=0)
+    n = len(digits.y_train)
+    assert len(chosen.held) >= MIN_HELD_OUT and not chosen.on_validation
+    assert len(chosen.y_train) + len(chosen.y_select) == n
+    assert np.array_equal(chosen.X_select, digits.X_train[chosen.held])
+    kept = np.setdiff1d(np.arange(n), chosen.held)
+    assert np.array_equal(chosen.X_train, digits.X_train[kept])
+    # and none of them is a validation row (the guard's): no row of X_select is in X_val
+    val = {row.tobytes() for row in digits.X_val}
+    assert not any(row.tobytes() in val for row in chosen.X_select)
+    # with no share held out, or too few rows to hold out, the validation rows choose
+    assert selection_of(digits, 0.0, seed=0).on_validation
+    small = dataclasses.replace(digits, X_train=digits.X_train[:50], y_train=digits.y_train[:50])
+    assert selection_of(small, HELD_OUT, seed=0).on_validation
+
+
+def test_rows_on_disk_are_held_out_as_rows_on_disk(digits, tmp_path):
+    np.save(tmp_path / "x.npy", digits.X_train.astype(np.float32))
+    on_disk = Rows(tmp_path / "x.npy", np.arange(len(digits.X_train)), "digits-train")
+    chosen = selection_of(dataclasses.replace(digits, X_train=on_disk), HELD_OUT, seed=0)
+    assert isinstance(chosen.X_select, Rows) and isinstance(chosen.X_train, Rows)
+    assert np.array_equal(np.asarray(chosen.X_select), digits.X_train[chosen.held])
+
+
+def _fit_with_val_labels(digits, y_val: np.ndarray, held_out: float):
+    torch.manual_seed(0)
+    noisy = dataclasses.replace(digits, y_val=y_val)
+    settings = FitSettings(epochs=6, lr=3e-2, batch_size=64, patience=6, held_out=held_out)
+    return fit(build_mlp(64, [16], 10), noisy, settings)
+
+
+def test_the_guards_rows_have_no_say_in_the_epoch_restored(digits):
+    """Validation labels replaced by noise: the model restored is the same, weight for weight, and
+    its epoch the best on the held-out training rows; the validation rows' scores (the curves)
+    do follow the noise. The teacher's rule (nothing held out) restores the best on them."""
+    noise = np.random.default_rng(1).integers(0, 10, len(digits.y_val))
+    (a, ha), (b, hb) = (_fit_with_val_labels(digits, y, HELD_OUT) for y in (digits.y_val, noise))
+    assert ha.select_rows == hb.select_rows > 0 and ha.select_score == hb.select_score
+    assert ha.best_epoch == hb.best_epoch and ha.select_score[ha.best_epoch] == max(ha.select_score)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key])
+    assert ha.val_accuracy != hb.val_accuracy  # the validation rows were scored, not consulted
+    _, old = _fit_with_val_labels(digits, noise, 0.0)
+    assert not old.select_score and old.val_accuracy[old.best_epoch] == max(old.val_accuracy)
+
+
+def test_distillation_chooses_its_epoch_on_held_out_training_rows(digits):
+    torch.manual_seed(0)
+    teacher = build_mlp(64, [32], 10)
+    _, history = distill(teacher, build_mlp(64, [16], 10), digits, FinetuneConfig(epochs=2), 0)
+    assert history.select_rows == len(held_out_rows(digits.y_train, HELD_OUT, 0))
+    assert history.select_score[history.best_epoch] == max(history.select_score)
+    merged = History()  # how the pruning rounds' curves are merged: by attribute name
+    for name, values in history.curves().items():
+        getattr(merged, name).extend(values)
+    assert merged.select_accuracy == history.select_accuracy
+
+
+def test_a_regression_fit_chooses_by_r2_on_held_out_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 4))
+    table = pd.DataFrame(X, columns=[f"x{i}" for i in range(4)])
+    table["y"] = X @ np.array([1.5, -2.0, 0.5, 1.0]) + rng.normal(0, 0.3, 400)
+    table.to_csv(tmp_path / "t.csv", index=False)
+    data = load_dataset(DataConfig(source=f"csv:{tmp_path / 't.csv'}", label="y"), 0)
+    torch.manual_seed(0)
+    settings = FitSettings(epochs=6, lr=1e-2, batch_size=32, patience=6, held_out=HELD_OUT)
+    model, history = fit(build_mlp(4, [16], 1), data, settings)
+    held = held_out_rows(data.y_train, HELD_OUT, 0, stratify=False)
+    assert data.is_regression and history.select_rows == len(held)
+    assert history.select_score[history.best_epoch] == max(history.select_score)
+    assert len(history.val_r2) == 6 and "select_r2" in history.curves()
+    pred = predict_logits(model, data.X_test)
+    assert r2(torch.from_numpy(pred), torch.from_numpy(data.y_test)) > 0.8
