@@ -216,3 +216,23 @@ def test_the_plan_leaves_the_teacher_as_it_was():
     budget = _params(teacher) - _layer_params(teacher, "vit.layers")
     reduce_model(teacher, _images(32), ReduceConfig(budget=BudgetConfig(params=budget)), "width")
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_pruning_rounds_aim_at_the_unpruned_students_parameters(monkeypatch):
+    """A round that dropped a layer must not make the next one cut its share again: each round
+    aims at the unpruned student's parameters at that round's fraction (KD recovery stubbed)."""
+    from types import SimpleNamespace
+
+    from distill.tasks.compress import prune
+    from distill.tasks.compress.finetune import History
+    from distill.tasks.platform.config import FinetuneConfig, PruneConfig
+
+    monkeypatch.setattr(prune, "recover", lambda model, *_a, **_k: (model, History()))
+    student, X = _model("vit"), _images(64)
+    cfg = PruneConfig(method="structured", amount=0.3, rounds=2, criterion="l2")
+    pruned, _ = prune.structured_prune(
+        student, student, SimpleNamespace(X_train=X), cfg, FinetuneConfig(), seed=0
+    )
+    asked = tr.asked_params(student, tr.prunable_groups(student, X), 1 - cfg.amount)
+    assert len(pruned.vit.layers) < LAYERS  # the idle layer went in a round
+    assert 0.95 * asked < _params(pruned) <= asked
