@@ -3,7 +3,10 @@
 - structured: remove whole units of every coupled group of the model's graph (neurons,
   channels, a residual stream's channels, attention dimensions head by head; lowest L2 or
   L1 norm of the weights that write them, or lowest activation × outgoing-weight energy)
-  with every coupled layer: the model really gets smaller and faster. Gradual: `rounds`
+  with every coupled layer: the model really gets smaller and faster. In a model of
+  transformer blocks, whole layers (least contributing first) go instead of part of the heads and
+  feed-forward units where that changes the model's output less for the same parameters
+  (tasks/compress/transformer.py `prune_to_fraction`). Gradual: `rounds`
   prune → KD-recover steps on a cubic schedule (Zhu & Gupta 2017), the teacher as the KD
   target.
 - unstructured: global magnitude pruning of Linear/Conv weights (one threshold across all
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -78,14 +81,20 @@ def _writer_rows(module: nn.Module) -> torch.Tensor:
 
 
 def remove_lowest_units(
-    model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
-) -> None:
+    model: nn.Module,
+    keep_fraction: float,
+    criterion: str,
+    X: np.ndarray,
+    original: dict[str, int],
+    params: int | None = None,
+) -> list[transformer.PruneCut]:
     """Shrink every reducible group to ceil(keep_fraction × its original width) units (whole
-    heads' worth at a time for attention), in place. A model of transformer blocks: whole heads
-    and feed-forward units of every layer (transformer.prune_to_fraction; layers stay)."""
+    heads' worth at a time for attention), in place. A model of transformer blocks: to the
+    parameters that cut leaves (or `params`), by whole heads and feed-forward units of every
+    layer or by whole layers and narrower ones, whichever changes its output least on `X`
+    (transformer.prune_to_fraction: the cuts it measured are returned, the one made first)."""
     if transformer.holds_blocks(model):
-        transformer.prune_to_fraction(model, keep_fraction, criterion, X, original)
-        return
+        return transformer.prune_to_fraction(model, keep_fraction, criterion, X, original, params)
     example = torch.from_numpy(X[:2])
     graph, cut = trace(model, example), False
     for name in [g.name for g in graph.reducible()]:
@@ -98,6 +107,7 @@ def remove_lowest_units(
             keep = choose_units(group, keep_n, scores=unit_scores(model, group, criterion, X))
             keep_units(graph, group, keep)
             cut = True
+    return []
 
 
 def prunable_groups(model: nn.Module, X: np.ndarray) -> list[Group] | list[transformer.TGroup]:
@@ -143,9 +153,19 @@ def structured_prune(
             "narrow in this student; use compress.prune.method=unstructured"
         )
     original = {g.name: g.width for g in groups}
+    blocks = transformer.holds_blocks(model)
     history = History()
     for sparsity in cubic_schedule(cfg.amount, cfg.rounds):
-        remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original)
+        # transformers: the parameters asked are the unpruned student's at this fraction, so a
+        # round that dropped a layer does not make the next one cut its share again
+        params = (
+            transformer.asked_params(
+                student, cast("list[transformer.TGroup]", groups), 1 - sparsity
+            )
+            if blocks
+            else None
+        )
+        remove_lowest_units(model, 1 - sparsity, cfg.criterion, X, original, params)
         model, round_history = recover(model, teacher, data, cfg, finetune, seed, device)
         for name, values in round_history.curves().items():
             getattr(history, name).extend(values)

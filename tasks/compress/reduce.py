@@ -18,8 +18,9 @@ budget holds. A layer whose factorization would not save parameters stays dense.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,21 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class DepthCandidate:
+    """One allocation a transformer plan weighed: layers kept per depth group (the others' units
+    water-filled to the budget), the student's parameters, and the share of the teacher's output
+    variance the re-fitted student misses on the calibration rows (`transformer.output_error`)."""
+
+    layers: dict[str, int]
+    params: int
+    error: float
+
+    @property
+    def label(self) -> str:
+        return "_".join(str(k) for k in self.layers.values()) or "all"
+
+
+@dataclass(frozen=True)
 class Reduction:
     bases: dict[str, Basis]
     layers: list[LayerPlan]
@@ -71,6 +87,7 @@ class Reduction:
     mode: str = "low_rank"  # low_rank | width
     method: str = "pca"  # pca | svd
     fixed: dict[str, str] = field(default_factory=dict)  # layer or group kept whole -> why
+    candidates: tuple[DepthCandidate, ...] = ()  # transformers: depth against width, measured
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -96,6 +113,9 @@ def reduction_record(reduction: Reduction) -> tuple[dict[str, object], dict[str,
         metrics[f"variance_kept.{layer.name}"] = layer.variance
     for name, why in reduction.fixed.items():
         params[f"kept_whole.{name}"] = why[:250]
+    for c in reduction.candidates:
+        metrics[f"layers_{c.label}.output_error"] = c.error
+        metrics[f"layers_{c.label}.params"] = float(c.params)
     return params, metrics
 
 
@@ -306,6 +326,7 @@ class Plan:
     layers: list[LayerPlan]
     student_params: int
     fixed: dict[str, str]
+    candidates: tuple[DepthCandidate, ...] = ()
 
 
 def plan_width(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Plan:
@@ -333,7 +354,8 @@ def plan_width(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Pl
 def plan_transformer(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig) -> Plan:
     """Heads, feed-forward units and layers of the transformer blocks: each group's energy kept
     by its best k units (`transformer.group_bases`), its cost exact (`transformer.cost_model`:
-    everything outside the blocks, the embedding table first, is counted and stays)."""
+    everything outside the blocks, the embedding table first, is counted and stays). For a size
+    budget, depth is weighed against width by measurement (`plan_depth`)."""
     found = transformer.find(teacher)
     every = transformer.transformer_groups(teacher, X_calib, cfg.batch_size, found)
     groups = [g for g in every if g.reducible]
@@ -346,9 +368,81 @@ def plan_transformer(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig)
         )
     bases = transformer.group_bases(teacher, groups, X_calib, cfg.batch_size)
     cost = transformer.cost_model(teacher, groups, found)
-    plans = allocate_widths(groups, bases, cost, cfg.budget)
+    if cfg.budget.kind != "variance" and any(g.kind == "depth" for g in groups):
+        plans, candidates = plan_depth(teacher, X_calib, groups, bases, cost, cfg)
+    else:
+        plans, candidates = allocate_widths(groups, bases, cost, cfg.budget), ()
     student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
-    return Plan(bases, plans, student, fixed)
+    return Plan(bases, plans, student, fixed, candidates)
+
+
+# the re-fit of the plan's trial students: the least-squares optimum (what each shape can
+# express), not the stage's `reconstruct.ridge`, which trades some of it for a better KD start
+TRIAL_RIDGE = 1e-4
+# calibration rows the trial students are built and measured on (the calibration sample is
+# random already): on the benchmark's BERT all 1,024 made the reduce stage 3-5x slower
+TRIAL_ROWS = 256
+
+
+def plan_depth(
+    teacher: nn.Module,
+    X_calib: np.ndarray,
+    groups: list[transformer.TGroup],
+    bases: dict[str, Basis],
+    cost: transformer.Cost,
+    cfg: ReduceConfig,
+) -> tuple[list[LayerPlan], tuple[DepthCandidate, ...]]:
+    """Layers against heads and feed-forward units, for a size budget: one candidate per number
+    of layers kept (`transformer.depth_candidates`: all, one fewer, ... down to a pure depth cut),
+    the other groups water-filled to the budget with those layers; each built as the reconstruct
+    stage builds it (`transformer.narrow`: least contributing layers dropped, the layer before a
+    dropped run absorbing it, every reader re-fitted) and measured by the share of the teacher's
+    output variance it misses on the calibration rows (the first `TRIAL_ROWS`). The smallest
+    error wins; on a tie, the most layers."""
+    depth = [g for g in groups if g.kind == "depth"]
+    width = [g for g in groups if g.kind != "depth"]
+    target = target_params(cfg.budget, cost.params())
+    assert target is not None  # a size budget
+    budget = BudgetConfig(params=target)
+    rows = X_calib[:TRIAL_ROWS]
+    reference = transformer.outputs(teacher, rows, cfg.batch_size)
+    tried: list[tuple[DepthCandidate, list[LayerPlan]]] = []
+    too_small: UserError | None = None
+    for kept in transformer.depth_candidates(depth, lambda k: cost.params(k) <= target):
+        with_layers = replace(cost, widths=cost.widths | kept)
+        try:
+            plans = allocate_widths(width, bases, with_layers, budget)
+        except UserError as err:  # even one unit per group is over the budget with these layers
+            too_small = err
+            continue
+        plans += [
+            LayerPlan(
+                name=g.name,
+                fan_in=0,
+                out=g.width,
+                rank=kept[g.name] if kept[g.name] < g.width else None,
+                variance=bases[g.name].retained(kept[g.name]),
+            )
+            for g in depth
+        ]
+        widths = {p.name: p.rank for p in plans if p.rank is not None}
+        student = transformer.narrow(
+            copy.deepcopy(teacher).eval(),
+            teacher,
+            widths,
+            rows,
+            ridge=TRIAL_RIDGE,
+            batch_size=cfg.batch_size,
+        )
+        error = transformer.output_error(student, reference, rows, cfg.batch_size)
+        tried.append((DepthCandidate(kept, cost.params(widths), error), plans))
+    if not tried:
+        assert too_small is not None
+        raise too_small
+    best = min(tried, key=lambda t: t[0].error)
+    order = {g.name: i for i, g in enumerate(groups)}
+    plans = sorted(best[1], key=lambda p: order[p.name])
+    return plans, (best[0], *(c for c, _ in tried if c is not best[0]))
 
 
 # `reduce.method` -> the bases of each Linear/Conv layer's outputs (low_rank mode)
@@ -396,6 +490,7 @@ def reduce_model(
         mode=mode,
         method=cfg.method,
         fixed=plan.fixed,
+        candidates=plan.candidates,
     )
 
 

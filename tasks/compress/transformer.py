@@ -895,21 +895,37 @@ def _skip(block: nn.Module):
 
 
 @torch.no_grad()
+def outputs(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> list[torch.Tensor]:
+    """The model's outputs (logits) on the rows, batch by batch."""
+    return [_output(model, xb) for xb in batches(X, batch_size)]
+
+
+@torch.no_grad()
+def output_error(
+    model: nn.Module, reference: list[torch.Tensor], X: np.ndarray, batch_size: int = 256
+) -> float:
+    """Σ‖y − y_ref‖² / Σ‖y_ref − ȳ_ref‖² over the rows (`reference`: `outputs` of another model on
+    the same rows and batches): the share of the reference outputs' variance the model misses."""
+    ref = torch.cat([y.double() for y in reference])
+    var = ((ref - ref.mean(0)) ** 2).sum().item() or 1.0
+    got = torch.cat([y.double() for y in outputs(model, X, batch_size)])
+    return ((got - ref) ** 2).sum().item() / var
+
+
+@torch.no_grad()
 def depth_scores(model: nn.Module, stack: str, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Per layer: the change of the model's output when that layer alone is skipped, relative to
-    the output's variance, on the calibration rows."""
+    the output's variance, on the calibration rows (`output_error` with the layer skipped)."""
     lst = model.get_submodule(stack)
-    full = [_output(model, xb) for xb in batches(X, batch_size)]
-    var = sum(((y - y.mean(0)) ** 2).sum().item() for y in full) or 1.0
+    full = outputs(model, X, batch_size)
     scores = np.zeros(len(lst))
     for i, block in enumerate(lst):
         handle = _skip(block)
         try:
-            for xb, y in zip(batches(X, batch_size), full, strict=True):
-                scores[i] += ((_output(model, xb) - y) ** 2).sum().item()
+            scores[i] = output_error(model, full, X, batch_size)
         finally:
             handle.remove()
-    return scores / var
+    return scores
 
 
 def _with_order(model: nn.Module, g: TGroup, X: np.ndarray, batch_size: int) -> TGroup:
@@ -1423,22 +1439,119 @@ def narrowed(model: nn.Module, fraction: float) -> nn.Module:
 
 
 def prunable_groups(model: nn.Module, X: np.ndarray) -> list[TGroup]:
-    """What structured pruning narrows: the reducible heads and feed-forward groups (layers are
-    the width plan's, with their re-fit; pruning without one would drop a layer's whole work).
+    """The groups whose common fraction of units states how much structured pruning cuts: the
+    reducible heads and feed-forward groups. Layers are cut too where that is cheaper, for the
+    same parameters (`prune_to_fraction`): the amount asked is stated in these groups' units.
     Probed on `X[:2]`, no depth ranking."""
     groups = transformer_groups(model, X[:2])
     return [g for g in groups if g.reducible and g.kind != "depth"]
 
 
+def depth_candidates(
+    depth: list[TGroup], within: Callable[[dict[str, int]], bool]
+) -> list[dict[str, int]]:
+    """Layers kept per depth group to weigh against narrowing: all of them, then one fewer at a
+    time (several stacks each lose a common share of theirs), down to one layer, or to the first
+    count that is `within` the budget with every other group at full width (a pure depth cut:
+    fewer layers would cut more than asked)."""
+    if not depth:
+        return [{}]
+    most = max(g.width for g in depth)
+    out: list[dict[str, int]] = []
+    for drop in range(most):
+        kept = {g.name: max(1, round(g.width * (most - drop) / most)) for g in depth}
+        if out and kept == out[-1]:
+            continue
+        out.append(kept)
+        if within(kept):
+            break
+    return out
+
+
+def fraction_widths(
+    cost: Cost,
+    groups: list[TGroup],
+    original: dict[str, int],
+    layers: dict[str, int],
+    params: int,
+) -> dict[str, int] | None:
+    """The widths of `groups` at the largest common fraction f of their `original` widths
+    (ceil(f · original), at most their width now, at least one unit) for which the model with
+    `layers` kept has at most `params`; None when even one unit each has more."""
+
+    def at(f: float) -> dict[str, int]:
+        return {
+            g.name: min(g.width, max(1, math.ceil(f * original.get(g.name, g.width))))
+            for g in groups
+        }
+
+    if cost.params(at(0.0) | layers) > params:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost.params(at(mid) | layers) <= params else (lo, mid)
+    return at(lo)
+
+
+@dataclass(frozen=True)
+class PruneCut:
+    """One way structured pruning can reach the parameters asked: layers kept per depth group
+    (empty: none dropped), every group's width, the parameters left, and the change of the
+    model's output it causes on the rows (`output_error`, before any recovery)."""
+
+    layers: dict[str, int]
+    widths: dict[str, int]
+    params: int
+    error: float
+
+
+def asked_params(model: nn.Module, groups: list[TGroup], keep_fraction: float) -> int:
+    """Parameters of `model` with every group in `groups` (heads, ffn) at
+    ceil(keep_fraction × its width): the amount structured pruning is asked for."""
+    cost = cost_model(model, groups)
+    return cost.params({g.name: max(1, math.ceil(keep_fraction * g.width)) for g in groups})
+
+
 def prune_to_fraction(
-    model: nn.Module, keep_fraction: float, criterion: str, X: np.ndarray, original: dict[str, int]
-) -> None:
-    """Structured pruning: every prunable group to ceil(keep_fraction × its original width)."""
-    groups = prunable_groups(model, X)
-    widths = {
-        g.name: max(1, math.ceil(keep_fraction * original.get(g.name, g.width))) for g in groups
-    }
-    cut(model, widths, X, criterion, groups)
+    model: nn.Module,
+    keep_fraction: float,
+    criterion: str,
+    X: np.ndarray,
+    original: dict[str, int],
+    params: int | None = None,
+) -> list[PruneCut]:
+    """Structured pruning, in place, to the parameters the model has with every prunable group at
+    ceil(keep_fraction × its original width) (or to `params`), the cheapest way: that cut, or
+    whole layers dropped (least contributing first, `depth_scores`) with the heads and
+    feed-forward units narrowed by a common fraction to the same count, whichever changes the
+    model's output least on the rows `X` (no re-fit: recovery is KD's). Returns the cuts
+    measured, the one made first."""
+    every = [g for g in transformer_groups(model, X) if g.reducible]
+    width = [g for g in every if g.kind != "depth"]
+    depth = [g for g in every if g.kind == "depth"]
+    cost = cost_model(model, every)
+    if params is None:
+        asked = {
+            g.name: max(1, math.ceil(keep_fraction * original.get(g.name, g.width))) for g in width
+        }
+        params = cost.params(asked)
+    reference = outputs(model, X)
+    tried: list[PruneCut] = []
+    for kept in depth_candidates(depth, lambda k: cost.params(k) <= params):
+        layers = {n: k for n, k in kept.items() if k < cost.widths[n]}
+        widths = fraction_widths(cost, width, original, layers, params)
+        if widths is None:
+            continue
+        candidate = copy.deepcopy(model)
+        cut(candidate, widths | layers, X, criterion, every)
+        error = output_error(candidate, reference, X)
+        tried.append(PruneCut(layers, widths, cost.params(widths | layers), error))
+    if not tried:
+        return []
+    best = min(tried, key=lambda c: c.error)  # the first (fewest layers dropped) on a tie
+    cut(model, best.widths | best.layers, X, criterion, every)
+    return [best] + [c for c in tried if c is not best]
 
 
 # --- what cannot be narrowed ---------------------------------------------------------------------
