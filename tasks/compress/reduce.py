@@ -32,7 +32,7 @@ from distill.tasks.compress.pca import Basis, Moments, collect_bases, linear_lay
 from distill.tasks.compress.transformer import weight_of
 from distill.tasks.compress.width import group_bases
 from distill.tasks.platform.config import BudgetConfig, ReduceConfig
-from distill.tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError, first_line
 
 BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
 # why a stream that can be narrowed stays whole: its budget favours the other groups
@@ -375,8 +375,14 @@ def plan_hidden(
     A tied head that a cut unties (GPT-2: vocab x k more) is in the cost, so a plan where
     untying costs more than the cut saves keeps the stream whole, and `fixed` says why.
     `too_small`: the budget is below what `plan` could reach; raised unless the stream can."""
-    group = hidden.hidden_group(teacher, X_calib)
-    stream = hidden.find_stream(teacher, X_calib)
+    try:
+        group = hidden.hidden_group(teacher, X_calib)
+        stream = hidden.find_stream(teacher, X_calib)
+    except Exception as err:  # noqa: BLE001 -- a block layout the stream finder cannot follow
+        if too_small is not None:
+            raise too_small from None
+        line = f"hidden size: {type(err).__name__}: {first_line(err)}"
+        return replace(plan, fixed=plan.fixed | {hidden.NAME: line})
     if isinstance(stream, str) or group.why_not or stream.width < 4:
         if too_small is not None:
             raise too_small
