@@ -185,3 +185,36 @@ def test_the_targets_size_probe_narrows_the_stream_too():
     assert _params(narrowed(bert, torch.from_numpy(ids[:2]), 0.5)) == _params(
         tr.narrowed(bert, 0.5)
     )
+
+
+@pytest.mark.slow
+def test_distill_run_narrows_the_stream_of_an_hf_vit(tmp_path):
+    """`distill run` with an hf: ViT in width mode: the reduce stage plans the hidden size, the
+    reconstructed student has the planned parameters, student_hf/ holds the narrower config."""
+    import json
+
+    import mlflow
+
+    from tests.compress.test_transformer import PIPELINE, _teacher_dir
+    from tests.conftest import ROOT, fresh_process
+
+    teacher_dir, npz = _teacher_dir(tmp_path, _vit(), _images(320))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [*PIPELINE, f"teacher.source=hf:{teacher_dir}", f"data.source=npz:{npz}"]
+    sets += ["reduce.budget.ratio=2", "register.model_name=hf-vit-hidden"]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = fresh_process(
+        ROOT, "run", str(ROOT / "configs" / "digits.yaml"), *args, "--json", store=uri, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(proc.stdout)
+    metrics = run["metrics"]
+    assert metrics["reconstructed/params"] == metrics["reduce/student_params"]
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_run(run["run_id"]).info.experiment_id
+    planned = [r.data.params for r in client.search_runs([experiment])]
+    hidden = [int(p["width.hidden"]) for p in planned if p.get("width.hidden", "dense") != "dense"]
+    assert hidden and hidden[0] < 32
+    local = client.download_artifacts(run["run_id"], "student_hf", str(tmp_path / "got"))
+    loaded = AutoModelForImageClassification.from_pretrained(local)
+    assert loaded.config.hidden_size == hidden[0]
