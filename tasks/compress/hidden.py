@@ -46,6 +46,7 @@ from torch import nn
 
 from distill.tasks.compress import transformer as tr
 from distill.tasks.compress.graph import no_fastpath
+from distill.tasks.compress.pca import Basis
 from distill.tasks.compress.width import _NormalEquations, batches
 
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "embed_dim")  # config keys of the stream width
@@ -491,9 +492,10 @@ def hidden_group(model: nn.Module, X: np.ndarray) -> tr.TGroup:
     """The residual stream as a transformer group (`kind="hidden"`, width D, cut in steps of one
     feature): `why_not` is `refusal`'s line; `unsaved` says why the model's config cannot express
     a narrower stream (a cut on a copy, rebuilt from its config: GPT-2's attention width is
-    n_embd), '' where `save_pretrained` -> `from_pretrained` gives the student back. Not yet in
-    `transformer_groups`: the width plan's cost model is linear per group, and a hidden cut
-    multiplies with the heads and feed-forward widths (see docs/architecture.md)."""
+    n_embd), '' where `save_pretrained` -> `from_pretrained` gives the student back. Not in
+    `transformer_groups` (transformer.py cannot import this module): the width plan adds it
+    (reduce.plan_hidden, with `HiddenCost`: a hidden cut multiplies with the heads and
+    feed-forward widths) and reconstruct runs `narrow_hidden` after `transformer.narrow`."""
     stream = find_stream(model, X)
     if isinstance(stream, str):
         return tr.TGroup("hidden", "hidden", 0, (), None, why_not=stream)
@@ -516,3 +518,76 @@ def hidden_group(model: nn.Module, X: np.ndarray) -> tr.TGroup:
     return tr.TGroup(
         "hidden", "hidden", stream.width, members, stack, True, why_not=why, unsaved=unsaved
     )
+
+
+# --- the width plan ------------------------------------------------------------------------------
+
+NAME = "hidden"  # the group's name in a width plan (`hidden_group`)
+
+
+def plan_step(width: int, most: int = 64) -> int:
+    """The plan's step in features: the smallest divisor of `width`, at least 2 (the narrowest
+    stream), that leaves at most `most` steps."""
+    return next(s for s in range(2, width + 1) if width % s == 0 and width // s <= most)
+
+
+def plan_basis(basis: HiddenBasis) -> Basis:
+    """What the planner allocates by: a stream of width k keeps the top k-1 directions, so the
+    explained variance has a leading 0 for the all-ones slot (`retained(k)` = their share)."""
+    ev = np.concatenate([[0.0], basis.values])
+    return Basis(mean=np.zeros(len(ev)), components=np.zeros((len(ev), 0)), explained_variance=ev)
+
+
+@dataclass(frozen=True)
+class HiddenCost:
+    """Parameters as a function of the groups' widths and the hidden size k, exact. At the
+    teacher's width, `full` (a tied head stays tied); below it every parameter's size is affine
+    in k for given heads, units and layers (the q/k/v, output, up and down projections are k x
+    heads or k x units, tables and norms k wide, an untied head vocab x k), so the count is
+    the line through `low` and `high`, the cost models of two sliced copies (k = 2 and 3)."""
+
+    full: tr.Cost
+    low: tr.Cost
+    high: tr.Cost
+    width: int
+    name: str = NAME
+
+    def params(self, widths: dict[str, int] | None = None) -> int:
+        w = dict(widths or {})
+        k = w.pop(self.name, self.width)
+        if k >= self.width:
+            return self.full.params(w)
+        a, b = self.low.params(w), self.high.params(w)
+        return a + (b - a) * (k - 2)
+
+
+def _sliced(model: nn.Module, stream: Stream, k: int) -> nn.Module:
+    """A copy with the stream cut to `k` along any basis (only the shapes matter)."""
+    copied = copy.deepcopy(model)
+    D = stream.width
+    slice_hidden(copied, stream, HiddenBasis(_ones_complement(D), np.ones(D - 1), 0), k)
+    return copied
+
+
+def cost_model(model: nn.Module, groups: list[tr.TGroup], stream: Stream) -> HiddenCost:
+    """`tr.cost_model` of the heads / FFN / depth `groups`, with the hidden size (width >= 4)."""
+    low, high = (_sliced(model, stream, k) for k in (2, 3))
+    return HiddenCost(
+        tr.cost_model(model, groups),
+        tr.cost_model(low, groups),
+        tr.cost_model(high, groups),
+        stream.width,
+    )
+
+
+def narrowed_hidden(model: nn.Module, X: np.ndarray, fraction: float) -> nn.Module:
+    """`model` (in place) with its stream cut to `fraction` of its width along any basis, when
+    it can be (the shapes of a planned student: file size, latency); else left as it is."""
+    stream = find_stream(model, X)
+    if isinstance(stream, str) or stream.width < 4 or refusal(model, X):
+        return model
+    k = max(2, int(fraction * stream.width))
+    if k < stream.width:
+        D = stream.width
+        slice_hidden(model, stream, HiddenBasis(_ones_complement(D), np.ones(D - 1), 0), k)
+    return model

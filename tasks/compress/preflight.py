@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.tasks.compress import transformer
+from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.failures import culprit
@@ -52,7 +52,7 @@ from distill.tasks.compress.prune import (
 )
 from distill.tasks.compress.quantize import export_onnx
 from distill.tasks.compress.reconstruct import reconstruct
-from distill.tasks.compress.reduce import Reduction, reduce_model
+from distill.tasks.compress.reduce import KEPT_BY_BUDGET, LayerPlan, Reduction, reduce_model
 from distill.tasks.compress.teacher import check_teacher
 from distill.tasks.compress.width import group_bases
 from distill.tasks.platform.config import BudgetConfig, PipelineConfig
@@ -212,7 +212,20 @@ def _half_widths(reduction: Reduction, teacher: nn.Module, X: np.ndarray) -> Red
         step = steps.get(plan.name, 1)
         half = max(step, (plan.out // step // 2) * step)
         layers.append(replace(plan, rank=half if half < plan.out else None))
-    return replace(reduction, layers=layers)
+    reduction = replace(reduction, layers=layers)
+    return _with_hidden(reduction, teacher, X) if transformer.holds_blocks(teacher) else reduction
+
+
+def _with_hidden(reduction: Reduction, teacher: nn.Module, X: np.ndarray) -> Reduction:
+    """The residual stream at half its width too where the plan kept it whole only because its
+    budget favoured that (a run with another budget may cut it): every cut is exercised."""
+    why = reduction.fixed.get(hidden.NAME, "")
+    stream = hidden.find_stream(teacher, X)
+    if not why.startswith(KEPT_BY_BUDGET) or isinstance(stream, str):
+        return reduction
+    half = LayerPlan(hidden.NAME, 0, stream.width, stream.width // 2, variance=1.0)
+    fixed = {n: w for n, w in reduction.fixed.items() if n != hidden.NAME}
+    return replace(reduction, layers=[*reduction.layers, half], fixed=fixed)
 
 
 def _pruned(student: nn.Module, X: np.ndarray, cfg: PipelineConfig) -> nn.Module:

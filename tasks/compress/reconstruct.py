@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.tasks.compress import transformer
+from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.reduce import Basis, Reduction
 from distill.tasks.compress.width import WidthReport, reconstruct_width
 from distill.tasks.platform.config import ReconstructConfig
@@ -178,6 +178,12 @@ def _narrow_transformer(
         report.kept = dict(done.kept)
         report.refitted = list(done.refitted)
         report.not_refitted = dict(done.not_refitted)
+    k = widths.get(hidden.NAME)
+    if k:  # then the residual stream, re-fitted to the student cut so far
+        reference = copy.deepcopy(student).eval()
+        cut = hidden.narrow_hidden(student, reference, k, X_calib, ridge=cfg.ridge)
+        if report is not None:
+            report.refitted += cut.refitted or []
     return student
 
 

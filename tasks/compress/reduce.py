@@ -27,15 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.tasks.compress import transformer
+from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.graph import Group, ParamModel, param_model, trace
 from distill.tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
 from distill.tasks.compress.transformer import weight_of
 from distill.tasks.compress.width import group_bases
 from distill.tasks.platform.config import BudgetConfig, ReduceConfig
-from distill.tasks.platform.errors import UserError
+from distill.tasks.platform.errors import UserError, first_line
 
 BYTES_PER_PARAM = 4  # budgets count fp32 parameters; int8 quantization later divides by ~4
+# why a stream that can be narrowed stays whole: its budget favours the other groups
+KEPT_BY_BUDGET = "the plan keeps more of the teacher with it whole"
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def allocate(
 def allocate_widths(
     groups: list[Group] | list[transformer.TGroup],
     bases: dict[str, Basis],
-    cost: ParamModel | transformer.Cost,
+    cost: ParamModel | transformer.Cost | hidden.HiddenCost,
     budget: BudgetConfig,
 ) -> list[LayerPlan]:
     """Units per coupled group: the same water-filling, where one more unit (one per head,
@@ -368,12 +370,17 @@ def plan_transformer(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig)
         )
     bases = transformer.group_bases(teacher, groups, X_calib, cfg.batch_size)
     cost = transformer.cost_model(teacher, groups, found)
-    if cfg.budget.kind != "variance" and any(g.kind == "depth" for g in groups):
-        plans, candidates = plan_depth(teacher, X_calib, groups, bases, cost, cfg)
-    else:
-        plans, candidates = allocate_widths(groups, bases, cost, cfg.budget), ()
+    try:
+        if cfg.budget.kind != "variance" and any(g.kind == "depth" for g in groups):
+            plans, candidates = plan_depth(teacher, X_calib, groups, bases, cost, cfg)
+        else:
+            plans, candidates = allocate_widths(groups, bases, cost, cfg.budget), ()
+    except UserError as err:  # below what heads, units and layers reach: the stream may
+        return plan_hidden(teacher, X_calib, cfg, groups, Plan(bases, [], 0, fixed), err)
     student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
-    return Plan(bases, plans, student, fixed, candidates)
+    return plan_hidden(
+        teacher, X_calib, cfg, groups, Plan(bases, plans, student, fixed, candidates)
+    )
 
 
 # the re-fit of the plan's trial students: the least-squares optimum (what each shape can
@@ -402,7 +409,6 @@ def plan_depth(
     depth = [g for g in groups if g.kind == "depth"]
     width = [g for g in groups if g.kind != "depth"]
     target = target_params(cfg.budget, cost.params())
-    assert target is not None  # a size budget
     budget = BudgetConfig(params=target)
     rows = X_calib[:TRIAL_ROWS]
     reference = transformer.outputs(teacher, rows, cfg.batch_size)
@@ -443,6 +449,65 @@ def plan_depth(
     order = {g.name: i for i, g in enumerate(groups)}
     plans = sorted(best[1], key=lambda p: order[p.name])
     return plans, (best[0], *(c for c, _ in tried if c is not best[0]))
+
+
+def _retained(plans: list[LayerPlan]) -> float:
+    return sum(p.variance for p in plans)
+
+
+def plan_hidden(
+    teacher: nn.Module,
+    X_calib: np.ndarray,
+    cfg: ReduceConfig,
+    groups: list,
+    plan: Plan,
+    too_small: UserError | None = None,
+) -> Plan:
+    """`plan` (heads, FFN, depth), or the same water-filling with the hidden size
+    (tasks/compress/hidden.py) as one more group when the model's residual stream can be
+    narrowed and that plan keeps more: more summed retained variance within the size budget
+    (the hidden group counted whole, 1.0, in `plan`), fewer parameters for a variance budget.
+    A tied head that a cut unties (GPT-2: vocab x k more) is in the cost, so a plan where
+    untying costs more than the cut saves keeps the stream whole, and `fixed` says why.
+    `too_small`: the budget is below what `plan` could reach; raised unless the stream can."""
+    try:
+        group = hidden.hidden_group(teacher, X_calib)
+        stream = hidden.find_stream(teacher, X_calib)
+    except Exception as err:  # noqa: BLE001 -- a block layout the stream finder cannot follow
+        if too_small is not None:
+            raise too_small from None
+        line = f"hidden size: {type(err).__name__}: {first_line(err)}"
+        return replace(plan, fixed=plan.fixed | {hidden.NAME: line})
+    if isinstance(stream, str) or group.why_not or stream.width < 4:
+        if too_small is not None:
+            raise too_small
+        narrow = "hidden size: narrower than 4"
+        why = group.why_not or (stream if isinstance(stream, str) else narrow)
+        return replace(plan, fixed=plan.fixed | {group.name: why})
+    group = replace(group, step=hidden.plan_step(group.width))
+    basis = hidden.stream_basis(teacher, stream, X_calib, cfg.batch_size)
+    bases = plan.bases | {group.name: hidden.plan_basis(basis)}
+    cost = hidden.cost_model(teacher, groups, stream)
+    try:
+        plans = allocate_widths([*groups, group], bases, cost, cfg.budget)
+    except UserError:  # the stream's smallest student is larger (a head untied): keep `plan`
+        plans = []
+    student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
+    cut = any(p.name == group.name and p.rank is not None for p in plans)
+    if too_small is not None:
+        if not cut:
+            raise too_small
+        return Plan(bases, plans, student, plan.fixed)
+    if cfg.budget.kind == "variance":
+        better = cut and student < plan.student_params
+    else:
+        better = cut and _retained(plans) > _retained(plan.layers) + 1.0
+    if better:
+        return Plan(bases, plans, student, plan.fixed)
+    why = KEPT_BY_BUDGET
+    if stream.tied:
+        why += " (a cut unties the tied head: vocab x k more parameters)"
+    return replace(plan, fixed=plan.fixed | {group.name: why})
 
 
 # `reduce.method` -> the bases of each Linear/Conv layer's outputs (low_rank mode)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.tasks.compress import transformer
+from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
     OnnxModel,
@@ -103,8 +103,10 @@ class Costs:
 def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Module:
     """A copy with every reducible group cut to `fraction` of its units (at least one per head):
     only the shapes matter here (file size and latency), not which units stay."""
-    if transformer.holds_blocks(model):
-        return transformer.narrowed(model, fraction)
+    if transformer.holds_blocks(model):  # heads, units, layers, then the residual stream
+        return hidden.narrowed_hidden(
+            transformer.narrowed(model, fraction), example.numpy(), fraction
+        )
     out = copy.deepcopy(model)
     for name in [g.name for g in trace(out, example).reducible()]:
         graph = trace(out, example)
