@@ -106,7 +106,7 @@ def trained_teacher(
     """Train once, save the state_dict; -> overrides loading it, the latency target (ms), the
     saved file's KB and the teacher's parameters."""
     from distill.tasks.compress.data import load_dataset
-    from distill.tasks.compress.target import measure_costs
+    from distill.tasks.compress.plan import measure_costs
     from distill.tasks.compress.teacher import train_teacher
     from distill.tasks.platform.config import load_config
 

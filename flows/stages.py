@@ -28,6 +28,7 @@ from distill.tasks.compress.evaluate import OnnxModel
 from distill.tasks.compress.finetune import History, distill
 from distill.tasks.compress.hf import hf_model, save_student
 from distill.tasks.compress.pipeline import Model, StageResult, Steps
+from distill.tasks.compress.plan import Costs, Plan, plan_for_target
 from distill.tasks.compress.plots import PLOTS_DIR, pipeline_figures
 from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
@@ -35,14 +36,7 @@ from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import Reduction, reduce_model
 from distill.tasks.compress.replan import BuildAt
 from distill.tasks.compress.smallest import smallest_within
-from distill.tasks.compress.target import (
-    Costs,
-    Fitted,
-    Plan,
-    Search,
-    fit_to_target,
-    plan_for_target,
-)
+from distill.tasks.compress.target import Fitted, Search, fit_to_target
 from distill.tasks.compress.teacher import load_teacher
 from distill.tasks.platform import retry, tracking
 from distill.tasks.platform.caching import content_hash

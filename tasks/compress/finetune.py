@@ -13,7 +13,7 @@ accuracy (R² for regression; ties broken by the loss) restoring the best epoch'
 
 Which rows choose that epoch matters. The best of many noisy epochs scores above what the model
 will score on new rows, and a `target:` guard judges the student on the validation rows
-(tasks/compress/target.py): an epoch chosen on those rows makes the guard see a drop that is too
+(tasks/compress/guard.py): an epoch chosen on those rows makes the guard see a drop that is too
 small (issue 28: 5 of 7 targets on a 1-D CNN "within 1 point" on validation lost 1.2 to 3.2 on
 the test rows). So distillation and pruning's recovery (`FitSettings.of`: `held_out`) choose it
 on a share of the *training* rows held out of the fit (`held_out_rows`: stratified, seeded, the

@@ -19,14 +19,26 @@ rows (README, targets). `resolution` says before any stage runs when one row wei
 half the allowance, with the ways out (more validation rows, a wider allowance).
 
 For a regression guard the statistic is teacher R² - student R² on the resampled rows.
+
+`Guard` applies it: the teacher's answers on the validation rows (never the test split) held
+once, each step's model asked the same rows (`Guard.check`), the decision kept as a `Check`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import torch_predictor
+from distill.tasks.compress.rows import predict_batched
+from distill.tasks.platform.config import TargetConfig
+from distill.tasks.platform.errors import UserError
+
+Predict = Callable[[np.ndarray], np.ndarray]
 RESAMPLES = 2000
 CONFIDENCE = 0.9  # one-sided: the drop is shown to exceed max_drop with this confidence
 
@@ -116,3 +128,80 @@ def resolution(metric: str, rows: int, max_drop: float) -> str | None:
         f"= {per_row:.4f}): a step is kept unless shown to lose more; give >= {needed} "
         "validation rows (data.val_size) or allow a wider drop"
     )
+
+
+# --- the guard on a model's answers ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    step: str  # reduction | prune round N | int8
+    params: int
+    accuracy: float  # on the validation rows
+    drop: float  # the teacher's validation accuracy - this
+    ok: bool  # not shown to lose more than allowed (guard.decide)
+    decision: Decision | None = None  # the interval and verdict behind `ok`
+
+
+def max_drop_of(target: TargetConfig, data: Dataset) -> float:
+    """The guard's allowance for this data's task: target.max_r2_drop or max_accuracy_drop."""
+    return target.max_r2_drop if data.is_regression else target.max_accuracy_drop
+
+
+def _answers(metric: str, outputs: np.ndarray) -> np.ndarray:
+    """What is scored: the class (accuracy) or the value (r2, standardized units)."""
+    return outputs[:, 0] if metric == "r2" else outputs.argmax(1)
+
+
+def _score(metric: str, answers: np.ndarray, y: np.ndarray) -> float:
+    if metric == "r2":  # standardized units: the same R² as in the label's
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y, answers))
+    return float((answers == y).mean())
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Teacher accuracy minus model accuracy (R² for a regression target, `metric`) on the
+    validation rows within `max_drop`: decided on the paired answers by guard.decide (a step
+    fails only when its drop is above `max_drop` with `confidence`)."""
+
+    reference: float  # the teacher's validation accuracy (or R²)
+    max_drop: float
+    X_val: np.ndarray
+    y_val: np.ndarray
+    metric: str = "accuracy"  # accuracy | r2
+    teacher_answers: np.ndarray | None = None  # on X_val, for the paired decision
+    confidence: float = CONFIDENCE
+
+    @classmethod
+    def of(
+        cls, teacher: nn.Module, data: Dataset, max_drop: float, confidence: float = CONFIDENCE
+    ) -> Guard:
+        metric = "r2" if data.is_regression else "accuracy"
+        if len(data.y_val) < (2 if data.is_regression else 1):
+            raise UserError(
+                f"config key 'target': the {metric} guard needs validation rows "
+                "(data.val_size, or val rows in your split)"
+            )
+        answers = _answers(metric, predict_batched(torch_predictor(teacher), data.X_val))
+        reference = _score(metric, answers, data.y_val)
+        return cls(reference, max_drop, data.X_val, data.y_val, metric, answers, confidence)
+
+    def check(self, step: str, predict: Predict, params: int) -> Check:
+        answers = _answers(self.metric, predict_batched(predict, self.X_val))
+        accuracy = _score(self.metric, answers, self.y_val)
+        drop = self.reference - accuracy
+        if self.teacher_answers is None:
+            return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
+        decision = decide(
+            self.metric, self.teacher_answers, answers, self.y_val, self.max_drop, self.confidence
+        )
+        return Check(step, params, accuracy, drop, decision.ok, decision)
+
+    def why(self, check: Check) -> str:
+        """The decision in words: the drop, its interval, the rows."""
+        if check.decision is None:
+            return f"lost {check.drop:.4f} (max {self.max_drop:.4f})"
+        return check.decision.reason(self.max_drop, self.confidence)

@@ -49,6 +49,8 @@ from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.failures import StageGuard
 from distill.tasks.compress.finetune import History, distill, predict_logits
 from distill.tasks.compress.finite import check_calibration, check_model, check_outputs
+from distill.tasks.compress.guard import Guard, max_drop_of
+from distill.tasks.compress.plan import Costs, Plan, plan_for_target
 from distill.tasks.compress.preflight import alternative, preflight
 from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
@@ -64,14 +66,9 @@ from distill.tasks.compress.smallest import smallest_within
 from distill.tasks.compress.target import (
     SMALLEST,
     Candidate,
-    Costs,
     Fitted,
-    Guard,
-    Plan,
     Search,
     fit_to_target,
-    max_drop_of,
-    plan_for_target,
     target_record,
     target_tags,
     verdict,

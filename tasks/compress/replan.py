@@ -1,7 +1,7 @@
 """A size or latency target's closed loop: build, measure the served model, re-plan from the
 measurement, rebuild from the reduce stage, at most `target.max_rebuilds` times.
 
-The plan (tasks/compress/target.py) predicts the served file's bytes (or batch-1 latency) from a
+The plan (tasks/compress/plan.py) predicts the served file's bytes (or batch-1 latency) from a
 line measured on narrowed copies of the teacher; a student is not such a copy (digits,
 `size_kb=30`: 24,033 params predicted at 29.7 KB measured 31.4 KB, 32,176 B, as int8; a 1-D
 ResNet's latency target: 0.0669 ms measured against 0.0297 ms). After each build (reduce,
@@ -52,7 +52,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from distill.tasks.compress.target import BYTES_MARGIN, Build, Costs, Fitted, Plan
+from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan
+from distill.tasks.compress.target import Build, Fitted
 from distill.tasks.platform.config import SMALLEST
 
 PRUNE_CUT = 0.15  # a miss a pruning round closes (of the parameters); a larger one is rebuilt

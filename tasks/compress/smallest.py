@@ -1,7 +1,7 @@
 """A drop-only target: the smallest served file that loses at most `target.max_accuracy_drop`
 (`max_r2_drop`) vs the teacher on the validation rows.
 
-The plan (tasks/compress/target.py, kind `smallest`) is an unreachable one: the reduce stage
+The plan (tasks/compress/plan.py, kind `smallest`) is an unreachable one: the reduce stage
 starts from the smallest budget whose reconstruction keeps the guard (`smallest_start`), and the
 student is distilled from there. `smallest_within` then searches, one candidate build at a time
 (at most `target.max_builds`; each exported and checked by the guard):
@@ -54,17 +54,11 @@ from torch import nn
 
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.finetune import History
+from distill.tasks.compress.guard import Check
 from distill.tasks.compress.prune import prunable_groups, recover
 from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.replan import BuildAt, budget_for
-from distill.tasks.compress.target import (
-    SMALLEST,
-    Candidate,
-    Check,
-    Fitted,
-    Search,
-    cut_toward,
-)
+from distill.tasks.compress.target import SMALLEST, Candidate, Fitted, Search, cut_toward
 
 FIRST_CUT = 0.5  # until a cut breaks the guard, each keeps this fraction of the parameters
 MIN_CUT = 0.05  # a cut that would remove less of the parameters is not worth a build

@@ -14,9 +14,10 @@ import numpy as np
 from torch import nn
 
 from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.guard import Guard
 from distill.tasks.compress.pipeline import Model, Recorder, StageResult
 from distill.tasks.compress.plots import PLOTS_DIR, frontier_figure, pipeline_figures
-from distill.tasks.compress.target import Candidate, Guard
+from distill.tasks.compress.target import Candidate
 from distill.tasks.platform import retry, tracking
 from distill.tasks.platform.caching import content_hash
 from distill.tasks.platform.config import EvaluateConfig

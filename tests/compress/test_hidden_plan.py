@@ -171,9 +171,9 @@ def test_the_preflight_builds_and_exports_the_hidden_cut_on_two_rows():
 
 
 def test_the_targets_size_probe_narrows_the_stream_too():
-    """target.narrowed (the shapes whose file size and latency a target's lines are fitted on)
+    """plan.narrowed (the shapes whose file size and latency a target's lines are fitted on)
     cuts the stream with heads, units and layers where it can be cut, not where it cannot."""
-    from distill.tasks.compress.target import narrowed
+    from distill.tasks.compress.plan import narrowed
 
     X = _images()
     teacher = _vit()

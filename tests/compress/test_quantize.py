@@ -293,8 +293,9 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
     """Three layers: int8 on the last breaks 30 % of the validation rows, on the first 2 %; the
     search measures each alone, then leaves the costliest in fp32 until the guard holds: the
     last layer alone would not do (the first's 2 % stays), both do; the middle stays int8."""
+    from distill.tasks.compress.guard import Guard
     from distill.tasks.compress.quantize import export_onnx, weighted_nodes
-    from distill.tasks.compress.target import Guard, mixed_int8
+    from distill.tasks.compress.target import mixed_int8
 
     fp32 = OnnxModel(export_onnx(trained_mlp, digits.X_test), 100, 100)
     first, middle, last = weighted_nodes(fp32.onnx_bytes)
@@ -371,8 +372,9 @@ def _fragile_head() -> tuple[torch.nn.Module, np.ndarray]:
 
 
 def test_a_head_whose_int8_breaks_the_guard_stays_fp32_and_only_it():
+    from distill.tasks.compress.guard import Guard
     from distill.tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
-    from distill.tasks.compress.target import Guard, mixed_int8
+    from distill.tasks.compress.target import mixed_int8
 
     model, X = _fragile_head()
     with torch.no_grad():

@@ -17,7 +17,7 @@ from distill.flows.cli import app
 from distill.tasks.compress.data import load_dataset
 from distill.tasks.compress.evaluate import regression_metrics, relative_error
 from distill.tasks.compress.finetune import regression_kd_loss
-from distill.tasks.compress.target import Guard
+from distill.tasks.compress.guard import Guard
 from distill.tasks.platform.config import DataConfig, build_config
 from distill.tasks.platform.errors import UserError
 from distill.tasks.release.gates import Candidate, absolute_gates, held_out_rows

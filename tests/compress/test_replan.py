@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from distill.tasks.compress.evaluate import TorchScriptModel
+from distill.tasks.compress.guard import Check
+from distill.tasks.compress.plan import Costs, plan_target
 from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.replan import PRUNE_CUT, next_params, refit_to_target, untried
-from distill.tasks.compress.target import Build, Check, Costs, Fitted, plan_target
+from distill.tasks.compress.target import Build, Fitted
 from distill.tasks.platform.config import TargetConfig, build_config
 from distill.tasks.platform.errors import UserError
 from tests.compress.test_target import FAST

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 
 import distill
 from distill.tasks.compress.architectures import build_mlp
-from distill.tasks.compress.guard import Decision
+from distill.tasks.compress.guard import Decision, Guard
+from distill.tasks.compress.plan import plan_target, smallest_params
 from distill.tasks.compress.plots import frontier_figure
 from distill.tasks.compress.smallest import (
     MIN_CUT,
@@ -26,7 +27,7 @@ from distill.tasks.compress.smallest import (
     rebuild_share,
     smallest_within,
 )
-from distill.tasks.compress.target import Candidate, Guard, Search, plan_target, smallest_params
+from distill.tasks.compress.target import Candidate, Search
 from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config, load_config
 from distill.tasks.platform.errors import UserError
 from tests.api.rows import FAST, _digits, _trained_mlp

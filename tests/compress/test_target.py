@@ -21,16 +21,10 @@ from distill.flows.distill import distill_flow
 from distill.tasks.compress.architectures import build_mlp
 from distill.tasks.compress.evaluate import TorchScriptModel
 from distill.tasks.compress.graph import param_model, trace
+from distill.tasks.compress.guard import Guard
+from distill.tasks.compress.plan import Costs, plan_target, smallest_params
 from distill.tasks.compress.quantize import Quantized
-from distill.tasks.compress.target import (
-    Costs,
-    Guard,
-    Search,
-    fit_to_target,
-    keep_fraction_for,
-    plan_target,
-    smallest_params,
-)
+from distill.tasks.compress.target import Search, fit_to_target, keep_fraction_for
 from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config
 from distill.tasks.platform.errors import UserError
 from tests.conftest import ROOT, fresh_process

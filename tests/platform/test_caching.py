@@ -21,8 +21,10 @@ from distill.flows.stages import (
 )
 from distill.tasks.compress.architectures import build_mlp
 from distill.tasks.compress.finetune import History
+from distill.tasks.compress.guard import Guard
+from distill.tasks.compress.plan import Costs, plan_target
 from distill.tasks.compress.reduce import reduce_model
-from distill.tasks.compress.target import Costs, Guard, Search, plan_target
+from distill.tasks.compress.target import Search
 from distill.tasks.platform.caching import (
     Uncacheable,
     code_modules,

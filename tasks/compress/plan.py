@@ -1,0 +1,289 @@
+"""A target's plan: what a narrower model costs when served, and the student that meets the
+target in one shot.
+
+- **Costs** (`measure_costs`): the file the registry would get and its batch-1 latency in the
+  runtime that serves it, fp32 and int8, measured on two narrowed copies of the teacher (every
+  group at its smallest width, and at half width): a line in the parameter count, fixed bytes
+  (the graph: ONNX Runtime's static int8 adds quantize/dequantize nodes worth tens of KB) plus
+  measured bytes per parameter.
+- **Plan** (`plan_target`): the format and the largest student whose served model meets the
+  target (the largest: the least accuracy lost), reached in one shot by the reduce stage (PCA
+  width selection with a least-squares re-fit beats magnitude pruning to the same widths:
+  README, architectures). A target below the smallest reachable model is aimed at from the
+  smallest reduction whose reconstruction keeps the guard (`smallest_start`), by guarded
+  pruning rounds (tasks/compress/target.py, smallest.py).
+
+`plan_for_target` is the pipeline's plan stage: costs measured, plan made, its start searched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from typing import cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.tasks.compress import hidden, transformer
+from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
+from distill.tasks.compress.graph import keep_units, param_model, trace
+from distill.tasks.compress.guard import Guard, max_drop_of
+from distill.tasks.compress.quantize import quantize_model
+from distill.tasks.compress.reconstruct import reconstruct
+from distill.tasks.compress.reduce import calibration_rows, reduce_model
+from distill.tasks.platform.config import (
+    SMALLEST,
+    BudgetConfig,
+    QuantizeConfig,
+    ReconstructConfig,
+    ReduceConfig,
+    TargetConfig,
+)
+
+BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
+
+
+# --- what a narrower model costs when served ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Served file bytes and batch-1 latency of one format at measured parameter counts."""
+
+    params: tuple[int, ...]
+    file_bytes: tuple[int, ...]
+    latency_ms: tuple[float, ...]
+    served_as: str  # "onnxruntime int8", "onnxruntime fp32", "torch int8", "torch fp32"
+
+    def line(self, what: str) -> tuple[float, float]:
+        """(fixed, per parameter) of the least-squares line through the bytes or the latency."""
+        ys = self.file_bytes if what == "bytes" else self.latency_ms
+        slope, fixed = np.polyfit(np.asarray(self.params, float), np.asarray(ys, float), 1)
+        return float(fixed), float(slope)
+
+    def params_within(self, what: str, limit: float) -> float:
+        """Largest parameter count whose predicted bytes (or latency) stay within `limit`."""
+        fixed, slope = self.line(what)
+        if slope <= 0:  # latency flat in the size here: any size fits if the smallest does
+            return math.inf if fixed <= limit else -math.inf
+        return (limit - fixed) / slope
+
+
+def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Module:
+    """A copy with every reducible group cut to `fraction` of its units (at least one per head):
+    only the shapes matter here (file size and latency), not which units stay."""
+    if transformer.holds_blocks(model):  # heads, units, layers, then the residual stream
+        return hidden.narrowed_hidden(
+            transformer.narrowed(model, fraction), example.numpy(), fraction
+        )
+    out = copy.deepcopy(model)
+    for name in [g.name for g in trace(out, example).reducible()]:
+        graph = trace(out, example)
+        group = graph.group(name)
+        per_head = max(1, int(fraction * group.width) // group.step)
+        if per_head * group.step < group.width:
+            block = group.width // group.step
+            keep_units(graph, group, [j for j in range(group.width) if j % block < per_head])
+    return out.eval()
+
+
+def measure_costs(
+    teacher: nn.Module,
+    X: np.ndarray,
+    cfg: QuantizeConfig,
+    seed: int,
+    latency_repeats: int = 50,
+    fractions: tuple[float, ...] = (0.0, 0.5),
+) -> dict[str, Costs]:
+    """{"fp32": ..., "int8": ...} (int8 only when compress.quantize.enabled)."""
+    example = torch.from_numpy(X[:2])
+    points: dict[str, list[tuple[int, int, float]]] = {"fp32": [], "int8": []}
+    for fraction in fractions:
+        q = quantize_model(narrowed(teacher, example, fraction), X[:64], X, cfg, seed)
+        # int8 as made, shipped or not: whether it ships is decided on the final model
+        for fmt, served in (("fp32", q.float_model), ("int8", q.int8_candidate)):
+            if served is not None:
+                ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
+                points[fmt].append((served.params, len(served.file_bytes), ms))
+    return {
+        fmt: Costs(
+            tuple(int(x[0]) for x in sorted(p)),
+            tuple(int(x[1]) for x in sorted(p)),
+            tuple(float(x[2]) for x in sorted(p)),
+            f"{cfg.runtime} {fmt}",
+        )
+        for fmt, p in points.items()
+        if p
+    }
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # size_kb | ratio | params | latency_ms_b1 | smallest (drop-only)
+    value: float  # as the user gave it (smallest: the drop)
+    limit: float  # what the served model is held to: bytes (size_kb, ratio), params, or ms;
+    # smallest: 0 bytes (never reached: the search goes as small as the guard allows)
+    fmt: str  # fp32 | int8: what is served
+    teacher_params: int
+    smallest_params: int  # every group at one unit (per head)
+    final_params: int  # the largest model the costs say meets the limit (clamped to reachable)
+    reduce_params: int  # the reduce stage's budget
+    reachable: bool
+    why: str
+
+    @property
+    def unit(self) -> str:
+        units = {"size_kb": "bytes", "ratio": "bytes", "params": "params", SMALLEST: "bytes"}
+        return units.get(self.kind, "ms")
+
+
+def plan_target(
+    target: TargetConfig,
+    costs: dict[str, Costs],
+    teacher_params: int,
+    smallest_params: int,
+    teacher_file_bytes: int,
+) -> Plan:
+    """The format and parameter count that meet the target with the most parameters (a tie goes
+    to fp32, which loses nothing); `reduce_params` is set later for an unreachable target. A
+    drop-only target (`smallest`) is planned as unreachable: the search starts from the smallest
+    reduction that keeps the guard, in int8 where it is enabled (it ships where it measures so)."""
+    kind, value = target.kind, target.value
+    if kind == SMALLEST:
+        fmt = "int8" if "int8" in costs else "fp32"
+        why = f"the smallest served file within a drop of {value:g}"
+        return Plan(
+            kind,
+            value,
+            0.0,
+            fmt,
+            teacher_params,
+            smallest_params,
+            smallest_params,
+            smallest_params,
+            False,
+            why,
+        )
+    limit = {"size_kb": value * 1024, "ratio": teacher_file_bytes / value}.get(kind, value)
+    fits, notes = {}, []
+    for fmt, c in costs.items():
+        if kind in ("size_kb", "ratio"):
+            fits[fmt] = c.params_within("bytes", limit * (1 - BYTES_MARGIN))
+            fixed, slope = c.line("bytes")
+            notes.append(f"{c.served_as} file {fixed:,.0f} B + {slope:.3f} B/param")
+        elif kind == "latency_ms_b1":
+            fits[fmt] = c.params_within("latency", limit)
+            notes.append(
+                f"{c.served_as} {c.latency_ms[0]:.4f} ms at {c.params[0]:,} params, "
+                f"{c.latency_ms[-1]:.4f} ms at {c.params[-1]:,}"
+            )
+        else:
+            fits[fmt] = value
+    fmt = max(fits, key=lambda f: (min(fits[f], teacher_params), f == "fp32"))
+    final = int(min(teacher_params, fits[fmt])) if fits[fmt] > -math.inf else 0
+    reachable = final >= smallest_params
+    measured = f" (measured: {'; '.join(notes)})" if notes else ""
+    if reachable:
+        why = (
+            f"{kind}={value:g}: {costs[fmt].served_as} with at most {final:,} params{measured}; "
+            "reduced to it in one shot"
+        )
+    else:  # as small as it goes: the search of a drop-only target (smallest.py), int8 tried
+        final = smallest_params  # on every candidate where enabled (it ships where smaller)
+        if kind in ("size_kb", "ratio") and "int8" in costs:
+            fmt = "int8"
+        why = (
+            f"{kind}={value:g} is below the smallest reachable model "
+            f"({smallest_params:,} params){measured}"
+        )
+    return Plan(
+        kind,
+        value,
+        float(limit),
+        fmt,
+        teacher_params,
+        smallest_params,
+        final,
+        final,
+        reachable,
+        why,
+    )
+
+
+def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
+    if transformer.holds_blocks(teacher):  # one layer per stack, one head and unit per layer
+        tgroups = cast(
+            "list[transformer.TGroup]", transformer.reducible_groups(teacher, example.numpy())
+        )
+        return transformer.cost_model(teacher, tgroups).params({g.name: 1 for g in tgroups})
+    groups = trace(copy.deepcopy(teacher), example).reducible()
+    return param_model(teacher, example, groups).params({g.name: g.step for g in groups})
+
+
+def smallest_start(
+    teacher: nn.Module,
+    X_calib: np.ndarray,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    guard: Guard,
+    plan: Plan,
+) -> tuple[int, str]:
+    """For an unreachable target: the smallest reduce budget on a doubling grid up from 4x the
+    smallest model whose reconstruction keeps the guard before any fine-tuning (the teacher's
+    size if none does), and what was tried."""
+    budget, tried = min(plan.teacher_params, 4 * plan.smallest_params), []
+    while budget < plan.teacher_params:
+        cfg = reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
+        reduction = reduce_model(teacher, X_calib, cfg, "width")
+        student = reconstruct(teacher, reduction, X_calib, recon)
+        check = guard.check("search", torch_predictor(student), reduction.student_params)
+        tried.append(f"{budget:,}: drop {check.drop:.4f}")
+        if check.ok:
+            break
+        budget *= 2
+    return min(budget, plan.teacher_params), "; ".join(tried)
+
+
+def plan_for_target(
+    teacher: nn.Module,
+    data: Dataset,
+    target: TargetConfig,
+    reduce: ReduceConfig,
+    recon: ReconstructConfig,
+    quantize: QuantizeConfig,
+    seed: int,
+    latency_repeats: int,
+) -> tuple[Plan, dict[str, Costs], int]:
+    """(plan, costs, teacher file bytes)."""
+    example = torch.from_numpy(data.X_train[:2])
+    # latency is no line at small sizes (a runtime's fixed cost per call): one more point
+    fractions = (0.0, 0.5, 1.0) if target.kind == "latency_ms_b1" else (0.0, 0.5)
+    costs = measure_costs(teacher, data.X_train[:512], quantize, seed, latency_repeats, fractions)
+    teacher_bytes = saved_size(teacher)[0]
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    plan = plan_target(
+        target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes
+    )
+    if not plan.reachable:
+        guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence)
+        X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
+        start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
+        then = (
+            f"then rebuilt at smaller budgets and pruned while the guard holds, bisecting, at "
+            f"most {target.max_builds} builds (target.max_builds)"
+            if plan.kind == SMALLEST
+            else "then pruned toward the smallest model while the guard holds"
+        )
+        why = (
+            f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
+            f"({tried}), {then}"
+        )
+        plan = replace(plan, reduce_params=start, why=why)
+    return plan, costs, teacher_bytes
