@@ -38,6 +38,7 @@ from distill.tasks.platform.errors import UserError, first_line
 PREFIX = "hf:"
 KEY = "config key 'teacher.source'"
 INSTALL = "pip install 'distill[hf]'"
+VOCAB_FILE = "vocab.json"  # a trimmed student's map from the user's ids to its rows (vocab.py)
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights torch.load would unpickle
 
 # what distill takes a teacher for -> (transformers' names of its model classes, the Auto class)
@@ -324,8 +325,10 @@ def save_student(student: nn.Module, directory: Path) -> str:
     is written only when the model rebuilt from its config has every parameter's shape, so that
     its Auto class loads it with no distill code; a cut the config cannot express (transformers
     5 derives BERT's and GPT-2's head size from hidden_size / num_attention_heads: a head cut
-    there) or a layer replaced by another module (low-rank factors) is named instead."""
+    there) or a layer replaced by another module (low-rank factors) is named instead. A trimmed
+    vocabulary (vocab.py) is saved as its rows, with `vocab.json` mapping the user's ids to them."""
     from distill.tasks.compress.transformer import config_mismatch
+    from distill.tasks.compress.vocab import plain_for_saving
 
     hf = hf_model(student)
     if hf is None:
@@ -336,5 +339,8 @@ def save_student(student: nn.Module, directory: Path) -> str:
             f"its {type(hf.config).__name__} cannot describe the student ({mismatch}): "
             "from_pretrained would not load it"
         )
-    hf.save_pretrained(directory)
+    with plain_for_saving(hf) as vocab:  # a trimmed vocabulary: its map beside the weights
+        hf.save_pretrained(directory)
+    if vocab is not None:
+        (directory / VOCAB_FILE).write_text(json.dumps(vocab))
     return ""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from distill.tasks.compress.target import (
     verdict,
 )
 from distill.tasks.compress.teacher import load_teacher
+from distill.tasks.compress.vocab import trim
 from distill.tasks.platform.config import (
     BudgetConfig,
     EvaluateConfig,
@@ -264,8 +265,16 @@ def compress(
             curves=teacher_history.curves() if teacher_history.train_loss else None,
         )
 
-    plan = None
+    start, trimmed = teacher, None  # what students are cut from: the teacher, or its vocab trimmed
     reduce_cfg = cfg.reduce
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    if cfg.reduce.vocab == "data":
+        with guard("reduce"):
+            start, trimmed = trim(teacher, data.X_train)
+        if reduce_cfg.budget.kind == "ratio":  # fewer than the teacher's, not the trimmed copy's
+            budget = BudgetConfig(params=int(teacher_params / reduce_cfg.budget.value))
+            reduce_cfg = reduce_cfg.model_copy(update={"budget": budget})
+    plan = None
     if cfg.target is not None:  # the plan chooses the reduce budget
         with guard("plan-target"), onnx_export_lock():
             plan, costs, teacher_bytes = steps.plan(
@@ -277,6 +286,7 @@ def compress(
                 cfg.compress.quantize,
                 seed,
                 ev.latency_repeats,
+                **({} if trimmed is None else {"start": start}),
             )
         reduce_cfg = cfg.reduce.model_copy(
             update={"budget": BudgetConfig(params=plan.reduce_params)}
@@ -285,14 +295,18 @@ def compress(
     started = time.time()
     with guard("reduce", started):
         calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
-        reduction = steps.reduce(teacher, calibration, reduce_cfg, cfg.reconstruct.mode)
-        check_calibration(reduction.bases, teacher, calibration)
+        reduction = steps.reduce(start, calibration, reduce_cfg, cfg.reconstruct.mode)
+        check_calibration(reduction.bases, start, calibration)
         params, metrics = reduction_record(reduction)
+        if trimmed is not None:  # the ratio to the teacher itself; what the trim saved
+            reduction = replace(reduction, teacher_params=teacher_params)
+            params, metrics = reduction_record(reduction)
+            params, metrics = params | {"vocab": "data"}, metrics | trimmed.record()
         recorder.record("reduce", metrics, params, started)
 
     started = time.time()
     with guard("reconstruct", started):
-        reconstructed, notes = steps.reconstruct(teacher, reduction, calibration, cfg.reconstruct)
+        reconstructed, notes = steps.reconstruct(start, reduction, calibration, cfg.reconstruct)
         made("reconstructed", reconstructed, cfg.reconstruct.model_dump() | notes, started)
 
     started = time.time()
@@ -328,8 +342,8 @@ def compress(
 
             def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
                 at = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
-                reduced = steps.reduce(teacher, calibration, at, cfg.reconstruct.mode)
-                built, _ = steps.reconstruct(teacher, reduced, calibration, cfg.reconstruct)
+                reduced = steps.reduce(start, calibration, at, cfg.reconstruct.mode)
+                built, _ = steps.reconstruct(start, reduced, calibration, cfg.reconstruct)
                 return steps.finetune(teacher, built, data, cfg.finetune, seed, device)[0]
 
             search = Search(

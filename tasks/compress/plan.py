@@ -260,21 +260,25 @@ def plan_for_target(
     quantize: QuantizeConfig,
     seed: int,
     latency_repeats: int,
+    start: nn.Module | None = None,
 ) -> tuple[Plan, dict[str, Costs], int]:
-    """(plan, costs, teacher file bytes)."""
+    """(plan, costs, teacher file bytes). `start`: what students are cut from where that is not
+    the teacher itself (its vocabulary trimmed: tasks/compress/vocab.py); sizes and ratios stay
+    the teacher's, costs are measured on what is cut."""
+    start = teacher if start is None else start
     example = torch.from_numpy(data.X_train[:2])
     # latency is no line at small sizes (a runtime's fixed cost per call): one more point
     fractions = (0.0, 0.5, 1.0) if target.kind == "latency_ms_b1" else (0.0, 0.5)
-    costs = measure_costs(teacher, data.X_train[:512], quantize, seed, latency_repeats, fractions)
+    costs = measure_costs(start, data.X_train[:512], quantize, seed, latency_repeats, fractions)
     teacher_bytes = saved_size(teacher)[0]
     teacher_params = sum(p.numel() for p in teacher.parameters())
     plan = plan_target(
-        target, costs, teacher_params, smallest_params(teacher, example), teacher_bytes
+        target, costs, teacher_params, smallest_params(start, example), teacher_bytes
     )
     if not plan.reachable:
         guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
-        start, tried = smallest_start(teacher, X_calib, reduce, recon, guard, plan)
+        budget, tried = smallest_start(start, X_calib, reduce, recon, guard, plan)
         then = (
             f"then rebuilt at smaller budgets and pruned while the guard holds, bisecting, at "
             f"most {target.max_builds} builds (target.max_builds)"
@@ -285,5 +289,5 @@ def plan_for_target(
             f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
             f"({tried}), {then}"
         )
-        plan = replace(plan, reduce_params=start, why=why)
+        plan = replace(plan, reduce_params=budget, why=why)
     return plan, costs, teacher_bytes

@@ -54,6 +54,7 @@ from distill.tasks.compress.quantize import export_onnx
 from distill.tasks.compress.reconstruct import reconstruct
 from distill.tasks.compress.reduce import KEPT_BY_BUDGET, LayerPlan, Reduction, reduce_model
 from distill.tasks.compress.teacher import check_teacher
+from distill.tasks.compress.vocab import trim
 from distill.tasks.compress.width import group_bases
 from distill.tasks.platform.config import BudgetConfig, PipelineConfig
 from distill.tasks.platform.errors import UserError, first_line
@@ -100,7 +101,8 @@ def preflight(teacher: nn.Module, data: Dataset, cfg: PipelineConfig) -> Preflig
             if cfg.teacher.source == "train":
                 _step(copy.deepcopy(teacher), X, y, None, data, "the teacher's training step")
         with _timed(checks, "student"):
-            student, kept = planned_student(teacher, X, cfg)
+            cut = trim(teacher, data.X_train)[0] if cfg.reduce.vocab == "data" else teacher
+            student, kept = planned_student(cut, X, cfg)
         with _timed(checks, "kd step"):
             _step(student, X, y, teacher, data, "the student's KD step", cfg=cfg)
         with _timed(checks, "onnx export"):

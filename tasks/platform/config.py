@@ -251,6 +251,9 @@ class ReduceConfig(Strict):
     calibration_samples: int = Field(1024, ge=2)
     batch_size: int = Field(256, ge=1)
     method: Literal["pca", "svd"] = "pca"  # svd: data-free bases from the weights (low_rank only)
+    # data: a Hugging Face token model keeps the embedding rows of the ids its training rows use
+    # and one row for every other id (tasks/compress/vocab.py); all: the whole vocabulary
+    vocab: Literal["all", "data"] = "all"
 
 
 class ReconstructConfig(Strict):
