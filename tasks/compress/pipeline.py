@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from distill.tasks.compress import vocab
 from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
@@ -74,13 +75,13 @@ from distill.tasks.compress.target import (
     verdict,
 )
 from distill.tasks.compress.teacher import load_teacher
-from distill.tasks.compress.vocab import trim
 from distill.tasks.platform.config import (
     BudgetConfig,
     EvaluateConfig,
     PipelineConfig,
     TeacherConfig,
 )
+from distill.tasks.platform.errors import UserError
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
 Model = nn.Module | OnnxModel | TorchScriptModel
@@ -270,7 +271,7 @@ def compress(
     teacher_params = sum(p.numel() for p in teacher.parameters())
     if cfg.reduce.vocab == "data":
         with guard("reduce"):
-            start, trimmed = trim(teacher, data.X_train)
+            start, trimmed = vocab.trim(teacher, data.X_train)
         if reduce_cfg.budget.kind == "ratio":  # fewer than the teacher's, not the trimmed copy's
             budget = BudgetConfig(params=int(teacher_params / reduce_cfg.budget.value))
             reduce_cfg = reduce_cfg.model_copy(update={"budget": budget})
@@ -295,7 +296,12 @@ def compress(
     started = time.time()
     with guard("reduce", started):
         calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
-        reduction = steps.reduce(start, calibration, reduce_cfg, cfg.reconstruct.mode)
+        try:
+            reduction = steps.reduce(start, calibration, reduce_cfg, cfg.reconstruct.mode)
+        except UserError as err:  # below the smallest reachable: would a trimmed table reach it?
+            if "smallest reachable" not in str(err) or not vocab.hint(start):
+                raise
+            raise UserError(f"{err}{vocab.hint(start)}") from None
         check_calibration(reduction.bases, start, calibration)
         params, metrics = reduction_record(reduction)
         if trimmed is not None:  # the ratio to the teacher itself; what the trim saved

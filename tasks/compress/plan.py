@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.tasks.compress import hidden, transformer
+from distill.tasks.compress import hidden, transformer, vocab
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.graph import keep_units, param_model, trace
@@ -285,9 +285,10 @@ def plan_for_target(
             if plan.kind == SMALLEST
             else "then pruned toward the smallest model while the guard holds"
         )
+        trim = "" if plan.kind == SMALLEST else vocab.hint(start)  # what a trim would reach
         why = (
-            f"{plan.why}: reduced to the smallest budget whose reconstruction keeps the guard "
-            f"({tried}), {then}"
+            f"{plan.why}{trim}: reduced to the smallest budget whose reconstruction keeps the "
+            f"guard ({tried}), {then}"
         )
         plan = replace(plan, reduce_params=budget, why=why)
     return plan, costs, teacher_bytes

@@ -23,6 +23,7 @@ user's ids to its rows (`save_pretrained` cannot hold it: see `plain_for_saving`
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.tasks.compress.transformer import hf_owner
 from distill.tasks.platform.errors import UserError
 
 KEY = "config key 'reduce.vocab'"
@@ -77,6 +79,12 @@ class Trim:
         }
 
 
+def _pretrained(model: nn.Module) -> Any | None:
+    """The outermost Hugging Face model in `model` (an `HFLogits`' `hf`, or the model), or None."""
+    owner = hf_owner(model)
+    return None if owner is None else owner[1]
+
+
 def _token_embedding(hf: Any, where: str) -> tuple[str, nn.Embedding]:
     """The input token table of Hugging Face model `hf` and its path, or one line why not."""
     if getattr(hf, "main_input_name", "input_ids") != "input_ids":
@@ -112,12 +120,8 @@ def trim(
     """A copy of `model` (an `HFLogits` or a PreTrainedModel) whose token table keeps the rows of
     the ids in `X_train` and one "other" row; `config.vocab_size` says its rows. Raises
     UserError (one line) for a model it cannot trim or ids outside its vocabulary."""
-    import copy
-
-    from distill.tasks.compress.hf import hf_model
-
     trimmed = copy.deepcopy(model)
-    hf = hf_model(trimmed)
+    hf = _pretrained(trimmed)
     if hf is None:
         raise UserError(f"{KEY}=data: {where} is not a Hugging Face model (teacher.source: hf:DIR)")
     path, table = _token_embedding(hf, where)
@@ -194,3 +198,22 @@ def plain_for_saving(hf: Any) -> Iterator[dict[str, Any] | None]:
             for key, value in old.items():
                 if value is not None:
                     setattr(c, key, value)
+
+
+def hint(model: nn.Module) -> str:
+    """What trimming would save on `model`, as a clause for a 'below the smallest reachable'
+    line: '' where it does not apply (not a token model, trimmed already, a vocabulary head)."""
+    hf = _pretrained(model)
+    if hf is None:
+        return ""
+    try:
+        _, table = _token_embedding(hf, "")
+    except UserError:
+        return ""
+    if isinstance(table, TrimmedEmbedding):
+        return ""
+    rows, width = table.weight.shape
+    return (
+        f"; its token table alone is {rows * width:,} params ({rows:,} ids x {width}): "
+        f"reduce.vocab=data keeps only the ids the data uses"
+    )

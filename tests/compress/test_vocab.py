@@ -219,3 +219,22 @@ def test_reduce_vocab_data_on_a_non_hf_teacher_is_one_line():
     data = load_dataset(cfg.data, cfg.seed)
     with pytest.raises(UserError, match=r"reduce.vocab.*not a Hugging Face model"):
         compress(cfg, data)
+
+
+def test_a_budget_only_the_trimmed_table_reaches_names_reduce_vocab(token_npz):
+    teacher_dir, npz = token_npz
+    sets = [
+        *TINY,
+        f"teacher.source=hf:{teacher_dir}",
+        f"data.source=npz:{npz}",
+        "data.standardize=false",
+        "reduce.budget.ratio=2",
+        "reduce.calibration_samples=64",
+    ]
+    cfg = build_config({}, sets)
+    data = load_dataset(cfg.data, cfg.seed)
+    with pytest.raises(UserError) as err:
+        compress(cfg, data)
+    line = str(err.value)
+    assert "below the smallest reachable student" in line and "\n" not in line
+    assert "token table alone is 12,800 params (400 ids x 32): reduce.vocab=data" in line
