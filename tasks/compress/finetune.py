@@ -33,6 +33,7 @@ import copy
 import functools
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -121,7 +122,8 @@ def _unit_axis(module: nn.Module) -> int:
 
 
 def _output(out: object) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out  # MultiheadAttention: (values, weights)
+    # MultiheadAttention: (values, weights); every other matched layer: one tensor
+    return cast(torch.Tensor, out[0] if isinstance(out, tuple) else out)
 
 
 def feature_loss(
@@ -135,11 +137,14 @@ def feature_loss(
 
 @torch.no_grad()
 def _teacher_features(
-    teacher: nn.Module, matches: list[FeatureMatch], X: np.ndarray, device: torch.device
+    teacher: nn.Module | None,
+    matches: list[FeatureMatch],
+    X: np.ndarray | Rows,
+    device: torch.device,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The teacher's matched units on every row (kept on `device`), and their per-unit std
-    shaped to broadcast against them."""
-    if not matches:
+    shaped to broadcast against them (none without matches: `fit` has none without a teacher)."""
+    if not matches or teacher is None:
         return [], []
     teacher.eval()
     home = next(teacher.parameters()).device
@@ -252,7 +257,7 @@ class FitSettings:
     held_out: float = 0.0  # share of the training rows that choose the epoch (0: validation rows)
 
     @classmethod
-    def of(cls, cfg: FinetuneConfig, seed: int, device: str, **changes: object) -> FitSettings:
+    def of(cls, cfg: FinetuneConfig, seed: int, device: str, **changes: Any) -> FitSettings:
         """The `finetune` section's distillation settings (`changes`: e.g. fewer epochs); the
         epoch is chosen on `HELD_OUT` of the training rows, never on the guard's rows."""
         return cls(
@@ -328,6 +333,7 @@ def predict_logits(
         if out is None:  # filled in place: no list of small tensors pinning the heap
             out = torch.empty((len(X), *got.shape[1:]))
         out[start : start + len(got)] = got
+    assert out is not None, "predict_logits: no rows"  # every split holds rows (dataset.py)
     return out.numpy()
 
 
@@ -429,7 +435,7 @@ def fit(
                 opt.zero_grad(set_to_none=True)  # the first batch's grads start at None
             total += loss.detach() * len(yb)
         watch.epoch_end(epoch)
-        history.lr.append(sched.get_last_lr()[0])
+        history.lr.append(float(sched.get_last_lr()[0]))  # a float lr stays a float
         sched.step()
 
         model.eval()

@@ -25,8 +25,9 @@ import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import SupportsInt
 
 import torch
 import torch_pruning as tp
@@ -262,8 +263,9 @@ def _pruning_group(graph: Graph, group: Group, remove: list[int]):
     return graph.dg.get_pruning_group(root, fn, remove)
 
 
-def keep_units(graph: Graph, group: Group, keep: list[int] | torch.Tensor) -> dict[str, list[int]]:
-    """Physically remove every unit of `group` not in `keep` (indices into its current units).
+def keep_units(graph: Graph, group: Group, keep: Iterable[SupportsInt]) -> dict[str, list[int]]:
+    """Physically remove every unit of `group` not in `keep` (indices into its current units:
+    a list, a tensor or an array of them).
 
     Kept units compute exactly what they computed before, given the same inputs. Returns,
     per layer whose outputs shrank, the output indices removed (to map a student's outputs

@@ -64,6 +64,8 @@ class HFLogits(nn.Module):
     `masked`: the rows hold their attention masks folded in (the data's: masks.py), used as
     given; else the mask comes from `config.pad_token_id`."""
 
+    columns: torch.Tensor | None  # a buffer (register_buffer below)
+
     def __init__(
         self,
         hf: nn.Module,
@@ -97,12 +99,13 @@ class HFLogits(nn.Module):
             if not x.is_floating_point():  # integer pixels (an npz of uint8 images)
                 x = x.float()
             return logits_of(self.hf(pixel_values=x))
+        mask: torch.Tensor | None
         if self.masked:  # the data's own mask; the user's ids at its hidden positions
             x, mask = unfold_tensor(x)
         else:
             mask = self.attention_mask(x)
         causal = self.task == "causal LM"
-        extra = {"logits_to_keep": 1} if causal and mask is None else {}
+        extra: dict[str, int] = {"logits_to_keep": 1} if causal and mask is None else {}
         logits = logits_of(self.hf(input_ids=x, attention_mask=mask, **extra))
         if causal:  # the next token after each row's last real token
             if mask is None:
@@ -119,7 +122,7 @@ class HFLogits(nn.Module):
         """The mask of token-id rows `x`: the one folded into them, else `pad_token_id`'s."""
         if self.masked:
             return unfold_tensor(x)[1]
-        pad = self.hf.config.pad_token_id
+        pad = config_of(self.hf).pad_token_id
         return None if pad is None else (x != pad).long()
 
     def padding(self) -> Padding | None:
@@ -130,8 +133,14 @@ class HFLogits(nn.Module):
             return None
         if self.masked:
             return Padding(masked=True)
-        pad = self.hf.config.pad_token_id
+        pad = config_of(self.hf).pad_token_id
         return None if pad is None else Padding(masked=False, pad=int(pad))
+
+
+def config_of(hf: nn.Module) -> Any:
+    """A PreTrainedModel's `config`: a PretrainedConfig whose fields differ per architecture
+    (to mypy any attribute of an nn.Module is a Tensor or a Module)."""
+    return hf.config
 
 
 def is_pretrained(model: nn.Module) -> bool:
@@ -285,7 +294,7 @@ def image_shape(hf: nn.Module, data: Dataset) -> tuple[int, ...]:
 def class_tokens(hf: nn.Module, data: Dataset, source: str) -> list[int] | None:
     """A causal LM's classes are token ids: the columns of its logits that are the data's
     classes (None when the classes are the whole vocabulary, in order)."""
-    vocab = hf.config.get_text_config().vocab_size
+    vocab = config_of(hf).get_text_config().vocab_size
     classes = data.classes
     if list(classes) == list(range(vocab)):
         return None

@@ -77,7 +77,8 @@ def _writer_rows(module: nn.Module) -> torch.Tensor:
         return module.out_proj.weight.detach()
     if isinstance(module, nn.Embedding):
         return module.weight.detach().T
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    weight = cast(torch.Tensor, module.weight)  # a Linear or Conv: REFIT
+    return weight.detach().reshape(weight.shape[0], -1)
 
 
 def remove_lowest_units(

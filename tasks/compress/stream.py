@@ -27,6 +27,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -296,8 +297,13 @@ def _load(cfg: DataConfig, folder: Path) -> D.Dataset:
         a = {n: arrays[n] for n in arrays.files}
     z, rows_key = folder / "z.npy", meta["rows_key"]
     bounds = np.cumsum([0, *(len(a[f"rows_{p}"]) for p in S.SPLITS)])
-    split = {  # each split one range of the file, in split order; `origin`: source rows
-        p: Rows(z, np.arange(bounds[i], bounds[i + 1]), f"{rows_key}/{p}", a[f"rows_{p}"])
+    # each split one range of the file, in split order; `origin`: source rows. Rows stand in for
+    # the X arrays (dataset.Dataset: "a large table's X splits are Rows"), as its fields don't say
+    split = {
+        p: cast(
+            np.ndarray,
+            Rows(z, np.arange(bounds[i], bounds[i + 1]), f"{rows_key}/{p}", a[f"rows_{p}"]),
+        )
         for i, p in enumerate(S.SPLITS)
     }
     return D.Dataset(
@@ -430,7 +436,8 @@ def _first_pass(
     y_all = np.asarray(table.y)
     names = table.names
     copies = set(names) if table.encode else set()  # columns equal to the label in every block
-    text = [c for c, k in getattr(src, "kinds", {}).items() if k == "category"]
+    column_kinds: dict[str, str] = getattr(src, "kinds", {})  # a parquet's; an array has none
+    text = [c for c, k in column_kinds.items() if k == "category"]
     split_like = set(text) if table.split_column is None else set()
     gaps: set[str] = set()
     train_filled = dict.fromkeys(names, 0)
@@ -451,7 +458,7 @@ def _first_pass(
             if not set(frame[name].dropna()) <= set(S.SPLITS):
                 split_like.discard(name)
         for name in names:
-            if src.kinds[name] != "numeric":
+            if column_kinds[name] != "numeric":
                 continue
             values = frame[name].to_numpy(np.float64)
             inf = np.isinf(values)
@@ -483,7 +490,7 @@ def _first_pass(
     for name in sorted(gaps, key=names.index):
         if train_filled[name] == 0:
             raise UserError(f"{where}: column {name!r} is empty in every training row; drop it")
-    fitted = [n for n in names if n in gaps or src.kinds[n] != "numeric"]
+    fitted = [n for n in names if n in gaps or column_kinds[n] != "numeric"]
     if not fitted:  # numbers without gaps pass through: nothing to fit
         return tabular.fit_spec(pd.DataFrame({n: [0.0] for n in names}), set()), width
     # a second pass for the sample, of the columns that are encoded only
@@ -493,6 +500,7 @@ def _first_pass(
     in_sample[sample] = True
     picked, start = [], 0
     for chunk in src.chunks(fitted):
+        assert isinstance(chunk, pd.DataFrame)  # only a parquet source encodes its columns
         picked.append(chunk.iloc[np.flatnonzero(in_sample[start : start + len(chunk)])])
         start += len(chunk)
     sample_frame = pd.concat(picked)
@@ -547,7 +555,11 @@ def _standardization(
     Up to `EXACT_STATS_ROWS` training rows: `data.standardizer` on them in split order (the
     in-memory numbers); beyond: per-block moments merged (Chan, Golub & LeVeque)."""
     exact = len(train) <= EXACT_STATS_ROWS
-    kept, count, mean, m2, peak = [], 0, None, None, None
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    count = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    peak: np.ndarray | None = None
     for start, X, chunk in blocks:
         digest.update(chunk)
         D._check_finite(X, spec, table, start)
@@ -565,11 +577,13 @@ def _standardization(
             if mean is None:
                 count, mean, m2 = len(rows), b_mean, b_m2
                 continue
+            assert m2 is not None  # set with `mean`
             total = count + len(rows)
             delta = b_mean - mean
             mean = mean + delta * (len(rows) / total)
             m2 = m2 + b_m2 + delta**2 * (count * len(rows) / total)
             count = total
+    assert peak is not None  # a streamed table holds rows (STREAM_MIN_CELLS cells or more)
     if exact:
         positions = np.concatenate([p for p, _ in kept])
         X_train = np.concatenate([r for _, r in kept])
@@ -580,6 +594,8 @@ def _standardization(
         return mean, scale, peak
     if not cfg.standardize:
         return np.zeros(len(peak)), np.ones(len(peak)), peak
+    # more than EXACT_STATS_ROWS training rows were seen: the moments are set
+    assert mean is not None and m2 is not None
     with np.errstate(over="ignore", invalid="ignore"):
         scale = np.sqrt(m2 / count)
     scale[scale < 1e-12] = 1.0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.linalg
@@ -138,7 +138,11 @@ def group_bases(
 
 def _reader_weight(module: nn.Module) -> torch.Tensor:
     """(outputs, input features) of a reader's linear map."""
-    w = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+    w: torch.Tensor
+    if isinstance(module, nn.MultiheadAttention):
+        w = module.in_proj_weight
+    else:
+        w = cast(torch.Tensor, module.weight)  # a Linear or Conv reader
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return w.detach().movedim(1, 0).reshape(w.shape[1], -1).T  # (out·kernel, in channels)
     return w.detach()
@@ -170,6 +174,7 @@ def choose_units(
         if scores is not None:
             order = block[np.argsort(-scores[block], kind="stable")]
         else:
+            assert basis is not None, "choose_units: give scores or a basis"
             loadings = basis.components[np.ix_(block, np.arange(min(per, len(block))))]
             _, _, pivots = scipy.linalg.qr(loadings.T, pivoting=True, mode="economic")
             order = block[pivots]
@@ -250,17 +255,23 @@ class _NormalEquations:
     """Σ [A 1]ᵀ[A 1] and Σ [A 1]ᵀ Z over batches, then the ridge solution."""
 
     def __init__(self, intercept: bool) -> None:
-        self.intercept, self.G, self.R = intercept, None, None
+        self.intercept = intercept
+        self.G: torch.Tensor | None = None
+        self.R: torch.Tensor | None = None
 
     def add(self, A: torch.Tensor, Z: torch.Tensor) -> None:
         A, Z = A.double(), Z.double()
         if self.intercept:
             A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=A.dtype)], dim=1)
         G, R = A.T @ A, A.T @ Z
-        self.G, self.R = (G, R) if self.G is None else (self.G + G, self.R + R)
+        if self.G is None or self.R is None:  # the first batch (both are set together)
+            self.G, self.R = G, R
+        else:
+            self.G, self.R = self.G + G, self.R + R
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (out, d), bias or None)."""
+        assert self.G is not None and self.R is not None, "no batches were added"
         d = self.G.shape[0] - int(self.intercept)
         lam = ridge * torch.trace(self.G[:d, :d]) / max(d, 1)
         reg = torch.zeros_like(self.G)
@@ -292,10 +303,14 @@ def refit_reader(
     for xb in batches(X, batch_size):
         a = _query(capture(student, reader.name, xb))
         a_t = _query(capture(teacher, reader.name, xb))
-        A = _conv_rows(module, a) if reader.kind == "conv" else a.reshape(-1, a.shape[-1])
+        if reader.kind == "conv":
+            A = _conv_rows(cast(nn.Conv1d | nn.Conv2d, module), a)
+        else:
+            A = a.reshape(-1, a.shape[-1])
         eq.add(A, feature_rows(t_module(a_t), channels_first=reader.kind == "conv")[:, kept])
     weight, bias = eq.solve(ridge)
-    module.weight = nn.Parameter(weight.reshape(len(kept), *module.weight.shape[1:]))
+    shape = cast(torch.Tensor, module.weight).shape  # a Linear or Conv reader
+    module.weight = nn.Parameter(weight.reshape(len(kept), *shape[1:]))
     if bias is not None:
         module.bias = nn.Parameter(bias)
     return [reader.name]
@@ -310,7 +325,8 @@ def _refit_attention(
     ridge: float,
     batch_size: int,
 ) -> list[str]:
-    mha, t_mha = student.get_submodule(name), teacher.get_submodule(name)
+    mha = cast(nn.MultiheadAttention, student.get_submodule(name))  # an "attention" reader
+    t_mha = cast(nn.MultiheadAttention, teacher.get_submodule(name))
     E_t = t_mha.embed_dim
     rows = torch.cat([kept, kept + E_t, kept + 2 * E_t])  # q, k, v of the kept dimensions
     eq = _NormalEquations(mha.in_proj_bias is not None)
@@ -385,7 +401,7 @@ def reconstruct_width(
     graph = trace(student, example)
     kept_out: dict[str, torch.Tensor] = {}
     report = report if report is not None else WidthReport()
-    reduced = []
+    reduced: list[Group] = []
     for name in [g.name for g in graph.groups]:
         k = widths.get(name)
         if (
