@@ -169,6 +169,10 @@ def test_ctrl_c_landing_in_a_weakref_callback_still_interrupts():
         capture_output=True,
         text=True,
         timeout=60,
+        # SIGINT as a terminal delivers it: a suite run in the background (`make test &`, nohup)
+        # starts with SIGINT ignored, the child inherits that, and exit_on_signals rightly keeps
+        # it ignored: the Ctrl-C would never arrive
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout.strip() == "interrupted", proc.stdout + proc.stderr
     assert "Exception ignored" not in proc.stderr
