@@ -49,11 +49,17 @@ class TrimmedEmbedding(nn.Embedding):
     ids: torch.Tensor  # a buffer: (vocab,) int32
 
     def __init__(self, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None) -> None:
-        super().__init__(weight.shape[0], weight.shape[1], padding_idx=padding_idx)
+        super().__init__(
+            weight.shape[0],
+            weight.shape[1],
+            padding_idx=padding_idx,
+            dtype=weight.dtype,  # a bf16 teacher's table stays bf16
+            device=weight.device,
+        )
         with torch.no_grad():
             self.weight.copy_(weight)
-        self.register_buffer("ids", ids.to(torch.int32), persistent=False)
-        self.digest = hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()[:16]
+        self.register_buffer("ids", ids.to(weight.device, torch.int32), persistent=False)
+        self.digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, of {self.ids.numel()} ids ({self.digest})"
