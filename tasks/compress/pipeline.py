@@ -57,6 +57,7 @@ from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import (
+    BelowSmallest,
     Reduction,
     calibration_rows,
     reduce_model,
@@ -81,7 +82,6 @@ from distill.tasks.platform.config import (
     PipelineConfig,
     TeacherConfig,
 )
-from distill.tasks.platform.errors import UserError
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
 Model = nn.Module | OnnxModel | TorchScriptModel
@@ -298,15 +298,16 @@ def compress(
         calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
         try:
             reduction = steps.reduce(start, calibration, reduce_cfg, cfg.reconstruct.mode)
-        except UserError as err:  # below the smallest reachable: would a trimmed table reach it?
-            if "smallest reachable" not in str(err) or not vocab.hint(start):
+        except BelowSmallest as err:  # would a trimmed token table reach it?
+            trim_hint = vocab.hint(start)
+            if not trim_hint:
                 raise
-            raise UserError(f"{err}{vocab.hint(start)}") from None
+            raise BelowSmallest(f"{err}{trim_hint}") from None
         check_calibration(reduction.bases, start, calibration)
-        params, metrics = reduction_record(reduction)
-        if trimmed is not None:  # the ratio to the teacher itself; what the trim saved
+        if trimmed is not None:  # the ratio to the teacher itself, not to the trimmed copy
             reduction = replace(reduction, teacher_params=teacher_params)
-            params, metrics = reduction_record(reduction)
+        params, metrics = reduction_record(reduction)
+        if trimmed is not None:  # what the trim saved
             params, metrics = params | {"vocab": "data"}, metrics | trimmed.record()
         recorder.record("reduce", metrics, params, started)
 

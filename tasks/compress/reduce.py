@@ -175,8 +175,12 @@ def _smallest_k(basis: Basis, variance: float) -> int:
     return int(np.searchsorted(cum, variance - 1e-12) + 1)
 
 
-def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> UserError:
-    return UserError(
+class BelowSmallest(UserError):
+    """A budget below the smallest student the plan can reach (one line, as any UserError)."""
+
+
+def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> BelowSmallest:
+    return BelowSmallest(
         f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest "
         f"reachable student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio "
         f"{teacher_params / used:.1f})"
