@@ -18,8 +18,10 @@ small (issue 28: 5 of 7 targets on a 1-D CNN "within 1 point" on validation lost
 the test rows). So distillation and pruning's recovery (`FitSettings.of`: `held_out`) choose it
 on a share of the *training* rows held out of the fit (`held_out_rows`: stratified, seeded, the
 same rows for every fit of a run), rows no guard reads and no step trains on; the validation
-rows are still scored each epoch, for the curves only. The teacher's own training (`held_out`
-0) chooses on the validation rows, as before.
+rows are still scored each epoch, for the curves only. A teacher distill trains
+(tasks/compress/teacher.py) chooses on the same held-out rows: a teacher whose epoch the
+validation rows chose scores above itself there, and the guard's reference with it (the targets
+grid's ResNet1d students were 4-6 points down on validation and 2-3 up on the test rows).
 
 On CUDA the rows, the teacher's logits and the student live on the GPU for the whole fit, and
 the forward passes may run under bf16 autocast (`precision`); the model comes back on CPU, in
@@ -179,7 +181,7 @@ def _teacher_features(
 
 
 HELD_OUT = 0.1  # share of the training rows a student's fit holds out to choose its epoch on
-MIN_HELD_OUT = 20  # fewer would be held out: the validation rows choose, as for the teacher
+MIN_HELD_OUT = 20  # fewer would be held out: the validation rows choose
 
 
 def held_out_rows(y: np.ndarray, share: float, seed: int, stratify: bool = True) -> np.ndarray:

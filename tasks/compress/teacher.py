@@ -16,7 +16,7 @@ from torch import nn
 
 from distill.tasks.compress.architectures import build_teacher, is_wrapped, with_logits
 from distill.tasks.compress.data import Dataset
-from distill.tasks.compress.finetune import FitSettings, History, fit
+from distill.tasks.compress.finetune import HELD_OUT, FitSettings, History, fit
 from distill.tasks.compress.finite import non_finite_tensor
 from distill.tasks.compress.hf import PREFIX as HF_PREFIX
 from distill.tasks.compress.hf import is_pretrained, load_hf_teacher, task_of, wrap_pretrained
@@ -47,6 +47,7 @@ def train_teacher(
         weight_decay=cfg.weight_decay,
         seed=seed,
         device=device,
+        held_out=HELD_OUT,  # as the students': the guard's rows never choose the epoch
     )
     model, fitted = fit(
         model,

@@ -29,8 +29,9 @@ from distill.tasks.compress.finetune import (
 )
 from distill.tasks.compress.graph import keep_units, trace
 from distill.tasks.compress.rows import Rows
+from distill.tasks.compress.teacher import train_teacher
 from distill.tasks.compress.width import WidthReport, reconstruct_width
-from distill.tasks.platform.config import DataConfig, FinetuneConfig
+from distill.tasks.platform.config import DataConfig, FinetuneConfig, TeacherConfig
 
 
 def test_kd_loss_matches_hand_computation():
@@ -273,6 +274,20 @@ def test_the_guards_rows_have_no_say_in_the_epoch_restored(digits):
     assert ha.val_accuracy != hb.val_accuracy  # the validation rows were scored, not consulted
     _, old = _fit_with_val_labels(digits, noise, 0.0)
     assert not old.select_score and old.val_accuracy[old.best_epoch] == max(old.val_accuracy)
+
+
+def test_a_teacher_distill_trains_chooses_its_epoch_on_held_out_training_rows(digits):
+    """The guard's reference is the teacher's validation score: a teacher whose epoch the
+    validation rows chose would score above itself there. Its validation labels replaced by
+    noise, the same teacher comes back, weight for weight."""
+    cfg = TeacherConfig(arch="mlp", hidden=[16], epochs=4, lr=3e-2, batch_size=64)
+    noise = np.random.default_rng(1).integers(0, 10, len(digits.y_val))
+    history = History()
+    a = train_teacher(cfg, digits, seed=0, history=history)
+    b = train_teacher(cfg, dataclasses.replace(digits, y_val=noise), seed=0)
+    assert history.select_rows == len(held_out_rows(digits.y_train, HELD_OUT, 0))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key])
 
 
 def test_distillation_chooses_its_epoch_on_held_out_training_rows(digits):
