@@ -56,6 +56,11 @@ class Decision:
     def ok(self) -> bool:
         return self.verdict != "over"
 
+    def shown_within(self, max_drop: float) -> bool:
+        """The interval's upper end is at most `max_drop`: the rows show the drop within it at
+        the decision's confidence (not merely fail to show it above)."""
+        return self.verdict == "within" and self.high <= max_drop + 1e-9
+
     def reason(self, max_drop: float, confidence: float = CONFIDENCE) -> str:
         span = f"{self.drop:.4f} ({confidence:.0%} interval {self.low:.4f}..{self.high:.4f}, "
         span += f"{self.rows} rows)"
