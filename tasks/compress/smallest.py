@@ -230,16 +230,18 @@ def smallest_within(
         f"{built} builds{rebuilds}: {n_kept} kept, {len(rolled_back)} rolled back; stopped: "
         f"{stop}; shipped {chosen.point.name} ({chosen.point.served_as})"
     )
-    confidence = f"at {guard.confidence:.0%}"
-    if not shown:
+    allowance = f"{guard.max_drop:g} at {guard.confidence:.0%}"
+    if shown:
+        bound += f", the smallest shown within {allowance}"
+        if smaller:
+            bound += f" ({len(smaller)} smaller kept candidate(s) not shown within it)"
+    else:
         bound += (
-            f"; no candidate's drop was shown within {guard.max_drop:g} {confidence} on these "
-            "rows: shipped the one they bound lowest"
+            f"; no candidate's drop was shown within {allowance} on these rows: shipped the one "
+            "they bound lowest"
         )
-    if smaller:
-        bound += (
-            f", the smallest shown within {guard.max_drop:g} {confidence}" if shown else ""
-        ) + f": {len(smaller)} smaller kept candidate(s) not shown within it"
+        if smaller:
+            bound += f" ({len(smaller)} smaller kept candidate(s) bound higher)"
     met = chosen.point.kept
     if plan.kind != SMALLEST:  # a size below the smallest reachable model: the closest file
         met = met and chosen.point.size_bytes <= plan.limit
