@@ -148,7 +148,13 @@ def run(
     if summary.target is not None and summary.target.get("frontier") and not as_json:
         from distill.tasks.compress.smallest import frontier_table
 
-        typer.echo(frontier_table(summary.target["frontier"], summary.target["metric"]))
+        typer.echo(
+            frontier_table(
+                summary.target["frontier"],
+                summary.target["metric"],
+                summary.target.get("confidence", 0.9),
+            )
+        )
     if summary.target is not None and (not as_json or not summary.target["met"]):
         # a missed target is not an error: the best model found is registered, tagged, exit 0
         typer.echo(summary.target["line"], err=not summary.target["met"])

@@ -200,6 +200,7 @@ def distill_flow(
         if outcome.target.fitted.frontier:  # a drop-only target: the candidates it built
             target["frontier"] = [c.row() for c in outcome.target.fitted.frontier]
             target["metric"] = outcome.target.guard.metric
+            target["confidence"] = outcome.target.guard.confidence
     summary = RunSummary(
         run_id=run_id,
         experiment_id=experiment_id,

@@ -24,6 +24,7 @@ display needed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -122,10 +123,16 @@ def pareto_figure(stages: dict[str, dict[str, float]]) -> Figure:
 
 
 def frontier_figure(
-    frontier: list[Candidate], reference: float, max_drop: float, metric: str = "accuracy"
+    frontier: list[Candidate],
+    reference: float,
+    max_drop: float,
+    metric: str = "accuracy",
+    confidence: float = 0.9,
 ) -> Figure:
     """The drop-only search's candidates: validation score vs served file size (log x), by
-    format and fate, numbered in build order."""
+    format and fate, named in build order (r1: the first rebuild, p1: the first pruning round),
+    each with its score's interval at `confidence` (the paired drop's, read from the teacher's
+    score): a candidate whose bar ends above the allowed line is shown within the drop."""
     scale = 1.0 if metric == "r2" else 100.0
     unit = "" if metric == "r2" else " point" if scale * max_drop == 1 else " points"
     fig = _figure(7.8, 4.4)
@@ -155,6 +162,24 @@ def frontier_figure(
                 label=label,
                 zorder=2,
             )
+    bars = [c for c in frontier if math.isfinite(c.drop_low) and math.isfinite(c.drop_high)]
+    if bars:  # score = reference - drop: the drop's interval [low, high], read from the teacher
+        ax.errorbar(
+            [c.size_bytes / 1024 for c in bars],
+            [scale * c.score for c in bars],
+            yerr=[  # (a bootstrap quantile may fall on the wrong side of the estimate)
+                [scale * max(0.0, c.drop_high - c.drop) for c in bars],
+                [scale * max(0.0, c.drop - c.drop_low) for c in bars],
+            ],
+            fmt="none",
+            ecolor="tab:gray",
+            elinewidth=1,
+            capsize=3,
+            alpha=0.7,
+            zorder=1,
+            label=f"{confidence:.0%} interval",
+        )
+    labelled: list[tuple[float, float]] = []  # (KB, score) of the labels placed above
     for c in frontier:
         if c.shipped:
             ax.scatter(
@@ -167,11 +192,16 @@ def frontier_figure(
                 label=f"shipped: {c.size_bytes / 1024:.1f} KB {c.served_as}",
                 zorder=3,
             )
+        kb, score = c.size_bytes / 1024, scale * c.score
+        # a label next to one already above (same score, sizes within 15 %) goes below its point
+        crowded = any(abs(s - score) < 0.1 and abs(math.log(kb / k)) < 0.15 for k, s in labelled)
+        if not crowded:
+            labelled.append((kb, score))
         ax.annotate(
-            c.name.replace("prune round ", "#"),
-            (c.size_bytes / 1024, scale * c.score),
+            c.name.replace("prune round ", "p").replace("rebuild ", "r"),
+            (kb, score),
             textcoords="offset points",
-            xytext=(6, 5),
+            xytext=(6, -12 if crowded else 5),
             fontsize=8,
         )
     sizes = [c.size_bytes / 1024 for c in frontier]
@@ -182,7 +212,7 @@ def frontier_figure(
     ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("served file (KB, log scale)")
     ax.set_ylabel("validation R²" if metric == "r2" else "validation accuracy (%)")
-    ax.set_title("smallest within the drop: the candidates built (#: build order)")
+    ax.set_title("smallest within the drop: the candidates (r: rebuilt, p: pruned, in order)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return fig

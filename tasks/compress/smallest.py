@@ -319,26 +319,33 @@ def _rebuild(
     return tried, stop
 
 
-def frontier_table(rows: list[dict[str, object]], metric: str = "accuracy") -> str:
+def frontier_table(
+    rows: list[dict[str, object]], metric: str = "accuracy", confidence: float = 0.9
+) -> str:
     """The frontier (`Candidate.row()` of each) as lines that fit 80 columns: what `distill run`
-    prints before the verdict."""
-    score = "val R²" if metric == "r2" else "val acc %"
-    drop = "R² drop" if metric == "r2" else "drop pts"
+    prints before the verdict. `hi`: the upper end of the served drop's interval at
+    `confidence`, what the ship rule reads (within the allowance: shown within)."""
+    score = "val R²" if metric == "r2" else "val %"
+    drop = "R² drop" if metric == "r2" else "drop"
+    high = f"{confidence:.0%} hi"
     head = (
-        f"{'candidate':<13} {'params':>8} {'size KB':>8} {'as':>4} {score:>9} {drop:>8} "
-        f"{'b1 ms':>7}  status"
+        f"{'candidate':<13} {'params':>7} {'size KB':>7} {'as':>4} {score:>6} {drop:>7} "
+        f"{high:>7} {'b1 ms':>7}  status"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        value, lost = float(r["val_score"]), float(r["drop"])  # type: ignore[arg-type]
+        value, lost, top = (
+            float(r[k])  # type: ignore[arg-type]
+            for k in ("val_score", "drop", "drop_high")
+        )
         shown = (
-            (f"{value:.4f}", f"{lost:+.4f}")
+            (f"{value:.4f}", f"{lost:+.4f}", f"{top:+.4f}")
             if metric == "r2"
-            else (f"{100 * value:.2f}", f"{100 * lost:+.2f}")
+            else (f"{100 * value:.2f}", f"{100 * lost:+.2f}", f"{100 * top:+.2f}")
         )
         lines.append(
-            f"{r['candidate']!s:<13} {r['params']:>8,} {r['size_kb']:>8.1f} {r['served_as']!s:>4} "
-            f"{shown[0]:>9} {shown[1]:>8} {r['latency_ms_b1']:>7.4f}  {r['status']}"
+            f"{r['candidate']!s:<13} {r['params']:>7,} {r['size_kb']:>7.1f} {r['served_as']!s:>4} "
+            f"{shown[0]:>6} {shown[1]:>7} {shown[2]:>7} {r['latency_ms_b1']:>7.4f}  {r['status']}"
         )
     for r in rows:  # the columns show the served model; the guard decided on the float one
         if r["status"] == "rolled back":

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from matplotlib.collections import LineCollection, PathCollection
 from mlflow import MlflowClient
 
 import distill
@@ -352,8 +353,8 @@ def _candidate(name, params, kb, score, kept, shipped=False):
         "int8",
         score,
         0.975 - score,
-        0.0,
-        0.02,
+        0.975 - score - 0.01,  # the drop's interval: 1 point either side
+        0.975 - score + 0.01,
         0.975 - score,
         0.012,
         kept,
@@ -382,14 +383,15 @@ def test_the_frontier_table_fits_80_columns_with_each_candidates_numbers():
         "KB",
         "as",
         "val",
-        "acc",
         "%",
         "drop",
-        "pts",
+        "90%",
+        "hi",
         "b1",
         "ms",
         "status",
     ]
+    # the served drop and its interval's upper end, what the ship rule reads
     assert lines[4].split() == (
         [
             "prune",
@@ -400,6 +402,7 @@ def test_the_frontier_table_fits_80_columns_with_each_candidates_numbers():
             "int8",
             "89.44",
             "+8.06",
+            "+9.06",
             "0.0120",
             "rolled",
             "back",
@@ -418,10 +421,15 @@ def test_the_frontier_figure_marks_the_shipped_candidate(tmp_path):
         "kept, int8",
         "rolled back",
         "shipped: 13.2 KB int8",
+        "90% interval",
     ]
-    kept, _, shipped = ax.collections  # the scatters, in the legend's order
+    kept, _, shipped = (c for c in ax.collections if isinstance(c, PathCollection))
     assert kept.get_offsets()[:, 0].tolist() == pytest.approx([29.5, 17.1, 13.2], abs=1e-3)
     assert shipped.get_offsets()[0].tolist() == pytest.approx([13.2, 96.11], abs=1e-3)
+    # each candidate's bar spans its score's interval: the drop's, read from the teacher's score
+    (bars,) = (c for c in ax.collections if isinstance(c, LineCollection))
+    start = bars.get_segments()[0]
+    assert start[:, 1].tolist() == pytest.approx([96.67 - 1.0, 96.67 + 1.0], abs=1e-2)
     fig.savefig(tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
