@@ -29,6 +29,11 @@ GATES = [
     f"register.model_name={NAME}",
     "promote.max_accuracy_drop=null",
     "promote.min_accuracy=0.5",
+    # fp32 ships: whether int8 does is decided by measured latency, and for this tiny student
+    # the two are near-tied at batch 256 (int8 ~15 % slower alone, not shown slower under the
+    # suite's load), so the served file changed between a run and its reproduction in 2 of 5
+    # runs; a reproduction is compared here metric for metric
+    "compress.quantize.enabled=false",
 ]
 TIMING = ("latency", "speedup", "throughput", "seconds", "time", "system/")  # system/: sampled
 
