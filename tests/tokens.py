@@ -5,6 +5,8 @@ building one to get the same weights twice."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -50,20 +52,24 @@ class HFWrap(nn.Module):
         return self.hf(input_ids=x, attention_mask=mask).logits
 
 
-def tiny_bert(hidden: int = 32, layers: int = 2, intermediate: int = 64, n_classes: int = 3):
-    """A BertForSequenceClassification of a few thousand parameters, in eval mode."""
+def tiny_bert(
+    hidden: int = 32, layers: int = 2, intermediate: int = 64, n_classes: int = 3, **config: Any
+):
+    """A BertForSequenceClassification of a few thousand parameters, in eval mode; `config`:
+    other `BertConfig` keys, or these defaults replaced (`vocab_size`, `num_attention_heads`,
+    `max_position_embeddings`, `pad_token_id`, ...)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=intermediate,
-        max_position_embeddings=64,
-        num_labels=n_classes,
-    )
-    return BertForSequenceClassification(config).eval()
+    settings = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": 64,
+        "num_labels": n_classes,
+    }
+    return BertForSequenceClassification(BertConfig(**(settings | config))).eval()
 
 
 def token_ids(rows: int, length: int = LENGTH, seed: int = 0) -> np.ndarray:

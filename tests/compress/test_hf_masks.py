@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from distill.tasks.compress.data import load_dataset
 from distill.tasks.compress.evaluate import OnnxModel
@@ -25,6 +25,7 @@ from distill.tasks.compress.quantize import export_onnx
 from distill.tasks.platform.config import DataConfig, build_config
 from distill.tasks.platform.errors import UserError
 from tests.conftest import TINY
+from tests.tokens import tiny_bert
 
 VOCAB, T = 50, 10
 FAST = [  # test_hf_teacher.py's tiny settings (low-rank, unstructured pruning)
@@ -41,18 +42,12 @@ FAST = [  # test_hf_teacher.py's tiny settings (low-rank, unstructured pruning)
 def _bert(seed: int = 0) -> BertForSequenceClassification:
     """No pad_token_id: without a mask every position, garbage included, is attended to."""
     torch.manual_seed(seed)
-    config = BertConfig(
+    return tiny_bert(
         vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
         max_position_embeddings=T,
-        num_labels=3,
         pad_token_id=None,
         initializer_range=0.3,  # logits of order 1: the garbage moves them visibly
     )
-    return BertForSequenceClassification(config).eval()
 
 
 def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

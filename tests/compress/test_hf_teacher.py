@@ -19,7 +19,6 @@ import torch
 pytest.importorskip("transformers")
 
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
@@ -38,22 +37,14 @@ from distill.tasks.platform.config import DataConfig, TeacherConfig, build_confi
 from distill.tasks.platform.errors import UserError
 from tests.conftest import ROOT, TINY, fresh_process
 from tests.served import BLOCK_IMPORTS, NOTHING_BLOCKED_LOADED
+from tests.tokens import tiny_bert
 
 VOCAB, T = 100, 12
 
 
 def _bert(n_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=n_labels,
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_bert(n_classes=n_labels, vocab_size=VOCAB, max_position_embeddings=32)
 
 
 def _vit(seed: int = 0) -> ViTForImageClassification:

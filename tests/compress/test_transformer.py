@@ -18,7 +18,6 @@ pytest.importorskip("transformers")
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
-    BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -27,6 +26,7 @@ from transformers import (
 )
 
 from distill.tasks.compress import transformer as tr
+from tests.tokens import tiny_bert
 from tests.zoo import HeadsAttentionNet
 
 VOCAB, T = 100, 12
@@ -34,16 +34,9 @@ VOCAB, T = 100, 12
 
 def _bert(layers: int = 2, heads: int = 4) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
+    return tiny_bert(
+        layers=layers, vocab_size=VOCAB, num_attention_heads=heads, max_position_embeddings=32
     )
-    return BertForSequenceClassification(config).eval()
 
 
 def _vit(layers: int = 2, heads: int = 4) -> ViTForImageClassification:

@@ -17,8 +17,6 @@ pytest.importorskip("transformers")
 
 from transformers import (
     AutoModelForSequenceClassification,
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     ViTConfig,
@@ -35,23 +33,15 @@ from distill.tasks.compress.vocab import TrimmedEmbedding, trim, used_ids
 from distill.tasks.platform.config import ReduceConfig, build_config
 from distill.tasks.platform.errors import UserError
 from tests.conftest import TINY
+from tests.tokens import tiny_bert
 
 VOCAB, USED, T = 400, 40, 8  # the data uses ids 1..USED-1 (and pad 0) of VOCAB
 
 
 def _bert(seed: int = 0) -> HFLogits:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=T,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return HFLogits(BertForSequenceClassification(config).eval(), "sequence classification")
+    bert = tiny_bert(vocab_size=VOCAB, max_position_embeddings=T, pad_token_id=0)
+    return HFLogits(bert, "sequence classification")
 
 
 def _ids(n: int, seed: int, high: int = USED) -> np.ndarray:
