@@ -137,18 +137,23 @@ def _decide(r: dict, c: dict, rows: np.ndarray):
 Rule = Callable[[dict, np.ndarray], dict]
 
 
+def _kept(r: dict, rows: np.ndarray) -> list:
+    """(candidate, its paired decision on `rows`) of those the guard kept (the first, the start,
+    where it kept none)."""
+    decisions = [(c, _decide(r, c, rows)) for c in r["candidates"]]
+    return [(c, d) for c, d in decisions if d.ok] or decisions[:1]
+
+
 def point(r: dict, rows: np.ndarray) -> dict:
     """The rule before: the smallest kept whose point drop is within, else the smallest kept."""
-    decisions = [(c, _decide(r, c, rows)) for c in r["candidates"]]
-    kept = [(c, d) for c, d in decisions if d.ok] or decisions[:1]
+    kept = _kept(r, rows)
     within = [(c, d) for c, d in kept if d.verdict == "within"]
     return min(within or kept, key=lambda t: t[0]["size"])[0]
 
 
 def lenient(r: dict, rows: np.ndarray) -> dict:
     """The smallest not shown to exceed the allowance."""
-    decisions = [(c, _decide(r, c, rows)) for c in r["candidates"]]
-    kept = [(c, d) for c, d in decisions if d.ok] or decisions[:1]
+    kept = _kept(r, rows)
     return min(kept, key=lambda t: t[0]["size"])[0]
 
 
@@ -156,10 +161,7 @@ def pooled(r: dict, rows: np.ndarray) -> dict:
     """The smallest kept candidate whose drop, pooled with every larger kept candidate's (the
     mean of their paired drops: nested students lose on much the same rows), is within; else
     the largest kept. One candidate's lucky row moves a pool, not the choice."""
-    decisions = [(c, _decide(r, c, rows)) for c in r["candidates"]]
-    kept = sorted(
-        [(c, d) for c, d in decisions if d.ok] or decisions[:1], key=lambda t: -t[0]["size"]
-    )
+    kept = sorted(_kept(r, rows), key=lambda t: -t[0]["size"])
     chosen = kept[0][0]
     for i in range(len(kept)):
         pool = np.mean([d.drop for _, d in kept[: i + 1]])
@@ -173,19 +175,13 @@ def pairwise(r: dict, rows: np.ndarray) -> dict:
     the same rows, at the guard's confidence) and not shown over the allowance."""
     from distill.tasks.compress.guard import decide
 
-    decisions = [(c, _decide(r, c, rows)) for c in r["candidates"]]
-    kept = [(c, d) for c, d in decisions if d.ok] or decisions[:1]
-    best = min(kept, key=lambda t: (t[1].drop, -t[0]["size"]))[0]
+    kept = _kept(r, rows)
+    best, best_decision = min(kept, key=lambda t: (t[1].drop, -t[0]["size"]))
+    slack = MAX_DROP - max(0.0, best_decision.drop)  # what is left of the allowance below it
     y = np.asarray(r["y_val"])[rows]
     ok = []
     for c, _ in kept:
-        vs = decide(
-            "accuracy",
-            np.asarray(best["val"])[rows],
-            np.asarray(c["val"])[rows],
-            y,
-            MAX_DROP - max(0.0, _decide(r, best, rows).drop),
-        )
+        vs = decide("accuracy", np.asarray(best["val"])[rows], np.asarray(c["val"])[rows], y, slack)
         if vs.ok:
             ok.append(c)
     return min(ok, key=lambda c: c["size"])
@@ -194,8 +190,7 @@ def pairwise(r: dict, rows: np.ndarray) -> dict:
 def shown(r: dict, rows: np.ndarray) -> dict:
     """The rule now (tasks/compress/smallest.py): the smallest kept whose interval's upper end
     is within (shown within); else the kept one whose upper end is lowest."""
-    decisions = [(c, _decide(r, c, rows)) for c in r["candidates"]]
-    kept = [(c, d) for c, d in decisions if d.ok] or decisions[:1]
+    kept = _kept(r, rows)
     within = [c for c, d in kept if d.shown_within(MAX_DROP)]
     if within:
         return min(within, key=lambda c: c["size"])
