@@ -77,9 +77,34 @@ def parent_run(
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        close_open_stage_runs(run.info.run_id, status)
+        raise
+    except SystemExit:  # SIGTERM (flows/process.py's exit_on_signals)
+        close_open_stage_runs(run.info.run_id, status)
         raise
     finally:
         mlflow.end_run(status=status)
+
+
+def close_open_stage_runs(parent_run_id: str, status: str) -> None:
+    """Nested runs of the parent still RUNNING end `status`: a signal can land after a stage run
+    was created and before `stage_run` closes it (in `create_run`'s return, or inside
+    `set_terminated`), which left it RUNNING under a KILLED parent. Best effort: an unreachable
+    store must not hide the signal."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient()
+        left = client.search_runs(
+            [_experiment_of(parent_run_id)],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in left:
+            client.set_terminated(run.info.run_id, status)
+    except Exception:  # noqa: BLE001 -- the signal's unwinding goes on regardless
+        return
 
 
 def set_description(run_id: str, markdown: str) -> None:

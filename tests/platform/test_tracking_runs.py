@@ -90,6 +90,28 @@ def test_a_retried_stage_record_replaces_the_failed_attempt(mlflow_store):
     assert [(c.info.run_name, c.info.status) for c in children] == [("finetuned", "FINISHED")]
 
 
+@pytest.mark.parametrize(
+    "signal_error, status", [(KeyboardInterrupt, "KILLED"), (SystemExit, "FAILED")]
+)
+def test_a_signal_closes_the_stage_runs_it_caught_open(mlflow_store, signal_error, status):
+    """A Ctrl-C (SIGTERM) that lands after a stage's nested run was created and before it was
+    closed (CI saw one: RUNNING under a KILLED parent) leaves no run RUNNING; finished ones stay."""
+    experiment_id = store.configure(store.load_settings())
+    client = MlflowClient()
+    with (
+        pytest.raises(signal_error),
+        tracking.parent_run(experiment_id, "signalled", {}, {}) as run_id,
+    ):
+        tracking.record_stage(run_id, "teacher", {"accuracy": 0.5})
+        client.create_run(
+            experiment_id, run_name="reduce", tags={"mlflow.parentRunId": run_id}
+        )  # as if the signal hit `stage_run` right after `create_run`
+        raise signal_error
+    assert client.get_run(run_id).info.status == status
+    children = {c.info.run_name: c.info.status for c in child_runs(client, run_id)}
+    assert children == {"teacher": "FINISHED", "reduce": status}
+
+
 TERMINATED_RUN = """
 import time
 from distill.flows.process import exit_on_signals
