@@ -24,8 +24,16 @@ reader's weight gains `Wβ·1ᵀ/k`. At k = D nothing is dropped: the student co
 logits to float precision (tested); below, the dropped directions' share of what the norms read is
 the sum of the discarded eigenvalues (tested), and the norms divide by the kept part's length.
 
-Post-LN models (BERT: the norm after the residual add, which the stream's next block reads
-directly) do not commute with the rotation: refused in one line (heads, FFN and depth handle them).
+Post-LN models (BERT: the norm after the residual add, which the next block reads directly) do
+not commute with a rotation, so their stream keeps k of its D channels, as structured pruning
+does: the embedding tables, every writer's output rows, every norm's gain and bias and every
+reader's input columns are sliced to the same channels, and the norms then normalize over those
+alone (not exact below D: a norm's mean and variance are taken over the kept channels). The
+channels are picked by pivoted QR on what the norms write (`channel_basis`): each next one is the
+channel the kept ones predict worst by least squares, which is what the readers' re-fit then
+recovers from them (tested: what it cannot recover is the basis's discarded share). At k = D the
+student is the teacher. After the blocks, the projections reading the stream are found by their
+input (BERT's pooler reads its first token; the classifier behind the pooler's tanh does not).
 A tied output embedding (GPT-2's `lm_head` = `wte`) is untied: the head reads `W diag(g) M`, the
 table `E M`. What a Hugging Face config can express: `hidden_size` with `head_dim` and the
 feed-forward width kept (ViT: yes); GPT-2 derives its attention width from `n_embd`, so its
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 
@@ -61,7 +70,8 @@ class Norm:
 
 @dataclass(frozen=True)
 class Stream:
-    """Everything that writes or reads the residual stream of one stack of pre-LN blocks."""
+    """Everything that writes or reads the residual stream of one stack of pre-LN or post-LN
+    blocks."""
 
     width: int
     embeddings: tuple[str, ...]  # Embedding / Linear / Conv modules writing it before the blocks
@@ -71,6 +81,7 @@ class Stream:
     tied: tuple[tuple[str, str], ...]  # (reader, embedding) sharing one weight
     heads: tuple[int, int]  # (heads, head_dim) of the attention layers: kept by a hidden cut
     ffn: int  # the feed-forward width: kept too
+    post_ln: bool = False  # BERT's layout: the norms sit after the residual adds (channels kept)
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,21 @@ class HiddenBasis:
     vectors: np.ndarray
     values: np.ndarray
     rows: int
+    selection: bool = False  # post-LN: `vectors` are unit columns (channels) in the order picked
+
+    @property
+    def spare(self) -> int:
+        """Features of a narrowed stream that carry no direction (pre-LN: the all-ones one)."""
+        return 0 if self.selection else 1
+
+    def discarded(self, k: int) -> float:
+        """The share of the stream's variance a stream of width k leaves out."""
+        return float(self.values[k - self.spare :].sum() / max(self.values.sum(), 1e-300))
 
 
-def _post_ln_line(block: nn.Module) -> str:
-    return f"hidden size of a post-LayerNorm model ({type(block).__name__}): use heads/FFN/depth"
+def _order_line(path: str, block: nn.Module) -> str:
+    name = type(block).__name__
+    return f"hidden size: {path} ({name}) runs its norms and projections in an order not followed"
 
 
 def _out_width(m: nn.Module) -> int | None:
@@ -119,8 +141,8 @@ def _order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     """The residual stream of `model` (one stack of pre-LN blocks, every reader behind a
-    LayerNorm), or one line saying why its hidden size cannot be narrowed. Calls the model once on
-    `X[:2]` to see what runs before, inside and after the blocks."""
+    LayerNorm, or of post-LN blocks), or one line saying why its hidden size cannot be narrowed.
+    Calls the model once on `X[:2]` to see what runs before, inside and after the blocks."""
     found = tr.find(model)
     stacks = found.stacks()
     if not found.blocks:
@@ -130,14 +152,17 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     ((stack, blocks),) = stacks.items()
     assert stack is not None  # checked above
     for b in blocks:
-        if b.ffn is not None and b.ffn.norm is not None:
-            return _post_ln_line(model.get_submodule(b.path))
         if len(b.attention) != 1 or b.ffn is None:
             return f"hidden size: {b.path} is not one attention and one feed-forward"
+    post = [b.ffn is not None and b.ffn.norm is not None for b in blocks]
+    if any(post) and not all(post):
+        return "hidden size: some blocks put their norms after the residual add, others before"
     order = _order(model, torch.from_numpy(X[:2]))
     modules = dict(model.named_modules())
     att0 = blocks[0].attention[0]
     width = tr.weight_of(model.get_submodule(tr._join(att0.path, att0.writers[0][0]))).shape[1]
+    if all(post):
+        return _post_ln_stream(model, X, stack, blocks, order, width)
     norms: list[Norm] = []
     writers: list[str] = []
     for b in blocks:
@@ -163,7 +188,7 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
             or not order[a_out] < order[lns[1]] < min(order[n] for n in f_in)
             or any(modules[n].normalized_shape != (width,) for n in lns)
         ):
-            return _post_ln_line(model.get_submodule(b.path))
+            return _order_line(b.path, model.get_submodule(b.path))
         norms += [Norm(lns[0], tuple(a_in)), Norm(lns[1], tuple(f_in))]
         writers += [a_out, f_out]
     first = min(order[b.path] for b in blocks)
@@ -215,6 +240,112 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     )
 
 
+def _post_ln_stream(
+    model: nn.Module,
+    X: np.ndarray,
+    stack: str,
+    blocks: list[tr.Block],
+    order: dict[str, int],
+    width: int,
+) -> Stream | str:
+    """The stream of post-LN blocks (BERT): the embeddings' norm, then in each block the
+    attention's q/k/v read the stream, its output projection writes it before a norm, the
+    feed-forward reads that norm and its down projection writes before the next. After the
+    blocks, the projections whose input rows are rows of the last norm's output read it (BERT's
+    pooler reads the first token); the classifier behind the pooler does not."""
+    modules = dict(model.named_modules())
+    norms: list[Norm] = []
+    writers: list[str] = []
+    first = min(order[b.path] for b in blocks)
+    before = sorted((n for n in order if order[n] < first), key=order.__getitem__)
+    lns = [n for n in before if isinstance(modules[n], nn.LayerNorm)]
+    if len(lns) != 1 or modules[lns[0]].normalized_shape != (width,):
+        return "hidden size: no single LayerNorm over the embeddings before the post-LN blocks"
+    embeddings = [n for n in before if _out_width(modules[n]) == width]
+    params = [
+        tr._join(n, p)
+        for n in before
+        for p, t in modules[n].named_parameters(recurse=False)
+        if t.shape[-1] == width and n not in embeddings and n != lns[0]
+    ]
+    if not embeddings:
+        return "hidden size: nothing found writing the residual stream before the blocks"
+    previous = lns[0]
+    for b in blocks:
+        a, f = b.attention[0], b.ffn
+        assert f is not None and f.norm is not None
+        a_in = [tr._join(a.path, w) for w, _ in a.writers]
+        f_in = [tr._join(b.path, w) for w in f.writers]
+        a_out, f_out = tr._join(a.path, a.reader), tr._join(b.path, f.reader)
+        inside = sorted(
+            (
+                n
+                for n, m in modules.items()
+                if tr._inside(n, b.path) and isinstance(m, nn.LayerNorm)
+            ),
+            key=lambda n: order.get(n, -1),
+        )
+        if any(n not in order for n in (*a_in, *f_in, a_out, f_out, *inside)) or len(inside) != 2:
+            return _order_line(b.path, modules[b.path])
+        if not (
+            max(order[n] for n in a_in)
+            < order[a_out]
+            < order[inside[0]]
+            < min(order[n] for n in f_in)
+            and max(order[n] for n in f_in) < order[f_out] < order[inside[1]]
+            and all(modules[n].normalized_shape == (width,) for n in inside)
+        ):
+            return _order_line(b.path, modules[b.path])
+        norms += [Norm(previous, tuple(a_in)), Norm(inside[0], tuple(f_in))]
+        writers += [a_out, f_out]
+        previous = inside[1]
+    last = max(order[n] for b in blocks for n in order if tr._inside(n, b.path))
+    after = [
+        n
+        for n in sorted(order, key=order.__getitem__)
+        if order[n] > last
+        and not tr._inside(n, stack)
+        and tr.is_projection(modules[n])
+        and tr.weight_of(modules[n]).shape[1] == width
+    ]
+    readers = _reading(model, X, previous, after)
+    if not readers:
+        return "hidden size: nothing found reading the residual stream after the blocks"
+    norms.append(Norm(previous, tuple(readers)))
+    shared = {id(p) for n in embeddings for p in modules[n].parameters(recurse=False)}
+    for n, m in modules.items():
+        if n not in embeddings and any(id(p) in shared for p in m.parameters(recurse=False)):
+            return f"hidden size: {n} ({type(m).__name__}) shares its weight with the embeddings"
+    f0 = blocks[0].ffn
+    return Stream(
+        width,
+        tuple(embeddings),
+        tuple(params),
+        tuple(writers),
+        tuple(norms),
+        (),
+        (blocks[0].attention[0].heads, blocks[0].attention[0].head_dim),
+        f0.width if f0 else 0,
+        post_ln=True,
+    )
+
+
+def _reading(model: nn.Module, X: np.ndarray, norm: str, candidates: list[str]) -> list[str]:
+    """The `candidates` whose input rows on `X[:2]` are rows of `norm`'s output."""
+    got = tr.taps(model, torch.from_numpy(X[:2]), inputs=tuple(candidates), outputs=(norm,))
+    out = got[("out", norm)]
+    rows = out.reshape(-1, out.shape[-1]).double()
+    scale = rows.abs().max().item() + 1e-12
+    found = []
+    for n in candidates:
+        if ("in", n) not in got:
+            continue
+        a = got[("in", n)].reshape(-1, rows.shape[1]).double()
+        if bool((torch.cdist(a, rows, p=float("inf")).min(1).values <= 1e-6 * scale).all()):
+            found.append(n)
+    return found
+
+
 # --- the basis -----------------------------------------------------------------------------------
 
 
@@ -240,7 +371,10 @@ def stream_rows(model: nn.Module, stream: Stream, x: torch.Tensor) -> torch.Tens
 def stream_basis(
     model: nn.Module, stream: Stream, X: np.ndarray, batch_size: int = 256
 ) -> HiddenBasis:
-    """The stream's principal directions on the calibration rows `X`."""
+    """The stream's principal directions on the calibration rows `X` (post-LN: its channels,
+    `channel_basis`)."""
+    if stream.post_ln:
+        return channel_basis(model, stream, X, batch_size)
     D = stream.width
     S = np.zeros((D, D))
     count = 0
@@ -254,12 +388,43 @@ def stream_basis(
     return HiddenBasis(U @ vectors[:, top], np.clip(values[top], 0.0, None), count)
 
 
+@torch.no_grad()
+def channel_basis(
+    model: nn.Module, stream: Stream, X: np.ndarray, batch_size: int = 256
+) -> HiddenBasis:
+    """A post-LN stream's channels in the order pivoted QR picks them on what the norms write
+    (every norm's output rows, centred per channel over the calibration tokens: the readers have
+    biases): each next channel is the one the kept ones predict worst by least squares, and its
+    value is the variance it adds (the squared row of R), so the values sum to the total and
+    `discarded(k)` is the share no least-squares map from the k kept channels recovers."""
+    D = stream.width
+    S, total, count = np.zeros((D, D)), np.zeros(D), 0
+    norms = tuple(dict.fromkeys(n.path for n in stream.norms))
+    for xb in batches(X, batch_size):
+        got = tr.taps(model, xb, outputs=norms)
+        for n in norms:
+            a = got[("out", n)].reshape(-1, D).double().numpy()
+            S += a.T @ a
+            total += a.sum(0)
+            count += len(a)
+    mean = total / max(count, 1)
+    C = S / max(count, 1) - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh((C + C.T) / 2)
+    root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T  # C = root.T @ root
+    _, R, pivots = scipy.linalg.qr(root, pivoting=True)
+    gained = np.array([float(np.sum(R[i, i:] ** 2)) for i in range(D)])
+    return HiddenBasis(np.eye(D)[:, pivots], gained, count, selection=True)
+
+
 def rotation(basis: HiddenBasis, k: int) -> np.ndarray:
     """M (D x k): the stream of width k is `Mᵀx`, the top k-1 directions in the k-dim subspace
     orthogonal to the all-ones vector; `M Mᵀ` projects on those directions."""
     D = basis.vectors.shape[0]
     if not 2 <= k <= D:
         raise ValueError(f"hidden size {k}: it must be between 2 and {D}")
+    if basis.selection:  # the first k channels picked, in the stream's own order
+        kept = sorted(int(np.argmax(v)) for v in basis.vectors[:, :k].T)
+        return np.eye(D)[:, kept]
     return basis.vectors[:, : k - 1] @ _ones_complement(k).T
 
 
@@ -321,6 +486,26 @@ def _read_norm(model: nn.Module, norm: Norm, M: torch.Tensor, width: int) -> Non
     ln.eps = ln.eps * D / k
 
 
+def _select_norm(model: nn.Module, norm: Norm, M: torch.Tensor) -> None:
+    """A post-LN norm keeps its gain and bias on the kept channels (`M`: unit columns) and now
+    normalizes over those alone; its readers keep the same input columns."""
+    ln = model.get_submodule(norm.path)
+    assert isinstance(ln, nn.LayerNorm)
+    for r in norm.readers:
+        m: Any = model.get_submodule(r)
+        W, conv1d = tr.weight_of(m).double(), tr._is_conv1d(m)
+        tr._set_map(m, W @ M, m.bias.double() if m.bias is not None else None)
+        if conv1d:
+            m.nx = M.shape[1]
+        else:
+            m.in_features = M.shape[1]
+    ln.normalized_shape = (M.shape[1],)
+    for attr in ("weight", "bias"):
+        p = getattr(ln, attr)
+        if p is not None:
+            setattr(ln, attr, _param(M.T @ p.double(), p))
+
+
 @torch.no_grad()
 def slice_hidden(model: nn.Module, stream: Stream, basis: HiddenBasis, k: int) -> dict[str, Any]:
     """Rotate the residual stream of `model` (in place) to the basis and keep `k` features;
@@ -330,7 +515,10 @@ def slice_hidden(model: nn.Module, stream: Stream, basis: HiddenBasis, k: int) -
         head: Any = model.get_submodule(r)
         head.weight = nn.Parameter(head.weight.detach().clone())
     for n in stream.norms:
-        _read_norm(model, n, M64, stream.width)
+        if stream.post_ln:
+            _select_norm(model, n, M64)
+        else:
+            _read_norm(model, n, M64, stream.width)
     for name in (*stream.embeddings, *stream.writers):
         _write_rows(model.get_submodule(name), M64)
     for name in stream.params:
@@ -355,7 +543,7 @@ def _sync_config(model: nn.Module, stream: Stream, k: int) -> dict[str, Any]:
         changes[ffn] = stream.ffn  # GPT-2's n_inner=None would mean 4 x n_embd
     changes["head_dim"] = stream.heads[1]  # read by ViT / Llama-style classes, else ignored
     eps = next((e for e in EPS_KEYS if isinstance(getattr(cfg, e, None), float)), None)
-    if eps is not None:
+    if eps is not None and not stream.post_ln:  # post-LN norms keep their eps
         changes[eps] = getattr(cfg, eps) * stream.width / k
     if stream.tied and getattr(cfg, "tie_word_embeddings", False):
         changes["tie_word_embeddings"] = False
@@ -478,9 +666,7 @@ def narrow_hidden(
         raise ValueError(stream)
     basis = stream_basis(student, stream, X, batch_size)
     config = slice_hidden(student, stream, basis, k)
-    report = HiddenReport(
-        stream.width, k, float(basis.values[k - 1 :].sum() / basis.values.sum()), config
-    )
+    report = HiddenReport(stream.width, k, basis.discarded(k), config)
     if refit:
         M = rotation(basis, k)
         report.refitted = refit_hidden(student, teacher, stream, M, X, ridge, batch_size)
@@ -503,7 +689,7 @@ def hidden_group(model: nn.Module, X: np.ndarray) -> tr.TGroup:
     unsaved = ""
     if not why and tr.hf_owner(model) is not None:
         copied = copy.deepcopy(model)
-        basis = HiddenBasis(_ones_complement(stream.width), np.ones(stream.width - 1), 0)
+        basis = any_basis(stream)
         # a width the heads divide, so that a config deriving head sizes from it can still build
         k = max(stream.width - stream.heads[0], 2)
         slice_hidden(copied, stream, basis, k)
@@ -532,9 +718,10 @@ def plan_step(width: int, most: int = 64) -> int:
 
 
 def plan_basis(basis: HiddenBasis) -> Basis:
-    """What the planner allocates by: a stream of width k keeps the top k-1 directions, so the
-    explained variance has a leading 0 for the all-ones slot (`retained(k)` = their share)."""
-    ev = np.concatenate([[0.0], basis.values])
+    """What the planner allocates by: a pre-LN stream of width k keeps the top k-1 directions,
+    so the explained variance has a leading 0 for the all-ones slot (`retained(k)` = their
+    share); a post-LN one keeps k channels, each with the variance it adds."""
+    ev = np.concatenate([[0.0] * basis.spare, basis.values])
     return Basis(mean=np.zeros(len(ev)), components=np.zeros((len(ev), 0)), explained_variance=ev)
 
 
@@ -561,11 +748,19 @@ class HiddenCost:
         return a + (b - a) * (k - 2)
 
 
+def any_basis(stream: Stream) -> HiddenBasis:
+    """A basis of the stream's kind, its directions (channels) in no particular order: for a
+    cut whose shapes matter, not its values, and for the exactness check at full width."""
+    D = stream.width
+    if stream.post_ln:
+        return HiddenBasis(np.eye(D), np.ones(D), 0, selection=True)
+    return HiddenBasis(_ones_complement(D), np.ones(D - 1), 0)
+
+
 def _sliced(model: nn.Module, stream: Stream, k: int) -> nn.Module:
     """A copy with the stream cut to `k` along any basis (only the shapes matter)."""
     copied = copy.deepcopy(model)
-    D = stream.width
-    slice_hidden(copied, stream, HiddenBasis(_ones_complement(D), np.ones(D - 1), 0), k)
+    slice_hidden(copied, stream, any_basis(stream), k)
     return copied
 
 
@@ -588,6 +783,5 @@ def narrowed_hidden(model: nn.Module, X: np.ndarray, fraction: float) -> nn.Modu
         return model
     k = max(2, int(fraction * stream.width))
     if k < stream.width:
-        D = stream.width
-        slice_hidden(model, stream, HiddenBasis(_ones_complement(D), np.ones(D - 1), 0), k)
+        slice_hidden(model, stream, any_basis(stream), k)
     return model

@@ -176,14 +176,20 @@ def _smallest_k(basis: Basis, variance: float) -> int:
 
 
 class BelowSmallest(UserError):
-    """A budget below the smallest student the plan can reach (one line, as any UserError)."""
+    """A budget below the smallest student the plan can reach (one line, as any UserError);
+    `floor`: that student's parameters."""
+
+    def __init__(self, line: str, floor: int = 0) -> None:  # one argument: pickles
+        super().__init__(line)
+        self.floor = floor
 
 
 def _too_small(budget: BudgetConfig, used: int, teacher_params: int) -> BelowSmallest:
     return BelowSmallest(
         f"config key 'reduce.budget.{budget.kind}': {budget.value:g} is below the smallest "
         f"reachable student: {used} params ({used * BYTES_PER_PARAM / 1024:.1f} KB, ratio "
-        f"{teacher_params / used:.1f})"
+        f"{teacher_params / used:.1f})",
+        used,
     )
 
 
@@ -494,8 +500,14 @@ def plan_hidden(
     cost = hidden.cost_model(teacher, groups, stream)
     try:
         plans = allocate_widths([*groups, group], bases, cost, cfg.budget)
-    except UserError:  # the stream's smallest student is larger (a head untied): keep `plan`
+    except UserError as err:  # the stream's smallest student is larger (a head untied): keep `plan`
         plans = []
+        if (
+            isinstance(err, BelowSmallest)
+            and isinstance(too_small, BelowSmallest)
+            and err.floor < too_small.floor
+        ):
+            too_small = err  # the line names the floor with the stream cut too
     student = cost.params({p.name: p.rank for p in plans if p.rank is not None})
     cut = any(p.name == group.name and p.rank is not None for p in plans)
     if too_small is not None:

@@ -2,8 +2,9 @@
 configs (no hub): at full width the rotation gives the teacher's logits (GPT-2, ViT, a timm-style
 net); the slice keeps the principal directions of what the norms read (its loss is the discarded
 eigenvalues, less than any other subspace's); the parameter count after a cut is the predicted one;
-a ViT student round-trips through save_pretrained, GPT-2's config cannot say it; post-LN BERT is
-refused in one line; the re-fit solves its normal equations."""
+a ViT student round-trips through save_pretrained, GPT-2's config cannot say it; post-LN BERT keeps
+channels (what least squares cannot recover from them is what the basis says is lost); the re-fit
+solves its normal equations."""
 
 from __future__ import annotations
 
@@ -190,15 +191,86 @@ def test_gpt2_student_runs_untied_but_its_config_cannot_say_it():
     assert torch.isfinite(_out(student, X)).all()
 
 
-def test_post_layernorm_bert_and_a_head_without_norm_are_refused_in_one_line():
-    line = "hidden size of a post-LayerNorm model (BertLayer): use heads/FFN/depth"
-    assert hd.find_stream(_bert(), _ids()) == line
-    with pytest.raises(ValueError, match=r"post-LayerNorm model \(BertLayer\)"):
-        hd.narrow_hidden(_bert(), _bert(), 16, _ids())
+def test_a_head_without_norm_before_it_is_refused_in_one_line():
     why = hd.refusal(TimmNet(), _tokens())
     assert why == (
         "hidden size: head (Linear) reads the residual stream without a LayerNorm before it"
     )
+
+
+def test_a_post_ln_bert_stream_is_found_with_the_pooler_as_its_last_reader():
+    stream = hd.find_stream(_bert(), _ids())
+    assert isinstance(stream, hd.Stream) and stream.post_ln, stream
+    assert len(stream.embeddings) == 3 and len(stream.writers) == 4 and len(stream.norms) == 5
+    first, last = stream.norms[0], stream.norms[-1]
+    assert first.path == "bert.embeddings.LayerNorm"
+    assert first.readers == tuple(
+        f"bert.encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")
+    )
+    assert stream.norms[1].readers == ("bert.encoder.layer.0.intermediate.dense",)
+    # the classifier reads the pooler's tanh, also 32 wide, not the stream
+    assert last == hd.Norm("bert.encoder.layer.1.output.LayerNorm", ("bert.pooler.dense",))
+    assert hd.refusal(_bert(), _ids()) == ""
+
+
+def _norm_outputs(model: nn.Module, stream: hd.Stream, X: np.ndarray) -> np.ndarray:
+    paths = tuple(n.path for n in stream.norms)
+    got = tr.taps(model, torch.from_numpy(X), outputs=paths)
+    return np.concatenate(
+        [got[("out", p)].reshape(-1, stream.width).double().numpy() for p in paths]
+    )
+
+
+def test_a_post_ln_channel_basis_discards_what_least_squares_cannot_recover():
+    """The values are the variance each picked channel adds: they sum to the total, and the share
+    left by the first k is what the best linear map from those k channels (with a bias) misses
+    of every channel, on the same rows."""
+    teacher, X = _bert(), _ids()
+    stream = hd.find_stream(teacher, X)
+    assert isinstance(stream, hd.Stream)
+    basis = hd.stream_basis(teacher, stream, X)
+    A = _norm_outputs(teacher, stream, X)
+    A = A - A.mean(0)
+    assert basis.selection and basis.rows == len(A)
+    assert np.isclose(basis.values.sum(), (A**2).sum() / len(A), rtol=1e-8)
+    for k in (4, 12, 24):
+        kept = hd.rotation(basis, k).argmax(0)
+        assert sorted(kept) == list(kept) and len(set(kept)) == k
+        fit, *_ = np.linalg.lstsq(A[:, kept], A, rcond=None)
+        missed = ((A - A[:, kept] @ fit) ** 2).sum() / (A**2).sum()
+        assert np.isclose(basis.discarded(k), missed, rtol=1e-6, atol=1e-9), k
+    assert basis.discarded(stream.width) == 0.0
+
+
+def test_a_post_ln_cut_keeps_channels_and_the_refit_lowers_the_error():
+    """At full width the student is the teacher; below, the embeddings' norm reads the teacher's
+    own values on the kept channels (writers sliced, not mixed) and the re-fit solves the
+    pooler's normal equations and lowers the output error."""
+    teacher, X = _bert(), _ids()
+    whole = copy.deepcopy(teacher)
+    hd.narrow_hidden(whole, teacher, 32, X, refit=False)
+    assert torch.allclose(_out(whole, X), _out(teacher, X), atol=1e-5, rtol=0)
+    plain, fitted = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    hd.narrow_hidden(plain, teacher, 16, X, refit=False)
+    report = hd.narrow_hidden(fitted, teacher, 16, X, refit=True, ridge=0.0)
+    assert _params(fitted) == hd.params_after(teacher, hd.find_stream(teacher, X), 16)
+    stream = hd.find_stream(teacher, X)
+    assert isinstance(stream, hd.Stream)
+    kept = hd.rotation(hd.stream_basis(teacher, stream, X), 16).argmax(0)
+    norm, x = "bert.embeddings.LayerNorm", torch.from_numpy(X)
+    want = tr.taps(teacher, x, inputs=(norm,))[("in", norm)][..., kept]
+    assert torch.equal(tr.taps(plain, x, inputs=(norm,))[("in", norm)], want)
+    assert report.refitted is not None and report.refitted[-1] == "bert.pooler.dense"
+    reader = "bert.pooler.dense"
+    A = tr.taps(fitted, x, inputs=(reader,))[("in", reader)].double()
+    Z = tr.taps(teacher, x, outputs=(reader,))[("out", reader)].double()
+    E = tr.taps(fitted, x, outputs=(reader,))[("out", reader)].double() - Z
+    A1 = torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], 1)
+    assert (A1.T @ E).abs().max() < 1e-4 * (A1.T @ Z).abs().max()
+    Z = _out(teacher, X).double()
+    assert (_out(fitted, X).double() - Z).pow(2).mean() < 0.5 * (_out(plain, X).double() - Z).pow(
+        2
+    ).mean()
 
 
 def test_the_refit_solves_the_head_normal_equations_and_lowers_the_error():
@@ -221,8 +293,8 @@ def test_the_hidden_group_says_what_can_be_cut_and_saved():
     assert (vit.kind, vit.width, vit.reducible, vit.unsaved) == ("hidden", 32, True, "")
     gpt2 = hd.hidden_group(_gpt2(), _ids())
     assert gpt2.reducible and "c_attn" in gpt2.unsaved
-    bert = hd.hidden_group(_bert(), _ids())
-    assert not bert.reducible and "post-LayerNorm" in bert.why_not
+    bert = hd.hidden_group(_bert(), _ids())  # BERT's head size is hidden_size / heads
+    assert bert.reducible and "attention.self.query" in bert.unsaved
 
 
 def test_hidden_after_heads_and_ffn_cuts_round_trips(tmp_path):

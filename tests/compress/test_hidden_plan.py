@@ -23,7 +23,7 @@ from distill.tasks.compress.quantize import export_onnx
 from distill.tasks.compress.reconstruct import reconstruct
 from distill.tasks.compress.reduce import KEPT_BY_BUDGET, reduce_model
 from distill.tasks.platform.config import BudgetConfig, ReconstructConfig, ReduceConfig
-from tests.compress.test_transformer import _bert, _gpt2, _ids, _images, _vit
+from tests.compress.test_transformer import TimmNet, _bert, _gpt2, _ids, _images, _tokens, _vit
 
 
 def _params(model: nn.Module) -> int:
@@ -181,9 +181,11 @@ def test_the_targets_size_probe_narrows_the_stream_too():
     assert half.config.hidden_size == 16 and _params(teacher) == _params(_vit())
     assert _params(half) < _params(tr.narrowed(teacher, 0.5))
     assert _out(half, X).shape == _out(teacher, X).shape
-    bert, ids = _bert(), _ids()
-    assert _params(narrowed(bert, torch.from_numpy(ids[:2]), 0.5)) == _params(
-        tr.narrowed(bert, 0.5)
+    bert, ids = _bert(), _ids()  # post-LN: its channels
+    assert _params(narrowed(bert, torch.from_numpy(ids[:2]), 0.5)) < _params(tr.narrowed(bert, 0.5))
+    flat = TimmNet()  # a head reading the stream without a norm: heads, units, layers only
+    assert _params(narrowed(flat, torch.from_numpy(_tokens()[:2]), 0.5)) == _params(
+        tr.narrowed(flat, 0.5)
     )
 
 
