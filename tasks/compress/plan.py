@@ -218,11 +218,24 @@ def plan_target(
 
 
 def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
-    if transformer.holds_blocks(teacher):  # one layer per stack, one head and unit per layer
-        tgroups = cast(
-            "list[transformer.TGroup]", transformer.reducible_groups(teacher, example.numpy())
-        )
-        return transformer.cost_model(teacher, tgroups).params({g.name: 1 for g in tgroups})
+    """The parameters of the smallest student the width plan can build: every group at its
+    smallest step; a transformer at one layer per stack, one head and unit per layer, and its
+    residual stream at 2 features where it can be narrowed (and that is smaller: a tied head
+    that the cut unties adds vocab x 2)."""
+    if transformer.holds_blocks(teacher):
+        X = example.numpy()
+        tgroups = cast("list[transformer.TGroup]", transformer.reducible_groups(teacher, X))
+        ones = {g.name: 1 for g in tgroups}
+        floor = transformer.cost_model(teacher, tgroups).params(ones)
+        stream = hidden.find_stream(teacher, X)
+        if (
+            isinstance(stream, hidden.Stream)
+            and stream.width >= 4
+            and not hidden.refusal(teacher, X)
+        ):
+            cost = hidden.cost_model(teacher, tgroups, stream)
+            floor = min(floor, cost.params(ones | {hidden.NAME: 2}))
+        return floor
     groups = trace(copy.deepcopy(teacher), example).reducible()
     return param_model(teacher, example, groups).params({g.name: g.step for g in groups})
 

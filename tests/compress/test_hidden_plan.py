@@ -189,6 +189,27 @@ def test_the_targets_size_probe_narrows_the_stream_too():
     )
 
 
+@pytest.mark.parametrize("build, rows", [(_vit, _images), (_bert, _ids)], ids=["vit", "bert"])
+def test_the_smallest_reachable_student_counts_the_stream_cut(build, rows):
+    """What a target calls reachable (`plan.smallest_params`) is what the width plan reaches
+    with the stream at 2 features: a budget of exactly that is planned, one below it is not."""
+    from distill.tasks.compress.plan import smallest_params
+    from distill.tasks.compress.reduce import BelowSmallest
+
+    teacher, X = build(), rows()
+    floor = smallest_params(teacher, torch.from_numpy(X[:2]))
+    groups = [g for g in tr.transformer_groups(teacher, X) if g.reducible]
+    assert floor < tr.cost_model(teacher, groups).params({g.name: 1 for g in groups})
+
+    def plan(params: int):
+        cfg = ReduceConfig(budget=BudgetConfig(params=params), calibration_samples=len(X))
+        return reduce_model(teacher, X, cfg, "width")
+
+    assert plan(floor).student_params == floor
+    with pytest.raises(BelowSmallest, match=f"smallest reachable student: {floor} params"):
+        plan(floor - 1)
+
+
 @pytest.mark.slow
 def test_distill_run_narrows_the_stream_of_an_hf_vit(tmp_path):
     """`distill run` with an hf: ViT in width mode: the reduce stage plans the hidden size, the
