@@ -121,11 +121,15 @@ def distill_flow(
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
     # before any run exists: the teacher against the data, the planned student on two rows
     context.preflight(cfg, data, config_dir)
+    stages_cfg = cfg  # what the stages run with; `cfg` is what the run records
     if record is not None:
-        from distill.tasks.release.reproduce import check_record
+        from distill.tasks.release.reproduce import check_record, pin_format
 
         for warning in check_record(record, cfg.data.source, data.digest, tracking.git_commit()):
             get_run_logger().warning(warning)
+        stages_cfg, pinned = pin_format(cfg, record, overrides)
+        if pinned:
+            get_run_logger().info(pinned)
     experiment_id = store.configure(settings)
     tags = (
         {
@@ -166,7 +170,7 @@ def distill_flow(
         try:
             lineage = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
             with prefect_tags(f"config:{cfg.name}"):  # on every stage's task run
-                outcome = compress(cfg, data, PREFECT_STEPS, recorder, config_dir, context)
+                outcome = compress(stages_cfg, data, PREFECT_STEPS, recorder, config_dir, context)
                 with StageGuard(recorder)("student_hf"):
                     unsaved = log_student_hf(run_id, outcome.pruned)
                     if unsaved:

@@ -215,16 +215,22 @@ def ship(
     batch: int,
     agree_on: np.ndarray | None = None,
     min_agreement: float = 0.0,
+    fmt: str = "measured",
 ) -> Quantized:
-    """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X`; with `agree_on`,
-    int8 must also answer as the fp32 export on `min_agreement` of those rows."""
+    """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X` (`fmt` fp32 or
+    int8: that format, the measurement logged all the same); with `agree_on`, int8 must also
+    answer as the fp32 export on `min_agreement` of those rows."""
     int8 = q.int8_model
     if int8 is None:
         return replace(q, why="quantization off (compress.quantize.enabled: false): fp32 ships")
     choice = measure_choice(q.float_model, int8, X, batch)
-    q = replace(q, int8_candidate=int8, choice=choice, why=choice.why(q.method))
-    if not choice.int8_ships or agree_on is None:
-        return q if choice.int8_ships else q.fp32_instead(q.why)
+    why = choice.why(q.method)
+    int8_ships = choice.int8_ships if fmt == "measured" else fmt == "int8"
+    if fmt != "measured":
+        why = f"{fmt} ships: compress.quantize.format={fmt}; measured: {why.partition(': ')[2]}"
+    q = replace(q, int8_candidate=int8, choice=choice, why=why)
+    if not int8_ships or agree_on is None:
+        return q if int8_ships else q.fp32_instead(q.why)
     agreed = agreement(q.float_model, int8, agree_on)
     if agreed is not None and agreed < min_agreement:
         return q.fp32_instead(
@@ -548,4 +554,5 @@ def quantize_model(
         cfg.batch,
         agree_on,
         cfg.min_agreement,
+        cfg.format,
     )

@@ -298,6 +298,10 @@ class QuantizeConfig(Strict):
     # training rows (label-free; not checked for a regression output): a broken int8 model is
     # refused here; a target's guard decides finer, on validation accuracy
     min_agreement: float = Field(0.95, ge=0, le=1)
+    # measured: the rule above, by size and latency measured at `batch`; fp32 / int8: that format
+    # ships whatever the latency says (int8 still held to min_agreement). `distill run --from-run`
+    # pins the format the original run shipped, so that a near-tie does not flip it
+    format: Literal["measured", "fp32", "int8"] = "measured"
 
 
 class CompressConfig(Strict):

@@ -3,7 +3,10 @@
 The record is the parent run's `config/resolved.yaml` artifact (the whole resolved
 config, seed included) and its tags `distill.dataset_digest` and `distill.git_commit`.
 The data must be the data the run saw (same digest), or the re-run is refused; other
-code (a different git commit) is only a warning, since that is often the point.
+code (a different git commit) is only a warning, since that is often the point. The format
+the run served (its quantize stage's `method`) is pinned for the re-run
+(`compress.quantize.format`), unless the user sets it: the choice is measured by latency, and
+a near-tie would otherwise flip it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.tasks.platform import safe_yaml
+from distill.tasks.platform.config import PipelineConfig
 from distill.tasks.platform.errors import UserError
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
@@ -25,6 +29,15 @@ class RunRecord:
     config: dict[str, Any]  # the resolved config, as logged
     dataset_digest: str | None
     git_commit: str | None
+    served_format: str | None = None  # fp32 | int8 as its quantize stage shipped; None: unknown
+
+
+def served_format(method: str | None) -> str | None:
+    """fp32 or int8 from the quantize stage's `method` param (static, torch-dynamic, "static, 2
+    fp32": int8; fp32: int8 made, not shipped); None where quantization was off or unrecorded."""
+    if method in (None, "", "none"):
+        return None
+    return "fp32" if method == "fp32" else "int8"
 
 
 def read_record(run_id: str) -> RunRecord:
@@ -55,8 +68,20 @@ def read_record(run_id: str) -> RunRecord:
     if not isinstance(config, dict):
         raise UserError(f"--from-run {run_id}: {CONFIG_ARTIFACT} does not hold a config mapping")
     tags = run.data.tags
+    quantized = MlflowClient().search_runs(
+        [run.info.experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{run_id}' and tags.`distill.stage` = 'quantized'"
+        ),
+        max_results=1,
+    )
+    method = quantized[0].data.params.get("method") if quantized else None
     return RunRecord(
-        run_id, config, tags.get("distill.dataset_digest"), tags.get("distill.git_commit")
+        run_id,
+        config,
+        tags.get("distill.dataset_digest"),
+        tags.get("distill.git_commit"),
+        served_format(method),
     )
 
 
@@ -81,3 +106,20 @@ def check_record(record: RunRecord, source: str, dataset_digest: str, git_commit
         )
         return [line]
     return []
+
+
+def pin_format(
+    cfg: PipelineConfig, record: RunRecord, overrides: list[str] | None
+) -> tuple[PipelineConfig, str | None]:
+    """The config the re-run's stages get: the record's served format pinned where the user did
+    not set `compress.quantize.format` (`--set`), and the line saying so (None: nothing pinned).
+    The run's recorded config stays the record's: same params, same config hash."""
+    key = "compress.quantize.format"
+    if record.served_format is None or any(
+        o.partition("=")[0].strip() == key for o in overrides or []
+    ):
+        return cfg, None
+    quantize = cfg.compress.quantize.model_copy(update={"format": record.served_format})
+    compress = cfg.compress.model_copy(update={"quantize": quantize})
+    line = f"--from-run {record.run_id}: {record.served_format} ships as it did there ({key})"
+    return cfg.model_copy(update={"compress": compress}), line

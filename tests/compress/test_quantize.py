@@ -213,6 +213,30 @@ def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, wh
     assert q.method == ("static" if ships else "fp32") and q.why.startswith(why)
 
 
+@pytest.mark.parametrize(
+    "fmt, int8, ships, why",
+    [
+        ("int8", (900, 1.5), True, "int8 ships: compress.quantize.format=int8; measured: static"),
+        ("fp32", (900, 0.5), False, "fp32 ships: compress.quantize.format=fp32; measured: stat"),
+        ("measured", (900, 1.5), False, "fp32 ships, int8 is slower: "),
+    ],
+)
+def test_a_pinned_format_ships_whatever_the_latency_says(monkeypatch, fmt, int8, ships, why):
+    """`compress.quantize.format` fp32 / int8 (a `--from-run` reproduction pins the original's):
+    that format ships, the measurement still made and logged."""
+    from distill.tasks.compress import quantize
+
+    candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
+    monkeypatch.setattr(
+        quantize,
+        "measure_choice",
+        lambda fp32, i8, X, batch: Choice(batch, Measured(1000, 1.0), Measured(*int8)),
+    )
+    q = quantize.ship(candidate, np.zeros((4, 2), np.float32), 256, fmt=fmt)
+    assert (q.served is candidate.int8_model) == ships and q.why.startswith(why), q.why
+    assert q.choice is not None and q.choice.int8.ms == int8[1]
+
+
 def test_int8_is_slower_only_where_the_paired_calls_show_it():
     """Medians 1 % apart that trade places call by call are noise; a format slower in 27 of
     30 pairs is slower (a sign test, one-sided, at SLOWER_P)."""
