@@ -227,7 +227,20 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
         for e in embeddings
         if model.get_submodule(r).weight is model.get_submodule(e).weight
     )
-    heads = (att0.heads, att0.head_dim)
+    return _stream(blocks, width, embeddings, params, writers, norms, tied)
+
+
+def _stream(
+    blocks: list[tr.Block],
+    width: int,
+    embeddings: list[str],
+    params: list[str],
+    writers: list[str],
+    norms: list[Norm],
+    tied: tuple[tuple[str, str], ...] = (),
+    post_ln: bool = False,
+) -> Stream:
+    att0, f0 = blocks[0].attention[0], blocks[0].ffn
     return Stream(
         width,
         tuple(embeddings),
@@ -235,8 +248,9 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
         tuple(writers),
         tuple(norms),
         tied,
-        heads,
-        blocks[0].ffn.width if blocks[0].ffn else 0,
+        (att0.heads, att0.head_dim),
+        f0.width if f0 else 0,
+        post_ln,
     )
 
 
@@ -316,18 +330,7 @@ def _post_ln_stream(
     for n, m in modules.items():
         if n not in embeddings and any(id(p) in shared for p in m.parameters(recurse=False)):
             return f"hidden size: {n} ({type(m).__name__}) shares its weight with the embeddings"
-    f0 = blocks[0].ffn
-    return Stream(
-        width,
-        tuple(embeddings),
-        tuple(params),
-        tuple(writers),
-        tuple(norms),
-        (),
-        (blocks[0].attention[0].heads, blocks[0].attention[0].head_dim),
-        f0.width if f0 else 0,
-        post_ln=True,
-    )
+    return _stream(blocks, width, embeddings, params, writers, norms, post_ln=True)
 
 
 def _reading(model: nn.Module, X: np.ndarray, norm: str, candidates: list[str]) -> list[str]:

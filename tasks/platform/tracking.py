@@ -95,13 +95,7 @@ def close_open_stage_runs(parent_run_id: str, status: str) -> None:
 
     try:
         client = MlflowClient()
-        left = client.search_runs(
-            [_experiment_of(parent_run_id)],
-            filter_string=(
-                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
-            ),
-        )
-        for run in left:
+        for run in nested_runs(parent_run_id, "attributes.status = 'RUNNING'"):
             client.set_terminated(run.info.run_id, status)
     except Exception:  # noqa: BLE001 -- the signal's unwinding goes on regardless
         return
@@ -165,17 +159,22 @@ def _experiment_of(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.experiment_id
 
 
+def nested_runs(parent_run_id: str, where: str) -> list[Any]:
+    """The parent's nested runs that also match `where` (MLflow's filter syntax)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient().search_runs(
+        [_experiment_of(parent_run_id)],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and {where}",
+    )
+
+
 def delete_stage_runs(parent_run_id: str, stage: str) -> int:
     """Delete the stage's earlier nested runs under this parent (a retried attempt's record)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    earlier = client.search_runs(
-        [_experiment_of(parent_run_id)],
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`distill.stage` = '{stage}'"
-        ),
-    )
+    earlier = nested_runs(parent_run_id, f"tags.`distill.stage` = '{stage}'")
     for run in earlier:
         client.delete_run(run.info.run_id)
     return len(earlier)

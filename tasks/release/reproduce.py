@@ -19,6 +19,7 @@ from typing import Any
 from distill.tasks.platform import safe_yaml
 from distill.tasks.platform.config import PipelineConfig
 from distill.tasks.platform.errors import UserError
+from distill.tasks.platform.tracking import nested_runs
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
 
@@ -68,13 +69,7 @@ def read_record(run_id: str) -> RunRecord:
     if not isinstance(config, dict):
         raise UserError(f"--from-run {run_id}: {CONFIG_ARTIFACT} does not hold a config mapping")
     tags = run.data.tags
-    quantized = MlflowClient().search_runs(
-        [run.info.experiment_id],
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{run_id}' and tags.`distill.stage` = 'quantized'"
-        ),
-        max_results=1,
-    )
+    quantized = nested_runs(run_id, "tags.`distill.stage` = 'quantized'")
     method = quantized[0].data.params.get("method") if quantized else None
     return RunRecord(
         run_id,
