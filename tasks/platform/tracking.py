@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -378,9 +379,11 @@ def log_run_inputs(
     mlflow.log_text(config_yaml, "config/resolved.yaml")
     if config_path is not None and config_path.is_file():
         mlflow.log_artifact(str(config_path), artifact_path="config")
-    dataset = mlflow.data.from_pandas(
-        frame, source=_dataset_source(source), targets="label", name=name, digest=digest
-    )
+    with warnings.catch_warnings():  # a file URI matches MLflow's two same-named local sources
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(
+            frame, source=_dataset_source(source), targets="label", name=name, digest=digest
+        )
     # the schema (column types) from a few rows: the same as from all of them for a typed frame,
     # without a pass over every cell (0.06-0.11 s on digits); `schema` is a cached_property
     dataset.__dict__["schema"] = infer_signature(frame.head(5)).inputs

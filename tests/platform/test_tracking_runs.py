@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,24 @@ def test_pipelines_in_threads_keep_their_runs_apart(mlflow_store):
             assert len(models) == 1
             assert models[0].params == {"variant": str(i)}  # the stage's params, on its model too
             assert [m.key for m in models[0].metrics] == ["accuracy"]  # linked, plain key
+
+
+def test_a_file_dataset_is_logged_without_mlflows_ambiguous_source_warning(mlflow_store, tmp_path):
+    """An npz / CSV source is a file URI, which MLflow 3 matches to two local sources of the
+    same name and warns about on the user's terminal; the dataset still names the file."""
+    experiment_id = store.configure(store.load_settings())
+    path = tmp_path / "ids.npz"
+    np.savez(path, X=np.zeros((2, 3)), y=np.zeros(2))
+    frame = pd.DataFrame({"x": [1.0, 2.0], "label": [0, 1]})
+    with (
+        warnings.catch_warnings(record=True) as seen,
+        tracking.parent_run(experiment_id, "npz", {}, {}) as run_id,
+    ):
+        warnings.simplefilter("always")
+        tracking.log_run_inputs("a: 1\n", None, frame, f"npz:{path}", "ids", "d1")
+    assert [str(w.message) for w in seen if "dataset source" in str(w.message)] == []
+    (logged,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    assert path.name in logged.dataset.source
 
 
 def test_a_retried_stage_record_replaces_the_failed_attempt(mlflow_store):
