@@ -34,6 +34,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -257,6 +258,7 @@ class FitSettings:
     huber_delta: float | None = None  # regression: Huber loss of this delta instead of MSE
     feature_weight: float = 0.0  # β of the feature-matching term (needs a teacher and matches)
     held_out: float = 0.0  # share of the training rows that choose the epoch (0: validation rows)
+    max_seconds: float | None = None  # no epoch starts after this (the best so far restored)
 
     @classmethod
     def of(cls, cfg: FinetuneConfig, seed: int, device: str, **changes: Any) -> FitSettings:
@@ -275,6 +277,7 @@ class FitSettings:
                 "device": device,
                 "huber_delta": cfg.huber_delta,
                 "held_out": HELD_OUT,
+                "max_seconds": None if cfg.max_minutes is None else 60 * cfg.max_minutes,
                 **changes,
             }
         )
@@ -301,6 +304,8 @@ class History:
     select_accuracy: list[float] = field(default_factory=list)
     select_r2: list[float] = field(default_factory=list)  # regression
     select_rows: int = 0  # how many held-out training rows chose it (0: the validation rows)
+    epoch_seconds: list[float] = field(default_factory=list)
+    stopped: str = ""  # why training ended before its epochs: "patience" | "time box"
 
     @property
     def select_score(self) -> list[float]:
@@ -317,7 +322,13 @@ class History:
             **score,
             **select,
             "lr": self.lr,
+            "epoch_seconds": self.epoch_seconds,
         }
+
+    def params(self) -> dict[str, Any]:
+        """For the stage's run: the epochs run, and why it stopped before its last, if it did."""
+        ran = {"epochs_run": len(self.train_loss)}
+        return ran | ({"stopped": self.stopped} if self.stopped else {})
 
 
 @torch.inference_mode()
@@ -412,7 +423,16 @@ def fit(
     best_key, best_state, stale = (-1.0, float("-inf")), copy.deepcopy(model.state_dict()), 0
     watch = TrainingWatch(model, role, lr_key, device)
 
+    started = time.perf_counter()
     for epoch in track(range(settings.epochs), description, total=settings.epochs):
+        if (  # the first epoch always runs
+            epoch
+            and settings.max_seconds is not None
+            and time.perf_counter() - started >= settings.max_seconds
+        ):
+            history.stopped = f"time box: {settings.max_seconds / 60:g} min (finetune.max_minutes)"
+            break
+        epoch_started = time.perf_counter()
         model.train()
         order = torch.randperm(len(train), generator=gen)
         total = torch.zeros((), device=device)  # summed on the device: no sync per batch
@@ -448,6 +468,7 @@ def fit(
         (history.val_r2 if regression else history.val_accuracy).append(val_acc)
         history.train_loss.append(total.item() / len(train))
         history.val_loss.append(val_loss)
+        history.epoch_seconds.append(time.perf_counter() - epoch_started)
         if chosen.on_validation:
             key = (val_acc, -val_loss)
         else:  # the held-out training rows choose: the guard's rows have no say
@@ -465,6 +486,7 @@ def fit(
         else:
             stale += 1
             if stale >= settings.patience:
+                history.stopped = f"patience: {settings.patience} epochs without a better one"
                 break
 
     for h in hooks:

@@ -321,7 +321,8 @@ def compress(
         finetuned, history = steps.finetune(
             teacher, reconstructed, data, cfg.finetune, seed, device
         )
-        made("finetuned", finetuned, cfg.finetune.model_dump(), started, curves=history.curves())
+        kd_params = cfg.finetune.model_dump() | history.params()
+        made("finetuned", finetuned, kd_params, started, curves=history.curves())
     curves = {  # for the plot; the restored best epochs marked
         name: h.curves() | {"best_epoch": [h.best_epoch]}
         for name, h in (("teacher", teacher_history), ("finetuned", history))

@@ -274,6 +274,9 @@ class FinetuneConfig(Strict):  # defaults: the recipe benchmarks/quality.py foun
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the teacher's outputs vs the labels
     patience: int = Field(20, ge=1)
     huber_delta: float | None = Field(None, gt=0)  # regression: Huber loss instead of MSE
+    # a time box per training run (KD, and each pruning round's recovery): no epoch starts after
+    # this many minutes; the best epoch so far is restored and the stage's run says it stopped
+    max_minutes: float | None = Field(None, gt=0)
 
 
 class PruneConfig(Strict):

@@ -85,6 +85,24 @@ def test_early_stopping_restores_the_best_epoch(digits):
     assert final == pytest.approx(max(history.val_accuracy), abs=1e-6)
 
 
+def test_a_time_box_stops_training_after_the_epoch_it_ran_out_in(digits):
+    """`finetune.max_minutes`: no epoch starts once the box is spent (the first always runs); the
+    run says why it stopped and how long each epoch took. A box of a microsecond: one epoch."""
+    assert FitSettings.of(FinetuneConfig(max_minutes=0.5), 0, "cpu").max_seconds == 30.0
+    assert FitSettings.of(FinetuneConfig(), 0, "cpu").max_seconds is None
+    settings = FitSettings(epochs=5, lr=1e-2, batch_size=64, patience=10, max_seconds=1e-6)
+    torch.manual_seed(0)
+    _, history = fit(build_mlp(64, [32], 10), digits, settings)
+    assert len(history.val_accuracy) == len(history.epoch_seconds) == 1
+    assert history.epoch_seconds[0] > 0 and history.best_epoch == 0
+    assert history.params() == {
+        "epochs_run": 1,
+        "stopped": "time box: 1.66667e-08 min (finetune.max_minutes)",
+    }
+    unboxed = fit(build_mlp(64, [32], 10), digits, dataclasses.replace(settings, max_seconds=None))
+    assert unboxed[1].params() == {"epochs_run": 5}  # ran its epochs: nothing to say
+
+
 def test_distillation_moves_the_student_toward_the_teacher(digits):
     torch.manual_seed(0)
     teacher, _ = fit(
