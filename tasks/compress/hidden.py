@@ -162,7 +162,7 @@ def find_stream(model: nn.Module, X: np.ndarray) -> Stream | str:
     att0 = blocks[0].attention[0]
     width = tr.weight_of(model.get_submodule(tr._join(att0.path, att0.writers[0][0]))).shape[1]
     if all(post):
-        return _post_ln_stream(model, X, stack, blocks, order, width)
+        return _post_ln_stream(model, X, stack, blocks, order, modules, width)
     norms: list[Norm] = []
     writers: list[str] = []
     for b in blocks:
@@ -260,6 +260,7 @@ def _post_ln_stream(
     stack: str,
     blocks: list[tr.Block],
     order: dict[str, int],
+    modules: dict[str, nn.Module],
     width: int,
 ) -> Stream | str:
     """The stream of post-LN blocks (BERT): the embeddings' norm, then in each block the
@@ -267,7 +268,6 @@ def _post_ln_stream(
     feed-forward reads that norm and its down projection writes before the next. After the
     blocks, the projections whose input rows are rows of the last norm's output read it (BERT's
     pooler reads the first token); the classifier behind the pooler does not."""
-    modules = dict(model.named_modules())
     norms: list[Norm] = []
     writers: list[str] = []
     first = min(order[b.path] for b in blocks)
@@ -415,7 +415,7 @@ def channel_basis(
     values, vectors = np.linalg.eigh((C + C.T) / 2)
     root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T  # C = root.T @ root
     _, R, pivots = scipy.linalg.qr(root, pivoting=True)
-    gained = np.array([float(np.sum(R[i, i:] ** 2)) for i in range(D)])
+    gained = (R**2).sum(1)  # R is upper triangular: row i is R[i, i:]
     return HiddenBasis(np.eye(D)[:, pivots], gained, count, selection=True)
 
 
@@ -588,8 +588,20 @@ def refusal(model: nn.Module, X: np.ndarray) -> str:
     """'' when the hidden size of `model` can be narrowed, else one line why: the stream is
     found and, on a copy, the rotation at full width must give the same outputs on `X[:2]`."""
     stream = find_stream(model, X)
-    if isinstance(stream, str):
-        return stream
+    return stream if isinstance(stream, str) else _inexact(model, stream, X)
+
+
+def cuttable(model: nn.Module, X: np.ndarray) -> Stream | None:
+    """The stream of `model` where a plan can narrow it (found, exact at full width, at least 4
+    wide: a cut to 2 features saves something), else None."""
+    stream = find_stream(model, X)
+    if isinstance(stream, str) or stream.width < 4 or _inexact(model, stream, X):
+        return None
+    return stream
+
+
+def _inexact(model: nn.Module, stream: Stream, X: np.ndarray) -> str:
+    """'' when the cut at full width gives `model`'s outputs on `X[:2]`, else one line."""
     x = torch.from_numpy(X[:2])
     copied = copy.deepcopy(model).eval()
     slice_hidden(copied, stream, stream_basis(copied, stream, X[:2]), stream.width)
@@ -781,8 +793,8 @@ def cost_model(model: nn.Module, groups: list[tr.TGroup], stream: Stream) -> Hid
 def narrowed_hidden(model: nn.Module, X: np.ndarray, fraction: float) -> nn.Module:
     """`model` (in place) with its stream cut to `fraction` of its width along any basis, when
     it can be (the shapes of a planned student: file size, latency); else left as it is."""
-    stream = find_stream(model, X)
-    if isinstance(stream, str) or stream.width < 4 or refusal(model, X):
+    stream = cuttable(model, X)
+    if stream is None:
         return model
     k = max(2, int(fraction * stream.width))
     if k < stream.width:

@@ -227,12 +227,8 @@ def smallest_params(teacher: nn.Module, example: torch.Tensor) -> int:
         tgroups = cast("list[transformer.TGroup]", transformer.reducible_groups(teacher, X))
         ones = {g.name: 1 for g in tgroups}
         floor = transformer.cost_model(teacher, tgroups).params(ones)
-        stream = hidden.find_stream(teacher, X)
-        if (
-            isinstance(stream, hidden.Stream)
-            and stream.width >= 4
-            and not hidden.refusal(teacher, X)
-        ):
+        stream = hidden.cuttable(teacher, X)
+        if stream is not None:
             cost = hidden.cost_model(teacher, tgroups, stream)
             floor = min(floor, cost.params(ones | {hidden.NAME: 2}))
         return floor

@@ -113,8 +113,11 @@ class Choice:
             if lost
         ]
         verdict = "int8 ships" if not losses else f"fp32 ships, int8 is {' and '.join(losses)}"
+        return f"{verdict}: {self.measured(kind)}"
+
+    def measured(self, kind: str) -> str:
         return (
-            f"{verdict}: {kind} int8 {self.int8.bytes / 1024:.1f} KB, {self.int8.ms:.4f} ms at "
+            f"{kind} int8 {self.int8.bytes / 1024:.1f} KB, {self.int8.ms:.4f} ms at "
             f"batch {self.batch}; fp32 {self.fp32.bytes / 1024:.1f} KB, {self.fp32.ms:.4f} ms"
         )
 
@@ -224,10 +227,11 @@ def ship(
     if int8 is None:
         return replace(q, why="quantization off (compress.quantize.enabled: false): fp32 ships")
     choice = measure_choice(q.float_model, int8, X, batch)
-    why = choice.why(q.method)
-    int8_ships = choice.int8_ships if fmt == "measured" else fmt == "int8"
-    if fmt != "measured":
-        why = f"{fmt} ships: compress.quantize.format={fmt}; measured: {why.partition(': ')[2]}"
+    if fmt == "measured":
+        int8_ships, why = choice.int8_ships, choice.why(q.method)
+    else:
+        int8_ships = fmt == "int8"
+        why = f"{fmt} ships: compress.quantize.format={fmt}; measured: {choice.measured(q.method)}"
     q = replace(q, int8_candidate=int8, choice=choice, why=why)
     if not int8_ships or agree_on is None:
         return q if int8_ships else q.fp32_instead(q.why)

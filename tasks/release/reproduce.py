@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.tasks.platform import safe_yaml
-from distill.tasks.platform.config import PipelineConfig
+from distill.tasks.platform.config import PipelineConfig, parse_overrides
 from distill.tasks.platform.errors import UserError
 from distill.tasks.platform.tracking import nested_runs
 
@@ -110,9 +110,8 @@ def pin_format(
     not set `compress.quantize.format` (`--set`), and the line saying so (None: nothing pinned).
     The run's recorded config stays the record's: same params, same config hash."""
     key = "compress.quantize.format"
-    if record.served_format is None or any(
-        o.partition("=")[0].strip() == key for o in overrides or []
-    ):
+    quantize_set = (parse_overrides(overrides or []).get("compress") or {}).get("quantize") or {}
+    if record.served_format is None or "format" in quantize_set:
         return cfg, None
     quantize = cfg.compress.quantize.model_copy(update={"format": record.served_format})
     compress = cfg.compress.model_copy(update={"quantize": quantize})
