@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.tasks.compress.data import Dataset
-from distill.tasks.compress.export_lock import onnx_export_lock
+from distill.tasks.compress.export_lock import onnx_export_lock, seed_torch
 from distill.tasks.compress.finite import TrainingWatch, check_outputs
 from distill.tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on
 from distill.tasks.platform.config import FinetuneConfig
@@ -383,7 +383,7 @@ def fit(
     ("the teacher" while the teacher trains); `lr_key`: the config key a divergence points to.
     The epoch restored is the best on `settings.held_out` of the training rows, held out of the
     fit (`selection_of`), or on the validation rows where none are held out."""
-    torch.manual_seed(settings.seed)
+    seed_torch(settings.seed)  # not while another thread exports (export_lock.py)
     device = resolve_device(settings.device)
     model.to(device)
     regression = data.is_regression  # y: standardized float targets, one output

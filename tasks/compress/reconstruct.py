@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from distill.tasks.compress import hidden, transformer
+from distill.tasks.compress.export_lock import seed_torch
 from distill.tasks.compress.reduce import Basis, Reduction
 from distill.tasks.compress.width import WidthReport, reconstruct_width
 from distill.tasks.platform.config import ReconstructConfig
@@ -206,7 +207,7 @@ RECONSTRUCTORS: dict[
 
 def reinitialized(model: nn.Module, seed: int) -> nn.Module:
     """The same architecture with fresh random weights: the from-scratch baselines' student."""
-    torch.manual_seed(seed)
+    seed_torch(seed)  # not while another thread exports (export_lock.py)
     fresh = copy.deepcopy(model)
     for m in fresh.modules():
         reset = getattr(m, "reset_parameters", None)

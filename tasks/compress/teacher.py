@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.tasks.compress.architectures import build_teacher, is_wrapped, with_logits
 from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.export_lock import seed_torch
 from distill.tasks.compress.finetune import HELD_OUT, FitSettings, History, fit
 from distill.tasks.compress.finite import non_finite_tensor
 from distill.tasks.compress.hf import PREFIX as HF_PREFIX
@@ -36,7 +37,7 @@ def train_teacher(
     history: History | None = None,
 ) -> nn.Module:
     """`history`: filled with the training curves (the teacher's stage run logs them)."""
-    torch.manual_seed(seed)
+    seed_torch(seed)  # not while another thread exports (export_lock.py)
     model = with_logits(build_teacher(cfg, data, config_dir), _rows(data))
     _check_fits(model.eval(), data, cfg.arch)  # before training: a misfit fails in one line
     settings = FitSettings(

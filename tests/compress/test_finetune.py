@@ -9,7 +9,7 @@ import torch
 
 from distill.tasks.compress.architectures import build_cnn, build_mlp
 from distill.tasks.compress.data import load_dataset
-from distill.tasks.compress.export_lock import onnx_export_lock
+from distill.tasks.compress.export_lock import onnx_export_lock, seed_torch
 from distill.tasks.compress.finetune import (
     HELD_OUT,
     MIN_HELD_OUT,
@@ -229,6 +229,22 @@ def test_no_optimizer_step_runs_while_another_thread_exports(digits, monkeypatch
 
 
 # --- the rows that choose the epoch -----------------------------------------------------------
+
+
+def test_seeding_waits_while_another_thread_exports():
+    """`torch.manual_seed` is wrapped by torch._dynamo like the optimizer calls: a sweep variant
+    seeding its teacher while the other variant's pre-flight exported raised KeyError('custom')
+    (CI, stop 38). `seed_torch` takes the export lock: it cannot run while an export holds it."""
+    import threading
+
+    done = threading.Event()
+    seeder = threading.Thread(target=lambda: (seed_torch(7), done.set()), daemon=True)
+    with onnx_export_lock():
+        seeder.start()
+        assert not done.wait(0.3)  # blocked for as long as the export holds the lock
+    assert done.wait(60)
+    seeder.join()
+    assert torch.initial_seed() == 7
 
 
 def test_held_out_rows_are_stratified_seeded_and_leave_every_class_a_training_row():
