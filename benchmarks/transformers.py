@@ -22,6 +22,10 @@ KD everywhere is distill's `finetune` config and function, with `finetune.lr` th
 - distill 2x / 4x   `compress` (the pipeline the CLI runs) on `teacher.source: hf:DIR`,
                     `reduce.budget.params` = teacher / 2 or / 4, width mode (heads, FFN units and
                     depth chosen by PCA and re-fitted by least squares), KD, no pruning
+- distill Nx, hf_loadable
+                    where the config cannot describe distill's student (BERT: a head or
+                    hidden-size cut), the same budget with `teacher.hf_loadable: true` (feed-
+                    forward width and depth only), whose `student_hf/` loads with from_pretrained
 - low-rank 2x       the same with `reconstruct.mode: low_rank`
 - TP 2x / 4x        Torch-Pruning's `examples/transformers/prune_hf_bert.py` (BERT: MetaPruner,
                     L2 magnitude with mean group reduction, global pruning, `num_heads` map,
@@ -68,7 +72,12 @@ sys.path.insert(0, str(ROOT))
 from distill.tasks.compress.data import Dataset, load_dataset  # noqa: E402
 from distill.tasks.compress.evaluate import count_params, evaluate_model  # noqa: E402
 from distill.tasks.compress.finetune import FitSettings, fit, predict_logits  # noqa: E402
-from distill.tasks.compress.hf import HFLogits, hf_model, load_hf_teacher  # noqa: E402
+from distill.tasks.compress.hf import (  # noqa: E402
+    HFLogits,
+    hf_model,
+    load_hf_teacher,
+    save_student,
+)
 from distill.tasks.compress.pipeline import PLAIN_STEPS, compress  # noqa: E402
 from distill.tasks.compress.quantize import quantize_model  # noqa: E402
 from distill.tasks.compress.reconstruct import reinitialized  # noqa: E402
@@ -387,6 +396,29 @@ def run_model(name: str, spec: Spec, seed: int, quick: bool, tmp: Path) -> dict[
         )
         if mode == "width":
             students[ratio] = out.finetuned
+            unsaved = save_student(out.finetuned, tmp / f"{name}-{ratio}x-student_hf")
+            if unsaved:  # the same budget held to what the config describes
+                print(f"{name} {ratio}x: no student_hf/: {unsaved}", file=sys.stderr)
+                start = time.perf_counter()
+                held = config(
+                    npz,
+                    teacher_dir,
+                    spec,
+                    seed,
+                    f"reduce.budget.params={params}",
+                    "teacher.hf_loadable=true",
+                )
+                out = compress(held, data, steps)
+                assert save_student(out.finetuned, tmp / f"{name}-{ratio}x-loadable") == ""
+                seconds = time.perf_counter() - start
+                rows.append(
+                    Row(
+                        f"distill {ratio}x, hf_loadable",
+                        out.stages["quantized"],
+                        out.quantized.method,
+                        seconds,
+                    )
+                )
     example = torch.from_numpy(data.X_train[:2])
     for ratio in RATIOS:
         start = time.perf_counter()

@@ -229,8 +229,8 @@ def _in_flow(call: Callable[[], T]) -> T:
 def _given(module: nn.Module) -> Callable[..., tuple[nn.Module, History]]:
     """The teacher step for a module handed over (teacher_with_history's signature)."""
 
-    def teacher_step(_cfg: Any, data: Dataset, *_: Any) -> tuple[nn.Module, History]:
-        return given_teacher(module, data), History()
+    def teacher_step(cfg: Any, data: Dataset, *_: Any) -> tuple[nn.Module, History]:
+        return given_teacher(module, data, cfg.hf_loadable), History()
 
     return teacher_step
 

@@ -39,6 +39,8 @@ PREFIX = "hf:"
 KEY = "config key 'teacher.source'"
 INSTALL = "pip install 'distill[hf]'"
 VOCAB_FILE = "vocab.json"  # a trimmed student's map from the user's ids to its rows (vocab.py)
+# where a student_hf/ cannot be written: the setting that keeps a run to what the config describes
+HINT = "; teacher.hf_loadable=true keeps the cuts to what the config describes"
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights torch.load would unpickle
 
 # what distill takes a teacher for -> (transformers' names of its model classes, the Auto class)
@@ -62,7 +64,8 @@ class HFLogits(nn.Module):
     image's `[C, H, W]`, to which flat rows are reshaped. `columns`: for a causal LM whose
     classes are token ids, the logits kept (class i is token `columns[i]`); None: all of them.
     `masked`: the rows hold their attention masks folded in (the data's: masks.py), used as
-    given; else the mask comes from `config.pad_token_id`."""
+    given; else the mask comes from `config.pad_token_id`. `hf_loadable` (teacher.hf_loadable):
+    a student of it keeps to cuts its config describes (transformer.py `loadable_only`)."""
 
     columns: torch.Tensor | None  # a buffer (register_buffer below)
 
@@ -79,6 +82,7 @@ class HFLogits(nn.Module):
         self.task = task
         self.masked = masked
         self.images = getattr(hf, "main_input_name", "input_ids") == "pixel_values"
+        self.hf_loadable = False
         self.input_shape = tuple(int(n) for n in input_shape)
         self.register_buffer(
             "columns",
@@ -90,7 +94,9 @@ class HFLogits(nn.Module):
         columns = None if self.columns is None else self.columns.tolist()
         shape = list(self.input_shape)
         masked = ", masked=True" if self.masked else ""  # absent: keys of unmasked runs unchanged
-        return f"task={self.task!r}, input_shape={shape}, columns={columns}{masked}"
+        # the cuts a plan may make (getattr: an object pickled before the attribute existed)
+        loadable = ", hf_loadable=True" if getattr(self, "hf_loadable", False) else ""
+        return f"task={self.task!r}, input_shape={shape}, columns={columns}{masked}{loadable}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.images:
@@ -308,6 +314,20 @@ def class_tokens(hf: nn.Module, data: Dataset, source: str) -> list[int] | None:
     return [int(c) for c in classes]
 
 
+def keep_loadable(model: nn.Module, where: str) -> None:
+    """`teacher.hf_loadable: true`: every student of `model` keeps to the cuts its Hugging Face
+    config describes (so `student_hf/` loads with from_pretrained); refused for a teacher that
+    holds no Hugging Face model."""
+    wrapped = [m for m in model.modules() if isinstance(m, HFLogits)]
+    if not wrapped:
+        raise UserError(
+            f"config key 'teacher.hf_loadable': teacher {where} is not a Hugging Face model "
+            "(hf:DIR or a transformers model object), so no config describes its student"
+        )
+    for m in wrapped:
+        m.hf_loadable = True
+
+
 def load_hf_teacher(source: str, data: Dataset) -> HFLogits:
     """`hf:DIR` wrapped for the pipeline (`HFLogits`), in eval mode."""
     model, task = load_pretrained(source)
@@ -336,7 +356,7 @@ def save_student(student: nn.Module, directory: Path) -> str:
     5 derives BERT's and GPT-2's head size from hidden_size / num_attention_heads: a head cut
     there) or a layer replaced by another module (low-rank factors) is named instead. A trimmed
     vocabulary (vocab.py) is saved as its rows, with `vocab.json` mapping the user's ids to them."""
-    from distill.tasks.compress.transformer import config_mismatch
+    from distill.tasks.compress.transformer import config_mismatch, loadable_only
     from distill.tasks.compress.vocab import plain_for_saving
 
     hf = hf_model(student)
@@ -344,9 +364,10 @@ def save_student(student: nn.Module, directory: Path) -> str:
         return "the student holds no Hugging Face model"
     mismatch = config_mismatch(hf)
     if mismatch:
+        hint = "" if loadable_only(student) else HINT
         return (
             f"its {type(hf.config).__name__} cannot describe the student ({mismatch}): "
-            "from_pretrained would not load it"
+            f"from_pretrained would not load it{hint}"
         )
     with plain_for_saving(hf) as vocab:  # a trimmed vocabulary: its map beside the weights
         hf.save_pretrained(directory)

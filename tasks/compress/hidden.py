@@ -716,6 +716,7 @@ def hidden_group(model: nn.Module, X: np.ndarray) -> tr.TGroup:
             )
     stack = tr.find(model).blocks[0].stack
     members = (*stream.embeddings, *stream.writers, *(n.path for n in stream.norms))
+    why = tr.held_to_config(model, why, unsaved)
     return tr.TGroup(
         "hidden", "hidden", stream.width, members, stack, True, why_not=why, unsaved=unsaved
     )

@@ -20,7 +20,13 @@ from distill.tasks.compress.export_lock import seed_torch
 from distill.tasks.compress.finetune import HELD_OUT, FitSettings, History, fit
 from distill.tasks.compress.finite import non_finite_tensor
 from distill.tasks.compress.hf import PREFIX as HF_PREFIX
-from distill.tasks.compress.hf import is_pretrained, load_hf_teacher, task_of, wrap_pretrained
+from distill.tasks.compress.hf import (
+    is_pretrained,
+    keep_loadable,
+    load_hf_teacher,
+    task_of,
+    wrap_pretrained,
+)
 from distill.tasks.compress.weights import load_teacher_file, load_teacher_mlflow
 from distill.tasks.platform.config import TeacherConfig
 from distill.tasks.platform.errors import UserError, first_line
@@ -100,13 +106,15 @@ def load_teacher(
         )
     model = with_logits(model.float().eval(), _rows(data))
     _check_fits(model, data, source if whole else cfg.arch)
+    if cfg.hf_loadable:
+        keep_loadable(model, source if whole else cfg.arch)
     return model
 
 
-def given_teacher(model: nn.Module, data: Dataset) -> nn.Module:
+def given_teacher(model: nn.Module, data: Dataset, hf_loadable: bool = False) -> nn.Module:
     """A module handed to `distill.compress`: a copy (the caller's own stays as it was), on CPU,
     float32, eval mode, wrapped as a loaded one would be (a transformers model object as an
-    `hf:` directory's), checked against the data's rows."""
+    `hf:` directory's), checked against the data's rows (`hf_loadable`: teacher.hf_loadable)."""
     model = copy.deepcopy(model).cpu().float()
     name = type(model).__name__
     if is_pretrained(model):
@@ -116,6 +124,8 @@ def given_teacher(model: nn.Module, data: Dataset) -> nn.Module:
         model = wrap_pretrained(model, task, data, name)
     model = with_logits(model.eval(), _rows(data))
     _check_fits(model, data, name)
+    if hf_loadable:
+        keep_loadable(model, name)
     return model
 
 

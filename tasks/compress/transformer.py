@@ -689,6 +689,20 @@ def _mismatch(cfg: str, kind: str, changes: dict, want: tuple, got: tuple) -> st
     return f"{cfg} rebuilt from {changes} does not have the cut's shapes"
 
 
+def loadable_only(model: nn.Module) -> bool:
+    """`teacher.hf_loadable`: the model's cuts must stay what its config describes (a group
+    with `unsaved` is then not reducible)."""
+    return any(getattr(m, "hf_loadable", False) is True for m in model.modules())
+
+
+def held_to_config(model: nn.Module, why: str, unsaved: str) -> str:
+    """A group's `why_not`: its own reason, else, under `teacher.hf_loadable`, why its config
+    cannot describe the cut."""
+    if why or not unsaved or not loadable_only(model):
+        return why
+    return f"teacher.hf_loadable: {unsaved}"
+
+
 def config_mismatch(model: nn.Module) -> str:
     """'' when the Hugging Face model in `model` rebuilt from its config has every parameter's
     shape (what from_pretrained needs), else the first difference."""
@@ -797,7 +811,7 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
                 members,
                 stack,
                 uniform,
-                why_not=why,
+                why_not=held_to_config(model, why, unsaved),
                 order=tuple(range(len(blocks))),
                 recipe=tuple(recipe.items()),
                 unsaved=unsaved,
@@ -823,7 +837,7 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
                     tuple(a.path for a in atts),
                     stack,
                     True,
-                    why_not=why,
+                    why_not=held_to_config(model, why, unsaved),
                     recipe=tuple(recipe.items()),
                     unsaved=unsaved,
                 )
@@ -845,7 +859,7 @@ def _stack_groups(model, stack, blocks, uniform, owner, found, checks) -> list[T
                     tuple(b.path for b in ffns),
                     stack,
                     True,
-                    why_not=why,
+                    why_not=held_to_config(model, why, unsaved),
                     recipe=tuple(recipe.items()),
                     unsaved=unsaved,
                 )

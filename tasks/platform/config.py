@@ -107,6 +107,9 @@ class TeacherConfig(Strict):
     trust_pickle: bool = (
         False  # file: and MLflow teachers: allow a whole pickled module (runs code)
     )
+    # hf: teachers: cut only what the model's config can describe, so that student_hf/ loads
+    # with from_pretrained (BERT, GPT-2: no head or hidden-size cut; feed-forward width, depth)
+    hf_loadable: bool = False
 
     @field_validator("arch")
     @classmethod
@@ -125,6 +128,15 @@ class TeacherConfig(Strict):
                 f"must be JSON-like data (numbers, strings, lists, mappings): {err}"
             ) from None
         return init_args
+
+    @model_validator(mode="after")
+    def _loadable_is_hf(self) -> TeacherConfig:
+        if self.hf_loadable and not self.source.startswith(("hf:", "python:")):
+            raise ValueError(
+                "teacher.hf_loadable keeps a Hugging Face student to what its config describes: "
+                f"it needs an hf:DIR teacher, not {self.source!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _positive_widths(self) -> TeacherConfig:
@@ -393,6 +405,15 @@ class PipelineConfig(Strict):
         if self.reduce.method == "svd" and self.reconstruct.mode != "low_rank":
             raise ValueError(
                 "reduce.method=svd needs reconstruct.mode=low_rank (width mode is data-driven)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _loadable_is_width(self) -> PipelineConfig:
+        if self.teacher.hf_loadable and self.reconstruct.mode != "width":
+            raise ValueError(
+                "teacher.hf_loadable needs reconstruct.mode=width: low-rank factors are layers "
+                "a Hugging Face config cannot describe"
             )
         return self
 

@@ -241,3 +241,46 @@ def test_distill_run_narrows_the_stream_of_an_hf_vit(tmp_path):
     local = client.download_artifacts(run["run_id"], "student_hf", str(tmp_path / "got"))
     loaded = AutoModelForImageClassification.from_pretrained(local)
     assert loaded.config.hidden_size == hidden[0]
+
+
+def test_hf_loadable_keeps_a_bert_student_to_what_its_config_describes(tmp_path):
+    """teacher.hf_loadable: a BERT's head and hidden-size cuts (its config derives the head size
+    from hidden_size) are not planned, each with the config's reason; the plan still halves the
+    parameters (feed-forward width, depth) and the student round-trips through save_pretrained.
+    Without it the same budget cuts what the config cannot say, and student_hf.txt names the
+    setting."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distill.tasks.compress.hf import HINT, HFLogits, keep_loadable, save_student
+    from distill.tasks.platform.errors import UserError
+
+    X = _ids()
+    free = HFLogits(_bert(layers=4), "sequence classification")
+    held = copy.deepcopy(free)
+    keep_loadable(held, "tiny-bert")
+    assert "hf_loadable=True" in repr(held) and "hf_loadable" not in repr(free)  # cache keys
+    kinds = {g.kind: g for g in tr.transformer_groups(held, X)}
+    assert kinds["heads"].why_not.startswith("teacher.hf_loadable: BertConfig cannot express")
+    assert kinds["ffn"].reducible and kinds["depth"].reducible
+    assert hd.hidden_group(held, X).why_not.startswith("teacher.hf_loadable: its config cannot")
+    assert hd.hidden_group(free, X).reducible
+    assert {g.kind: g for g in tr.transformer_groups(free, X)}["heads"].reducible
+
+    red = reduce_model(held, X, _width(BudgetConfig(ratio=2)), "width")
+    cut = {p.name for p in red.layers if p.rank is not None}
+    assert cut and cut <= {kinds["ffn"].name, kinds["depth"].name}, cut
+    assert {kinds["heads"].name, hd.NAME} <= set(red.fixed)
+    student = reconstruct(held, red, X, ReconstructConfig(mode="width"))
+    assert _params(student) == red.student_params <= _params(held) // 2
+    assert save_student(student, tmp_path / "s") == ""
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s").eval()
+    assert _params(loaded) == _params(student.hf)
+    assert torch.allclose(_out(loaded, X), _out(student, X), atol=1e-5)
+
+    # the same budget without the setting: a cut the config cannot say, and the way out
+    red = reduce_model(free, X, _width(BudgetConfig(ratio=2)), "width")
+    unheld = reconstruct(free, red, X, ReconstructConfig(mode="width"))
+    why = save_student(unheld, tmp_path / "free")
+    assert why.startswith("its BertConfig cannot describe the student") and why.endswith(HINT)
+    with pytest.raises(UserError, match=r"^config key 'teacher.hf_loadable': teacher mlp is"):
+        keep_loadable(nn.Linear(3, 2), "mlp")

@@ -195,6 +195,19 @@ CASES = [
         ["--set", "reduce.method=svd"],
         "config key 'config': reduce.method=svd needs",
     ),
+    (
+        "hf_loadable on a teacher distill trains",
+        ["--set", "teacher.hf_loadable=true"],
+        "config key 'teacher': teacher.hf_loadable keeps a Hugging Face student",
+    ),
+    (
+        "hf_loadable with low-rank factors",
+        [
+            *("--set", "teacher.hf_loadable=true", "--set", "teacher.source=hf:x"),
+            *("--set", "reconstruct.mode=low_rank"),
+        ],
+        "config key 'config': teacher.hf_loadable needs reconstruct.mode=width",
+    ),
     ("alpha out of range", ["--set", "finetune.alpha=2"], "config key 'finetune.alpha'"),
     (
         "unknown sklearn dataset",
