@@ -131,8 +131,12 @@ def plan_task(
     quantize: QuantizeConfig,
     seed: int,
     latency_repeats: int,
+    start: nn.Module | None = None,
+    X_agree: np.ndarray | None = None,
 ) -> tuple[Plan, dict[str, Costs], int]:
-    return plan_for_target(teacher, data, target, reduce, recon, quantize, seed, latency_repeats)
+    return plan_for_target(
+        teacher, data, target, reduce, recon, quantize, seed, latency_repeats, start, X_agree
+    )
 
 
 @task(name="fit-target", task_run_name="fit-target", cache_policy=STAGE_CACHE, persist_result=True)

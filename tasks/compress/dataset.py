@@ -24,14 +24,16 @@ are drawn without stratification.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 
 from distill.tasks.compress import tabular
 from distill.tasks.compress.readers import parquet_rows
+from distill.tasks.compress.rows import take
 from distill.tasks.compress.sources import SPLITS, Table
 from distill.tasks.platform.config import DataConfig
 from distill.tasks.platform.errors import UserError
@@ -133,6 +135,33 @@ class Dataset:
         if self.is_regression:
             return frame.assign(label=self.to_units(y))
         return frame.assign(label=np.asarray(self.classes, dtype=object)[y])
+
+
+def check_hold_out(n: int, total: int) -> None:
+    """`target.agreement_rows` = `n` of `total` training rows: at most half of them."""
+    if n > total // 2:
+        raise UserError(
+            f"config key 'target.agreement_rows': {n} of the {total} training rows would leave "
+            f"too few to fit the student on; hold out at most {total // 2}"
+        )
+
+
+def hold_out(data: Dataset, n: int, seed: int) -> tuple[Dataset, np.ndarray]:
+    """`n` training rows, drawn with `seed`, set aside: (the data without them, their X). What a
+    target's agreement guard asks teacher and student about (`target.agreement_rows`,
+    tasks/compress/guard.py): no fit of the student sees them, and no label of theirs is read."""
+    total = len(data.X_train)
+    check_hold_out(n, total)
+    order = np.random.default_rng(seed).permutation(total)
+    held, kept = np.sort(order[:n]), np.sort(order[n:])
+    # rows on disk (tasks/compress/rows.py) stay there, standing in for the array as in
+    # stream.py; the held-out ones are read
+    fit, agree = cast(np.ndarray, take(data.X_train, kept)), np.asarray(data.X_train[held])
+    raw = data.raw
+    if raw is not None:  # its rows follow the splits: train, val, test
+        rest = total + np.arange(len(data.X_val) + len(data.X_test))
+        raw = raw.iloc[np.concatenate([kept, rest])].reset_index(drop=True)
+    return replace(data, X_train=fit, y_train=data.y_train[kept], raw=raw), agree
 
 
 def _plain(value):

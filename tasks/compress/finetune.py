@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -46,7 +45,7 @@ from torch import nn
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.export_lock import onnx_export_lock, seed_torch
 from distill.tasks.compress.finite import TrainingWatch, check_outputs
-from distill.tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on
+from distill.tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on, take
 from distill.tasks.platform.config import FinetuneConfig
 from distill.tasks.platform.device import resolve_device
 from distill.tasks.platform.progress import track
@@ -201,14 +200,6 @@ def held_out_rows(y: np.ndarray, share: float, seed: int, stratify: bool = True)
     return np.sort(np.concatenate(held)).astype(np.int64)
 
 
-def _take(X: np.ndarray | Rows, index: np.ndarray) -> np.ndarray | Rows:
-    """Rows `index` of a split: an array's copy, or a `Rows` view of the same file on disk."""
-    if isinstance(X, Rows):
-        key = f"{X.key}:rows-{hashlib.sha1(index.tobytes()).hexdigest()[:16]}"
-        return Rows(X.path, X.index[index], key, X.origin[index])
-    return X[index]
-
-
 @dataclass(frozen=True)
 class Selection:
     """The rows a fit trains on and the rows that choose its epoch (`held`: their indices in the
@@ -235,9 +226,9 @@ def selection_of(data: Dataset, share: float, seed: int) -> Selection:
         return Selection(data.X_train, data.y_train, data.X_val, data.y_val, held[:0])
     kept = np.setdiff1d(np.arange(len(data.y_train)), held)
     return Selection(
-        _take(data.X_train, kept),
+        take(data.X_train, kept),
         data.y_train[kept],
-        _take(data.X_train, held),
+        take(data.X_train, held),
         data.y_train[held],
         held,
     )

@@ -20,6 +20,17 @@ half the allowance, with the ways out (more validation rows, a wider allowance).
 
 For a regression guard the statistic is teacher R² - student R² on the resampled rows.
 
+**Agreement** (`target.agreement_rows`, classification): rows with no labels still bound the
+drop. On any rows, teacher accuracy - student accuracy <= the share of rows where the two answer
+differently (a row can only cost the student a point where it leaves the teacher's answer). So
+the student's disagreement with the teacher on rows held out from everything the student was fit
+on (KD, calibration, recovery: tasks/compress/pipeline.py `hold_out`) has an upper bound at
+`confidence` (Clopper-Pearson: exact for a binomial share) that is an upper bound of the drop
+too, from as many rows as the training split can spare. It can only *show* a drop within the
+allowance (`Decision.bound`): disagreeing on rows the teacher gets wrong costs nothing, so it
+never shows a drop above it, and a step the validation rows show to lose too much is rolled
+back whatever the agreement.
+
 `Guard` applies it: the teacher's answers on the validation rows (never the test split) held
 once, each step's model asked the same rows (`Guard.check`), the decision kept as a `Check`.
 """
@@ -51,24 +62,64 @@ class Decision:
     rows: int
     disagreement: float  # fraction of rows where the two predict differently (classification)
     verdict: str  # within | unresolved | over
+    agreement: Agreement | None = None  # on unlabeled rows held out (target.agreement_rows)
 
     @property
     def ok(self) -> bool:
         return self.verdict != "over"
 
+    @property
+    def bound(self) -> float:
+        """The drop's upper bound at the decision's confidence: the interval's upper end, or
+        the disagreement's on held-out rows where that is lower."""
+        return min(self.high, self.agreement.high) if self.agreement else self.high
+
     def shown_within(self, max_drop: float) -> bool:
-        """The interval's upper end is at most `max_drop`: the rows show the drop within it at
+        """The drop's upper bound is at most `max_drop`: the rows show the drop within it at
         the decision's confidence (not merely fail to show it above)."""
-        return self.verdict == "within" and self.high <= max_drop + 1e-9
+        return self.verdict == "within" and self.bound <= max_drop + 1e-9
 
     def reason(self, max_drop: float, confidence: float = CONFIDENCE) -> str:
         span = f"{self.drop:.4f} ({confidence:.0%} interval {self.low:.4f}..{self.high:.4f}, "
         span += f"{self.rows} rows)"
+        if self.agreement is not None:
+            span += f", {self.agreement.line(confidence)}"
         if self.verdict == "over":
             return f"drop {span} is above {max_drop:.4f} with {confidence:.0%} confidence"
         if self.verdict == "unresolved":
             return f"drop {span} is not shown to exceed {max_drop:.4f}: kept"
         return f"drop {span} is within {max_drop:.4f}"
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Teacher and student on `rows` unlabeled rows: `differ` of them answered differently;
+    `high`: that share's upper bound at the guard's confidence (Clopper-Pearson), which bounds
+    the accuracy drop as well."""
+
+    differ: int
+    rows: int
+    high: float
+
+    @classmethod
+    def of(cls, teacher: np.ndarray, student: np.ndarray, confidence: float) -> Agreement:
+        differ, rows = int((np.asarray(teacher) != np.asarray(student)).sum()), len(teacher)
+        return cls(differ, rows, disagreement_bound(differ, rows, confidence))
+
+    def line(self, confidence: float) -> str:
+        return (
+            f"disagrees with the teacher on {self.differ} of {self.rows} held-out rows "
+            f"(drop <= {self.high:.4f} at {confidence:.0%})"
+        )
+
+
+def disagreement_bound(differ: int, rows: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound of a share seen as `differ` of `rows`."""
+    from scipy.stats import beta
+
+    if differ >= rows:
+        return 1.0
+    return float(beta.ppf(confidence, differ + 1, rows - differ))
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -98,9 +149,11 @@ def decide(
     confidence: float = CONFIDENCE,
     resamples: int = RESAMPLES,
     seed: int = 0,
+    agreement: Agreement | None = None,
 ) -> Decision:
     """The guard's decision on paired answers: `teacher` and `student` are predicted classes
-    (accuracy) or predicted values (r2) for the same rows whose truth is `y`."""
+    (accuracy) or predicted values (r2) for the same rows whose truth is `y`; `agreement`: the
+    two on held-out unlabeled rows, whose bound can show a drop within `max_drop` (never over)."""
     teacher, student, y = np.asarray(teacher), np.asarray(student), np.asarray(y)
     n = len(y)
     whole = np.arange(n)[None, :]
@@ -110,28 +163,32 @@ def decide(
     low, high = (float(q) for q in np.quantile(drops, [1.0 - confidence, confidence]))
     disagreement = float("nan") if metric == "r2" else float((teacher != student).mean())
     tolerance = 1e-9
+    shown = agreement is not None and agreement.high <= max_drop + tolerance
     if low > max_drop + tolerance:
         verdict = "over"
-    elif drop <= max_drop + tolerance:
+    elif drop <= max_drop + tolerance or shown:
         verdict = "within"
     else:
         verdict = "unresolved"
-    return Decision(drop, low, high, n, disagreement, verdict)
+    return Decision(drop, low, high, n, disagreement, verdict, agreement)
 
 
-def resolution(metric: str, rows: int, max_drop: float) -> str | None:
+def resolution(metric: str, rows: int, max_drop: float, agreement_rows: int = 0) -> str | None:
     """A line when `rows` validation rows cannot resolve `max_drop` (one row weighs more than
-    half of it), with the ways out; None when they can. (An R² drop has no per-row weight.)"""
+    half of it) and `agreement_rows` held-out rows cannot either, with the ways out; None when
+    they can. (An R² drop has no per-row weight.)"""
     if metric != "accuracy" or rows <= 0:
         return None
     per_row = 1.0 / rows
-    if per_row <= max_drop / 2:
+    needed = int(np.ceil(2.0 / max_drop)) if max_drop > 0 else 0
+    if per_row <= max_drop / 2 or (needed and agreement_rows >= needed):
         return None
-    needed = int(np.ceil(2.0 / max_drop))
     return (
         f"{rows} validation rows are coarse for target.max_accuracy_drop={max_drop:g} (one row "
         f"= {per_row:.4f}): a step is kept unless shown to lose more; give >= {needed} "
-        "validation rows (data.val_size) or allow a wider drop"
+        "validation rows (data.val_size), or hold out >= "
+        f"{needed} training rows for the agreement guard (target.agreement_rows), or allow a "
+        "wider drop"
     )
 
 
@@ -179,20 +236,43 @@ class Guard:
     metric: str = "accuracy"  # accuracy | r2
     teacher_answers: np.ndarray | None = None  # on X_val, for the paired decision
     confidence: float = CONFIDENCE
+    X_agree: np.ndarray | None = None  # unlabeled rows held out (target.agreement_rows)
+    teacher_agree: np.ndarray | None = None  # the teacher's classes on them
 
     @classmethod
     def of(
-        cls, teacher: nn.Module, data: Dataset, max_drop: float, confidence: float = CONFIDENCE
+        cls,
+        teacher: nn.Module,
+        data: Dataset,
+        max_drop: float,
+        confidence: float = CONFIDENCE,
+        X_agree: np.ndarray | None = None,
     ) -> Guard:
+        """`X_agree`: rows held out from everything a student is fit on, for the agreement
+        bound (classification)."""
         metric = "r2" if data.is_regression else "accuracy"
         if len(data.y_val) < (2 if data.is_regression else 1):
             raise UserError(
                 f"config key 'target': the {metric} guard needs validation rows "
                 "(data.val_size, or val rows in your split)"
             )
-        answers = _answers(metric, predict_batched(torch_predictor(teacher), data.X_val))
+        predict = torch_predictor(teacher)
+        answers = _answers(metric, predict_batched(predict, data.X_val))
         reference = _score(metric, answers, data.y_val)
-        return cls(reference, max_drop, data.X_val, data.y_val, metric, answers, confidence)
+        agree = None
+        if X_agree is not None and len(X_agree) and metric == "accuracy":
+            agree = _answers(metric, predict_batched(predict, X_agree))
+        return cls(
+            reference,
+            max_drop,
+            data.X_val,
+            data.y_val,
+            metric,
+            answers,
+            confidence,
+            X_agree if agree is not None else None,
+            agree,
+        )
 
     def check(self, step: str, predict: Predict, params: int) -> Check:
         answers = _answers(self.metric, predict_batched(predict, self.X_val))
@@ -200,8 +280,18 @@ class Guard:
         drop = self.reference - accuracy
         if self.teacher_answers is None:
             return Check(step, params, accuracy, drop, drop <= self.max_drop + 1e-9)
+        agreement = None
+        if self.X_agree is not None and self.teacher_agree is not None:
+            student = _answers(self.metric, predict_batched(predict, self.X_agree))
+            agreement = Agreement.of(self.teacher_agree, student, self.confidence)
         decision = decide(
-            self.metric, self.teacher_answers, answers, self.y_val, self.max_drop, self.confidence
+            self.metric,
+            self.teacher_answers,
+            answers,
+            self.y_val,
+            self.max_drop,
+            self.confidence,
+            agreement=agreement,
         )
         return Check(step, params, accuracy, drop, decision.ok, decision)
 

@@ -34,11 +34,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from distill.tasks.compress import vocab
 from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.dataset import hold_out
 from distill.tasks.compress.evaluate import (
     OnnxModel,
     TorchScriptModel,
@@ -211,6 +213,16 @@ class Outcome:
     target: TargetOutcome | None = None
 
 
+def agreement_rows(cfg: PipelineConfig, data: Dataset) -> tuple[Dataset, np.ndarray | None]:
+    """(what every fit of the student sees, the agreement guard's held-out rows): `data` less
+    `target.agreement_rows` training rows, and those rows (tasks/compress/guard.py); `data` and
+    None without a target, without them, or for a regression target."""
+    n = cfg.target.agreement_rows if cfg.target is not None else 0
+    if not n or data.is_regression:
+        return data, None
+    return hold_out(data, n, cfg.seed)
+
+
 def compress(
     cfg: PipelineConfig,
     data: Dataset,
@@ -230,6 +242,8 @@ def compress(
     # the planned student on two rows, before the teacher trains (None: an MLflow teacher)
     checked = context.preflight(cfg, data, config_dir)
     guard = StageGuard(recorder)
+    # what every fit of the student sees: the data, less the agreement guard's held-out rows
+    fit, X_agree = agreement_rows(cfg, data)
 
     teacher_pred = None
 
@@ -271,7 +285,7 @@ def compress(
     teacher_params = sum(p.numel() for p in teacher.parameters())
     if cfg.reduce.vocab == "data":
         with guard("reduce"):
-            start, trimmed = vocab.trim(teacher, data.X_train)
+            start, trimmed = vocab.trim(teacher, fit.X_train)
         if reduce_cfg.budget.kind == "ratio":  # fewer than the teacher's, not the trimmed copy's
             budget = BudgetConfig(params=int(teacher_params / reduce_cfg.budget.value))
             reduce_cfg = reduce_cfg.model_copy(update={"budget": budget})
@@ -280,7 +294,7 @@ def compress(
         with guard("plan-target"), onnx_export_lock():
             plan, costs, teacher_bytes = steps.plan(
                 teacher,
-                data,
+                fit,
                 cfg.target,
                 cfg.reduce,
                 cfg.reconstruct,
@@ -288,6 +302,7 @@ def compress(
                 seed,
                 ev.latency_repeats,
                 **({} if trimmed is None else {"start": start}),
+                **({} if X_agree is None else {"X_agree": X_agree}),
             )
         reduce_cfg = cfg.reduce.model_copy(
             update={"budget": BudgetConfig(params=plan.reduce_params)}
@@ -295,7 +310,7 @@ def compress(
 
     started = time.time()
     with guard("reduce", started):
-        calibration = calibration_rows(data.X_train, cfg.reduce.calibration_samples, seed)
+        calibration = calibration_rows(fit.X_train, cfg.reduce.calibration_samples, seed)
         try:
             reduction = steps.reduce(start, calibration, reduce_cfg, cfg.reconstruct.mode)
         except BelowSmallest as err:  # would a trimmed token table reach it?
@@ -318,9 +333,7 @@ def compress(
 
     started = time.time()
     with guard("finetune", started):
-        finetuned, history = steps.finetune(
-            teacher, reconstructed, data, cfg.finetune, seed, device
-        )
+        finetuned, history = steps.finetune(teacher, reconstructed, fit, cfg.finetune, seed, device)
         kd_params = cfg.finetune.model_dump() | history.params()
         made("finetuned", finetuned, kd_params, started, curves=history.curves())
     curves = {  # for the plot; the restored best epochs marked
@@ -333,7 +346,7 @@ def compress(
     if plan is None:
         with guard("prune", started):
             pruned, history = steps.prune(
-                teacher, finetuned, data, cfg.compress.prune, cfg.finetune, seed, device
+                teacher, finetuned, fit, cfg.compress.prune, cfg.finetune, seed, device
             )
             made(
                 "pruned", pruned, cfg.compress.prune.model_dump(), started, curves=history.curves()
@@ -341,22 +354,23 @@ def compress(
         started = time.time()  # the pruned record spans pruning; the quantized one int8 and export
         with guard("quantize", started), onnx_export_lock():
             quantized = steps.quantize(
-                pruned, data.X_test, data.X_train, cfg.compress.quantize, seed
+                pruned, data.X_test, fit.X_train, cfg.compress.quantize, seed
             )
     else:  # prune only while the served model misses the target, each round and int8 guarded
         assert cfg.target is not None  # a plan is made from a target only
         with guard("fit-target", started):
-            accuracy = Guard.of(teacher, data, max_drop_of(cfg.target, data), cfg.target.confidence)
+            limit = max_drop_of(cfg.target, data)
+            accuracy = Guard.of(teacher, fit, limit, cfg.target.confidence, X_agree)
 
             def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
                 at = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
                 reduced = steps.reduce(start, calibration, at, cfg.reconstruct.mode)
                 built, _ = steps.reconstruct(start, reduced, calibration, cfg.reconstruct)
-                return steps.finetune(teacher, built, data, cfg.finetune, seed, device)[0]
+                return steps.finetune(teacher, built, fit, cfg.finetune, seed, device)[0]
 
             search = Search(
                 teacher,
-                data,
+                fit,
                 plan,
                 costs,
                 accuracy,

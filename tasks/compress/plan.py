@@ -270,10 +270,12 @@ def plan_for_target(
     seed: int,
     latency_repeats: int,
     start: nn.Module | None = None,
+    X_agree: np.ndarray | None = None,
 ) -> tuple[Plan, dict[str, Costs], int]:
     """(plan, costs, teacher file bytes). `start`: what students are cut from where that is not
     the teacher itself (its vocabulary trimmed: tasks/compress/vocab.py); sizes and ratios stay
-    the teacher's, costs are measured on what is cut."""
+    the teacher's, costs are measured on what is cut. `X_agree`: the agreement guard's held-out
+    rows (target.agreement_rows)."""
     start = teacher if start is None else start
     example = torch.from_numpy(data.X_train[:2])
     # latency is no line at small sizes (a runtime's fixed cost per call): one more point
@@ -285,7 +287,7 @@ def plan_for_target(
         target, costs, teacher_params, smallest_params(start, example), teacher_bytes
     )
     if not plan.reachable:
-        guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence)
+        guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence, X_agree)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         budget, tried = smallest_start(start, X_calib, reduce, recon, guard, plan)
         then = (

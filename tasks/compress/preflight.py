@@ -38,6 +38,7 @@ from torch import nn
 
 from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.data import Dataset
+from distill.tasks.compress.dataset import check_hold_out
 from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.failures import culprit
 from distill.tasks.compress.finetune import kd_loss, regression_kd_loss
@@ -129,7 +130,9 @@ def preflight_config(
     (tasks/compress/context.py)."""
     teacher = check_teacher(cfg.teacher, data, Path(config_dir) if config_dir else None)
     if cfg.target is not None and not data.is_regression:
-        coarse = resolution("accuracy", len(data.y_val), cfg.target.max_accuracy_drop)
+        held = cfg.target.agreement_rows
+        check_hold_out(held, len(data.X_train))
+        coarse = resolution("accuracy", len(data.y_val), cfg.target.max_accuracy_drop, held)
         if coarse is not None:
             note(coarse)
     if teacher is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -121,6 +122,15 @@ class Rows:
             self._read_bytes = 0
             trim_heap()
         return out
+
+
+def take(X: np.ndarray | Rows, index: np.ndarray) -> np.ndarray | Rows:
+    """Rows `index` of a split: an array's copy, or a `Rows` view of the same file on disk (its
+    content key names the rows taken: the same rows, the same key)."""
+    if isinstance(X, Rows):
+        key = f"{X.key}:rows-{hashlib.sha1(index.tobytes()).hexdigest()[:16]}"
+        return Rows(X.path, X.index[index], key, X.origin[index])
+    return X[index]
 
 
 def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:

@@ -36,8 +36,10 @@ bytes, its validation score and drop with the drop's interval, its batch-1 laten
 parameters. Those are the frontier (`Fitted.frontier`).
 
 What ships is the smallest served file among the kept candidates whose served drop the rows
-*show* within the allowance: its interval's upper end at `target.confidence` is at most
-`max_accuracy_drop` (`Decision.shown_within`); where none is, the one whose upper end is lowest.
+*show* within the allowance: its interval's upper end at `target.confidence` (or, with
+`target.agreement_rows`, the bound its disagreement with the teacher on held-out rows gives, where
+lower: guard.py) is at most `max_accuracy_drop` (`Decision.shown_within`); where none is, the one
+whose upper end is lowest.
 A point estimate within is not enough to ship: a search that picks the smallest of several
 estimates picks the one the rows flatter most (the winner's curse), and where the candidates sit
 near the allowance the choice turns on one row (digits, 180 rows: 60.7x or 5.1x). Measured by
@@ -126,7 +128,7 @@ def smallest_within(
             served_check.accuracy,
             served_check.drop,
             decision.low if decision else math.nan,
-            decision.high if decision else math.nan,
+            decision.bound if decision else math.nan,
             check.drop,
             latency_percentiles_ms(served.predictor(), data.X_test, 1, search.latency_repeats)[0],
             check.ok and served_check.ok,
@@ -280,7 +282,7 @@ def _shippable(b: _Built) -> bool:
 def _upper(b: _Built) -> float:
     """The upper end of the served drop's interval (its point estimate without one)."""
     decision = b.served_check.decision
-    return decision.high if decision is not None else b.served_check.drop
+    return decision.bound if decision is not None else b.served_check.drop
 
 
 def _rebuild(

@@ -72,7 +72,7 @@ class Candidate:
     score: float  # validation accuracy (R²) of the served model
     drop: float  # the teacher's validation score - `score`
     drop_low: float  # the drop's interval (guard.decide; nan without paired answers)
-    drop_high: float
+    drop_high: float  # its upper end, or the held-out agreement's bound where lower
     float_drop: float  # the float model's drop: what the guard decided keep or roll back on
     latency_ms_b1: float  # the served model, batch 1, p50
     kept: bool  # within the guard: the search went on from it (else rolled back)
@@ -506,10 +506,14 @@ def target_record(
         if c.decision is not None:  # the interval the decision was read from
             metrics[f"val_drop_low.{key}"] = c.decision.low
             metrics[f"val_drop_high.{key}"] = c.decision.high
+            if c.decision.agreement is not None:  # the bound from the held-out rows
+                metrics[f"disagreement_high.{key}"] = c.decision.agreement.high
     served = fitted.served_check
     if served is not None and served.decision is not None:
         params["guard"] = f"{served.step}: {guard.why(served)}"[:500]
         params["guard_rows"] = served.decision.rows
+        if served.decision.agreement is not None:
+            params["guard_agreement_rows"] = served.decision.agreement.rows
         params["guard_confidence"] = guard.confidence
     return params, metrics
 
@@ -536,6 +540,9 @@ def verdict(plan: Plan, fitted: Fitted, guard: Guard, teacher_bytes: int | None 
         if decision is not None
         else ""
     )
+    if decision is not None and decision.agreement is not None:
+        agree = decision.agreement
+        interval += f"<= {agree.high:.4f} by agreement on {agree.rows} held-out rows, "
     unresolved = decision is not None and decision.verdict == "unresolved"
     got = _achieved(plan, fitted.achieved)
     if plan.kind == SMALLEST:

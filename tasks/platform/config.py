@@ -216,6 +216,11 @@ class TargetConfig(Strict):
     # size or latency target: rebuilds from the reduce stage at a budget corrected by what the
     # last build's served model measured, where pruning would not close the miss (0: none)
     max_rebuilds: int = Field(3, ge=0)
+    # classification: training rows held out from every fit of the student (calibration, KD,
+    # recovery); its disagreement with the teacher on them bounds its accuracy drop with no
+    # labels, so they can show a drop within the allowance where few validation rows cannot
+    # (tasks/compress/guard.py); 0: validation rows alone
+    agreement_rows: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _one_kind(self) -> TargetConfig:
@@ -444,6 +449,7 @@ class PipelineConfig(Strict):
 CLASSIFICATION_KEYS = {
     ("finetune", "temperature"): "softens class probabilities; a regression output has none",
     ("target", "max_accuracy_drop"): "use target.max_r2_drop",
+    ("target", "agreement_rows"): "agreement bounds an accuracy drop, not an R² drop",
     ("promote", "max_accuracy_drop"): "use promote.max_r2_drop",
     ("promote", "min_accuracy"): "use promote.min_r2",
 }

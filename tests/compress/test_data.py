@@ -355,3 +355,38 @@ def test_split_column_must_not_be_the_label(tmp_path):
     cfg = DataConfig(source=f"csv:{tmp_path / 'f.csv'}", label="fold", split_column="fold")
     with pytest.raises(UserError, match=r"config key 'data\.split_column': 'fold' is the label"):
         load_dataset(cfg, 0)
+
+
+def test_held_out_rows_leave_the_fit_rows_with_their_labels_and_raw_rows(digits, tmp_path):
+    """target.agreement_rows: the rows held out and the rows kept partition the training split;
+    labels and raw rows follow the kept ones; the same seed holds out the same rows; rows on
+    disk stay on disk."""
+    from dataclasses import replace
+
+    from distill.tasks.compress.dataset import hold_out
+    from distill.tasks.compress.rows import Rows
+
+    n_train, n_rest = len(digits.X_train), len(digits.X_val) + len(digits.X_test)
+    X = digits.X_train.copy()
+    X[:, 0] = np.arange(n_train)  # each row names itself
+    raw = pd.DataFrame({"row": np.arange(n_train + n_rest)})
+    data = replace(digits, X_train=X, raw=raw)
+    fit, agree = hold_out(data, 200, seed=0)
+    kept, held = fit.X_train[:, 0].astype(int), agree[:, 0].astype(int)
+    assert len(held) == 200 and len(kept) == n_train - 200
+    assert sorted([*kept, *held]) == list(range(n_train))
+    assert np.array_equal(fit.y_train, digits.y_train[kept])
+    assert np.array_equal(fit.raw_rows("train")["row"], kept)
+    assert np.array_equal(fit.raw_rows("val")["row"], n_train + np.arange(len(digits.X_val)))
+    assert fit.X_val is data.X_val and fit.X_test is data.X_test
+    assert np.array_equal(hold_out(data, 200, seed=0)[1], agree)
+    assert not np.array_equal(hold_out(data, 200, seed=1)[1], agree)
+    with pytest.raises(UserError, match=r"^config key 'target.agreement_rows': 1000 of the"):
+        hold_out(data, 1000, seed=0)
+
+    np.save(tmp_path / "x.npy", X)
+    on_disk, agree_disk = hold_out(
+        replace(data, X_train=Rows(tmp_path / "x.npy", np.arange(n_train), "t")), 200, seed=0
+    )
+    assert isinstance(on_disk.X_train, Rows) and np.array_equal(agree_disk, agree)
+    assert np.array_equal(np.asarray(on_disk.X_train), fit.X_train)

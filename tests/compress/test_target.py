@@ -366,3 +366,46 @@ def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refus
     allowed = CliRunner().invoke(app, [*promote, "--allow-target-missed"])
     assert allowed.exit_code == 0, allowed.output
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+
+
+def test_agreement_rows_are_held_out_of_every_fit_and_bound_the_guards_drop(digits):
+    """target.agreement_rows=300: no fit of the student (calibration, KD, the search's rebuilds
+    and recovery) sees those training rows; every guard decision carries the student's
+    disagreement with the teacher on them, and the target's record says how many there were."""
+    from dataclasses import replace
+
+    from distill.tasks.compress.pipeline import PLAIN_STEPS, Recorder, compress
+
+    cfg = build_config(
+        {},
+        [
+            *FAST,
+            "target=null",
+            "target.max_accuracy_drop=0.02",
+            "target.agreement_rows=300",
+            "target.max_builds=2",
+        ],
+    )
+    fits: list[int] = []
+
+    def finetune(teacher, student, data, *rest):
+        fits.append(len(data.X_train))
+        return PLAIN_STEPS.finetune(teacher, student, data, *rest)
+
+    class Records(Recorder):
+        def __init__(self) -> None:
+            self.records: dict[str, tuple[dict, dict]] = {}
+
+        def record(self, stage, metrics, params, started):
+            self.records[stage] = (metrics, params)
+
+    recorder = Records()
+    out = compress(cfg, digits, replace(PLAIN_STEPS, finetune=finetune), recorder)
+    assert fits and set(fits) == {len(digits.X_train) - 300}, fits
+    metrics, params = recorder.records["target"]
+    assert params["guard_agreement_rows"] == 300
+    highs = {k: v for k, v in metrics.items() if k.startswith("disagreement_high.")}
+    assert highs and all(0 < v < 1 for v in highs.values())
+    checks = out.target.fitted.checks
+    assert all(c.decision is not None and c.decision.agreement.rows == 300 for c in checks)
+    assert "held-out rows" in out.target.line, out.target.line

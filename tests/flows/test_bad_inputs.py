@@ -208,6 +208,14 @@ CASES = [
         ],
         "config key 'config': teacher.hf_loadable needs reconstruct.mode=width",
     ),
+    (
+        "agreement rows more than half the training rows",
+        [
+            *("--set", "reduce.budget.size_kb=120", "--set", "target.size_kb=50"),
+            *("--set", "target.agreement_rows=5000"),
+        ],
+        "config key 'target.agreement_rows': 5000 of the 1257 training rows",
+    ),
     ("alpha out of range", ["--set", "finetune.alpha=2"], "config key 'finetune.alpha'"),
     (
         "unknown sklearn dataset",
