@@ -32,7 +32,7 @@ from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.graph import keep_units, param_model, trace
 from distill.tasks.compress.guard import Guard, max_drop_of
-from distill.tasks.compress.quantize import quantize_model
+from distill.tasks.compress.quantize import Quantized, agreement, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct
 from distill.tasks.compress.reduce import calibration_rows, reduce_model
 from distill.tasks.platform.config import (
@@ -43,6 +43,7 @@ from distill.tasks.platform.config import (
     ReduceConfig,
     TargetConfig,
 )
+from distill.tasks.platform.progress import note
 
 BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
 
@@ -99,16 +100,24 @@ def measure_costs(
     latency_repeats: int = 50,
     fractions: tuple[float, ...] = (0.0, 0.5),
 ) -> dict[str, Costs]:
-    """{"fp32": ..., "int8": ...} (int8 only when compress.quantize.enabled)."""
+    """{"fp32": ..., "int8": ...} (int8 only when compress.quantize.enabled, and only where the
+    teacher's own int8 answers as its fp32 export on `min_agreement` of the rows: `int8_breaks`)."""
     example = torch.from_numpy(X[:2])
     points: dict[str, list[tuple[int, int, float]]] = {"fp32": [], "int8": []}
+    made = {}
     for fraction in fractions:
         q = quantize_model(narrowed(teacher, example, fraction), X[:64], X, cfg, seed)
+        made[fraction] = q
         # int8 as made, shipped or not: whether it ships is decided on the final model
         for fmt, served in (("fp32", q.float_model), ("int8", q.int8_candidate)):
             if served is not None:
                 ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
                 points[fmt].append((served.params, len(served.file_bytes), ms))
+    if points["int8"]:
+        broken = int8_breaks(teacher, X, cfg, seed, made.get(1.0))
+        if broken:
+            note(f"the plan serves fp32: {broken}")
+            del points["int8"]
     return {
         fmt: Costs(
             tuple(int(x[0]) for x in sorted(p)),
@@ -119,6 +128,29 @@ def measure_costs(
         for fmt, p in points.items()
         if p
     }
+
+
+def int8_breaks(
+    teacher: nn.Module, X: np.ndarray, cfg: QuantizeConfig, seed: int, full: Quantized | None = None
+) -> str:
+    """Why int8 is not worth planning for: the teacher's own int8 export answers as its fp32
+    export on less than `compress.quantize.min_agreement` of 1,024 training rows (the rows and
+    the rule of the quantize stage, which would refuse it for the student too: a BERT's static
+    int8 answered one class for every row). '' where it agrees, or for a regression output.
+    `full`: the teacher's quantization where the costs already made it (a latency target's)."""
+    if cfg.min_agreement <= 0:
+        return ""
+    q = full or quantize_model(copy.deepcopy(teacher).eval(), X[:64], X, cfg, seed)
+    if q.int8_candidate is None:
+        return ""
+    rows = calibration_rows(X, 1024, seed + 1)
+    agreed = agreement(q.float_model, q.int8_candidate, rows)
+    if agreed is None or agreed >= cfg.min_agreement:
+        return ""
+    return (
+        f"the teacher's int8 answers as its fp32 export on only {100 * agreed:.1f} % of "
+        f"{len(rows):,} training rows (compress.quantize.min_agreement {cfg.min_agreement:g})"
+    )
 
 
 # --- the plan -------------------------------------------------------------------------------

@@ -409,3 +409,28 @@ def test_agreement_rows_are_held_out_of_every_fit_and_bound_the_guards_drop(digi
     checks = out.target.fitted.checks
     assert all(c.decision is not None and c.decision.agreement.rows == 300 for c in checks)
     assert "held-out rows" in out.target.line, out.target.line
+
+
+def test_the_plan_does_not_plan_int8_where_the_teachers_own_int8_breaks(digits):
+    """A teacher whose classes differ by less than an int8 step (the last layer's rows equal up
+    to 1e-4 of a range of 10): its int8 export answers one class, the plan's costs leave int8
+    out and say why; a plain MLP keeps both formats."""
+    from distill.tasks.compress.plan import int8_breaks, measure_costs
+    from distill.tasks.platform.config import QuantizeConfig
+
+    torch.manual_seed(0)
+    plain = build_mlp(64, [32], 10).eval()
+    broken = copy.deepcopy(plain)
+    with torch.no_grad():
+        last = broken[-1]
+        last.weight.copy_(10.0 + 1e-4 * torch.randn_like(last.weight))
+        last.bias.zero_()
+    cfg = QuantizeConfig()
+    X = digits.X_train
+    why = int8_breaks(broken, X, cfg, seed=0)
+    assert why.startswith("the teacher's int8 answers as its fp32 export on only "), why
+    assert "1,024 training rows (compress.quantize.min_agreement 0.95)" in why
+    assert int8_breaks(plain, X, cfg, seed=0) == ""
+    assert int8_breaks(broken, X, cfg.model_copy(update={"min_agreement": 0.0}), seed=0) == ""
+    assert set(measure_costs(broken, X, cfg, seed=0, latency_repeats=3)) == {"fp32"}
+    assert set(measure_costs(plain, X, cfg, seed=0, latency_repeats=3)) == {"fp32", "int8"}
