@@ -32,7 +32,12 @@ from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.graph import keep_units, param_model, trace
 from distill.tasks.compress.guard import Guard, max_drop_of
-from distill.tasks.compress.quantize import Quantized, agreement, quantize_model
+from distill.tasks.compress.quantize import (
+    Quantized,
+    agreement,
+    exported_and_int8,
+    quantize_model,
+)
 from distill.tasks.compress.reconstruct import reconstruct
 from distill.tasks.compress.reduce import calibration_rows, reduce_model
 from distill.tasks.platform.config import (
@@ -134,17 +139,21 @@ def int8_breaks(
     teacher: nn.Module, X: np.ndarray, cfg: QuantizeConfig, seed: int, full: Quantized | None = None
 ) -> str:
     """Why int8 is not worth planning for: the teacher's own int8 export answers as its fp32
-    export on less than `compress.quantize.min_agreement` of 1,024 training rows (the rows and
-    the rule of the quantize stage, which would refuse it for the student too: a BERT's static
-    int8 answered one class for every row). '' where it agrees, or for a regression output.
-    `full`: the teacher's quantization where the costs already made it (a latency target's)."""
-    if cfg.min_agreement <= 0:
+    export on less than `compress.quantize.min_agreement` of up to 1,024 training rows (the rows
+    and the rule of the quantize stage, which would refuse it for the student too: a BERT's
+    static int8 answered one class for every row). '' where it agrees, or for a regression
+    output. `full`: the teacher's quantization where the costs already made it (a latency
+    target's); else it is made here, and not measured (the latency `ship` measures costs more
+    than this check)."""
+    if cfg.min_agreement <= 0 or not cfg.enabled:
         return ""
-    q = full or quantize_model(copy.deepcopy(teacher).eval(), X[:64], X, cfg, seed)
-    if q.int8_candidate is None:
+    if full is None:
+        full = exported_and_int8(copy.deepcopy(teacher).eval(), X[:64], X, cfg, seed)
+    int8 = full.int8_candidate or full.int8_model
+    if int8 is None:
         return ""
     rows = calibration_rows(X, 1024, seed + 1)
-    agreed = agreement(q.float_model, q.int8_candidate, rows)
+    agreed = agreement(full.float_model, int8, rows)
     if agreed is None or agreed >= cfg.min_agreement:
         return ""
     return (

@@ -538,6 +538,24 @@ RUNTIMES: dict[
 def quantize_model(
     model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
 ) -> Quantized:
+    """The model exported (checked against PyTorch on `X_test`), its int8 made, and what ships
+    chosen (`ship`: measured size and latency, int8's agreement with fp32 on training rows)."""
+    agree_on = calibration_rows(X_train, 1024, seed + 1)  # label-free: int8 vs fp32 answers
+    return ship(
+        exported_and_int8(model, X_test, X_train, cfg, seed),
+        X_test,
+        cfg.batch,
+        agree_on,
+        cfg.min_agreement,
+        cfg.format,
+    )
+
+
+def exported_and_int8(
+    model: nn.Module, X_test: np.ndarray, X_train: np.ndarray, cfg: QuantizeConfig, seed: int
+) -> Quantized:
+    """The float export (checked against PyTorch on `X_test`) and the int8 made from it in the
+    configured runtime, as `int8_model`: nothing measured, nothing chosen (`ship` does that)."""
     params, nonzeros = count_params(model)
     counts = (params, nonzeros, flops_per_row(model, X_test))
     float_model = OnnxModel(export_onnx(model, X_test), *counts, padding=padding_of(model))
@@ -551,12 +569,4 @@ def quantize_model(
             f"{cfg.max_abs_diff:g}); nothing registered"
         )
     exported = Exported(model, float_model, counts, reference, float_outputs, export_diff)
-    agree_on = calibration_rows(X_train, 1024, seed + 1)  # label-free: int8 vs fp32 answers
-    return ship(
-        RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed),
-        X_test,
-        cfg.batch,
-        agree_on,
-        cfg.min_agreement,
-        cfg.format,
-    )
+    return RUNTIMES[cfg.runtime](exported, X_test, X_train, cfg, seed)
