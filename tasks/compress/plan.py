@@ -119,9 +119,9 @@ def measure_costs(
                 ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
                 points[fmt].append((served.params, len(served.file_bytes), ms))
     if points["int8"]:
-        broken = int8_breaks(teacher, X, cfg, seed, made.get(1.0))
-        if broken:
-            note(f"the plan serves fp32: {broken}")
+        why_not = unplanned_int8(teacher, X, cfg, seed, made)
+        if why_not:
+            note(f"the plan serves fp32: {why_not}")
             del points["int8"]
     return {
         fmt: Costs(
@@ -133,6 +133,27 @@ def measure_costs(
         for fmt, p in points.items()
         if p
     }
+
+
+def unplanned_int8(
+    teacher: nn.Module, X: np.ndarray, cfg: QuantizeConfig, seed: int, made: dict[float, Quantized]
+) -> str:
+    """Why the plan should not count on int8 ('' where it should): `compress.quantize.format:
+    fp32`; or int8 would not ship by the quantize stage's measured rule (smaller and no slower at
+    `compress.quantize.batch`) on any of the narrowed copies the costs measured (`made`, by
+    fraction of the widths): a CNN's static int8 is often slower; or the teacher's own int8
+    answers otherwise than its fp32 export (`int8_breaks`). A pinned `format: int8` ships int8
+    whatever the latency says, so only the last applies to it."""
+    if cfg.format == "fp32":
+        return "compress.quantize.format=fp32"
+    if cfg.format == "measured":
+        choices = [q.choice for q in made.values() if q.choice is not None]
+        if choices and not any(c.int8_ships for c in choices):
+            kind = "static" if cfg.runtime == "onnxruntime" else "dynamic"
+            return "int8 would ship on none of the narrowed copies measured (smaller and no " + (
+                "slower): " + "; ".join(c.measured(kind) for c in choices)
+            )
+    return int8_breaks(teacher, X, cfg, seed, made.get(1.0))
 
 
 def int8_breaks(

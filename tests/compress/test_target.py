@@ -433,4 +433,33 @@ def test_the_plan_does_not_plan_int8_where_the_teachers_own_int8_breaks(digits):
     assert int8_breaks(plain, X, cfg, seed=0) == ""
     assert int8_breaks(broken, X, cfg.model_copy(update={"min_agreement": 0.0}), seed=0) == ""
     assert set(measure_costs(broken, X, cfg, seed=0, latency_repeats=3)) == {"fp32"}
-    assert set(measure_costs(plain, X, cfg, seed=0, latency_repeats=3)) == {"fp32", "int8"}
+
+
+def test_the_plan_counts_on_int8_only_where_it_would_ship():
+    """int8 is planned where the quantize stage's rule (smaller and no slower) ships it on one
+    of the narrowed copies the costs measured, and never under format=fp32; a pinned int8 is
+    planned whatever the latency said."""
+    from types import SimpleNamespace
+
+    from distill.tasks.compress.plan import unplanned_int8
+    from distill.tasks.compress.quantize import Choice, Measured
+    from distill.tasks.platform.config import QuantizeConfig
+
+    def copy_with(int8_bytes: int, slower: int) -> SimpleNamespace:
+        """fp32 4,000 B, 1 ms; int8 slower by its median in `slower` of 20 paired calls."""
+        ms = 1.5 if slower > 10 else 1.0
+        choice = Choice(256, Measured(4000, 1.0), Measured(int8_bytes, ms), (slower, 20))
+        return SimpleNamespace(choice=choice)
+
+    teacher, X = build_mlp(8, [4], 3).eval(), np.zeros((4, 8), np.float32)
+    larger = {0.0: copy_with(6000, 0), 0.5: copy_with(5000, 0)}  # int8's fixed cost dominates
+    slower = {0.0: copy_with(3000, 20), 0.5: copy_with(2000, 20)}  # every pair: int8 slower
+    ships = {0.0: copy_with(6000, 0), 0.5: copy_with(2000, 3)}
+    cfg = QuantizeConfig(min_agreement=0.0)  # the teacher's own int8 is not asked here
+    for made in (larger, slower):
+        why = unplanned_int8(teacher, X, cfg, 0, made)
+        assert why.startswith("int8 would ship on none of the narrowed copies measured"), why
+        assert unplanned_int8(teacher, X, cfg.model_copy(update={"format": "int8"}), 0, made) == ""
+    assert unplanned_int8(teacher, X, cfg, 0, ships) == ""
+    fp32 = cfg.model_copy(update={"format": "fp32"})
+    assert unplanned_int8(teacher, X, fp32, 0, ships) == "compress.quantize.format=fp32"
