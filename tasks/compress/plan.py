@@ -51,6 +51,7 @@ from distill.tasks.platform.config import (
 from distill.tasks.platform.progress import note
 
 BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
+SHOWN = 0.99  # int8 is left out of a plan where the teacher's int8 is below the rule at this level
 
 
 # --- what a narrower model costs when served ------------------------------------------------
@@ -160,12 +161,12 @@ def int8_breaks(
     teacher: nn.Module, X: np.ndarray, cfg: QuantizeConfig, seed: int, full: Quantized | None = None
 ) -> str:
     """Why int8 is not worth planning for: the teacher's own int8 export answers as its fp32
-    export on less than `compress.quantize.min_agreement` of up to 1,024 training rows (the rows
-    and the rule of the quantize stage, which would refuse it for the student too: a BERT's
-    static int8 answered one class for every row). '' where it agrees, or for a regression
-    output. `full`: the teacher's quantization where the costs already made it (a latency
-    target's); else it is made here, and not measured (the latency `ship` measures costs more
-    than this check)."""
+    export on less than `compress.quantize.min_agreement` of up to 1,024 training rows, shown
+    at `SHOWN` (the rows and the rule of the quantize stage, which would refuse it for the
+    student too: a BERT's static int8 answered one class for every row). '' where it agrees,
+    or for a regression output. `full`: the teacher's quantization where the costs already made
+    it (a latency target's); else it is made here, and not measured (the latency `ship`
+    measures costs more than this check)."""
     if cfg.min_agreement <= 0 or not cfg.enabled:
         return ""
     if full is None:
@@ -176,6 +177,14 @@ def int8_breaks(
     rows = calibration_rows(X, 1024, seed + 1)
     agreed = agreement(full.float_model, int8, rows)
     if agreed is None or agreed >= cfg.min_agreement:
+        return ""
+    # the teacher stands in for students it is not: only a share the rows show below the rule
+    # counts (its upper bound at SHOWN: the ResNet1d of the targets grid agreed on 94.9 % of
+    # 512 rows, and its students' int8 passed the rule; a BERT's 14.5 % did not)
+    from scipy.stats import beta
+
+    same = round(agreed * len(rows))
+    if beta.ppf(SHOWN, same + 1, len(rows) - same) >= cfg.min_agreement:
         return ""
     return (
         f"the teacher's int8 answers as its fp32 export on only {100 * agreed:.1f} % of "

@@ -435,6 +435,21 @@ def test_the_plan_does_not_plan_int8_where_the_teachers_own_int8_breaks(digits):
     assert set(measure_costs(broken, X, cfg, seed=0, latency_repeats=3)) == {"fp32"}
 
 
+def test_the_teachers_int8_counts_as_broken_only_where_the_rows_show_it(digits, monkeypatch):
+    """94.9 % of 512 rows (the targets grid's ResNet1d, whose students' int8 passed the 95 %
+    rule) is not shown below it at 99 %: int8 stays in the plan; 90 % of 512 is."""
+    from distill.tasks.compress import plan
+    from distill.tasks.platform.config import QuantizeConfig
+
+    teacher, X = build_mlp(64, [16], 10).eval(), digits.X_train[:512]
+    monkeypatch.setattr(plan, "agreement", lambda *_: 486 / 512)  # 94.9 %
+    assert plan.int8_breaks(teacher, X, QuantizeConfig(), seed=0) == ""
+    monkeypatch.setattr(plan, "agreement", lambda *_: 461 / 512)  # 90.0 %
+    assert "on only 90.0 % of 512 training rows" in plan.int8_breaks(
+        teacher, X, QuantizeConfig(), seed=0
+    )
+
+
 def test_the_plan_counts_on_int8_only_where_it_would_ship():
     """int8 is planned where the quantize stage's rule (smaller and no slower) ships it on one
     of the narrowed copies the costs measured, and never under format=fp32; a pinned int8 is
