@@ -14,6 +14,7 @@ import re
 import sys
 import tempfile
 import types
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,14 +42,32 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001, S110 -- jit.load raises many types
         pass  # not TorchScript: try a plain state_dict below
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": torch's, not the user's
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch.load raises many types for unreadable files
         raise UserError(
-            f"teacher file {path} is neither a state_dict nor TorchScript: {first_line(err)}"
+            f"teacher file {path} is neither a state_dict nor TorchScript: {_unreadable(err)}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"teacher file {path} does not hold a state_dict (name -> tensor)")
     return state
+
+
+def _unreadable(err: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused a file, in distill's terms: torch's own first
+    line advises `weights_only=False` (unpickling, which runs code), whatever the file holds."""
+    text = str(err)
+    if not text.startswith("Weights only load failed"):
+        return first_line(err)
+    detail = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+    first = detail[0].split(". ")[0].strip().rstrip(".") if detail else ""  # torch's advice cut
+    why = f" ({first})" if first else ""
+    return (
+        f"torch.load(weights_only=True) cannot read it{why}: a truncated or foreign file, or a "
+        "whole pickled module, which loads only with teacher.trust_pickle: true (unpickling runs "
+        "code stored in the file)"
+    )
 
 
 class _Unpickler(pickle.Unpickler):

@@ -625,3 +625,26 @@ def test_a_module_answering_a_tuple_or_a_dict_is_taken_by_its_logits(name, shape
         UserError, match=r"^teacher multi_out:ListNet returns a list, not a tensor of logits$"
     ):
         load_teacher(TeacherConfig(arch="multi_out:ListNet"), data, seed=0, config_dir=tmp_path)
+
+
+def test_an_unreadable_weights_file_is_one_line_and_no_library_warning(tmp_path):
+    """A truncated pickle: torch.load warns about its protocol and advises weights_only=False;
+    the user gets distill's line instead (what the file may be, and trust_pickle), no warning."""
+    import pickle
+    import warnings
+
+    from distill.tasks.compress.weights import load_state_dict_file
+    from distill.tasks.platform.errors import UserError
+
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(pickle.dumps("x")[:3])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError) as err:
+            load_state_dict_file(path)
+    # what Python shows a user by default (torch.jit.load's DeprecationWarning it does not)
+    shown = [str(w.message) for w in seen if not issubclass(w.category, DeprecationWarning)]
+    assert not shown, shown
+    line = str(err.value)
+    assert "cannot read it (Unsupported operand" in line and "teacher.trust_pickle: true" in line
+    assert "weights_only` set to `False`" not in line and "\n" not in line
