@@ -375,8 +375,10 @@ CASES = [
     (
         "teacher file corrupt",
         ["--set", "teacher.source=file:{corrupt.pt}"],
-        "teacher file {corrupt.pt} is neither a state_dict nor TorchScript: torch.load("
-        "weights_only=True) cannot read it (Unsupported operand",
+        (
+            "teacher file {corrupt.pt} is neither a state_dict nor TorchScript: torch.load("
+            "weights_only=True) cannot read it (Unsupported operand"
+        ),
     ),
     (
         "teacher wrong architecture",
@@ -386,10 +388,12 @@ CASES = [
     (
         "teacher pickled module",
         ["--set", "teacher.source=file:{pickled_module.pt}"],
-        "teacher file {pickled_module.pt} is neither a state_dict nor TorchScript: torch.load("
-        "weights_only=True) cannot read it (Unsupported global: GLOBAL torch.nn.modules."
-        "container.Sequential was not an allowed global by default): a truncated or foreign "
-        "file, or a whole pickled module, which loads only with teacher.trust_pickle: true",
+        (
+            "teacher file {pickled_module.pt} is neither a state_dict nor TorchScript: torch.load("
+            "weights_only=True) cannot read it (Unsupported global: GLOBAL torch.nn.modules."
+            "container.Sequential was not an allowed global by default): a truncated or foreign "
+            "file, or a whole pickled module, which loads only with teacher.trust_pickle: true"
+        ),
     ),
     (
         "teacher unknown scheme",
