@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -38,7 +40,26 @@ from distill.tasks.platform.config import load_config  # noqa: E402
 CONFIG = ROOT / "configs" / "digits.yaml"
 
 
-def one(case: str, overrides: list[str], seed: int, rows: int) -> dict:
+def digits_split(tmp: Path, seed: int) -> tuple[list[str], str]:
+    """A user's split of the 1,797 digits with labels for 1,440 rows (900 train, 180 val, 360
+    test) and 357 more rows whose labels are thrown away: (the data overrides, the unlabeled
+    rows' npz source)."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    bounds = {"train": (0, 900), "val": (900, 1080), "test": (1080, 1440)}
+    arrays = {}
+    for part, (a, b) in bounds.items():
+        arrays[f"X_{part}"], arrays[f"y_{part}"] = X[order[a:b]], y[order[a:b]]
+    np.savez(tmp / f"split{seed}.npz", **arrays)
+    np.savez(tmp / f"unlabeled{seed}.npz", X=X[order[1440:]])
+    return [f"data.source=npz:{tmp / f'split{seed}.npz'}", "data.standardize=true"], (
+        f"npz:{tmp / f'unlabeled{seed}.npz'}"
+    )
+
+
+def one(case: str, overrides: list[str], seed: int, rows: int, unlabeled: str = "") -> dict:
     from distill.tasks.compress.pipeline import compress
 
     cfg = load_config(
@@ -50,6 +71,7 @@ def one(case: str, overrides: list[str], seed: int, rows: int) -> dict:
             "target=null",
             f"target.max_accuracy_drop={MAX_DROP}",
             f"target.agreement_rows={rows}",
+            *([f"target.unlabeled={unlabeled}"] if unlabeled else []),
             *overrides,
         ],
     )
@@ -65,6 +87,7 @@ def one(case: str, overrides: list[str], seed: int, rows: int) -> dict:
         "case": case,
         "seed": seed,
         "rows": rows,
+        "unlabeled": decision.agreement.rows - rows if decision and decision.agreement else 0,
         "kb": final["size_kb"],
         "ratio": teacher["size_kb"] / final["size_kb"],
         "val_drop": served.drop if served is not None else float("nan"),
@@ -85,7 +108,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", type=int, default=400, help="target.agreement_rows")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="instead: digits with labels for 1,440 rows, with and without its other 357 rows "
+        "as target.unlabeled (the same KD rows either way)",
+    )
     args = parser.parse_args()
+    if args.unlabeled:
+        unlabeled_ab(args.seeds)
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
@@ -127,6 +159,46 @@ def main() -> None:
                 f"{sum(r['test_drop'] > MAX_DROP for r in rs)}/{len(rs)}, wall "
                 f"{statistics.mean(r['wall'] for r in rs):.0f} s"
             )
+
+
+def unlabeled_ab(seeds: list[int]) -> None:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            overrides, unlabeled = digits_split(Path(tmp), seed)
+            for source in ("", unlabeled):
+                r = one("digits, 1,440 labeled", overrides, seed, 0, source)
+                results.append(r)
+                print(
+                    f"seed {seed} unlabeled {r['unlabeled']}: {r['kb']:.1f} KB {r['ratio']:.1f}x,"
+                    f" val drop {100 * r['val_drop']:+.2f} (bound {100 * r['bound']:.2f}), test "
+                    f"drop {100 * r['test_drop']:+.2f}, {r['wall']:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        "\n| seed | unlabeled rows | file KB | ratio | val drop pt | bound pt | shown within "
+        "| test drop pt |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in results:
+        print(
+            f"| {r['seed']} | {r['unlabeled']} | {r['kb']:.1f} | {r['ratio']:.1f}x "
+            f"| {100 * r['val_drop']:+.2f} | {100 * r['bound']:.2f} "
+            f"| {'yes' if r['shown'] else 'no'} | {100 * r['test_drop']:+.2f} |"
+        )
+    for with_rows in (False, True):
+        rs = [r for r in results if bool(r["unlabeled"]) == with_rows]
+        if not rs:
+            continue
+        print(
+            f"{'with' if with_rows else 'without'} the unlabeled rows: ratio "
+            f"{statistics.mean(r['ratio'] for r in rs):.1f}x (geometric "
+            f"{statistics.geometric_mean(r['ratio'] for r in rs):.1f}x), test drop "
+            f"{100 * statistics.mean(r['test_drop'] for r in rs):+.2f} pt, shown within "
+            f"{sum(r['shown'] for r in rs)}/{len(rs)}, > 1 pt on test "
+            f"{sum(r['test_drop'] > MAX_DROP for r in rs)}/{len(rs)}"
+        )
 
 
 if __name__ == "__main__":

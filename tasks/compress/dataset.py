@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from distill.tasks.compress import tabular
-from distill.tasks.compress.readers import parquet_rows
+from distill.tasks.compress.readers import open_npz, parquet_rows
 from distill.tasks.compress.rows import take
 from distill.tasks.compress.sources import SPLITS, Table
 from distill.tasks.platform.config import DataConfig
@@ -162,6 +162,46 @@ def hold_out(data: Dataset, n: int, seed: int) -> tuple[Dataset, np.ndarray]:
         rest = total + np.arange(len(data.X_val) + len(data.X_test))
         raw = raw.iloc[np.concatenate([kept, rest])].reset_index(drop=True)
     return replace(data, X_train=fit, y_train=data.y_train[kept], raw=raw), agree
+
+
+def unlabeled_rows(source: str, data: Dataset) -> np.ndarray:
+    """`target.unlabeled: npz:PATH`: its array X as the model sees the data's rows (flattened,
+    standardized as the training rows were; integer token ids as int64), checked against the
+    data: one line naming the key and the file for anything else."""
+    key = "config key 'target.unlabeled'"
+    kind, _, ref = source.partition(":")
+    if kind != "npz" or not ref:
+        raise UserError(f"{key}: expected npz:PATH (an array X of rows, no labels), got {source!r}")
+    path = Path(ref)
+    where = f"{key}: {path}"
+    if not path.is_file():
+        raise UserError(f"{key}: file not found: {path}")
+    with open_npz(path, where) as npz:
+        if "X" not in npz.files:
+            raise UserError(f"{where} has no array 'X' (it has {', '.join(npz.files) or 'none'})")
+        X = npz["X"]
+    if (data.encoding and tabular.needs_sklearn(data.encoding)) or data.masked:
+        what = "token ids with attention masks" if data.masked else "encoded columns"
+        raise UserError(
+            f"{where}: this data's rows are {what}; unlabeled rows are taken as plain arrays "
+            "only (use target.agreement_rows)"
+        )
+    if X.ndim < 2 or not np.issubdtype(X.dtype, np.number) or len(X) == 0:
+        raise UserError(f"{where}: array 'X' must be numeric rows, got {X.dtype} {list(X.shape)}")
+    flat = X.reshape(len(X), -1)
+    if flat.shape[1] != data.n_features:
+        raise UserError(
+            f"{where}: its rows have {flat.shape[1]} values ({list(X.shape[1:])}), the data's "
+            f"{data.n_features}"
+        )
+    if data.X_train.dtype == np.int64:  # token ids, fed as given
+        if flat.dtype.kind not in "iu":
+            raise UserError(f"{where}: the data's rows are integer token ids, X holds {X.dtype}")
+        return flat.astype(np.int64)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if bad.any():
+        raise UserError(f"{where}: row {int(np.argmax(bad))} of X is not finite")
+    return ((flat - data.mean) / data.scale).astype(np.float32)
 
 
 def _plain(value):

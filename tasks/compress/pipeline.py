@@ -40,7 +40,7 @@ from torch import nn
 from distill.tasks.compress import vocab
 from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.data import Dataset
-from distill.tasks.compress.dataset import hold_out
+from distill.tasks.compress.dataset import hold_out, unlabeled_rows
 from distill.tasks.compress.evaluate import (
     OnnxModel,
     TorchScriptModel,
@@ -214,13 +214,20 @@ class Outcome:
 
 
 def agreement_rows(cfg: PipelineConfig, data: Dataset) -> tuple[Dataset, np.ndarray | None]:
-    """(what every fit of the student sees, the agreement guard's held-out rows): `data` less
-    `target.agreement_rows` training rows, and those rows (tasks/compress/guard.py); `data` and
-    None without a target, without them, or for a regression target."""
-    n = cfg.target.agreement_rows if cfg.target is not None else 0
-    if not n or data.is_regression:
+    """(what every fit of the student sees, the agreement guard's rows): `data` less
+    `target.agreement_rows` training rows, and those rows with `target.unlabeled`'s
+    (tasks/compress/guard.py); `data` and None without a target, without either, or for a
+    regression target."""
+    target = cfg.target
+    if target is None or data.is_regression or not (target.agreement_rows or target.unlabeled):
         return data, None
-    return hold_out(data, n, cfg.seed)
+    fit, rows = data, []
+    if target.agreement_rows:
+        fit, held = hold_out(data, target.agreement_rows, cfg.seed)
+        rows.append(held)
+    if target.unlabeled:
+        rows.append(unlabeled_rows(target.unlabeled, data))
+    return fit, np.concatenate(rows)
 
 
 def compress(

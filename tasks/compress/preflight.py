@@ -38,7 +38,7 @@ from torch import nn
 
 from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.data import Dataset
-from distill.tasks.compress.dataset import check_hold_out
+from distill.tasks.compress.dataset import check_hold_out, unlabeled_rows
 from distill.tasks.compress.export_lock import onnx_export_lock
 from distill.tasks.compress.failures import culprit
 from distill.tasks.compress.finetune import kd_loss, regression_kd_loss
@@ -132,6 +132,8 @@ def preflight_config(
     if cfg.target is not None and not data.is_regression:
         held = cfg.target.agreement_rows
         check_hold_out(held, len(data.X_train))
+        if cfg.target.unlabeled:  # read and checked here, before any stage
+            held += len(unlabeled_rows(cfg.target.unlabeled, data))
         coarse = resolution("accuracy", len(data.y_val), cfg.target.max_accuracy_drop, held)
         if coarse is not None:
             note(coarse)

@@ -221,6 +221,10 @@ class TargetConfig(Strict):
     # labels, so they can show a drop within the allowance where few validation rows cannot
     # (tasks/compress/guard.py); 0: validation rows alone
     agreement_rows: int = Field(0, ge=0)
+    # classification: npz:PATH, an array X of rows like the data's with no labels (rows you have
+    # beyond the labeled ones): the agreement guard asks teacher and student about them too,
+    # and no training row is taken for it
+    unlabeled: str | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> TargetConfig:
@@ -450,6 +454,7 @@ CLASSIFICATION_KEYS = {
     ("finetune", "temperature"): "softens class probabilities; a regression output has none",
     ("target", "max_accuracy_drop"): "use target.max_r2_drop",
     ("target", "agreement_rows"): "agreement bounds an accuracy drop, not an R² drop",
+    ("target", "unlabeled"): "agreement bounds an accuracy drop, not an R² drop",
     ("promote", "max_accuracy_drop"): "use promote.max_r2_drop",
     ("promote", "min_accuracy"): "use promote.min_r2",
 }

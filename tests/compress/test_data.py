@@ -390,3 +390,31 @@ def test_held_out_rows_leave_the_fit_rows_with_their_labels_and_raw_rows(digits,
     )
     assert isinstance(on_disk.X_train, Rows) and np.array_equal(agree_disk, agree)
     assert np.array_equal(np.asarray(on_disk.X_train), fit.X_train)
+
+
+def test_unlabeled_rows_are_read_as_the_model_sees_the_data(digits, tmp_path):
+    """target.unlabeled: an npz's X, flattened and standardized as the training rows were; a file
+    that does not fit the data is one line naming the key and the file."""
+    from distill.tasks.compress.dataset import unlabeled_rows
+
+    raw = digits.X_test * digits.scale + digits.mean  # the test rows as a user has them
+    np.savez(tmp_path / "u.npz", X=raw.reshape(-1, 8, 8))
+    rows = unlabeled_rows(f"npz:{tmp_path / 'u.npz'}", digits)
+    assert rows.dtype == np.float32 and np.allclose(rows, digits.X_test, atol=1e-5)
+
+    def refused(name: str, **arrays) -> str:
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(UserError) as err:
+            unlabeled_rows(f"npz:{tmp_path / name}", digits)
+        assert str(err.value).startswith(f"config key 'target.unlabeled': {tmp_path / name}")
+        return str(err.value)
+
+    assert "its rows have 63 values ([63]), the data's 64" in refused("w.npz", X=raw[:, :63])
+    assert "has no array 'X' (it has y)" in refused("y.npz", y=np.zeros(3))
+    nan = raw.copy()
+    nan[4, 2] = np.nan
+    assert "row 4 of X is not finite" in refused("nan.npz", X=nan)
+    with pytest.raises(UserError, match="expected npz:PATH"):
+        unlabeled_rows("csv:rows.csv", digits)
+    with pytest.raises(UserError, match="file not found"):
+        unlabeled_rows(f"npz:{tmp_path / 'absent.npz'}", digits)

@@ -368,14 +368,16 @@ def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refus
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
 
 
-def test_agreement_rows_are_held_out_of_every_fit_and_bound_the_guards_drop(digits):
+def test_agreement_rows_are_held_out_of_every_fit_and_bound_the_guards_drop(digits, tmp_path):
     """target.agreement_rows=300: no fit of the student (calibration, KD, the search's rebuilds
-    and recovery) sees those training rows; every guard decision carries the student's
-    disagreement with the teacher on them, and the target's record says how many there were."""
+    and recovery) sees those training rows; with target.unlabeled's 200 rows, every guard
+    decision carries the student's disagreement with the teacher on all 500, and the target's
+    record says how many there were."""
     from dataclasses import replace
 
     from distill.tasks.compress.pipeline import PLAIN_STEPS, Recorder, compress
 
+    np.savez(tmp_path / "u.npz", X=digits.X_test[:200] * digits.scale + digits.mean)
     cfg = build_config(
         {},
         [
@@ -383,6 +385,7 @@ def test_agreement_rows_are_held_out_of_every_fit_and_bound_the_guards_drop(digi
             "target=null",
             "target.max_accuracy_drop=0.02",
             "target.agreement_rows=300",
+            f"target.unlabeled=npz:{tmp_path / 'u.npz'}",
             "target.max_builds=2",
         ],
     )
@@ -403,11 +406,11 @@ def test_agreement_rows_are_held_out_of_every_fit_and_bound_the_guards_drop(digi
     out = compress(cfg, digits, replace(PLAIN_STEPS, finetune=finetune), recorder)
     assert fits and set(fits) == {len(digits.X_train) - 300}, fits
     metrics, params = recorder.records["target"]
-    assert params["guard_agreement_rows"] == 300
+    assert params["guard_agreement_rows"] == 500
     highs = {k: v for k, v in metrics.items() if k.startswith("disagreement_high.")}
     assert highs and all(0 < v < 1 for v in highs.values())
     checks = out.target.fitted.checks
-    assert all(c.decision is not None and c.decision.agreement.rows == 300 for c in checks)
+    assert all(c.decision is not None and c.decision.agreement.rows == 500 for c in checks)
     assert "held-out rows" in out.target.line, out.target.line
 
 

@@ -216,6 +216,14 @@ CASES = [
         ],
         "config key 'target.agreement_rows': 5000 of the 1257 training rows",
     ),
+    (
+        "unlabeled rows of another width",
+        [
+            *("--set", "reduce.budget.size_kb=120", "--set", "target.size_kb=50"),
+            *("--set", "target.unlabeled=npz:{no_y.npz}"),
+        ],
+        "config key 'target.unlabeled': {no_y.npz}: its rows have 4 values ([4]), the data's 64",
+    ),
     ("alpha out of range", ["--set", "finetune.alpha=2"], "config key 'finetune.alpha'"),
     (
         "unknown sklearn dataset",
