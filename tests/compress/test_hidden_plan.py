@@ -284,3 +284,26 @@ def test_hf_loadable_keeps_a_bert_student_to_what_its_config_describes(tmp_path)
     assert why.startswith("its BertConfig cannot describe the student") and why.endswith(HINT)
     with pytest.raises(UserError, match=r"^config key 'teacher.hf_loadable': teacher mlp is"):
         keep_loadable(nn.Linear(3, 2), "mlp")
+
+
+def test_hf_loadable_holds_a_gpt2_to_its_feed_forward_width_and_depth(tmp_path):
+    """GPT-2's head size is n_embd / n_head too: under teacher.hf_loadable its heads and stream
+    stay, the plan narrows the MLPs, and from_pretrained gives the student's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.tasks.compress.hf import HFLogits, keep_loadable, save_student
+
+    X = _ids()
+    held = HFLogits(_gpt2(layers=4), "causal LM")
+    keep_loadable(held, "tiny-gpt2")
+    kinds = {g.kind: g for g in tr.transformer_groups(held, X)}
+    assert kinds["heads"].why_not.startswith("teacher.hf_loadable: GPT2Config cannot express")
+    assert hd.hidden_group(held, X).why_not.startswith("teacher.hf_loadable: ")
+    red = reduce_model(held, X, _width(BudgetConfig(ratio=1.3)), "width")
+    cut = {p.name for p in red.layers if p.rank is not None}
+    assert cut and cut <= {kinds["ffn"].name, kinds["depth"].name}, cut
+    student = reconstruct(held, red, X, ReconstructConfig(mode="width"))
+    assert _params(student) == red.student_params < _params(held)
+    assert save_student(student, tmp_path / "s") == ""
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    assert torch.allclose(_out(loaded, X), _out(student.hf, X), atol=1e-5)
