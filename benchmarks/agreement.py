@@ -32,12 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ship_rule import CASES, MAX_DROP, _signals  # noqa: E402 -- after the sys.path inserts
+from ship_rule import (  # noqa: E402 -- after the sys.path inserts
+    CASES,
+    MAX_DROP,
+    _signals,
+    drop_only_config,
+)
 
 from distill.tasks.compress.data import load_dataset  # noqa: E402
-from distill.tasks.platform.config import load_config  # noqa: E402
-
-CONFIG = ROOT / "configs" / "digits.yaml"
 
 
 def digits_split(tmp: Path, seed: int) -> tuple[list[str], str]:
@@ -62,19 +64,8 @@ def digits_split(tmp: Path, seed: int) -> tuple[list[str], str]:
 def one(case: str, overrides: list[str], seed: int, rows: int, unlabeled: str = "") -> dict:
     from distill.tasks.compress.pipeline import compress
 
-    cfg = load_config(
-        CONFIG,
-        [
-            f"seed={seed}",
-            "evaluate.plots=false",
-            "evaluate.latency_repeats=20",
-            "target=null",
-            f"target.max_accuracy_drop={MAX_DROP}",
-            f"target.agreement_rows={rows}",
-            *([f"target.unlabeled={unlabeled}"] if unlabeled else []),
-            *overrides,
-        ],
-    )
+    more = [f"target.agreement_rows={rows}"] + ([f"target.unlabeled={unlabeled}"] * bool(unlabeled))
+    cfg = drop_only_config(seed, [*more, *overrides])
     data = load_dataset(cfg.data, seed)
     start = time.perf_counter()
     out = compress(cfg, data)

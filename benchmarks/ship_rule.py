@@ -60,16 +60,11 @@ def _signals(tmp: Path) -> list[str]:
     return [f"data.source=npz:{path}"]
 
 
-def one(case: str, overrides: list[str], seed: int) -> dict:
-    """The drop-only search on `seed`: every candidate's served answers on val and test rows."""
-    import distill.tasks.compress.smallest as smallest
-    from distill.tasks.compress.data import load_dataset
-    from distill.tasks.compress.evaluate import torch_predictor
-    from distill.tasks.compress.pipeline import compress
-    from distill.tasks.compress.rows import predict_batched
+def drop_only_config(seed: int, overrides: list[str]):  # -> PipelineConfig
+    """The default config with a drop-only target of `MAX_DROP`, no plots, `overrides` last."""
     from distill.tasks.platform.config import load_config
 
-    cfg = load_config(
+    return load_config(
         CONFIG,
         [
             f"seed={seed}",
@@ -80,6 +75,17 @@ def one(case: str, overrides: list[str], seed: int) -> dict:
             *overrides,
         ],
     )
+
+
+def one(case: str, overrides: list[str], seed: int) -> dict:
+    """The drop-only search on `seed`: every candidate's served answers on val and test rows."""
+    import distill.tasks.compress.smallest as smallest
+    from distill.tasks.compress.data import load_dataset
+    from distill.tasks.compress.evaluate import torch_predictor
+    from distill.tasks.compress.pipeline import compress
+    from distill.tasks.compress.rows import predict_batched
+
+    cfg = drop_only_config(seed, overrides)
     data = load_dataset(cfg.data, seed)
     seen: list[dict] = []
     base = smallest._Built
