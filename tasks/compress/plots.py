@@ -128,11 +128,14 @@ def frontier_figure(
     max_drop: float,
     metric: str = "accuracy",
     confidence: float = 0.9,
+    agreement_rows: int = 0,
 ) -> Figure:
     """The drop-only search's candidates: validation score vs served file size (log x), by
     format and fate, named in build order (r1: the first rebuild, p1: the first pruning round),
     each with its score's interval at `confidence` (the paired drop's, read from the teacher's
-    score): a candidate whose bar ends above the allowed line is shown within the drop."""
+    score; with `agreement_rows` held-out or unlabeled rows, its lower end the agreement's bound
+    where that is tighter): a candidate whose bar ends above the allowed line is shown within
+    the drop."""
     scale = 1.0 if metric == "r2" else 100.0
     unit = "" if metric == "r2" else " point" if scale * max_drop == 1 else " points"
     fig = _figure(7.8, 4.4)
@@ -177,7 +180,8 @@ def frontier_figure(
             capsize=3,
             alpha=0.7,
             zorder=1,
-            label=f"{confidence:.0%} interval",
+            label=f"{confidence:.0%} interval"
+            + (f"\n(or agreement, {agreement_rows:,} rows)" if agreement_rows else ""),
         )
     labelled: list[tuple[float, float]] = []  # (KB, score) of the labels placed above
     for c in frontier:

@@ -69,8 +69,9 @@ class TrackingRecorder(Recorder):
         writer.writerows(c.row() for c in frontier)
         tracking.log_note(self.parent_run_id, table.getvalue(), FRONTIER_CSV)
         if plot:
+            agreement = 0 if guard.X_agree is None else len(guard.X_agree)
             figure = frontier_figure(
-                frontier, guard.reference, guard.max_drop, guard.metric, guard.confidence
+                frontier, guard.reference, guard.max_drop, guard.metric, guard.confidence, agreement
             )
             tracking.log_figure(self.parent_run_id, figure, f"{PLOTS_DIR}/frontier.png".lstrip("/"))
 

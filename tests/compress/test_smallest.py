@@ -432,6 +432,11 @@ def test_the_frontier_figure_marks_the_shipped_candidate(tmp_path):
     assert start[:, 1].tolist() == pytest.approx([96.67 - 1.0, 96.67 + 1.0], abs=1e-2)
     fig.savefig(tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    # bars that may end at the agreement's bound say so
+    held = frontier_figure(FRONTIER, reference=0.975, max_drop=0.01, agreement_rows=1200)
+    assert held.axes[0].get_legend_handles_labels()[1][-1] == (
+        "90% interval\n(or agreement, 1,200 rows)"
+    )
 
 
 def test_the_python_api_takes_a_drop_only_target():
