@@ -209,6 +209,38 @@ def test_compress_with_reduce_vocab_data_records_the_trim_and_serves_the_users_i
     np.testing.assert_allclose(served, _logits(outcome.pruned, ids), atol=tol)
 
 
+def test_a_target_on_a_trimmed_vocabulary_plans_through_the_prefect_plan_task(token_npz):
+    """`compress` hands the plan stage the trimmed model (`start=`) and the agreement rows
+    (`X_agree=`): the Prefect task's own function takes both (it once took neither, so a
+    flow with reduce.vocab=data and a target would have failed at the plan)."""
+    from dataclasses import replace
+
+    from distill.flows.stages import plan_task
+    from distill.tasks.compress.pipeline import PLAIN_STEPS
+
+    teacher_dir, npz = token_npz
+    sets = [
+        *TINY,
+        f"teacher.source=hf:{teacher_dir}",
+        f"data.source=npz:{npz}",
+        "data.standardize=false",
+        "reduce.vocab=data",
+        "reduce.budget.size_kb=120",  # the default: a target sizes the reduction
+        "target.ratio=2",
+        "target.max_accuracy_drop=0.5",
+        "target.agreement_rows=40",
+        "reduce.calibration_samples=64",
+        "finetune.epochs=1",
+    ]
+    cfg = build_config({}, sets)
+    data = load_dataset(cfg.data, cfg.seed)
+    outcome = compress(cfg, data, replace(PLAIN_STEPS, plan=plan_task.fn))
+    assert outcome.target is not None and outcome.target.met, outcome.target.line
+    table = outcome.finetuned.hf.get_input_embeddings()
+    assert isinstance(table, TrimmedEmbedding)
+    assert "by agreement on 40 held-out rows" in outcome.target.line
+
+
 def test_reduce_vocab_data_on_a_non_hf_teacher_is_one_line():
     cfg = build_config({}, [*TINY, "reduce.vocab=data"])
     data = load_dataset(cfg.data, cfg.seed)
