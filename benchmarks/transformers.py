@@ -391,9 +391,8 @@ def run_model(name: str, spec: Spec, seed: int, quick: bool, tmp: Path) -> dict[
         out = compress(cfg, data, steps)
         label = "distill" if mode == "width" else "low-rank"
         seconds = time.perf_counter() - start
-        rows.append(
-            Row(f"{label} {ratio}x", out.stages["quantized"], out.quantized.method, seconds)
-        )
+        served = shipped(out.quantized.method)
+        rows.append(Row(f"{label} {ratio}x", out.stages["quantized"], served, seconds))
         if mode == "width":
             students[ratio] = out.finetuned
             unsaved = save_student(out.finetuned, tmp / f"{name}-{ratio}x-student_hf")
@@ -447,7 +446,12 @@ def served_row(
     """The model as distill's quantize stage serves it, measured as its evaluate stage does."""
     q = quantize_model(model, data.X_test, data.X_train, cfg.compress.quantize, cfg.seed)
     metrics = evaluate_model(q.served, data, teacher_pred, cfg.evaluate)
-    return Row(method, metrics, q.method, time.perf_counter() - started)
+    return Row(method, metrics, shipped(q.method), time.perf_counter() - started)
+
+
+def shipped(method: str) -> str:
+    """The file's format from the quantize stage's method (none: quantization off, fp32)."""
+    return "fp32" if method == "none" else method
 
 
 def table(name: str, rows: list[Row]) -> list[str]:
