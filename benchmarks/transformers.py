@@ -414,7 +414,7 @@ def run_model(name: str, spec: Spec, seed: int, quick: bool, tmp: Path) -> dict[
                     Row(
                         f"distill {ratio}x, hf_loadable",
                         out.stages["quantized"],
-                        out.quantized.method,
+                        shipped(out.quantized.method),
                         seconds,
                     )
                 )
