@@ -85,7 +85,8 @@ def digits_shifted_split(tmp: Path, seed: int) -> tuple[list[str], str]:
     training and unlabeled row shifted by one pixel four ways (5,385 rows, none from the
     validation or test rows)."""
     overrides, unlabeled = digits_split(tmp, seed)
-    with np.load(tmp / f"split{seed}.npz") as split, np.load(unlabeled[4:]) as extra:
+    extra_path = unlabeled.removeprefix("npz:")
+    with np.load(tmp / f"split{seed}.npz") as split, np.load(extra_path) as extra:
         rows = np.concatenate([split["X_train"], extra["X"]])
         grown = np.concatenate([extra["X"], shifted(rows)])
     np.savez(tmp / f"shifted{seed}.npz", X=grown)
