@@ -111,6 +111,7 @@ def per_fit(seed: int) -> None:
 
     from distill.tasks.compress.data import load_dataset
     from distill.tasks.compress.finetune import HELD_OUT, FitSettings, fit
+    from distill.tasks.compress.recipe import recipe_for, with_recipe
     from distill.tasks.compress.reconstruct import reconstruct_with_notes
     from distill.tasks.compress.reduce import calibration_rows, reduce_model
     from distill.tasks.compress.teacher import train_teacher
@@ -122,6 +123,7 @@ def per_fit(seed: int) -> None:
         data = load_dataset(cfg.data, seed)
     on_test = dataclasses.replace(data, X_val=data.X_test, y_val=data.y_test)
     teacher = train_teacher(cfg.teacher, data, seed)  # as a run trains it: the student's teacher
+    cfg = with_recipe(cfg, recipe_for(teacher))  # finetune keys left out: as a run fills them
     params = sum(p.numel() for p in teacher.parameters())
     fresh = copy.deepcopy(teacher)
     for module in fresh.modules():

@@ -54,6 +54,7 @@ from distill.tasks.compress.architectures import build_cnn, build_mlp
 from distill.tasks.compress.data import Dataset, load_dataset, prepare
 from distill.tasks.compress.finetune import FitSettings, feature_pairs, fit
 from distill.tasks.compress.graph import param_model
+from distill.tasks.compress.recipe import MLP_CNN
 from distill.tasks.compress.reconstruct import reinitialized
 from distill.tasks.compress.reduce import calibration_rows, reduce_model
 from distill.tasks.compress.sources import Table
@@ -209,7 +210,7 @@ def main() -> None:
     )
     ft = FinetuneConfig()
     parser.add_argument(
-        "--epochs", type=int, default=ft.epochs, help="every student's training epochs"
+        "--epochs", type=int, default=MLP_CNN.epochs, help="every student's training epochs"
     )
     parser.add_argument(
         "--patience",
@@ -217,7 +218,9 @@ def main() -> None:
         default=None,
         help="early stopping on validation accuracy (default: the epochs, no early stop)",
     )
-    parser.add_argument("--lr", type=float, default=ft.lr, help="every student's learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=MLP_CNN.lr, help="every student's learning rate"
+    )
     parser.add_argument(
         "--features", type=float, default=0.0, help="β > 0: add the feature-matching ablation"
     )

@@ -36,6 +36,7 @@ from distill.tasks.compress.evaluate import OnnxModel, TorchScriptModel
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.pipeline import PLAIN_STEPS, Outcome, Recorder, Steps
 from distill.tasks.compress.pipeline import compress as run_pipeline
+from distill.tasks.compress.recipe import recipe_for, with_recipe
 from distill.tasks.compress.teacher import GIVEN, given_teacher
 from distill.tasks.platform.config import PipelineConfig, build_config, merge
 from distill.tasks.platform.errors import UserError
@@ -175,6 +176,8 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
         raw = merge(raw, {"data": _write_rows(Path(tmp), train, test, val)})
         cfg = build_config(raw)
+        if given is not None:  # finetune keys left out: its family's recipe, recorded as such
+            cfg = with_recipe(cfg, recipe_for(given))
         data = load_dataset(cfg.data, cfg.seed)
         steps = _steps(orchestrate)
         if given is not None:

@@ -30,6 +30,7 @@ from distill.flows.summary import RunSummary, run_name, stage_table_markdown, ve
 from distill.tasks.compress.context import RunContext
 from distill.tasks.compress.failures import StageGuard
 from distill.tasks.compress.pipeline import Outcome, compress
+from distill.tasks.compress.recipe import with_recipe
 from distill.tasks.platform import dead_runs, progress, store, tracking
 from distill.tasks.platform.config import DEFAULT_CONFIG, build_config, check_task_keys, load_config
 from distill.tasks.release.registry import (
@@ -120,8 +121,10 @@ def distill_flow(
     data = data_task(cfg.data, cfg.seed, context)
     check_task_keys(cfg, data.task)  # `auto` is decided by the data
     # before any run exists: the teacher against the data, the planned student on two rows
-    context.preflight(cfg, data, config_dir)
+    checked = context.preflight(cfg, data, config_dir)
     stages_cfg = cfg  # what the stages run with; `cfg` is what the run records
+    if checked is not None:  # finetune keys left out: the recipe the stages will fill them with
+        cfg = with_recipe(cfg, checked.recipe)
     if record is not None:
         from distill.tasks.release.reproduce import check_record, pin_format
 

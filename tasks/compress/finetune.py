@@ -45,6 +45,7 @@ from torch import nn
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.export_lock import onnx_export_lock, seed_torch
 from distill.tasks.compress.finite import TrainingWatch, check_outputs
+from distill.tasks.compress.recipe import recipe_for, resolved
 from distill.tasks.compress.rows import Rows, TrainRows, predict_rows, rows_on, take
 from distill.tasks.platform.config import FinetuneConfig
 from distill.tasks.platform.device import resolve_device
@@ -254,7 +255,10 @@ class FitSettings:
     @classmethod
     def of(cls, cfg: FinetuneConfig, seed: int, device: str, **changes: Any) -> FitSettings:
         """The `finetune` section's distillation settings (`changes`: e.g. fewer epochs); the
-        epoch is chosen on `HELD_OUT` of the training rows, never on the guard's rows."""
+        epoch is chosen on `HELD_OUT` of the training rows, never on the guard's rows. Its
+        `epochs` and `lr` set: `recipe.resolved` fills left-out ones from the teacher."""
+        if cfg.epochs is None or cfg.lr is None:
+            raise ValueError("finetune.epochs / lr left out: fill them with recipe.resolved")
         return cls(
             **{
                 "epochs": cfg.epochs,
@@ -502,5 +506,7 @@ def distill(
     seed: int,
     device: str = "cpu",
 ) -> tuple[nn.Module, History]:
-    settings = FitSettings.of(cfg, seed, device)
+    """`student` distilled from `teacher` by `cfg` (its left-out epochs and lr: the teacher's
+    family's recipe, tasks/compress/recipe.py); the best epoch restored."""
+    settings = FitSettings.of(resolved(cfg, recipe_for(teacher)), seed, device)
     return fit(copy.deepcopy(student), data, settings, teacher=teacher, description="distilling")

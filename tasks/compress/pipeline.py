@@ -57,6 +57,7 @@ from distill.tasks.compress.plan import Costs, Plan, plan_for_target
 from distill.tasks.compress.preflight import alternative, preflight
 from distill.tasks.compress.prune import prune_and_recover
 from distill.tasks.compress.quantize import Quantized, quantize_model
+from distill.tasks.compress.recipe import recipe_for, with_recipe
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import (
     BelowSmallest,
@@ -273,6 +274,7 @@ def compress(
         teacher, teacher_history = steps.teacher(cfg.teacher, data, seed, device, config_dir)
         if checked is None:  # loaded by the stage: checked now, before its calibration
             preflight(teacher, data, cfg)
+        cfg = with_recipe(cfg, recipe_for(teacher))  # left-out finetune keys: its family's
         guard.teacher = teacher
         guard.alternative = lambda stage: alternative(teacher, data, cfg, stage)
         teacher_out = predict_logits(teacher, data.X_test)

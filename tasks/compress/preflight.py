@@ -52,12 +52,14 @@ from distill.tasks.compress.prune import (
     remove_lowest_units,
 )
 from distill.tasks.compress.quantize import export_onnx
+from distill.tasks.compress.recipe import Recipe, recipe_for
+from distill.tasks.compress.recipe import line as recipe_line
 from distill.tasks.compress.reconstruct import reconstruct
 from distill.tasks.compress.reduce import KEPT_BY_BUDGET, LayerPlan, Reduction, reduce_model
 from distill.tasks.compress.teacher import check_teacher
 from distill.tasks.compress.vocab import trim
 from distill.tasks.compress.width import group_bases
-from distill.tasks.platform.config import BudgetConfig, FinetuneConfig, PipelineConfig
+from distill.tasks.platform.config import BudgetConfig, PipelineConfig
 from distill.tasks.platform.errors import UserError, first_line
 from distill.tasks.platform.progress import note
 
@@ -75,6 +77,7 @@ class Preflight:
     student_params: int  # the pre-flight's student (half width / factored), not the run's
     kept_whole: dict[str, str]  # group or layer -> why the engine keeps it whole
     checks: dict[str, float]  # check -> seconds
+    recipe: Recipe  # the teacher's family's KD recipe: fills finetune keys left out
 
 
 class PreflightFailed(UserError):
@@ -116,6 +119,7 @@ def preflight(teacher: nn.Module, data: Dataset, cfg: PipelineConfig) -> Preflig
         student_params=sum(p.numel() for p in student.parameters()),
         kept_whole=kept,
         checks=checks,
+        recipe=recipe_for(teacher),
     )
 
 
@@ -139,34 +143,11 @@ def preflight_config(
             note(coarse)
     if teacher is None:
         return None
-    hint = transformer_recipe(teacher, cfg)
-    if hint is not None:
-        note(hint)
+    said = recipe_line(cfg, recipe_for(teacher))
+    if said is not None:
+        note(said)
     with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
         return preflight(teacher, data, cfg)
-
-
-# what distils the benchmark's transformers (docs/benchmarks.md): epochs, lr
-TRANSFORMER_RECIPE = (10, 1e-3)
-
-
-def transformer_recipe(teacher: nn.Module, cfg: PipelineConfig) -> str | None:
-    """A line when a teacher with attention (transformer blocks, `nn.MultiheadAttention`) would
-    be distilled by the MLP/CNN recipe (`finetune.epochs` and `lr` as the defaults): on the
-    benchmark's BERT it left the 2x student 3.45 points below the transformer recipe
-    (docs/benchmarks.md). None otherwise."""
-    defaults = FinetuneConfig()  # the MLP/CNN recipe benchmarks/quality.py found
-    if (cfg.finetune.epochs, cfg.finetune.lr) != (defaults.epochs, defaults.lr):
-        return None
-    torch_attention = any(isinstance(m, nn.MultiheadAttention) for m in teacher.modules())
-    if not torch_attention and not transformer.find(teacher).blocks:
-        return None
-    epochs, lr = TRANSFORMER_RECIPE
-    return (
-        f"finetune: {defaults.epochs} epochs at lr {defaults.lr:g} is the MLP/CNN recipe; "
-        f"a transformer did better with --set finetune.epochs={epochs} --set finetune.lr={lr:g} "
-        "(a BERT at 2x: 98.10 % vs 94.65 %; docs/benchmarks.md)"
-    )
 
 
 def alternative(teacher: nn.Module, data: Dataset, cfg: PipelineConfig, failed: str) -> str | None:

@@ -286,9 +286,11 @@ class ReconstructConfig(Strict):
     ridge: float = Field(0.3, ge=0)
 
 
-class FinetuneConfig(Strict):  # defaults: the recipe benchmarks/quality.py found
-    epochs: int = Field(80, ge=0)
-    lr: float = Field(3e-3, gt=0)
+class FinetuneConfig(Strict):
+    # left out (null): the teacher's family's recipe, filled in once the teacher is loaded
+    # (tasks/compress/recipe.py): 10 epochs at 1e-3 for a Hugging Face transformer, else 80 at 3e-3
+    epochs: int | None = Field(None, ge=0)
+    lr: float | None = Field(None, gt=0)  # left out (null): the teacher's family's, as epochs
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     temperature: float = Field(4.0, gt=0)  # classification only: a regression output has no softmax

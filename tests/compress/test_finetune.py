@@ -88,8 +88,9 @@ def test_early_stopping_restores_the_best_epoch(digits):
 def test_a_time_box_stops_training_after_the_epoch_it_ran_out_in(digits):
     """`finetune.max_minutes`: no epoch starts once the box is spent (the first always runs); the
     run says why it stopped and how long each epoch took. A box of a microsecond: one epoch."""
-    assert FitSettings.of(FinetuneConfig(max_minutes=0.5), 0, "cpu").max_seconds == 30.0
-    assert FitSettings.of(FinetuneConfig(), 0, "cpu").max_seconds is None
+    recipe = {"epochs": 80, "lr": 3e-3}
+    assert FitSettings.of(FinetuneConfig(max_minutes=0.5, **recipe), 0, "cpu").max_seconds == 30.0
+    assert FitSettings.of(FinetuneConfig(**recipe), 0, "cpu").max_seconds is None
     settings = FitSettings(epochs=5, lr=1e-2, batch_size=64, patience=10, max_seconds=1e-6)
     torch.manual_seed(0)
     _, history = fit(build_mlp(64, [32], 10), digits, settings)

@@ -169,21 +169,3 @@ def test_validation_rows_too_few_for_the_allowance_are_named_before_any_stage(ca
     cfg, data, _ = _setup(["target.size_kb=100", "target.max_accuracy_drop=0.02"])  # 3.6 rows
     preflight_config(cfg, data)
     assert "validation rows" not in capfd.readouterr().err
-
-
-def test_a_transformer_on_the_mlp_cnn_recipe_gets_the_transformer_recipe_line():
-    from distill.tasks.compress.preflight import transformer_recipe
-    from tests.zoo import TransformerClassifier
-
-    cfg = build_config({}, [])  # the finetune defaults: 80 epochs at 3e-3
-    line = transformer_recipe(TransformerClassifier(), cfg)
-    assert line is not None
-    assert "--set finetune.epochs=10 --set finetune.lr=0.001" in line
-    mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    assert transformer_recipe(mlp, cfg) is None  # not a transformer
-    chosen = build_config({}, ["finetune.epochs=10", "finetune.lr=0.001"])
-    assert transformer_recipe(TransformerClassifier(), chosen) is None  # the user chose
-    assert (
-        transformer_recipe(TransformerClassifier(), build_config({}, ["finetune.lr=0.0005"]))
-        is None
-    )

@@ -470,6 +470,11 @@ def test_distill_run_narrows_and_prunes_an_hf_bert(tmp_path):
     assert metrics["reconstructed/params"] < metrics["teacher/params"]
     assert 0 <= metrics["final/accuracy"] <= 1 and metrics["teacher/accuracy"] == 1.0
     client = mlflow.MlflowClient(uri)
+    # finetune.lr left out: the transformer recipe's, recorded on the parent run as it ran;
+    # finetune.epochs as set
+    params = client.get_run(run["run_id"]).data.params
+    assert (params["finetune.lr"], params["finetune.epochs"]) == ("0.001", "1")
+    assert "finetune: 1 epoch at lr 0.001, the Hugging Face transformer recipe" in proc.stderr
     names = {a.path for a in client.list_artifacts(run["run_id"])}
     # teacher.hf_loadable: the cuts are what the config says, so student_hf/ loads as it is
     assert "student_hf" in names, names
