@@ -7,8 +7,9 @@
       plain-torch transformer)
 
 On the benchmark's BERT at 2x fewer parameters the MLP/CNN recipe left the student at 94.65 %
-(3 seeds; 90.80 on one), the transformer recipe at 98.10 % in a third of the time; on its ViT,
-93.33 % against 93.98 % (20 epochs at 1e-3). On a plain-torch `nn.TransformerEncoder`
+(3 seeds; 90.80 on one), the transformer recipe at 98.10 % in a third of the time; on its ViT
+they tie (94.63 against 94.44 % at 2x, 94.72 against 94.44 at 4x) in half the time. On a
+plain-torch `nn.TransformerEncoder`
 classifier (benchmarks/architectures.py's, digits as tokens) it is the other way round: 10
 epochs at 1e-3 lost 1.6 points to the MLP/CNN recipe (3 seeds, 2x and 4x; docs/benchmarks.md,
 "The KD recipe on transformers"), so attention alone does not choose it. A key the user sets
