@@ -8,15 +8,15 @@ student is distilled from there. `smallest_within` then searches, one candidate 
 
 - **rebuilds** (at most half the builds, rounded up: `rebuild_share`): the reduce, reconstruct and
   KD stages again, from the teacher, at a smaller budget (the closed loop's `BuildAt`,
-  tasks/compress/replan.py, with its `budget_for`). Each aims at the geometric middle of the
-  bracket between the largest candidate whose drop was not within the allowance (at first the
-  smallest reachable model) and the smallest that was (at first the start; the teacher where the
-  start is not): a bisection on the log of the parameter count, stopped when the bracket is
-  narrower than `MIN_CUT` either side. Reconstruction before KD is what the start's budget was
-  chosen by; KD brings much smaller reductions back within the drop, which pruning the start's
-  larger student does not (ResNet1d-32 of the targets grid, docs/benchmarks.md: pruning its start,
-  22,388 params, went no lower than 11,684 within the drop, 29.1 KB; a reduction to 988 params,
-  distilled, was within it, 9.7 KB).
+  tasks/compress/replan.py, with its `budget_for`). Each aims at the geometric middle of the bracket
+  between the largest candidate whose drop was not within the allowance (at first the smallest
+  reachable model) and the smallest that was (at first the start, where the guard kept it even if
+  its drop is estimated over; the teacher where it broke it): a bisection on the log of the
+  parameter count, stopped when the bracket is narrower than `MIN_CUT` either side. Reconstruction
+  before KD is what the start's budget was chosen by; KD brings much smaller reductions back within
+  the drop, which pruning the start's larger student does not (ResNet1d-32 of the targets grid,
+  docs/benchmarks.md: pruning its start, 22,388 params, went no lower than 11,684 within the drop,
+  29.1 KB; a reduction to 988 params, distilled, was within it, 9.7 KB).
 - **pruning rounds** (the rest), from the smallest candidate within the drop so far: a
   structured pruning step with KD recovery. From the last kept model, cut to half its parameters
   while the guard holds (after rebuilds: to the geometric middle between it and the largest
@@ -294,8 +294,8 @@ def _rebuild(
 ) -> tuple[list[_Built], str]:
     """Up to `most` candidates rebuilt from the teacher (`build_at`: reduce, reconstruct, KD),
     each at the geometric middle of the bracket between the largest candidate that was not within
-    the drop (else the smallest reachable model) and the smallest that was (else the teacher); and
-    why they stopped ('' where none could be built)."""
+    the drop (else the smallest reachable model) and the smallest that was (else the start where
+    the guard kept it, else the teacher); and why they stopped ('' where none could be built)."""
     plan, guard = search.plan, search.guard
     if build_at is None or most < 1:
         return [], ""
@@ -304,7 +304,14 @@ def _rebuild(
     stop = f"at most {most}, half the builds"
     while len(tried) < most:
         done = [start, *tried]
-        upper = min((b.point.params for b in done if _shippable(b)), default=plan.teacher_params)
+        # above the smallest within; where none is yet, the start if the guard kept it: it was
+        # sized by its reconstruction before KD, and KD brings smaller reductions back (the
+        # targets grid's ResNet1d-32: its start 1.3 points over on 300 rows, the bisection
+        # toward the teacher shipped 1.2x); the teacher only above a start that broke the guard
+        upper = min(
+            (b.point.params for b in done if _shippable(b)),
+            default=start.point.params if start.point.kept else plan.teacher_params,
+        )
         lower = max(
             (b.point.params for b in done if not _shippable(b) and b.point.params < upper),
             default=plan.smallest_params,
