@@ -127,13 +127,15 @@ def test_a_token_model_is_quantized_on_int64_rows():
 
 
 def _shipped_by_the_rule(q) -> None:
-    """The measured choice, and the served file is the one measured."""
+    """The measured choice, and the served file is the one measured. "Slower" is the paired
+    calls' sign test (`Choice.int8_slower`), not the medians: under load int8's median can sit
+    above fp32's while it is faster in most pairs (212 slower of 545 in a fresh-clone run)."""
     c = q.choice
     if q.int8_model is not None:
-        assert c.int8.bytes < c.fp32.bytes and c.int8.ms <= c.fp32.ms
+        assert c.int8.bytes < c.fp32.bytes and not c.int8_slower
         assert len(q.served.file_bytes) == c.int8.bytes and q.method == "static"
     else:
-        assert c.int8.bytes >= c.fp32.bytes or c.int8.ms > c.fp32.ms
+        assert c.int8.bytes >= c.fp32.bytes or c.int8_slower
         assert len(q.served.file_bytes) == c.fp32.bytes and q.method == "fp32"
     assert q.why.startswith("int8 ships" if q.int8_model is not None else "fp32 ships, int8 is ")
 
