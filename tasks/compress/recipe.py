@@ -6,14 +6,14 @@
     anything else (MLP, CNN, ResNet, a       80      3e-3  benchmarks/quality.py
       plain-torch transformer)
 
-On the benchmark's BERT at 2x fewer parameters the MLP/CNN recipe left the student at 94.65 %
-(3 seeds; 90.80 on one), the transformer recipe at 98.10 % in a third of the time; on its ViT
-they tie (94.63 against 94.44 % at 2x, 94.72 against 94.44 at 4x) in half the time. On a
-plain-torch `nn.TransformerEncoder`
-classifier (benchmarks/architectures.py's, digits as tokens) it is the other way round: 10
-epochs at 1e-3 lost 1.6 points to the MLP/CNN recipe (3 seeds, 2x and 4x; docs/benchmarks.md,
-"The KD recipe on transformers"), so attention alone does not choose it. A key the user sets
-is kept; what was filled in is what the stages run with and what the run records.
+On the benchmark's BERT at 2x fewer parameters the MLP/CNN recipe left the student at 94.65 % (3
+seeds; 90.80 on one), the transformer recipe at 98.10 % in a third of the time; on its ViT the
+two tie (the MLP/CNN recipe 94.63 and 94.72 % at 2x and 4x, this one 94.44 and 94.44) in half
+the time. On a plain-torch `nn.TransformerEncoder` classifier (benchmarks/architectures.py's,
+digits as tokens) it is the other way round: 10 epochs at 1e-3 lost 1.6 points to the MLP/CNN
+recipe (3 seeds, 2x and 4x; docs/benchmarks.md, "The KD recipe on transformers"), so attention
+alone does not choose it. A key the user sets is kept; what was filled in is what the stages run
+with and what the run records.
 
     teacher = ...                                   # any nn.Module
     cfg = with_recipe(cfg, recipe_for(teacher))     # cfg.finetune.epochs, .lr: set
