@@ -40,8 +40,14 @@ def test_onnx_export_matches_torch_with_dynamic_batch():
             assert np.abs(predict(X) - model(torch.from_numpy(X)).numpy()).max() < 1e-5
 
 
+# The int8 file itself, whatever the latency says (format int8): on this 2-core machine the
+# measured rule ships fp32 for this MLP in some runs (int8 0.33 ms against fp32 0.30 at batch
+# 256); the rule has its own test below.
+PINNED = QuantizeConfig(format="int8")
+
+
 def test_int8_is_smaller_and_keeps_accuracy(trained_mlp, digits):
-    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(), seed=0)
+    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, PINNED, seed=0)
     assert q.method == "static" and q.export_max_abs_diff < 1e-4, q.why
     float_size, _ = saved_size(q.float_model)
     int8_size, _ = saved_size(q.int8_model)
@@ -54,7 +60,7 @@ def test_int8_is_smaller_and_keeps_accuracy(trained_mlp, digits):
 def test_int8_answers_a_row_the_same_in_any_batch(trained_mlp, digits):
     """Activation scales fixed at calibration: what the evaluation measured on the test batch
     is what each row gets when served alone (dynamic int8 changed 3 of 360 answers)."""
-    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, QuantizeConfig(), seed=0)
+    q = quantize_model(trained_mlp, digits.X_test, digits.X_train, PINNED, seed=0)
     predict = q.int8_model.predictor()
     whole = predict(digits.X_test)
     alone = np.concatenate([predict(digits.X_test[i : i + 1]) for i in range(len(digits.X_test))])
