@@ -143,11 +143,12 @@ def preflight_config(
             note(coarse)
     if teacher is None:
         return None
-    said = recipe_line(cfg, recipe_for(teacher))
+    with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
+        checked = preflight(teacher, data, cfg)
+    said = recipe_line(cfg, checked.recipe)
     if said is not None:
         note(said)
-    with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
-        return preflight(teacher, data, cfg)
+    return checked
 
 
 def alternative(teacher: nn.Module, data: Dataset, cfg: PipelineConfig, failed: str) -> str | None:
