@@ -66,13 +66,21 @@ def with_recipe(cfg: PipelineConfig, recipe: Recipe) -> PipelineConfig:
 
 
 def line(cfg: PipelineConfig, recipe: Recipe) -> str | None:
-    """One line saying which recipe a left-out key took, for a teacher whose family's recipe is
-    not the MLP/CNN one (that one is the documented default and needs no line); None else."""
-    if recipe == MLP_CNN or (cfg.finetune.epochs is not None and cfg.finetune.lr is not None):
+    """One line saying what a left-out key took from a teacher family's recipe when that is not
+    the MLP/CNN one (the documented default needs no line); None else. A key the user set is
+    named as set, so the line never credits the recipe with it."""
+    ft = cfg.finetune
+    if recipe == MLP_CNN or (ft.epochs is not None and ft.lr is not None):
         return None
-    done = resolved(cfg.finetune, recipe)
-    epochs = f"{done.epochs} epoch{'' if done.epochs == 1 else 's'}"
-    return (
-        f"finetune: {epochs} at lr {done.lr:g}, the {recipe.family} recipe "
-        "(set finetune.epochs / finetune.lr to choose)"
-    )
+    done = resolved(ft, recipe)
+    parts = {
+        "epochs": f"{done.epochs} epoch{'' if done.epochs == 1 else 's'}",
+        "lr": f"lr {done.lr:g}",
+    }
+    taken = [key for key in parts if getattr(ft, key) is None]
+    kept = [key for key in parts if key not in taken]
+    said = f"finetune: {' at '.join(parts[key] for key in taken)} from the {recipe.family} recipe"
+    if kept:
+        said += f", {parts[kept[0]]} as set"
+    keys = " / ".join(f"finetune.{key}" for key in taken)
+    return f"{said} (set {keys} to choose)"

@@ -49,10 +49,21 @@ def test_left_out_keys_are_filled_and_set_ones_kept():
 
 
 def test_the_line_says_which_recipe_a_left_out_key_took():
-    said = line(build_config({}, ["finetune.epochs=5"]), TRANSFORMER)
+    said = line(build_config({}, []), TRANSFORMER)
     assert said == (
-        "finetune: 5 epochs at lr 0.001, the Hugging Face transformer recipe "
+        "finetune: 10 epochs at lr 0.001 from the Hugging Face transformer recipe "
         "(set finetune.epochs / finetune.lr to choose)"
+    )
+    # a key the user set is named as set, never credited to the recipe
+    said = line(build_config({}, ["finetune.epochs=1"]), TRANSFORMER)
+    assert said == (
+        "finetune: lr 0.001 from the Hugging Face transformer recipe, 1 epoch as set "
+        "(set finetune.lr to choose)"
+    )
+    said = line(build_config({}, ["finetune.lr=0.003"]), TRANSFORMER)
+    assert said == (
+        "finetune: 10 epochs from the Hugging Face transformer recipe, lr 0.003 as set "
+        "(set finetune.epochs to choose)"
     )
     assert line(build_config({}, []), MLP_CNN) is None  # the documented default: no line
     set_both = build_config({}, ["finetune.epochs=80", "finetune.lr=0.003"])

@@ -474,7 +474,9 @@ def test_distill_run_narrows_and_prunes_an_hf_bert(tmp_path):
     # finetune.epochs as set
     params = client.get_run(run["run_id"]).data.params
     assert (params["finetune.lr"], params["finetune.epochs"]) == ("0.001", "1")
-    assert "finetune: 1 epoch at lr 0.001, the Hugging Face transformer recipe" in proc.stderr
+    assert (
+        "finetune: lr 0.001 from the Hugging Face transformer recipe, 1 epoch as set" in proc.stderr
+    )
     names = {a.path for a in client.list_artifacts(run["run_id"])}
     # teacher.hf_loadable: the cuts are what the config says, so student_hf/ loads as it is
     assert "student_hf" in names, names
