@@ -83,6 +83,8 @@ def culprit(err: BaseException) -> Culprit | None:
     own = [m for m in calls if not type(m).__module__.startswith("torch.")]
     target = (own or calls)[-1]
     root = calls[0]
+    inner = getattr(root, "_export_root", None)  # torch.export's wrapper around the model
+    root = inner if isinstance(inner, nn.Module) else root
     names = {id(m): n for n, m in root.named_modules()}
     return Culprit(names.get(id(target), ""), target, root)
 

@@ -301,6 +301,8 @@ def _group_at_fault(
 
 def _where_why(err: Exception, model: nn.Module, group: Group | None) -> tuple[str, str]:
     """(module path and class, why) of a failed build."""
+    while isinstance(err, torch.onnx.OnnxExporterError) and isinstance(err.__cause__, Exception):
+        err = err.__cause__  # the exporter's own wrapper says only which of its steps failed
     found = culprit(err)
     if found is not None:
         where = found.label
@@ -311,6 +313,11 @@ def _where_why(err: Exception, model: nn.Module, group: Group | None) -> tuple[s
     reshapes = isinstance(err, RuntimeError) and "is invalid for input of size" in str(err)
     if reshapes:
         text = f"its forward reshapes to a fixed shape ({first_line(err)})"
+    elif "data-dependent" in str(err):  # torch.export: `if` on a tensor's value, `.item()`, ...
+        text = (
+            f"its forward branches on a tensor's values, which one ONNX graph cannot hold "
+            f"({first_line(err)}); torch.where or torch.cond keep both branches"
+        )
     else:
         text = f"{type(err).__name__}: {first_line(err)}"
     if group is None:

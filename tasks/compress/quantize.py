@@ -1,9 +1,11 @@
 """Stage 6 — quantize: export the float student to ONNX, check it, and make it int8.
 
-The float model goes through PyTorch's dynamo ONNX exporter with a dynamic batch axis and
-is checked against PyTorch on the test rows (max |Δlogit| must stay under
-`compress.quantize.max_abs_diff`). ONNX Runtime then quantizes it to static int8: weights
-per channel, activation scales calibrated on training rows and fixed in the file. Not
+The float model goes to ONNX with a dynamic batch axis (float rows through PyTorch's
+TorchScript exporter where its trace checks out, 40x faster on small models; token ids, masks
+and anything it refuses through the dynamo exporter) and is checked against PyTorch on the test
+rows (max |Δlogit| must stay under `compress.quantize.max_abs_diff`). ONNX Runtime then
+quantizes it to static int8: weights per channel, activation scales calibrated on training rows
+and fixed in the file. Not
 dynamic int8, though it was as fast on the digits MLP: it computes activation scales from
 each batch, so a row's answer depended on the rows served with it (3 of 360 digits test rows
 changed between batch 1 and the whole test set), and the accuracy measured on a batch was not
@@ -318,14 +320,20 @@ def reuse_torchlib_registry() -> None:
 
 
 def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
-    """Float ONNX with a dynamic batch axis (dynamo exporter), as bytes. `example`: the data's
-    rows, whose dtype the graph's input takes (int64 token ids: an int64 input), or the width
-    of float32 rows. Token ids `[N, T]` get a dynamic sequence axis where the model allows it
-    (the exporter decides: `Dim.AUTO`), else the data's T. A model of rows with attention masks
-    folded in (`masked`: tasks/compress/masks.py) takes `input_ids` and `attention_mask`."""
-    reuse_torchlib_registry()
+    """Float ONNX with a dynamic batch axis, as bytes: float rows by `_export_traced` where it
+    checks out, else (token ids, masks, what the trace refuses) the dynamo exporter. `example`:
+    the data's rows, whose dtype the graph's input takes (int64 token ids: an int64 input), or
+    the width of float32 rows. Token ids `[N, T]` get a dynamic sequence axis where the model
+    allows it (the exporter decides: `Dim.AUTO`), else the data's T. A model of rows with
+    attention masks folded in (`masked`: tasks/compress/masks.py) takes `input_ids` and
+    `attention_mask`."""
     model = model.cpu().eval()
     rows = example_rows(example, 2)
+    if rows.is_floating_point() and not getattr(model, "masked", False):
+        traced = _export_traced(model, example)
+        if traced is not None:
+            return lean_onnx(traced)
+    reuse_torchlib_registry()
     axes: dict[int, object] = {0: "batch"}
     if rows.dim() == 2 and not rows.is_floating_point():  # token ids: any length, if it can
         axes[1] = torch.export.Dim.AUTO
@@ -353,6 +361,48 @@ def export_onnx(model: nn.Module, example: int | np.ndarray) -> bytes:
     proto = program.model_proto
     _pin_fixed_axes(proto, getattr(program.exported_program, "range_constraints", {}))
     return lean_onnx(proto.SerializeToString())
+
+
+TRACED_OPSET = 20  # what the dynamo exporter writes here (torch 2.13): the same ops either way
+
+
+def _export_traced(model: nn.Module, example: int | np.ndarray) -> bytes | None:
+    """Float rows through PyTorch's TorchScript exporter (`dynamo=False`), checked; None where it
+    cannot be trusted, and the dynamo exporter takes over. It traces one forward pass: a small
+    ResNet1d exports in 0.03 s against 1.1-2.5 s through `torch.export` (a drop-only target
+    exports a dozen students). torch calls it deprecated, so: a tracer warning (a tensor turned
+    into a Python value: a branch the trace would freeze) or any error refuses it, and the graph
+    must answer 3 rows, a batch size it was not traced at, as the model does."""
+    import onnxruntime as ort
+
+    rows = example_rows(example, 2)
+    check = example_rows(example, 3)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            torch.onnx.export(
+                model,
+                (rows,),
+                buffer,
+                input_names=[INPUT_NAME],
+                output_names=["logits"],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=TRACED_OPSET,
+                dynamo=False,
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(buffer.getvalue(), options, ["CPUExecutionProvider"])
+        (got,) = session.run(None, {INPUT_NAME: check.numpy()})
+        with torch.inference_mode():
+            want = model(check).numpy()
+    except Exception:  # noqa: BLE001 -- any failure: the dynamo exporter decides
+        return None
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        return None
+    return buffer.getvalue()
 
 
 class _IdsAndMask(nn.Module):
@@ -446,13 +496,19 @@ def _pre_process(raw: Path, src: Path) -> None:
     """The shape inference and graph optimizations ORT recommends before quantizing. Its symbolic
     shape inference gives up on some dynamic sequence axes (BERT's position ids: `Min(64, s27)`
     against `s27`), and then writes its work into the current directory: a graph whose input has
-    a dynamic axis besides the batch gets ONNX's own shape inference instead."""
+    a dynamic axis besides the batch gets ONNX's own shape inference instead. It also asserts on
+    a Reshape to a computed shape (a traced `nn.Unflatten` of the batch: `_export_traced`), and
+    then gets ONNX's too."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     (first,) = onnx.load(raw, load_external_data=False).graph.input[:1]
     dims = first.type.tensor_type.shape.dim
-    quant_pre_process(raw, src, skip_symbolic_shape=sum(d.HasField("dim_param") for d in dims) > 1)
+    if sum(d.HasField("dim_param") for d in dims) <= 1:
+        with contextlib.suppress(Exception):  # its own assertions: ONNX's shape inference then
+            quant_pre_process(raw, src)
+            return
+    quant_pre_process(raw, src, skip_symbolic_shape=True)
 
 
 @contextlib.contextmanager

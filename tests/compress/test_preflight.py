@@ -169,3 +169,30 @@ def test_validation_rows_too_few_for_the_allowance_are_named_before_any_stage(ca
     cfg, data, _ = _setup(["target.size_kb=100", "target.max_accuracy_drop=0.02"])  # 3.6 rows
     preflight_config(cfg, data)
     assert "validation rows" not in capfd.readouterr().err
+
+
+class _ValueBranch(nn.Module):
+    """A forward whose path depends on the values (`if h.sum() > 0`): an ONNX graph of one trace
+    would answer other rows with the branch its example took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) if h.sum() > 0 else self.fc2(-h)
+
+
+def test_a_value_dependent_branch_fails_the_export_in_one_line():
+    cfg, data, _ = _setup(TINY)
+    with pytest.raises(PreflightFailed) as failed:
+        preflight(_ValueBranch(), data, cfg)
+    line = str(failed.value)
+    assert "\n" not in line
+    # the cause torch.export found, not its wrapper's "step 1/3" (and not torch's wrapper module)
+    assert line.startswith(
+        "pre-flight: the student does not export to ONNX (the quantize stage's export) in "
+        "_ValueBranch: its forward branches on a tensor's values"
+    ), line
+    assert line.endswith("torch.where or torch.cond keep both branches"), line

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from distill.tasks.compress.architectures import build_cnn, build_mlp
 from distill.tasks.compress.evaluate import OnnxModel, saved_size
@@ -11,6 +12,7 @@ from distill.tasks.compress.quantize import (
     Quantized,
     export_onnx,
     input_axes,
+    lean_onnx,
     measure_choice,
     quantize_model,
 )
@@ -273,8 +275,9 @@ def test_the_exporter_op_registry_is_built_once_and_copied():
 
     from distill.tasks.compress.quantize import reuse_torchlib_registry
 
-    model = build_mlp(8, [16], 3).eval()
-    exported = export_onnx(model, 8)  # reuses from here on
+    model = EmbeddingBag().eval()  # token ids: the dynamo exporter's path (float rows are traced)
+    reuse_torchlib_registry()
+    exported = export_onnx(model, token_ids(2))  # reuses from here on
     reuse_torchlib_registry()  # idempotent
     fresh = ONNXRegistry.from_torchlib.__func__._distill_original(ONNXRegistry)
     first, second = ONNXRegistry.from_torchlib(), ONNXRegistry.from_torchlib()
@@ -283,7 +286,49 @@ def test_the_exporter_op_registry_is_built_once_and_copied():
     assert first.opset_version == fresh.opset_version
     first.functions.clear()  # what one export registers stays in its copy
     assert ONNXRegistry.from_torchlib().functions == fresh.functions
-    assert export_onnx(model, 8) == exported
+    assert export_onnx(model, token_ids(2)) == exported
+
+
+class _Branchy(nn.Module):
+    """A forward whose path depends on the values: a trace would freeze one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_float_rows_are_traced_and_answer_as_the_model_at_any_batch(digits):
+    """_export_traced: the TorchScript exporter's graph, checked; the same answers as the
+    model's, and as the dynamo exporter's graph, at batch sizes it was not traced at."""
+    from distill.tasks.compress.quantize import _export_traced
+
+    torch.manual_seed(0)
+    for model, example in (
+        (build_mlp(64, [32], 10).eval(), digits.X_train),
+        (build_cnn((1, 8, 8), [8], 10).eval(), digits.X_train),  # a Reshape of the batch
+    ):
+        traced = _export_traced(model, example)
+        assert traced is not None and export_onnx(model, example) == lean_onnx(traced)
+        onnx = OnnxModel(export_onnx(model, example), 0, 0)
+        for rows in (1, 5, 64):
+            X = digits.X_test[:rows]
+            with torch.no_grad():
+                reference = model(torch.from_numpy(X)).numpy()
+            assert np.abs(onnx.predictor()(X) - reference).max() < 1e-5
+
+
+def test_a_value_dependent_branch_is_not_traced_and_the_export_refuses_it():
+    """A trace would freeze the branch its example rows took (the other rows' answers wrong, with
+    no error): the tracer's warning refuses it, and the dynamo exporter refuses it as before (the
+    pre-flight reports it in one line: tests/compress/test_preflight.py)."""
+    from distill.tasks.compress.quantize import _export_traced
+
+    assert _export_traced(_Branchy().eval(), 8) is None
+    with pytest.raises(torch.onnx.OnnxExporterError, match=r"torch\.export"):
+        export_onnx(_Branchy().eval(), 8)
 
 
 def test_an_excluded_layer_stays_float_in_the_int8_file(trained_mlp, digits):
