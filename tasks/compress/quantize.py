@@ -385,7 +385,7 @@ def _export_traced(model: nn.Module, example: int | np.ndarray) -> bytes | None:
             torch.onnx.export(
                 model,
                 (rows,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to files too
                 input_names=[INPUT_NAME],
                 output_names=["logits"],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
