@@ -5,12 +5,12 @@ TorchScript exporter where its trace checks out, 40x faster on small models; tok
 and anything it refuses through the dynamo exporter) and is checked against PyTorch on the test
 rows (max |Δlogit| must stay under `compress.quantize.max_abs_diff`). ONNX Runtime then
 quantizes it to static int8: weights per channel, activation scales calibrated on training rows
-and fixed in the file. Not
-dynamic int8, though it was as fast on the digits MLP: it computes activation scales from
-each batch, so a row's answer depended on the rows served with it (3 of 360 digits test rows
-changed between batch 1 and the whole test set), and the accuracy measured on a batch was not
-what a row gets. Static int8 answers a row the same in any batch (tested) and took 0.0066
-against 0.0062 ms at batch 1; dynamic ConvInteger was slow for convolutions anyway.
+and fixed in the file. Not dynamic int8, though it was as fast on the digits MLP: it computes
+activation scales from each batch, so a row's answer depended on the rows served with it (3 of
+360 digits test rows changed between batch 1 and the whole test set), and the accuracy measured
+on a batch was not what a row gets. Static int8 answers a row the same in any batch (tested)
+and took 0.0066 against 0.0062 ms at batch 1; dynamic ConvInteger was slow for convolutions
+anyway.
 
 Token ids (an int64 `[N, T]` example) keep their dtype in the graph's input, and its sequence
 axis is dynamic when the model takes any length (an embedding and a pooling, a transformer's
