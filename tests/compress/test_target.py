@@ -350,7 +350,9 @@ def test_an_unreachable_target_registers_the_best_model_tagged_and_promote_refus
         and "max 0.0200" in tags["distill.target_accuracy_drop"]
     )
     m = client.get_run(tags["mlflow.run_id"]).data.metrics
-    assert m["target_met"] == 0.0 and m["target/achieved"] > m["target/limit"] == pytest.approx(0.3 * 1024)
+    assert m["target_met"] == 0.0 and m["target/achieved"] > m["target/limit"] == pytest.approx(
+        0.3 * 1024
+    )
     # the best model found: pruned from the smallest reduction that kept the guard, within it
     assert m["target/final_params"] == m["final/params"] <= m["target/reduce_params"]
     assert m["target/pruning_rounds"] >= 1
