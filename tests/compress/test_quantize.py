@@ -301,8 +301,8 @@ class _Branchy(nn.Module):
 
 
 def test_float_rows_are_traced_and_answer_as_the_model_at_any_batch(digits):
-    """_export_traced: the TorchScript exporter's graph, checked; the same answers as the
-    model's, and as the dynamo exporter's graph, at batch sizes it was not traced at."""
+    """_export_traced: the TorchScript exporter's graph, checked, is what `export_onnx` gives
+    for float rows, and it answers as the model does at batch sizes it was not traced at."""
     from distill.tasks.compress.quantize import _export_traced
 
     torch.manual_seed(0)
