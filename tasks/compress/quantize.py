@@ -373,8 +373,6 @@ def _export_traced(model: nn.Module, example: int | np.ndarray) -> bytes | None:
     exports a dozen students). torch calls it deprecated, so: a tracer warning (a tensor turned
     into a Python value: a branch the trace would freeze) or any error refuses it, and the graph
     must answer 3 rows, a batch size it was not traced at, as the model does."""
-    import onnxruntime as ort
-
     rows = example_rows(example, 2)
     check = example_rows(example, 3)
     buffer = io.BytesIO()
@@ -392,10 +390,7 @@ def _export_traced(model: nn.Module, example: int | np.ndarray) -> bytes | None:
                 opset_version=TRACED_OPSET,
                 dynamo=False,
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(buffer.getvalue(), options, ["CPUExecutionProvider"])
-        (got,) = session.run(None, {INPUT_NAME: check.numpy()})
+        got = OnnxModel(buffer.getvalue(), 0, 0).predictor()(check.numpy())
         with torch.inference_mode():
             want = model(check).numpy()
     except Exception:  # noqa: BLE001 -- any failure: the dynamo exporter decides
