@@ -35,7 +35,7 @@ from distill.tasks.compress.quantize import Quantized, quantize_model
 from distill.tasks.compress.reconstruct import reconstruct_with_notes
 from distill.tasks.compress.reduce import Reduction, reduce_model
 from distill.tasks.compress.replan import BuildAt
-from distill.tasks.compress.smallest import smallest_within
+from distill.tasks.compress.smallest import Start, smallest_within
 from distill.tasks.compress.target import Fitted, Search, fit_to_target
 from distill.tasks.compress.teacher import load_teacher
 from distill.tasks.platform import retry, tracking
@@ -151,10 +151,14 @@ def fit_task(search: Search, student: nn.Module, max_cut: float = 1.0) -> Fitted
     persist_result=True,
 )
 def smallest_task(
-    search: Search, student: nn.Module, builds: int, build_at: BuildAt | None = None
+    search: Search,
+    student: nn.Module,
+    builds: int,
+    build_at: BuildAt | None = None,
+    start: Start | None = None,
 ) -> Fitted:
     # with `build_at` (a function: no cache key) not cached; its rebuilds' stages are
-    return smallest_within(search, student, builds, build_at)
+    return smallest_within(search, student, builds, build_at, start)
 
 
 @task(

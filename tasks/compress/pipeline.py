@@ -16,7 +16,8 @@ writes MLflow runs, flows/stages.py). With a `target:` the plan sizes the reduct
 guarded search takes the place of pruning and int8 (tasks/compress/target.py); a size or latency
 target the first build misses is re-planned from the measurement and rebuilt from the reduce
 stage (tasks/compress/replan.py: the rebuilds run the same `steps`, inside the fit-target stage;
-the reconstructed and finetuned records are the first build's).
+the reconstructed and finetuned records are the first build's; a drop-only search's first build
+is its first rebuild, its start kept undistilled: tasks/compress/smallest.py).
 
 Before any stage the pre-flight builds the planned student on two rows (forward, KD step, ONNX
 export: tasks/compress/preflight.py; once per run, which `RunContext` keeps it), so a model the
@@ -67,7 +68,7 @@ from distill.tasks.compress.reduce import (
     reduction_record,
 )
 from distill.tasks.compress.replan import refit_to_target
-from distill.tasks.compress.smallest import smallest_within
+from distill.tasks.compress.smallest import Start, smallest_within
 from distill.tasks.compress.target import (
     SMALLEST,
     Candidate,
@@ -371,11 +372,16 @@ def compress(
             limit = max_drop_of(cfg.target, data)
             accuracy = Guard.of(teacher, fit, limit, cfg.target.confidence, X_agree)
 
-            def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
+            def reconstructed_at(budget: int) -> nn.Module:  # the reduce, reconstruct stages
                 at = cfg.reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
                 reduced = steps.reduce(start, calibration, at, cfg.reconstruct.mode)
-                built, _ = steps.reconstruct(start, reduced, calibration, cfg.reconstruct)
-                return steps.finetune(teacher, built, fit, cfg.finetune, seed, device)[0]
+                return steps.reconstruct(start, reduced, calibration, cfg.reconstruct)[0]
+
+            def distilled(student: nn.Module) -> nn.Module:  # the KD stage
+                return steps.finetune(teacher, student, fit, cfg.finetune, seed, device)[0]
+
+            def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
+                return distilled(reconstructed_at(budget))
 
             search = Search(
                 teacher,
@@ -398,8 +404,16 @@ def compress(
             # no limit, or a file size below the smallest reachable: the smallest file within
             # the drop (for an unreachable size, what comes closest without breaking the guard)
             if plan.kind == SMALLEST or (not plan.reachable and plan.unit == "bytes"):
+                # the start undistilled, where the reduce stage built the first rebuild below it
+                fallback = (
+                    Start(lambda: reconstructed_at(plan.start_params), distilled)
+                    if plan.start_params
+                    else None
+                )
                 with onnx_export_lock():
-                    fitted = steps.smallest(search, finetuned, cfg.target.max_builds, rebuild)
+                    fitted = steps.smallest(
+                        search, finetuned, cfg.target.max_builds, rebuild, fallback
+                    )
             else:  # each build fitted under the export lock, rebuilt outside it
                 fitted = refit_to_target(
                     plan, costs, finetuned, rebuild, fit_one, cfg.target.max_rebuilds

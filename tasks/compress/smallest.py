@@ -1,10 +1,14 @@
 """A drop-only target: the smallest served file that loses at most `target.max_accuracy_drop`
 (`max_r2_drop`) vs the teacher on the validation rows.
 
-The plan (tasks/compress/plan.py, kind `smallest`) is an unreachable one: the reduce stage
-starts from the smallest budget whose reconstruction keeps the guard (`smallest_start`), and the
-student is distilled from there. `smallest_within` then searches, one candidate build at a time
-(at most `target.max_builds`; each exported and checked by the guard):
+The plan (tasks/compress/plan.py, kind `smallest`) is an unreachable one: it starts from the
+smallest budget whose reconstruction keeps the guard (`smallest_start`). That reconstruction, the
+**start**, is a candidate as it is (`Start`, named `start no KD`); its KD, the search's costliest
+(the largest student: the targets grid's ResNet1d-32 start, 22,388 params, took 27 s of a 116 s
+search), runs only where the search ships it or prunes from it. The reduce, reconstruct and KD
+stages build the first rebuild below it instead (`first_probe`). `smallest_within` then searches,
+one candidate build at a time (at most `target.max_builds`; each exported and checked by the
+guard):
 
 - **rebuilds** (at most half the builds, rounded up: `rebuild_share`): the reduce, reconstruct and
   KD stages again, from the teacher, at a smaller budget (the closed loop's `BuildAt`,
@@ -65,13 +69,25 @@ from torch import nn
 from distill.tasks.compress.evaluate import latency_percentiles_ms, saved_size, torch_predictor
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.guard import Check
+from distill.tasks.compress.plan import MIN_CUT
 from distill.tasks.compress.prune import prunable_groups, recover
 from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.replan import BuildAt, budget_for
 from distill.tasks.compress.target import SMALLEST, Candidate, Fitted, Search, cut_toward
 
 FIRST_CUT = 0.5  # until a cut breaks the guard, each keeps this fraction of the parameters
-MIN_CUT = 0.05  # a cut that would remove less of the parameters is not worth a build
+UNDISTILLED = "start no KD"  # the frontier's name for a start the search has not distilled
+
+
+@dataclass(frozen=True)
+class Start:
+    """A start left undistilled (the plan's `start_params`, `first_probe`): the search's fallback.
+    Its reconstruction keeps the guard (that is how its budget was chosen), so it is a candidate
+    as it is; its KD, the costliest of the search's (the largest student), runs only where the
+    search ships it or prunes from it."""
+
+    build: Callable[[], nn.Module]  # the reduce and reconstruct stages at the start's budget
+    distill: Callable[[nn.Module], nn.Module]  # the KD stage on it
 
 
 @dataclass
@@ -105,15 +121,21 @@ def _params(model: nn.Module) -> int:
 
 
 def smallest_within(
-    search: Search, student: nn.Module, builds: int = 6, build_at: BuildAt | None = None
+    search: Search,
+    student: nn.Module,
+    builds: int = 6,
+    build_at: BuildAt | None = None,
+    start: Start | None = None,
 ) -> Fitted:
-    """The search of the module's docstring, from `student` (the distilled start, built at
-    `search.plan.reduce_params`), at most `builds` candidates: with `build_at` (the reduce,
-    reconstruct and KD stages at a parameter budget, replan.py's) up to `rebuild_share(builds)`
-    of them rebuilt from the teacher at smaller budgets, then pruning rounds. The export is the
-    quantize stage's, in the plan's format, unless `search.export` replaces it. For a size plan
-    below the smallest reachable model it ships the closest file, met only where that is within
-    the plan's limit."""
+    """The search of the module's docstring, from `student` (distilled, built at
+    `search.plan.reduce_params`: the start, or with `start` the first rebuild), at most `builds`
+    candidates: with `build_at` (the reduce, reconstruct and KD stages at a parameter budget,
+    replan.py's) up to `rebuild_share(builds)` of them rebuilt from the teacher at smaller
+    budgets, then pruning rounds. `start`: the start left undistilled, where `student` is the
+    first rebuild (the plan's `start_params`); it is distilled where the search ships it or
+    prunes from it. The export is the quantize stage's, in the plan's format, unless
+    `search.export` replaces it. For a size plan below the smallest reachable model it ships the
+    closest file, met only where that is within the plan's limit."""
     data, plan, guard = search.data, search.plan, search.guard
 
     def measure(model: nn.Module, check: Check) -> _Built:
@@ -136,12 +158,28 @@ def smallest_within(
         shown = _shown(served_check, guard.max_drop)
         return _Built(model, quantized, check, served_check, int8, point, shown)
 
-    model = copy.deepcopy(student).eval()
-    params = _params(model)
-    start = measure(model, guard.check("start", torch_predictor(model), params))
-    kept, frontier, checks = [start], [start.point], [start.check]
+    def measured(name: str, model: nn.Module) -> _Built:
+        model = copy.deepcopy(model).eval()
+        return measure(model, guard.check(name, torch_predictor(model), _params(model)))
+
+    first = [] if start is None else [measured("rebuild 1", student)]
+    begun = measured("start", student) if start is None else measured(UNDISTILLED, start.build())
+    kept, frontier, checks = [begun], [begun.point], [begun.check]
     rolled_back: list[str] = []
-    rebuilt, rebuild_stop = _rebuild(search, start, build_at, rebuild_share(builds), measure)
+
+    def distilled(b: _Built) -> _Built:
+        """`b`, distilled where it is the undistilled start (then in its place among the kept)."""
+        if start is None or b.check.step != UNDISTILLED:
+            return b
+        done = measured("start", start.distill(b.model))
+        frontier.append(done.point)
+        checks.append(done.check)
+        if done.point.kept:
+            kept[kept.index(b)] = done
+            return done
+        return b
+
+    rebuilt, rebuild_stop = _rebuild(search, begun, build_at, rebuild_share(builds), measure, first)
     for b in rebuilt:
         frontier.append(b.point)
         checks.append(b.check)
@@ -151,7 +189,9 @@ def smallest_within(
             rolled_back.append(b.check.step)
     built = len(rebuilt)
     # pruning goes on from the smallest candidate within the drop (the start where none is)
-    base = min((b for b in kept if _shippable(b)), key=lambda b: b.point.params, default=start)
+    base = min((b for b in kept if _shippable(b)), key=lambda b: b.point.params, default=begun)
+    if built < builds:  # a round would prune it: the start is distilled first
+        base = distilled(base)
     model, params = base.model, base.point.params
     history = History()
     # the parameter count of the last cut that broke the guard: after rebuilds, the largest
@@ -214,12 +254,10 @@ def smallest_within(
         else:
             rolled_back.append(check.step)
             broke, broke_by = check.params, "broke the guard"  # bisect between them
-    eligible = [b for b in kept if b.point.kept] or [start]  # a start that broke it ships
-    shown = [b for b in eligible if b.shown]
-    if shown:
-        chosen = min(shown, key=lambda b: (b.point.size_bytes, b.point.params))
-    else:  # the candidate whose drop the rows bound lowest
-        chosen = min(eligible, key=lambda b: (_upper(b), b.point.size_bytes, b.point.params))
+    chosen, shown, eligible = _ship_rule(kept, begun)
+    if chosen.check.step == UNDISTILLED:  # it would ship as it is: distilled first, then chosen
+        distilled(chosen)
+        chosen, shown, eligible = _ship_rule(kept, begun)
     smaller = [b for b in eligible if b.point.size_bytes < chosen.point.size_bytes]
     frontier = [replace(p, shipped=p is chosen.point) for p in frontier]
     if chosen.int8_check is not None:
@@ -267,6 +305,17 @@ def smallest_within(
     )
 
 
+def _ship_rule(kept: list[_Built], start: _Built) -> tuple[_Built, list[_Built], list[_Built]]:
+    """(what ships, the kept candidates shown within, those eligible): the smallest file shown
+    within the allowance, else the candidate whose drop the rows bound lowest."""
+    eligible = [b for b in kept if b.point.kept] or [start]  # a start that broke it ships
+    shown = [b for b in eligible if b.shown]
+    if shown:
+        return min(shown, key=lambda b: (b.point.size_bytes, b.point.params)), shown, eligible
+    chosen = min(eligible, key=lambda b: (_upper(b), b.point.size_bytes, b.point.params))
+    return chosen, shown, eligible
+
+
 def rebuild_share(builds: int) -> int:
     """How many of a search's `builds` may be rebuilds from the reduce stage (each a whole KD):
     half, rounded up; the rest are pruning rounds (a few recovery epochs each)."""
@@ -291,16 +340,19 @@ def _rebuild(
     build_at: BuildAt | None,
     most: int,
     measure: Callable[[nn.Module, Check], _Built],
+    first: list[_Built] | None = None,
 ) -> tuple[list[_Built], str]:
     """Up to `most` candidates rebuilt from the teacher (`build_at`: reduce, reconstruct, KD),
     each at the geometric middle of the bracket between the largest candidate that was not within
     the drop (else the smallest reachable model) and the smallest that was (else the start where
-    the guard kept it, else the teacher); and why they stopped ('' where none could be built)."""
+    the guard kept it, else the teacher); and why they stopped ('' where none could be built).
+    `first`: the first rebuild where the reduce stage built it (an undistilled start's)."""
     plan, guard = search.plan, search.guard
-    if build_at is None or most < 1:
-        return [], ""
-    tried: list[_Built] = []
-    budget, params = plan.reduce_params, start.point.params  # what the reduce stage built last
+    tried: list[_Built] = list(first or [])
+    if build_at is None or most <= len(tried):
+        return tried, f"at most {most}, half the builds" if tried else ""
+    # what the reduce stage built last, at `plan.reduce_params`
+    budget, params = plan.reduce_params, (tried or [start])[-1].point.params
     stop = f"at most {most}, half the builds"
     while len(tried) < most:
         done = [start, *tried]

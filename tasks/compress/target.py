@@ -472,6 +472,8 @@ def target_record(
         "planned_params": float(plan.final_params),
         "reduce_params": float(plan.reduce_params),
         "smallest_params": float(plan.smallest_params),
+        # an undistilled start's budget (plan.first_probe): the reduce stage built below it
+        **({"start_params": float(plan.start_params)} if plan.start_params else {}),
         "final_params": float(fitted.quantized.served.params),
         f"max_{guard.metric}_drop": guard.max_drop,
         f"val_{guard.metric}_drop": fitted.accuracy_drop(),
@@ -480,7 +482,8 @@ def target_record(
         "pruning_rounds": float(sum(c.step.startswith("prune") for c in fitted.checks)),
     }
     if fitted.frontier:  # a drop-only search: what it built
-        metrics["builds"] = float(sum(c.name != "start" for c in fitted.frontier))
+        # the start (distilled or not: "start no KD") is not one of the builds
+        metrics["builds"] = float(sum(not c.name.startswith("start") for c in fitted.frontier))
         metrics["teacher_ratio"] = teacher_file_bytes / fitted.achieved
     if fitted.builds:  # a closed loop (replan.py): each build's prediction and measurement
         metrics["rebuilds"] = float(len(fitted.builds) - 1)

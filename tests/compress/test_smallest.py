@@ -4,6 +4,7 @@ CLI the goal on digits with the frontier on the parent run."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -20,10 +21,11 @@ from mlflow import MlflowClient
 import distill
 from distill.tasks.compress.architectures import build_mlp
 from distill.tasks.compress.guard import Decision, Guard
-from distill.tasks.compress.plan import plan_target, smallest_params
+from distill.tasks.compress.plan import first_probe, plan_target, smallest_params
 from distill.tasks.compress.plots import frontier_figure
 from distill.tasks.compress.smallest import (
     MIN_CUT,
+    Start,
     frontier_table,
     rebuild_share,
     smallest_within,
@@ -93,6 +95,9 @@ def test_a_drop_only_plan_starts_from_the_smallest_reduction_in_int8():
     plan = plan_target(TargetConfig(max_accuracy_drop=0.01), COSTS, 50_000, 100, 200_000)
     assert (plan.kind, plan.unit, plan.fmt, plan.reachable) == ("smallest", "bytes", "int8", False)
     assert plan.limit == 0 and plan.final_params == plan.reduce_params == 100
+    # the first build the reduce stage makes is the bisection's first: the start undistilled
+    # above it, unless the middle is within MIN_CUT of the start
+    assert first_probe(10_000, 100) == 1_000 and first_probe(105, 100) == 105
     fp32_only = {"fp32": COSTS["fp32"]}  # compress.quantize.enabled=false
     assert plan_target(TargetConfig(max_accuracy_drop=0.01), fp32_only, 50_000, 100, 1).fmt == (
         "fp32"
@@ -121,7 +126,9 @@ class KeepsAbove(Guard):
         if self.rebuild_floor is not None and step.startswith("rebuild"):
             keeps = params >= self.rebuild_floor
             verdict = "within" if keeps else "over"
-            return replace(real, ok=keeps, decision=Decision(real.drop, 0.0, 0.02, 1, 0.0, verdict))
+            high = self.max_drop + 1.0 / params if params < self.shown_floor else 0.02
+            decision = Decision(real.drop, 0.0, high, 1, 0.0, verdict)
+            return replace(real, ok=keeps, decision=decision)
         verdict = "within" if params >= self.within_floor else "unresolved"
         decision = Decision(real.drop, 0.0, 0.02, len(self.y_val), 0.0, verdict)
         if params < self.shown_floor:
@@ -146,7 +153,10 @@ def _search(
     rebuild_floor_of=None,
     build_at=None,
     shown_of=lambda n: 0,
+    distills=None,
 ):
+    """With `distills` (a list): the start is left undistilled (`Start`), the search gets the
+    first rebuild at `first_probe`, and every KD of the start is appended to `distills`."""
     cfg = PipelineConfig()
     torch.manual_seed(0)
     student = build_mlp(64, [48, 48], 10)
@@ -177,7 +187,15 @@ def _search(
         seed=0,
         latency_repeats=3,
     )
-    fitted = smallest_within(search, student, builds, build_at)
+    first, start = student, None
+    if distills is not None:  # the pipeline's way for a drop-only plan (plan.start_params)
+        budget = first_probe(n, plan.smallest_params)
+        first, search = (
+            _mlp_at(budget),
+            replace(search, plan=replace(plan, reduce_params=budget, start_params=n)),
+        )
+        start = Start(lambda: student, lambda m: distills.append(m) or copy.deepcopy(m))
+    fitted = smallest_within(search, first, builds, build_at, start)
     return fitted, n, floor_of(n)
 
 
@@ -316,6 +334,60 @@ def test_rebuilds_from_the_teacher_bisect_below_what_pruning_keeps(digits, build
     assert shipped[0].params / lower <= width * 1.05
     assert fitted.met and fitted.quantized.served.params == shipped[0].params
     assert f"{len(rebuilt)} rebuilt from the reduce stage" in fitted.bound
+
+
+def test_an_undistilled_start_is_distilled_only_where_the_search_needs_it(digits):
+    # rebuilds distilled are within down to 15 % of the start: the search never prunes from the
+    # start nor ships it, so its KD (the costliest: the largest student) never runs
+    distills: list = []
+    fitted, n, _ = _search(
+        digits,
+        lambda n: int(0.9 * n),
+        builds=4,
+        rebuild_floor_of=lambda n: int(0.15 * n),
+        build_at=_mlp_at,
+        distills=distills,
+    )
+    names = [c.name for c in fitted.frontier]
+    assert names[:3] == ["start no KD", "rebuild 1", "rebuild 2"] and "start" not in names
+    assert distills == [] and fitted.frontier[0].params == n
+    # the first rebuild is the one the reduce stage built: the bracket's geometric middle
+    lower = smallest_params(_mlp_at(n), torch.zeros(2, 64))
+    first = fitted.frontier[1].params
+    assert math.log(first) == pytest.approx(math.log(lower * n) / 2, rel=0.05)
+    assert sum(not name.startswith("start") for name in names) <= 4
+    assert next(c for c in fitted.frontier if c.shipped).name.startswith(("rebuild", "prune"))
+
+    # nothing below the start is within: it is distilled once, then ships (or is pruned from)
+    distills.clear()
+    fitted, n, _ = _search(
+        digits,
+        lambda n: n,
+        builds=2,
+        rebuild_floor_of=lambda n: n,
+        build_at=_mlp_at,
+        distills=distills,
+    )
+    names = [c.name for c in fitted.frontier]
+    assert len(distills) == 1 and names.count("start") == 1 and names[0] == "start no KD"
+    shipped = next(c for c in fitted.frontier if c.shipped)
+    assert shipped.name == "start" and shipped.params == n
+
+    # only the start is shown within: pruning goes on from the smallest rebuild, and the start,
+    # chosen at the end, is distilled then and ships
+    distills.clear()
+    fitted, n, _ = _search(
+        digits,
+        lambda n: n // 2,
+        builds=4,
+        rebuild_floor_of=lambda n: int(0.15 * n),
+        build_at=_mlp_at,
+        shown_of=lambda n: n,
+        distills=distills,
+    )
+    names = [c.name for c in fitted.frontier]
+    assert any(name.startswith("prune round") for name in names) and names[-1] == "start"
+    assert len(distills) == 1 and next(c for c in fitted.frontier if c.shipped).name == "start"
 
 
 def test_a_kept_start_estimated_over_is_bisected_below_not_toward_the_teacher(digits):
@@ -474,7 +546,10 @@ def test_the_python_api_takes_a_drop_only_target():
         target={"max_accuracy_drop": 0.05, "max_builds": 2},
         **FAST,
     )
-    assert result.frontier is not None and 2 <= len(result.frontier) <= 3
+    assert result.frontier is not None
+    # the start (undistilled, and distilled where the search needed it) and at most 2 builds
+    builds = [r for r in result.frontier if not str(r["candidate"]).startswith("start")]
+    assert 1 <= len(builds) <= 2 and result.frontier[0]["candidate"] in ("start", "start no KD")
     assert result.target is not None and result.target.startswith("target met: smallest within")
     shipped = [r for r in result.frontier if r["status"] == "shipped"]
     assert len(shipped) == 1 and shipped[0]["size_kb"] == pytest.approx(
@@ -520,5 +595,7 @@ def test_digits_ships_over_30x_within_the_drop_with_its_frontier(tmp_path, mlflo
     assert len(shipped) == 1 and float(shipped[0]["size_kb"]) == pytest.approx(
         m["final/size_kb"], abs=1e-3
     )
-    assert len(rows) == m["target/builds"] + 1
+    # the builds and the start: undistilled, and distilled where the search needed it
+    starts = [r["candidate"] for r in rows if r["candidate"].startswith("start")]
+    assert len(rows) == m["target/builds"] + len(starts) and starts[0] == "start no KD"
     assert version.tags["distill.target"] == "smallest within 0.01 drop"
