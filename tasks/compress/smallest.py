@@ -262,7 +262,7 @@ def smallest_within(
     frontier = [replace(p, shipped=p is chosen.point) for p in frontier]
     if chosen.int8_check is not None:
         checks.append(replace(chosen.int8_check, step="int8"))
-    n_kept = sum(p.kept for p in frontier[1:])
+    n_kept = sum(p.kept for p in frontier if not p.name.startswith("start"))  # of the builds
     rebuilds = (
         f" ({len(rebuilt)} rebuilt from the reduce stage: {rebuild_stop})" if rebuild_stop else ""
     )

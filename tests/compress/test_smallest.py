@@ -9,6 +9,7 @@ import csv
 import io
 import itertools
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -388,6 +389,11 @@ def test_an_undistilled_start_is_distilled_only_where_the_search_needs_it(digits
     names = [c.name for c in fitted.frontier]
     assert any(name.startswith("prune round") for name in names) and names[-1] == "start"
     assert len(distills) == 1 and next(c for c in fitted.frontier if c.shipped).name == "start"
+    # the line counts the builds only: kept and rolled back add up to them, the start apart
+    built, n_kept, n_back = map(
+        int, re.search(r"(\d+) builds.*?: (\d+) kept, (\d+) rolled back", fitted.bound).groups()
+    )
+    assert n_kept + n_back == built == sum(not name.startswith("start") for name in names)
 
 
 def test_a_kept_start_estimated_over_is_bisected_below_not_toward_the_teacher(digits):
