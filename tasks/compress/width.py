@@ -283,8 +283,8 @@ class _NormalEquations:
             factor, info = torch.linalg.cholesky_ex(M)
             if int(info) == 0:
                 solution = torch.cholesky_solve(self.R, factor)
-        if solution is None:  # no ridge, or the intercept's row left it singular (dead units
-            # make G exactly singular, where the default QR driver goes wrong): SVD-based
+        if solution is None:  # no ridge, or not positive definite in floating point (dead
+            # units make G exactly singular, where the default QR driver goes wrong): SVD-based
             solution = torch.linalg.lstsq(M, self.R, driver="gelsd").solution
         return solution[:d].T.float().contiguous(), (
             solution[d].float() if self.intercept else None
