@@ -274,9 +274,11 @@ def quality_metrics(
     teacher_pred: np.ndarray | None,
     padding: Padding | None = None,
 ) -> dict[str, float]:
-    """The quality numbers of a model on the test split, and the train-test gap on at most
-    `TRAIN_ROWS` training rows. Outputs that hold NaN or inf on a test row or on one of those
-    training rows stop here (`NonFinite`, naming the row). `padding`: the rows are token ids
+    """The quality numbers of a model on the test split, the train-test gap on at most
+    `TRAIN_ROWS` training rows, and the score on the validation rows (`validation_accuracy`, `validation_r2`):
+    the rows a target's guard decides on, and the ones to choose between runs by, where
+    choosing by the test score would spend the test rows. Outputs that hold NaN or inf on one
+    of those rows stop here (`NonFinite`, naming the row). `padding`: the rows are token ids
     whose padding the model never reads (`padding_of`): batches sorted by length, cut."""
     idx = train_sample(len(data.y_train))
     X_train = data.X_train if idx is None else data.X_train[idx]
@@ -297,6 +299,11 @@ def quality_metrics(
         train_pred = data.to_units(train_out)
         metrics["train_r2"] = float(r2_score(data.to_units(y_train), train_pred))
         metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
+        if len(data.y_val) > 1:  # R² of one row is undefined
+            val_out = _predict_split(first, data.X_val, padding)
+            check_outputs(val_out, "validation")
+            val_pred = data.to_units(val_out)
+            metrics["validation_r2"] = float(r2_score(data.to_units(data.y_val), val_pred))
         return metrics
     test_out = _predict_split(predict, data.X_test, padding)
     check_outputs(test_out, "test")
@@ -312,6 +319,10 @@ def quality_metrics(
     train_pred = train[:, 0]
     metrics["train_accuracy"] = float((train_pred == y_train).mean())
     metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
+    if len(data.y_val):
+        val = _predict_split(class_and_finite, data.X_val, padding)
+        check_outputs(np.where(val[:, 1:] == 1, 0.0, np.nan), "validation")
+        metrics["validation_accuracy"] = float((val[:, 0] == data.y_val).mean())
     return metrics
 
 

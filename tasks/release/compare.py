@@ -28,10 +28,12 @@ HEADLINE = (
     "r2_drop",  # regression runs
     "speedup_b1",
     "final/accuracy",
+    "final/validation_accuracy",  # the rows to choose between runs by
     "final/f1_macro",
     "final/top3_accuracy",
     "final/agreement",
     "final/r2",
+    "final/validation_r2",
     "final/mae",
     "final/rmse",
     "final/teacher_rel_error",

@@ -135,6 +135,8 @@ def test_evaluate_model_reports_every_metric(digits):
     assert m["size_kb"] > 0
     train_acc = (model(torch.from_numpy(digits.X_train)).argmax(1).numpy() == digits.y_train).mean()
     assert m["train_test_gap"] == pytest.approx(train_acc - m["accuracy"])
+    val_pred = model(torch.from_numpy(digits.X_val)).argmax(1).numpy()
+    assert m["validation_accuracy"] == pytest.approx(accuracy_score(digits.y_val, val_pred))
     assert m["flops"] == 2 * (64 * 16 + 16 * 10)
 
 

@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 
 from distill.flows.cli import app
 from distill.tasks.compress.data import load_dataset
-from distill.tasks.compress.evaluate import regression_metrics, relative_error
+from distill.tasks.compress.evaluate import (
+    quality_metrics,
+    regression_metrics,
+    relative_error,
+    torch_predictor,
+)
 from distill.tasks.compress.finetune import regression_kd_loss
 from distill.tasks.compress.guard import Guard
 from distill.tasks.platform.config import DataConfig, build_config
@@ -133,6 +138,9 @@ def test_r2_guard_on_validation_rows(tmp_path):
         r2_score(data.y_val, perfect(torch.from_numpy(data.X_val)).detach().numpy()[:, 0]),
         abs=1e-6,
     )
+    # the evaluate stage's validation score is the one the guard holds the teacher to
+    val_r2 = quality_metrics(torch_predictor(perfect), data, None)["validation_r2"]
+    assert val_r2 == pytest.approx(guard.reference, abs=1e-6)
     truth = data.y_val.reshape(-1, 1)
     check = guard.check("t", lambda X: truth if len(X) == len(truth) else None, 1)
     assert check.accuracy == pytest.approx(1.0) and check.drop == pytest.approx(
@@ -190,6 +198,7 @@ def test_run_logs_r2_and_is_gated_by_it(registered):
     assert metrics["r2_drop"] == pytest.approx(metrics["teacher/r2"] - metrics["final/r2"])
     assert {"final/mae", "final/rmse", "final/teacher_rel_error"} <= set(metrics)
     assert not any("accuracy" in k for k in metrics)
+    assert "final/validation_r2" in metrics and "teacher/validation_r2" in metrics
     assert out["promotion"]["status"] == "promoted"
     assert {g["name"] for g in out["promotion"]["gates"]} == {"max_r2_drop", "min_r2"}
     artifacts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
