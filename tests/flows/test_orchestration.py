@@ -59,16 +59,20 @@ def _client(api: str):
     return SyncPrefectClient(api)
 
 
-def _task_states(api: str, flow_run_id: str) -> dict[str, list[str]]:
+def _task_runs(api: str, flow_run_id: str) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
     with _client(api) as client:
-        runs = client.read_task_runs(
+        return client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
             sort=TaskRunSort.EXPECTED_START_TIME_ASC,
             limit=200,
         )
+
+
+def _task_states(api: str, flow_run_id: str) -> dict[str, list[str]]:
+    runs = _task_runs(api, flow_run_id)
     states: dict[str, list[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(
@@ -200,6 +204,12 @@ def test_a_killed_run_resumes_from_the_cache(prefect_api, tmp_path):
     assert states["teacher"] == states["reduce"] == states["reconstruct"] == ["Cached"]
     assert states["finetune"] == states["prune"] == states["quantize"] == ["Completed"]
     assert set(states["evaluate"]) == {"Completed"}  # records are never cached
+    # the flow run carries the tags, its task runs none: Prefect asks the server for a
+    # concurrency slot for each tag of a task run (flows/distill.py, untagged_task_runs)
+    with _client(prefect_api) as client:
+        flow_tags = set(client.read_flow_run(flow_run_id).tags)
+    assert {"distill", "run", "config:digits"} <= flow_tags, flow_tags
+    assert [t.tags for t in _task_runs(prefect_api, flow_run_id) if t.tags] == []
 
     dead = mlflow.get_run(dead.info.run_id)
     assert (
