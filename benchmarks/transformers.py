@@ -326,9 +326,9 @@ class TimedEvaluate:
     def __init__(self) -> None:
         self.seconds: list[tuple[str, float]] = []
 
-    def __call__(self, model: Any, *args: Any) -> dict[str, float]:
+    def __call__(self, model: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
-        out = evaluate_model(model, *args)
+        out = evaluate_model(model, *args, **kwargs)
         self.seconds.append((type(model).__name__, time.perf_counter() - start))
         return out
 

@@ -273,11 +273,13 @@ def quality_metrics(
     data: Dataset,
     teacher_pred: np.ndarray | None,
     padding: Padding | None = None,
+    validation: bool = False,
 ) -> dict[str, float]:
     """The quality numbers of a model on the test split, the train-test gap on at most
-    `TRAIN_ROWS` training rows, and the score on the validation rows (`validation_accuracy`, `validation_r2`):
-    the rows a target's guard decides on, and the ones to choose between runs by, where
-    choosing by the test score would spend the test rows. Outputs that hold NaN or inf on one
+    `TRAIN_ROWS` training rows, and with `validation` the score on the validation rows
+    (`validation_accuracy`, `validation_r2`): the rows a target's guard decides on, and the ones
+    to choose between runs by, where choosing by the test score would spend the test rows (the
+    pipeline asks it of the teacher and the served model). Outputs that hold NaN or inf on one
     of those rows stop here (`NonFinite`, naming the row). `padding`: the rows are token ids
     whose padding the model never reads (`padding_of`): batches sorted by length, cut."""
     idx = train_sample(len(data.y_train))
@@ -299,7 +301,7 @@ def quality_metrics(
         train_pred = data.to_units(train_out)
         metrics["train_r2"] = float(r2_score(data.to_units(y_train), train_pred))
         metrics["train_test_gap"] = metrics["train_r2"] - metrics["r2"]
-        if len(data.y_val) > 1:  # R² of one row is undefined
+        if validation and len(data.y_val) > 1:  # R² of one row is undefined
             val_out = _predict_split(first, data.X_val, padding)
             check_outputs(val_out, "validation")
             val_pred = data.to_units(val_out)
@@ -319,7 +321,7 @@ def quality_metrics(
     train_pred = train[:, 0]
     metrics["train_accuracy"] = float((train_pred == y_train).mean())
     metrics["train_test_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
-    if len(data.y_val):
+    if validation and len(data.y_val):
         val = _predict_split(class_and_finite, data.X_val, padding)
         check_outputs(np.where(val[:, 1:] == 1, 0.0, np.nan), "validation")
         metrics["validation_accuracy"] = float((val[:, 0] == data.y_val).mean())
@@ -402,7 +404,10 @@ def evaluate_model(
     data: Dataset,
     teacher_pred: np.ndarray | None,
     cfg: EvaluateConfig,
+    validation: bool = False,
 ) -> dict[str, float]:
+    """Every metric of the evaluate step (`quality_metrics`, `validation` included, then size,
+    FLOPs, latency)."""
     if isinstance(model, SERIALIZED):
         predict, (params, nonzeros), flops = (
             model.predictor(),
@@ -412,7 +417,7 @@ def evaluate_model(
     else:
         predict, (params, nonzeros) = torch_predictor(model), count_params(model)
         flops = flops_per_row(model, data.X_test)
-    metrics = quality_metrics(predict, data, teacher_pred, padding_of(model))
+    metrics = quality_metrics(predict, data, teacher_pred, padding_of(model), validation)
     size, compressed = saved_size(model)
     large = cfg.large_batch
     b1_p50, b1_p95 = latency_percentiles_ms(predict, data.X_test, 1, cfg.latency_repeats)

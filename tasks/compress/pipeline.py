@@ -88,6 +88,7 @@ from distill.tasks.platform.config import (
 )
 
 STAGES = ("teacher", "reconstructed", "finetuned", "pruned", "quantized")  # the models evaluated
+FINAL = STAGES[-1]  # the served model's stage: the run's `final/*` metrics
 Model = nn.Module | OnnxModel | TorchScriptModel
 
 
@@ -266,7 +267,10 @@ def compress(
     ) -> None:
         def measure() -> dict[str, float]:
             check_model(name, model, data.X_test[:256])  # a NaN model stops here, unrecorded
-            return steps.evaluate(model, data, teacher_pred, ev) | (extra or {})
+            # the validation score of the teacher and the served model: the run's headline
+            # (`final/validation_accuracy`), what runs are chosen by without the test rows
+            validation = name in ("teacher", FINAL)
+            return steps.evaluate(model, data, teacher_pred, ev, validation) | (extra or {})
 
         stages[name] = recorder.stage(StageResult(name, model, params, curves, since), measure)
 
@@ -455,7 +459,7 @@ def compress(
         with guard("plots"):
             recorder.plots(stages, teacher, pruned, quantized.served, data, curves, ev, seed)
     summary = pipeline_summary(
-        {s: {k: v for k, v in m.items() if k != "seconds"} for s, m in stages.items()}, "quantized"
+        {s: {k: v for k, v in m.items() if k != "seconds"} for s, m in stages.items()}, FINAL
     )
     if target is not None:
         summary["target_met"] = float(target.met)

@@ -112,7 +112,7 @@ def test_evaluate_model_reports_every_metric(digits):
     torch.manual_seed(0)
     model = build_mlp(64, [16], 10)
     cfg = EvaluateConfig(latency_repeats=3, large_batch=64)
-    m = evaluate_model(model, digits, None, cfg)
+    m = evaluate_model(model, digits, None, cfg, validation=True)
     assert {
         "accuracy",
         "f1_macro",

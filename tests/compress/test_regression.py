@@ -139,7 +139,7 @@ def test_r2_guard_on_validation_rows(tmp_path):
         abs=1e-6,
     )
     # the evaluate stage's validation score is the one the guard holds the teacher to
-    val_r2 = quality_metrics(torch_predictor(perfect), data, None)["validation_r2"]
+    val_r2 = quality_metrics(torch_predictor(perfect), data, None, validation=True)["validation_r2"]
     assert val_r2 == pytest.approx(guard.reference, abs=1e-6)
     truth = data.y_val.reshape(-1, 1)
     check = guard.check("t", lambda X: truth if len(X) == len(truth) else None, 1)
