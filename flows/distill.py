@@ -65,9 +65,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 def untagged_task_runs(body: F) -> F:
     """A flow's `body` whose task runs carry no tags. Prefect 3.8 asks its server for a
     concurrency slot for every tag on a task run before running it, whether or not any limit
-    exists (PrefectHQ/prefect#19367): here 0.2-0.4 s a stage, 40 % of the digits pipeline sized
-    by hand (4.8 s with tags, 2.9 s without, median of 8 each). The flow run keeps its tags
-    (`distill`, the command, `config:NAME`): the Prefect UI filters runs by those."""
+    exists (PrefectHQ/prefect#19367); most calls take milliseconds, but about one run in two
+    stalled about 2 s on one (the digits pipeline sized by hand: median 2.96 s with tags, 2.47 s
+    without, 16 runs each; docs/benchmarks.md, "Untagged task runs"). The flow run keeps its
+    tags (`distill`, the command, `config:NAME`): the Prefect UI filters runs by those."""
 
     @functools.wraps(body)
     def untagged(*args: Any, **kwargs: Any) -> Any:
