@@ -341,7 +341,7 @@ def report(records: list[dict]) -> None:
     if not ratios:
         print(f"\n{met} of {feasible} feasible targets met ({n} targets)")
         return
-    by_validation = (
+    against_pick = (
         f"{len(worse_val)} of {judged_val}"
         + (f" (by at most {100 * max(worse_val):.2f} points)" if worse_val else "")
         if judged_val
@@ -352,7 +352,7 @@ def report(records: list[dict]) -> None:
         f"sweep configuration meets it; {met_on_test} of the {met} met within 1 point on the test "
         f"rows too); worse than the sweep's best at equal or smaller size: "
         f"{worse} (by at most {100 * max(gaps):.2f} points); worse than what a user picks from "
-        f"the sweep on validation rows: {by_validation}; "
+        f"the sweep on validation rows: {against_pick}; "
         f"targeted wall / median by-hand run: median {statistics.median(ratios):.2f}, "
         f"max {max(ratios):.2f}; {len(records)} runs, {spent:.0f} s of runs"
     )
