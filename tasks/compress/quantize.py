@@ -178,13 +178,15 @@ def measure_choice(
 ) -> Choice:
     """Bytes of both files, and the median latency of each at `batch` rows per call: at least
     `calls` pairs of calls, more until `seconds` have passed (at most 1,000), in alternating
-    order (fp32, int8, int8, fp32, ...), so that both see the same load on a busy machine."""
+    order (fp32, int8, int8, fp32, ...), so that both see the same load on a busy machine.
+    The measuring stops at a look (`LOOKS` pairs) where the pairs already decide it either way
+    (`settled`): most choices are clear within 100 pairs."""
     rows = np.asarray(X[np.arange(batch) % len(X)])
     predict = {"fp32": fp32.predictor(), "int8": int8.predictor()}
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
     for fmt in predict:  # warm-up
         predict[fmt](rows)
-    started = time.perf_counter()
+    started, slower = time.perf_counter(), 0
     while len(times["fp32"]) < calls or (
         time.perf_counter() - started < seconds and len(times["fp32"]) < 1000
     ):
@@ -192,14 +194,30 @@ def measure_choice(
             start = time.perf_counter()
             predict[fmt](rows)
             times[fmt].append(time.perf_counter() - start)
+        pairs = len(times["fp32"])
+        slower += times["int8"][-1] > times["fp32"][-1]
+        if pairs in LOOKS and pairs >= calls and settled(slower, pairs):
+            break
     ms = {fmt: float(np.median(t)) * 1e3 for fmt, t in times.items()}
-    slower = sum(i > f for f, i in zip(times["fp32"], times["int8"], strict=True))
     return Choice(
         batch,
         Measured(len(fp32.file_bytes), ms["fp32"]),
         Measured(len(int8.file_bytes), ms["int8"]),
         (slower, len(times["int8"])),
     )
+
+
+LOOKS = (100, 200, 400)  # pairs at which the measuring may stop early
+
+
+def settled(slower: int, pairs: int) -> bool:
+    """Whether int8 took longer in so many or so few of the pairs that more pairs would not
+    change the call: a sign test either way at a tenth of `SLOWER_P` (looking early must not
+    make a call of "slower" likelier than the rule's level)."""
+    from scipy.stats import binomtest
+
+    test = binomtest(slower, pairs, 0.5)  # two-sided: either way
+    return bool(test.pvalue < SLOWER_P / 10)
 
 
 def agreement(

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from distill.tasks.compress import quantize
 from distill.tasks.compress.architectures import build_cnn, build_mlp
 from distill.tasks.compress.evaluate import OnnxModel, saved_size
 from distill.tasks.compress.finetune import FitSettings, fit
@@ -210,7 +211,6 @@ def test_a_tiny_students_run_ships_fp32_and_logs_why(digits):
 )
 def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, why):
     """fp32: 1,000 B and 1 ms (measurements stubbed: the rule, not the machine's load)."""
-    from distill.tasks.compress import quantize
 
     candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
     monkeypatch.setattr(
@@ -234,7 +234,6 @@ def test_int8_ships_only_when_smaller_and_no_slower(monkeypatch, int8, ships, wh
 def test_a_pinned_format_ships_whatever_the_latency_says(monkeypatch, fmt, int8, ships, why):
     """`compress.quantize.format` fp32 / int8 (a `--from-run` reproduction pins the original's):
     that format ships, the measurement still made and logged."""
-    from distill.tasks.compress import quantize
 
     candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
     monkeypatch.setattr(
@@ -266,6 +265,23 @@ def test_measured_pairs_count_the_calls_int8_took_longer(digits):
     choice = measure_choice(model, model, digits.X_test, 1, calls=40, seconds=0.0)
     slower, pairs = choice.slower_in
     assert pairs == 40 and 0 <= slower <= pairs
+
+
+def test_a_clear_difference_stops_the_measuring_at_the_first_look(digits):
+    """A model 100x the other's work loses every pair: 100 pairs decide it, not 1,000 or the
+    seconds given."""
+    small = OnnxModel(export_onnx(build_mlp(64, [8], 10).eval(), 64), 0, 0)
+    large = OnnxModel(export_onnx(build_mlp(64, [1024, 1024], 10).eval(), 64), 0, 0)
+    choice = measure_choice(small, large, digits.X_test, 64, seconds=60.0)
+    assert choice.slower_in is not None and choice.slower_in[1] == quantize.LOOKS[0]
+    assert choice.int8_slower
+
+
+def test_the_pairs_settle_a_call_only_far_from_even():
+    assert quantize.settled(90, 100) and quantize.settled(10, 100)  # either way
+    assert not quantize.settled(60, 100)  # p = 0.057: more pairs decide
+    assert not quantize.settled(67, 100)  # p = 0.0009: the rule's level, not a tenth of it
+    assert quantize.settled(140, 200)
 
 
 def test_the_exporter_op_registry_is_built_once_and_copied():
@@ -475,7 +491,6 @@ def test_int8_that_answers_unlike_fp32_does_not_ship(monkeypatch, agreed, ships)
     """Smaller and faster is not enough: int8 whose classes differ from the fp32 export's on
     more than 5 % of training rows ships fp32, and says so (a BERT's int8 answered one class
     for every row, smaller and no slower)."""
-    from distill.tasks.compress import quantize
 
     candidate = Quantized(OnnxModel(b"f", 0, 0), OnnxModel(b"i", 0, 0), 0.0, 0.0, "static")
     monkeypatch.setattr(
