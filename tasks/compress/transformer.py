@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from distill.tasks.compress.graph import Group, no_fastpath, trace
+from distill.tasks.compress.memo import remembered
 from distill.tasks.compress.pca import Basis, Moments
 from distill.tasks.compress.width import _NormalEquations, batches
 
@@ -1055,7 +1056,15 @@ def group_bases(
 ) -> dict[str, Basis]:
     """What the planner allocates by: per group, the fraction of its contribution energy the
     best k units keep (heads: energy through the output projection; ffn: the PCA variance of
-    its units, as width mode's other groups; depth: measured contribution of each layer)."""
+    its units, as width mode's other groups; depth: measured contribution of each layer).
+    `model` is left in eval mode; the same model and rows again answer from memory (memo.py)."""
+    return _group_bases(model.eval(), groups, X, batch_size)
+
+
+@remembered
+def _group_bases(
+    model: nn.Module, groups: list[TGroup], X: np.ndarray, batch_size: int
+) -> dict[str, Basis]:
     found = find(model)
     atts = {a.path: a for b in found.blocks for a in b.attention}
     blocks = {b.path: b for b in found.blocks}

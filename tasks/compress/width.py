@@ -41,6 +41,7 @@ from distill.tasks.compress.graph import (
     out_units,
     trace,
 )
+from distill.tasks.compress.memo import remembered
 from distill.tasks.compress.pca import Basis, Moments, feature_rows
 
 
@@ -105,11 +106,20 @@ def unit_view(reader: Reader, a: torch.Tensor) -> torch.Tensor:
     return picked.movedim(2, 1).reshape(-1, len(reader.positions))
 
 
-@torch.no_grad()
 def group_bases(
     model: nn.Module, groups: list[Group], X: np.ndarray, batch_size: int = 256
 ) -> dict[str, Basis]:
-    """One streamed pass: PCA of the units of each group, pooled over all its readers' inputs."""
+    """One streamed pass: PCA of the units of each group, pooled over all its readers' inputs
+    (`model` left in eval mode). The same model and rows measured again (a search's builds from
+    one teacher) answer from memory (tasks/compress/memo.py)."""
+    return _group_bases(model.eval(), groups, X, batch_size)
+
+
+@remembered
+@torch.no_grad()
+def _group_bases(
+    model: nn.Module, groups: list[Group], X: np.ndarray, batch_size: int
+) -> dict[str, Basis]:
     moments = {g.name: Moments(g.width) for g in groups}
     hooks = []
     for g in groups:
@@ -124,7 +134,6 @@ def group_bases(
             )
     try:
         with no_fastpath():
-            model.eval()
             for xb in batches(X, batch_size):
                 model(xb)
     finally:

@@ -1,0 +1,95 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distill.tasks.compress import memo
+from distill.tasks.compress.architectures import build_mlp
+from distill.tasks.compress.graph import trace
+from distill.tasks.compress.width import group_bases
+
+
+@pytest.fixture
+def counted():
+    calls = []
+
+    @memo.remembered
+    def measure(model: nn.Module, X: np.ndarray, batch: int = 4) -> dict[str, np.ndarray]:
+        calls.append(1)
+        with torch.no_grad():
+            return {"out": model(torch.from_numpy(X)).numpy() * batch}
+
+    return measure, calls
+
+
+def rows(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(8, 6)).astype(np.float32)
+
+
+def test_the_same_model_and_rows_are_measured_once(counted):
+    measure, calls = counted
+    model = build_mlp(6, [5], 3).eval()
+    first = measure(model, rows())
+    assert measure(model, rows()) is first and len(calls) == 1
+    assert measure(copy.deepcopy(model), rows()) is first  # another object, the same content
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m, X: (m[0].weight.data.__setitem__((0, 0), 9.0), X),  # one weight
+        lambda m, X: (setattr(m[1], "inplace", True), X),  # a plain attribute
+        lambda m, X: (m.train(), X),  # the mode
+        lambda m, X: (None, rows(1)),  # the rows
+    ],
+    ids=["weight", "attribute", "mode", "rows"],
+)
+def test_any_change_is_measured_afresh(counted, change):
+    measure, calls = counted
+    model, X = build_mlp(6, [5], 3).eval(), rows()
+    measure(model, X)
+    _, X = change(model, X)
+    measure(model, X)
+    assert len(calls) == 2
+
+
+def test_keyword_and_plain_arguments_are_part_of_the_key(counted):
+    measure, calls = counted
+    model = build_mlp(6, [5], 3).eval()
+    a = measure(model, rows(), batch=4)
+    b = measure(model, rows(), batch=8)
+    assert len(calls) == 2 and np.allclose(b["out"], 2 * a["out"])
+
+
+def test_answers_are_read_only_and_the_oldest_is_forgotten(counted):
+    measure, calls = counted
+    model = build_mlp(6, [5], 3).eval()
+    first = measure(model, rows(0))
+    with pytest.raises(ValueError, match="read-only"):
+        first["out"][0, 0] = 1.0
+    for seed in range(1, memo.KEEP + 1):
+        measure(model, rows(seed))
+    assert len(calls) == memo.KEEP + 1
+    assert measure(model, rows(0)) is not first and len(calls) == memo.KEEP + 2
+
+
+def test_group_bases_from_memory_equal_a_fresh_measurement_and_leave_eval_mode():
+    torch.manual_seed(0)
+    model = build_mlp(6, [16, 12], 3)
+    X = rows()
+    groups = trace(model, torch.from_numpy(X[:2])).reducible()
+    first = group_bases(model, groups, X, 4)
+    model.train()
+    again = group_bases(model, groups, X, 4)  # from memory: the mode is part of the contract
+    assert again is first and not model.training
+    model[0].weight.data.mul_(1.0)  # unchanged content: still remembered
+    assert group_bases(model, groups, X, 4) is first
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+    fresh = group_bases(model, groups, X, 4)
+    assert fresh is not first
+    name = groups[0].name
+    assert not np.allclose(fresh[name].explained_variance, first[name].explained_variance)
