@@ -7,7 +7,9 @@ again), and each build measures the same PCA of the teacher's groups again: on t
 24 of the 45 measurements of one drop-only search were repeats. `remembered` keys a measurement
 by a digest of the model (every module's class and plain attributes, every tensor of its state)
 and of the rows, so a model changed in any weight, width or attribute (a head count) is measured
-afresh. What it returns is shared between callers, so its arrays are made read-only.
+afresh. What it returns is shared between callers, so its arrays are made read-only; at most
+`KEEP` answers and `MAX_BYTES` of their arrays are kept per function (a 2,048-channel group's
+PCA alone is 32 MB).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 KEEP = 8  # measurements remembered per function, the least recently used forgotten first
+MAX_BYTES = 256 * 2**20  # and at most this many bytes of arrays: a wide CNN's bases are large
 PLAIN = (bool, int, float, str, type(None))
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,7 +70,7 @@ def _digest(arg: object) -> bytes:
 def remembered(fn: F) -> F:
     """`fn` with its last `KEEP` answers remembered by the content of its arguments (models,
     arrays, and the `repr` of the rest: groups, batch sizes)."""
-    answers: OrderedDict[bytes, Any] = OrderedDict()
+    answers: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -79,28 +82,40 @@ def remembered(fn: F) -> F:
         key = h.digest()
         if key in answers:
             answers.move_to_end(key)
-            return answers[key]
+            return answers[key][0]
         answer = _frozen(fn(*args, **kwargs))
-        answers[key] = answer
-        if len(answers) > KEEP:
-            answers.popitem(last=False)
+        size = _nbytes(answer)
+        if size <= MAX_BYTES:
+            answers[key] = (answer, size)
+            while len(answers) > KEEP or sum(n for _, n in answers.values()) > MAX_BYTES:
+                answers.popitem(last=False)
         return answer
 
     call.forget = answers.clear  # type: ignore[attr-defined]
     return call  # type: ignore[return-value]
 
 
-def _frozen(answer: Any) -> Any:
-    """Every array inside `answer` (dicts, lists, dataclasses) made read-only, in place."""
+def _arrays(answer: Any) -> Iterator[np.ndarray]:
+    """Every array inside `answer` (dicts, lists, tuples, dataclasses)."""
     if isinstance(answer, np.ndarray):
-        answer.flags.writeable = False
+        yield answer
     elif isinstance(answer, dict):
         for v in answer.values():
-            _frozen(v)
+            yield from _arrays(v)
     elif isinstance(answer, (list, tuple)):
         for v in answer:
-            _frozen(v)
+            yield from _arrays(v)
     elif is_dataclass(answer) and not isinstance(answer, type):
         for f in fields(answer):
-            _frozen(getattr(answer, f.name))
+            yield from _arrays(getattr(answer, f.name))
+
+
+def _frozen(answer: Any) -> Any:
+    """`answer` with every array inside it made read-only, in place."""
+    for a in _arrays(answer):
+        a.flags.writeable = False
     return answer
+
+
+def _nbytes(answer: Any) -> int:
+    return sum(a.nbytes for a in _arrays(answer))

@@ -76,6 +76,20 @@ def test_answers_are_read_only_and_the_oldest_is_forgotten(counted):
     assert measure(model, rows(0)) is not first and len(calls) == memo.KEEP + 2
 
 
+def test_answers_past_the_byte_bound_are_not_kept(monkeypatch, counted):
+    measure, calls = counted
+    model = build_mlp(6, [5], 3).eval()
+    monkeypatch.setattr(memo, "MAX_BYTES", 8 * 3 * 4 + 1)  # one answer of 8 x 3 float32 rows
+    first = measure(model, rows(0))
+    assert measure(model, rows(0)) is first and len(calls) == 1
+    measure(model, rows(1))  # the second pushes the first out
+    assert measure(model, rows(0)) is not first and len(calls) == 3
+    monkeypatch.setattr(memo, "MAX_BYTES", 8)  # no answer fits
+    measure(model, rows(2))
+    measure(model, rows(2))
+    assert len(calls) == 5
+
+
 def test_group_bases_from_memory_equal_a_fresh_measurement_and_leave_eval_mode():
     torch.manual_seed(0)
     model = build_mlp(6, [16, 12], 3)
