@@ -105,6 +105,42 @@ def test_a_drop_only_plan_starts_from_the_smallest_reduction_in_int8():
     )
 
 
+@pytest.mark.parametrize(
+    "floor, found, at_most",
+    [(20_000, 22_528, 4), (2_000, 2_816, 4), (1, 176, 4), (10**6, 27_816, 4)],
+)
+def test_the_start_is_found_by_bisection_on_the_doubling_grid(monkeypatch, floor, found, at_most):
+    """The grid 176, 352, ..., 22,528 below a 27,816-param teacher (the targets grid's ResNet1d):
+    the smallest budget whose reconstruction keeps the guard (here: at least `floor` params),
+    or the teacher's size, in at most 4 reconstructions where stepping up the grid took 8."""
+    from types import SimpleNamespace
+
+    from distill.tasks.compress import plan as planning
+
+    built = []
+
+    def reduce_model(teacher, X, cfg, mode):
+        built.append(cfg.budget.params)
+        return SimpleNamespace(student_params=cfg.budget.params)
+
+    monkeypatch.setattr(planning, "reduce_model", reduce_model)
+    monkeypatch.setattr(planning, "reconstruct", lambda *args: None)
+    monkeypatch.setattr(planning, "torch_predictor", lambda model: None)
+    guard = SimpleNamespace(
+        check=lambda step, predict, params: SimpleNamespace(ok=params >= floor, drop=0.0)
+    )
+    plan = replace(
+        plan_target(TargetConfig(max_accuracy_drop=0.01), COSTS, 27_816, 44, 100_000),
+        teacher_params=27_816,
+    )
+    config = build_config({}, [])
+    budget, tried = planning.smallest_start(
+        None, None, config.reduce, config.reconstruct, guard, plan
+    )
+    assert budget == found and len(built) <= at_most and len(set(built)) == len(built)
+    assert tried.split("; ")[0].startswith(f"{min(built):,}: drop")  # listed by budget
+
+
 # --- the search -----------------------------------------------------------------------------
 
 
