@@ -405,9 +405,9 @@ def compress(
                 with onnx_export_lock():
                     return steps.fit(search, student, max_cut)
 
-            # no limit, or a file size below the smallest reachable: the smallest file within
-            # the drop (for an unreachable size, what comes closest without breaking the guard)
-            if plan.kind == SMALLEST or (not plan.reachable and plan.unit == "bytes"):
+            # no limit, or a limit below the smallest reachable model: the smallest file within
+            # the drop (for an unreachable limit, what comes closest without breaking the guard)
+            if plan.kind == SMALLEST or not plan.reachable:
                 # the start undistilled, where the reduce stage built the first rebuild below it
                 fallback = (
                     Start(lambda: reconstructed_at(plan.start_params), distilled)

@@ -9,9 +9,10 @@ target in one shot.
 - **Plan** (`plan_target`): the format and the largest student whose served model meets the
   target (the largest: the least accuracy lost), reached in one shot by the reduce stage (PCA
   width selection with a least-squares re-fit beats magnitude pruning to the same widths:
-  README, architectures). A target below the smallest reachable model is aimed at from the
-  smallest reduction whose reconstruction keeps the guard (`smallest_start`), by guarded
-  pruning rounds (tasks/compress/target.py, smallest.py).
+  README, architectures). A target below the smallest reachable model (by the measured costs)
+  gets the drop-only search from the smallest reduction whose reconstruction keeps the guard
+  (`smallest_start`): the smallest file within the drop, met where it is within the limit
+  (smallest.py).
 
 `plan_for_target` is the pipeline's plan stage: costs measured, plan made, its start searched.
 """
@@ -394,15 +395,12 @@ def plan_for_target(
         then = (
             f"then rebuilt at smaller budgets and pruned while the guard holds, bisecting, at "
             f"most {target.max_builds} builds (target.max_builds)"
-            if plan.kind == SMALLEST
-            else "then pruned toward the smallest model while the guard holds"
         )
         trim = "" if plan.kind == SMALLEST else vocab.hint(start)  # what a trim would reach
         # where a budget keeps the guard, the first distilled build is below it: the start stays
         # undistilled, the search's fallback (distilled only where it ships or is pruned from)
-        searched = plan.kind == SMALLEST or plan.unit == "bytes"  # smallest.py's search
         found = budget < teacher_params
-        first = first_probe(budget, plan.smallest_params) if searched and found else budget
+        first = first_probe(budget, plan.smallest_params) if found else budget
         deferred = (
             f"; the first build distilled at {first:,} params, the geometric middle down to the "
             "smallest model, the start kept undistilled as the fallback"

@@ -73,7 +73,14 @@ from distill.tasks.compress.plan import MIN_CUT
 from distill.tasks.compress.prune import prunable_groups, recover
 from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.replan import BuildAt, budget_for
-from distill.tasks.compress.target import SMALLEST, Candidate, Fitted, Search, cut_toward
+from distill.tasks.compress.target import (
+    SMALLEST,
+    Candidate,
+    Fitted,
+    Search,
+    achieved,
+    cut_toward,
+)
 
 FIRST_CUT = 0.5  # until a cut breaks the guard, each keeps this fraction of the parameters
 UNDISTILLED = "start no KD"  # the frontier's name for a start the search has not distilled
@@ -134,8 +141,9 @@ def smallest_within(
     budgets, then pruning rounds. `start`: the start left undistilled, where `student` is the
     first rebuild (the plan's `start_params`); it is distilled where the search ships it or
     prunes from it. The export is the quantize stage's, in the plan's format, unless
-    `search.export` replaces it. For a size plan below the smallest reachable model it ships the
-    closest file, met only where that is within the plan's limit."""
+    `search.export` replaces it. For a plan below the smallest reachable model (a size, latency or
+    parameter limit) it ships the smallest file within the drop, met only where that is within
+    the plan's limit."""
     data, plan, guard = search.data, search.plan, search.guard
 
     def measure(model: nn.Module, check: Check) -> _Built:
@@ -282,9 +290,11 @@ def smallest_within(
         )
         if smaller:
             bound += f" ({len(smaller)} smaller kept candidate(s) bound higher)"
-    met = chosen.point.kept
-    if plan.kind != SMALLEST:  # a size below the smallest reachable model: the closest file
-        met = met and chosen.point.size_bytes <= plan.limit
+    met, got = chosen.point.kept, float(chosen.point.size_bytes)
+    if plan.kind != SMALLEST:  # a limit below the smallest reachable model: the closest file
+        if plan.unit != "bytes":  # a latency or parameter limit, measured as the others are
+            got = achieved(plan, chosen.quantized.served, data.X_test, search.latency_repeats)
+        met = met and got <= plan.limit
         bound = (
             "below the smallest reachable model: the smallest file within the drop instead; "
             + bound
@@ -298,7 +308,7 @@ def smallest_within(
         checks,
         rolled_back,
         chosen.served_check,
-        float(chosen.point.size_bytes),
+        got,
         met,
         bound,
         frontier,

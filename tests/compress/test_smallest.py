@@ -191,9 +191,11 @@ def _search(
     build_at=None,
     shown_of=lambda n: 0,
     distills=None,
+    limit=None,
 ):
     """With `distills` (a list): the start is left undistilled (`Start`), the search gets the
-    first rebuild at `first_probe`, and every KD of the start is appended to `distills`."""
+    first rebuild at `first_probe`, and every KD of the start is appended to `distills`. With
+    `limit` (kind, value): the plan of that target, below the smallest reachable model."""
     cfg = PipelineConfig()
     torch.manual_seed(0)
     student = build_mlp(64, [48, 48], 10)
@@ -202,6 +204,8 @@ def _search(
     example = torch.zeros(2, 64)
     plan = plan_target(target, {"fp32": COSTS["fp32"]}, n, smallest_params(student, example), n)
     plan = replace(plan, reduce_params=n)  # the budget the start was built at
+    if limit is not None:
+        plan = replace(plan, kind=limit[0], value=limit[1], limit=limit[1])
     guard = KeepsAbove(
         0.0,
         1.0,
@@ -271,6 +275,17 @@ def test_the_search_ships_the_smallest_kept_file_and_bisects_the_line(digits):
     assert len(fitted.quantized.served.file_bytes) == shipped[0].size_bytes == fitted.achieved
     assert fitted.met and fitted.served_check is not None and fitted.served_check.ok
     assert all(c.latency_ms_b1 > 0 and c.served_as == "fp32" for c in frontier)
+
+
+@pytest.mark.parametrize("limit, met", [(1e6, True), (1e-6, False)])
+def test_a_latency_below_the_smallest_reachable_gets_the_search_and_its_latency(digits, limit, met):
+    """A latency the plan's costs put below the smallest model (its fixed cost per call measured
+    above the limit, as on a loaded machine): the smallest file within the drop ships, met where
+    its measured batch-1 latency is within the limit; the target's figure is milliseconds."""
+    fitted, _, _ = _search(digits, lambda n: n // 3, builds=3, limit=("latency_ms_b1", limit))
+    shipped = next(c for c in fitted.frontier if c.shipped)
+    assert fitted.met is met and fitted.bound.startswith("below the smallest reachable model")
+    assert 0 < fitted.achieved < 10 and fitted.achieved != shipped.size_bytes  # ms, not bytes
 
 
 def test_the_search_builds_no_more_than_its_bound(digits):
