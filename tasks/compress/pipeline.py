@@ -70,7 +70,6 @@ from distill.tasks.compress.reduce import (
 from distill.tasks.compress.replan import refit_to_target
 from distill.tasks.compress.smallest import Start, smallest_within
 from distill.tasks.compress.target import (
-    SMALLEST,
     Candidate,
     Fitted,
     Search,
@@ -405,9 +404,10 @@ def compress(
                 with onnx_export_lock():
                     return steps.fit(search, student, max_cut)
 
-            # no limit, or a limit below the smallest reachable model: the smallest file within
-            # the drop (for an unreachable limit, what comes closest without breaking the guard)
-            if plan.kind == SMALLEST or not plan.reachable:
+            # no limit, or a size or latency below the smallest reachable model: the smallest
+            # file within the drop (for an unreachable limit, what comes closest without breaking
+            # the guard; a parameter count below it is pruned toward instead)
+            if plan.searched:
                 # the start undistilled, where the reduce stage built the first rebuild below it
                 fallback = (
                     Start(lambda: reconstructed_at(plan.start_params), distilled)

@@ -9,10 +9,10 @@ target in one shot.
 - **Plan** (`plan_target`): the format and the largest student whose served model meets the
   target (the largest: the least accuracy lost), reached in one shot by the reduce stage (PCA
   width selection with a least-squares re-fit beats magnitude pruning to the same widths:
-  README, architectures). A target below the smallest reachable model (by the measured costs)
-  gets the drop-only search from the smallest reduction whose reconstruction keeps the guard
-  (`smallest_start`): the smallest file within the drop, met where it is within the limit
-  (smallest.py).
+  README, architectures). A size or latency below the smallest reachable model (by the measured
+  costs) gets the drop-only search from the smallest reduction whose reconstruction keeps the
+  guard (`smallest_start`): the smallest file within the drop, met where it is within the limit
+  (smallest.py); a parameter count below it, guarded pruning rounds (target.py).
 
 `plan_for_target` is the pipeline's plan stage: costs measured, plan made, its start searched.
 """
@@ -220,6 +220,13 @@ class Plan:
         units = {"size_kb": "bytes", "ratio": "bytes", "params": "params", SMALLEST: "bytes"}
         return units.get(self.kind, "ms")
 
+    @property
+    def searched(self) -> bool:
+        """Whether the drop-only search (smallest.py) builds this plan's students: a drop-only
+        target, or a file size or latency below the smallest reachable model (its smallest file
+        within the drop comes closest; a parameter count below it is pruned toward instead)."""
+        return self.kind == SMALLEST or (not self.reachable and self.unit != "params")
+
 
 def plan_target(
     target: TargetConfig,
@@ -395,12 +402,14 @@ def plan_for_target(
         then = (
             f"then rebuilt at smaller budgets and pruned while the guard holds, bisecting, at "
             f"most {target.max_builds} builds (target.max_builds)"
+            if plan.searched
+            else "then pruned toward the smallest model while the guard holds"
         )
         trim = "" if plan.kind == SMALLEST else vocab.hint(start)  # what a trim would reach
         # where a budget keeps the guard, the first distilled build is below it: the start stays
         # undistilled, the search's fallback (distilled only where it ships or is pruned from)
         found = budget < teacher_params
-        first = first_probe(budget, plan.smallest_params) if found else budget
+        first = first_probe(budget, plan.smallest_params) if plan.searched and found else budget
         deferred = (
             f"; the first build distilled at {first:,} params, the geometric middle down to the "
             "smallest model, the start kept undistilled as the fallback"

@@ -141,9 +141,9 @@ def smallest_within(
     budgets, then pruning rounds. `start`: the start left undistilled, where `student` is the
     first rebuild (the plan's `start_params`); it is distilled where the search ships it or
     prunes from it. The export is the quantize stage's, in the plan's format, unless
-    `search.export` replaces it. For a plan below the smallest reachable model (a size, latency or
-    parameter limit) it ships the smallest file within the drop, met only where that is within
-    the plan's limit."""
+    `search.export` replaces it. For a plan below the smallest reachable model (a size or latency
+    limit) it ships the smallest file within the drop, met only where that is within the plan's
+    limit."""
     data, plan, guard = search.data, search.plan, search.guard
 
     def measure(model: nn.Module, check: Check) -> _Built:
@@ -292,7 +292,7 @@ def smallest_within(
             bound += f" ({len(smaller)} smaller kept candidate(s) bound higher)"
     met, got = chosen.point.kept, float(chosen.point.size_bytes)
     if plan.kind != SMALLEST:  # a limit below the smallest reachable model: the closest file
-        if plan.unit != "bytes":  # a latency or parameter limit, measured as the others are
+        if plan.unit != "bytes":  # a latency limit, measured as the other targets measure it
             got = achieved(plan, chosen.quantized.served, data.X_test, search.latency_repeats)
         met = met and got <= plan.limit
         bound = (

@@ -208,7 +208,7 @@ class TargetConfig(Strict):
     # a step is rolled back when its drop is above the allowance with this confidence
     # (one-sided paired bootstrap on the validation rows: tasks/compress/guard.py)
     confidence: float = Field(0.9, ge=0.5, lt=1)
-    # drop-only target (and a size, latency or parameter limit below the smallest reachable):
+    # drop-only target (and a size or latency limit below the smallest reachable model):
     # candidates built at most (each exported and checked): up to half rebuilt from the teacher
     # at smaller reduce budgets (reduce, reconstruct, KD; a bisection), the rest pruning rounds
     # (pruned, KD-recovered) that halve the parameters while the guard holds, then bisect

@@ -106,6 +106,21 @@ def test_a_drop_only_plan_starts_from_the_smallest_reduction_in_int8():
 
 
 @pytest.mark.parametrize(
+    "target, searched",
+    [
+        (TargetConfig(max_accuracy_drop=0.01), True),
+        (TargetConfig(size_kb=0.001), True),  # below the smallest file
+        (TargetConfig(latency_ms_b1=1e-9), True),  # below the smallest model's latency
+        (TargetConfig(params=10), False),  # below the smallest model: pruned toward it
+        (TargetConfig(size_kb=100), False),  # reachable: one shot
+    ],
+)
+def test_the_search_builds_a_drop_only_or_an_unreachable_size_or_latency(target, searched):
+    plan = plan_target(target, COSTS, 50_000, 100, 200_000)
+    assert plan.searched is searched
+
+
+@pytest.mark.parametrize(
     "floor, found, at_most",
     [(20_000, 22_528, 4), (2_000, 2_816, 4), (1, 176, 4), (10**6, 27_816, 4)],
 )
