@@ -180,7 +180,7 @@ def measure_choice(
     `calls` pairs of calls, more until `seconds` have passed (at most 1,000), in alternating
     order (fp32, int8, int8, fp32, ...), so that both see the same load on a busy machine.
     The measuring stops at a look (`LOOKS` pairs) where the pairs already decide it either way
-    (`settled`): most choices are clear within 100 pairs."""
+    (`settled`): a clear choice costs 100 pairs, a close one runs on."""
     rows = np.asarray(X[np.arange(batch) % len(X)])
     predict = {"fp32": fp32.predictor(), "int8": int8.predictor()}
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
@@ -212,8 +212,8 @@ LOOKS = (100, 200, 400)  # pairs at which the measuring may stop early
 
 def settled(slower: int, pairs: int) -> bool:
     """Whether int8 took longer in so many or so few of the pairs that more pairs would not
-    change the call: a sign test either way at a tenth of `SLOWER_P` (looking early must not
-    make a call of "slower" likelier than the rule's level)."""
+    change the call: a sign test either way at a tenth of `SLOWER_P`, so that the three early
+    looks add little to how often equally fast formats are called "slower"."""
     from scipy.stats import binomtest
 
     test = binomtest(slower, pairs, 0.5)  # two-sided: either way
