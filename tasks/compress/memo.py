@@ -91,7 +91,6 @@ def remembered(fn: F) -> F:
                 answers.popitem(last=False)
         return answer
 
-    call.forget = answers.clear  # type: ignore[attr-defined]
     return call  # type: ignore[return-value]
 
 
