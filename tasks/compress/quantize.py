@@ -20,7 +20,8 @@ export with two inputs, `input_ids` and `attention_mask`, Hugging Face's names, 
 as the graph's first step.
 
 int8 ships only when it is smaller than the fp32 export and no slower at
-`compress.quantize.batch` rows per call, both measured here, side by side (`Choice`); under a
+`compress.quantize.batch` rows per call, both measured here, side by side (`Choice`; slower: by
+over `SLOWER_BY`, 5 %, shown by the paired calls, as a closer call is not repeatable); under a
 `target:` it must also keep the accuracy guard (tasks/compress/target.py `guarded_int8`).
 Otherwise the fp32 export ships, and `Quantized.why` says which it was. Static int8 is not always
 smaller or faster: its quantize/dequantize nodes cost bytes and time, which only large matrices
@@ -74,6 +75,10 @@ class Measured:
 
 
 SLOWER_P = 0.001  # int8 is "slower" only where the paired calls show it at this level
+# ... and by more than this fraction of fp32's time: the same two files measured a few per cent
+# apart either way from one run to the next on one machine (a 64-85-10 MLP: int8/fp32 0.98-1.06
+# over 20 runs, called slower in 10 without a margin), so a smaller gap is not a repeatable call
+SLOWER_BY = 0.05
 
 
 @dataclass(frozen=True)
@@ -83,15 +88,16 @@ class Choice:
     batch: int
     fp32: Measured
     int8: Measured
-    # (pairs of alternating calls in which int8 took longer, pairs): what "slower" is decided on
+    # (pairs of alternating calls in which int8 took over `SLOWER_BY` longer, pairs): what
+    # "slower" is decided on
     slower_in: tuple[int, int] | None = None
 
     @property
     def int8_slower(self) -> bool:
-        """Slower by its median, and in significantly more than half of the paired calls (a
-        one-sided sign test at `SLOWER_P`): two formats as fast as each other on a busy
-        machine trade places from one run to the next, a slower one loses most pairs."""
-        if self.int8.ms <= self.fp32.ms:
+        """Over `SLOWER_BY` slower by its median, and so in significantly more than half of the
+        paired calls (a one-sided sign test at `SLOWER_P`): two formats as fast as each other on
+        a busy machine trade places from one run to the next, a slower one loses most pairs."""
+        if self.int8.ms <= self.fp32.ms * (1 + SLOWER_BY):
             return False
         if self.slower_in is None:
             return True
@@ -102,7 +108,7 @@ class Choice:
 
     @property
     def int8_ships(self) -> bool:
-        """The rule: int8 ships only when it is smaller and not slower."""
+        """The rule: int8 ships only when it is smaller and not slower (by over `SLOWER_BY`)."""
         return self.int8.bytes < self.fp32.bytes and not self.int8_slower
 
     def why(self, kind: str) -> str:
@@ -195,7 +201,7 @@ def measure_choice(
             predict[fmt](rows)
             times[fmt].append(time.perf_counter() - start)
         pairs = len(times["fp32"])
-        slower += times["int8"][-1] > times["fp32"][-1]
+        slower += times["int8"][-1] > times["fp32"][-1] * (1 + SLOWER_BY)
         if pairs in LOOKS and pairs >= calls and settled(slower, pairs):
             break
     ms = {fmt: float(np.median(t)) * 1e3 for fmt, t in times.items()}

@@ -318,7 +318,8 @@ class QuantizeConfig(Strict):
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"  # what serves the registered model
     max_abs_diff: float = Field(1e-3, gt=0)
     # rows per call the served model is chosen for: int8 ships only when its file is smaller and
-    # it is no slower than fp32 at this batch (both measured; the quantize stage logs why)
+    # it is no slower than fp32 at this batch (both measured, "slower" meaning by over 5 %; the
+    # quantize stage logs why)
     batch: int = Field(256, ge=1)
     # int8 ships only when its classes agree with the fp32 export's on this fraction of 1,024
     # training rows (label-free; not checked for a regression output): a broken int8 model is
