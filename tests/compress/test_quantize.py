@@ -273,12 +273,27 @@ def test_measured_pairs_count_the_calls_int8_took_longer(digits):
 
 def test_a_clear_difference_stops_the_measuring_at_the_first_look(digits):
     """A model 100x the other's work loses every pair: 100 pairs decide it, not 1,000 or the
-    seconds given."""
-    small = OnnxModel(export_onnx(build_mlp(64, [8], 10).eval(), 64), 0, 0)
+    seconds given (the fast one's file made the bigger by a long doc string: the latency is
+    measured in full only where int8 is the smaller file)."""
+    import onnx
+
+    proto = onnx.load_from_string(export_onnx(build_mlp(64, [8], 10).eval(), 64))
+    proto.doc_string = "x" * 10_000_000
+    small = OnnxModel(proto.SerializeToString(), 0, 0)
     large = OnnxModel(export_onnx(build_mlp(64, [1024, 1024], 10).eval(), 64), 0, 0)
+    assert len(small.file_bytes) > len(large.file_bytes)
     choice = measure_choice(small, large, digits.X_test, 64, seconds=60.0)
     assert choice.slower_in is not None and choice.slower_in[1] == quantize.LOOKS[0]
     assert choice.int8_slower
+
+
+def test_a_bigger_int8_file_is_measured_only_for_the_record(digits):
+    """Size decides where int8 is no smaller: the minimum of pairs, not the seconds given."""
+    small = OnnxModel(export_onnx(build_mlp(64, [8], 10).eval(), 64), 0, 0)
+    large = OnnxModel(export_onnx(build_mlp(64, [64], 10).eval(), 64), 0, 0)
+    choice = measure_choice(small, large, digits.X_test, 1, calls=30, seconds=60.0)
+    assert choice.slower_in is not None and choice.slower_in[1] == 30
+    assert not choice.int8_ships and choice.int8.bytes > choice.fp32.bytes
 
 
 def test_the_pairs_settle_a_call_only_far_from_even():
