@@ -4,7 +4,9 @@ give the same answer, so the second call returns the first's.
 A search builds many students from one teacher on one set of calibration rows (a drop-only
 target's start: a reconstruction per doubling budget; each rebuild: the reduce stage's plan
 again), and each build measures the same PCA of the teacher's groups again: on the digits MLP,
-24 of the 45 measurements of one drop-only search were repeats. `remembered` keys a measurement
+24 of the 45 measurements of one drop-only search were repeats; and every reconstruction re-fits
+its layers to the same teacher outputs on the same rows (`width.teacher_outputs`, a batch at a
+time, the teacher's digest taken once for the batches: `Digested`). `remembered` keys a measurement
 by a digest of the model (every module's class and plain attributes, every tensor of its state)
 and of the rows, so a model changed in any weight, width or attribute (a head count) is measured
 afresh. What it returns is shared between callers, so its arrays are made read-only; at most
@@ -18,8 +20,8 @@ import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import fields, is_dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import torch
@@ -56,7 +58,22 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+@dataclass(frozen=True)
+class Digested:
+    """A model with its digest taken once, for a function called with it many times (a batch at
+    a time): `remembered` keys on `digest` and hands the function `model`."""
+
+    model: nn.Module
+    digest: bytes
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Digested:
+        return cls(model, model_digest(model))
+
+
 def _digest(arg: object) -> bytes:
+    if isinstance(arg, Digested):
+        return arg.digest
     if isinstance(arg, nn.Module):
         return model_digest(arg)
     if isinstance(arg, np.ndarray):
@@ -67,9 +84,21 @@ def _digest(arg: object) -> bytes:
     return repr(arg).encode()
 
 
-def remembered(fn: F) -> F:
-    """`fn` with its last `KEEP` answers remembered by the content of its arguments (models,
-    arrays, and the `repr` of the rest: groups, batch sizes)."""
+@overload
+def remembered(fn: F) -> F: ...
+
+
+@overload
+def remembered(*, keep: int = KEEP) -> Callable[[F], F]: ...
+
+
+def remembered(fn: F | None = None, *, keep: int = KEEP) -> Any:
+    """`fn` with its last `keep` answers remembered by the content of its arguments (models,
+    arrays, and the `repr` of the rest: groups, batch sizes); `@remembered(keep=N)` for another
+    count (one answer per layer of a model read in turn: at least its layers, or the least
+    recently used is always the next asked for)."""
+    if fn is None:
+        return functools.partial(remembered, keep=keep)
     answers: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
 
     @functools.wraps(fn)
@@ -87,11 +116,11 @@ def remembered(fn: F) -> F:
         size = _nbytes(answer)
         if size <= MAX_BYTES:
             answers[key] = (answer, size)
-            while len(answers) > KEEP or sum(n for _, n in answers.values()) > MAX_BYTES:
+            while len(answers) > keep or sum(n for _, n in answers.values()) > MAX_BYTES:
                 answers.popitem(last=False)
         return answer
 
-    return call  # type: ignore[return-value]
+    return call
 
 
 def _arrays(answer: Any) -> Iterator[np.ndarray]:

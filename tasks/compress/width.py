@@ -41,7 +41,7 @@ from distill.tasks.compress.graph import (
     out_units,
     trace,
 )
-from distill.tasks.compress.memo import remembered
+from distill.tasks.compress.memo import Digested, remembered
 from distill.tasks.compress.pca import Basis, Moments, feature_rows
 
 
@@ -300,6 +300,26 @@ class _NormalEquations:
         )
 
 
+@remembered(keep=256)
+@torch.no_grad()
+def teacher_outputs(
+    teacher: Digested, name: str, xb: np.ndarray, channels_first: bool
+) -> np.ndarray:
+    """The teacher's outputs of layer `name` on one batch of rows, as (samples, units) rows
+    (`feature_rows`). Remembered (memo.py) batch by batch, within its bound of bytes (a batch
+    larger than that is computed each time, as before): every reconstruction of a search re-fits
+    its readers to the same teacher on the same rows, each twice (`refit_again`), and the teacher
+    ran to each reader every time. `teacher`: its digest taken once for all the batches."""
+    model = teacher.model.eval()
+    out = feature_rows(
+        model.get_submodule(name)(_query(capture(model, name, torch.from_numpy(xb)))),
+        channels_first,
+    )
+    # numpy has no bfloat16; float32 holds a half-precision value exactly (the normal equations
+    # read the targets as float64)
+    return (out if out.dtype in (torch.float32, torch.float64) else out.float()).numpy()
+
+
 @torch.no_grad()
 def refit_reader(
     student: nn.Module,
@@ -317,14 +337,16 @@ def refit_reader(
     if reader.kind == "attention":
         return _refit_attention(student, teacher, reader.name, X, kept, ridge, batch_size)
     eq = _NormalEquations(module.bias is not None)
-    for xb in batches(X, batch_size):
-        a = _query(capture(student, reader.name, xb))
-        a_t = _query(capture(teacher, reader.name, xb))
+    picked, known = kept.numpy(), Digested.of(teacher.eval())
+    for start in range(0, len(X), batch_size):
+        rows = X[start : start + batch_size]
+        a = _query(capture(student, reader.name, torch.from_numpy(rows)))
         if reader.kind == "conv":
             A = _conv_rows(cast(nn.Conv1d | nn.Conv2d, module), a)
         else:
             A = a.reshape(-1, a.shape[-1])
-        eq.add(A, feature_rows(t_module(a_t), channels_first=reader.kind == "conv")[:, kept])
+        targets = teacher_outputs(known, reader.name, rows, reader.kind == "conv")
+        eq.add(A, torch.from_numpy(targets[:, picked]))
     weight, bias = eq.solve(ridge)
     shape = cast(torch.Tensor, module.weight).shape  # a Linear or Conv reader
     module.weight = nn.Parameter(weight.reshape(len(kept), *shape[1:]))

@@ -107,3 +107,36 @@ def test_group_bases_from_memory_equal_a_fresh_measurement_and_leave_eval_mode()
     assert fresh is not first
     name = groups[0].name
     assert not np.allclose(fresh[name].explained_variance, first[name].explained_variance)
+
+
+def test_reconstruction_reads_the_teacher_from_memory_and_builds_the_same_student(monkeypatch):
+    """Every reader is re-fitted to the teacher's outputs on the calibration rows
+    (`width.teacher_outputs`): a second reconstruction from the same teacher and rows runs the
+    teacher no more, and its student is the one a fresh measurement of them gives, to the bit."""
+    from distill.tasks.compress import width
+    from tests.zoo import make_resnet1d
+
+    torch.manual_seed(0)
+    teacher = make_resnet1d(channels=8, n_classes=4).eval()
+    X = np.random.default_rng(0).normal(size=(40, 1, 16)).astype(np.float32)
+    graph = trace(teacher, torch.from_numpy(X[:2]))
+    widths = {g.name: max(1, g.width // 2) for g in graph.reducible()}
+    ran = []  # the teacher run to a reader (a hook would be copied into the student)
+    capture = width.capture
+    monkeypatch.setattr(
+        width,
+        "capture",
+        lambda model, *a, **k: ran.append(model is teacher) or capture(model, *a, **k),
+    )
+
+    first = width.reconstruct_width(teacher, widths, X, batch_size=16)
+    assert any(ran)  # the teacher ran to each reader
+    ran.clear()
+    again = width.reconstruct_width(teacher, widths, X, batch_size=16)
+    assert ran and not any(ran)  # the student's readers only: the teacher's from memory
+    monkeypatch.setattr(width, "teacher_outputs", width.teacher_outputs.__wrapped__)
+    fresh = width.reconstruct_width(teacher, widths, X, batch_size=16)
+    assert any(ran)  # measured again
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+        assert torch.equal(value, first.state_dict()[name]), name
