@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
@@ -100,6 +101,7 @@ def remembered(fn: F | None = None, *, keep: int = KEEP) -> Any:
     if fn is None:
         return functools.partial(remembered, keep=keep)
     answers: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+    lock = threading.Lock()  # a sweep's runs share it from their threads
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -109,15 +111,17 @@ def remembered(fn: F | None = None, *, keep: int = KEEP) -> Any:
         for name, arg in sorted(kwargs.items()):
             h.update(name.encode() + _digest(arg))
         key = h.digest()
-        if key in answers:
-            answers.move_to_end(key)
-            return answers[key][0]
-        answer = _frozen(fn(*args, **kwargs))
+        with lock:
+            if key in answers:
+                answers.move_to_end(key)
+                return answers[key][0]
+        answer = _frozen(fn(*args, **kwargs))  # measured outside the lock
         size = _nbytes(answer)
         if size <= MAX_BYTES:
-            answers[key] = (answer, size)
-            while len(answers) > keep or sum(n for _, n in answers.values()) > MAX_BYTES:
-                answers.popitem(last=False)
+            with lock:
+                answers[key] = (answer, size)
+                while len(answers) > keep or sum(n for _, n in answers.values()) > MAX_BYTES:
+                    answers.popitem(last=False)
         return answer
 
     return call

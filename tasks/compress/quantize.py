@@ -94,9 +94,10 @@ class Choice:
 
     @property
     def int8_slower(self) -> bool:
-        """Over `SLOWER_BY` slower by its median, and so in significantly more than half of the
-        paired calls (a one-sided sign test at `SLOWER_P`): two formats as fast as each other on
-        a busy machine trade places from one run to the next, a slower one loses most pairs."""
+        """Over `SLOWER_BY` slower by its median, and by over `SLOWER_BY` in significantly more
+        than half of the paired calls (a one-sided sign test at `SLOWER_P`): two formats as fast
+        as each other on a busy machine trade places from one run to the next, a slower one loses
+        most pairs."""
         if self.int8.ms <= self.fp32.ms * (1 + SLOWER_BY):
             return False
         if self.slower_in is None:
