@@ -6,12 +6,12 @@ target's start: a reconstruction per doubling budget; each rebuild: the reduce s
 again), and each build measures the same PCA of the teacher's groups again: on the digits MLP,
 24 of the 45 measurements of one drop-only search were repeats; and every reconstruction re-fits
 its layers to the same teacher outputs on the same rows (`width.teacher_outputs`, a batch at a
-time, the teacher's digest taken once for the batches: `Digested`). `remembered` keys a measurement
-by a digest of the model (every module's class and plain attributes, every tensor of its state)
-and of the rows, so a model changed in any weight, width or attribute (a head count) is measured
-afresh. What it returns is shared between callers, so its arrays are made read-only; at most
-`KEEP` answers and `MAX_BYTES` of their arrays are kept per function (a 2,048-channel group's
-PCA alone is 32 MB).
+time, the teacher's digest taken once per reconstruction: `Digested`). `remembered` keys a
+measurement by a digest of the model (every module's class and plain attributes, every tensor of
+its state) and of the rows, so a model changed in any weight, width or attribute (a head count)
+is measured afresh. What it returns is shared between callers, so its arrays are made
+read-only; at most `KEEP` answers and `MAX_BYTES` of their arrays are kept per function (a
+2,048-channel group's PCA alone is 32 MB).
 """
 
 from __future__ import annotations

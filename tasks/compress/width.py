@@ -309,7 +309,8 @@ def teacher_outputs(
     (`feature_rows`). Remembered (memo.py) batch by batch, within its bound of bytes (a batch
     larger than that is computed each time, as before): every reconstruction of a search re-fits
     its readers to the same teacher on the same rows, each twice (`refit_again`), and the teacher
-    ran to each reader every time. `teacher`: its digest taken once for all the batches."""
+    ran to each reader every time. `teacher`: its digest taken once per reconstruction, not per
+    batch or layer."""
     model = teacher.model.eval()
     out = feature_rows(
         model.get_submodule(name)(_query(capture(model, name, torch.from_numpy(xb)))),
@@ -329,15 +330,17 @@ def refit_reader(
     kept_out: dict[str, torch.Tensor],
     ridge: float,
     batch_size: int = 256,
+    digested: Digested | None = None,
 ) -> list[str]:
     """Re-fit one reader of the student, in place, to the teacher's outputs of that layer on its
-    kept output units. Returns the names of the maps re-fitted."""
+    kept output units. Returns the names of the maps re-fitted. `digested`: the teacher with its
+    digest already taken (a reconstruction takes it once for all its readers)."""
     module, t_module = student.get_submodule(reader.name), teacher.get_submodule(reader.name)
     kept = kept_out.get(reader.name, torch.arange(out_units(t_module)))
     if reader.kind == "attention":
         return _refit_attention(student, teacher, reader.name, X, kept, ridge, batch_size)
     eq = _NormalEquations(module.bias is not None)
-    picked, known = kept.numpy(), Digested.of(teacher.eval())
+    picked, known = kept.numpy(), digested or Digested.of(teacher.eval())
     for start in range(0, len(X), batch_size):
         rows = X[start : start + batch_size]
         a = _query(capture(student, reader.name, torch.from_numpy(rows)))
@@ -435,6 +438,7 @@ def reconstruct_width(
 ) -> nn.Module:
     """A narrower copy of the teacher: group `name` keeps `widths[name]` units, readers re-fit."""
     teacher = teacher.eval()
+    known = Digested.of(teacher)  # the teacher is not changed here: one digest for every reader
     student = copy.deepcopy(teacher)
     example = torch.from_numpy(X[:2])
     graph = trace(student, example)
@@ -455,7 +459,7 @@ def reconstruct_width(
         _update_kept(kept_out, keep_units(graph, group, keep), graph)
         reduced.append(group)
         for reader in group.readers:
-            refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size)
+            refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size, known)
     report.kept_out = {name: idxs.tolist() for name, idxs in kept_out.items()}
     if reduced and refit_again:
         # a reader re-fitted early (a residual stream's, read again far downstream) saw inputs
@@ -464,7 +468,7 @@ def reconstruct_width(
         graph = trace(student, example)
         readers = {r.name: r for g in graph.groups if g.reducible for r in g.readers}
         for reader in sorted(readers.values(), key=lambda r: graph.order.get(r.name, 1 << 30)):
-            done = refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size)
+            done = refit_reader(student, teacher, reader, X, kept_out, ridge, batch_size, known)
             report.refitted += done
             if not done:
                 report.not_refitted[reader.name] = "cross-attention (query, key and value differ)"
