@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.tasks.compress import transformer
+from distill.tasks.compress import quantize, transformer
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
     OnnxModel,
@@ -41,10 +41,10 @@ from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan
 from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
 from distill.tasks.compress.quantize import (
     Quantized,
+    Requantize,
     quantize_model,
-    quantize_onnx,
-    ship,
-    weighted_nodes,
+    requantizer,
+    with_fp32_layers,
 )
 from distill.tasks.compress.reduce import calibration_rows
 from distill.tasks.platform.config import (
@@ -214,9 +214,6 @@ def cut_toward(
     return candidate
 
 
-Requantize = Callable[[list[str]], OnnxModel]  # int8 with these weighted nodes left in fp32
-
-
 def guarded_int8(
     quantized: Quantized,
     guard: Guard,
@@ -226,8 +223,8 @@ def guarded_int8(
 ) -> tuple[Quantized, Check | None]:
     """int8 (where the quantize stage ships it: smaller, no slower), unless it breaks the guard
     where its float model keeps it: then ONNX Runtime's static int8 with the layers that cost
-    the guard most left in fp32 (`mixed_int8`: `calibration` rows for its scales, and the rows
-    and batch that measure whether it still ships), else the fp32 export."""
+    the guard most left in fp32 as well (`mixed_int8`: `calibration` rows for its scales, and
+    the rows and batch that measure whether it still ships), else the fp32 export."""
     if quantized.int8_model is None:
         return quantized, None
     check = guard.check("int8", quantized.int8_model.predictor(), quantized.int8_model.params)
@@ -242,20 +239,14 @@ def guarded_int8(
         calibration is not None
         and ship_rows is not None
         and isinstance(fp32, OnnxModel)
-        and quantized.method == "static"
+        and quantized.method.startswith("static")
     ):
-
-        def requantize(kept_fp32: list[str]) -> OnnxModel:
-            int8 = quantize_onnx(fp32.onnx_bytes, calibration, static=True, exclude=kept_fp32)
-            return OnnxModel(int8, fp32.params, fp32.nonzeros, fp32.flops, fp32.padding)
-
-        mixed = mixed_int8(fp32, guard, requantize)
+        already = quantized.fp32_layers  # left in fp32 for the quantize stage's agreement
+        mixed = mixed_int8(fp32, guard, requantizer(fp32, calibration, already))
         if mixed is not None:
             model, mixed_check, kept_fp32 = mixed
-            tried = ship(
-                replace(quantized, int8_model=model, method=f"static, {len(kept_fp32)} fp32"),
-                *ship_rows,
-            )
+            kept_fp32 = [*already, *kept_fp32]
+            tried = with_fp32_layers(quantized, model, kept_fp32, *ship_rows, "measured")
             layers = ", ".join(kept_fp32)
             if tried.int8_model is not None:
                 return replace(
@@ -272,26 +263,19 @@ def guarded_int8(
 def mixed_int8(
     fp32: OnnxModel, guard: Guard, requantize: Requantize, most: int = 16
 ) -> tuple[OnnxModel, Check, list[str]] | None:
-    """Per-layer fallback, as Intel Neural Compressor's accuracy-aware tuning: each weighted
-    node's cost to the guard measured by leaving it alone in fp32, then the costliest left in
-    fp32 one more at a time until the guard holds (the smallest set found this way). None when
-    no set short of all of them keeps it, or the graph has one layer or more than `most`."""
-    nodes = weighted_nodes(fp32.onnx_bytes)
-    if not 2 <= len(nodes) <= most:
+    """The quantize stage's per-layer fallback (`quantize.mixed_int8`) judged by the guard: the
+    fewest layers left in fp32 that keep it, the most accurate first."""
+
+    def judge(model: OnnxModel, kept: list[str]) -> tuple[bool, float, Check]:
+        step = f"int8, {kept[0]} fp32" if len(kept) == 1 else f"int8, {len(kept)} layers fp32"
+        check = guard.check(step, model.predictor(), fp32.params)
+        return check.ok, check.accuracy, check
+
+    found = quantize.mixed_int8(fp32, judge, requantize, most)
+    if found is None:
         return None
-    models = {n: requantize([n]) for n in nodes}
-    alone = {n: guard.check(f"int8, {n} fp32", models[n].predictor(), fp32.params) for n in nodes}
-    order = sorted(nodes, key=lambda n: alone[n].accuracy, reverse=True)
-    for k in range(1, len(nodes)):
-        kept_fp32 = order[:k]
-        if k == 1:
-            model, check = models[order[0]], alone[order[0]]
-        else:
-            model = requantize(kept_fp32)
-            check = guard.check(f"int8, {k} layers fp32", model.predictor(), fp32.params)
-        if check.ok:
-            return model, replace(check, step="int8"), kept_fp32
-    return None
+    model, check, kept = found
+    return model, replace(check, step="int8"), kept
 
 
 def served_check(quantized: Quantized, int8: Check | None, float_check: Check) -> Check:

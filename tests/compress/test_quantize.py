@@ -403,8 +403,9 @@ class _Answers:
 
 def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits):
     """Three layers: int8 on the last breaks 30 % of the validation rows, on the first 2 %; the
-    search measures each alone, then leaves the costliest in fp32 until the guard holds: the
-    last layer alone would not do (the first's 2 % stays), both do; the middle stays int8."""
+    search tries the last alone, measures the others alone, then leaves the costliest in fp32
+    until the guard holds: the last layer alone would not do (the first's 2 % stays), both do;
+    the middle stays int8."""
     from distill.tasks.compress.guard import Guard
     from distill.tasks.compress.quantize import export_onnx, weighted_nodes
     from distill.tasks.compress.target import mixed_int8
@@ -433,12 +434,17 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
     assert found is not None
     _, check, kept = found
     assert kept == [last, first] and check.ok and check.step == "int8"
-    assert calls[:3] == [[first], [middle], [last]]  # each alone, then the greedy sets
-    # one layer fixing it is enough: the search stops there
+    assert calls[:3] == [[last], [first], [middle]]  # the head, each other alone, then sets
+    # the head alone fixing it is enough: the search stops there, nothing else made
     broken[first] = np.zeros(500, bool)
     calls.clear()
     _, _, kept = mixed_int8(fp32, guard, requantize)
-    assert kept == [last] and len(calls) == 3
+    assert kept == [last] and calls == [[last]]
+    # another layer alone fixing it: each is measured alone, the one that keeps it stays fp32
+    broken[first], broken[last] = broken[last], np.zeros(500, bool)
+    calls.clear()
+    _, _, kept = mixed_int8(fp32, guard, requantize)
+    assert kept == [first] and len(calls) == 3
 
 
 def test_the_int8_kernels_compute_what_the_int8_graph_says():
@@ -544,3 +550,40 @@ def test_agreement_counts_the_same_classes_and_skips_a_regression():
     b = Fixed([[1, 0], [1, 0], [1, 0], [0, 1]])
     assert agreement(a, b, X) == 0.75
     assert agreement(Fixed([[1.0], [2.0], [3.0], [4.0]]), b, X) is None
+
+
+def test_int8_that_answers_unlike_fp32_ships_with_the_layer_that_costs_it_left_in_fp32(
+    monkeypatch,
+):
+    """The fragile head: all-int8 answers as fp32 on about half the rows; the agreement's
+    fallback leaves the head alone in fp32, which answers as fp32 on every row, and that int8
+    ships where it is measured smaller and faster (stubbed: this model is too small to be).
+    Without calibration rows for the scales there is no fallback: fp32 ships."""
+    from distill.tasks.compress.quantize import (
+        agreement,
+        export_onnx,
+        quantize_onnx,
+        ship,
+        weighted_nodes,
+    )
+
+    model, X = _fragile_head()
+    fp32 = OnnxModel(export_onnx(model, X), 46, 46)
+    int8 = OnnxModel(quantize_onnx(fp32.onnx_bytes, X, static=True), 46, 46)
+    assert agreement(fp32, int8, X) < 0.9  # the premise
+    _, head = weighted_nodes(fp32.onnx_bytes)
+    measured = []
+
+    def choice(a, b, rows, batch):
+        measured.append(b)
+        return Choice(batch, Measured(1000, 1.0), Measured(500, 0.5))
+
+    monkeypatch.setattr(quantize, "measure_choice", choice)
+    candidate = Quantized(fp32, int8, 0.0, 0.0, "static")
+    q = ship(candidate, X, 256, X, 0.95, calibration=X)
+    assert q.fp32_layers == (head,) and q.int8_model is not None and q.int8_model is not int8
+    assert agreement(fp32, q.int8_model, X) >= 0.95 and q.method == "static, 1 fp32"
+    assert measured[-1] is q.int8_model  # the mixed file is what was measured
+    assert q.why.startswith(f"int8 ships with {head} left in fp32, where it answers as fp32 on")
+    plain = ship(candidate, X, 256, X, 0.95)
+    assert plain.int8_model is None and plain.why.startswith("fp32 ships, int8 answers as fp32")
