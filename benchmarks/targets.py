@@ -25,7 +25,9 @@ baseline. Its best: the most accurate such configuration (drop-only: the smalles
 
 Per (teacher, target): met (the run's own verdict), feasible (met, or some sweep configuration
 meets it), the targeted run's file and test drop vs the sweep's best's, "worse" (some sweep
-configuration meeting the target has a served file no larger and a higher test accuracy), "worse
+configuration meeting the target has a served file no larger and a higher test accuracy; the
+p after it: an exact McNemar test on the test rows between the two registered models, asked
+through their MLflow pyfunc, so that a gap of a row or two reads as what it is), "worse
 than the pick on validation" (the configuration a user picks by hand without spending the test
 rows: served file no larger than the targeted run's, within the limit and within the point on
 the validation rows the targeted run's guard decides on, the most accurate there; worse where
