@@ -189,16 +189,21 @@ def refit_to_target(
 
 def untried(budget: int, want: int, builds: list[Build]) -> int:
     """`budget`, unless it is within `MIN_STEP` of the budget of a build that landed on the other
-    side of `want` from the nearest build beyond it: the reduce stage keeps whole units, so a
-    budget next to one already built lands where that one did (CNN1d 32-64, `size_kb=7.8`: budgets
-    1,638 and 1,639 both built 1,354 params, the guard broken). Then the geometric middle of the
-    two budgets that landed either side of `want` (there 1,798: 1,794 params, the guard kept)."""
+    side of `want` from the nearest build beyond it, or the last build landed on the parameters
+    of an earlier one: the reduce stage keeps whole units, so a budget next to one already built
+    lands where that one did (CNN1d 32-64, `size_kb=7.8`: budgets 1,638 and 1,639 both built
+    1,354 params, the guard broken; and three rebuilds, each a few per cent above the last, did
+    so again). Then the geometric middle of the two budgets that landed either side of `want`
+    (there 1,798: 1,794 params, the guard kept)."""
     below = [b.budget for b in builds if b.params < want]
     above = [b.budget for b in builds if b.params > want]
     if not below or not above:
         return budget
     low, high = max(below), min(above)
-    if high <= low * (1 + MIN_STEP) or low * (1 + MIN_STEP) < budget < high * (1 - MIN_STEP):
+    again = any(b.params == builds[-1].params for b in builds[:-1])
+    if high <= low * (1 + MIN_STEP) or (
+        not again and low * (1 + MIN_STEP) < budget < high * (1 - MIN_STEP)
+    ):
         return budget
     return round(math.sqrt(low * high))
 

@@ -227,6 +227,11 @@ def test_a_budget_next_to_one_built_moves_to_the_middle_of_the_budgets_either_si
     assert untried(1_950, 1_631, builds) == middle  # next to 1,973
     assert untried(1_800, 1_631, builds) == 1_800  # clear of both
     assert untried(1_639, 1_631, builds[:1]) == 1_639  # nothing built below the want yet
+    # a budget clear of both, where the last build landed on an earlier one's parameters (1,403
+    # wanted; budgets 1,450 and 1,502 both built 1,354): the middle, not another small step up
+    again = [build(0, 2_440, 2_428), build(1, 1_450, 1_354), build(2, 1_502, 1_354)]
+    assert untried(1_555, 1_403, again) == round((1_502 * 2_440) ** 0.5)
+    assert untried(1_555, 1_403, again[:2]) == 1_555  # nothing landed twice yet
 
 
 def test_the_next_budget_stays_inside_the_bracket():

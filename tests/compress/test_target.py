@@ -494,3 +494,49 @@ def test_the_plan_counts_on_int8_only_where_it_would_ship():
     assert unplanned_int8(teacher, X, cfg, 0, ships) == ""
     fp32 = cfg.model_copy(update={"format": "fp32"})
     assert unplanned_int8(teacher, X, fp32, 0, ships) == "compress.quantize.format=fp32"
+
+
+def test_a_narrowed_copy_is_found_at_about_the_parameters_asked(digits):
+    from distill.tasks.compress.plan import narrowed_to
+
+    teacher = build_mlp(64, [128, 64], 10).eval()
+    example = torch.from_numpy(digits.X_train[:2])
+    full = sum(p.numel() for p in teacher.parameters())
+    for want in (full // 3, full // 10):
+        got = sum(p.numel() for p in narrowed_to(teacher, example, want).parameters())
+        assert 0.9 * want <= got <= want, (want, got)
+
+
+def test_the_plan_leaves_int8_out_where_it_would_not_ship_at_the_planned_size(digits, monkeypatch):
+    """int8 planned from the costs' copies (it ships at half width) is checked on a copy of the
+    planned size; where it would not ship there (a CNN's static int8, 5x slower at a few
+    thousand params), the plan is made again in fp32 and says why."""
+    from distill.tasks.compress import plan
+    from distill.tasks.platform.config import (
+        QuantizeConfig,
+        ReconstructConfig,
+        ReduceConfig,
+        TargetConfig,
+    )
+
+    teacher = build_mlp(64, [64], 10).eval()
+    costs = {
+        "fp32": Costs((100, 4_000), (2_000, 18_000), (0.01, 0.02), "onnxruntime fp32"),
+        "int8": Costs((100, 4_000), (3_000, 7_000), (0.01, 0.02), "onnxruntime int8"),
+    }
+    monkeypatch.setattr(plan, "measure_costs", lambda *a, **k: dict(costs))
+    asked = []
+
+    def slower(teacher_, X, cfg, seed, params):
+        asked.append(params)
+        return f"at {params:,} params fp32 ships, int8 is slower: measured"
+
+    monkeypatch.setattr(plan, "int8_ships_at", slower)
+    target = TargetConfig(size_kb=6.0)
+    args = (ReduceConfig(), ReconstructConfig(), QuantizeConfig(), 0, 3)
+    made, left, _ = plan.plan_for_target(teacher, digits, target, *args)
+    assert asked and made.fmt == "fp32" and set(left) == {"fp32"}
+    assert f"int8 left out: at {asked[0]:,} params fp32 ships, int8 is slower" in made.why
+    monkeypatch.setattr(plan, "int8_ships_at", lambda *a: "")
+    made, left, _ = plan.plan_for_target(teacher, digits, target, *args)
+    assert made.fmt == "int8" and set(left) == {"fp32", "int8"}
