@@ -334,14 +334,16 @@ def mixed_int8(
     judge: Callable[[OnnxModel, list[str]], tuple[bool, float, Verdict]],
     requantize: Requantize,
     most: int = 16,
+    skip: Sequence[str] = (),
 ) -> tuple[OnnxModel, Verdict, list[str]] | None:
     """Per-layer fallback, as Intel Neural Compressor's accuracy-aware tuning: each weighted
     node's cost measured by leaving it alone in fp32, then the costliest left in fp32 one more
     at a time until `judge` (model, the nodes in fp32 -> ok, score, its record) passes it: the
     smallest set found this way. The last node (a classifier's head, the usual one: its logits
     are the closest calls) is tried first, and where it passes alone no other is made. None
-    when no set short of all of them passes, or the graph has one layer or more than `most`."""
-    nodes = weighted_nodes(fp32.onnx_bytes)
+    when no set short of all of them passes, or the graph has one layer or more than `most`.
+    `skip`: nodes already in fp32 in every model `requantize` makes (not tried again)."""
+    nodes = [n for n in weighted_nodes(fp32.onnx_bytes) if n not in skip]
     if not 2 <= len(nodes) <= most:
         return None
     models = {nodes[-1]: requantize([nodes[-1]])}

@@ -242,7 +242,7 @@ def guarded_int8(
         and quantized.method.startswith("static")
     ):
         already = quantized.fp32_layers  # left in fp32 for the quantize stage's agreement
-        mixed = mixed_int8(fp32, guard, requantizer(fp32, calibration, already))
+        mixed = mixed_int8(fp32, guard, requantizer(fp32, calibration, already), skip=already)
         if mixed is not None:
             model, mixed_check, kept_fp32 = mixed
             kept_fp32 = [*already, *kept_fp32]
@@ -261,17 +261,22 @@ def guarded_int8(
 
 
 def mixed_int8(
-    fp32: OnnxModel, guard: Guard, requantize: Requantize, most: int = 16
+    fp32: OnnxModel,
+    guard: Guard,
+    requantize: Requantize,
+    most: int = 16,
+    skip: tuple[str, ...] = (),
 ) -> tuple[OnnxModel, Check, list[str]] | None:
     """The quantize stage's per-layer fallback (`quantize.mixed_int8`) judged by the guard: the
-    fewest layers left in fp32 that keep it, the most accurate first."""
+    fewest layers left in fp32 that keep it, the most accurate first (`skip`: the layers
+    `requantize` leaves in fp32 already)."""
 
     def judge(model: OnnxModel, kept: list[str]) -> tuple[bool, float, Check]:
         step = f"int8, {kept[0]} fp32" if len(kept) == 1 else f"int8, {len(kept)} layers fp32"
         check = guard.check(step, model.predictor(), fp32.params)
         return check.ok, check.accuracy, check
 
-    found = quantize.mixed_int8(fp32, judge, requantize, most)
+    found = quantize.mixed_int8(fp32, judge, requantize, most, skip)
     if found is None:
         return None
     model, check, kept = found

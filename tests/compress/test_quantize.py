@@ -445,6 +445,10 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
     calls.clear()
     _, _, kept = mixed_int8(fp32, guard, requantize)
     assert kept == [first] and len(calls) == 3
+    # a layer already left in fp32 (by the agreement's fallback) is not tried again
+    calls.clear()
+    _, _, kept = mixed_int8(fp32, guard, requantize, skip=(last,))
+    assert kept == [first] and calls == [[middle], [first]]
 
 
 def test_the_int8_kernels_compute_what_the_int8_graph_says():
