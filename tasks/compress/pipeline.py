@@ -67,7 +67,7 @@ from distill.tasks.compress.reduce import (
     reduce_model,
     reduction_record,
 )
-from distill.tasks.compress.replan import refit_to_target
+from distill.tasks.compress.replan import distilled_once, refit_to_target
 from distill.tasks.compress.smallest import Start, smallest_within
 from distill.tasks.compress.target import (
     Candidate,
@@ -383,8 +383,9 @@ def compress(
             def distilled(student: nn.Module) -> nn.Module:  # the KD stage
                 return steps.finetune(teacher, student, fit, cfg.finetune, seed, device)[0]
 
-            def rebuild(budget: int) -> nn.Module:  # the reduce, reconstruct and KD stages again
-                return distilled(reconstructed_at(budget))
+            # the reduce, reconstruct and KD stages again (a student built before: not distilled
+            # again)
+            rebuild = distilled_once(reconstructed_at, distilled)
 
             search = Search(
                 teacher,

@@ -46,12 +46,14 @@ stage's run has them as `build_N.*` metrics and params, and the verdict's bound 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import replace
 
 from torch import nn
 
+from distill.tasks.compress.memo import model_digest
 from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan
 from distill.tasks.compress.target import Build, Fitted
 from distill.tasks.platform.config import SMALLEST
@@ -185,6 +187,26 @@ def refit_to_target(
         budget = untried(budget_for(want, budget, params, plan.smallest_params), want, builds)
         model = build_at(budget)
     return _shipped(plan, fits, builds)
+
+
+def distilled_once(
+    reconstructed_at: Callable[[int], nn.Module], distilled: Callable[[nn.Module], nn.Module]
+) -> BuildAt:
+    """A `BuildAt` (reduce and reconstruct at a budget, then KD) that distils each student once:
+    the reduce stage keeps whole units, so two budgets can build the same student (CNN1d 32-64,
+    `size_kb=7.8`: three rebuilds built 1,354 params), and its KD (seeded) would only repeat.
+    Keyed by the reconstructed student's digest (its state and plain attributes); each call
+    returns its own copy."""
+    done: dict[bytes, nn.Module] = {}
+
+    def build_at(budget: int) -> nn.Module:
+        student = reconstructed_at(budget)
+        key = model_digest(student)
+        if key not in done:
+            done[key] = distilled(student)
+        return copy.deepcopy(done[key])
+
+    return build_at
 
 
 def untried(budget: int, want: int, builds: list[Build]) -> int:

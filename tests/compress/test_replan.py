@@ -303,3 +303,29 @@ def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypat
     assert metrics["rebuilds"] == len(fitted.builds) - 1
     assert metrics["build_0.measured"] == first.measured and "build_1" in params
     assert "shipped" in out.target.line and "predicted" in out.target.line
+
+
+def test_a_student_built_again_is_not_distilled_again():
+    """Two budgets that land on the same whole units build the same student: its KD runs once,
+    and every caller gets its own copy (pruning one does not touch the next)."""
+    from distill.tasks.compress.replan import distilled_once
+
+    def reconstructed_at(budget: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 2 if budget < 100 else 3)  # whole units: 2 below 100
+
+    distils: list[int] = []
+
+    def distilled(student: torch.nn.Module) -> torch.nn.Module:
+        distils.append(student.out_features)
+        with torch.no_grad():
+            student.weight.add_(1.0)  # what KD changed
+        return student
+
+    build_at = distilled_once(reconstructed_at, distilled)
+    first, again, other = build_at(80), build_at(95), build_at(150)
+    assert distils == [2, 3]  # 95 landed where 80 did
+    assert first is not again and torch.equal(first.weight, again.weight)
+    with torch.no_grad():
+        first.weight.zero_()
+    assert torch.equal(build_at(90).weight, again.weight) and other.out_features == 3
