@@ -43,6 +43,7 @@ from distill.tasks.compress.graph import (
 )
 from distill.tasks.compress.memo import Digested, remembered
 from distill.tasks.compress.pca import Basis, Moments, feature_rows
+from distill.tasks.compress.rows import batches as row_blocks
 
 
 def batches(X: np.ndarray, size: int) -> Iterator[torch.Tensor]:
@@ -341,8 +342,7 @@ def refit_reader(
         return _refit_attention(student, teacher, reader.name, X, kept, ridge, batch_size)
     eq = _NormalEquations(module.bias is not None)
     picked, known = kept.numpy(), digested or Digested.of(teacher.eval())
-    for start in range(0, len(X), batch_size):
-        rows = X[start : start + batch_size]
+    for rows in row_blocks(X, batch_size):
         a = _query(capture(student, reader.name, torch.from_numpy(rows)))
         if reader.kind == "conv":
             A = _conv_rows(cast(nn.Conv1d | nn.Conv2d, module), a)
