@@ -148,7 +148,7 @@ def run_summary(overrides: list[str]) -> tuple[RunSummary, float]:
     return summary, time.perf_counter() - start
 
 
-def test_rows(overrides: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def user_test_rows(overrides: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The test rows as a user holds them (the split's standardization undone) and their labels:
     what the registered model is asked, to compare two runs row by row."""
     from distill.tasks.compress.data import load_dataset
@@ -177,7 +177,7 @@ def attempt(
     rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """One `run`, its figures added to `record` (or the error's first line), appended to `out`;
-    with `rows` (`test_rows`), which test rows its registered model answers right (hex of the
+    with `rows` (`user_test_rows`), which test rows its registered model answers right (hex of the
     packed bits: a paired test between two runs, `mcnemar_p`)."""
     start = time.perf_counter()
     try:
@@ -225,10 +225,9 @@ def mcnemar_p(a: dict, b: dict) -> float | None:
         return None
     from scipy.stats import binomtest
 
-    right = [np.unpackbits(np.frombuffer(bytes.fromhex(r["right"]), np.uint8)) for r in (a, b)]
-    n = min(len(right[0]), len(right[1]))  # packbits pads to a whole byte: the same for both
-    only_a = int((right[0][:n] & ~right[1][:n] & 1).sum())
-    only_b = int((right[1][:n] & ~right[0][:n] & 1).sum())
+    # the same rows for both: packbits pads both to the same whole byte with zeros (wrong)
+    ra, rb = (np.unpackbits(np.frombuffer(bytes.fromhex(r["right"]), np.uint8)) > 0 for r in (a, b))
+    only_a, only_b = int((ra & ~rb).sum()), int((rb & ~ra).sum())
     if only_a + only_b == 0:
         return 1.0
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
@@ -489,7 +488,7 @@ def main() -> None:
             )
             # the issue's default guard, 1 point (configs/digits.yaml ships 2 for the demo)
             base = [f"seed={args.seed}", f"target.max_accuracy_drop={MAX_DROP}", *loaded]
-            rows = test_rows(teacher_overrides, args.seed)
+            rows = user_test_rows(teacher_overrides, args.seed)
             for kind, value in (
                 ("size_kb", round(teacher_kb / 20, 1)),
                 ("ratio", 4),
