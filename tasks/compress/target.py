@@ -116,6 +116,9 @@ class Build:
     guard_ok: bool  # the served model keeps the guard
     met: bool  # the limit and the guard both hold
     then: str  # the decision taken after it
+    # the served model's drop is estimated within the allowance (guard.decide's point estimate);
+    # False where the guard kept it only as not shown over ("unresolved")
+    within: bool = True
 
 
 @dataclass
