@@ -299,7 +299,8 @@ def ship(
         tried,
         why=f"int8 ships with {layers} left in fp32, where it answers as fp32 on "
         f"{100 * agreed_mixed:.1f} % of {rows} (all in int8: {100 * agreed:.1f} %, below "
-        f"compress.quantize.min_agreement {min_agreement:g}): {tried.choice.measured('static')}",
+        f"compress.quantize.min_agreement {min_agreement:g}): "
+        + (tried.choice.measured("static") if fmt == "measured" else tried.why),
     )
 
 

@@ -589,5 +589,8 @@ def test_int8_that_answers_unlike_fp32_ships_with_the_layer_that_costs_it_left_i
     assert agreement(fp32, q.int8_model, X) >= 0.95 and q.method == "static, 1 fp32"
     assert measured[-1] is q.int8_model  # the mixed file is what was measured
     assert q.why.startswith(f"int8 ships with {head} left in fp32, where it answers as fp32 on")
+    # a pinned format is named where the mixed file ships
+    pinned = ship(candidate, X, 256, X, 0.95, fmt="int8", calibration=X)
+    assert pinned.fp32_layers == (head,) and "compress.quantize.format=int8" in pinned.why
     plain = ship(candidate, X, 256, X, 0.95)
     assert plain.int8_model is None and plain.why.startswith("fp32 ships, int8 answers as fp32")
