@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import cast
@@ -43,7 +43,6 @@ from distill.tasks.compress.quantize import (
     Quantized,
     Requantize,
     quantize_model,
-    requantizer,
     with_fp32_layers,
 )
 from distill.tasks.compress.reduce import calibration_rows
@@ -225,9 +224,10 @@ def guarded_int8(
     ship_rows: tuple[np.ndarray, int] | None = None,
 ) -> tuple[Quantized, Check | None]:
     """int8 (where the quantize stage ships it: smaller, no slower), unless it breaks the guard
-    where its float model keeps it: then ONNX Runtime's static int8 with the layers that cost
-    the guard most left in fp32 as well (`mixed_int8`: `calibration` rows for its scales, and
-    the rows and batch that measure whether it still ships), else the fp32 export."""
+    where its float model keeps it: then ONNX Runtime's static int8 restored as the quantize
+    stage restores it for the agreement (`quantize.restored_int8`: the weighted ops alone, then
+    the layers that cost the guard most left in fp32; `calibration` rows for its scales, and the
+    rows and batch that measure whether it still ships), else the fp32 export."""
     if quantized.int8_model is None:
         return quantized, None
     check = guard.check("int8", quantized.int8_model.predictor(), quantized.int8_model.params)
@@ -239,28 +239,47 @@ def guarded_int8(
     )
     fp32 = quantized.float_model
     if (
-        calibration is not None
-        and ship_rows is not None
-        and isinstance(fp32, OnnxModel)
-        and quantized.method.startswith("static")
+        calibration is None
+        or ship_rows is None
+        or not isinstance(fp32, OnnxModel)
+        or not quantized.method.startswith("static")
     ):
-        already = quantized.fp32_layers  # left in fp32 for the quantize stage's agreement
-        mixed = mixed_int8(fp32, guard, requantizer(fp32, calibration, already), skip=already)
-        if mixed is not None:
-            model, mixed_check, kept_fp32 = mixed
-            kept_fp32 = [*already, *kept_fp32]
-            tried = with_fp32_layers(quantized, model, kept_fp32, *ship_rows, "measured")
-            layers = ", ".join(kept_fp32)
-            if tried.int8_model is not None:
-                return replace(
-                    tried,
-                    why=f"int8 ships with {layers} in fp32 (int8 there broke the guard); "
-                    + tried.why,
-                ), mixed_check
-            why += f"; int8 with {layers} in fp32 kept it, but then {tried.why}"
-        else:
-            why += "; no per-layer fallback kept it"
+        return quantized.fp32_instead(why), check
+    already = quantized.fp32_layers  # left in fp32 for the quantize stage's agreement
+    found = None
+    for found in restored_int8(fp32, guard, calibration, already, quantized.weights_only):
+        kept_fp32 = [*already, *found.fp32_layers]
+        weights_only = quantized.weights_only or found.weights_only
+        tried = with_fp32_layers(
+            quantized, found.model, kept_fp32, *ship_rows, "measured", weights_only
+        )
+        how = replace(found, fp32_layers=kept_fp32, weights_only=weights_only).how
+        if tried.int8_model is not None:
+            return replace(
+                tried, why=f"int8 ships {how} (the int8 made broke the guard); " + tried.why
+            ), replace(found.verdict, step="int8")
+        why += f"; int8 {how} kept it, but then {tried.why}"
+    if found is None:
+        why += "; no fallback (the weighted ops alone, layers in fp32) kept it"
     return quantized.fp32_instead(why), check
+
+
+def guard_judge(
+    guard: Guard, fp32: OnnxModel
+) -> Callable[[OnnxModel, list[str]], tuple[bool, float, Check]]:
+    """A per-layer fallback's judge (`quantize.mixed_int8`, `quantize.restored_int8`): the guard's
+    check of an int8 model with some layers in fp32 (none: the weighted ops alone in int8), its
+    accuracy the score."""
+
+    def judge(model: OnnxModel, kept: list[str]) -> tuple[bool, float, Check]:
+        if not kept:
+            step = "int8, weighted ops alone"
+        else:
+            step = f"int8, {kept[0]} fp32" if len(kept) == 1 else f"int8, {len(kept)} layers fp32"
+        check = guard.check(step, model.predictor(), fp32.params)
+        return check.ok, check.accuracy, check
+
+    return judge
 
 
 def mixed_int8(
@@ -273,17 +292,26 @@ def mixed_int8(
     """The quantize stage's per-layer fallback (`quantize.mixed_int8`) judged by the guard: the
     fewest layers left in fp32 that keep it, the most accurate first (`skip`: the layers
     `requantize` leaves in fp32 already)."""
-
-    def judge(model: OnnxModel, kept: list[str]) -> tuple[bool, float, Check]:
-        step = f"int8, {kept[0]} fp32" if len(kept) == 1 else f"int8, {len(kept)} layers fp32"
-        check = guard.check(step, model.predictor(), fp32.params)
-        return check.ok, check.accuracy, check
-
-    found = quantize.mixed_int8(fp32, judge, requantize, most, skip)
+    found = quantize.mixed_int8(fp32, guard_judge(guard, fp32), requantize, most, skip)
     if found is None:
         return None
     model, check, kept = found
     return model, replace(check, step="int8"), kept
+
+
+def restored_int8(
+    fp32: OnnxModel,
+    guard: Guard,
+    calibration: np.ndarray,
+    skip: tuple[str, ...] = (),
+    weights_only: bool = False,
+    most: int = 16,
+) -> Iterator[quantize.Restored[Check]]:
+    """The quantize stage's int8 restorations (`quantize.restored_int8`: the weighted ops alone,
+    then layers in fp32) judged by the guard (`skip`: the layers already in fp32;
+    `weights_only`: the int8 already quantizes its weighted ops alone)."""
+    judge = guard_judge(guard, fp32)
+    return quantize.restored_int8(fp32, judge, calibration, skip, weights_only, most)
 
 
 def served_check(quantized: Quantized, int8: Check | None, float_check: Check) -> Check:

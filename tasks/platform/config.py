@@ -323,8 +323,9 @@ class QuantizeConfig(Strict):
     batch: int = Field(256, ge=1)
     # int8 ships only when its classes agree with the fp32 export's on this fraction of 1,024
     # training rows (label-free; not checked for a regression output): where all-int8 does not,
-    # the layers that cost the agreement most are left in fp32 until it does; a broken int8 model
-    # is refused here; a target's guard decides finer, on validation accuracy
+    # int8 of the weighted ops alone is tried (a transformer's attention), then the layers that
+    # cost the agreement most are left in fp32 until it does; a broken int8 model is refused
+    # here; a target's guard decides finer, on validation accuracy
     min_agreement: float = Field(0.95, ge=0, le=1)
     # measured: the rule above, by size and latency measured at `batch`; fp32 / int8: that format
     # ships whatever the latency says (int8 still held to min_agreement). `distill run --from-run`

@@ -594,3 +594,58 @@ def test_int8_that_answers_unlike_fp32_ships_with_the_layer_that_costs_it_left_i
     assert pinned.fp32_layers == (head,) and "compress.quantize.format=int8" in pinned.why
     plain = ship(candidate, X, 256, X, 0.95)
     assert plain.int8_model is None and plain.why.startswith("fp32 ships, int8 answers as fp32")
+
+
+class _MaskedAttention(nn.Module):
+    """Scores, a mask added as a huge negative number (as Hugging Face's attention adds
+    finfo.min at padded positions), a softmax, a head: uint8 activations of the Add span the
+    mask's range, so every real score rounds to one value, and the head answers one class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.scores = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+        with torch.no_grad():  # the class: whether score 0 beats score 1
+            self.head.weight.zero_()
+            self.head.weight[0, :2] = torch.tensor([10.0, -10.0])
+            self.head.weight[1, :2] = torch.tensor([-10.0, 10.0])
+            self.head.bias.zero_()
+        mask = torch.zeros(8)
+        mask[6:] = torch.finfo(torch.float32).min
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.softmax(self.scores(x) + self.mask, dim=-1))
+
+
+def test_int8_of_the_weighted_ops_alone_ships_where_int8_of_every_op_breaks_the_attention(
+    monkeypatch,
+):
+    """A masked softmax: int8 of every op answers one class; with the weighted ops alone in int8
+    (the activations between them float) it answers as fp32, and that ships, named; the guard's
+    fallback finds it first too."""
+    from distill.tasks.compress.guard import Guard
+    from distill.tasks.compress.quantize import agreement, export_onnx, quantize_onnx, ship
+    from distill.tasks.compress.target import restored_int8
+
+    model = _MaskedAttention().eval()
+    X = np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32) * 3
+    fp32 = OnnxModel(export_onnx(model, X), 90, 90)
+    every_op = OnnxModel(quantize_onnx(fp32.onnx_bytes, X, static=True), 90, 90)
+    answers = fp32.predictor()(X).argmax(1)
+    assert 0.2 < answers.mean() < 0.8  # both classes
+    assert agreement(fp32, every_op, X) < 0.8  # the premise: one class
+    monkeypatch.setattr(
+        quantize,
+        "measure_choice",
+        lambda a, b, rows, batch: Choice(batch, Measured(1000, 1.0), Measured(500, 0.5)),
+    )
+    candidate = Quantized(fp32, every_op, 0.0, 0.0, "static")
+    q = ship(candidate, X, 256, X, 0.95, calibration=X)
+    assert q.int8_model is not None and q.weights_only and q.fp32_layers == ()
+    assert q.method == "static, weights only" and agreement(fp32, q.int8_model, X) >= 0.99
+    assert q.why.startswith("int8 ships with its weighted ops alone in int8, where it answers")
+    guard = Guard(1.0, 0.01, X, answers, teacher_answers=answers)
+    found = next(restored_int8(fp32, guard, X))
+    assert found.weights_only and found.fp32_layers == [] and found.verdict.ok
