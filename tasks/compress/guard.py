@@ -204,6 +204,11 @@ class Check:
     ok: bool  # not shown to lose more than allowed (guard.decide)
     decision: Decision | None = None  # the interval and verdict behind `ok`
 
+    @property
+    def estimated_within(self) -> bool:
+        """The drop's point estimate is within the allowance (not merely not shown over it)."""
+        return self.ok and (self.decision is None or self.decision.verdict == "within")
+
 
 def max_drop_of(target: TargetConfig, data: Dataset) -> float:
     """The guard's allowance for this data's task: target.max_r2_drop or max_accuracy_drop."""

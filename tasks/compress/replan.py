@@ -155,7 +155,7 @@ def refit_to_target(
             fitted.achieved,
         )
         served_ok = fitted.served_check is not None and fitted.served_check.ok
-        within = served_ok and _estimated_within(fitted)
+        within = fitted.served_check is not None and fitted.served_check.estimated_within
         want: int | None = None
         if fitted.met and (within or last):
             then = "shipped: met"
@@ -255,13 +255,6 @@ def budget_for(want: int, budget: int, params: int, smallest: int) -> int:
     """The reduce budget that should build `want` parameters, given that `budget` built
     `params`: the reduce stage lands near, not on, its budget (scaled by what it built last)."""
     return max(smallest, round(want * budget / max(params, 1)))
-
-
-def _estimated_within(fitted: Fitted) -> bool:
-    """The served model's drop is estimated within the allowance (not merely not shown over)."""
-    check = fitted.served_check
-    decision = check.decision if check is not None else None
-    return decision is None or decision.verdict == "within"
 
 
 def _drop(fitted: Fitted) -> str:

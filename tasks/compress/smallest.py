@@ -110,11 +110,6 @@ class _Built:
     shown: bool  # its served drop is shown within the allowance (`_shown`)
 
 
-def _within(check: Check) -> bool:
-    """The drop's point estimate is within the allowance (not merely not shown to exceed it)."""
-    return check.ok and (check.decision is None or check.decision.verdict == "within")
-
-
 def _shown(check: Check, max_drop: float) -> bool:
     """The rows show the drop within the allowance: its interval's upper end is (a guard with no
     teacher answers to pair has only the point estimate)."""
@@ -335,7 +330,7 @@ def rebuild_share(builds: int) -> int:
 def _shippable(b: _Built) -> bool:
     """Where the search steers: a kept candidate whose drop is estimated within (whether the
     rows can show it within is the ship rule's question)."""
-    return b.point.kept and _within(b.served_check)
+    return b.point.kept and b.served_check.estimated_within
 
 
 def _upper(b: _Built) -> float:
