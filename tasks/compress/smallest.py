@@ -30,6 +30,12 @@ guard):
   parameters, when it would land at or below the last that broke the guard (units are whole: a
   cut aimed between them may land on it again, as CNN1d 32-64's did six times at 598 params),
   or at the smallest reachable model.
+- **bridging rebuilds** (builds the rounds left over): where the smallest candidate the rows
+  show within (what ships, below) is far above the largest kept candidate below it, a rebuild
+  at their geometric middle, again while builds are left (`_bridge`). The search steers by the
+  point estimate and ships by the interval; on a large model they part far (the targets grid's
+  BERT kept rebuilds of 27,631 and 13,789 params within by the point estimate, none shown
+  within, its pruning stopped after two rounds, and it shipped the 441,354-param start).
 
 The guard is the targets' (tasks/compress/guard.py): a candidate is rolled back when its
 float model's drop is above the allowance with `target.confidence`, on the paired validation
@@ -257,6 +263,28 @@ def smallest_within(
         else:
             rolled_back.append(check.step)
             broke, broke_by = check.params, "broke the guard"  # bisect between them
+    # builds left over (the rounds stopped short of `builds`) close the gap the ship rule can
+    # leave: rebuilds between the smallest candidate shown within and the largest kept below it
+    bridged = 0
+    while build_at is not None and built < builds:
+        between = _bridge(kept, begun)
+        if between is None:
+            break
+        budget = budget_for(between, plan.reduce_params, _params(student), plan.smallest_params)
+        model = build_at(budget).eval()
+        built += 1
+        bridged += 1
+        name = f"rebuild {len(rebuilt) + bridged}"
+        check = guard.check(name, torch_predictor(model), _params(model))
+        checks.append(check)
+        tried = measure(model, check)
+        frontier.append(tried.point)
+        if tried.point.kept:
+            kept.append(tried)
+        else:
+            rolled_back.append(name)
+    if bridged:
+        stop += f"; then {bridged} rebuild(s) toward the smallest candidate shown within"
     chosen, shown, eligible = _ship_rule(kept, begun)
     if chosen.check.step == UNDISTILLED:  # it would ship as it is: distilled first, then chosen
         distilled(chosen)
@@ -319,6 +347,25 @@ def _ship_rule(kept: list[_Built], start: _Built) -> tuple[_Built, list[_Built],
         return min(shown, key=lambda b: (b.point.size_bytes, b.point.params)), shown, eligible
     chosen = min(eligible, key=lambda b: (_upper(b), b.point.size_bytes, b.point.params))
     return chosen, shown, eligible
+
+
+def _bridge(kept: list[_Built], start: _Built) -> int | None:
+    """The parameters of a rebuild between the candidate the ship rule picks, where the rows
+    show its drop within, and the largest kept candidate below it (whose drop they do not show
+    within: else it would be picked): their geometric middle; None where no such pair is at
+    least `MIN_CUT` apart either side. The search steers by the point estimate, the ship rule
+    asks for the interval's upper end, and on a large model the two can part far: the targets
+    grid's BERT (823,174 params, 600 validation rows) kept rebuilds of 27,631 and 13,789 params
+    within by the point estimate, none shown within, and shipped its 441,354-param start."""
+    chosen, shown, eligible = _ship_rule(kept, start)
+    below = [b.point.params for b in eligible if b.point.params < chosen.point.params]
+    if not shown or not below:
+        return None
+    low, high = max(below), chosen.point.params
+    want = int(math.sqrt(low * high))
+    if want > high * (1 - MIN_CUT) or want < low * (1 + MIN_CUT):
+        return None
+    return want
 
 
 def rebuild_share(builds: int) -> int:
