@@ -129,7 +129,10 @@ def next_params(plan: Plan, costs: dict[str, Costs], builds: list[Build]) -> tup
     want = (aim(plan) - fixed) / slope if slope > 0 else 0.0
     if want <= lower:  # the line says below what keeps the guard (or nothing): bisect
         want = math.sqrt(lower * upper)
-    return int(min(upper, max(lower, upper / MAX_SHRINK, want))), ""
+    # a line through one miss is a guess: at most MAX_SHRINK under it (with none, as after a build
+    # that met the limit with its drop estimated over, the line's aim above it)
+    floor = upper / MAX_SHRINK if over else lower
+    return int(min(upper, max(lower, floor, want))), ""
 
 
 def refit_to_target(

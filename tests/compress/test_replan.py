@@ -361,6 +361,14 @@ def test_a_build_that_meets_with_its_drop_estimated_over_gets_a_spare_rebuild():
     assert [x.within for x in b] == [False, True] and b[1].then == "shipped: met"
     assert fitted.met and fitted.quantized.served.params == b[1].params == 16_735
     assert "build 1 of 2 shipped" in fitted.bound
+    # with no build over the limit the rebuild is where the line aims, not within MAX_SHRINK of
+    # the teacher (the grid's BERT at ratio=30: 58,635 params met at 102.4 KB, estimated over;
+    # the rebuild went to a quarter of the teacher, 202,073 params, 285 KB): 8 KB, build 0 at
+    # 3,117 params (6,558.5 B), the line's aim 8,110 B at 4,668 params
+    plan, fitted = _run(World(5_000, 0.5, estimate_floor=3_500), size_kb=8)
+    b = fitted.builds
+    assert plan.reduce_params == 3_110 and b[0].params == 3_117 and not b[0].within
+    assert b[0].then.endswith("rebuild at 4,668 params") and b[1].within and fitted.met
     # no rebuild left: the build ships as it is, met
     _, fitted = _run(World(15_000, 0.25, estimate_floor=16_000), max_rebuilds=0)
     assert [x.then for x in fitted.builds] == ["shipped: met"] and fitted.met
