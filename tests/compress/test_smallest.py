@@ -629,6 +629,46 @@ def test_the_python_api_takes_a_drop_only_target():
     )
 
 
+def test_builds_left_over_bridge_to_the_smallest_candidate_shown_within(digits):
+    # rebuilds keep the guard down to 15 % of the start, but the rows show a drop within only
+    # from half of it (the targets grid's BERT: rebuilds of 27,631 and 13,789 params within by
+    # the point estimate, none shown within, and its 441,354-param start shipped): pruning stops
+    # early, and the build left over is a rebuild between the largest kept candidate below the
+    # start and the start, which is shown within and ships
+    asked = []
+
+    def build_at(budget):
+        asked.append(budget)
+        return _mlp_at(budget)
+
+    fitted, n, _ = _search(
+        digits,
+        lambda n: int(0.9 * n),
+        6,
+        rebuild_floor_of=lambda n: int(0.15 * n),
+        build_at=build_at,
+        shown_of=lambda n: n // 2,
+    )
+    frontier = fitted.frontier
+    bridge = frontier[-1]
+    assert len(frontier) - 1 == 6 and bridge.name == f"rebuild {len(asked)}" and len(asked) == 4
+    below = max(c.params for c in frontier[:-1] if c.kept and c.params < n)
+    assert below < n // 2  # kept, not shown within: the start was what shipped before
+    assert math.log(bridge.params) == pytest.approx(math.log(below * n) / 2, rel=0.05)
+    assert bridge.kept and bridge.shipped and n // 2 <= bridge.params < n
+    assert "; then 1 rebuild(s) toward the smallest candidate shown within; " in fitted.bound
+    # with every build spent on the way down there is none to bridge with
+    fitted, _, _ = _search(
+        digits,
+        lambda n: int(0.9 * n),
+        3,
+        rebuild_floor_of=lambda n: int(0.15 * n),
+        build_at=_mlp_at,
+        shown_of=lambda n: n // 2,
+    )
+    assert [c.name for c in fitted.frontier if c.shipped] == ["start"]
+
+
 # --- through the CLI ------------------------------------------------------------------------
 
 
@@ -671,43 +711,3 @@ def test_digits_ships_over_30x_within_the_drop_with_its_frontier(tmp_path, mlflo
     starts = [r["candidate"] for r in rows if r["candidate"].startswith("start")]
     assert len(rows) == m["target/builds"] + len(starts) and starts[0] == "start no KD"
     assert version.tags["distill.target"] == "smallest within 0.01 drop"
-
-
-def test_builds_left_over_bridge_to_the_smallest_candidate_shown_within(digits):
-    # rebuilds keep the guard down to 15 % of the start, but the rows show a drop within only
-    # from half of it (the targets grid's BERT: rebuilds of 27,631 and 13,789 params within by
-    # the point estimate, none shown within, and its 441,354-param start shipped): pruning stops
-    # early, and the build left over is a rebuild between the largest kept candidate below the
-    # start and the start, which is shown within and ships
-    asked = []
-
-    def build_at(budget):
-        asked.append(budget)
-        return _mlp_at(budget)
-
-    fitted, n, _ = _search(
-        digits,
-        lambda n: int(0.9 * n),
-        6,
-        rebuild_floor_of=lambda n: int(0.15 * n),
-        build_at=build_at,
-        shown_of=lambda n: n // 2,
-    )
-    frontier = fitted.frontier
-    bridge = frontier[-1]
-    assert len(frontier) - 1 == 6 and bridge.name == f"rebuild {len(asked)}" and len(asked) == 4
-    below = max(c.params for c in frontier[:-1] if c.kept and c.params < n)
-    assert below < n // 2  # kept, not shown within: the start was what shipped before
-    assert math.log(bridge.params) == pytest.approx(math.log(below * n) / 2, rel=0.05)
-    assert bridge.kept and bridge.shipped and n // 2 <= bridge.params < n
-    assert "; then 1 rebuild(s) toward the smallest candidate shown within; " in fitted.bound
-    # with every build spent on the way down there is none to bridge with
-    fitted, _, _ = _search(
-        digits,
-        lambda n: int(0.9 * n),
-        3,
-        rebuild_floor_of=lambda n: int(0.15 * n),
-        build_at=_mlp_at,
-        shown_of=lambda n: n // 2,
-    )
-    assert [c.name for c in fitted.frontier if c.shipped] == ["start"]
