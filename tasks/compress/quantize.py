@@ -264,9 +264,9 @@ def ship(
     """What ships, by the rule of `Choice.int8_ships`, measured on rows of `X` (`fmt` fp32 or
     int8: that format, the measurement logged all the same); with `agree_on`, int8 must also
     answer as the fp32 export on `min_agreement` of those rows. Where it does not and the int8
-    is ONNX Runtime's static one, the layers whose int8 costs the agreement most are left in
-    fp32 (`agreeing_int8`, with `calibration` rows for the scales), and that int8 is measured
-    against fp32 by the same rule."""
+    is ONNX Runtime's static one, the int8 of its weighted ops alone, then with the layers whose
+    int8 costs the agreement most left in fp32 (`restored_int8`, with `calibration` rows for the
+    scales), each measured against fp32 by the same rule: the first that ships."""
     int8 = q.int8_model
     if int8 is None:
         return replace(q, why="quantization off (compress.quantize.enabled: false): fp32 ships")
