@@ -39,12 +39,7 @@ from distill.tasks.compress.graph import Group, ParamModel, param_model
 from distill.tasks.compress.guard import Check, Guard
 from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan
 from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
-from distill.tasks.compress.quantize import (
-    Quantized,
-    Requantize,
-    quantize_model,
-    with_fp32_layers,
-)
+from distill.tasks.compress.quantize import Quantized, quantize_model, with_fp32_layers
 from distill.tasks.compress.reduce import calibration_rows
 from distill.tasks.platform.config import (
     SMALLEST,
@@ -280,23 +275,6 @@ def guard_judge(
         return check.ok, check.accuracy, check
 
     return judge
-
-
-def mixed_int8(
-    fp32: OnnxModel,
-    guard: Guard,
-    requantize: Requantize,
-    most: int = 16,
-    skip: tuple[str, ...] = (),
-) -> tuple[OnnxModel, Check, list[str]] | None:
-    """The quantize stage's per-layer fallback (`quantize.mixed_int8`) judged by the guard: the
-    fewest layers left in fp32 that keep it, the most accurate first (`skip`: the layers
-    `requantize` leaves in fp32 already)."""
-    found = quantize.mixed_int8(fp32, guard_judge(guard, fp32), requantize, most, skip)
-    if found is None:
-        return None
-    model, check, kept = found
-    return model, replace(check, step="int8"), kept
 
 
 def restored_int8(

@@ -408,7 +408,7 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
     the middle stays int8."""
     from distill.tasks.compress.guard import Guard
     from distill.tasks.compress.quantize import export_onnx, weighted_nodes
-    from distill.tasks.compress.target import mixed_int8
+    from distill.tasks.compress.target import guard_judge
 
     fp32 = OnnxModel(export_onnx(trained_mlp, digits.X_test), 100, 100)
     first, middle, last = weighted_nodes(fp32.onnx_bytes)
@@ -430,24 +430,25 @@ def test_the_fallback_keeps_fp32_only_the_layers_int8_breaks(trained_mlp, digits
         return _Answers(~wrong, y)
 
     guard = Guard(1.0, 0.005, np.zeros((500, 1)), y, teacher_answers=y)
-    found = mixed_int8(fp32, guard, requantize)
+    judge = guard_judge(guard, fp32)
+    found = quantize.mixed_int8(fp32, judge, requantize)
     assert found is not None
     _, check, kept = found
-    assert kept == [last, first] and check.ok and check.step == "int8"
+    assert kept == [last, first] and check.ok and check.step == "int8, 2 layers fp32"
     assert calls[:3] == [[last], [first], [middle]]  # the head, each other alone, then sets
     # the head alone fixing it is enough: the search stops there, nothing else made
     broken[first] = np.zeros(500, bool)
     calls.clear()
-    _, _, kept = mixed_int8(fp32, guard, requantize)
+    _, _, kept = quantize.mixed_int8(fp32, judge, requantize)
     assert kept == [last] and calls == [[last]]
     # another layer alone fixing it: each is measured alone, the one that keeps it stays fp32
     broken[first], broken[last] = broken[last], np.zeros(500, bool)
     calls.clear()
-    _, _, kept = mixed_int8(fp32, guard, requantize)
+    _, _, kept = quantize.mixed_int8(fp32, judge, requantize)
     assert kept == [first] and len(calls) == 3
     # a layer already left in fp32 (by the agreement's fallback) is not tried again
     calls.clear()
-    _, _, kept = mixed_int8(fp32, guard, requantize, skip=(last,))
+    _, _, kept = quantize.mixed_int8(fp32, judge, requantize, skip=(last,))
     assert kept == [first] and calls == [[middle], [first]]
 
 
@@ -496,7 +497,7 @@ def _fragile_head() -> tuple[torch.nn.Module, np.ndarray]:
 def test_a_head_whose_int8_breaks_the_guard_stays_fp32_and_only_it():
     from distill.tasks.compress.guard import Guard
     from distill.tasks.compress.quantize import export_onnx, quantize_onnx, weighted_nodes
-    from distill.tasks.compress.target import mixed_int8
+    from distill.tasks.compress.target import guard_judge
 
     model, X = _fragile_head()
     with torch.no_grad():
@@ -509,7 +510,7 @@ def test_a_head_whose_int8_breaks_the_guard_stays_fp32_and_only_it():
         return OnnxModel(quantize_onnx(fp32.onnx_bytes, X, static=True, exclude=kept), 46, 46)
 
     assert guard.check("int8", requantize([]).predictor(), 46).accuracy < 0.6  # the premise
-    found = mixed_int8(fp32, guard, requantize)
+    found = quantize.mixed_int8(fp32, guard_judge(guard, fp32), requantize)
     assert found is not None
     _, check, kept = found
     assert kept == [head] and check.ok and check.accuracy > 0.99
