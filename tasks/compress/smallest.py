@@ -279,10 +279,10 @@ def smallest_within(
         checks.append(check)
         tried = measure(model, check)
         frontier.append(tried.point)
-        if tried.point.kept:
-            kept.append(tried)
-        else:
+        if not tried.point.kept:  # the rows show it over: the bracket would only repeat it
             rolled_back.append(name)
+            break
+        kept.append(tried)
     if bridged:
         stop += f"; then {bridged} rebuild(s) toward the smallest candidate shown within"
     chosen, shown, eligible = _ship_rule(kept, begun)
