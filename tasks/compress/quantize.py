@@ -287,26 +287,28 @@ def ship(
         f"int8 answers as fp32 on only {100 * agreed:.1f} % of {rows} "
         f"(compress.quantize.min_agreement {min_agreement:g})"
     )
-    if calibration is None or q.method != "static" or not isinstance(q.float_model, OnnxModel):
-        return q.fp32_instead(f"fp32 ships, {refused}; {q.why.removeprefix('int8 ships: ')}")
-    judge = _agreement_judge(q.float_model, agree_on, min_agreement)
-    missed = []
-    for found in restored_int8(q.float_model, judge, calibration):
-        tried = with_fp32_layers(
-            q, found.model, found.fp32_layers, X, batch, fmt, found.weights_only
-        )
-        if tried.int8_model is not None and tried.choice is not None:
-            return replace(
-                tried,
-                why=f"int8 ships {found.how}, where it answers as fp32 on "
-                f"{100 * found.verdict:.1f} % of {rows} (all ops in int8: {100 * agreed:.1f} %, "
-                f"below compress.quantize.min_agreement {min_agreement:g}): "
-                + (tried.choice.measured("static") if fmt == "measured" else tried.why),
+    missed = []  # restorations that agree but do not ship
+    fp32 = q.float_model
+    if calibration is not None and q.method == "static" and isinstance(fp32, OnnxModel):
+        judge = _agreement_judge(fp32, agree_on, min_agreement)
+        for found in restored_int8(fp32, judge, calibration):
+            tried = with_fp32_layers(
+                q, found.model, found.fp32_layers, X, batch, fmt, found.weights_only
             )
-        missed.append(f"{found.how} it answers so on {100 * found.verdict:.1f} %, but {tried.why}")
-    if not missed:
-        return q.fp32_instead(f"fp32 ships, {refused}; {q.why.removeprefix('int8 ships: ')}")
-    return q.fp32_instead(f"fp32 ships, {refused}; " + "; ".join(missed))
+            if tried.int8_model is not None and tried.choice is not None:
+                measured = tried.choice.measured("static") if fmt == "measured" else tried.why
+                return replace(
+                    tried,
+                    why=f"int8 ships {found.how}, where it answers as fp32 on "
+                    f"{100 * found.verdict:.1f} % of {rows} (all ops in int8: "
+                    f"{100 * agreed:.1f} %, below compress.quantize.min_agreement "
+                    f"{min_agreement:g}): {measured}",
+                )
+            missed.append(
+                f"{found.how} it answers so on {100 * found.verdict:.1f} %, but {tried.why}"
+            )
+    detail = "; ".join(missed) if missed else q.why.removeprefix("int8 ships: ")
+    return q.fp32_instead(f"fp32 ships, {refused}; {detail}")
 
 
 def with_fp32_layers(

@@ -10,6 +10,7 @@ import io
 import itertools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -197,6 +198,17 @@ def _mlp_at(budget: int) -> torch.nn.Module:
     return build_mlp(64, [h, h], 10)
 
 
+def _recording_mlp_at() -> tuple[list[int], Callable[[int], torch.nn.Module]]:
+    """`_mlp_at` that also records the budgets it was asked for."""
+    asked: list[int] = []
+
+    def build_at(budget: int) -> torch.nn.Module:
+        asked.append(budget)
+        return _mlp_at(budget)
+
+    return asked, build_at
+
+
 def _search(
     digits,
     floor_of,
@@ -353,12 +365,7 @@ def test_rebuilds_from_the_teacher_bisect_below_what_pruning_keeps(digits, build
     # (ResNet1d-32 in the targets grid: pruning its 22,388-param start stopped at 11,684, a
     # reduction to 988 params distilled was within); without rebuilds the search ships what
     # pruning keeps, with them a smaller file, found by bisection
-    asked = []
-
-    def build_at(budget):
-        asked.append(budget)
-        return _mlp_at(budget)
-
+    asked, build_at = _recording_mlp_at()
     floor_of, rebuild_floor_of = (lambda n: int(0.9 * n)), (lambda n: int(0.15 * n))
     fitted, n, floor = _search(digits, floor_of, builds, rebuild_floor_of=rebuild_floor_of)
     assert next(c.params for c in fitted.frontier if c.shipped) >= floor  # pruning alone
@@ -466,19 +473,13 @@ def test_a_kept_start_estimated_over_is_bisected_below_not_toward_the_teacher(di
     # the start keeps the guard, but its drop is estimated over the allowance (unresolved); a
     # reduction distilled is within down to 15 % (the targets grid's ResNet1d-32: its start 1.3
     # points over on 300 rows; rebuilt toward the teacher it shipped 1.2x)
-    asked = []
-
-    def build_at(budget):
-        asked.append(budget)
-        return _mlp_at(budget)
-
     fitted, n, _ = _search(
         digits,
         lambda n: n // 3,
         builds=3,
         within_of=lambda n: n + 1,
         rebuild_floor_of=lambda n: int(0.15 * n),
-        build_at=build_at,
+        build_at=_mlp_at,
     )
     rebuilt = [c for c in fitted.frontier if c.name.startswith("rebuild")]
     assert len(rebuilt) == 2 and all(c.params < n for c in rebuilt)
@@ -635,12 +636,7 @@ def test_builds_left_over_bridge_to_the_smallest_candidate_shown_within(digits):
     # the point estimate, none shown within, and its 441,354-param start shipped): pruning stops
     # early, and the build left over is a rebuild between the largest kept candidate below the
     # start and the start, which is shown within and ships
-    asked = []
-
-    def build_at(budget):
-        asked.append(budget)
-        return _mlp_at(budget)
-
+    asked, build_at = _recording_mlp_at()
     fitted, n, _ = _search(
         digits,
         lambda n: int(0.9 * n),
