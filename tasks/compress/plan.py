@@ -13,14 +13,19 @@ target in one shot.
   costs) gets the drop-only search from the smallest reduction whose reconstruction keeps the
   guard (`smallest_start`): the smallest file within the drop, met where it is within the limit
   (smallest.py); a parameter count below it, guarded pruning rounds (target.py).
+- **Shapes** (`shaped`): a reachable size plan's budget, corrected by measuring the reduce and
+  reconstruct stages' student before any KD (the line is fitted on evenly narrowed
+  copies; the reduce stage narrows unevenly).
 
-`plan_for_target` is the pipeline's plan stage: costs measured, plan made, its start searched.
+`plan_for_target` is the pipeline's plan stage: costs measured, plan made and measured, its start
+searched.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -32,6 +37,7 @@ from distill.tasks.compress import hidden, transformer, vocab
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
     OnnxModel,
+    TorchScriptModel,
     latency_percentiles_ms,
     saved_size,
     torch_predictor,
@@ -59,6 +65,9 @@ from distill.tasks.platform.config import (
 from distill.tasks.platform.progress import note
 
 BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is fitted, not exact)
+LATENCY_MARGIN = 0.05  # a latency re-plan aims this much under the limit (the load moves it)
+LATENCY_TRIES = 3  # a latency is the median of this many p50s (each of `latency_repeats` calls)
+SHAPE_TRIES = 3  # reconstructions measured before the planned build's KD (`shaped`)
 MIN_CUT = 0.05  # a search's build that would remove less of the parameters is not worth making
 SHOWN = 0.99  # int8 is left out of a plan where the teacher's int8 is below the rule at this level
 
@@ -246,6 +255,17 @@ def int8_breaks(
 
 
 @dataclass(frozen=True)
+class Shape:
+    """A reconstruction measured before any KD (`shaped`): the reduce budget, the parameters it
+    built, the format its export was measured in and what that measured, in the plan's unit."""
+
+    budget: int
+    params: int
+    fmt: str
+    measured: float
+
+
+@dataclass(frozen=True)
 class Plan:
     kind: str  # size_kb | ratio | params | latency_ms_b1 | smallest (drop-only)
     value: float  # as the user gave it (smallest: the drop)
@@ -262,6 +282,8 @@ class Plan:
     # candidate (`first_probe`): the search keeps it undistilled as its fallback; 0: the start is
     # what the reduce stage builds
     start_params: int = 0
+    # the reconstructions measured before the planned build's KD (`shaped`), in order
+    shapes: tuple[Shape, ...] = ()
 
     @property
     def unit(self) -> str:
@@ -417,6 +439,140 @@ def first_probe(start: int, smallest: int) -> int:
     return start if probe > start * (1 - MIN_CUT) else probe
 
 
+def aim(plan: Plan) -> float:
+    """What a measured correction aims the served model at, in the plan's unit: under the limit
+    by `BYTES_MARGIN` (bytes) or `LATENCY_MARGIN` (the load moves a latency)."""
+    margin = {"bytes": BYTES_MARGIN, "params": 0.0}.get(plan.unit, LATENCY_MARGIN)
+    return plan.limit * (1 - margin)
+
+
+def achieved(
+    plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int
+) -> float:
+    """What `served` measures in the plan's unit: its file's bytes, its parameters, or its
+    batch-1 latency (the median of `LATENCY_TRIES` p50s: one p50 moves with the machine's load)."""
+    if plan.unit == "bytes":
+        return float(saved_size(served)[0])  # the file on disk
+    if plan.unit == "params":
+        return float(served.params)
+    predict = served.predictor()
+    return float(
+        np.median([latency_percentiles_ms(predict, X, 1, repeats)[0] for _ in range(LATENCY_TRIES)])
+    )
+
+
+def measured_line(
+    plan: Plan, costs: dict[str, Costs], points: list[tuple[int, float]], fmt: str
+) -> tuple[float, float]:
+    """(fixed, per parameter) of what a served model measures in `fmt`, from the models measured
+    so far in it (`points`: parameters and measurement, in order): the secant through the last
+    two where its slope is positive (two noisy latencies can say a larger model is faster), else
+    the costs' slope through the last one, else the costs' line."""
+    if plan.unit == "params":
+        return 0.0, 1.0
+    fixed, slope = costs.get(fmt, costs[plan.fmt]).line(
+        "bytes" if plan.unit == "bytes" else "latency"
+    )
+    if len(points) >= 2 and points[-1][0] != points[-2][0]:
+        (p0, m0), (p1, m1) = points[-2], points[-1]
+        secant = (m1 - m0) / (p1 - p0)
+        if secant > 0:
+            return m1 - secant * p1, secant
+    if points:
+        return points[-1][1] - slope * points[-1][0], slope
+    return fixed, slope
+
+
+def shape_fits(plan: Plan, measured: float) -> bool:
+    """Whether a reconstruction that measures this is taken as the planned build: at most the
+    limit less half the aim's margin (what KD leaves of the measurement: the same graph, other
+    weights), at least two margins under the aim (closer is not worth another reconstruction)."""
+    margin = 1 - aim(plan) / plan.limit
+    return aim(plan) * (1 - 2 * margin) <= measured <= _ceiling(plan)
+
+
+def _ceiling(plan: Plan) -> float:
+    """The most a reconstruction may measure to be planned: the limit less half the aim's margin."""
+    return plan.limit * (1 + aim(plan) / plan.limit) / 2
+
+
+def shaped(
+    plan: Plan,
+    costs: dict[str, Costs],
+    measure_at: Callable[[int], Shape],
+    tries: int = SHAPE_TRIES,
+) -> Plan:
+    """A size plan with its reduce budget corrected by measuring reconstructions before any KD.
+
+    A file's bytes depend on the student's shapes, not on its weights: the reconstruction at a
+    budget, exported in the same format, is as large as its KD will be, and costs seconds where
+    a KD costs minutes. The costs' line is measured on uniformly narrowed copies, and the
+    reduce stage narrows unevenly (the targets grid: digits `size_kb=58.9` planned at 58.2 KB
+    measured 59.9 KB after KD, the BERT's `ratio=10` 320.5 KB at 327.1 KB), so a build
+    planned by the line misses and is pruned (a few recovery epochs, and accuracy) or rebuilt (a
+    whole KD). Here the planned budget's reconstruction is measured (`measure_at`), and while it
+    misses `shape_fits`, the budget moves along the secant of the measurements (`measured_line`),
+    held inside the bracket of those over the limit and those far under it, at most `tries`
+    reconstructions. The largest that fits is planned; where none does, the budget the last
+    secant points at (the tries spent), else the largest under the limit. Every reconstruction
+    measured is on the plan (`Plan.shapes`): the closed loop's line starts from them (replan.py).
+
+    Sizes only. A latency hangs on the format that ships (int8 of every op, of the weighted ops
+    alone, or fp32), decided on the distilled student by its agreement and speed, and that moves
+    it more than the shapes do: the targets grid's ResNet1d at 0.0386 ms, a reconstruction
+    measured 0.0372 ms as the quantize stage served it and 0.0260 ms after KD (2,788 params);
+    another 0.0329 ms as planned (int8) and 0.0402 ms after KD (27,816)."""
+    if not plan.reachable or plan.searched or plan.unit != "bytes":
+        return plan
+    shapes: list[Shape] = []
+    budget = plan.reduce_params
+    for _ in range(tries):
+        shape = measure_at(budget)
+        shapes.append(shape)
+        if shape_fits(plan, shape.measured):
+            break
+        same = [(s.params, s.measured) for s in shapes if s.fmt == shape.fmt]
+        fixed, slope = measured_line(plan, costs, same, shape.fmt)
+        over = [s.params for s in shapes if s.measured > _ceiling(plan)]
+        under = [s.params for s in shapes if s.measured <= _ceiling(plan)]
+        upper = min(over, default=plan.teacher_params)
+        lower = max(under, default=plan.smallest_params)
+        want = (aim(plan) - fixed) / slope if slope > 0 else 0.0
+        if not lower < want < upper:  # the line points outside the bracket: its middle
+            want = math.sqrt(lower * upper)
+        # the reduce stage lands near its budget, not on it: scaled by where this one landed
+        budget = max(plan.smallest_params, round(want * shape.budget / max(shape.params, 1)))
+        if upper <= lower or any(s.budget == budget for s in shapes):
+            break  # whole units: no budget left between them
+    best = max(
+        (s for s in shapes if s.measured <= _ceiling(plan)), key=lambda s: s.params, default=None
+    )
+    tried = "; ".join(
+        f"{s.budget:,}: {s.params:,} params, {shown(plan, s.measured)} {s.fmt}" for s in shapes
+    )
+    if best is not None and shape_fits(plan, best.measured):
+        chosen, then = best.budget, f"reduced at {best.budget:,}"
+    elif all(s.budget != budget for s in shapes):  # the tries spent: where the last line points
+        chosen, then = budget, f"reduced at {budget:,}, where their line meets the aim"
+    else:
+        chosen = best.budget if best is not None else budget
+        then = f"reduced at {chosen:,}"
+    why = f"{plan.why}; reconstructions measured before KD ({tried}): {then}"
+    return replace(
+        plan,
+        reduce_params=chosen,
+        final_params=best.params if best is not None else plan.final_params,
+        why=why,
+        shapes=tuple(shapes),
+    )
+
+
+def shown(plan: Plan, x: float) -> str:
+    """`x` in the plan's unit, as the records show it."""
+    units = {"bytes": f"{x / 1024:.1f} KB", "params": f"{x:,.0f} params"}
+    return units.get(plan.unit, f"{x:.4f} ms")
+
+
 def plan_for_target(
     teacher: nn.Module,
     data: Dataset,
@@ -449,6 +605,25 @@ def plan_for_target(
             costs = {fmt: c for fmt, c in costs.items() if fmt != "int8"}
             plan = plan_target(target, costs, teacher_params, smallest, teacher_bytes)
             plan = replace(plan, why=f"{plan.why}; int8 left out: {why_not}")
+    if plan.reachable and not plan.searched and plan.unit == "bytes":
+        X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
+        X = data.X_train[:512]
+
+        def measure_at(budget: int) -> Shape:
+            """The reduce and reconstruct stages at `budget`, exported in the plan's format (int8
+            as made, as the costs measured it: its bytes do not hang on whether it ships)."""
+            at = reduce.model_copy(update={"budget": BudgetConfig(params=budget)})
+            reduction = reduce_model(start, X_calib, at, recon.mode)
+            made = exported_and_int8(
+                reconstruct(start, reduction, X_calib, recon), X[:64], X, quantize, seed
+            )
+            if plan.fmt != "int8" or made.int8_model is None:
+                made = made.fp32_instead("")
+            fmt = "fp32" if made.int8_model is None else "int8"
+            served = made.served
+            return Shape(budget, served.params, fmt, achieved(plan, served, X, latency_repeats))
+
+        plan = shaped(plan, costs, measure_at)
     if not plan.reachable:
         guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence, X_agree)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)

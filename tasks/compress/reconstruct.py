@@ -59,8 +59,8 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
 
 
 def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
-    U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out, k)
-    mu = torch.from_numpy(basis.mean).to(torch.float64)
+    U = torch.tensor(basis.components[:, :k], dtype=torch.float64)  # (out, k)
+    mu = torch.tensor(basis.mean, dtype=torch.float64)
     W = layer.weight.detach().to(torch.float64)
     b = (
         layer.bias.detach().to(torch.float64)
@@ -78,8 +78,8 @@ def _factor_linear(layer: nn.Linear, basis: Basis, k: int) -> nn.Sequential:
 
 
 def _factor_conv(layer: nn.Conv1d | nn.Conv2d, basis: Basis, k: int) -> nn.Sequential:
-    U = torch.from_numpy(basis.components[:, :k]).to(torch.float64)  # (out_channels, k)
-    mu = torch.from_numpy(basis.mean).to(torch.float64)
+    U = torch.tensor(basis.components[:, :k], dtype=torch.float64)  # (out_channels, k)
+    mu = torch.tensor(basis.mean, dtype=torch.float64)
     W = layer.weight.detach().to(torch.float64)  # (out, in, *kernel)
     b = (
         layer.bias.detach().to(torch.float64)

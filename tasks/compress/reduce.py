@@ -29,6 +29,7 @@ from torch import nn
 
 from distill.tasks.compress import hidden, transformer
 from distill.tasks.compress.graph import Group, ParamModel, param_model, trace
+from distill.tasks.compress.memo import remembered
 from distill.tasks.compress.pca import Basis, Moments, collect_bases, linear_layers  # noqa: F401 (re-exported)
 from distill.tasks.compress.transformer import weight_of
 from distill.tasks.compress.width import group_bases
@@ -560,6 +561,16 @@ PLANNERS: dict[str, Callable[[nn.Module, np.ndarray, ReduceConfig], Plan]] = {
 def reduce_model(
     teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str = "low_rank"
 ) -> Reduction:
+    """The reduce stage's plan for `teacher` on the calibration rows. The same teacher, rows,
+    config and mode again answer from memory (memo.py; the answer is shared: its arrays are
+    read-only): a size target's plan measures the reconstruction at the budget the reduce stage
+    then builds (`plan.shaped`), and a transformer's plan builds and measures a trial student per
+    number of layers (the targets grid's BERT: 10 s a plan)."""
+    return _reduced(teacher, X_calib, cfg, mode)
+
+
+@remembered(keep=4)
+def _reduced(teacher: nn.Module, X_calib: np.ndarray, cfg: ReduceConfig, mode: str) -> Reduction:
     plan = PLANNERS[mode](teacher, X_calib, cfg)
     return Reduction(
         bases=plan.bases,

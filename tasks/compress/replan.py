@@ -4,7 +4,11 @@ measurement, rebuild from the reduce stage, at most `target.max_rebuilds` times.
 The plan (tasks/compress/plan.py) predicts the served file's bytes (or batch-1 latency) from a
 line measured on narrowed copies of the teacher; a student is not such a copy (digits,
 `size_kb=30`: 24,033 params predicted at 29.7 KB measured 31.4 KB, 32,176 B, as int8; a 1-D
-ResNet's latency target: 0.0669 ms measured against 0.0297 ms). After each build (reduce,
+ResNet's latency target: 0.0669 ms measured against 0.0297 ms). The plan stage corrects a size
+plan's budget by measuring reconstructions before any KD (`plan.shaped`: a file's bytes hang on
+the shapes, not the weights), and the line here starts from those measurements; a build can
+still miss (int8 may ship otherwise than planned, the tries run out), and a latency is not
+shaped (the format that ships moves it more than the shapes do). After each build (reduce,
 reconstruct, KD) the fit exports and measures it (`fit_to_target`), then:
 
 - **met** (the limit and the guard hold), its drop estimated within the allowance: it ships; no
@@ -16,7 +20,8 @@ reconstruct, KD) the fit exports and measures it (`fit_to_target`), then:
   looks for a build they do not estimate over, and the loop ships the one they judge best (the
   targets grid, docs/benchmarks.md: both latency targets shipped such a build, 1.11 and 2.00
   validation points over a 1-point allowance, with room under the limit). Where there is no
-  room (the limit missed just above it) it ships as it is.
+  room (the limit missed just above it, or, none missed, the measured line meets the limit
+  within `MIN_STEP` of it) it ships as it is.
 - **a small miss** (a cut of at most `PRUNE_CUT` of the parameters closes it by the cost line
   anchored at the measurement): the fit prunes toward it in guarded rounds with KD recovery, as
   before. A round costs a few recovery epochs; a rebuild costs a whole KD.
@@ -65,12 +70,11 @@ from dataclasses import replace
 from torch import nn
 
 from distill.tasks.compress.memo import model_digest
-from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan
+from distill.tasks.compress.plan import Costs, Plan, aim, measured_line
 from distill.tasks.compress.target import Build, Fitted
 from distill.tasks.platform.config import SMALLEST
 
 PRUNE_CUT = 0.15  # a miss a pruning round closes (of the parameters); a larger one is rebuilt
-LATENCY_MARGIN = 0.05  # a latency re-plan aims this much under the limit (the load moves it)
 MIN_STEP = 0.02  # a rebuild is at least this much smaller than any build that missed
 MAX_SHRINK = 4.0  # and at most this many times smaller than the smallest that missed
 
@@ -78,32 +82,14 @@ BuildAt = Callable[[int], nn.Module]  # reduce, reconstruct, KD at a parameter b
 Fit = Callable[[nn.Module, float], Fitted]  # fit_to_target with the cut it may prune (max_cut)
 
 
-def aim(plan: Plan) -> float:
-    """What a re-plan aims the served model at, in the plan's unit."""
-    margin = {"bytes": BYTES_MARGIN, "params": 0.0}.get(plan.unit, LATENCY_MARGIN)
-    return plan.limit * (1 - margin)
-
-
 def local_line(
     plan: Plan, costs: dict[str, Costs], builds: list[Build], fmt: str
 ) -> tuple[float, float]:
-    """(fixed, per parameter) of what the served model measures in `fmt`, from the builds so far:
-    the secant through the last two of that format where its slope is positive, else the plan's
-    slope through the last one's measurement, else the plan's line."""
-    if plan.unit == "params":
-        return 0.0, 1.0
-    fixed, slope = costs.get(fmt, costs[plan.fmt]).line(
-        "bytes" if plan.unit == "bytes" else "latency"
-    )
-    same = [b for b in builds if b.fmt == fmt]
-    if len(same) >= 2 and same[-1].params != same[-2].params:
-        a, b = same[-2], same[-1]
-        secant = (b.measured - a.measured) / (b.params - a.params)
-        if secant > 0:
-            return b.measured - secant * b.params, secant
-    if same:
-        return same[-1].measured - slope * same[-1].params, slope
-    return fixed, slope
+    """(fixed, per parameter) of what the served model measures in `fmt`, from what was measured
+    in it so far: the plan's reconstructions (`Plan.shapes`), then the builds (`measured_line`)."""
+    points = [(s.params, s.measured) for s in plan.shapes if s.fmt == fmt]
+    points += [(b.params, b.measured) for b in builds if b.fmt == fmt]
+    return measured_line(plan, costs, points, fmt)
 
 
 def predicted_at(
@@ -119,12 +105,15 @@ def next_params(plan: Plan, costs: dict[str, Costs], builds: list[Build]) -> tup
     fixed, slope = local_line(plan, costs, builds, last.fmt)
     over = [b.params for b in builds if b.measured > plan.limit]
     upper = int(min(over, default=plan.teacher_params) * (1 - MIN_STEP))
+    if not over and slope > 0:  # none missed it (a spare rebuild): where the line meets it
+        upper = min(upper, int((plan.limit - fixed) / slope))
     broke = [b.params for b in builds if not b.guard_ok or not b.within]
     lower = max(plan.smallest_params, int(max(broke, default=0) * (1 + MIN_STEP)))
     if upper < lower:
+        above = "limit missed" if over else "the limit, by the measured line"
         return None, (
             f"no size between {lower:,} params (drop over the allowance below) and {upper:,} "
-            "(limit missed)"
+            f"({above})"
         )
     want = (aim(plan) - fixed) / slope if slope > 0 else 0.0
     if want <= lower:  # the line says below what keeps the guard (or nothing): bisect

@@ -29,15 +29,12 @@ from distill.tasks.compress import quantize, transformer
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.evaluate import (
     OnnxModel,
-    TorchScriptModel,
-    latency_percentiles_ms,
-    saved_size,
     torch_predictor,
 )
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.graph import Group, ParamModel, param_model
 from distill.tasks.compress.guard import Check, Guard
-from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan
+from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan, achieved, shown
 from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
 from distill.tasks.compress.quantize import Quantized, quantize_model, with_fp32_layers
 from distill.tasks.compress.reduce import calibration_rows
@@ -48,7 +45,6 @@ from distill.tasks.platform.config import (
     QuantizeConfig,
 )
 
-LATENCY_TRIES = 3  # a latency is the median of this many p50s (each of `latency_repeats` calls)
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -140,19 +136,6 @@ class Fitted:
 
     def accuracy_drop(self) -> float:
         return self.served_check.drop if self.served_check else float("nan")
-
-
-def achieved(
-    plan: Plan, served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int
-) -> float:
-    if plan.unit == "bytes":
-        return float(saved_size(served)[0])  # the file on disk
-    if plan.unit == "params":
-        return float(served.params)
-    predict = served.predictor()  # a median of medians: one p50 moves with the machine's load
-    return float(
-        np.median([latency_percentiles_ms(predict, X, 1, repeats)[0] for _ in range(LATENCY_TRIES)])
-    )
 
 
 def params_to_meet(plan: Plan, costs: Costs, params: int, got: float) -> int:
@@ -376,7 +359,7 @@ def fit_to_target(search: Search, student: nn.Module, max_cut: float = 1.0) -> F
         if rounds == 0 and to_meet < params * (1 - max_cut):
             stop = "cut"
             bound = (
-                f"{plan.kind}: {_show(plan, got)} at {params:,} params needs a cut to about "
+                f"{plan.kind}: {shown(plan, got)} at {params:,} params needs a cut to about "
                 f"{max(to_meet, 0):,} (over {max_cut:.0%}): not pruned"
             )
             break
@@ -430,19 +413,14 @@ def fit_to_target(search: Search, student: nn.Module, max_cut: float = 1.0) -> F
         lost = served if kept.ok else kept  # the step that broke the guard first
         bound = (
             f"{_what(guard)} guard: the {lost.step}'s {guard.why(lost)} "
-            f"({plan.kind} met: {_show(plan, got)})"
+            f"({plan.kind} met: {shown(plan, got)})"
         )
-    fitted.bound = bound or f"{plan.kind}: met ({_show(plan, got)} <= {_show(plan, plan.limit)})"
+    fitted.bound = bound or f"{plan.kind}: met ({shown(plan, got)} <= {shown(plan, plan.limit)})"
     return fitted
 
 
 def _what(guard: Guard) -> str:
     return "R²" if guard.metric == "r2" else "accuracy"
-
-
-def _show(plan: Plan, x: float) -> str:
-    shown = {"bytes": f"{x / 1024:.1f} KB", "params": f"{x:,.0f} params"}
-    return shown.get(plan.unit, f"{x:.4f} ms")
 
 
 # --- what is recorded -----------------------------------------------------------------------
@@ -497,8 +475,19 @@ def target_record(
             }
             params[f"build_{b.n}"] = (
                 f"{b.fmt}, budget {b.budget:,}, {b.params:,} params: predicted "
-                f"{_show(plan, b.predicted)}, measured {_show(plan, b.measured)}; then {b.then}"
+                f"{shown(plan, b.predicted)}, measured {shown(plan, b.measured)}; then {b.then}"
             )[:500]
+    for n, s in enumerate(plan.shapes):  # the reconstructions measured before KD (plan.shaped)
+        metrics |= {
+            f"shape_{n}.budget": float(s.budget),
+            f"shape_{n}.params": float(s.params),
+            f"shape_{n}.measured": s.measured,
+        }
+    if plan.shapes:
+        params["shapes"] = "; ".join(
+            f"{s.fmt}, budget {s.budget:,}, {s.params:,} params: {shown(plan, s.measured)}"
+            for s in plan.shapes
+        )[:500]
     for fmt, cost in costs.items():
         metrics[f"{fmt}.fixed_bytes"], metrics[f"{fmt}.bytes_per_param"] = cost.line("bytes")
     for c in fitted.checks:
@@ -527,8 +516,8 @@ def _named(plan: Plan) -> str:
 
 def _achieved(plan: Plan, x: float) -> str:
     if plan.kind == SMALLEST:  # no limit to hold it to
-        return _show(plan, x)
-    return f"{_show(plan, x)} (limit {_show(plan, plan.limit)})"
+        return shown(plan, x)
+    return f"{shown(plan, x)} (limit {shown(plan, plan.limit)})"
 
 
 def verdict(plan: Plan, fitted: Fitted, guard: Guard, teacher_bytes: int | None = None) -> str:

@@ -140,3 +140,24 @@ def test_reconstruction_reads_the_teacher_from_memory_and_builds_the_same_studen
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, again.state_dict()[name]), name
         assert torch.equal(value, first.state_dict()[name]), name
+
+
+def test_the_reduce_stage_plans_the_same_teacher_rows_and_config_once():
+    """A size target's plan measures the reconstruction at the budget the reduce stage then
+    builds (plan.shaped): the second plan is the first, and any other budget, mode or weight is
+    planned afresh."""
+    from distill.tasks.compress.reduce import reduce_model
+    from distill.tasks.platform.config import BudgetConfig, ReduceConfig
+
+    model = build_mlp(6, [16, 16], 3).eval()
+    X = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+    cfg = ReduceConfig(budget=BudgetConfig(params=200))
+    first = reduce_model(model, X, cfg, "width")
+    assert reduce_model(copy.deepcopy(model), X.copy(), cfg.model_copy(), "width") is first
+    other = reduce_model(model, X, ReduceConfig(budget=BudgetConfig(params=120)), "width")
+    assert other is not first and other.student_params < first.student_params
+    assert reduce_model(model, X, cfg, "low_rank") is not first
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].weight[0, 0] += 1.0
+    assert reduce_model(changed, X, cfg, "width") is not first

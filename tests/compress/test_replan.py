@@ -11,6 +11,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from distill.tasks.compress import plan as plan_module
 from distill.tasks.compress.evaluate import TorchScriptModel
 from distill.tasks.compress.guard import Check, Decision
 from distill.tasks.compress.plan import Costs, plan_target
@@ -296,6 +297,8 @@ def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypat
         return (fixed, 0.6 * slope) if what == "bytes" else (fixed, slope)
 
     monkeypatch.setattr(Costs, "line", line)
+    # the plan as the line made it: no reconstruction measured before KD (`plan.shaped`)
+    monkeypatch.setattr(plan_module, "shaped", lambda plan, costs, measure_at: plan)
     cfg = build_config(
         {},
         [*FAST, "target.size_kb=8", "target.max_accuracy_drop=0.5"],
@@ -313,6 +316,97 @@ def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypat
     assert metrics["rebuilds"] == len(fitted.builds) - 1
     assert metrics["build_0.measured"] == first.measured and "build_1" in params
     assert "shipped" in out.target.line and "predicted" in out.target.line
+
+
+def _shape_world(fixed: float, per_param: float, unit: int = 10):
+    """A reduce stage that lands on whole units of `unit` params under its budget, and a served
+    file of `fixed` bytes plus `per_param` a parameter; the budgets it was asked for."""
+    from distill.tasks.compress.plan import Shape
+
+    asked: list[int] = []
+
+    def measure_at(budget: int) -> Shape:
+        asked.append(budget)
+        params = budget // unit * unit
+        return Shape(budget, params, "fp32", fixed + per_param * params)
+
+    return measure_at, asked
+
+
+def test_the_shape_fit_corrects_the_lines_fixed_bytes_in_one_more_reconstruction():
+    # the costs (uniformly narrowed copies) say 655 B + 4 B/param; the reduce stage's uneven widths
+    # serve 900 B + 4 B/param (more layers' overhead): the first miss anchors the slope, the
+    # second reconstruction fits
+    costs = {"fp32": Costs((100, 5_000), (1_055, 20_655), (0.01, 0.02), "onnxruntime fp32")}
+    target = TargetConfig(size_kb=8, max_accuracy_drop=0.01)
+    plan = plan_target(target, costs, 10_000, 100, 40_000)
+    measure_at, asked = _shape_world(900, 4.0)
+    shaped = plan_module.shaped(plan, costs, measure_at)
+    assert asked[0] == plan.reduce_params and shaped.shapes[0].measured > plan.limit
+    assert len(asked) == 2
+    got = shaped.shapes[-1]
+    assert shaped.reduce_params == got.budget and plan_module.shape_fits(plan, got.measured)
+    assert got.measured <= plan.limit and shaped.final_params == got.params
+    assert "reconstructions measured before KD" in shaped.why
+
+
+def test_the_shape_fit_finds_a_wrong_slope_by_its_secant():
+    # the costs' slope 40 % low: the second reconstruction, read off it, lands far under; the
+    # third, on the secant through the two, fits
+    costs = {"fp32": Costs((100, 5_000), (895, 12_655), (0.01, 0.02), "onnxruntime fp32")}
+    plan = plan_target(TargetConfig(size_kb=8, max_accuracy_drop=0.01), costs, 10_000, 100, 40_000)
+    measure_at, _ = _shape_world(900, 4.0)
+    shaped = plan_module.shaped(plan, costs, measure_at)
+    first, second, _ = shaped.shapes
+    assert first.measured > plan.limit and second.measured < 0.7 * plan.limit
+    # the third fits, or (the tries spent) the budget planned is where the secant meets the aim
+    assert plan_module.shape_fits(plan, measure_at(shaped.reduce_params).measured)
+
+
+def test_the_shape_fit_leaves_params_and_searched_plans_alone():
+    costs = {"fp32": Costs((100, 5_000), (895, 12_655), (0.01, 0.02), "onnxruntime fp32")}
+    measure_at, asked = _shape_world(900, 4.0)
+    for target in (
+        TargetConfig(params=3_000, max_accuracy_drop=0.01),
+        TargetConfig(size_kb=0.5, max_accuracy_drop=0.01),  # below the smallest model: searched
+        TargetConfig(max_accuracy_drop=0.01),
+    ):
+        plan = plan_target(target, costs, 10_000, 100, 40_000)
+        assert plan_module.shaped(plan, costs, measure_at) == plan
+    assert asked == []
+
+
+@pytest.mark.slow
+def test_reconstructions_measured_before_kd_correct_a_mispredicting_plan(digits, monkeypatch):
+    """The same plan, 40 % low in bytes per parameter, its budget corrected by measuring the
+    reconstructions before any KD: one build meets the limit, no rebuild and no pruning."""
+    from distill.tasks.compress.pipeline import compress
+    from distill.tasks.compress.target import target_record
+
+    real_line = Costs.line
+
+    def line(self, what):
+        fixed, slope = real_line(self, what)
+        return (fixed, 0.6 * slope) if what == "bytes" else (fixed, slope)
+
+    monkeypatch.setattr(Costs, "line", line)
+    cfg = build_config({}, [*FAST, "target.size_kb=8", "target.max_accuracy_drop=0.5"])
+    out = compress(cfg, digits)
+    fitted, plan = out.target.fitted, out.target.plan
+    assert 2 <= len(plan.shapes) <= plan_module.SHAPE_TRIES
+    assert plan.shapes[0].measured > plan.limit  # the line's budget, measured: it misses
+    (build,) = fitted.builds
+    # its three tries spent (the line's budget over, the next far under, the third 0.2 % over):
+    # the budget where the line through the last two meets the aim, measured only by its build
+    assert plan.reduce_params not in [s.budget for s in plan.shapes]
+    under = max(s.params for s in plan.shapes if s.measured <= plan.limit)
+    over = min(s.params for s in plan.shapes if s.measured > plan.limit)
+    assert under < build.params < over
+    assert plan_module.shape_fits(plan, build.measured)
+    assert out.target.met and fitted.achieved == build.measured  # no pruning round
+    assert not any(c.step.startswith("prune") for c in fitted.checks)
+    params, metrics = target_record(plan, out.target.costs, fitted, out.target.guard, 1)
+    assert metrics["shape_0.measured"] == plan.shapes[0].measured and "shapes" in params
 
 
 def test_a_student_built_again_is_not_distilled_again():
@@ -382,3 +476,10 @@ def test_a_build_that_meets_with_its_drop_estimated_over_gets_a_spare_rebuild():
     _, fitted = _run(world)
     assert len(fitted.builds) == 1 and fitted.met and not fitted.builds[0].within
     assert "drop over the allowance below" in fitted.builds[0].then
+    # nor where build 0 met it at the line's limit, none over it (the reconstructions measured
+    # before KD plan builds there): a rebuild toward the teacher would miss (digits, size_kb=30:
+    # one went to 82,452 params, 93 KB)
+    world = World(fixed=5_148, per_param=1.0, estimate_floor=20_000)  # 20,430 B at 15,282
+    _, fitted = _run(world)
+    assert len(world.built) == 1 and fitted.met and not fitted.builds[0].within
+    assert fitted.builds[0].then.endswith("and 15,332 (the limit, by the measured line)")

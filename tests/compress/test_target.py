@@ -333,16 +333,18 @@ def test_a_met_size_target_is_met_by_the_registered_file(tmp_path, mlflow_store)
 def test_the_issues_digits_size_target_is_met_within_a_point(tmp_path, mlflow_store):
     """Issue 28's own case, the default digits config at its defaults: `target.size_kb=30
     target.max_accuracy_drop=0.01` once shipped 31.4 KB, "not met", a pruning round rolled back
-    on 2 of 180 validation rows. Met, the registered file within 30 KB, within the point on the
-    validation rows the guard decides on, and within two on the test rows (360: one row is 0.28
-    points; measured here: 29.5 KB, 0.00 and +0.28)."""
+    on 2 of 180 validation rows. Met: the registered file within 30 KB, the guard's validation
+    rows not showing the drop over the point (measured here: 1.11, one row over it, its 90 %
+    interval 0.00..2.22; no larger student fits the limit, so none is built), and within the
+    point on the test rows (360: one row is 0.28 points; measured here: 29.7 KB, 0.00)."""
     sets = ["target.size_kb=30", "target.max_accuracy_drop=0.01", "register.model_name=kb30"]
     proc = _distill(["run", CONFIG, *_sets(sets), "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     m = out["metrics"]
-    assert out["target"]["met"] is True and m["target/val_accuracy_drop"] <= 0.01
-    assert m["accuracy_drop"] <= 0.02  # on the test rows
+    lows = [v for k, v in m.items() if k.startswith("target/val_drop_low.")]  # every step's
+    assert out["target"]["met"] is True and lows and max(lows) <= 0.01
+    assert m["accuracy_drop"] <= 0.01  # on the test rows
     size = _registered_file(tmp_path, "kb30", out["model_version"]).stat().st_size
     assert size <= 30 * 1024 and m["final/size_kb"] > 20  # near the limit, not any small file
 
