@@ -192,6 +192,7 @@ def refit_to_target(
                 fitted.met,
                 then,
                 within,
+                fitted.built_method,
             )
         )
         fits.append(fitted)

@@ -109,6 +109,7 @@ class Build:
     # the served model's drop is estimated within the allowance (guard.decide's point estimate);
     # False where the guard kept it only as not shown over ("unresolved")
     within: bool = True
+    method: str = ""  # how its export was served (the quantize stage's method)
 
 
 @dataclass
@@ -133,6 +134,9 @@ class Fitted:
     # over `max_cut`: rebuild rather than prune) | rolled back | rounds | smallest
     stop: str = ""
     builds: list[Build] = field(default_factory=list)  # a closed loop's builds (replan.py)
+    # how the student as given was served (the quantize stage's method: "static", "static,
+    # weights only", "fp32"...), what its `built` measurement measured
+    built_method: str = ""
 
     def accuracy_drop(self) -> float:
         return self.served_check.drop if self.served_check else float("nan")
@@ -340,11 +344,13 @@ def fit_to_target(search: Search, student: nn.Module, max_cut: float = 1.0) -> F
     kept = guard.check("reduction", torch_predictor(model), params)
     checks, history, rolled_back, rounds = [kept], History(), [], 0
     built: tuple[int, str, float] | None = None
+    built_method = ""
     while True:
         quantized, int8, served = search.exported(model, kept)
         served_fmt = "int8" if quantized.int8_model is not None else "fp32"
         got = achieved(plan, quantized.served, data.X_test, search.latency_repeats)
-        built = built or (params, served_fmt, got)
+        if built is None:
+            built, built_method = (params, served_fmt, got), quantized.method
         within = got <= plan.limit
         if within or not kept.ok:
             stop = "met" if within else "guard"
@@ -407,6 +413,7 @@ def fit_to_target(search: Search, student: nn.Module, max_cut: float = 1.0) -> F
         got,
         within and served.ok,
         built=built,
+        built_method=built_method,
         stop=stop,
     )
     if within and not served.ok:
@@ -473,8 +480,9 @@ def target_record(
                 f"build_{b.n}.final_params": float(b.final_params),
                 f"build_{b.n}.met": float(b.met),
             }
+            how = f"{b.fmt} ({b.method})" if b.fmt == "int8" and b.method else b.fmt
             params[f"build_{b.n}"] = (
-                f"{b.fmt}, budget {b.budget:,}, {b.params:,} params: predicted "
+                f"{how}, budget {b.budget:,}, {b.params:,} params: predicted "
                 f"{shown(plan, b.predicted)}, measured {shown(plan, b.measured)}; then {b.then}"
             )[:500]
     for n, s in enumerate(plan.shapes):  # the reconstructions measured before KD (plan.shaped)

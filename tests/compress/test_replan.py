@@ -101,6 +101,7 @@ class World:
             f"stop {stop}",
             built=(params, "int8", measured),
             stop=stop,
+            built_method="static, weights only",
         )
 
 
@@ -145,6 +146,7 @@ def test_a_plan_that_mispredicts_converges_by_secant_within_the_bound():
     assert b[2].predicted == pytest.approx(b[2].measured)  # the secant predicted it exactly
     assert b[2].measured <= plan.limit and fitted.achieved == b[2].measured
     assert b[2].then == "shipped: met" and "build 2 of 3 shipped" in fitted.bound
+    assert {x.method for x in b} == {"static, weights only"}  # how each build's export served
     assert "0: 15,282 params, predicted 19.8 KB, measured 22.1 KB" in fitted.bound
 
 
