@@ -283,6 +283,17 @@ def test_max_rebuilds_is_a_size_or_latency_targets_key():
         build_config({}, ["target.max_accuracy_drop=0.01", "target.max_rebuilds=1"])
 
 
+def _bytes_per_param_40_percent_low(monkeypatch) -> None:
+    """The plan's bytes per parameter made 40 % too low (`Costs.line`)."""
+    real_line = Costs.line
+
+    def line(self, what):
+        fixed, slope = real_line(self, what)
+        return (fixed, 0.6 * slope) if what == "bytes" else (fixed, slope)
+
+    monkeypatch.setattr(Costs, "line", line)
+
+
 @pytest.mark.slow
 def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypatch):
     # the plan's bytes per parameter made 40 % too low: it plans a student ~1.7x too large, whose
@@ -292,13 +303,7 @@ def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypat
     from distill.tasks.compress.pipeline import compress
     from distill.tasks.compress.target import target_record
 
-    real_line = Costs.line
-
-    def line(self, what):
-        fixed, slope = real_line(self, what)
-        return (fixed, 0.6 * slope) if what == "bytes" else (fixed, slope)
-
-    monkeypatch.setattr(Costs, "line", line)
+    _bytes_per_param_40_percent_low(monkeypatch)
     # the plan as the line made it: no reconstruction measured before KD (`plan.shaped`)
     monkeypatch.setattr(plan_module, "shaped", lambda plan, costs, measure_at: plan)
     cfg = build_config(
@@ -385,13 +390,7 @@ def test_reconstructions_measured_before_kd_correct_a_mispredicting_plan(digits,
     from distill.tasks.compress.pipeline import compress
     from distill.tasks.compress.target import target_record
 
-    real_line = Costs.line
-
-    def line(self, what):
-        fixed, slope = real_line(self, what)
-        return (fixed, 0.6 * slope) if what == "bytes" else (fixed, slope)
-
-    monkeypatch.setattr(Costs, "line", line)
+    _bytes_per_param_40_percent_low(monkeypatch)
     cfg = build_config({}, [*FAST, "target.size_kb=8", "target.max_accuracy_drop=0.5"])
     out = compress(cfg, digits)
     fitted, plan = out.target.fitted, out.target.plan

@@ -636,15 +636,18 @@ def test_builds_left_over_bridge_to_the_smallest_candidate_shown_within(digits):
     # the point estimate, none shown within, and its 441,354-param start shipped): pruning stops
     # early, and the build left over is a rebuild between the largest kept candidate below the
     # start and the start, which is shown within and ships
+    def search(builds: int, build_at):
+        return _search(
+            digits,
+            lambda n: int(0.9 * n),
+            builds,
+            rebuild_floor_of=lambda n: int(0.15 * n),
+            build_at=build_at,
+            shown_of=lambda n: n // 2,
+        )
+
     asked, build_at = _recording_mlp_at()
-    fitted, n, _ = _search(
-        digits,
-        lambda n: int(0.9 * n),
-        6,
-        rebuild_floor_of=lambda n: int(0.15 * n),
-        build_at=build_at,
-        shown_of=lambda n: n // 2,
-    )
+    fitted, n, _ = search(6, build_at)
     frontier = fitted.frontier
     bridge = frontier[-1]
     assert len(frontier) - 1 == 6 and bridge.name == f"rebuild {len(asked)}" and len(asked) == 4
@@ -654,14 +657,7 @@ def test_builds_left_over_bridge_to_the_smallest_candidate_shown_within(digits):
     assert bridge.kept and bridge.shipped and n // 2 <= bridge.params < n
     assert "; then 1 rebuild(s) toward the smallest candidate shown within; " in fitted.bound
     # with every build spent on the way down there is none to bridge with
-    fitted, _, _ = _search(
-        digits,
-        lambda n: int(0.9 * n),
-        3,
-        rebuild_floor_of=lambda n: int(0.15 * n),
-        build_at=_mlp_at,
-        shown_of=lambda n: n // 2,
-    )
+    fitted, _, _ = search(3, _mlp_at)
     assert [c.name for c in fitted.frontier if c.shipped] == ["start"]
 
 
