@@ -927,10 +927,19 @@ def output_error(
     return ((got - ref) ** 2).sum().item() / var
 
 
-@torch.no_grad()
 def depth_scores(model: nn.Module, stack: str, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Per layer: the change of the model's output when that layer alone is skipped, relative to
-    the output's variance, on the calibration rows (`output_error` with the layer skipped)."""
+    the output's variance, on the calibration rows (`output_error` with the layer skipped). The
+    same model and rows again answer from memory (memo.py; read-only): every trial student of
+    the reduce stage's depth plan starts as a copy of the teacher and ranks its layers again, as
+    does the reconstruct stage (the targets grid's BERT: 14 rankings in a size plan, 15 of its
+    76 s)."""
+    return _depth_scores(model, stack, X, batch_size)
+
+
+@remembered
+@torch.no_grad()
+def _depth_scores(model: nn.Module, stack: str, X: np.ndarray, batch_size: int) -> np.ndarray:
     lst = model.get_submodule(stack)
     full = outputs(model, X, batch_size)
     scores = np.zeros(len(lst))

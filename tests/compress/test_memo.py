@@ -161,3 +161,26 @@ def test_the_reduce_stage_plans_the_same_teacher_rows_and_config_once():
     with torch.no_grad():
         changed[0].weight[0, 0] += 1.0
     assert reduce_model(changed, X, cfg, "width") is not first
+
+
+def test_a_copy_of_the_teacher_ranks_its_layers_from_memory(monkeypatch):
+    """Every trial student of a transformer's depth plan starts as a copy of the teacher: its
+    layers' ranking is the teacher's, measured once; a changed weight is ranked afresh."""
+    from distill.tasks.compress import transformer as tr
+    from tests.compress.test_transformer import TimmNet, _tokens
+
+    teacher, X = TimmNet(depth=3).eval(), _tokens()
+    with torch.no_grad():  # weights no other test ranked (the memo is the process's)
+        next(teacher.parameters()).add_(0.123)
+    calls = []
+    monkeypatch.setattr(tr, "output_error", lambda *a, **k: calls.append(1) or 0.5)
+    stack = next(g.stack for g in tr.transformer_groups(teacher) if g.kind == "depth")
+    first = tr.depth_scores(teacher, stack, X)
+    assert len(calls) == 3  # one skipped layer at a time
+    assert tr.depth_scores(copy.deepcopy(teacher).eval(), stack, X.copy()) is first
+    assert len(calls) == 3 and not first.flags.writeable
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.1)
+    tr.depth_scores(changed, stack, X)
+    assert len(calls) == 6
