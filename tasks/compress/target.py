@@ -34,7 +34,14 @@ from distill.tasks.compress.evaluate import (
 from distill.tasks.compress.finetune import History
 from distill.tasks.compress.graph import Group, ParamModel, param_model
 from distill.tasks.compress.guard import Check, Guard
-from distill.tasks.compress.plan import BYTES_MARGIN, Costs, Plan, achieved, shown
+from distill.tasks.compress.plan import (
+    BYTES_MARGIN,
+    Costs,
+    Plan,
+    achieved,
+    at_target_batch,
+    shown,
+)
 from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
 from distill.tasks.compress.quantize import Quantized, quantize_model, with_fp32_layers
 from distill.tasks.compress.reduce import calibration_rows
@@ -308,8 +315,10 @@ class Search:
 
     @property
     def planned_quantize(self) -> QuantizeConfig:
-        """The quantize settings with int8 on exactly where the plan serves int8."""
-        return self.quantize.model_copy(update={"enabled": self.plan.fmt == "int8"})
+        """The quantize settings with int8 on exactly where the plan serves int8, at the batch
+        the target decides the format at (`plan.at_target_batch`)."""
+        enabled = self.quantize.model_copy(update={"enabled": self.plan.fmt == "int8"})
+        return at_target_batch(enabled, self.plan.kind)
 
     @cached_property
     def calibration(self) -> np.ndarray:

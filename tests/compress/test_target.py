@@ -6,7 +6,7 @@ import copy
 import json
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -560,3 +560,45 @@ def test_the_plan_leaves_int8_out_where_it_would_not_ship_at_the_planned_size(di
     monkeypatch.setattr(plan, "int8_ships_at", lambda *a: "")
     made, left, _ = plan.plan_for_target(teacher, digits, target, *args)
     assert made.fmt == "int8" and set(left) == {"fp32", "int8"}
+
+
+def test_a_latency_target_decides_its_format_at_batch_1(digits, monkeypatch):
+    """A batch-1 latency target asks whether int8 is no slower at batch 1, not at the configured
+    `compress.quantize.batch`: the plan's costs and its int8 check, and the fit's exports
+    (`Search.planned_quantize`), are made at batch 1; a size target keeps the batch."""
+    from distill.tasks.compress import plan
+    from distill.tasks.platform.config import (
+        QuantizeConfig,
+        ReconstructConfig,
+        ReduceConfig,
+        TargetConfig,
+    )
+
+    teacher = build_mlp(64, [64], 10).eval()
+    costs = {
+        "fp32": Costs((100, 4_000), (2_000, 18_000), (0.01, 0.03), "onnxruntime fp32"),
+        "int8": Costs((100, 4_000), (3_000, 7_000), (0.01, 0.02), "onnxruntime int8"),
+    }
+    batches: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        plan,
+        "measure_costs",
+        lambda t, X, cfg, *a, **k: batches.append(("costs", cfg.batch)) or dict(costs),
+    )
+    monkeypatch.setattr(
+        plan, "int8_ships_at", lambda t, X, cfg, *a: batches.append(("int8", cfg.batch)) or ""
+    )
+    monkeypatch.setattr(plan, "shaped", lambda p, *a, **k: p)  # a size plan's reconstructions
+    args = (ReduceConfig(), ReconstructConfig(), QuantizeConfig(batch=256), 0, 3)
+    made, _, _ = plan.plan_for_target(teacher, digits, TargetConfig(latency_ms_b1=0.015), *args)
+    assert made.fmt == "int8" and batches == [("costs", 1), ("int8", 1)]
+    cfg = PipelineConfig()
+    search = Search(
+        teacher, digits, made, costs, None, cfg.compress.prune, cfg.finetune,
+        QuantizeConfig(batch=256), seed=0,
+    )  # fmt: skip
+    assert (search.planned_quantize.batch, search.planned_quantize.enabled) == (1, True)
+    batches.clear()
+    sized, _, _ = plan.plan_for_target(teacher, digits, TargetConfig(size_kb=6.0), *args)
+    assert batches == [("costs", 256), ("int8", 256)]
+    assert replace(search, plan=sized).planned_quantize.batch == 256
