@@ -319,7 +319,7 @@ class QuantizeConfig(Strict):
     max_abs_diff: float = Field(1e-3, gt=0)
     # rows per call the served model is chosen for: int8 ships only when its file is smaller and
     # it is no slower than fp32 at this batch (both measured, "slower" meaning by over 5 %; the
-    # quantize stage logs why)
+    # quantize stage logs why); a `target.latency_ms_b1` decides at batch 1 instead
     batch: int = Field(256, ge=1)
     # int8 ships only when its classes agree with the fp32 export's on this fraction of 1,024
     # training rows (label-free; not checked for a regression output): where all-int8 does not,
