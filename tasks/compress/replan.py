@@ -5,11 +5,11 @@ The plan (tasks/compress/plan.py) predicts the served file's bytes (or batch-1 l
 line measured on narrowed copies of the teacher; a student is not such a copy (digits,
 `size_kb=30`: 24,033 params predicted at 29.7 KB measured 31.4 KB, 32,176 B, as int8; a 1-D
 ResNet's latency target: 0.0669 ms measured against 0.0297 ms). The plan stage corrects a size
-plan's budget by measuring reconstructions before any KD (`plan.shaped`: a file's bytes hang on
-the shapes, not the weights), and the line here starts from those measurements; a build can
-still miss (int8 may ship otherwise than planned, the tries run out), and a latency is not
-shaped (the format that ships moves it more than the shapes do). After each build (reduce,
-reconstruct, KD) the fit exports and measures it (`fit_to_target`), then:
+or latency plan's budget by measuring reconstructions before any KD (`plan.shaped`: a file's
+bytes and a latency hang on the shapes and the format, not the weights), and the line here
+starts from those measurements; a build can still miss (int8 may ship otherwise than planned,
+the guard may refuse a faster int8, the load moves a latency, the tries run out). After each
+build (reduce, reconstruct, KD) the fit exports and measures it (`fit_to_target`), then:
 
 - **met** (the limit and the guard hold), its drop estimated within the allowance: it ships; no
   more builds.

@@ -370,6 +370,21 @@ def test_the_shape_fit_finds_a_wrong_slope_by_its_secant():
     assert plan_module.shape_fits(plan, measure_at(shaped.reduce_params).measured)
 
 
+def test_the_shape_fit_corrects_a_latency_plan_by_its_measured_reconstructions():
+    # the costs' copies say 0.0098 ms + 2.0e-6 ms/param at batch 1; the reduce stage's students
+    # measure 0.012 ms + 2e-6 (a slower runtime path): the line's budget misses, the next fits
+    costs = {"fp32": Costs((100, 5_000), (1_055, 20_655), (0.01, 0.02), "onnxruntime fp32")}
+    target = TargetConfig(latency_ms_b1=0.015, max_accuracy_drop=0.01)
+    plan = plan_target(target, costs, 10_000, 100, 40_000)
+    measure_at, asked = _shape_world(0.012, 2e-6)
+    shaped = plan_module.shaped(plan, costs, measure_at)
+    assert asked[0] == plan.reduce_params and shaped.shapes[0].measured > plan.limit
+    got = shaped.shapes[-1]
+    assert len(asked) == 2 and plan_module.shape_fits(plan, got.measured)
+    assert shaped.reduce_params == got.budget < plan.reduce_params
+    assert "0.0" in shaped.why and "ms fp32" in shaped.why  # the measurements, in ms
+
+
 def test_the_shape_fit_leaves_params_and_searched_plans_alone():
     costs = {"fp32": Costs((100, 5_000), (895, 12_655), (0.01, 0.02), "onnxruntime fp32")}
     measure_at, asked = _shape_world(900, 4.0)
@@ -484,3 +499,28 @@ def test_a_build_that_meets_with_its_drop_estimated_over_gets_a_spare_rebuild():
     _, fitted = _run(world)
     assert len(world.built) == 1 and fitted.met and not fitted.builds[0].within
     assert fitted.builds[0].then.endswith("and 15,332 (the limit, by the measured line)")
+
+
+def test_a_latency_plan_is_measured_on_its_reconstructions_before_kd(digits, monkeypatch):
+    """A batch-1 latency the costs' copies mispredict (every student 0.001 ms slower than the
+    line): the reconstructions measured before KD move the budget, and the one build meets the
+    limit, measuring what its reconstruction did (the same shapes, the same format)."""
+    from distill.tasks.compress import target as target_module
+    from distill.tasks.compress.pipeline import compress
+
+    costs = {"fp32": Costs((100, 9_000), (1_000, 37_000), (0.005, 0.0139), "onnxruntime fp32")}
+    monkeypatch.setattr(plan_module, "measure_costs", lambda *a, **k: dict(costs))
+
+    def world(plan, served, X, repeats):  # a machine whose latency is exact
+        return 0.006 + 1e-6 * served.params
+
+    monkeypatch.setattr(plan_module, "achieved", world)
+    monkeypatch.setattr(target_module, "achieved", world)
+    cfg = build_config({}, [*FAST, "target.latency_ms_b1=0.01", "target.max_accuracy_drop=0.5"])
+    out = compress(cfg, digits)
+    fitted, plan = out.target.fitted, out.target.plan
+    assert plan.shapes[0].measured > plan.limit  # the line's budget (about 5,100 params)
+    assert plan_module.shape_fits(plan, plan.shapes[-1].measured)
+    (build,) = fitted.builds
+    assert build.params == plan.shapes[-1].params and build.measured == plan.shapes[-1].measured
+    assert out.target.met and not any(c.step.startswith("prune") for c in fitted.checks)
