@@ -523,8 +523,8 @@ def shaped(
     batch 1). The costs' line misses it by more than it misses bytes: latency follows the
     arithmetic per row and the runtime's cost per call, not the parameters (the targets grid's
     CNN1d at 0.0173 ms: planned at 15,970 params, measured 0.0318 ms after KD, and rebuilt 4x
-    smaller). What the shapes cannot tell is the
-    guard: int8 it refuses after KD ships as fp32, slower where int8 was faster."""
+    smaller). What the shapes cannot tell is the guard: int8 it refuses after KD ships as fp32,
+    slower where int8 was faster."""
     if not plan.reachable or plan.searched or plan.unit == "params":
         return plan
     shapes: list[Shape] = []
