@@ -269,6 +269,8 @@ def attempt(
             line=None if target is None else target["line"],
             wall=wall,
         )
+        if target is not None:
+            record["stages"] = stage_params(summary.run_id)
         if rows is not None and summary.model_version is not None:
             right = right_rows(summary, rows)
             record["right"] = np.packbits(right).tobytes().hex()
@@ -278,6 +280,29 @@ def attempt(
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
     return record
+
+
+def stage_params(run_id: str) -> dict[str, str]:
+    """What a targeted run's stage runs say it built and served: the target run's `build_N`
+    lines (each build's budget, parameters, predicted and measured, and the int8 method its
+    export was served with) and the quantized run's `method` (fp32, static, static with the
+    weighted ops alone, N layers fp32): the format that ships moves a size or latency more than
+    the parameters do."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        search_all_experiments=True,
+        output_format="list",
+    )
+    out: dict[str, str] = {}
+    for run in runs:
+        params = run.data.params
+        if run.info.run_name == "target":
+            out |= {k: v for k, v in params.items() if k.startswith("build_") or k == "shapes"}
+        elif run.info.run_name == "quantized" and "method" in params:
+            out["method"] = params["method"]
+    return out
 
 
 def mcnemar_p(a: dict, b: dict) -> float | None:
