@@ -26,7 +26,14 @@ from distill.tasks.compress.guard import Guard
 from distill.tasks.compress.plan import Costs, plan_target, smallest_params
 from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.target import Search, fit_to_target, keep_fraction_for
-from distill.tasks.platform.config import PipelineConfig, TargetConfig, build_config
+from distill.tasks.platform.config import (
+    PipelineConfig,
+    QuantizeConfig,
+    ReconstructConfig,
+    ReduceConfig,
+    TargetConfig,
+    build_config,
+)
 from distill.tasks.platform.errors import UserError
 from tests.conftest import ROOT, fresh_process
 
@@ -448,7 +455,6 @@ def test_the_plan_does_not_plan_int8_where_the_teachers_own_int8_breaks(digits, 
     the plan's costs leave int8 out and say why. A plain MLP keeps both formats."""
     from distill.tasks.compress import plan
     from distill.tasks.compress.plan import int8_breaks, measure_costs
-    from distill.tasks.platform.config import QuantizeConfig
 
     torch.manual_seed(0)
     plain = build_mlp(64, [32], 10).eval()
@@ -474,7 +480,6 @@ def test_the_teachers_int8_counts_as_broken_only_where_the_rows_show_it(digits, 
     """94.9 % of 512 rows (the targets grid's ResNet1d once) is not shown below the 95 % rule
     at 99 %: int8 stays in the plan; 90 % of 512 is (where no per-layer fallback restores it)."""
     from distill.tasks.compress import plan
-    from distill.tasks.platform.config import QuantizeConfig
 
     teacher, X = build_mlp(64, [16], 10).eval(), digits.X_train[:512]
     monkeypatch.setattr(plan, "agreeing_int8", lambda *_: None)
@@ -494,7 +499,6 @@ def test_the_plan_counts_on_int8_only_where_it_would_ship():
 
     from distill.tasks.compress.plan import unplanned_int8
     from distill.tasks.compress.quantize import Choice, Measured
-    from distill.tasks.platform.config import QuantizeConfig
 
     def copy_with(int8_bytes: int, slower: int) -> SimpleNamespace:
         """fp32 4,000 B, 1 ms; int8 slower by its median in `slower` of 20 paired calls."""
@@ -527,23 +531,22 @@ def test_a_narrowed_copy_is_found_at_about_the_parameters_asked(digits):
         assert 0.9 * want <= got <= want, (want, got)
 
 
+def _teacher_and_costs(fp32_ms: float) -> tuple[torch.nn.Module, dict[str, Costs]]:
+    """A small MLP teacher and the costs its plan reads: int8 files far smaller than fp32's, both
+    0.01 ms at 100 params; at 4,000, int8 0.02 ms and fp32 `fp32_ms`."""
+    return build_mlp(64, [64], 10).eval(), {
+        "fp32": Costs((100, 4_000), (2_000, 18_000), (0.01, fp32_ms), "onnxruntime fp32"),
+        "int8": Costs((100, 4_000), (3_000, 7_000), (0.01, 0.02), "onnxruntime int8"),
+    }
+
+
 def test_the_plan_leaves_int8_out_where_it_would_not_ship_at_the_planned_size(digits, monkeypatch):
     """int8 planned from the costs' copies (it ships at half width) is checked on a copy of the
     planned size; where it would not ship there (a CNN's static int8, 5x slower at a few
     thousand params), the plan is made again in fp32 and says why."""
     from distill.tasks.compress import plan
-    from distill.tasks.platform.config import (
-        QuantizeConfig,
-        ReconstructConfig,
-        ReduceConfig,
-        TargetConfig,
-    )
 
-    teacher = build_mlp(64, [64], 10).eval()
-    costs = {
-        "fp32": Costs((100, 4_000), (2_000, 18_000), (0.01, 0.02), "onnxruntime fp32"),
-        "int8": Costs((100, 4_000), (3_000, 7_000), (0.01, 0.02), "onnxruntime int8"),
-    }
+    teacher, costs = _teacher_and_costs(fp32_ms=0.02)
     monkeypatch.setattr(plan, "measure_costs", lambda *a, **k: dict(costs))
     asked = []
 
@@ -567,18 +570,8 @@ def test_a_latency_target_decides_its_format_at_batch_1(digits, monkeypatch):
     `compress.quantize.batch`: the plan's costs and its int8 check, and the fit's exports
     (`Search.planned_quantize`), are made at batch 1; a size target keeps the batch."""
     from distill.tasks.compress import plan
-    from distill.tasks.platform.config import (
-        QuantizeConfig,
-        ReconstructConfig,
-        ReduceConfig,
-        TargetConfig,
-    )
 
-    teacher = build_mlp(64, [64], 10).eval()
-    costs = {
-        "fp32": Costs((100, 4_000), (2_000, 18_000), (0.01, 0.03), "onnxruntime fp32"),
-        "int8": Costs((100, 4_000), (3_000, 7_000), (0.01, 0.02), "onnxruntime int8"),
-    }
+    teacher, costs = _teacher_and_costs(fp32_ms=0.03)
     batches: list[tuple[str, int]] = []
     monkeypatch.setattr(
         plan,
