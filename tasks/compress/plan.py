@@ -586,6 +586,14 @@ def at_target_batch(quantize: QuantizeConfig, kind: str) -> QuantizeConfig:
     return quantize.model_copy(update={"batch": 1}) if kind == "latency_ms_b1" else quantize
 
 
+def planned_quantize(quantize: QuantizeConfig, plan: Plan) -> QuantizeConfig:
+    """The quantize settings a plan's students are served with (the fit's exports, a latency
+    plan's reconstructions): int8 on exactly where the plan serves int8, its format decided at
+    the target's batch (`at_target_batch`)."""
+    enabled = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
+    return at_target_batch(enabled, plan.kind)
+
+
 def plan_for_target(
     teacher: nn.Module,
     data: Dataset,
@@ -636,8 +644,7 @@ def plan_for_target(
                 if plan.fmt != "int8":
                     made = made.fp32_instead("")
             else:
-                planned = quantize.model_copy(update={"enabled": plan.fmt == "int8"})
-                made = quantize_model(student, X[:64], X, planned, seed)
+                made = quantize_model(student, X[:64], X, planned_quantize(quantize, plan), seed)
             fmt = "fp32" if made.int8_model is None else "int8"
             served = made.served
             return Shape(budget, served.params, fmt, achieved(plan, served, X, latency_repeats))

@@ -39,7 +39,7 @@ from distill.tasks.compress.plan import (
     Costs,
     Plan,
     achieved,
-    at_target_batch,
+    planned_quantize,
     shown,
 )
 from distill.tasks.compress.prune import prunable_groups, recover, remove_lowest_units
@@ -315,10 +315,8 @@ class Search:
 
     @property
     def planned_quantize(self) -> QuantizeConfig:
-        """The quantize settings with int8 on exactly where the plan serves int8, at the batch
-        the target decides the format at (`plan.at_target_batch`)."""
-        enabled = self.quantize.model_copy(update={"enabled": self.plan.fmt == "int8"})
-        return at_target_batch(enabled, self.plan.kind)
+        """The quantize settings the plan's students are served with (`plan.planned_quantize`)."""
+        return planned_quantize(self.quantize, self.plan)
 
     @cached_property
     def calibration(self) -> np.ndarray:
