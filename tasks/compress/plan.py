@@ -1,11 +1,12 @@
 """A target's plan: what a narrower model costs when served, and the student that meets the
 target in one shot.
 
-- **Costs** (`measure_costs`): the file the registry would get and its batch-1 latency in the
-  runtime that serves it, fp32 and int8, measured on two narrowed copies of the teacher (every
-  group at its smallest width, and at half width): a line in the parameter count, fixed bytes
-  (the graph: ONNX Runtime's static int8 adds quantize/dequantize nodes worth tens of KB) plus
-  measured bytes per parameter.
+- **Costs** (`measure_costs`): the file the registry would get and its batch-1 latency (the
+  median of `LATENCY_TRIES` p50s) in the runtime that serves it, fp32 and int8, measured on
+  narrowed copies of the teacher (every group at its smallest width, and at half width; a
+  latency target's at full width too): a line in the parameter count, fixed bytes (the graph:
+  ONNX Runtime's static int8 adds quantize/dequantize nodes worth tens of KB) plus measured
+  bytes per parameter.
 - **Plan** (`plan_target`): the format and the largest student whose served model meets the
   target (the largest: the least accuracy lost), reached in one shot by the reduce stage (PCA
   width selection with a least-squares re-fit beats magnitude pruning to the same widths:
@@ -91,11 +92,20 @@ class Costs:
         return float(fixed), float(slope)
 
     def params_within(self, what: str, limit: float) -> float:
-        """Largest parameter count whose predicted bytes (or latency) stay within `limit`."""
+        """Largest parameter count whose predicted bytes (or latency) stay within `limit`; for a
+        latency, at least the largest copy measured within it. Latency is no line (the runtime's
+        cost per call, the load): the least-squares line through a half-width copy measured slow
+        passes above the smallest copy, and would call a limit that copy meets unreachable."""
         fixed, slope = self.line(what)
+        within = zip(self.params, self.latency_ms, strict=True)
+        measured = (
+            max((n for n, ms in within if ms <= limit), default=None) if what == "latency" else None
+        )
         if slope <= 0:  # latency flat in the size here: any size fits if the smallest does
-            return math.inf if fixed <= limit else -math.inf
-        return (limit - fixed) / slope
+            fits = math.inf if fixed <= limit else -math.inf
+        else:
+            fits = (limit - fixed) / slope
+        return fits if measured is None else max(fits, float(measured))
 
 
 def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Module:
@@ -148,6 +158,17 @@ def int8_ships_at(
     return f"at {built:,} params {q.why}"
 
 
+def steady_latency_ms(served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int) -> float:
+    """Batch-1 latency as a target measures it: the median of `LATENCY_TRIES` p50s of `repeats`
+    calls each (one p50 moves with the machine's load: the targets grid's CNN1d limit, 0.0176
+    ms, measured at the grid's start between its smallest and its teacher's latency, was over
+    the smallest copy's single p50 a minute later, and the plan searched below it)."""
+    predict = served.predictor()
+    return float(
+        np.median([latency_percentiles_ms(predict, X, 1, repeats)[0] for _ in range(LATENCY_TRIES)])
+    )
+
+
 def measure_costs(
     teacher: nn.Module,
     X: np.ndarray,
@@ -167,7 +188,7 @@ def measure_costs(
         # int8 as made, shipped or not: whether it ships is decided on the final model
         for fmt, served in (("fp32", q.float_model), ("int8", q.int8_candidate)):
             if served is not None:
-                ms = latency_percentiles_ms(served.predictor(), X, 1, latency_repeats)[0]
+                ms = steady_latency_ms(served, X, latency_repeats)
                 points[fmt].append((served.params, len(served.file_bytes), ms))
     if points["int8"]:
         why_not = unplanned_int8(teacher, X, cfg, seed, made)
@@ -455,10 +476,7 @@ def achieved(
         return float(saved_size(served)[0])  # the file on disk
     if plan.unit == "params":
         return float(served.params)
-    predict = served.predictor()
-    return float(
-        np.median([latency_percentiles_ms(predict, X, 1, repeats)[0] for _ in range(LATENCY_TRIES)])
-    )
+    return steady_latency_ms(served, X, repeats)
 
 
 def measured_line(

@@ -148,6 +148,27 @@ def test_a_target_below_the_smallest_model_is_unreachable():
     )
 
 
+def test_a_latency_limit_a_measured_copy_meets_is_reachable():
+    """The least-squares line through three latencies, the half-width copy's measured slow,
+    passes above the smallest copy: a limit that copy meets is reachable, at its size at least
+    (the line alone called it unreachable, and a search built below it)."""
+    costs = {
+        "fp32": Costs(
+            (100, 5_000, 10_000), (1_400, 21_000, 41_000), (0.010, 0.025, 0.028), "onnxruntime fp32"
+        )
+    }
+    fixed, slope = costs["fp32"].line("latency")
+    assert fixed + slope * 100 > 0.011  # the line: over the limit at the smallest copy
+    plan = plan_target(TargetConfig(latency_ms_b1=0.011), costs, 10_000, 100, 41_000)
+    assert plan.reachable and plan.final_params == 100
+    # a limit the line meets further up keeps the line's answer
+    assert plan_target(TargetConfig(latency_ms_b1=0.02), costs, 10_000, 100, 1).final_params == int(
+        (0.02 - fixed) / slope
+    )
+    # and one no copy meets is not reachable
+    assert not plan_target(TargetConfig(latency_ms_b1=0.0095), costs, 10_000, 100, 1).reachable
+
+
 def test_smallest_model_and_prune_fraction_count_real_parameters():
     model = build_mlp(64, [32, 16], 10)
     example = torch.zeros(2, 64)
