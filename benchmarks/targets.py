@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -345,14 +346,14 @@ def sweep_overrides(budget: int, amount: float, int8: bool) -> list[str]:
     ]
 
 
-def shown_worse(records: list[dict]) -> list[tuple[dict, dict]]:
+def shown_worse(records: list[dict], below: float = PAIRED_P) -> list[tuple[dict, dict]]:
     """(targeted record, the sweep configuration) for each targeted run of one teacher that a
-    sweep configuration beats at no larger a file with the paired test below `PAIRED_P`."""
+    sweep configuration beats at no larger a file with the paired test's p below `below`."""
     sweep = [r for r in records if r["arm"] == "sweep"]
     pairs = []
     for t in (r for r in records if r["arm"] == "targeted" and "error" not in r):
         better, _, p = beaten_by(t["kind"], t["value"], sweep, t)
-        if better is not None and p is not None and p < PAIRED_P:
+        if better is not None and p is not None and p < below:
             pairs.append((t, better))
     return pairs
 
@@ -396,7 +397,8 @@ def replicated_report(records: list[dict]) -> None:
     if not reps:
         return
     print(
-        "\nReplicated: each targeted run a sweep configuration beat by the paired test, run "
+        "\nReplicated: targeted runs a sweep configuration beat (the paired test's p below "
+        "`--replicate-p`, default 0.05), run "
         "again beside that configuration at other seeds (the same teacher; each seed its own "
         "split, KD and search; KB / test drop in points; gap: the configuration's test accuracy "
         "minus the targeted run's, on the same rows)\n"
@@ -409,7 +411,11 @@ def replicated_report(records: list[dict]) -> None:
     cases = dict.fromkeys((r["teacher"], r["kind"], r["value"]) for r in reps)
     for name, kind, value in cases:
         grid = [r for r in records if r["teacher"] == name and r["arm"] in ("targeted", "sweep")]
-        pairs = [(t, b) for t, b in shown_worse(grid) if (t["kind"], t["value"]) == (kind, value)]
+        pairs = [  # the grid's own gap, whatever its p
+            (t, b)
+            for t, b in shown_worse(grid, math.inf)
+            if (t["kind"], t["value"]) == (kind, value)
+        ]
         for seed in sorted({r["seed"] for r in reps if (r["teacher"], r["kind"]) == (name, kind)}):
             of = {
                 r["role"]: r
@@ -684,6 +690,12 @@ def main() -> None:
         "that configuration at this many more seeds (0: none)",
     )
     parser.add_argument(
+        "--replicate-p",
+        type=float,
+        default=PAIRED_P,
+        help=f"replicate the gaps whose paired test's p is below this (default {PAIRED_P:g})",
+    )
+    parser.add_argument(
         "--replicate-from",
         type=Path,
         nargs="*",
@@ -733,9 +745,8 @@ def main() -> None:
                 own = [r for r in grid if r["teacher"] == name and r["arm"] != "replicate"]
                 records += own
                 seeds = list(range(args.seed + 1, args.seed + 1 + args.replicates))
-                records += replicate(
-                    name, shown_worse(own), loaded, teacher_overrides, seeds, args.out
-                )
+                pairs = shown_worse(own, args.replicate_p)
+                records += replicate(name, pairs, loaded, teacher_overrides, seeds, args.out)
                 continue
             # the issue's default guard, 1 point (configs/digits.yaml ships 2 for the demo)
             base = [f"seed={args.seed}", f"target.max_accuracy_drop={MAX_DROP}", *loaded]
@@ -772,9 +783,8 @@ def main() -> None:
             if args.replicates:
                 own = [r for r in records if r["teacher"] == name]
                 seeds = list(range(args.seed + 1, args.seed + 1 + args.replicates))
-                records += replicate(
-                    name, shown_worse(own), loaded, teacher_overrides, seeds, args.out
-                )
+                pairs = shown_worse(own, args.replicate_p)
+                records += replicate(name, pairs, loaded, teacher_overrides, seeds, args.out)
             tenx = next((r for r in records if r["teacher"] == name and r.get("value") == 10), None)
             if args.repeats == 0 or tenx is None or "error" in tenx:
                 continue
