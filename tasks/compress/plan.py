@@ -95,7 +95,10 @@ class Costs:
         """Largest parameter count whose predicted bytes (or latency) stay within `limit`; for a
         latency, at least the largest copy measured within it. Latency is no line (the runtime's
         cost per call, the load): the least-squares line through a half-width copy measured slow
-        passes above the smallest copy, and would call a limit that copy meets unreachable."""
+        passes above the smallest copy, and would call a limit that copy meets unreachable (the
+        targets grid's CNN1d: its 0.0176 ms limit, measured between its smallest copy's latency
+        and its teacher's, was found below its smallest model by the plan's costs a minute
+        later, and the run searched)."""
         fixed, slope = self.line(what)
         within = zip(self.params, self.latency_ms, strict=True)
         measured = (
@@ -160,9 +163,10 @@ def int8_ships_at(
 
 def steady_latency_ms(served: OnnxModel | TorchScriptModel, X: np.ndarray, repeats: int) -> float:
     """Batch-1 latency as a target measures it: the median of `LATENCY_TRIES` p50s of `repeats`
-    calls each (one p50 moves with the machine's load: the targets grid's CNN1d limit, 0.0176
-    ms, measured at the grid's start between its smallest and its teacher's latency, was over
-    the smallest copy's single p50 a minute later, and the plan searched below it)."""
+    calls each, so that one disturbed p50 does not decide. A drift of the machine's speed over
+    seconds it does not take out: on this 2-core machine the 90th percentile of repeated
+    measurements of one model is 1.47x the 10th, however many calls each takes
+    (docs/benchmarks.md, "How steady a batch-1 latency is here")."""
     predict = served.predictor()
     return float(
         np.median([latency_percentiles_ms(predict, X, 1, repeats)[0] for _ in range(LATENCY_TRIES)])
