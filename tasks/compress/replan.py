@@ -56,8 +56,10 @@ is positive (two noisy points can say a larger model is faster), and otherwise t
 the geometric middle of the bracket.
 
 Every build is recorded (`Build`, on `Fitted.builds`): the budget, its parameters, the predicted
-and the measured value, what it achieved after pruning, and the decision taken next; the target
-stage's run has them as `build_N.*` metrics and params, and the verdict's bound names them.
+and the measured value, what it achieved after pruning, and the decision taken next (for a
+build that missed the limit and was rebuilt, why the fit did not prune it there: the cut over
+`PRUNE_CUT`, a round the guard rolled back, the rounds spent: `NOT_PRUNED`); the target stage's
+run has them as `build_N.*` metrics and params, and the verdict's bound names them.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ from distill.tasks.platform.config import SMALLEST
 PRUNE_CUT = 0.15  # a miss a pruning round closes (of the parameters); a larger one is rebuilt
 MIN_STEP = 0.02  # a rebuild is at least this much smaller than any build that missed
 MAX_SHRINK = 4.0  # and at most this many times smaller than the smallest that missed
+
+# why a build that missed the limit was rebuilt rather than pruned to it (`fit_to_target`'s stop)
+NOT_PRUNED = {
+    "cut": "not pruned (a cut over {cut:.0%} needed)",
+    "rolled back": "its pruning round broke the guard",
+    "rounds": "its pruning rounds fell short",
+}
 
 BuildAt = Callable[[int], nn.Module]  # reduce, reconstruct, KD at a parameter budget
 Fit = Callable[[nn.Module, float], Fitted]  # fit_to_target with the cut it may prune (max_cut)
@@ -176,6 +185,8 @@ def refit_to_target(
             then = f"rebuild at {want:,} params" if want is not None else f"stopped: {why}"
             if not served_ok:
                 then = f"not shipped (it broke the guard); {then}"
+            elif fitted.stop in NOT_PRUNED:  # why the fit left it: a rebuild costs a whole KD
+                then = f"{NOT_PRUNED[fitted.stop].format(cut=PRUNE_CUT)}; {then}"
         else:  # the smallest reachable model, or the guard: no build can do better
             then = f"stopped: {fitted.stop}"
         builds.append(

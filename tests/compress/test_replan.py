@@ -137,12 +137,13 @@ def test_a_plan_that_mispredicts_converges_by_secant_within_the_bound():
     assert b[0].predicted == pytest.approx(20_282)
     # rebuild 1: the plan's slope (1 B/param) through build 0's measurement, 7,359 B + 1 B/param,
     # meets the aim at 12,916 params, asked of the reduce stage as 12,916 x 15,275 / 15,282
-    assert b[0].then == "rebuild at 12,916 params"
+    # the fit did not prune it: the cut it needs is over PRUNE_CUT, so the line says why
+    assert b[0].then == "not pruned (a cut over 15% needed); rebuild at 12,916 params"
     assert world.built[1] == round(12_916 * 15_275 / 15_282) == 12_910
     assert b[1].predicted == pytest.approx(20_276, abs=1)  # by the anchored line: at the aim
     # it measured 21,458.5 B (the slope is 0.5, not 1); the secant through builds 0 and 1 is the
     # real line: rebuild 2 at (20,275.2 - 15,000) / 0.5 = 10,550 params
-    assert b[1].measured == 21_458.5 and b[1].then == "rebuild at 10,550 params"
+    assert b[1].measured == 21_458.5 and b[1].then.endswith("; rebuild at 10,550 params")
     assert b[2].predicted == pytest.approx(b[2].measured)  # the secant predicted it exactly
     assert b[2].measured <= plan.limit and fitted.achieved == b[2].measured
     assert b[2].then == "shipped: met" and "build 2 of 3 shipped" in fitted.bound
@@ -179,7 +180,7 @@ def test_a_small_miss_is_pruned_and_a_rolled_back_round_is_rebuilt():
     breaks = World(fixed=5_600, per_param=1.0, prune_breaks=True)
     _, fitted = _run(breaks)
     assert len(fitted.builds) == 2 and fitted.met and len(breaks.built) == 2
-    assert fitted.builds[0].then.startswith("rebuild at")
+    assert fitted.builds[0].then.startswith("its pruning round broke the guard; rebuild at")
 
 
 def test_a_rebuild_that_breaks_the_guard_is_not_shipped():
@@ -313,7 +314,8 @@ def test_the_pipeline_meets_a_size_target_its_plan_mispredicts(digits, monkeypat
     out = compress(cfg, digits)
     fitted, plan = out.target.fitted, out.target.plan
     first = fitted.builds[0]
-    assert first.measured > plan.limit * 1.15 and first.then.startswith("rebuild at")
+    assert first.measured > plan.limit * 1.15
+    assert first.then.startswith("not pruned (a cut over 15% needed); rebuild at")
     assert first.measured > first.predicted  # the plan said it fits
     assert 2 <= len(fitted.builds) <= 4 and out.target.met
     served = saved_size(out.quantized.served)[0]
