@@ -390,7 +390,24 @@ def log_run_inputs(
     if rows is not None:  # the profile of the whole table, not of the rows given
         profile = {"num_rows": rows, "num_elements": rows * frame.shape[1]}
         dataset.__class__ = type("TableDataset", (type(dataset),), {"profile": profile})
-    mlflow.log_input(dataset, context="training")
+    log_dataset(dataset)
+
+
+def log_dataset(dataset: Any) -> None:
+    """`mlflow.log_input` on the active run, once more where another run inserted the same
+    dataset between its check and its insert: MLflow's SQL store looks the dataset (experiment,
+    name, digest) up, then inserts it, so two runs logging one dataset at once (a sweep's
+    variants in threads) fail one insert on the unique key; the second try finds the row and
+    links it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, context="training")
+    except MlflowException as err:
+        if "unique" not in str(err).lower():
+            raise
+        mlflow.log_input(dataset, context="training")
 
 
 def _dataset_source(source: str) -> Any:

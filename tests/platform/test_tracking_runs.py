@@ -1,6 +1,6 @@
-"""MLflow run records: pipelines in threads of one process keep their runs apart, a retried
-stage record replaces the failed one, a terminated run is closed FAILED, and large batches land
-whole."""
+"""MLflow run records: pipelines in threads of one process keep their runs apart, runs logging
+one dataset at once each link it, a retried stage record replaces the failed one, a terminated
+run is closed FAILED, and large batches land whole."""
 
 import os
 import signal
@@ -75,6 +75,67 @@ def test_pipelines_in_threads_keep_their_runs_apart(mlflow_store):
             assert len(models) == 1
             assert models[0].params == {"variant": str(i)}  # the stage's params, on its model too
             assert [m.key for m in models[0].metrics] == ["accuracy"]  # linked, plain key
+
+
+def test_runs_logging_one_dataset_at_once_each_link_it(mlflow_store, monkeypatch):
+    """MLflow's SQL store checks for the dataset, then inserts it: two runs logging the same one
+    at once fail one insert on the unique key (a sweep's variants in threads did, once in a
+    `make test`). The insert that lost is tried again, and finds the row; another error is not."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = store.configure(store.load_settings())
+    frame = pd.DataFrame({"x": np.arange(6.0), "label": [0, 1] * 3})
+    real, calls = mlflow.log_input, []
+
+    def lost_the_race(*args, **kwargs):  # as the store says it, the first time
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                "datasets.name, datasets.digest"
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", lost_the_race)
+    with tracking.parent_run(experiment_id, "raced", {}, {}) as run_id:
+        tracking.log_run_inputs("a: 1\n", None, frame, "sklearn:digits", "toy", "same")
+    assert len(calls) == 2
+    (logged,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.digest == "same"
+
+    def broken(*args, **kwargs):
+        raise MlflowException("the store is read-only")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with (
+        pytest.raises(MlflowException, match="read-only"),
+        tracking.parent_run(experiment_id, "broken", {}, {}),
+    ):
+        tracking.log_run_inputs("a: 1\n", None, frame, "sklearn:digits", "toy", "same")
+    monkeypatch.setattr(mlflow, "log_input", real)
+
+    # and for real: four runs in threads log one dataset at once; each links it
+    barrier, runs, errors = threading.Barrier(4), [], []
+
+    def log_one(i: int) -> None:
+        try:
+            with tracking.parent_run(experiment_id, f"same-{i}", {}, {}) as run_id:
+                barrier.wait()
+                tracking.log_run_inputs("a: 1\n", None, frame, "sklearn:digits", "toy", "d9")
+                runs.append(run_id)
+        except Exception as exc:  # noqa: BLE001 -- whatever a thread raised is surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log_one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for run_id in runs:
+        (logged,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
+        assert logged.dataset.digest == "d9"
 
 
 def test_a_file_dataset_is_logged_without_mlflows_ambiguous_source_warning(mlflow_store, tmp_path):
