@@ -725,6 +725,7 @@ def main() -> None:
     from distill.flows.distill import local_settings
 
     records, costs, begin = [], [], time.perf_counter()
+    seeds = list(range(args.seed + 1, args.seed + 1 + args.replicates))  # of the replicates
     with local_settings():
         run(
             ["target=null", "teacher.epochs=1", "finetune.epochs=0"]
@@ -744,7 +745,6 @@ def main() -> None:
             if grid is not None:  # the grid's own runs, read: only the replicates run
                 own = [r for r in grid if r["teacher"] == name and r["arm"] != "replicate"]
                 records += own
-                seeds = list(range(args.seed + 1, args.seed + 1 + args.replicates))
                 pairs = shown_worse(own, args.replicate_p)
                 records += replicate(name, pairs, loaded, teacher_overrides, seeds, args.out)
                 continue
@@ -780,9 +780,8 @@ def main() -> None:
                         }
                         records.append(attempt(by_hand, record, args.out, rows))
                         print(f"[{time.perf_counter() - begin:.0f} s] {record}", flush=True)
-            if args.replicates:
+            if seeds:
                 own = [r for r in records if r["teacher"] == name]
-                seeds = list(range(args.seed + 1, args.seed + 1 + args.replicates))
                 pairs = shown_worse(own, args.replicate_p)
                 records += replicate(name, pairs, loaded, teacher_overrides, seeds, args.out)
             tenx = next((r for r in records if r["teacher"] == name and r.get("value") == 10), None)

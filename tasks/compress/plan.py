@@ -100,15 +100,14 @@ class Costs:
         and its teacher's, was found below its smallest model by the plan's costs a minute
         later, and the run searched)."""
         fixed, slope = self.line(what)
-        within = zip(self.params, self.latency_ms, strict=True)
-        measured = (
-            max((n for n, ms in within if ms <= limit), default=None) if what == "latency" else None
-        )
         if slope <= 0:  # latency flat in the size here: any size fits if the smallest does
             fits = math.inf if fixed <= limit else -math.inf
         else:
             fits = (limit - fixed) / slope
-        return fits if measured is None else max(fits, float(measured))
+        if what != "latency":
+            return fits
+        pairs = zip(self.params, self.latency_ms, strict=True)
+        return max([fits, *(float(n) for n, ms in pairs if ms <= limit)])
 
 
 def narrowed(model: nn.Module, example: torch.Tensor, fraction: float) -> nn.Module:

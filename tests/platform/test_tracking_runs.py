@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,42 +21,53 @@ from distill.tasks.platform import store, tracking
 from tests.conftest import ROOT, child_runs
 
 
-def test_pipelines_in_threads_keep_their_runs_apart(mlflow_store):
-    experiment_id = store.configure(store.load_settings())
-    frame = pd.DataFrame({"x": np.arange(6.0), "label": [0, 1] * 3})
-    barrier, results, errors = threading.Barrier(4), {}, []
-    example = np.zeros((2, 4), dtype=np.float32)
+def _at_once(work: Callable[[int, threading.Barrier], None], n: int = 4) -> None:
+    """`work(i, barrier)` in `n` threads, each waiting at the barrier where the threads should
+    meet; whatever a thread raised fails the test."""
+    barrier, errors = threading.Barrier(n), []
 
-    def pipeline(i: int) -> None:
+    def run(i: int) -> None:
         try:
-            barrier.wait()
-            with tracking.parent_run(
-                experiment_id, f"variant-{i}", {"variant": i}, {"distill.sweep_id": "s"}
-            ) as run_id:
-                tracking.log_run_inputs(
-                    f"variant: {i}\n", None, frame, "sklearn:digits", "toy", f"digest{i}"
-                )
-                recorded = {}
-                for stage in ("teacher", "finetuned"):
-                    recorded |= tracking.record_stage(
-                        run_id,
-                        stage,
-                        {"accuracy": i / 10},
-                        {"variant": i},
-                        model=build_mlp(4, [3], 2),
-                        example=example,
-                    )
-                tracking.log_metrics(run_id, recorded)  # as the flow does, at the end
-                results[i] = run_id
+            work(i, barrier)
         except Exception as exc:  # noqa: BLE001 -- whatever a thread raised is surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=pipeline, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_pipelines_in_threads_keep_their_runs_apart(mlflow_store):
+    experiment_id = store.configure(store.load_settings())
+    frame = pd.DataFrame({"x": np.arange(6.0), "label": [0, 1] * 3})
+    results = {}
+    example = np.zeros((2, 4), dtype=np.float32)
+
+    def pipeline(i: int, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        with tracking.parent_run(
+            experiment_id, f"variant-{i}", {"variant": i}, {"distill.sweep_id": "s"}
+        ) as run_id:
+            tracking.log_run_inputs(
+                f"variant: {i}\n", None, frame, "sklearn:digits", "toy", f"digest{i}"
+            )
+            recorded = {}
+            for stage in ("teacher", "finetuned"):
+                recorded |= tracking.record_stage(
+                    run_id,
+                    stage,
+                    {"accuracy": i / 10},
+                    {"variant": i},
+                    model=build_mlp(4, [3], 2),
+                    example=example,
+                )
+            tracking.log_metrics(run_id, recorded)  # as the flow does, at the end
+            results[i] = run_id
+
+    _at_once(pipeline)
     client = MlflowClient()
     assert len(set(results.values())) == 4
     for i, run_id in results.items():
@@ -116,23 +128,15 @@ def test_runs_logging_one_dataset_at_once_each_link_it(mlflow_store, monkeypatch
     monkeypatch.setattr(mlflow, "log_input", real)
 
     # and for real: four runs in threads log one dataset at once; each links it
-    barrier, runs, errors = threading.Barrier(4), [], []
+    runs = []
 
-    def log_one(i: int) -> None:
-        try:
-            with tracking.parent_run(experiment_id, f"same-{i}", {}, {}) as run_id:
-                barrier.wait()
-                tracking.log_run_inputs("a: 1\n", None, frame, "sklearn:digits", "toy", "d9")
-                runs.append(run_id)
-        except Exception as exc:  # noqa: BLE001 -- whatever a thread raised is surfaced below
-            errors.append(exc)
+    def log_one(i: int, barrier: threading.Barrier) -> None:
+        with tracking.parent_run(experiment_id, f"same-{i}", {}, {}) as run_id:
+            barrier.wait()
+            tracking.log_run_inputs("a: 1\n", None, frame, "sklearn:digits", "toy", "d9")
+            runs.append(run_id)
 
-    threads = [threading.Thread(target=log_one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    _at_once(log_one)
     for run_id in runs:
         (logged,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
         assert logged.dataset.digest == "d9"
