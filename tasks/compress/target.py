@@ -193,7 +193,9 @@ def cut_toward(
 ) -> nn.Module:
     """A copy of `model` with each prunable group's lowest units removed (by `criterion`, on
     training rows), to the largest common fraction of its width that has at most `want`
-    parameters: one pruning round's cut, before its KD recovery."""
+    parameters (a model of transformer blocks: to `want` itself, its coarse heads filled around
+    by feed-forward units, `transformer.fraction_widths`): one pruning round's cut, before its
+    KD recovery."""
     candidate = copy.deepcopy(model)
     remove_lowest_units(
         candidate,
@@ -201,6 +203,7 @@ def cut_toward(
         criterion,
         data.X_train[:1024],
         {g.name: g.width for g in groups},
+        want,
     )
     return candidate
 

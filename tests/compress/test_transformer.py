@@ -326,6 +326,33 @@ def test_bert_depth_cut_renumbers_and_refits():
     assert _out(student, X).shape == (len(X), 3)
 
 
+def test_a_cut_to_a_parameter_count_fills_what_coarse_heads_leave():
+    # 4 heads of 8 dims and 64 feed-forward units a layer: a head (in both layers) is 2,096 of
+    # the 22,595 parameters, a unit 130; a common fraction alone moves by whole heads' steps
+    teacher, X = _bert(layers=2, heads=4), _ids()
+    width = [g for g in tr.transformer_groups(teacher, X) if g.reducible and g.kind != "depth"]
+    cost = tr.cost_model(teacher, width)
+    original = {g.name: g.width for g in width}
+    unit = {g.name: cost.params() - cost.params({g.name: g.width - 1}) for g in width}
+    for share in (0.9, 0.7, 0.5, 0.4):  # one unit each: 36 %
+        ask = int(share * cost.params())
+        widths = tr.fraction_widths(cost, width, original, {}, ask)
+        assert widths is not None and cost.params(widths) <= ask
+        # no group takes one more unit within the ask: the count is filled to a unit's worth
+        assert all(
+            widths[g.name] == g.width or cost.params(widths | {g.name: widths[g.name] + 1}) > ask
+            for g in width
+        )
+        assert ask - cost.params(widths) < max(unit.values())
+    # and a structured cut of the model to that count lands there, its forward intact
+    student = copy.deepcopy(teacher)
+    ask = int(0.6 * cost.params())
+    cuts = tr.prune_to_fraction(student, 1.0, "activation", X, original, ask)
+    assert cuts and _params(student) == cuts[0].params <= ask
+    assert ask - _params(student) < max(unit.values())
+    assert torch.isfinite(_out(student, X)).all()
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_half_width_students_run_and_are_smaller(name):
     build, rows = MODELS[name]
