@@ -346,6 +346,57 @@ def sweep_overrides(budget: int, amount: float, int8: bool) -> list[str]:
     ]
 
 
+def same_size_overrides(targeted: dict) -> list[str]:
+    """A by-hand run (`target=null`) of the model a targeted run shipped: its parameters as the
+    reduce budget, no pruning, int8 on where it served int8: what the run would have cost a user
+    who knew the size beforehand."""
+    return [
+        "target=null",
+        "compress.prune.amount=0",
+        f"reduce.budget.params={int(targeted['params'])}",
+        f"compress.quantize.enabled={'true' if targeted['int8_served'] else 'false'}",
+    ]
+
+
+def same_size_report(records: list[dict]) -> None:
+    """Each targeted run's wall against the by-hand run of its shipped size (`--same-size`):
+    what finding the size costs, apart from what the size itself costs to distil."""
+    pairs = [
+        (t, h)
+        for h in records
+        if h["arm"] == "same_size" and "error" not in h
+        for t in records
+        if t["arm"] == "targeted"
+        and (t["teacher"], t["kind"], t["value"]) == (h["teacher"], h["kind"], h["value"])
+        and "error" not in t
+    ]
+    if not pairs:
+        return
+    print(
+        "\nWhat finding the size costs: each targeted run against a by-hand run of the model it "
+        "shipped (`target=null`, its parameters as `reduce.budget.params`, no pruning, int8 as "
+        "it served), run right after it\n"
+    )
+    print(
+        "| teacher | target | targeted: params / KB | wall s | by hand, same size: "
+        "params / KB | wall s | **targeted / by hand** |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    ratios = []
+    for t, h in pairs:
+        ratios.append(t["wall"] / h["wall"])
+        print(
+            f"| {t['teacher']} | {show_target(t['kind'], t['value'])} | "
+            f"{t['params']:,.0f} / {t['size_kb']:.1f} | {t['wall']:.1f} | "
+            f"{h['params']:,.0f} / {h['size_kb']:.1f} | {h['wall']:.1f} | "
+            f"**{ratios[-1]:.2f}** |"
+        )
+    print(
+        f"\ntargeted wall / the same size by hand: median {statistics.median(ratios):.2f}, "
+        f"max {max(ratios):.2f} ({len(ratios)} targets)"
+    )
+
+
 def shown_worse(records: list[dict], below: float = PAIRED_P) -> list[tuple[dict, dict]]:
     """(targeted record, the sweep configuration) for each targeted run of one teacher that a
     sweep configuration beats at no larger a file with the paired test's p below `below`."""
@@ -608,7 +659,8 @@ def report(records: list[dict]) -> None:
                 else "no"
             )
             gaps.append(gap)
-            ratios.append(t["wall"] / by_hand)
+            if walls:
+                ratios.append(t["wall"] / by_hand)
             achieved = (
                 f"{t['achieved']:.4f} ms"
                 if kind == "latency_ms_b1"
@@ -624,7 +676,7 @@ def report(records: list[dict]) -> None:
                 f"{f'**yes**, {100 * gap:.2f}{show_p(p_worse)}' if beaten else 'no'} | "
                 f"{by_validation} | "
                 f"{t['wall']:.1f} | "
-                f"{t['wall'] / by_hand:.2f} |"
+                f"{f'{ratios[-1]:.2f}' if walls else '-'} |"
             )
     print("\nWhy each targeted run stopped (`target` stage record):\n")
     for t in (r for r in records if r["arm"] == "targeted"):
@@ -634,7 +686,9 @@ def report(records: list[dict]) -> None:
         )
     spent = sum(r["wall"] for r in records)
     if not ratios:
-        print(f"\n{met} of {feasible} feasible targets met ({n} targets)")
+        print(f"\n{met} of {feasible} feasible targets met ({n} targets; no sweep to judge by)")
+        replicated_report(records)
+        same_size_report(records)
         return
     paired = (
         f"{shown} of them shown by a paired test on the test rows at p < {PAIRED_P:g})"
@@ -663,6 +717,7 @@ def report(records: list[dict]) -> None:
         f"max {max(ratios):.2f}; {len(records)} runs, {spent:.0f} s of runs"
     )
     replicated_report(records)
+    same_size_report(records)
 
 
 def main() -> None:
@@ -678,6 +733,12 @@ def main() -> None:
         "--teachers", nargs="*", help="only these: MLP CNN1d ResNet1d BERT (default: all four)"
     )
     parser.add_argument("--no-sweep", action="store_true", help="the targeted runs only")
+    parser.add_argument(
+        "--same-size",
+        action="store_true",
+        help="after each targeted run, a by-hand run of the size it shipped (what finding the "
+        "size costs)",
+    )
     parser.add_argument("--out", type=Path, help="append each run's record (a JSON line) here")
     parser.add_argument(
         "--report", type=Path, nargs="*", help="print the tables from these files; run nothing"
@@ -766,6 +827,10 @@ def main() -> None:
                 overrides = [*base, *target_overrides(kind, value)]
                 records.append(attempt(overrides, record, args.out, rows))
                 print(f"[{time.perf_counter() - begin:.0f} s] {record}", flush=True)
+                if args.same_size and "error" not in record:
+                    hand = {"teacher": name, "arm": "same_size", "kind": kind, "value": value}
+                    records.append(attempt([*base, *same_size_overrides(record)], hand, args.out))
+                    print(f"[{time.perf_counter() - begin:.0f} s] {hand}", flush=True)
             for fraction in () if args.no_sweep else SWEEP_FRACTIONS:
                 for amount in SWEEP_PRUNE:
                     for int8 in SWEEP_INT8:

@@ -36,7 +36,10 @@ build (reduce, reconstruct, KD) the fit exports and measures it (`fit_to_target`
   build that broke it, the next budget is the bracket's geometric middle), and at most
   `MAX_SHRINK` times under the smallest that missed (a line through one point is a guess); an
   empty bracket stops the loop.
-- **the last build** (no rebuild left) prunes as far as it takes, as the fit did before.
+- **the last build** (no rebuild left) prunes as far as it takes, as the fit did before; so
+  does a widened plan's first build (`plan.widened`: distilled at twice the size planned, its
+  cut to the limit is the plan), whose pruning round the guard rolls back is rebuilt at the size
+  the line says, as any other.
 
 The guard decides every build as it decides every step (tasks/compress/guard.py): a build whose
 served model breaks it is never shipped while one that keeps it exists, and the next rebuild
@@ -149,7 +152,9 @@ def refit_to_target(
     budget, model = plan.reduce_params, student
     while True:
         last = len(builds) >= rebuilds_allowed
-        fitted = fit(model, 1.0 if last else PRUNE_CUT)
+        # a widened plan's first student is pruned to the limit as planned (plan.widened)
+        planned_cut = not builds and plan.widen > 1
+        fitted = fit(model, 1.0 if last or planned_cut else PRUNE_CUT)
         params, fmt, measured = fitted.built or (
             fitted.quantized.served.params,
             plan.fmt,

@@ -464,6 +464,7 @@ def target_record(
         "int8": float(fitted.quantized.int8_model is not None),
         "planned_params": float(plan.final_params),
         "reduce_params": float(plan.reduce_params),
+        "widen": plan.widen,  # the first student's budget over the one planned (plan.widened)
         "smallest_params": float(plan.smallest_params),
         # an undistilled start's budget (plan.first_probe): the reduce stage built below it
         **({"start_params": float(plan.start_params)} if plan.start_params else {}),

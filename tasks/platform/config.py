@@ -216,6 +216,11 @@ class TargetConfig(Strict):
     # size or latency target: rebuilds from the reduce stage at a budget corrected by what the
     # last build's served model measured, where pruning would not close the miss (0: none)
     max_rebuilds: int = Field(3, ge=0)
+    # size_kb, ratio or params target: the first student is distilled at this many times the
+    # parameters the plan sized (at most half the teacher's), then pruned to the limit in
+    # guarded rounds (a round the guard rolls back: rebuilt at the size planned); null: the
+    # teacher family's recipe (2 for a Hugging Face transformer, 1 for anything else)
+    widen: float | None = Field(None, ge=1)
     # classification: training rows held out from every fit of the student (calibration, KD,
     # recovery); its disagreement with the teacher on them bounds its accuracy drop with no
     # labels, so they can show a drop within the allowance where few validation rows cannot
@@ -245,6 +250,11 @@ class TargetConfig(Strict):
             raise ValueError(
                 f"max_builds applies only to a drop-only target (here {given[0]} is set); "
                 f"remove it or {given[0]}"
+            )
+        if self.widen is not None and (not given or given[0] == "latency_ms_b1"):
+            raise ValueError(
+                "widen applies only to a size_kb, ratio or params target"
+                + (f" (here {given[0]} is set)" if given else " (a drop-only target searches)")
             )
         if not given and self.max_rebuilds != type(self).model_fields["max_rebuilds"].default:
             raise ValueError(

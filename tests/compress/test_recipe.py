@@ -25,6 +25,7 @@ def test_the_family_is_read_from_the_teachers_modules():
     # attention alone does not choose it: on this model the MLP/CNN recipe measured better
     assert recipe_for(zoo.TransformerClassifier()) == MLP_CNN
     assert (MLP_CNN.epochs, MLP_CNN.lr, TRANSFORMER.epochs, TRANSFORMER.lr) == (80, 3e-3, 10, 1e-3)
+    assert (MLP_CNN.widen, TRANSFORMER.widen) == (1.0, 2.0)  # distilled wide, pruned to the size
 
 
 def test_a_hugging_face_teacher_takes_the_transformer_recipe():

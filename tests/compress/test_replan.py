@@ -14,7 +14,7 @@ import torch
 from distill.tasks.compress import plan as plan_module
 from distill.tasks.compress.evaluate import TorchScriptModel
 from distill.tasks.compress.guard import Check, Decision
-from distill.tasks.compress.plan import Costs, plan_target
+from distill.tasks.compress.plan import Costs, plan_target, widened
 from distill.tasks.compress.quantize import Quantized
 from distill.tasks.compress.replan import PRUNE_CUT, next_params, refit_to_target, untried
 from distill.tasks.compress.target import Build, Fitted
@@ -275,6 +275,61 @@ def test_an_unreachable_plan_takes_no_rebuilds():
         plan, COSTS, Student(500), world.build_at, lambda s, c: world.fit(plan, s, c), 3
     )
     assert len(fitted.builds) == 1 and world.built == [] and world.calls[0][1] == 1.0
+
+
+def test_a_widened_plan_distils_twice_the_size_and_prunes_it_to_the_limit():
+    plan = _plan(12)  # 12 KB: ~7,100 params by the line (the teacher: 50,000)
+    wide = widened(plan, 2.0)
+    assert (wide.reduce_params, wide.widen) == (2 * plan.reduce_params, 2.0)
+    assert wide.final_params == plan.final_params and "then pruned to the limit" in wide.why
+    world = World(fixed=5_000, per_param=1.0)
+    fitted = refit_to_target(
+        wide,
+        COSTS,
+        world.build_at(wide.reduce_params),
+        world.build_at,
+        lambda s, cut: world.fit(wide, s, cut),
+        3,
+    )
+    # one build, twice as large as planned, cut by half as the plan says (not a rebuild)
+    assert world.calls == [(wide.reduce_params + 7, 1.0)] and len(world.built) == 1
+    assert fitted.met and len(fitted.builds) == 1
+    assert fitted.builds[0].final_params <= plan.reduce_params < fitted.builds[0].params
+    # its pruning round rolled back by the guard: rebuilt where the line meets the limit
+    breaks = World(fixed=5_000, per_param=1.0, prune_breaks=True)
+    fitted = refit_to_target(
+        wide,
+        COSTS,
+        breaks.build_at(wide.reduce_params),
+        breaks.build_at,
+        lambda s, cut: breaks.fit(wide, s, cut),
+        3,
+    )
+    assert fitted.met and len(fitted.builds) == 2
+    assert fitted.builds[0].then.startswith("its pruning round broke the guard; rebuild at")
+    assert breaks.calls[1][1] == PRUNE_CUT  # the rebuild is fitted as any other
+    assert abs(breaks.built[1] - plan.reduce_params) < 0.05 * plan.reduce_params
+
+
+def test_widening_leaves_latency_searches_and_students_near_the_teacher_alone():
+    assert widened(_plan(20), 1.0) == _plan(20)
+    assert widened(_plan(1), 2.0) == _plan(1)  # below the smallest model: a search
+    latency = plan_target(TargetConfig(latency_ms_b1=0.015), COSTS, TEACHER, SMALLEST, 400_000)
+    assert latency.reachable and widened(latency, 2.0) == latency
+    near = _plan(40)  # ~35,000 of the teacher's 50,000: twice that is over half of it
+    assert near.reachable and widened(near, 2.0) == near
+    params = plan_target(TargetConfig(params=10_000), COSTS, TEACHER, SMALLEST, 400_000)
+    assert widened(params, 2.0).reduce_params == 20_000
+
+
+def test_widen_is_a_size_or_parameter_targets_key():
+    assert build_config({}, ["target.params=100", "target.widen=3"]).target.widen == 3
+    with pytest.raises(UserError, match="widen applies only to a size_kb, ratio or params"):
+        build_config({}, ["target.latency_ms_b1=0.02", "target.widen=2"])
+    with pytest.raises(UserError, match="a drop-only target searches"):
+        build_config({}, ["target.max_accuracy_drop=0.01", "target.widen=2"])
+    with pytest.raises(UserError, match="target.widen"):
+        build_config({}, ["target.size_kb=20", "target.widen=0.5"])
 
 
 def test_max_rebuilds_is_a_size_or_latency_targets_key():
