@@ -328,7 +328,7 @@ def test_widen_is_a_size_or_parameter_targets_key():
         build_config({}, ["target.latency_ms_b1=0.02", "target.widen=2"])
     with pytest.raises(UserError, match="a drop-only target searches"):
         build_config({}, ["target.max_accuracy_drop=0.01", "target.widen=2"])
-    with pytest.raises(UserError, match="target.widen"):
+    with pytest.raises(UserError, match=r"target\.widen"):
         build_config({}, ["target.size_kb=20", "target.widen=0.5"])
 
 
