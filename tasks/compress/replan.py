@@ -25,6 +25,10 @@ build (reduce, reconstruct, KD) the fit exports and measures it (`fit_to_target`
 - **a small miss** (a cut of at most `PRUNE_CUT` of the parameters closes it by the cost line
   anchored at the measurement): the fit prunes toward it in guarded rounds with KD recovery, as
   before. A round costs a few recovery epochs; a rebuild costs a whole KD.
+- **the planned build breaks the guard**: over the limit, the loop stops (a smaller student
+  keeps it less); under it with room, the plan mispredicted (a latency measured under load: the
+  targets grid's ResNet1d at 0.0356 ms planned 100 params, predicted 0.0309 ms, measured 0.0202,
+  lost 38 points), and the next build is bracketed between it and the limit, as below.
 - **a larger miss**, or a pruning round rolled back by the guard, or the rounds spent: rebuild
   from the reduce stage at a corrected budget, while rebuilds are left. The correction is a
   secant in the parameter count: the line through the last two builds' measurements (of the same
@@ -172,7 +176,9 @@ def refit_to_target(
             want, why = next_params(plan, costs, [*builds, this])
             drop = f"met, its drop estimated over the allowance ({_drop(fitted)})"
             then = f"{drop}: rebuild at {want:,} params" if want is not None else f"{drop}: {why}"
-        elif not served_ok and (last or not builds):  # the planned build: no smaller one keeps it
+        elif not served_ok and (last or (not builds and measured > plan.limit)):
+            # the planned build over the limit: no smaller one keeps it (under it, the plan
+            # mispredicted: a larger build may meet both, the bracket's lower end, below)
             then = "stopped: it broke the guard" + (" (not shipped)" if builds else "")
         elif last:
             then = (

@@ -228,6 +228,23 @@ def test_a_rebuild_that_meets_the_size_but_breaks_the_guard_is_bisected_not_a_st
     assert not fitted.met and "build 0 of 2 shipped" in fitted.bound
 
 
+def test_a_planned_build_under_the_limit_that_breaks_the_guard_is_rebuilt_larger():
+    # the plan's line (5,000 B + 1 B/param) says 15,275 params for 20 KB; files really measure
+    # 1,000 B less, and the guard holds from 15,500 params: build 0 fits with room and breaks
+    # it. A larger build fits too (up to 16,275 by the measured line): rebuilt there, not stopped
+    world = World(fixed=4_000, per_param=1.0, guard_floor=15_500)
+    plan, fitted = _run(world)
+    b = fitted.builds
+    assert b[0].measured <= plan.limit and not b[0].guard_ok
+    assert b[0].then.startswith("not shipped (it broke the guard); rebuild at")
+    assert len(b) == 2 and b[0].params < b[1].params and b[1].guard_ok and fitted.met
+    assert b[1].measured <= plan.limit
+    # over the limit, the planned build that breaks the guard still stops the loop
+    world = World(fixed=6_000, per_param=1.0, guard_floor=16_000)
+    _, fitted = _run(world)
+    assert [x.then for x in fitted.builds] == ["stopped: it broke the guard"]
+
+
 def test_a_budget_next_to_one_built_moves_to_the_middle_of_the_budgets_either_side():
     # CNN1d 32-64, size_kb=7.8: budget 1,638 built 1,354 params (the guard broke), 1,973 built
     # 1,963 (over the limit); 1,631 params wanted, scaled from the last build: budget 1,639,
