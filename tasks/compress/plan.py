@@ -620,19 +620,20 @@ def planned_quantize(quantize: QuantizeConfig, plan: Plan) -> QuantizeConfig:
     return at_target_batch(enabled, plan.kind)
 
 
-def widened(plan: Plan, widen: float) -> Plan:
+def widened(plan: Plan, widen: float, cut_from: int | None = None) -> Plan:
     """`plan` with its first student built at `widen` times its budget, to be distilled there and
     pruned to the limit (`target.widen`; the Hugging Face transformer recipe's 2: recipe.py); the
     plan as it is for a latency, a search, or where the wider student would be over
-    `WIDEN_MAX_SHARE` of the teacher's parameters (a student that large loses little: the BERT's
-    10x target, 233,018 params, distilled at the size, was 0.75 points better than its teacher)."""
+    `WIDEN_MAX_SHARE` of the parameters students are cut from (`cut_from`: the teacher's, or its
+    vocabulary-trimmed copy's; a student that large loses little: the BERT's 10x target, 233,018
+    params, distilled at the size, was 0.75 points better than its teacher)."""
     wide = int(widen * plan.reduce_params)
     if (
         widen <= 1
         or not plan.reachable
         or plan.searched
         or plan.unit not in ("bytes", "params")
-        or wide > WIDEN_MAX_SHARE * plan.teacher_params
+        or wide > WIDEN_MAX_SHARE * min(plan.teacher_params, cut_from or plan.teacher_params)
     ):
         return plan
     why = (
@@ -698,7 +699,14 @@ def plan_for_target(
             return Shape(budget, served.params, fmt, achieved(plan, served, X, latency_repeats))
 
         plan = shaped(plan, costs, measure_at)
-    plan = widened(plan, recipe_for(teacher).widen if target.widen is None else target.widen)
+    planned = plan.reduce_params
+    widen = recipe_for(teacher).widen if target.widen is None else target.widen
+    plan = widened(plan, widen, sum(p.numel() for p in start.parameters()))
+    if plan.widen > 1:
+        note(
+            f"the student is distilled at {plan.reduce_params:,} params, {plan.widen:g}x the "
+            f"{planned:,} planned, then pruned to the limit (target.widen; 1: at the size)"
+        )
     if not plan.reachable:
         guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence, X_agree)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)

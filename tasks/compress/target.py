@@ -453,7 +453,7 @@ def target_record(
         "format": plan.fmt,
         "served_as": fitted.quantized.method,
         "why": fitted.quantized.why[:500],
-        "plan": plan.why[:500],
+        "plan": plan.why[:1000],
         "bound": fitted.bound[:500],
         "rolled_back": ", ".join(fitted.rolled_back) or "none",
     }

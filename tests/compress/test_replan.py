@@ -337,6 +337,8 @@ def test_widening_leaves_latency_searches_and_students_near_the_teacher_alone():
     assert near.reachable and widened(near, 2.0) == near
     params = plan_target(TargetConfig(params=10_000), COSTS, TEACHER, SMALLEST, 400_000)
     assert widened(params, 2.0).reduce_params == 20_000
+    # students cut from a smaller copy (a trimmed vocabulary): half of that is the ceiling
+    assert widened(params, 2.0, cut_from=30_000) == params
 
 
 def test_widen_is_a_size_or_parameter_targets_key():
