@@ -704,8 +704,8 @@ def plan_for_target(
     plan = widened(plan, widen, sum(p.numel() for p in start.parameters()))
     if plan.widen > 1:
         note(
-            f"the student is distilled at {plan.reduce_params:,} params, {plan.widen:g}x the "
-            f"{planned:,} planned, then pruned to the limit (target.widen; 1: at the size)"
+            f"distilled at {plan.reduce_params:,} params ({plan.widen:g}x the {planned:,} "
+            "planned: target.widen), then pruned to the limit"
         )
     if not plan.reachable:
         guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence, X_agree)
