@@ -70,7 +70,7 @@ BYTES_MARGIN = 0.01  # a size plan aims this much under the limit (the line is f
 LATENCY_MARGIN = 0.05  # a latency re-plan aims this much under the limit (the load moves it)
 LATENCY_TRIES = 3  # a latency is the median of this many p50s (each of `latency_repeats` calls)
 SHAPE_TRIES = 3  # reconstructions measured before the planned build's KD (`shaped`)
-WIDEN_MAX_SHARE = 0.5  # a widened first student has at most this share of the teacher's params
+WIDEN_MAX_SHARE = 0.5  # a widened first student's most, of the params students are cut from
 MIN_CUT = 0.05  # a search's build that would remove less of the parameters is not worth making
 SHOWN = 0.99  # int8 is left out of a plan where the teacher's int8 is below the rule at this level
 

@@ -41,9 +41,9 @@ build (reduce, reconstruct, KD) the fit exports and measures it (`fit_to_target`
   `MAX_SHRINK` times under the smallest that missed (a line through one point is a guess); an
   empty bracket stops the loop.
 - **the last build** (no rebuild left) prunes as far as it takes, as the fit did before; so
-  does a widened plan's first build (`plan.widened`: distilled at twice the size planned, its
-  cut to the limit is the plan), whose pruning round the guard rolls back is rebuilt at the size
-  the line says, as any other.
+  does a widened plan's first build (`plan.widened`: distilled at `target.widen` times the size
+  planned, its cut to the limit is the plan), whose pruning round the guard rolls back is
+  rebuilt at the size the line says, as any other.
 
 The guard decides every build as it decides every step (tasks/compress/guard.py): a build whose
 served model breaks it is never shipped while one that keeps it exists, and the next rebuild
