@@ -636,11 +636,16 @@ def widened(plan: Plan, widen: float, cut_from: int | None = None) -> Plan:
         or wide > WIDEN_MAX_SHARE * min(plan.teacher_params, cut_from or plan.teacher_params)
     ):
         return plan
-    why = (
-        f"{plan.why}; distilled at {wide:,} params ({widen:g}x the {plan.reduce_params:,} "
-        "planned: target.widen), then pruned to the limit"
-    )
+    why = f"{plan.why}; {widened_line(wide, widen, plan.reduce_params)}"
     return replace(plan, reduce_params=wide, widen=widen, why=why)
+
+
+def widened_line(wide: int, widen: float, planned: int) -> str:
+    """What a widened plan does, in the plan's `why` and the run's one line."""
+    return (
+        f"distilled at {wide:,} params ({widen:g}x the {planned:,} planned: target.widen), "
+        "then pruned to the limit"
+    )
 
 
 def plan_for_target(
@@ -703,10 +708,7 @@ def plan_for_target(
     widen = recipe_for(teacher).widen if target.widen is None else target.widen
     plan = widened(plan, widen, sum(p.numel() for p in start.parameters()))
     if plan.widen > 1:
-        note(
-            f"distilled at {plan.reduce_params:,} params ({plan.widen:g}x the {planned:,} "
-            "planned: target.widen), then pruned to the limit"
-        )
+        note(widened_line(plan.reduce_params, plan.widen, planned))
     if not plan.reachable:
         guard = Guard.of(teacher, data, max_drop_of(target, data), target.confidence, X_agree)
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)

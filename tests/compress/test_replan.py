@@ -111,7 +111,12 @@ def _plan(size_kb: float):
 
 def _run(world: World, size_kb: float = 20, max_rebuilds: int = 3):
     plan = _plan(size_kb)
-    fitted = refit_to_target(
+    return plan, _refit(world, plan, max_rebuilds)
+
+
+def _refit(world: World, plan, max_rebuilds: int = 3):
+    """The closed loop of `plan` in `world`, from a first student built at its budget."""
+    return refit_to_target(
         plan,
         COSTS,
         world.build_at(plan.reduce_params),
@@ -119,7 +124,6 @@ def _run(world: World, size_kb: float = 20, max_rebuilds: int = 3):
         lambda s, cut: world.fit(plan, s, cut),
         max_rebuilds,
     )
-    return plan, fitted
 
 
 def test_a_plan_that_mispredicts_converges_by_secant_within_the_bound():
@@ -300,28 +304,14 @@ def test_a_widened_plan_distils_twice_the_size_and_prunes_it_to_the_limit():
     assert (wide.reduce_params, wide.widen) == (2 * plan.reduce_params, 2.0)
     assert wide.final_params == plan.final_params and "then pruned to the limit" in wide.why
     world = World(fixed=5_000, per_param=1.0)
-    fitted = refit_to_target(
-        wide,
-        COSTS,
-        world.build_at(wide.reduce_params),
-        world.build_at,
-        lambda s, cut: world.fit(wide, s, cut),
-        3,
-    )
+    fitted = _refit(world, wide)
     # one build, twice as large as planned, cut by half as the plan says (not a rebuild)
     assert world.calls == [(wide.reduce_params + 7, 1.0)] and len(world.built) == 1
     assert fitted.met and len(fitted.builds) == 1
     assert fitted.builds[0].final_params <= plan.reduce_params < fitted.builds[0].params
     # its pruning round rolled back by the guard: rebuilt where the line meets the limit
     breaks = World(fixed=5_000, per_param=1.0, prune_breaks=True)
-    fitted = refit_to_target(
-        wide,
-        COSTS,
-        breaks.build_at(wide.reduce_params),
-        breaks.build_at,
-        lambda s, cut: breaks.fit(wide, s, cut),
-        3,
-    )
+    fitted = _refit(breaks, wide)
     assert fitted.met and len(fitted.builds) == 2
     assert fitted.builds[0].then.startswith("its pruning round broke the guard; rebuild at")
     assert breaks.calls[1][1] == PRUNE_CUT  # the rebuild is fitted as any other
