@@ -638,11 +638,13 @@ def refit_hidden(
         steps.append((n.readers, False))
         if i < len(stream.writers):
             steps.append(((stream.writers[i],), True))
+    every = tuple(p for names, _ in steps for p in names)
+    of_teacher = tr.FixedTaps(teacher, X, batch_size, outputs=every).on(X, batch_size)
     for names, rotate in steps:
         eqs = {p: _NormalEquations(student.get_submodule(p).bias is not None) for p in names}
-        for xb in batches(X, batch_size):
+        for i, xb in enumerate(batches(X, batch_size)):
             a = tr.taps(student, xb, inputs=names)
-            z = tr.taps(teacher, xb, outputs=names)
+            z = of_teacher(i, xb, (), names)
             for p, eq in eqs.items():
                 A, Z = a[("in", p)], z[("out", p)]
                 A, Z = A.reshape(-1, A.shape[-1]), Z.reshape(-1, Z.shape[-1])

@@ -423,6 +423,7 @@ def plan_depth(
     budget = BudgetConfig(params=target)
     rows = X_calib[:TRIAL_ROWS]
     reference = transformer.outputs(teacher, rows, cfg.batch_size)
+    fixed = transformer.teacher_taps(teacher, rows, cfg.batch_size)  # one pass for all trials
     tried: list[tuple[DepthCandidate, list[LayerPlan]]] = []
     too_small: UserError | None = None
     for kept in transformer.depth_candidates(depth, lambda k: cost.params(k) <= target):
@@ -450,6 +451,7 @@ def plan_depth(
             rows,
             ridge=TRIAL_RIDGE,
             batch_size=cfg.batch_size,
+            fixed=fixed,
         )
         error = transformer.output_error(student, reference, rows, cfg.batch_size)
         tried.append((DepthCandidate(kept, cost.params(widths), error), plans))

@@ -420,14 +420,16 @@ def _tensor_out(out: Any) -> torch.Tensor:
 def taps(
     model: nn.Module, x: torch.Tensor, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()
 ) -> dict[tuple[str, str], torch.Tensor]:
-    """{("in", name): what module `name` receives, ("out", name): what it returns} on `x`."""
+    """{("in", name): what module `name` receives, ("out", name): what it returns} on `x`, as
+    taken (copies: a later in-place op of the forward does not change them)."""
     got: dict[tuple[str, str], torch.Tensor] = {}
     want = len(set(inputs)) + len(set(outputs))
     handles = []
 
     def pre(name: str):
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            got.setdefault(("in", name), _first_tensor(args, kwargs))
+            if ("in", name) not in got:
+                got["in", name] = _first_tensor(args, kwargs).clone()
             if len(got) == want:
                 raise _Done
 
@@ -435,7 +437,8 @@ def taps(
 
     def post(name: str):
         def hook(_m: nn.Module, _a: tuple, _k: dict, out: Any) -> None:
-            got.setdefault(("out", name), _tensor_out(out))
+            if ("out", name) not in got:
+                got["out", name] = _tensor_out(out).clone()
             if len(got) == want:
                 raise _Done
 
@@ -456,6 +459,79 @@ def taps(
         for h in handles:
             h.remove()
     return got
+
+
+# what a `FixedTaps` may hold: on the benchmark's BERT (4 layers, hidden 128, 28 tokens) a
+# narrowing's teacher taps on 1,024 calibration rows are 176 MB; a larger model's batches past
+# this are run again per request, as without the cache
+FIXED_TAPS_BYTES = 512 * 2**20
+
+
+class FixedTaps:
+    """`taps` of a model that does not change (the teacher a student is re-fitted to) on the rows
+    `X`, batch by batch as `batches(X, batch_size)` cuts them, every name in one forward pass and
+    kept: a re-fit reads one reader at a time, and running the teacher up to each reader for
+    every batch was most of the narrowing's time (the BERT's: ~4 teacher passes per batch where
+    one does, and again for each of the plan's trial students on the same rows). Requests for
+    other rows, batches or names, or past `max_bytes`, are run as `taps` runs them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        X: np.ndarray,
+        batch_size: int,
+        inputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (),
+        max_bytes: int = FIXED_TAPS_BYTES,
+    ) -> None:
+        self.model, self.X, self.batch_size = model, X, batch_size
+        self.inputs, self.outputs = tuple(dict.fromkeys(inputs)), tuple(dict.fromkeys(outputs))
+        self.max_bytes, self.held, self.per_batch = max_bytes, 0, 0
+        self.kept: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+
+    def on(
+        self, X: np.ndarray, batch_size: int
+    ) -> Callable[[int, torch.Tensor, tuple[str, ...], tuple[str, ...]], dict]:
+        """`taps` for batch i of `X`: from the cache where it holds these rows, else run."""
+        if X is not self.X or batch_size != self.batch_size:
+            return lambda _i, xb, inputs=(), outputs=(): taps(self.model, xb, inputs, outputs)
+        return self.get
+
+    def get(
+        self, i: int, xb: torch.Tensor, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()
+    ) -> dict[tuple[str, str], torch.Tensor]:
+        wanted = {("in", n) for n in inputs} | {("out", n) for n in outputs}
+        got = self.kept.get(i)
+        if got is not None and wanted <= got.keys():
+            return got
+        if self.held + self.per_batch > self.max_bytes or not (
+            set(inputs) <= set(self.inputs) and set(outputs) <= set(self.outputs)
+        ):
+            return taps(self.model, xb, inputs, outputs)
+        got = taps(self.model, xb, self.inputs, self.outputs)
+        size = sum(t.numel() * t.element_size() for t in got.values())
+        self.per_batch = max(self.per_batch, size)
+        if self.held + size <= self.max_bytes:
+            self.held += size
+            self.kept[i] = got
+        return got
+
+
+def teacher_taps(teacher: nn.Module, X: np.ndarray, batch_size: int) -> FixedTaps:
+    """What `narrow`'s re-fits read of `teacher` on `X`: every attention's and feed-forward's
+    output projection (reader) returns, and each layer's output (pre-LN) or what its
+    feed-forward's norm receives (post-LN), where a kept layer absorbs dropped ones."""
+    outputs: list[str] = []
+    inputs: list[str] = []
+    for b in find(teacher).blocks:
+        outputs += [_join(a.path, a.reader) for a in b.attention]
+        if b.ffn is not None:
+            outputs.append(_join(b.path, b.ffn.reader))
+            if b.ffn.norm is not None:
+                inputs.append(_join(b.path, b.ffn.norm))
+            else:
+                outputs.append(b.path)
+    return FixedTaps(teacher, X, batch_size, tuple(inputs), tuple(outputs))
 
 
 def _calls(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
@@ -1210,15 +1286,18 @@ def refit_attention(
     X: np.ndarray,
     ridge: float,
     batch_size: int = 256,
+    fixed: FixedTaps | None = None,
 ) -> None:
     """The output projection, from the context vectors the student's kept heads compute to
-    the teacher's attention output of the same layer (before the residual)."""
+    the teacher's attention output of the same layer (before the residual). `fixed`: the
+    teacher's taps, kept (`teacher_taps`)."""
     s_reader, t_reader = _join(s_att.path, s_att.reader), _join(t_att.path, t_att.reader)
     module = student.get_submodule(s_reader)
     eq = _NormalEquations(module.bias is not None)
-    for xb in batches(X, batch_size):
+    of_teacher = (fixed or FixedTaps(teacher, X, batch_size)).on(X, batch_size)
+    for i, xb in enumerate(batches(X, batch_size)):
         a = taps(student, xb, inputs=(s_reader,))[("in", s_reader)]
-        z = taps(teacher, xb, outputs=(t_reader,))[("out", t_reader)]
+        z = of_teacher(i, xb, (), (t_reader,))[("out", t_reader)]
         eq.add(a.reshape(-1, a.shape[-1]), z.reshape(-1, z.shape[-1]))
     _solve(eq, module, ridge)
 
@@ -1233,10 +1312,11 @@ def refit_ffn(
     X: np.ndarray,
     ridge: float,
     batch_size: int = 256,
+    fixed: FixedTaps | None = None,
 ) -> None:
     """The down projection, from the student's kept units to the teacher's feed-forward output
     of the same layer plus what the teacher's layers after it up to `t_last` (dropped in the
-    student) added to the residual stream."""
+    student) added to the residual stream. `fixed`: the teacher's taps, kept (`teacher_taps`)."""
     f, tf = s_block.ffn, t_block.ffn
     s_reader, t_reader = _join(s_block.path, f.reader), _join(t_block.path, tf.reader)
     module = student.get_submodule(s_reader)
@@ -1248,19 +1328,20 @@ def refit_ffn(
         s_norm.load_state_dict(teacher.get_submodule(_join(t_last.path, tf.norm)).state_dict())
     here = _join(t_block.path, tf.norm) if post else t_block.path
     last = _join(t_last.path, tf.norm) if post else t_last.path
-    for xb in batches(X, batch_size):
+    of_teacher = (fixed or FixedTaps(teacher, X, batch_size)).on(X, batch_size)
+    for i, xb in enumerate(batches(X, batch_size)):
         a = taps(student, xb, inputs=(s_reader,))[("in", s_reader)]
         if absorb:
             kind = "in" if post else "out"
-            got = taps(
-                teacher,
+            got = of_teacher(
+                i,
                 xb,
-                outputs=(t_reader,) + (() if post else (here, last)),
-                inputs=(here, last) if post else (),
+                (here, last) if post else (),
+                (t_reader,) + (() if post else (here, last)),
             )
             z = got[("out", t_reader)] + got[(kind, last)] - got[(kind, here)]
         else:
-            z = taps(teacher, xb, outputs=(t_reader,))[("out", t_reader)]
+            z = of_teacher(i, xb, (), (t_reader,))[("out", t_reader)]
         eq.add(a.reshape(-1, a.shape[-1]), z.reshape(-1, z.shape[-1]))
     _solve(eq, module, ridge)
 
@@ -1281,14 +1362,17 @@ def narrow(
     batch_size: int = 256,
     refit: str = "downstream",
     report: NarrowReport | None = None,
+    fixed: FixedTaps | None = None,
 ) -> nn.Module:
     """Cut `student` (the teacher's architecture, e.g. a copy) to `widths` (group name -> heads,
     ffn units or layers; other names are ignored) and re-fit, in place, in execution order:
     depth first (layers ranked on the calibration rows), then layer by layer its heads and its
     feed-forward units. `how`: ffn units by `pqr` or `importance`; heads always by energy.
     `refit`: `cut` re-fits the readers of cut groups (and absorbing layers), `downstream` also
-    every reader after the first change, `all` every reader."""
+    every reader after the first change, `all` every reader. `fixed`: the teacher's taps on `X`
+    (`teacher_taps`), shared by narrowings of the same teacher on the same rows."""
     report = report if report is not None else NarrowReport()
+    fixed = fixed if fixed is not None else teacher_taps(teacher, X, batch_size)
     teacher.eval()
     student.eval()
     start = time.perf_counter()
@@ -1332,7 +1416,7 @@ def narrow(
                     report.kept[a.path] = keep
                     a = replace_heads(a, k)
                 if k or changed:
-                    refit_attention(student, teacher, a, ta, X, ridge, batch_size)
+                    refit_attention(student, teacher, a, ta, X, ridge, batch_size, fixed)
                     report.refitted.append(_join(a.path, a.reader))
                 changed = changed or bool(k and refit != "cut")
             if b.ffn is not None:
@@ -1353,7 +1437,7 @@ def narrow(
                     )
                 absorb = t_last.path != tb.path
                 if k or changed or absorb:
-                    refit_ffn(student, teacher, s_block, tb, t_last, X, ridge, batch_size)
+                    refit_ffn(student, teacher, s_block, tb, t_last, X, ridge, batch_size, fixed)
                     report.refitted.append(_join(b.path, b.ffn.reader))
                 changed = changed or bool((k or absorb) and refit != "cut")
             elif t_last.path != tb.path:

@@ -295,6 +295,52 @@ def test_the_refitted_output_projection_is_the_least_squares_optimum():
     assert np.allclose(dense.bias.detach().numpy(), solution[16], atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_the_teachers_taps_kept_give_the_same_student_in_one_pass_a_batch(name):
+    """`narrow` re-fits every reader to the teacher's taps: kept (`FixedTaps`) they are one
+    teacher pass per batch, shared by a second narrowing on the same rows, and the student is
+    the one the taps run per reader give (a depth cut too: the kept layer absorbs the dropped
+    one), exactly."""
+    make, rows = MODELS[name]
+    teacher, X = make(layers=3), rows()
+    groups = tr.transformer_groups(teacher, X)
+    widths = {g.name: g.width - 1 if g.kind == "depth" else g.width // 2 for g in groups}
+    copies = [copy.deepcopy(teacher) for _ in range(3)]
+    passes: list[int] = []
+    teacher.register_forward_pre_hook(lambda *_: passes.append(1))
+    per_reader = tr.teacher_taps(teacher, X, 32)
+    per_reader.max_bytes = 0  # nothing kept: every request runs the teacher
+    want = tr.narrow(copies[0], teacher, widths, X, batch_size=32, fixed=per_reader)
+    assert per_reader.kept == {}
+    batches, run_per_reader = -(-len(X) // 32), len(passes)
+    kept = tr.teacher_taps(teacher, X, 32)
+    passes.clear()
+    got = tr.narrow(copies[1], teacher, widths, X, batch_size=32, fixed=kept)
+    again = tr.narrow(copies[2], teacher, widths, X, batch_size=32, fixed=kept)
+    assert sorted(kept.kept) == list(range(batches)) and kept.held > 0
+    assert len(passes) == batches and run_per_reader >= 4 * batches, (passes, run_per_reader)
+    for student in (got, again):
+        for key, value in want.state_dict().items():
+            assert torch.equal(student.state_dict()[key], value), key
+
+
+def test_taps_are_what_a_module_gave_not_what_a_later_in_place_op_made_of_it():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            h += 1.0  # in place, after `a` returned it
+            return self.b(h)
+
+    model, x = InPlace(), torch.randn(3, 4)
+    got = tr.taps(model, x, inputs=("b",), outputs=("a",))
+    assert torch.allclose(got["out", "a"], model.a(x))
+    assert torch.allclose(got["in", "b"], got["out", "a"] + 1)
+
+
 def test_dropping_layers_renumbers_them_and_the_config(tmp_path):
     teacher, X = _gpt2(layers=3, scale_attn_by_inverse_layer_idx=True), _ids()
     student = copy.deepcopy(teacher)
