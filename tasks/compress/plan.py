@@ -16,8 +16,7 @@ target in one shot.
   (smallest.py); a parameter count below it, guarded pruning rounds (target.py).
 - **Shapes** (`shaped`): a reachable size plan's budget, corrected by measuring the reduce and
   reconstruct stages' student before any KD (the line is fitted on evenly narrowed
-  copies; the reduce stage narrows unevenly); not a widened plan's (`widened`), whose build is
-  pruned to the limit by measurement.
+  copies; the reduce stage narrows unevenly).
 
 `plan_for_target` is the pipeline's plan stage: costs measured, plan made and measured, its start
 searched.
@@ -682,13 +681,6 @@ def plan_for_target(
             costs = {fmt: c for fmt, c in costs.items() if fmt != "int8"}
             plan = plan_target(target, costs, teacher_params, smallest, teacher_bytes)
             plan = replace(plan, why=f"{plan.why}; int8 left out: {why_not}")
-    widen = recipe_for(teacher).widen if target.widen is None else target.widen
-    cut_from = sum(p.numel() for p in start.parameters())
-    # a widened build is pruned to the limit by measurement: one reconstruction corrects the
-    # line it is sized by (the BERT's 162 KB: the costs' line put it at 100,420 params, its
-    # reconstruction at 48,350), more would fit a student that is not built (3 were 111 of the
-    # run's 311 s)
-    tries = 1 if widened(plan, widen, cut_from).widen > 1 else SHAPE_TRIES
     if plan.reachable and not plan.searched and plan.unit != "params":
         X_calib = calibration_rows(data.X_train, reduce.calibration_samples, seed)
         X = data.X_train[:512]
@@ -711,9 +703,10 @@ def plan_for_target(
             served = made.served
             return Shape(budget, served.params, fmt, achieved(plan, served, X, latency_repeats))
 
-        plan = shaped(plan, costs, measure_at, tries)
+        plan = shaped(plan, costs, measure_at)
     planned = plan.reduce_params
-    plan = widened(plan, widen, cut_from)
+    widen = recipe_for(teacher).widen if target.widen is None else target.widen
+    plan = widened(plan, widen, sum(p.numel() for p in start.parameters()))
     if plan.widen > 1:
         note(widened_line(plan.reduce_params, plan.widen, planned))
     if not plan.reachable:
