@@ -421,7 +421,7 @@ def test_the_shape_fit_corrects_the_lines_fixed_bytes_in_one_more_reconstruction
     assert shaped.reduce_params == got.budget and plan_module.shape_fits(plan, got.measured)
     assert got.measured <= plan.limit and shaped.final_params == got.params
     assert "reconstructions measured before KD" in shaped.why
-    # one try (a widened plan's): the budget moves to where the line through it meets the aim,
+    # one try: the budget moves to where the line through the one measured meets the aim,
     # unmeasured
     measure_at, asked = _shape_world(900, 4.0)
     once = plan_module.shaped(plan, costs, measure_at, tries=1)
