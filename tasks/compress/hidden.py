@@ -639,7 +639,7 @@ def refit_hidden(
         if i < len(stream.writers):
             steps.append(((stream.writers[i],), True))
     every = tuple(p for names, _ in steps for p in names)
-    of_teacher = tr.FixedTaps(teacher, X, batch_size, outputs=every).on(X, batch_size)
+    of_teacher = tr.FixedTaps(teacher, X, batch_size, outputs=every).get  # its rows, batches
     for names, rotate in steps:
         eqs = {p: _NormalEquations(student.get_submodule(p).bias is not None) for p in names}
         for i, xb in enumerate(batches(X, batch_size)):

@@ -486,6 +486,7 @@ class FixedTaps:
     ) -> None:
         self.model, self.X, self.batch_size = model, X, batch_size
         self.inputs, self.outputs = tuple(dict.fromkeys(inputs)), tuple(dict.fromkeys(outputs))
+        self.names = {("in", n) for n in inputs} | {("out", n) for n in outputs}
         self.max_bytes, self.held, self.per_batch = max_bytes, 0, 0
         self.kept: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
 
@@ -504,9 +505,7 @@ class FixedTaps:
         got = self.kept.get(i)
         if got is not None and wanted <= got.keys():
             return got
-        if self.held + self.per_batch > self.max_bytes or not (
-            set(inputs) <= set(self.inputs) and set(outputs) <= set(self.outputs)
-        ):
+        if self.held + self.per_batch > self.max_bytes or not wanted <= self.names:
             return taps(self.model, xb, inputs, outputs)
         got = taps(self.model, xb, self.inputs, self.outputs)
         size = sum(t.numel() * t.element_size() for t in got.values())
@@ -517,13 +516,16 @@ class FixedTaps:
         return got
 
 
-def teacher_taps(teacher: nn.Module, X: np.ndarray, batch_size: int) -> FixedTaps:
+def teacher_taps(
+    teacher: nn.Module, X: np.ndarray, batch_size: int, found: Found | None = None
+) -> FixedTaps:
     """What `narrow`'s re-fits read of `teacher` on `X`: every attention's and feed-forward's
     output projection (reader) returns, and each layer's output (pre-LN) or what its
-    feed-forward's norm receives (post-LN), where a kept layer absorbs dropped ones."""
+    feed-forward's norm receives (post-LN), where a kept layer absorbs dropped ones. `found`:
+    the teacher's blocks, where the caller has them."""
     outputs: list[str] = []
     inputs: list[str] = []
-    for b in find(teacher).blocks:
+    for b in (found or find(teacher)).blocks:
         outputs += [_join(a.path, a.reader) for a in b.attention]
         if b.ffn is not None:
             outputs.append(_join(b.path, b.ffn.reader))
@@ -1372,7 +1374,6 @@ def narrow(
     every reader after the first change, `all` every reader. `fixed`: the teacher's taps on `X`
     (`teacher_taps`), shared by narrowings of the same teacher on the same rows."""
     report = report if report is not None else NarrowReport()
-    fixed = fixed if fixed is not None else teacher_taps(teacher, X, batch_size)
     teacher.eval()
     student.eval()
     start = time.perf_counter()
@@ -1384,6 +1385,7 @@ def narrow(
         if n in groups and groups[n].reducible and 0 < int(k) < groups[n].width
     }
     t_found = find(teacher)
+    fixed = fixed if fixed is not None else teacher_taps(teacher, X, batch_size, t_found)
     report.seconds["plan"] = time.perf_counter() - start
     for g in groups.values():
         if g.kind == "depth" and g.name in want:
