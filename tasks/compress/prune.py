@@ -29,7 +29,7 @@ from distill.tasks.compress import transformer
 from distill.tasks.compress.data import Dataset
 from distill.tasks.compress.finetune import FitSettings, History, fit
 from distill.tasks.compress.graph import REFIT, Group, keep_units, trace
-from distill.tasks.compress.recipe import recipe_for, resolved
+from distill.tasks.compress.recipe import recipe_for, resolved, resolved_prune
 from distill.tasks.compress.width import activation_importance, choose_units, group_bases
 from distill.tasks.platform.config import FinetuneConfig, PruneConfig
 from distill.tasks.platform.errors import UserError
@@ -129,13 +129,12 @@ def recover(
     seed: int,
     device: str,
 ) -> tuple[nn.Module, History]:
-    """KD recovery after a pruning step: the `finetune` recipe (left-out keys: the teacher's
-    family's, tasks/compress/recipe.py) for `recovery_epochs`, at half its learning rate."""
-    finetune = resolved(finetune, recipe_for(teacher))
-    assert finetune.lr is not None  # resolved
-    settings = FitSettings.of(
-        finetune, seed, device, epochs=cfg.recovery_epochs, lr=finetune.lr / 2
-    )
+    """KD recovery after a pruning step: the `finetune` recipe for `recovery_epochs`, at half its
+    learning rate (left-out keys: the teacher's family's, tasks/compress/recipe.py)."""
+    recipe = recipe_for(teacher)
+    finetune, epochs = resolved(finetune, recipe), resolved_prune(cfg, recipe).recovery_epochs
+    assert finetune.lr is not None and epochs is not None  # resolved
+    settings = FitSettings.of(finetune, seed, device, epochs=epochs, lr=finetune.lr / 2)
     return fit(model, data, settings, teacher=teacher, description="recovering from pruning")
 
 

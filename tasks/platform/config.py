@@ -320,7 +320,9 @@ class PruneConfig(Strict):
     )  # of all weights (unstructured) or of each hidden layer's units
     criterion: Literal["l2", "l1", "activation"] = "l2"  # structured: which units go first
     rounds: int = Field(2, ge=1)  # structured: prune -> recover steps on a cubic schedule
-    recovery_epochs: int = Field(3, ge=0)  # per round
+    # KD epochs after each round; left out (null): the teacher's family's recipe, filled in once
+    # the teacher is loaded (tasks/compress/recipe.py): 6 for a Hugging Face transformer, else 3
+    recovery_epochs: int | None = Field(None, ge=0)
 
 
 class QuantizeConfig(Strict):

@@ -13,8 +13,16 @@ from torch import nn
 from distill.tasks.compress.data import load_dataset
 from distill.tasks.compress.finetune import FitSettings
 from distill.tasks.compress.pipeline import Recorder, compress
-from distill.tasks.compress.recipe import MLP_CNN, TRANSFORMER, line, recipe_for, resolved
-from distill.tasks.platform.config import FinetuneConfig, build_config
+from distill.tasks.compress.recipe import (
+    MLP_CNN,
+    TRANSFORMER,
+    line,
+    recipe_for,
+    resolved,
+    resolved_prune,
+    with_recipe,
+)
+from distill.tasks.platform.config import FinetuneConfig, PruneConfig, build_config
 from tests import zoo
 
 
@@ -26,6 +34,7 @@ def test_the_family_is_read_from_the_teachers_modules():
     assert recipe_for(zoo.TransformerClassifier()) == MLP_CNN
     assert (MLP_CNN.epochs, MLP_CNN.lr, TRANSFORMER.epochs, TRANSFORMER.lr) == (80, 3e-3, 10, 1e-3)
     assert (MLP_CNN.widen, TRANSFORMER.widen) == (1.0, 2.0)  # distilled wide, pruned to the size
+    assert (MLP_CNN.recovery_epochs, TRANSFORMER.recovery_epochs) == (3, 6)  # a pruning round's
 
 
 def test_a_hugging_face_teacher_takes_the_transformer_recipe():
@@ -47,28 +56,42 @@ def test_left_out_keys_are_filled_and_set_ones_kept():
     assert resolved(chosen, TRANSFORMER) is chosen  # nothing left out: the same object
     with pytest.raises(ValueError, match="left out"):  # a fit never runs on an unfilled recipe
         FitSettings.of(FinetuneConfig(), 0, "cpu")
+    assert resolved_prune(PruneConfig(), TRANSFORMER).recovery_epochs == 6
+    assert resolved_prune(PruneConfig(), MLP_CNN).recovery_epochs == 3
+    set_ = PruneConfig(recovery_epochs=1)
+    assert resolved_prune(set_, TRANSFORMER) is set_
+    cfg = with_recipe(build_config({}, ["finetune.epochs=5"]), TRANSFORMER)
+    assert (cfg.finetune.epochs, cfg.finetune.lr, cfg.compress.prune.recovery_epochs) == (
+        5,
+        1e-3,
+        6,
+    )
+    assert with_recipe(cfg, TRANSFORMER) is cfg  # nothing left out
 
 
 def test_the_line_says_which_recipe_a_left_out_key_took():
     said = line(build_config({}, []), TRANSFORMER)
     assert said == (
-        "finetune: 10 epochs at lr 0.001 from the Hugging Face transformer recipe "
-        "(set finetune.epochs / finetune.lr to choose)"
+        "finetune: 10 epochs at lr 0.001, 6 recovery epochs a pruning round from the Hugging "
+        "Face transformer recipe (set finetune.epochs / finetune.lr / "
+        "compress.prune.recovery_epochs to choose)"
     )
     # a key the user set is named as set, never credited to the recipe
-    said = line(build_config({}, ["finetune.epochs=1"]), TRANSFORMER)
+    said = line(
+        build_config({}, ["finetune.epochs=1", "compress.prune.recovery_epochs=1"]), TRANSFORMER
+    )
     assert said == (
-        "finetune: lr 0.001 from the Hugging Face transformer recipe, 1 epoch as set "
-        "(set finetune.lr to choose)"
+        "finetune: lr 0.001 from the Hugging Face transformer recipe, 1 epoch and 1 recovery "
+        "epoch a pruning round as set (set finetune.lr to choose)"
     )
     said = line(build_config({}, ["finetune.lr=0.003"]), TRANSFORMER)
     assert said == (
-        "finetune: 10 epochs from the Hugging Face transformer recipe, lr 0.003 as set "
-        "(set finetune.epochs to choose)"
+        "finetune: 10 epochs, 6 recovery epochs a pruning round from the Hugging Face transformer "
+        "recipe, lr 0.003 as set (set finetune.epochs / compress.prune.recovery_epochs to choose)"
     )
     assert line(build_config({}, []), MLP_CNN) is None  # the documented default: no line
-    set_both = build_config({}, ["finetune.epochs=80", "finetune.lr=0.003"])
-    assert line(set_both, TRANSFORMER) is None  # the user chose
+    set_all = ["finetune.epochs=80", "finetune.lr=0.003", "compress.prune.recovery_epochs=3"]
+    assert line(build_config({}, set_all), TRANSFORMER) is None  # the user chose
 
 
 class Params(Recorder):
@@ -83,9 +106,13 @@ class Params(Recorder):
 @pytest.mark.parametrize(
     ("teacher", "sets", "expected"),
     [
-        ("hf", ["finetune.epochs=null"], (10, 1e-3)),  # null: as left out
-        ("torch transformer", ["finetune.epochs=2"], (2, 3e-3)),
-        ("mlp", ["finetune.epochs=2", "finetune.lr=0.01"], (2, 1e-2)),
+        ("hf", ["finetune.epochs=null", "compress.prune.recovery_epochs=null"], (10, 1e-3, 6)),
+        ("torch transformer", ["finetune.epochs=2"], (2, 3e-3, 3)),
+        (
+            "mlp",
+            ["finetune.epochs=2", "finetune.lr=0.01", "compress.prune.recovery_epochs=1"],
+            (2, 1e-2, 1),
+        ),
     ],
 )
 def test_the_finetune_stage_runs_and_records_the_filled_recipe(teacher, sets, expected, tmp_path):
@@ -119,5 +146,7 @@ def test_the_finetune_stage_runs_and_records_the_filled_recipe(teacher, sets, ex
     )
     recorder = Params()
     compress(cfg, load_dataset(cfg.data, cfg.seed), recorder=recorder)
-    kd = recorder.params["finetuned"]
-    assert (kd["epochs"], kd["lr"], kd["epochs_run"]) == (*expected, expected[0])
+    kd, pruned = recorder.params["finetuned"], recorder.params["pruned"]
+    epochs, lr, recovery = expected
+    assert (kd["epochs"], kd["lr"], kd["epochs_run"]) == (epochs, lr, epochs)
+    assert pruned["recovery_epochs"] == recovery  # recorded as filled in
