@@ -246,13 +246,17 @@ def attempt(
     record: dict,
     out: Path | None,
     rows: tuple[np.ndarray, np.ndarray] | None = None,
+    sets: list[str] | None = None,
 ) -> dict:
     """One `run`, its figures added to `record` (or the error's first line), appended to `out`;
     with `rows` (`user_test_rows`), which test rows its registered model answers right (hex of the
-    packed bits: a paired test between two runs, `mcnemar_p`)."""
+    packed bits: a paired test between two runs, `mcnemar_p`). `sets` (`--set`): overrides after
+    the run's own, named in the record."""
     start = time.perf_counter()
+    if sets:
+        record["sets"] = sets
     try:
-        summary, wall = run_summary(overrides)
+        summary, wall = run_summary([*overrides, *(sets or [])])
         m, target = summary.metrics, summary.target
     except Exception as error:  # noqa: BLE001 -- a crash is a finding: recorded, the grid goes on
         head = (str(error).splitlines() or [""])[0][:300]
@@ -416,6 +420,7 @@ def replicate(
     teacher_overrides: list[str],
     seeds: list[int],
     out: Path | None,
+    sets: list[str] | None = None,
 ) -> list[dict]:
     """Each (targeted run, sweep configuration that beat it) run again at `seeds`, both on the
     same teacher and the same rows per seed: one seed's gap is one draw of the KD (and of the
@@ -433,10 +438,10 @@ def replicate(
                 "seed": seed,
             }
             overrides = [*base, *target_overrides(t["kind"], t["value"])]
-            records.append(attempt(overrides, common | {"role": "targeted"}, out, rows))
+            records.append(attempt(overrides, common | {"role": "targeted"}, out, rows, sets))
             config = {k: better[k] for k in ("budget", "prune", "int8")}
             overrides = [*base, *sweep_overrides(config["budget"], config["prune"], config["int8"])]
-            records.append(attempt(overrides, common | {"role": "sweep"} | config, out, rows))
+            records.append(attempt(overrides, common | {"role": "sweep"} | config, out, rows, sets))
             what = show_target(t["kind"], t["value"])
             print(f"replicated {name}, {what}, seed {seed}", flush=True)
     return records
@@ -580,6 +585,9 @@ def show_config(r: dict) -> str:
 
 
 def report(records: list[dict]) -> None:
+    sets = sorted({" ".join(r["sets"]) for r in records if r.get("sets")})
+    if sets:  # the runs' `--set` overrides: not the grid's defaults
+        print(f"\nRun with `--set` overrides: {'; '.join(sets)}")
     names = list(dict.fromkeys(r["teacher"] for r in records))
     for name in names:
         sweep = [r for r in records if r["teacher"] == name and r["arm"] == "sweep"]
@@ -734,6 +742,14 @@ def main() -> None:
     )
     parser.add_argument("--no-sweep", action="store_true", help="the targeted runs only")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run, after the grid's own (repeatable; named in "
+        "each record): e.g. compress.prune.recovery_epochs=3 to compare a default",
+    )
+    parser.add_argument(
         "--same-size",
         action="store_true",
         help="after each targeted run, a by-hand run of the size it shipped (what finding the "
@@ -807,7 +823,9 @@ def main() -> None:
                 own = [r for r in grid if r["teacher"] == name and r["arm"] != "replicate"]
                 records += own
                 pairs = shown_worse(own, args.replicate_p)
-                records += replicate(name, pairs, loaded, teacher_overrides, seeds, args.out)
+                records += replicate(
+                    name, pairs, loaded, teacher_overrides, seeds, args.out, args.set
+                )
                 continue
             # the issue's default guard, 1 point (configs/digits.yaml ships 2 for the demo)
             base = [f"seed={args.seed}", f"target.max_accuracy_drop={MAX_DROP}", *loaded]
@@ -825,11 +843,15 @@ def main() -> None:
                     continue
                 record = {"teacher": name, "arm": "targeted", "kind": kind, "value": value}
                 overrides = [*base, *target_overrides(kind, value)]
-                records.append(attempt(overrides, record, args.out, rows))
+                records.append(attempt(overrides, record, args.out, rows, args.set))
                 print(f"[{time.perf_counter() - begin:.0f} s] {record}", flush=True)
                 if args.same_size and "error" not in record:
                     hand = {"teacher": name, "arm": "same_size", "kind": kind, "value": value}
-                    records.append(attempt([*base, *same_size_overrides(record)], hand, args.out))
+                    records.append(
+                        attempt(
+                            [*base, *same_size_overrides(record)], hand, args.out, None, args.set
+                        )
+                    )
                     print(f"[{time.perf_counter() - begin:.0f} s] {hand}", flush=True)
             for fraction in () if args.no_sweep else SWEEP_FRACTIONS:
                 for amount in SWEEP_PRUNE:
@@ -843,12 +865,14 @@ def main() -> None:
                             "prune": amount,
                             "int8": int8,
                         }
-                        records.append(attempt(by_hand, record, args.out, rows))
+                        records.append(attempt(by_hand, record, args.out, rows, args.set))
                         print(f"[{time.perf_counter() - begin:.0f} s] {record}", flush=True)
             if seeds:
                 own = [r for r in records if r["teacher"] == name]
                 pairs = shown_worse(own, args.replicate_p)
-                records += replicate(name, pairs, loaded, teacher_overrides, seeds, args.out)
+                records += replicate(
+                    name, pairs, loaded, teacher_overrides, seeds, args.out, args.set
+                )
             tenx = next((r for r in records if r["teacher"] == name and r.get("value") == 10), None)
             if args.repeats == 0 or tenx is None or "error" in tenx:
                 continue
