@@ -548,7 +548,8 @@ def test_distill_run_narrows_and_prunes_an_hf_bert(tmp_path):
     params = client.get_run(run["run_id"]).data.params
     assert (params["finetune.lr"], params["finetune.epochs"]) == ("0.001", "1")
     assert (
-        "finetune: lr 0.001 from the Hugging Face transformer recipe, 1 epoch as set" in proc.stderr
+        "finetune: lr 0.001 from the Hugging Face transformer recipe, 1 epoch and 1 recovery "
+        "epoch a pruning round as set (set finetune.lr to choose)" in proc.stderr
     )
     names = {a.path for a in client.list_artifacts(run["run_id"])}
     # teacher.hf_loadable: the cuts are what the config says, so student_hf/ loads as it is
