@@ -349,7 +349,7 @@ def test_max_rebuilds_is_a_size_or_latency_targets_key():
 
 
 # int8 served whatever its latency: at ~5,000 params static int8 and fp32 are within a few % at
-# batch 256 on this machine, and the measured rule's call flipped one run in eight (fp32 then,
+# batch 256 on this machine, and the measured rule's call flipped in 2 runs of 14 (fp32 then,
 # 14 KB: a rebuild at 880 params instead of the one build these tests are about)
 INT8 = ["compress.quantize.format=int8"]
 
