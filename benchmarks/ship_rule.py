@@ -193,9 +193,9 @@ def pairwise(r: dict, rows: np.ndarray) -> dict:
     return min(ok, key=lambda c: c["size"])
 
 
-def shown(r: dict, rows: np.ndarray) -> dict:
-    """The rule now (tasks/compress/smallest.py): the smallest kept whose interval's upper end
-    is within (shown within); else the kept one whose upper end is lowest."""
+def shown_small(r: dict, rows: np.ndarray) -> dict:
+    """The rule until 2026-12-07: the smallest kept whose interval's upper end is within (shown
+    within); else the kept one whose upper end is lowest, the smallest of those alike."""
     kept = _kept(r, rows)
     within = [c for c, d in kept if d.shown_within(MAX_DROP)]
     if within:
@@ -203,11 +203,23 @@ def shown(r: dict, rows: np.ndarray) -> dict:
     return min(kept, key=lambda t: (t[1].high, t[0]["size"]))[0]
 
 
+def shown(r: dict, rows: np.ndarray) -> dict:
+    """The rule now (tasks/compress/smallest.py, `_ship_rule`): the smallest kept shown within;
+    else the kept one whose upper end is lowest, of those alike the one whose point estimate is
+    lowest, then the largest (the rows cannot tell them apart)."""
+    kept = _kept(r, rows)
+    within = [c for c, d in kept if d.shown_within(MAX_DROP)]
+    if within:
+        return min(within, key=lambda c: c["size"])
+    return min(kept, key=lambda t: (t[1].high, t[1].drop, -t[0]["size"]))[0]
+
+
 RULES: dict[str, Rule] = {
     "point": point,
     "lenient": lenient,
     "pooled": pooled,
     "pairwise": pairwise,
+    "shown-small": shown_small,
     "shown": shown,
 }
 
@@ -228,7 +240,7 @@ def report(records: list[dict]) -> None:
         n_val = len(runs[0]["y_val"])
         print(f"\n{case}: {len(runs)} seeds, {n_val} validation rows, drop-only {MAX_DROP:g}")
         print(
-            f"{'rule':<9} {'ratio (median)':>14} {'ratio (min)':>11} {'test drop pts':>14} "
+            f"{'rule':<11} {'ratio (median)':>14} {'ratio (min)':>11} {'test drop pts':>14} "
             f"{'> 1 pt':>6} {'flip %':>7}"
         )
         for name, rule in [*RULES.items(), ("run", None)]:
@@ -251,7 +263,7 @@ def report(records: list[dict]) -> None:
             spread = statistics.stdev(drops) if len(drops) > 1 else 0.0
             flip = f"{100 * statistics.mean(flips):>6.1f}" if flips else f"{'-':>6}"
             print(
-                f"{name:<9} {statistics.median(ratios):>13.1f}x {min(ratios):>10.1f}x "
+                f"{name:<11} {statistics.median(ratios):>13.1f}x {min(ratios):>10.1f}x "
                 f"{statistics.mean(drops):>+8.2f} ± {spread:.2f} {over:>3}/{len(runs):<2} {flip}"
             )
 

@@ -219,10 +219,12 @@ def _search(
     shown_of=lambda n: 0,
     distills=None,
     limit=None,
+    guard_cls=None,
 ):
     """With `distills` (a list): the start is left undistilled (`Start`), the search gets the
     first rebuild at `first_probe`, and every KD of the start is appended to `distills`. With
-    `limit` (kind, value): the plan of that target, below the smallest reachable model."""
+    `limit` (kind, value): the plan of that target, below the smallest reachable model.
+    `guard_cls`: a `KeepsAbove` of other numbers (`BoundAlike`), given the same fields."""
     cfg = PipelineConfig()
     torch.manual_seed(0)
     student = build_mlp(64, [48, 48], 10)
@@ -233,7 +235,7 @@ def _search(
     plan = replace(plan, reduce_params=n)  # the budget the start was built at
     if limit is not None:
         plan = replace(plan, kind=limit[0], value=limit[1], limit=limit[1])
-    guard = KeepsAbove(
+    guard = (guard_cls or KeepsAbove)(
         0.0,
         1.0,
         digits.X_val,
@@ -357,6 +359,60 @@ def test_where_no_candidate_is_shown_within_the_one_bound_lowest_ships(digits):
     assert "no candidate's drop was shown within 1 at 90% on these rows" in fitted.bound
     assert "shipped the one they bound lowest (" in fitted.bound
     assert "smaller kept candidate(s) bound higher)" in fitted.bound
+
+
+@dataclass(frozen=True)
+class BoundAlike(KeepsAbove):
+    """Every model kept, estimated within (drop 0.5 of an allowance of 1) and bound alike (its
+    interval ending at 1.5: none shown within); with `shown_step`, that step's bound is 0.5."""
+
+    shown_step: str = ""
+
+    def check(self, step, predict, params):
+        real = super().check(step, predict, params)
+        high = 0.5 if step == self.shown_step else 1.5
+        decision = Decision(0.5, 0.0, high, len(self.y_val), 0.0, "within")
+        return replace(real, ok=True, drop=0.5, decision=decision)
+
+
+def test_of_candidates_the_rows_bound_alike_the_largest_ships(digits):
+    """None shown within, every kept candidate bound and estimated alike: the rows cannot tell
+    them apart, and the smallest of them would be the one they flatter; the largest ships."""
+    fitted, n, _ = _search(digits, lambda n: n // 3, builds=3, guard_cls=BoundAlike)
+    kept = [c for c in fitted.frontier if c.kept]
+    assert len(kept) >= 3 and all(c.drop_high == 1.5 for c in kept)
+    shipped = [c for c in fitted.frontier if c.shipped]
+    assert shipped == [max(kept, key=lambda c: c.size_bytes)] and shipped[0].params == n
+    assert f"{len(kept) - 1} smaller bound alike and estimated no lower" in fitted.bound
+    assert "the largest of those ships" in fitted.bound and "bound higher" not in fitted.bound
+
+
+@dataclass(frozen=True)
+class StartShown(BoundAlike):
+    shown_step: str = "start"  # the start once distilled: shown within
+
+
+@pytest.mark.parametrize("guard_cls", [BoundAlike, StartShown])
+def test_where_none_is_shown_within_the_undistilled_start_is_distilled(digits, guard_cls):
+    """Rebuilds kept, none shown within, the start left undistilled (its KD, the costliest,
+    skipped while smaller candidates stood): it is distilled at the end, the candidate most
+    likely to be shown within, and the ship rule chooses again with it."""
+    distills: list = []
+    fitted, n, _ = _search(
+        digits,
+        lambda n: int(0.9 * n),
+        builds=3,
+        rebuild_floor_of=lambda n: int(0.15 * n),
+        build_at=_mlp_at,
+        distills=distills,
+        guard_cls=guard_cls,
+    )
+    names = [c.name for c in fitted.frontier]
+    assert len(distills) == 1 and names[0] == "start no KD" and names[-1] == "start"
+    shipped = next(c for c in fitted.frontier if c.shipped)
+    # shown within, the distilled start ships; bound alike with the rest, the largest: the same
+    assert shipped.name == "start" and shipped.params == n
+    assert ("the smallest shown within" in fitted.bound) is (guard_cls is StartShown)
 
 
 @pytest.mark.parametrize("builds", [3, 6])
