@@ -7,9 +7,8 @@ smallest budget whose reconstruction keeps the guard (`smallest_start`). That re
 (the largest student: the targets grid's ResNet1d-32 start, 22,388 params, took 27 s of a 116 s
 search), runs only where the search ships it or prunes from it, or where no candidate is shown
 within (below). The reduce, reconstruct and KD stages build the first rebuild below it instead
-(`first_probe`). `smallest_within` then searches,
-one candidate build at a time (at most `target.max_builds`; each exported and checked by the
-guard):
+(`first_probe`). `smallest_within` then searches, one candidate build at a time (at most
+`target.max_builds`; each exported and checked by the guard):
 
 - **rebuilds** (at most half the builds, rounded up: `rebuild_share`): the reduce, reconstruct and
   KD stages again, from the teacher, at a smaller budget (the closed loop's `BuildAt`,
