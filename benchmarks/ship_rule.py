@@ -193,25 +193,26 @@ def pairwise(r: dict, rows: np.ndarray) -> dict:
     return min(ok, key=lambda c: c["size"])
 
 
-def shown_small(r: dict, rows: np.ndarray) -> dict:
-    """The rule until 2026-12-07: the smallest kept whose interval's upper end is within (shown
-    within); else the kept one whose upper end is lowest, the smallest of those alike."""
+def _shown_or_bound_lowest(r: dict, rows: np.ndarray, alike: Callable) -> dict:
+    """The smallest kept whose interval's upper end is within (shown within); else the kept one
+    whose upper end is lowest, `alike(candidate, decision)` ordering those bound alike."""
     kept = _kept(r, rows)
     within = [c for c, d in kept if d.shown_within(MAX_DROP)]
     if within:
         return min(within, key=lambda c: c["size"])
-    return min(kept, key=lambda t: (t[1].high, t[0]["size"]))[0]
+    return min(kept, key=lambda t: (t[1].high, *alike(*t)))[0]
+
+
+def shown_small(r: dict, rows: np.ndarray) -> dict:
+    """The rule until 2026-12-07: shown within, else bound lowest, the smallest of those alike."""
+    return _shown_or_bound_lowest(r, rows, lambda c, d: (c["size"],))
 
 
 def shown(r: dict, rows: np.ndarray) -> dict:
-    """The rule now (tasks/compress/smallest.py, `_ship_rule`): the smallest kept shown within;
-    else the kept one whose upper end is lowest, of those alike the one whose point estimate is
-    lowest, then the largest (the rows cannot tell them apart)."""
-    kept = _kept(r, rows)
-    within = [c for c, d in kept if d.shown_within(MAX_DROP)]
-    if within:
-        return min(within, key=lambda c: c["size"])
-    return min(kept, key=lambda t: (t[1].high, t[1].drop, -t[0]["size"]))[0]
+    """The rule now (tasks/compress/smallest.py, `_ship_rule`): shown within, else bound lowest;
+    of those alike the one whose point estimate is lowest, then the largest (the rows cannot
+    tell them apart)."""
+    return _shown_or_bound_lowest(r, rows, lambda c, d: (d.drop, -c["size"]))
 
 
 RULES: dict[str, Rule] = {

@@ -365,7 +365,7 @@ def _ship_rule(kept: list[_Built], start: _Built) -> tuple[_Built, list[_Built],
         return min(shown, key=lambda b: (b.point.size_bytes, b.point.params)), shown, eligible
     chosen = min(
         eligible,
-        key=lambda b: (_upper(b), b.served_check.drop, -b.point.size_bytes, -b.point.params),
+        key=lambda b: (_upper(b), b.point.drop, -b.point.size_bytes, -b.point.params),
     )
     return chosen, shown, eligible
 
