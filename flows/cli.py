@@ -157,7 +157,12 @@ def run(
         )
     if summary.target is not None and (not as_json or not summary.target["met"]):
         # a missed target is not an error: the best model found is registered, tagged, exit 0
-        typer.echo(summary.target["line"], err=not summary.target["met"])
+        import shutil
+
+        from distill.flows.summary import clauses
+
+        columns = shutil.get_terminal_size((80, 24)).columns  # 80 where no terminal
+        typer.echo(clauses(summary.target["line"], columns), err=not summary.target["met"])
     if not as_json and summary.promotion is not None:
         typer.echo(summary.promotion.line(), err=not summary.promotion.ok)
     if summary.promotion is not None and not summary.promotion.ok:

@@ -234,6 +234,8 @@ def distill_flow(
     target = None
     if outcome.target is not None:
         target = {"met": outcome.target.met, "line": outcome.target.line}
+        if outcome.target.fitted.lineage:  # the stage rows are not one student's: which is which
+            target["lineage"] = outcome.target.fitted.lineage
         if outcome.target.fitted.frontier:  # a drop-only target: the candidates it built
             target["frontier"] = [c.row() for c in outcome.target.fitted.frontier]
             target["metric"] = outcome.target.guard.metric

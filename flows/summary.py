@@ -6,7 +6,9 @@ description; in the terminal: what `distill run` prints).
 
 from __future__ import annotations
 
+import functools
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +148,8 @@ def stage_table_markdown(summary: RunSummary, link: bool = True) -> str:
         else ""
     )
     target = f"Target: {summary.target['line']}\n\n" if summary.target else ""
+    if summary.target and summary.target.get("lineage"):
+        target += f"Stages: {summary.target['lineage']}\n\n"
     where = f"MLflow run: [{summary.run_id}]({summary.run_url})\n\n" if link else ""
     return (
         f"# distill run: {summary.run_name or summary.run_id}\n\n{headline}{target}{registered}"
@@ -215,6 +219,9 @@ def print_stage_table(summary: RunSummary) -> None:
         )
     console = Console(width=None if sys.stdout.isatty() else 80, soft_wrap=False)
     console.print(table)
+    if summary.target and summary.target.get("lineage"):  # the rows are not one student's
+        lineage = clauses(summary.target["lineage"], console.width, bullet="")
+        console.print(lineage, highlight=False)
     m = summary.metrics
     drop = (
         f"R² drop {m['r2_drop']:+.4f}"
@@ -237,6 +244,27 @@ def print_stage_table(summary: RunSummary) -> None:
         console.print(
             f"registered {summary.model_name} version {summary.model_version} (alias challenger)"
         )
+
+
+def clauses(line: str, width: int = 80, bullet: str = "- ") -> str:
+    """A long one-line report (a target's verdict) as lines within `width`: its first clause,
+    then each clause after a `; ` outside brackets on a line of its own (after `bullet`), each
+    wrapped with a hanging indent. Words are not broken (numbers, ranges, keys stay whole)."""
+    parts, depth, begin = [], 0, 0
+    for i, ch in enumerate(line):
+        depth += (ch in "([") - (ch in ")]")
+        if depth == 0 and line.startswith("; ", i):
+            parts.append(line[begin:i])
+            begin = i + 2
+    parts.append(line[begin:])
+    wrap = functools.partial(
+        textwrap.fill,
+        width=max(width, 40),
+        subsequent_indent="  ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return "\n".join([wrap(parts[0]), *(wrap(p, initial_indent=bullet) for p in parts[1:])])
 
 
 def _flow_run_url(flow_run_id: str | None) -> str | None:

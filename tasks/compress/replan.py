@@ -303,7 +303,20 @@ def _shipped(plan: Plan, fits: list[Fitted], builds: list[Build]) -> Fitted:
     shown = "; ".join(_line(plan, b) for b in builds)
     which = f"build {i} of {len(builds)} shipped" if len(builds) > 1 else "one build"
     bound = f"{chosen.bound}; {which} ({shown})"
-    return replace(chosen, builds=builds, bound=bound)
+    return replace(chosen, builds=builds, bound=bound, lineage=_lineage(builds, i))
+
+
+def _lineage(builds: list[Build], shipped: int) -> str:
+    """Where a rebuild ships: the stage table's reconstructed and finetuned rows are build 0's,
+    its pruned and quantized rows the shipped build's."""
+    if shipped == 0:
+        return ""
+    first, b = builds[0], builds[shipped]
+    pruned = f", pruned to {b.final_params:,}" if b.final_params != b.params else ""
+    return (
+        f"reconstructed, finetuned: build 0 ({first.params:,} params); pruned, quantized: "
+        f"build {shipped}, rebuilt from the reduce stage ({b.params:,} params{pruned})"
+    )
 
 
 def _line(plan: Plan, b: Build) -> str:

@@ -349,6 +349,23 @@ def smallest_within(
         met,
         bound,
         frontier,
+        lineage=_lineage("start" if start is None else "rebuild 1", _params(student), chosen, base),
+    )
+
+
+def _lineage(first: str, first_params: int, chosen: _Built, base: _Built) -> str:
+    """Where what ships is not the search's first build (`first`: what the reconstructed and
+    finetuned stages recorded) nor pruned from it (`base`: where the pruning rounds began): which
+    build each of the stage table's rows is."""
+    name = chosen.point.name
+    pruned = name.startswith("prune")
+    if (base.point.name if pruned else name) == first:
+        return ""
+    origin = f", pruned from {base.point.name} ({base.point.params:,} params)" if pruned else ""
+    return (
+        f"reconstructed, finetuned: the search's first build ({first}, {first_params:,} params); "
+        f"pruned, quantized: the candidate it shipped ({name}, {chosen.point.params:,} "
+        f"params{origin})"
     )
 
 

@@ -144,6 +144,9 @@ class Fitted:
     # how the student as given was served (the quantize stage's method: "static", "static,
     # weights only", "fp32"...), what its `built` measurement measured
     built_method: str = ""
+    # where what ships is not the first student built (the reconstructed and finetuned stages'
+    # records): which build each is; "" where they are one lineage
+    lineage: str = ""
 
     def accuracy_drop(self) -> float:
         return self.served_check.drop if self.served_check else float("nan")
@@ -456,6 +459,7 @@ def target_record(
         "plan": plan.why[:1000],
         "bound": fitted.bound[:500],
         "rolled_back": ", ".join(fitted.rolled_back) or "none",
+        **({"lineage": fitted.lineage[:500]} if fitted.lineage else {}),
     }
     metrics = {
         "limit": plan.limit,

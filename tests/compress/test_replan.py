@@ -552,6 +552,10 @@ def test_a_build_that_meets_with_its_drop_estimated_over_gets_a_spare_rebuild():
     assert [x.within for x in b] == [False, True] and b[1].then == "shipped: met"
     assert fitted.met and fitted.quantized.served.params == b[1].params == 16_735
     assert "build 1 of 2 shipped" in fitted.bound
+    assert fitted.lineage == (  # the stage table's rows: which build each is
+        "reconstructed, finetuned: build 0 (15,282 params); pruned, quantized: build 1, "
+        "rebuilt from the reduce stage (16,735 params)"
+    )
     # with no build over the limit the rebuild is where the line aims, not within MAX_SHRINK of
     # the teacher (the grid's BERT at ratio=30: 58,635 params met at 102.4 KB, estimated over;
     # the rebuild went to a quarter of the teacher, 202,073 params, 285 KB): 8 KB, build 0 at
@@ -563,6 +567,7 @@ def test_a_build_that_meets_with_its_drop_estimated_over_gets_a_spare_rebuild():
     # no rebuild left: the build ships as it is, met
     _, fitted = _run(World(15_000, 0.25, estimate_floor=16_000), max_rebuilds=0)
     assert [x.then for x in fitted.builds] == ["shipped: met"] and fitted.met
+    assert fitted.lineage == ""
     # no build the rows estimate within: of those that met, the one whose drop's bound is lowest
     _, fitted = _run(World(15_000, 0.25, estimate_floor=30_000), max_rebuilds=1)
     b = fitted.builds

@@ -383,6 +383,7 @@ def test_of_candidates_the_rows_bound_alike_the_largest_ships(digits):
     assert len(kept) >= 3 and all(c.drop_high == 1.5 for c in kept)
     shipped = [c for c in fitted.frontier if c.shipped]
     assert shipped == [max(kept, key=lambda c: c.size_bytes)] and shipped[0].params == n
+    assert fitted.lineage == ""  # the start ships: the student the stages built
     assert f"{len(kept) - 1} smaller bound alike and estimated no lower" in fitted.bound
     assert "the largest of those ships" in fitted.bound and "bound higher" not in fitted.bound
 
@@ -413,6 +414,12 @@ def test_where_none_is_shown_within_the_undistilled_start_is_distilled(digits, g
     # shown within, the distilled start ships; bound alike with the rest, the largest: the same
     assert shipped.name == "start" and shipped.params == n
     assert ("the smallest shown within" in fitted.bound) is (guard_cls is StartShown)
+    # the stage table's reconstructed and finetuned rows are rebuild 1's, not the start's
+    first = next(c for c in fitted.frontier if c.name == "rebuild 1")
+    assert fitted.lineage == (
+        f"reconstructed, finetuned: the search's first build (rebuild 1, {first.params:,} "
+        f"params); pruned, quantized: the candidate it shipped (start, {n:,} params)"
+    )
 
 
 @pytest.mark.parametrize("builds", [3, 6])
@@ -736,8 +743,12 @@ def test_digits_ships_over_30x_within_the_drop_with_its_frontier(tmp_path, mlflo
     proc = _distill(["run", CONFIG, *_sets(sets)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "candidate" in proc.stdout and "shipped" in proc.stdout  # the frontier, printed
-    line = [x for x in proc.stdout.splitlines() if x.startswith("target met: smallest within")]
+    out = proc.stdout.splitlines()
+    line = [i for i, x in enumerate(out) if x.startswith("target met: smallest within")]
     assert len(line) == 1, proc.stdout[-3000:]
+    verdict = [out[line[0]]]  # its clauses wrapped to the 80 columns of a pipe
+    verdict += itertools.takewhile(lambda x: x.startswith(("  ", "- ")), out[line[0] + 1 :])
+    assert len(verdict) > 1 and max(map(len, verdict)) <= 80, verdict
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri, uri)
@@ -755,6 +766,10 @@ def test_digits_ships_over_30x_within_the_drop_with_its_frontier(tmp_path, mlflo
     assert len(shipped) == 1 and float(shipped[0]["size_kb"]) == pytest.approx(
         m["final/size_kb"], abs=1e-3
     )
+    # the stage table's finetuned row is rebuild 1: where another build ships, a line says so
+    if not shipped[0]["candidate"].startswith("prune"):  # a round may be pruned from either
+        named = f"pruned, quantized: the candidate it shipped ({shipped[0]['candidate']},"
+        assert (named in " ".join(proc.stdout.split())) is (shipped[0]["candidate"] != "rebuild 1")
     # the builds and the start: undistilled, and distilled where the search needed it
     starts = [r["candidate"] for r in rows if r["candidate"].startswith("start")]
     assert len(rows) == m["target/builds"] + len(starts) and starts[0] == "start no KD"
