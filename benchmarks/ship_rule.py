@@ -275,6 +275,13 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override after the case's (e.g. target.max_builds=4)",
+    )
     args = ap.parse_args()
     if args.report:
         report([json.loads(line) for line in args.report.read_text().splitlines()])
@@ -286,7 +293,7 @@ def main() -> None:
         for case in args.cases:
             extra = _signals(Path(tmp)) if "signals" in case else []
             for seed in args.seeds:
-                r = one(case, [*extra, *CASES[case]], seed)
+                r = one(case, [*extra, *CASES[case], *args.set], seed)
                 records.append(r)
                 print(
                     f"{case} seed {seed}: {len(r['candidates'])} candidates, {r['wall']:.0f} s",

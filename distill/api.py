@@ -123,7 +123,9 @@ class Result:
     - `metrics`: the shipped model's test metrics (accuracy or R², size_kb, latency_ms_b1, ...),
       `compression_ratio` and the drop vs the teacher, and `stages`: each stage's metrics;
     - `record`: the MLflow parent run id when tracked, else None;
-    - `target`: the verdict line of a `target` (met or not), else None;
+    - `target`: the verdict line of a `target` (met or not), else None (where a target's search
+      ships another build than the reconstructed and finetuned stages' student,
+      `outcome.target.fitted.lineage` says which each is);
     - `outcome`: everything the pipeline returned (each stage's model, curves, the plan);
     - `frontier`: a drop-only target's candidates (`target={"max_accuracy_drop": 0.01}`: the
       smallest served file within the drop), one dict each (params, size_kb, val_score, drop,
