@@ -252,7 +252,7 @@ def clauses(line: str, width: int = 80, bullet: str = "- ") -> str:
     wrapped with a hanging indent. Words are not broken (numbers, ranges, keys stay whole)."""
     parts, depth, begin = [], 0, 0
     for i, ch in enumerate(line):
-        depth += (ch in "([") - (ch in ")]")
+        depth = max(0, depth + (ch in "([") - (ch in ")]"))  # a stray ")" opens nothing
         if depth == 0 and line.startswith("; ", i):
             parts.append(line[begin:i])
             begin = i + 2

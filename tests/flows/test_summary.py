@@ -33,6 +33,8 @@ def test_a_semicolon_inside_brackets_does_not_split_a_clause():
         "target met: size_kb=8 -> 7.9 KB (limit 8.0 KB)",
         "- build 1 of 2 shipped (0: a; 1: b)",
     ]
+    # a closing bracket without its opening one leaves the clauses after it split
+    assert clauses("a 1) b; c; d", 200).splitlines() == ["a 1) b", "- c", "- d"]
 
 
 def test_no_word_is_broken_even_past_the_width():
