@@ -80,7 +80,7 @@ from torch import nn
 
 from distill.tasks.compress.memo import model_digest
 from distill.tasks.compress.plan import Costs, Plan, aim, measured_line
-from distill.tasks.compress.target import Build, Fitted
+from distill.tasks.compress.target import Build, Fitted, lineage_line
 from distill.tasks.platform.config import SMALLEST
 
 PRUNE_CUT = 0.15  # a miss a pruning round closes (of the parameters); a larger one is rebuilt
@@ -313,9 +313,9 @@ def _lineage(builds: list[Build], shipped: int) -> str:
         return ""
     first, b = builds[0], builds[shipped]
     pruned = f", pruned to {b.final_params:,}" if b.final_params != b.params else ""
-    return (
-        f"reconstructed, finetuned: build 0 ({first.params:,} params); pruned, quantized: "
-        f"build {shipped}, rebuilt from the reduce stage ({b.params:,} params{pruned})"
+    return lineage_line(
+        f"build 0 ({first.params:,} params)",
+        f"build {shipped}, rebuilt from the reduce stage ({b.params:,} params{pruned})",
     )
 
 

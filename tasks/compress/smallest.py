@@ -91,6 +91,7 @@ from distill.tasks.compress.target import (
     Search,
     achieved,
     cut_toward,
+    lineage_line,
 )
 
 FIRST_CUT = 0.5  # until a cut breaks the guard, each keeps this fraction of the parameters
@@ -362,10 +363,9 @@ def _lineage(first: str, first_params: int, chosen: _Built, base: _Built) -> str
     if (base.point.name if pruned else name) == first:
         return ""
     origin = f", pruned from {base.point.name} ({base.point.params:,} params)" if pruned else ""
-    return (
-        f"reconstructed, finetuned: the search's first build ({first}, {first_params:,} params); "
-        f"pruned, quantized: the candidate it shipped ({name}, {chosen.point.params:,} "
-        f"params{origin})"
+    return lineage_line(
+        f"the search's first build ({first}, {first_params:,} params)",
+        f"the candidate it shipped ({name}, {chosen.point.params:,} params{origin})",
     )
 
 

@@ -152,6 +152,12 @@ class Fitted:
         return self.served_check.drop if self.served_check else float("nan")
 
 
+def lineage_line(first: str, shipped: str) -> str:
+    """What the stage table's rows are where a target ships another build than the first: the
+    reconstructed and finetuned rows `first`'s, the pruned and quantized rows `shipped`'s."""
+    return f"reconstructed, finetuned: {first}; pruned, quantized: {shipped}"
+
+
 def params_to_meet(plan: Plan, costs: Costs, params: int, got: float) -> int:
     """Parameters that should meet the limit from where the model is (`got` at `params`): the
     measured slope, anchored at the real measurement."""
